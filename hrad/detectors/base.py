@@ -1,0 +1,120 @@
+"""The detector interface every high-resolution strategy uses.
+
+A detector is a low-resolution anomaly model: it is fitted on embeddings of good images
+(``N x C x h x w`` tensors from an :class:`~hrad.features.base.Embedder`) and scores new
+embeddings with a map at feature resolution plus one score per input. It never knows whether
+its inputs are whole images, tiles or HiAD patches: strategies own that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.registry import Registry
+
+
+class DetectorConfig(BaseModel):
+    """Base of every detector's typed config; ``name`` selects the registered detector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    #: backbone layers to embed; empty = the detector's default for the backbone
+    layers: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class DetectorOutput:
+    """``maps``: ``B x h x w`` anomaly maps at embedding resolution; ``scores``: ``B`` image scores."""
+
+    maps: Tensor
+    scores: Tensor
+
+
+ConfigT = TypeVar("ConfigT", bound=DetectorConfig)
+
+
+class Detector(ABC, Generic[ConfigT]):
+    """Fit on embeddings of normal data, score embeddings of new data, save and load state.
+
+    ``fit`` receives a re-iterable of embedding batches (it may be iterated several times,
+    e.g. for training epochs); each batch is ``n x C x h x w``. State is a flat dict of tensors
+    so artifacts are plain safetensors.
+    """
+
+    #: whether ``fit`` runs gradient training (strategies may then give it more time/epochs)
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        """Layers and aggregation this detector uses on ``extractor`` by default."""
+
+    @classmethod
+    def embedding_spec(cls, config: DetectorConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
+        default = cls.default_embedding(extractor)
+        if config.layers:
+            return EmbeddingSpec(layers=tuple(config.layers), aggregation=default.aggregation)
+        return default
+
+    @abstractmethod
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        """Learn the normal distribution from embedding batches of good images."""
+
+    @abstractmethod
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        """Anomaly maps and scores for ``B x C x h x w`` embeddings."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything learned, as tensors (saved to safetensors)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    """A registered detector: its config class and its implementation."""
+
+    config_type: type[DetectorConfig]
+    build: Callable[[DetectorConfig], Detector]
+
+    @property
+    def detector_type(self) -> type[Detector]:
+        return self.build  # type: ignore[return-value]
+
+
+DETECTORS: Registry[DetectorEntry] = Registry("detector")
+
+
+def register_detector(name: str, config_type: type[DetectorConfig], detector_type: type[Detector]) -> None:
+    DETECTORS.register(name, DetectorEntry(config_type=config_type, build=detector_type))
+
+
+def detector_config(data: dict | DetectorConfig) -> DetectorConfig:
+    """Validate ``data`` into the typed config of the detector it names."""
+    if isinstance(data, DetectorConfig):
+        return data
+    entry = DETECTORS.get(str(data.get("name", "patchcore")))
+    return entry.config_type.model_validate({"name": data.get("name", "patchcore"), **data})
+
+
+def build_detector(config: DetectorConfig) -> Detector:
+    return DETECTORS.get(config.name).build(config)
+
+
+def detector_class(name: str) -> type[Detector]:
+    return DETECTORS.get(name).detector_type

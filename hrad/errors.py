@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every mistake a user can make (bad path, corrupt image, wrong mask size, an artifact from
+another version) raises :class:`HradError` with one line that names the file and the problem.
+The CLI prints that line and exits with status 2; it never shows a traceback for them.
+"""
+
+from __future__ import annotations
+
+
+class HradError(Exception):
+    """A user-facing error whose message is one self-explanatory line."""
+
+
+class InputError(HradError):
+    """Bad input data: missing, unreadable, empty or inconsistent files."""
+
+
+class ConfigError(HradError):
+    """An invalid configuration or an option combination that cannot work."""
+
+
+class ArtifactError(HradError):
+    """A model artifact that is missing, incomplete or from an incompatible version."""
+
+
+class WeightsError(HradError):
+    """Pretrained weights that cannot be found; the message says how to provide them."""

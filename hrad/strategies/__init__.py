@@ -1,0 +1,13 @@
+"""High-resolution strategies: every strategy name users can type is registered here."""
+
+from hrad.strategies.base import (
+    STRATEGIES,
+    AnomalyResult,
+    Strategy,
+    StrategyConfig,
+    build_strategy,
+    register_strategy,
+    strategy_config,
+)
+
+__all__ = ["STRATEGIES", "AnomalyResult", "Strategy", "StrategyConfig", "build_strategy", "register_strategy", "strategy_config"]

@@ -1,0 +1,160 @@
+"""The strategy interface: how a high-resolution image is covered by detectors.
+
+A strategy owns the geometry (downsampling, tiles, HiAD patches, multi-resolution banks) and
+the detectors it needs; it turns full-resolution images into an anomaly map at the input's
+own resolution plus an image score. It talks to detectors only through
+:class:`~hrad.detectors.base.Detector`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from hrad.detectors.base import DetectorConfig
+from hrad.features.base import FeatureExtractor
+from hrad.registry import Registry
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's typed config; ``name`` selects the registered strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    #: images are processed this many at a time where the strategy batches
+    batch_size: int = 4
+
+
+@dataclass
+class AnomalyResult:
+    """A full-resolution float32 ``H x W`` map and an image score (higher = more anomalous)."""
+
+    anomaly_map: np.ndarray
+    score: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class StateReader(Protocol):
+    """Read access to saved tensors; artifacts back it lazily by a safetensors file so a
+    strategy can load one sub-model at a time."""
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, key: str) -> Tensor: ...
+
+
+class DictStateReader:
+    """A :class:`StateReader` over an in-memory dict (tests, serial round trips)."""
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def get(self, key: str) -> Tensor:
+        return self._state[key]
+
+
+def sub_state(reader: StateReader, prefix: str) -> dict[str, Tensor]:
+    """All tensors under ``prefix.`` with the prefix removed (loads only those)."""
+    start = prefix + "."
+    return {key[len(start) :]: reader.get(key) for key in reader.keys() if key.startswith(start)}
+
+
+#: Called as ``progress(done, total, description)`` during long work.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+def no_progress(done: int, total: int, description: str) -> None:
+    """Default progress callback: report nothing."""
+
+
+class ImageSource(Protocol):
+    """A sized, indexable collection of float32 ``H x W x 3`` RGB images in [0, 1], loaded lazily."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+def iterate_images(images: ImageSource) -> Iterator[np.ndarray]:
+    for index in range(len(images)):
+        yield images[index]
+
+
+def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """``H x W x 3`` float array -> ``1 x 3 x H x W`` float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None].to(device)
+
+
+class Strategy(ABC):
+    """Fit on full-resolution good images; predict full-resolution maps."""
+
+    config_type: ClassVar[type[StrategyConfig]]
+
+    def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
+        self.config = config
+        self.detector_config = detector
+        self.extractor = extractor
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.device
+
+    @abstractmethod
+    def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        """Learn from good images (all of the same size for position-bound strategies)."""
+
+    @abstractmethod
+    def predict(self, image: np.ndarray) -> AnomalyResult:
+        """Map at the image's own resolution and its score. Never depends on other images."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """All learned tensors, flat (keys may be prefixed per sub-model)."""
+
+    @abstractmethod
+    def load_state(self, reader: StateReader) -> None:
+        """Restore from saved tensors; may keep ``reader`` and load sub-models lazily."""
+
+    def fitted_image_size(self) -> tuple[int, int] | None:
+        """``(H, W)`` the strategy was fitted on when it is bound to one size, else None."""
+        return None
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    config_type: type[StrategyConfig]
+    build: type[Strategy]
+
+
+STRATEGIES: Registry[StrategyEntry] = Registry("strategy")
+
+
+def register_strategy(name: str, config_type: type[StrategyConfig], strategy_type: type[Strategy]) -> None:
+    STRATEGIES.register(name, StrategyEntry(config_type=config_type, build=strategy_type))
+
+
+def strategy_config(data: dict | StrategyConfig) -> StrategyConfig:
+    if isinstance(data, StrategyConfig):
+        return data
+    name = str(data.get("name", "downsample"))
+    return STRATEGIES.get(name).config_type.model_validate({**data, "name": name})
+
+
+def build_strategy(config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> Strategy:
+    return STRATEGIES.get(config.name).build(config, detector, extractor)
+
+
+def embed_in_batches(embed: Callable[[Tensor], Tensor], tiles: Tensor, batch_size: int) -> Sequence[Tensor]:
+    """Run ``embed`` over ``tiles`` in batches (bounded memory on big tile sets)."""
+    return [embed(tiles[start : start + batch_size]) for start in range(0, len(tiles), batch_size)]
