@@ -114,6 +114,13 @@ class Strategy(ABC):
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Learn from good images (all of the same size for position-bound strategies)."""
 
+    def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        """Optional: learn score scales from held-out good images (never test data).
+
+        Called by the model after :meth:`fit` with the validation split. Strategies whose
+        maps combine several detectors (tiled ensemble, HiAD) put them on one scale here.
+        """
+
     @abstractmethod
     def predict(self, image: np.ndarray) -> AnomalyResult:
         """Map at the image's own resolution and its score. Never depends on other images."""
