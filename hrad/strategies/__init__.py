@@ -11,3 +11,8 @@ from hrad.strategies.base import (
 )
 
 __all__ = ["STRATEGIES", "AnomalyResult", "Strategy", "StrategyConfig", "build_strategy", "register_strategy", "strategy_config"]
+
+from hrad.strategies.tiled import DownsampleConfig, DownsampleStrategy, SharedTileStrategy, TiledConfig
+
+register_strategy("downsample", DownsampleConfig, DownsampleStrategy)
+register_strategy("tiled", TiledConfig, SharedTileStrategy)

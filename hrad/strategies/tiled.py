@@ -1,0 +1,220 @@
+"""Uniform downsampling and tiling through one shared detector.
+
+Both are the same computation: the image is (optionally) resized, covered by a grid of tiles
+and every tile goes through one detector; ``downsample`` is the special case of a single tile
+covering the resized image. Maps are upsampled to tile size, merged with overlap averaging and
+resized back to the input's own resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class
+from hrad.features.base import Embedder, FeatureExtractor
+from hrad.strategies.base import (
+    AnomalyResult,
+    ImageSource,
+    ProgressCallback,
+    StateReader,
+    Strategy,
+    StrategyConfig,
+    no_progress,
+    to_tensor,
+)
+from hrad.strategies.tiling import TileGrid, TileMerger
+
+
+class DownsampleConfig(StrategyConfig):
+    """The baseline: the whole image resized to ``image_size`` x ``image_size``."""
+
+    name: Literal["downsample"] = "downsample"
+    image_size: int = Field(256, ge=16)
+    #: pad to a square (edge replication) before resizing, and crop the padding off the map
+    pad_to_square: bool = False
+    #: image score: the detector's own score, or the max of the final map
+    score: Literal["detector", "max"] = "detector"
+
+
+class TiledConfig(StrategyConfig):
+    """Full-resolution tiles of ``tile`` pixels moved by ``stride`` through one shared detector."""
+
+    name: Literal["tiled"] = "tiled"
+    tile: int = Field(256, ge=16)
+    stride: int | None = None  # default: tile (no overlap)
+    #: resize the whole image to this long side first (None = native resolution)
+    image_size: int | None = None
+    score: Literal["detector", "max"] = "detector"
+
+    @model_validator(mode="after")
+    def _check_stride(self) -> TiledConfig:
+        if self.stride is not None and not 0 < self.stride <= self.tile:
+            raise ValueError(f"stride {self.stride} must be in 1..tile ({self.tile})")
+        return self
+
+
+def round_to_multiple(size: int, multiple: int) -> int:
+    return max(multiple, int(round(size / multiple)) * multiple)
+
+
+def resize(tensor: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resize ``B x C x H x W``; antialias when shrinking so small defects are not aliased away."""
+    if tuple(tensor.shape[-2:]) == size:
+        return tensor
+    shrinking = size[0] < tensor.shape[-2] or size[1] < tensor.shape[-1]
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False, antialias=shrinking and mode == "bilinear")
+
+
+def pad_square(image: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Edge-replicate ``B x C x H x W`` to a square; returns the padded tensor and the original (H, W)."""
+    height, width = image.shape[-2:]
+    side = max(height, width)
+    padded = F.pad(image, (0, side - width, 0, side - height), mode="replicate")
+    return padded, (height, width)
+
+
+class TiledStrategy(Strategy):
+    """One detector over the tiles of every (optionally resized) image."""
+
+    config: DownsampleConfig | TiledConfig
+
+    def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
+        super().__init__(config, detector, extractor)
+        spec = detector_class(detector.name).embedding_spec(detector, extractor)
+        self.embedder = Embedder(extractor, spec)
+        self.detector: Detector = build_detector(detector)
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _working_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size the image is resized to before tiling."""
+        cfg = self.config
+        if isinstance(cfg, DownsampleConfig):
+            side = round_to_multiple(cfg.image_size, self.extractor.input_multiple)
+            return side, side
+        if cfg.image_size is None:
+            return height, width
+        scale = cfg.image_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def _grid(self, height: int, width: int) -> TileGrid:
+        cfg = self.config
+        if isinstance(cfg, DownsampleConfig):
+            return TileGrid.square(height, width, max(height, width), max(height, width))
+        return TileGrid.square(height, width, cfg.tile, cfg.stride or cfg.tile)
+
+    def _prepare(self, image: np.ndarray) -> tuple[Tensor, TileGrid, tuple[int, int] | None]:
+        """Image -> working-size tensor, its tile grid, and the pre-padding size (pad_to_square)."""
+        tensor = to_tensor(image, self.device)
+        content: tuple[int, int] | None = None
+        if isinstance(self.config, DownsampleConfig) and self.config.pad_to_square:
+            tensor, content = pad_square(tensor)
+        work_h, work_w = self._working_size(*tensor.shape[-2:])
+        tensor = resize(tensor, (work_h, work_w))
+        return tensor[0], self._grid(work_h, work_w), content
+
+    def _tile_input_size(self) -> int | None:
+        """Tiles are resized to a multiple of the backbone's input multiple (ViTs: 14)."""
+        if isinstance(self.config, DownsampleConfig):
+            return None
+        multiple = self.extractor.input_multiple
+        return None if self.config.tile % multiple == 0 else round_to_multiple(self.config.tile, multiple)
+
+    def _embed_tiles(self, tiles: Tensor) -> Iterator[Tensor]:
+        side = self._tile_input_size()
+        for start in range(0, len(tiles), self.config.batch_size):
+            batch = tiles[start : start + self.config.batch_size]
+            if side is not None:
+                batch = resize(batch, (side, side))
+            yield self.embedder(batch)
+
+    # -- fit / predict ------------------------------------------------------------------------
+    def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        source = _EmbeddingSource(self, images, progress, cache=self.detector.trainable)
+        self.detector.fit(source)
+
+    def predict(self, image: np.ndarray) -> AnomalyResult:
+        height, width = image.shape[:2]
+        tensor, grid, content = self._prepare(image)
+        tiles = grid.tile(tensor)
+        merger = TileMerger(grid)
+        scores: list[Tensor] = []
+        positions = list(grid.positions())
+        done = 0
+        for embeddings in self._embed_tiles(tiles):
+            output = self.detector.predict(embeddings)
+            maps = resize(output.maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].cpu().numpy()
+            for tile_map in maps:
+                merger.add(positions[done], tile_map)
+                done += 1
+            scores.append(output.scores.float().cpu())
+        merged = torch.from_numpy(merger.result())[None]  # 1 x 1 x h x w
+        if content is not None:  # undo pad_to_square: crop the padding before anything is scored
+            side = merged.shape[-1]
+            merged = merged[..., : math.ceil(side * content[0] / max(content)), : math.ceil(side * content[1] / max(content))]
+        full = resize(merged, (height, width))[0, 0].numpy()
+        tile_scores = torch.cat(scores)
+        score = float(tile_scores.max()) if self.config.score == "detector" else float(full.max())
+        return AnomalyResult(anomaly_map=full.astype(np.float32), score=score)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"detector.{key}": value for key, value in self.detector.state_dict().items()}
+
+    def load_state(self, reader: StateReader) -> None:
+        from hrad.strategies.base import sub_state
+
+        self.detector.load_state_dict(sub_state(reader, "detector"))
+
+
+class _EmbeddingSource:
+    """Re-iterable embedding batches of all tiles of all training images.
+
+    Single-pass detectors get embeddings computed on the fly; trainable detectors (several
+    epochs) get them cached once in float16 on the host.
+    """
+
+    def __init__(self, strategy: TiledStrategy, images: ImageSource, progress: ProgressCallback, cache: bool) -> None:
+        self.strategy = strategy
+        self.images = images
+        self.progress = progress
+        self.cache: list[Tensor] | None = [] if cache else None
+        self._cached = False
+
+    def _compute(self) -> Iterator[Tensor]:
+        total = len(self.images)
+        for index in range(total):
+            tensor, grid, _ = self.strategy._prepare(self.images[index])
+            yield from self.strategy._embed_tiles(grid.tile(tensor))
+            self.progress(index + 1, total, "embedding training images")
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.cache is None:
+            yield from self._compute()
+            return
+        if not self._cached:
+            for batch in self._compute():
+                self.cache.append(batch.to("cpu", torch.float16))
+            self._cached = True
+        device = self.strategy.device
+        for batch in self.cache:
+            yield batch.to(device, torch.float32)
+
+
+class DownsampleStrategy(TiledStrategy):
+    """Uniform downsampling of the whole image (the low-resolution baseline)."""
+
+    config_type = DownsampleConfig
+
+
+class SharedTileStrategy(TiledStrategy):
+    """Full-resolution tiles through one shared detector."""
+
+    config_type = TiledConfig
+

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny, exact test detector and small synthetic images.
+
+``GaussianTestDetector`` (registered as ``test-gaussian`` for the session) scores each
+embedding vector by its standardised distance to the mean of all fitted vectors: simple
+enough to reason about, real enough to find a bright spot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from hrad.detectors.base import DETECTORS, Detector, DetectorConfig, DetectorOutput, register_detector
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CAPSULES = SHARED / "data" / "visa" / "capsules"
+
+
+class GaussianTestConfig(DetectorConfig):
+    name: str = "test-gaussian"
+
+
+class GaussianTestDetector(Detector[GaussianTestConfig]):
+    @classmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        names = list(extractor.layer_strides)
+        return EmbeddingSpec(layers=(names[1],) if len(names) > 1 else (names[0],))
+
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        total, squares, count = 0.0, 0.0, 0
+        for batch in batches:
+            vectors = batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1]).double()
+            total = total + vectors.sum(0)
+            squares = squares + (vectors**2).sum(0)
+            count += len(vectors)
+        self.mean = (total / count).float()
+        self.std = ((squares / count - (total / count) ** 2).clamp_min(1e-12).sqrt()).float()
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        z = (embeddings - self.mean[None, :, None, None]) / (self.std[None, :, None, None] + 1e-6)
+        maps = z.pow(2).mean(1).sqrt()
+        return DetectorOutput(maps=maps, scores=maps.flatten(1).max(1).values)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_detector() -> Iterator[str]:
+    if "test-gaussian" not in DETECTORS:
+        register_detector("test-gaussian", GaussianTestConfig, GaussianTestDetector)
+    yield "test-gaussian"
+
+
+def textured_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random texture in [0, 1], H x W x 3 float32."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 0.5 + 0.2 * np.sin(xx / 7.0 + rng.uniform(0, 6)) * np.cos(yy / 9.0 + rng.uniform(0, 6))
+    noise = rng.normal(0, 0.02, (height, width))
+    gray = np.clip(base + noise, 0, 1)
+    return np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+
+
+def with_spot(image: np.ndarray, y: int, x: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    out = image.copy()
+    out[y : y + size, x : x + size] = [1.0, 0.0, 0.0]
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[y : y + size, x : x + size] = True
+    return out, mask
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    torch.manual_seed(0)
+    return np.random.default_rng(0)
