@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: subsets, one fit+evaluate run, results files with provenance.
+
+Every figure in benchmarks/results/ comes from a script here; each results file records the
+machine, date and exact command that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hrad.config import load_config
+from hrad.data.datasets import Dataset, Sample, load_dataset
+from hrad.data.images import ImageList
+from hrad.evaluation import environment, evaluate
+from hrad.model import AnomalyModel
+from hrad.profiling import PeakMemory
+from hrad.reports.markdown import table
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CAPSULES = ROOT.parent.parent / "shared" / "data" / "visa" / "capsules"
+ATTRIBUTION = (
+    "Data: VisA `capsules` (Zou et al., ECCV 2022), CC BY 4.0, official 1-class split, 1500x1000 images."
+)
+MAIN_COLUMNS = [
+    "setup", "image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro_30", "aupro_05",
+    "fit_seconds", "seconds_per_image", "fit_peak_rss_mb", "predict_peak_rss_mb",
+]
+SIZE_COLUMNS = ["setup", "aupro_30_q1", "aupro_30_q2", "aupro_30_q3", "aupro_30_q4", "rho_30", "aupro_05_q1", "aupro_05_q4", "rho_05"]
+
+
+def subset(dataset: Dataset, n_train: int | None, n_test: int | None, seed: int = 0) -> tuple[list[Path], list[Sample]]:
+    """First ``n_train`` training images (sorted) and a seeded, label-stratified test subset."""
+    train = sorted(dataset.train)[: n_train or None]
+    labelled = [s for s in dataset.test if s.label >= 0]
+    if not n_test or n_test >= len(labelled):
+        return train, labelled
+    rng = random.Random(seed)
+    good = [s for s in labelled if s.label == 0]
+    bad = [s for s in labelled if s.label == 1]
+    n_good = max(1, round(n_test * len(good) / len(labelled)))
+    return train, sorted(rng.sample(good, n_good) + rng.sample(bad, n_test - n_good), key=lambda s: str(s.path))
+
+
+def run_setup(setup: str, overrides: dict[str, Any], train: Sequence[Path], test: Sequence[Sample], **extra: Any) -> dict[str, Any]:
+    """Fit one configuration and evaluate it at full resolution; one results row."""
+    config = load_config(None, overrides)
+    print(f"[{setup}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
+    with PeakMemory() as fit_memory:
+        model = AnomalyModel(config).fit(ImageList(list(train)))
+    print(f"[{setup}] fit {fit_memory.seconds:.1f}s; evaluating {len(test)} images ...", file=sys.stderr, flush=True)
+    with PeakMemory() as predict_memory:
+        metrics = evaluate(model, list(test))
+    row = {"setup": setup, **extra, **metrics}
+    row["fit_seconds"] = fit_memory.seconds
+    row["fit_peak_rss_mb"] = fit_memory.peak_rss_mb
+    row["predict_peak_rss_mb"] = predict_memory.peak_rss_mb
+    row["config"] = config.model_dump(mode="json")
+    print(f"[{setup}] " + ", ".join(f"{k}={row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro_30", "seconds_per_image")), file=sys.stderr, flush=True)
+    return row
+
+
+def capsules(path: Path | None = None) -> Dataset:
+    return load_dataset(path or CAPSULES)
+
+
+def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Sequence[str] = MAIN_COLUMNS, extra_tables: dict[str, Sequence[str]] | None = None) -> Path:
+    """benchmarks/results/<name>.json and .md, with environment and command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(ROOT.parent)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+    env = environment()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "environment": env, "notes": notes, "rows": rows}, indent=2, default=str))
+    text = f"# {name}\n\n{notes}\n\n{ATTRIBUTION}\n\nCommand: `{command}`\n\nMachine: {env['machine']}, {env['cpus']} CPUs, torch {env['torch']} on {env['device']}; date {env['date']}.\n\n"
+    text += table(rows, columns)
+    for title, table_columns in (extra_tables or {}).items():
+        text += f"\n## {title}\n\n" + table(rows, table_columns)
+    (RESULTS / f"{name}.md").write_text(text)
+    return RESULTS / f"{name}.md"

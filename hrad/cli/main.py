@@ -1,0 +1,220 @@
+"""The ``hrad`` command line: fit, predict, evaluate, demo and data tools.
+
+User mistakes (HradError) print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from hrad.cli.progress import console, progress_bars
+from hrad.errors import HradError, InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-resolution industrial anomaly detection.")
+
+
+class MapFormat(str, Enum):
+    png16 = "png16"
+    tiff = "tiff"
+
+
+class MetricProtocol(str, Enum):
+    full = "full"
+    hiad512 = "hiad512"
+
+
+def _overrides(
+    backbone: str | None,
+    weights: Path | None,
+    detector: str | None,
+    strategy: str | None,
+    image_size: int | None,
+    tile: int | None,
+    stride: int | None,
+    device: str | None,
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if backbone or weights:
+        overrides["backbone"] = {k: v for k, v in (("name", backbone), ("weights", weights)) if v is not None}
+    if detector:
+        overrides["detector"] = {"name": detector}
+    strategy_options = {k: v for k, v in (("name", strategy), ("image_size", image_size), ("tile", tile), ("stride", stride)) if v is not None}
+    if strategy_options:
+        overrides["strategy"] = strategy_options
+    if device:
+        overrides["device"] = device
+    return overrides
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Option(help="Dataset root (MVTec AD, VisA, MVTec AD 2) or a folder of good images")],
+    out: Annotated[Path, typer.Option(help="Model directory to write")],
+    config: Annotated[Path | None, typer.Option(help="YAML config (backbone/detector/strategy sections)")] = None,
+    backbone: Annotated[str | None, typer.Option(help="efficientnet-lite0, dinov2-vits14, wide-resnet50, ...")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights file")] = None,
+    detector: Annotated[str | None, typer.Option(help="patchcore, padim, students, varad, ...")] = None,
+    strategy: Annotated[str | None, typer.Option(help="downsample, tiled, tiled-ensemble, hiad, mrf")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize side for downsample (or long side before tiling)")] = None,
+    tile: Annotated[int | None, typer.Option(help="Tile / patch size in pixels")] = None,
+    stride: Annotated[int | None, typer.Option(help="Tile stride in pixels (default: tile)")] = None,
+    category: Annotated[str | None, typer.Option(help="Category of a VisA split CSV")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
+) -> None:
+    """Fit a model on good images and write one artifact."""
+    from hrad.config import load_config
+    from hrad.data.datasets import load_dataset
+    from hrad.data.images import ImageList, list_images
+    from hrad.model import AnomalyModel
+
+    model_config = load_config(config, _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device))
+    if data.is_dir() and not any((data / name).exists() for name in ("train", "split_csv")):
+        train = ImageList(list_images(data))
+        validation = None
+    else:
+        dataset = load_dataset(data, category=category)
+        train = ImageList(dataset.train)
+        validation = ImageList(dataset.validation) if dataset.validation else None
+    console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
+    with progress_bars() as progress:
+        model = AnomalyModel(model_config).fit(train, validation, progress)
+    model.save(out)
+    console.print(f"model written to {out}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
+    out: Annotated[Path, typer.Option(help="Output directory")],
+    map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (scaled) or tiff (float32)")] = MapFormat.png16,
+    overlays: Annotated[bool, typer.Option(help="Write overlays with contours")] = True,
+) -> None:
+    """Anomaly maps, overlays and scores for unlabeled images."""
+    from hrad.data.images import is_image_file, list_images, read_image, write_map_png16, write_map_tiff, write_overlay
+    from hrad.model import load
+
+    images: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            images.extend(list_images(path))
+        elif not path.exists():
+            raise InputError(f"{path}: file not found")
+        elif not is_image_file(path):
+            raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
+        else:
+            images.append(path)
+    fitted = load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with progress_bars() as progress:
+        for index, path in enumerate(images):
+            image = read_image(path)
+            prediction = fitted.predict(image)
+            stem = path.stem if len(images) == len({p.stem for p in images}) else f"{index:05d}_{path.stem}"
+            if map_format is MapFormat.tiff:
+                write_map_tiff(out / f"{stem}_map.tiff", prediction.anomaly_map)
+            else:
+                high = prediction.pixel_threshold * 2 if prediction.pixel_threshold else float(prediction.anomaly_map.max())
+                write_map_png16(out / f"{stem}_map.png", prediction.anomaly_map, 0.0, high)
+            if overlays:
+                write_overlay(out / f"{stem}_overlay.png", image, prediction.anomaly_map, prediction.pixel_threshold)
+            rows.append((str(path), prediction.score, prediction.is_anomalous))
+            progress(index + 1, len(images), "predicting")
+    with (out / "scores.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "anomalous"])
+        writer.writerows(rows)
+    console.print(f"{len(rows)} predictions written to {out}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    data: Annotated[Path, typer.Option(help="Labelled dataset root")],
+    out: Annotated[Path, typer.Option(help="Report directory (metrics.json, metrics.md, cases.png)")],
+    protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
+    category: Annotated[str | None, typer.Option(help="Category of a VisA split CSV")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images (quick looks)")] = None,
+) -> None:
+    """Image and pixel metrics of a model on a labelled test set."""
+    from hrad.data.datasets import load_dataset
+    from hrad.evaluation import evaluate as run_evaluation
+    from hrad.model import load
+
+    dataset = load_dataset(data, category=category)
+    samples = [s for s in dataset.test if s.label >= 0][:limit]
+    if not samples:
+        raise InputError(f"{data}: no labelled test images")
+    fitted = load(model)
+    with progress_bars() as progress:
+        metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress)
+    console.print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    console.print(f"report written to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working directory for data, models and report")] = Path("hrad_demo"),
+    size: Annotated[int, typer.Option(help="Side of the synthetic images")] = 2048,
+    backbone: Annotated[str, typer.Option(help="Backbone for both models")] = "efficientnet-lite0",
+) -> None:
+    """Build a synthetic high-resolution dataset, fit downsampling vs full-resolution tiling, compare."""
+    from hrad.demo import run_demo
+
+    run_demo(out, size=size, backbone=backbone)
+
+
+@app.command("make-hd")
+def make_hd(
+    source: Annotated[Path, typer.Option(help="MVTec-layout dataset with anomalous test images and masks")],
+    out: Annotated[Path, typer.Option(help="Where to write the high-resolution dataset")],
+    size: Annotated[int, typer.Option(help="Target long side (2048 = 2K, 4096 = 4K)")] = 2048,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Build a HiAD-style high-resolution benchmark with tiny (transplanted) and large defects."""
+    from hrad.data.hd_builder import build_hd_dataset
+
+    path = build_hd_dataset(source, out, target_size=size, seed=seed)
+    console.print(f"high-resolution dataset written to {path}")
+
+
+@app.command("list")
+def list_components() -> None:
+    """Registered backbones, detectors and strategies."""
+    import hrad.detectors
+    import hrad.features
+    import hrad.strategies
+
+    console.print("backbones:  " + ", ".join(hrad.features.BACKBONES.names()))
+    console.print("detectors:  " + ", ".join(hrad.detectors.DETECTORS.names()))
+    console.print("strategies: " + ", ".join(hrad.strategies.STRATEGIES.names()))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except HradError as error:
+        console.print(f"[red]hrad: error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

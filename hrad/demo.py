@@ -1,0 +1,60 @@
+"""``hrad demo``: the whole job on a built-in default, in a few minutes on a 2-core CPU.
+
+It writes a synthetic 2048x2048 dataset (scikit-image textures with generated scratches,
+spots, cracks and stains, exact masks), fits the same detector twice — uniform downsampling
+to 256 and full-resolution tiles — evaluates both at full resolution and writes a report that
+shows what full resolution gains on small defects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hrad.cli.progress import console, progress_bars
+from hrad.config import load_config
+from hrad.data.datasets import load_dataset
+from hrad.data.images import ImageList
+from hrad.data.synthetic import make_demo_dataset
+from hrad.evaluation import environment, evaluate
+from hrad.model import AnomalyModel
+from hrad.profiling import PeakMemory
+from hrad.reports.markdown import table
+
+SETUPS: dict[str, dict[str, Any]] = {
+    "downsample-256": {"name": "downsample", "image_size": 256},
+    "tiled-512": {"name": "tiled", "tile": 512, "stride": 512},
+}
+COLUMNS = ["setup", "image_auroc", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "aupro_30_q1", "fit_seconds", "seconds_per_image", "peak_rss_mb"]
+
+
+def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") -> dict[str, dict[str, Any]]:
+    data_dir = out / "data"
+    if not (data_dir / "train").is_dir():
+        console.print(f"writing synthetic {size}x{size} dataset to {data_dir}")
+        make_demo_dataset(data_dir, image_size=size)
+    dataset = load_dataset(data_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for setup, strategy in SETUPS.items():
+        config = load_config(None, {"backbone": {"name": backbone}, "detector": {"name": "patchcore"}, "strategy": strategy})
+        console.print(f"[bold]{setup}[/bold]: fitting PatchCore on {len(dataset.train)} images")
+        with progress_bars() as progress, PeakMemory() as fit_memory:
+            model = AnomalyModel(config).fit(ImageList(dataset.train), progress=progress)
+        model.save(out / "models" / setup)
+        with progress_bars() as progress:
+            metrics = evaluate(model, dataset.test, out / "report" / setup, progress=progress)
+        metrics["fit_seconds"] = fit_memory.seconds
+        metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"], fit_memory.peak_rss_mb)
+        results[setup] = metrics
+    rows = [{"setup": name, **values} for name, values in results.items()]
+    report = "# hrad demo\n\n"
+    report += f"Synthetic {size}x{size} images ({len(dataset.train)} train, {len(dataset.test)} test), PatchCore on {backbone}.\n"
+    report += "Pixel metrics exact at full resolution; `aupro_30_q1` is AUPRO on the smallest quarter of defects.\n\n"
+    report += table(rows, COLUMNS)
+    report += "\nCase pictures: " + ", ".join(f"[{name}](report/{name}/cases.png)" for name in results) + "\n"
+    (out / "README.md").write_text(report)
+    (out / "results.json").write_text(json.dumps({"environment": environment(), "results": results}, indent=2, default=str))
+    console.print(table(rows, COLUMNS))
+    console.print(f"report: {out / 'README.md'}")
+    return results

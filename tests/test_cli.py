@@ -1,0 +1,97 @@
+"""The command line as a user runs it: fit, predict, evaluate, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import textured_image, with_spot
+
+from hrad.cli.main import main
+
+REQUIRED_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro_30", "aupro_05", "seconds_per_image", "peak_rss_mb"]
+
+
+def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["hrad", *args])
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., ::-1])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec") / "part"
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        write(root / "train" / "good" / f"{index:03d}.png", textured_image(rng, 96, 128))
+    for index in range(3):
+        write(root / "test" / "good" / f"{index:03d}.png", textured_image(rng, 96, 128))
+        image, mask = with_spot(textured_image(rng, 96, 128), 20 + 10 * index, 40 + 15 * index, 10)
+        write(root / "test" / "spot" / f"{index:03d}.png", image)
+        (root / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "ground_truth" / "spot" / f"{index:03d}_mask.png"), mask.astype(np.uint8) * 255)
+    return root
+
+
+def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    code = run(["fit", "--data", str(dataset), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+                "--strategy", "tiled", "--tile", "64", "--stride", "32"], monkeypatch)
+    assert code == 0 and (model / "hrad.json").is_file()
+    out = tmp_path / "pred"
+    assert run(["predict", "--model", str(model), str(dataset / "test" / "spot"), "--out", str(out)], monkeypatch) == 0
+    assert (out / "000_map.png").is_file() and (out / "000_overlay.png").is_file()
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert lines[0] == "image,score,anomalous" and len(lines) == 4
+    assert cv2.imread(str(out / "000_map.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    report = tmp_path / "report"
+    assert run(["evaluate", "--model", str(model), "--data", str(dataset), "--out", str(report)], monkeypatch) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    for key in REQUIRED_METRICS:
+        assert key in metrics
+    assert metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.8
+    assert (report / "metrics.md").is_file() and (report / "cases.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--data", "/no/such/folder", "--out", "m"], "/no/such/folder"),
+        (["predict", "--model", "/no/model", "x.png", "--out", "o"], "x.png: file not found"),
+        (["evaluate", "--model", "/no/model", "--data", "/no/data", "--out", "o"], "/no/data"),
+    ],
+)
+def test_user_mistakes_are_one_line(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run(args, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    image = dataset / "test" / "good" / "000.png"
+    assert run(["predict", "--model", str(tmp_path / "missing"), str(image), "--out", str(tmp_path / "o")], monkeypatch) == 2
+    assert "missing: model not found" in capsys.readouterr().err
+
+
+def test_corrupt_image_in_training_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "good"
+    write(folder / "a.png", textured_image(np.random.default_rng(0), 64, 64))
+    (folder / "b.png").write_bytes(b"not a png at all")
+    code = run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), "--backbone", "tiny-cnn", "--detector", "test-gaussian"], monkeypatch)
+    assert code == 2
+    assert "b.png" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
