@@ -75,7 +75,6 @@ def fit(
     from hrad.data.images import ImageList, list_images
     from hrad.model import AnomalyModel
 
-    model_config = load_config(config, _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device))
     if data.is_dir() and not any((data / name).exists() for name in ("train", "split_csv")):
         train = ImageList(list_images(data))
         validation = None
@@ -83,6 +82,7 @@ def fit(
         dataset = load_dataset(data, category=category)
         train = ImageList(dataset.train)
         validation = ImageList(dataset.validation) if dataset.validation else None
+    model_config = load_config(config, _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     with progress_bars() as progress:
         model = AnomalyModel(model_config).fit(train, validation, progress)

@@ -1,0 +1,256 @@
+"""Dataset layouts: MVTec AD, VisA (original layout + split CSV), MVTec AD 2 and a plain folder.
+
+:func:`load_dataset` turns any of them into one :class:`Dataset` of paths (images are read
+lazily, later). Problems that can be found from file names alone (no normal images, an anomalous
+image without a mask) are reported here, before any model runs; a mask of the wrong size is
+found when the mask is read (:meth:`Sample.load_mask`), since that needs the image size.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hrad.data.images import IMAGE_EXTENSIONS, is_image_file, list_images, read_mask
+from hrad.errors import InputError
+
+LAYOUTS = ("auto", "mvtec", "visa", "mvtec_ad2", "folder")
+GOOD = 0
+ANOMALOUS = 1
+UNKNOWN = -1
+VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
+_MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg")
+
+
+@dataclass
+class Sample:
+    """One test image: ``label`` is 0 good, 1 anomalous, -1 unknown (unlabeled data)."""
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None = None
+
+    def load_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The bool ``H x W`` ground truth; all False for good images (they have no mask file)."""
+        if self.mask_path is not None:
+            return read_mask(self.mask_path, shape, image_path=self.path)
+        if self.label == GOOD:
+            return np.zeros(shape, dtype=bool)
+        raise InputError(
+            f"{self.path}: no ground-truth mask for this {'unlabeled' if self.label == UNKNOWN else 'anomalous'} image"
+        )
+
+
+@dataclass
+class Dataset:
+    """Paths of one category: normal training images, normal validation images, test samples.
+
+    ``extra`` holds further unlabeled image lists a layout ships (MVTec AD 2:
+    ``test_private``, ``test_private_mixed``).
+    """
+
+    root: Path
+    layout: str
+    category: str
+    train: list[Path]
+    validation: list[Path]
+    test: list[Sample]
+    extra: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({sample.defect_type for sample in self.test})
+
+    def __repr__(self) -> str:
+        anomalous = sum(sample.label == ANOMALOUS for sample in self.test)
+        return (
+            f"Dataset({self.layout} {self.category!r} at {self.root}: {len(self.train)} train, "
+            f"{len(self.validation)} validation, {len(self.test)} test ({anomalous} anomalous))"
+        )
+
+
+def _images_or_empty(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if is_image_file(path))
+
+
+def _normal_images(folder: Path) -> list[Path]:
+    images = _images_or_empty(folder)
+    if not images:
+        raise InputError(f"{folder}: no normal images" + ("" if folder.is_dir() else " (folder not found)"))
+    return images
+
+
+def _find_mask(ground_truth: Path, image: Path) -> Path:
+    """``<stem>_mask.png`` (MVTec), falling back to ``<stem>.png`` and other extensions."""
+    candidates = [ground_truth / f"{image.stem}_mask{ext}" for ext in _MASK_EXTENSIONS]
+    candidates += [ground_truth / f"{image.stem}{ext}" for ext in _MASK_EXTENSIONS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{image}: no mask at {candidates[0]}")
+
+
+def _mvtec_test(test_root: Path, ground_truth_root: Path) -> list[Sample]:
+    """Test samples from ``<test_root>/<type>/`` with masks in ``<ground_truth_root>/<type>/``."""
+    if not test_root.is_dir():
+        raise InputError(f"{test_root}: folder not found (expected one subfolder per defect type)")
+    samples: list[Sample] = []
+    for type_folder in sorted(path for path in test_root.iterdir() if path.is_dir()):
+        if type_folder.name == "ground_truth":
+            continue
+        for image in _images_or_empty(type_folder):
+            if type_folder.name == "good":
+                samples.append(Sample(image, GOOD, "good", None))
+            else:
+                mask = _find_mask(ground_truth_root / type_folder.name, image)
+                samples.append(Sample(image, ANOMALOUS, type_folder.name, mask))
+    if not samples:
+        raise InputError(f"{test_root}: no test images in its subfolders")
+    return samples
+
+
+def _load_mvtec(root: Path, category: str) -> Dataset:
+    train = _normal_images(root / "train" / "good")
+    test = _mvtec_test(root / "test", root / "ground_truth")
+    return Dataset(root, "mvtec", category, train, [], test)
+
+
+def _load_mvtec_ad2(root: Path, category: str) -> Dataset:
+    train = _normal_images(root / "train" / "good")
+    validation = _images_or_empty(root / "validation" / "good")
+    public = root / "test_public"
+    test = _mvtec_test(public, public / "ground_truth") if public.is_dir() else []
+    extra: dict[str, list[Path]] = {}
+    for name in ("test_private", "test_private_mixed"):
+        folder = root / name
+        images = _images_or_empty(folder)
+        # some releases keep private images in a subfolder (e.g. test_private/<anything>/)
+        if not images and folder.is_dir():
+            images = sorted(path for path in folder.rglob("*") if is_image_file(path))
+        if images:
+            extra[name] = images
+    if not test and not extra:
+        raise InputError(f"{root}: MVTec AD 2 layout without test_public, test_private or test_private_mixed")
+    return Dataset(root, "mvtec_ad2", category, train, validation, test, extra)
+
+
+def _visa_rows(csv_path: Path) -> list[dict[str, str]]:
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or [])
+            if missing:
+                raise InputError(f"{csv_path}: split CSV lacks column(s) {', '.join(sorted(missing))}")
+            return [{key: (value or "").strip() for key, value in row.items() if key} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{csv_path}: not a readable split CSV ({error})") from None
+
+
+def _load_visa(root: Path, category: str | None) -> Dataset:
+    csv_path = root / VISA_SPLIT_CSV
+    rows = _visa_rows(csv_path)
+    objects = sorted({row["object"] for row in rows})
+    if category is None:
+        if len(objects) != 1:
+            raise InputError(
+                f"{csv_path}: lists {len(objects)} objects; pick one with category= ({', '.join(objects)})"
+            )
+        category = objects[0]
+    if category not in objects:
+        raise InputError(f"{csv_path}: no object {category!r}; known: {', '.join(objects)}")
+    train: list[Path] = []
+    test: list[Sample] = []
+    for row in rows:
+        if row["object"] != category:
+            continue
+        image = root / row["image"]
+        if not image.is_file():
+            raise InputError(f"{image}: file not found (listed in {csv_path})")
+        anomalous = row["label"].lower() in {"anomaly", "anomalous", "bad", "1"}
+        if row["split"].lower() == "train":
+            if anomalous:
+                continue  # the one-class split never trains on anomalies
+            train.append(image)
+        elif anomalous:
+            mask = root / row["mask"] if row["mask"] else None
+            if mask is None or not mask.is_file():
+                expected = mask if mask is not None else "(no mask column value)"
+                raise InputError(f"{image}: no mask at {expected}")
+            test.append(Sample(image, ANOMALOUS, "bad", mask))
+        else:
+            test.append(Sample(image, GOOD, "good", None))
+    if not train:
+        raise InputError(f"{csv_path}: no normal images for {category!r} in the train split")
+    return Dataset(root, "visa", category, sorted(train), [], test)
+
+
+def _load_folder(root: Path, category: str) -> Dataset:
+    images = list_images(root)
+    return Dataset(
+        root, "folder", category, [], [], [Sample(path, UNKNOWN, "unknown", None) for path in images]
+    )
+
+
+def detect_layout(root: Path) -> str:
+    """The layout of ``root`` guessed from the files present; an error when nothing fits."""
+    if (root / VISA_SPLIT_CSV).is_file():
+        return "visa"
+    if (root / "train").is_dir() and any(
+        (root / name).is_dir() for name in ("test_public", "validation", "test_private", "test_private_mixed")
+    ):
+        return "mvtec_ad2"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return "mvtec"
+    if _images_or_empty(root):
+        return "folder"
+    categories = _category_folders(root)
+    if categories:
+        raise InputError(
+            f"{root}: holds several categories; pick one with category= ({', '.join(categories)})"
+        )
+    extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+    raise InputError(
+        f"{root}: no known dataset layout (no train/, test/, split_csv/1cls.csv, or images with {extensions})"
+    )
+
+
+def _category_folders(root: Path) -> list[str]:
+    return sorted(path.name for path in root.iterdir() if path.is_dir() and (path / "train").is_dir())
+
+
+def load_dataset(root: str | os.PathLike[str], layout: str = "auto", category: str | None = None) -> Dataset:
+    """Load the paths of one dataset category.
+
+    ``root`` is a category folder (``.../bottle``) or, with ``category=``, the folder holding
+    categories (``.../mvtec_ad`` + ``category="bottle"``); for VisA it is the folder with
+    ``split_csv/1cls.csv`` and ``category`` picks the object.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if not root.exists():
+        raise InputError(f"{root}: dataset folder not found")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    is_visa = layout == "visa" or (layout == "auto" and (root / VISA_SPLIT_CSV).is_file())
+    if category is not None and not is_visa and (root / category).is_dir():
+        root = root / category
+    if layout == "auto":
+        layout = detect_layout(root)
+    name = category if category is not None else root.name
+    if layout == "mvtec":
+        return _load_mvtec(root, name)
+    if layout == "mvtec_ad2":
+        return _load_mvtec_ad2(root, name)
+    if layout == "visa":
+        if not (root / VISA_SPLIT_CSV).is_file():
+            raise InputError(f"{root / VISA_SPLIT_CSV}: file not found (VisA layout needs its split CSV)")
+        return _load_visa(root, category)
+    return _load_folder(root, name)

@@ -1,0 +1,334 @@
+"""Reading images and masks, listing image folders, and writing maps and overlays.
+
+Every image enters the library as float32 ``H x W x 3`` RGB in [0, 1] whatever its format
+(PNG, JPEG, BMP, TIFF), bit depth (8/16-bit, float TIFF) or channels (gray, RGB, RGBA), so no
+other module ever sees a file format. Files are decoded from bytes (``cv2.imdecode``) so that
+paths with non-ASCII characters work everywhere; TIFF goes through tifffile, which reads float
+and multi-sample files that OpenCV rejects. Writes are atomic (temporary file + rename), so an
+interrupted run never leaves a half-written map behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import overload
+
+import cv2
+import numpy as np
+import tifffile
+
+from hrad.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+_TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:200]
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: not a readable image (empty file)")
+
+
+def _decode_raw(path: Path) -> np.ndarray:
+    """Decode a file into its raw array: ``H x W`` or ``H x W x C`` in RGB(A) channel order."""
+    _check_file(path)
+    if path.suffix.lower() in _TIFF_EXTENSIONS:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                array = page.asarray()
+                planar = getattr(page, "planarconfig", 1) == 2 or (
+                    array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 2, 3, 4)
+                )
+            if array.ndim == 3 and planar:
+                array = np.moveaxis(array, 0, -1)
+            return np.asarray(array)
+        except Exception as error:  # noqa: BLE001 - fall back to OpenCV, which reports its own failure
+            tiff_error = error
+    else:
+        tiff_error = None
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        reason = _one_line(tiff_error) if tiff_error is not None else "OpenCV cannot decode it"
+        raise InputError(f"{path}: not a readable image ({reason})")
+    array = np.asarray(decoded)
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
+    return array
+
+
+def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
+    """Scale integer images by their type's maximum (16-bit by 65535); clip float ones to [0, 1]."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
+    if np.issubdtype(array.dtype, np.unsignedinteger):
+        return (array.astype(np.float64) / np.iinfo(array.dtype).max).astype(np.float32)
+    if np.issubdtype(array.dtype, np.signedinteger):
+        return (np.clip(array.astype(np.float64), 0, None) / np.iinfo(array.dtype).max).astype(np.float32)
+    raise InputError(f"{path}: not a readable image (unsupported pixel type {array.dtype})")
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read any supported image as float32 ``H x W x 3`` RGB in [0, 1] (gray replicated, alpha dropped)."""
+    path = Path(path)
+    array = _decode_raw(path)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 2:  # gray + alpha
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] >= 3:
+        array = array[:, :, :3]
+    else:
+        raise InputError(f"{path}: not a readable image (unsupported shape {array.shape})")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{path}: not a readable image (zero-sized)")
+    return np.ascontiguousarray(_to_unit_float(array, path))
+
+
+def read_mask(
+    path: str | os.PathLike[str],
+    shape: tuple[int, int] | None = None,
+    image_path: str | os.PathLike[str] | None = None,
+) -> np.ndarray:
+    """Read a ground-truth mask as bool ``H x W``: any value > 0 in any channel is anomalous.
+
+    ``shape`` is the ``(H, W)`` of the image the mask belongs to; a mask of another size is an
+    error (resizing it would silently move defect borders).
+    """
+    path = Path(path)
+    array = _decode_raw(path)
+    if array.ndim == 3:
+        channels = array.shape[2]
+        # an alpha channel is not part of the label
+        array = array[:, :, : 3 if channels == 4 else (1 if channels == 2 else channels)]
+        array = array.max(axis=2)
+    elif array.ndim != 2:
+        raise InputError(f"{path}: not a readable mask (unsupported shape {array.shape})")
+    mask = np.asarray(array > 0)
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        owner = f"its image {image_path}" if image_path is not None else "its image"
+        raise InputError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but {owner} is {shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; an error if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"{folder}: folder not found")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    images = sorted(path for path in folder.iterdir() if is_image_file(path))
+    if not images:
+        extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise InputError(f"{folder}: no images in this folder (looked for {extensions})")
+    return images
+
+
+class ImageList(Sequence[np.ndarray]):
+    """A lazy sequence of images read on access, so a dataset never sits in memory at once.
+
+    ``cache_size`` keeps the most recently read images (LRU); 0 disables caching, which is the
+    default because high-resolution images are large (a 4096x4096 image is 200 MB in float32).
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike[str]], cache_size: int = 0) -> None:
+        self.paths: list[Path] = [Path(path) for path in paths]
+        self.cache_size = max(0, int(cache_size))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        image = read_image(self.paths[index])
+        if self.cache_size:
+            self._cache[index] = image
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return image
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self._read(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} images")
+        return self._read(index)
+
+    def __repr__(self) -> str:
+        return f"ImageList({len(self)} images, cache_size={self.cache_size})"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _encode(path: Path, array: np.ndarray) -> bytes:
+    extension = path.suffix.lower() or ".png"
+    ok, buffer = cv2.imencode(extension, array)
+    if not ok:
+        raise InputError(f"{path}: cannot encode an image with extension {extension!r}")
+    return buffer.tobytes()
+
+
+def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
+    array = np.asarray(anomaly_map, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"an anomaly map must be H x W, got shape {array.shape}")
+    return array
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write a float ``H x W x 3`` RGB (or ``H x W`` gray) image in [0, 1] as 8-bit, atomically."""
+    path = Path(path)
+    unit = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    array: np.ndarray = np.round(unit * 255.0).astype(np.uint8)
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    _atomic_write_bytes(path, _encode(path, array))
+
+
+def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
+    """Write a bool mask as a 0/255 8-bit PNG (the MVTec convention), atomically."""
+    path = Path(path)
+    _atomic_write_bytes(path, _encode(path, np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)))
+
+
+def write_map_png16(path: str | os.PathLike[str], anomaly_map: np.ndarray, vmin: float, vmax: float) -> None:
+    """Write a map as a 16-bit PNG: ``vmin`` -> 0 and ``vmax`` -> 65535, clipped (lossless to 1/65535)."""
+    if not vmax > vmin:
+        raise ValueError(f"vmax ({vmax}) must be larger than vmin ({vmin})")
+    path = Path(path)
+    scaled = (_as_map(anomaly_map).astype(np.float64) - vmin) / (vmax - vmin)
+    array = np.round(np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 65535.0).astype(np.uint16)
+    _atomic_write_bytes(path, _encode(path.with_suffix(".png"), array))
+
+
+def write_map_tiff(
+    path: str | os.PathLike[str], anomaly_map: np.ndarray, dtype: type | np.dtype = np.float32
+) -> None:
+    """Write a single-channel float TIFF (float16 is the MVTec AD 2 submission format)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"a TIFF map is float32 or float16, not {dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tiff", dir=path.parent)
+    os.close(handle)
+    try:
+        tifffile.imwrite(temporary, _as_map(anomaly_map).astype(dtype), photometric="minisblack")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def overlay_image(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    threshold: float | None = None,
+    contour_mask: np.ndarray | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """An 8-bit RGB picture: the image with a JET heatmap blended on it.
+
+    Red contours outline ``map >= threshold`` (the prediction); green contours outline
+    ``contour_mask`` (usually the ground truth). The heatmap spans ``vmin..vmax`` (default: the
+    map's own range, which makes every map look anomalous - pass calibrated bounds to compare).
+    """
+    picture = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).astype(np.uint8)
+    if picture.ndim == 2:
+        picture = np.repeat(picture[:, :, None], 3, axis=2)
+    score = _as_map(anomaly_map)
+    height, width = picture.shape[:2]
+    if score.shape != (height, width):
+        score = cv2.resize(score, (width, height), interpolation=cv2.INTER_LINEAR)
+    low = float(np.nanmin(score)) if vmin is None else float(vmin)
+    high = float(np.nanmax(score)) if vmax is None else float(vmax)
+    unit = np.clip((score - low) / (high - low), 0, 1) if high > low else np.zeros_like(score)
+    heat = cv2.applyColorMap(np.round(unit * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(picture, 1.0 - alpha, heat, alpha, 0.0)
+    thickness = max(1, round(max(height, width) / 500))
+
+    def draw(region: np.ndarray, color: tuple[int, int, int]) -> None:
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(blended, contours, -1, color, thickness)
+
+    if contour_mask is not None:
+        region = np.asarray(contour_mask, dtype=bool)
+        if region.shape != (height, width):
+            raise ValueError(
+                f"contour mask is {region.shape[1]}x{region.shape[0]}, image is {width}x{height}"
+            )
+        draw(region, (0, 255, 0))
+    if threshold is not None:
+        draw(score >= threshold, (255, 0, 0))
+    return blended
+
+
+def write_overlay(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    threshold: float | None = None,
+    contour_mask: np.ndarray | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.45,
+) -> None:
+    """Write :func:`overlay_image` as a PNG (or JPEG by extension), atomically."""
+    path = Path(path)
+    picture = overlay_image(image, anomaly_map, threshold, contour_mask, vmin, vmax, alpha)
+    _atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
