@@ -1,0 +1,190 @@
+"""HiAD's multi-resolution feature fusion (paper Sec. III-B, Eq. 3).
+
+For every rate k the whole image is downsampled by 2^k, cut into patch-sized tiles, embedded
+and reassembled into one feature map ``x^k`` (once per image, not per patch). A level-0 patch's
+fused feature is ``sum_k w_k Up(x^k, 2^k)`` restricted to the patch: each level-k map is
+sampled bilinearly at the centres of the patch's own feature cells. That equals upsampling the
+whole level-k map by 2^k (``align_corners=False``, border clamping) and cropping the patch's
+window, without ever materialising the full-resolution feature map. The level-k region that
+feeds a patch is the aligned ``patch * 2^k`` block containing it, as in the reference code's
+``low_resolution_indexes``; level-k tiles past the image border are zero-padded like level 0,
+but the level map is cut back to the image so samples beyond it clamp to the border cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hrad.strategies.base import embed_in_batches
+from hrad.strategies.tiling import TileGrid, TilePosition
+
+Embed = Callable[[Tensor], Tensor]
+
+
+def auto_fusion_rates(height: int, width: int, base: int = 1024) -> tuple[int, ...]:
+    """``0..K`` with K the halvings that bring the image (side ``sqrt(H*W)``) down to ~``base``.
+
+    2048 x 2048 -> (0, 1), 4096 x 4096 -> (0, 1, 2), anything up to ~2K side -> (0,). The
+    geometric-mean side keeps long line-scan strips from being halved into slivers.
+    """
+    side = math.sqrt(height * width)
+    halvings = max(0, math.floor(math.log2(side / base) + 1e-9)) if side > 0 else 0
+    return tuple(range(halvings + 1))
+
+
+def resolve_fusion(
+    rates: tuple[int, ...] | None, weights: tuple[float, ...] | None, height: int, width: int, base: int
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Configured or automatic rates (sorted) with their weights (equal by default)."""
+    from hrad.strategies.hiad.config import check_weights
+
+    chosen = auto_fusion_rates(height, width, base) if rates is None else tuple(rates)
+    if weights is None:
+        weights = tuple(1.0 / len(chosen) for _ in chosen)
+    check_weights(weights, len(chosen))
+    order = sorted(range(len(chosen)), key=lambda index: chosen[index])
+    return tuple(chosen[i] for i in order), tuple(float(weights[i]) for i in order)
+
+
+def level_size(height: int, width: int, rate: int) -> tuple[int, int]:
+    factor = 2**rate
+    return max(1, round(height / factor)), max(1, round(width / factor))
+
+
+def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bilinear resize of ``B x C x H x W`` (no-op at the same size)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@dataclass
+class LevelMap:
+    """A level-k feature map over the zero-padded level-k image, and its scale to level 0."""
+
+    features: Tensor  # C x h x w
+    ratio_y: float  # level-k pixels per level-0 pixel (~2^-k)
+    ratio_x: float
+    cell: float  # level-k pixels per feature cell
+
+
+def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: int) -> LevelMap:
+    """Embed ``image`` (``1 x 3 x H x W``) downsampled by 2^rate, tile by tile, as one map."""
+    height, width = image.shape[-2:]
+    size = level_size(height, width, rate)
+    small = resize_images(image, size)[0]
+    grid = TileGrid.square(size[0], size[1], patch, patch)
+    tiles = grid.tile(small)
+    features = torch.cat(list(embed_in_batches(embed, tiles, batch_size)))
+    _, channels, grid_h, grid_w = features.shape
+    assembled = (
+        features.reshape(grid.rows, grid.cols, channels, grid_h, grid_w)
+        .permute(2, 0, 3, 1, 4)
+        .reshape(channels, grid.rows * grid_h, grid.cols * grid_w)
+    )
+    cell = patch / grid_h
+    # drop the cells that lie wholly in the zero padding, so sampling clamps at the image border
+    valid_h, valid_w = math.ceil(size[0] / cell - 1e-9), math.ceil(size[1] / cell - 1e-9)
+    return LevelMap(assembled[:, :valid_h, :valid_w], size[0] / height, size[1] / width, cell)
+
+
+def sample_patch_windows(
+    level: LevelMap, corners: list[tuple[int, int]], grid_h: int, grid_w: int, cell0: float
+) -> Tensor:
+    """Level-k features at the centres of each patch's level-0 feature cells: ``n x C x gh x gw``.
+
+    ``corners`` are the patches' top-left level-0 pixels; ``cell0`` the level-0 pixels per
+    feature cell. Bilinear with border clamping (= ``F.interpolate`` then crop).
+    """
+    features = level.features
+    _, map_h, map_w = features.shape
+    device = features.device
+    steps_y = (torch.arange(grid_h, device=device, dtype=torch.float64) + 0.5) * cell0
+    steps_x = (torch.arange(grid_w, device=device, dtype=torch.float64) + 0.5) * cell0
+    rows = []
+    for y, x in corners:
+        # continuous map coordinate (cell edges at integers) -> grid_sample's [-1, 1]
+        gy = 2.0 * ((y + steps_y) * level.ratio_y / level.cell) / map_h - 1.0
+        gx = 2.0 * ((x + steps_x) * level.ratio_x / level.cell) / map_w - 1.0
+        rows.append(torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1))  # gh x gw x 2 (x, y)
+    grid = torch.cat(rows, dim=0)[None].to(features.dtype)  # 1 x (n*gh) x gw x 2
+    sampled = F.grid_sample(features[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    channels = features.shape[0]
+    return sampled[0].reshape(channels, len(corners), grid_h, grid_w).permute(1, 0, 2, 3)
+
+
+@dataclass
+class ImageLevels:
+    """One image prepared for fusion: its level-0 patch grid and its coarser level maps."""
+
+    grid: TileGrid
+    padded: Tensor  # 3 x padded_H x padded_W level-0 image
+    levels: dict[int, LevelMap]
+
+
+class MultiResolutionFusion:
+    """Fused patch features of one image at a time (level maps computed once per image)."""
+
+    def __init__(
+        self,
+        embed: Embed,
+        patch: int,
+        stride: int,
+        rates: tuple[int, ...],
+        weights: tuple[float, ...],
+        batch_size: int = 4,
+    ) -> None:
+        if 0 not in rates:
+            raise ValueError("fusion rates must include 0")
+        self.embed = embed
+        self.patch = patch
+        self.stride = stride
+        self.rates = rates
+        self.weights = dict(zip(rates, weights, strict=True))
+        self.batch_size = max(1, batch_size)
+
+    def prepare(self, image: Tensor) -> ImageLevels:
+        """``image``: ``1 x 3 x H x W``; embeds every coarser level of it once."""
+        height, width = image.shape[-2:]
+        grid = TileGrid.square(height, width, self.patch, self.stride)
+        levels = {
+            rate: embed_level(self.embed, image, rate, self.patch, self.batch_size)
+            for rate in self.rates
+            if rate > 0 and self.weights[rate] > 0
+        }
+        return ImageLevels(grid, grid.pad(image[0]), levels)
+
+    def batches(self, prepared: ImageLevels) -> Iterator[tuple[list[TilePosition], Tensor]]:
+        """Fused features of the image's patches, ``batch_size`` positions at a time."""
+        positions = list(prepared.grid.positions())
+        for start in range(0, len(positions), self.batch_size):
+            chunk = positions[start : start + self.batch_size]
+            yield chunk, self.fuse(prepared, chunk)
+
+    def fuse(self, prepared: ImageLevels, positions: list[TilePosition]) -> Tensor:
+        tiles = torch.stack([prepared.grid.crop(prepared.padded, p) for p in positions])
+        base = self.embed(tiles)
+        fused = base * self.weights[0] if len(self.rates) > 1 else base
+        grid_h, grid_w = base.shape[-2:]
+        cell0 = self.patch / grid_h
+        corners = [(p.y, p.x) for p in positions]
+        for rate, level in prepared.levels.items():
+            window = sample_patch_windows(level, corners, grid_h, grid_w, cell0)
+            fused = fused + self.weights[rate] * window
+        return fused
+
+    def all_patches(self, image: Tensor) -> tuple[list[TilePosition], Tensor]:
+        """Every patch of ``image`` fused at once (tests, small images)."""
+        prepared = self.prepare(image)
+        positions: list[TilePosition] = []
+        parts = []
+        for chunk, features in self.batches(prepared):
+            positions.extend(chunk)
+            parts.append(features)
+        return positions, torch.cat(parts)

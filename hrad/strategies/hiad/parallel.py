@@ -1,0 +1,114 @@
+"""Detector-parallel fitting for HiAD's pool (the reference code's multi-GPU mode).
+
+Training features are spilled to disk per image (:class:`FeatureSpill`); a job names the
+chunks and patch indices of one detector, so a worker process receives file paths rather
+than gigabytes of pickled tensors, and holds only one chunk at a time while iterating. Jobs
+run in a ``spawn`` process pool (safe with CUDA and threads); with several CUDA devices the
+jobs are spread over them round-robin. Results are identical to fitting in process, because a
+job carries everything its detector depends on (class, config with seed, data order).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hrad.detectors.base import Detector, DetectorConfig
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """Patches ``indices`` (None = all) of one spilled ``n x C x h x w`` chunk file."""
+
+    path: str
+    indices: tuple[int, ...] | None = None
+
+
+class ChunkBatches:
+    """Re-iterable embedding batches read lazily from spilled chunks (Detector.fit input)."""
+
+    def __init__(self, chunks: Sequence[ChunkRef], device: str | torch.device = "cpu") -> None:
+        self.chunks = list(chunks)
+        self.device = device
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for ref in self.chunks:
+            features = torch.load(ref.path, map_location="cpu", weights_only=True)
+            if ref.indices is not None:
+                features = features[list(ref.indices)]
+            yield features.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class FeatureSpill:
+    """A temporary directory of per-image feature chunks, removed by :meth:`close`."""
+
+    def __init__(self, parent: str | None = None) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="hrad-hiad-", dir=parent)
+        self.root = Path(self._directory.name)
+        self._count = 0
+
+    def write(self, features: Tensor) -> str:
+        path = self.root / f"chunk{self._count:06d}.pt"
+        self._count += 1
+        torch.save(features.detach().cpu().contiguous(), path)
+        return str(path)
+
+    def close(self) -> None:
+        self._directory.cleanup()
+
+    def __enter__(self) -> FeatureSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class FitJob:
+    detector_type: type[Detector]
+    config: DetectorConfig
+    chunks: tuple[ChunkRef, ...]
+    device: str
+
+
+def run_fit_job(job: FitJob) -> dict[str, Tensor]:
+    """Build, fit and return the state of one detector of the pool (CPU tensors)."""
+    detector = job.detector_type(job.config)
+    detector.fit(ChunkBatches(job.chunks, job.device))
+    return {key: value.detach().cpu().contiguous() for key, value in detector.state_dict().items()}
+
+
+def job_devices(count: int, default: str) -> list[str]:
+    """Device per job: round-robin over CUDA devices when there are several, else ``default``."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1:
+        return [f"cuda:{index % gpus}" for index in range(count)]
+    return [default] * count
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def fit_detectors(jobs: Sequence[FitJob], workers: int) -> list[dict[str, Tensor]]:
+    """Run ``jobs`` in order, in process (``workers`` <= 1) or in a spawn process pool."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_fit_job(job) for job in jobs]
+    processes = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        return list(pool.map(run_fit_job, jobs))

@@ -1,0 +1,387 @@
+"""HiAD (Zhang et al.): dual-branch high-resolution anomaly detection with a detector pool.
+
+High branch: the image is cut into patches (:class:`~hrad.strategies.tiling.TileGrid`), each
+patch gets a multi-resolution fused feature (:mod:`.fusion`), the assignment (:mod:`.assignment`)
+picks one detector of the pool for it, and the per-patch maps are merged back (overlaps
+averaged). Low branch: the whole image, resized so its long side is ``low_res_size``, goes
+through its own detector. Every detector and the low branch are min-max calibrated on held-out
+good images plus pseudo-anomaly copies (:mod:`hrad.postprocess.calibration`) before the
+element-wise max of the two branches is taken, so only like is compared with like.
+
+Post-processing follows the reference: image score = max of the 16 x 16 (stride 1)
+average-pooled final map after a sigma-4 Gaussian blur (``score_sigma``). The returned map is
+left unsmoothed by default (``smoothing_sigma=0``) because :class:`hrad.model.AnomalyModel`
+blurs every strategy's map (its default sigma is the reference's 4) with the same function, so
+the model's map and this score agree; set ``smoothing_sigma=4`` when using the strategy alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hrad.detectors.base import Detector, DetectorConfig, detector_class
+from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.features.base import Embedder, FeatureExtractor
+from hrad.postprocess.calibration import MinMaxCalibration, normalize_range, paste_pseudo_anomalies
+from hrad.postprocess.smoothing import gaussian_smooth
+from hrad.strategies.base import (
+    AnomalyResult,
+    ImageSource,
+    ProgressCallback,
+    StateReader,
+    Strategy,
+    no_progress,
+    sub_state,
+    to_tensor,
+)
+from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
+from hrad.strategies.hiad.config import HiADConfig
+from hrad.strategies.hiad.fusion import MultiResolutionFusion, resize_images, resolve_fusion
+from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
+from hrad.strategies.tiling import TileGrid, TileMerger, TilePosition
+
+
+@dataclass
+class RawOutput:
+    """Uncalibrated branch outputs for one image."""
+
+    grid: TileGrid
+    positions: list[TilePosition]
+    labels: np.ndarray  # detector per patch
+    patch_maps: Tensor  # P x g x g raw detector maps
+    low_map: Tensor | None  # h x w raw low-branch map
+
+
+def low_branch_size(height: int, width: int, target: int, multiple: int) -> tuple[int, int]:
+    """Size whose long side is ~``target`` (never upscaled), sides rounded to ``multiple``."""
+    scale = min(1.0, target / max(height, width))
+    return (
+        max(multiple, round(height * scale / multiple) * multiple),
+        max(multiple, round(width * scale / multiple) * multiple),
+    )
+
+
+def image_score(anomaly_map: np.ndarray, pool: int) -> float:
+    """Max of the map averaged over ``pool x pool`` windows (stride 1): robust to single pixels."""
+    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    kernel = (min(pool, tensor.shape[-2]), min(pool, tensor.shape[-1]))
+    return float(F.avg_pool2d(tensor, kernel, stride=1).max())
+
+
+class HiAD(Strategy):
+    config_type = HiADConfig
+
+    def __init__(self, config: HiADConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:  # type: ignore[override]
+        super().__init__(config, detector, extractor)
+        self.config: HiADConfig = config
+        self.detector_type: type[Detector] = detector_class(detector.name)
+        self.embedder = Embedder(extractor, self.detector_type.embedding_spec(detector, extractor))
+        self.multiple = math.lcm(self.embedder.stride, extractor.input_multiple)
+        if config.patch_size % self.multiple:
+            raise ConfigError(
+                f"hiad: patch_size {config.patch_size} is not a multiple of the embedding stride {self.multiple} "
+                f"(layers {', '.join(self.embedder.spec.layers)})"
+            )
+        self._rates: tuple[int, ...] | None = None
+        self._weights: tuple[float, ...] | None = None
+        self._image_size: tuple[int, int] | None = None
+        self._assignment: Assignment | None = None
+        self._detectors: dict[int, Detector] = {}
+        self._low: Detector | None = None
+        self._calibration: MinMaxCalibration | None = None
+        self._reader: StateReader | None = None
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def positional(self) -> bool:
+        return self.config.assignment in POSITIONAL and self.config.assignment != "a2o"
+
+    @property
+    def fitted(self) -> bool:
+        return self._assignment is not None
+
+    @property
+    def detector_count(self) -> int:
+        return 0 if self._assignment is None else self._assignment.count
+
+    @property
+    def calibration(self) -> MinMaxCalibration | None:
+        """Per-detector (``high.<m>``) and low-branch (``low``) raw score ranges, once calibrated."""
+        return self._calibration
+
+    def fitted_image_size(self) -> tuple[int, int] | None:
+        return self._image_size if self.positional else None
+
+    def _fusion(self) -> MultiResolutionFusion:
+        assert self._rates is not None and self._weights is not None
+        return MultiResolutionFusion(
+            self.embedder,
+            self.config.patch_size,
+            self.config.patch_stride,
+            self._rates,
+            self._weights,
+            self.config.batch_size,
+        )
+
+    def _embed_low(self, image: Tensor) -> Tensor:
+        size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
+        return self.embedder(resize_images(image, size))
+
+    def _check_size(self, image: np.ndarray, what: str) -> None:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"hiad: {what} has shape {image.shape}; expected H x W x 3")
+        if self.positional and self._image_size is not None and tuple(image.shape[:2]) != self._image_size:
+            raise InputError(
+                f"hiad: {what} is {image.shape[0]}x{image.shape[1]} but the model was fitted on "
+                f"{self._image_size[0]}x{self._image_size[1]} images; {self.config.assignment} binds detectors "
+                "to patch positions (use a2o or ra for mixed sizes)"
+            )
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        count = len(images)
+        if count == 0:
+            raise InputError("hiad: no training images")
+        first = images[0]
+        self._image_size = (int(first.shape[0]), int(first.shape[1]))
+        self._rates, self._weights = resolve_fusion(
+            self.config.fusion_rates, self.config.fusion_weights, *self._image_size, self.config.fusion_base
+        )
+        fusion = self._fusion()
+        with FeatureSpill(self.config.work_dir) as spill:
+            chunks: list[str] = []
+            low_chunks: list[str] = []
+            descriptors: list[np.ndarray] = []
+            grid_shape = (0, 0)
+            for index in range(count):
+                image = first if index == 0 else images[index]
+                self._check_size(image, f"training image {index}")
+                tensor = to_tensor(image, self.device)
+                _, features = fusion.all_patches(tensor)
+                grid = TileGrid.square(
+                    image.shape[0], image.shape[1], self.config.patch_size, self.config.patch_stride
+                )
+                grid_shape = (grid.rows, grid.cols) if index == 0 else grid_shape
+                descriptors.append(features.mean(dim=(2, 3)).double().cpu().numpy())
+                chunks.append(spill.write(features))
+                if self.config.low_branch:
+                    low_chunks.append(spill.write(self._embed_low(tensor)))
+                progress(index + 1, count, "hiad: embedding training images")
+            assignment = fit_assignment(
+                self.config.assignment, self.config.num_detectors, grid_shape, descriptors, self.config.seed
+            )
+            jobs = self._fit_jobs(assignment, chunks, descriptors, low_chunks)
+            progress(0, len(jobs), "hiad: fitting detectors")
+            states = fit_detectors(jobs, self.config.workers)
+            progress(len(jobs), len(jobs), "hiad: fitting detectors")
+        self._assignment = assignment
+        self._detectors = {m: self._restore(states[m]) for m in range(assignment.count)}
+        self._low = self._restore(states[-1]) if self.config.low_branch else None
+        self._calibration = None
+        self._reader = None
+
+    def _fit_jobs(
+        self, assignment: Assignment, chunks: list[str], descriptors: list[np.ndarray], low_chunks: list[str]
+    ) -> list[FitJob]:
+        per_detector: list[list[ChunkRef]] = [[] for _ in range(assignment.count)]
+        for path, image_descriptors in zip(chunks, descriptors, strict=True):
+            positions = np.arange(len(image_descriptors))
+            labels = assignment.assign(positions, image_descriptors)
+            for m in np.unique(labels):
+                per_detector[int(m)].append(
+                    ChunkRef(path, tuple(int(i) for i in np.flatnonzero(labels == m)))
+                )
+        groups = [tuple(refs) for refs in per_detector]
+        if self.config.low_branch:
+            groups.append(tuple(ChunkRef(path) for path in low_chunks))
+        devices = job_devices(len(groups), str(self.device))
+        return [
+            FitJob(self.detector_type, self.detector_config, refs, device)
+            for refs, device in zip(groups, devices, strict=True)
+        ]
+
+    def _restore(self, state: dict[str, Tensor]) -> Detector:
+        detector = self.detector_type(self.detector_config)
+        detector.load_state_dict(state)
+        return detector
+
+    # ------------------------------------------------------------------ raw outputs
+
+    def _detector(self, index: int) -> Detector:
+        if index not in self._detectors:
+            if self._reader is None:
+                raise ArtifactError(f"hiad: detector {index} of the pool is missing")
+            state = sub_state(self._reader, f"high.{index}")
+            if not state:
+                raise ArtifactError(
+                    f"hiad artifact has no tensors for detector high.{index}; it is incomplete"
+                )
+            self._detectors[index] = self._restore(state)
+        return self._detectors[index]
+
+    def _low_detector(self) -> Detector:
+        if self._low is None:
+            state = sub_state(self._reader, "low") if self._reader is not None else {}
+            if not state:
+                raise ArtifactError(
+                    "hiad artifact has no low-branch detector (low.*) although low_branch is on"
+                )
+            self._low = self._restore(state)
+        return self._low
+
+    def raw_outputs(self, image: np.ndarray) -> RawOutput:
+        """Uncalibrated per-patch maps, their detectors and the raw low-branch map."""
+        if self._assignment is None:
+            raise ConfigError("hiad: fit() or load_state() must run before predicting")
+        self._check_size(image, "image")
+        tensor = to_tensor(image, self.device)
+        fusion = self._fusion()
+        prepared = fusion.prepare(tensor)
+        positions: list[TilePosition] = []
+        labels: list[np.ndarray] = []
+        maps: list[Tensor] = []
+        for chunk, features in fusion.batches(prepared):
+            descriptors = (
+                features.mean(dim=(2, 3)).double().cpu().numpy() if self.config.assignment == "ra" else None
+            )
+            chunk_labels = self._assignment.assign(np.array([p.index for p in chunk]), descriptors)
+            chunk_maps = torch.empty(features.shape[0], *features.shape[-2:])
+            for m in np.unique(chunk_labels):
+                selected = torch.from_numpy(np.flatnonzero(chunk_labels == m))
+                output = self._detector(int(m)).predict(features[selected.to(features.device)])
+                chunk_maps[selected] = (
+                    output.maps.detach().float().cpu().reshape(len(selected), *features.shape[-2:])
+                )
+            positions.extend(chunk)
+            labels.append(chunk_labels)
+            maps.append(chunk_maps)
+        low_map = None
+        if self.config.low_branch:
+            low_map = self._low_detector().predict(self._embed_low(tensor)).maps.detach().float().cpu()[0]
+        return RawOutput(prepared.grid, positions, np.concatenate(labels), torch.cat(maps), low_map)
+
+    # ------------------------------------------------------------------ calibration
+
+    def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        """Min-max statistics per detector and branch from held-out good images (+ pseudo-anomalies)."""
+        if self._assignment is None:
+            raise ConfigError("hiad: fit() must run before calibrate()")
+        count = len(images)
+        if count == 0:
+            raise InputError("hiad: calibration needs at least one held-out good image; none were given")
+        calibration = MinMaxCalibration()
+        for index in range(count):
+            image = images[index]
+            variants = [image]
+            if self.config.pseudo_anomalies:
+                rng = np.random.default_rng([self.config.seed, index])
+                variants.append(paste_pseudo_anomalies(image, rng)[0])
+            for variant in variants:
+                raw = self.raw_outputs(variant)
+                for m in np.unique(raw.labels):
+                    calibration.update(f"high.{int(m)}", raw.patch_maps[torch.from_numpy(raw.labels == m)])
+                if raw.low_map is not None:
+                    calibration.update("low", raw.low_map)
+            progress(index + 1, count, "hiad: calibrating")
+        # a detector no validation patch reached (possible with ra) gets the pool's joint range
+        names = [f"high.{m}" for m in range(self._assignment.count)]
+        joint = calibration.union(names)
+        for name in names:
+            if name not in calibration:
+                calibration.set_range(name, *joint)
+        self._calibration = calibration
+
+    # ------------------------------------------------------------------ predict
+
+    def predict(self, image: np.ndarray) -> AnomalyResult:
+        if self._calibration is None:
+            raise ConfigError("hiad: calibrate() must run on held-out good images before predict()")
+        raw = self.raw_outputs(image)
+        height, width = image.shape[:2]
+        patch = self.config.patch_size
+        calibrated = torch.empty_like(raw.patch_maps)
+        for m in np.unique(raw.labels):
+            selected = torch.from_numpy(raw.labels == m)
+            low, high = self._calibration.range(f"high.{int(m)}")
+            calibrated[selected] = normalize_range(raw.patch_maps[selected], low, high)
+        upsampled = F.interpolate(
+            calibrated[:, None], size=(patch, patch), mode="bilinear", align_corners=False
+        )
+        merger = TileMerger(raw.grid)
+        for position, tile_map in zip(raw.positions, upsampled[:, 0].numpy(), strict=True):
+            merger.add(position, tile_map)
+        high_map = merger.result()[0]
+        final = high_map
+        low_map: np.ndarray | None = None
+        if raw.low_map is not None:
+            low_calibrated = self._calibration.normalize("low", raw.low_map)
+            low_map = F.interpolate(
+                low_calibrated[None, None], size=(height, width), mode="bilinear", align_corners=False
+            )[0, 0].numpy()
+            final = np.maximum(high_map, low_map)
+        final = np.ascontiguousarray(final, dtype=np.float32)
+        returned = gaussian_smooth(final, self.config.smoothing_sigma)
+        if self.config.score_sigma == self.config.smoothing_sigma:
+            score = image_score(returned, self.config.score_pool)
+        else:
+            score = image_score(gaussian_smooth(final, self.config.score_sigma), self.config.score_pool)
+        extras: dict = {"patch_detectors": raw.labels.reshape(raw.grid.rows, raw.grid.cols)}
+        if self.config.return_branch_maps:
+            extras["high_map"] = high_map
+            extras["low_map"] = low_map
+        return AnomalyResult(returned, score, extras)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self._assignment is None or self._rates is None or self._weights is None:
+            raise ConfigError("hiad: nothing to save before fit()")
+        state: dict[str, Tensor] = {}
+        for m in range(self._assignment.count):
+            for key, value in self._detector(m).state_dict().items():
+                state[f"high.{m}.{key}"] = value
+        if self.config.low_branch:
+            for key, value in self._low_detector().state_dict().items():
+                state[f"low.{key}"] = value
+        for key, value in self._assignment.state_dict().items():
+            state[f"assignment.{key}"] = value
+        if self._calibration is not None:
+            for key, value in self._calibration.state_dict().items():
+                state[f"calibration.{key}"] = value
+        state["fusion.rates"] = torch.tensor(self._rates, dtype=torch.int64)
+        state["fusion.weights"] = torch.tensor(self._weights, dtype=torch.float64)
+        assert self._image_size is not None
+        state["geometry.image_size"] = torch.tensor(self._image_size, dtype=torch.int64)
+        return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
+    def load_state(self, reader: StateReader) -> None:
+        """Assignment, fusion and calibration now; detectors lazily, one at a time, when used."""
+        keys = set(reader.keys())
+        for key in ("fusion.rates", "fusion.weights", "geometry.image_size", "assignment.count"):
+            if key not in keys:
+                raise ArtifactError(
+                    f"hiad artifact lacks {key}; it is incomplete or was saved by another strategy"
+                )
+        self._rates = tuple(int(r) for r in reader.get("fusion.rates").tolist())
+        self._weights = tuple(float(w) for w in reader.get("fusion.weights").tolist())
+        height, width = (int(v) for v in reader.get("geometry.image_size").tolist())
+        self._image_size = (height, width)
+        self._assignment = Assignment.from_state(self.config.assignment, sub_state(reader, "assignment"))
+        calibration_state = sub_state(reader, "calibration")
+        self._calibration = None
+        if calibration_state:
+            self._calibration = MinMaxCalibration()
+            self._calibration.load_state_dict(calibration_state)
+        if self.config.low_branch and not any(key.startswith("low.") for key in keys):
+            raise ArtifactError("hiad artifact has no low-branch detector (low.*) although low_branch is on")
+        self._detectors = {}
+        self._low = None
+        self._reader = reader

@@ -1,0 +1,426 @@
+"""HiAD strategy: fusion geometry, assignment, calibration, multi-class RA, state, parallel fit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from hrad.detectors.base import DETECTORS, Detector, DetectorConfig, DetectorOutput, register_detector
+from hrad.errors import ConfigError, InputError
+from hrad.features import BackboneConfig, build_backbone
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.postprocess.smoothing import gaussian_smooth
+from hrad.strategies import build_strategy, strategy_config
+from hrad.strategies.base import DictStateReader
+from hrad.strategies.hiad import HiAD, HiADConfig
+from hrad.strategies.hiad.assignment import Assignment, fit_assignment, nearest_centroid, neighbourhood_labels
+from hrad.strategies.hiad.fusion import (
+    LevelMap,
+    MultiResolutionFusion,
+    auto_fusion_rates,
+    resize_images,
+    resolve_fusion,
+    sample_patch_windows,
+)
+
+TEST_DETECTOR = "test-nn-bank"
+
+
+class BankConfig(DetectorConfig):
+    name: str = TEST_DETECTOR
+    bank_size: int = 512
+
+
+class BankDetector(Detector[BankConfig]):
+    """Nearest-neighbour distance to a seeded random subset of training vectors (a mini PatchCore)."""
+
+    def __init__(self, config: BankConfig) -> None:
+        super().__init__(config)
+        self.bank = torch.empty(0)
+
+    @classmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        return EmbeddingSpec(layers=("layer2",))
+
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        total = sum(batch.shape[0] for batch in batches)  # a first pass: batches must be re-iterable
+        vectors = torch.cat([b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]) for b in batches]).float().cpu()
+        assert total > 0
+        generator = torch.Generator().manual_seed(self.config.seed)
+        if len(vectors) > self.config.bank_size:
+            vectors = vectors[torch.randperm(len(vectors), generator=generator)[: self.config.bank_size]]
+        self.bank = vectors
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        b, c, h, w = embeddings.shape
+        queries = embeddings.permute(0, 2, 3, 1).reshape(-1, c).float().cpu()
+        maps = torch.cdist(queries, self.bank).min(dim=1).values.reshape(b, h, w)
+        return DetectorOutput(maps, maps.flatten(1).max(dim=1).values)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"bank": self.bank}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.bank = state["bank"]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Iterator[BankConfig]:
+    register_detector(TEST_DETECTOR, BankConfig, BankDetector)
+    yield BankConfig()
+    DETECTORS._items.pop(TEST_DETECTOR)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return build_backbone(BackboneConfig(name="tiny-cnn"))
+
+
+def make(detector: BankConfig, extractor: FeatureExtractor, **options: object) -> HiAD:
+    config = strategy_config({"name": "hiad", "patch_size": 32, "low_res_size": 32, **options})
+    strategy = build_strategy(config, detector, extractor)
+    assert isinstance(strategy, HiAD)
+    return strategy
+
+
+def noise_images(count: int, height: int, width: int, seed: int, std: float = 0.1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        np.clip(0.5 + rng.normal(0, std, (height, width, 3)), 0, 1).astype(np.float32) for _ in range(count)
+    ]
+
+
+def stripes(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    rows = (np.arange(height)[:, None, None] // 4) % 2
+    base = 0.15 + 0.7 * rows * np.ones((1, width, 3))
+    return np.clip(base + rng.normal(0, 0.03, (height, width, 3)), 0, 1).astype(np.float32)
+
+
+def flat(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    base = np.array([0.8, 0.3, 0.2])[None, None] * np.ones((height, width, 1))
+    return np.clip(base + rng.normal(0, 0.03, (height, width, 3)), 0, 1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- fusion geometry
+
+
+def test_window_sampling_equals_upsample_then_crop() -> None:
+    torch.manual_seed(0)
+    level_map = torch.randn(5, 6, 8)  # level-1 map, 4-pixel cells, of a 48 x 64 level-0 image
+    level = LevelMap(level_map, ratio_y=0.5, ratio_x=0.5, cell=4.0)
+    upsampled = F.interpolate(level_map[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+    corners = [(0, 0), (16, 8), (32, 48), (16, 32)]  # includes the bottom-right border patch
+    windows = sample_patch_windows(level, corners, grid_h=4, grid_w=4, cell0=4.0)
+    for (y, x), window in zip(corners, windows, strict=True):
+        expected = upsampled[:, y // 4 : y // 4 + 4, x // 4 : x // 4 + 4]
+        torch.testing.assert_close(window, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_patch_features_are_the_weighted_sum_of_upsampled_levels() -> None:
+    def embed(images: Tensor) -> Tensor:  # a tile-local "backbone": 4 x 4 average pooling
+        return F.avg_pool2d(images, 4)
+
+    torch.manual_seed(1)
+    image = torch.rand(1, 3, 64, 48)
+    weights = (0.25, 0.75)
+    fusion = MultiResolutionFusion(embed, patch=16, stride=16, rates=(0, 1), weights=weights, batch_size=3)
+    positions, fused = fusion.all_patches(image)
+    level0 = embed(image)[0]  # 16 x 12 cells
+    level1 = embed(resize_images(image, (32, 24)))  # 8 x 6 cells
+    up1 = F.interpolate(level1, scale_factor=2, mode="bilinear", align_corners=False)[0]
+    full = weights[0] * level0 + weights[1] * up1
+    assert len(positions) == 4 * 3
+    for position, feature in zip(positions, fused, strict=True):
+        expected = full[:, position.y // 4 : position.y // 4 + 4, position.x // 4 : position.x // 4 + 4]
+        torch.testing.assert_close(feature, expected, rtol=1e-5, atol=1e-5)
+    # rate 0 alone is plain tiling
+    plain = MultiResolutionFusion(embed, 16, 16, (0,), (1.0,)).all_patches(image)[1]
+    torch.testing.assert_close(plain[5], level0[:, 4:8, 8:12])
+
+
+def test_automatic_rates_and_weights() -> None:
+    assert auto_fusion_rates(2048, 2048) == (0, 1)
+    assert auto_fusion_rates(4096, 4096) == (0, 1, 2)
+    assert auto_fusion_rates(1000, 1500) == (0,)
+    assert auto_fusion_rates(64, 64) == (0,)
+    assert resolve_fusion(None, None, 4096, 4096, 1024) == ((0, 1, 2), (1 / 3, 1 / 3, 1 / 3))
+    assert resolve_fusion((1, 0), (0.3, 0.7), 64, 64, 1024) == ((0, 1), (0.7, 0.3))
+    with pytest.raises(ConfigError, match="sum to 1"):
+        HiADConfig(fusion_rates=(0, 1), fusion_weights=(0.5, 0.6))
+    with pytest.raises(ConfigError, match="one weight per rate"):
+        HiADConfig(fusion_rates=(0, 1), fusion_weights=(1.0,))
+    with pytest.raises(ConfigError, match="including 0"):
+        HiADConfig(fusion_rates=(1, 2))
+    with pytest.raises(ConfigError):
+        resolve_fusion(None, (0.5, 0.5), 64, 64, 1024)  # auto picks one rate, two weights given
+
+
+# ---------------------------------------------------------------------------- assignment
+
+
+def test_neighbourhoods_are_contiguous_blocks() -> None:
+    quadrants = neighbourhood_labels(4, 4, 4).reshape(4, 4)
+    np.testing.assert_array_equal(quadrants, [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    np.testing.assert_array_equal(neighbourhood_labels(2, 3, 3).reshape(2, 3), [[0, 1, 2], [0, 1, 2]])
+    odd = neighbourhood_labels(3, 3, 5).reshape(3, 3)  # no 5-block layout fits: serpentine runs
+    assert sorted(np.unique(odd)) == [0, 1, 2, 3, 4]
+    from scipy import ndimage
+
+    for label in range(5):
+        assert ndimage.label(odd == label)[1] == 1  # each neighbourhood is one connected block
+    with pytest.raises(ConfigError):
+        neighbourhood_labels(2, 2, 5)
+
+
+def test_sca_groups_positions_with_the_same_texture() -> None:
+    rng = np.random.default_rng(0)
+    texture = np.array([[0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1], [1, 0, 0, 1]]).reshape(-1)
+    prototypes = rng.normal(size=(2, 16)) * 5
+    descriptors = [prototypes[texture] + rng.normal(0, 0.3, size=(16, 16)) for _ in range(6)]
+    fitted = fit_assignment("sca", 2, (4, 4), descriptors, seed=0)
+    labels = fitted.assign(np.arange(16), None)
+    assert fitted.count == 2
+    assert (labels == texture).all() or (labels == 1 - texture).all()
+    assert (fit_assignment("a2o", 9, (4, 4), descriptors).assign(np.arange(16), None) == 0).all()
+    np.testing.assert_array_equal(
+        fit_assignment("o2o", 9, (4, 4), descriptors).assign(np.arange(16), None), np.arange(16)
+    )
+    with pytest.raises(ConfigError, match="larger than the 16 patch positions"):
+        fit_assignment("sca", 17, (4, 4), descriptors)
+
+
+def test_ra_assigns_each_patch_to_its_nearest_centroid() -> None:
+    rng = np.random.default_rng(2)
+    centres = np.array([[0.0, 0.0, 10.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    kinds = rng.integers(0, 3, size=(5, 12))
+    descriptors = [centres[k] + rng.normal(0, 0.5, size=(12, 3)) for k in kinds]
+    fitted = fit_assignment("ra", 3, (3, 4), descriptors, seed=0)
+    assert fitted.count == 3 and fitted.centroids is not None
+    train_labels = np.concatenate([fitted.assign(np.arange(12), d) for d in descriptors])
+    for kind in range(3):  # each true group lands in exactly one cluster, a different one per group
+        assert len(np.unique(train_labels[kinds.reshape(-1) == kind])) == 1
+    assert len(np.unique(train_labels)) == 3
+    probe = centres + rng.normal(0, 0.5, size=(3, 3))
+    expected = [train_labels[kinds.reshape(-1) == kind][0] for kind in range(3)]
+    np.testing.assert_array_equal(fitted.assign(np.zeros(3), probe), expected)
+    brute = np.array([np.argmin([np.sum((p - c) ** 2) for c in fitted.centroids]) for p in probe])
+    np.testing.assert_array_equal(nearest_centroid(probe, fitted.centroids), brute)
+    restored = Assignment.from_state("ra", fitted.state_dict())
+    np.testing.assert_array_equal(restored.assign(np.zeros(3), probe), expected)
+
+
+# ---------------------------------------------------------------------------- strategy
+
+
+def test_config_errors(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    with pytest.raises(ConfigError, match="not a multiple of the embedding stride 8"):
+        make(detector, extractor, patch_size=36)
+    with pytest.raises(ConfigError, match="stride"):
+        HiADConfig(patch_size=32, stride=40)
+    strategy = make(detector, extractor, assignment="sca", num_detectors=5, low_branch=False)
+    with pytest.raises(ConfigError, match="larger than the 4 patch positions"):
+        strategy.fit(noise_images(2, 64, 64, 0))
+
+
+def test_calibration_makes_a_quiet_detector_comparable_to_a_noisy_one(
+    detector: BankConfig, extractor: FeatureExtractor
+) -> None:
+    """Left patch: strong texture (large raw distances); right patch: quiet texture. A defect in
+    the quiet half is invisible in a max over raw maps and the top of the calibrated one."""
+
+    def product(rng: np.random.Generator) -> np.ndarray:
+        image = np.full((64, 128, 3), 0.5, dtype=np.float32)
+        image[:, :64] += rng.normal(0, 0.2, (64, 64, 3)).astype(np.float32)
+        image[:, 64:] += rng.normal(0, 0.01, (64, 64, 3)).astype(np.float32)
+        return np.clip(image, 0, 1)
+
+    rng = np.random.default_rng(3)
+    train, validation = [product(rng) for _ in range(10)], [product(rng) for _ in range(6)]
+    strategy = make(detector, extractor, patch_size=64, assignment="o2o", low_branch=False)
+    strategy.fit(train)
+    assert strategy.detector_count == 2
+    strategy.calibrate(validation)
+    assert strategy.calibration is not None
+    left_range, right_range = strategy.calibration.range("high.0"), strategy.calibration.range("high.1")
+    assert left_range[0] > 5 * right_range[0]  # the raw scales differ by far
+    test = product(rng)
+    test[24:40, 88:104] = np.clip(test[24:40, 88:104] + 0.1, 0, 1)  # a faint defect, quiet half
+    raw = strategy.raw_outputs(test)
+    assert float(raw.patch_maps[1].max()) < left_range[1]  # raw: below what the left calls normal
+    result = strategy.predict(test)
+    calibrated_defect = result.anomaly_map[28:36, 92:100].mean()
+    assert calibrated_defect > result.anomaly_map[:, :64].max()  # calibrated: the top of the map
+    assert result.anomaly_map.min() >= 0 and result.anomaly_map.max() <= 1
+    good = strategy.predict(product(rng))
+    assert result.score > good.score
+
+
+@pytest.fixture(scope="module")
+def fitted(detector: BankConfig, extractor: FeatureExtractor) -> HiAD:
+    strategy = make(
+        detector, extractor, assignment="na", num_detectors=2, return_branch_maps=True, fusion_rates=(0, 1)
+    )
+    strategy.fit(noise_images(6, 64, 96, seed=4))
+    strategy.calibrate(noise_images(2, 64, 96, seed=5))
+    return strategy
+
+
+def test_final_map_is_the_max_of_calibrated_branches(fitted: HiAD) -> None:
+    image = noise_images(1, 64, 96, seed=6)[0]
+    image[10:20, 70:80] = 0.0
+    no_blur = fitted.config.model_copy(update={"smoothing_sigma": 0.0, "score_sigma": 0.0})
+    strategy = HiAD(no_blur, fitted.detector_config, fitted.extractor)
+    strategy.load_state(DictStateReader(fitted.state_dict()))
+    result = strategy.predict(image)
+    high, low = result.extras["high_map"], result.extras["low_map"]
+    assert high.shape == low.shape == result.anomaly_map.shape == (64, 96)
+    np.testing.assert_array_equal(result.anomaly_map, np.maximum(high, low))
+    assert low.min() >= 0 and low.max() <= 1 and high.min() >= 0 and high.max() <= 1
+    np.testing.assert_array_equal(result.extras["patch_detectors"], [[0, 0, 1], [0, 0, 1]])
+    pooled = F.avg_pool2d(torch.from_numpy(result.anomaly_map)[None, None], 16, stride=1)
+    assert result.score == pytest.approx(float(pooled.max()))
+    # default: map returned unsmoothed (the model blurs it), score by the reference rule on sigma 4
+    default = fitted.predict(image)
+    np.testing.assert_array_equal(default.anomaly_map, result.anomaly_map)
+    blurred = gaussian_smooth(default.anomaly_map, 4.0)
+    reference = F.avg_pool2d(torch.from_numpy(blurred)[None, None], 16, stride=1).max()
+    assert default.score == pytest.approx(float(reference))
+    high_only = HiAD(
+        no_blur.model_copy(update={"low_branch": False}), fitted.detector_config, fitted.extractor
+    )
+    high_only.fit(noise_images(6, 64, 96, seed=4))
+    high_only.calibrate(noise_images(2, 64, 96, seed=5))
+    alone = high_only.predict(image)
+    assert alone.extras["low_map"] is None
+    np.testing.assert_array_equal(alone.anomaly_map, alone.extras["high_map"])
+    np.testing.assert_allclose(alone.anomaly_map, high, atol=1e-6)  # same high branch either way
+
+
+def test_prediction_never_depends_on_other_images(fitted: HiAD) -> None:
+    images = noise_images(3, 64, 96, seed=7)
+    first = fitted.predict(images[0])
+    for other in images[1:]:
+        fitted.predict(other)
+    again = fitted.predict(images[0])
+    np.testing.assert_array_equal(first.anomaly_map, again.anomaly_map)
+    assert first.score == again.score
+
+
+def test_state_round_trips_through_safetensors(fitted: HiAD, tmp_path) -> None:
+    state = fitted.state_dict()
+    prefixes = ("high.", "low.", "assignment.", "calibration.", "fusion.", "geometry.")
+    assert all(key.startswith(prefixes) for key in state)
+    assert {"high.0.bank", "high.1.bank", "low.bank", "assignment.labels", "calibration.low.min"} <= set(
+        state
+    )
+    path = tmp_path / "weights.safetensors"
+    save_file(state, str(path))
+
+    class Reader:
+        def __init__(self) -> None:
+            self.handle = safe_open(str(path), framework="pt")
+            self.loaded: list[str] = []
+
+        def keys(self) -> list[str]:
+            return list(self.handle.keys())
+
+        def get(self, key: str) -> Tensor:
+            self.loaded.append(key)
+            return self.handle.get_tensor(key)
+
+    reader = Reader()
+    restored = HiAD(fitted.config, fitted.detector_config, fitted.extractor)
+    restored.load_state(reader)
+    assert not any(key.startswith("high.") for key in reader.loaded)  # detectors load lazily
+    image = noise_images(1, 64, 96, seed=8)[0]
+    expected, actual = fitted.predict(image), restored.predict(image)
+    np.testing.assert_array_equal(expected.anomaly_map, actual.anomaly_map)
+    assert expected.score == actual.score
+    assert restored.fitted_image_size() == (64, 96)
+
+
+def test_usage_errors(detector: BankConfig, extractor: FeatureExtractor, fitted: HiAD) -> None:
+    strategy = make(detector, extractor, assignment="a2o", low_branch=False)
+    with pytest.raises(ConfigError, match="fit"):
+        strategy.calibrate(noise_images(1, 64, 64, 0))
+    strategy.fit(noise_images(2, 64, 64, 0))
+    with pytest.raises(ConfigError, match="calibrate"):
+        strategy.predict(noise_images(1, 64, 64, 0)[0])
+    with pytest.raises(InputError, match="at least one held-out"):
+        strategy.calibrate([])
+    with pytest.raises(InputError, match="fitted on 64x96"):
+        fitted.predict(noise_images(1, 64, 64, 0)[0])
+    with pytest.raises(InputError, match="training image 1"):
+        make(detector, extractor, assignment="o2o").fit(
+            noise_images(1, 64, 64, 0) + noise_images(1, 32, 64, 0)
+        )
+
+
+def test_sca_and_ra_separate_two_textures(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    """Single category with two textures at fixed places (SCA) and two unlabeled categories (RA)."""
+    rng = np.random.default_rng(9)
+
+    def product() -> np.ndarray:  # left two patch columns striped, right two flat
+        image = stripes(64, 128, rng)
+        image[:, 64:] = flat(64, 64, rng)
+        return image
+
+    sca = make(detector, extractor, assignment="sca", num_detectors=2, low_branch=False)
+    sca.fit([product() for _ in range(4)])
+    labels = sca.raw_outputs(product()).labels.reshape(2, 4)
+    assert (labels[:, :2] == labels[0, 0]).all() and (labels[:, 2:] == 1 - labels[0, 0]).all()
+
+    categories = [stripes(64, 64, rng) for _ in range(4)] + [flat(64, 64, rng) for _ in range(4)]
+    order = rng.permutation(len(categories))
+    ra = make(detector, extractor, assignment="ra", num_detectors=2, low_branch=False)
+    ra.fit([categories[i] for i in order])  # mixed, no labels
+    assert ra.fitted_image_size() is None
+    striped = ra.raw_outputs(stripes(64, 64, rng)).labels
+    plain = ra.raw_outputs(flat(64, 64, rng)).labels
+    assert len(set(striped)) == 1 and len(set(plain)) == 1 and striped[0] != plain[0]
+    # RA ignores positions: a differently sized image works
+    assert len(ra.raw_outputs(flat(96, 64, rng)).labels) == 6
+
+
+def test_parallel_fit_equals_serial(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    train, validation = noise_images(4, 64, 64, seed=10), noise_images(2, 64, 64, seed=11)
+    results = []
+    for workers in (0, 2):
+        strategy = make(detector, extractor, assignment="o2o", workers=workers, fusion_rates=(0, 1))
+        strategy.fit(train)
+        strategy.calibrate(validation)
+        results.append((strategy.state_dict(), strategy.predict(validation[0])))
+    (serial_state, serial), (parallel_state, parallel) = results
+    assert serial_state.keys() == parallel_state.keys()
+    for key in serial_state:
+        torch.testing.assert_close(serial_state[key], parallel_state[key], rtol=0, atol=0)
+    np.testing.assert_array_equal(serial.anomaly_map, parallel.anomaly_map)
+
+
+def test_through_anomaly_model_save_and_load(detector: BankConfig, tmp_path) -> None:
+    from hrad.config import ModelConfig
+    from hrad.model import AnomalyModel
+
+    config = ModelConfig(
+        backbone=BackboneConfig(name="tiny-cnn"),
+        detector=detector,
+        strategy=strategy_config(
+            {"name": "hiad", "patch_size": 32, "low_res_size": 32, "assignment": "sca", "num_detectors": 2}
+        ),
+        device="cpu",
+    )
+    model = AnomalyModel(config).fit(noise_images(10, 64, 64, seed=12))  # 2 of them held out
+    assert model.strategy.calibration is not None  # type: ignore[attr-defined]
+    image = noise_images(1, 64, 64, seed=13)[0]
+    expected = model.predict(image)
+    restored = AnomalyModel.load(model.save(tmp_path / "hiad-model"))
+    actual = restored.predict(image)
+    np.testing.assert_array_equal(expected.anomaly_map, actual.anomaly_map)
+    assert expected.score == actual.score
