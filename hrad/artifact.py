@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -51,17 +51,23 @@ class SafetensorsReader:
         return self._file.get_tensor(key)
 
 
-def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Atomically write ``path`` (a directory) with the manifest and tensors."""
+def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tensor] | Callable[[Path], None]) -> None:
+    """Atomically write ``path`` (a directory) with the manifest and tensors.
+
+    ``tensors`` is either a dict or a function that writes the safetensors file itself (so a
+    tiled ensemble can stream one tile model at a time instead of holding all of them).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not (path / MANIFEST).is_file():
-        if not path.is_dir() or any(path.iterdir()):
-            raise ArtifactError(f"{path}: exists and is not an hrad model; refusing to overwrite it")
+    foreign = path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir()))
+    if foreign:
+        raise ArtifactError(f"{path}: exists and is not an hrad model; refusing to overwrite it")
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        save_file(contiguous, str(staging / WEIGHTS))
+        if callable(tensors):
+            tensors(staging / WEIGHTS)
+        else:
+            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(staging / WEIGHTS))
         full_manifest = {"hrad_version": __version__, "artifact_format": ARTIFACT_FORMAT, **manifest}
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
         if path.exists():
@@ -103,8 +109,3 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def open_weights(path: Path) -> SafetensorsReader:
     return SafetensorsReader(Path(path) / WEIGHTS)
-
-
-def empty_state() -> dict[str, Tensor]:
-    """A placeholder tensor so a strategy without learned tensors still has a valid file."""
-    return {"_hrad.empty": torch.zeros(1)}

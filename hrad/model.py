@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrad.artifact import empty_state, open_weights, read_manifest, write_artifact
+from hrad.artifact import open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
 from hrad.errors import ArtifactError, InputError
 from hrad.features import build_backbone
@@ -191,13 +191,12 @@ class AnomalyModel:
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        state = self.strategy.state_dict() or empty_state()
         manifest = {
             "config": self.config.model_dump(mode="json"),
             "fitted_size": self.fitted_size,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
         }
-        write_artifact(Path(path), manifest, state)
+        write_artifact(Path(path), manifest, self.strategy.save_state_to)
         return Path(path)
 
     @classmethod

@@ -47,6 +47,12 @@ def _overrides(
     if detector:
         overrides["detector"] = {"name": detector}
     strategy_options = {k: v for k, v in (("name", strategy), ("image_size", image_size), ("tile", tile), ("stride", stride)) if v is not None}
+    if strategy and "tile" in strategy_options:
+        from hrad.strategies import STRATEGIES
+
+        fields = STRATEGIES.get(strategy).config_type.model_fields
+        if "tile" not in fields and "patch_size" in fields:  # HiAD calls its tiles patches
+            strategy_options["patch_size"] = strategy_options.pop("tile")
     if strategy_options:
         overrides["strategy"] = strategy_options
     if device:

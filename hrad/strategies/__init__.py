@@ -12,7 +12,11 @@ from hrad.strategies.base import (
 
 __all__ = ["STRATEGIES", "AnomalyResult", "Strategy", "StrategyConfig", "build_strategy", "register_strategy", "strategy_config"]
 
-from hrad.strategies.tiled import DownsampleConfig, DownsampleStrategy, SharedTileStrategy, TiledConfig
+from hrad.strategies.ensemble import TiledEnsemble, TiledEnsembleConfig  # noqa: E402
+from hrad.strategies.hiad import HiAD, HiADConfig  # noqa: E402
+from hrad.strategies.tiled import DownsampleConfig, DownsampleStrategy, SharedTileStrategy, TiledConfig  # noqa: E402
 
 register_strategy("downsample", DownsampleConfig, DownsampleStrategy)
 register_strategy("tiled", TiledConfig, SharedTileStrategy)
+register_strategy("tiled-ensemble", TiledEnsembleConfig, TiledEnsemble)
+register_strategy("hiad", HiADConfig, HiAD)

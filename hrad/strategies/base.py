@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -114,7 +115,7 @@ class Strategy(ABC):
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Learn from good images (all of the same size for position-bound strategies)."""
 
-    def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+    def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:  # noqa: B027
         """Optional: learn score scales from held-out good images (never test data).
 
         Called by the model after :meth:`fit` with the validation split. Strategies whose
@@ -128,6 +129,14 @@ class Strategy(ABC):
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """All learned tensors, flat (keys may be prefixed per sub-model)."""
+
+    def save_state_to(self, path: Path) -> None:
+        """Write :meth:`state_dict` as a safetensors file; strategies with many sub-models
+        override this to stream them one at a time."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict() or {"_hrad.empty": torch.zeros(1)}
+        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path))
 
     @abstractmethod
     def load_state(self, reader: StateReader) -> None:
