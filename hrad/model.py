@@ -7,6 +7,7 @@ post-processing and the thresholds learned from held-out normal images.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ class AnomalyModel:
         manifest = {
             "config": self.config.model_dump(mode="json"),
             "fitted_size": self.fitted_size,
+            "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
         }
         write_artifact(Path(path), manifest, self.strategy.save_state_to)
@@ -210,6 +212,13 @@ class AnomalyModel:
         if device is not None:
             config = config.model_copy(update={"device": device})
         model = cls(config)
+        saved_source = manifest.get("backbone_weights")
+        if saved_source and saved_source != model.extractor.weights_source:
+            warnings.warn(
+                f"{path}: fitted with backbone weights from {saved_source}, now loaded from "
+                f"{model.extractor.weights_source}; features may differ (pass --weights to pin them)",
+                stacklevel=2,
+            )
         model.strategy.load_state(open_weights(path))
         size = manifest.get("fitted_size")
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]

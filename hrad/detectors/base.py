@@ -52,6 +52,9 @@ class Detector(ABC, Generic[ConfigT]):
 
     #: whether ``fit`` runs gradient training (strategies may then give it more time/epochs)
     trainable: ClassVar[bool] = False
+    #: whether ``fit`` iterates its batches more than once (strategies then cache embeddings
+    #: instead of recomputing the backbone every epoch)
+    multi_pass: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

