@@ -95,3 +95,13 @@ def test_corrupt_image_in_training_folder(tmp_path: Path, monkeypatch: pytest.Mo
     assert code == 2
     assert "b.png" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_set_assignments_reach_the_config() -> None:
+    from hrad.cli.main import merge_assignments
+    from hrad.errors import ConfigError
+
+    merged = merge_assignments({"strategy": {"name": "tiled"}}, ["strategy.tile=128", "postprocess.sigma=0", "detector.name=test-gaussian"])
+    assert merged == {"strategy": {"name": "tiled", "tile": 128}, "postprocess": {"sigma": 0}, "detector": {"name": "test-gaussian"}}
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        merge_assignments({}, ["tile"])

@@ -60,6 +60,26 @@ def _overrides(
     return overrides
 
 
+def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML) onto nested overrides."""
+    import yaml
+
+    from hrad.errors import ConfigError
+
+    for assignment in assignments:
+        key, separator, raw = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not separator or not all(parts):
+            raise ConfigError(f"--set {assignment!r}: expected section.field=value, e.g. strategy.tile=512")
+        target = overrides
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+        target[parts[-1]] = yaml.safe_load(raw)
+    return overrides
+
+
 @app.command()
 def fit(
     data: Annotated[Path, typer.Option(help="Dataset root (MVTec AD, VisA, MVTec AD 2) or a folder of good images")],
@@ -74,6 +94,9 @@ def fit(
     stride: Annotated[int | None, typer.Option(help="Tile stride in pixels (default: tile)")] = None,
     category: Annotated[str | None, typer.Option(help="Category of a VisA split CSV")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
+    set_options: Annotated[
+        list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
+    ] = None,
 ) -> None:
     """Fit a model on good images and write one artifact."""
     from hrad.config import load_config
@@ -88,7 +111,8 @@ def fit(
         dataset = load_dataset(data, category=category)
         train = ImageList(dataset.train)
         validation = ImageList(dataset.validation) if dataset.validation else None
-    model_config = load_config(config, _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device))
+    overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
+    model_config = load_config(config, merge_assignments(overrides, set_options or []))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     with progress_bars() as progress:
         model = AnomalyModel(model_config).fit(train, validation, progress)
@@ -105,7 +129,14 @@ def predict(
     overlays: Annotated[bool, typer.Option(help="Write overlays with contours")] = True,
 ) -> None:
     """Anomaly maps, overlays and scores for unlabeled images."""
-    from hrad.data.images import is_image_file, list_images, read_image, write_map_png16, write_map_tiff, write_overlay
+    from hrad.data.images import (
+        is_image_file,
+        list_images,
+        read_image,
+        write_map_png16,
+        write_map_tiff,
+        write_overlay,
+    )
     from hrad.model import load
 
     images: list[Path] = []

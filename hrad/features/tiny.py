@@ -26,7 +26,8 @@ class TinyCNN(FeatureExtractor):
             conv = nn.Conv2d(channels[index], channels[index + 1], kernel_size=stride + 1, stride=stride, padding=stride // 2)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
-                conv.bias.zero_()
+                if conv.bias is not None:
+                    conv.bias.zero_()
             self.stages.append(nn.Sequential(conv, nn.ReLU()))
         self._channels = {f"layer{i + 1}": channels[i + 1] for i in range(4)}
 
