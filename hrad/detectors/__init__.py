@@ -9,5 +9,10 @@ from hrad.detectors.base import (
     detector_config,
     register_detector,
 )
+from hrad.detectors.students import Students, StudentsConfig
+from hrad.detectors.varad import VarAD, VarADConfig
+
+register_detector("students", StudentsConfig, Students)
+register_detector("varad", VarADConfig, VarAD)
 
 __all__ = ["DETECTORS", "Detector", "DetectorConfig", "DetectorOutput", "build_detector", "detector_config", "register_detector"]

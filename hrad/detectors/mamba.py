@@ -1,0 +1,175 @@
+"""A Mamba (selective state-space) block in plain PyTorch, with a scan that is fast on CPU.
+
+The selective scan computes, per channel ``d`` and state ``n``::
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        y_t = C_t . h_t + D * x_t
+
+Three interchangeable implementations share one signature (mamba-ssm's ``selective_scan_fn``
+layout: ``x, dt: b x d x L``, ``A: d x n``, ``B, C: b x n x L``, ``D: d``; ``dt`` already
+positive):
+
+- :func:`selective_scan_sequential`: the literal recurrence, one token at a time (reference).
+- :func:`selective_scan_chunked`: chunks of ``T`` tokens; inside a chunk the cumulative
+  log-decay ``S_t = cumsum(dt * A)`` factorises the decay matrix ``exp(S_t - S_s)`` as
+  ``exp(S_t) * exp(-S_s)``, so all ``T`` states come from one cumulative sum; across chunks a
+  short sequential recurrence carries the chunk's last state (``L / T`` steps). Mamba-1's ``A``
+  differs per (channel, state), so the full ``T x T`` segment-sum matrix form would cost ``T``
+  times more work; the factorised form keeps the work linear. ``exp(-S)`` grows within a chunk,
+  so the chunk is computed in float64 and every per-token log-decay is floored at -20 nats
+  (a decay factor of 2e-9, below float32 resolution), which bounds ``-S`` by 640 < 709.
+- the fused CUDA kernel of the ``mamba-ssm`` package, used by ``backend="auto"`` when it is
+  importable and the tensors are on a GPU (see :func:`selective_scan` for the CPU choice).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional fused kernel; CUDA-only wheels, never required
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _fused_selective_scan
+except Exception:  # noqa: BLE001 - any import failure (missing package, CUDA mismatch) means "not available"
+    _fused_selective_scan = None
+
+ScanBackend = Literal["auto", "chunked", "sequential", "fused"]
+
+#: largest chunk the chunked scan accepts: 32 tokens x 20 nats stays below float64's exp range
+MAX_CHUNK = 32
+#: per-token log-decay floor: exp(-20) ~ 2e-9 is below float32 resolution
+_LOG_DECAY_FLOOR = -20.0
+
+
+def fused_scan_available() -> bool:
+    """Whether mamba-ssm's fused selective-scan kernel could be imported."""
+    return _fused_selective_scan is not None
+
+
+def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """Reference selective scan: the recurrence, one token at a time."""
+    batch, channels, length = x.shape
+    state = x.new_zeros(batch, channels, A.shape[1])
+    outputs = []
+    for t in range(length):
+        decay = torch.exp(dt[:, :, t, None] * A)
+        state = decay * state + (dt[:, :, t] * x[:, :, t])[:, :, None] * B[:, None, :, t]
+        outputs.append((state * C[:, None, :, t]).sum(-1))
+    return torch.stack(outputs, dim=-1) + D[:, None] * x
+
+
+def selective_scan_chunked(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk: int = MAX_CHUNK
+) -> Tensor:
+    """Selective scan in chunks of ``chunk`` tokens (see the module docstring for the method)."""
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk must be in 1..{MAX_CHUNK}, got {chunk}")
+    compute = torch.float64
+    batch, channels, length = x.shape
+    state = x.new_zeros(batch, channels, A.shape[1], dtype=compute)
+    A_c = A.to(compute)[:, None, :]  # d x 1 x n
+    B_t = B.transpose(1, 2)  # b x L x n
+    C_t = C.transpose(1, 2)
+    outputs = []
+    for start in range(0, length, chunk):
+        window = slice(start, min(start + chunk, length))
+        dt_w = dt[:, :, window].to(compute)
+        log_decay = (dt_w[..., None] * A_c).clamp(min=_LOG_DECAY_FLOOR)  # b x d x T x n
+        cumulative = log_decay.cumsum(dim=2)
+        inputs = (dt_w * x[:, :, window].to(compute))[..., None] * B_t[:, None, window].to(compute)
+        states = torch.exp(cumulative) * ((inputs * torch.exp(-cumulative)).cumsum(dim=2) + state[:, :, None])
+        outputs.append((states.to(x.dtype) * C_t[:, None, window]).sum(-1))
+        state = states[:, :, -1]
+    return torch.cat(outputs, dim=-1) + D[:, None] * x
+
+
+def selective_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    backend: ScanBackend = "auto",
+    chunk: int = MAX_CHUNK,
+) -> Tensor:
+    """Dispatch to a scan implementation.
+
+    ``auto``: the fused kernel on CUDA when present; otherwise the chunked scan when gradients
+    are needed (4x faster than the loop for forward + backward on CPU, see
+    benchmarks/results/varad_scan.md) and the sequential loop for inference (on CPU its
+    forward pass was faster there: the chunked scan works in float64).
+    """
+    if backend == "auto" and not x.is_cuda:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D))
+        backend = "chunked" if needs_grad else "sequential"
+    if backend == "fused" or (backend == "auto" and x.is_cuda and _fused_selective_scan is not None):
+        if _fused_selective_scan is None:
+            raise RuntimeError("scan backend 'fused' needs the mamba-ssm package (pip install mamba-ssm)")
+        return _fused_selective_scan(
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), D.float()
+        )
+    if backend == "sequential":
+        return selective_scan_sequential(x, dt, A, B, C, D)
+    return selective_scan_chunked(x, dt, A, B, C, D, chunk=chunk)
+
+
+class MambaBlock(nn.Module):
+    """One Mamba block (Gu & Dao 2023): in_proj -> causal depthwise conv -> SiLU -> selective scan,
+    gated by SiLU(z), -> out_proj. Causal: output ``t`` depends on inputs ``<= t`` only."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        backend: ScanBackend = "auto",
+        chunk: int = MAX_CHUNK,
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        self.backend: ScanBackend = backend
+        self.chunk = chunk
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # Mamba's initialisation: dt log-uniform in [dt_min, dt_max] through the softplus bias,
+        # A = -(1..n) per channel (S4D-real), D = 1.
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        states = torch.arange(1, d_state + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(states).repeat(self.d_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``b x L x d_model`` -> ``b x L x d_model``."""
+        length = tokens.shape[1]
+        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # b x d_inner x L each
+        x = F.silu(self.conv1d(x)[..., :length])
+        dt_raw, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        dt = F.softplus(self.dt_proj(dt_raw)).transpose(1, 2)  # b x d_inner x L
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            self.D,
+            self.backend,
+            self.chunk,
+        )
+        return self.out_proj((y * F.silu(z)).transpose(1, 2))

@@ -1,0 +1,135 @@
+"""The pure-PyTorch selective scan and Mamba block: chunked scan == sequential loop, causality."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrad.detectors.mamba import (
+    MambaBlock,
+    fused_scan_available,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_sequential,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: extra threads only contend with other processes on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_scan_inputs(length: int, seed: int, batch: int = 2, channels: int = 6, states: int = 16) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, length, generator=generator)
+    # dt spans weak to very strong decays (dt * |A| up to ~100 nats) to exercise the log-decay floor
+    dt = F.softplus(torch.randn(batch, channels, length, generator=generator) * 2.5)
+    A = -torch.rand(channels, states, generator=generator) * 16
+    B = torch.randn(batch, states, length, generator=generator)
+    C = torch.randn(batch, states, length, generator=generator)
+    D = torch.randn(channels, generator=generator)
+    return x, dt, A, B, C, D
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize("length", [1, 45, 101])
+def test_chunked_scan_equals_sequential_loop(chunk: int, length: int) -> None:
+    inputs = random_scan_inputs(length, seed=length * 100 + chunk)
+    expected = selective_scan_sequential(*(tensor.double() for tensor in inputs))  # float64 reference
+    got = selective_scan_chunked(*inputs, chunk=chunk)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_loop_matches_closed_form_in_float64() -> None:
+    """Brute force: h_t = sum_{s<=t} prod_{s<r<=t} exp(dt_r A) * dt_s B_s x_s, for one channel/state."""
+    x, dt, A, B, C, D = (
+        tensor.double() for tensor in random_scan_inputs(9, seed=3, batch=1, channels=1, states=1)
+    )
+    y = selective_scan_sequential(x, dt, A, B, C, D)[0, 0]
+    a = (dt[0, 0] * A[0, 0]).tolist()
+    for t in range(9):
+        state = 0.0
+        for s in range(t + 1):
+            decay = torch.exp(torch.tensor(sum(a[s + 1 : t + 1]), dtype=torch.float64))
+            state += float(decay) * float(dt[0, 0, s] * B[0, 0, s] * x[0, 0, s])
+        expected = state * float(C[0, 0, t]) + float(D[0] * x[0, 0, t])
+        assert abs(float(y[t]) - expected) < 1e-10
+
+
+def test_chunked_scan_gradients_equal_sequential() -> None:
+    inputs = random_scan_inputs(40, seed=7)
+    leaves_a = [tensor.clone().requires_grad_() for tensor in inputs]
+    leaves_b = [tensor.clone().requires_grad_() for tensor in inputs]
+    weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))
+    (selective_scan_sequential(*leaves_a) * weights).sum().backward()
+    (selective_scan_chunked(*leaves_b, chunk=16) * weights).sum().backward()
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_size_is_validated() -> None:
+    inputs = random_scan_inputs(5, seed=0)
+    with pytest.raises(ValueError, match="chunk"):
+        selective_scan_chunked(*inputs, chunk=0)
+    with pytest.raises(ValueError, match="chunk"):
+        selective_scan_chunked(*inputs, chunk=33)
+
+
+def test_auto_backend_on_cpu_trains_chunked_and_infers_sequentially() -> None:
+    inputs = random_scan_inputs(20, seed=5)
+    assert torch.equal(selective_scan(*inputs, backend="auto", chunk=8), selective_scan_sequential(*inputs))
+    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    assert torch.equal(
+        selective_scan(*leaves, backend="auto", chunk=8), selective_scan_chunked(*leaves, chunk=8)
+    )
+    assert torch.equal(
+        selective_scan(*inputs, backend="chunked", chunk=8), selective_scan_chunked(*inputs, chunk=8)
+    )
+
+
+@pytest.mark.skipif(fused_scan_available(), reason="mamba-ssm is installed")
+def test_fused_backend_without_mamba_ssm_says_so() -> None:
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        selective_scan(*random_scan_inputs(4, seed=0), backend="fused")
+
+
+@pytest.mark.skipif(
+    not (fused_scan_available() and torch.cuda.is_available()), reason="needs mamba-ssm and CUDA"
+)
+def test_fused_kernel_agrees_with_chunked_scan() -> None:
+    inputs = [tensor.cuda() for tensor in random_scan_inputs(300, seed=11)]
+    torch.testing.assert_close(
+        selective_scan(*inputs, backend="fused"), selective_scan_chunked(*inputs), atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+def test_mamba_block_is_causal(backend: str) -> None:
+    torch.manual_seed(0)
+    block = MambaBlock(d_model=8, d_state=4, backend=backend, chunk=5)  # type: ignore[arg-type]
+    tokens = torch.randn(2, 23, 8)
+    perturbed = tokens.clone()
+    perturbed[:, 11] += 3.0
+    with torch.no_grad():
+        before, after = block(tokens), block(perturbed)
+    assert torch.equal(before[:, :11], after[:, :11])
+    assert (before[:, 11:] - after[:, 11:]).abs().amax(dim=(0, 2)).min() > 0
+
+
+def test_mamba_block_backends_agree() -> None:
+    torch.manual_seed(0)
+    block = MambaBlock(d_model=8, d_state=4)
+    tokens = torch.randn(3, 50, 8)
+    with torch.no_grad():
+        chunked = block(tokens)
+        block.backend = "sequential"
+        sequential = block(tokens)
+    torch.testing.assert_close(chunked, sequential, atol=1e-5, rtol=1e-5)
