@@ -16,11 +16,9 @@ from the artifact's :class:`~hrad.strategies.base.StateReader`.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
+from hrad.distributed import active_runner, job_runner
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.postprocess.seams import smooth_seams
@@ -161,8 +160,9 @@ def _fit_tile(
     return location
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
+def _fit_tile_job(task: tuple) -> int:
+    """:func:`_fit_tile` on one argument tuple (job runners map one-argument functions)."""
+    return _fit_tile(*task)
 
 
 class _TileSource:
@@ -357,7 +357,7 @@ class TiledEnsemble(Strategy):
             for index in range(count)
         ]
         workers = min(self.config.workers, count)
-        if workers <= 1:
+        if workers <= 1 and active_runner() is None:
             for done, task in enumerate(args, start=1):
                 self._count_resident(+1)
                 try:
@@ -366,15 +366,12 @@ class TiledEnsemble(Strategy):
                     self._count_resident(-1)
                 progress(done, count, "fitting tile models")
             return
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
-            futures = [pool.submit(_fit_tile, *task) for task in args]
-            # each worker holds one tile model at a time
-            self.max_resident_models = max(self.max_resident_models, workers)
-            self.models_loaded += count
-            for done, future in enumerate(as_completed(futures), start=1):
-                future.result()
-                progress(done, count, "fitting tile models")
+        # each worker holds one tile model at a time
+        self.max_resident_models = max(self.max_resident_models, workers)
+        self.models_loaded += count
+        job_runner(workers, threads_per_worker=1).map(
+            _fit_tile_job, args, progress=lambda done, total: progress(done, total, "fitting tile models")
+        )
 
     # ------------------------------------------------------------------ tile models
     def _count_resident(self, change: int) -> None:

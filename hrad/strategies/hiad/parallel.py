@@ -10,11 +10,8 @@ job carries everything its detector depends on (class, config with seed, data or
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig
+from hrad.distributed import active_runner, job_runner
 
 
 @dataclass(frozen=True)
@@ -91,24 +89,16 @@ def run_fit_job(job: FitJob) -> dict[str, Tensor]:
 
 def job_devices(count: int, default: str) -> list[str]:
     """Device per job: round-robin over CUDA devices when there are several, else ``default``."""
+    runner = active_runner()
+    if runner is not None and runner.device is not None:  # e.g. Ray: each task sees its GPU as "cuda"
+        return [runner.device] * count
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > 1:
         return [f"cuda:{index % gpus}" for index in range(count)]
     return [default] * count
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def fit_detectors(jobs: Sequence[FitJob], workers: int) -> list[dict[str, Tensor]]:
-    """Run ``jobs`` in order, in process (``workers`` <= 1) or in a spawn process pool."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [run_fit_job(job) for job in jobs]
-    processes = min(workers, len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        processes, mp_context=context, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
-        return list(pool.map(run_fit_job, jobs))
+    """Run ``jobs`` in order: in process (``workers`` <= 1), in a spawn process pool, or on the
+    runner made active by :func:`hrad.distributed.use_runner` (e.g. Ray)."""
+    return job_runner(min(workers, len(jobs))).map(run_fit_job, jobs)
