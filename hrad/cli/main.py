@@ -224,6 +224,67 @@ def make_hd(
     console.print(f"high-resolution dataset written to {path}")
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB")] = 256.0,
+) -> None:
+    """Serve a model over HTTP: GET /health, POST /predict (multipart field 'image')."""
+    try:
+        import uvicorn
+
+        from hrad.service import create_app
+    except ImportError as error:
+        from hrad.errors import ConfigError
+
+        raise ConfigError(f"hrad serve needs the serve extra ({error.name} is missing): pip install 'hrad[serve]'") from None
+
+    app_ = create_app(model, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    console.print(f"serving {model} on http://{host}:{port}")
+    uvicorn.run(app_, host=host, port=port, workers=1)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write; the sidecar goes next to it as .json")],
+    tile_size: Annotated[int | None, typer.Option(help="Export for this tile (downsample: image) side instead")] = None,
+) -> None:
+    """Export the per-tile network (backbone + detector scoring) to ONNX with a JSON sidecar."""
+    from hrad.export import export_onnx
+    from hrad.model import load
+
+    sidecar = export_onnx(load(model, device="cpu"), out, tile_size=tile_size)
+    console.print(f"ONNX model written to {out}, sidecar to {sidecar}")
+
+
+@app.command("predict-distributed")
+def predict_distributed(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit (shared storage on a cluster)")],
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
+    out: Annotated[Path, typer.Option(help="Output directory for maps and scores.csv")],
+    workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding one loaded model")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")] = 0.0,
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
+) -> None:
+    """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster)."""
+    from hrad.distributed import expand_image_paths, predict_many_ray
+
+    images = expand_image_paths(paths)
+    with progress_bars() as progress:
+        rows = predict_many_ray(
+            model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress
+        )
+    failed = [row for row in rows if row.error]
+    console.print(f"{len(rows) - len(failed)} predictions written to {out}")
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(rows)} images failed[/red], e.g. {failed[0].error} (see scores.csv)")
+        sys.exit(1)
+
+
 @app.command("list")
 def list_components() -> None:
     """Registered backbones, detectors and strategies."""

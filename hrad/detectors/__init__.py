@@ -9,9 +9,13 @@ from hrad.detectors.base import (
     detector_config,
     register_detector,
 )
+from hrad.detectors.padim import PaDiM, PaDiMConfig
+from hrad.detectors.patchcore import PatchCore, PatchCoreConfig
 from hrad.detectors.students import Students, StudentsConfig
 from hrad.detectors.varad import VarAD, VarADConfig
 
+register_detector("patchcore", PatchCoreConfig, PatchCore)
+register_detector("padim", PaDiMConfig, PaDiM)
 register_detector("students", StudentsConfig, Students)
 register_detector("varad", VarADConfig, VarAD)
 

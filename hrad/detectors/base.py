@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
+from torch import Tensor, nn
 
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 from hrad.registry import Registry
@@ -86,6 +86,15 @@ class Detector(ABC, Generic[ConfigT]):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def scoring_module(self) -> nn.Module | None:
+        """Optional: the fitted scoring as a plain-torch module, for ONNX export (``hrad export``).
+
+        It maps ``B x C x h x w`` embeddings to ``(maps B x h x w, scores B)``, equal to
+        :meth:`predict`, using only ops the ONNX exporter traces (no faiss, no numpy, no
+        data-dependent Python control flow). None (the default) = not exportable.
+        """
+        return None
 
 
 @dataclass(frozen=True)

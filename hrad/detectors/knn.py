@@ -1,0 +1,151 @@
+"""Nearest-neighbour search over a memory bank (faiss), shared by PatchCore and MRF-AD.
+
+The bank (``N x D`` float32) is the only thing saved; the faiss index is rebuilt from it on
+load, so artifacts never contain faiss's binary format. Small banks use an exact flat index;
+banks big enough to train an inverted file (about 39 vectors per list, faiss's own minimum for
+a stable k-means) use IVF-Flat, which scans only ``nprobe / nlist`` of the bank per query.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from hrad.errors import ArtifactError, ConfigError
+
+IndexChoice = Literal["auto", "exact", "ivf", "hnsw"]
+INDEX_CHOICES: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
+#: faiss warns below this many training vectors per inverted list
+IVF_POINTS_PER_LIST = 39
+
+
+def set_faiss_threads() -> None:
+    """Use as many faiss (OpenMP) threads as torch does, so both respect the same CPU budget."""
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+
+
+def as_float32_rows(values: Tensor | np.ndarray) -> np.ndarray:
+    """``values`` as a C-contiguous float32 numpy array (what faiss requires), copying only if needed."""
+    if isinstance(values, Tensor):
+        values = values.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+class NearestNeighbours:
+    """k-nearest-neighbour search in a fixed bank with L2 distances (not squared).
+
+    ``index``: ``"exact"`` (IndexFlatL2), ``"ivf"`` (IVF-Flat, ``nlist`` lists, ``nprobe``
+    probed; ``nlist`` shrinks for banks too small to train it), ``"hnsw"`` (graph index,
+    ``hnsw_m`` links, ``ef_search``) or ``"auto"``: IVF when the bank has at least
+    ``IVF_POINTS_PER_LIST * nlist`` rows, else exact. The index actually built is
+    ``index_kind``.
+    """
+
+    def __init__(
+        self,
+        index: IndexChoice = "auto",
+        nlist: int = 512,
+        nprobe: int = 32,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        seed: int = 0,
+    ) -> None:
+        if index not in INDEX_CHOICES:
+            raise ConfigError(f"unknown nearest-neighbour index {index!r}; known: {', '.join(INDEX_CHOICES)}")
+        if nlist < 1 or nprobe < 1:
+            raise ConfigError(f"nlist and nprobe must be >= 1, got nlist={nlist}, nprobe={nprobe}")
+        self.index_choice = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.hnsw_m = hnsw_m
+        self.ef_search = ef_search
+        self.seed = seed
+        self.index_kind: str | None = None
+        self._bank: np.ndarray | None = None
+        self._index: faiss.Index | None = None
+
+    @property
+    def bank(self) -> Tensor:
+        """The bank as a float32 tensor (shares memory with the index's copy source)."""
+        if self._bank is None:
+            raise RuntimeError("NearestNeighbours.fit must be called before using the bank")
+        return torch.from_numpy(self._bank)
+
+    @property
+    def size(self) -> int:
+        return 0 if self._bank is None else int(self._bank.shape[0])
+
+    def fit(self, bank: Tensor | np.ndarray) -> NearestNeighbours:
+        """Build the index over ``bank`` (``N x D``, N >= 1)."""
+        data = as_float32_rows(bank)
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise ValueError(f"memory bank must be a non-empty N x D array, got shape {data.shape}")
+        set_faiss_threads()
+        rows, dim = data.shape
+        kind = self.index_choice
+        if kind == "auto":
+            kind = "ivf" if rows >= IVF_POINTS_PER_LIST * self.nlist else "exact"
+        if kind == "ivf":
+            nlist = max(1, min(self.nlist, rows // IVF_POINTS_PER_LIST))
+            quantizer = faiss.IndexFlatL2(dim)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+            ivf.cp.seed = self.seed
+            ivf.train(data)
+            ivf.nprobe = min(self.nprobe, nlist)
+            index: faiss.Index = ivf
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_L2)
+            index.hnsw.efSearch = self.ef_search
+        else:
+            index = faiss.IndexFlatL2(dim)
+        index.add(data)
+        self._bank = data
+        self._index = index
+        self.index_kind = kind
+        return self
+
+    def search(self, queries: Tensor | np.ndarray, k: int = 1) -> tuple[Tensor, Tensor]:
+        """Distances (L2, ascending; float32 ``Q x k``) and bank indices (int64 ``Q x k``) of the k nearest."""
+        if self._index is None or self._bank is None:
+            raise RuntimeError("NearestNeighbours.fit must be called before search")
+        data = as_float32_rows(queries)
+        if data.ndim != 2 or data.shape[1] != self._bank.shape[1]:
+            raise ValueError(f"queries must be Q x {self._bank.shape[1]}, got shape {data.shape}")
+        k = min(k, self.size)
+        set_faiss_threads()
+        squared, indices = self._index.search(data, k)
+        # approximate indices return -1 / huge distances when a probe finds fewer than k rows
+        missing = indices < 0
+        if missing.any():
+            squared, indices = _fill_missing(data, self._bank, squared, indices, missing)
+        distances = np.sqrt(np.maximum(squared, 0.0))
+        return torch.from_numpy(distances), torch.from_numpy(indices.astype(np.int64, copy=False))
+
+    def state_dict(self, key: str = "memory_bank") -> dict[str, Tensor]:
+        """The bank under ``key``; the index is rebuilt from it by :meth:`from_state`."""
+        return {key: self.bank.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor], key: str = "memory_bank") -> NearestNeighbours:
+        """Rebuild the index from a saved bank."""
+        if key not in state:
+            raise ArtifactError(f"saved state has no {key!r}; the artifact is incomplete or from another detector")
+        return self.fit(state[key])
+
+
+def _fill_missing(
+    queries: np.ndarray, bank: np.ndarray, squared: np.ndarray, indices: np.ndarray, missing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Answer the queries an approximate index left incomplete with an exact search."""
+    rows = np.nonzero(missing.any(axis=1))[0]
+    exact = faiss.IndexFlatL2(bank.shape[1])
+    exact.add(bank)
+    exact_squared, exact_indices = exact.search(queries[rows], indices.shape[1])
+    squared = squared.copy()
+    indices = indices.copy()
+    squared[rows] = exact_squared
+    indices[rows] = exact_indices
+    return squared, indices

@@ -1,0 +1,441 @@
+"""ONNX export of the per-tile network, plus the sidecar that says what to do around it.
+
+Only the part that needs a neural-network runtime is exported: one tile (or, for
+``downsample``, the whole resized image) ``B x 3 x S x S`` in [0, 1] -> the detector's anomaly
+maps at feature resolution ``B x h x w`` and its scores ``B`` (backbone + :class:`Embedder` +
+the detector's :meth:`~hrad.detectors.base.Detector.scoring_module`). Resizing, tiling, merging,
+smoothing and thresholds are cheap array work; the JSON sidecar records every number they need
+and :class:`OnnxPredictor` is the reference implementation of them around onnxruntime, equal
+to :meth:`AnomalyModel.predict` up to float rounding.
+
+Strategies with several detectors or position-bound sub-models (``tiled-ensemble``, ``hiad``,
+``mrf``) are not exportable yet; detectors without a scoring module neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hrad.detectors.base import Detector
+from hrad.errors import ArtifactError, ConfigError
+from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
+from hrad.strategies.base import to_tensor
+from hrad.strategies.tiled import (
+    DownsampleConfig,
+    TiledConfig,
+    TiledStrategy,
+    pad_square,
+    resize,
+    round_to_multiple,
+)
+from hrad.strategies.tiling import TileGrid, TileMerger
+from hrad.version import __version__
+
+if TYPE_CHECKING:
+    from hrad.features.base import Embedder
+    from hrad.model import AnomalyModel, Prediction
+
+SIDECAR_FORMAT = "hrad-onnx"
+SIDECAR_VERSION = 1
+EXPORTABLE_STRATEGIES = ("downsample", "tiled")
+INPUT_NAME = "tiles"
+OUTPUT_NAMES = ("maps", "scores")
+#: ONNX opset: 17 has everything a CNN/ViT backbone and the kNN/Gaussian scorers need
+OPSET = 17
+#: exported graph vs the PyTorch module, relative to the map's magnitude
+TOLERANCE = 1e-4
+
+
+class TileScorer(nn.Module):
+    """What is exported: tiles ``B x 3 x S x S`` in [0, 1] -> ``(maps B x h x w, scores B)``."""
+
+    def __init__(self, embedder: Embedder, scoring: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.scoring = scoring
+
+    def forward(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
+        maps, scores = self.scoring(self.embedder(tiles))
+        return maps, scores
+
+
+def _vectors(embeddings: Tensor) -> Tensor:
+    """``B x C x h x w`` -> ``B x hw x C`` (row-major positions, as the detectors flatten them)."""
+    return embeddings.flatten(2).transpose(1, 2)
+
+
+def _squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
+    """Squared L2 ``... x Q x N`` by ``|q|^2 - 2 q.b + |b|^2`` (one matmul; what faiss's flat index does)."""
+    products = queries @ bank.transpose(0, 1)
+    return ((queries * queries).sum(-1, keepdim=True) - 2 * products + bank_norms).clamp_min(0)
+
+
+class NearestNeighbourScoring(nn.Module):
+    """Exact kNN scoring against a memory bank in plain torch (PatchCore): no faiss in the graph.
+
+    Patch score = mean L2 distance to the ``k`` nearest bank vectors. Image score = the largest
+    patch score ``s*``; with ``reweight_neighbours`` = b it is reweighted by PatchCore eq. 7,
+    ``(1 - exp(|m_test* - m*|) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*``, where ``m*`` is
+    the bank vector nearest the worst patch ``m_test*`` and ``N_b(m*)`` its b nearest bank
+    vectors, ``m*`` included (as :class:`~hrad.detectors.patchcore.PatchCore` computes it).
+    """
+
+    bank: Tensor
+    bank_norms: Tensor
+
+    def __init__(self, bank: Tensor, k: int = 1, reweight_neighbours: int | None = None) -> None:
+        super().__init__()
+        bank = bank.detach().float()
+        self.register_buffer("bank", bank.clone())
+        self.register_buffer("bank_norms", (bank * bank).sum(1))
+        self.k = max(1, min(k, len(bank)))
+        self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, len(bank)))
+
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = embeddings.shape
+        queries = _vectors(embeddings)  # B x P x C
+        squared = _squared_distances(queries, self.bank, self.bank_norms)  # B x P x N
+        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
+        nearest = nearest_squared.sqrt()  # B x P x k, ascending
+        patch_scores = nearest.mean(-1)  # B x P
+        maps = patch_scores.reshape(batch, height, width)
+        best, best_patch = patch_scores.max(dim=1)  # B
+        if self.reweight_neighbours is None:
+            return maps, best
+        rows = torch.arange(batch, device=embeddings.device)
+        worst_query = queries[rows, best_patch]  # B x C
+        anchor = self.bank[nearest_index[rows, best_patch, 0]]  # B x C
+        anchor_squared = _squared_distances(anchor, self.bank, self.bank_norms)  # B x N
+        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
+        support_vectors = self.bank[support]  # B x b x C
+        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
+        log_ratio = nearest[rows, best_patch, 0] - torch.logsumexp(distances, dim=-1)
+        return maps, (1 - torch.exp(log_ratio)) * best
+
+
+class MahalanobisScoring(nn.Module):
+    """Per-position Gaussian scoring in plain torch (PaDiM): distance ``sqrt(d^T inv(cov) d)``.
+
+    ``channels`` (optional) selects PaDiM's random channel subset before scoring; ``mean`` is
+    ``P x D`` and ``inverse_covariance`` ``P x D x D`` for the ``P = h * w`` positions.
+    """
+
+    mean: Tensor
+    inverse_covariance: Tensor
+    channels: Tensor | None
+
+    def __init__(self, mean: Tensor, inverse_covariance: Tensor, channels: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("inverse_covariance", inverse_covariance.detach().float().clone())
+        self.register_buffer("channels", None if channels is None else channels.detach().long().clone())
+
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = embeddings.shape
+        if self.channels is not None:
+            embeddings = embeddings.index_select(1, self.channels)
+        delta = _vectors(embeddings) - self.mean[None]  # B x P x D
+        projected = (self.inverse_covariance[None] @ delta.unsqueeze(-1)).squeeze(-1)  # B x P x D
+        maps = (delta * projected).sum(-1).clamp_min(0).sqrt().reshape(batch, height, width)
+        return maps, maps.flatten(1).max(1).values
+
+
+def _patchcore_scoring(detector: Detector) -> nn.Module:
+    config: Any = detector.config
+    return NearestNeighbourScoring(
+        detector.state_dict()["memory_bank"],
+        k=config.num_neighbors,
+        reweight_neighbours=config.reweight_neighbors if config.reweight else None,
+    )
+
+
+def _padim_scoring(detector: Detector) -> nn.Module:
+    state = detector.state_dict()
+    return MahalanobisScoring(state["mean"], state["inv_covariance"], state["channel_indices"])
+
+
+#: scoring modules of detectors that do not (yet) implement ``Detector.scoring_module`` themselves,
+#: by registered detector name; built from the detector's public config and saved state only
+SCORING_HOOKS: dict[str, Callable[[Detector], nn.Module]] = {
+    "patchcore": _patchcore_scoring,
+    "padim": _padim_scoring,
+}
+
+
+def scoring_module(detector: Detector, name: str) -> nn.Module | None:
+    """The detector's own :meth:`~Detector.scoring_module`, else its hook in :data:`SCORING_HOOKS`."""
+    module = detector.scoring_module()
+    if module is None and name in SCORING_HOOKS:
+        module = SCORING_HOOKS[name](detector)
+    return module
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image becomes network inputs; mirrors :class:`TiledStrategy` for both configs.
+
+    ``downsample``: the (optionally square-padded) image is resized to ``tile`` x ``tile`` and
+    is the one tile. ``tiled``: the image is resized to ``long_side`` (if set), zero-padded at
+    bottom/right to the tile grid, cut into ``tile`` x ``tile`` tiles at ``stride``, and each
+    tile resized to ``input_size`` when that differs from ``tile`` (ViTs need multiples of 14).
+    """
+
+    strategy: str
+    tile: int
+    stride: int
+    input_size: int
+    long_side: int | None
+    pad_to_square: bool
+    score: str
+    batch_size: int
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.strategy == "downsample":
+            return self.tile, self.tile
+        if self.long_side is None:
+            return height, width
+        scale = self.long_side / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def grid(self, height: int, width: int) -> TileGrid:
+        if self.strategy == "downsample":
+            return TileGrid.square(height, width, max(height, width), max(height, width))
+        return TileGrid.square(height, width, self.tile, self.stride)
+
+
+def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geometry:
+    """The geometry of ``model``'s strategy; ``tile_size`` replaces the tile (downsample: image) side.
+
+    With ``tile_size`` a tiled model keeps its overlap fraction (stride scales with the tile).
+    Only position-free detectors give meaningful maps at another size than they were fitted on.
+    """
+    config = model.config.strategy
+    multiple = model.extractor.input_multiple
+    if tile_size is not None and tile_size < 16:
+        raise ConfigError(f"tile size {tile_size} is too small (at least 16 pixels)")
+    if isinstance(config, DownsampleConfig):
+        side = tile_size if tile_size is not None else round_to_multiple(config.image_size, multiple)
+        if side % multiple:
+            raise ConfigError(f"tile size {side} is not a multiple of {multiple}, which {model.config.backbone.name} needs")
+        return Geometry("downsample", side, side, side, None, config.pad_to_square, config.score, config.batch_size)
+    if isinstance(config, TiledConfig):
+        tile = tile_size if tile_size is not None else config.tile
+        stride = config.stride or config.tile
+        if tile_size is not None:
+            stride = min(tile, max(1, round(stride * tile / config.tile)))
+        input_size = tile if tile % multiple == 0 else round_to_multiple(tile, multiple)
+        return Geometry("tiled", tile, stride, input_size, config.image_size, False, config.score, config.batch_size)
+    raise _unexportable_strategy(config.name)
+
+
+def _unexportable_strategy(name: str) -> ConfigError:
+    return ConfigError(f"strategy {name!r} cannot be exported to ONNX yet; exportable: {', '.join(EXPORTABLE_STRATEGIES)}")
+
+
+def _scoring_module(model: AnomalyModel) -> nn.Module:
+    strategy = model.strategy
+    name = model.config.strategy.name
+    if name not in EXPORTABLE_STRATEGIES or not isinstance(strategy, TiledStrategy):
+        raise _unexportable_strategy(name)
+    module = scoring_module(strategy.detector, model.config.detector.name)
+    if module is None:
+        raise ConfigError(f"detector {model.config.detector.name!r} cannot be exported to ONNX")
+    return module.eval()
+
+
+def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape: tuple[int, int]) -> dict[str, Any]:
+    post = model.config.postprocess
+    thresholds = model.thresholds
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "hrad_version": __version__,
+        "onnx": onnx_name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, geometry.input_size, geometry.input_size],
+                  "dtype": "float32", "range": [0.0, 1.0], "channels": "RGB", "layout": "NCHW"},
+        "outputs": {"maps": ["batch", *map_shape], "scores": ["batch"]},
+        "geometry": asdict(geometry),
+        "postprocess": post.model_dump(mode="json"),
+        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
+        "model": {
+            "backbone": model.config.backbone.name,
+            "backbone_weights": model.extractor.weights_source,
+            "detector": model.config.detector.name,
+            "strategy": model.config.strategy.name,
+            "fitted_size": list(model.fitted_size) if model.fitted_size else None,
+        },
+        "steps": [
+            "read the image as float32 RGB in [0, 1], H x W x 3",
+            "downsample with pad_to_square: edge-replicate to a square at bottom/right",
+            "resize (bilinear, align_corners=false, antialiased when shrinking) to the working size: "
+            "downsample -> tile x tile; tiled -> long side = long_side, or native when null",
+            "zero-pad bottom/right to the tile grid; cut tile x tile tiles every stride pixels, row-major",
+            "resize each tile to input_size when it differs from tile; run the network in batches",
+            "resize each map (bilinear) to tile x tile; average overlapping tiles; crop the padding "
+            "(and the square padding, scaled); resize (bilinear) to H x W",
+            "score: max of the network's scores over tiles (score=detector) or max of that map (score=max)",
+            "Gaussian-smooth the map with postprocess.sigma (kernel 2*int(4*sigma+0.5)+1, reflected border)",
+            "image score per postprocess.image_score (strategy = the score above, max, or top-fraction mean) "
+            "of the smoothed map; anomalous when score > thresholds.image, pixels when map > thresholds.pixel",
+        ],
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _max_difference(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Largest difference relative to the reference's magnitude (at least 1)."""
+    return float(np.abs(ours - reference).max() / max(1.0, float(np.abs(reference).max())))
+
+
+def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None = None, verify: bool = True) -> Path:
+    """Write ``out_path`` (ONNX) and its sidecar ``out_path.with_suffix('.json')``; returns the sidecar.
+
+    With ``verify`` the written graph is run by onnxruntime on random tiles (batches of 1 and 2)
+    and must match the PyTorch module to :data:`TOLERANCE`.
+    """
+    out_path = Path(out_path)
+    geometry = export_geometry(model, tile_size)
+    scoring = _scoring_module(model).to(model.device)
+    scorer = TileScorer(model.strategy.embedder, scoring).eval()  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(0)
+    side = geometry.input_size
+    example = torch.rand(2, 3, side, side, generator=generator).to(model.device)
+    with torch.no_grad():
+        try:
+            expected_maps, expected_scores = scorer(example)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"{model.config.detector.name} cannot score {side}x{side} inputs ({first})") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_onnx(path: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                scorer, (example[:1],), path, dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_axes={INPUT_NAME: {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
+            )  # fmt: skip
+        if verify:
+            _verify(path, example.cpu().numpy(), expected_maps.cpu().numpy(), expected_scores.cpu().numpy())
+
+    try:
+        _atomic_write(out_path, write_onnx)
+    except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError) as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{model.config.backbone.name} / {model.config.detector.name} cannot be exported to ONNX ({first})") from None
+    sidecar = out_path.with_suffix(".json")
+    content = _sidecar(model, geometry, out_path.name, tuple(expected_maps.shape[-2:]))  # type: ignore[arg-type]
+    _atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(content, indent=2)))
+    return sidecar
+
+
+def _verify(path: str, tiles: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> None:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for count in (1, 2):
+        onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: tiles[:count]})
+        difference = max(_max_difference(onnx_maps, maps[:count]), _max_difference(onnx_scores, scores[:count]))
+        if not difference <= TOLERANCE:
+            raise RuntimeError(f"ONNX export differs from PyTorch by {difference:.2e} (relative); not written")
+
+
+class OnnxPredictor:
+    """Runs an exported model with onnxruntime and does everything around it as hrad does.
+
+    ``predict`` returns the same :class:`~hrad.model.Prediction` as :meth:`AnomalyModel.predict`
+    on the exported model, so it is the executable specification of the sidecar's ``steps``.
+    """
+
+    def __init__(self, onnx_path: str | Path, sidecar_path: str | Path | None = None, providers: list[str] | None = None) -> None:
+        import onnxruntime
+
+        self.onnx_path = Path(onnx_path)
+        sidecar = Path(sidecar_path) if sidecar_path is not None else self.onnx_path.with_suffix(".json")
+        if not self.onnx_path.is_file():
+            raise ArtifactError(f"{self.onnx_path}: ONNX model not found")
+        try:
+            self.sidecar = json.loads(sidecar.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{sidecar}: ONNX sidecar not found (written next to the .onnx by hrad export)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ArtifactError(f"{sidecar}: corrupt ONNX sidecar") from None
+        if self.sidecar.get("format") != SIDECAR_FORMAT or self.sidecar.get("format_version") != SIDECAR_VERSION:
+            raise ArtifactError(f"{sidecar}: not an hrad ONNX sidecar of format version {SIDECAR_VERSION}")
+        self.geometry = Geometry(**self.sidecar["geometry"])
+        self.postprocess = PostprocessConfig.model_validate(self.sidecar["postprocess"])
+        self.session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers or ["CPUExecutionProvider"])
+
+    def _run(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
+        maps, scores = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(tiles.numpy(), dtype=np.float32)})
+        return torch.from_numpy(maps), torch.from_numpy(scores)
+
+    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Unsmoothed full-resolution map and the strategy score (mirrors ``TiledStrategy.predict``)."""
+        geometry = self.geometry
+        height, width = image.shape[:2]
+        tensor = to_tensor(image)
+        content: tuple[int, int] | None = None
+        if geometry.pad_to_square:
+            tensor, content = pad_square(tensor)
+        work = geometry.working_size(*tensor.shape[-2:])
+        tensor = resize(tensor, work)
+        grid = geometry.grid(*work)
+        tiles = grid.tile(tensor[0])
+        merger = TileMerger(grid)
+        positions = list(grid.positions())
+        scores: list[Tensor] = []
+        for start in range(0, len(tiles), geometry.batch_size):
+            batch = tiles[start : start + geometry.batch_size]
+            if geometry.input_size != grid.tile_h:
+                batch = resize(batch, (geometry.input_size, geometry.input_size))
+            maps, tile_scores = self._run(batch)
+            tile_maps = resize(maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].numpy()
+            for offset, tile_map in enumerate(tile_maps):
+                merger.add(positions[start + offset], tile_map)
+            scores.append(tile_scores.float())
+        merged = torch.from_numpy(merger.result())[None]
+        if content is not None:
+            side = merged.shape[-1]
+            merged = merged[..., : math.ceil(side * content[0] / max(content)), : math.ceil(side * content[1] / max(content))]
+        full = resize(merged, (height, width))[0, 0].numpy().astype(np.float32)
+        score = float(torch.cat(scores).max()) if geometry.score == "detector" else float(full.max())
+        return full, score
+
+    def predict(self, image: np.ndarray | str | Path) -> Prediction:
+        """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
+        from hrad.model import Prediction, as_image
+
+        array = as_image(image)
+        raw_map, raw_score = self.predict_raw(array)
+        smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
+        thresholds = self.sidecar.get("thresholds")
+        return Prediction(
+            anomaly_map=smoothed,
+            score=image_score(smoothed, raw_score, self.postprocess),
+            image_threshold=thresholds["image"] if thresholds else None,
+            pixel_threshold=thresholds["pixel"] if thresholds else None,
+        )
