@@ -121,3 +121,27 @@ def test_as_submitted_rounds_to_float16_and_clips_its_range() -> None:
     rounded = as_submitted(values)
     assert rounded.dtype == np.float32 and np.isfinite(rounded).all()
     assert rounded[0, 2] == np.float32(np.float16(0.1))
+
+
+def test_cli_fits_on_validation_split_and_exports(ad2_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    from hrad.cli.main import main
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["hrad", *args])
+        try:
+            main()
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return 0
+
+    model = tmp_path / "model"
+    assert run("fit", "--data", str(ad2_root), "--out", str(model), "--backbone", "tiny-vit", "--detector", "test-gaussian",
+               "--strategy", "mrf", "--set", "strategy.pixel_budget=12000", "--set", "strategy.scales=[0.5, 1.0]") == 0
+    assert run("ad2-evaluate", "--model", str(model), "--data", str(ad2_root), "--out", str(tmp_path / "m")) == 0
+    assert "aupro_05" in json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert run("ad2-export", "--model", str(model), "--data", str(ad2_root), "--out", str(tmp_path / "sub")) == 0
+    maps = sorted((tmp_path / "sub").rglob("*.tiff"))
+    assert len(maps) == 3 and tifffile.imread(maps[0]).dtype == np.float16

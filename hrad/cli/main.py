@@ -285,6 +285,44 @@ def predict_distributed(
         sys.exit(1)
 
 
+@app.command("ad2-export")
+def ad2_export(
+    model: Annotated[Path, typer.Option(help="Model fitted on an MVTec AD 2 object (train/good + validation/good)")],
+    data: Annotated[Path, typer.Option(help="MVTec AD 2 object folder")],
+    out: Annotated[Path, typer.Option(help="Submission folder (anomaly_images/..., float16 TIFF)")],
+) -> None:
+    """Write an MVTec AD 2 submission: float16 TIFF maps and thresholded masks for the private splits."""
+    from hrad.data.datasets import load_dataset
+    from hrad.data.mvtec_ad2 import export_submission
+    from hrad.model import load
+
+    dataset = load_dataset(data, layout="mvtec_ad2")
+    with progress_bars() as progress:
+        counts = export_submission(load(model), dataset, out, progress=progress)
+    console.print(f"submission written to {out}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
+
+
+@app.command("ad2-evaluate")
+def ad2_evaluate(
+    model: Annotated[Path, typer.Option(help="Model fitted on an MVTec AD 2 object")],
+    data: Annotated[Path, typer.Option(help="MVTec AD 2 object folder")],
+    out: Annotated[Path | None, typer.Option(help="Write metrics.json here")] = None,
+) -> None:
+    """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
+    from hrad.data.datasets import load_dataset
+    from hrad.data.mvtec_ad2 import evaluate_ad2
+    from hrad.model import load
+
+    dataset = load_dataset(data, layout="mvtec_ad2")
+    with progress_bars() as progress:
+        metrics = evaluate_ad2(load(model), dataset, progress=progress)
+    text = json.dumps(metrics, indent=1, default=str)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(text)
+    console.print(text)
+
+
 @app.command("list")
 def list_components() -> None:
     """Registered backbones, detectors and strategies."""
