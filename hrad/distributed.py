@@ -31,14 +31,14 @@ import multiprocessing
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from hrad.errors import ConfigError, InputError
+from hrad.errors import ConfigError
 
 if TYPE_CHECKING:  # strategies import this module: no runtime import of hrad.strategies here
     from hrad.strategies.base import ProgressCallback
@@ -363,24 +363,6 @@ class _PredictWorker:
             return ScoreRow(job.path, error=f"{type(error).__name__}: {_one_line(error)}")
 
 
-def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given and the images directly inside folders (sorted); missing paths are errors."""
-    from hrad.data.images import is_image_file, list_images
-
-    images: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            images.extend(list_images(path))
-        elif not path.exists():
-            raise InputError(f"{path}: file not found")
-        elif not is_image_file(path):
-            raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
-        else:
-            images.append(path)
-    return images
-
-
 def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """File stems for outputs; numbered (``00003_name``) when two inputs share a stem."""
     stems = [Path(path).stem for path in paths]
@@ -509,7 +491,6 @@ __all__ = [
     "ScoreRow",
     "SerialRunner",
     "active_runner",
-    "expand_image_paths",
     "job_runner",
     "predict_many_ray",
     "ray_session",

@@ -130,8 +130,7 @@ def predict(
 ) -> None:
     """Anomaly maps, overlays and scores for unlabeled images."""
     from hrad.data.images import (
-        is_image_file,
-        list_images,
+        expand_image_paths,
         read_image,
         write_map_png16,
         write_map_tiff,
@@ -139,16 +138,7 @@ def predict(
     )
     from hrad.model import load
 
-    images: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            images.extend(list_images(path))
-        elif not path.exists():
-            raise InputError(f"{path}: file not found")
-        elif not is_image_file(path):
-            raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
-        else:
-            images.append(path)
+    images = expand_image_paths(paths)
     fitted = load(model)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -271,7 +261,8 @@ def predict_distributed(
     address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
 ) -> None:
     """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster)."""
-    from hrad.distributed import expand_image_paths, predict_many_ray
+    from hrad.data.images import expand_image_paths
+    from hrad.distributed import predict_many_ray
 
     images = expand_image_paths(paths)
     with progress_bars() as progress:

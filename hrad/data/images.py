@@ -332,3 +332,19 @@ def write_overlay(
     path = Path(path)
     picture = overlay_image(image, anomaly_map, threshold, contour_mask, vmin, vmax, alpha)
     _atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+
+
+def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given and the images directly inside folders (sorted); missing paths are errors."""
+    images: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images.extend(list_images(path))
+        elif not path.exists():
+            raise InputError(f"{path}: file not found")
+        elif not is_image_file(path):
+            raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
+        else:
+            images.append(path)
+    return images
