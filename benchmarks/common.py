@@ -82,3 +82,17 @@ def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Se
         text += f"\n## {title}\n\n" + table(rows, table_columns)
     (RESULTS / f"{name}.md").write_text(text)
     return RESULTS / f"{name}.md"
+
+
+def subset_test(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """``count`` test samples, anomalous and good interleaved (deterministic; HiAD and ensemble benchmarks)."""
+    if count is None or count >= len(samples):
+        return list(samples)
+    good = [s for s in samples if s.label == 0]
+    bad = [s for s in samples if s.label == 1]
+    picked: list[Sample] = []
+    while len(picked) < count and (good or bad):
+        for group in (bad, good):
+            if group and len(picked) < count:
+                picked.append(group.pop(0))
+    return picked

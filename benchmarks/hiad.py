@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import subset_test
 from hrad.config import ModelConfig
-from hrad.data.datasets import Dataset, Sample, load_dataset
+from hrad.data.datasets import Dataset, load_dataset
 from hrad.data.images import read_image
 from hrad.detectors.base import detector_config
 from hrad.errors import HradError
@@ -111,20 +112,6 @@ class PathImages:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return read_image(self.paths[index])
-
-
-def subset_test(samples: Sequence[Sample], count: int | None) -> list[Sample]:
-    """``count`` test samples, anomalous and good interleaved (deterministic)."""
-    if count is None or count >= len(samples):
-        return list(samples)
-    good = [s for s in samples if s.label == 0]
-    bad = [s for s in samples if s.label == 1]
-    picked: list[Sample] = []
-    while len(picked) < count and (good or bad):
-        for group in (bad, good):
-            if group and len(picked) < count:
-                picked.append(group.pop(0))
-    return picked
 
 
 def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:

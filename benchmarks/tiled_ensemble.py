@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import subset_test
 from hrad.config import ModelConfig
-from hrad.data.datasets import Dataset, Sample, load_dataset
+from hrad.data.datasets import Dataset, load_dataset
 from hrad.data.images import read_image
 from hrad.detectors.base import detector_config
 from hrad.errors import HradError
@@ -73,20 +74,6 @@ def upscale(image: np.ndarray, size: int) -> np.ndarray:
     import cv2
 
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1).astype(np.float32)
-
-
-def subset_test(samples: Sequence[Sample], count: int | None) -> list[Sample]:
-    """``count`` test samples with good and anomalous images interleaved (deterministic)."""
-    if count is None or count >= len(samples):
-        return list(samples)
-    good = [s for s in samples if s.label == 0]
-    bad = [s for s in samples if s.label == 1]
-    picked: list[Sample] = []
-    while len(picked) < count and (good or bad):
-        for group in (bad, good):
-            if group and len(picked) < count:
-                picked.append(group.pop(0))
-    return picked
 
 
 def model_config(args: argparse.Namespace, detector: str, setup: dict[str, Any], seed: int) -> ModelConfig:
