@@ -10,7 +10,7 @@ import json
 import random
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,18 @@ def subset(dataset: Dataset, n_train: int | None, n_test: int | None, seed: int 
     return train, sorted(rng.sample(good, n_good) + rng.sample(bad, n_test - n_good), key=lambda s: str(s.path))
 
 
-def run_setup(setup: str, overrides: dict[str, Any], train: Sequence[Path], test: Sequence[Sample], **extra: Any) -> dict[str, Any]:
-    """Fit one configuration and evaluate it at full resolution; one results row."""
+def run_setup(
+    setup: str,
+    overrides: dict[str, Any],
+    train: Sequence[Path],
+    test: Sequence[Sample],
+    describe: Callable[[AnomalyModel], dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Fit one configuration and evaluate it at full resolution; one results row.
+
+    ``describe(model)`` adds columns about the fitted model (for example its parameter count).
+    """
     config = load_config(None, overrides)
     print(f"[{setup}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
     with PeakMemory() as fit_memory:
@@ -62,6 +72,8 @@ def run_setup(setup: str, overrides: dict[str, Any], train: Sequence[Path], test
     row["fit_peak_rss_mb"] = fit_memory.peak_rss_mb
     row["predict_peak_rss_mb"] = predict_memory.peak_rss_mb
     row["config"] = config.model_dump(mode="json")
+    if describe is not None:
+        row.update(describe(model))
     print(f"[{setup}] " + ", ".join(f"{k}={row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro_30", "seconds_per_image")), file=sys.stderr, flush=True)
     return row
 

@@ -38,14 +38,16 @@ def random_scan_inputs(length: int, seed: int, batch: int = 2, channels: int = 6
     return x, dt, A, B, C, D
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 8])
 @pytest.mark.parametrize("length", [1, 45, 101])
 def test_chunked_scan_equals_sequential_loop(chunk: int, length: int) -> None:
     inputs = random_scan_inputs(length, seed=length * 100 + chunk)
     expected = selective_scan_sequential(*(tensor.double() for tensor in inputs))  # float64 reference
     got = selective_scan_chunked(*inputs, chunk=chunk)
     assert got.dtype == torch.float32 and got.shape == expected.shape
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    # float32 against a float64 reference: errors are float32 rounding of the largest terms
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got.double(), expected, atol=1e-6 * scale, rtol=1e-5)
 
 
 def test_sequential_loop_matches_closed_form_in_float64() -> None:
@@ -64,13 +66,14 @@ def test_sequential_loop_matches_closed_form_in_float64() -> None:
         assert abs(float(y[t]) - expected) < 1e-10
 
 
-def test_chunked_scan_gradients_equal_sequential() -> None:
+@pytest.mark.parametrize("recompute", [False, True])
+def test_chunked_scan_gradients_equal_sequential(recompute: bool) -> None:
     inputs = random_scan_inputs(40, seed=7)
     leaves_a = [tensor.clone().requires_grad_() for tensor in inputs]
     leaves_b = [tensor.clone().requires_grad_() for tensor in inputs]
     weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))
     (selective_scan_sequential(*leaves_a) * weights).sum().backward()
-    (selective_scan_chunked(*leaves_b, chunk=16) * weights).sum().backward()
+    (selective_scan_chunked(*leaves_b, chunk=8, recompute=recompute) * weights).sum().backward()
     for a, b in zip(leaves_a, leaves_b, strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
 
@@ -80,7 +83,7 @@ def test_chunk_size_is_validated() -> None:
     with pytest.raises(ValueError, match="chunk"):
         selective_scan_chunked(*inputs, chunk=0)
     with pytest.raises(ValueError, match="chunk"):
-        selective_scan_chunked(*inputs, chunk=33)
+        selective_scan_chunked(*inputs, chunk=9)
 
 
 def test_auto_backend_on_cpu_trains_chunked_and_infers_sequentially() -> None:

@@ -9,14 +9,17 @@ layout: ``x, dt: b x d x L``, ``A: d x n``, ``B, C: b x n x L``, ``D: d``; ``dt`
 positive):
 
 - :func:`selective_scan_sequential`: the literal recurrence, one token at a time (reference).
-- :func:`selective_scan_chunked`: chunks of ``T`` tokens; inside a chunk the cumulative
+- :func:`selective_scan_chunked`: chunks of ``T <= 8`` tokens; inside a chunk the cumulative
   log-decay ``S_t = cumsum(dt * A)`` factorises the decay matrix ``exp(S_t - S_s)`` as
-  ``exp(S_t) * exp(-S_s)``, so all ``T`` states come from one cumulative sum; across chunks a
-  short sequential recurrence carries the chunk's last state (``L / T`` steps). Mamba-1's ``A``
-  differs per (channel, state), so the full ``T x T`` segment-sum matrix form would cost ``T``
-  times more work; the factorised form keeps the work linear. ``exp(-S)`` grows within a chunk,
-  so the chunk is computed in float64 and every per-token log-decay is floored at -20 nats
-  (a decay factor of 2e-9, below float32 resolution), which bounds ``-S`` by 640 < 709.
+  ``exp(S_t - r) * exp(r - S_s)`` around the middle ``r`` of the chunk's log-decay range, so all ``T`` states
+  come from one cumulative sum; across chunks a short sequential recurrence carries the chunk's
+  last state (``L / T`` steps). Mamba-1's ``A`` differs per (channel, state), so the full
+  ``T x T`` segment-sum matrix form would cost ``T`` times more work; the factorised form keeps
+  the work linear. Every per-token log-decay is floored at -17 nats (a factor of 4e-8, below
+  float32 resolution), so every exponent stays within +-8.5 (T + 1) <= 77 < 88 nats and the
+  chunk is computed in float32. ``recompute=True`` keeps only each chunk's inputs and carried
+  state for the backward pass and recomputes the rest (about 1.6x the time, a fraction of the
+  memory: what long 1024-class sequences need when training on CPU).
 - the fused CUDA kernel of the ``mamba-ssm`` package, used by ``backend="auto"`` when it is
   importable and the tensors are on a GPU (see :func:`selective_scan` for the CPU choice).
 """
@@ -29,6 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional fused kernel; CUDA-only wheels, never required
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _fused_selective_scan
@@ -37,10 +41,10 @@ except Exception:  # noqa: BLE001 - any import failure (missing package, CUDA mi
 
 ScanBackend = Literal["auto", "chunked", "sequential", "fused"]
 
-#: largest chunk the chunked scan accepts: 32 tokens x 20 nats stays below float64's exp range
-MAX_CHUNK = 32
-#: per-token log-decay floor: exp(-20) ~ 2e-9 is below float32 resolution
-_LOG_DECAY_FLOOR = -20.0
+#: largest chunk the chunked scan accepts: exponents stay within +-8.5 (8 + 1) = 77 nats < 88
+MAX_CHUNK = 8
+#: per-token log-decay floor: exp(-17) ~ 4e-8 is below float32 resolution
+_LOG_DECAY_FLOOR = -17.0
 
 
 def fused_scan_available() -> bool:
@@ -60,29 +64,54 @@ def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     return torch.stack(outputs, dim=-1) + D[:, None] * x
 
 
+def _scan_chunk(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One chunk: ``x, dt: b x d x T``, ``A: d x 1 x n``, ``B, C: b x T x n``, ``state: b x d x n``."""
+    cumulative = (dt[..., None] * A).clamp(min=_LOG_DECAY_FLOOR).cumsum(dim=2)  # b x d x T x n
+    # S_t lies in [S_0 - 17 (T - 1), S_0]; centre the exponents on the middle of that range.
+    # The reference depends on the chunk's first token only, so outputs stay bitwise causal.
+    middle = cumulative[:, :, :1] + 0.5 * _LOG_DECAY_FLOOR * (x.shape[-1] - 1)
+    relative = cumulative - middle
+    inputs = (dt * x)[..., None] * B[:, None]
+    # exp(-relative) rather than 1 / exp(relative): the reciprocal's gradient squares exp(77)
+    states = torch.exp(relative) * (
+        (inputs * torch.exp(-relative)).cumsum(dim=2) + state[:, :, None] * torch.exp(middle)
+    )
+    return (states * C[:, None]).sum(-1), states[:, :, -1]
+
+
 def selective_scan_chunked(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk: int = MAX_CHUNK
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    chunk: int = MAX_CHUNK,
+    recompute: bool = False,
 ) -> Tensor:
     """Selective scan in chunks of ``chunk`` tokens (see the module docstring for the method)."""
     if not 1 <= chunk <= MAX_CHUNK:
         raise ValueError(f"chunk must be in 1..{MAX_CHUNK}, got {chunk}")
-    compute = torch.float64
     batch, channels, length = x.shape
-    state = x.new_zeros(batch, channels, A.shape[1], dtype=compute)
-    A_c = A.to(compute)[:, None, :]  # d x 1 x n
-    B_t = B.transpose(1, 2)  # b x L x n
-    C_t = C.transpose(1, 2)
+    dtype = x.dtype
+    x32, dt32 = x.float(), dt.float()
+    state = x32.new_zeros(batch, channels, A.shape[1])
+    A_c = A.float()[:, None, :]  # d x 1 x n
+    B_t = B.float().transpose(1, 2)  # b x L x n
+    C_t = C.float().transpose(1, 2)
+    recompute = recompute and torch.is_grad_enabled()
     outputs = []
     for start in range(0, length, chunk):
         window = slice(start, min(start + chunk, length))
-        dt_w = dt[:, :, window].to(compute)
-        log_decay = (dt_w[..., None] * A_c).clamp(min=_LOG_DECAY_FLOOR)  # b x d x T x n
-        cumulative = log_decay.cumsum(dim=2)
-        inputs = (dt_w * x[:, :, window].to(compute))[..., None] * B_t[:, None, window].to(compute)
-        states = torch.exp(cumulative) * ((inputs * torch.exp(-cumulative)).cumsum(dim=2) + state[:, :, None])
-        outputs.append((states.to(x.dtype) * C_t[:, None, window]).sum(-1))
-        state = states[:, :, -1]
-    return torch.cat(outputs, dim=-1) + D[:, None] * x
+        pieces = (x32[:, :, window], dt32[:, :, window], A_c, B_t[:, window], C_t[:, window], state)
+        if recompute:
+            output, state = checkpoint(_scan_chunk, *pieces, use_reentrant=True)
+        else:
+            output, state = _scan_chunk(*pieces)
+        outputs.append(output)
+    return (torch.cat(outputs, dim=-1) + D[:, None] * x32).to(dtype)
 
 
 def selective_scan(
@@ -94,6 +123,7 @@ def selective_scan(
     D: Tensor,
     backend: ScanBackend = "auto",
     chunk: int = MAX_CHUNK,
+    recompute: bool = False,
 ) -> Tensor:
     """Dispatch to a scan implementation.
 
@@ -113,7 +143,7 @@ def selective_scan(
         )
     if backend == "sequential":
         return selective_scan_sequential(x, dt, A, B, C, D)
-    return selective_scan_chunked(x, dt, A, B, C, D, chunk=chunk)
+    return selective_scan_chunked(x, dt, A, B, C, D, chunk=chunk, recompute=recompute)
 
 
 class MambaBlock(nn.Module):
@@ -130,6 +160,7 @@ class MambaBlock(nn.Module):
         dt_max: float = 1e-1,
         backend: ScanBackend = "auto",
         chunk: int = MAX_CHUNK,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.d_inner = expand * d_model
@@ -137,6 +168,7 @@ class MambaBlock(nn.Module):
         self.dt_rank = math.ceil(d_model / 16)
         self.backend: ScanBackend = backend
         self.chunk = chunk
+        self.recompute = recompute
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -171,5 +203,6 @@ class MambaBlock(nn.Module):
             self.D,
             self.backend,
             self.chunk,
+            self.recompute,
         )
         return self.out_proj((y * F.silu(z)).transpose(1, 2))
