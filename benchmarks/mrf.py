@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--patchcore", action=argparse.BooleanOptionalAction, default=True, help="PatchCore baseline")
     parser.add_argument("--patchcore-size", type=int, default=518)
     parser.add_argument("--placeholder-detector", default="students", help="detector section when PatchCore is off (mrf ignores it)")
+    parser.add_argument("--fused-only", action="store_true", help="skip the single-layer / single-scale rows (large runs)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="mrf_capsules", help="results name under benchmarks/results/")
@@ -109,8 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     all_scales = "(" + "+".join(f"{s:g}" for s in scales) + ")"
     all_layers = "(" + "+".join(layers) + ")"
-    rows = [mrf_row(f"mrf/{layer}-{all_scales}", (layer,), scales) for layer in layers]
-    rows += [mrf_row(f"mrf/{all_layers}-{scale:g}", layers, (scale,)) for scale in scales]
+    rows = []
+    if not args.fused_only:
+        rows += [mrf_row(f"mrf/{layer}-{all_scales}", (layer,), scales) for layer in layers]
+        rows += [mrf_row(f"mrf/{all_layers}-{scale:g}", layers, (scale,)) for scale in scales]
     rows.append(mrf_row(f"mrf/{all_layers}-{all_scales}", layers, scales))
     if args.foreground:
         rows.append(mrf_row(f"mrf/{all_layers}-{all_scales}+pca-foreground", layers, scales, foreground=True))

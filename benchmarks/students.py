@@ -35,13 +35,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import CAPSULES, MAIN_COLUMNS, SIZE_COLUMNS, run_setup, subset, write_results
-from hrad.config import load_config
 from hrad.data.datasets import Sample, load_dataset
-from hrad.data.images import ImageList, read_image
+from hrad.data.images import read_image
 from hrad.detectors.students import Students
-from hrad.evaluation import evaluate
 from hrad.model import AnomalyModel
-from hrad.profiling import PeakMemory
 from hrad.strategies.tiled import TiledStrategy
 
 TIMING_COLUMNS = ["setup", "teacher_seconds_per_image", "students_seconds_per_image", "students_over_teacher"]
@@ -101,19 +98,14 @@ def teacher_vs_students(model: AnomalyModel, images: Sequence[Path]) -> dict[str
 
 
 def fit_and_time(label: str, overrides: dict[str, Any], train: Sequence[Path], test: Sequence[Sample], timing_images: int, **extra: Any) -> dict[str, Any]:
-    """One students row: fit + full evaluation (as ``run_setup``), then teacher vs students time."""
-    config = load_config(None, overrides)
-    print(f"[{label}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
-    with PeakMemory() as fit_memory:
-        model = AnomalyModel(config).fit(ImageList(list(train)))
-    with PeakMemory() as predict_memory:
-        metrics = evaluate(model, list(test))
-    row = {"setup": label, **extra, **metrics}
-    row.update(fit_seconds=fit_memory.seconds, fit_peak_rss_mb=fit_memory.peak_rss_mb)
-    row.update(predict_peak_rss_mb=predict_memory.peak_rss_mb, config=config.model_dump(mode="json"))
-    row.update(teacher_vs_students(model, [sample.path for sample in test[:timing_images]]))
-    print(f"[{label}] aupro_30={row['aupro_30']:.3f} students/teacher={row['students_over_teacher']:.4f}", file=sys.stderr, flush=True)
-    return row
+    """One students row: fit + full evaluation (``run_setup``), then teacher vs students time."""
+    timing = [sample.path for sample in test[:timing_images]]
+    return run_setup(label, overrides, train, test, lambda model: teacher_vs_students(model, timing), **extra)
+
+
+def tiled(overrides: dict[str, Any], tile: int) -> dict[str, Any]:
+    """The same setup on full-resolution tiles of ``tile`` px instead of one resized image."""
+    return {**overrides, "strategy": {"name": "tiled", "tile": tile, "batch_size": 4}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -123,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-test", type=int, default=160)
     parser.add_argument("--out", default="students_capsules", help="results name under benchmarks/results/")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1036])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[224, 518, 1036])
     parser.add_argument("--few-shot", type=int, nargs="*", default=[5, 10, 50])
+    parser.add_argument("--tiled", type=int, nargs="*", default=[], help="also full resolution through tiles of this side")
+    parser.add_argument("--few-shot-size", type=int, default=None, help="input side of the few-shot rows (default: largest of --sizes)")
     parser.add_argument("--vit", default="dinov2-vits14", help="teacher / PatchCore ViT backbone")
     parser.add_argument("--cnn", default="efficientnet-lite0", help="PatchCore CNN backbone")
     parser.add_argument("--epochs", type=int, default=50)
@@ -144,9 +138,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(fit_and_time(label, overrides, train, test, args.timing_images))
         for backbone in (args.vit, args.cnn) if args.patchcore else ():
             rows.append(run_setup(f"patchcore/{backbone}/down{size}", patchcore_overrides(backbone, size), train, test))
+    for tile in args.tiled:
+        overrides = tiled(students_overrides(args.vit, tile, args.epochs, args.learning_rate, args.max_tokens), tile)
+        rows.append(fit_and_time(f"students/{args.vit}/tiled{tile}", overrides, train, test, args.timing_images))
+        if args.patchcore:
+            overrides = tiled(patchcore_overrides(args.vit, tile), tile)
+            rows.append(run_setup(f"patchcore/{args.vit}/tiled{tile}", overrides, train, test))
 
     few_rows: list[dict[str, Any]] = []
-    size = max(args.sizes)
+    if args.few_shot and not (args.sizes or args.few_shot_size):
+        parser.error("--few-shot needs --sizes or --few-shot-size")
+    size = args.few_shot_size or max(args.sizes)
     for shots in args.few_shot:
         if shots > len(dataset.train):
             print(f"skipping {shots}-shot: only {len(dataset.train)} training images", file=sys.stderr)

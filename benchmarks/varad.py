@@ -109,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--students-epochs", type=int, default=50)
     parser.add_argument(
-        "--recompute", action="store_true", help="recompute scan chunks in backward (less memory)"
+        "--recompute",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute scan chunks in backward (less memory; the default)",
     )
     args = parser.parse_args(argv)
 

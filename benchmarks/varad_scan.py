@@ -17,8 +17,8 @@ import json
 import shlex
 import sys
 import time
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
