@@ -80,9 +80,10 @@ class VarADConfig(DetectorConfig):
     expand: int = 2
     scan: ScanBackend = "auto"
     scan_chunk: int = Field(default=MAX_CHUNK, ge=1, le=MAX_CHUNK)
-    #: recompute the scan's chunks in the backward pass: far less training memory, ~1.6x the
-    #: scan time (for 1024-class inputs on CPU)
-    recompute_scan: bool = False
+    #: recompute the scan's chunks in the backward pass instead of keeping them: a fraction of
+    #: the training memory (what 1024-class inputs need on CPU); on CPU it was no slower in
+    #: benchmarks/results/varad_scan.md, since the kept chunks no longer leave the cache
+    recompute_scan: bool = True
     image_score: Literal["max", "top_mean"] = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = 0.01
