@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         few_rows.append(run_setup(label, patchcore_overrides(args.vit, size), chosen, test, shots=shots))
 
     notes = (
-        f"{len(train)} training images, {len(test)} test images (seeded, label-stratified subset of the official split). "
+        (f"{len(train)} training images" if args.sizes or args.tiled else "Few-shot rows only (K seeded training images each)")
+        + f", {len(test)} test images (seeded, label-stratified subset of the official split). "
         "Pixel metrics exact at full ground-truth resolution after cropping the square padding; F1-max is an oracle "
         "threshold. Size-aware AUPRO: cumulative defect-size quartiles Q1..Q4 and robustness rho (L2BT Sec. IV-A). "
         f"Students: {args.epochs} epochs, Adam lr {args.learning_rate}, token batches of 4096, final-epoch weights, "
