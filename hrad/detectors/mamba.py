@@ -128,9 +128,9 @@ def selective_scan(
     """Dispatch to a scan implementation.
 
     ``auto``: the fused kernel on CUDA when present; otherwise the chunked scan when gradients
-    are needed (4x faster than the loop for forward + backward on CPU, see
-    benchmarks/results/varad_scan.md) and the sequential loop for inference (on CPU its
-    forward pass was faster there: the chunked scan works in float64).
+    are needed (2.7x faster than the loop for forward + backward on CPU, see
+    benchmarks/results/varad_scan.md) and the sequential loop for inference (its forward
+    pass alone was faster there: without autograd the loop has no per-step graph to build).
     """
     if backend == "auto" and not x.is_cuda:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D))
