@@ -21,6 +21,7 @@ from hrad.evaluation import environment, evaluate
 from hrad.model import AnomalyModel
 from hrad.profiling import PeakMemory
 from hrad.reports.markdown import table
+from hrad.strategies.tiled import TiledStrategy
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -76,6 +77,14 @@ def run_setup(
         row.update(describe(model))
     print(f"[{setup}] " + ", ".join(f"{k}={row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro_30", "seconds_per_image")), file=sys.stderr, flush=True)
     return row
+
+
+def tiled_strategy(model: AnomalyModel) -> TiledStrategy:
+    """The model's tiled / downsample strategy, for benchmarks that embed images by hand."""
+    strategy = model.strategy
+    if not isinstance(strategy, TiledStrategy):
+        raise TypeError(f"this benchmark needs a tiled or downsample strategy, got {type(strategy).__name__}")
+    return strategy
 
 
 def capsules(path: Path | None = None) -> Dataset:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import SIZE_COLUMNS, capsules, run_setup, subset, write_results
+from benchmarks.common import SIZE_COLUMNS, capsules, run_setup, subset, tiled_strategy, write_results
 from hrad.config import load_config
 from hrad.data.images import read_image
 from hrad.model import AnomalyModel
@@ -42,16 +42,14 @@ def setups(backbones: list[str], detectors: list[str], kinds: list[str]) -> list
 
 
 def predict_overhead(model: AnomalyModel, images: list[np.ndarray], repeats: int = 1) -> dict[str, float]:
-    """Full predict time vs the backbone forward alone on the same tiles, same run."""
-    strategy = model.strategy
+    """Full predict time vs the backbone alone (resize, tiling and forward) on the same image, same run."""
+    strategy = tiled_strategy(model)
     backbone_seconds = predict_seconds = 0.0
     for _ in range(repeats):
         for image in images:
-            tensor, grid, _ = strategy._prepare(image)  # type: ignore[attr-defined]
-            tiles = grid.tile(tensor)
             start = time.perf_counter()
             with torch.inference_mode():
-                for _batch in strategy._embed_tiles(tiles):  # type: ignore[attr-defined]
+                for _batch in strategy.embed_image(image):
                     pass
             backbone_seconds += time.perf_counter() - start
             start = time.perf_counter()

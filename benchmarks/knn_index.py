@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import capsules, write_results
+from benchmarks.common import capsules, tiled_strategy, write_results
 from hrad.config import load_config
 from hrad.data.images import ImageList, read_image
 from hrad.detectors.knn import NearestNeighbours
@@ -29,10 +29,8 @@ from hrad.model import AnomalyModel
 
 def embeddings_of(model: AnomalyModel, image: np.ndarray) -> np.ndarray:
     """All patch embeddings of one image's tiles, ``P x D``."""
-    strategy = model.strategy
-    tensor, grid, _ = strategy._prepare(image)  # type: ignore[attr-defined]
     with torch.inference_mode():
-        batches = list(strategy._embed_tiles(grid.tile(tensor)))  # type: ignore[attr-defined]
+        batches = list(tiled_strategy(model).embed_image(image))
     return np.concatenate([b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]).float().numpy() for b in batches])
 
 

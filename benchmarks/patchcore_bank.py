@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.common import capsules, subset, write_results
+from benchmarks.common import capsules, subset, tiled_strategy, write_results
 from hrad.config import load_config
 from hrad.data.images import read_image
 from hrad.detectors.patchcore import PatchCore, PatchCoreConfig
@@ -34,13 +34,12 @@ def main() -> None:
     train, test = subset(capsules(), args.n_train, args.n_test)
     overrides = {"backbone": {"name": "efficientnet-lite0"}, "detector": {"name": "patchcore"}, "strategy": {"name": "tiled", "tile": args.tile}}
     model = AnomalyModel(load_config(None, overrides))
-    strategy = model.strategy
+    strategy = tiled_strategy(model)
     start = time.perf_counter()
     embeddings: list[torch.Tensor] = []
     with torch.inference_mode():
         for path in train:
-            tensor, grid, _ = strategy._prepare(read_image(path))  # type: ignore[attr-defined]
-            embeddings.extend(batch.to(torch.float16) for batch in strategy._embed_tiles(grid.tile(tensor)))  # type: ignore[attr-defined]
+            embeddings.extend(batch.to(torch.float16) for batch in strategy.embed_image(read_image(path)))
     embed_seconds = time.perf_counter() - start
     rows = []
     for bank in args.banks:

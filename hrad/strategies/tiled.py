@@ -135,6 +135,15 @@ class TiledStrategy(Strategy):
                 batch = resize(batch, (side, side))
             yield self.embedder(batch)
 
+    def embed_image(self, image: np.ndarray) -> Iterator[Tensor]:
+        """Embedding batches (``B x C x h x w``) of all tiles of one image, in tile order.
+
+        What fit and predict feed the detector; public for analyses and benchmarks that need the
+        backbone's output (timing it alone, building a bank by hand) without a detector.
+        """
+        tensor, grid, _ = self._prepare(image)
+        yield from self._embed_tiles(grid.tile(tensor))
+
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         source = _EmbeddingSource(self, images, progress, cache=self.detector.multi_pass)
@@ -190,8 +199,7 @@ class _EmbeddingSource:
     def _compute(self) -> Iterator[Tensor]:
         total = len(self.images)
         for index in range(total):
-            tensor, grid, _ = self.strategy._prepare(self.images[index])
-            yield from self.strategy._embed_tiles(grid.tile(tensor))
+            yield from self.strategy.embed_image(self.images[index])
             self.progress(index + 1, total, "embedding training images")
 
     def __iter__(self) -> Iterator[Tensor]:
