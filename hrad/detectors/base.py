@@ -71,6 +71,13 @@ class Detector(ABC, Generic[ConfigT]):
             return EmbeddingSpec(layers=tuple(config.layers), aggregation=default.aggregation)
         return default
 
+    @classmethod
+    def bind_layout(cls, config: ConfigT, layer_channels: tuple[int, ...]) -> ConfigT:
+        """The config with the embedding's per-layer channel split filled in, for detectors that
+        treat each backbone layer separately (multi-level reconstruction); strategies call it
+        once after building their embedder. Default: the config unchanged."""
+        return config
+
     @abstractmethod
     def fit(self, batches: Iterable[Tensor]) -> None:
         """Learn the normal distribution from embedding batches of good images."""

@@ -111,7 +111,12 @@ class Embedder(nn.Module):
 
     @property
     def channels(self) -> int:
-        return sum(self.extractor.layer_channels[name] for name in self.spec.layers)
+        return sum(self.layer_channels)
+
+    @property
+    def layer_channels(self) -> tuple[int, ...]:
+        """Channels of each layer, in the order they are concatenated in the embedding."""
+        return tuple(self.extractor.layer_channels[name] for name in self.spec.layers)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

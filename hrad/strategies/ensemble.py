@@ -215,6 +215,7 @@ class TiledEnsemble(Strategy):
         super().__init__(config, detector, extractor)
         self.detector_type = detector_class(detector.name)
         self.embedder = Embedder(extractor, self.detector_type.embedding_spec(detector, extractor))
+        self.detector_config = self.detector_type.bind_layout(detector, self.embedder.layer_channels)
         self._geometry: _Geometry | None = None
         self._tiles: _TileSource | None = None
         self._spool: tempfile.TemporaryDirectory | None = None

@@ -88,9 +88,10 @@ class TiledStrategy(Strategy):
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         super().__init__(config, detector, extractor)
-        spec = detector_class(detector.name).embedding_spec(detector, extractor)
-        self.embedder = Embedder(extractor, spec)
-        self.detector: Detector = build_detector(detector)
+        detector_type = detector_class(detector.name)
+        self.embedder = Embedder(extractor, detector_type.embedding_spec(detector, extractor))
+        self.detector_config = detector_type.bind_layout(detector, self.embedder.layer_channels)
+        self.detector: Detector = build_detector(self.detector_config)
 
     # -- geometry ---------------------------------------------------------------------------
     def _working_size(self, height: int, width: int) -> tuple[int, int]:

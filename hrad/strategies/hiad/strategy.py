@@ -82,6 +82,7 @@ class HiAD(Strategy):
         self.config: HiADConfig = config
         self.detector_type: type[Detector] = detector_class(detector.name)
         self.embedder = Embedder(extractor, self.detector_type.embedding_spec(detector, extractor))
+        self.detector_config = self.detector_type.bind_layout(detector, self.embedder.layer_channels)
         self.multiple = math.lcm(self.embedder.stride, extractor.input_multiple)
         if config.patch_size % self.multiple:
             raise ConfigError(
