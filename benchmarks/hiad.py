@@ -90,13 +90,14 @@ def setups(group: str, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     if group == "patch":
         return [(f"patch {size}", hiad(**{**base, "patch_size": size})) for size in (256, 384, 512)]
     if group == "baselines":
+        size = int(base.get("patch_size", 512))
         return [
             ("HiAD", hiad(**base)),
             (
-                "tiled ensemble (native, 512 tiles)",
-                {"name": "tiled-ensemble", "image_size": None, "tile": 512},
+                f"tiled ensemble (native, {size} tiles)",
+                {"name": "tiled-ensemble", "image_size": None, "tile": size},
             ),
-            ("downsampling (512)", {"name": "downsample", "image_size": 512}),
+            (f"downsampling ({size})", {"name": "downsample", "image_size": size}),
         ]
     raise SystemExit(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
 
@@ -117,9 +118,14 @@ class PathImages:
 def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:
     train = PathImages(sorted(dataset.train)[: args.n_train])
     test = subset_test(dataset.test, args.n_test)
-    base = {"batch_size": args.batch_size, "workers": args.workers}
+    base: dict[str, Any] = {"batch_size": args.batch_size, "workers": args.workers}
     if args.assignment:
         base["assignment"] = args.assignment
+    if args.num_detectors is not None:
+        base["num_detectors"] = args.num_detectors
+    if args.patch_size is not None:  # ViT backbones need a multiple of their patch (14 for DINOv2)
+        base["patch_size"] = base["low_res_size"] = args.patch_size
+    detector = {"name": args.detector, "seed": args.seed, **dict(args.detector_option)}
     rows: list[dict[str, Any]] = []
     for group in args.groups:
         for label, strategy in setups(group, base):
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:
             try:
                 config = ModelConfig(
                     backbone=BackboneConfig(name=args.backbone),
-                    detector=detector_config({"name": args.detector, "seed": args.seed}),
+                    detector=detector_config(detector),
                     strategy=strategy_config(strategy),
                     device=args.device,
                     seed=args.seed,
@@ -166,7 +172,8 @@ def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> Pa
     )
     text = (
         "# HiAD ablations\n\n"
-        f"Data: `{args.data}`{' (built to 2K)' if args.build_2k else ''}; detector {args.detector} on {args.backbone}; "
+        f"Data: `{args.data}`{' (built to 2K)' if args.build_2k else ''}; detector {args.detector}"
+        f"{' ' + str(dict(args.detector_option)) if args.detector_option else ''} on {args.backbone}; "
         f"{args.n_train or 'all'} training images (20% held out for calibration), {args.n_test or 'all'} test images; "
         f"pixel protocol {args.protocol}.\n\nCommand: `{command}`\n\n"
         f"Machine: {env['machine']}, {env['cpus']} CPUs, torch {env['torch']} on {env['device']}; date {env['date']}.\n\n"
@@ -175,6 +182,17 @@ def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> Pa
         text += f"## {group}\n\n" + table([r for r in rows if r["group"] == group], COLUMNS) + "\n"
     (out / "hiad.md").write_text(text)
     return out / "hiad.md"
+
+
+def option(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, JSON value or the plain string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -190,6 +208,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--detector", default="patchcore")
+    parser.add_argument(
+        "--detector-option",
+        type=option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="detector config field, repeatable (e.g. epochs=5); values parsed as JSON when they can be",
+    )
+    parser.add_argument("--patch-size", type=int, default=None, help="HiAD patch / low-res size, ensemble tile, downsample size")
+    parser.add_argument("--num-detectors", type=int, default=None, help="HiAD pool size M for sca/na/ra")
     parser.add_argument("--backbone", default="wide-resnet50")
     parser.add_argument(
         "--assignment",
