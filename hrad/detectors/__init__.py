@@ -9,14 +9,18 @@ from hrad.detectors.base import (
     detector_config,
     register_detector,
 )
+from hrad.detectors.fastflow import FastFlow, FastFlowConfig
 from hrad.detectors.padim import PaDiM, PaDiMConfig
 from hrad.detectors.patchcore import PatchCore, PatchCoreConfig
 from hrad.detectors.students import Students, StudentsConfig
 from hrad.detectors.varad import VarAD, VarADConfig
+from hrad.detectors.vitad import ViTAD, ViTADConfig
 
 register_detector("patchcore", PatchCoreConfig, PatchCore)
 register_detector("padim", PaDiMConfig, PaDiM)
 register_detector("students", StudentsConfig, Students)
 register_detector("varad", VarADConfig, VarAD)
+register_detector("fastflow", FastFlowConfig, FastFlow)
+register_detector("vitad", ViTADConfig, ViTAD)
 
 __all__ = ["DETECTORS", "Detector", "DetectorConfig", "DetectorOutput", "build_detector", "detector_config", "register_detector"]

@@ -1,0 +1,415 @@
+"""FastFlow: anomaly detection with 2D normalizing flows (Yu et al. 2021).
+
+The embedding is the concatenation of several backbone layers ("levels"). Per level:
+
+1. per-channel standardisation with the training set's mean and std (computed in a first pass
+   over the batches and saved). The paper / anomalib use a trainable ``LayerNorm`` over
+   ``[C, H, W]``, which ties the model to one input size; strategies feed whole images, tiles
+   and HiAD patches of different sizes, so the statistics here are per channel only;
+2. a 2D normalizing flow of ``flow_steps`` steps, each one FrEIA ``AllInOneBlock`` as anomalib
+   configures it (``permute_soft=False``), written in plain PyTorch:
+
+   - split channels into ``x1`` (the first ``C - C // 2``) and ``x2`` (the last ``C // 2``);
+   - a conv subnet ``conv -> ReLU -> conv`` (hidden = ``int(hidden_ratio * len(x1))``, kernel
+     3x3 on even steps and 1x1 on odd ones unless ``conv3x3_only``, zero padding) maps ``x1``
+     to coefficients ``a = (a_s, a_t)``;
+   - FrEIA's soft clamp ``s = clamp * tanh(0.1 * a_s)``, ``t = 0.1 * a_t`` (the 0.1 keeps a fresh
+     flow near the identity; the RealNVP form ``clamp * tanh(a_s / clamp)`` differs only by that
+     input scale); ``x2 <- x2 * exp(s) + t``; log-det = sum of ``s``;
+   - a learned per-channel global affine ``y * scale + offset`` with
+     ``scale = 0.1 * softplus_{beta=0.5}(g)`` initialised to 1 (FrEIA's ``ActNorm``-like part,
+     switch off with ``global_affine=False``); log-det += ``h * w * sum(log scale)``;
+   - a fixed seeded channel permutation (saved with the weights).
+
+Loss (anomalib): per level the batch mean of ``0.5 * sum(z**2) - log_det``, summed over levels,
+then divided by the number of embedding elements per image (``C * h * w``) so the learning rate
+and the reported loss do not depend on the input size (anomalib does not normalise; with Adam this
+only changes the loss scale and the relative strength of the L2 weight decay). Adam, lr 1e-3,
+weight decay 1e-5 (anomalib).
+
+Map (anomalib): per level ``-exp(-0.5 * mean_c(z**2))``, averaged over levels, at embedding
+resolution; upsampling and blur belong to the strategy / post-processing. The map lies in
+``[-1, 0]`` and saturates at 0 for strongly anomalous tokens (``mean z**2`` above ~200 underflows
+in float32), so such tokens tie; ``anomaly_map="nll"`` scores ``0.5 * mean_c(z**2)`` instead. The flow is fully convolutional, so the model scores any input
+size. Per-level flows run at the embedding's resolution (every layer upsampled to the first
+layer's grid), not at each layer's native resolution as in anomalib.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal, cast
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.patchcore import mid_depth_blocks
+from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+
+#: FrEIA scales the subnet output by this before the clamp, so a fresh flow is near the identity
+COEFFICIENT_SCALE = 0.1
+#: variance floor of the per-channel standardisation (``nn.LayerNorm``'s default eps)
+STANDARDISE_EPS = 1e-5
+STATE_META_KEYS = ("level_channels", "clamp")
+
+
+class FastFlowConfig(DetectorConfig):
+    """Typed FastFlow options; defaults follow anomalib unless noted."""
+
+    name: Literal["fastflow"] = "fastflow"
+    #: anomalib / the paper train up to 500 epochs; 20 keeps CPU and high-resolution runs practical
+    epochs: int = Field(default=20, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    flow_steps: int = Field(default=8, ge=1)
+    #: subnet hidden channels per input channel (paper: 1.0 for ResNets, 0.16 for ViTs)
+    hidden_ratio: float = Field(default=1.0, gt=0)
+    #: 3x3 convs in every step (paper: ViTs) instead of alternating 3x3 / 1x1 (ResNets)
+    conv3x3_only: bool = False
+    #: soft clamp of the log-scale: ``s = clamp * tanh(0.1 * a)``
+    clamp: float = Field(default=2.0, gt=0)
+    #: FrEIA AllInOneBlock's learned per-channel scale and offset after each coupling
+    global_affine: bool = True
+    #: channels of each level in the embedding; empty = filled by bind_layout, else one level
+    level_channels: tuple[int, ...] = ()
+    #: "probability": anomalib's ``-exp(-0.5 * mean z**2)`` (saturates at 0 on strong anomalies,
+    #: which then tie); "nll": ``0.5 * mean z**2`` itself, monotone in the same quantity, never saturates
+    anomaly_map: Literal["probability", "nll"] = "probability"
+    image_score: Literal["max", "top_mean"] = "max"
+    #: fraction of the map's highest tokens averaged by image_score="top_mean"
+    top_fraction: float = Field(default=0.01, gt=0, le=1)
+
+
+def global_scale(raw: Tensor) -> Tensor:
+    """FrEIA's SOFTPLUS global-scale activation: ``0.1 * softplus(raw, beta=0.5)``, always > 0."""
+    return 0.1 * F.softplus(raw, beta=0.5)
+
+
+#: raw global-scale value whose activation is 1 (FrEIA's ``global_affine_init=1``)
+GLOBAL_SCALE_INIT = 2.0 * math.log(math.exp(0.5 * 10.0) - 1.0)
+
+
+class CouplingStep(nn.Module):
+    """One affine coupling step + global affine + fixed permutation (FrEIA AllInOneBlock)."""
+
+    permutation: Tensor
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        hidden_ratio: float,
+        clamp: float,
+        global_affine: bool,
+        permutation: Tensor,
+    ) -> None:
+        super().__init__()
+        self.passive = channels - channels // 2
+        self.active = channels // 2
+        self.clamp = clamp
+        hidden = max(1, int(self.passive * hidden_ratio))
+        padding = kernel_size // 2
+        self.subnet = nn.Sequential(
+            nn.Conv2d(self.passive, hidden, kernel_size, padding=padding),
+            nn.ReLU(),
+            nn.Conv2d(hidden, 2 * self.active, kernel_size, padding=padding),
+        )
+        self.global_scale: nn.Parameter | None = None
+        self.global_offset: nn.Parameter | None = None
+        if global_affine:
+            self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), GLOBAL_SCALE_INIT))
+            self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("permutation", permutation.clone())
+
+    def _scale_shift(self, passive: Tensor) -> tuple[Tensor, Tensor]:
+        coefficients = COEFFICIENT_SCALE * self.subnet(passive)
+        log_scale = self.clamp * torch.tanh(coefficients[:, : self.active])
+        return log_scale, coefficients[:, self.active :]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` -> (``y``, log|det J| per sample)."""
+        passive, active = x.split([self.passive, self.active], dim=1)
+        log_scale, shift = self._scale_shift(passive)
+        y = torch.cat([passive, active * torch.exp(log_scale) + shift], dim=1)
+        log_det = log_scale.flatten(1).sum(dim=1)
+        if self.global_scale is not None and self.global_offset is not None:
+            scale = global_scale(self.global_scale)
+            y = y * scale + self.global_offset
+            log_det = log_det + x.shape[2] * x.shape[3] * torch.log(scale).sum()
+        return y.index_select(1, self.permutation), log_det
+
+    def inverse(self, y: Tensor) -> Tensor:
+        x = y.index_select(1, torch.argsort(self.permutation))
+        if self.global_scale is not None and self.global_offset is not None:
+            x = (x - self.global_offset) / global_scale(self.global_scale)
+        passive, active = x.split([self.passive, self.active], dim=1)
+        log_scale, shift = self._scale_shift(passive)
+        return torch.cat([passive, (active - shift) * torch.exp(-log_scale)], dim=1)
+
+
+class CouplingFlow(nn.Module):
+    """A 2D normalizing flow over ``B x C x h x w`` maps: a sequence of :class:`CouplingStep`."""
+
+    def __init__(self, channels: int, config: FastFlowConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        steps = []
+        for index in range(config.flow_steps):
+            kernel_size = 1 if index % 2 == 1 and not config.conv3x3_only else 3
+            permutation = torch.randperm(channels, generator=generator)
+            steps.append(
+                CouplingStep(
+                    channels,
+                    kernel_size,
+                    config.hidden_ratio,
+                    config.clamp,
+                    config.global_affine,
+                    permutation,
+                )
+            )
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` -> (latent ``z``, log|det dz/dx| per sample)."""
+        log_det = x.new_zeros(x.shape[0])
+        for step in self.steps:
+            x, step_log_det = step(x)
+            log_det = log_det + step_log_det
+        return x, log_det
+
+    def inverse(self, z: Tensor) -> Tensor:
+        for step in reversed(self.steps):
+            z = cast(CouplingStep, step).inverse(z)
+        return z
+
+
+class FastFlowLevel(nn.Module):
+    """Standardisation statistics and the flow of one level."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, channels: int, config: FastFlowConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+        self.flow = CouplingFlow(channels, config, generator)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow((features - self.mean) / self.std)
+
+
+class FastFlow(Detector[FastFlowConfig]):
+    """One 2D normalizing flow per embedding level; see the module docstring."""
+
+    trainable = True
+    multi_pass = True  # a statistics pass, then one pass over the embedding batches per epoch
+
+    def __init__(self, config: FastFlowConfig) -> None:
+        super().__init__(config)
+        self.levels: nn.ModuleList | None = None
+        self.split_sizes: list[int] = []
+        self.loss_history: list[float] = []  # mean training loss (per embedding element) per epoch
+
+    # ----------------------------------------------------------------- embedding
+    @classmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        """CNN: layer2 + layer3 without aggregation (HiAD Table II; anomalib uses layer1..3).
+        ViT: PatchCore's two mid-depth blocks (~2/3 and ~3/4 of the depth, blocks 8 and 9 of 12),
+        which include the paper's DeiT choice (block 8); the paper uses one block only."""
+        if extractor.is_vit:
+            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (2 / 3, 3 / 4)), aggregation=1)
+        return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=1)
+
+    @classmethod
+    def bind_layout(cls, config: FastFlowConfig, layer_channels: tuple[int, ...]) -> FastFlowConfig:
+        """One flow per backbone layer: fill ``level_channels`` unless the user set it."""
+        if config.level_channels or not layer_channels:
+            return config
+        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
+
+    # ----------------------------------------------------------------- building
+    def _level_sizes(self, channels: int) -> list[int]:
+        sizes = list(self.config.level_channels) or [channels]
+        if sum(sizes) != channels:
+            raise ConfigError(
+                f"fastflow level_channels {sizes} sum to {sum(sizes)}, but the embedding has {channels} channels"
+            )
+        if min(sizes) < 2:
+            raise ConfigError(
+                f"fastflow level_channels {sizes}: every level needs at least 2 channels to couple"
+            )
+        return sizes
+
+    def _build(self, device: torch.device) -> None:
+        """Seeded flows (weights and permutations depend only on the config and level sizes)."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            levels = [FastFlowLevel(size, self.config, generator) for size in self.split_sizes]
+            self.levels = nn.ModuleList(levels).to(device)
+
+    def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std over every training position (float64 shifted sums), on the
+        batches' device."""
+        count = 0
+        shift = sums = squares = torch.empty(0)
+        for batch in batches:
+            self._check_embeddings(batch, None if count == 0 else shift.numel())
+            values = batch.detach().transpose(0, 1).flatten(1).double()  # C x positions
+            if count == 0:
+                shift = values.mean(dim=1, keepdim=True)
+                sums = torch.zeros_like(shift)
+                squares = torch.zeros_like(shift)
+            centered = values - shift
+            sums += centered.sum(dim=1, keepdim=True)
+            squares += (centered**2).sum(dim=1, keepdim=True)
+            count += values.shape[1]
+        if count == 0:
+            raise InputError("fastflow fit received no embedding batches")
+        centered_mean = sums / count
+        variance = (squares / count - centered_mean**2).clamp_min(0)
+        mean = (shift + centered_mean).flatten()
+        std = (variance + STANDARDISE_EPS).sqrt().flatten()
+        return mean.float(), std.float()
+
+    # ----------------------------------------------------------------- forward
+    def _check_embeddings(self, embeddings: Tensor, channels: int | None) -> None:
+        if embeddings.ndim != 4:
+            raise InputError(
+                f"fastflow expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}"
+            )
+        if channels is not None and embeddings.shape[1] != channels:
+            raise InputError(
+                f"fastflow was fitted on {channels}-channel embeddings, got {embeddings.shape[1]}"
+            )
+
+    def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Latents ``z`` and per-sample log-dets of every level."""
+        assert self.levels is not None
+        self._check_embeddings(embeddings, sum(self.split_sizes))
+        latents, log_dets = [], []
+        for level, features in zip(self.levels, embeddings.split(self.split_sizes, dim=1), strict=True):
+            latent, log_det = level(features)
+            latents.append(latent)
+            log_dets.append(log_det)
+        return latents, log_dets
+
+    def _loss(self, embeddings: Tensor) -> Tensor:
+        """anomalib's negative log-likelihood, divided by the elements per image (``C * h * w``)."""
+        latents, log_dets = self._forward(embeddings)
+        total = embeddings.new_zeros(())
+        for latent, log_det in zip(latents, log_dets, strict=True):
+            total = total + (0.5 * latent.pow(2).flatten(1).sum(dim=1) - log_det).mean()
+        return total / embeddings[0].numel()
+
+    # ----------------------------------------------------------------- Detector API
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        config = self.config
+        self.levels = None  # a refit starts from scratch
+        self.loss_history = []
+        mean, std = self._standardisation(batches)
+        self.split_sizes = self._level_sizes(mean.numel())
+        device = mean.device
+        self._build(device)
+        assert self.levels is not None
+        for level, level_mean, level_std in zip(
+            self.levels, mean.split(self.split_sizes), std.split(self.split_sizes), strict=True
+        ):
+            level.mean.copy_(level_mean.view(1, -1, 1, 1))
+            level.std.copy_(level_std.view(1, -1, 1, 1))
+        optimizer = torch.optim.Adam(self.levels.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.levels.train()
+        for _ in range(config.epochs):
+            losses = []
+            for batch in batches:
+                loss = self._loss(batch.to(device).float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            self.loss_history.append(sum(losses) / len(losses))
+        self.levels.eval()
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        self._require_fitted()
+        assert self.levels is not None
+        self.levels.eval()
+        with torch.no_grad():
+            latents, _ = self._forward(embeddings.to(self._device()).float())
+            energies = [0.5 * latent.pow(2).mean(dim=1) for latent in latents]
+            if self.config.anomaly_map == "probability":
+                energies = [-torch.exp(-energy) for energy in energies]
+            maps = torch.stack(energies).mean(dim=0)
+        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+
+    def _image_scores(self, maps: Tensor) -> Tensor:
+        flat = maps.flatten(1)
+        if self.config.image_score == "max":
+            return flat.max(dim=1).values
+        count = max(1, round(self.config.top_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        self._require_fitted()
+        assert self.levels is not None
+        state = {
+            f"levels.{key}": value.detach().cpu().clone() for key, value in self.levels.state_dict().items()
+        }
+        state["level_channels"] = torch.tensor(self.split_sizes, dtype=torch.int64)
+        state["clamp"] = torch.tensor([self.config.clamp], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = [key for key in STATE_META_KEYS if key not in state]
+        if missing:
+            raise ArtifactError(f"fastflow state lacks {', '.join(missing)}; the artifact is incomplete")
+        sizes = [int(size) for size in state["level_channels"].flatten().tolist()]
+        if not sizes or min(sizes) < 2:
+            raise ArtifactError(f"fastflow state has invalid level_channels {sizes}")
+        if self.config.level_channels and list(self.config.level_channels) != sizes:
+            raise ArtifactError(
+                f"fastflow state was trained with level_channels {sizes}, config says {list(self.config.level_channels)}"
+            )
+        saved_clamp = float(state["clamp"].flatten()[0])
+        if not math.isclose(saved_clamp, self.config.clamp):
+            raise ArtifactError(
+                f"fastflow state was trained with clamp {saved_clamp}, config says {self.config.clamp}"
+            )
+        self.split_sizes = sizes
+        self._build(torch.device("cpu"))
+        assert self.levels is not None
+        weights = {
+            key.removeprefix("levels."): value for key, value in state.items() if key.startswith("levels.")
+        }
+        try:
+            self.levels.load_state_dict(weights)
+        except RuntimeError as error:
+            self.levels = None
+            first = str(error).strip().splitlines()[-1].strip()
+            raise ArtifactError(f"fastflow state does not match the config: {first}") from None
+        for name, buffer in self.levels.named_buffers():
+            if name.endswith("permutation") and not torch.equal(
+                buffer.sort().values, torch.arange(buffer.numel())
+            ):
+                self.levels = None
+                raise ArtifactError(f"fastflow state entry levels.{name} is not a channel permutation")
+            if name.endswith("std") and not bool((buffer > 0).all()):
+                self.levels = None
+                raise ArtifactError(
+                    f"fastflow state entry levels.{name} has non-positive standard deviations"
+                )
+        self.levels.eval()
+
+    # ----------------------------------------------------------------- helpers
+    def _require_fitted(self) -> None:
+        if self.levels is None:
+            raise ConfigError("fastflow has not been fitted or loaded; call fit() or load_state_dict() first")
+
+    def _device(self) -> torch.device:
+        assert self.levels is not None
+        return next(self.levels.parameters()).device

@@ -1,0 +1,438 @@
+"""ViTAD: plain-ViT feature reconstruction (Zhang et al. 2023, reference code: zhangzjn/ADer).
+
+The frozen encoder is the strategy's ViT backbone. The embedding holds, in order:
+
+* the **levels** to reconstruct: blocks at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 of 12);
+* with ``fuser_input="neck"`` (default, reference code) one more layer, the **neck**: the last
+  block (12 of 12). The reference fuser reads only this block (``neck=[12]``,
+  ``Fusion(dim, mul=1)``), not the levels: the decoder must rebuild blocks 3/6/9 from the
+  deepest features, so it cannot copy its targets. ``fuser_input="levels"`` fuses the
+  concatenated levels instead (the linear projection of the levels; no extra block).
+
+Fuser: one linear layer, tokens -> decoder width. Decoder: ``decoder_depth`` pre-norm
+transformer blocks (timm ``Block`` layout: LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU, no
+dropout / layer scale) with 2D sine-cosine position embeddings computed for the current token
+grid, so any grid size works (the reference learns a fixed-size embedding, 16 x 16 tokens at
+256 px). The outputs of ``levels`` evenly spaced decoder blocks (3, 6, 9 of 9) reconstruct the
+levels in reverse order: the last decoder block rebuilds the shallowest level (reference
+``ViT_Decoder``). The reference compares the raw decoder outputs with the encoder tokens; here
+``projection="auto"`` does the same when the widths match and adds a linear map otherwise
+(``projection="linear"`` always adds one).
+
+Loss per level (``loss``): ``"flat"`` (reference ``CosLoss(flat=True)``) is ``1 - cos`` between
+the whole flattened ``C*h*w`` maps of each image; ``"token"`` is the mean per-token channel
+``1 - cos``; ``"token+flat"`` adds both. Levels are summed (reference ``avg=False``).
+Optimiser: AdamW (reference: lr 1e-4 at batch 8, betas 0.9/0.999, weight decay 1e-4) with the
+reference step schedule: lr x 0.1 from 80 % of the epochs on.
+
+Map: ``1 - cos`` per token and level, averaged over levels, at token resolution (the reference
+sums and divides by levels**2, a constant factor; its upsampling and Gaussian blur belong to
+post-processing here). Image score: max of the map (the reference takes the max after a
+16 x 16-pixel average pool of the upsampled map, about one token).
+
+Other differences from the reference: 20 epochs by default (reference 100; the decay still comes
+at 80 %); the learning rate is not scaled with the batch size (reference ``1e-4 * batch / 8``);
+hrad's ViT backbones return blocks after the final LayerNorm by default, the reference reads raw
+block outputs (``BackboneConfig(final_norm=False)`` matches it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+
+#: reconstructed levels by default (blocks 3, 6, 9 of a 12-block ViT)
+DEFAULT_LEVELS = 3
+#: timm's transformer LayerNorm epsilon (the reference decoder is a timm VisionTransformer)
+NORM_EPS = 1e-6
+#: width of one attention head when ``heads`` is not given (ViT-S: 384 / 64 = 6 heads)
+HEAD_WIDTH = 64
+
+
+class ViTADConfig(DetectorConfig):
+    """Typed ViTAD options; defaults follow the reference code (zhangzjn/ADer, ``vitad_mvtec``)."""
+
+    name: Literal["vitad"] = "vitad"
+    epochs: int = Field(default=20, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    #: the learning rate is multiplied by ``lr_decay`` from epoch ``int(lr_decay_at * epochs)`` on
+    lr_decay_at: float = Field(default=0.8, ge=0, le=1)
+    lr_decay: float = Field(default=0.1, gt=0, le=1)
+    #: reconstructed levels of the default embedding (spread over the depth at k / (levels + 1))
+    levels: int = Field(default=DEFAULT_LEVELS, ge=1)
+    #: "neck": the embedding's last layer (default: the last block) feeds the fuser (reference);
+    #: "levels": the concatenated levels feed the fuser
+    fuser_input: Literal["neck", "levels"] = "neck"
+    #: channels of each embedding layer in order (neck last); filled by ``bind_layout``,
+    #: empty = equal split
+    level_channels: tuple[int, ...] = ()
+    decoder_depth: int = Field(default=9, ge=1)
+    #: decoder width; None = the fuser input's layer width (384 for ViT-S)
+    decoder_dim: int | None = Field(default=None, ge=4)
+    #: attention heads; None = about decoder width / 64 (a divisor of the width, at least 1)
+    heads: int | None = Field(default=None, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    #: "auto": raw decoder outputs when widths match (reference), a linear map otherwise
+    projection: Literal["auto", "linear"] = "auto"
+    loss: Literal["flat", "token", "token+flat"] = "flat"
+    image_score: Literal["max", "top_mean"] = "max"
+    #: fraction of the map's highest tokens averaged by image_score="top_mean"
+    top_fraction: float = Field(default=0.01, gt=0, le=1)
+    #: queries per attention call (bounds memory on large grids); 0 = all tokens at once
+    attention_chunk: int = Field(default=0, ge=0)
+
+
+def default_blocks(depth: int, levels: int = DEFAULT_LEVELS, neck: bool = True) -> tuple[str, ...]:
+    """Levels at k / (levels + 1) of the depth (3, 6, 9 of 12), then the last block as neck."""
+    picked = sorted({max(1, round(depth * (index + 1) / (levels + 1))) for index in range(levels)})
+    if neck:
+        picked.append(depth)
+    return tuple(f"block{block}" for block in picked)
+
+
+def decoder_taps(depth: int, levels: int) -> list[int]:
+    """Decoder blocks (1-based) whose outputs are kept, evenly spaced: 3, 6, 9 of 9."""
+    taps = sorted({round(depth * (index + 1) / levels) for index in range(levels)})
+    if len(taps) != levels or taps[0] < 1:
+        raise ConfigError(f"vitad decoder_depth={depth} cannot give {levels} distinct outputs; use at least {levels}")
+    return taps
+
+
+def default_heads(dim: int) -> int:
+    """About one head per 64 channels (ViT-S: 6, ViT-B: 12), lowered until it divides ``dim``."""
+    heads = max(1, dim // HEAD_WIDTH)
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
+def sincos_position_embedding(height: int, width: int, dim: int) -> Tensor:
+    """Fixed 2D sine-cosine embedding (MAE), ``(height*width) x dim``, row-major tokens.
+
+    Half the channels encode the row, half the column; positions are absolute token indices, so a
+    token keeps its embedding when the grid grows. Channels beyond a multiple of 4 are zero.
+    """
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    rows = torch.arange(height, dtype=torch.float64)[:, None].expand(height, width).reshape(-1)
+    columns = torch.arange(width, dtype=torch.float64)[None, :].expand(height, width).reshape(-1)
+    parts = []
+    for position in (rows, columns):
+        angles = position[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    return F.pad(embedding, (0, dim - embedding.shape[1])).float()
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block (timm layout) using fused scaled-dot-product attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention_chunk: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_chunk = attention_chunk
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def attend(self, tokens: Tensor) -> Tensor:
+        batch, length, dim = tokens.shape
+        qkv = self.qkv(tokens).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        chunk = self.attention_chunk or length
+        # every query row is independent, so splitting the queries only bounds peak memory
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(query[:, :, start : start + chunk], key, value)
+                for start in range(0, length, chunk)
+            ],
+            dim=2,
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        tokens = tokens + self.attend(self.norm1(tokens))
+        return tokens + self.mlp(self.norm2(tokens))
+
+
+class ViTADNet(nn.Module):
+    """Fuser + plain ViT decoder + per-level output maps (identity or linear)."""
+
+    def __init__(
+        self, fuser_channels: int, level_sizes: list[int], dim: int, heads: int, taps: list[int], config: ViTADConfig
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.fuser = nn.Linear(fuser_channels, dim)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, heads, config.mlp_ratio, config.attention_chunk) for _ in range(config.decoder_depth)
+        )
+        self.taps = taps
+        self.outputs = nn.ModuleList(
+            nn.Identity() if config.projection == "auto" and size == dim else nn.Linear(dim, size)
+            for size in level_sizes
+        )
+        for block in self.blocks:  # timm ViT init; the reference fuser keeps PyTorch's default
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, fuser_tokens: Tensor) -> list[Tensor]:
+        """``B x C_in x h x w`` -> one ``B x C_l x h x w`` reconstruction per level (shallowest first)."""
+        batch, _, height, width = fuser_tokens.shape
+        # contiguous: a transposed view takes another GEMM path for batch 1 than for batch > 1,
+        # which would make an image's scores depend (in the last bit) on its batch
+        tokens = self.fuser(fuser_tokens.flatten(2).transpose(1, 2).contiguous())
+        tokens = tokens + sincos_position_embedding(height, width, self.dim).to(tokens.device)
+        kept = []
+        for index, block in enumerate(self.blocks[: self.taps[-1]]):
+            tokens = block(tokens)
+            if index + 1 in self.taps:
+                kept.append(tokens)
+        # deepest decoder output rebuilds the shallowest level (reference ViT_Decoder)
+        reconstructions = []
+        for decoded, output in zip(reversed(kept), self.outputs, strict=True):
+            mapped = output(decoded)
+            reconstructions.append(mapped.transpose(1, 2).reshape(batch, -1, height, width))
+        return reconstructions
+
+
+class ViTAD(Detector[ViTADConfig]):
+    """Reconstruct frozen ViT blocks with a plain ViT decoder; anomalies reconstruct badly."""
+
+    trainable = True
+    multi_pass = True  # one pass over the embedding batches per epoch
+
+    def __init__(self, config: ViTADConfig) -> None:
+        super().__init__(config)
+        self.net: ViTADNet | None = None
+        self.split_sizes: list[int] = []  # channels of every embedding layer (neck last)
+        self.loss_history: list[float] = []  # mean training loss per epoch
+
+    # ----------------------------------------------------------------- embedding
+    @classmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        return cls._default_spec(ViTADConfig(), extractor)
+
+    @classmethod
+    def embedding_spec(cls, config: DetectorConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
+        """The default follows ``levels`` and ``fuser_input`` (no neck block with "levels")."""
+        spec = super().embedding_spec(config, extractor)  # also rejects CNNs
+        if config.layers or not isinstance(config, ViTADConfig):
+            return spec
+        return cls._default_spec(config, extractor)
+
+    @classmethod
+    def _default_spec(cls, config: ViTADConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
+        if not extractor.is_vit:
+            raise ConfigError(
+                f"vitad needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN"
+            )
+        depth = len(extractor.layer_strides)
+        blocks = default_blocks(depth, config.levels, neck=config.fuser_input == "neck")
+        return EmbeddingSpec(layers=blocks, aggregation=1)
+
+    @classmethod
+    def bind_layout(cls, config: ViTADConfig, layer_channels: tuple[int, ...]) -> ViTADConfig:
+        """Fill ``level_channels`` with the embedder's per-layer channels unless set explicitly."""
+        if config.level_channels:
+            return config
+        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
+
+    # ----------------------------------------------------------------- building
+    def _layer_sizes(self, channels: int) -> list[int]:
+        config = self.config
+        if config.level_channels:
+            if sum(config.level_channels) != channels:
+                raise ConfigError(
+                    f"vitad level_channels {list(config.level_channels)} sum to {sum(config.level_channels)},"
+                    f" but the embedding has {channels} channels"
+                )
+            sizes = list(config.level_channels)
+        else:
+            layers = len(config.layers) or config.levels + (config.fuser_input == "neck")
+            if channels % layers:
+                raise ConfigError(
+                    f"vitad cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
+                )
+            sizes = [channels // layers] * layers
+        if config.fuser_input == "neck" and len(sizes) < 2:
+            raise ConfigError(
+                "vitad with fuser_input='neck' needs at least two embedding layers (levels, then the neck)"
+            )
+        return sizes
+
+    def _level_sizes(self, split_sizes: list[int]) -> list[int]:
+        return split_sizes[:-1] if self.config.fuser_input == "neck" else list(split_sizes)
+
+    def _architecture(self, split_sizes: list[int]) -> list[int]:
+        """Decoder width, heads, depth and the fuser's input width for a layer layout."""
+        config = self.config
+        levels = self._level_sizes(split_sizes)
+        neck = config.fuser_input == "neck"
+        fuser_channels = split_sizes[-1] if neck else sum(levels)
+        dim = config.decoder_dim or (split_sizes[-1] if neck else max(levels))
+        heads = config.heads or default_heads(dim)
+        if dim % heads:
+            raise ConfigError(f"vitad decoder width {dim} is not divisible by {heads} attention heads")
+        return [dim, heads, config.decoder_depth, fuser_channels]
+
+    def _make_net(self, split_sizes: list[int], device: torch.device) -> ViTADNet:
+        """The seeded, untrained network for a layer layout (same weights for the same seed)."""
+        dim, heads, depth, fuser_channels = self._architecture(split_sizes)
+        levels = self._level_sizes(split_sizes)
+        taps = decoder_taps(depth, len(levels))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return ViTADNet(fuser_channels, levels, dim, heads, taps, self.config).to(device)
+
+    # ----------------------------------------------------------------- forward
+    def _split(self, embeddings: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(levels to reconstruct, fuser input) of ``B x C x h x w`` embeddings."""
+        if embeddings.ndim != 4:
+            raise InputError(f"vitad expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
+        if embeddings.shape[1] != sum(self.split_sizes):
+            raise InputError(
+                f"vitad was fitted on {sum(self.split_sizes)}-channel embeddings, got {embeddings.shape[1]}"
+            )
+        layers = list(embeddings.split(self.split_sizes, dim=1))
+        if self.config.fuser_input == "neck":
+            return layers[:-1], layers[-1]
+        return layers, embeddings
+
+    def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Encoder targets and decoder reconstructions, one ``B x C_l x h x w`` pair per level."""
+        assert self.net is not None
+        targets, fuser_tokens = self._split(embeddings)
+        return targets, self.net(fuser_tokens)
+
+    def _loss(self, targets: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
+        mode = self.config.loss
+        total = targets[0].new_zeros(())
+        for target, reconstruction in zip(targets, reconstructions, strict=True):
+            if mode in ("token", "token+flat"):
+                total = total + (1 - F.cosine_similarity(reconstruction, target, dim=1)).mean()
+            if mode in ("flat", "token+flat"):
+                flat = F.cosine_similarity(reconstruction.flatten(1), target.flatten(1), dim=1)
+                total = total + (1 - flat).mean()
+        return total
+
+    # ----------------------------------------------------------------- Detector API
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        config = self.config
+        optimizer: torch.optim.Optimizer | None = None
+        # the first epoch always runs at the full rate (int(0.8 * 1) would decay a 1-epoch fit)
+        decay_epoch = max(1, int(config.lr_decay_at * config.epochs))
+        self.loss_history = []
+        for epoch in range(config.epochs):
+            losses = []
+            for batch in batches:
+                if self.net is None:
+                    self.split_sizes = self._layer_sizes(batch.shape[1])
+                    self.net = self._make_net(self.split_sizes, batch.device)
+                assert self.net is not None
+                if optimizer is None:
+                    optimizer = torch.optim.AdamW(
+                        self.net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * (config.lr_decay if epoch >= decay_epoch else 1.0)
+                self.net.train()
+                loss = self._loss(*self._forward(batch.to(self._device()).float()))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            if not losses:
+                raise InputError("vitad fit received no embedding batches")
+            self.loss_history.append(sum(losses) / len(losses))
+        if self.net is not None:
+            self.net.eval()
+
+    def reconstructions(self, embeddings: Tensor) -> list[Tensor]:
+        """Per level, the decoder's reconstruction ``B x C_l x h x w``; for analysis."""
+        self._require_fitted()
+        assert self.net is not None
+        self.net.eval()
+        with torch.no_grad():
+            return self._forward(embeddings.to(self._device()).float())[1]
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        self._require_fitted()
+        assert self.net is not None
+        self.net.eval()
+        with torch.no_grad():
+            targets, reconstructions = self._forward(embeddings.to(self._device()).float())
+            maps = torch.stack(
+                [
+                    1 - F.cosine_similarity(reconstruction, target, dim=1)
+                    for target, reconstruction in zip(targets, reconstructions, strict=True)
+                ]
+            ).mean(dim=0)
+        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+
+    def _image_scores(self, maps: Tensor) -> Tensor:
+        flat = maps.flatten(1)
+        if self.config.image_score == "max":
+            return flat.max(dim=1).values
+        count = max(1, round(self.config.top_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        self._require_fitted()
+        assert self.net is not None
+        state = {f"net.{key}": value.detach().cpu().clone() for key, value in self.net.state_dict().items()}
+        state["split_sizes"] = torch.tensor(self.split_sizes, dtype=torch.int64)
+        state["architecture"] = torch.tensor(self._architecture(self.split_sizes), dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = [key for key in ("split_sizes", "architecture") if key not in state]
+        if missing:
+            raise ArtifactError(f"vitad state lacks {', '.join(missing)}; the artifact is incomplete")
+        split_sizes = [int(size) for size in state["split_sizes"].flatten().tolist()]
+        if not split_sizes or min(split_sizes) < 1:
+            raise ArtifactError(f"vitad state has invalid layer sizes {split_sizes}")
+        try:
+            expected = self._architecture(split_sizes)
+            net = self._make_net(split_sizes, torch.device("cpu"))
+        except ConfigError as error:
+            raise ArtifactError(f"vitad state does not fit the config: {error}") from None
+        saved = [int(value) for value in state["architecture"].flatten().tolist()]
+        if saved != expected:
+            raise ArtifactError(
+                "vitad state was trained with (decoder width, heads, depth, fuser input channels) ="
+                f" {saved}, the config gives {expected}"
+            )
+        weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[-1].strip()
+            raise ArtifactError(f"vitad state does not match the config: {first}") from None
+        self.net, self.split_sizes = net.eval(), split_sizes
+
+    # ----------------------------------------------------------------- helpers
+    def _require_fitted(self) -> None:
+        if self.net is None:
+            raise ConfigError("vitad has not been fitted or loaded; call fit() or load_state_dict() first")
+
+    def _device(self) -> torch.device:
+        assert self.net is not None
+        return next(self.net.parameters()).device
+
