@@ -11,6 +11,12 @@ from conftest import textured_image
 from hrad.config import load_config
 from hrad.model import AnomalyModel
 
+#: one short epoch each; RD++'s strided bottleneck needs more than the 4 x 4 token grid of a 56 px ViT input
+DETECTOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "rdpp": {"epochs": 1, "bottleneck_stride": 1},
+    "destseg": {"student_epochs": 1, "segmentation_epochs": 1, "student_stages": 1},
+}
+
 STRATEGIES: dict[str, dict[str, Any]] = {
     "downsample": {"name": "downsample", "image_size": 56},
     "tiled": {"name": "tiled", "tile": 56},
@@ -19,7 +25,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("detector", ["students", "varad", "fastflow", "vitad"])
+@pytest.mark.parametrize("detector", ["students", "varad", "fastflow", "vitad", "rdpp", "destseg"])
 def test_fits_and_predicts_full_resolution_maps(detector: str, strategy: str, tmp_path) -> None:
     rng = np.random.default_rng(0)
     images = [textured_image(rng, 84, 112) for _ in range(5)]
@@ -27,7 +33,7 @@ def test_fits_and_predicts_full_resolution_maps(detector: str, strategy: str, tm
         None,
         {
             "backbone": {"name": "tiny-vit"},
-            "detector": {"name": detector, "epochs": 1},
+            "detector": {"name": detector, **DETECTOR_OPTIONS.get(detector, {"epochs": 1})},
             "strategy": STRATEGIES[strategy],
             "device": "cpu",
         },
@@ -47,7 +53,7 @@ CNN_STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("strategy", sorted(CNN_STRATEGIES))
-@pytest.mark.parametrize("detector", ["fastflow"])
+@pytest.mark.parametrize("detector", ["fastflow", "rdpp", "destseg"])
 def test_cnn_detectors_get_one_level_per_layer_in_every_strategy(detector: str, strategy: str, tmp_path) -> None:
     """On a CNN the layers differ in width: the strategy binds the split (bind_layout) before fit."""
     rng = np.random.default_rng(1)
@@ -56,13 +62,14 @@ def test_cnn_detectors_get_one_level_per_layer_in_every_strategy(detector: str, 
         None,
         {
             "backbone": {"name": "tiny-cnn"},
-            "detector": {"name": detector, "epochs": 1},
+            "detector": {"name": detector, **DETECTOR_OPTIONS.get(detector, {"epochs": 1})},
             "strategy": CNN_STRATEGIES[strategy],
             "device": "cpu",
         },
     )
     model = AnomalyModel(config).fit(images)
-    assert model.strategy.detector_config.level_channels == (16, 32)  # type: ignore[attr-defined]
+    layers = model.strategy.embedder.layer_channels  # type: ignore[attr-defined]
+    assert len(set(layers)) > 1 and model.strategy.detector_config.level_channels == layers  # type: ignore[attr-defined]
     prediction = model.predict(images[0])
     assert prediction.anomaly_map.shape == (84, 112) and np.isfinite(prediction.anomaly_map).all()
     restored = AnomalyModel.load(model.save(tmp_path / "model"))

@@ -1,0 +1,579 @@
+"""DeSTSeg: segmentation-guided denoising student-teacher (Zhang et al. CVPR 2023).
+
+Main deviation: anomaly synthesis moves from image space to feature space. DeSTSeg corrupts
+*images* with DRAEM's anomalies (a thresholded Perlin-noise mask filled with a DTD texture) and
+feeds the corrupted image to a student encoder. This detector only ever sees the teacher's
+features (the embedding: frozen backbone layers, each resized to the first layer's grid and
+concatenated), so a synthetic anomaly is made on the standardised embedding instead
+(:func:`synthesise_anomalies`):
+
+- the mask is a superlevel set of seeded white noise blurred by a Gaussian (independent,
+  log-uniform ``sigma`` of 1 to ``max(h, w) / 4`` tokens per axis, as DRAEM draws independent
+  Perlin scales per axis), thresholded so that it covers a uniform random fraction of the grid
+  in ``anomaly_fraction``. Default 1-10 %: DRAEM's masks (threshold 0.5, scales 2^0..2^5)
+  cover a median 5.4 % of the image, 90 % of them between 0.1 % and 10 % (2000 draws);
+- inside the mask the features become DRAEM's blend ``beta * x + (1 - beta) * texture`` with
+  ``beta ~ U(0, 0.8)`` (DRAEM / DeSTSeg opacity), where the "texture" mixes features of another
+  training sample of the batch (flipped and rolled, so taken from another location) with
+  Gaussian noise of each channel's std: ``sqrt(l) * donor + sqrt(1 - l) * noise``, ``l ~ U(0, 1)``;
+- a fraction ``clean_probability`` of the samples stays clean (default 5 %: the reference code
+  corrupts every image, ``aug_prob=1.0``, but about 5 % of its Perlin masks are empty, measured
+  as above; DRAEM itself keeps 50 % clean);
+- the mask is known exactly at embedding resolution (DeSTSeg resizes its pixel mask to the
+  layer1 grid and thresholds it at 0.5).
+
+The model (the teacher is the embedding; its channels split into levels, ``level_channels``,
+filled in by :meth:`DeSTSeg.bind_layout`, one level = the whole embedding when empty):
+
+1. per-channel standardisation with the training set's statistics (computed in a first pass and
+   saved). Teacher features, student targets and cosines all live in this standardised space
+   (the reference compares raw ResNet features, which are all positive so every cosine is close
+   to 1, and on ViTs a few massive-activation channels would dominate every cosine);
+2. denoising student: a conv encoder-decoder on the corrupted standardised embedding (1x1
+   stem, ``student_stages`` ResNet basic blocks with stride 2 doubling the width, the mirror
+   decoder with bilinear resizing and no skip connections, as the reference's ResNet18
+   encoder + decoder), and a linear 1x1 head per level predicting the *clean* teacher features
+   of that level. Loss step 1 (reference ``cosine_similarity_loss``): per level the mean over
+   positions of ``1 - cos``, summed over levels; averaged over the batch (the reference sums over
+   the batch);
+3. segmentation network: input per level ``-normalise(t) * normalise(s)`` (reference sign), with
+   ``t`` the standardised teacher features of the *corrupted* input (what it sees at test time)
+   and ``s`` the student's output, concatenated over levels; two basic blocks to
+   ``segmentation_channels``, ASPP (rates ``aspp_rates``, reference 6/12/18, plus a global-pool
+   branch), conv3x3-BN-ReLU, 1x1 conv to a logit. Loss step 2: focal loss (gamma 4, no alpha)
+   + L1 between the sigmoid output and the synthetic mask, student frozen.
+
+Schedule as in the reference: ``student_epochs`` of the student alone (segmentation net idle),
+then ``segmentation_epochs`` of the segmentation net with the student in eval mode and no
+gradient. The reference trains 1000 + 4000 steps of batch 32; defaults here are 20 + 10 epochs.
+
+Other deviations from the paper / reference code:
+
+- a small student on features instead of a ResNet18 trained from scratch on images; its width
+  (``student_channels``) and depth (``student_stages``) are configurable, and every level is
+  predicted at the embedding's grid from the last decoder stage (the reference reads layer1..3
+  from decoder stages at their native strides);
+- ``segmentation_channels`` defaults to 128 (reference 256) to keep CPU runs practical; the
+  ASPP global-pool branch has no BatchNorm (a 1 x 1 map of a single-sample batch has no batch
+  statistics), the other convs keep the reference's BatchNorm, in eval mode at prediction;
+- optimiser: Adam (lr 1e-3 for both networks, L2 weight decay 1e-4 as the reference), not the
+  reference's SGD (momentum 0.9; lr 0.4 for the student, 0.1 / 0.01 for the segmentation res
+  blocks / head). Those rates are tied to a batch-*summed* cosine loss at batch 32, a ResNet18
+  student and thousands of steps; strategies here pass varying batch sizes for few epochs, and
+  Adam is insensitive to that loss scale;
+- focal loss computed from logits with ``logsigmoid`` (same value, numerically stable; the
+  reference applies ``binary_cross_entropy`` to sigmoid outputs, which clamps the log at -100);
+- map ``anomaly_map="segmentation"`` (DeSTSeg's output): the sigmoid of the segmentation net at
+  embedding resolution. ``"student"``: per-level ``1 - cos`` between teacher and student,
+  summed over levels (the reference's DeST map multiplies the levels). Upsampling and blur
+  belong to the strategy / post-processing;
+- image score ``image_score="top_mean"``: the mean of the highest ``top_fraction`` (default 1 %)
+  of the map's tokens; the reference averages the top T = 100 pixels of the 256 x 256 map
+  (0.15 %). ``"max"`` takes the maximum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.patchcore import mid_depth_blocks
+from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+
+#: variance floor of the per-channel standardisation
+STANDARDISE_EPS = 1e-5
+#: DRAEM / DeSTSeg draw the opacity of the original image inside the mask from U(0, 0.8)
+MAX_OPACITY = 0.8
+#: smallest blur of the mask noise, in tokens (a finer mask would be salt-and-pepper)
+MIN_MASK_SIGMA = 1.0
+#: the largest blur is this fraction of the longer grid side
+MAX_MASK_SIGMA_FRACTION = 0.25
+STATE_META_KEYS = ("level_channels", "aspp_rates")
+
+
+class DeSTSegConfig(DetectorConfig):
+    """Typed DeSTSeg options; defaults follow the paper / reference code unless noted."""
+
+    name: Literal["destseg"] = "destseg"
+    #: epochs of the denoising student (step 1); the reference trains 1000 steps of batch 32
+    student_epochs: int = Field(default=20, ge=1)
+    #: epochs of the segmentation net (step 2); the reference trains 4000 steps. 0 = skip it
+    #: (only with anomaly_map="student")
+    segmentation_epochs: int = Field(default=10, ge=0)
+    student_lr: float = Field(default=1e-3, gt=0)
+    segmentation_lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    #: width of the student's first stage (doubled at every stride-2 stage)
+    student_channels: int = Field(default=128, ge=1)
+    #: stride-2 stages of the student encoder (and decoder)
+    student_stages: int = Field(default=2, ge=0)
+    segmentation_channels: int = Field(default=128, ge=1)
+    aspp_rates: tuple[int, ...] = (6, 12, 18)
+    focal_gamma: float = Field(default=4.0, ge=0)
+    #: range of the fraction of the grid a synthetic anomaly mask covers
+    anomaly_fraction: tuple[float, float] = (0.01, 0.1)
+    #: probability that a training sample stays clean (empty mask)
+    clean_probability: float = Field(default=0.05, ge=0, le=1)
+    #: channels of each level in the embedding; empty = filled by bind_layout, else one level
+    level_channels: tuple[int, ...] = ()
+    anomaly_map: Literal["segmentation", "student"] = "segmentation"
+    image_score: Literal["top_mean", "max"] = "top_mean"
+    #: fraction of the map's highest tokens averaged by image_score="top_mean"
+    top_fraction: float = Field(default=0.01, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DeSTSegConfig:
+        low, high = self.anomaly_fraction
+        if not 0 < low <= high <= 1:
+            raise ConfigError(
+                f"destseg anomaly_fraction {self.anomaly_fraction} must satisfy 0 < low <= high <= 1"
+            )
+        if not self.aspp_rates or min(self.aspp_rates) < 1:
+            raise ConfigError(f"destseg aspp_rates {self.aspp_rates} must be one or more dilations >= 1")
+        return self
+
+
+# --------------------------------------------------------------------------- losses
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
+    """Mean binary focal loss ``-(1 - p_t)^gamma * log(p_t)`` (reference: alpha off, mean), from
+    logits so that confident predictions do not overflow the log."""
+    probabilities = torch.sigmoid(logits)
+    cross_entropy = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    return (cross_entropy * (1 - p_t) ** gamma).mean()
+
+
+def cosine_distances(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
+    """Per level ``1 - cos`` over channels at every position: ``levels x B x h x w``."""
+    return torch.stack([1 - F.cosine_similarity(s, t, dim=1) for t, s in zip(teacher, student, strict=True)])
+
+
+# --------------------------------------------------------------------------- synthesis
+def _gaussian_kernel(sigma: float, device: torch.device) -> Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def smooth_mask(
+    height: int, width: int, fraction: float, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """An ``h x w`` boolean mask: the ``round(fraction * h * w)`` highest values of white noise
+    blurred by an anisotropic Gaussian (a Perlin-like blob pattern at a random scale)."""
+    max_sigma = max(MIN_MASK_SIGMA, MAX_MASK_SIGMA_FRACTION * max(height, width))
+    log_range = math.log(max_sigma / MIN_MASK_SIGMA)
+    draws = torch.rand(2, generator=generator, device=device).tolist()
+    sigma_y, sigma_x = (MIN_MASK_SIGMA * math.exp(draw * log_range) for draw in draws)
+    kernel_y, kernel_x = _gaussian_kernel(sigma_y, device), _gaussian_kernel(sigma_x, device)
+    # noise larger than the grid by the kernel radii: a valid convolution needs no padding
+    noise = torch.randn(
+        1, 1, height + kernel_y.numel() - 1, width + kernel_x.numel() - 1, generator=generator, device=device
+    )
+    field = F.conv2d(noise, kernel_y.view(1, 1, -1, 1))
+    field = F.conv2d(field, kernel_x.view(1, 1, 1, -1)).flatten()
+    count = min(height * width, max(1, round(fraction * height * width)))
+    mask = torch.zeros(height * width, dtype=torch.bool, device=device)
+    mask[field.topk(count).indices] = True
+    return mask.view(height, width)
+
+
+def synthesise_anomalies(
+    features: Tensor,
+    generator: torch.Generator,
+    fraction_range: tuple[float, float],
+    clean_probability: float,
+) -> tuple[Tensor, Tensor]:
+    """Feature-space DRAEM anomalies on standardised ``B x C x h x w`` features.
+
+    Returns the corrupted features (equal to ``features`` outside the mask, bit for bit) and the
+    ``B x h x w`` float masks (all zero for the samples left clean). ``generator`` lives on the
+    features' device and fixes every draw.
+    """
+    batch, _, height, width = features.shape
+    device = features.device
+    masks = torch.zeros(batch, height, width, device=device)
+    donors = torch.empty_like(features)
+    donor_offset = int(torch.randint(1, batch, (1,), generator=generator, device=device)) if batch > 1 else 0
+    low, high = fraction_range
+    for index in range(batch):
+        clean, fraction, flip_y, flip_x = torch.rand(4, generator=generator, device=device).tolist()
+        shift_y = int(torch.randint(height, (1,), generator=generator, device=device))
+        shift_x = int(torch.randint(width, (1,), generator=generator, device=device))
+        donor = features[(index + donor_offset) % batch]
+        flips = [dim for dim, draw in ((1, flip_y), (2, flip_x)) if draw < 0.5]
+        if flips:
+            donor = donor.flip(flips)
+        donors[index] = donor.roll((shift_y, shift_x), dims=(1, 2))
+        if clean >= clean_probability:
+            masks[index] = smooth_mask(height, width, low + fraction * (high - low), generator, device)
+    noise = torch.randn(features.shape, generator=generator, device=device)  # std 1 = channel std
+    texture_weight, opacity = torch.rand(2, batch, 1, 1, 1, generator=generator, device=device)
+    texture = texture_weight.sqrt() * donors + (1 - texture_weight).sqrt() * noise
+    opacity = opacity * MAX_OPACITY
+    blended = opacity * features + (1 - opacity) * texture
+    corrupted = torch.where(masks.unsqueeze(1) > 0, blended, features)
+    return corrupted, masks
+
+
+# --------------------------------------------------------------------------- networks
+class BasicBlock(nn.Module):
+    """ResNet basic block (conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU), as in the reference."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel_size // 2)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+class DenoisingStudent(nn.Module):
+    """Encoder-decoder without skip connections: corrupted embedding -> clean features per level."""
+
+    def __init__(self, channels: int, level_sizes: Sequence[int], width: int, stages: int) -> None:
+        super().__init__()
+        widths = [width * 2**stage for stage in range(stages + 1)]
+        self.stem = conv_bn_relu(channels, width, 1)
+        self.encoder = nn.ModuleList(
+            BasicBlock(widths[stage], widths[stage + 1], stride=2) for stage in range(stages)
+        )
+        self.decoder = nn.ModuleList(BasicBlock(widths[stage + 1], widths[stage]) for stage in range(stages))
+        self.heads = nn.ModuleList(nn.Conv2d(width, size, 1) for size in level_sizes)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        sizes = []
+        for block in self.encoder:
+            sizes.append(x.shape[-2:])
+            x = block(x)
+        for block, size in zip(reversed(self.decoder), reversed(sizes), strict=True):
+            x = block(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return [head(x) for head in self.heads]
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (reference): global-pool branch + one dilated conv per rate."""
+
+    def __init__(self, channels: int, rates: Sequence[int]) -> None:
+        super().__init__()
+        # no BatchNorm here: a pooled 1 x 1 map of a one-sample batch has no batch statistics
+        self.pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.ReLU())
+        self.branches = nn.ModuleList(conv_bn_relu(channels, channels, 3, rate) for rate in rates)
+        self.fusion = conv_bn_relu((1 + len(rates)) * channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.pooled(x).expand(-1, -1, *x.shape[-2:])
+        return self.fusion(torch.cat([pooled, *(branch(x) for branch in self.branches)], dim=1))
+
+
+class SegmentationNet(nn.Module):
+    """Two basic blocks, ASPP, conv3x3-BN-ReLU and a 1x1 conv to one anomaly logit per position."""
+
+    def __init__(self, channels: int, width: int, rates: Sequence[int]) -> None:
+        super().__init__()
+        self.res = nn.Sequential(BasicBlock(channels, width), BasicBlock(width, width))
+        self.head = nn.Sequential(ASPP(width, rates), conv_bn_relu(width, width, 3), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.res(x)).squeeze(1)
+
+
+class DeSTSegNet(nn.Module):
+    """Standardisation statistics, denoising student and segmentation net."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, level_sizes: Sequence[int], config: DeSTSegConfig) -> None:
+        super().__init__()
+        channels = sum(level_sizes)
+        self.level_sizes = list(level_sizes)
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+        self.student = DenoisingStudent(channels, level_sizes, config.student_channels, config.student_stages)
+        self.segmentation = SegmentationNet(channels, config.segmentation_channels, config.aspp_rates)
+
+    def standardise(self, embeddings: Tensor) -> Tensor:
+        return (embeddings - self.mean) / self.std
+
+    def levels(self, features: Tensor) -> list[Tensor]:
+        return list(features.split(self.level_sizes, dim=1))
+
+    def segmentation_logits(self, teacher: Tensor, student: Sequence[Tensor]) -> Tensor:
+        """Segmentation input per level: ``-normalise(t) * normalise(s)`` (reference), concatenated."""
+        products = [
+            -F.normalize(t, dim=1) * F.normalize(s, dim=1)
+            for t, s in zip(self.levels(teacher), student, strict=True)
+        ]
+        return self.segmentation(torch.cat(products, dim=1))
+
+
+# --------------------------------------------------------------------------- detector
+class DeSTSeg(Detector[DeSTSegConfig]):
+    """Denoising student + segmentation net on feature-space synthetic anomalies; see the module
+    docstring."""
+
+    trainable = True
+    multi_pass = True  # a statistics pass, then one pass over the batches per epoch of each step
+
+    def __init__(self, config: DeSTSegConfig) -> None:
+        super().__init__(config)
+        self.model: DeSTSegNet | None = None
+        #: mean cosine loss per student epoch, mean focal + L1 loss per segmentation epoch
+        self.student_loss_history: list[float] = []
+        self.segmentation_loss_history: list[float] = []
+
+    @property
+    def loss_history(self) -> list[float]:
+        """Both steps' epoch losses in training order (student first)."""
+        return self.student_loss_history + self.segmentation_loss_history
+
+    # ----------------------------------------------------------------- embedding
+    @classmethod
+    def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
+        """CNN: layer1..3 without aggregation, DeSTSeg's own choice (ResNet18 layer1..3): the
+        segmentation net works at layer1's stride-4 grid, which its fine localisation relies on
+        (HiAD's Table II uses layer2 + layer3; set ``layers`` for that). ViT: three blocks at
+        1/4, 1/2 and 3/4 of the depth (three levels, like the CNN layers)."""
+        if extractor.is_vit:
+            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 4, 1 / 2, 3 / 4)), aggregation=1)
+        return EmbeddingSpec(layers=("layer1", "layer2", "layer3"), aggregation=1)
+
+    @classmethod
+    def bind_layout(cls, config: DeSTSegConfig, layer_channels: tuple[int, ...]) -> DeSTSegConfig:
+        """One student head and one segmentation-input level per backbone layer: fill
+        ``level_channels`` unless the user set it."""
+        if config.level_channels or not layer_channels:
+            return config
+        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
+
+    # ----------------------------------------------------------------- building
+    def _level_sizes(self, channels: int) -> list[int]:
+        sizes = list(self.config.level_channels) or [channels]
+        if min(sizes) < 1:
+            raise ConfigError(f"destseg level_channels {sizes} must all be positive")
+        if sum(sizes) != channels:
+            raise ConfigError(
+                f"destseg level_channels {sizes} sum to {sum(sizes)}, but the embedding has {channels} channels"
+            )
+        return sizes
+
+    def _build(self, level_sizes: Sequence[int], device: torch.device) -> DeSTSegNet:
+        """Seeded networks: the initial weights depend only on the config and the level sizes."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return DeSTSegNet(level_sizes, self.config).to(device)
+
+    def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std over every training position (float64 shifted sums)."""
+        count = 0
+        shift = sums = squares = torch.empty(0)
+        for batch in batches:
+            self._check_embeddings(batch, None if count == 0 else shift.numel())
+            self._check_grid(batch.shape[0], *batch.shape[-2:])
+            values = batch.detach().transpose(0, 1).flatten(1).double()  # C x positions
+            if count == 0:
+                shift = values.mean(dim=1, keepdim=True)
+                sums = torch.zeros_like(shift)
+                squares = torch.zeros_like(shift)
+            centered = values - shift
+            sums += centered.sum(dim=1, keepdim=True)
+            squares += (centered**2).sum(dim=1, keepdim=True)
+            count += values.shape[1]
+        if count == 0:
+            raise InputError("destseg fit received no embedding batches")
+        centered_mean = sums / count
+        variance = (squares / count - centered_mean**2).clamp_min(0)
+        mean = (shift + centered_mean).flatten()
+        std = (variance + STANDARDISE_EPS).sqrt().flatten()
+        return mean.float(), std.float()
+
+    def _check_grid(self, count: int, height: int, width: int) -> None:
+        """The student's stride-2 stages must leave its BatchNorm more than one value per channel."""
+        stages = self.config.student_stages
+        coarsest = math.ceil(height / 2**stages) * math.ceil(width / 2**stages)
+        if count * coarsest < 2:
+            raise InputError(
+                f"destseg cannot train on a batch of {count} {height}x{width} embedding grid(s) with"
+                f" student_stages={stages}: the student's bottleneck would be one position; use larger"
+                " inputs, larger batches or fewer student_stages"
+            )
+
+    def _check_embeddings(self, embeddings: Tensor, channels: int | None) -> None:
+        if embeddings.ndim != 4:
+            raise InputError(f"destseg expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
+        if channels is not None and embeddings.shape[1] != channels:
+            raise InputError(
+                f"destseg was fitted on {channels}-channel embeddings, got {embeddings.shape[1]}"
+            )
+
+    # ----------------------------------------------------------------- training
+    def _corrupted_batches(
+        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
+    ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        """(clean, corrupted, mask) per batch, all standardised, with fresh anomalies every pass."""
+        device = model.mean.device
+        for batch in batches:
+            self._check_embeddings(batch, model.mean.shape[1])
+            clean = model.standardise(batch.to(device).float())
+            corrupted, masks = synthesise_anomalies(
+                clean, generator, self.config.anomaly_fraction, self.config.clean_probability
+            )
+            yield clean, corrupted, masks
+
+    def _train_student(
+        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
+    ) -> None:
+        config = self.config
+        optimizer = torch.optim.Adam(
+            model.student.parameters(), lr=config.student_lr, weight_decay=config.weight_decay
+        )
+        model.student.train()
+        model.segmentation.eval()
+        for _ in range(config.student_epochs):
+            losses = []
+            for clean, corrupted, _ in self._corrupted_batches(model, batches, generator):
+                distances = cosine_distances(model.levels(clean), model.student(corrupted))
+                loss = distances.mean(dim=(2, 3)).sum(dim=0).mean()  # levels summed, batch averaged
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            self.student_loss_history.append(sum(losses) / len(losses))
+
+    def _train_segmentation(
+        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
+    ) -> None:
+        config = self.config
+        optimizer = torch.optim.Adam(
+            model.segmentation.parameters(), lr=config.segmentation_lr, weight_decay=config.weight_decay
+        )
+        model.student.eval()
+        model.segmentation.train()
+        for _ in range(config.segmentation_epochs):
+            losses = []
+            for _, corrupted, masks in self._corrupted_batches(model, batches, generator):
+                with torch.no_grad():
+                    student = model.student(corrupted)
+                logits = model.segmentation_logits(corrupted, student)
+                loss = (
+                    focal_loss(logits, masks, config.focal_gamma)
+                    + (torch.sigmoid(logits) - masks).abs().mean()
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            self.segmentation_loss_history.append(sum(losses) / len(losses))
+
+    # ----------------------------------------------------------------- Detector API
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        config = self.config
+        if config.segmentation_epochs == 0 and config.anomaly_map == "segmentation":
+            raise ConfigError(
+                'destseg anomaly_map="segmentation" needs segmentation_epochs >= 1; use anomaly_map="student"'
+            )
+        self.model = None  # a refit starts from scratch
+        self.student_loss_history, self.segmentation_loss_history = [], []
+        mean, std = self._standardisation(batches)
+        model = self._build(self._level_sizes(mean.numel()), mean.device)
+        model.mean.copy_(mean.view(1, -1, 1, 1))
+        model.std.copy_(std.view(1, -1, 1, 1))
+        generator = torch.Generator(device=mean.device).manual_seed(config.seed)
+        self._train_student(model, batches, generator)
+        self._train_segmentation(model, batches, generator)
+        model.eval()
+        self.model = model
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        model = self._require_fitted()
+        model.eval()
+        self._check_embeddings(embeddings, model.mean.shape[1])
+        with torch.no_grad():
+            teacher = model.standardise(embeddings.to(model.mean.device).float())
+            student = model.student(teacher)
+            if self.config.anomaly_map == "student":
+                maps = cosine_distances(model.levels(teacher), student).sum(dim=0)
+            else:
+                maps = torch.sigmoid(model.segmentation_logits(teacher, student))
+        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+
+    def _image_scores(self, maps: Tensor) -> Tensor:
+        flat = maps.flatten(1)
+        if self.config.image_score == "max":
+            return flat.max(dim=1).values
+        count = max(1, round(self.config.top_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        model = self._require_fitted()
+        state = {f"model.{key}": value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        state["level_channels"] = torch.tensor(model.level_sizes, dtype=torch.int64)
+        state["aspp_rates"] = torch.tensor(self.config.aspp_rates, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Rebuild the networks from the config and the saved level sizes; on any mismatch raise
+        ArtifactError and keep the detector as it was."""
+        missing = [key for key in STATE_META_KEYS if key not in state]
+        if missing:
+            raise ArtifactError(f"destseg state lacks {', '.join(missing)}; the artifact is incomplete")
+        sizes = [int(size) for size in state["level_channels"].flatten().tolist()]
+        if not sizes or min(sizes) < 1:
+            raise ArtifactError(f"destseg state has invalid level_channels {sizes}")
+        if self.config.level_channels and list(self.config.level_channels) != sizes:
+            raise ArtifactError(
+                f"destseg state was trained with level_channels {sizes}, config says {list(self.config.level_channels)}"
+            )
+        rates = [int(rate) for rate in state["aspp_rates"].flatten().tolist()]
+        if rates != list(self.config.aspp_rates):
+            raise ArtifactError(
+                f"destseg state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
+            )
+        model = self._build(sizes, torch.device("cpu"))
+        weights = {
+            key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")
+        }
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[-1].strip()
+            raise ArtifactError(f"destseg state does not match the config: {first}") from None
+        if not bool((model.std > 0).all()):
+            raise ArtifactError("destseg state entry model.std has non-positive standard deviations")
+        model.eval()
+        self.model = model
+
+    # ----------------------------------------------------------------- helpers
+    def _require_fitted(self) -> DeSTSegNet:
+        if self.model is None:
+            raise ConfigError("destseg has not been fitted or loaded; call fit() or load_state_dict() first")
+        return self.model
