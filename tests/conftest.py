@@ -78,6 +78,16 @@ def with_spot(image: np.ndarray, y: int, x: int, size: int) -> tuple[np.ndarray,
     return out, mask
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: extra threads only hand work back and forth and contend with other
+    processes on a shared 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     torch.manual_seed(0)

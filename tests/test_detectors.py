@@ -11,7 +11,7 @@ from hrad.detectors.coreset import farthest_point_indices, greedy_coreset
 from hrad.detectors.knn import NearestNeighbours
 from hrad.detectors.padim import PaDiM, PaDiMConfig
 from hrad.detectors.patchcore import PatchCore, PatchCoreConfig, reweighted_scores, sample_patches
-from hrad.errors import ConfigError
+from hrad.errors import ConfigError, InputError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 
@@ -212,3 +212,28 @@ def test_default_embeddings_and_end_to_end_with_tiny_backbones() -> None:
         assert float(output.scores[:2].min()) > float(output.scores[2:].max())
     peak_row, peak_col = divmod(int(output.maps[0].argmax()), 16)
     assert 5 <= peak_row <= 8 and 3 <= peak_col <= 6
+
+
+def test_channel_statistics_match_brute_force_over_a_stream() -> None:
+    from hrad.detectors.scoring import ChannelStatistics
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 5, 3, 4, generator=generator) * 3 + 1000 for n in (2, 1, 3)]
+    statistics = ChannelStatistics(eps=1e-5)
+    for batch in batches:
+        statistics.add(batch)
+    mean, std = statistics.mean_std("test")
+    every = torch.cat([b.transpose(0, 1).flatten(1) for b in batches], dim=1).double()
+    torch.testing.assert_close(mean.double(), every.mean(dim=1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(std.double(), (every.var(dim=1, unbiased=False) + 1e-5).sqrt(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match="test fit received no embedding batches"):
+        ChannelStatistics().mean_std("test")
+
+
+def test_image_scores_max_and_top_fraction() -> None:
+    from hrad.detectors.scoring import image_scores
+
+    maps = torch.arange(2 * 10, dtype=torch.float32).view(2, 2, 5)
+    assert image_scores(maps, "max", 0.5).tolist() == [9.0, 19.0]
+    assert image_scores(maps, "top_mean", 0.2).tolist() == [8.5, 18.5]  # top 2 of 10
+    assert image_scores(maps, "top_mean", 1e-6).tolist() == [9.0, 19.0]  # at least one value

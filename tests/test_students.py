@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from hrad.detectors import build_detector, detector_config
+from hrad.detectors.scoring import top_fraction_score
 from hrad.detectors.students import (
     Students,
     StudentsConfig,
     TokenReservoir,
     default_student_blocks,
     normalised_distance,
-    top_fraction_score,
 )
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny MLP steps are dominated by thread hand-offs on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

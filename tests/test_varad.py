@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -13,14 +11,7 @@ from hrad.detectors.varad import VarAD, VarADConfig, default_blocks, reference_s
 from hrad.errors import ConfigError, InputError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra threads only contend with other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_embedding_spreads_blocks_and_rejects_cnns() -> None:

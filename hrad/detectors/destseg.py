@@ -85,6 +85,7 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.patchcore import mid_depth_blocks
+from hrad.detectors.scoring import ChannelStatistics, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -394,27 +395,12 @@ class DeSTSeg(Detector[DeSTSegConfig]):
 
     def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-channel mean and std over every training position (float64 shifted sums)."""
-        count = 0
-        shift = sums = squares = torch.empty(0)
+        statistics = ChannelStatistics(STANDARDISE_EPS)
         for batch in batches:
-            self._check_embeddings(batch, None if count == 0 else shift.numel())
+            self._check_embeddings(batch, statistics.channels)
             self._check_grid(batch.shape[0], *batch.shape[-2:])
-            values = batch.detach().transpose(0, 1).flatten(1).double()  # C x positions
-            if count == 0:
-                shift = values.mean(dim=1, keepdim=True)
-                sums = torch.zeros_like(shift)
-                squares = torch.zeros_like(shift)
-            centered = values - shift
-            sums += centered.sum(dim=1, keepdim=True)
-            squares += (centered**2).sum(dim=1, keepdim=True)
-            count += values.shape[1]
-        if count == 0:
-            raise InputError("destseg fit received no embedding batches")
-        centered_mean = sums / count
-        variance = (squares / count - centered_mean**2).clamp_min(0)
-        mean = (shift + centered_mean).flatten()
-        std = (variance + STANDARDISE_EPS).sqrt().flatten()
-        return mean.float(), std.float()
+            statistics.add(batch)
+        return statistics.mean_std("destseg")
 
     def _check_grid(self, count: int, height: int, width: int) -> None:
         """The student's stride-2 stages must leave its BatchNorm more than one value per channel."""
@@ -527,11 +513,7 @@ class DeSTSeg(Detector[DeSTSegConfig]):
         return DetectorOutput(maps=maps, scores=self._image_scores(maps))
 
     def _image_scores(self, maps: Tensor) -> Tensor:
-        flat = maps.flatten(1)
-        if self.config.image_score == "max":
-            return flat.max(dim=1).values
-        count = max(1, round(self.config.top_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return image_scores(maps, self.config.image_score, self.config.top_fraction)
 
     def state_dict(self) -> dict[str, Tensor]:
         model = self._require_fitted()

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.patchcore import mid_depth_blocks
+from hrad.detectors.scoring import ChannelStatistics, ImageScore, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -80,7 +81,7 @@ class FastFlowConfig(DetectorConfig):
     #: "probability": anomalib's ``-exp(-0.5 * mean z**2)`` (saturates at 0 on strong anomalies,
     #: which then tie); "nll": ``0.5 * mean z**2`` itself, monotone in the same quantity, never saturates
     anomaly_map: Literal["probability", "nll"] = "probability"
-    image_score: Literal["max", "top_mean"] = "max"
+    image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
 
@@ -256,26 +257,11 @@ class FastFlow(Detector[FastFlowConfig]):
     def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-channel mean and std over every training position (float64 shifted sums), on the
         batches' device."""
-        count = 0
-        shift = sums = squares = torch.empty(0)
+        statistics = ChannelStatistics(STANDARDISE_EPS)
         for batch in batches:
-            self._check_embeddings(batch, None if count == 0 else shift.numel())
-            values = batch.detach().transpose(0, 1).flatten(1).double()  # C x positions
-            if count == 0:
-                shift = values.mean(dim=1, keepdim=True)
-                sums = torch.zeros_like(shift)
-                squares = torch.zeros_like(shift)
-            centered = values - shift
-            sums += centered.sum(dim=1, keepdim=True)
-            squares += (centered**2).sum(dim=1, keepdim=True)
-            count += values.shape[1]
-        if count == 0:
-            raise InputError("fastflow fit received no embedding batches")
-        centered_mean = sums / count
-        variance = (squares / count - centered_mean**2).clamp_min(0)
-        mean = (shift + centered_mean).flatten()
-        std = (variance + STANDARDISE_EPS).sqrt().flatten()
-        return mean.float(), std.float()
+            self._check_embeddings(batch, statistics.channels)
+            statistics.add(batch)
+        return statistics.mean_std("fastflow")
 
     # ----------------------------------------------------------------- forward
     def _check_embeddings(self, embeddings: Tensor, channels: int | None) -> None:
@@ -348,11 +334,7 @@ class FastFlow(Detector[FastFlowConfig]):
         return DetectorOutput(maps=maps, scores=self._image_scores(maps))
 
     def _image_scores(self, maps: Tensor) -> Tensor:
-        flat = maps.flatten(1)
-        if self.config.image_score == "max":
-            return flat.max(dim=1).values
-        count = max(1, round(self.config.top_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return image_scores(maps, self.config.image_score, self.config.top_fraction)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()

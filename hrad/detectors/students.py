@@ -37,6 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.scoring import top_fraction_score
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -121,13 +122,6 @@ def fuse_maps(backward_map: Tensor, forward_map: Tensor, fusion: Fusion) -> Tens
     if fusion == "forward":
         return forward_map
     return backward_map
-
-
-def top_fraction_score(maps: Tensor, fraction: float) -> Tensor:
-    """Per map: mean of the ``ceil(fraction * h * w)`` highest values (at least one)."""
-    flat = maps.flatten(1)
-    count = min(flat.shape[1], max(1, math.ceil(fraction * flat.shape[1])))
-    return flat.topk(count, dim=1).values.mean(dim=1)
 
 
 class TokenReservoir:

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.mamba import MAX_CHUNK, MambaBlock, ScanBackend
+from hrad.detectors.scoring import ImageScore, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -84,7 +85,7 @@ class VarADConfig(DetectorConfig):
     #: memory (what 1024-class inputs need on CPU), and on CPU no slower in
     #: benchmarks/results/varad_scan.md (4.3 s vs 4.9 s forward + backward)
     recompute_scan: bool = True
-    image_score: Literal["max", "top_mean"] = "max"
+    image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = 0.01
     #: stop gradients into the target tokens (the paper trains through both sides)
@@ -328,11 +329,7 @@ class VarAD(Detector[VarADConfig]):
         return DetectorOutput(maps=maps, scores=self._image_scores(maps))
 
     def _image_scores(self, maps: Tensor) -> Tensor:
-        flat = maps.flatten(1)
-        if self.config.image_score == "max":
-            return flat.max(dim=1).values
-        count = max(1, round(self.config.top_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return image_scores(maps, self.config.image_score, self.config.top_fraction)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()

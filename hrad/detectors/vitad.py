@@ -47,6 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.scoring import ImageScore, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -86,7 +87,7 @@ class ViTADConfig(DetectorConfig):
     #: "auto": raw decoder outputs when widths match (reference), a linear map otherwise
     projection: Literal["auto", "linear"] = "auto"
     loss: Literal["flat", "token", "token+flat"] = "flat"
-    image_score: Literal["max", "top_mean"] = "max"
+    image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
     #: queries per attention call (bounds memory on large grids); 0 = all tokens at once
@@ -387,11 +388,7 @@ class ViTAD(Detector[ViTADConfig]):
         return DetectorOutput(maps=maps, scores=self._image_scores(maps))
 
     def _image_scores(self, maps: Tensor) -> Tensor:
-        flat = maps.flatten(1)
-        if self.config.image_score == "max":
-            return flat.max(dim=1).values
-        count = max(1, round(self.config.top_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return image_scores(maps, self.config.image_score, self.config.top_fraction)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()

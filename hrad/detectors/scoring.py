@@ -1,0 +1,67 @@
+"""Small pieces several detectors share: image scores from token maps, channel statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hrad.errors import InputError
+
+#: how a detector turns its token map into one image score
+ImageScore = Literal["max", "top_mean"]
+
+
+def top_fraction_score(maps: Tensor, fraction: float) -> Tensor:
+    """Per map: mean of the ``ceil(fraction * h * w)`` highest values (at least one)."""
+    flat = maps.flatten(1)
+    count = min(flat.shape[1], max(1, math.ceil(fraction * flat.shape[1])))
+    return flat.topk(count, dim=1).values.mean(dim=1)
+
+
+def image_scores(maps: Tensor, rule: ImageScore, top_fraction: float) -> Tensor:
+    """``B x h x w`` maps -> ``B`` scores: the maximum, or the mean of the top fraction."""
+    if rule == "max":
+        return maps.flatten(1).max(dim=1).values
+    return top_fraction_score(maps, top_fraction)
+
+
+class ChannelStatistics:
+    """Per-channel mean and std over every position of a stream of ``B x C x h x w`` batches.
+
+    Accumulates in float64 around the first batch's mean (a shifted sum), so huge streams of
+    large-offset features keep their precision; the std gets ``eps`` added to its variance
+    (``nn.LayerNorm``'s default) so constant channels standardise to 0 instead of dividing by 0.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        self.eps = eps
+        self.count = 0
+        self._shift = self._sums = self._squares = torch.empty(0)
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.count == 0 else self._shift.numel()
+
+    def add(self, batch: Tensor) -> None:
+        values = batch.detach().transpose(0, 1).flatten(1).double()  # C x positions
+        if self.count == 0:
+            self._shift = values.mean(dim=1, keepdim=True)
+            self._sums = torch.zeros_like(self._shift)
+            self._squares = torch.zeros_like(self._shift)
+        centered = values - self._shift
+        self._sums += centered.sum(dim=1, keepdim=True)
+        self._squares += (centered**2).sum(dim=1, keepdim=True)
+        self.count += values.shape[1]
+
+    def mean_std(self, what: str) -> tuple[Tensor, Tensor]:
+        """float32 ``(mean, std)`` of shape ``C``; ``what`` names the detector in the error."""
+        if self.count == 0:
+            raise InputError(f"{what} fit received no embedding batches")
+        centered_mean = self._sums / self.count
+        variance = (self._squares / self.count - centered_mean**2).clamp_min(0)
+        mean = (self._shift + centered_mean).flatten()
+        std = (variance + self.eps).sqrt().flatten()
+        return mean.float(), std.float()
