@@ -78,6 +78,15 @@ CASES = {
     "patchcore-no-reweight": ({"name": "tiled", "tile": 64}, "tiny-cnn", {**PATCHCORE, "reweight": False}),
     "padim-tiled": ({"name": "tiled", "tile": 48, "stride": 32}, "tiny-cnn", {"name": "padim", "n_features": 12}),
     "padim-downsample": ({"name": "downsample", "image_size": 64}, "tiny-cnn", {"name": "padim", "n_features": 24}),
+    # neural detectors export their predict as traced (one short epoch: the graph, not the quality, is tested)
+    "fastflow-tiled": ({"name": "tiled", "tile": 48, "stride": 32}, "tiny-cnn", {"name": "fastflow", "epochs": 1}),
+    "rdpp-downsample": ({"name": "downsample", "image_size": 64}, "tiny-cnn", {"name": "rdpp", "epochs": 1}),
+    "destseg-tiled": (
+        {"name": "tiled", "tile": 48, "stride": 32},
+        "tiny-cnn",
+        {"name": "destseg", "student_epochs": 1, "segmentation_epochs": 1, "student_stages": 1},
+    ),
+    "vitad-downsample": ({"name": "downsample", "image_size": 70}, "tiny-vit", {"name": "vitad", "epochs": 1}),
 }
 
 

@@ -104,6 +104,21 @@ class Detector(ABC, Generic[ConfigT]):
         return None
 
 
+class PredictScoring(nn.Module):
+    """A detector whose :meth:`~Detector.predict` is plain torch on fixed-shape inputs (neural
+    detectors: flows, decoders, students) as an exportable module: tracing records exactly the
+    ops ``predict`` runs. The detector's networks are registered so their weights travel along."""
+
+    def __init__(self, detector: Detector, networks: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+        self.networks = networks
+
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        output = self.detector.predict(embeddings)
+        return output.maps, output.scores
+
+
 @dataclass(frozen=True)
 class DetectorEntry:
     """A registered detector: its config class and its implementation."""

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
 from hrad.detectors.scoring import ChannelStatistics, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
@@ -514,6 +514,10 @@ class DeSTSeg(Detector[DeSTSegConfig]):
 
     def _image_scores(self, maps: Tensor) -> Tensor:
         return image_scores(maps, self.config.image_score, self.config.top_fraction)
+
+    def scoring_module(self) -> nn.Module:
+        """Predict is plain torch: exportable to ONNX as it is."""
+        return PredictScoring(self, self._require_fitted())
 
     def state_dict(self) -> dict[str, Tensor]:
         model = self._require_fitted()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
 from hrad.detectors.scoring import ChannelStatistics, ImageScore, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
@@ -335,6 +335,12 @@ class FastFlow(Detector[FastFlowConfig]):
 
     def _image_scores(self, maps: Tensor) -> Tensor:
         return image_scores(maps, self.config.image_score, self.config.top_fraction)
+
+    def scoring_module(self) -> nn.Module:
+        """Predict is plain torch: exportable to ONNX as it is."""
+        self._require_fitted()
+        assert self.levels is not None
+        return PredictScoring(self, self.levels)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()

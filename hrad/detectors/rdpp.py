@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
@@ -702,6 +702,12 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
             )
             maps = per_level.sum(0) if self.config.map_reduction == "sum" else per_level.mean(0)
         return DetectorOutput(maps=maps, scores=maps.flatten(1).max(dim=1).values)
+
+    def scoring_module(self) -> nn.Module:
+        """Predict is plain torch: exportable to ONNX as it is."""
+        self._require_fitted()
+        assert self.net is not None
+        return PredictScoring(self, self.net)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()

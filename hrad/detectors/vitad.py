@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.scoring import ImageScore, image_scores
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
@@ -389,6 +389,12 @@ class ViTAD(Detector[ViTADConfig]):
 
     def _image_scores(self, maps: Tensor) -> Tensor:
         return image_scores(maps, self.config.image_score, self.config.top_fraction)
+
+    def scoring_module(self) -> nn.Module:
+        """Predict is plain torch: exportable to ONNX as it is."""
+        self._require_fitted()
+        assert self.net is not None
+        return PredictScoring(self, self.net)
 
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()
