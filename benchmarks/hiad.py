@@ -129,6 +129,8 @@ def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for group in args.groups:
         for label, strategy in setups(group, base):
+            if args.only and not any(label.startswith(prefix) for prefix in args.only):
+                continue
             row: dict[str, Any] = {"group": group, "setup": label}
             try:
                 config = ModelConfig(
@@ -207,6 +209,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--build-2k", type=Path, default=None, metavar="DIR", help="build a 2K set from --data into DIR first"
     )
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="PREFIX", help="run only setups whose label starts with one of these"
+    )
     parser.add_argument("--detector", default="patchcore")
     parser.add_argument(
         "--detector-option",
