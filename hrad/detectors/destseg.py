@@ -110,6 +110,7 @@ class DeSTSegConfig(DetectorConfig):
     #: epochs of the segmentation net (step 2); the reference trains 4000 steps, 4x the student's.
     #: 0 = skip it (only with anomaly_map="student"). Measured on capsules (downsample 512,
     #: Lite0, 10 images, 10 student epochs): 5 epochs give pixel AUROC 0.57, 40 give 0.98
+    #: (benchmarks/results/destseg_schedule.md)
     segmentation_epochs: int = Field(default=40, ge=0)
     student_lr: float = Field(default=1e-3, gt=0)
     segmentation_lr: float = Field(default=1e-3, gt=0)
