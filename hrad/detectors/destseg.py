@@ -86,7 +86,13 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
-from hrad.detectors.scoring import ChannelStatistics, ImageScore, image_scores
+from hrad.detectors.scoring import (
+    ChannelStatistics,
+    ImageScore,
+    image_scores,
+    load_module_state,
+    module_state,
+)
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -524,7 +530,7 @@ class DeSTSeg(Detector[DeSTSegConfig]):
 
     def state_dict(self) -> dict[str, Tensor]:
         model = self._require_fitted()
-        state = {f"model.{key}": value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        state = module_state(model, "model")
         state["level_channels"] = torch.tensor(model.level_sizes, dtype=torch.int64)
         state["aspp_rates"] = torch.tensor(self.config.aspp_rates, dtype=torch.int64)
         return state
@@ -548,14 +554,7 @@ class DeSTSeg(Detector[DeSTSegConfig]):
                 f"destseg state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
             )
         model = self._build(sizes, torch.device("cpu"))
-        weights = {
-            key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")
-        }
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[-1].strip()
-            raise ArtifactError(f"destseg state does not match the config: {first}") from None
+        load_module_state(model, state, "model", "destseg")
         if not bool((model.std > 0).all()):
             raise ArtifactError("destseg state entry model.std has non-positive standard deviations")
         model.eval()

@@ -48,7 +48,13 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
-from hrad.detectors.scoring import ChannelStatistics, ImageScore, image_scores
+from hrad.detectors.scoring import (
+    ChannelStatistics,
+    ImageScore,
+    image_scores,
+    load_module_state,
+    module_state,
+)
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -345,9 +351,7 @@ class FastFlow(Detector[FastFlowConfig]):
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()
         assert self.levels is not None
-        state = {
-            f"levels.{key}": value.detach().cpu().clone() for key, value in self.levels.state_dict().items()
-        }
+        state = module_state(self.levels, "levels")
         state["level_channels"] = torch.tensor(self.split_sizes, dtype=torch.int64)
         state["clamp"] = torch.tensor([self.config.clamp], dtype=torch.float64)
         return state
@@ -371,15 +375,11 @@ class FastFlow(Detector[FastFlowConfig]):
         self.split_sizes = sizes
         self._build(torch.device("cpu"))
         assert self.levels is not None
-        weights = {
-            key.removeprefix("levels."): value for key, value in state.items() if key.startswith("levels.")
-        }
         try:
-            self.levels.load_state_dict(weights)
-        except RuntimeError as error:
+            load_module_state(self.levels, state, "levels", "fastflow")
+        except ArtifactError:
             self.levels = None
-            first = str(error).strip().splitlines()[-1].strip()
-            raise ArtifactError(f"fastflow state does not match the config: {first}") from None
+            raise
         for name, buffer in self.levels.named_buffers():
             if name.endswith("permutation") and not torch.equal(
                 buffer.sort().values, torch.arange(buffer.numel())

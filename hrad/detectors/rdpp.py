@@ -98,6 +98,7 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
 from hrad.detectors.patchcore import mid_depth_blocks
+from hrad.detectors.scoring import load_module_state, module_state
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -712,7 +713,7 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()
         assert self.net is not None
-        state = {f"net.{key}": value.detach().cpu().clone() for key, value in self.net.state_dict().items()}
+        state = module_state(self.net, "net")
         state["level_channels"] = torch.tensor(self.level_sizes, dtype=torch.int64)
         return state
 
@@ -729,13 +730,11 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
         self.level_sizes = sizes
         self._build(torch.device("cpu"))
         assert self.net is not None
-        weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
         try:
-            self.net.load_state_dict(weights)
-        except RuntimeError as error:
+            load_module_state(self.net, state, "net", "rdpp")
+        except ArtifactError:
             self.net = None
-            first = str(error).strip().splitlines()[-1].strip()
-            raise ArtifactError(f"rdpp state does not match the config: {first}") from None
+            raise
         self.net.eval()
 
     # ----------------------------------------------------------------- helpers

@@ -1,4 +1,5 @@
-"""Small pieces several detectors share: image scores from token maps, channel statistics."""
+"""Small pieces several detectors share: image scores from token maps, channel statistics,
+network weights in and out of the flat state."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from hrad.errors import InputError
+from hrad.errors import ArtifactError, InputError
 
 #: how a detector turns its token map into one image score
 ImageScore = Literal["max", "top_mean"]
@@ -65,3 +66,20 @@ class ChannelStatistics:
         mean = (self._shift + centered_mean).flatten()
         std = (variance + self.eps).sqrt().flatten()
         return mean.float(), std.float()
+
+
+def module_state(module: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """A network's weights as CPU copies under ``prefix.`` (a detector's flat safetensors state)."""
+    return {f"{prefix}.{key}": value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
+def load_module_state(module: nn.Module, state: dict[str, Tensor], prefix: str, what: str) -> None:
+    """Load the entries under ``prefix.`` into ``module``; a mismatch (other config, missing or
+    misshapen weights) is one line of :class:`~hrad.errors.ArtifactError` naming ``what``."""
+    start = prefix + "."
+    weights = {key.removeprefix(start): value for key, value in state.items() if key.startswith(start)}
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ArtifactError(f"{what} state does not match the config: {first}") from None

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.mamba import MAX_CHUNK, MambaBlock, ScanBackend
-from hrad.detectors.scoring import ImageScore, image_scores
+from hrad.detectors.scoring import ImageScore, image_scores, load_module_state, module_state
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -334,9 +334,7 @@ class VarAD(Detector[VarADConfig]):
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()
         assert self.levels is not None
-        state = {
-            f"levels.{key}": value.detach().cpu().clone() for key, value in self.levels.state_dict().items()
-        }
+        state = module_state(self.levels, "levels")
         state["split_sizes"] = torch.tensor(self.split_sizes, dtype=torch.int64)
         state["steps"] = torch.tensor(self.steps, dtype=torch.int64)
         return state
@@ -353,14 +351,7 @@ class VarAD(Detector[VarADConfig]):
             )
         self._build(sum(self.split_sizes), torch.device("cpu"))
         assert self.levels is not None
-        weights = {
-            key.removeprefix("levels."): value for key, value in state.items() if key.startswith("levels.")
-        }
-        try:
-            self.levels.load_state_dict(weights)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[-1].strip()
-            raise ArtifactError(f"varad state does not match the config: {first}") from None
+        load_module_state(self.levels, state, "levels", "varad")
         self.levels.eval()
 
     # ----------------------------------------------------------------- helpers

@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.scoring import ImageScore, image_scores
+from hrad.detectors.scoring import ImageScore, image_scores, load_module_state, module_state
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -399,7 +399,7 @@ class ViTAD(Detector[ViTADConfig]):
     def state_dict(self) -> dict[str, Tensor]:
         self._require_fitted()
         assert self.net is not None
-        state = {f"net.{key}": value.detach().cpu().clone() for key, value in self.net.state_dict().items()}
+        state = module_state(self.net, "net")
         state["split_sizes"] = torch.tensor(self.split_sizes, dtype=torch.int64)
         state["architecture"] = torch.tensor(self._architecture(self.split_sizes), dtype=torch.int64)
         return state
@@ -422,12 +422,7 @@ class ViTAD(Detector[ViTADConfig]):
                 "vitad state was trained with (decoder width, heads, depth, fuser input channels) ="
                 f" {saved}, the config gives {expected}"
             )
-        weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[-1].strip()
-            raise ArtifactError(f"vitad state does not match the config: {first}") from None
+        load_module_state(net, state, "net", "vitad")
         self.net, self.split_sizes = net.eval(), split_sizes
 
     # ----------------------------------------------------------------- helpers
