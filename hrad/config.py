@@ -27,19 +27,26 @@ class ThresholdConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     validation_fraction: float = Field(0.2, ge=0, lt=1)  # HiAD holds out 20%
+    #: k of mean + k x std for the image and the pixel threshold (predict can override it)
     sigmas: float = 3.0
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    #: frozen feature extractor
     backbone: BackboneConfig = BackboneConfig()
+    #: low-resolution anomaly model; options depend on its name
     detector: SerializeAsAny[DetectorConfig] = Field(default_factory=lambda: detector_config({"name": "patchcore"}))
+    #: how a high-resolution image is covered; options depend on its name
     strategy: SerializeAsAny[StrategyConfig] = Field(default_factory=lambda: strategy_config({"name": "downsample"}))
+    #: full-resolution smoothing and image-score rule
     postprocess: PostprocessConfig = PostprocessConfig()
+    #: thresholds from held-out normal images
     threshold: ThresholdConfig = ThresholdConfig()
     #: "auto" = CUDA when available, else CPU
     device: str = "auto"
+    #: seed of the validation split and torch
     seed: int = 0
 
     @field_validator("detector", mode="before")

@@ -324,6 +324,53 @@ def list_components() -> None:
     console.print("backbones:  " + ", ".join(hrad.features.BACKBONES.names()))
     console.print("detectors:  " + ", ".join(hrad.detectors.DETECTORS.names()))
     console.print("strategies: " + ", ".join(hrad.strategies.STRATEGIES.names()))
+    console.print("options of each: hrad options detector|strategy|backbone [NAME]")
+
+
+@app.command("options")
+def options(
+    section: Annotated[
+        str | None, typer.Argument(help="detector, strategy, backbone, postprocess, threshold or model")
+    ] = None,
+    name: Annotated[str | None, typer.Argument(help="A registered detector/strategy/backbone name (default: all)")] = None,
+) -> None:
+    """Every config option with its type, default and meaning (set with --set section.field=value)."""
+    from hrad.options import SECTIONS, config_class, option_rows, section_names
+
+    if section is None:
+        for listed in SECTIONS:
+            registered = section_names(listed)
+            typer.echo(f"{listed}: " + (", ".join(registered) if registered else "(one set of options)"))
+        typer.echo("show one: hrad options detector patchcore; a whole-config JSON schema: hrad schema")
+        return
+    names: list[str | None] = [name] if name is not None or section not in ("detector", "strategy") else list(section_names(section))
+    for index, each in enumerate(names):
+        model = config_class(section, each)
+        title = f"{section} {each}" if each else section
+        if name is None and section == "backbone":
+            title += f" (one config for every backbone: {', '.join(section_names('backbone'))})"
+        summary = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+        typer.echo(("\n" if index else "") + f"{title}: {summary}")
+        for option in option_rows(model):
+            typer.echo(f"  {section}.{option.name}: {option.type} = {option.default}")
+            if option.doc:
+                typer.echo(f"      {option.doc}")
+
+
+@app.command("schema")
+def schema(
+    out: Annotated[Path | None, typer.Option(help="Write the schema to this file instead of stdout")] = None,
+) -> None:
+    """JSON schema of a whole model config file (for editors and validation of YAML configs)."""
+    from hrad.options import model_schema
+
+    text = json.dumps(model_schema(), indent=2)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n")
+        console.print(f"schema written to {out}")
+
 
 
 def main() -> None:

@@ -25,9 +25,11 @@ class DetectorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: registered detector name; selects this config class
     name: str
     #: backbone layers to embed; empty = the detector's default for the backbone
     layers: tuple[str, ...] = ()
+    #: seed of the detector's own randomness (sampling, initialisation, synthetic anomalies)
     seed: int = 0
 
 

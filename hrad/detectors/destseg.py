@@ -118,15 +118,21 @@ class DeSTSegConfig(DetectorConfig):
     #: Lite0, 10 images, 10 student epochs): 5 epochs give pixel AUROC 0.57, 40 give 0.98
     #: (benchmarks/results/destseg_schedule.md)
     segmentation_epochs: int = Field(default=40, ge=0)
+    #: Adam learning rate of the denoising student
     student_lr: float = Field(default=1e-3, gt=0)
+    #: Adam learning rate of the segmentation net
     segmentation_lr: float = Field(default=1e-3, gt=0)
+    #: Adam weight decay of both networks
     weight_decay: float = Field(default=1e-4, ge=0)
     #: width of the student's first stage (doubled at every stride-2 stage)
     student_channels: int = Field(default=128, ge=1)
     #: stride-2 stages of the student encoder (and decoder)
     student_stages: int = Field(default=2, ge=0)
+    #: width of the segmentation net
     segmentation_channels: int = Field(default=128, ge=1)
+    #: dilation rates of the segmentation net's ASPP branches
     aspp_rates: tuple[int, ...] = (6, 12, 18)
+    #: gamma of the segmentation focal loss
     focal_gamma: float = Field(default=4.0, ge=0)
     #: range of the fraction of the grid a synthetic anomaly mask covers
     anomaly_fraction: tuple[float, float] = (0.01, 0.1)
@@ -134,7 +140,9 @@ class DeSTSegConfig(DetectorConfig):
     clean_probability: float = Field(default=0.05, ge=0, le=1)
     #: channels of each level in the embedding; empty = filled by bind_layout, else one level
     level_channels: tuple[int, ...] = ()
+    #: "segmentation": the segmentation net's output; "student": teacher-student 1 - cos
     anomaly_map: Literal["segmentation", "student"] = "segmentation"
+    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
     image_score: ImageScore = "top_mean"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)

@@ -71,8 +71,11 @@ class FastFlowConfig(DetectorConfig):
     name: Literal["fastflow"] = "fastflow"
     #: anomalib / the paper train up to 500 epochs; 20 keeps CPU and high-resolution runs practical
     epochs: int = Field(default=20, ge=1)
+    #: Adam learning rate
     lr: float = Field(default=1e-3, gt=0)
+    #: Adam weight decay
     weight_decay: float = Field(default=1e-5, ge=0)
+    #: coupling blocks per level
     flow_steps: int = Field(default=8, ge=1)
     #: subnet hidden channels per input channel (paper: 1.0 for ResNets, 0.16 for ViTs)
     hidden_ratio: float = Field(default=1.0, gt=0)
@@ -87,6 +90,7 @@ class FastFlowConfig(DetectorConfig):
     #: "probability": anomalib's ``-exp(-0.5 * mean z**2)`` (saturates at 0 on strong anomalies,
     #: which then tie); "nll": ``0.5 * mean z**2`` itself, monotone in the same quantity, never saturates
     anomaly_map: Literal["probability", "nll"] = "probability"
+    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
     image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)

@@ -112,11 +112,13 @@ class RDPlusPlusConfig(DetectorConfig):
     """Typed RD++ options; defaults follow the reference code unless the module docstring says otherwise."""
 
     name: Literal["rdpp"] = "rdpp"
+    #: training epochs (the reference keeps the best test epoch of 10..300, which a detector cannot)
     epochs: int = Field(default=20, ge=1)
     #: Adam lr of the bottleneck and decoder (reference ``distill_lr``)
     lr: float = Field(default=0.005, gt=0)
     #: Adam lr of the projection layers (reference ``proj_lr``)
     projection_lr: float = Field(default=0.001, gt=0)
+    #: Adam betas
     betas: tuple[float, float] = (0.5, 0.999)
     #: channels of each teacher level in the embedding; empty = bound from the embedder, or one level
     level_channels: tuple[int, ...] = ()
@@ -124,20 +126,29 @@ class RDPlusPlusConfig(DetectorConfig):
     projection_divisor: int = Field(default=2, ge=1)
     #: width of the one-class embedding; None = the widest level
     bottleneck_channels: int | None = Field(default=None, ge=1)
+    #: residual blocks in the one-class bottleneck
     bottleneck_blocks: int = Field(default=3, ge=1)
     #: extra downsampling of the fused coarsest level (RD: 2)
     bottleneck_stride: Literal[1, 2] = 2
+    #: residual blocks per decoder stage (RD: 3/4/6)
     decoder_blocks: int = Field(default=2, ge=1)
     #: residual blocks work at out_channels / block_reduction inside (ResNet bottleneck: 4)
     block_reduction: int = Field(default=4, ge=1)
+    #: "both": per-position + flattened 1 - cos (RD paper + code); "flattened": RD/RD++ code; "position": RD paper
     distill_loss: Literal["both", "flattened", "position"] = "both"
     #: weight of the projection losses against the distillation loss (reference ``weight_proj``)
     projection_weight: float = Field(default=0.2, ge=0)
+    #: weight of the pairwise Sinkhorn (SSOT) loss; 0 = off
     ssot_weight: float = Field(default=1.0, ge=0)
+    #: weight of L_recon on noisy features; 0 = off
     noise_reconstruction_weight: float = Field(default=0.01, ge=0)
+    #: weight of L_contrast on noisy features; 0 = off
     noise_contrast_weight: float = Field(default=0.1, ge=0)
+    #: margin of the cosine-embedding contrast loss (reference -0.5)
     contrast_margin: float = -0.5
+    #: target blur of the Sinkhorn divergence (geomloss blur)
     ssot_blur: float = Field(default=0.05, gt=0)
+    #: epsilon-scaling factor of the Sinkhorn annealing (geomloss scaling)
     ssot_scaling: float = Field(default=0.95, gt=0, lt=1)
     #: Sinkhorn iterations at the target blur after the annealing
     ssot_iterations: int = Field(default=20, ge=1)
@@ -149,6 +160,7 @@ class RDPlusPlusConfig(DetectorConfig):
     noise_sigma: float = Field(default=1.0, ge=0)
     #: range of the noise box sides as fractions of the grid sides
     noise_extent: tuple[float, float] = REFERENCE_NOISE_EXTENT
+    #: levels' 1 - cos maps are summed or averaged into the anomaly map
     map_reduction: Literal["sum", "mean"] = "sum"
 
     @field_validator("noise_extent")

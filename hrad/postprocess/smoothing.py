@@ -18,6 +18,7 @@ class PostprocessConfig(BaseModel):
     sigma: float = Field(4.0, ge=0)
     #: image score: the strategy's score, the map maximum, or the mean of the top fraction of pixels
     image_score: Literal["strategy", "max", "top-fraction"] = "strategy"
+    #: fraction of the highest pixels averaged by image_score="top-fraction"
     top_fraction: float = Field(0.001, gt=0, le=1)
 
 

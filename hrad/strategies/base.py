@@ -29,6 +29,7 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: registered strategy name; selects this config class
     name: str
     #: images are processed this many at a time where the strategy batches
     batch_size: int = 4

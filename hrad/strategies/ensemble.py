@@ -57,15 +57,18 @@ class TiledEnsembleConfig(StrategyConfig):
     image_size: int | None = Field(default=None, gt=0)
     #: with ``image_size``: scale the long side to ``image_size`` and keep the aspect ratio
     keep_aspect: bool = False
+    #: tile side in pixels (after image_size)
     tile: int = Field(default=256, gt=0)
     #: tile stride; smaller than ``tile`` = overlapping tiles (stacking ensemble); None = ``tile``
     stride: int | None = Field(default=None, gt=0)
     #: image score from tile scores: "mean" (paper default) or "max" (better for tiny defects,
     #: which the mean over many clean tiles dilutes)
     score_merge: Literal["mean", "max"] = "mean"
+    #: blur the map across tile seams
     seam_smoothing: bool = True
     #: half-width of the smoothed band, as a fraction of the tile size, on each side of a seam
     seam_band: float = Field(default=0.1, ge=0.0, le=0.5)
+    #: Gaussian sigma (pixels) of the seam smoothing
     seam_sigma: float = Field(default=2.0, gt=0.0)
     #: put maps on one scale from held-out good images (``calibrate``): per tile model, or on
     #: the merged image map; never from test data

@@ -77,15 +77,19 @@ class MRFConfig(StrategyConfig):
     name: Literal["mrf"] = "mrf"
     #: the image is first resized to about this many pixels, aspect kept (None: native size)
     pixel_budget: int | None = Field(5_000_000, ge=196)
+    #: image scales of the banks (fractions of the resized image)
     scales: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
     #: backbone layers; empty = the paper's blocks 7, 9, 11 (or their relative depth)
     layers: tuple[str, ...] = ()
     #: "cosine" scores 1 - cos on L2-normalised vectors
     distance: Literal["l2", "cosine"] = "l2"
+    #: maps of all (layer, scale) banks fused by mean or max
     fusion: Literal["mean", "max"] = "mean"
     #: nearest-neighbour index: exact, IVF-Flat, or chosen from the bank size
     index: Literal["auto", "exact", "ivf"] = "auto"
+    #: IVF lists of each bank index
     nlist: int = Field(512, ge=1)
+    #: IVF lists probed per query
     nprobe: int = Field(32, ge=1)
     #: keep this fraction of each image's vectors per bank (greedy k-center); None = see max_bank_gib
     coreset_ratio: float | None = Field(None, gt=0, le=1)
@@ -95,7 +99,9 @@ class MRFConfig(StrategyConfig):
     bank_dtype: Literal["float16", "float32"] = "float16"
     #: zero the distances of background patches (built-in PCA masker); off for textures
     foreground: bool = False
+    #: image score: map max, or mean of the top_fraction of pixels
     score: Literal["max", "top-fraction"] = "max"
+    #: fraction of the highest pixels averaged by score="top-fraction"
     top_fraction: float = Field(0.001, gt=0, le=1)
 
     @field_validator("scales")

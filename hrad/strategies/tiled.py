@@ -37,6 +37,7 @@ class DownsampleConfig(StrategyConfig):
     """The baseline: the whole image resized to ``image_size`` x ``image_size``."""
 
     name: Literal["downsample"] = "downsample"
+    #: side the whole image is resized to (a square)
     image_size: int = Field(256, ge=16)
     #: pad to a square (edge replication) before resizing, and crop the padding off the map
     pad_to_square: bool = False
@@ -48,10 +49,12 @@ class TiledConfig(StrategyConfig):
     """Full-resolution tiles of ``tile`` pixels moved by ``stride`` through one shared detector."""
 
     name: Literal["tiled"] = "tiled"
+    #: tile side in pixels
     tile: int = Field(256, ge=16)
     stride: int | None = None  # default: tile (no overlap)
     #: resize the whole image to this long side first (None = native resolution)
     image_size: int | None = None
+    #: image score: the detector's own score (max over tiles), or the max of the final map
     score: Literal["detector", "max"] = "detector"
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ class HiADConfig(StrategyConfig):
     num_detectors: int = 4
     #: low-resolution branch: whole image resized so its long side is low_res_size
     low_branch: bool = True
+    #: long side of the low-resolution branch's image
     low_res_size: int = 512
     #: validation copies with pasted pseudo-anomalies join the good validation images
     pseudo_anomalies: bool = True
@@ -45,6 +46,7 @@ class HiADConfig(StrategyConfig):
     #: image score (reference rule) = max of the map blurred with score_sigma and averaged over
     #: score_pool x score_pool windows (stride 1)
     score_sigma: float = 4.0
+    #: window side of the image-score average pooling
     score_pool: int = 16
     #: worker processes that fit detectors of the pool in parallel (0 or 1 = in process)
     workers: int = 0
@@ -52,6 +54,7 @@ class HiADConfig(StrategyConfig):
     work_dir: str | None = None
     #: also return the calibrated high and low maps in AnomalyResult.extras
     return_branch_maps: bool = False
+    #: seed of the pool assignment (KMeans) and pseudo-anomalies
     seed: int = 0
 
     @model_validator(mode="after")
