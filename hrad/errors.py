@@ -16,6 +16,10 @@ class InputError(HradError):
     """Bad input data: missing, unreadable, empty or inconsistent files."""
 
 
+class ImageTooLargeError(InputError):
+    """An image whose header declares more pixels than the pixel budget allows (never decoded)."""
+
+
 class ConfigError(HradError):
     """An invalid configuration or an option combination that cannot work."""
 
@@ -26,3 +30,8 @@ class ArtifactError(HradError):
 
 class WeightsError(HradError):
     """Pretrained weights that cannot be found; the message says how to provide them."""
+
+
+class NotFittedError(RuntimeError):
+    """A detector used before ``fit`` or ``load_state_dict``: a programming error, not a user
+    mistake, so it is no :class:`HradError` (models loaded from artifacts are always fitted)."""

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from hrad.detectors.fastflow import CouplingFlow, FastFlow, FastFlowConfig
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 CHANNELS, HEIGHT, WIDTH = 8, 6, 6
@@ -105,7 +105,7 @@ def test_nll_map_keeps_the_order_and_separates_saturated_tokens(trained: tuple[F
 def test_state_round_trip_restores_predictions_exactly(trained: tuple[FastFlow, Tensor, Tensor]) -> None:
     detector, _, test = trained
     state = detector.state_dict()
-    assert state["level_channels"].tolist() == [4, 4]
+    assert state["layer_channels"].tolist() == [4, 4]
     assert sum(key.endswith(".permutation") for key in state) == 2 * 8
     restored = FastFlow(FastFlowConfig(level_channels=(4, 4)))
     restored.load_state_dict({key: value.clone() for key, value in state.items()})
@@ -118,7 +118,7 @@ def test_state_round_trip_restores_predictions_exactly(trained: tuple[FastFlow, 
 
 
 def test_user_mistakes_raise_hrad_errors(trained: tuple[FastFlow, Tensor, Tensor]) -> None:
-    with pytest.raises(ConfigError, match="not been fitted"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         FastFlow(FastFlowConfig()).predict(torch.randn(1, 8, 4, 4))
     with pytest.raises(ConfigError, match=r"sum to 6, but the embedding has 8 channels"):
         FastFlow(FastFlowConfig(epochs=1, level_channels=(3, 3))).fit([torch.randn(1, 8, 4, 4)])
@@ -134,7 +134,7 @@ def test_user_mistakes_raise_hrad_errors(trained: tuple[FastFlow, Tensor, Tensor
 
     state = detector.state_dict()
     corruptions: list[tuple[dict[str, Tensor], FastFlowConfig, str]] = [
-        ({k: v for k, v in state.items() if k != "level_channels"}, FastFlowConfig(), "lacks level_channels"),
+        ({k: v for k, v in state.items() if k != "layer_channels"}, FastFlowConfig(), "lacks layer_channels"),
         (state, FastFlowConfig(level_channels=(2, 6)), "level_channels"),
         (state, FastFlowConfig(flow_steps=4), "does not match"),
         (state, FastFlowConfig(hidden_ratio=2.0), "does not match"),
@@ -155,7 +155,7 @@ def test_user_mistakes_raise_hrad_errors(trained: tuple[FastFlow, Tensor, Tensor
         fresh = FastFlow(config)
         with pytest.raises(ArtifactError, match=message):
             fresh.load_state_dict(corrupt)
-        with pytest.raises(ConfigError, match="not been fitted"):  # nothing half-loaded stays behind
+        with pytest.raises(NotFittedError, match="not been fitted"):  # nothing half-loaded stays behind
             fresh.predict(torch.randn(1, 8, 4, 4))
 
 
@@ -176,13 +176,13 @@ def test_default_embedding_and_bind_layout_give_one_flow_per_layer() -> None:
     embeddings = embedder(images)
     detector = FastFlow(config)
     detector.fit([embeddings])
-    assert detector.levels is not None and len(detector.levels) == 2
+    assert detector.network is not None and len(detector.network) == 2
     state = detector.state_dict()
-    assert state["level_channels"].tolist() == [16, 32]
+    assert state["layer_channels"].tolist() == [16, 32]
     assert [state[f"levels.{index}.mean"].shape[1] for index in range(2)] == [16, 32]
     assert detector.predict(embeddings).maps.shape == (2, 8, 8)
 
     single = FastFlow(FastFlowConfig(epochs=1))  # no layout bound: one level over all channels
     single.fit([embeddings])
-    assert single.levels is not None and len(single.levels) == 1
-    assert single.state_dict()["level_channels"].tolist() == [48]
+    assert single.network is not None and len(single.network) == 1
+    assert single.state_dict()["layer_channels"].tolist() == [48]

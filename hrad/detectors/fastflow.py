@@ -46,36 +46,25 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.patchcore import mid_depth_blocks
-from hrad.detectors.scoring import (
-    ChannelStatistics,
-    ImageScore,
-    image_scores,
-    load_module_state,
-    module_state,
-)
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.detectors.neural import EpochsConfig, NeuralDetector
+from hrad.detectors.scoring import ChannelStatistics
+from hrad.errors import ArtifactError, InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 #: FrEIA scales the subnet output by this before the clamp, so a fresh flow is near the identity
 COEFFICIENT_SCALE = 0.1
 #: variance floor of the per-channel standardisation (``nn.LayerNorm``'s default eps)
 STANDARDISE_EPS = 1e-5
-STATE_META_KEYS = ("level_channels", "clamp")
 
 
-class FastFlowConfig(DetectorConfig):
+class FastFlowConfig(EpochsConfig):
     """Typed FastFlow options; defaults follow anomalib unless noted."""
 
     name: Literal["fastflow"] = "fastflow"
     #: anomalib / the paper train up to 500 epochs; 20 keeps CPU and high-resolution runs practical
     epochs: int = Field(default=20, ge=1)
-    #: Adam learning rate
     lr: float = Field(default=1e-3, gt=0)
-    #: Adam weight decay
     weight_decay: float = Field(default=1e-5, ge=0)
-    #: coupling blocks per level
     flow_steps: int = Field(default=8, ge=1)
     #: subnet hidden channels per input channel (paper: 1.0 for ResNets, 0.16 for ViTs)
     hidden_ratio: float = Field(default=1.0, gt=0)
@@ -85,15 +74,9 @@ class FastFlowConfig(DetectorConfig):
     clamp: float = Field(default=2.0, gt=0)
     #: FrEIA AllInOneBlock's learned per-channel scale and offset after each coupling
     global_affine: bool = True
-    #: channels of each level in the embedding; empty = filled by bind_layout, else one level
-    level_channels: tuple[int, ...] = ()
     #: "probability": anomalib's ``-exp(-0.5 * mean z**2)`` (saturates at 0 on strong anomalies,
     #: which then tie); "nll": ``0.5 * mean z**2`` itself, monotone in the same quantity, never saturates
     anomaly_map: Literal["probability", "nll"] = "probability"
-    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
-    image_score: ImageScore = "max"
-    #: fraction of the map's highest tokens averaged by image_score="top_mean"
-    top_fraction: float = Field(default=0.01, gt=0, le=1)
 
 
 def global_scale(raw: Tensor) -> Tensor:
@@ -214,19 +197,17 @@ class FastFlowLevel(nn.Module):
         return self.flow((features - self.mean) / self.std)
 
 
-class FastFlow(Detector[FastFlowConfig]):
+class FastFlowNet(nn.ModuleList):
+    """The flows of every level (a ModuleList: the state keeps its ``levels.N.*`` names)."""
+
+
+class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
     """One 2D normalizing flow per embedding level; see the module docstring."""
 
-    trainable = True
-    multi_pass = True  # a statistics pass, then one pass over the embedding batches per epoch
+    state_prefix = "levels"
+    extra_state_keys = ("clamp",)
+    min_layer_channels = 2  # a coupling needs two halves
 
-    def __init__(self, config: FastFlowConfig) -> None:
-        super().__init__(config)
-        self.levels: nn.ModuleList | None = None
-        self.split_sizes: list[int] = []
-        self.loss_history: list[float] = []  # mean training loss (per embedding element) per epoch
-
-    # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         """CNN: layer2 + layer3 without aggregation (HiAD Table II; anomalib uses layer1..3).
@@ -236,66 +217,46 @@ class FastFlow(Detector[FastFlowConfig]):
             return EmbeddingSpec(layers=mid_depth_blocks(extractor, (2 / 3, 3 / 4)), aggregation=1)
         return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=1)
 
-    @classmethod
-    def bind_layout(cls, config: FastFlowConfig, layer_channels: tuple[int, ...]) -> FastFlowConfig:
-        """One flow per backbone layer: fill ``level_channels`` unless the user set it."""
-        if config.level_channels or not layer_channels:
-            return config
-        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
-
-    # ----------------------------------------------------------------- building
-    def _level_sizes(self, channels: int) -> list[int]:
-        sizes = list(self.config.level_channels) or [channels]
-        if sum(sizes) != channels:
-            raise ConfigError(
-                f"fastflow level_channels {sizes} sum to {sum(sizes)}, but the embedding has {channels} channels"
-            )
-        if min(sizes) < 2:
-            raise ConfigError(
-                f"fastflow level_channels {sizes}: every level needs at least 2 channels to couple"
-            )
-        return sizes
-
-    def _build(self, device: torch.device) -> None:
+    def build_network(self, layout: list[int]) -> FastFlowNet:
         """Seeded flows (weights and permutations depend only on the config and level sizes)."""
         generator = torch.Generator().manual_seed(self.config.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            levels = [FastFlowLevel(size, self.config, generator) for size in self.split_sizes]
-            self.levels = nn.ModuleList(levels).to(device)
+        return FastFlowNet(FastFlowLevel(size, self.config, generator) for size in layout)
 
-    def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and std over every training position (float64 shifted sums), on the
-        batches' device."""
+    def before_fit(self, batches: Iterable[Tensor]) -> None:
+        """A first pass: per-channel mean and std over every training position (float64 shifted
+        sums) on the batches' device, then the flows with those statistics."""
         statistics = ChannelStatistics(STANDARDISE_EPS)
         for batch in batches:
-            self._check_embeddings(batch, statistics.channels)
+            self.check_embeddings(batch)
+            if statistics.channels is not None and batch.shape[1] != statistics.channels:
+                raise InputError(
+                    f"fastflow was fitted on {statistics.channels}-channel embeddings, got {batch.shape[1]}"
+                )
             statistics.add(batch)
-        return statistics.mean_std("fastflow")
+        mean, std = statistics.mean_std("fastflow")
+        layout = self.resolve_layout(mean.numel())
+        levels = self.build(layout, mean.device)
+        for level, level_mean, level_std in zip(levels, mean.split(layout), std.split(layout), strict=True):
+            level.mean.copy_(level_mean.view(1, -1, 1, 1))
+            level.std.copy_(level_std.view(1, -1, 1, 1))
 
-    # ----------------------------------------------------------------- forward
-    def _check_embeddings(self, embeddings: Tensor, channels: int | None) -> None:
-        if embeddings.ndim != 4:
-            raise InputError(
-                f"fastflow expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}"
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        config = self.config
+        return [
+            torch.optim.Adam(
+                self.fitted_network().parameters(), lr=config.lr, weight_decay=config.weight_decay
             )
-        if channels is not None and embeddings.shape[1] != channels:
-            raise InputError(
-                f"fastflow was fitted on {channels}-channel embeddings, got {embeddings.shape[1]}"
-            )
+        ]
 
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Latents ``z`` and per-sample log-dets of every level."""
-        assert self.levels is not None
-        self._check_embeddings(embeddings, sum(self.split_sizes))
-        latents, log_dets = [], []
-        for level, features in zip(self.levels, embeddings.split(self.split_sizes, dim=1), strict=True):
-            latent, log_det = level(features)
-            latents.append(latent)
-            log_dets.append(log_det)
-        return latents, log_dets
+        outputs = [
+            level(features)
+            for level, features in zip(self.fitted_network(), self.split(embeddings), strict=True)
+        ]
+        return [latent for latent, _ in outputs], [log_det for _, log_det in outputs]
 
-    def _loss(self, embeddings: Tensor) -> Tensor:
+    def training_step(self, embeddings: Tensor) -> Tensor:
         """anomalib's negative log-likelihood, divided by the elements per image (``C * h * w``)."""
         latents, log_dets = self._forward(embeddings)
         total = embeddings.new_zeros(())
@@ -303,105 +264,30 @@ class FastFlow(Detector[FastFlowConfig]):
             total = total + (0.5 * latent.pow(2).flatten(1).sum(dim=1) - log_det).mean()
         return total / embeddings[0].numel()
 
-    # ----------------------------------------------------------------- Detector API
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        config = self.config
-        self.levels = None  # a refit starts from scratch
-        self.loss_history = []
-        mean, std = self._standardisation(batches)
-        self.split_sizes = self._level_sizes(mean.numel())
-        device = mean.device
-        self._build(device)
-        assert self.levels is not None
-        for level, level_mean, level_std in zip(
-            self.levels, mean.split(self.split_sizes), std.split(self.split_sizes), strict=True
-        ):
-            level.mean.copy_(level_mean.view(1, -1, 1, 1))
-            level.std.copy_(level_std.view(1, -1, 1, 1))
-        optimizer = torch.optim.Adam(self.levels.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.levels.train()
-        for _ in range(config.epochs):
-            losses = []
-            for batch in batches:
-                loss = self._loss(batch.to(device).float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            self.loss_history.append(sum(losses) / len(losses))
-        self.levels.eval()
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        latents, _ = self._forward(embeddings)
+        energies = [0.5 * latent.pow(2).mean(dim=1) for latent in latents]
+        if self.config.anomaly_map == "probability":
+            energies = [-torch.exp(-energy) for energy in energies]
+        return torch.stack(energies).mean(dim=0)
 
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
-        self._require_fitted()
-        assert self.levels is not None
-        self.levels.eval()
-        with torch.no_grad():
-            latents, _ = self._forward(embeddings.to(self._device()).float())
-            energies = [0.5 * latent.pow(2).mean(dim=1) for latent in latents]
-            if self.config.anomaly_map == "probability":
-                energies = [-torch.exp(-energy) for energy in energies]
-            maps = torch.stack(energies).mean(dim=0)
-        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+    def extra_state(self) -> dict[str, Tensor]:
+        return {"clamp": torch.tensor([self.config.clamp], dtype=torch.float64)}
 
-    def _image_scores(self, maps: Tensor) -> Tensor:
-        return image_scores(maps, self.config.image_score, self.config.top_fraction)
-
-    def scoring_module(self) -> nn.Module:
-        """Predict is plain torch: exportable to ONNX as it is."""
-        self._require_fitted()
-        assert self.levels is not None
-        return PredictScoring(self, self.levels)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        self._require_fitted()
-        assert self.levels is not None
-        state = module_state(self.levels, "levels")
-        state["level_channels"] = torch.tensor(self.split_sizes, dtype=torch.int64)
-        state["clamp"] = torch.tensor([self.config.clamp], dtype=torch.float64)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing = [key for key in STATE_META_KEYS if key not in state]
-        if missing:
-            raise ArtifactError(f"fastflow state lacks {', '.join(missing)}; the artifact is incomplete")
-        sizes = [int(size) for size in state["level_channels"].flatten().tolist()]
-        if not sizes or min(sizes) < 2:
-            raise ArtifactError(f"fastflow state has invalid level_channels {sizes}")
-        if self.config.level_channels and list(self.config.level_channels) != sizes:
-            raise ArtifactError(
-                f"fastflow state was trained with level_channels {sizes}, config says {list(self.config.level_channels)}"
-            )
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
         saved_clamp = float(state["clamp"].flatten()[0])
         if not math.isclose(saved_clamp, self.config.clamp):
             raise ArtifactError(
                 f"fastflow state was trained with clamp {saved_clamp}, config says {self.config.clamp}"
             )
-        self.split_sizes = sizes
-        self._build(torch.device("cpu"))
-        assert self.levels is not None
-        try:
-            load_module_state(self.levels, state, "levels", "fastflow")
-        except ArtifactError:
-            self.levels = None
-            raise
-        for name, buffer in self.levels.named_buffers():
+
+    def check_loaded(self, network: FastFlowNet) -> None:
+        for name, buffer in network.named_buffers():
             if name.endswith("permutation") and not torch.equal(
                 buffer.sort().values, torch.arange(buffer.numel())
             ):
-                self.levels = None
                 raise ArtifactError(f"fastflow state entry levels.{name} is not a channel permutation")
             if name.endswith("std") and not bool((buffer > 0).all()):
-                self.levels = None
                 raise ArtifactError(
                     f"fastflow state entry levels.{name} has non-positive standard deviations"
                 )
-        self.levels.eval()
-
-    # ----------------------------------------------------------------- helpers
-    def _require_fitted(self) -> None:
-        if self.levels is None:
-            raise ConfigError("fastflow has not been fitted or loaded; call fit() or load_state_dict() first")
-
-    def _device(self) -> torch.device:
-        assert self.levels is not None
-        return next(self.levels.parameters()).device

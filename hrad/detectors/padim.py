@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 STATE_KEYS = ("mean", "inv_covariance", "channel_indices", "grid_size")
 
@@ -54,8 +54,6 @@ class PaDiM(Detector[PaDiMConfig]):
         """CNN: layer1..layer3 without aggregation (paper). ViT: three blocks at 1/4, 1/2 and 3/4
         of the depth, the transformer analogue of a low-to-high feature pyramid."""
         if extractor.is_vit:
-            from hrad.detectors.patchcore import mid_depth_blocks
-
             return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 4, 1 / 2, 3 / 4)), aggregation=1)
         return EmbeddingSpec(layers=("layer1", "layer2", "layer3"), aggregation=1)
 

