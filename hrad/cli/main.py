@@ -92,7 +92,7 @@ def fit(
     image_size: Annotated[int | None, typer.Option(help="Resize side for downsample (or long side before tiling)")] = None,
     tile: Annotated[int | None, typer.Option(help="Tile / patch size in pixels")] = None,
     stride: Annotated[int | None, typer.Option(help="Tile stride in pixels (default: tile)")] = None,
-    category: Annotated[str | None, typer.Option(help="Category of a VisA split CSV")] = None,
+    category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
     set_options: Annotated[
         list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
@@ -100,17 +100,13 @@ def fit(
 ) -> None:
     """Fit a model on good images and write one artifact."""
     from hrad.config import load_config
-    from hrad.data.datasets import load_dataset
-    from hrad.data.images import ImageList, list_images
+    from hrad.data.datasets import training_images
+    from hrad.data.images import ImageList
     from hrad.model import AnomalyModel
 
-    if data.is_dir() and not any((data / name).exists() for name in ("train", "split_csv")):
-        train = ImageList(list_images(data))
-        validation = None
-    else:
-        dataset = load_dataset(data, category=category)
-        train = ImageList(dataset.train)
-        validation = ImageList(dataset.validation) if dataset.validation else None
+    train_paths, validation_paths = training_images(data, category=category)
+    train = ImageList(train_paths)
+    validation = ImageList(validation_paths) if validation_paths else None
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
@@ -169,7 +165,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Labelled dataset root")],
     out: Annotated[Path, typer.Option(help="Report directory (metrics.json, metrics.md, cases.png)")],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
-    category: Annotated[str | None, typer.Option(help="Category of a VisA split CSV")] = None,
+    category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images (quick looks)")] = None,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set."""
@@ -206,11 +202,12 @@ def make_hd(
     out: Annotated[Path, typer.Option(help="Where to write the high-resolution dataset")],
     size: Annotated[int, typer.Option(help="Target long side (2048 = 2K, 4096 = 4K)")] = 2048,
     seed: Annotated[int, typer.Option()] = 0,
+    category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
 ) -> None:
     """Build a HiAD-style high-resolution benchmark with tiny (transplanted) and large defects."""
     from hrad.data.hd_builder import build_hd_dataset
 
-    path = build_hd_dataset(source, out, target_size=size, seed=seed)
+    path = build_hd_dataset(source, out, target_size=size, seed=seed, category=category)
     console.print(f"high-resolution dataset written to {path}")
 
 
@@ -281,13 +278,14 @@ def ad2_export(
     model: Annotated[Path, typer.Option(help="Model fitted on an MVTec AD 2 object (train/good + validation/good)")],
     data: Annotated[Path, typer.Option(help="MVTec AD 2 object folder")],
     out: Annotated[Path, typer.Option(help="Submission folder (anomaly_images/..., float16 TIFF)")],
+    category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """Write an MVTec AD 2 submission: float16 TIFF maps and thresholded masks for the private splits."""
     from hrad.data.datasets import load_dataset
     from hrad.data.mvtec_ad2 import export_submission
     from hrad.model import load
 
-    dataset = load_dataset(data, layout="mvtec_ad2")
+    dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
         counts = export_submission(load(model), dataset, out, progress=progress)
     console.print(f"submission written to {out}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
@@ -298,13 +296,14 @@ def ad2_evaluate(
     model: Annotated[Path, typer.Option(help="Model fitted on an MVTec AD 2 object")],
     data: Annotated[Path, typer.Option(help="MVTec AD 2 object folder")],
     out: Annotated[Path | None, typer.Option(help="Write metrics.json here")] = None,
+    category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
     from hrad.data.datasets import load_dataset
     from hrad.data.mvtec_ad2 import evaluate_ad2
     from hrad.model import load
 
-    dataset = load_dataset(data, layout="mvtec_ad2")
+    dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
         metrics = evaluate_ad2(load(model), dataset, progress=progress)
     text = json.dumps(metrics, indent=1, default=str)

@@ -160,7 +160,7 @@ def _load_visa(root: Path, category: str | None) -> Dataset:
     if category is None:
         if len(objects) != 1:
             raise InputError(
-                f"{csv_path}: lists {len(objects)} objects; pick one with category= ({', '.join(objects)})"
+                f"{csv_path}: lists {len(objects)} objects; pick one with --category (category= in Python): {', '.join(objects)}"
             )
         category = objects[0]
     if category not in objects:
@@ -213,7 +213,7 @@ def detect_layout(root: Path) -> str:
     categories = _category_folders(root)
     if categories:
         raise InputError(
-            f"{root}: holds several categories; pick one with category= ({', '.join(categories)})"
+            f"{root}: holds several categories; pick one with --category (category= in Python): {', '.join(categories)}"
         )
     extensions = " ".join(sorted(IMAGE_EXTENSIONS))
     raise InputError(
@@ -223,6 +223,16 @@ def detect_layout(root: Path) -> str:
 
 def _category_folders(root: Path) -> list[str]:
     return sorted(path.name for path in root.iterdir() if path.is_dir() and (path / "train").is_dir())
+
+
+def training_images(root: str | os.PathLike[str], category: str | None = None) -> tuple[list[Path], list[Path]]:
+    """What ``fit`` learns from: ``(train, validation)`` normal images of a dataset (MVTec AD,
+    VisA, MVTec AD 2; ``category`` picks one of a multi-category root), or every image of a
+    plain folder of good images (validation empty)."""
+    dataset = load_dataset(root, category=category)
+    if dataset.layout == "folder":
+        return [sample.path for sample in dataset.test], []
+    return dataset.train, dataset.validation
 
 
 def load_dataset(root: str | os.PathLike[str], layout: str = "auto", category: str | None = None) -> Dataset:
@@ -240,8 +250,13 @@ def load_dataset(root: str | os.PathLike[str], layout: str = "auto", category: s
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     is_visa = layout == "visa" or (layout == "auto" and (root / VISA_SPLIT_CSV).is_file())
-    if category is not None and not is_visa and (root / category).is_dir():
-        root = root / category
+    if category is not None and not is_visa:
+        if (root / category).is_dir():
+            root = root / category
+        elif category != root.name:  # a category folder given together with its own name is fine
+            known = _category_folders(root)
+            listing = f"categories here: {', '.join(known)}" if known else "it holds no category folders"
+            raise InputError(f"{root}: no category {category!r} ({listing})")
     if layout == "auto":
         layout = detect_layout(root)
     name = category if category is not None else root.name
