@@ -2,20 +2,32 @@
 
 ```
 MODEL/
-  hrad.json            package version, artifact format, config, fitted size, calibration
+  hrad.json            package version, artifact format, config, fitted size, calibration,
+                       and the weights file's sha256, size and tensor shapes
   weights.safetensors  every learned tensor of the strategy (and its detectors)
 ```
 
-Writes go to a temporary sibling directory that is renamed into place only when complete, so
-an interrupted ``hrad fit`` never leaves a half-written model behind (and never destroys the
-previous one until the new one is whole).
+Writes go to a staging sibling (``.MODEL.staging-HOST-PID-RANDOM``) that is renamed into place
+only when complete, so an interrupted ``hrad fit`` never leaves a half-written model behind.
+Overwriting renames the old model to ``.MODEL.old`` for the instant between the two renames;
+a reader that finds no ``MODEL`` but a complete ``.MODEL.old`` loads that (the old model stays
+loadable until the new one is in place), and the next write removes it. Staging folders left
+by a killed process on this host are removed by the next write next to them.
+
+Loading verifies the weights against the manifest: file size, every tensor's shape (a file
+from another model) and the sha256 digest (bit flips, truncation, a swapped file of the same
+shapes). Artifacts written before the digest was recorded load without that check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import shutil
-import tempfile
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +41,7 @@ from hrad.version import ARTIFACT_FORMAT, __version__
 
 MANIFEST = "hrad.json"
 WEIGHTS = "weights.safetensors"
+_STAGING = "staging"
 
 
 class SafetensorsReader:
@@ -40,15 +53,92 @@ class SafetensorsReader:
             self._file = safe_open(str(path), framework="pt")
             self._keys = list(self._file.keys())
         except Exception as error:  # safetensors raises several types for corrupt files
-            raise ArtifactError(f"{path}: unreadable weights file ({error})") from None
+            raise ArtifactError(f"{path}: unreadable weights file ({_one_line(error)})") from None
 
     def keys(self) -> list[str]:
         return list(self._keys)
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape from the file header (no tensor data is read)."""
+        return {key: [int(side) for side in self._file.get_slice(key).get_shape()] for key in self._keys}
 
     def get(self, key: str) -> Tensor:
         if key not in self._keys:
             raise ArtifactError(f"{self.path}: tensor {key!r} is missing")
         return self._file.get_tensor(key)
+
+
+def _one_line(error: BaseException) -> str:
+    return (" ".join(str(error).split()) or type(error).__name__)[:200]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(weights: Path) -> dict[str, Any]:
+    """What the manifest records about a weights file: sha256, size, tensor shapes."""
+    return {
+        "file": weights.name,
+        "sha256": file_sha256(weights),
+        "bytes": weights.stat().st_size,
+        "tensors": SafetensorsReader(weights).shapes(),
+    }
+
+
+def _backup(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / WEIGHTS).is_file()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_staging(path: Path) -> list[Path]:
+    """Remove staging folders of ``path`` left by dead processes of this host; the removed ones."""
+    path = Path(path)
+    host = socket.gethostname()
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for sibling in path.parent.glob(f".{path.name}.{_STAGING}-*"):
+        owner_host, _, rest = sibling.name[len(f".{path.name}.{_STAGING}-") :].rpartition("-")[0].rpartition("-")
+        if not sibling.is_dir() or owner_host != host or not rest.isdigit() or _process_alive(int(rest)):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed.append(sibling)
+    return removed
+
+
+def check_artifact_target(path: Path) -> None:
+    """Refuse, before any work, an output that cannot become a model: an existing file or folder
+    that is not an hrad model, or a parent folder that cannot be written."""
+    path = Path(path)
+    foreign = path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir()))
+    if foreign:
+        raise ArtifactError(f"{path}: exists and is not an hrad model; refusing to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.{_STAGING}-probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        reason = error.strerror or _one_line(error)
+        raise ArtifactError(f"{path}: cannot write a model here ({reason})") from None
 
 
 def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tensor] | Callable[[Path], None]) -> None:
@@ -58,34 +148,80 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
     tiled ensemble can stream one tile model at a time instead of holding all of them).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    foreign = path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir()))
-    if foreign:
-        raise ArtifactError(f"{path}: exists and is not an hrad model; refusing to overwrite it")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    check_artifact_target(path)
+    clean_stale_staging(path)
+    staging = path.parent / f".{path.name}.{_STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # the umask's permissions, like any folder the user creates
     try:
         if callable(tensors):
             tensors(staging / WEIGHTS)
         else:
             save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(staging / WEIGHTS))
-        full_manifest = {"hrad_version": __version__, "artifact_format": ARTIFACT_FORMAT, **manifest}
+        full_manifest = {
+            "hrad_version": __version__,
+            "artifact_format": ARTIFACT_FORMAT,
+            **manifest,
+            "weights": weights_record(staging / WEIGHTS),
+        }
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
+        backup = _backup(path)
         if path.exists():
-            backup = path.with_name(f".{path.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
-            path.rename(backup)
-            staging.rename(path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(path)
+            path.rename(backup)  # from here until the next rename, readers load the backup
+        staging.rename(path)
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of an artifact, checked for completeness and version compatibility."""
+def locate_artifact(path: Path) -> Path:
+    """``path``, or its ``.NAME.old`` backup while an overwrite is between its two renames (or
+    was killed there); the backup is used only when ``path`` itself does not exist."""
     path = Path(path)
+    backup = _backup(path)
+    if not path.exists() and _is_complete(backup):
+        return backup
+    return path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """The fields ``load`` uses have the types it expects (a hand-edited or foreign file does not)."""
+
+    def fail(field: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{manifest_path}: corrupt model manifest ({field} must be {expected})")
+
+    if not isinstance(manifest.get("config"), dict):
+        raise fail("config", "an object")
+    size = manifest.get("fitted_size")
+    if size is not None and not (
+        isinstance(size, list) and len(size) == 2 and all(isinstance(side, int) and side > 0 for side in size)
+    ):
+        raise fail("fitted_size", "null or [height, width]")
+    thresholds = manifest.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, dict) or not all(_is_number(thresholds.get(key)) for key in ("image", "pixel")):
+            raise fail("thresholds", "null or an object with numbers image and pixel")
+        scores = thresholds.get("validation_image_scores", [])
+        if not isinstance(scores, list) or not all(_is_number(score) for score in scores):
+            raise fail("thresholds.validation_image_scores", "a list of numbers")
+    record = manifest.get("weights")
+    if record is not None and not (
+        isinstance(record, dict)
+        and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("bytes"), int)
+        and isinstance(record.get("tensors"), dict)
+    ):
+        raise fail("weights", "an object with sha256, bytes and tensors")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an artifact, checked for completeness, types and version compatibility."""
+    path = locate_artifact(Path(path))
     if not path.exists():
         raise ArtifactError(f"{path}: model not found")
     manifest_path = path / MANIFEST
@@ -93,8 +229,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: not an hrad model (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         raise ArtifactError(f"{manifest_path}: corrupt model manifest") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: corrupt model manifest (a JSON {type(manifest).__name__}, not an object)")
     found = manifest.get("artifact_format")
     if found != ARTIFACT_FORMAT:
         version = manifest.get("hrad_version", "unknown")
@@ -102,10 +240,45 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path}: model was saved by hrad {version} (artifact format {found}); this is hrad {__version__} "
             f"(format {ARTIFACT_FORMAT}): refit it with this version"
         )
+    _check_manifest(manifest_path, manifest)
     if not (path / WEIGHTS).is_file():
         raise ArtifactError(f"{path}: incomplete model, {WEIGHTS} is missing")
     return manifest
 
 
-def open_weights(path: Path) -> SafetensorsReader:
-    return SafetensorsReader(Path(path) / WEIGHTS)
+def verify_weights(reader: SafetensorsReader, record: dict[str, Any]) -> None:
+    """Refuse weights that differ from the manifest's record: size, shapes, then sha256."""
+    weights = reader.path
+    size = weights.stat().st_size
+    if size != record["bytes"]:
+        raise ArtifactError(
+            f"{weights}: weights file is {size} bytes, the manifest says {record['bytes']}: "
+            "corrupted or replaced; restore it or refit"
+        )
+    expected: dict[str, Any] = record["tensors"]
+    shapes = reader.shapes()
+    if set(shapes) != set(expected):
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ArtifactError(f"{weights}: tensors differ from the manifest ({detail}): weights of another model")
+    for key, shape in shapes.items():
+        if shape != expected[key]:
+            raise ArtifactError(
+                f"{weights}: tensor {key!r} has shape {shape}, the manifest says {expected[key]}: weights of another model"
+            )
+    digest = file_sha256(weights)
+    if digest != record["sha256"]:
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:16]}... does not match the manifest's {record['sha256'][:16]}...: "
+            "the file is corrupted or was swapped; restore it or refit"
+        )
+
+
+def open_weights(path: Path, manifest: dict[str, Any] | None = None) -> SafetensorsReader:
+    """The weights reader; checked against ``manifest``'s record when it has one."""
+    reader = SafetensorsReader(locate_artifact(Path(path)) / WEIGHTS)
+    record = (manifest or {}).get("weights")
+    if record is not None:
+        verify_weights(reader, record)
+    return reader

@@ -52,12 +52,19 @@ class ModelConfig(BaseModel):
     @field_validator("detector", mode="before")
     @classmethod
     def _typed_detector(cls, value: Any) -> DetectorConfig:
-        return detector_config(value)
+        return detector_config(_section(value, "detector"))
 
     @field_validator("strategy", mode="before")
     @classmethod
     def _typed_strategy(cls, value: Any) -> StrategyConfig:
-        return strategy_config(value)
+        return strategy_config(_section(value, "strategy"))
+
+
+def _section(value: Any, name: str) -> Any:
+    """A detector/strategy section must be a mapping (``--set strategy=5`` is a mistake, not a crash)."""
+    if isinstance(value, (dict, BaseModel)):
+        return value
+    raise ValueError(f"expected a mapping such as {{name: ...}}, got {type(value).__name__} {value!r}")
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrad.artifact import open_weights, read_manifest, write_artifact
+from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
-from hrad.errors import ArtifactError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import gaussian_smooth, image_score
 from hrad.strategies.base import ImageSource, ProgressCallback, Strategy, build_strategy, no_progress
@@ -44,18 +44,50 @@ class Prediction:
 
 @dataclass
 class Thresholds:
-    """Mean + k std of held-out normal image scores and pixel values."""
+    """Mean + k std of held-out normal image scores and pixel values.
+
+    ``pixel_mean`` / ``pixel_std`` (the held-out normal pixels' statistics) and ``sigmas`` (the
+    k used) let :meth:`at_sigmas` move both thresholds to another k without refitting; artifacts
+    written before they were stored lack them (None).
+    """
 
     image: float
     pixel: float
     image_scores: list[float]
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+    sigmas: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"image": self.image, "pixel": self.pixel, "validation_image_scores": self.image_scores}
+        return {
+            "image": self.image,
+            "pixel": self.pixel,
+            "validation_image_scores": self.image_scores,
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
+            "sigmas": self.sigmas,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Thresholds:
-        return cls(image=data["image"], pixel=data["pixel"], image_scores=list(data.get("validation_image_scores", [])))
+        return cls(
+            image=data["image"],
+            pixel=data["pixel"],
+            image_scores=list(data.get("validation_image_scores", [])),
+            pixel_mean=data.get("pixel_mean"),
+            pixel_std=data.get("pixel_std"),
+            sigmas=data.get("sigmas"),
+        )
+
+    def at_sigmas(self, sigmas: float) -> tuple[float, float]:
+        """``(image, pixel)`` thresholds at mean + ``sigmas`` x std of the same held-out normals."""
+        if not self.image_scores or self.pixel_mean is None or self.pixel_std is None:
+            raise ConfigError(
+                "this model does not store its held-out normal statistics (fitted by an older hrad): "
+                "refit it to change sigmas, or give the thresholds themselves"
+            )
+        scores = np.asarray(self.image_scores, dtype=np.float64)
+        return float(scores.mean() + sigmas * scores.std()), float(self.pixel_mean + sigmas * self.pixel_std)
 
 
 class ArrayImages:
@@ -83,25 +115,36 @@ class Subset:
         return self.source[self.indices[index]]
 
 
-def as_image(image: np.ndarray | str | Path) -> np.ndarray:
-    """Accept a path, or an array (uint8/uint16/float, gray or RGB), as float32 H x W x 3 in [0, 1]."""
-    if isinstance(image, (str, Path)):
-        from hrad.data.images import read_image
+#: An image whose short side is under this fraction of the fitted images' short side is refused:
+#: its features would come from a scale the model never saw (a 1x1 image vs a 2048x2048 fit).
+MIN_SIDE_FRACTION = 1 / 8
 
+
+def as_image(image: np.ndarray | str | Path) -> np.ndarray:
+    """Accept a path, or an array (gray, RGB or RGBA; any integer type, bool, or float in [0, 1]),
+    as float32 H x W x 3 in [0, 1].
+
+    Arrays follow the files' rule (:func:`hrad.data.images.to_unit_float`): integers are divided
+    by their type's maximum (uint8 by 255, uint16 by 65535), floats must be finite and in
+    [0, 1] - a float array on a 0-255 scale is refused, not clipped.
+    """
+    from hrad.data.images import read_image, to_unit_float
+
+    if isinstance(image, (str, Path)):
         return read_image(Path(image))
     array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+    if array.ndim == 3 and array.shape[2] in (1, 2):  # gray, gray + alpha
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise InputError(f"image array of shape {array.shape} is not H x W, H x W x 1, x 3 or x 4")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return (array / 255.0).astype(np.float32)
-    if array.dtype == np.uint16:
-        return (array / 65535.0).astype(np.float32)
-    return array.astype(np.float32)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"image array of shape {array.shape} is empty")
+    if array.ndim == 3:
+        array = array[..., :3]
+    unit = to_unit_float(array, f"image array of shape {array.shape}")
+    if unit.ndim == 2:
+        unit = np.repeat(unit[..., None], 3, axis=2)
+    return np.ascontiguousarray(unit)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,7 +211,12 @@ class AnomalyModel:
         mean = pixel_sum / pixel_count
         std = max(pixel_sq / pixel_count - mean**2, 0.0) ** 0.5
         return Thresholds(
-            image=float(np.mean(scores) + k * np.std(scores)), pixel=float(mean + k * std), image_scores=scores
+            image=float(np.mean(scores) + k * np.std(scores)),
+            pixel=float(mean + k * std),
+            image_scores=scores,
+            pixel_mean=float(mean),
+            pixel_std=float(std),
+            sigmas=float(k),
         )
 
     # -- inference --------------------------------------------------------------------------------
@@ -178,16 +226,47 @@ class AnomalyModel:
         smoothed = gaussian_smooth(result.anomaly_map, self.config.postprocess.sigma)
         return smoothed, image_score(smoothed, result.score, self.config.postprocess)
 
-    def predict(self, image: np.ndarray | str | Path) -> Prediction:
-        """Anomaly map at the image's own resolution and its score; independent of other images."""
+    def _check_size(self, image: np.ndarray, name: str) -> None:
+        """Refuse an image far smaller than the fitted ones (:data:`MIN_SIDE_FRACTION`)."""
+        if self.fitted_size is None:
+            return
+        height, width = image.shape[:2]
+        fitted_height, fitted_width = self.fitted_size
+        if min(height, width) < MIN_SIDE_FRACTION * min(fitted_height, fitted_width):
+            raise InputError(
+                f"{name}: image is {width}x{height}, its short side is under 1/{round(1 / MIN_SIDE_FRACTION)} of "
+                f"the {fitted_width}x{fitted_height} images the model was fitted on; resize it to that scale"
+            )
+
+    def decision_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
+    ) -> tuple[float | None, float | None]:
+        """``(image, pixel)`` thresholds: the model's, moved to ``sigmas`` (mean + k std of its
+        held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
+        image, pixel = (self.thresholds.image, self.thresholds.pixel) if self.thresholds else (None, None)
+        if sigmas is not None:
+            if self.thresholds is None:
+                raise ConfigError("sigmas: this model has no thresholds (it was fitted without held-out normal images)")
+            image, pixel = self.thresholds.at_sigmas(sigmas)
+        return (image if threshold is None else float(threshold), pixel if pixel_threshold is None else float(pixel_threshold))
+
+    def predict(
+        self,
+        image: np.ndarray | str | Path,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+    ) -> Prediction:
+        """Anomaly map at the image's own resolution and its score; independent of other images.
+
+        Decisions use the model's thresholds unless overridden (see :meth:`decision_thresholds`).
+        """
         array = as_image(image)
+        self._check_size(array, str(image) if isinstance(image, (str, Path)) else "image array")
+        image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
-        thresholds = self.thresholds
         return Prediction(
-            anomaly_map=anomaly_map,
-            score=score,
-            image_threshold=thresholds.image if thresholds else None,
-            pixel_threshold=thresholds.pixel if thresholds else None,
+            anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold
         )
 
     # -- persistence ------------------------------------------------------------------------------
@@ -203,7 +282,7 @@ class AnomalyModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> AnomalyModel:
-        path = Path(path)
+        path = locate_artifact(Path(path))  # the .old backup while an overwrite is in flight
         manifest = read_manifest(path)
         try:
             config = ModelConfig.model_validate(manifest["config"])
@@ -211,6 +290,7 @@ class AnomalyModel:
             raise ArtifactError(f"{path}: model config does not validate ({str(error).splitlines()[0]})") from None
         if device is not None:
             config = config.model_copy(update={"device": device})
+        weights = open_weights(path, manifest)  # size, shapes and sha256 checked before any model is built
         model = cls(config)
         saved_source = manifest.get("backbone_weights")
         if saved_source and saved_source != model.extractor.weights_source:
@@ -219,7 +299,7 @@ class AnomalyModel:
                 f"{model.extractor.weights_source}; features may differ (pass --weights to pin them)",
                 stacklevel=2,
             )
-        model.strategy.load_state(open_weights(path))
+        model.strategy.load_state(weights)
         size = manifest.get("fitted_size")
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
         thresholds = manifest.get("thresholds")

@@ -5,15 +5,31 @@ Every image enters the library as float32 ``H x W x 3`` RGB in [0, 1] whatever i
 other module ever sees a file format. Files are decoded from bytes (``cv2.imdecode``) so that
 paths with non-ASCII characters work everywhere; TIFF goes through tifffile, which reads float
 and multi-sample files that OpenCV rejects. Writes are atomic (temporary file + rename), so an
-interrupted run never leaves a half-written map behind.
+interrupted run never leaves a half-written map behind; written files get the process umask's
+permissions like any other file.
+
+Hostile files: before any pixel is decoded, the width and height are read from the file's
+header (PIL's header parsers for PNG/JPEG/BMP, tifffile for TIFF) and checked against the
+pixel budget (:func:`max_pixels`: :data:`DEFAULT_MAX_PIXELS`, the ``HRAD_MAX_PIXELS``
+environment variable, or :func:`pixel_budget`), so a decompression bomb costs a few bytes of
+header, never its decoded size. A file no header parser recognises as PNG, JPEG, BMP or TIFF
+is refused, whatever OpenCV could decode.
+
+Pixel values: integer images are divided by their type's maximum (8-bit by 255, 16-bit by
+65535, negative values of signed types clipped to 0); float images must already lie in
+[0, 1] (values within 1e-3 outside are clipped) and must be finite. Files and in-memory arrays
+(:func:`to_unit_float`) follow the same rule.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
 
@@ -21,10 +37,117 @@ import cv2
 import numpy as np
 import tifffile
 
-from hrad.errors import InputError
+from hrad.errors import ConfigError, ImageTooLargeError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 _TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+#: The default pixel budget: 2**28 pixels (268 megapixels) = 16384 x 16384, or an 8K line-scan
+#: strip of 8192 x 32768. Decoded as float32 RGB that is 3.2 GB; larger images need a larger
+#: budget (``hrad --max-pixels``, ``HRAD_MAX_PIXELS``) and the memory to match.
+DEFAULT_MAX_PIXELS = 2**28
+#: Values this far outside [0, 1] in float images are rounding, not another scale.
+FLOAT_TOLERANCE = 1e-3
+
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("hrad_max_pixels", default=None)
+
+
+def _checked_budget(value: int | float | str, source: str) -> int:
+    try:
+        budget = int(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: pixel budget {value!r} is not a number") from None
+    if budget < 1:
+        raise ConfigError(f"{source}: pixel budget must be at least 1 pixel, got {value!r}")
+    return budget
+
+
+def max_pixels() -> int:
+    """The pixel budget in force: :func:`pixel_budget` / :func:`set_max_pixels`, else
+    ``HRAD_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`."""
+    value = _BUDGET.get()
+    if value is not None:
+        return value
+    environment = os.environ.get("HRAD_MAX_PIXELS")
+    if environment:
+        return _checked_budget(environment, "HRAD_MAX_PIXELS")
+    return DEFAULT_MAX_PIXELS
+
+
+def set_max_pixels(value: int | float | None) -> None:
+    """Set the pixel budget for this context (None = back to the default)."""
+    _BUDGET.set(None if value is None else _checked_budget(value, "max_pixels"))
+
+
+@contextlib.contextmanager
+def pixel_budget(value: int | float | None) -> Iterator[int]:
+    """Read images under another pixel budget inside the block."""
+    token = _BUDGET.set(None if value is None else _checked_budget(value, "max_pixels"))
+    try:
+        yield max_pixels()
+    finally:
+        _BUDGET.reset(token)
+
+
+def _header_size_pil(path: Path, prefix: bytes) -> tuple[int, int] | None:
+    """(height, width) from PIL's header parser for PNG/JPEG/BMP/TIFF; None if none accepts it.
+
+    The format plugins are called directly: ``Image.open`` would apply PIL's own (smaller,
+    global) decompression-bomb limit instead of ours.
+    """
+    from PIL import Image
+
+    Image.init()
+    for name in ("PNG", "JPEG", "BMP", "TIFF"):
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            with path.open("rb") as handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the error below says it
+                opened = factory(handle, str(path))
+                width, height = opened.size
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for broken headers
+            raise InputError(f"{path}: not a readable image (broken {name} header: {_one_line(error)})") from None
+        return int(height), int(width)
+    return None
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header alone, without decoding pixels."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(16)
+    except OSError as error:
+        raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
+    if prefix[:4] in _TIFF_MAGIC:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001,S110 - PIL's TIFF parser below gives the verdict
+            pass
+    size = _header_size_pil(path, prefix)
+    if size is None:
+        raise InputError(f"{path}: not a readable image (not a PNG, JPEG, BMP or TIFF file)")
+    return size
+
+
+def check_pixel_budget(path: str | os.PathLike[str], budget: int | None = None) -> tuple[int, int]:
+    """The header's ``(height, width)``; :class:`ImageTooLargeError` if over the pixel budget."""
+    height, width = image_size(path)
+    limit = max_pixels() if budget is None else _checked_budget(budget, "max_pixels")
+    if height * width > limit:
+        raise ImageTooLargeError(
+            f"{path}: image is {width}x{height} = {height * width} pixels, over the pixel budget of {limit} "
+            "(raise it with hrad --max-pixels or HRAD_MAX_PIXELS if this is intended)"
+        )
+    if height == 0 or width == 0:
+        raise InputError(f"{path}: not a readable image (zero-sized)")
+    return height, width
 
 
 def _one_line(error: BaseException) -> str:
@@ -41,9 +164,23 @@ def _check_file(path: Path) -> None:
         raise InputError(f"{path}: not a readable image (empty file)")
 
 
-def _decode_raw(path: Path) -> np.ndarray:
-    """Decode a file into its raw array: ``H x W`` or ``H x W x C`` in RGB(A) channel order."""
-    _check_file(path)
+def _decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
+    """Decode a file into its raw array: ``H x W`` or ``H x W x C`` in RGB(A) channel order.
+
+    The header is checked against the pixel budget first; the decoded array must have the
+    header's size (a file whose pixel data disagrees with its header is refused).
+    """
+    height, width = check_pixel_budget(path, budget)
+    array = _decode_checked(path)
+    if array.shape[:2] != (height, width):
+        raise InputError(
+            f"{path}: not a readable image (header says {width}x{height}, pixel data is "
+            f"{array.shape[1] if array.ndim > 1 else 0}x{array.shape[0]})"
+        )
+    return array
+
+
+def _decode_checked(path: Path) -> np.ndarray:
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
             with tifffile.TiffFile(path) as tif:
@@ -63,7 +200,10 @@ def _decode_raw(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
-    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:  # e.g. over OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, 2**30)
+        raise InputError(f"{path}: not a readable image (OpenCV: {_one_line(error)})") from None
     if decoded is None:
         reason = _one_line(tiff_error) if tiff_error is not None else "OpenCV cannot decode it"
         raise InputError(f"{path}: not a readable image ({reason})")
@@ -75,27 +215,50 @@ def _decode_raw(path: Path) -> np.ndarray:
     return array
 
 
-def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
-    """Scale integer images by their type's maximum (16-bit by 65535); clip float ones to [0, 1]."""
-    if array.dtype == np.bool_:
+def to_unit_float(array: np.ndarray, name: str | os.PathLike[str] = "image array") -> np.ndarray:
+    """Pixel values as float32 in [0, 1], the same rule for files and arrays.
+
+    Integers are divided by their type's maximum (uint8 by 255, uint16 by 65535; negative values
+    of signed types clip to 0); bools are 0/1; floats must be finite and lie in [0, 1] (up to
+    :data:`FLOAT_TOLERANCE`). A float image on a 0-255 scale is refused, never silently clipped
+    to white: divide it by 255 or pass the uint8 array. ``name`` starts the error message.
+    """
+    dtype = array.dtype
+    if dtype == np.bool_:
         return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.floating):
-        return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
-    if np.issubdtype(array.dtype, np.unsignedinteger):
-        return (array.astype(np.float64) / np.iinfo(array.dtype).max).astype(np.float32)
-    if np.issubdtype(array.dtype, np.signedinteger):
-        return (np.clip(array.astype(np.float64), 0, None) / np.iinfo(array.dtype).max).astype(np.float32)
-    raise InputError(f"{path}: not a readable image (unsupported pixel type {array.dtype})")
+    if np.issubdtype(dtype, np.floating):
+        converted = array.astype(np.float32, copy=False)
+        if converted.size and not np.isfinite(converted).all():
+            raise InputError(f"{name}: image has NaN or infinite pixel values")
+        if converted.size:
+            low, high = float(converted.min()), float(converted.max())
+            if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+                raise InputError(
+                    f"{name}: float pixel values span [{low:g}, {high:g}], not [0, 1] "
+                    "(scale them to [0, 1]: 8-bit data / 255, or pass the integer array)"
+                )
+        return np.clip(converted, 0.0, 1.0)
+    if np.issubdtype(dtype, np.integer):
+        maximum = np.float32(np.iinfo(dtype).max)
+        source = np.clip(array, 0, None) if np.issubdtype(dtype, np.signedinteger) else array
+        return np.divide(source, maximum, dtype=np.float32)
+    raise InputError(f"{name}: not a readable image (unsupported pixel type {dtype})")
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read any supported image as float32 ``H x W x 3`` RGB in [0, 1] (gray replicated, alpha dropped)."""
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+    """Read any supported image as float32 ``H x W x 3`` RGB in [0, 1] (gray replicated, alpha dropped).
+
+    ``max_pixels`` overrides the pixel budget (:func:`max_pixels`) for this call; an image over
+    it raises :class:`~hrad.errors.ImageTooLargeError` before any pixel is decoded.
+    """
     path = Path(path)
-    array = _decode_raw(path)
+    array = _decode_raw(path, max_pixels)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim == 2:  # scale the one channel, then replicate it
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise InputError(f"{path}: not a readable image (zero-sized)")
+        return np.ascontiguousarray(np.repeat(to_unit_float(array, path)[:, :, None], 3, axis=2))
     elif array.ndim == 3 and array.shape[2] == 2:  # gray + alpha
         array = np.repeat(array[:, :, :1], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] >= 3:
@@ -104,7 +267,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: not a readable image (unsupported shape {array.shape})")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InputError(f"{path}: not a readable image (zero-sized)")
-    return np.ascontiguousarray(_to_unit_float(array, path))
+    return np.ascontiguousarray(to_unit_float(array, path))
 
 
 def read_mask(
@@ -160,9 +323,12 @@ class ImageList(Sequence[np.ndarray]):
     default because high-resolution images are large (a 4096x4096 image is 200 MB in float32).
     """
 
-    def __init__(self, paths: Iterable[str | os.PathLike[str]], cache_size: int = 0) -> None:
+    def __init__(
+        self, paths: Iterable[str | os.PathLike[str]], cache_size: int = 0, max_pixels: int | None = None
+    ) -> None:
         self.paths: list[Path] = [Path(path) for path in paths]
         self.cache_size = max(0, int(cache_size))
+        self.max_pixels = max_pixels
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -172,7 +338,7 @@ class ImageList(Sequence[np.ndarray]):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        image = read_image(self.paths[index])
+        image = read_image(self.paths[index], self.max_pixels)
         if self.cache_size:
             self._cache[index] = image
             while len(self._cache) > self.cache_size:
@@ -198,10 +364,46 @@ class ImageList(Sequence[np.ndarray]):
         return f"ImageList({len(self)} images, cache_size={self.cache_size})"
 
 
+def process_umask() -> int:
+    """The process umask (read from /proc on Linux, where reading it does not change it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask (mkstemp alone gives 0600)."""
+    return 0o666 & ~process_umask()
+
+
+def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder ``path`` (and parents) and check it is writable, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: output folder is an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".hrad-write-check.", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or _one_line(error)
+        raise InputError(f"{path}: output folder is not writable ({reason})") from None
+    return path
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, default_file_mode())
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(temporary, path)
@@ -263,6 +465,7 @@ def write_map_tiff(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tiff", dir=path.parent)
+    os.fchmod(handle, default_file_mode())
     os.close(handle)
     try:
         tifffile.imwrite(temporary, _as_map(anomaly_map).astype(dtype), photometric="minisblack")
