@@ -20,7 +20,7 @@ from hrad.detectors.rdpp import (
     smooth_noise,
     squared_cost,
 )
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, build_backbone
 
 #: tiny layout: an 8-channel and a 16-channel teacher level on an 8 x 8 grid
@@ -90,7 +90,7 @@ def test_out_of_distribution_token_scores_highest(trained: tuple[RDPlusPlus, Ten
 def test_state_round_trip_restores_predictions_exactly(trained: tuple[RDPlusPlus, Tensor]) -> None:
     detector, normal = trained
     state = detector.state_dict()
-    assert state["level_channels"].dtype == torch.int64 and state["level_channels"].tolist() == list(LEVELS)
+    assert state["layer_channels"].dtype == torch.int64 and state["layer_channels"].tolist() == list(LEVELS)
     assert any(key.endswith("running_mean") for key in state)  # BatchNorm statistics travel too
     restored = RDPlusPlus(RDPlusPlusConfig(level_channels=LEVELS))
     restored.load_state_dict({key: value.clone() for key, value in state.items()})
@@ -112,7 +112,7 @@ def test_an_image_scores_the_same_alone_or_in_a_batch(trained: tuple[RDPlusPlus,
     together = detector.predict(torch.cat([normal[:1], strangers]))
     torch.testing.assert_close(alone.maps[0], together.maps[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(alone.scores[0], together.scores[0], rtol=0, atol=1e-5)
-    assert not detector.net.training  # type: ignore[union-attr]
+    assert not detector.network.training  # type: ignore[union-attr]
 
 
 def test_odd_grids_and_switched_off_terms() -> None:
@@ -130,7 +130,7 @@ def test_odd_grids_and_switched_off_terms() -> None:
 
 
 def test_user_mistakes_raise_hrad_errors(trained: tuple[RDPlusPlus, Tensor]) -> None:
-    with pytest.raises(ConfigError, match="not been fitted"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         RDPlusPlus(RDPlusPlusConfig()).predict(torch.randn(1, CHANNELS, 4, 4))
     with pytest.raises(ConfigError, match=r"sum to 20, but the embedding has 24 channels"):
         RDPlusPlus(RDPlusPlusConfig(epochs=1, level_channels=(8, 12))).fit([torch.randn(2, 24, 8, 8)])
@@ -149,11 +149,11 @@ def test_user_mistakes_raise_hrad_errors(trained: tuple[RDPlusPlus, Tensor]) -> 
     state = detector.state_dict()
     corruptions: list[tuple[dict[str, Tensor], RDPlusPlusConfig, str]] = [
         (
-            {k: v for k, v in state.items() if k != "level_channels"},
+            {k: v for k, v in state.items() if k != "layer_channels"},
             RDPlusPlusConfig(),
-            "lacks level_channels",
+            "lacks layer_channels",
         ),
-        ({**state, "level_channels": torch.tensor([0, 24])}, RDPlusPlusConfig(), "invalid level_channels"),
+        ({**state, "layer_channels": torch.tensor([0, 24])}, RDPlusPlusConfig(), "invalid layer_channels"),
         (state, RDPlusPlusConfig(level_channels=(12, 12)), "level_channels"),
         (state, RDPlusPlusConfig(bottleneck_channels=32), "does not match"),
         (state, RDPlusPlusConfig(decoder_blocks=3), "does not match"),

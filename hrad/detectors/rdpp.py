@@ -96,11 +96,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.patchcore import mid_depth_blocks
-from hrad.detectors.scoring import load_module_state, module_state
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.detectors.neural import EpochsConfig, NeuralDetector, Stage
+from hrad.errors import InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 #: the reference divides its projection losses by the sum of their weights (1 + 0.01 + 0.1)
 REFERENCE_PROJECTION_NORMALISER = 1.11
@@ -108,7 +106,7 @@ REFERENCE_PROJECTION_NORMALISER = 1.11
 REFERENCE_NOISE_EXTENT = (10 / 256, 32 / 256)
 
 
-class RDPlusPlusConfig(DetectorConfig):
+class RDPlusPlusConfig(EpochsConfig):
     """Typed RD++ options; defaults follow the reference code unless the module docstring says otherwise."""
 
     name: Literal["rdpp"] = "rdpp"
@@ -120,8 +118,6 @@ class RDPlusPlusConfig(DetectorConfig):
     projection_lr: float = Field(default=0.001, gt=0)
     #: Adam betas
     betas: tuple[float, float] = (0.5, 0.999)
-    #: channels of each teacher level in the embedding; empty = bound from the embedder, or one level
-    level_channels: tuple[int, ...] = ()
     #: projection hidden widths are c/d, c/2d, c/d (reference d = 2)
     projection_divisor: int = Field(default=2, ge=1)
     #: width of the one-class embedding; None = the widest level
@@ -496,21 +492,17 @@ class RDPlusPlusNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- detector
-class RDPlusPlus(Detector[RDPlusPlusConfig]):
+class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
     """Reverse distillation with multi-scale projection, SSOT and feature-noise losses (RD++)."""
 
-    trainable = True
-    multi_pass = True  # one pass over the embedding batches per epoch
+    state_prefix = "net"
 
     def __init__(self, config: RDPlusPlusConfig) -> None:
         super().__init__(config)
-        self.net: RDPlusPlusNet | None = None
-        self.level_sizes: list[int] = []
-        self.loss_history: list[float] = []  # mean total training loss per epoch
         #: mean of each loss term per epoch ("distill", "ssot", "noise_reconstruction", "noise_contrast")
         self.term_history: list[dict[str, float]] = []
+        self._terms: dict[str, list[float]] = {}
 
-    # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         """CNN: layer2 + layer3 without aggregation (HiAD Table II: WRN50 Layer2, Layer3). ViT:
@@ -519,51 +511,36 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
             return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 2, 3 / 4)), aggregation=1)
         return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=1)
 
-    @classmethod
-    def bind_layout(cls, config: RDPlusPlusConfig, layer_channels: tuple[int, ...]) -> RDPlusPlusConfig:
-        """One teacher level per backbone layer unless ``level_channels`` is set explicitly."""
-        if config.level_channels or not layer_channels:
-            return config
-        return config.model_copy(
-            update={"level_channels": tuple(int(channels) for channels in layer_channels)}
-        )
+    def build_network(self, layout: list[int]) -> RDPlusPlusNet:
+        return RDPlusPlusNet(layout, self.config)
 
-    # ----------------------------------------------------------------- building
-    def _level_sizes(self, channels: int) -> list[int]:
-        requested = list(self.config.level_channels)
-        if not requested:
-            return [channels]
-        if any(size < 1 for size in requested):
-            raise ConfigError(f"rdpp level_channels {requested} must all be positive")
-        if sum(requested) != channels:
-            raise ConfigError(
-                f"rdpp level_channels {requested} sum to {sum(requested)}, but the embedding has {channels} channels"
-            )
-        return requested
-
-    def _check_grid(self, height: int, width: int) -> None:
-        coarsest = pyramid_sizes(height, width, len(self.level_sizes))[-1]
+    def check_batch(self, embeddings: Tensor) -> None:
+        height, width = embeddings.shape[-2:]
+        coarsest = pyramid_sizes(height, width, len(self.layout))[-1]
         stride = self.config.bottleneck_stride
         bottleneck = ((coarsest[0] + stride - 1) // stride, (coarsest[1] + stride - 1) // stride)
         if bottleneck[0] * bottleneck[1] < 2:
             raise InputError(
-                f"rdpp cannot train on a {height}x{width} embedding grid with {len(self.level_sizes)} level(s):"
+                f"rdpp cannot train on a {height}x{width} embedding grid with {len(self.layout)} level(s):"
                 " the bottleneck would be 1x1; use larger inputs, fewer levels or bottleneck_stride=1"
             )
 
-    def _build(self, device: torch.device) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            self.net = RDPlusPlusNet(self.level_sizes, self.config).to(device)
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The reference's two Adam optimisers, both stepping on the total loss."""
+        config, net = self.config, self.fitted_network()
+        return [
+            torch.optim.Adam(net.projections.parameters(), lr=config.projection_lr, betas=config.betas),
+            torch.optim.Adam(net.distillation_parameters(), lr=config.lr, betas=config.betas),
+        ]
 
-    def _split(self, embeddings: Tensor) -> list[Tensor]:
-        if embeddings.ndim != 4:
-            raise InputError(f"rdpp expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
-        if embeddings.shape[1] != sum(self.level_sizes):
-            raise InputError(
-                f"rdpp was fitted on {sum(self.level_sizes)}-channel embeddings, got {embeddings.shape[1]}"
-            )
-        return list(embeddings.split(self.level_sizes, dim=1))
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        self.term_history, self._terms = [], {}
+        super().fit(batches)
+
+    def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
+        self.term_history.append({key: sum(values) / len(values) for key, values in self._terms.items()})
+        self._terms = {}
+        return False
 
     # ----------------------------------------------------------------- losses
     def _distill_loss(self, teacher: list[Tensor], student: list[Tensor]) -> Tensor:
@@ -578,9 +555,9 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
                 )
         return total
 
-    def _ssot_loss(self, projected: list[Tensor], generator: torch.Generator) -> Tensor:
+    def _ssot_loss(self, projected: list[Tensor]) -> Tensor:
         """Debiased Sinkhorn divergence between each sample's token cloud and its partner's."""
-        config = self.config
+        config, generator = self.config, self.generator
         batch = projected[0].shape[0]
         device = projected[0].device
         shift = int(torch.randint(1, batch, (1,), generator=generator, device=device))
@@ -603,157 +580,62 @@ class RDPlusPlus(Detector[RDPlusPlusConfig]):
             total = total + divergence.mean()
         return total
 
-    def _training_loss(
-        self, embeddings: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
-        assert self.net is not None
-        config = self.config
-        teacher = self._split(embeddings)
-        projected = self.net.project(teacher_pyramid(teacher))
-        distill = self._distill_loss(teacher, self.net.reconstruct(projected))
-        terms = {"distill": float(distill.detach())}
+    def training_step(self, embeddings: Tensor) -> Tensor:
+        config, net = self.config, self.fitted_network()
+        teacher = self.split(embeddings)
+        projected = net.project(teacher_pyramid(teacher))
+        distill = self._distill_loss(teacher, net.reconstruct(projected))
+        terms = {"distill": distill}
         projection = distill.new_zeros(())
         if config.projection_weight > 0:
             if config.ssot_weight > 0 and embeddings.shape[0] > 1:
-                ssot = self._ssot_loss(projected, generator)
-                terms["ssot"] = float(ssot.detach())
-                projection = projection + config.ssot_weight * ssot
+                terms["ssot"] = self._ssot_loss(projected)
+                projection = projection + config.ssot_weight * terms["ssot"]
             if config.noise_reconstruction_weight > 0 or config.noise_contrast_weight > 0:
-                noisy = teacher_pyramid(
-                    self._split(
-                        noise_features(
-                            embeddings,
-                            config.noise_amplitude,
-                            config.noise_sigma,
-                            config.noise_extent,
-                            generator,
-                        )
-                    )
+                noisy_embeddings = noise_features(
+                    embeddings,
+                    config.noise_amplitude,
+                    config.noise_sigma,
+                    config.noise_extent,
+                    self.generator,
                 )
-                projected_noisy = self.net.project(noisy)
+                noisy = teacher_pyramid(self.split(noisy_embeddings))
+                projected_noisy = net.project(noisy)
                 if config.noise_reconstruction_weight > 0:
-                    reconstruction = sum(
-                        (1 - F.cosine_similarity(p_noisy, p_clean, dim=1)).mean()
-                        for p_noisy, p_clean in zip(projected_noisy, projected, strict=True)
+                    terms["noise_reconstruction"] = cast(
+                        Tensor,
+                        sum(
+                            (1 - F.cosine_similarity(p_noisy, p_clean, dim=1)).mean()
+                            for p_noisy, p_clean in zip(projected_noisy, projected, strict=True)
+                        ),
                     )
-                    terms["noise_reconstruction"] = float(cast(Tensor, reconstruction).detach())
-                    projection = projection + config.noise_reconstruction_weight * reconstruction
+                    projection = (
+                        projection + config.noise_reconstruction_weight * terms["noise_reconstruction"]
+                    )
                 if config.noise_contrast_weight > 0:
                     negative = -torch.ones(embeddings.shape[0], device=embeddings.device)
-                    contrast = sum(
-                        F.cosine_embedding_loss(
-                            noisy_level.flatten(1),
-                            p_clean.flatten(1),
-                            negative,
-                            margin=config.contrast_margin,
-                        )
-                        for noisy_level, p_clean in zip(noisy, projected, strict=True)
+                    terms["noise_contrast"] = cast(
+                        Tensor,
+                        sum(
+                            F.cosine_embedding_loss(
+                                noisy_level.flatten(1),
+                                p_clean.flatten(1),
+                                negative,
+                                margin=config.contrast_margin,
+                            )
+                            for noisy_level, p_clean in zip(noisy, projected, strict=True)
+                        ),
                     )
-                    terms["noise_contrast"] = float(cast(Tensor, contrast).detach())
-                    projection = projection + config.noise_contrast_weight * contrast
-        loss = distill + config.projection_weight * projection / REFERENCE_PROJECTION_NORMALISER
-        return loss, terms
+                    projection = projection + config.noise_contrast_weight * terms["noise_contrast"]
+        for key, value in terms.items():
+            self._terms.setdefault(key, []).append(float(value.detach()))
+        return distill + config.projection_weight * projection / REFERENCE_PROJECTION_NORMALISER
 
-    # ----------------------------------------------------------------- Detector API
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        config = self.config
-        self.net = None  # a refit starts from scratch
-        self.loss_history, self.term_history = [], []
-        optimizers: list[torch.optim.Optimizer] = []
-        generator: torch.Generator | None = None
-        for _ in range(config.epochs):
-            losses: list[float] = []
-            terms: dict[str, list[float]] = {}
-            for batch in batches:
-                if self.net is None:
-                    if batch.ndim != 4:
-                        raise InputError(
-                            f"rdpp expects B x C x h x w embeddings, got shape {tuple(batch.shape)}"
-                        )
-                    self.level_sizes = self._level_sizes(int(batch.shape[1]))
-                    self._build(batch.device)
-                    assert self.net is not None
-                    optimizers = [
-                        torch.optim.Adam(
-                            self.net.projections.parameters(), lr=config.projection_lr, betas=config.betas
-                        ),
-                        torch.optim.Adam(
-                            self.net.distillation_parameters(), lr=config.lr, betas=config.betas
-                        ),
-                    ]
-                    generator = torch.Generator(device=batch.device).manual_seed(config.seed)
-                assert self.net is not None and generator is not None
-                embeddings = batch.to(self._device()).float()
-                self._split(embeddings)
-                self._check_grid(*embeddings.shape[-2:])
-                self.net.train()
-                loss, step_terms = self._training_loss(embeddings, generator)
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                losses.append(float(loss.detach()))
-                for key, value in step_terms.items():
-                    terms.setdefault(key, []).append(value)
-            if not losses:
-                raise InputError("rdpp fit received no embedding batches")
-            self.loss_history.append(sum(losses) / len(losses))
-            self.term_history.append({key: sum(values) / len(values) for key, values in terms.items()})
-        if self.net is not None:
-            self.net.eval()
-
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
-        self._require_fitted()
-        assert self.net is not None
-        self.net.eval()  # BatchNorm uses running statistics: no image depends on its batch mates
-        with torch.no_grad():
-            teacher = self._split(embeddings.to(self._device()).float())
-            student = self.net.reconstruct(self.net.project(teacher_pyramid(teacher)))
-            per_level = torch.stack(
-                [1 - F.cosine_similarity(s, t, dim=1) for t, s in zip(teacher, student, strict=True)]
-            )
-            maps = per_level.sum(0) if self.config.map_reduction == "sum" else per_level.mean(0)
-        return DetectorOutput(maps=maps, scores=maps.flatten(1).max(dim=1).values)
-
-    def scoring_module(self) -> nn.Module:
-        """Predict is plain torch: exportable to ONNX as it is."""
-        self._require_fitted()
-        assert self.net is not None
-        return PredictScoring(self, self.net)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        self._require_fitted()
-        assert self.net is not None
-        state = module_state(self.net, "net")
-        state["level_channels"] = torch.tensor(self.level_sizes, dtype=torch.int64)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if "level_channels" not in state:
-            raise ArtifactError("rdpp state lacks level_channels; the artifact is incomplete")
-        sizes = [int(size) for size in state["level_channels"].flatten().tolist()]
-        if not sizes or any(size < 1 for size in sizes):
-            raise ArtifactError(f"rdpp state has invalid level_channels {sizes}")
-        if self.config.level_channels and list(self.config.level_channels) != sizes:
-            raise ArtifactError(
-                f"rdpp state was trained with level_channels {sizes}, config says {list(self.config.level_channels)}"
-            )
-        self.level_sizes = sizes
-        self._build(torch.device("cpu"))
-        assert self.net is not None
-        try:
-            load_module_state(self.net, state, "net", "rdpp")
-        except ArtifactError:
-            self.net = None
-            raise
-        self.net.eval()
-
-    # ----------------------------------------------------------------- helpers
-    def _require_fitted(self) -> None:
-        if self.net is None:
-            raise ConfigError("rdpp has not been fitted or loaded; call fit() or load_state_dict() first")
-
-    def _device(self) -> torch.device:
-        assert self.net is not None
-        return next(self.net.parameters()).device
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        net = self.fitted_network()
+        teacher = self.split(embeddings)
+        student = net.reconstruct(net.project(teacher_pyramid(teacher)))
+        per_level = torch.stack(
+            [1 - F.cosine_similarity(s, t, dim=1) for t, s in zip(teacher, student, strict=True)]
+        )
+        return per_level.sum(0) if self.config.map_reduction == "sum" else per_level.mean(0)
