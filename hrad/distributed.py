@@ -12,8 +12,9 @@ Two kinds of work are distributed:
   artifact.
 - **Prediction over many images** (:func:`predict_many_ray`): Ray actors each load the artifact
   once on their own device, images go to whichever actor is free, each actor writes its maps,
-  and the driver writes ``scores.csv`` in input order. An image that fails (corrupt file, or a
-  worker process that dies on it) becomes a row with the error, never a failed run.
+  and the driver writes ``scores.csv`` as rows finish (flushed per row, so an interrupted run
+  keeps them) and rewrites it in input order at the end. An image that fails (corrupt file, or a
+  worker process that dies on it) becomes a ``failed`` row with the error, never a failed run.
 
 Every path (model, images, output, spill folders) must be readable from every worker: on a
 multi-machine cluster put them on shared storage (for fitting, point ``TMPDIR`` or HiAD's
@@ -321,6 +322,11 @@ class ScoreRow:
     map_path: str | None = None
     error: str | None = None
 
+    @property
+    def status(self) -> str:
+        """``ok`` or ``failed`` (the reason is in :attr:`error`)."""
+        return "ok" if self.error is None else "failed"
+
 
 @dataclass(frozen=True)
 class _ImageJob:
@@ -371,14 +377,52 @@ def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return [f"{index:05d}_{stem}" for index, stem in enumerate(stems)]
 
 
+#: The columns of every ``scores.csv`` (``hrad predict`` and ``predict-distributed``)
+SCORE_COLUMNS = ("image", "score", "anomalous", "map", "status", "error")
+
+
+def _score_fields(row: ScoreRow) -> list[object]:
+    score = "" if row.score is None else repr(row.score)
+    anomalous = "" if row.anomalous is None else row.anomalous
+    return [row.image, score, anomalous, row.map_path or "", row.status, row.error or ""]
+
+
+class ScoresWriter:
+    """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
+    keeps every row it finished. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle = self.path.open("w", newline="")
+        self._writer = csv.writer(self._handle)
+        self._writer.writerow(SCORE_COLUMNS)
+        self._handle.flush()
+
+    def write(self, row: ScoreRow) -> None:
+        self._writer.writerow(_score_fields(row))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> ScoresWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def write_scores_csv(path: Path, rows: Sequence[ScoreRow]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score", "anomalous", "map", "error"])
-        for row in rows:
-            score = "" if row.score is None else repr(row.score)
-            anomalous = "" if row.anomalous is None else row.anomalous
-            writer.writerow([row.image, score, anomalous, row.map_path or "", row.error or ""])
+    """All rows at once, replacing ``path`` atomically (the streamed file stays until then)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with ScoresWriter(temporary) as writer:
+            for row in rows:
+                writer.write(row)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def predict_many_ray(
@@ -417,7 +461,7 @@ def predict_many_ray(
     jobs = deque(_ImageJob(index, path, stem) for index, (path, stem) in enumerate(zip(paths, output_stems(paths), strict=True)))
     rows: list[ScoreRow | None] = [None] * len(paths)
     if paths:
-        with ray_session(address, runtime_env) as ray:
+        with ray_session(address, runtime_env) as ray, ScoresWriter(out / "scores.csv") as streamed:
             _check_gpus(ray, num_gpus_per_worker)
             actor_type = ray.remote(_PredictWorker).options(num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker)
             arguments = (
@@ -434,7 +478,7 @@ def predict_many_ray(
                     ray.get([actor.ready.remote() for actor in actors])
                 except Exception as error:
                     raise _task_error(ray, error) from None
-                _distribute(ray, actors, jobs, rows, lambda: actor_type.remote(*arguments), progress)
+                _distribute(ray, actors, jobs, rows, lambda: actor_type.remote(*arguments), progress, streamed.write)
             finally:
                 for actor in actors:
                     ray.kill(actor)
@@ -451,8 +495,10 @@ def _distribute(
     rows: list[ScoreRow | None],
     new_actor: Callable[[], Any],
     progress: ProgressCallback | None,
+    on_row: Callable[[ScoreRow], None] | None = None,
 ) -> None:
-    """Give each free actor the next image until none are left.
+    """Give each free actor the next image until none are left; ``on_row`` sees each row as it
+    finishes (completion order), so ``scores.csv`` grows while the run goes.
 
     An actor whose process dies on an image (segfault, out of memory) yields an error row for
     that image and is replaced by a fresh one, so the remaining images still run.
@@ -478,6 +524,9 @@ def _distribute(
                 rows[job.index] = ScoreRow(job.path, error=f"worker process died on this image ({reason})")
                 ray.kill(actors[slot])
                 actors[slot] = new_actor()
+            finished = rows[job.index]
+            if on_row is not None and finished is not None:
+                on_row(finished)
             done += 1
             if progress is not None:
                 progress(done, len(rows), "predicting (ray)")
@@ -488,7 +537,9 @@ __all__ = [
     "JobRunner",
     "ProcessPoolRunner",
     "RayExecutor",
+    "SCORE_COLUMNS",
     "ScoreRow",
+    "ScoresWriter",
     "SerialRunner",
     "active_runner",
     "job_runner",

@@ -163,7 +163,7 @@ def test_cli_predict_distributed_writes_scores_and_fails_on_bad_images(
     result = CliRunner().invoke(
         app, ["predict-distributed", "--model", str(model_path), str(folder), "--out", str(out), "--workers", "1"]
     )
-    assert result.exit_code == 1 and "1 of 3 images failed" in result.output, result.output
+    assert result.exit_code == 3 and "1 of 3 images failed" in result.output, result.output
     with (out / "scores.csv").open() as handle:
         table = {Path(line["image"]).name: line for line in csv.DictReader(handle)}
     assert list(table) == ["broken.png", *(path.name for path in image_folder[:2])]

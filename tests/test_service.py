@@ -52,13 +52,15 @@ def spot_png() -> bytes:
     return png_bytes(image)
 
 
-def test_health_reports_model_and_versions(client: TestClient) -> None:
+def test_health_reports_model_and_versions(client: TestClient, model_dir: Path) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["hrad_version"] == hrad.__version__
     assert body["backbone"] == "tiny-cnn" and body["detector"] == "test-gaussian" and body["strategy"] == "tiled"
-    assert body["backbone_weights"] == "seeded random initialisation"
     assert body["fitted_size"] == [96, 128] and body["thresholds"]["image"] > 0
-    assert body["config"]["strategy"]["tile"] == 64
+    assert "config" not in body and "model" not in body and str(model_dir) not in str(body)  # no paths unless asked
+    detailed = TestClient(create_app(model_dir, health_details=True)).get("/health").json()
+    assert detailed["backbone_weights"] == "seeded random initialisation" and detailed["model"] == str(model_dir)
+    assert detailed["config"]["strategy"]["tile"] == 64
 
 
 def test_predict_matches_the_python_api(client: TestClient, model_dir: Path, spot_png: bytes, tmp_path: Path) -> None:

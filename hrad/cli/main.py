@@ -5,7 +5,6 @@ User mistakes (HradError) print one line and exit with status 2, never a traceba
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from enum import Enum
@@ -76,7 +75,11 @@ def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {assignment!r}: {part} is not a section")
-        target[parts[-1]] = yaml.safe_load(raw)
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({reason})") from None
     return overrides
 
 
@@ -99,11 +102,13 @@ def fit(
     ] = None,
 ) -> None:
     """Fit a model on good images and write one artifact."""
+    from hrad.artifact import check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
     from hrad.data.images import ImageList
     from hrad.model import AnomalyModel
 
+    check_artifact_target(out)  # a foreign or unwritable --out is refused before the fit, not after
     train_paths, validation_paths = training_images(data, category=category)
     train = ImageList(train_paths)
     validation = ImageList(validation_paths) if validation_paths else None
@@ -124,39 +129,65 @@ def predict(
     map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (scaled) or tiff (float32)")] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays with contours")] = True,
 ) -> None:
-    """Anomaly maps, overlays and scores for unlabeled images."""
+    """Anomaly maps, overlays and scores for unlabeled images.
+
+    A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
+    scores.csv; every other file is still processed. Rows are written (and flushed) as they
+    finish. Exit status 0 when all succeeded, 3 when some failed.
+    """
     from hrad.data.images import (
         expand_image_paths,
+        prepare_output_dir,
         read_image,
         write_map_png16,
         write_map_tiff,
         write_overlay,
     )
+    from hrad.distributed import ScoreRow, ScoresWriter, output_stems
     from hrad.model import load
 
     images = expand_image_paths(paths)
+    prepare_output_dir(out)
     fitted = load(model)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with progress_bars() as progress:
-        for index, path in enumerate(images):
-            image = read_image(path)
-            prediction = fitted.predict(image)
-            stem = path.stem if len(images) == len({p.stem for p in images}) else f"{index:05d}_{path.stem}"
-            if map_format is MapFormat.tiff:
-                write_map_tiff(out / f"{stem}_map.tiff", prediction.anomaly_map)
-            else:
-                high = prediction.pixel_threshold * 2 if prediction.pixel_threshold else float(prediction.anomaly_map.max())
-                write_map_png16(out / f"{stem}_map.png", prediction.anomaly_map, 0.0, high)
-            if overlays:
-                write_overlay(out / f"{stem}_overlay.png", image, prediction.anomaly_map, prediction.pixel_threshold)
-            rows.append((str(path), prediction.score, prediction.is_anomalous))
+    stems = output_stems(images)
+    failed: list[ScoreRow] = []
+    with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
+        for index, (path, stem) in enumerate(zip(images, stems, strict=True)):
+            try:
+                image = read_image(path)
+                prediction = fitted.predict(image)
+                if map_format is MapFormat.tiff:
+                    map_path = out / f"{stem}_map.tiff"
+                    write_map_tiff(map_path, prediction.anomaly_map)
+                else:
+                    map_path = out / f"{stem}_map.png"
+                    threshold = prediction.pixel_threshold
+                    high = threshold * 2 if threshold else float(prediction.anomaly_map.max())
+                    write_map_png16(map_path, prediction.anomaly_map, 0.0, high if high > 0 else 1.0)
+                if overlays:
+                    write_overlay(out / f"{stem}_overlay.png", image, prediction.anomaly_map, prediction.pixel_threshold)
+                row = ScoreRow(str(path), float(prediction.score), prediction.is_anomalous, str(map_path))
+            except HradError as error:
+                row = ScoreRow(str(path), error=" ".join(str(error).split()))
+            except Exception as error:  # noqa: BLE001 - one bad image must not stop the others
+                row = ScoreRow(str(path), error=f"{path}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+            scores.write(row)
+            if row.error is not None:
+                failed.append(row)
+                _print_error(f"skipped: {row.error}")
             progress(index + 1, len(images), "predicting")
-    with (out / "scores.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score", "anomalous"])
-        writer.writerows(rows)
-    console.print(f"{len(rows)} predictions written to {out}")
+    _report_batch(len(images), failed, out)
+
+
+def _report_batch(total: int, failed: list[Any], out: Path) -> None:
+    """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed."""
+    console.print(f"{total - len(failed)} predictions written to {out}")
+    if failed:
+        console.print(
+            f"[red]{len(failed)} of {total} images failed[/red] (status 'failed' in {out / 'scores.csv'})",
+            highlight=False,
+        )
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @app.command()
@@ -170,6 +201,7 @@ def evaluate(
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set."""
     from hrad.data.datasets import load_dataset
+    from hrad.data.images import prepare_output_dir
     from hrad.evaluation import evaluate as run_evaluation
     from hrad.model import load
 
@@ -177,6 +209,7 @@ def evaluate(
     samples = [s for s in dataset.test if s.label >= 0][:limit]
     if not samples:
         raise InputError(f"{data}: no labelled test images")
+    prepare_output_dir(out)
     fitted = load(model)
     with progress_bars() as progress:
         metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress)
@@ -218,8 +251,13 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB")] = 256.0,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may take (body, queue, prediction)")] = 300.0,
+    health_details: Annotated[bool, typer.Option(help="Show the model's path, config and weight sources on /health")] = False,
 ) -> None:
-    """Serve a model over HTTP: GET /health, POST /predict (multipart field 'image')."""
+    """Serve a model over HTTP: GET /health, POST /predict (multipart field 'image').
+
+    The pixel budget is hrad's (--max-pixels before the command, or HRAD_MAX_PIXELS).
+    """
     try:
         import uvicorn
 
@@ -229,7 +267,13 @@ def serve(
 
         raise ConfigError(f"hrad serve needs the serve extra ({error.name} is missing): pip install 'hrad[serve]'") from None
 
-    app_ = create_app(model, device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    app_ = create_app(
+        model,
+        device=device,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        request_timeout=timeout,
+        health_details=health_details,
+    )
     console.print(f"serving {model} on http://{host}:{port}")
     uvicorn.run(app_, host=host, port=port, workers=1)
 
@@ -258,19 +302,19 @@ def predict_distributed(
     address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
 ) -> None:
     """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster)."""
-    from hrad.data.images import expand_image_paths
+    from hrad.data.images import expand_image_paths, prepare_output_dir
     from hrad.distributed import predict_many_ray
 
     images = expand_image_paths(paths)
+    prepare_output_dir(out)
     with progress_bars() as progress:
         rows = predict_many_ray(
             model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress
         )
     failed = [row for row in rows if row.error]
-    console.print(f"{len(rows) - len(failed)} predictions written to {out}")
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(rows)} images failed[/red], e.g. {failed[0].error} (see scores.csv)")
-        sys.exit(1)
+    for row in failed:
+        _print_error(f"skipped: {row.error}")
+    _report_batch(len(rows), failed, out)
 
 
 @app.command("ad2-export")
@@ -282,10 +326,12 @@ def ad2_export(
 ) -> None:
     """Write an MVTec AD 2 submission: float16 TIFF maps and thresholded masks for the private splits."""
     from hrad.data.datasets import load_dataset
+    from hrad.data.images import prepare_output_dir
     from hrad.data.mvtec_ad2 import export_submission
     from hrad.model import load
 
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
+    prepare_output_dir(out)
     with progress_bars() as progress:
         counts = export_submission(load(model), dataset, out, progress=progress)
     console.print(f"submission written to {out}: " + ", ".join(f"{split} {count}" for split, count in counts.items()))
@@ -371,22 +417,83 @@ def schema(
         console.print(f"schema written to {out}")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from hrad.version import __version__
+
+        typer.echo(f"hrad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+    max_pixels: Annotated[
+        float | None,
+        typer.Option(
+            "--max-pixels",
+            min=1,
+            help="Pixel budget: images whose header declares more pixels are refused before decoding "
+            "(default 268435456 = 2**28, e.g. 16384x16384 or 8192x32768; env HRAD_MAX_PIXELS)",
+        ),
+    ] = None,
+) -> None:
+    """High-resolution industrial anomaly detection."""
+    if max_pixels is not None:
+        from hrad.data.images import set_max_pixels
+
+        set_max_pixels(max_pixels)
+
+
+#: Exit status when a command ran but some of its inputs failed (``hrad predict`` over a folder
+#: with unreadable images): 0 = all done, 1 = unexpected crash, 2 = usage or input mistake.
+EXIT_SOME_FAILED = 3
+
+#: Usage errors of the command-line parser. Typer ships its own copy of click
+#: (``typer.TyperException`` is the base of its ``ClickException``); older typer raised
+#: click's own. Both are caught, so a dependency upgrade cannot turn them into tracebacks.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException, click.ClickException)
+_ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort, EOFError)
+
+
+def _print_error(message: str) -> None:
+    console.print(f"[red]hrad: error:[/red] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+
+
+def _usage_error(error: Exception) -> int:
+    """Print a parser error as one line (with the command's --help hint); the exit status."""
+    code = int(getattr(error, "exit_code", 2))
+    if any(kind.__name__ == "NoArgsIsHelpError" for kind in type(error).__mro__):
+        show = getattr(error, "show", None)
+        if callable(show):  # ``hrad`` or ``hrad fit`` with nothing: the help text, status 2
+            show()
+            return code
+    message = error.format_message() if hasattr(error, "format_message") else str(error)
+    context = getattr(error, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if context is not None else ""
+    _print_error(f"{message}{hint}")
+    return code
+
 
 def main() -> None:
+    """The console script: user mistakes are one line and status 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
     except HradError as error:
-        console.print(f"[red]hrad: error:[/red] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         sys.exit(2)
-    except click.exceptions.Abort:
+    except _ABORTS:
         console.print("aborted")
         sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
+    except _USAGE_ERRORS as error:
+        sys.exit(_usage_error(error))
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    if isinstance(result, int) and not isinstance(result, bool) and result:
+        sys.exit(result)
 
 
 if __name__ == "__main__":
