@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from hrad.detectors.destseg import DeSTSeg, DeSTSegConfig, focal_loss, synthesise_anomalies
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 CHANNELS, HEIGHT, WIDTH = 8, 8, 8
@@ -170,7 +170,7 @@ def test_out_of_distribution_token_gets_the_highest_map_value(
 def test_state_round_trip_restores_predictions_exactly(deep: tuple[DeSTSeg, Tensor]) -> None:
     detector, test = deep
     state = detector.state_dict()
-    assert state["level_channels"].dtype == torch.int64 and state["level_channels"].tolist() == [4, 4]
+    assert state["layer_channels"].dtype == torch.int64 and state["layer_channels"].tolist() == [4, 4]
     assert state["aspp_rates"].tolist() == [1, 2]
     restored_state = load_safetensors(save_safetensors(state))  # what an artifact holds
     # the config alone (level_channels empty) rebuilds the model from the state
@@ -203,7 +203,7 @@ def test_prediction_does_not_depend_on_the_rest_of_the_batch(deep: tuple[DeSTSeg
 
 def test_user_mistakes_raise_hrad_errors(deep: tuple[DeSTSeg, Tensor]) -> None:
     embeddings = torch.randn(2, CHANNELS, 4, 4)
-    with pytest.raises(ConfigError, match="not been fitted"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         DeSTSeg(DeSTSegConfig()).predict(embeddings)
     with pytest.raises(ConfigError, match=r"sum to 6, but the embedding has 8 channels"):
         DeSTSeg(small_config(level_channels=(3, 3), student_epochs=1)).fit([embeddings])
@@ -228,8 +228,8 @@ def test_user_mistakes_raise_hrad_errors(deep: tuple[DeSTSeg, Tensor]) -> None:
     state = detector.state_dict()
     before = detector.predict(test)
     corruptions: list[tuple[dict[str, Tensor], dict[str, object], str]] = [
-        ({k: v for k, v in state.items() if k != "level_channels"}, {}, "lacks level_channels"),
-        ({**state, "level_channels": torch.tensor([0, 8])}, {}, "invalid level_channels"),
+        ({k: v for k, v in state.items() if k != "layer_channels"}, {}, "lacks layer_channels"),
+        ({**state, "layer_channels": torch.tensor([0, 8])}, {}, "invalid layer_channels"),
         (state, {"level_channels": (2, 6)}, "level_channels"),
         (state, {"aspp_rates": (1, 3)}, "aspp_rates"),
         (state, {"student_stages": 1}, "does not match"),
@@ -242,7 +242,7 @@ def test_user_mistakes_raise_hrad_errors(deep: tuple[DeSTSeg, Tensor]) -> None:
         fresh = DeSTSeg(detector.config.model_copy(update=changes))
         with pytest.raises(ArtifactError, match=message):
             fresh.load_state_dict(corrupt)
-        with pytest.raises(ConfigError, match="not been fitted"):  # nothing half-loaded stays behind
+        with pytest.raises(NotFittedError, match="not been fitted"):  # nothing half-loaded stays behind
             fresh.predict(test)
         if not changes:  # a fitted detector keeps its model when a load fails
             with pytest.raises(ArtifactError, match=message):
@@ -269,12 +269,12 @@ def test_default_embedding_and_bind_layout_give_one_level_per_layer() -> None:
     small = {"student_channels": 8, "segmentation_channels": 8, "aspp_rates": (1,)}
     detector = DeSTSeg(config.model_copy(update=small))
     detector.fit([embeddings])
-    assert detector.state_dict()["level_channels"].tolist() == list(embedder.layer_channels)
+    assert detector.state_dict()["layer_channels"].tolist() == list(embedder.layer_channels)
     assert detector.predict(embeddings).maps.shape == (2, *embeddings.shape[-2:])
 
     single = DeSTSeg(DeSTSegConfig.model_validate({"student_epochs": 1, "segmentation_epochs": 1, **small}))
     single.fit([embeddings])
-    assert single.state_dict()["level_channels"].tolist() == [embeddings.shape[1]]  # no layout: one level
+    assert single.state_dict()["layer_channels"].tolist() == [embeddings.shape[1]]  # no layout: one level
 
 
 def test_a_grid_too_small_for_the_student_is_a_clear_error() -> None:

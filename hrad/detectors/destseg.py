@@ -76,7 +76,8 @@ Other deviations from the paper / reference code:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -84,30 +85,20 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.patchcore import mid_depth_blocks
-from hrad.detectors.scoring import (
-    ChannelStatistics,
-    ImageScore,
-    image_scores,
-    load_module_state,
-    module_state,
-)
+from hrad.detectors.neural import NeuralConfig, NeuralDetector, Stage
+from hrad.detectors.scoring import ImageScore
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
-#: variance floor of the per-channel standardisation
-STANDARDISE_EPS = 1e-5
 #: DRAEM / DeSTSeg draw the opacity of the original image inside the mask from U(0, 0.8)
 MAX_OPACITY = 0.8
 #: smallest blur of the mask noise, in tokens (a finer mask would be salt-and-pepper)
 MIN_MASK_SIGMA = 1.0
 #: the largest blur is this fraction of the longer grid side
 MAX_MASK_SIGMA_FRACTION = 0.25
-STATE_META_KEYS = ("level_channels", "aspp_rates")
 
 
-class DeSTSegConfig(DetectorConfig):
+class DeSTSegConfig(NeuralConfig):
     """Typed DeSTSeg options; defaults follow the paper / reference code unless noted."""
 
     name: Literal["destseg"] = "destseg"
@@ -354,27 +345,30 @@ class DeSTSegNet(nn.Module):
         return self.segmentation(torch.cat(products, dim=1))
 
 
+def _train_only(model: nn.Module, part: str) -> None:
+    """Training mode for one sub-network, eval mode (running BatchNorm statistics) for the rest."""
+    model.eval()
+    getattr(model, part).train()
+
+
 # --------------------------------------------------------------------------- detector
-class DeSTSeg(Detector[DeSTSegConfig]):
+class DeSTSeg(NeuralDetector[DeSTSegConfig, DeSTSegNet]):
     """Denoising student + segmentation net on feature-space synthetic anomalies; see the module
     docstring."""
 
-    trainable = True
-    multi_pass = True  # a statistics pass, then one pass over the batches per epoch of each step
-
-    def __init__(self, config: DeSTSegConfig) -> None:
-        super().__init__(config)
-        self.model: DeSTSegNet | None = None
-        #: mean cosine loss per student epoch, mean focal + L1 loss per segmentation epoch
-        self.student_loss_history: list[float] = []
-        self.segmentation_loss_history: list[float] = []
+    state_prefix = "model"
+    extra_state_keys = ("aspp_rates",)
 
     @property
-    def loss_history(self) -> list[float]:
-        """Both steps' epoch losses in training order (student first)."""
-        return self.student_loss_history + self.segmentation_loss_history
+    def student_loss_history(self) -> list[float]:
+        """Mean cosine loss per student epoch."""
+        return self.stage_losses.get("student", [])
 
-    # ----------------------------------------------------------------- embedding
+    @property
+    def segmentation_loss_history(self) -> list[float]:
+        """Mean focal + L1 loss per segmentation epoch."""
+        return self.stage_losses.get("segmentation", [])
+
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         """CNN: layer1..3 without aggregation, DeSTSeg's own choice (ResNet18 layer1..3): the
@@ -385,42 +379,23 @@ class DeSTSeg(Detector[DeSTSegConfig]):
             return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 4, 1 / 2, 3 / 4)), aggregation=1)
         return EmbeddingSpec(layers=("layer1", "layer2", "layer3"), aggregation=1)
 
-    @classmethod
-    def bind_layout(cls, config: DeSTSegConfig, layer_channels: tuple[int, ...]) -> DeSTSegConfig:
-        """One student head and one segmentation-input level per backbone layer: fill
-        ``level_channels`` unless the user set it."""
-        if config.level_channels or not layer_channels:
-            return config
-        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
+    def build_network(self, layout: list[int]) -> DeSTSegNet:
+        return DeSTSegNet(layout, self.config)
 
-    # ----------------------------------------------------------------- building
-    def _level_sizes(self, channels: int) -> list[int]:
-        sizes = list(self.config.level_channels) or [channels]
-        if min(sizes) < 1:
-            raise ConfigError(f"destseg level_channels {sizes} must all be positive")
-        if sum(sizes) != channels:
+    def before_fit(self, batches: Iterable[Tensor]) -> None:
+        """Checks, then per-channel mean and std over every training position and the networks."""
+        if self.config.segmentation_epochs == 0 and self.config.anomaly_map == "segmentation":
             raise ConfigError(
-                f"destseg level_channels {sizes} sum to {sum(sizes)}, but the embedding has {channels} channels"
+                'destseg anomaly_map="segmentation" needs segmentation_epochs >= 1; use anomaly_map="student"'
             )
-        return sizes
+        mean, std = self.channel_statistics(batches)
+        model = self.build(self.resolve_layout(mean.numel()), mean.device)
+        model.mean.copy_(mean.view(1, -1, 1, 1))
+        model.std.copy_(std.view(1, -1, 1, 1))
 
-    def _build(self, level_sizes: Sequence[int], device: torch.device) -> DeSTSegNet:
-        """Seeded networks: the initial weights depend only on the config and the level sizes."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            return DeSTSegNet(level_sizes, self.config).to(device)
-
-    def _standardisation(self, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and std over every training position (float64 shifted sums)."""
-        statistics = ChannelStatistics(STANDARDISE_EPS)
-        for batch in batches:
-            self._check_embeddings(batch, statistics.channels)
-            self._check_grid(batch.shape[0], *batch.shape[-2:])
-            statistics.add(batch)
-        return statistics.mean_std("destseg")
-
-    def _check_grid(self, count: int, height: int, width: int) -> None:
+    def check_batch(self, embeddings: Tensor) -> None:
         """The student's stride-2 stages must leave its BatchNorm more than one value per channel."""
+        count, _, height, width = embeddings.shape
         stages = self.config.student_stages
         coarsest = math.ceil(height / 2**stages) * math.ceil(width / 2**stages)
         if count * coarsest < 2:
@@ -430,146 +405,78 @@ class DeSTSeg(Detector[DeSTSegConfig]):
                 " inputs, larger batches or fewer student_stages"
             )
 
-    def _check_embeddings(self, embeddings: Tensor, channels: int | None) -> None:
-        if embeddings.ndim != 4:
-            raise InputError(f"destseg expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
-        if channels is not None and embeddings.shape[1] != channels:
-            raise InputError(
-                f"destseg was fitted on {channels}-channel embeddings, got {embeddings.shape[1]}"
-            )
-
     # ----------------------------------------------------------------- training
-    def _corrupted_batches(
-        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
-    ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-        """(clean, corrupted, mask) per batch, all standardised, with fresh anomalies every pass."""
-        device = model.mean.device
-        for batch in batches:
-            self._check_embeddings(batch, model.mean.shape[1])
-            clean = model.standardise(batch.to(device).float())
-            corrupted, masks = synthesise_anomalies(
-                clean, generator, self.config.anomaly_fraction, self.config.clean_probability
-            )
-            yield clean, corrupted, masks
-
-    def _train_student(
-        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
-    ) -> None:
-        config = self.config
-        optimizer = torch.optim.Adam(
-            model.student.parameters(), lr=config.student_lr, weight_decay=config.weight_decay
+    def _corrupt(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(clean, corrupted, mask), standardised, with fresh anomalies every call."""
+        model = self.fitted_network()
+        clean = model.standardise(embeddings)
+        corrupted, masks = synthesise_anomalies(
+            clean, self.generator, self.config.anomaly_fraction, self.config.clean_probability
         )
-        model.student.train()
-        model.segmentation.eval()
-        for _ in range(config.student_epochs):
-            losses = []
-            for clean, corrupted, _ in self._corrupted_batches(model, batches, generator):
-                distances = cosine_distances(model.levels(clean), model.student(corrupted))
-                loss = distances.mean(dim=(2, 3)).sum(dim=0).mean()  # levels summed, batch averaged
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            self.student_loss_history.append(sum(losses) / len(losses))
+        return clean, corrupted, masks
 
-    def _train_segmentation(
-        self, model: DeSTSegNet, batches: Iterable[Tensor], generator: torch.Generator
-    ) -> None:
-        config = self.config
-        optimizer = torch.optim.Adam(
-            model.segmentation.parameters(), lr=config.segmentation_lr, weight_decay=config.weight_decay
-        )
-        model.student.eval()
-        model.segmentation.train()
-        for _ in range(config.segmentation_epochs):
-            losses = []
-            for _, corrupted, masks in self._corrupted_batches(model, batches, generator):
-                with torch.no_grad():
-                    student = model.student(corrupted)
-                logits = model.segmentation_logits(corrupted, student)
-                loss = (
-                    focal_loss(logits, masks, config.focal_gamma)
-                    + (torch.sigmoid(logits) - masks).abs().mean()
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            self.segmentation_loss_history.append(sum(losses) / len(losses))
+    def _student_step(self, embeddings: Tensor) -> Tensor:
+        model = self.fitted_network()
+        clean, corrupted, _ = self._corrupt(embeddings)
+        distances = cosine_distances(model.levels(clean), model.student(corrupted))
+        return distances.mean(dim=(2, 3)).sum(dim=0).mean()  # levels summed, batch averaged
 
-    # ----------------------------------------------------------------- Detector API
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        config = self.config
-        if config.segmentation_epochs == 0 and config.anomaly_map == "segmentation":
-            raise ConfigError(
-                'destseg anomaly_map="segmentation" needs segmentation_epochs >= 1; use anomaly_map="student"'
-            )
-        self.model = None  # a refit starts from scratch
-        self.student_loss_history, self.segmentation_loss_history = [], []
-        mean, std = self._standardisation(batches)
-        model = self._build(self._level_sizes(mean.numel()), mean.device)
-        model.mean.copy_(mean.view(1, -1, 1, 1))
-        model.std.copy_(std.view(1, -1, 1, 1))
-        generator = torch.Generator(device=mean.device).manual_seed(config.seed)
-        self._train_student(model, batches, generator)
-        self._train_segmentation(model, batches, generator)
-        model.eval()
-        self.model = model
-
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
-        model = self._require_fitted()
-        model.eval()
-        self._check_embeddings(embeddings, model.mean.shape[1])
+    def _segmentation_step(self, embeddings: Tensor) -> Tensor:
+        model = self.fitted_network()
+        _, corrupted, masks = self._corrupt(embeddings)
         with torch.no_grad():
-            teacher = model.standardise(embeddings.to(model.mean.device).float())
-            student = model.student(teacher)
-            if self.config.anomaly_map == "student":
-                maps = cosine_distances(model.levels(teacher), student).sum(dim=0)
-            else:
-                maps = torch.sigmoid(model.segmentation_logits(teacher, student))
-        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+            student = model.student(corrupted)
+        logits = model.segmentation_logits(corrupted, student)
+        return (
+            focal_loss(logits, masks, self.config.focal_gamma) + (torch.sigmoid(logits) - masks).abs().mean()
+        )
 
-    def _image_scores(self, maps: Tensor) -> Tensor:
-        return image_scores(maps, self.config.image_score, self.config.top_fraction)
+    def training_stages(self) -> list[Stage]:
+        """The reference schedule: the student alone, then the segmentation net on a frozen student."""
+        config = self.config
 
-    def scoring_module(self) -> nn.Module:
-        """Predict is plain torch: exportable to ONNX as it is."""
-        return PredictScoring(self, self._require_fitted())
+        def adam(part: str, lr: float) -> Callable[[], list[torch.optim.Optimizer]]:
+            return lambda: [
+                torch.optim.Adam(
+                    getattr(self.fitted_network(), part).parameters(), lr=lr, weight_decay=config.weight_decay
+                )
+            ]
 
-    def state_dict(self) -> dict[str, Tensor]:
-        model = self._require_fitted()
-        state = module_state(model, "model")
-        state["level_channels"] = torch.tensor(model.level_sizes, dtype=torch.int64)
-        state["aspp_rates"] = torch.tensor(self.config.aspp_rates, dtype=torch.int64)
-        return state
+        return [
+            Stage(
+                "student",
+                config.student_epochs,
+                self._student_step,
+                adam("student", config.student_lr),
+                train=partial(_train_only, part="student"),
+            ),
+            Stage(
+                "segmentation",
+                config.segmentation_epochs,
+                self._segmentation_step,
+                adam("segmentation", config.segmentation_lr),
+                train=partial(_train_only, part="segmentation"),
+            ),
+        ]
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Rebuild the networks from the config and the saved level sizes; on any mismatch raise
-        ArtifactError and keep the detector as it was."""
-        missing = [key for key in STATE_META_KEYS if key not in state]
-        if missing:
-            raise ArtifactError(f"destseg state lacks {', '.join(missing)}; the artifact is incomplete")
-        sizes = [int(size) for size in state["level_channels"].flatten().tolist()]
-        if not sizes or min(sizes) < 1:
-            raise ArtifactError(f"destseg state has invalid level_channels {sizes}")
-        if self.config.level_channels and list(self.config.level_channels) != sizes:
-            raise ArtifactError(
-                f"destseg state was trained with level_channels {sizes}, config says {list(self.config.level_channels)}"
-            )
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        model = self.fitted_network()
+        teacher = model.standardise(embeddings)
+        student = model.student(teacher)
+        if self.config.anomaly_map == "student":
+            return cosine_distances(model.levels(teacher), student).sum(dim=0)
+        return torch.sigmoid(model.segmentation_logits(teacher, student))
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {"aspp_rates": torch.tensor(self.config.aspp_rates, dtype=torch.int64)}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
         rates = [int(rate) for rate in state["aspp_rates"].flatten().tolist()]
         if rates != list(self.config.aspp_rates):
             raise ArtifactError(
                 f"destseg state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
             )
-        model = self._build(sizes, torch.device("cpu"))
-        load_module_state(model, state, "model", "destseg")
-        if not bool((model.std > 0).all()):
-            raise ArtifactError("destseg state entry model.std has non-positive standard deviations")
-        model.eval()
-        self.model = model
 
-    # ----------------------------------------------------------------- helpers
-    def _require_fitted(self) -> DeSTSegNet:
-        if self.model is None:
-            raise ConfigError("destseg has not been fitted or loaded; call fit() or load_state_dict() first")
-        return self.model
+    def check_loaded(self, network: DeSTSegNet) -> None:
+        if not bool((network.std > 0).all()):
+            raise ArtifactError("destseg state entry model.std has non-positive standard deviations")

@@ -47,14 +47,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.neural import EpochsConfig, NeuralDetector
-from hrad.detectors.scoring import ChannelStatistics
-from hrad.errors import ArtifactError, InputError
+from hrad.errors import ArtifactError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 #: FrEIA scales the subnet output by this before the clamp, so a fresh flow is near the identity
 COEFFICIENT_SCALE = 0.1
-#: variance floor of the per-channel standardisation (``nn.LayerNorm``'s default eps)
-STANDARDISE_EPS = 1e-5
 
 
 class FastFlowConfig(EpochsConfig):
@@ -223,17 +220,8 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
         return FastFlowNet(FastFlowLevel(size, self.config, generator) for size in layout)
 
     def before_fit(self, batches: Iterable[Tensor]) -> None:
-        """A first pass: per-channel mean and std over every training position (float64 shifted
-        sums) on the batches' device, then the flows with those statistics."""
-        statistics = ChannelStatistics(STANDARDISE_EPS)
-        for batch in batches:
-            self.check_embeddings(batch)
-            if statistics.channels is not None and batch.shape[1] != statistics.channels:
-                raise InputError(
-                    f"fastflow was fitted on {statistics.channels}-channel embeddings, got {batch.shape[1]}"
-                )
-            statistics.add(batch)
-        mean, std = statistics.mean_std("fastflow")
+        """A first pass for the standardisation statistics, then the flows with them."""
+        mean, std = self.channel_statistics(batches)
         layout = self.resolve_layout(mean.numel())
         levels = self.build(layout, mean.device)
         for level, level_mean, level_std in zip(levels, mean.split(layout), std.split(layout), strict=True):

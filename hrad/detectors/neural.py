@@ -40,13 +40,21 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.scoring import ImageScore, image_scores, load_module_state, module_state
+from hrad.detectors.scoring import (
+    ChannelStatistics,
+    ImageScore,
+    image_scores,
+    load_module_state,
+    module_state,
+)
 from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 
 #: the state entry holding the embedding's per-layer channels
 LAYOUT_KEY = "layer_channels"
 #: names older artifacts used for it (FastFlow, RD++, DeSTSeg; ViTAD, VarAD)
 LEGACY_LAYOUT_KEYS = ("level_channels", "split_sizes")
+#: variance floor of per-channel standardisation (``nn.LayerNorm``'s default eps)
+STANDARDISE_EPS = 1e-5
 
 
 class NeuralConfig(DetectorConfig):
@@ -237,6 +245,22 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                     del state[legacy]
                     break
         return state
+
+    def channel_statistics(
+        self, batches: Iterable[Tensor], eps: float = STANDARDISE_EPS
+    ) -> tuple[Tensor, Tensor]:
+        """A checking pass over the batches: per-channel mean and std over every training
+        position (float64 shifted sums), on the batches' device."""
+        statistics = ChannelStatistics(eps)
+        for batch in batches:
+            self.check_embeddings(batch)
+            if statistics.channels is not None and batch.shape[1] != statistics.channels:
+                raise InputError(
+                    f"{self.name} was fitted on {statistics.channels}-channel embeddings, got {batch.shape[1]}"
+                )
+            self.check_batch(batch)
+            statistics.add(batch)
+        return statistics.mean_std(self.name)
 
     # ----------------------------------------------------------------- building
     def build(self, layout: list[int], device: torch.device) -> NetT:
