@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hrad.data.images import default_file_mode
 from hrad.errors import ArtifactError
 from hrad.version import ARTIFACT_FORMAT, __version__
 
@@ -164,6 +165,9 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
             "weights": weights_record(staging / WEIGHTS),
         }
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
+        mode = default_file_mode()  # safetensors writes 0600 whatever the umask
+        for written in staging.iterdir():
+            written.chmod(mode)
         backup = _backup(path)
         if path.exists():
             shutil.rmtree(backup, ignore_errors=True)
@@ -247,14 +251,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def verify_weights(reader: SafetensorsReader, record: dict[str, Any]) -> None:
-    """Refuse weights that differ from the manifest's record: size, shapes, then sha256."""
+    """Refuse weights that differ from the manifest's record: shapes, size, then sha256."""
     weights = reader.path
-    size = weights.stat().st_size
-    if size != record["bytes"]:
-        raise ArtifactError(
-            f"{weights}: weights file is {size} bytes, the manifest says {record['bytes']}: "
-            "corrupted or replaced; restore it or refit"
-        )
     expected: dict[str, Any] = record["tensors"]
     shapes = reader.shapes()
     if set(shapes) != set(expected):
@@ -267,6 +265,12 @@ def verify_weights(reader: SafetensorsReader, record: dict[str, Any]) -> None:
             raise ArtifactError(
                 f"{weights}: tensor {key!r} has shape {shape}, the manifest says {expected[key]}: weights of another model"
             )
+    size = weights.stat().st_size
+    if size != record["bytes"]:
+        raise ArtifactError(
+            f"{weights}: weights file is {size} bytes, the manifest says {record['bytes']}: "
+            "corrupted or replaced; restore it or refit"
+        )
     digest = file_sha256(weights)
     if digest != record["sha256"]:
         raise ArtifactError(

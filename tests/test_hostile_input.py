@@ -1,0 +1,387 @@
+"""Hostile and broken input never hurts (issue 13): one-line errors, the pixel budget, batch
+prediction that survives bad files, self-verifying artifacts, the array rules, file modes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from conftest import textured_image
+
+import hrad
+from hrad.artifact import MANIFEST, WEIGHTS
+from hrad.cli.main import main
+from hrad.config import load_config
+from hrad.data import images as image_io
+from hrad.data.images import (
+    DEFAULT_MAX_PIXELS,
+    image_size,
+    pixel_budget,
+    read_image,
+    to_unit_float,
+    write_map_png16,
+)
+from hrad.errors import ArtifactError, ImageTooLargeError, InputError
+from hrad.model import AnomalyModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPT = Path(sys.executable).with_name("hrad")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` RGB, with a few bytes of pixel data."""
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
+
+
+def encoded(image: np.ndarray, suffix: str) -> bytes:
+    pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    if suffix in (".tif", ".tiff"):
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, pixels)
+        return buffer.getvalue()
+    ok, data = cv2.imencode(suffix, pixels[..., ::-1])
+    assert ok
+    return data.tobytes()
+
+
+def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["hrad", *args])
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(11)
+    config = load_config(
+        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 64}}
+    )
+    model = AnomalyModel(config).fit([textured_image(rng, 64, 80) for _ in range(5)])
+    return model.save(tmp_path_factory.mktemp("hostile") / "model")
+
+
+@pytest.fixture
+def model_copy(model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in (MANIFEST, WEIGHTS):
+        (copy / name).write_bytes((model_dir / name).read_bytes())
+    return copy
+
+
+# ------------------------------------------------------------------------------------ 3. one error path
+needs_script = pytest.mark.skipif(not SCRIPT.is_file(), reason="the hrad console script is not installed in this environment")
+
+
+def script(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=120, check=False)
+
+
+@needs_script
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["fit"], "Missing option '--data'"),
+        (["predict", "--model", "m", "x.png", "--out", "o", "--format", "bogus"], "--format"),
+        (["fit", "--data", ".", "--out", "m", "--image-size", "abc"], "--image-size"),
+        (["--max-pixels", "0", "list"], "--max-pixels"),
+    ],
+)
+def test_usage_errors_of_the_installed_script_are_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    result = script(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith("hrad: error:") and expected in line
+
+
+@needs_script
+def test_installed_script_without_arguments_shows_help_and_version_works(tmp_path: Path) -> None:
+    bare = script(cwd=tmp_path)
+    assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr and "Traceback" not in bare.stderr
+    version = script("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"hrad {hrad.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("assignment", "expected"),
+    [("strategy.image_size=[1,2", "not valid YAML"), ("strategy=5", "strategy"), ("detector=[1]", "detector")],
+)
+def test_bad_set_values_are_one_line(
+    assignment: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "good"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    code = run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), "--set", assignment], monkeypatch)
+    assert code == 2
+    assert expected in one_line(capsys.readouterr().err)
+
+
+def test_out_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    # the model does not exist either: the --out error comes first, so nothing was loaded
+    assert run(["predict", "--model", str(tmp_path / "none"), str(image), "--out", str(a_file)], monkeypatch) == 2
+    assert "taken: output folder is an existing file" in one_line(capsys.readouterr().err)
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    # the data does not exist either: fit refuses the --out before looking at the data
+    assert run(["fit", "--data", str(tmp_path / "no-data"), "--out", str(foreign)], monkeypatch) == 2
+    assert "precious: exists and is not an hrad model" in one_line(capsys.readouterr().err)
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda manifest: [manifest], "not an object"),
+        (lambda manifest: {**manifest, "thresholds": {"image": "high", "pixel": 1.0}}, "thresholds"),
+        (lambda manifest: {**manifest, "thresholds": [1, 2]}, "thresholds"),
+        (lambda manifest: {**manifest, "fitted_size": "big"}, "fitted_size"),
+        (lambda manifest: {**manifest, "config": None}, "config"),
+    ],
+)
+def test_broken_manifests_are_one_line(edit, expected: str, model_copy: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = json.loads((model_copy / MANIFEST).read_text())
+    (model_copy / MANIFEST).write_text(json.dumps(edit(manifest)))
+    with pytest.raises(ArtifactError, match=expected) as caught:
+        hrad.load(model_copy)
+    assert "\n" not in str(caught.value) and str(model_copy) in str(caught.value)
+
+
+def test_empty_arrays_are_input_errors(model_dir: Path) -> None:
+    model = hrad.load(model_dir)
+    for empty in (np.zeros((0, 0)), np.zeros((0, 5, 3), np.uint8), np.zeros((4, 0), np.float32)):
+        with pytest.raises(InputError, match="empty"):
+            model.predict(empty)
+
+
+# ------------------------------------------------------------------------------------ 1. pixel budget
+def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    for side in (30000, 60000):  # 60000 made OpenCV raise cv2.error; 30000 asked for 20 GiB
+        path = tmp_path / f"bomb{side}.png"
+        path.write_bytes(header_only_png(side, side))
+        with pytest.raises(ImageTooLargeError, match=rf"{side}x{side} = {side * side} pixels, over the pixel budget of {DEFAULT_MAX_PIXELS}"):
+            read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff"])
+def test_budget_is_read_from_each_formats_header(suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / f"image{suffix}"
+    path.write_bytes(encoded(textured_image(np.random.default_rng(0), 48, 64), suffix))
+    assert image_size(path) == (48, 64)
+    with pixel_budget(48 * 64):
+        assert read_image(path).shape == (48, 64, 3)
+    decoded: list[str] = []
+    original_imdecode, original_asarray = cv2.imdecode, tifffile.TiffPage.asarray
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: decoded.append("cv2") or original_imdecode(*a, **k))
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: decoded.append("tiff") or original_asarray(*a, **k))
+    with pixel_budget(48 * 64 - 1), pytest.raises(ImageTooLargeError, match="over the pixel budget of 3071"):
+        read_image(path)
+    with pytest.raises(ImageTooLargeError):
+        read_image(path, max_pixels=100)
+    monkeypatch.setenv("HRAD_MAX_PIXELS", "100")
+    with pytest.raises(ImageTooLargeError, match="budget of 100 "):
+        read_image(path)
+    assert decoded == []
+
+
+def test_files_that_are_no_supported_format_are_refused(tmp_path: Path) -> None:
+    ok, data = cv2.imencode(".ppm", np.zeros((8, 8, 3), np.uint8))  # OpenCV would decode it by content
+    path = tmp_path / "disguised.png"
+    path.write_bytes(data.tobytes())
+    with pytest.raises(InputError, match="disguised.png: not a readable image .not a PNG, JPEG, BMP or TIFF"):
+        read_image(path)
+
+
+# ------------------------------------------------------------------------------------ 2. batches survive bad files
+def test_predict_over_a_folder_survives_bad_files(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    cv2.imwrite(str(folder / "a.png"), (textured_image(rng, 64, 80) * 255).astype(np.uint8))
+    (folder / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "c_bomb.png").write_bytes(header_only_png(30000, 30000))
+    cv2.imwrite(str(folder / "d.png"), (textured_image(rng, 64, 80) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    assert run(["--max-pixels", "100000", "predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
+    err = capsys.readouterr().err
+    assert "b_corrupt.png" in err and "c_bomb.png" in err and "Traceback" not in err
+    with (out / "scores.csv").open() as handle:
+        table = {Path(row["image"]).name: row for row in csv.DictReader(handle)}
+    assert list(table) == ["a.png", "b_corrupt.png", "c_bomb.png", "d.png"]
+    assert [table[name]["status"] for name in table] == ["ok", "failed", "failed", "ok"]
+    assert "not a readable image" in table["b_corrupt.png"]["error"] and table["b_corrupt.png"]["score"] == ""
+    assert "pixel budget of 100000" in table["c_bomb.png"]["error"]
+    for name in ("a", "d"):
+        assert float(table[f"{name}.png"]["score"]) > 0 and (out / f"{name}_map.png").is_file()
+
+
+def test_an_interrupted_predict_keeps_the_rows_it_finished(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(3):
+        cv2.imwrite(str(folder / f"{index}.png"), (textured_image(np.random.default_rng(index), 64, 80) * 255).astype(np.uint8))
+    original = AnomalyModel.predict
+    calls = []
+
+    def interrupted(self: AnomalyModel, image: np.ndarray) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, image)
+
+    monkeypatch.setattr(AnomalyModel, "predict", interrupted)
+    out = tmp_path / "out"
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 130
+    with (out / "scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(row["image"]).name for row in rows] == ["0.png"] and rows[0]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------ 4. artifacts verify themselves
+def test_bit_flipped_weights_are_refused(model_copy: Path) -> None:
+    weights = model_copy / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's data, past the header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 .* does not match the manifest") as caught:
+        hrad.load(model_copy)
+    assert "\n" not in str(caught.value)
+
+
+def test_swapped_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(model_copy / WEIGHTS))
+    other = {key: np.zeros(value.shape, value.dtype) + 0.5 for key, value in tensors.items()}  # same shapes
+    save_file(other, str(model_copy / WEIGHTS))
+    with pytest.raises(ArtifactError, match="sha256"):
+        hrad.load(model_copy)
+    key = sorted(tensors)[0]
+    save_file({**other, key: np.zeros((*tensors[key].shape, 2), tensors[key].dtype)}, str(model_copy / WEIGHTS))
+    with pytest.raises(ArtifactError, match=rf"tensor '{key}' has shape .*weights of another model"):
+        hrad.load(model_copy)
+
+
+def test_artifacts_without_a_digest_still_load(model_copy: Path, model_dir: Path) -> None:
+    manifest = json.loads((model_copy / MANIFEST).read_text())
+    assert set(manifest["weights"]) >= {"sha256", "bytes", "tensors"}
+    del manifest["weights"]
+    (model_copy / MANIFEST).write_text(json.dumps(manifest))
+    image = textured_image(np.random.default_rng(4), 64, 80)
+    assert hrad.load(model_copy).predict(image).score == pytest.approx(hrad.load(model_dir).predict(image).score)
+
+
+def test_an_overwrite_killed_between_its_renames_leaves_the_old_model_loadable(model_copy: Path) -> None:
+    image = textured_image(np.random.default_rng(5), 64, 80)
+    before = hrad.load(model_copy).predict(image).score
+    model_copy.rename(model_copy.with_name(f".{model_copy.name}.old"))  # where write_artifact is killed
+    assert hrad.load(model_copy).predict(image).score == pytest.approx(before)
+    rng = np.random.default_rng(6)
+    newer = AnomalyModel(hrad.load(model_copy).config).fit([textured_image(rng, 64, 80) for _ in range(4)])
+    newer.save(model_copy)
+    assert sorted(path.name for path in model_copy.parent.iterdir()) == ["model"]
+    assert hrad.load(model_copy).predict(image).score == pytest.approx(newer.predict(image).score)
+
+
+def test_stale_staging_folders_are_cleaned(model_copy: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    dead = model_copy.parent / f".model.staging-{host}-{int(finished.stdout)}-deadbeef"
+    alive = model_copy.parent / f".model.staging-{host}-{os.getpid()}-cafecafe"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / WEIGHTS).write_bytes(b"half written")
+    hrad.load(model_copy).save(model_copy)
+    assert not dead.exists() and alive.exists()
+
+
+def test_written_files_get_the_umask(model_dir: Path, tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        hrad.load(model_dir).save(tmp_path / "m")
+        write_map_png16(tmp_path / "map.png", np.zeros((4, 4), np.float32), 0.0, 1.0)
+        image_io.write_map_tiff(tmp_path / "map.tiff", np.zeros((4, 4), np.float32))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    for path in (tmp_path / "m" / WEIGHTS, tmp_path / "m" / MANIFEST, tmp_path / "map.png", tmp_path / "map.tiff"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+# ------------------------------------------------------------------------------------ 5. input arrays
+def test_pixel_value_rule_on_small_arrays() -> None:
+    np.testing.assert_array_equal(to_unit_float(np.array([0, 51, 255], np.uint8)), np.float32([0, 0.2, 1]))
+    np.testing.assert_array_equal(to_unit_float(np.array([0, 65535], np.uint16)), np.float32([0, 1]))
+    np.testing.assert_array_equal(to_unit_float(np.array([-5, 0, 32767], np.int16)), np.float32([0, 0, 1]))
+    np.testing.assert_array_equal(to_unit_float(np.array([True, False])), np.float32([1, 0]))
+    np.testing.assert_array_equal(to_unit_float(np.array([-0.0005, 0.5, 1.0005], np.float64)), np.float32([0, 0.5, 1]))
+    for bad, message in (([0.0, 255.0], r"span \[0, 255\], not \[0, 1\]"), ([0.5, np.nan], "NaN"), ([np.inf, 0.0], "infinite")):
+        with pytest.raises(InputError, match=message):
+            to_unit_float(np.array(bad, np.float32), "x")
+
+
+def test_arrays_are_scaled_like_files_and_nonsense_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    model = hrad.load(model_dir)
+    pixels = (textured_image(np.random.default_rng(7), 64, 80) * 255).round().astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), pixels[..., ::-1])
+    from_file = model.predict(tmp_path / "x.png").score
+    assert model.predict(pixels).score == pytest.approx(from_file, rel=1e-6)
+    assert model.predict(pixels.astype(np.uint16) * 257).score == pytest.approx(from_file, rel=1e-5)
+    assert model.predict(pixels / 255.0).score == pytest.approx(from_file, rel=1e-5)
+    with pytest.raises(InputError, match=r"not \[0, 1\]"):
+        model.predict(pixels.astype(np.float32))  # 0-255 floats used to be clipped to white
+    broken = pixels / 255.0
+    broken[3, 4, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        model.predict(broken)
+
+
+def test_images_far_smaller_than_the_fitted_ones_are_refused(model_dir: Path) -> None:
+    model = hrad.load(model_dir)  # fitted on 64x80: the short side 64 allows down to 8
+    with pytest.raises(InputError, match=r"image is 1x1, its short side is under 1/8 of the 80x64 images"):
+        model.predict(np.full((1, 1, 3), 0.5, np.float32))
+    with pytest.raises(InputError, match="1/8"):
+        model.predict(np.full((7, 300, 3), 0.5, np.float32))
+    assert np.isfinite(model.predict(np.full((8, 8, 3), 0.5, np.float32)).score)
