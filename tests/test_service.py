@@ -183,3 +183,49 @@ def test_cli_serve_runs_uvicorn_on_the_app(model_dir: Path, spot_png: bytes, mon
 def test_missing_model_fails_at_creation(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="model not found"):
         create_app(tmp_path / "nothing")
+
+
+def test_every_error_has_one_json_shape(model_dir: Path, spot_png: bytes) -> None:
+    client = TestClient(create_app(model_dir), raise_server_exceptions=False)
+    responses = {
+        404: client.get("/nope"),
+        405: client.get("/predict"),
+        422: client.post("/predict", data={"other": "x"}),
+        400: client.post("/predict", files={"image": ("x.png", b"junk")}),
+    }
+    model = client.app.state.model  # type: ignore[attr-defined]
+    model.predict = lambda image: (_ for _ in ()).throw(RuntimeError("boom /secret/path"))
+    responses[500] = client.post("/predict", files={"image": ("p.png", spot_png)})
+    for status, response in responses.items():
+        assert response.status_code == status
+        body = response.json()
+        assert list(body) == ["error"] and isinstance(body["error"], str) and "\n" not in body["error"], body
+    assert "/secret/path" not in responses[500].json()["error"]
+
+
+def test_images_over_the_pixel_budget_get_413_before_decoding(model_dir: Path, spot_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = TestClient(create_app(model_dir, max_pixels=96 * 128 - 1))
+    decoded: list[int] = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: decoded.append(1))
+    response = client.post("/predict", files={"image": ("part.png", spot_png)})
+    assert response.status_code == 413 and response.json()["error"].startswith("part.png: image is 128x96")
+    assert decoded == [] and client.get("/health").json()["max_pixels"] == 96 * 128 - 1
+
+
+def test_requests_past_the_timeout_get_504_and_the_service_goes_on(model_dir: Path, spot_png: bytes) -> None:
+    app = create_app(model_dir, request_timeout=0.3)
+    model = app.state.model
+    original = model.predict
+    release = threading.Event()
+
+    def stuck(image: np.ndarray) -> hrad.model.Prediction:
+        release.wait(10)
+        return original(image)
+
+    model.predict = stuck
+    client = TestClient(app)
+    response = client.post("/predict", files={"image": ("p.png", spot_png)})
+    assert response.status_code == 504 and "0.3 s request timeout" in response.json()["error"]
+    model.predict = original
+    release.set()  # the abandoned prediction finishes and frees the model
+    assert client.post("/predict", files={"image": ("p.png", spot_png)}).status_code == 200
