@@ -13,7 +13,7 @@ from hrad.detectors.vitad import (
     default_heads,
     sincos_position_embedding,
 )
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 #: tiny layout: three 8-channel levels + an 8-channel neck, decoder width 8, 2 heads
@@ -75,7 +75,7 @@ def test_bind_layout_fills_level_channels_once() -> None:
     assert ViTAD.bind_layout(explicit, (16, 16)).level_channels == (8, 8, 16)
     detector = ViTAD(ViTAD.bind_layout(ViTADConfig(epochs=1, **TINY), (4, 12, 8, 8)))
     detector.fit([torch.randn(1, CHANNELS, 3, 3)])
-    assert detector.split_sizes == [4, 12, 8, 8]
+    assert detector.layout == [4, 12, 8, 8]
     # the decoder width follows the neck; widths that differ get a linear output map
     assert [r.shape[1] for r in detector.reconstructions(torch.randn(1, CHANNELS, 3, 3))] == [4, 12, 8]
     # as a strategy wires it: default embedding of tiny-vit -> bind_layout -> fit / predict
@@ -128,18 +128,18 @@ def test_out_of_distribution_token_scores_highest(fuser_input: str) -> None:
 def test_state_round_trip_restores_predictions_exactly(options: dict) -> None:
     detector, embeddings = fitted(**options)
     state = detector.state_dict()
-    assert state["split_sizes"].dtype == torch.int64 and state["architecture"].dtype == torch.int64
+    assert state["layer_channels"].dtype == torch.int64 and state["architecture"].dtype == torch.int64
     restored = ViTAD(ViTADConfig.model_validate({**TINY, "epochs": 2, **options}))
     restored.load_state_dict({key: value.clone() for key, value in state.items()})
     first, second = detector.predict(embeddings), restored.predict(embeddings)
     assert torch.equal(first.maps, second.maps) and torch.equal(first.scores, second.scores)
-    assert restored.split_sizes == detector.split_sizes
+    assert restored.layout == detector.layout
 
 
 def test_an_image_scores_the_same_alone_or_in_a_batch() -> None:
     detector, embeddings = fitted()
-    assert detector.net is not None
-    detector.net.train()  # predict must switch to eval itself
+    assert detector.network is not None
+    detector.network.train()  # predict must switch to eval itself
     together = detector.predict(embeddings)
     for index in (0, 4):
         alone = detector.predict(embeddings[index : index + 1])
@@ -167,7 +167,7 @@ def test_position_embeddings_follow_the_grid() -> None:
 
 
 def test_user_mistakes_raise_hrad_errors() -> None:
-    with pytest.raises(ConfigError, match="not been fitted"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         ViTAD(ViTADConfig()).predict(torch.randn(1, CHANNELS, 4, 4))
     with pytest.raises(ConfigError, match="equal layers"):
         ViTAD(ViTADConfig(epochs=1, **TINY)).fit([torch.randn(1, 30, 4, 4)])
@@ -185,8 +185,8 @@ def test_user_mistakes_raise_hrad_errors() -> None:
     with pytest.raises(InputError, match="B x C x h x w"):
         detector.predict(torch.randn(CHANNELS, 4, 4))
     state = detector.state_dict()
-    with pytest.raises(ArtifactError, match="lacks split_sizes"):
-        ViTAD(detector.config).load_state_dict({k: v for k, v in state.items() if k != "split_sizes"})
+    with pytest.raises(ArtifactError, match="lacks layer_channels"):
+        ViTAD(detector.config).load_state_dict({k: v for k, v in state.items() if k != "layer_channels"})
     with pytest.raises(ArtifactError, match="does not match"):
         broken = dict(state)
         broken["net.fuser.weight"] = torch.zeros(3, 3)

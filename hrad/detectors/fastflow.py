@@ -60,8 +60,11 @@ class FastFlowConfig(EpochsConfig):
     name: Literal["fastflow"] = "fastflow"
     #: anomalib / the paper train up to 500 epochs; 20 keeps CPU and high-resolution runs practical
     epochs: int = Field(default=20, ge=1)
+    #: Adam learning rate
     lr: float = Field(default=1e-3, gt=0)
+    #: Adam weight decay
     weight_decay: float = Field(default=1e-5, ge=0)
+    #: coupling blocks per level
     flow_steps: int = Field(default=8, ge=1)
     #: subnet hidden channels per input channel (paper: 1.0 for ResNets, 0.16 for ViTs)
     hidden_ratio: float = Field(default=1.0, gt=0)

@@ -72,6 +72,7 @@ class NeuralConfig(DetectorConfig):
 class EpochsConfig(NeuralConfig):
     """A neural detector trained in one stage of ``epochs`` epochs."""
 
+    #: training epochs (passes over the embedding batches)
     epochs: int = Field(default=20, ge=1)
 
 

@@ -38,7 +38,6 @@ block outputs (``BackboneConfig(final_norm=False)`` matches it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -46,10 +45,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
-from hrad.detectors.scoring import ImageScore, image_scores, load_module_state, module_state
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.detectors.base import DetectorConfig
+from hrad.detectors.neural import LAYOUT_KEY, EpochsConfig, NeuralDetector
+from hrad.errors import ArtifactError, ConfigError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, vit_depth
 
 #: reconstructed levels by default (blocks 3, 6, 9 of a 12-block ViT)
 DEFAULT_LEVELS = 3
@@ -59,7 +58,7 @@ NORM_EPS = 1e-6
 HEAD_WIDTH = 64
 
 
-class ViTADConfig(DetectorConfig):
+class ViTADConfig(EpochsConfig):
     """Typed ViTAD options; defaults follow the reference code (zhangzjn/ADer, ``vitad_mvtec``)."""
 
     name: Literal["vitad"] = "vitad"
@@ -80,9 +79,6 @@ class ViTADConfig(DetectorConfig):
     #: "neck": the embedding's last layer (default: the last block) feeds the fuser (reference);
     #: "levels": the concatenated levels feed the fuser
     fuser_input: Literal["neck", "levels"] = "neck"
-    #: channels of each embedding layer in order (neck last); filled by ``bind_layout``,
-    #: empty = equal split
-    level_channels: tuple[int, ...] = ()
     #: transformer blocks in the decoder
     decoder_depth: int = Field(default=9, ge=1)
     #: decoder width; None = the fuser input's layer width (384 for ViT-S)
@@ -95,10 +91,6 @@ class ViTADConfig(DetectorConfig):
     projection: Literal["auto", "linear"] = "auto"
     #: "flat": 1 - cos of flattened maps (reference); "token": per token; "token+flat": both
     loss: Literal["flat", "token", "token+flat"] = "flat"
-    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
-    image_score: ImageScore = "max"
-    #: fraction of the map's highest tokens averaged by image_score="top_mean"
-    top_fraction: float = Field(default=0.01, gt=0, le=1)
     #: queries per attention call (bounds memory on large grids); 0 = all tokens at once
     attention_chunk: int = Field(default=0, ge=0)
 
@@ -115,7 +107,9 @@ def decoder_taps(depth: int, levels: int) -> list[int]:
     """Decoder blocks (1-based) whose outputs are kept, evenly spaced: 3, 6, 9 of 9."""
     taps = sorted({round(depth * (index + 1) / levels) for index in range(levels)})
     if len(taps) != levels or taps[0] < 1:
-        raise ConfigError(f"vitad decoder_depth={depth} cannot give {levels} distinct outputs; use at least {levels}")
+        raise ConfigError(
+            f"vitad decoder_depth={depth} cannot give {levels} distinct outputs; use at least {levels}"
+        )
     return taps
 
 
@@ -183,13 +177,20 @@ class ViTADNet(nn.Module):
     """Fuser + plain ViT decoder + per-level output maps (identity or linear)."""
 
     def __init__(
-        self, fuser_channels: int, level_sizes: list[int], dim: int, heads: int, taps: list[int], config: ViTADConfig
+        self,
+        fuser_channels: int,
+        level_sizes: list[int],
+        dim: int,
+        heads: int,
+        taps: list[int],
+        config: ViTADConfig,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.fuser = nn.Linear(fuser_channels, dim)
         self.blocks = nn.ModuleList(
-            DecoderBlock(dim, heads, config.mlp_ratio, config.attention_chunk) for _ in range(config.decoder_depth)
+            DecoderBlock(dim, heads, config.mlp_ratio, config.attention_chunk)
+            for _ in range(config.decoder_depth)
         )
         self.taps = taps
         self.outputs = nn.ModuleList(
@@ -222,17 +223,11 @@ class ViTADNet(nn.Module):
         return reconstructions
 
 
-class ViTAD(Detector[ViTADConfig]):
+class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
     """Reconstruct frozen ViT blocks with a plain ViT decoder; anomalies reconstruct badly."""
 
-    trainable = True
-    multi_pass = True  # one pass over the embedding batches per epoch
-
-    def __init__(self, config: ViTADConfig) -> None:
-        super().__init__(config)
-        self.net: ViTADNet | None = None
-        self.split_sizes: list[int] = []  # channels of every embedding layer (neck last)
-        self.loss_history: list[float] = []  # mean training loss per epoch
+    state_prefix = "net"
+    extra_state_keys = ("architecture",)
 
     # ----------------------------------------------------------------- embedding
     @classmethod
@@ -253,85 +248,71 @@ class ViTAD(Detector[ViTADConfig]):
             raise ConfigError(
                 f"vitad needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN"
             )
-        depth = len(extractor.layer_strides)
-        blocks = default_blocks(depth, config.levels, neck=config.fuser_input == "neck")
+        blocks = default_blocks(vit_depth(extractor), config.levels, neck=config.fuser_input == "neck")
         return EmbeddingSpec(layers=blocks, aggregation=1)
 
-    @classmethod
-    def bind_layout(cls, config: ViTADConfig, layer_channels: tuple[int, ...]) -> ViTADConfig:
-        """Fill ``level_channels`` with the embedder's per-layer channels unless set explicitly."""
-        if config.level_channels:
-            return config
-        return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
-
     # ----------------------------------------------------------------- building
-    def _layer_sizes(self, channels: int) -> list[int]:
+    def default_layout(self, channels: int) -> list[int]:
+        """Equal layers: one per configured layer, else the levels (and the neck)."""
         config = self.config
-        if config.level_channels:
-            if sum(config.level_channels) != channels:
-                raise ConfigError(
-                    f"vitad level_channels {list(config.level_channels)} sum to {sum(config.level_channels)},"
-                    f" but the embedding has {channels} channels"
-                )
-            sizes = list(config.level_channels)
-        else:
-            layers = len(config.layers) or config.levels + (config.fuser_input == "neck")
-            if channels % layers:
-                raise ConfigError(
-                    f"vitad cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
-                )
-            sizes = [channels // layers] * layers
-        if config.fuser_input == "neck" and len(sizes) < 2:
+        layers = len(config.layers) or config.levels + (config.fuser_input == "neck")
+        if channels % layers:
+            raise ConfigError(
+                f"vitad cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
+            )
+        return [channels // layers] * layers
+
+    def resolve_layout(self, channels: int) -> list[int]:
+        sizes = super().resolve_layout(channels)
+        if self.config.fuser_input == "neck" and len(sizes) < 2:
             raise ConfigError(
                 "vitad with fuser_input='neck' needs at least two embedding layers (levels, then the neck)"
             )
         return sizes
 
-    def _level_sizes(self, split_sizes: list[int]) -> list[int]:
-        return split_sizes[:-1] if self.config.fuser_input == "neck" else list(split_sizes)
+    def _level_sizes(self, layout: list[int]) -> list[int]:
+        return layout[:-1] if self.config.fuser_input == "neck" else list(layout)
 
-    def _architecture(self, split_sizes: list[int]) -> list[int]:
+    def _architecture(self, layout: list[int]) -> list[int]:
         """Decoder width, heads, depth and the fuser's input width for a layer layout."""
         config = self.config
-        levels = self._level_sizes(split_sizes)
+        levels = self._level_sizes(layout)
         neck = config.fuser_input == "neck"
-        fuser_channels = split_sizes[-1] if neck else sum(levels)
-        dim = config.decoder_dim or (split_sizes[-1] if neck else max(levels))
+        fuser_channels = layout[-1] if neck else sum(levels)
+        dim = config.decoder_dim or (layout[-1] if neck else max(levels))
         heads = config.heads or default_heads(dim)
         if dim % heads:
             raise ConfigError(f"vitad decoder width {dim} is not divisible by {heads} attention heads")
         return [dim, heads, config.decoder_depth, fuser_channels]
 
-    def _make_net(self, split_sizes: list[int], device: torch.device) -> ViTADNet:
-        """The seeded, untrained network for a layer layout (same weights for the same seed)."""
-        dim, heads, depth, fuser_channels = self._architecture(split_sizes)
-        levels = self._level_sizes(split_sizes)
-        taps = decoder_taps(depth, len(levels))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            return ViTADNet(fuser_channels, levels, dim, heads, taps, self.config).to(device)
+    def build_network(self, layout: list[int]) -> ViTADNet:
+        dim, heads, depth, fuser_channels = self._architecture(layout)
+        levels = self._level_sizes(layout)
+        return ViTADNet(fuser_channels, levels, dim, heads, decoder_taps(depth, len(levels)), self.config)
 
     # ----------------------------------------------------------------- forward
-    def _split(self, embeddings: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(levels to reconstruct, fuser input) of ``B x C x h x w`` embeddings."""
-        if embeddings.ndim != 4:
-            raise InputError(f"vitad expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
-        if embeddings.shape[1] != sum(self.split_sizes):
-            raise InputError(
-                f"vitad was fitted on {sum(self.split_sizes)}-channel embeddings, got {embeddings.shape[1]}"
-            )
-        layers = list(embeddings.split(self.split_sizes, dim=1))
-        if self.config.fuser_input == "neck":
-            return layers[:-1], layers[-1]
-        return layers, embeddings
-
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Encoder targets and decoder reconstructions, one ``B x C_l x h x w`` pair per level."""
-        assert self.net is not None
-        targets, fuser_tokens = self._split(embeddings)
-        return targets, self.net(fuser_tokens)
+        layers = self.split(embeddings)
+        if self.config.fuser_input == "neck":
+            return layers[:-1], self.fitted_network()(layers[-1])
+        return layers, self.fitted_network()(embeddings)
 
-    def _loss(self, targets: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        config = self.config
+        parameters = self.fitted_network().parameters()
+        return [
+            torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        ]
+
+    def lr_factor(self, epoch: int) -> float:
+        """The reference step schedule; the first epoch always runs at the full rate (int(0.8 * 1)
+        would decay a 1-epoch fit)."""
+        config = self.config
+        return config.lr_decay if epoch >= max(1, int(config.lr_decay_at * config.epochs)) else 1.0
+
+    def training_step(self, embeddings: Tensor) -> Tensor:
+        targets, reconstructions = self._forward(embeddings)
         mode = self.config.loss
         total = targets[0].new_zeros(())
         for target, reconstruction in zip(targets, reconstructions, strict=True):
@@ -342,87 +323,29 @@ class ViTAD(Detector[ViTADConfig]):
                 total = total + (1 - flat).mean()
         return total
 
-    # ----------------------------------------------------------------- Detector API
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        config = self.config
-        optimizer: torch.optim.Optimizer | None = None
-        # the first epoch always runs at the full rate (int(0.8 * 1) would decay a 1-epoch fit)
-        decay_epoch = max(1, int(config.lr_decay_at * config.epochs))
-        self.loss_history = []
-        for epoch in range(config.epochs):
-            losses = []
-            for batch in batches:
-                if self.net is None:
-                    self.split_sizes = self._layer_sizes(batch.shape[1])
-                    self.net = self._make_net(self.split_sizes, batch.device)
-                assert self.net is not None
-                if optimizer is None:
-                    optimizer = torch.optim.AdamW(
-                        self.net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-                    )
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * (config.lr_decay if epoch >= decay_epoch else 1.0)
-                self.net.train()
-                loss = self._loss(*self._forward(batch.to(self._device()).float()))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            if not losses:
-                raise InputError("vitad fit received no embedding batches")
-            self.loss_history.append(sum(losses) / len(losses))
-        if self.net is not None:
-            self.net.eval()
-
     def reconstructions(self, embeddings: Tensor) -> list[Tensor]:
         """Per level, the decoder's reconstruction ``B x C_l x h x w``; for analysis."""
-        self._require_fitted()
-        assert self.net is not None
-        self.net.eval()
+        self.fitted_network().eval()
+        self.check_embeddings(embeddings)
         with torch.no_grad():
-            return self._forward(embeddings.to(self._device()).float())[1]
+            return self._forward(embeddings.to(self.device).float())[1]
 
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
-        self._require_fitted()
-        assert self.net is not None
-        self.net.eval()
-        with torch.no_grad():
-            targets, reconstructions = self._forward(embeddings.to(self._device()).float())
-            maps = torch.stack(
-                [
-                    1 - F.cosine_similarity(reconstruction, target, dim=1)
-                    for target, reconstruction in zip(targets, reconstructions, strict=True)
-                ]
-            ).mean(dim=0)
-        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        targets, reconstructions = self._forward(embeddings)
+        distances = [
+            1 - F.cosine_similarity(reconstruction, target, dim=1)
+            for target, reconstruction in zip(targets, reconstructions, strict=True)
+        ]
+        return torch.stack(distances).mean(dim=0)
 
-    def _image_scores(self, maps: Tensor) -> Tensor:
-        return image_scores(maps, self.config.image_score, self.config.top_fraction)
+    def extra_state(self) -> dict[str, Tensor]:
+        return {"architecture": torch.tensor(self._architecture(self.layout), dtype=torch.int64)}
 
-    def scoring_module(self) -> nn.Module:
-        """Predict is plain torch: exportable to ONNX as it is."""
-        self._require_fitted()
-        assert self.net is not None
-        return PredictScoring(self, self.net)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        self._require_fitted()
-        assert self.net is not None
-        state = module_state(self.net, "net")
-        state["split_sizes"] = torch.tensor(self.split_sizes, dtype=torch.int64)
-        state["architecture"] = torch.tensor(self._architecture(self.split_sizes), dtype=torch.int64)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing = [key for key in ("split_sizes", "architecture") if key not in state]
-        if missing:
-            raise ArtifactError(f"vitad state lacks {', '.join(missing)}; the artifact is incomplete")
-        split_sizes = [int(size) for size in state["split_sizes"].flatten().tolist()]
-        if not split_sizes or min(split_sizes) < 1:
-            raise ArtifactError(f"vitad state has invalid layer sizes {split_sizes}")
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        layout = [int(size) for size in state[LAYOUT_KEY].flatten().tolist()]
         try:
-            expected = self._architecture(split_sizes)
-            net = self._make_net(split_sizes, torch.device("cpu"))
+            expected = self._architecture(layout)
+            decoder_taps(self.config.decoder_depth, len(self._level_sizes(layout)))
         except ConfigError as error:
             raise ArtifactError(f"vitad state does not fit the config: {error}") from None
         saved = [int(value) for value in state["architecture"].flatten().tolist()]
@@ -431,15 +354,3 @@ class ViTAD(Detector[ViTADConfig]):
                 "vitad state was trained with (decoder width, heads, depth, fuser input channels) ="
                 f" {saved}, the config gives {expected}"
             )
-        load_module_state(net, state, "net", "vitad")
-        self.net, self.split_sizes = net.eval(), split_sizes
-
-    # ----------------------------------------------------------------- helpers
-    def _require_fitted(self) -> None:
-        if self.net is None:
-            raise ConfigError("vitad has not been fitted or loaded; call fit() or load_state_dict() first")
-
-    def _device(self) -> torch.device:
-        assert self.net is not None
-        return next(self.net.parameters()).device
-
