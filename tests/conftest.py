@@ -54,6 +54,16 @@ class GaussianTestDetector(Detector[GaussianTestConfig]):
         self.mean, self.std = state["mean"], state["std"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run where CUDA is present and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def test_detector() -> Iterator[str]:
     if "test-gaussian" not in DETECTORS:

@@ -4,11 +4,16 @@ The bank (``N x D`` float32) is the only thing saved; the faiss index is rebuilt
 load, so artifacts never contain faiss's binary format. Small banks use an exact flat index;
 banks big enough to train an inverted file (about 39 vectors per list, faiss's own minimum for
 a stable k-means) use IVF-Flat, which scans only ``nprobe / nlist`` of the bank per query.
+
+Queries on a CUDA device are answered there, with no trip through host memory: by an exact
+matmul + top-k in torch (:func:`torch_knn`) when the bank's device copy fits in
+``GPU_BANK_FRACTION`` of the free device memory, else by faiss-gpu when that build of faiss is
+installed, else on the host by the faiss index (results moved back to the device).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -21,6 +26,40 @@ IndexChoice = Literal["auto", "exact", "ivf", "hnsw"]
 INDEX_CHOICES: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
 #: faiss warns below this many training vectors per inverted list
 IVF_POINTS_PER_LIST = 39
+#: a bank is searched by torch on the GPU when its float32 copy takes at most this share of free memory
+GPU_BANK_FRACTION = 0.25
+#: bytes of the ``queries x bank`` distance block one torch_knn step may allocate
+TORCH_KNN_BLOCK_BYTES = 1 << 30
+
+
+def torch_knn(queries: Tensor, bank: Tensor, k: int, bank_squared_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact k nearest rows of ``bank`` for each query row, by matmul and top-k on the queries' device.
+
+    Squared L2 distances are ``|q|^2 - 2 q.b + |b|^2`` (faiss's flat index uses the same form),
+    clamped at 0; returns L2 distances ascending (float32 ``Q x k``) and bank indices (int64).
+    Query blocks bound the ``Q x N`` distance matrix to :data:`TORCH_KNN_BLOCK_BYTES`.
+    """
+    queries = queries.float()
+    bank = bank.to(queries.device, torch.float32)
+    k = min(k, len(bank))
+    norms = bank_squared_norms if bank_squared_norms is not None else (bank * bank).sum(1)
+    step = max(1, TORCH_KNN_BLOCK_BYTES // (4 * max(1, len(bank))))
+    distances, indices = [], []
+    for start in range(0, len(queries), step):
+        block = queries[start : start + step]
+        squared = torch.addmm(norms[None, :], block, bank.T, alpha=-2.0)
+        squared += (block * block).sum(1, keepdim=True)
+        values, positions = torch.topk(squared, k, dim=1, largest=False, sorted=True)
+        distances.append(values.clamp_min_(0.0).sqrt_())
+        indices.append(positions)
+    if not distances:
+        return queries.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.int64, device=queries.device)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def faiss_has_gpu() -> bool:
+    """True when the installed faiss build has GPU support (faiss-gpu)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def set_faiss_threads() -> None:
@@ -67,6 +106,9 @@ class NearestNeighbours:
         self.index_kind: str | None = None
         self._bank: np.ndarray | None = None
         self._index: faiss.Index | None = None
+        # device copies for CUDA queries: (bank, squared norms) per device, faiss-gpu indexes
+        self._device_banks: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._gpu_indexes: dict[torch.device, Any] = {}
 
     @property
     def bank(self) -> Tensor:
@@ -74,6 +116,13 @@ class NearestNeighbours:
         if self._bank is None:
             raise RuntimeError("NearestNeighbours.fit must be called before using the bank")
         return torch.from_numpy(self._bank)
+
+    def bank_on(self, device: torch.device) -> Tensor:
+        """The bank on ``device`` (the cached copy the GPU search uses; no copy for the CPU)."""
+        if device.type == "cpu":
+            return self.bank
+        cached = self._device_banks.get(device)
+        return cached[0] if cached is not None else self.bank.to(device)
 
     @property
     def size(self) -> int:
@@ -106,12 +155,52 @@ class NearestNeighbours:
         self._bank = data
         self._index = index
         self.index_kind = kind
+        self._device_banks = {}
+        self._gpu_indexes = {}
         return self
 
+    def _search_on_device(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+        """Search CUDA ``queries`` on their device (torch or faiss-gpu); None when neither fits."""
+        assert self._bank is not None and self._index is not None
+        device = queries.device
+        cached = self._device_banks.get(device)
+        if cached is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            if self._bank.nbytes <= GPU_BANK_FRACTION * free:
+                bank = torch.from_numpy(self._bank).to(device)
+                cached = (bank, (bank * bank).sum(1))
+                self._device_banks[device] = cached
+        if cached is not None:
+            return torch_knn(queries, cached[0], k, cached[1])
+        if faiss_has_gpu():
+            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss-gpu take CUDA tensors)
+
+            gpu_index = self._gpu_indexes.get(device)
+            if gpu_index is None:
+                resources = faiss.StandardGpuResources()
+                gpu_index = faiss.index_cpu_to_gpu(resources, device.index or 0, self._index)
+                self._gpu_indexes[device] = (resources, gpu_index)  # resources live as long as the index
+            else:
+                gpu_index = gpu_index[1]
+            found_squared, found = gpu_index.search(queries.float().contiguous(), k)
+            if bool((found < 0).any()):
+                return None  # a probe came back short: the host path fills it exactly
+            return found_squared.clamp_min(0.0).sqrt(), found.long()
+        return None
+
     def search(self, queries: Tensor | np.ndarray, k: int = 1) -> tuple[Tensor, Tensor]:
-        """Distances (L2, ascending; float32 ``Q x k``) and bank indices (int64 ``Q x k``) of the k nearest."""
+        """Distances (L2, ascending; float32 ``Q x k``) and bank indices (int64 ``Q x k``) of the k nearest,
+        on the queries' device (CUDA queries are searched there; see the module docstring)."""
         if self._index is None or self._bank is None:
             raise RuntimeError("NearestNeighbours.fit must be called before search")
+        if isinstance(queries, Tensor) and queries.is_cuda:
+            if queries.ndim != 2 or queries.shape[1] != self._bank.shape[1]:
+                raise ValueError(f"queries must be Q x {self._bank.shape[1]}, got shape {tuple(queries.shape)}")
+            found = self._search_on_device(queries, min(k, self.size))
+            if found is not None:
+                return found
+            host_distances, host_indices = self.search(queries.cpu(), k)
+            return host_distances.to(queries.device), host_indices.to(queries.device)
         data = as_float32_rows(queries)
         if data.ndim != 2 or data.shape[1] != self._bank.shape[1]:
             raise ValueError(f"queries must be Q x {self._bank.shape[1]}, got shape {data.shape}")

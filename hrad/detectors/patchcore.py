@@ -113,7 +113,9 @@ class PatchCore(Detector[PatchCoreConfig]):
                 f"PatchCore memory bank has {bank_dim} channels but embeddings have {channels}; "
                 "the backbone or layers differ from the ones used for fitting"
             )
-        queries = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, channels).to("cpu", torch.float32)
+        # CUDA embeddings are searched on their device (NearestNeighbours.search); others on the host
+        device = embeddings.device if embeddings.is_cuda else torch.device("cpu")
+        queries = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, channels).to(device, torch.float32)
         distances, indices = self._search(queries, self.config.num_neighbors)
         patch_scores = distances.mean(dim=1)
         maps = patch_scores.reshape(batch, height, width)
@@ -121,10 +123,9 @@ class PatchCore(Detector[PatchCoreConfig]):
         best = per_image.argmax(dim=1)
         scores = per_image.gather(1, best[:, None])[:, 0]
         if self.config.reweight:
-            rows = torch.arange(batch) * (height * width) + best
+            rows = torch.arange(batch, device=device) * (height * width) + best
             scores = self._reweight(queries[rows], indices[rows, 0], distances[rows, 0], scores)
-        device = embeddings.device
-        return DetectorOutput(maps=maps.to(device), scores=scores.to(device))
+        return DetectorOutput(maps=maps.to(embeddings.device), scores=scores.to(embeddings.device))
 
     def _search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         step = self.config.query_batch
@@ -137,7 +138,7 @@ class PatchCore(Detector[PatchCoreConfig]):
         self, worst_patches: Tensor, nearest_entries: Tensor, nearest_distances: Tensor, raw_scores: Tensor
     ) -> Tensor:
         """Eq. 7: ``s = (1 - exp(s*) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*``."""
-        bank = self.memory_bank
+        bank = self.neighbours.bank_on(worst_patches.device)
         _, support = self.neighbours.search(bank[nearest_entries], self.config.reweight_neighbors)
         support_distances = (worst_patches[:, None, :] - bank[support]).norm(dim=2)
         return reweighted_scores(raw_scores, nearest_distances, support_distances)

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -67,8 +68,10 @@ class MBConvLite(nn.Module):
         return [("_expand_conv", "_bn0"), *pairs] if self.has_expansion else pairs
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expansion else x
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        # in-place ReLU6 on fresh conv outputs: no extra full-size tensor per activation (the
+        # backbone is frozen, nothing needs the pre-activation values)
+        out = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expansion else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
         return out + x if self.residual else out
 
@@ -93,6 +96,9 @@ LITE_STAGES: dict[str, tuple[Stage, ...]] = {
         Stage(4, 5, 1, 6, 120), Stage(5, 5, 2, 6, 208), Stage(1, 3, 1, 6, 352),
     ),
 }  # fmt: skip
+#: default tile context (pixels): the 95% effective-receptive-field radius of PatchCore's
+#: layer2+layer3 embedding, rounded up to 16 (benchmarks/results/receptive_field.md)
+LITE_CONTEXT = {"efficientnet-lite0": 96, "efficientnet-lite2": 112}
 #: stage index (0-based) whose output is layer1..layer4 (strides 4, 8, 16, 32)
 _LAYER_STAGES = (1, 2, 4, 6)
 _LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -104,6 +110,7 @@ class EfficientNetLite(FeatureExtractor):
     def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
+        self.default_context = LITE_CONTEXT[variant]
         stages = LITE_STAGES[variant]
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
@@ -124,6 +131,15 @@ class EfficientNetLite(FeatureExtractor):
             name: stages[index].channels for name, index in zip(_LAYER_NAMES, _LAYER_STAGES, strict=True)
         }
         self.weights_source = "random initialisation"
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> EfficientNetLite:
+        """Run the convolutions in NHWC (weights and activations): oneDNN's fast layout on CPU
+        (2.2x on Lite0 in benchmarks/results/roofline.md), cuDNN's on tensor cores. Returned
+        maps are then channels-last tensors with the same values (float tolerance)."""
+        self.channels_last = enabled
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        return self._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
 
     @property
     def layer_strides(self) -> dict[str, int]:
@@ -137,7 +153,10 @@ class EfficientNetLite(FeatureExtractor):
         depth = deepest_requested(layers, _LAYER_NAMES, self.variant)
         last_block = self._stage_ends[_LAYER_STAGES[depth - 1]]
         taps = {self._stage_ends[_LAYER_STAGES[i]]: _LAYER_NAMES[i] for i in range(depth)}
-        x = F.relu6(self._bn0(self._conv_stem(normalise(images, PIXEL_MEAN, PIXEL_STD))))
+        x = normalise(images, PIXEL_MEAN, PIXEL_STD)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         out: dict[str, Tensor] = {}
         for index, block in enumerate(self._blocks[:last_block]):
             x = block(x)
@@ -164,7 +183,7 @@ class EfficientNetLite(FeatureExtractor):
     def imagenet_logits(self, images: Tensor) -> Tensor:
         """``B x 1000`` ImageNet class scores; only to check that the weights are right."""
         x = self.extract(images, ["layer4"])["layer4"]
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return self._fc(x.mean(dim=(2, 3)))
 
 
@@ -197,6 +216,7 @@ def build_efficientnet_lite(variant: str, config: BackboneConfig) -> EfficientNe
     )
     load_exactly(model, loaded.state, variant, loaded.source)
     model.fuse_batchnorm()
+    model.use_channels_last()
     model.weights_source = loaded.source
     return model
 
