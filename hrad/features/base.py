@@ -36,6 +36,8 @@ class BackboneConfig(BaseModel):
     #: compute precision of the backbone (autocast); maps reach detectors as float32 either way.
     #: Lower precision pays on GPUs (tensor cores) and CPUs with native bf16 (AMX / AVX-512 BF16)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: "openvino": run the backbone through OpenVINO's CPU kernels (optional package, CPU only)
+    runtime: Literal["torch", "openvino"] = "torch"
 
 
 class FeatureExtractor(nn.Module, ABC):
@@ -118,6 +120,10 @@ def build_backbone(config: BackboneConfig) -> FeatureExtractor:
     extractor.eval()
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)
+    if config.runtime == "openvino":
+        from hrad.features.openvino import OpenVINOExtractor
+
+        return OpenVINOExtractor(extractor).eval()
     return extractor
 
 
