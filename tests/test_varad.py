@@ -8,7 +8,7 @@ import torch
 
 from hrad.detectors import build_detector, detector_config
 from hrad.detectors.varad import VarAD, VarADConfig, default_blocks, reference_steps, scan_orders
-from hrad.errors import ConfigError, InputError
+from hrad.errors import ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_state_round_trip_restores_predictions_exactly(options: dict) -> None:
     detector = VarAD(config)
     detector.fit([embeddings])
     state = detector.state_dict()
-    assert state["split_sizes"].tolist() == [16, 16, 16]
+    assert state["layer_channels"].tolist() == [16, 16, 16]
     assert any(key.endswith(".bos") for key in state)
     restored = VarAD(config)
     restored.load_state_dict({key: value.clone() for key, value in state.items()})
@@ -126,7 +126,7 @@ def test_state_round_trip_restores_predictions_exactly(options: dict) -> None:
 
 
 def test_user_mistakes_raise_hrad_errors() -> None:
-    with pytest.raises(ConfigError, match="not been fitted"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         VarAD(VarADConfig()).predict(torch.randn(1, 48, 4, 4))
     with pytest.raises(ConfigError, match="equal levels"):
         VarAD(VarADConfig(epochs=1)).fit([torch.randn(1, 50, 4, 4)])

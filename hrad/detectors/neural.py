@@ -211,7 +211,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """Called first in ``fit`` (e.g. a statistics pass that then calls :meth:`build`)."""
 
     def configure(self, embeddings: Tensor) -> None:
-        """Called with the first batch, before the network is built (e.g. grid-dependent sizes)."""
+        """Called with the first batch once :attr:`layout` is set, before the network is built
+        (e.g. grid-dependent sizes)."""
 
     def check_batch(self, embeddings: Tensor) -> None:
         """Extra per-batch training checks (e.g. a grid too small for the network)."""
@@ -307,8 +308,9 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             for batch in self.training_batches(batches):
                 self.check_embeddings(batch)
                 if self.network is None:
+                    self.layout = self.resolve_layout(int(batch.shape[1]))
                     self.configure(batch)
-                    self.build(self.resolve_layout(int(batch.shape[1])), batch.device)
+                    self.build(self.layout, batch.device)
                 embeddings = batch.to(self.device).float()
                 self.check_batch(embeddings)
                 network = self.fitted_network()

@@ -38,7 +38,6 @@ distinct tokens per level (the last ``M_dir`` are used when directions have diff
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Literal, cast
 
 import torch
@@ -46,11 +45,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
 from hrad.detectors.mamba import MAX_CHUNK, MambaBlock, ScanBackend
-from hrad.detectors.scoring import ImageScore, image_scores, load_module_state, module_state
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.detectors.neural import LAYOUT_KEY, EpochsConfig, NeuralDetector
+from hrad.errors import ArtifactError, ConfigError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, vit_depth
 
 #: the reference code's sequence length (512 px / 14 -> 36 x 36 tokens) its M values were set for
 REFERENCE_LENGTH = 36 * 36
@@ -59,12 +57,12 @@ REFERENCE_STEPS = (256, 128, 64)
 DEFAULT_LEVELS = 3
 
 
-class VarADConfig(DetectorConfig):
+class VarADConfig(EpochsConfig):
     """Typed VarAD options; defaults follow the paper / reference code."""
 
     name: Literal["varad"] = "varad"
     #: training epochs
-    epochs: int = 10
+    epochs: int = Field(default=10, ge=1)
     #: AdamW learning rate
     lr: float = 5e-4
     #: AdamW betas
@@ -81,8 +79,6 @@ class VarADConfig(DetectorConfig):
     bos: Literal["sequence", "repeated"] = "sequence"
     #: directional predictions summed (reference) or normalised then averaged
     combine: Literal["sum", "normalized_mean"] = "sum"
-    #: channels of each level in the embedding; empty = equal split over the levels
-    level_channels: tuple[int, ...] = ()
     #: Mamba state size
     d_state: int = 16
     #: Mamba causal convolution width
@@ -97,10 +93,6 @@ class VarADConfig(DetectorConfig):
     #: memory (what 1024-class inputs need on CPU), and on CPU no slower in
     #: benchmarks/results/varad_scan.md (4.3 s vs 4.9 s forward + backward)
     recompute_scan: bool = True
-    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
-    image_score: ImageScore = "max"
-    #: fraction of the map's highest tokens averaged by image_score="top_mean"
-    top_fraction: float = 0.01
     #: stop gradients into the target tokens (the paper trains through both sides)
     detach_target: bool = False
 
@@ -176,50 +168,44 @@ class VarADLevel(nn.Module):
         return out.permute(0, 1, 3, 2).reshape(batch, len(orders), channels, height, width)
 
 
-class VarAD(Detector[VarADConfig]):
+class VarADNet(nn.ModuleList):
+    """The levels (a ModuleList: the state keeps its ``levels.N.*`` names)."""
+
+
+class VarAD(NeuralDetector[VarADConfig, VarADNet]):
     """Visual autoregressive token prediction with one Mamba block per level."""
 
-    trainable = True
-    multi_pass = True  # one pass over the embedding batches per epoch
+    state_prefix = "levels"
+    extra_state_keys = ("steps",)
+    exportable = False  # the Mamba scan is not traced to ONNX
 
     def __init__(self, config: VarADConfig) -> None:
         super().__init__(config)
-        self.levels: nn.ModuleList | None = None
-        self.split_sizes: list[int] = []
         self.steps: list[list[int]] = []  # level x direction
-        self.loss_history: list[float] = []  # mean training loss per epoch
 
-    # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         if not extractor.is_vit:
             raise ConfigError(
                 f"varad needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN"
             )
-        depth = len(extractor.layer_strides)
-        return EmbeddingSpec(layers=default_blocks(depth), aggregation=1)
+        return EmbeddingSpec(layers=default_blocks(vit_depth(extractor)), aggregation=1)
 
     # ----------------------------------------------------------------- building
-    def _level_sizes(self, channels: int) -> list[int]:
-        config = self.config
-        if config.level_channels:
-            if sum(config.level_channels) != channels:
-                raise ConfigError(
-                    f"varad level_channels {list(config.level_channels)} sum to {sum(config.level_channels)},"
-                    f" but the embedding has {channels} channels"
-                )
-            return list(config.level_channels)
-        levels = len(config.layers) or DEFAULT_LEVELS
+    def default_layout(self, channels: int) -> list[int]:
+        levels = len(self.config.layers) or DEFAULT_LEVELS
         if channels % levels:
             raise ConfigError(
                 f"varad cannot split {channels} embedding channels into {levels} equal levels; set level_channels"
             )
         return [channels // levels] * levels
 
-    def _prediction_steps(self, height: int, width: int) -> list[list[int]]:
+    def configure(self, embeddings: Tensor) -> None:
+        """The prediction step M of every level and direction, fixed by the first batch's grid."""
         config = self.config
+        height, width = embeddings.shape[-2:]
         length = height * width
-        levels = len(self.split_sizes)
+        levels = len(self.layout)
         directions = config.directions
         if config.steps:
             if len(config.steps) != levels:
@@ -238,36 +224,30 @@ class VarAD(Detector[VarADConfig]):
                 f"varad prediction step M={too_long[0]} leaves no context in a {height}x{width} token grid;"
                 f" use M in 1..{length - 1}"
             )
-        return steps
+        self.steps = steps
 
-    def _build(self, channels: int, device: torch.device) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            levels = []
-            for size, steps in zip(self.split_sizes, self.steps, strict=True):
-                bos_length = 1 if self.config.bos == "repeated" else max(steps)
-                levels.append(VarADLevel(size, bos_length, self.config))
-            self.levels = nn.ModuleList(levels).to(device)
+    def build_network(self, layout: list[int]) -> VarADNet:
+        repeated = self.config.bos == "repeated"
+        return VarADNet(
+            VarADLevel(size, 1 if repeated else max(steps), self.config)
+            for size, steps in zip(layout, self.steps, strict=True)
+        )
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        config = self.config
+        parameters = self.fitted_network().parameters()
+        return [
+            torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        ]
 
     # ----------------------------------------------------------------- forward
-    def _split(self, embeddings: Tensor) -> list[Tensor]:
-        if embeddings.ndim != 4:
-            raise InputError(f"varad expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}")
-        if embeddings.shape[1] != sum(self.split_sizes):
-            raise InputError(
-                f"varad was fitted on {sum(self.split_sizes)}-channel embeddings, got {embeddings.shape[1]}"
-            )
-        return list(embeddings.split(self.split_sizes, dim=1))
-
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Adapted targets and directional predictions (``B x dirs x C x h x w``) per level."""
-        assert self.levels is not None
         height, width = embeddings.shape[-2:]
         orders = scan_orders(height, width, self.config.directions)
         targets, predictions = [], []
-        for level, tokens, steps in zip(
-            cast(list[VarADLevel], list(self.levels)), self._split(embeddings), self.steps, strict=True
-        ):
+        levels = cast(list[VarADLevel], list(self.fitted_network()))
+        for level, tokens, steps in zip(levels, self.split(embeddings), self.steps, strict=True):
             adapted = level.adapt(tokens)
             targets.append(adapted)
             predictions.append(level.predict(adapted, orders, steps))
@@ -278,7 +258,8 @@ class VarAD(Detector[VarADConfig]):
             return F.normalize(directional, dim=2).mean(dim=1)
         return directional.sum(dim=1)
 
-    def _loss(self, targets: list[Tensor], predictions: list[Tensor]) -> Tensor:
+    def training_step(self, embeddings: Tensor) -> Tensor:
+        targets, predictions = self._forward(embeddings)
         total = targets[0].new_zeros(())
         for target, directional in zip(targets, predictions, strict=True):
             if self.config.detach_target:
@@ -291,87 +272,28 @@ class VarAD(Detector[VarADConfig]):
 
     def directional_predictions(self, embeddings: Tensor) -> list[Tensor]:
         """Per level, each direction's prediction on the grid (``B x dirs x C x h x w``); for analysis."""
-        self._require_fitted()
+        self.fitted_network().eval()
+        self.check_embeddings(embeddings)
         with torch.no_grad():
-            return self._forward(embeddings.to(self._device()))[1]
+            return self._forward(embeddings.to(self.device))[1]
 
-    # ----------------------------------------------------------------- Detector API
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        config = self.config
-        optimizer: torch.optim.Optimizer | None = None
-        self.loss_history = []
-        for _ in range(config.epochs):
-            losses = []
-            for batch in batches:
-                if self.levels is None:
-                    self.split_sizes = self._level_sizes(batch.shape[1])
-                    self.steps = self._prediction_steps(*batch.shape[-2:])
-                    self._build(batch.shape[1], batch.device)
-                assert self.levels is not None
-                if optimizer is None:
-                    optimizer = torch.optim.AdamW(
-                        self.levels.parameters(),
-                        lr=config.lr,
-                        betas=config.betas,
-                        weight_decay=config.weight_decay,
-                    )
-                self.levels.train()
-                loss = self._loss(*self._forward(batch.to(self._device()).float()))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            if not losses:
-                raise InputError("varad fit received no embedding batches")
-            self.loss_history.append(sum(losses) / len(losses))
-        if self.levels is not None:
-            self.levels.eval()
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        targets, predictions = self._forward(embeddings)
+        distances = [
+            1 - F.cosine_similarity(self._combine(p), t, dim=1)
+            for t, p in zip(targets, predictions, strict=True)
+        ]
+        return torch.stack(distances).mean(dim=0)
 
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
-        self._require_fitted()
-        assert self.levels is not None
-        self.levels.eval()
-        with torch.no_grad():
-            targets, predictions = self._forward(embeddings.to(self._device()).float())
-            maps = torch.stack(
-                [
-                    1 - F.cosine_similarity(self._combine(p), t, dim=1)
-                    for t, p in zip(targets, predictions, strict=True)
-                ]
-            ).mean(dim=0)
-        return DetectorOutput(maps=maps, scores=self._image_scores(maps))
+    def extra_state(self) -> dict[str, Tensor]:
+        return {"steps": torch.tensor(self.steps, dtype=torch.int64)}
 
-    def _image_scores(self, maps: Tensor) -> Tensor:
-        return image_scores(maps, self.config.image_score, self.config.top_fraction)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        self._require_fitted()
-        assert self.levels is not None
-        state = module_state(self.levels, "levels")
-        state["split_sizes"] = torch.tensor(self.split_sizes, dtype=torch.int64)
-        state["steps"] = torch.tensor(self.steps, dtype=torch.int64)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing = [key for key in ("split_sizes", "steps") if key not in state]
-        if missing:
-            raise ArtifactError(f"varad state lacks {', '.join(missing)}; the artifact is incomplete")
-        self.split_sizes = [int(size) for size in state["split_sizes"].tolist()]
-        self.steps = [[int(step) for step in row] for row in state["steps"].tolist()]
-        if len(self.steps[0]) != self.config.directions:
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        steps = [[int(step) for step in row] for row in state["steps"].tolist()]
+        layers = len(state[LAYOUT_KEY].flatten())
+        if len(steps) != layers or any(len(row) != self.config.directions for row in steps):
             raise ArtifactError(
-                f"varad state was trained with {len(self.steps[0])} direction(s), config says {self.config.directions}"
+                f"varad state holds steps for {len(steps)} level(s) x {len(steps[0]) if steps else 0} direction(s);"
+                f" the layout has {layers} level(s) and the config {self.config.directions} direction(s)"
             )
-        self._build(sum(self.split_sizes), torch.device("cpu"))
-        assert self.levels is not None
-        load_module_state(self.levels, state, "levels", "varad")
-        self.levels.eval()
-
-    # ----------------------------------------------------------------- helpers
-    def _require_fitted(self) -> None:
-        if self.levels is None:
-            raise ConfigError("varad has not been fitted or loaded; call fit() or load_state_dict() first")
-
-    def _device(self) -> torch.device:
-        assert self.levels is not None
-        return next(self.levels.parameters()).device
+        self.steps = steps
