@@ -17,7 +17,7 @@ from hrad.detectors.students import (
     default_student_blocks,
     normalised_distance,
 )
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +68,6 @@ def test_registered_under_students() -> None:
     config = detector_config({"name": "students", "epochs": 3})
     assert isinstance(config, StudentsConfig) and config.learning_rate == 1e-3 and config.fusion == "product"
     assert isinstance(build_detector(config), Students)
-    assert Students.trainable
 
 
 def test_training_reduces_the_loss(vit_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -141,15 +140,15 @@ def test_state_round_trip_is_identical(vit_embeddings: tuple[torch.Tensor, torch
     train, test = vit_embeddings
     detector = _fit(train, epochs=3)
     state = detector.state_dict()
-    assert state["split"].tolist() == [16, 16]
+    assert state["layer_channels"].tolist() == [16, 16]
     restored = Students(StudentsConfig())
     restored.load_state_dict({key: value.clone() for key, value in state.items()})
     first, second = detector.predict(test), restored.predict(test)
     assert torch.equal(first.maps, second.maps) and torch.equal(first.scores, second.scores)
     with pytest.raises(ArtifactError):
-        Students(StudentsConfig()).load_state_dict({k: v for k, v in state.items() if k != "forward.4.weight"})
+        Students(StudentsConfig()).load_state_dict({k: v for k, v in state.items() if k != "network.forward_student.4.weight"})
     with pytest.raises(ArtifactError):
-        Students(StudentsConfig()).load_state_dict({k: v for k, v in state.items() if k != "split"})
+        Students(StudentsConfig()).load_state_dict({k: v for k, v in state.items() if k != "layer_channels"})
 
 
 def test_same_seed_same_students_other_seed_differs(vit_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -158,7 +157,7 @@ def test_same_seed_same_students_other_seed_differs(vit_embeddings: tuple[torch.
     c = _fit(train, epochs=2, max_tokens=300, seed=1)
     state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
-    assert not torch.equal(state_a["forward.0.weight"], state_c["forward.0.weight"])
+    assert not torch.equal(state_a["network.forward_student.0.weight"], state_c["network.forward_student.0.weight"])
 
 
 def test_reservoir_keeps_the_smallest_keys_of_the_whole_stream() -> None:
@@ -193,12 +192,12 @@ def test_held_out_images_early_stopping(vit_embeddings: tuple[torch.Tensor, torc
 
 def test_user_mistakes_raise_hrad_errors(vit_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
     train, test = vit_embeddings
-    with pytest.raises(ConfigError, match="before fit"):
+    with pytest.raises(NotFittedError, match="not been fitted"):
         Students(StudentsConfig()).predict(test)
     with pytest.raises(InputError, match="no training embeddings"):
         Students(StudentsConfig()).fit([])
     with pytest.raises(InputError, match="split_at"):
         Students(StudentsConfig(epochs=1)).fit([train[:, :31]])
     detector = _fit(train, epochs=1)
-    with pytest.raises(InputError, match="32 embedding channels"):
+    with pytest.raises(InputError, match="32-channel"):
         detector.predict(test[:, :30])

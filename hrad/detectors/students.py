@@ -25,10 +25,9 @@ Choices beyond the paper, all configurable:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -36,15 +35,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
-from hrad.detectors.scoring import top_fraction_score
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.detectors.base import DetectorConfig, DetectorOutput
+from hrad.detectors.neural import EpochsConfig, NeuralDetector, Stage
+from hrad.detectors.scoring import ImageScore
+from hrad.errors import ConfigError, InputError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, vit_depth
 
 Fusion = Literal["product", "sum", "forward", "backward"]
 
 
-class StudentsConfig(DetectorConfig):
+class StudentsConfig(EpochsConfig):
     """Options of the L2BT students (defaults follow the paper unless noted)."""
 
     name: Literal["students"] = "students"
@@ -65,6 +65,8 @@ class StudentsConfig(DetectorConfig):
     patience: int = Field(default=5, ge=1)
     #: map from the students' errors: product (paper), sum, forward or backward student only
     fusion: Fusion = "product"
+    #: image score: the mean of the top fraction of the token map (paper), or its maximum
+    image_score: ImageScore = "top_mean"
     #: image score = mean of this fraction of the highest map values (paper: 0.001)
     top_fraction: float = Field(default=0.001, gt=0.0, le=1.0)
     #: channel index where block k starts in the embedding; None = half of the channels
@@ -82,11 +84,6 @@ def default_student_blocks(depth: int) -> tuple[str, str]:
         raise ConfigError(f"students need a ViT teacher with at least 2 blocks, this one has {depth}")
     j = min(max(1, round(2 * depth / 3)), depth - 1)
     return f"block{j}", f"block{depth}"
-
-
-def _vit_depth(extractor: FeatureExtractor) -> int:
-    blocks = [name for name in extractor.layer_strides if name.startswith("block")]
-    return max((int(name.removeprefix("block")) for name in blocks), default=0)
 
 
 class StudentMLP(nn.Sequential):
@@ -182,206 +179,182 @@ def _timer_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Students(Detector[StudentsConfig]):
+class StudentsNet(nn.Module):
+    """The forward (j -> k) and backward (k -> j) students."""
+
+    def __init__(self, j_channels: int, k_channels: int) -> None:
+        super().__init__()
+        self.forward_student = StudentMLP(j_channels, k_channels)
+        self.backward_student = StudentMLP(k_channels, j_channels)
+
+
+class Students(NeuralDetector[StudentsConfig, StudentsNet]):
     """Forward (j -> k) and backward (k -> j) students over a frozen ViT teacher."""
 
-    trainable = True
+    multi_pass = False  # the tokens are gathered in one pass; the epochs iterate that buffer
 
     def __init__(self, config: StudentsConfig) -> None:
         super().__init__(config)
-        self.forward_student: StudentMLP | None = None
-        self.backward_student: StudentMLP | None = None
-        self.split: tuple[int, int] | None = None
-        #: mean training loss (forward + backward) of every epoch run
-        self.loss_history: list[float] = []
         #: mean held-out loss of every epoch (only with ``val_fraction`` > 0)
         self.val_history: list[float] = []
         #: seconds of the last :meth:`predict` (students + distances; the teacher is not in it)
         self.last_predict_seconds: float = 0.0
+        self._tokens = self._val_tokens = torch.empty(0)
+        self._sampler = torch.Generator()
+        self._best: tuple[float, dict[str, Tensor] | None, int] = (math.inf, None, 0)
 
     # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         if not extractor.is_vit:
             raise ConfigError("students need a ViT teacher (e.g. a DINOv2 backbone); this backbone is a CNN")
-        return EmbeddingSpec(layers=default_student_blocks(_vit_depth(extractor)), aggregation=1)
+        return EmbeddingSpec(layers=default_student_blocks(vit_depth(extractor)), aggregation=1)
 
     @classmethod
     def embedding_spec(cls, config: DetectorConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
         spec = super().embedding_spec(config, extractor)
         if len(spec.layers) != 2:
-            raise ConfigError(f"students need exactly two layers (j, k), got {len(spec.layers)}: {', '.join(spec.layers)}")
+            raise ConfigError(
+                f"students need exactly two layers (j, k), got {len(spec.layers)}: {', '.join(spec.layers)}"
+            )
         return spec
 
-    # ----------------------------------------------------------------- training
-    def _split(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        """``n x C`` tokens -> (block j part, block k part)."""
-        assert self.split is not None
-        if embeddings.shape[-1] != sum(self.split):
-            raise InputError(
-                f"students were built for {sum(self.split)} embedding channels, got {embeddings.shape[-1]}"
-            )
-        return embeddings[..., : self.split[0]], embeddings[..., self.split[0] :]
-
-    def _init_split(self, channels: int) -> tuple[int, int]:
+    def resolve_layout(self, channels: int) -> list[int]:
+        """Blocks j and k: ``split_at`` if set, else the bound layout, else two equal halves."""
         at = self.config.split_at
-        if at is None:
-            if channels % 2:
-                raise InputError(
-                    f"students: cannot split {channels} embedding channels into two equal blocks; set split_at"
-                )
-            at = channels // 2
-        if not 0 < at < channels:
+        if at is not None and not 0 < at < channels:
             raise ConfigError(f"students: split_at {at} is outside the {channels} embedding channels")
-        return at, channels - at
+        sizes = [at, channels - at] if at is not None else super().resolve_layout(channels)
+        if len(sizes) != 2:
+            raise ConfigError(f"students need two embedding layers (j, k), the layout has {sizes}")
+        return sizes
 
-    def _build_students(self, split: tuple[int, int], device: torch.device) -> None:
-        self.split = split
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            self.forward_student = StudentMLP(split[0], split[1]).to(device)
-            self.backward_student = StudentMLP(split[1], split[0]).to(device)
+    def default_layout(self, channels: int) -> list[int]:
+        if channels % 2:
+            raise InputError(
+                f"students: cannot split {channels} embedding channels into two equal blocks; set split_at"
+            )
+        return [channels // 2, channels // 2]
 
-    def _gather(self, batches: Iterable[Tensor], generator: torch.Generator) -> TokenReservoir:
-        dtype = torch.float16 if self.config.buffer_dtype == "float16" else torch.float32
-        reservoir = TokenReservoir(self.config.max_tokens, dtype, generator)
+    def build_network(self, layout: list[int]) -> StudentsNet:
+        return StudentsNet(layout[0], layout[1])
+
+    def upgrade_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Artifacts before the neural base: ``forward.*``, ``backward.*`` and ``split``."""
+        renames = {"forward.": "network.forward_student.", "backward.": "network.backward_student."}
+        upgraded = {}
+        for key, value in state.items():
+            for old, new in renames.items():
+                if key.startswith(old):
+                    key = new + key.removeprefix(old)
+            upgraded["level_channels" if key == "split" else key] = value
+        return super().upgrade_state(upgraded)
+
+    # ----------------------------------------------------------------- training
+    def before_fit(self, batches: Iterable[Tensor]) -> None:
+        """Gather a bounded token sample once, hold out whole images if asked, build the students."""
+        config = self.config
+        self._sampler = torch.Generator().manual_seed(config.seed)
+        dtype = torch.float16 if config.buffer_dtype == "float16" else torch.float32
+        reservoir = TokenReservoir(config.max_tokens, dtype, self._sampler)
         for batch in batches:
-            if batch.ndim != 4:
-                raise InputError(f"students expect embedding batches n x C x h x w, got shape {tuple(batch.shape)}")
+            self.check_embeddings(batch)
             n, c, h, w = batch.shape
             tokens = batch.detach().permute(0, 2, 3, 1).reshape(n * h * w, c)
             ids = torch.arange(reservoir.images_seen, reservoir.images_seen + n, device=batch.device)
             reservoir.images_seen += n
             reservoir.add(tokens, ids.repeat_interleave(h * w).to(torch.int32))
-        if reservoir.tokens is None or len(reservoir.tokens) == 0:
+        if reservoir.tokens is None or reservoir.image_ids is None or len(reservoir.tokens) == 0:
             raise InputError("students: no training embeddings were given")
-        return reservoir
-
-    def _losses(self, tokens: Tensor) -> Tensor:
-        assert self.forward_student is not None and self.backward_student is not None
-        f_j, f_k = self._split(tokens.float())
-        return cosine_loss(self.forward_student(f_j), f_k) + cosine_loss(self.backward_student(f_k), f_j)
-
-    @torch.no_grad()
-    def _mean_loss(self, tokens: Tensor) -> float:
-        total = 0.0
-        step = self.config.predict_batch_tokens
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start : start + step]
-            total += float(self._losses(chunk)) * len(chunk)
-        return total / len(tokens)
-
-    def fit(self, batches: Iterable[Tensor]) -> None:
-        """Gather tokens once (bounded sample), then train both students for ``epochs`` epochs."""
-        config = self.config
-        generator = torch.Generator().manual_seed(config.seed)
-        reservoir = self._gather(batches, generator)
-        assert reservoir.tokens is not None and reservoir.image_ids is not None
         tokens, image_ids = reservoir.tokens, reservoir.image_ids
-        device = tokens.device
-        self._build_students(self._init_split(tokens.shape[1]), device)
-        assert self.forward_student is not None and self.backward_student is not None
-
-        val_tokens: Tensor | None = None
+        self.build(self.resolve_layout(tokens.shape[1]), tokens.device)
+        self._val_tokens = tokens[:0]
         if config.val_fraction > 0:
             images = torch.unique(image_ids).cpu()
             if len(images) < 2:
                 raise InputError("students: val_fraction needs at least 2 training images to hold some out")
             n_val = min(len(images) - 1, max(1, round(config.val_fraction * len(images))))
-            held_out = images[torch.randperm(len(images), generator=generator)[:n_val]].to(device)
+            held_out = images[torch.randperm(len(images), generator=self._sampler)[:n_val]].to(tokens.device)
             is_val = torch.isin(image_ids, held_out)
-            val_tokens, tokens = tokens[is_val], tokens[~is_val]
+            self._val_tokens, tokens = tokens[is_val], tokens[~is_val]
+        self._tokens = tokens
+        self.val_history, self._best = [], (math.inf, None, 0)
 
-        parameters = [*self.forward_student.parameters(), *self.backward_student.parameters()]
-        optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-        self.loss_history, self.val_history = [], []
-        best_val, best_state, stale = math.inf, None, 0
-        self.forward_student.train()
-        self.backward_student.train()
-        for _ in range(config.epochs):
-            order = torch.randperm(len(tokens), generator=generator)
-            if config.tokens_per_epoch is not None:
-                order = order[: config.tokens_per_epoch]
-            order = order.to(device)
-            total = 0.0
-            for start in range(0, len(order), config.batch_tokens):
-                batch = tokens[order[start : start + config.batch_tokens]]
-                loss = self._losses(batch)
-                if not torch.isfinite(loss):
-                    raise InputError("students: training loss is not finite; the embeddings contain NaN or inf")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(batch)
-            self.loss_history.append(total / len(order))
-            if val_tokens is not None:
-                val_loss = self._mean_loss(val_tokens)
-                self.val_history.append(val_loss)
-                if val_loss < best_val:
-                    best_val, stale = val_loss, 0
-                    best_state = copy.deepcopy((self.forward_student.state_dict(), self.backward_student.state_dict()))
-                else:
-                    stale += 1
-                    if stale >= config.patience:
-                        break
-        if best_state is not None:
-            self.forward_student.load_state_dict(best_state[0])
-            self.backward_student.load_state_dict(best_state[1])
-        self.forward_student.eval()
-        self.backward_student.eval()
+    def training_batches(self, batches: Iterable[Tensor]) -> Iterator[Tensor]:
+        """A fresh shuffle of the token buffer, ``batch_tokens`` at a time, as ``n x C x 1 x 1``."""
+        order = torch.randperm(len(self._tokens), generator=self._sampler)
+        if self.config.tokens_per_epoch is not None:
+            order = order[: self.config.tokens_per_epoch]
+        order = order.to(self._tokens.device)
+        for start in range(0, len(order), self.config.batch_tokens):
+            yield self._tokens[order[start : start + self.config.batch_tokens]][:, :, None, None]
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.fitted_network().parameters(), lr=self.config.learning_rate)]
+
+    def _losses(self, tokens: Tensor) -> Tensor:
+        network = self.fitted_network()
+        f_j, f_k = tokens.float().split(self.layout, dim=-1)
+        return cosine_loss(network.forward_student(f_j), f_k) + cosine_loss(
+            network.backward_student(f_k), f_j
+        )
+
+    def training_step(self, embeddings: Tensor) -> Tensor:
+        return self._losses(embeddings.flatten(1))
+
+    def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
+        """Early stopping on held-out images: keep the best weights, stop after ``patience`` worse epochs."""
+        if len(self._val_tokens) == 0:
+            return False
+        with torch.no_grad():
+            step = self.config.predict_batch_tokens
+            chunks = [
+                self._val_tokens[start : start + step] for start in range(0, len(self._val_tokens), step)
+            ]
+            val_loss = sum(float(self._losses(chunk)) * len(chunk) for chunk in chunks) / len(
+                self._val_tokens
+            )
+        self.val_history.append(val_loss)
+        best, state, stale = self._best
+        if val_loss < best:
+            network = self.fitted_network()
+            self._best = (val_loss, {key: value.clone() for key, value in network.state_dict().items()}, 0)
+            return False
+        self._best = (best, state, stale + 1)
+        return stale + 1 >= self.config.patience
+
+    def after_fit(self) -> None:
+        _, state, _ = self._best
+        if state is not None:
+            self.fitted_network().load_state_dict(state)
+        self._tokens = self._val_tokens = torch.empty(0)
 
     # ----------------------------------------------------------------- inference
-    @torch.no_grad()
     def direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """``(Delta_j, Delta_k)``: backward and forward distance maps, each ``B x h x w``."""
-        if self.forward_student is None or self.backward_student is None:
-            raise ConfigError("students: predict was called before fit or load_state_dict")
-        if embeddings.ndim != 4:
-            raise InputError(f"students expect embeddings B x C x h x w, got shape {tuple(embeddings.shape)}")
+        network = self.fitted_network()
+        network.eval()
+        self.check_embeddings(embeddings)
         b, c, h, w = embeddings.shape
-        device = embeddings.device
-        self.forward_student.to(device).eval()
-        self.backward_student.to(device).eval()
-        tokens = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        tokens = embeddings.to(self.device).permute(0, 2, 3, 1).reshape(b * h * w, c)
         backward_parts, forward_parts = [], []
-        for start in range(0, len(tokens), self.config.predict_batch_tokens):
-            f_j, f_k = self._split(tokens[start : start + self.config.predict_batch_tokens].float())
-            forward_parts.append(normalised_distance(self.forward_student(f_j), f_k))
-            backward_parts.append(normalised_distance(self.backward_student(f_k), f_j))
+        with torch.no_grad():
+            for start in range(0, len(tokens), self.config.predict_batch_tokens):
+                chunk = tokens[start : start + self.config.predict_batch_tokens].float()
+                f_j, f_k = chunk.split(self.layout, dim=-1)
+                forward_parts.append(normalised_distance(network.forward_student(f_j), f_k))
+                backward_parts.append(normalised_distance(network.backward_student(f_k), f_j))
         return torch.cat(backward_parts).reshape(b, h, w), torch.cat(forward_parts).reshape(b, h, w)
+
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        backward_map, forward_map = self.direction_maps(embeddings)
+        return fuse_maps(backward_map, forward_map, self.config.fusion).float()
 
     def predict(self, embeddings: Tensor) -> DetectorOutput:
         """Fused token-resolution maps and top-fraction image scores; times the student part."""
         _timer_sync(embeddings.device)
         started = time.perf_counter()
-        backward_map, forward_map = self.direction_maps(embeddings)
-        maps = fuse_maps(backward_map, forward_map, self.config.fusion)
-        scores = top_fraction_score(maps, self.config.top_fraction)
+        output = super().predict(embeddings)
         _timer_sync(embeddings.device)
         self.last_predict_seconds = time.perf_counter() - started
-        return DetectorOutput(maps=maps.float(), scores=scores.float())
-
-    # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.forward_student is None or self.backward_student is None or self.split is None:
-            raise ConfigError("students: state_dict was called before fit")
-        state = {f"forward.{key}": value.detach().cpu().clone() for key, value in self.forward_student.state_dict().items()}
-        state.update({f"backward.{key}": value.detach().cpu().clone() for key, value in self.backward_student.state_dict().items()})
-        state["split"] = torch.tensor(self.split, dtype=torch.int64)
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if "split" not in state:
-            raise ArtifactError("students state has no 'split' entry; the artifact is not a students model")
-        split = (int(state["split"][0]), int(state["split"][1]))
-        self._build_students(split, torch.device("cpu"))
-        assert self.forward_student is not None and self.backward_student is not None
-        for prefix, student in (("forward.", self.forward_student), ("backward.", self.backward_student)):
-            part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-            try:
-                student.load_state_dict(part, strict=True)
-            except RuntimeError as error:
-                first = str(error).strip().splitlines()[0]
-                raise ArtifactError(f"students state does not match its split {split}: {first}") from None
-        self.forward_student.eval()
-        self.backward_student.eval()
+        return output
