@@ -52,8 +52,6 @@ class Detector(ABC, Generic[ConfigT]):
     so artifacts are plain safetensors.
     """
 
-    #: whether ``fit`` runs gradient training (strategies may then give it more time/epochs)
-    trainable: ClassVar[bool] = False
     #: whether ``fit`` iterates its batches more than once (strategies then cache embeddings
     #: instead of recomputing the backbone every epoch)
     multi_pass: ClassVar[bool] = False

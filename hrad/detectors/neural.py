@@ -108,7 +108,6 @@ class Stage:
 class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
     """Base of the gradient-trained detectors; see the module docstring."""
 
-    trainable = True
     multi_pass = True  # one pass over the embedding batches per epoch
     #: prefix of the network's weights in the state (kept per detector so old artifacts load)
     state_prefix: ClassVar[str] = "network"
