@@ -40,7 +40,7 @@ from hrad.strategies.tiled import (
     resize,
     round_to_multiple,
 )
-from hrad.strategies.tiling import TileGrid, TileMerger
+from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger
 from hrad.version import __version__
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from hrad.model import AnomalyModel, Prediction
 
 SIDECAR_FORMAT = "hrad-onnx"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 EXPORTABLE_STRATEGIES = ("downsample", "tiled")
 INPUT_NAME = "tiles"
 OUTPUT_NAMES = ("maps", "scores")
@@ -59,15 +59,24 @@ TOLERANCE = 1e-4
 
 
 class TileScorer(nn.Module):
-    """What is exported: tiles ``B x 3 x S x S`` in [0, 1] -> ``(maps B x h x w, scores B)``."""
+    """What is exported: tile windows ``B x 3 x S x S`` in [0, 1] -> ``(maps B x h x w, scores B)``.
 
-    def __init__(self, embedder: Embedder, scoring: nn.Module) -> None:
+    ``crop_cells`` feature cells of context margin are cut off each side of the embedding before
+    scoring (:class:`~hrad.strategies.tiling.ContextEmbedder`), so maps cover the tile alone.
+    """
+
+    def __init__(self, embedder: Embedder, scoring: nn.Module, crop_cells: int = 0) -> None:
         super().__init__()
         self.embedder = embedder
         self.scoring = scoring
+        self.crop_cells = crop_cells
 
     def forward(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
-        maps, scores = self.scoring(self.embedder(tiles))
+        embeddings = self.embedder(tiles)
+        c = self.crop_cells
+        if c:
+            embeddings = embeddings[..., c:-c, c:-c]
+        maps, scores = self.scoring(embeddings)
         return maps, scores
 
 
@@ -187,9 +196,11 @@ class Geometry:
     """How an image becomes network inputs; mirrors :class:`TiledStrategy` for both configs.
 
     ``downsample``: the (optionally square-padded) image is resized to ``tile`` x ``tile`` and
-    is the one tile. ``tiled``: the image is resized to ``long_side`` (if set), zero-padded at
-    bottom/right to the tile grid, cut into ``tile`` x ``tile`` tiles at ``stride``, and each
-    tile resized to ``input_size`` when that differs from ``tile`` (ViTs need multiples of 14).
+    is the one tile. ``tiled``: the image is resized to ``long_side`` (if set) and covered by
+    :class:`~hrad.strategies.tiling.TileGrid` (``tile`` at ``stride``, ``edge`` rule); each tile
+    is cut with ``margin`` context pixels on every side (reflected past the image border) and
+    the window resized to ``input_size + 2 * input_margin`` when that differs (ViTs need
+    multiples of 14). The network crops the margin's cells itself.
     """
 
     strategy: str
@@ -200,6 +211,13 @@ class Geometry:
     pad_to_square: bool
     score: str
     batch_size: int
+    margin: int = 0
+    input_margin: int = 0
+    edge: str = "shift"
+
+    @property
+    def network_input(self) -> int:
+        return self.input_size + 2 * self.input_margin
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         if self.strategy == "downsample":
@@ -212,7 +230,7 @@ class Geometry:
     def grid(self, height: int, width: int) -> TileGrid:
         if self.strategy == "downsample":
             return TileGrid.square(height, width, max(height, width), max(height, width))
-        return TileGrid.square(height, width, self.tile, self.stride)
+        return TileGrid.square(height, width, self.tile, self.stride, self.margin, self.edge)  # type: ignore[arg-type]
 
 
 def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geometry:
@@ -235,9 +253,23 @@ def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geomet
         stride = config.stride or config.tile
         if tile_size is not None:
             stride = min(tile, max(1, round(stride * tile / config.tile)))
-        input_size = tile if tile % multiple == 0 else round_to_multiple(tile, multiple)
-        return Geometry("tiled", tile, stride, input_size, config.image_size, False, config.score, config.batch_size)
+        tiles = _context_embedder(model, tile)
+        return Geometry(
+            "tiled", tile, stride, tiles.input_size[0], config.image_size, False, config.score, config.batch_size,
+            margin=tiles.margin, input_margin=tiles.input_margin, edge=config.tile_edge,
+        )  # fmt: skip
     raise _unexportable_strategy(config.name)
+
+
+def _context_embedder(model: AnomalyModel, tile: int) -> ContextEmbedder:
+    """The strategy's own window embedder, or one for another tile size (same context rule)."""
+    strategy = model.strategy
+    config = model.config.strategy
+    assert isinstance(strategy, TiledStrategy) and isinstance(config, TiledConfig)
+    tiles = strategy.tiles
+    if tiles.tile_size == (tile, tile):
+        return tiles
+    return ContextEmbedder(strategy.embedder, tile, tile, config.resolve_context(model.extractor))
 
 
 def _unexportable_strategy(name: str) -> ConfigError:
@@ -263,7 +295,7 @@ def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape:
         "format_version": SIDECAR_VERSION,
         "hrad_version": __version__,
         "onnx": onnx_name,
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, geometry.input_size, geometry.input_size],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, geometry.network_input, geometry.network_input],
                   "dtype": "float32", "range": [0.0, 1.0], "channels": "RGB", "layout": "NCHW"},
         "outputs": {"maps": ["batch", *map_shape], "scores": ["batch"]},
         "geometry": asdict(geometry),
@@ -281,8 +313,12 @@ def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape:
             "downsample with pad_to_square: edge-replicate to a square at bottom/right",
             "resize (bilinear, align_corners=false, antialiased when shrinking) to the working size: "
             "downsample -> tile x tile; tiled -> long side = long_side, or native when null",
-            "zero-pad bottom/right to the tile grid; cut tile x tile tiles every stride pixels, row-major",
-            "resize each tile to input_size when it differs from tile; run the network in batches",
+            "tile origins every stride pixels, row-major; edge=shift: the last row/column starts at "
+            "size - tile (an image smaller than a tile is reflect-padded at bottom/right to one tile); "
+            "edge=zeros: zero-pad bottom/right to the grid",
+            "cut each tile with margin context pixels on every side, reflecting past the image border "
+            "(zeros with edge=zeros); resize each window to input_size + 2 * input_margin when it differs; "
+            "run the network in batches (it crops the margin's cells itself)",
             "resize each map (bilinear) to tile x tile; average overlapping tiles; crop the padding "
             "(and the square padding, scaled); resize (bilinear) to H x W",
             "score: max of the network's scores over tiles (score=detector) or max of that map (score=max)",
@@ -318,16 +354,17 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     out_path = Path(out_path)
     geometry = export_geometry(model, tile_size)
     scoring = _scoring_module(model).to(model.device)
-    scorer = TileScorer(model.strategy.embedder, scoring).eval()  # type: ignore[attr-defined]
+    crop = (geometry.input_margin // model.strategy.embedder.stride) if geometry.strategy == "tiled" else 0  # type: ignore[attr-defined]
+    scorer = TileScorer(model.strategy.embedder, scoring, crop).eval()  # type: ignore[attr-defined]
     generator = torch.Generator().manual_seed(0)
-    side = geometry.input_size
+    side = geometry.network_input
     example = torch.rand(2, 3, side, side, generator=generator).to(model.device)
     with torch.no_grad():
         try:
             expected_maps, expected_scores = scorer(example)
         except RuntimeError as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"{model.config.detector.name} cannot score {side}x{side} inputs ({first})") from None
+            raise ConfigError(f"{model.config.detector.name} cannot score {geometry.tile}x{geometry.tile} inputs ({first})") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_onnx(path: str) -> None:
@@ -404,18 +441,14 @@ class OnnxPredictor:
         work = geometry.working_size(*tensor.shape[-2:])
         tensor = resize(tensor, work)
         grid = geometry.grid(*work)
-        tiles = grid.tile(tensor[0])
         merger = TileMerger(grid)
-        positions = list(grid.positions())
         scores: list[Tensor] = []
-        for start in range(0, len(tiles), geometry.batch_size):
-            batch = tiles[start : start + geometry.batch_size]
-            if geometry.input_size != grid.tile_h:
-                batch = resize(batch, (geometry.input_size, geometry.input_size))
-            maps, tile_scores = self._run(batch)
+        side = geometry.network_input
+        for positions, batch in grid.batches(grid.pad(tensor[0]), geometry.batch_size):
+            maps, tile_scores = self._run(resize(batch, (side, side)))
             tile_maps = resize(maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].numpy()
-            for offset, tile_map in enumerate(tile_maps):
-                merger.add(positions[start + offset], tile_map)
+            for position, tile_map in zip(positions, tile_maps, strict=True):
+                merger.add(position, tile_map)
             scores.append(tile_scores.float())
         merged = torch.from_numpy(merger.result())[None]
         if content is not None:

@@ -5,4 +5,4 @@ artifact with another format is refused with a clear message.
 """
 
 __version__ = "0.1.0"
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: seam-free tiling (context margins, shifted last tiles)

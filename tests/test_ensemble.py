@@ -23,10 +23,9 @@ from hrad.postprocess.seams import smooth_seams
 from hrad.strategies import STRATEGIES, strategy_config
 from hrad.strategies.base import DictStateReader, to_tensor
 from hrad.strategies.ensemble import TiledEnsemble, TiledEnsembleConfig
-from hrad.strategies.tiling import TileGrid
 
 DETECTOR = "test-position-stats"
-HEIGHT, WIDTH = 56, 72  # not a multiple of the grid: exercises the zero padding
+HEIGHT, WIDTH = 56, 72  # not a multiple of the grid: exercises the shifted last row and column
 
 
 class PositionStatsConfig(DetectorConfig):
@@ -115,30 +114,38 @@ def reloaded(strategy: TiledEnsemble, backbone: FeatureExtractor, **options: obj
 
 
 def brute_force(
-    backbone: FeatureExtractor, train: list[np.ndarray], image: np.ndarray
+    backbone: FeatureExtractor, train: list[np.ndarray], image: np.ndarray, margin: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-location detectors fitted by hand, maps averaged pixel by pixel; returns map and tile scores."""
+    """Per-location detectors fitted by hand, maps averaged pixel by pixel; returns map and tile scores.
+
+    Tiles start every 16 pixels, the last row/column shifted to end at the image border; each is
+    embedded with ``margin`` pixels of context (reflected past the image border) that are cropped
+    off the embedding (layer1: 4 pixels per cell).
+    """
     tile, stride = 32, 16
     rows = int(np.ceil((HEIGHT - tile) / stride)) + 1
     cols = int(np.ceil((WIDTH - tile) / stride)) + 1
-    padded_h, padded_w = (rows - 1) * stride + tile, (cols - 1) * stride + tile
 
-    def pad(img: np.ndarray) -> np.ndarray:
-        out = np.zeros((padded_h, padded_w, 3), dtype=np.float32)
-        out[:HEIGHT, :WIDTH] = img
-        return out
+    def window(img: np.ndarray, y: int, x: int) -> Tensor:
+        reflected = np.pad(img, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+        return to_tensor(reflected[y : y + tile + 2 * margin, x : x + tile + 2 * margin])
 
+    cells = margin // 4
     embedder = Embedder(backbone, EmbeddingSpec(layers=("layer1",)))
-    total = np.zeros((padded_h, padded_w))
-    count = np.zeros((padded_h, padded_w))
+
+    def embed(batch: Tensor) -> Tensor:
+        embedded = embedder(batch)
+        return embedded[..., cells : embedded.shape[-2] - cells, cells : embedded.shape[-1] - cells]
+
+    total = np.zeros((HEIGHT, WIDTH))
+    count = np.zeros((HEIGHT, WIDTH))
     scores = []
     for row in range(rows):
         for col in range(cols):
-            y, x = row * stride, col * stride
-            crops = [to_tensor(pad(img)[y : y + tile, x : x + tile]) for img in train]
+            y, x = min(row * stride, HEIGHT - tile), min(col * stride, WIDTH - tile)
             detector = PositionStatsDetector(PositionStatsConfig())
-            detector.fit([embedder(torch.cat(crops))])
-            output = detector.predict(embedder(to_tensor(pad(image)[y : y + tile, x : x + tile])))
+            detector.fit([embed(torch.cat([window(img, y, x) for img in train]))])
+            output = detector.predict(embed(window(image, y, x)))
             upsampled = F.interpolate(
                 output.maps[:, None], size=(tile, tile), mode="bilinear", align_corners=False
             )
@@ -147,7 +154,7 @@ def brute_force(
                     total[y + dy, x + dx] += float(upsampled[0, 0, dy, dx])
                     count[y + dy, x + dx] += 1
             scores.append(float(output.scores[0]))
-    return (total / count)[:HEIGHT, :WIDTH], np.array(scores)
+    return total / count, np.array(scores)
 
 
 def test_registered_and_config_validated() -> None:
@@ -164,7 +171,8 @@ def test_overlapping_tiles_merge_like_brute_force(
     fitted: TiledEnsemble, backbone: FeatureExtractor, train: list[np.ndarray]
 ) -> None:
     image = noise_images(1, seed=7)[0]
-    expected_map, expected_scores = brute_force(backbone, train, image)
+    assert fitted.tiles.margin == backbone.default_context == 16  # the backbone's default context
+    expected_map, expected_scores = brute_force(backbone, train, image, margin=16)
     result = fitted.predict(image)
     assert len(fitted.grid) == 12 and result.anomaly_map.shape == (HEIGHT, WIDTH)
     assert result.anomaly_map.dtype == np.float32
@@ -177,13 +185,24 @@ def test_overlapping_tiles_merge_like_brute_force(
     np.testing.assert_array_equal(maximum.anomaly_map, result.anomaly_map)
 
 
+def test_context_margin_tiles_merge_like_brute_force(backbone: FeatureExtractor, train: list[np.ndarray]) -> None:
+    strategy = make(backbone, context=8)
+    assert strategy.tiles.margin == 8 and strategy.tiles.crop_cells == 2
+    strategy.fit(train)
+    image = noise_images(1, seed=7)[0]
+    expected_map, expected_scores = brute_force(backbone, train, image, margin=8)
+    result = strategy.predict(image)
+    np.testing.assert_allclose(result.anomaly_map, expected_map, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.extras["tile_scores"], expected_scores, rtol=1e-5)
+
+
 def test_seam_smoothing_applies_band_blur_to_merged_map(
     fitted: TiledEnsemble, backbone: FeatureExtractor
 ) -> None:
     image = noise_images(1, seed=8)[0]
     raw = fitted.predict(image).anomaly_map
     smoothed = reloaded(fitted, backbone, seam_smoothing=True, seam_band=0.25, seam_sigma=1.5).predict(image)
-    grid = TileGrid.square(HEIGHT, WIDTH, 32, 16)
+    grid = fitted.grid
     np.testing.assert_allclose(smoothed.anomaly_map, smooth_seams(raw, grid, 0.25, 1.5), rtol=1e-5, atol=1e-6)
     assert not np.allclose(smoothed.anomaly_map, raw)
 

@@ -105,7 +105,7 @@ def test_onnx_predictor_matches_model_predict(
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_maps, onnx_scores = session.run(None, {"tiles": tiles.numpy()})
     with torch.no_grad():
-        reference = model.strategy.detector.predict(model.strategy.embedder(tiles))
+        reference = model.strategy.detector.predict(model.strategy.tiles(tiles))  # windows in, the tile's cells out
     assert list(onnx_maps.shape) == [3, *sidecar["outputs"]["maps"][1:]]
     np.testing.assert_allclose(onnx_maps, reference.maps.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(onnx_scores, reference.scores.numpy(), rtol=1e-4, atol=1e-4)

@@ -40,7 +40,7 @@ def test_band_geometry_non_overlapping() -> None:
 
 def test_band_geometry_overlapping_and_padded_grid() -> None:
     # tiles of 8 at stride 4 over 18 x 14: rows start 0,4,8,12 (ends 8,12,16,20), cols 0,4,8 (ends 8,12,16)
-    grid = TileGrid.square(18, 14, tile=8, stride=4)
+    grid = TileGrid.square(18, 14, tile=8, stride=4, edge="zeros")
     rows, cols = grid.seams()
     assert rows == [4, 8, 12, 16] and cols == [4, 8, 12]
     mask = seam_mask(grid, band_fraction=0.125)  # 1 pixel on each side
@@ -56,7 +56,7 @@ def test_band_geometry_overlapping_and_padded_grid() -> None:
 def test_smoothing_only_inside_band_and_equals_brute_force_blur() -> None:
     rng = np.random.default_rng(3)
     values = rng.random((16, 12)).astype(np.float32)
-    grid = TileGrid.square(16, 12, tile=8, stride=8)
+    grid = TileGrid.square(16, 12, tile=8, stride=8, edge="zeros")
     smoothed = smooth_seams(values, grid, band_fraction=0.25, sigma=1.3)
     mask = seam_mask(grid, 0.25)
     assert mask.sum() == 4 * 12 + 4 * 16 - 16  # two 4-wide bands minus their crossing

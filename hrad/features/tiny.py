@@ -16,6 +16,10 @@ from hrad.features.base import BackboneConfig, FeatureExtractor
 
 
 class TinyCNN(FeatureExtractor):
+    #: covers layer2's receptive field (13 px: a 5x5 stride-4 and a 3x3 stride-2 convolution), so
+    #: tests with this backbone exercise context tiling
+    default_context = 16
+
     def __init__(self, seed: int = 0, width: int = 8) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)

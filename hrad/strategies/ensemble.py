@@ -46,10 +46,10 @@ from hrad.strategies.base import (
     sub_state,
     to_tensor,
 )
-from hrad.strategies.tiling import TileGrid, TileMerger, TilePosition
+from hrad.strategies.tiling import ContextEmbedder, ContextTilingConfig, TileGrid, TileMerger, TilePosition
 
 
-class TiledEnsembleConfig(StrategyConfig):
+class TiledEnsembleConfig(ContextTilingConfig):
     """Tiled ensemble options (paper setups: ENS4 = 512 image, tile 256, stride 256; ENS9 = stride 128)."""
 
     name: Literal["tiled-ensemble"] = "tiled-ensemble"
@@ -219,6 +219,7 @@ class TiledEnsemble(Strategy):
         self.detector_type = detector_class(detector.name)
         self.embedder = Embedder(extractor, self.detector_type.embedding_spec(detector, extractor))
         self.detector_config = self.detector_type.bind_layout(detector, self.embedder.layer_channels)
+        self.tiles = ContextEmbedder(self.embedder, config.tile, config.tile, config.resolve_context(extractor))
         self._geometry: _Geometry | None = None
         self._tiles: _TileSource | None = None
         self._spool: tempfile.TemporaryDirectory | None = None
@@ -233,8 +234,11 @@ class TiledEnsemble(Strategy):
     # ------------------------------------------------------------------ geometry
     @property
     def grid(self) -> TileGrid:
-        geometry = self._require_fitted()
-        return TileGrid.square(*geometry.work_size, self.config.tile, self.config.tile_stride)
+        return self._grid(self._require_fitted())
+
+    def _grid(self, geometry: _Geometry) -> TileGrid:
+        stride = self.config.tile_stride
+        return self.tiles.grid(*geometry.work_size, stride, stride, self.config.tile_edge)
 
     def fitted_image_size(self) -> tuple[int, int] | None:
         """The training ``(H, W)`` when inputs must match it (``image_size`` None), else None."""
@@ -265,21 +269,13 @@ class TiledEnsemble(Strategy):
         if min(height, width) < 1:
             raise InputError(f"image {width}x{height} is empty")
         tensor = _resize(to_tensor(image), geometry.work_size)[0]
-        return TileGrid.square(*geometry.work_size, self.config.tile, self.config.tile_stride).pad(tensor)
+        return self._grid(geometry).pad(tensor)
 
     def _check_tileable(self, height: int, width: int) -> None:
         tile = self.config.tile
         work_h, work_w = working_size(self.config, height, width)
         if work_h < tile or work_w < tile:
             raise InputError(f"image {work_w}x{work_h} is smaller than the tile {tile}x{tile}")
-
-    def _embed(self, tiles: Tensor) -> Tensor:
-        """Embed ``B x 3 x tile x tile``; ViTs get tiles resized to a multiple of their patch size."""
-        multiple = self.extractor.input_multiple
-        if self.config.tile % multiple:
-            side = max(multiple, round(self.config.tile / multiple) * multiple)
-            tiles = _resize(tiles, (side, side))
-        return self.embedder(tiles)
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
@@ -326,8 +322,8 @@ class TiledEnsemble(Strategy):
             padded = self._prepare_training(image, geometry, grid)
             for start in range(0, len(positions), batch):
                 chunk = positions[start : start + batch]
-                tiles = torch.stack([grid.crop(padded, p) for p in chunk]).to(self.device)
-                embedded = self._embed(tiles).float().cpu().numpy()
+                windows = grid.windows(padded, chunk).to(self.device)
+                embedded = self.tiles(windows).float().cpu().numpy()
                 if spool is None:
                     shape = (len(positions), len(images), *embedded.shape[1:])
                     spool = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
@@ -422,12 +418,12 @@ class TiledEnsemble(Strategy):
         grid = self.grid
         batch = self.config.batch_size
         for position in grid.positions():
-            tiles = torch.stack([grid.crop(image, position) for image in padded])
+            tiles = torch.stack([grid.window(image, position) for image in padded])
             detector = self._acquire(position.index)
             try:
                 maps, scores = [], []
                 for start in range(0, len(tiles), batch):
-                    output = detector.predict(self._embed(tiles[start : start + batch].to(self.device)))
+                    output = detector.predict(self.tiles(tiles[start : start + batch].to(self.device)))
                     maps.append(output.maps.float().cpu())
                     scores.append(output.scores.float().cpu().reshape(-1))
             finally:

@@ -28,9 +28,17 @@ from hrad.strategies.base import (
     Strategy,
     StrategyConfig,
     no_progress,
+    sub_state,
     to_tensor,
 )
-from hrad.strategies.tiling import TileGrid, TileMerger
+from hrad.strategies.tiling import (
+    ContextEmbedder,
+    ContextTilingConfig,
+    TileGrid,
+    TileMerger,
+    TilePosition,
+    round_to_multiple,
+)
 
 
 class DownsampleConfig(StrategyConfig):
@@ -45,7 +53,7 @@ class DownsampleConfig(StrategyConfig):
     score: Literal["detector", "max"] = "detector"
 
 
-class TiledConfig(StrategyConfig):
+class TiledConfig(ContextTilingConfig):
     """Full-resolution tiles of ``tile`` pixels moved by ``stride`` through one shared detector."""
 
     name: Literal["tiled"] = "tiled"
@@ -62,10 +70,6 @@ class TiledConfig(StrategyConfig):
         if self.stride is not None and not 0 < self.stride <= self.tile:
             raise ValueError(f"stride {self.stride} must be in 1..tile ({self.tile})")
         return self
-
-
-def round_to_multiple(size: int, multiple: int) -> int:
-    return max(multiple, int(round(size / multiple)) * multiple)
 
 
 def resize(tensor: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -85,7 +89,11 @@ def pad_square(image: Tensor) -> tuple[Tensor, tuple[int, int]]:
 
 
 class TiledStrategy(Strategy):
-    """One detector over the tiles of every (optionally resized) image."""
+    """One detector over the tiles of every (optionally resized) image.
+
+    Subclasses say how big the working image is and how it is tiled; fit, predict and the
+    merging are shared.
+    """
 
     config: DownsampleConfig | TiledConfig
 
@@ -96,48 +104,33 @@ class TiledStrategy(Strategy):
         self.detector_config = detector_type.bind_layout(detector, self.embedder.layer_channels)
         self.detector: Detector = build_detector(self.detector_config)
 
-    # -- geometry ---------------------------------------------------------------------------
+    # -- geometry (subclasses) ------------------------------------------------------------------
     def _working_size(self, height: int, width: int) -> tuple[int, int]:
         """Size the image is resized to before tiling."""
-        cfg = self.config
-        if isinstance(cfg, DownsampleConfig):
-            side = round_to_multiple(cfg.image_size, self.extractor.input_multiple)
-            return side, side
-        if cfg.image_size is None:
-            return height, width
-        scale = cfg.image_size / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        raise NotImplementedError
 
-    def _grid(self, height: int, width: int) -> TileGrid:
-        cfg = self.config
-        if isinstance(cfg, DownsampleConfig):
-            return TileGrid.square(height, width, max(height, width), max(height, width))
-        return TileGrid.square(height, width, cfg.tile, cfg.stride or cfg.tile)
+    def _tiles(self, height: int, width: int) -> tuple[TileGrid, ContextEmbedder]:
+        """The tile grid over a working-size image and the embedder of its windows."""
+        raise NotImplementedError
 
-    def _prepare(self, image: np.ndarray) -> tuple[Tensor, TileGrid, tuple[int, int] | None]:
-        """Image -> working-size tensor, its tile grid, and the pre-padding size (pad_to_square)."""
+    def _pad_to_square(self) -> bool:
+        return False
+
+    def _prepare(self, image: np.ndarray) -> tuple[Tensor, tuple[int, int] | None]:
+        """Image -> working-size ``3 x h x w`` tensor and the pre-padding size (pad_to_square)."""
         tensor = to_tensor(image, self.device)
         content: tuple[int, int] | None = None
-        if isinstance(self.config, DownsampleConfig) and self.config.pad_to_square:
+        if self._pad_to_square():
             tensor, content = pad_square(tensor)
-        work_h, work_w = self._working_size(*tensor.shape[-2:])
-        tensor = resize(tensor, (work_h, work_w))
-        return tensor[0], self._grid(work_h, work_w), content
+        tensor = resize(tensor, self._working_size(*tensor.shape[-2:]))
+        return tensor[0], content
 
-    def _tile_input_size(self) -> int | None:
-        """Tiles are resized to a multiple of the backbone's input multiple (ViTs: 14)."""
-        if isinstance(self.config, DownsampleConfig):
-            return None
-        multiple = self.extractor.input_multiple
-        return None if self.config.tile % multiple == 0 else round_to_multiple(self.config.tile, multiple)
-
-    def _embed_tiles(self, tiles: Tensor) -> Iterator[Tensor]:
-        side = self._tile_input_size()
-        for start in range(0, len(tiles), self.config.batch_size):
-            batch = tiles[start : start + self.config.batch_size]
-            if side is not None:
-                batch = resize(batch, (side, side))
-            yield self.embedder(batch)
+    def _tile_embeddings(self, image: np.ndarray) -> Iterator[tuple[TileGrid, list[TilePosition], Tensor]]:
+        """``(grid, positions, B x C x h x w embeddings)`` of one image's tiles, a batch at a time."""
+        tensor, _ = self._prepare(image)
+        grid, tiles = self._tiles(*tensor.shape[-2:])
+        for positions, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
+            yield grid, positions, tiles(windows)
 
     def embed_image(self, image: np.ndarray) -> Iterator[Tensor]:
         """Embedding batches (``B x C x h x w``) of all tiles of one image, in tile order.
@@ -145,8 +138,8 @@ class TiledStrategy(Strategy):
         What fit and predict feed the detector; public for analyses and benchmarks that need the
         backbone's output (timing it alone, building a bank by hand) without a detector.
         """
-        tensor, grid, _ = self._prepare(image)
-        yield from self._embed_tiles(grid.tile(tensor))
+        for _, _, embeddings in self._tile_embeddings(image):
+            yield embeddings
 
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
@@ -155,21 +148,20 @@ class TiledStrategy(Strategy):
 
     def predict(self, image: np.ndarray) -> AnomalyResult:
         height, width = image.shape[:2]
-        tensor, grid, content = self._prepare(image)
-        tiles = grid.tile(tensor)
-        merger = TileMerger(grid)
+        merger: TileMerger | None = None
         scores: list[Tensor] = []
-        positions = list(grid.positions())
-        done = 0
-        for embeddings in self._embed_tiles(tiles):
+        for grid, positions, embeddings in self._tile_embeddings(image):
+            if merger is None:
+                merger = TileMerger(grid)
             output = self.detector.predict(embeddings)
             maps = resize(output.maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].cpu().numpy()
-            for tile_map in maps:
-                merger.add(positions[done], tile_map)
-                done += 1
+            for position, tile_map in zip(positions, maps, strict=True):
+                merger.add(position, tile_map)
             scores.append(output.scores.float().cpu())
+        assert merger is not None
         merged = torch.from_numpy(merger.result())[None]  # 1 x 1 x h x w
-        if content is not None:  # undo pad_to_square: crop the padding before anything is scored
+        if self._pad_to_square():  # undo pad_to_square: crop the padding before anything is scored
+            content = image.shape[:2]
             side = merged.shape[-1]
             merged = merged[..., : math.ceil(side * content[0] / max(content)), : math.ceil(side * content[1] / max(content))]
         full = resize(merged, (height, width))[0, 0].numpy()
@@ -181,8 +173,6 @@ class TiledStrategy(Strategy):
         return {f"detector.{key}": value for key, value in self.detector.state_dict().items()}
 
     def load_state(self, reader: StateReader) -> None:
-        from hrad.strategies.base import sub_state
-
         self.detector.load_state_dict(sub_state(reader, "detector"))
 
 
@@ -220,13 +210,44 @@ class _EmbeddingSource:
 
 
 class DownsampleStrategy(TiledStrategy):
-    """Uniform downsampling of the whole image (the low-resolution baseline)."""
+    """Uniform downsampling of the whole image (the low-resolution baseline): one tile."""
 
     config_type = DownsampleConfig
+    config: DownsampleConfig
+
+    def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
+        super().__init__(config, detector, extractor)
+        side = round_to_multiple(self.config.image_size, extractor.input_multiple)
+        self.side = side
+        self.tiles = ContextEmbedder(self.embedder, side, side, context=0)
+
+    def _working_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.side, self.side
+
+    def _tiles(self, height: int, width: int) -> tuple[TileGrid, ContextEmbedder]:
+        return TileGrid.square(height, width, self.side), self.tiles
+
+    def _pad_to_square(self) -> bool:
+        return self.config.pad_to_square
 
 
 class SharedTileStrategy(TiledStrategy):
-    """Full-resolution tiles through one shared detector."""
+    """Full-resolution tiles, each seen with its context margin, through one shared detector."""
 
     config_type = TiledConfig
+    config: TiledConfig
 
+    def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
+        super().__init__(config, detector, extractor)
+        cfg = self.config
+        self.tiles = ContextEmbedder(self.embedder, cfg.tile, cfg.tile, cfg.resolve_context(extractor))
+
+    def _working_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.config.image_size is None:
+            return height, width
+        scale = self.config.image_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def _tiles(self, height: int, width: int) -> tuple[TileGrid, ContextEmbedder]:
+        stride = self.config.stride or self.config.tile
+        return self.tiles.grid(height, width, stride, stride, self.config.tile_edge), self.tiles

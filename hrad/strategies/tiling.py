@@ -1,25 +1,61 @@
-"""Tiling geometry shared by every high-resolution strategy.
+"""Tiling geometry shared by every high-resolution strategy (and the ONNX export).
 
 A :class:`TileGrid` covers an ``H x W`` image with tiles of ``tile`` pixels moved by
-``stride``; where the grid does not fit exactly the image is zero-padded at the bottom and
-right. Untiling averages overlapping pixels and removes the padding, exactly to the pixel.
+``stride``. Two rules keep tile borders out of the anomaly map (the overlap-tile strategy of
+U-Net, Ronneberger et al. 2015, and of sliding-window inference in segmentation toolkits):
+
+- **Context.** Each tile is cut with a ``margin`` of real neighbouring pixels on every side
+  (:meth:`TileGrid.windows`); the backbone sees tile + margin and :class:`ContextEmbedder` crops
+  the embedding back to the tile, so a feature near a tile border sees the pixels that are
+  really there instead of the backbone's zero padding. Only where a window crosses the image's
+  own border is the image reflected.
+- **Edges.** With ``edge="shift"`` (the default) the last row and column of tiles are shifted
+  inward to end at the image border, so no padded pixel is ever scored; only an image smaller
+  than a tile is reflect-padded up to one tile, and that padding is cropped off the map.
+  ``edge="reflect"`` keeps the regular grid and reflect-pads bottom/right (HiAD's coarse level
+  maps, which must be assembled from equally spaced tiles); ``edge="zeros"`` is the geometry of
+  hrad 0.1 (zero padding), kept for comparisons.
+
+Untiling averages overlapping pixels (the shifted last tiles overlap their neighbours) and
+removes any padding, exactly to the pixel. Windows are cut a batch at a time, so memory is
+bounded by one tile batch, never by the whole image plus margins.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from hrad.errors import ConfigError
+from hrad.strategies.base import StrategyConfig
+
+if TYPE_CHECKING:
+    from hrad.features.base import Embedder, FeatureExtractor
+
+Edge = Literal["shift", "reflect", "zeros"]
 
 
 def _count(size: int, tile: int, stride: int) -> int:
     return 1 if size <= tile else math.ceil((size - tile) / stride) + 1
+
+
+def reflect_pad(image: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Pad the last two dims of ``... x H x W`` by reflection (edge replication where a side is
+    too short to reflect, as for a 1-pixel image)."""
+    if not (top or bottom or left or right):
+        return image
+    height, width = image.shape[-2:]
+    mode = "reflect" if max(top, bottom) < height and max(left, right) < width else "replicate"
+    padded = F.pad(image.reshape(1, -1, height, width), (left, right, top, bottom), mode=mode)
+    return padded.reshape(*image.shape[:-2], *padded.shape[-2:])
 
 
 @dataclass(frozen=True)
@@ -39,6 +75,9 @@ class TileGrid:
     tile_w: int
     stride_h: int
     stride_w: int
+    #: context pixels around each tile (each side) that the backbone sees but the map never shows
+    margin: int = 0
+    edge: Edge = "shift"
 
     def __post_init__(self) -> None:
         if min(self.tile_h, self.tile_w, self.stride_h, self.stride_w) <= 0:
@@ -48,11 +87,15 @@ class TileGrid:
                 f"stride {self.stride_h}x{self.stride_w} is larger than tile {self.tile_h}x{self.tile_w}: "
                 "pixels between tiles would never be scored"
             )
+        if self.margin < 0:
+            raise ConfigError(f"tile context margin must be >= 0, got {self.margin}")
 
     @classmethod
-    def square(cls, height: int, width: int, tile: int, stride: int | None = None) -> TileGrid:
+    def square(
+        cls, height: int, width: int, tile: int, stride: int | None = None, margin: int = 0, edge: Edge = "shift"
+    ) -> TileGrid:
         stride = tile if stride is None else stride
-        return cls(height, width, tile, tile, stride, stride)
+        return cls(height, width, tile, tile, stride, stride, margin, edge)
 
     @property
     def rows(self) -> int:
@@ -64,34 +107,82 @@ class TileGrid:
 
     @property
     def padded_height(self) -> int:
+        """Height of the image the tiles are cut from (larger than the image only where padded)."""
+        if self.edge == "shift":
+            return max(self.height, self.tile_h)
         return (self.rows - 1) * self.stride_h + self.tile_h
 
     @property
     def padded_width(self) -> int:
+        if self.edge == "shift":
+            return max(self.width, self.tile_w)
         return (self.cols - 1) * self.stride_w + self.tile_w
+
+    @property
+    def window_h(self) -> int:
+        return self.tile_h + 2 * self.margin
+
+    @property
+    def window_w(self) -> int:
+        return self.tile_w + 2 * self.margin
 
     def __len__(self) -> int:
         return self.rows * self.cols
 
+    def _origin(self, index: int, stride: int, tile: int, padded: int) -> int:
+        start = index * stride
+        return min(start, padded - tile) if self.edge == "shift" else start
+
     def positions(self) -> Iterator[TilePosition]:
         for row in range(self.rows):
+            y = self._origin(row, self.stride_h, self.tile_h, self.padded_height)
             for col in range(self.cols):
-                yield TilePosition(row * self.cols + col, row, col, row * self.stride_h, col * self.stride_w)
+                x = self._origin(col, self.stride_w, self.tile_w, self.padded_width)
+                yield TilePosition(row * self.cols + col, row, col, y, x)
 
     def pad(self, image: Tensor) -> Tensor:
-        """Zero-pad a ``... x H x W`` tensor to the padded grid size."""
+        """Pad a ``... x H x W`` tensor to the size the tiles are cut from (zeros or reflection)."""
         pad_h = self.padded_height - image.shape[-2]
         pad_w = self.padded_width - image.shape[-1]
         if pad_h == 0 and pad_w == 0:
             return image
-        return torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
+        if self.edge == "zeros":
+            return F.pad(image, (0, pad_w, 0, pad_h))
+        return reflect_pad(image, 0, pad_h, 0, pad_w)
+
+    def window(self, padded: Tensor, position: TilePosition) -> Tensor:
+        """Tile at ``position`` plus ``margin`` context pixels on each side, from :meth:`pad`'s output.
+
+        Context comes from the real neighbouring pixels; only beyond the image's own border is
+        it reflected (zeros with ``edge="zeros"``).
+        """
+        m = self.margin
+        height, width = padded.shape[-2:]
+        top, left = position.y - m, position.x - m
+        bottom, right = position.y + self.tile_h + m, position.x + self.tile_w + m
+        crop = padded[..., max(0, top) : min(height, bottom), max(0, left) : min(width, right)]
+        pads = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
+        if self.edge == "zeros":
+            return F.pad(crop, (pads[2], pads[3], pads[0], pads[1]))
+        return reflect_pad(crop, *pads)
+
+    def windows(self, padded: Tensor, positions: Sequence[TilePosition]) -> Tensor:
+        """``N x C x window_h x window_w`` for ``positions`` of a ``C x H x W`` padded image."""
+        return torch.stack([self.window(padded, p) for p in positions])
+
+    def batches(self, padded: Tensor, batch_size: int) -> Iterator[tuple[list[TilePosition], Tensor]]:
+        """Positions and their windows, ``batch_size`` at a time (memory: one batch of windows)."""
+        positions = list(self.positions())
+        for start in range(0, len(positions), max(1, batch_size)):
+            chunk = positions[start : start + batch_size]
+            yield chunk, self.windows(padded, chunk)
 
     def tile(self, image: Tensor) -> Tensor:
-        """``C x H x W`` -> ``N x C x tile_h x tile_w`` in :meth:`positions` order."""
-        padded = self.pad(image)
-        return torch.stack([self.crop(padded, p) for p in self.positions()])
+        """``C x H x W`` -> ``N x C x window_h x window_w`` in :meth:`positions` order (all at once)."""
+        return self.windows(self.pad(image), list(self.positions()))
 
     def crop(self, padded: Tensor, position: TilePosition) -> Tensor:
+        """The tile itself (no context) at ``position``."""
         return padded[..., position.y : position.y + self.tile_h, position.x : position.x + self.tile_w]
 
     def untile(self, tiles: Tensor) -> Tensor:
@@ -113,6 +204,22 @@ class TileGrid:
         ys = sorted({y for p in self.positions() for y in (p.y, p.y + self.tile_h)} - {0})
         xs = sorted({x for p in self.positions() for x in (p.x, p.x + self.tile_w)} - {0})
         return [y for y in ys if y < self.height], [x for x in xs if x < self.width]
+
+    def border_distance(self) -> np.ndarray:
+        """``H x W`` distance (pixels) from each pixel centre to the nearest tile border inside the image.
+
+        Used to profile seams: a seam-free map has the same statistics at every distance.
+        """
+        rows, cols = self.seams()
+        far = float(self.height + self.width)
+
+        def along(size: int, seams: list[int]) -> np.ndarray:
+            if not seams:
+                return np.full(size, far)
+            centres = np.arange(size, dtype=np.float64)[:, None] + 0.5
+            return np.abs(centres - np.asarray(seams, dtype=np.float64)[None, :]).min(axis=1)
+
+        return np.minimum(along(self.height, rows)[:, None], along(self.width, cols)[None, :])
 
 
 class TileMerger:
@@ -142,3 +249,83 @@ class TileMerger:
             raise RuntimeError("tile merger: some pixels were never covered by a tile")
         merged = self.total / self.count
         return merged[:, : self.grid.height, : self.grid.width].astype(np.float32)
+
+
+class ContextTilingConfig(StrategyConfig):
+    """Options every tiling strategy shares (tiled, tiled-ensemble, HiAD's high branch)."""
+
+    #: context pixels cut around each tile (each side): the backbone sees them, the map never
+    #: does. None = the backbone's default (its measured effective receptive field,
+    #: ``FeatureExtractor.default_context``); 0 = tiles alone, as in hrad 0.1
+    context: int | None = Field(None, ge=0)
+    #: "shift": the last row/column of tiles ends at the image border, nothing padded is scored;
+    #: "zeros": hrad 0.1's zero padding at the bottom/right (for comparisons)
+    tile_edge: Literal["shift", "zeros"] = "shift"
+
+    def resolve_context(self, extractor: FeatureExtractor) -> int:
+        return extractor.default_context if self.context is None else self.context
+
+
+def round_to_multiple(size: int, multiple: int) -> int:
+    return max(multiple, int(round(size / multiple)) * multiple)
+
+
+class ContextEmbedder:
+    """Tile windows (tile + context margin) -> embeddings of the tile alone.
+
+    The window goes through the backbone whole; the margin's feature cells are cropped off, so
+    detectors still see one ``C x h x w`` embedding per tile, exactly as without context.
+
+    Geometry. A tile that is not a multiple of the backbone's input multiple (ViT: 14) is resized
+    to the nearest multiple, as before; the margin is resized by the same factor and rounded up
+    to whole *cells*, where a cell is the least common multiple of the input multiple and the
+    largest stride among the embedding's layers. Whole cells keep every layer's grid aligned
+    between the window and the whole image, so for a CNN with a margin of at least its receptive
+    field (and tile origins on the cell grid) the cropped embedding equals the whole image's
+    embedding at those pixels (``tests/test_context_tiling.py``). ``margin`` (image pixels) is the
+    context actually cut, ``requested`` what was asked.
+    """
+
+    def __init__(self, embedder: Embedder, tile_h: int, tile_w: int, context: int) -> None:
+        if context < 0:
+            raise ConfigError(f"tile context must be >= 0 pixels, got {context}")
+        self.embedder = embedder
+        extractor = embedder.extractor
+        multiple = extractor.input_multiple
+        max_stride = max(extractor.layer_strides[name] for name in embedder.spec.layers)
+        self.cell = math.lcm(multiple, max_stride)
+        self.tile_size = (tile_h, tile_w)
+        self.input_size = tuple(side if side % multiple == 0 else round_to_multiple(side, multiple) for side in (tile_h, tile_w))
+        scale = max(size / side for size, side in zip(self.input_size, self.tile_size, strict=True))
+        self.requested = context
+        self.input_margin = math.ceil(context * scale / self.cell) * self.cell if context > 0 else 0
+        self.margin = int(round(self.input_margin / scale))
+        stride = embedder.stride
+        if self.input_margin % stride:
+            raise ConfigError(f"tile context {self.input_margin} is not a multiple of the embedding stride {stride}")
+        self.crop_cells = self.input_margin // stride
+
+    def grid(self, height: int, width: int, stride_h: int, stride_w: int, edge: Edge = "shift") -> TileGrid:
+        """The tile grid over an ``height x width`` image with this embedder's margin."""
+        return TileGrid(height, width, *self.tile_size, stride_h, stride_w, self.margin, edge)
+
+    @property
+    def window_input_size(self) -> tuple[int, int]:
+        """Backbone input size of one window."""
+        return (self.input_size[0] + 2 * self.input_margin, self.input_size[1] + 2 * self.input_margin)
+
+    def resize_windows(self, windows: Tensor) -> Tensor:
+        """Windows at image scale -> the backbone's input size (a no-op for CNNs)."""
+        size = self.window_input_size
+        if tuple(windows.shape[-2:]) == size:
+            return windows
+        shrinking = size[0] < windows.shape[-2] or size[1] < windows.shape[-1]
+        return F.interpolate(windows, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+    def crop(self, embedding: Tensor) -> Tensor:
+        """Drop the margin's cells of a window embedding."""
+        c = self.crop_cells
+        return embedding if c == 0 else embedding[..., c:-c, c:-c]
+
+    def __call__(self, windows: Tensor) -> Tensor:
+        return self.crop(self.embedder(self.resize_windows(windows)))

@@ -8,12 +8,12 @@ from typing import Literal
 from pydantic import model_validator
 
 from hrad.errors import ConfigError
-from hrad.strategies.base import StrategyConfig
+from hrad.strategies.tiling import ContextTilingConfig
 
 AssignmentKind = Literal["a2o", "o2o", "na", "sca", "ra"]
 
 
-class HiADConfig(StrategyConfig):
+class HiADConfig(ContextTilingConfig):
     """Dual-branch HiAD: detector pool over fused multi-resolution patch features + low branch."""
 
     name: Literal["hiad"] = "hiad"

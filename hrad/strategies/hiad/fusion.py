@@ -7,8 +7,13 @@ sampled bilinearly at the centres of the patch's own feature cells. That equals 
 whole level-k map by 2^k (``align_corners=False``, border clamping) and cropping the patch's
 window, without ever materialising the full-resolution feature map. The level-k region that
 feeds a patch is the aligned ``patch * 2^k`` block containing it, as in the reference code's
-``low_resolution_indexes``; level-k tiles past the image border are zero-padded like level 0,
-but the level map is cut back to the image so samples beyond it clamp to the border cells.
+``low_resolution_indexes``.
+
+Every tile, at every level, is embedded with ``margin`` context pixels around it (see
+:mod:`hrad.strategies.tiling`), so neither the level-0 patches nor the assembled level maps
+carry tile seams. Level-0 patches follow the shared grid (the last row and column shifted to end
+at the image border); level-k maps are assembled from a regular grid, reflect-padded past the
+image border and cut back to the image, so samples beyond it clamp to the border cells.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrad.strategies.base import embed_in_batches
-from hrad.strategies.tiling import TileGrid, TilePosition
+from hrad.strategies.tiling import Edge, TileGrid, TilePosition
 
 Embed = Callable[[Tensor], Tensor]
 
@@ -74,14 +78,16 @@ class LevelMap:
     cell: float  # level-k pixels per feature cell
 
 
-def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: int) -> LevelMap:
-    """Embed ``image`` (``1 x 3 x H x W``) downsampled by 2^rate, tile by tile, as one map."""
+def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: int, margin: int = 0) -> LevelMap:
+    """Embed ``image`` (``1 x 3 x H x W``) downsampled by 2^rate, tile by tile, as one map.
+
+    ``embed`` takes windows of ``patch + 2 * margin`` pixels and returns the patch's cells only.
+    """
     height, width = image.shape[-2:]
     size = level_size(height, width, rate)
     small = resize_images(image, size)[0]
-    grid = TileGrid.square(size[0], size[1], patch, patch)
-    tiles = grid.tile(small)
-    features = torch.cat(list(embed_in_batches(embed, tiles, batch_size)))
+    grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
+    features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
     _, channels, grid_h, grid_w = features.shape
     assembled = (
         features.reshape(grid.rows, grid.cols, channels, grid_h, grid_w)
@@ -124,12 +130,16 @@ class ImageLevels:
     """One image prepared for fusion: its level-0 patch grid and its coarser level maps."""
 
     grid: TileGrid
-    padded: Tensor  # 3 x padded_H x padded_W level-0 image
+    padded: Tensor  # 3 x H x W level-0 image (reflect-padded only when smaller than a patch)
     levels: dict[int, LevelMap]
 
 
 class MultiResolutionFusion:
-    """Fused patch features of one image at a time (level maps computed once per image)."""
+    """Fused patch features of one image at a time (level maps computed once per image).
+
+    ``embed`` maps ``B x 3 x (patch + 2 margin)^2`` windows to the patches' own embeddings
+    (:class:`~hrad.strategies.tiling.ContextEmbedder`); ``margin`` 0 embeds patches alone.
+    """
 
     def __init__(
         self,
@@ -139,6 +149,8 @@ class MultiResolutionFusion:
         rates: tuple[int, ...],
         weights: tuple[float, ...],
         batch_size: int = 4,
+        margin: int = 0,
+        edge: Edge = "shift",
     ) -> None:
         if 0 not in rates:
             raise ValueError("fusion rates must include 0")
@@ -148,13 +160,19 @@ class MultiResolutionFusion:
         self.rates = rates
         self.weights = dict(zip(rates, weights, strict=True))
         self.batch_size = max(1, batch_size)
+        self.margin = margin
+        self.edge: Edge = edge
+
+    def grid(self, height: int, width: int) -> TileGrid:
+        """The level-0 patch grid of an ``height x width`` image."""
+        return TileGrid.square(height, width, self.patch, self.stride, margin=self.margin, edge=self.edge)
 
     def prepare(self, image: Tensor) -> ImageLevels:
         """``image``: ``1 x 3 x H x W``; embeds every coarser level of it once."""
         height, width = image.shape[-2:]
-        grid = TileGrid.square(height, width, self.patch, self.stride)
+        grid = self.grid(height, width)
         levels = {
-            rate: embed_level(self.embed, image, rate, self.patch, self.batch_size)
+            rate: embed_level(self.embed, image, rate, self.patch, self.batch_size, self.margin)
             for rate in self.rates
             if rate > 0 and self.weights[rate] > 0
         }
@@ -168,8 +186,7 @@ class MultiResolutionFusion:
             yield chunk, self.fuse(prepared, chunk)
 
     def fuse(self, prepared: ImageLevels, positions: list[TilePosition]) -> Tensor:
-        tiles = torch.stack([prepared.grid.crop(prepared.padded, p) for p in positions])
-        base = self.embed(tiles)
+        base = self.embed(prepared.grid.windows(prepared.padded, positions))
         fused = base * self.weights[0] if len(self.rates) > 1 else base
         grid_h, grid_w = base.shape[-2:]
         cell0 = self.patch / grid_h

@@ -44,7 +44,7 @@ from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignme
 from hrad.strategies.hiad.config import HiADConfig
 from hrad.strategies.hiad.fusion import MultiResolutionFusion, resize_images, resolve_fusion
 from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
-from hrad.strategies.tiling import TileGrid, TileMerger, TilePosition
+from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
 
 
 @dataclass
@@ -89,6 +89,8 @@ class HiAD(Strategy):
                 f"hiad: patch_size {config.patch_size} is not a multiple of the embedding stride {self.multiple} "
                 f"(layers {', '.join(self.embedder.spec.layers)})"
             )
+        patch = config.patch_size
+        self.tiles = ContextEmbedder(self.embedder, patch, patch, config.resolve_context(extractor))
         self._rates: tuple[int, ...] | None = None
         self._weights: tuple[float, ...] | None = None
         self._image_size: tuple[int, int] | None = None
@@ -123,12 +125,14 @@ class HiAD(Strategy):
     def _fusion(self) -> MultiResolutionFusion:
         assert self._rates is not None and self._weights is not None
         return MultiResolutionFusion(
-            self.embedder,
+            self.tiles,
             self.config.patch_size,
             self.config.patch_stride,
             self._rates,
             self._weights,
             self.config.batch_size,
+            margin=self.tiles.margin,
+            edge=self.config.tile_edge,
         )
 
     def _embed_low(self, image: Tensor) -> Tensor:
@@ -167,9 +171,7 @@ class HiAD(Strategy):
                 self._check_size(image, f"training image {index}")
                 tensor = to_tensor(image, self.device)
                 _, features = fusion.all_patches(tensor)
-                grid = TileGrid.square(
-                    image.shape[0], image.shape[1], self.config.patch_size, self.config.patch_stride
-                )
+                grid = fusion.grid(image.shape[0], image.shape[1])
                 grid_shape = (grid.rows, grid.cols) if index == 0 else grid_shape
                 descriptors.append(features.mean(dim=(2, 3)).double().cpu().numpy())
                 chunks.append(spill.write(features))
