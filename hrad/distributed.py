@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import csv
 import importlib
 import logging
 import multiprocessing
@@ -40,6 +39,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from hrad.errors import ConfigError
+from hrad.outputs import (
+    MapFormat,
+    OutputRow,
+    PredictionWriter,
+    ScoresWriter,
+    failed_row,
+    output_stems,
+    write_scores_csv,
+)
 
 if TYPE_CHECKING:  # strategies import this module: no runtime import of hrad.strategies here
     from hrad.strategies.base import ProgressCallback
@@ -312,20 +320,8 @@ class RayExecutor:
 
 
 # ------------------------------------------------------------------------------------ prediction
-@dataclass(frozen=True)
-class ScoreRow:
-    """One line of ``scores.csv``: the score and map of an image, or why it failed."""
-
-    image: str
-    score: float | None = None
-    anomalous: bool | None = None
-    map_path: str | None = None
-    error: str | None = None
-
-    @property
-    def status(self) -> str:
-        """``ok`` or ``failed`` (the reason is in :attr:`error`)."""
-        return "ok" if self.error is None else "failed"
+#: a ``scores.csv`` row (kept under its old name; :class:`hrad.outputs.OutputRow`)
+ScoreRow = OutputRow
 
 
 @dataclass(frozen=True)
@@ -335,18 +331,37 @@ class _ImageJob:
     stem: str
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """What each worker writes and which thresholds decide (see :mod:`hrad.outputs`)."""
+
+    map_format: MapFormat = "png16"
+    overlays: bool = False
+    masks: bool = True
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    sigmas: float | None = None
+
+
 class _PredictWorker:
     """A Ray actor holding one loaded model; predicts one image per call."""
 
-    def __init__(self, model_path: str, device: str, out_dir: str, threads: int, token: str, setup: Setup | None) -> None:
+    def __init__(
+        self, model_path: str, device: str, out_dir: str, threads: int, token: str, setup: Setup | None,
+        options: PredictOptions | None = None,
+    ) -> None:
         self._error: BaseException | None = None
         try:
             _run_setup(token, setup)
             _set_threads(threads)
             from hrad.model import load
 
+            self.options = options or PredictOptions()
             self.model = load(model_path, device=device)
-            self.out_dir = Path(out_dir)
+            self.model.decision_thresholds(self.options.threshold, self.options.pixel_threshold, self.options.sigmas)
+            self.writer = PredictionWriter.for_model(
+                out_dir, self.model, map_format=self.options.map_format, overlays=self.options.overlays, masks=self.options.masks
+            )
         except Exception as error:  # re-raised by ready(), keeping its type and message
             self._error = error
 
@@ -355,74 +370,18 @@ class _PredictWorker:
             raise self._error
         return True
 
-    def predict(self, job: _ImageJob) -> ScoreRow:
+    def predict(self, job: _ImageJob) -> OutputRow:
         from hrad.data import images as image_io
 
+        options = self.options
         try:
-            prediction = self.model.predict(image_io.read_image(job.path))
-            threshold = prediction.pixel_threshold
-            high = threshold * 2 if threshold else float(prediction.anomaly_map.max())
-            map_path = self.out_dir / f"{job.stem}_map.png"
-            image_io.write_map_png16(map_path, prediction.anomaly_map, 0.0, high if high > 0 else 1.0)
-            return ScoreRow(job.path, float(prediction.score), prediction.is_anomalous, str(map_path))
+            image = image_io.read_image(job.path)
+            prediction = self.model.predict(
+                image, threshold=options.threshold, pixel_threshold=options.pixel_threshold, sigmas=options.sigmas
+            )
+            return self.writer.write(job.path, job.stem, image, prediction)
         except Exception as error:  # one bad image must not stop the others
-            return ScoreRow(job.path, error=f"{type(error).__name__}: {_one_line(error)}")
-
-
-def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """File stems for outputs; numbered (``00003_name``) when two inputs share a stem."""
-    stems = [Path(path).stem for path in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [f"{index:05d}_{stem}" for index, stem in enumerate(stems)]
-
-
-#: The columns of every ``scores.csv`` (``hrad predict`` and ``predict-distributed``)
-SCORE_COLUMNS = ("image", "score", "anomalous", "map", "status", "error")
-
-
-def _score_fields(row: ScoreRow) -> list[object]:
-    score = "" if row.score is None else repr(row.score)
-    anomalous = "" if row.anomalous is None else row.anomalous
-    return [row.image, score, anomalous, row.map_path or "", row.status, row.error or ""]
-
-
-class ScoresWriter:
-    """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
-    keeps every row it finished. Use as a context manager."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._handle = self.path.open("w", newline="")
-        self._writer = csv.writer(self._handle)
-        self._writer.writerow(SCORE_COLUMNS)
-        self._handle.flush()
-
-    def write(self, row: ScoreRow) -> None:
-        self._writer.writerow(_score_fields(row))
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> ScoresWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def write_scores_csv(path: Path, rows: Sequence[ScoreRow]) -> None:
-    """All rows at once, replacing ``path`` atomically (the streamed file stays until then)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with ScoresWriter(temporary) as writer:
-            for row in rows:
-                writer.write(row)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+            return failed_row(job.path, error)
 
 
 def predict_many_ray(
@@ -436,12 +395,14 @@ def predict_many_ray(
     setup: Setup | None = None,
     runtime_env: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
-) -> list[ScoreRow]:
+    options: PredictOptions | None = None,
+) -> list[OutputRow]:
     """Predict ``image_paths`` with ``workers`` Ray actors that each load the model once.
 
     Actors use ``"cuda"`` when ``num_gpus_per_worker`` > 0 (0.5 = two actors share a GPU),
-    else the CPU. Each writes ``<stem>_map.png`` (16-bit, 0 .. 2 x pixel threshold, or the
-    map's max without thresholds) into ``out_dir``; the rows come back, and go to
+    else the CPU. Each writes its images' files with :class:`hrad.outputs.PredictionWriter`
+    (``options``: map format, masks, overlays, threshold overrides; by default the 16-bit map
+    on the model's fixed scale and the mask) into ``out_dir``; the rows come back, and go to
     ``out_dir/scores.csv``, in input order. ``setup`` runs in every actor before it loads the
     model (register plugin detectors there).
     """
@@ -452,14 +413,22 @@ def predict_many_ray(
             f"workers need gpus >= 0 and cpus > 0, got {num_gpus_per_worker} and {cpus_per_worker}"
         )
     model_path, out = str(model_path), Path(out_dir)
+    options = options or PredictOptions()
+    manifest = None
     if address is None or not address.startswith("ray://"):  # a ray:// driver may not see the files
         from hrad.artifact import read_manifest
 
-        read_manifest(Path(model_path))
+        manifest = read_manifest(Path(model_path))
     out.mkdir(parents=True, exist_ok=True)
+    if manifest is not None:  # maps.json: how to read the maps back (the scales come from the thresholds)
+        from hrad.model import Thresholds
+
+        saved = manifest.get("thresholds")
+        thresholds = Thresholds.from_json(saved) if saved else None
+        PredictionWriter(out, thresholds, options.map_format, options.overlays, options.masks).write_description()
     paths = [str(path) for path in image_paths]
     jobs = deque(_ImageJob(index, path, stem) for index, (path, stem) in enumerate(zip(paths, output_stems(paths), strict=True)))
-    rows: list[ScoreRow | None] = [None] * len(paths)
+    rows: list[OutputRow | None] = [None] * len(paths)
     if paths:
         with ray_session(address, runtime_env) as ray, ScoresWriter(out / "scores.csv") as streamed:
             _check_gpus(ray, num_gpus_per_worker)
@@ -471,6 +440,7 @@ def predict_many_ray(
                 max(1, int(cpus_per_worker)),
                 uuid.uuid4().hex,
                 setup,
+                options,
             )
             actors = [actor_type.remote(*arguments) for _ in range(min(workers, len(paths)))]
             try:
@@ -492,10 +462,10 @@ def _distribute(
     ray: ModuleType,
     actors: list[Any],
     jobs: deque[_ImageJob],
-    rows: list[ScoreRow | None],
+    rows: list[OutputRow | None],
     new_actor: Callable[[], Any],
     progress: ProgressCallback | None,
-    on_row: Callable[[ScoreRow], None] | None = None,
+    on_row: Callable[[OutputRow], None] | None = None,
 ) -> None:
     """Give each free actor the next image until none are left; ``on_row`` sees each row as it
     finishes (completion order), so ``scores.csv`` grows while the run goes.
@@ -521,7 +491,7 @@ def _distribute(
                 rows[job.index] = ray.get(ref)
             except ray.exceptions.RayActorError as error:
                 reason = _one_line(error).split(" The actor")[0][:200]
-                rows[job.index] = ScoreRow(job.path, error=f"worker process died on this image ({reason})")
+                rows[job.index] = failed_row(job.path, f"worker process died on this image ({reason})")
                 ray.kill(actors[slot])
                 actors[slot] = new_actor()
             finished = rows[job.index]
@@ -537,9 +507,8 @@ __all__ = [
     "JobRunner",
     "ProcessPoolRunner",
     "RayExecutor",
-    "SCORE_COLUMNS",
+    "PredictOptions",
     "ScoreRow",
-    "ScoresWriter",
     "SerialRunner",
     "active_runner",
     "job_runner",

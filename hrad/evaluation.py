@@ -3,6 +3,14 @@
 Maps are scored one image at a time at full ground-truth resolution; the pixel metrics
 accumulate in bounded memory (see :mod:`hrad.metrics`). Nothing here chooses anything from
 the test data: thresholds come from the model's held-out normal images.
+
+Precision: pixel metrics bin every score to its top ``score_bits`` bits (default 24, a relative
+bin width of 2**-15 ~ 3e-5); ``score_bits=32`` is exact for any float32 map, at the cost of
+more bins (memory and time). ``benchmarks/metric_precision.py`` measures the default's error
+against that unbinned computation (``benchmarks/results/metric_precision.md``).
+
+Outputs in ``out_dir``: ``metrics.json``, ``metrics.md``, ``cases.png``, ``scores.csv`` and
+``report.html`` (self-contained: curves, AUPRO per defect size, training loss, cases, config).
 """
 
 from __future__ import annotations
@@ -19,14 +27,17 @@ import numpy as np
 
 from hrad.data.datasets import Sample
 from hrad.data.images import read_image
-from hrad.metrics import PixelMetrics, image_metrics
+from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
 from hrad.model import AnomalyModel
 from hrad.profiling import PeakMemory
 from hrad.reports.figures import Case, case_grid, select_cases, thumbnail
+from hrad.reports.html import ReportData, render_html
 from hrad.reports.markdown import metrics_report, table
 from hrad.strategies.base import ProgressCallback, no_progress
 
 Protocol = Literal["full", "hiad512"]
+#: the default precision of pixel metrics (see the module docstring)
+DEFAULT_SCORE_BITS = 24
 
 
 def evaluate(
@@ -36,9 +47,12 @@ def evaluate(
     protocol: Protocol = "full",
     progress: ProgressCallback = no_progress,
     cases_per_group: int = 3,
+    score_bits: int = DEFAULT_SCORE_BITS,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on labelled ``samples``; writes metrics.json, metrics.md, cases.png, scores.csv."""
-    pixel = PixelMetrics(protocol=protocol)
+    """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
+    metrics.md, cases.png, scores.csv and report.html. ``score_bits`` (12..32) is the pixel
+    metrics' precision: 32 = exact for float32 maps."""
+    pixel = PixelMetrics(protocol=protocol, score_bits=score_bits)
     scores: list[float] = []
     labels: list[int] = []
     cases: list[Case] = []
@@ -69,8 +83,10 @@ def evaluate(
         metrics["peak_gpu_mb"] = memory.peak_gpu_mb
     metrics["images"] = len(samples)
     metrics["protocol"] = protocol
+    metrics["score_bits"] = score_bits
     if out_dir is not None:
         write_evaluation(out_dir, metrics, rows, cases, cases_per_group, model)
+        write_html_report(out_dir / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model)
     return metrics
 
 
@@ -103,5 +119,66 @@ def write_evaluation(
         for row in rows:
             handle.write(f"{row['image']},{row['defect_type']},{row['label']},{row['score']:.6g}\n")
     if cases:
-        vmax = float(np.percentile([c.anomaly_map.max() for c in cases], 90))
-        case_grid(select_cases(cases, count), out_dir / "cases.png", vmax=vmax, title="hrad evaluate: worst and best cases")
+        from hrad.outputs import overlay_scale
+
+        scale = overlay_scale(model.thresholds)  # the model's fixed scale, as in predict's overlays
+        if scale is not None:
+            low, high = scale.vmin, scale.vmax
+        else:
+            low = min(0.0, min(float(c.anomaly_map.min()) for c in cases))
+            high = float(np.percentile([c.anomaly_map.max() for c in cases], 90))
+        case_grid(select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases")
+
+
+def write_html_report(
+    path: Path,
+    metrics: dict[str, Any],
+    scores: np.ndarray,
+    labels: np.ndarray,
+    pixel: PixelMetrics,
+    cases: list[Case],
+    count: int,
+    model: AnomalyModel,
+) -> Path:
+    """The self-contained ``report.html`` of one evaluation (see :mod:`hrad.reports.html`)."""
+    from hrad.outputs import overlay_scale
+
+    areas = pixel.region_areas
+    quartiles = cumulative_quartile_sets(areas)
+    quartile_aupro = {
+        f"AUPRO to FPR {limit:g}": [pixel.aupro(limit, chosen) if chosen.any() else float("nan") for chosen in quartiles]
+        for limit in (0.3, 0.05)
+    }
+    thresholds = model.thresholds
+    scale = overlay_scale(thresholds)
+    precision = (
+        "exact (every float32 score its own bin)"
+        if metrics.get("score_bits", DEFAULT_SCORE_BITS) >= 32
+        else f"scores binned to {metrics.get('score_bits')} bits (relative bin width 2^-{int(metrics.get('score_bits', 24)) - 9})"
+    )
+    config = model.config
+    data = ReportData(
+        title=f"hrad evaluate: {config.detector.name} / {config.strategy.name} / {config.backbone.name}, {len(scores)} images",
+        metrics=metrics,
+        image_scores=scores,
+        image_labels=labels,
+        pixel_roc=pixel.roc_curve(),
+        pro=pixel.pro_curve(),
+        quartile_aupro=quartile_aupro if areas.size else {},
+        quartile_limits=[float(v) for v in np.percentile(areas, [25, 50, 75])] if areas.size else [],
+        training_history=model.training_history,
+        image_threshold=thresholds.image if thresholds else None,
+        overlay_range=(scale.vmin, scale.vmax) if scale else None,
+        pixel_threshold=thresholds.pixel if thresholds else None,
+        cases=select_cases(cases, count),
+        config=config.model_dump(mode="json"),
+        environment=environment(),
+        notes=(
+            "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
+            f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
+            "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
+        ),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(data), encoding="utf-8")
+    return path

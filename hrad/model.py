@@ -160,6 +160,8 @@ class AnomalyModel:
         self.extractor = build_backbone(self.config.backbone).to(self.device)
         self.strategy: Strategy = build_strategy(self.config.strategy, self.config.detector, self.extractor)
         self.thresholds: Thresholds | None = None
+        #: per-epoch mean training losses of trainable detectors, by training stage (saved in the artifact)
+        self.training_history: dict[str, list[float]] = {}
         self.fitted_size: tuple[int, int] | None = None
 
     # -- training -------------------------------------------------------------------------------
@@ -182,6 +184,7 @@ class AnomalyModel:
         first = train[0]
         self.fitted_size = (int(first.shape[0]), int(first.shape[1]))
         self.strategy.fit(train, progress)
+        self.training_history = self.strategy.training_history()
         if validation_source is not None and len(validation_source) > 0:
             self.strategy.calibrate(validation_source, progress)
             self.thresholds = self._thresholds(validation_source, progress)
@@ -276,6 +279,7 @@ class AnomalyModel:
             "fitted_size": self.fitted_size,
             "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
+            "training_history": self.training_history,
         }
         write_artifact(Path(path), manifest, self.strategy.save_state_to)
         return Path(path)
@@ -304,6 +308,8 @@ class AnomalyModel:
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
         thresholds = manifest.get("thresholds")
         model.thresholds = Thresholds.from_json(thresholds) if thresholds else None
+        history = manifest.get("training_history") or {}
+        model.training_history = {str(k): [float(x) for x in v] for k, v in history.items()} if isinstance(history, dict) else {}
         return model
 
 

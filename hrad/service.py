@@ -40,10 +40,18 @@ from hrad.data.images import (
     IMAGE_EXTENSIONS,
     check_pixel_budget,
     read_image,
-    write_map_png16,
-    write_overlay,
 )
-from hrad.errors import HradError, ImageTooLargeError, InputError
+from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError
+from hrad.model import Prediction, Thresholds
+from hrad.outputs import (
+    encode_map_png16,
+    encode_png,
+    map_scale,
+    mask_picture,
+    overlay_picture,
+    overlay_scale,
+    own_scale,
+)
 from hrad.version import __version__
 
 #: default bound on one request body (a 8K x 8K 16-bit RGB PNG is about 300 MB raw, far less compressed)
@@ -61,6 +69,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class MapKind(str, Enum):
     png16 = "png16"
     overlay = "overlay"
+    mask = "mask"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -159,19 +168,25 @@ def decode_upload(
             raise type(error)(str(error).replace(str(path), name)) from None
 
 
-def _encoded_map(kind: MapKind, image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None) -> dict[str, Any]:
-    """The map (16-bit, 0..vmax) or the overlay as a base64 PNG, written by the CLI's own writers."""
-    with tempfile.TemporaryDirectory(prefix="hrad-map-") as folder:
-        path = Path(folder) / "map.png"
-        result: dict[str, Any] = {"kind": kind.value, "media_type": "image/png"}
-        if kind is MapKind.png16:
-            high = pixel_threshold * 2 if pixel_threshold else float(anomaly_map.max())
-            high = high if high > 0 else 1.0
-            write_map_png16(path, anomaly_map, 0.0, high)
-            result.update(vmin=0.0, vmax=high)
-        else:
-            write_overlay(path, image, anomaly_map, pixel_threshold)
-        result["base64"] = base64.b64encode(path.read_bytes()).decode("ascii")
+def _encoded_map(kind: MapKind, image: np.ndarray, prediction: Prediction, thresholds: Thresholds | None) -> dict[str, Any]:
+    """The map (16-bit on the model's fixed scale), the overlay (fixed colour scale, contours at
+    the pixel threshold used) or the mask as a base64 PNG: the bytes ``hrad predict`` writes."""
+    result: dict[str, Any] = {"kind": kind.value, "media_type": "image/png"}
+    if kind is MapKind.png16:
+        scale = map_scale(thresholds) or own_scale(prediction.anomaly_map)
+        data = encode_map_png16(prediction.anomaly_map, scale)
+        result.update(vmin=scale.vmin, vmax=scale.vmax)
+    elif kind is MapKind.overlay:
+        colours = overlay_scale(thresholds)
+        data = encode_png(overlay_picture(image, prediction, colours))
+        if colours is not None:
+            result.update(vmin=colours.vmin, vmax=colours.vmax)
+    else:
+        mask = mask_picture(prediction)
+        if mask is None:
+            raise ConfigError("map=mask: this model has no pixel threshold; pass pixel_threshold")
+        data = encode_png(mask)
+    result["base64"] = base64.b64encode(data).decode("ascii")
     return result
 
 
@@ -259,7 +274,14 @@ def create_app(
             )
         return body
 
-    def _predict_upload(data: bytes, name: str, kind: MapKind | None, deadline: float, cancelled: threading.Event) -> dict[str, Any]:
+    def _predict_upload(
+        data: bytes,
+        name: str,
+        kind: MapKind | None,
+        deadline: float,
+        cancelled: threading.Event,
+        overrides: tuple[float | None, float | None, float | None] = (None, None, None),
+    ) -> dict[str, Any]:
         acquired = False
 
         def take_lock() -> None:
@@ -273,7 +295,7 @@ def create_app(
         try:
             array = decode_upload(data, name, budget, before_decode=take_lock)
             start = time.perf_counter()
-            prediction = model.predict(array)
+            prediction = model.predict(array, *overrides) if any(v is not None for v in overrides) else model.predict(array)
             seconds = time.perf_counter() - start
             result: dict[str, Any] = {
                 "filename": name,
@@ -286,7 +308,7 @@ def create_app(
                 "seconds": seconds,
             }
             if kind is not None:
-                result["map"] = _encoded_map(kind, array, prediction.anomaly_map, prediction.pixel_threshold)
+                result["map"] = _encoded_map(kind, array, prediction, model.thresholds)
             return result
         finally:
             if acquired:
@@ -295,8 +317,13 @@ def create_app(
     @app.post("/predict", response_model=None)
     async def predict(
         image: UploadFile = File(..., description="Image file: PNG, JPEG, BMP or TIFF (8/16-bit, float)"),  # noqa: B008
-        map: MapKind | None = Query(None, description="Also return the map (png16) or an overlay, base64 PNG"),  # noqa: A002, B008
+        map: MapKind | None = Query(None, description="Also return the map (png16), an overlay or the mask, base64 PNG"),  # noqa: A002, B008
+        threshold: float | None = Query(None, description="Image-score threshold for this request (default: the model's)"),  # noqa: B008
+        pixel_threshold: float | None = Query(None, description="Pixel threshold for the mask and contours"),  # noqa: B008
+        sigmas: float | None = Query(None, description="Both thresholds at mean + sigmas x std of the held-out normals"),  # noqa: B008
     ) -> dict[str, Any] | JSONResponse:
+        overrides = (threshold, pixel_threshold, sigmas)
+        model.decision_thresholds(*overrides)  # a bad override is a 400 before the upload is decoded
         deadline = time.monotonic() + request_timeout
         data = await image.read()
         await image.close()
@@ -304,7 +331,7 @@ def create_app(
         cancelled = threading.Event()
         # a plain executor future: on timeout the response goes out at once (an anyio worker
         # thread would hold the response until the computation it cannot interrupt is done)
-        work = asyncio.get_running_loop().run_in_executor(None, _predict_upload, data, name, map, deadline, cancelled)
+        work = asyncio.get_running_loop().run_in_executor(None, _predict_upload, data, name, map, deadline, cancelled, overrides)
         work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved even after a 504
         try:
             return await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.0))

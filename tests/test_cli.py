@@ -54,7 +54,7 @@ def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest
     assert run(["predict", "--model", str(model), str(dataset / "test" / "spot"), "--out", str(out)], monkeypatch) == 0
     assert (out / "000_map.png").is_file() and (out / "000_overlay.png").is_file()
     lines = (out / "scores.csv").read_text().splitlines()
-    assert lines[0] == "image,score,anomalous,map,status,error" and len(lines) == 4
+    assert lines[0] == "path,score,is_anomalous,threshold,status,error,map" and len(lines) == 4
     assert cv2.imread(str(out / "000_map.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     report = tmp_path / "report"
     assert run(["evaluate", "--model", str(model), "--data", str(dataset), "--out", str(report)], monkeypatch) == 0

@@ -35,6 +35,7 @@ from hrad.distributed import (
 )
 from hrad.errors import ConfigError, InputError
 from hrad.model import AnomalyModel
+from hrad.outputs import map_scale, read_map_png16
 from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, run_fit_job
 
 TESTS = Path(__file__).resolve().parent
@@ -127,25 +128,28 @@ def test_predict_many_ray_matches_serial_and_reports_bad_images(
 
     rows = predict_many_ray(model_path, inputs, out, workers=2, setup=die_on_marked_images)
 
-    assert [row.image for row in rows] == [str(path) for path in inputs]
+    assert [row.path for row in rows] == [str(path) for path in inputs]
     serial = hrad.load(model_path, device="cpu")
     for path, row in zip(inputs, rows, strict=True):
         if path in (corrupt, crash):
             continue
         expected = serial.predict(path)
         assert row.error is None and row.score == pytest.approx(expected.score, rel=1e-5)
-        assert row.anomalous == expected.is_anomalous
+        assert row.is_anomalous == expected.is_anomalous and row.threshold == expected.image_threshold
         assert row.map_path == str((out / f"{path.stem}_map.png").resolve())
-        high = expected.pixel_threshold * 2
-        stored = read_image(row.map_path)[..., 0] * high  # 16-bit PNG scaled 0 .. 2 x pixel threshold
-        np.testing.assert_allclose(stored, np.clip(expected.anomaly_map, 0, high), atol=high / 65535)
+        scale = map_scale(serial.thresholds)  # the model's fixed scale, also stored in the PNG
+        assert scale is not None
+        stored = read_map_png16(row.map_path)
+        step = (scale.vmax - scale.vmin) / 65535
+        np.testing.assert_allclose(stored, np.clip(expected.anomaly_map, scale.vmin, scale.vmax), atol=step)
+        assert (out / f"{path.stem}_mask.png").is_file()
     scores = [row.score or 0.0 for row in rows]
     assert scores[5] > max(scores[i] for i in (0, 2, 4))  # the spotted image
-    assert rows[1].score is None and "corrupt.png" in str(rows[1].error) and "InputError" in str(rows[1].error)
+    assert rows[1].score is None and "corrupt.png: not a readable image" in str(rows[1].error) and rows[1].status == "failed"
     assert rows[3].score is None and "worker process died" in str(rows[3].error)
     with (out / "scores.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert [line["image"] for line in table] == [str(path) for path in inputs]
+    assert [line["path"] for line in table] == [str(path) for path in inputs]
     assert float(table[0]["score"]) == rows[0].score and table[1]["score"] == "" and table[1]["error"]
 
 
@@ -165,7 +169,7 @@ def test_cli_predict_distributed_writes_scores_and_fails_on_bad_images(
     )
     assert result.exit_code == 3 and "1 of 3 images failed" in result.output, result.output
     with (out / "scores.csv").open() as handle:
-        table = {Path(line["image"]).name: line for line in csv.DictReader(handle)}
+        table = {Path(line["path"]).name: line for line in csv.DictReader(handle)}
     assert list(table) == ["broken.png", *(path.name for path in image_folder[:2])]
     assert "broken.png" in table["broken.png"]["error"] and table["broken.png"]["score"] == ""
     for path in image_folder[:2]:

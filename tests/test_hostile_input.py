@@ -246,7 +246,7 @@ def test_predict_over_a_folder_survives_bad_files(
     err = capsys.readouterr().err
     assert "b_corrupt.png" in err and "c_bomb.png" in err and "Traceback" not in err
     with (out / "scores.csv").open() as handle:
-        table = {Path(row["image"]).name: row for row in csv.DictReader(handle)}
+        table = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
     assert list(table) == ["a.png", "b_corrupt.png", "c_bomb.png", "d.png"]
     assert [table[name]["status"] for name in table] == ["ok", "failed", "failed", "ok"]
     assert "not a readable image" in table["b_corrupt.png"]["error"] and table["b_corrupt.png"]["score"] == ""
@@ -265,18 +265,18 @@ def test_an_interrupted_predict_keeps_the_rows_it_finished(
     original = AnomalyModel.predict
     calls = []
 
-    def interrupted(self: AnomalyModel, image: np.ndarray) -> object:
+    def interrupted(self: AnomalyModel, image: np.ndarray, **overrides: float | None) -> object:
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, image)
+        return original(self, image, **overrides)
 
     monkeypatch.setattr(AnomalyModel, "predict", interrupted)
     out = tmp_path / "out"
     assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 130
     with (out / "scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [Path(row["image"]).name for row in rows] == ["0.png"] and rows[0]["status"] == "ok"
+    assert [Path(row["path"]).name for row in rows] == ["0.png"] and rows[0]["status"] == "ok"
 
 
 # ------------------------------------------------------------------------------------ 4. artifacts verify themselves

@@ -83,9 +83,10 @@ def test_predict_returns_png16_map_and_overlay(client: TestClient, model_dir: Pa
     assert decoded.dtype == np.uint16 and decoded.shape == (96, 128)
     (tmp_path / "part.png").write_bytes(spot_png)
     expected = hrad.load(model_dir).predict(tmp_path / "part.png").anomaly_map
-    restored = decoded / 65535.0 * body["map"]["vmax"]
-    clipped = np.minimum(expected, body["map"]["vmax"])
-    assert np.abs(restored - clipped).max() <= body["map"]["vmax"] / 65535.0
+    low, high = body["map"]["vmin"], body["map"]["vmax"]
+    restored = low + decoded / 65535.0 * (high - low)
+    clipped = np.clip(expected, low, high)
+    assert np.abs(restored - clipped).max() <= (high - low) / 65535.0
     overlay = client.post("/predict?map=overlay", files={"image": ("part.png", spot_png)}).json()["map"]
     picture = cv2.imdecode(np.frombuffer(base64.b64decode(overlay["base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
     assert picture.shape == (96, 128, 3) and picture.dtype == np.uint8

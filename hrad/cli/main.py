@@ -5,17 +5,22 @@ User mistakes (HradError) print one line and exit with status 2, never a traceba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
 from hrad.cli.progress import console, progress_bars
 from hrad.errors import HradError, InputError
+
+if TYPE_CHECKING:
+    from hrad.tracking import TrackedRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-resolution industrial anomaly detection.")
 
@@ -59,6 +64,19 @@ def _overrides(
     return overrides
 
 
+@contextlib.contextmanager
+def _tracking(command: str, flag: bool, name: str) -> Iterator[TrackedRun | None]:
+    """An MLflow run when tracking is requested (``--track`` or ``MLFLOW_TRACKING_URI``), else None."""
+    from hrad.tracking import tracked_run, tracking_requested
+
+    if not tracking_requested(flag):
+        yield None
+        return
+    with tracked_run(command, run_name=name) as run:
+        yield run
+        console.print(f"MLflow run {run.run_id} recorded")
+
+
 def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     """Apply ``section.field=value`` strings (values parsed as YAML) onto nested overrides."""
     import yaml
@@ -100,6 +118,9 @@ def fit(
     set_options: Annotated[
         list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
     ] = None,
+    track: Annotated[
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
+    ] = False,
 ) -> None:
     """Fit a model on good images and write one artifact."""
     from hrad.artifact import check_artifact_target
@@ -115,10 +136,18 @@ def fit(
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
-    with progress_bars() as progress:
-        model = AnomalyModel(model_config).fit(train, validation, progress)
-    model.save(out)
-    console.print(f"model written to {out}")
+    with _tracking("fit", track, out.name) as run:
+        with progress_bars() as progress:
+            model = AnomalyModel(model_config).fit(train, validation, progress)
+        model.save(out)
+        console.print(f"model written to {out}")
+        if run is not None:
+            run.log_config(model_config.model_dump(mode="json"))
+            run.log_history(model.training_history)
+            if model.thresholds is not None:
+                run.log_metrics({"image_threshold": model.thresholds.image, "pixel_threshold": model.thresholds.pixel})
+            run.set_tags({"hrad.data": data, "hrad.model": out.resolve()})
+            run.log_artifacts(out, "model")
 
 
 @app.command()
@@ -126,51 +155,44 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
     paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
     out: Annotated[Path, typer.Option(help="Output directory")],
-    map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (scaled) or tiff (float32)")] = MapFormat.png16,
-    overlays: Annotated[bool, typer.Option(help="Write overlays with contours")] = True,
+    map_format: Annotated[
+        MapFormat, typer.Option("--format", help="png16 (on the model's fixed scale, stored in the PNG and maps.json) or tiff (float32)")
+    ] = MapFormat.png16,
+    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale, with contours")] = True,
+    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's, from held-out normals)")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks and contours (default: the model's)")] = None,
+    sigmas: Annotated[
+        float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals (fit used 3)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
 ) -> None:
-    """Anomaly maps, overlays and scores for unlabeled images.
+    """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
     A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
     scores.csv; every other file is still processed. Rows are written (and flushed) as they
     finish. Exit status 0 when all succeeded, 3 when some failed.
     """
-    from hrad.data.images import (
-        expand_image_paths,
-        prepare_output_dir,
-        read_image,
-        write_map_png16,
-        write_map_tiff,
-        write_overlay,
-    )
-    from hrad.distributed import ScoreRow, ScoresWriter, output_stems
+    from hrad.data.images import expand_image_paths, prepare_output_dir, read_image
     from hrad.model import load
+    from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
 
     images = expand_image_paths(paths)
     prepare_output_dir(out)
-    fitted = load(model)
+    fitted = load(model, device=device)
+    fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
+    writer = PredictionWriter.for_model(out, fitted, map_format=map_format.value, overlays=overlays, masks=masks)
+    writer.write_description()
     stems = output_stems(images)
-    failed: list[ScoreRow] = []
+    failed: list[OutputRow] = []
     with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
         for index, (path, stem) in enumerate(zip(images, stems, strict=True)):
             try:
                 image = read_image(path)
-                prediction = fitted.predict(image)
-                if map_format is MapFormat.tiff:
-                    map_path = out / f"{stem}_map.tiff"
-                    write_map_tiff(map_path, prediction.anomaly_map)
-                else:
-                    map_path = out / f"{stem}_map.png"
-                    threshold = prediction.pixel_threshold
-                    high = threshold * 2 if threshold else float(prediction.anomaly_map.max())
-                    write_map_png16(map_path, prediction.anomaly_map, 0.0, high if high > 0 else 1.0)
-                if overlays:
-                    write_overlay(out / f"{stem}_overlay.png", image, prediction.anomaly_map, prediction.pixel_threshold)
-                row = ScoreRow(str(path), float(prediction.score), prediction.is_anomalous, str(map_path))
-            except HradError as error:
-                row = ScoreRow(str(path), error=" ".join(str(error).split()))
+                prediction = fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas)
+                row = writer.write(path, stem, image, prediction)
             except Exception as error:  # noqa: BLE001 - one bad image must not stop the others
-                row = ScoreRow(str(path), error=f"{path}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+                row = failed_row(path, error)
             scores.write(row)
             if row.error is not None:
                 failed.append(row)
@@ -194,10 +216,21 @@ def _report_batch(total: int, failed: list[Any], out: Path) -> None:
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
     data: Annotated[Path, typer.Option(help="Labelled dataset root")],
-    out: Annotated[Path, typer.Option(help="Report directory (metrics.json, metrics.md, cases.png)")],
+    out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images (quick looks)")] = None,
+    score_bits: Annotated[
+        int,
+        typer.Option(
+            min=12, max=32,
+            help="Pixel-metric precision: scores binned to this many bits; 24 = bins 3e-5 of the score wide "
+            "(every pixel metric within 1e-5 of exact in benchmarks/results/metric_precision.md), 32 = exact for float32 maps",
+        ),
+    ] = 24,
+    track: Annotated[
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
+    ] = False,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set."""
     from hrad.data.datasets import load_dataset
@@ -211,8 +244,15 @@ def evaluate(
         raise InputError(f"{data}: no labelled test images")
     prepare_output_dir(out)
     fitted = load(model)
-    with progress_bars() as progress:
-        metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress)
+    with _tracking("evaluate", track, out.name) as run:
+        with progress_bars() as progress:
+            metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits)
+        if run is not None:
+            run.log_config(fitted.config.model_dump(mode="json"))
+            run.log_metrics(metrics)
+            run.log_history(fitted.training_history)
+            run.set_tags({"hrad.data": data, "hrad.model": model.resolve(), "hrad.protocol": protocol.value})
+            run.log_artifacts(out, "report")
     console.print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
     console.print(f"report written to {out}")
 
@@ -300,16 +340,25 @@ def predict_distributed(
     workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding one loaded model")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")] = 0.0,
     address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
+    map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
+    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
+    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
+    sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
 ) -> None:
-    """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster)."""
+    """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster); same files as hrad predict."""
     from hrad.data.images import expand_image_paths, prepare_output_dir
-    from hrad.distributed import predict_many_ray
+    from hrad.distributed import PredictOptions, predict_many_ray
+
+    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas)
 
     images = expand_image_paths(paths)
     prepare_output_dir(out)
     with progress_bars() as progress:
         rows = predict_many_ray(
-            model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress
+            model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress,
+            options=options,
         )
     failed = [row for row in rows if row.error]
     for row in failed:

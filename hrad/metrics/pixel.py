@@ -401,12 +401,34 @@ class PixelMetrics:
         denominator = 2 * true_positives + false_positives + false_negatives
         return float("nan") if denominator == 0 else 2 * true_positives / denominator
 
+    def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel ``(fpr, tpr)`` from (0, 0), one vertex per bin threshold (high to low); empty
+        arrays without normal or anomalous pixels."""
+        false_positives, true_positives, n_normal, n_anomalous = self._descending_counts()
+        if n_normal == 0 or n_anomalous == 0:
+            return np.zeros(0), np.zeros(0)
+        return (np.concatenate([[0.0], false_positives / n_normal]), np.concatenate([[0.0], true_positives / n_anomalous]))
+
+    def pro_curve(self, components: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(fpr, pro)`` from (0, 0), one vertex per bin threshold: the polyline :meth:`aupro`
+        integrates (``components`` as there); empty arrays when undefined."""
+        fpr, pro = self._pro_polyline(components)
+        if fpr is None or pro is None:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+
     def aupro(self, fpr_limit: float = 0.3, components: np.ndarray | None = None) -> float:
         """AUPRO to ``fpr_limit`` (normalised) over all regions or the ones selected by ``components``.
 
         ``components``: a boolean array over :attr:`region_areas` or integer region indices.
         """
         limit = _check_limit(fpr_limit)
+        fpr, pro = self._pro_polyline(components)
+        if fpr is None or pro is None:
+            return float("nan")
+        return normalised_area(fpr, pro, limit)
+
+    def _pro_polyline(self, components: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
         regions = self._regions()
         selected = np.ones(regions.areas.size, dtype=bool)
         if components is not None:
@@ -423,12 +445,12 @@ class PixelMetrics:
         false_positives, _, n_normal, _ = self._descending_counts()
         n_selected = int(selected.sum())
         if n_normal == 0 or n_selected == 0:
-            return float("nan")
+            return None, None
         keep = selected[regions.entry_region]
         overlap = regions.entry_counts[keep] / regions.areas[regions.entry_region[keep]]
         per_bin = np.bincount(regions.entry_bin_index[keep], weights=overlap, minlength=self._bins.size)
         pro = np.cumsum(per_bin[::-1]) / n_selected
-        return normalised_area(false_positives / n_normal, pro, limit)
+        return false_positives / n_normal, pro
 
     def result(self) -> dict[str, float]:
         """Every pixel metric by name; NaN where undefined (no anomalous or no normal pixels)."""

@@ -50,24 +50,30 @@ def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
     }
 
 
-def case_grid(groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "") -> Path:
-    """One row per case: image with ground-truth contour, anomaly map, overlay."""
+def case_grid(
+    groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
+) -> Path:
+    """One row per case: image with ground-truth contour, anomaly map, overlay; maps share ``vmin .. vmax``
+    (default: 0, or the lowest map value when maps go negative, .. the highest)."""
     rows = [(group, case) for group, members in groups.items() for case in members]
     if not rows:
         rows = []
     height = max(1, len(rows))
     figure, axes = plt.subplots(height, 3, figsize=(9, 2.6 * height), squeeze=False)
     scale = vmax if vmax is not None else max((float(c.anomaly_map.max()) for _, c in rows), default=1.0)
+    low = vmin if vmin is not None else min([0.0, *(float(c.anomaly_map.min()) for _, c in rows)])
+    if not scale > low:
+        scale = low + 1.0
     for row, (group, case) in enumerate(rows):
         image_axis, map_axis, overlay_axis = axes[row]
         image_axis.imshow(np.clip(case.image, 0, 1))
         if case.mask is not None and case.mask.any():
             image_axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.8)
         image_axis.set_title(f"{group}\n{case.name}", fontsize=7)
-        map_axis.imshow(case.anomaly_map, cmap="inferno", vmin=0, vmax=scale)
+        map_axis.imshow(case.anomaly_map, cmap="inferno", vmin=low, vmax=scale)
         map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
         overlay_axis.imshow(np.clip(case.image, 0, 1))
-        overlay_axis.imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=0, vmax=scale)
+        overlay_axis.imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=scale)
         if case.mask is not None and case.mask.any():
             overlay_axis.contour(case.mask, levels=[0.5], colors="white", linewidths=0.8)
         for axis in (image_axis, map_axis, overlay_axis):

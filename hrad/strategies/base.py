@@ -147,6 +147,17 @@ class Strategy(ABC):
         """``(H, W)`` the strategy was fitted on when it is bound to one size, else None."""
         return None
 
+    def training_history(self) -> dict[str, list[float]]:
+        """Mean training loss per epoch of a trainable detector, by training stage (``{}`` for
+        detectors that do not train). The default reads the strategy's one shared ``detector``;
+        strategies that fit many detectors elsewhere (ensembles, pools) report none."""
+        detector = getattr(self, "detector", None)
+        stages = getattr(detector, "stage_losses", None)
+        if isinstance(stages, dict) and any(stages.values()):
+            return {str(name): [float(value) for value in values] for name, values in stages.items() if values}
+        losses = getattr(detector, "loss_history", None)
+        return {"loss": [float(value) for value in losses]} if losses else {}
+
 
 @dataclass(frozen=True)
 class StrategyEntry:

@@ -1,0 +1,322 @@
+"""One writer for prediction outputs: ``hrad predict``, ``hrad predict-distributed`` and the service.
+
+For every image (``<stem>`` = its file stem, numbered when two inputs share one):
+
+- ``<stem>_map.png``: the anomaly map as a 16-bit PNG on the model's fixed map scale
+  (:class:`MapScale`): value = ``vmin + png / 65535 x (vmax - vmin)``, clipped outside. The scale
+  is stored in the PNG itself (text chunk ``hrad_scale``: ``vmin=...;vmax=...``) and in
+  ``maps.json``. Or ``<stem>_map.tiff``: float32, the map's own values, nothing clipped.
+- ``<stem>_mask.png``: 0/255 mask of ``map > pixel threshold`` (when the model has one).
+- ``<stem>_overlay.png``: the image with a JET heat map on the model's fixed overlay scale
+  (normal pixels' mean = blue, the pixel threshold = the middle of the scale, twice as far =
+  red) and red contours around the mask, so a normal image stays calm and a defect glows, and
+  two overlays are comparable.
+- one row of ``scores.csv``: ``path, score, is_anomalous, threshold, status, error, map``
+  (threshold = the image-score threshold the decision used; status ``ok`` or ``failed``, with
+  the one-line reason in ``error``). Rows are written and flushed as images finish
+  (:class:`ScoresWriter`), so an interrupted run keeps them.
+
+Scales come from the model's thresholds (held-out normal images), never from the image itself;
+a model without thresholds falls back to each map's own range, recorded per file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import cv2
+import numpy as np
+
+from hrad.data.images import _atomic_write_bytes, overlay_image, write_map_tiff, write_mask
+
+if TYPE_CHECKING:  # no runtime import of the model: hrad.distributed (imported by strategies) uses this module
+    from hrad.model import AnomalyModel, Prediction, Thresholds
+
+MapFormat = Literal["png16", "tiff", "none"]
+SCORES_COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error", "map")
+#: the text chunk of a 16-bit map PNG that holds its scale
+PNG_SCALE_KEY = "hrad_scale"
+
+
+@dataclass(frozen=True)
+class MapScale:
+    """A value range ``vmin .. vmax`` shared by every image of one model."""
+
+    vmin: float
+    vmax: float
+    source: str
+
+    def unit(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Map values as 0..1 on this scale (clipped)."""
+        scaled = (np.asarray(anomaly_map, dtype=np.float64) - self.vmin) / (self.vmax - self.vmin)
+        return np.clip(np.nan_to_num(scaled), 0.0, 1.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vmin": self.vmin, "vmax": self.vmax, "source": self.source}
+
+
+def _spread(thresholds: Thresholds) -> tuple[float, float] | None:
+    """``(normal mean, threshold - mean)`` of the held-out normal pixels, when known and positive."""
+    mean = thresholds.pixel_mean
+    if mean is None:
+        return None
+    distance = thresholds.pixel - mean
+    return (mean, distance) if distance > 0 else None
+
+
+def overlay_scale(thresholds: Thresholds | None) -> MapScale | None:
+    """Normal mean .. mean + 2 x (threshold - mean): the threshold sits mid-scale. None = per image."""
+    if thresholds is None:
+        return None
+    spread = _spread(thresholds)
+    if spread is not None:
+        mean, distance = spread
+        return MapScale(mean, mean + 2 * distance, "normal pixel mean .. mean + 2 x (pixel threshold - mean)")
+    if thresholds.pixel > 0:  # artifacts without pixel statistics
+        return MapScale(0.0, 2 * thresholds.pixel, "0 .. 2 x pixel threshold")
+    return None
+
+
+def map_scale(thresholds: Thresholds | None) -> MapScale | None:
+    """The 16-bit map range: mean - 2d .. mean + 8d with d = threshold - mean (so the normal range
+    and strong defects both keep their detail); None = each map's own range."""
+    if thresholds is None:
+        return None
+    spread = _spread(thresholds)
+    if spread is not None:
+        mean, distance = spread
+        return MapScale(mean - 2 * distance, mean + 8 * distance, "normal pixel mean - 2d .. mean + 8d, d = pixel threshold - mean")
+    if thresholds.pixel > 0:
+        return MapScale(0.0, 2 * thresholds.pixel, "0 .. 2 x pixel threshold")
+    return None
+
+
+def own_scale(anomaly_map: np.ndarray) -> MapScale:
+    low, high = float(np.nanmin(anomaly_map)), float(np.nanmax(anomaly_map))
+    return MapScale(low, high if high > low else low + 1.0, "this map's own min .. max (model without thresholds)")
+
+
+def encode_map_png16(anomaly_map: np.ndarray, scale: MapScale) -> bytes:
+    """A 16-bit grayscale PNG of the map on ``scale``, with the scale in its ``hrad_scale`` text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    array = np.round(scale.unit(anomaly_map) * 65535.0).astype(np.uint16)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_SCALE_KEY, f"vmin={scale.vmin!r};vmax={scale.vmax!r}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_map_png16(path: str | os.PathLike[str] | bytes) -> np.ndarray:
+    """A map written by :func:`encode_map_png16` back as float32 values (within one 16-bit step)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else Path(path)) as png:
+        text = png.text.get(PNG_SCALE_KEY)  # type: ignore[attr-defined]
+        array = np.asarray(png, dtype=np.float64)
+    if text is None:
+        raise ValueError(f"{path if not isinstance(path, bytes) else 'PNG'}: no {PNG_SCALE_KEY} text chunk")
+    values = dict(part.split("=", 1) for part in text.split(";"))
+    vmin, vmax = float(values["vmin"]), float(values["vmax"])
+    return (vmin + array / 65535.0 * (vmax - vmin)).astype(np.float32)
+
+
+def encode_png(picture: np.ndarray) -> bytes:
+    """An 8-bit RGB (``H x W x 3``) or gray picture as PNG bytes."""
+    array = cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) if picture.ndim == 3 else picture
+    ok, buffer = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError("cannot encode the picture as PNG")
+    return buffer.tobytes()
+
+
+def overlay_picture(image: np.ndarray, prediction: Prediction, scale: MapScale | None) -> np.ndarray:
+    """The 8-bit overlay of :mod:`hrad.outputs` (fixed scale, red contour at the pixel threshold)."""
+    used = scale or own_scale(prediction.anomaly_map)
+    return overlay_image(image, prediction.anomaly_map, prediction.pixel_threshold, vmin=used.vmin, vmax=used.vmax)
+
+
+def mask_picture(prediction: Prediction) -> np.ndarray | None:
+    """0/255 uint8 mask of ``map > pixel threshold``; None without a pixel threshold."""
+    mask = prediction.mask
+    return None if mask is None else np.where(mask, 255, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """One line of ``scores.csv``: an image's score and decision, or why it failed (``error``)."""
+
+    path: str
+    score: float | None = None
+    is_anomalous: bool | None = None
+    threshold: float | None = None
+    map_path: str | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``ok`` or ``failed`` (the reason is in :attr:`error`)."""
+        return "ok" if self.error is None else "failed"
+
+    def csv_row(self) -> list[str]:
+        return [
+            self.path,
+            "" if self.score is None else repr(float(self.score)),
+            "" if self.is_anomalous is None else str(bool(self.is_anomalous)).lower(),
+            "" if self.threshold is None else repr(float(self.threshold)),
+            self.status,
+            self.error or "",
+            self.map_path or "",
+        ]
+
+
+def failed_row(path: str | os.PathLike[str], error: BaseException | str) -> OutputRow:
+    """A ``scores.csv`` row for an image that could not be predicted (reason in one line).
+
+    A user-facing :class:`~hrad.errors.HradError` keeps its own line (it names the file); any
+    other exception is prefixed with the path and its type."""
+    from hrad.errors import HradError
+
+    if isinstance(error, str):
+        text = error
+    elif isinstance(error, HradError):
+        text = " ".join(str(error).split())
+    else:
+        text = f"{path}: {type(error).__name__}: {' '.join(str(error).split())}"
+    return OutputRow(str(path), error=text[:400])
+
+
+def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """File stems for outputs; numbered (``00003_name``) when two inputs share a stem."""
+    stems = [Path(path).stem for path in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{index:05d}_{stem}" for index, stem in enumerate(stems)]
+
+
+class ScoresWriter:
+    """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
+    keeps every row it finished. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._handle = self.path.open("w", newline="")
+        self._writer = csv.writer(self._handle, lineterminator="\n")
+        self._writer.writerow(SCORES_COLUMNS)
+        self._handle.flush()
+
+    def write(self, row: OutputRow) -> None:
+        self._writer.writerow(row.csv_row())
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> ScoresWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) -> Path:
+    """All rows at once (input order), replacing ``path`` atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORES_COLUMNS)
+    writer.writerows(row.csv_row() for row in rows)
+    _atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
+    return Path(path)
+
+
+class PredictionWriter:
+    """Writes maps, masks and overlays of one model's predictions into ``out_dir``.
+
+    ``thresholds`` are the model's own (they fix the scales); decisions use whatever thresholds
+    each :class:`~hrad.model.Prediction` carries (possibly overridden at predict time).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        thresholds: Thresholds | None,
+        map_format: MapFormat = "png16",
+        overlays: bool = True,
+        masks: bool = True,
+    ) -> None:
+        if map_format not in ("png16", "tiff", "none"):
+            raise ValueError(f"map format is png16, tiff or none, not {map_format!r}")
+        self.out_dir = Path(out_dir)
+        self.map_format = map_format
+        self.overlays = overlays
+        self.masks = masks
+        self.map_scale = map_scale(thresholds)
+        self.overlay_scale = overlay_scale(thresholds)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_model(cls, out_dir: str | os.PathLike[str], model: AnomalyModel, **options: Any) -> PredictionWriter:
+        return cls(out_dir, model.thresholds, **options)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``maps.json`` says: formats and scales, so the files can be read back."""
+        return {
+            "map_format": self.map_format,
+            "map_scale": self.map_scale.to_json() if self.map_scale else "per image, in each PNG's hrad_scale text chunk",
+            "map_decode": "value = vmin + png16 / 65535 x (vmax - vmin); values outside are clipped (tiff: float32 as is)",
+            "overlay_scale": self.overlay_scale.to_json() if self.overlay_scale else "per image (model without thresholds)",
+            "mask": "0/255 PNG of map > the pixel threshold used" if self.masks else None,
+            "scores_columns": list(SCORES_COLUMNS),
+        }
+
+    def write_description(self) -> Path:
+        path = self.out_dir / "maps.json"
+        _atomic_write_bytes(path, json.dumps(self.describe(), indent=2).encode("utf-8"))
+        return path
+
+    def write(self, path: str | os.PathLike[str], stem: str, image: np.ndarray, prediction: Prediction) -> OutputRow:
+        """Write one image's files; its ``scores.csv`` row."""
+        map_path: Path | None = None
+        if self.map_format == "png16":
+            map_path = self.out_dir / f"{stem}_map.png"
+            scale = self.map_scale or own_scale(prediction.anomaly_map)
+            _atomic_write_bytes(map_path, encode_map_png16(prediction.anomaly_map, scale))
+        elif self.map_format == "tiff":
+            map_path = self.out_dir / f"{stem}_map.tiff"
+            write_map_tiff(map_path, prediction.anomaly_map)
+        mask = prediction.mask
+        if self.masks and mask is not None:
+            write_mask(self.out_dir / f"{stem}_mask.png", mask)
+        if self.overlays:
+            _atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(overlay_picture(image, prediction, self.overlay_scale)))
+        return OutputRow(
+            str(path),
+            float(prediction.score),
+            prediction.is_anomalous,
+            prediction.image_threshold,
+            str(map_path) if map_path is not None else None,
+        )
+
+
+__all__ = [
+    "SCORES_COLUMNS",
+    "MapScale",
+    "OutputRow",
+    "PredictionWriter",
+    "ScoresWriter",
+    "encode_map_png16",
+    "failed_row",
+    "map_scale",
+    "output_stems",
+    "overlay_scale",
+    "read_map_png16",
+    "write_scores_csv",
+]

@@ -1,0 +1,112 @@
+"""The HTML evaluation report, loss histories in the artifact, curves, and MLflow tracking."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import textured_image, with_spot
+
+import hrad
+from hrad.cli.main import main
+from hrad.metrics import PixelMetrics
+from hrad.metrics.pixel import normalised_area
+
+
+def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["hrad", *args])
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., ::-1])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report") / "part"
+    rng = np.random.default_rng(3)
+    for index in range(6):
+        write(root / "train" / "good" / f"{index:03d}.png", textured_image(rng, 64, 64))
+    for index in range(3):
+        write(root / "test" / "good" / f"{index:03d}.png", textured_image(rng, 64, 64))
+        image, mask = with_spot(textured_image(rng, 64, 64), 16 + 8 * index, 20 + 6 * index, 4 + 4 * index)
+        write(root / "test" / "spot" / f"{index:03d}.png", image)
+        (root / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "ground_truth" / "spot" / f"{index:03d}_mask.png"), mask.astype(np.uint8) * 255)
+    return root
+
+
+def test_curves_integrate_to_the_metrics(rng: np.random.Generator) -> None:
+    metrics = PixelMetrics(score_bits=32)
+    for index in range(4):
+        scores = rng.random((20, 30)).astype(np.float32)
+        mask = np.zeros((20, 30), bool)
+        if index % 2:
+            mask[5 : 9 + index, 3:12] = True
+            scores[mask] += 0.4
+        metrics.add(scores, mask)
+    fpr, tpr = metrics.roc_curve()
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert float(np.trapezoid(tpr, fpr)) == pytest.approx(metrics.auroc(), abs=1e-12)
+    fpr, pro = metrics.pro_curve()
+    assert normalised_area(fpr, pro, 0.3) == pytest.approx(metrics.aupro(0.3), abs=1e-12)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= -1e-12)
+
+
+def test_fit_keeps_loss_history_and_evaluate_writes_html(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hrad-test")
+    model_dir = tmp_path / "model"
+    fit = ["fit", "--data", str(dataset), "--out", str(model_dir), "--backbone", "tiny-cnn", "--detector", "fastflow",
+           "--strategy", "downsample", "--image-size", "64", "--set", "detector.epochs=3", "--set", "detector.flow_steps=2"]
+    assert run(fit, monkeypatch) == 0, capsys.readouterr().err
+    model = hrad.load(model_dir)
+    assert list(model.training_history) and all(len(v) == 3 for v in model.training_history.values())
+    assert json.loads((model_dir / "hrad.json").read_text())["training_history"] == model.training_history
+
+    report = tmp_path / "report"
+    args = ["evaluate", "--model", str(model_dir), "--data", str(dataset), "--out", str(report), "--score-bits", "32", "--track"]
+    assert run(args, monkeypatch) == 0, capsys.readouterr().err
+    page = (report / "report.html").read_text()
+    for heading in ("Metrics", "ROC curves", "PRO curve", "AUPRO per defect size", "Image scores", "Training",
+                    "Best and worst cases", "Config", "Environment"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    assert not re.search(r"""(src|href)=["']?(https?:|file:|//)""", page)  # self-contained
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 8
+    for data in images:
+        assert cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR) is not None
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["score_bits"] == 32 and "scores binned" not in page and "exact (every float32 score its own bin)" in page
+    assert f"{metrics['pixel_auroc']:.3f}" in page
+
+    client = mlflow.MlflowClient(tracking_uri=f"file:{store}")
+    experiment = client.get_experiment_by_name("hrad-test")
+    runs = {r.data.tags["hrad.command"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"fit", "evaluate"}
+    fitted, evaluated = runs["fit"], runs["evaluate"]
+    assert fitted.data.params["detector.name"] == "fastflow" and fitted.data.params["detector.epochs"] == "3"
+    stage = next(iter(model.training_history))
+    history = client.get_metric_history(fitted.info.run_id, f"loss.{stage}")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(model.training_history[stage])
+    assert "hrad.json" in {Path(a.path).name for a in client.list_artifacts(fitted.info.run_id, "model")}
+    assert evaluated.data.metrics["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
+    assert "report.html" in {Path(a.path).name for a in client.list_artifacts(evaluated.info.run_id, "report")}
