@@ -25,7 +25,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("detector", ["students", "varad", "fastflow", "vitad", "rdpp", "destseg"])
+@pytest.mark.parametrize("detector", ["students", "varad", "fastflow", "vitad", "rdpp", "destseg", "realnet"])
 def test_fits_and_predicts_full_resolution_maps(detector: str, strategy: str, tmp_path) -> None:
     rng = np.random.default_rng(0)
     images = [textured_image(rng, 84, 112) for _ in range(5)]
@@ -53,7 +53,7 @@ CNN_STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("strategy", sorted(CNN_STRATEGIES))
-@pytest.mark.parametrize("detector", ["fastflow", "rdpp", "destseg"])
+@pytest.mark.parametrize("detector", ["fastflow", "rdpp", "destseg", "realnet"])
 def test_cnn_detectors_get_one_level_per_layer_in_every_strategy(detector: str, strategy: str, tmp_path) -> None:
     """On a CNN the layers differ in width: the strategy binds the split (bind_layout) before fit."""
     rng = np.random.default_rng(1)

@@ -14,6 +14,7 @@ from hrad.detectors.fastflow import FastFlow, FastFlowConfig
 from hrad.detectors.padim import PaDiM, PaDiMConfig
 from hrad.detectors.patchcore import PatchCore, PatchCoreConfig
 from hrad.detectors.rdpp import RDPlusPlus, RDPlusPlusConfig
+from hrad.detectors.realnet import RealNet, RealNetConfig
 from hrad.detectors.students import Students, StudentsConfig
 from hrad.detectors.varad import VarAD, VarADConfig
 from hrad.detectors.vitad import ViTAD, ViTADConfig
@@ -26,5 +27,6 @@ register_detector("fastflow", FastFlowConfig, FastFlow)
 register_detector("vitad", ViTADConfig, ViTAD)
 register_detector("rdpp", RDPlusPlusConfig, RDPlusPlus)
 register_detector("destseg", DeSTSegConfig, DeSTSeg)
+register_detector("realnet", RealNetConfig, RealNet)
 
 __all__ = ["DETECTORS", "Detector", "DetectorConfig", "DetectorOutput", "build_detector", "detector_config", "register_detector"]
