@@ -389,8 +389,17 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     return sidecar
 
 
+def _onnxruntime() -> Any:
+    """The onnxruntime module, or a one-line error naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("ONNX export and OnnxPredictor run the graph with onnxruntime: pip install 'hrad[export]'") from None
+    return onnxruntime
+
+
 def _verify(path: str, tiles: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> None:
-    import onnxruntime
+    onnxruntime = _onnxruntime()
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for count in (1, 2):
@@ -408,7 +417,7 @@ class OnnxPredictor:
     """
 
     def __init__(self, onnx_path: str | Path, sidecar_path: str | Path | None = None, providers: list[str] | None = None) -> None:
-        import onnxruntime
+        onnxruntime = _onnxruntime()
 
         self.onnx_path = Path(onnx_path)
         sidecar = Path(sidecar_path) if sidecar_path is not None else self.onnx_path.with_suffix(".json")

@@ -110,3 +110,32 @@ def test_fit_keeps_loss_history_and_evaluate_writes_html(
     assert "hrad.json" in {Path(a.path).name for a in client.list_artifacts(fitted.info.run_id, "model")}
     assert evaluated.data.metrics["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])
     assert "report.html" in {Path(a.path).name for a in client.list_artifacts(evaluated.info.run_id, "report")}
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The page as a browser shows it: benchmarks/report_screenshot.py's screenshot of a rendered report."""
+    import shutil
+
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no headless Chromium here (apt-get install -y chromium)")
+    from benchmarks.report_screenshot import screenshot
+    from hrad.reports.figures import Case
+    from hrad.reports.html import ReportData, render_html
+
+    scores = rng.random(8)
+    labels = np.array([0, 1] * 4)
+    mask = np.zeros((24, 32), bool)
+    mask[8:14, 10:20] = True
+    case = Case("part.png", 1, 0.9, rng.random((24, 32, 3)), rng.random((24, 32)).astype(np.float32), mask)
+    data = ReportData(
+        title="report in a browser", metrics={"image_auroc": 0.5, "pixel_auroc": 0.75}, image_scores=scores, image_labels=labels,
+        pixel_roc=(np.linspace(0, 1, 50), np.sqrt(np.linspace(0, 1, 50))), pro=(np.linspace(0, 1, 50), np.linspace(0, 1, 50)),
+        quartile_aupro={"AUPRO to FPR 0.3": [0.1, 0.2, 0.3, 0.4]}, quartile_limits=[10.0, 20.0, 30.0],
+        training_history={"train": [1.0, 0.5, 0.25]}, image_threshold=0.5, cases={"best": [case]},
+    )
+    page = tmp_path / "report.html"
+    page.write_text(render_html(data))
+    shot = screenshot(page, tmp_path / "shot.png")
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[1] == 1200 and picture.shape[0] > 2000  # every section laid out
+    assert (picture < 200).any(axis=2).mean() > 0.02  # drawn content, not a blank page

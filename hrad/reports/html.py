@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from hrad.reports.figures import Case  # noqa: E402
 from hrad.reports.markdown import format_value  # noqa: E402
@@ -129,8 +130,9 @@ def quartile_figure(data: ReportData) -> str:
         for bar, value in zip(bars, values, strict=True):
             axis.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, format_value(value), ha="center", fontsize=7)
     axis.set_xticks(np.arange(4), labels, fontsize=8)
-    axis.set(ylim=(0, 1.1), ylabel="AUPRO", title="AUPRO per cumulative defect-size quartile")
-    axis.legend(loc="lower right", fontsize=8)
+    axis.set(ylim=(0, 1.28), ylabel="AUPRO", title="AUPRO per cumulative defect-size quartile")
+    axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axis.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     return _png(figure)
 
 
@@ -139,7 +141,9 @@ def loss_figure(history: Mapping[str, Sequence[float]]) -> str:
     for name, values in history.items():
         axis.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=name)
     axis.set(xlabel="epoch", ylabel="mean training loss", title="training loss per epoch")
-    if all(min(values) > 0 for values in history.values() if len(values)):
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    values = [value for series in history.values() for value in series]
+    if values and min(values) > 0 and max(values) / min(values) > 20:  # log only when it spans decades
         axis.set_yscale("log")
     axis.legend(fontsize=8)
     return _png(figure)
@@ -154,12 +158,13 @@ def score_figure(data: ReportData) -> str:
     if data.image_threshold is not None:
         axis.axvline(data.image_threshold, color="black", linestyle="--", label="threshold (held-out normals)")
     axis.set(xlabel="image score", ylabel="images", title="image scores")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     axis.legend(fontsize=8)
     return _png(figure)
 
 
 def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_threshold: float | None) -> str:
-    figure, axes = plt.subplots(1, 2, figsize=(6.4, 2.9))
+    figure, axes = plt.subplots(1, 2, figsize=(7.0, 2.9))
     image = np.clip(case.image, 0, 1)
     low, high = overlay_range if overlay_range else (float(case.anomaly_map.min()), float(case.anomaly_map.max()))
     axes[0].imshow(image)
@@ -167,11 +172,11 @@ def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_thr
     shown = axes[1].imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=high)
     if case.mask is not None and case.mask.any():
         for axis in axes:
-            axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.9)
+            axis.contour(case.mask, levels=[0.5], colors="magenta", linewidths=1.2)
     if pixel_threshold is not None and (case.anomaly_map > pixel_threshold).any():
         axes[1].contour(case.anomaly_map > pixel_threshold, levels=[0.5], colors="red", linewidths=0.9)
-    axes[0].set_title("image, ground truth (green)", fontsize=8)
-    axes[1].set_title("map on the model's scale, prediction (red)", fontsize=8)
+    axes[0].set_title("image, ground truth (magenta)", fontsize=8)
+    axes[1].set_title("map (model's scale), prediction (red)", fontsize=8)
     for axis in axes:
         axis.axis("off")
     figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
@@ -234,7 +239,9 @@ def render_html(data: ReportData) -> str:
             parts.append(f"<h3>{html.escape(group)}</h3><div class=cases>")
             for case in members:
                 label = {0: "normal", 1: "anomalous"}.get(case.label, str(case.label))
-                caption = f"{case.name}: {label}, score {format_value(float(case.score))}"
+                caption = f"{case.name}: {label}, score {float(case.score):.4g}"
+                if data.image_threshold is not None:
+                    caption += f" ({'above' if case.score > data.image_threshold else 'below'} the threshold)"
                 parts.append(
                     f"<div class=case>{_img(case_figure(case, data.overlay_range, data.pixel_threshold), caption)}"
                     f"<div>{html.escape(caption)}</div></div>"

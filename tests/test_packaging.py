@@ -1,0 +1,41 @@
+"""Packaging promises: the licence file, optional extras, a torch range, and one-line errors without extras."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hrad.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_license_and_extras_match_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    extras = project["optional-dependencies"]
+    assert any(spec.startswith("onnxruntime") for spec in extras["export"])
+    assert any(spec.startswith("mlflow") for spec in extras["track"])
+    torch = next(spec for spec in project["dependencies"] if spec.startswith("torch"))
+    assert ">=" in torch and "==" not in torch
+
+
+def test_export_without_onnxruntime_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hrad.export import _onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'hrad\[export\]'"):
+        _onnxruntime()
+
+
+def test_tracking_without_mlflow_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hrad.tracking import tracked_run
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(ConfigError, match=r"pip install 'hrad\[track\]'"), tracked_run("fit"):
+        pass
