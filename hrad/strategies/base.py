@@ -127,6 +127,15 @@ class Strategy(ABC):
     def predict(self, image: np.ndarray) -> AnomalyResult:
         """Map at the image's own resolution and its score. Never depends on other images."""
 
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
+        """:meth:`predict` for several images, in order, each result as if predicted alone.
+
+        The default loops over :meth:`predict`; strategies that can share work across images
+        (tiles of several images through the backbone in one batch, one kNN search for all
+        of them) override it and must return the same results to float tolerance.
+        """
+        return [self.predict(image) for image in images]
+
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """All learned tensors, flat (keys may be prefixed per sub-model)."""

@@ -1,0 +1,223 @@
+"""Per-image latency and throughput of hrad's high-resolution methods on one device (made for one GPU).
+
+One prepared run, sized to finish in under 8 minutes on one GPU: 2K and 4K datasets are built
+with ``hrad make-hd`` (the ``build_hd_dataset`` it calls) from a small source (a few VisA
+capsules images when ``../shared`` is present, else hrad's synthetic demo set, ``--source``
+to choose), and for each size five setups are fitted on ``--n-train`` images and then predict
+``--n-test`` test images:
+
+- tiled PatchCore (EfficientNet-Lite0, 512 tiles, hrad's default embedding);
+- HiAD with PatchCore, and HiAD with DeSTSeg (512 patches, SCA with 4 detectors, short training);
+- L2BT students at 1036 (DINOv2 ViT-S/14, downsampling, padded square);
+- VarAD at 1022 (the 1024 class, a multiple of 14; DINOv2 ViT-S/14, one direction, short training).
+
+Latency: ``AnomalyModel.predict`` on an image already in memory (decoding excluded), the device
+synchronised, after one warm-up image; median and mean over the test images. ``strategy_ms``:
+the strategy's own predict (backbone + detector + map at full resolution) without smoothing or
+thresholds. Throughput: ``Strategy.predict_batch`` over all test images at once, images / s.
+Peak device memory is torch's allocator peak during prediction (CUDA only). Training is kept short:
+these rows are about speed, not quality.
+
+``--smoke`` is a tiny setting (tiny backbones, 256/384-pixel images, one epoch) that runs end to
+end on a CPU in about a minute, so the script is known to work before a GPU is lent.
+
+    PYTHONPATH=. python benchmarks/gpu.py                # on a GPU machine
+    PYTHONPATH=. python benchmarks/gpu.py --smoke --device cpu --out gpu_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import CAPSULES, write_results
+from hrad.config import load_config
+from hrad.data.datasets import load_dataset
+from hrad.data.hd_builder import build_hd_dataset
+from hrad.data.images import read_image
+from hrad.data.synthetic import make_demo_dataset
+from hrad.model import AnomalyModel
+
+COLUMNS = [
+    "setup", "size", "image_shape", "fit_s", "latency_ms_median", "latency_ms_mean", "strategy_ms_median",
+    "throughput_img_s", "peak_device_mb", "n_test", "error",
+]  # fmt: skip
+
+
+def setups(smoke: bool, precision: str) -> dict[str, dict[str, Any]]:
+    """Config overrides of each measured setup (smoke: tiny backbones and sizes, one epoch)."""
+    cnn = "tiny-cnn" if smoke else "efficientnet-lite0"
+    vit = "tiny-vit" if smoke else "dinov2-vits14"
+    tile = 128 if smoke else 512
+    vit_side = 112 if smoke else 1036
+    varad_side = 112 if smoke else 1022
+    epochs = 1 if smoke else 3
+    backbone = {"name": cnn, "precision": precision}
+    vit_backbone = {"name": vit, "precision": precision}
+    hiad = {"name": "hiad", "patch_size": tile, "low_res_size": tile, "assignment": "sca", "num_detectors": 4}
+    no_threshold = {"validation_fraction": 0.0}
+    held_out = {"validation_fraction": 0.25}
+    return {
+        "tiled PatchCore": {
+            "backbone": backbone,
+            "detector": {"name": "patchcore"},
+            "strategy": {"name": "tiled", "tile": tile},
+            "threshold": no_threshold,
+        },
+        # HiAD calibrates its detectors on held-out good images: a quarter of the training images
+        "HiAD-PatchCore": {"backbone": backbone, "detector": {"name": "patchcore"}, "strategy": hiad, "threshold": held_out},
+        "HiAD-DeSTSeg": {
+            "backbone": backbone,
+            "detector": {"name": "destseg", "student_epochs": epochs, "segmentation_epochs": epochs},
+            "strategy": hiad,
+            "threshold": held_out,
+        },
+        f"students {vit_side}": {
+            "backbone": vit_backbone,
+            "detector": {"name": "students", "epochs": 2 * epochs},
+            "strategy": {"name": "downsample", "image_size": vit_side, "pad_to_square": True},
+            "threshold": no_threshold,
+        },
+        f"VarAD {varad_side}": {
+            "backbone": vit_backbone,
+            "detector": {"name": "varad", "epochs": epochs, "directions": 1},
+            "strategy": {"name": "downsample", "image_size": varad_side, "pad_to_square": True},
+            "threshold": no_threshold,
+        },
+    }
+
+
+def small_source(root: Path, smoke: bool, source: str) -> tuple[Path, str]:
+    """A small MVTec-layout source for make-hd and a line naming it."""
+    use_capsules = source == "capsules" or (source == "auto" and CAPSULES.is_dir())
+    if use_capsules:
+        dataset = load_dataset(CAPSULES)
+        out = root / "source"
+        train = sorted(dataset.train)[: 4 if smoke else 10]
+        bad = [s for s in dataset.test if s.label == 1 and s.mask_path is not None][:2 if smoke else 4]
+        good = [s for s in dataset.test if s.label == 0][:2 if smoke else 4]
+        for folder, paths in (("train/good", train), ("test/good", [s.path for s in good]), ("test/bad", [s.path for s in bad])):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                os.symlink(Path(path).resolve(), out / folder / Path(path).name)
+        (out / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
+        for sample in bad:
+            assert sample.mask_path is not None
+            os.symlink(Path(sample.mask_path).resolve(), out / "ground_truth/bad" / f"{Path(sample.path).stem}_mask.png")
+        return out, "VisA capsules (CC BY 4.0), first training images and test images of the official split"
+    out = make_demo_dataset(root / "source", image_size=256 if smoke else 1024, n_train=4 if smoke else 10, n_test_good=2 if smoke else 4, n_test_bad=2 if smoke else 4)
+    return out, "hrad's synthetic demo textures (make_demo_dataset, seed 0)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, run: Callable[[], Any]) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(setup: str, overrides: dict[str, Any], train: list[np.ndarray], test: list[np.ndarray], device: torch.device) -> dict[str, Any]:
+    config = load_config(None, {**overrides, "device": str(device)})
+    start = time.perf_counter()
+    model = AnomalyModel(config).fit(train)
+    synchronize(device)
+    fit_s = time.perf_counter() - start
+    model.predict(test[0])  # warm-up: cuDNN autotuning, lazy index copies, allocator growth
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies = [timed(device, partial(model.predict, image)) for image in test]
+    with torch.inference_mode():
+        strategy_times = [timed(device, partial(model.strategy.predict, image)) for image in test]
+        batch_s = timed(device, lambda: model.strategy.predict_batch(test))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "fit_s": round(fit_s, 1),
+        "latency_ms_median": round(1000 * statistics.median(latencies), 1),
+        "latency_ms_mean": round(1000 * statistics.mean(latencies), 1),
+        "strategy_ms_median": round(1000 * statistics.median(strategy_times), 1),
+        "throughput_img_s": round(len(test) / batch_s, 2),
+        "peak_device_mb": None if peak is None else round(peak),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny backbones and images: checks the script on a CPU")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:1, cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="make-hd long sides (default 2048 4096; smoke 256 384)")
+    parser.add_argument("--n-train", type=int, default=None, help="training images per fit (default 8; smoke 3)")
+    parser.add_argument("--n-test", type=int, default=None, help="timed test images (default 6; smoke 2)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"], help="backbone precision")
+    parser.add_argument("--only", nargs="+", default=None, help="setup names to run (default all)")
+    parser.add_argument("--source", default="auto", choices=["auto", "capsules", "synthetic"])
+    parser.add_argument("--out", default=None, help="results name (default gpu_<device>)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the built datasets here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    sizes = args.sizes or ([256, 384] if args.smoke else [2048, 4096])
+    n_train = args.n_train or (3 if args.smoke else 8)
+    n_test = args.n_test or (2 if args.smoke else 6)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    chosen = setups(args.smoke, args.precision)
+    if args.only:
+        chosen = {name: value for name, value in chosen.items() if name in args.only}
+    work = Path(tempfile.mkdtemp(prefix="hrad_gpu_bench_")) if args.keep is None else args.keep
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    try:
+        source, source_line = small_source(work, args.smoke, args.source)
+        for size in sizes:
+            built = build_hd_dataset(source, work / f"hd_{size}", target_size=size, seed=0)
+            dataset = load_dataset(built)
+            train = [read_image(path) for path in sorted(dataset.train)[:n_train]]
+            test = [read_image(sample.path) for sample in sorted(dataset.test, key=lambda s: str(s.path))[:n_test]]
+            print(f"[{size}] {len(train)} train / {len(test)} test images of {train[0].shape[:2]}", file=sys.stderr, flush=True)
+            for name, overrides in chosen.items():
+                row: dict[str, Any] = {"setup": name, "size": size, "image_shape": "x".join(map(str, test[0].shape[:2])), "n_test": len(test)}
+                try:
+                    row.update(measure(name, overrides, train, test, device))
+                except Exception as error:  # a failing setup is a row, not the end of the run
+                    traceback.print_exc()
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                print(f"[{size}] {row}", file=sys.stderr, flush=True)
+                rows.append(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    notes = (
+        f"Device: {device_name}; backbone precision {args.precision}; torch {torch.__version__}. Images: make-hd at "
+        f"{', '.join(map(str, sizes))} px long side from {source_line}; {n_train} training images per fit, {n_test} timed "
+        f"test images. Total wall time {time.perf_counter() - started:.0f} s. "
+        + ("SMOKE setting (tiny random backbones, tiny images): checks the script, says nothing about speed. " if args.smoke else "")
+        + "latency_ms: AnomalyModel.predict on an in-memory image (smoothing and score included, decoding excluded), "
+        "median / mean after one warm-up; strategy_ms: the strategy's predict alone; throughput: Strategy.predict_batch "
+        "over the test images; peak_device_mb: torch's CUDA allocator peak while predicting. Training is short: "
+        "speed only, no quality claims."
+    )
+    name = args.out or ("gpu_smoke" if args.smoke else f"gpu_{device.type}")
+    write_results(name, rows, notes, columns=COLUMNS)
+
+
+if __name__ == "__main__":
+    main()
