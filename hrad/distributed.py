@@ -1,42 +1,26 @@
-"""Distributing hrad work over processes, GPUs or machines (Ray is optional).
+"""Prediction over many images with Ray (:func:`predict_many_ray`).
 
-Two kinds of work are distributed:
+Ray actors each load the artifact once on their own device, images go to whichever actor is
+free, each actor writes its maps, and the driver writes ``scores.csv`` as rows finish (flushed
+per row, so an interrupted run keeps them) and rewrites it in input order at the end. An image
+that fails (corrupt file, or a worker process that dies on it) becomes a ``failed`` row with the
+error, never a failed run. Every path (model, images, output) must be readable from every
+worker; workers need ``hrad`` installed (or ship it with ``runtime_env``).
 
-- **Fitting pool-type strategies** (one detector per tile location in ``tiled-ensemble``, the
-  detector pool of ``hiad``) is "map jobs -> results". A :class:`JobRunner` does exactly that:
-  :class:`SerialRunner` in process, :class:`ProcessPoolRunner` in local ``spawn`` processes and
-  :class:`RayExecutor` as Ray tasks on local GPUs or a cluster. Jobs carry file paths, configs
-  and detector classes, never live models, and results come back in job order, so every runner
-  gives the serial result. Strategies ask :func:`job_runner`; :func:`use_runner` makes a runner
-  (e.g. Ray) active for a block of code: where work runs is not part of the model's config or
-  artifact.
-- **Prediction over many images** (:func:`predict_many_ray`): Ray actors each load the artifact
-  once on their own device, images go to whichever actor is free, each actor writes its maps,
-  and the driver writes ``scores.csv`` as rows finish (flushed per row, so an interrupted run
-  keeps them) and rewrites it in input order at the end. An image that fails (corrupt file, or a
-  worker process that dies on it) becomes a ``failed`` row with the error, never a failed run.
-
-Every path (model, images, output, spill folders) must be readable from every worker: on a
-multi-machine cluster put them on shared storage (for fitting, point ``TMPDIR`` or HiAD's
-``work_dir`` at it). Workers need ``hrad`` installed (or ship it with ``runtime_env``).
+Fitting jobs (ensemble tiles, HiAD's pool) run through :mod:`hrad.runners`, which this module
+builds on; it sits above the model, so strategies never import it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import importlib
-import logging
-import multiprocessing
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hrad.errors import ConfigError
 from hrad.outputs import (
@@ -48,276 +32,25 @@ from hrad.outputs import (
     output_stems,
     write_scores_csv,
 )
+from hrad.runners import (
+    JobRunner,
+    ProcessPoolRunner,
+    RayExecutor,
+    SerialRunner,
+    Setup,
+    _check_gpus,
+    _one_line,
+    _run_setup,
+    _set_threads,
+    _task_error,
+    active_runner,
+    job_runner,
+    ray_session,
+    use_runner,
+)
 
-if TYPE_CHECKING:  # strategies import this module: no runtime import of hrad.strategies here
+if TYPE_CHECKING:
     from hrad.strategies.base import ProgressCallback
-
-JobT = TypeVar("JobT")
-ResultT = TypeVar("ResultT")
-
-#: ``progress(done, total)`` after each finished job (in completion order)
-JobProgress = Callable[[int, int], None]
-
-#: A picklable callable each worker process runs once before its first job or model load,
-#: e.g. to register plugin detectors; or ``"package.module:function"`` to import and call.
-Setup = Callable[[], None] | str
-
-
-# ------------------------------------------------------------------------------------ runners
-class JobRunner(Protocol):
-    """Runs ``fn`` on every job and returns the results in job order.
-
-    ``fn`` must be picklable (a module-level function) and so must the jobs; both travel to
-    other processes or machines. A job's exception is re-raised by :meth:`map`.
-    """
-
-    #: the device every job must use because the runner pins jobs to devices itself (a Ray
-    #: task sees its own GPU as ``"cuda"``), or None when the caller chooses (local GPUs)
-    device: str | None
-
-    def map(
-        self, fn: Callable[[JobT], ResultT], jobs: Sequence[JobT], progress: JobProgress | None = None
-    ) -> list[ResultT]: ...
-
-
-class SerialRunner:
-    """Runs jobs one after another in this process."""
-
-    device: str | None = None
-
-    def map(
-        self, fn: Callable[[JobT], ResultT], jobs: Sequence[JobT], progress: JobProgress | None = None
-    ) -> list[ResultT]:
-        results = []
-        for done, job in enumerate(jobs, start=1):
-            results.append(fn(job))
-            if progress is not None:
-                progress(done, len(jobs))
-        return results
-
-
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-class ProcessPoolRunner:
-    """Runs jobs in local ``spawn`` worker processes (safe with CUDA and threads).
-
-    ``threads_per_worker`` defaults to the CPU count divided among the workers, so the pool
-    never oversubscribes the machine.
-    """
-
-    device: str | None = None
-
-    def __init__(self, workers: int, threads_per_worker: int | None = None) -> None:
-        if workers < 1:
-            raise ConfigError(f"process pool needs at least 1 worker, got {workers}")
-        self.workers = workers
-        self.threads_per_worker = threads_per_worker
-
-    def map(
-        self, fn: Callable[[JobT], ResultT], jobs: Sequence[JobT], progress: JobProgress | None = None
-    ) -> list[ResultT]:
-        processes = min(self.workers, len(jobs))
-        if processes <= 1:
-            return SerialRunner().map(fn, jobs, progress)
-        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // processes)
-        context = multiprocessing.get_context("spawn")
-        results: list[Any] = [None] * len(jobs)
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
-            futures = {pool.submit(fn, job): index for index, job in enumerate(jobs)}
-            for done, future in enumerate(as_completed(futures), start=1):
-                results[futures[future]] = future.result()
-                if progress is not None:
-                    progress(done, len(jobs))
-        return results
-
-
-_ACTIVE_RUNNER: contextvars.ContextVar[JobRunner | None] = contextvars.ContextVar("hrad_job_runner", default=None)
-
-
-def active_runner() -> JobRunner | None:
-    """The runner made active by :func:`use_runner`, if any."""
-    return _ACTIVE_RUNNER.get()
-
-
-@contextlib.contextmanager
-def use_runner(runner: JobRunner) -> Iterator[JobRunner]:
-    """Make ``runner`` run the jobs of every fit inside the block (overrides ``workers``)."""
-    token = _ACTIVE_RUNNER.set(runner)
-    try:
-        yield runner
-    finally:
-        _ACTIVE_RUNNER.reset(token)
-
-
-def job_runner(workers: int, threads_per_worker: int | None = None) -> JobRunner:
-    """The active runner if there is one, else serial (``workers`` <= 1) or a local process pool."""
-    runner = active_runner()
-    if runner is not None:
-        return runner
-    if workers <= 1:
-        return SerialRunner()
-    return ProcessPoolRunner(workers, threads_per_worker)
-
-
-# ------------------------------------------------------------------------------------ Ray plumbing
-def require_ray() -> ModuleType:
-    """The ``ray`` module, or a one-line error saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("distributed work needs Ray: pip install 'hrad[distributed]'") from None
-    return ray
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, runtime_env: dict[str, Any] | None = None) -> Iterator[ModuleType]:
-    """Ray connected for the block: an already initialised Ray is reused and left running;
-    otherwise ``address=None`` starts a local Ray (shut down afterwards) and ``"auto"`` or
-    ``"ray://host:port"`` joins a cluster."""
-    ray = require_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    options: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        options["include_dashboard"] = False
-    if runtime_env is not None:
-        options["runtime_env"] = runtime_env
-    try:
-        ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = address or os.environ.get("RAY_ADDRESS") or "local"
-        raise ConfigError(f"ray cluster {where}: cannot start or connect ({_one_line(error)})") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:300]
-
-
-def _check_gpus(ray: ModuleType, gpus_per_worker: float) -> None:
-    if gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_worker:
-        raise ConfigError(
-            f"{gpus_per_worker} GPU(s) per worker requested but the Ray cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPUs (use 0 for CPU workers)"
-        )
-
-
-_SETUP_DONE: set[str] = set()
-
-
-def _run_setup(token: str, setup: Setup | None) -> None:
-    """Run ``setup`` once per process (workers are reused across jobs)."""
-    if setup is None or token in _SETUP_DONE:
-        return
-    if isinstance(setup, str):
-        module_name, _, function_name = setup.partition(":")
-        function = getattr(importlib.import_module(module_name), function_name or "setup")
-        function()
-    else:
-        setup()
-    _SETUP_DONE.add(token)
-
-
-def _task_error(ray: ModuleType, error: BaseException) -> BaseException:
-    """The job's own exception out of Ray's wrapper, so HradErrors keep their one line."""
-    cause = getattr(error, "cause", None)
-    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
-        return cause
-    return error
-
-
-def _run_job(fn: Callable[[Any], Any], job: Any, threads: int, token: str, setup: Setup | None) -> Any:
-    _run_setup(token, setup)
-    _set_threads(threads)
-    return fn(job)
-
-
-class RayExecutor:
-    """A :class:`JobRunner` over Ray tasks: local CPUs/GPUs or a cluster (``address``).
-
-    Every job is one task with ``cpus_per_job`` CPUs and ``gpus_per_job`` GPUs; Ray schedules
-    them as resources free up. With GPUs each task sees its own GPU as ``"cuda"``, so
-    :attr:`device` tells the strategy to build jobs for ``"cuda"`` rather than round-robin
-    ``cuda:i``. Use it as a context manager to keep Ray up across several fits::
-
-        with RayExecutor(gpus_per_job=1) as runner, use_runner(runner):
-            model.fit(images)
-    """
-
-    def __init__(
-        self,
-        address: str | None = None,
-        cpus_per_job: float = 1.0,
-        gpus_per_job: float = 0.0,
-        setup: Setup | None = None,
-        runtime_env: dict[str, Any] | None = None,
-    ) -> None:
-        if cpus_per_job <= 0 or gpus_per_job < 0:
-            raise ConfigError(f"ray jobs need cpus > 0 and gpus >= 0, got {cpus_per_job} and {gpus_per_job}")
-        self.address, self.runtime_env, self.setup = address, runtime_env, setup
-        self.cpus_per_job, self.gpus_per_job = cpus_per_job, gpus_per_job
-        self.device: str | None = "cuda" if gpus_per_job > 0 else "cpu"
-        self._token = uuid.uuid4().hex
-        self._session: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> RayExecutor:
-        self._connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _connect(self) -> ModuleType:
-        if self._session is None:
-            stack = contextlib.ExitStack()
-            ray = stack.enter_context(ray_session(self.address, self.runtime_env))
-            self._session = stack
-            _check_gpus(ray, self.gpus_per_job)
-            return ray
-        return require_ray()
-
-    def close(self) -> None:
-        """Shut Ray down if this executor started it."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-
-    def map(
-        self, fn: Callable[[JobT], ResultT], jobs: Sequence[JobT], progress: JobProgress | None = None
-    ) -> list[ResultT]:
-        if not jobs:
-            return []
-        ray = self._connect()
-        task = ray.remote(_run_job).options(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job)
-        shared = (max(1, int(self.cpus_per_job)), self._token, self.setup)
-        fn_ref = ray.put(fn)
-        pending = {task.remote(fn_ref, job, *shared): index for index, job in enumerate(jobs)}
-        results: list[Any] = [None] * len(jobs)
-        done = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                index = pending.pop(ref)
-                try:
-                    results[index] = ray.get(ref)
-                except Exception as error:
-                    for other in pending:
-                        ray.cancel(other)
-                    raise _task_error(ray, error) from None
-                done += 1
-                if progress is not None:
-                    progress(done, len(jobs))
-        return results
-
 
 # ------------------------------------------------------------------------------------ prediction
 #: a ``scores.csv`` row (kept under its old name; :class:`hrad.outputs.OutputRow`)
@@ -347,7 +80,13 @@ class _PredictWorker:
     """A Ray actor holding one loaded model; predicts one image per call."""
 
     def __init__(
-        self, model_path: str, device: str, out_dir: str, threads: int, token: str, setup: Setup | None,
+        self,
+        model_path: str,
+        device: str,
+        out_dir: str,
+        threads: int,
+        token: str,
+        setup: Setup | None,
         options: PredictOptions | None = None,
     ) -> None:
         self._error: BaseException | None = None
@@ -358,9 +97,15 @@ class _PredictWorker:
 
             self.options = options or PredictOptions()
             self.model = load(model_path, device=device)
-            self.model.decision_thresholds(self.options.threshold, self.options.pixel_threshold, self.options.sigmas)
+            self.model.decision_thresholds(
+                self.options.threshold, self.options.pixel_threshold, self.options.sigmas
+            )
             self.writer = PredictionWriter.for_model(
-                out_dir, self.model, map_format=self.options.map_format, overlays=self.options.overlays, masks=self.options.masks
+                out_dir,
+                self.model,
+                map_format=self.options.map_format,
+                overlays=self.options.overlays,
+                masks=self.options.masks,
             )
         except Exception as error:  # re-raised by ready(), keeping its type and message
             self._error = error
@@ -377,7 +122,10 @@ class _PredictWorker:
         try:
             image = image_io.read_image(job.path)
             prediction = self.model.predict(
-                image, threshold=options.threshold, pixel_threshold=options.pixel_threshold, sigmas=options.sigmas
+                image,
+                threshold=options.threshold,
+                pixel_threshold=options.pixel_threshold,
+                sigmas=options.sigmas,
             )
             return self.writer.write(job.path, job.stem, image, prediction)
         except Exception as error:  # one bad image must not stop the others
@@ -425,14 +173,21 @@ def predict_many_ray(
 
         saved = manifest.get("thresholds")
         thresholds = Thresholds.from_json(saved) if saved else None
-        PredictionWriter(out, thresholds, options.map_format, options.overlays, options.masks).write_description()
+        PredictionWriter(
+            out, thresholds, options.map_format, options.overlays, options.masks
+        ).write_description()
     paths = [str(path) for path in image_paths]
-    jobs = deque(_ImageJob(index, path, stem) for index, (path, stem) in enumerate(zip(paths, output_stems(paths), strict=True)))
+    jobs = deque(
+        _ImageJob(index, path, stem)
+        for index, (path, stem) in enumerate(zip(paths, output_stems(paths), strict=True))
+    )
     rows: list[OutputRow | None] = [None] * len(paths)
     if paths:
         with ray_session(address, runtime_env) as ray, ScoresWriter(out / "scores.csv") as streamed:
             _check_gpus(ray, num_gpus_per_worker)
-            actor_type = ray.remote(_PredictWorker).options(num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker)
+            actor_type = ray.remote(_PredictWorker).options(
+                num_cpus=cpus_per_worker, num_gpus=num_gpus_per_worker
+            )
             arguments = (
                 model_path,
                 "cuda" if num_gpus_per_worker > 0 else "cpu",
@@ -448,7 +203,9 @@ def predict_many_ray(
                     ray.get([actor.ready.remote() for actor in actors])
                 except Exception as error:
                     raise _task_error(ray, error) from None
-                _distribute(ray, actors, jobs, rows, lambda: actor_type.remote(*arguments), progress, streamed.write)
+                _distribute(
+                    ray, actors, jobs, rows, lambda: actor_type.remote(*arguments), progress, streamed.write
+                )
             finally:
                 for actor in actors:
                     ray.kill(actor)

@@ -24,18 +24,11 @@ import hrad
 from hrad.config import load_config
 from hrad.data.images import read_image
 from hrad.detectors.base import detector_class
-from hrad.distributed import (
-    ProcessPoolRunner,
-    RayExecutor,
-    SerialRunner,
-    active_runner,
-    job_runner,
-    predict_many_ray,
-    use_runner,
-)
+from hrad.distributed import predict_many_ray
 from hrad.errors import ConfigError, InputError
 from hrad.model import AnomalyModel
 from hrad.outputs import map_scale, read_map_png16
+from hrad.runners import ProcessPoolRunner, RayExecutor, SerialRunner, active_runner, job_runner, use_runner
 from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, run_fit_job
 
 TESTS = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ from conftest import textured_image, with_spot
 
 from hrad.config import load_config
 from hrad.data import ImageList, load_dataset, read_mask, write_image, write_mask
-from hrad.data.mvtec_ad2 import as_submitted, evaluate_ad2, export_submission
+from hrad.ad2 import as_submitted, evaluate_ad2, export_submission
 from hrad.errors import ConfigError, InputError
 from hrad.metrics import PixelMetrics
 from hrad.model import AnomalyModel

@@ -264,7 +264,7 @@ def demo(
     backbone: Annotated[str, typer.Option(help="Backbone for both models")] = "efficientnet-lite0",
 ) -> None:
     """Build a synthetic high-resolution dataset, fit downsampling vs full-resolution tiling, compare."""
-    from hrad.demo import run_demo
+    from hrad.cli.demo import run_demo
 
     run_demo(out, size=size, backbone=backbone)
 
@@ -376,10 +376,10 @@ def ad2_export(
     """Write an MVTec AD 2 submission: float16 TIFF maps and thresholded masks for the private splits."""
     from hrad.data.datasets import load_dataset
     from hrad.data.images import prepare_output_dir
-    from hrad.data.mvtec_ad2 import export_submission
     from hrad.model import load
 
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
+    from hrad.ad2 import export_submission
     prepare_output_dir(out)
     with progress_bars() as progress:
         counts = export_submission(load(model), dataset, out, progress=progress)
@@ -395,11 +395,11 @@ def ad2_evaluate(
 ) -> None:
     """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
     from hrad.data.datasets import load_dataset
-    from hrad.data.mvtec_ad2 import evaluate_ad2
     from hrad.model import load
 
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
+    from hrad.ad2 import evaluate_ad2
         metrics = evaluate_ad2(load(model), dataset, progress=progress)
     text = json.dumps(metrics, indent=1, default=str)
     if out is not None:

@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
-from hrad.distributed import active_runner, job_runner
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.postprocess.seams import smooth_seams
+from hrad.runners import active_runner, job_runner
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig
-from hrad.distributed import active_runner, job_runner
+from hrad.runners import active_runner, job_runner
 
 
 @dataclass(frozen=True)
@@ -100,5 +100,5 @@ def job_devices(count: int, default: str) -> list[str]:
 
 def fit_detectors(jobs: Sequence[FitJob], workers: int) -> list[dict[str, Tensor]]:
     """Run ``jobs`` in order: in process (``workers`` <= 1), in a spawn process pool, or on the
-    runner made active by :func:`hrad.distributed.use_runner` (e.g. Ray)."""
+    runner made active by :func:`hrad.runners.use_runner` (e.g. Ray)."""
     return job_runner(min(workers, len(jobs))).map(run_fit_job, jobs)
