@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from conftest import textured_image, with_spot
 
+from hrad.ad2 import as_submitted, evaluate_ad2, export_submission
 from hrad.config import load_config
 from hrad.data import ImageList, load_dataset, read_mask, write_image, write_mask
-from hrad.ad2 import as_submitted, evaluate_ad2, export_submission
 from hrad.errors import ConfigError, InputError
 from hrad.metrics import PixelMetrics
 from hrad.model import AnomalyModel

@@ -227,7 +227,8 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
         mean, std = self.channel_statistics(batches)
         layout = self.resolve_layout(mean.numel())
         levels = self.build(layout, mean.device)
-        for level, level_mean, level_std in zip(levels, mean.split(layout), std.split(layout), strict=True):
+        for module, level_mean, level_std in zip(levels, mean.split(layout), std.split(layout), strict=True):
+            level = cast(FastFlowLevel, module)
             level.mean.copy_(level_mean.view(1, -1, 1, 1))
             level.std.copy_(level_std.view(1, -1, 1, 1))
 

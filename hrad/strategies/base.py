@@ -9,10 +9,10 @@ own resolution plus an image score. It talks to detectors only through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -88,11 +88,6 @@ class ImageSource(Protocol):
     def __getitem__(self, index: int) -> np.ndarray: ...
 
 
-def iterate_images(images: ImageSource) -> Iterator[np.ndarray]:
-    for index in range(len(images)):
-        yield images[index]
-
-
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     """``H x W x 3`` float array -> ``1 x 3 x H x W`` float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None].to(device)
@@ -100,8 +95,6 @@ def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
 
 class Strategy(ABC):
     """Fit on full-resolution good images; predict full-resolution maps."""
-
-    config_type: ClassVar[type[StrategyConfig]]
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         self.config = config
