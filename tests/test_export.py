@@ -87,6 +87,7 @@ CASES = {
         {"name": "destseg", "student_epochs": 1, "segmentation_epochs": 1, "student_stages": 1},
     ),
     "vitad-downsample": ({"name": "downsample", "image_size": 70}, "tiny-vit", {"name": "vitad", "epochs": 1}),
+    "realnet-downsample": ({"name": "downsample", "image_size": 64}, "tiny-cnn", {"name": "realnet", "epochs": 1}),
 }
 
 
