@@ -176,6 +176,7 @@ def predict(
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_image
     from hrad.model import load
     from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
+    from hrad.pipeline import overlapped
 
     images = expand_image_paths(paths)
     prepare_output_dir(out)
@@ -185,14 +186,19 @@ def predict(
     writer.write_description()
     stems = output_stems(images)
     failed: list[OutputRow] = []
+    def compute(item: tuple[Path, str], image: Any) -> Any:
+        return fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas)
+
+    def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
+        return writer.write(item[0], item[1], image, prediction)
+
+    # the next images are decoded and finished ones written in threads while the model computes
+    # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
+    items = list(zip(images, stems, strict=True))
     with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
-        for index, (path, stem) in enumerate(zip(images, stems, strict=True)):
-            try:
-                image = read_image(path)
-                prediction = fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas)
-                row = writer.write(path, stem, image, prediction)
-            except Exception as error:  # noqa: BLE001 - one bad image must not stop the others
-                row = failed_row(path, error)
+        stages = overlapped(items, lambda item: read_image(item[0]), compute, finish, prefetch=2, writers=1)
+        for index, ((path, _), outcome) in enumerate(stages):
+            row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
             scores.write(row)
             if row.error is not None:
                 failed.append(row)
