@@ -192,6 +192,7 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
     """Forward (j -> k) and backward (k -> j) students over a frozen ViT teacher."""
 
     multi_pass = False  # the tokens are gathered in one pass; the epochs iterate that buffer
+    exportable = False  # predict chunks tokens by count and times itself: not traced to ONNX
 
     def __init__(self, config: StudentsConfig) -> None:
         super().__init__(config)
