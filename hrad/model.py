@@ -18,6 +18,7 @@ import torch
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
+from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import gaussian_smooth, image_score
@@ -118,33 +119,6 @@ class Subset:
 #: An image whose short side is under this fraction of the fitted images' short side is refused:
 #: its features would come from a scale the model never saw (a 1x1 image vs a 2048x2048 fit).
 MIN_SIDE_FRACTION = 1 / 8
-
-
-def as_image(image: np.ndarray | str | Path) -> np.ndarray:
-    """Accept a path, or an array (gray, RGB or RGBA; any integer type, bool, or float in [0, 1]),
-    as float32 H x W x 3 in [0, 1].
-
-    Arrays follow the files' rule (:func:`hrad.data.images.to_unit_float`): integers are divided
-    by their type's maximum (uint8 by 255, uint16 by 65535), floats must be finite and in
-    [0, 1] - a float array on a 0-255 scale is refused, not clipped.
-    """
-    from hrad.data.images import read_image, to_unit_float
-
-    if isinstance(image, (str, Path)):
-        return read_image(Path(image))
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] in (1, 2):  # gray, gray + alpha
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise InputError(f"image array of shape {array.shape} is not H x W, H x W x 1, x 3 or x 4")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"image array of shape {array.shape} is empty")
-    if array.ndim == 3:
-        array = array[..., :3]
-    unit = to_unit_float(array, f"image array of shape {array.shape}")
-    if unit.ndim == 2:
-        unit = np.repeat(unit[..., None], 3, axis=2)
-    return np.ascontiguousarray(unit)
 
 
 def resolve_device(name: str) -> torch.device:
