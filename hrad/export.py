@@ -15,7 +15,6 @@ Strategies with several detectors or position-bound sub-models (``tiled-ensemble
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -31,16 +30,16 @@ from torch import Tensor, nn
 from hrad.detectors.base import Detector
 from hrad.errors import ArtifactError, ConfigError
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
-from hrad.strategies.base import to_tensor
 from hrad.strategies.tiled import (
     DownsampleConfig,
     TiledConfig,
     TiledStrategy,
-    pad_square,
+    long_side_size,
+    predict_tiles,
     resize,
     round_to_multiple,
 )
-from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger
+from hrad.strategies.tiling import ContextEmbedder, TileGrid
 from hrad.version import __version__
 
 if TYPE_CHECKING:
@@ -222,10 +221,7 @@ class Geometry:
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         if self.strategy == "downsample":
             return self.tile, self.tile
-        if self.long_side is None:
-            return height, width
-        scale = self.long_side / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        return long_side_size(height, width, self.long_side)
 
     def grid(self, height: int, width: int) -> TileGrid:
         if self.strategy == "downsample":
@@ -435,37 +431,27 @@ class OnnxPredictor:
         self.postprocess = PostprocessConfig.model_validate(self.sidecar["postprocess"])
         self.session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers or ["CPUExecutionProvider"])
 
-    def _run(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
-        maps, scores = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(tiles.numpy(), dtype=np.float32)})
+    def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
+        """Tile windows at image scale -> the graph's ``(maps, scores)`` (resized to its input first)."""
+        side = self.geometry.network_input
+        inputs = np.ascontiguousarray(resize(windows, (side, side)).numpy(), dtype=np.float32)
+        maps, scores = self.session.run(None, {INPUT_NAME: inputs})
         return torch.from_numpy(maps), torch.from_numpy(scores)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Unsmoothed full-resolution map and the strategy score (mirrors ``TiledStrategy.predict``)."""
+        """Unsmoothed full-resolution map and the strategy score: :func:`predict_tiles`, the code
+        :meth:`TiledStrategy.predict` runs, with the exported graph as the per-tile scoring."""
         geometry = self.geometry
-        height, width = image.shape[:2]
-        tensor = to_tensor(image)
-        content: tuple[int, int] | None = None
-        if geometry.pad_to_square:
-            tensor, content = pad_square(tensor)
-        work = geometry.working_size(*tensor.shape[-2:])
-        tensor = resize(tensor, work)
-        grid = geometry.grid(*work)
-        merger = TileMerger(grid)
-        scores: list[Tensor] = []
-        side = geometry.network_input
-        for positions, batch in grid.batches(grid.pad(tensor[0]), geometry.batch_size):
-            maps, tile_scores = self._run(resize(batch, (side, side)))
-            tile_maps = resize(maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].numpy()
-            for position, tile_map in zip(positions, tile_maps, strict=True):
-                merger.add(position, tile_map)
-            scores.append(tile_scores.float())
-        merged = torch.from_numpy(merger.result())[None]
-        if content is not None:
-            side = merged.shape[-1]
-            merged = merged[..., : math.ceil(side * content[0] / max(content)), : math.ceil(side * content[1] / max(content))]
-        full = resize(merged, (height, width))[0, 0].numpy().astype(np.float32)
-        score = float(torch.cat(scores).max()) if geometry.score == "detector" else float(full.max())
-        return full, score
+        result = predict_tiles(
+            image,
+            self.score_windows,
+            working_size=geometry.working_size,
+            grid=geometry.grid,
+            pad_to_square=geometry.pad_to_square,
+            batch_size=geometry.batch_size,
+            score=geometry.score,
+        )
+        return result.anomaly_map, result.score
 
     def predict(self, image: np.ndarray | str | Path) -> Prediction:
         """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""

@@ -9,7 +9,7 @@ resized back to the input's own resolution.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -88,6 +88,65 @@ def pad_square(image: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return padded, (height, width)
 
 
+#: the per-tile scoring collaborator of :func:`predict_tiles`: tile windows ``B x 3 x h x w`` at
+#: image scale (context margin included) -> ``(maps B x h' x w', scores B)`` of the tiles alone
+WindowScorer = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def long_side_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
+    """``height x width`` scaled so its long side is ``long_side`` (unchanged when None)."""
+    if long_side is None:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def prepare_image(
+    image: np.ndarray, working_size: Callable[[int, int], tuple[int, int]], pad_to_square: bool, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Image -> working-size ``3 x h x w`` tensor (edge-replicated to a square first if asked)."""
+    tensor = to_tensor(image, device)
+    if pad_to_square:
+        tensor, _ = pad_square(tensor)
+    return resize(tensor, working_size(*tensor.shape[-2:]))[0]
+
+
+def predict_tiles(
+    image: np.ndarray,
+    score_windows: WindowScorer,
+    *,
+    working_size: Callable[[int, int], tuple[int, int]],
+    grid: Callable[[int, int], TileGrid],
+    pad_to_square: bool,
+    batch_size: int,
+    score: str,
+    device: torch.device | str = "cpu",
+) -> AnomalyResult:
+    """The tiled prediction around any per-tile scoring: resize, tile, score, merge, crop, resize back.
+
+    :meth:`TiledStrategy.predict` runs it with the detector as ``score_windows``; the ONNX and
+    OpenVINO predictors (:mod:`hrad.export`) run the same code with the exported graph.
+    """
+    height, width = image.shape[:2]
+    tensor = prepare_image(image, working_size, pad_to_square, device)
+    tiles = grid(*tensor.shape[-2:])
+    merger = TileMerger(tiles)
+    scores: list[Tensor] = []
+    for positions, windows in tiles.batches(tiles.pad(tensor), batch_size):
+        tile_maps, tile_scores = score_windows(windows)
+        maps = resize(tile_maps[:, None].float(), (tiles.tile_h, tiles.tile_w))[:, 0].cpu().numpy()
+        for position, tile_map in zip(positions, maps, strict=True):
+            merger.add(position, tile_map)
+        scores.append(tile_scores.float().cpu())
+    merged = torch.from_numpy(merger.result())[None]  # 1 x 1 x h x w
+    if pad_to_square:  # undo pad_to_square: crop the padding before anything is scored
+        side = merged.shape[-1]
+        merged = merged[..., : math.ceil(side * height / max(height, width)), : math.ceil(side * width / max(height, width))]
+    full = resize(merged, (height, width))[0, 0].numpy()
+    best = float(torch.cat(scores).max()) if score == "detector" else float(full.max())
+    return AnomalyResult(anomaly_map=full.astype(np.float32), score=best)
+
+
 class TiledStrategy(Strategy):
     """One detector over the tiles of every (optionally resized) image.
 
@@ -96,6 +155,8 @@ class TiledStrategy(Strategy):
     """
 
     config: DownsampleConfig | TiledConfig
+    #: tile windows -> the tiles' own embeddings (context margin cropped)
+    tiles: ContextEmbedder
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         super().__init__(config, detector, extractor)
@@ -116,18 +177,9 @@ class TiledStrategy(Strategy):
     def _pad_to_square(self) -> bool:
         return False
 
-    def _prepare(self, image: np.ndarray) -> tuple[Tensor, tuple[int, int] | None]:
-        """Image -> working-size ``3 x h x w`` tensor and the pre-padding size (pad_to_square)."""
-        tensor = to_tensor(image, self.device)
-        content: tuple[int, int] | None = None
-        if self._pad_to_square():
-            tensor, content = pad_square(tensor)
-        tensor = resize(tensor, self._working_size(*tensor.shape[-2:]))
-        return tensor[0], content
-
     def _tile_embeddings(self, image: np.ndarray) -> Iterator[tuple[TileGrid, list[TilePosition], Tensor]]:
         """``(grid, positions, B x C x h x w embeddings)`` of one image's tiles, a batch at a time."""
-        tensor, _ = self._prepare(image)
+        tensor = prepare_image(image, self._working_size, self._pad_to_square(), self.device)
         grid, tiles = self._tiles(*tensor.shape[-2:])
         for positions, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
             yield grid, positions, tiles(windows)
@@ -146,28 +198,23 @@ class TiledStrategy(Strategy):
         source = _EmbeddingSource(self, images, progress, cache=self.detector.multi_pass)
         self.detector.fit(source)
 
-    def predict(self, image: np.ndarray) -> AnomalyResult:
-        height, width = image.shape[:2]
-        merger: TileMerger | None = None
-        scores: list[Tensor] = []
-        for grid, positions, embeddings in self._tile_embeddings(image):
-            if merger is None:
-                merger = TileMerger(grid)
-            output = self.detector.predict(embeddings)
-            maps = resize(output.maps[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0].cpu().numpy()
-            for position, tile_map in zip(positions, maps, strict=True):
-                merger.add(position, tile_map)
-            scores.append(output.scores.float().cpu())
-        assert merger is not None
-        merged = torch.from_numpy(merger.result())[None]  # 1 x 1 x h x w
-        if self._pad_to_square():  # undo pad_to_square: crop the padding before anything is scored
-            content = image.shape[:2]
-            side = merged.shape[-1]
-            merged = merged[..., : math.ceil(side * content[0] / max(content)), : math.ceil(side * content[1] / max(content))]
-        full = resize(merged, (height, width))[0, 0].numpy()
-        tile_scores = torch.cat(scores)
-        score = float(tile_scores.max()) if self.config.score == "detector" else float(full.max())
-        return AnomalyResult(anomaly_map=full.astype(np.float32), score=score)
+    def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-tile scoring of :meth:`predict`: windows -> the detector's ``(maps, scores)``."""
+        output = self.detector.predict(self.tiles(windows))
+        return output.maps, output.scores
+
+    def predict(self, image: np.ndarray, score_windows: WindowScorer | None = None) -> AnomalyResult:
+        """Tiled prediction; ``score_windows`` replaces the per-tile scoring (an exported graph)."""
+        return predict_tiles(
+            image,
+            score_windows or self.score_windows,
+            working_size=self._working_size,
+            grid=lambda height, width: self._tiles(height, width)[0],
+            pad_to_square=self._pad_to_square(),
+            batch_size=self.config.batch_size,
+            score=self.config.score,
+            device=self.device,
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"detector.{key}": value for key, value in self.detector.state_dict().items()}
@@ -243,10 +290,7 @@ class SharedTileStrategy(TiledStrategy):
         self.tiles = ContextEmbedder(self.embedder, cfg.tile, cfg.tile, cfg.resolve_context(extractor))
 
     def _working_size(self, height: int, width: int) -> tuple[int, int]:
-        if self.config.image_size is None:
-            return height, width
-        scale = self.config.image_size / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        return long_side_size(height, width, self.config.image_size)
 
     def _tiles(self, height: int, width: int) -> tuple[TileGrid, ContextEmbedder]:
         stride = self.config.stride or self.config.tile
