@@ -89,8 +89,9 @@ class MRFConfig(StrategyConfig):
     index: Literal["auto", "exact", "ivf"] = "auto"
     #: IVF lists of each bank index
     nlist: int = Field(512, ge=1)
-    #: IVF lists probed per query
-    nprobe: int = Field(32, ge=1)
+    #: IVF lists probed per query. 8: search 0.7 s vs 3.2 s per image at 32 (exact 5.4 s; backbone 24 s),
+    #: recall@1 0.997, fused map within 3e-4 of exact (benchmarks/results/mrf_search.md)
+    nprobe: int = Field(8, ge=1)
     #: keep this fraction of each image's vectors per bank (greedy k-center); None = see max_bank_gib
     coreset_ratio: float | None = Field(None, gt=0, le=1)
     #: without coreset_ratio, banks whose float32 size would exceed this get the ratio that fits
