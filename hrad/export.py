@@ -8,8 +8,9 @@ smoothing and thresholds are cheap array work; the JSON sidecar records every nu
 and :class:`OnnxPredictor` is the reference implementation of them around onnxruntime, equal
 to :meth:`AnomalyModel.predict` up to float rounding.
 
-Strategies with several detectors or position-bound sub-models (``tiled-ensemble``, ``hiad``,
-``mrf``) are not exportable yet; detectors without a scoring module neither.
+``tiled-ensemble`` (PatchCore) exports through :mod:`hrad.export_ensemble` (one graph, the tile
+position as a second input); ``hiad`` and ``mrf`` are not exportable yet, detectors without a
+scoring module neither. :func:`open_predictor` opens either kind of export.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 SIDECAR_FORMAT = "hrad-onnx"
 SIDECAR_VERSION = 2
-EXPORTABLE_STRATEGIES = ("downsample", "tiled")
+EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble")
 INPUT_NAME = "tiles"
 OUTPUT_NAMES = ("maps", "scores")
 #: ONNX opset: 17 has everything a CNN/ViT backbone and the kNN/Gaussian scorers need
@@ -347,6 +348,10 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     With ``verify`` the written graph is run by onnxruntime on random tiles (batches of 1 and 2)
     and must match the PyTorch module to :data:`TOLERANCE`.
     """
+    if model.config.strategy.name == "tiled-ensemble" and tile_size is None:
+        from hrad.export_ensemble import export_ensemble_onnx
+
+        return export_ensemble_onnx(model, out_path, verify=verify)
     out_path = Path(out_path)
     geometry = export_geometry(model, tile_size)
     scoring = _scoring_module(model).to(model.device)
@@ -467,3 +472,15 @@ class OnnxPredictor:
             image_threshold=thresholds["image"] if thresholds else None,
             pixel_threshold=thresholds["pixel"] if thresholds else None,
         )
+
+
+def open_predictor(onnx_path: str | Path, providers: list[str] | None = None) -> Any:
+    """The predictor of any hrad ONNX export (tiled/downsample or tiled ensemble), by its sidecar."""
+    from hrad.export_ensemble import OnnxEnsemblePredictor, load_sidecar
+
+    if not Path(onnx_path).is_file():
+        raise ArtifactError(f"{onnx_path}: ONNX model not found")
+    sidecar = load_sidecar(onnx_path)
+    if sidecar.get("format") == SIDECAR_FORMAT and sidecar.get("geometry", {}).get("strategy") == "tiled-ensemble":
+        return OnnxEnsemblePredictor(onnx_path, sidecar, providers)
+    return OnnxPredictor(onnx_path, providers=providers)

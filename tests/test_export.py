@@ -136,8 +136,8 @@ def test_unexportable_detectors_and_strategies_are_one_line_config_errors(images
     plain = make_model({"name": "downsample", "image_size": 64}, detector="test-gaussian").fit(images[:2])
     with pytest.raises(ConfigError, match="^detector 'test-gaussian' cannot be exported to ONNX$"):
         export_onnx(plain, tmp_path / "x.onnx")
-    ensemble = make_model({"name": "tiled-ensemble"})
-    with pytest.raises(ConfigError, match="strategy 'tiled-ensemble' cannot be exported"):
+    ensemble = make_model({"name": "tiled-ensemble", "tile": 48}).fit(images[:2])
+    with pytest.raises(ConfigError, match="tiled-ensemble export supports the patchcore detector"):
         export_onnx(ensemble, tmp_path / "x.onnx")
     vit = make_model({"name": "downsample", "image_size": 70}, backbone="tiny-vit")
     with pytest.raises(ConfigError, match="not a multiple of 14"):

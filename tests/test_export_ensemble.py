@@ -1,0 +1,88 @@
+"""Tiled-ensemble ONNX export: one graph with the tile position as input equals hrad predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from conftest import textured_image, with_spot
+
+from hrad.config import load_config
+from hrad.export import export_onnx, open_predictor
+from hrad.export_ensemble import OnnxEnsemblePredictor
+from hrad.model import AnomalyModel
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa" / "capsules"
+PATCHCORE = {"name": "patchcore", "coreset_ratio": 0.25}
+
+
+def make_model(strategy: dict, backbone: str = "tiny-cnn", detector: dict = PATCHCORE) -> AnomalyModel:
+    overrides = {"backbone": {"name": backbone}, "detector": detector, "strategy": strategy, "device": "cpu"}
+    return AnomalyModel(load_config(None, overrides))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [textured_image(rng, 96, 128) for _ in range(4)]
+
+
+CASES = {
+    "native-overlap": {"name": "tiled-ensemble", "tile": 48, "stride": 40},
+    "resized-max-no-seams": {"name": "tiled-ensemble", "tile": 64, "image_size": 128, "score_merge": "max", "seam_smoothing": False},
+    "tile-normalized": {"name": "tiled-ensemble", "tile": 48, "normalization": "tile"},
+    "image-normalized-zscore": {"name": "tiled-ensemble", "tile": 64, "stride": 32, "normalization": "image", "normalization_stat": "zscore"},
+}
+
+
+@pytest.mark.parametrize("strategy", CASES.values(), ids=CASES.keys())
+def test_ensemble_export_matches_model_predict(strategy: dict, images: list[np.ndarray], tmp_path: Path) -> None:
+    model = make_model(strategy).fit(images[:3])
+    if strategy.get("normalization", "none") != "none":
+        model.strategy.calibrate(images[3:])
+    sidecar = json.loads(export_onnx(model, tmp_path / "ens.onnx").read_text())
+    count = len(model.strategy.grid)
+    assert sidecar["geometry"]["strategy"] == "tiled-ensemble" and count > 1
+
+    # the graph picks each position's own bank: the same window scores differently per position
+    side = sidecar["input"]["tiles"][-1]
+    window = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(3)).repeat(count, 1, 1, 1)
+    session = onnxruntime.InferenceSession(str(tmp_path / "ens.onnx"), providers=["CPUExecutionProvider"])
+    _, scores = session.run(None, {"tiles": window.numpy(), "positions": np.arange(count, dtype=np.int64)})
+    for index in range(count):
+        detector = model.strategy.detector_type(model.strategy.detector_config)
+        detector.load_state_dict(model.strategy._tile_state(index))
+        with torch.no_grad():
+            own = detector.predict(model.strategy.tiles(window[:1]))
+        assert scores[index] == pytest.approx(float(own.scores[0]), rel=1e-4)
+    assert len(set(np.round(scores, 5))) > 1
+
+    predictor = open_predictor(tmp_path / "ens.onnx")
+    assert isinstance(predictor, OnnxEnsemblePredictor)
+    test_image = with_spot(textured_image(np.random.default_rng(8), 96, 128), 40, 60, 8)[0]
+    expected = model.predict(test_image)
+    got = predictor.predict(test_image)
+    scale = float(np.abs(expected.anomaly_map).max())
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * scale
+    assert got.score == pytest.approx(expected.score, rel=1e-4, abs=1e-5)
+    assert got.is_anomalous == expected.is_anomalous
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/visa/capsules")
+def test_ensemble_export_matches_on_capsules(tmp_path: Path) -> None:
+    from hrad.data.images import read_image as load_image
+
+    train = sorted((SHARED / "train" / "good").iterdir())[:3]
+    tests = sorted((SHARED / "test").glob("*/*.*"))[::40][:3]
+    strategy = {"name": "tiled-ensemble", "tile": 128, "stride": 128, "image_size": 256}
+    model = make_model(strategy, "tiny-cnn", {**PATCHCORE, "coreset_ratio": 0.1}).fit([load_image(p) for p in train])
+    export_onnx(model, tmp_path / "caps.onnx")
+    predictor = open_predictor(tmp_path / "caps.onnx")
+    for path in tests:
+        expected, got = model.predict(load_image(path)), predictor.predict(path)
+        assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+        assert got.score == pytest.approx(expected.score, rel=1e-4)
