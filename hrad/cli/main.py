@@ -380,12 +380,12 @@ def ad2_export(
     category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """Write an MVTec AD 2 submission: float16 TIFF maps and thresholded masks for the private splits."""
+    from hrad.ad2 import export_submission
     from hrad.data.datasets import load_dataset
     from hrad.data.images import prepare_output_dir
     from hrad.model import load
 
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
-    from hrad.ad2 import export_submission
     prepare_output_dir(out)
     with progress_bars() as progress:
         counts = export_submission(load(model), dataset, out, progress=progress)
@@ -400,12 +400,12 @@ def ad2_evaluate(
     category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
+    from hrad.ad2 import evaluate_ad2
     from hrad.data.datasets import load_dataset
     from hrad.model import load
 
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
-    from hrad.ad2 import evaluate_ad2
         metrics = evaluate_ad2(load(model), dataset, progress=progress)
     text = json.dumps(metrics, indent=1, default=str)
     if out is not None:
