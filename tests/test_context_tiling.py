@@ -22,18 +22,8 @@ from hrad.strategies.tiling import ContextEmbedder, TileGrid
 
 def assemble(tiles: ContextEmbedder, image: torch.Tensor, tile: int) -> torch.Tensor:
     """Tile embeddings (non-overlapping tiles) placed side by side: ``C x h x w``."""
-    height, width = image.shape[-2:]
-    grid = tiles.grid(height, width, tile, tile)
-    cell = tile // (tile // tiles.embedder.stride)
-    parts = {}
-    for positions, windows in grid.batches(grid.pad(image), 4):
-        for position, embedding in zip(positions, tiles(windows[:, :, :, :]), strict=True):
-            parts[(position.y // cell, position.x // cell)] = embedding
-    first = next(iter(parts.values()))
-    out = torch.zeros(first.shape[0], height // cell, width // cell)
-    for (cy, cx), embedding in parts.items():
-        out[:, cy : cy + embedding.shape[-2], cx : cx + embedding.shape[-1]] = embedding
-    return out
+    grid = tiles.grid(*image.shape[-2:], tile, tile)
+    return grid.assemble(torch.cat([tiles(windows) for _, windows in grid.batches(grid.pad(image), 4)]))
 
 
 def interior(tensor: torch.Tensor, cells: int) -> torch.Tensor:
@@ -121,3 +111,4 @@ def test_strategies_take_the_backbone_default_and_zero_turns_it_off() -> None:
     fitted.fit([image, image[::-1].copy(), image[:, ::-1].copy()], validation=[image])
     prediction = fitted.predict(image)
     assert prediction.anomaly_map.shape == (100, 130) and np.isfinite(prediction.anomaly_map).all()
+

@@ -205,6 +205,20 @@ class TileGrid:
         xs = sorted({x for p in self.positions() for x in (p.x, p.x + self.tile_w)} - {0})
         return [y for y in ys if y < self.height], [x for x in xs if x < self.width]
 
+    def assemble(self, embeddings: Tensor) -> Tensor:
+        """``N x C x h x w`` embeddings of a regular non-overlapping grid (stride = tile, no
+        shifted tiles), in :meth:`positions` order -> one ``C x rows*h x cols*w`` map."""
+        if self.stride_h != self.tile_h or self.stride_w != self.tile_w or self.edge == "shift" and (
+            self.height % self.tile_h or self.width % self.tile_w
+        ):
+            raise ValueError("assemble needs non-overlapping tiles on a regular grid")
+        _, channels, cells_h, cells_w = embeddings.shape
+        return (
+            embeddings.reshape(self.rows, self.cols, channels, cells_h, cells_w)
+            .permute(2, 0, 3, 1, 4)
+            .reshape(channels, self.rows * cells_h, self.cols * cells_w)
+        )
+
     def border_distance(self) -> np.ndarray:
         """``H x W`` distance (pixels) from each pixel centre to the nearest tile border inside the image.
 

@@ -88,14 +88,10 @@ def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: 
     small = resize_images(image, size)[0]
     grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
     features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
-    _, channels, grid_h, grid_w = features.shape
-    assembled = (
-        features.reshape(grid.rows, grid.cols, channels, grid_h, grid_w)
-        .permute(2, 0, 3, 1, 4)
-        .reshape(channels, grid.rows * grid_h, grid.cols * grid_w)
-    )
+    grid_h = features.shape[-2]
+    assembled = grid.assemble(features)
     cell = patch / grid_h
-    # drop the cells that lie wholly in the zero padding, so sampling clamps at the image border
+    # drop the cells that lie wholly in the reflected padding, so sampling clamps at the image border
     valid_h, valid_w = math.ceil(size[0] / cell - 1e-9), math.ceil(size[1] / cell - 1e-9)
     return LevelMap(assembled[:, :valid_h, :valid_w], size[0] / height, size[1] / width, cell)
 
