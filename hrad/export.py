@@ -85,6 +85,14 @@ def _vectors(embeddings: Tensor) -> Tensor:
     return embeddings.flatten(2).transpose(1, 2)
 
 
+def logsumexp_last(values: Tensor) -> Tensor:
+    """``log(sum(exp(x)))`` over the last dim, written out (max-shifted): OpenVINO 2026.4's ONNX
+    reader drops the axes of ``ReduceLogSumExp`` (what ``torch.logsumexp`` exports to) and
+    reduces over every dim."""
+    peak = values.max(dim=-1, keepdim=True).values
+    return peak.squeeze(-1) + torch.log(torch.exp(values - peak).sum(-1))
+
+
 def _squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
     """Squared L2 ``... x Q x N`` by ``|q|^2 - 2 q.b + |b|^2`` (one matmul; what faiss's flat index does)."""
     products = queries @ bank.transpose(0, 1)
@@ -130,7 +138,7 @@ class NearestNeighbourScoring(nn.Module):
         _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
         support_vectors = self.bank[support]  # B x b x C
         distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
-        log_ratio = nearest[rows, best_patch, 0] - torch.logsumexp(distances, dim=-1)
+        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
         return maps, (1 - torch.exp(log_ratio)) * best
 
 
@@ -417,9 +425,13 @@ class OnnxPredictor:
     on the exported model, so it is the executable specification of the sidecar's ``steps``.
     """
 
-    def __init__(self, onnx_path: str | Path, sidecar_path: str | Path | None = None, providers: list[str] | None = None) -> None:
-        onnxruntime = _onnxruntime()
-
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        sidecar_path: str | Path | None = None,
+        providers: list[str] | None = None,
+        runtime: str = "onnxruntime",
+    ) -> None:
         self.onnx_path = Path(onnx_path)
         sidecar = Path(sidecar_path) if sidecar_path is not None else self.onnx_path.with_suffix(".json")
         if not self.onnx_path.is_file():
@@ -434,7 +446,7 @@ class OnnxPredictor:
             raise ArtifactError(f"{sidecar}: not an hrad ONNX sidecar of format version {SIDECAR_VERSION}")
         self.geometry = Geometry(**self.sidecar["geometry"])
         self.postprocess = PostprocessConfig.model_validate(self.sidecar["postprocess"])
-        self.session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers or ["CPUExecutionProvider"])
+        self.session = inference_session(self.onnx_path, self.sidecar, runtime, providers)
 
     def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         """Tile windows at image scale -> the graph's ``(maps, scores)`` (resized to its input first)."""
@@ -474,13 +486,114 @@ class OnnxPredictor:
         )
 
 
-def open_predictor(onnx_path: str | Path, providers: list[str] | None = None) -> Any:
-    """The predictor of any hrad ONNX export (tiled/downsample or tiled ensemble), by its sidecar."""
+def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> Any:
+    """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
+
+    ``model_path`` is the ``.onnx`` or, for an OpenVINO export, the ``.xml`` (whose default
+    runtime is then ``openvino``); the sidecar is the ``.json`` next to it.
+    """
     from hrad.export_ensemble import OnnxEnsemblePredictor, load_sidecar
 
-    if not Path(onnx_path).is_file():
-        raise ArtifactError(f"{onnx_path}: ONNX model not found")
+    model_path = Path(model_path)
+    if runtime is None:
+        runtime = "openvino" if model_path.suffix == ".xml" else "onnxruntime"
+    onnx_path = model_path.with_suffix(".onnx")
+    if not model_path.is_file():
+        raise ArtifactError(f"{model_path}: exported model not found")
     sidecar = load_sidecar(onnx_path)
     if sidecar.get("format") == SIDECAR_FORMAT and sidecar.get("geometry", {}).get("strategy") == "tiled-ensemble":
-        return OnnxEnsemblePredictor(onnx_path, sidecar, providers)
-    return OnnxPredictor(onnx_path, providers=providers)
+        return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime)
+    return OnnxPredictor(onnx_path, providers=providers, runtime=runtime)
+
+
+# -- runtimes -------------------------------------------------------------------------------------
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "fp16")
+#: OpenVINO IR vs onnxruntime on the same inputs, relative to the output's magnitude: FP32 runs
+#: other CPU kernels (summation order), FP16 stores the weights in half precision
+OPENVINO_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError("OpenVINO export and runtime need the openvino package: pip install 'hrad[openvino]'") from None
+    return openvino
+
+
+class OpenVINOSession:
+    """onnxruntime's ``run(None, feeds) -> [outputs]`` over an OpenVINO model compiled for the CPU."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        openvino = _openvino()
+        core = openvino.Core()
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.outputs = list(self.compiled.outputs)
+
+    def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.compiled(feeds)
+        return [np.asarray(result[output]) for output in self.outputs]
+
+
+def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
+    """A session with ``run(None, feeds)`` for the export at ``onnx_path``: onnxruntime on the ONNX
+    graph, or OpenVINO on the sidecar's IR (``hrad export --format openvino``), else on the ONNX."""
+    if runtime == "onnxruntime":
+        return _onnxruntime().InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
+    if runtime == "openvino":
+        openvino_files = sidecar.get("openvino") or {}
+        path = onnx_path.with_name(openvino_files["xml"]) if "xml" in openvino_files else onnx_path
+        return OpenVINOSession(path)
+    raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
+
+
+def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
+    """Random inputs in [0, 1] for an export's graph (tile positions 0.. for an ensemble)."""
+    generator = np.random.default_rng(0)
+    shape = sidecar["input"].get("tiles") or sidecar["input"]["shape"]
+    feeds: dict[str, np.ndarray] = {INPUT_NAME: generator.random((batch, *shape[1:]), dtype=np.float32)}
+    if "positions" in sidecar["input"]:
+        feeds["positions"] = np.arange(batch, dtype=np.int64) % int(sidecar["geometry"]["tile_count"])
+    return feeds
+
+
+def export_openvino(
+    model: AnomalyModel, out_path: str | Path, precision: str = "fp32", tile_size: int | None = None
+) -> Path:
+    """ONNX export (verified against PyTorch), converted to OpenVINO IR ``out_path`` (.xml + .bin).
+
+    The ``.onnx`` and the sidecar ``.json`` are written next to the IR; the sidecar names the IR
+    and records how far it is from onnxruntime on random inputs (must be within
+    :data:`OPENVINO_TOLERANCE`). ``precision`` fp16 stores the weights in half precision (OpenVINO
+    still computes in FP32 on CPUs without native FP16/BF16). Returns the sidecar's path.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    openvino = _openvino()
+    xml_path = Path(out_path).with_suffix(".xml")
+    onnx_path = xml_path.with_suffix(".onnx")
+    sidecar_path = export_onnx(model, onnx_path, tile_size=tile_size)
+    sidecar = json.loads(sidecar_path.read_text())
+    converted = openvino.convert_model(str(onnx_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        openvino.save_model(converted, str(xml_path), compress_to_fp16=precision == "fp16")
+    feeds = _random_feeds(sidecar)
+    reference = _onnxruntime().InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    ours = OpenVINOSession(xml_path).run(None, feeds)
+    difference = max(_max_difference(a, b) for a, b in zip(ours, reference, strict=True))
+    if not difference <= OPENVINO_TOLERANCE[precision]:
+        xml_path.unlink(missing_ok=True)
+        xml_path.with_suffix(".bin").unlink(missing_ok=True)
+        raise RuntimeError(f"OpenVINO {precision} export differs from ONNX by {difference:.2e} (relative); not written")
+    sidecar["openvino"] = {
+        "xml": xml_path.name,
+        "bin": xml_path.with_suffix(".bin").name,
+        "precision": precision,
+        "openvino_version": openvino.__version__,
+        "max_difference_vs_onnx": difference,
+    }
+    _atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
+    return sidecar_path

@@ -6,7 +6,7 @@ or one graph that takes ``(tiles, positions)`` and picks the position's scoring 
 (``N`` banks stacked, one backbone). The second is chosen: the backbone is the larger part of
 each per-position graph, so ``N`` graphs cost about ``N`` times its size on disk and ``N``
 sessions in memory, while the stacked graph adds only the banks; it also scores tiles of
-different positions in one batch. (``benchmarks/ensemble_export.py`` measures both.)
+different positions in one batch.
 
 Only the per-tile network is exported, as for :mod:`hrad.export`; resizing, windows, merging,
 per-tile normalisation, seam smoothing, the mean/max image score and image normalisation are
@@ -34,6 +34,8 @@ from hrad.export import (
     _atomic_write,
     _max_difference,
     _onnxruntime,
+    inference_session,
+    logsumexp_last,
     scoring_module,
 )
 from hrad.postprocess.seams import smooth_seams
@@ -93,7 +95,7 @@ class PositionedNearestNeighbourScoring(nn.Module):
         _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
         support_vectors = bank[rows[:, None], support]  # B x b x C
         distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()
-        log_ratio = nearest[rows, best_patch, 0] - torch.logsumexp(distances, dim=-1)
+        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
         return maps, (1 - torch.exp(log_ratio)) * best
 
 
@@ -205,6 +207,7 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
             "fitted_size": list(geometry.input_size),
             "work_size": list(geometry.work_size),
             "margin": strategy.tiles.margin,
+            "tile_count": count,
         },
         "normalization": normalization,
         "postprocess": model.config.postprocess.model_dump(mode="json"),
@@ -234,7 +237,9 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
 class OnnxEnsemblePredictor:
     """Runs an exported tiled ensemble with onnxruntime, equal to :meth:`AnomalyModel.predict`."""
 
-    def __init__(self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None) -> None:
+    def __init__(
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+    ) -> None:
         self.onnx_path = Path(onnx_path)
         self.sidecar = sidecar
         geometry = sidecar["geometry"]
@@ -245,7 +250,7 @@ class OnnxEnsemblePredictor:
         self.window: tuple[int, int] = (int(sidecar["input"]["tiles"][-2]), int(sidecar["input"]["tiles"][-1]))
         self.normalization = {key: np.asarray(value, dtype=np.float64) for key, value in sidecar["normalization"].items()}
         self.postprocess = PostprocessConfig.model_validate(sidecar["postprocess"])
-        self.session = _onnxruntime().InferenceSession(str(self.onnx_path), providers=providers or ["CPUExecutionProvider"])
+        self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
 
     def _normalize(self, values: np.ndarray, kind: str, index: int) -> np.ndarray:
         return (values - self.normalization[f"{kind}_shift"][index]) / self.normalization[f"{kind}_scale"][index]
