@@ -69,3 +69,28 @@ def test_openvino_runtime_runs_a_plain_onnx_export(images: list[np.ndarray], tes
         open_predictor(tmp_path / "m.onnx", runtime="tensorrt")
     with pytest.raises(ConfigError, match="^precision 'int4' is unknown"):
         export_openvino(model, tmp_path / "x.xml", "int4")
+
+
+def test_cli_export_openvino(
+    images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from hrad.cli.main import main
+
+    def run(args: list[str]) -> int:
+        monkeypatch.setattr(sys, "argv", ["hrad", *args])
+        try:
+            main()
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return 0
+
+    make_model({"name": "tiled", "tile": 48}).fit(images[:2]).save(tmp_path / "model")
+    base = ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out" / "m.xml")]
+    assert run([*base, "--format", "openvino", "--precision", "fp16"]) == 0
+    assert all((tmp_path / "out" / f"m.{suffix}").is_file() for suffix in ("xml", "bin", "onnx", "json"))
+    assert json.loads((tmp_path / "out" / "m.json").read_text())["openvino"]["precision"] == "fp16"
+    capsys.readouterr()
+    assert run([*base, "--format", "tflite"]) == 2
+    assert capsys.readouterr().err.strip().endswith("export format 'tflite' is unknown; choose onnx or openvino")

@@ -327,14 +327,26 @@ def serve(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
-    out: Annotated[Path, typer.Option(help="ONNX file to write; the sidecar goes next to it as .json")],
+    out: Annotated[Path, typer.Option(help="ONNX (or OpenVINO .xml) file to write; the sidecar goes next to it as .json")],
     tile_size: Annotated[int | None, typer.Option(help="Export for this tile (downsample: image) side instead")] = None,
+    export_format: Annotated[
+        str, typer.Option("--format", help="onnx, or openvino (IR .xml/.bin converted from the verified ONNX, written beside it)")
+    ] = "onnx",
+    precision: Annotated[str, typer.Option(help="OpenVINO weights: fp32 or fp16")] = "fp32",
 ) -> None:
-    """Export the per-tile network (backbone + detector scoring) to ONNX with a JSON sidecar."""
-    from hrad.export import export_onnx
+    """Export the per-tile network (backbone + detector scoring) to ONNX or OpenVINO with a JSON sidecar."""
+    from hrad.errors import ConfigError
+    from hrad.export import export_onnx, export_openvino
     from hrad.model import load
 
-    sidecar = export_onnx(load(model, device="cpu"), out, tile_size=tile_size)
+    if export_format not in ("onnx", "openvino"):
+        raise ConfigError(f"export format {export_format!r} is unknown; choose onnx or openvino")
+    fitted = load(model, device="cpu")
+    if export_format == "openvino":
+        sidecar = export_openvino(fitted, out, precision=precision, tile_size=tile_size)
+        console.print(f"OpenVINO {precision} model written to {out.with_suffix('.xml')}, sidecar to {sidecar}")
+        return
+    sidecar = export_onnx(fitted, out, tile_size=tile_size)
     console.print(f"ONNX model written to {out}, sidecar to {sidecar}")
 
 
