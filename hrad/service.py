@@ -13,9 +13,14 @@ internal failure), is JSON ``{"error": "<one line>"}`` with its status code: 400
 404/405 route, 408 body not received in time, 413 upload or pixel budget, 422 bad request,
 503 busy past the timeout, 504 prediction past the timeout, 500 anything else.
 
-``/health`` says the service is up and which kind of model it serves; the model's path, its
-full config and its weights' sources are shown only with ``health_details=True``
-(``hrad serve --health-details``).
+``/health`` (liveness) says the process is up and which kind of model it serves; the model's
+path, its full config and its weights' sources are shown only with ``health_details=True``
+(``hrad serve --health-details``). ``/ready`` (readiness) is 200 while a new request would wait
+behind fewer than ``max_queue`` others and 503 past that, so a load balancer stops routing to a
+saturated replica without restarting it. ``POST /predict/batch`` takes several images in one
+request (each answered or failed on its own). ``/metrics`` is Prometheus text: requests by
+route and status, request and prediction latencies, requests waiting. Responses are Pydantic
+models, so ``/openapi.json`` describes every field.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from hrad.data.images import (
@@ -70,6 +76,115 @@ class MapKind(str, Enum):
     png16 = "png16"
     overlay = "overlay"
     mask = "mask"
+
+
+class ErrorResponse(BaseModel):
+    """Every error: one line."""
+
+    error: str
+
+
+class MapPayload(BaseModel):
+    """A map, overlay or mask as base64 PNG: the bytes ``hrad predict`` writes."""
+
+    kind: MapKind
+    media_type: str = "image/png"
+    base64: str
+    vmin: float | None = Field(None, description="value of the darkest level (png16, overlay on a fixed scale)")
+    vmax: float | None = Field(None, description="value of the brightest level")
+
+
+class PredictResponse(BaseModel):
+    """One image's result."""
+
+    filename: str
+    score: float = Field(description="image anomaly score")
+    is_anomalous: bool | None = Field(description="score > image_threshold; null without a threshold")
+    image_threshold: float | None
+    pixel_threshold: float | None
+    width: int
+    height: int
+    seconds: float = Field(description="prediction time (decoding excluded)")
+    map: MapPayload | None = Field(None, description="present when the request asked for ?map=")
+
+
+class BatchFailure(BaseModel):
+    """One image of a batch that could not be predicted (the others still are)."""
+
+    filename: str
+    error: str
+    status: int = Field(description="the status this image alone would have got")
+
+
+class BatchResponse(BaseModel):
+    """Results in upload order."""
+
+    results: list[PredictResponse | BatchFailure]
+
+
+class ThresholdsModel(BaseModel):
+    image: float | None
+    pixel: float | None
+
+
+class HealthResponse(BaseModel):
+    """Liveness and what is served (details only with ``--health-details``)."""
+
+    status: str
+    hrad_version: str
+    model_hrad_version: str | None
+    backbone: str
+    detector: str
+    strategy: str
+    fitted_size: list[int] | None
+    thresholds: ThresholdsModel | None
+    device: str
+    max_upload_bytes: int
+    max_pixels: int | None
+    request_timeout: float
+    model: str | None = None
+    backbone_weights: Any = None
+    fitted_backbone_weights: Any = None
+    config: dict[str, Any] | None = None
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: ``ready`` false (status 503) while ``queued`` >= ``max_queue``."""
+
+    ready: bool
+    queued: int = Field(description="requests waiting for or holding the model now")
+    max_queue: int
+
+
+#: default readiness bound: requests waiting for or holding the model
+DEFAULT_MAX_QUEUE = 4
+#: most images in one POST /predict/batch
+DEFAULT_MAX_BATCH = 16
+
+
+class _Metrics:
+    """Prometheus metrics of one app (own registry, so several apps in one process stay apart)."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client as prometheus
+        except ImportError:
+            raise ConfigError("hrad serve needs prometheus-client: pip install 'hrad[serve]'") from None
+        self.prometheus = prometheus
+        self.registry = prometheus.CollectorRegistry()
+        self.requests = prometheus.Counter(
+            "hrad_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = prometheus.Histogram(
+            "hrad_request_seconds", "HTTP request latency (whole request)", ["route"], registry=self.registry
+        )
+        self.prediction = prometheus.Histogram(
+            "hrad_prediction_seconds", "model.predict time per image", registry=self.registry
+        )
+        self.queued = prometheus.Gauge("hrad_queued_requests", "requests waiting for or holding the model", registry=self.registry)
+
+    def text(self) -> bytes:
+        return self.prometheus.generate_latest(self.registry)  # type: ignore[no-any-return]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -205,6 +320,8 @@ def create_app(
     max_pixels: int | None = None,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     health_details: bool = False,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> FastAPI:
     """A FastAPI app serving the model at ``model_path`` (loaded now, once).
 
@@ -224,10 +341,32 @@ def create_app(
     manifest = read_manifest(model_path)
     budget = current_budget() if max_pixels is None else int(max_pixels)
     lock = threading.Lock()
+    metrics = _Metrics()
+    queue_lock = threading.Lock()
+    queued = 0
+
+    def count_queued(change: int) -> None:
+        nonlocal queued
+        with queue_lock:
+            queued += change
+            metrics.queued.set(queued)
 
     app = FastAPI(title="hrad", version=__version__, summary="High-resolution industrial anomaly detection")
     app.state.model = model
+    app.state.metrics = metrics
     app.add_middleware(BodyLimit, limit=max_upload_bytes, timeout=request_timeout)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse} for status in (400, 408, 413, 422, 500, 503, 504)
+    }
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
 
     @app.exception_handler(HradError)
     async def _hrad_error(request: Request, error: HradError) -> JSONResponse:
@@ -247,7 +386,7 @@ def create_app(
         where = ".".join(str(part) for part in first.get("loc", ()))
         return _error(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")))
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
     def health() -> dict[str, Any]:
         config = model.config
         thresholds = model.thresholds
@@ -274,6 +413,15 @@ def create_app(
             )
         return body
 
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    def ready() -> Any:
+        body = {"ready": queued < max_queue, "queued": queued, "max_queue": max_queue}
+        return body if body["ready"] else JSONResponse(status_code=503, content=body)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus_metrics() -> Response:
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     def _predict_upload(
         data: bytes,
         name: str,
@@ -283,6 +431,7 @@ def create_app(
         overrides: tuple[float | None, float | None, float | None] = (None, None, None),
     ) -> dict[str, Any]:
         acquired = False
+        count_queued(+1)
 
         def take_lock() -> None:
             nonlocal acquired
@@ -297,6 +446,7 @@ def create_app(
             start = time.perf_counter()
             prediction = model.predict(array, *overrides) if any(v is not None for v in overrides) else model.predict(array)
             seconds = time.perf_counter() - start
+            metrics.prediction.observe(seconds)
             result: dict[str, Any] = {
                 "filename": name,
                 "score": prediction.score,
@@ -311,27 +461,15 @@ def create_app(
                 result["map"] = _encoded_map(kind, array, prediction, model.thresholds)
             return result
         finally:
+            count_queued(-1)
             if acquired:
                 lock.release()
 
-    @app.post("/predict", response_model=None)
-    async def predict(
-        image: UploadFile = File(..., description="Image file: PNG, JPEG, BMP or TIFF (8/16-bit, float)"),  # noqa: B008
-        map: MapKind | None = Query(None, description="Also return the map (png16), an overlay or the mask, base64 PNG"),  # noqa: A002, B008
-        threshold: float | None = Query(None, description="Image-score threshold for this request (default: the model's)"),  # noqa: B008
-        pixel_threshold: float | None = Query(None, description="Pixel threshold for the mask and contours"),  # noqa: B008
-        sigmas: float | None = Query(None, description="Both thresholds at mean + sigmas x std of the held-out normals"),  # noqa: B008
-    ) -> dict[str, Any] | JSONResponse:
-        overrides = (threshold, pixel_threshold, sigmas)
-        model.decision_thresholds(*overrides)  # a bad override is a 400 before the upload is decoded
-        deadline = time.monotonic() + request_timeout
-        data = await image.read()
-        await image.close()
-        name = image.filename or "upload"
-        cancelled = threading.Event()
+    async def _bounded(name: str, deadline: float, cancelled: threading.Event, job: Callable[[], Any]) -> Any:
+        """Run ``job`` in a thread; 504 past the deadline (the work is dropped or finishes unseen), 503 busy."""
         # a plain executor future: on timeout the response goes out at once (an anyio worker
         # thread would hold the response until the computation it cannot interrupt is done)
-        work = asyncio.get_running_loop().run_in_executor(None, _predict_upload, data, name, map, deadline, cancelled, overrides)
+        work = asyncio.get_running_loop().run_in_executor(None, job)
         work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved even after a 504
         try:
             return await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.0))
@@ -342,5 +480,56 @@ def create_app(
             return _error(503, f"{name}: the model stayed busy past the {request_timeout:g} s request timeout")
         except _Cancelled:  # pragma: no cover - only after this request already answered 504
             return _error(504, f"{name}: not predicted within the {request_timeout:g} s request timeout")
+
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True, responses=errors)
+    async def predict(
+        image: UploadFile = File(..., description="Image file: PNG, JPEG, BMP or TIFF (8/16-bit, float)"),  # noqa: B008
+        map: MapKind | None = Query(None, description="Also return the map (png16), an overlay or the mask, base64 PNG"),  # noqa: A002, B008
+        threshold: float | None = Query(None, description="Image-score threshold for this request (default: the model's)"),  # noqa: B008
+        pixel_threshold: float | None = Query(None, description="Pixel threshold for the mask and contours"),  # noqa: B008
+        sigmas: float | None = Query(None, description="Both thresholds at mean + sigmas x std of the held-out normals"),  # noqa: B008
+    ) -> Any:
+        overrides = (threshold, pixel_threshold, sigmas)
+        model.decision_thresholds(*overrides)  # a bad override is a 400 before the upload is decoded
+        deadline = time.monotonic() + request_timeout
+        data = await image.read()
+        await image.close()
+        name = image.filename or "upload"
+        cancelled = threading.Event()
+        return await _bounded(
+            name, deadline, cancelled, lambda: _predict_upload(data, name, map, deadline, cancelled, overrides)
+        )
+
+    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True, responses=errors)
+    async def predict_batch(
+        images: list[UploadFile] = File(..., description="Image files (field 'images', repeated)"),  # noqa: B008
+        map: MapKind | None = Query(None, description="Also return each map, overlay or mask, base64 PNG"),  # noqa: A002, B008
+        threshold: float | None = Query(None, description="Image-score threshold for this request"),  # noqa: B008
+        pixel_threshold: float | None = Query(None, description="Pixel threshold for masks and contours"),  # noqa: B008
+        sigmas: float | None = Query(None, description="Both thresholds at mean + sigmas x std of the held-out normals"),  # noqa: B008
+    ) -> Any:
+        """Several images in one request, predicted in order; a bad image fails alone (its own status)."""
+        if len(images) > max_batch:
+            return _error(413, f"{len(images)} images in one batch; at most {max_batch}")
+        overrides = (threshold, pixel_threshold, sigmas)
+        model.decision_thresholds(*overrides)
+        deadline = time.monotonic() + request_timeout
+        uploads = []
+        for index, upload in enumerate(images):
+            uploads.append((await upload.read(), upload.filename or f"upload{index}"))
+            await upload.close()
+        cancelled = threading.Event()
+
+        def run_all() -> dict[str, Any]:
+            results: list[dict[str, Any]] = []
+            for data, name in uploads:
+                try:
+                    results.append(_predict_upload(data, name, map, deadline, cancelled, overrides))
+                except HradError as error:
+                    status = 413 if isinstance(error, ImageTooLargeError) else 400
+                    results.append({"filename": name, "error": " ".join(str(error).split()), "status": status})
+            return {"results": results}
+
+        return await _bounded(f"batch of {len(uploads)}", deadline, cancelled, run_all)
 
     return app

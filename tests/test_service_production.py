@@ -1,0 +1,106 @@
+"""Service conventions: typed OpenAPI, /ready vs /health, batch endpoint, Prometheus /metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import textured_image, with_spot
+from fastapi.testclient import TestClient
+
+from hrad.config import load_config
+from hrad.model import AnomalyModel
+from hrad.service import create_app
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(3)
+    config = load_config(
+        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "tiled", "tile": 64}}
+    )
+    model = AnomalyModel(config).fit([textured_image(rng, 96, 128) for _ in range(4)])
+    return model.save(tmp_path_factory.mktemp("service") / "model")
+
+
+@pytest.fixture(scope="module")
+def spot_png() -> bytes:
+    image, _ = with_spot(textured_image(np.random.default_rng(9), 96, 128), 40, 60, 10)
+    ok, buffer = cv2.imencode(".png", (image * 255).round().astype(np.uint8)[..., ::-1])
+    assert ok
+    return buffer.tobytes()
+
+
+def test_openapi_schema_is_typed(model_dir: Path) -> None:
+    schema = TestClient(create_app(model_dir)).get("/openapi.json").json()
+    models = schema["components"]["schemas"]
+    assert models["PredictResponse"]["properties"]["score"]["type"] == "number"
+    assert models["MapPayload"]["properties"]["base64"]["type"] == "string"
+    predict = schema["paths"]["/predict"]["post"]["responses"]
+    assert predict["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictResponse")
+    assert predict["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert schema["paths"]["/predict/batch"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/BatchResponse")
+    assert schema["paths"]["/ready"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReadyResponse")
+
+
+def test_ready_goes_503_while_the_queue_is_full_and_health_stays_200(model_dir: Path, spot_png: bytes) -> None:
+    app = create_app(model_dir, max_queue=1)
+    model = app.state.model
+    original = model.predict
+    release = threading.Event()
+
+    def held_predict(image: np.ndarray) -> object:
+        release.wait(10)
+        return original(image)
+
+    model.predict = held_predict
+    client = TestClient(app)
+    assert client.get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 1}
+    statuses: list[int] = []
+    worker = threading.Thread(target=lambda: statuses.append(client.post("/predict", files={"image": ("a.png", spot_png)}).status_code))
+    worker.start()
+    try:
+        for _ in range(200):
+            answer = client.get("/ready")
+            if answer.status_code == 503:
+                break
+            time.sleep(0.02)
+        assert answer.status_code == 503 and answer.json() == {"ready": False, "queued": 1, "max_queue": 1}
+        assert client.get("/health").status_code == 200  # alive, only not ready
+    finally:
+        release.set()
+        worker.join()
+    assert statuses == [200] and client.get("/ready").status_code == 200
+
+
+def test_batch_answers_every_image_on_its_own(model_dir: Path, spot_png: bytes) -> None:
+    client = TestClient(create_app(model_dir, max_batch=3))
+    files = [("images", ("a.png", spot_png)), ("images", ("junk.png", b"not an image")), ("images", ("b.png", spot_png))]
+    answer = client.post("/predict/batch", files=files)
+    assert answer.status_code == 200
+    results = answer.json()["results"]
+    assert [r["filename"] for r in results] == ["a.png", "junk.png", "b.png"]
+    single = client.post("/predict", files={"image": ("a.png", spot_png)}).json()
+    assert results[0]["score"] == pytest.approx(single["score"]) and results[2]["score"] == pytest.approx(single["score"])
+    assert results[1]["status"] == 400 and "junk.png" in results[1]["error"] and "score" not in results[1]
+    too_many = client.post("/predict/batch", files=[("images", (f"{i}.png", spot_png)) for i in range(4)])
+    assert too_many.status_code == 413 and too_many.json() == {"error": "4 images in one batch; at most 3"}
+
+
+def test_metrics_count_requests_and_latencies(model_dir: Path, spot_png: bytes) -> None:
+    client = TestClient(create_app(model_dir))
+    for _ in range(2):
+        assert client.post("/predict", files={"image": ("a.png", spot_png)}).status_code == 200
+    assert client.post("/predict", files={"image": ("x.png", b"junk")}).status_code == 400
+    client.get("/no/such/route")
+    text = client.get("/metrics").text
+    assert 'hrad_requests_total{route="/predict",status="200"} 2.0' in text
+    assert 'hrad_requests_total{route="/predict",status="400"} 1.0' in text
+    assert 'hrad_requests_total{route="unmatched",status="404"} 1.0' in text
+    assert 'hrad_request_seconds_count{route="/predict"} 3.0' in text
+    assert "hrad_prediction_seconds_count 2.0" in text
+    assert "hrad_queued_requests 0.0" in text
