@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 import tempfile
 import threading
 import time
@@ -142,6 +144,7 @@ class HealthResponse(BaseModel):
     max_upload_bytes: int
     max_pixels: int | None
     request_timeout: float
+    pid: int = Field(description="the serving process (one of several with hrad serve --workers)")
     model: str | None = None
     backbone_weights: Any = None
     fitted_backbone_weights: Any = None
@@ -403,6 +406,7 @@ def create_app(
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": budget,
             "request_timeout": request_timeout,
+            "pid": os.getpid(),
         }
         if health_details:  # paths and full config only when the operator asked for them
             body.update(
@@ -533,3 +537,16 @@ def create_app(
         return await _bounded(f"batch of {len(uploads)}", deadline, cancelled, run_all)
 
     return app
+
+
+#: environment variable carrying :func:`create_app`'s arguments (JSON) to uvicorn's worker processes
+SETTINGS_ENV = "HRAD_SERVE_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """:func:`create_app` with the JSON keyword arguments in ``HRAD_SERVE_SETTINGS``: the factory
+    each worker process of ``hrad serve --workers N`` calls (every worker loads its own model)."""
+    settings = os.environ.get(SETTINGS_ENV)
+    if not settings:
+        raise ConfigError(f"{SETTINGS_ENV} is not set (it is set by hrad serve --workers)")
+    return create_app(**json.loads(settings))

@@ -104,3 +104,66 @@ def test_metrics_count_requests_and_latencies(model_dir: Path, spot_png: bytes) 
     assert 'hrad_request_seconds_count{route="/predict"} 3.0' in text
     assert "hrad_prediction_seconds_count 2.0" in text
     assert "hrad_queued_requests 0.0" in text
+
+
+def test_two_worker_processes_serve_concurrent_requests(tmp_path: Path, spot_png: bytes) -> None:
+    """hrad serve --workers 2 in a subprocess: two model processes behind one port, 8 concurrent requests."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    rng = np.random.default_rng(4)
+    config = load_config(
+        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "patchcore"}, "strategy": {"name": "tiled", "tile": 64}}
+    )
+    model_path = AnomalyModel(config).fit([textured_image(rng, 96, 128) for _ in range(3)]).save(tmp_path / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", "from hrad.cli.main import main; main()", "serve", "--model", str(model_path),
+               "--port", str(port), "--workers", "2", "--timeout", "60"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready in 120 s")
+        children = [
+            int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+            and Path(f"/proc/{entry}/stat").exists() and _parent(int(entry)) == server.pid
+        ]  # fmt: skip
+        assert len(children) >= 2  # uvicorn's two workers (a resource tracker may be a third child)
+
+        def post(index: int) -> tuple[int, float]:
+            answer = httpx.post(f"{base}/predict", files={"image": (f"{index}.png", spot_png)}, timeout=60)
+            return answer.status_code, answer.json().get("score", float("nan"))
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        assert [status for status, _ in answers] == [200] * 8
+        assert len({round(score, 5) for _, score in answers}) == 1  # every worker holds the same model
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[1])

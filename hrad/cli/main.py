@@ -299,10 +299,14 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB")] = 256.0,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may take (body, queue, prediction)")] = 300.0,
     health_details: Annotated[bool, typer.Option(help="Show the model's path, config and weight sources on /health")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes, each with its own copy of the model")] = 1,
+    max_queue: Annotated[int, typer.Option(min=1, help="/ready answers 503 while this many requests wait or run (per worker)")] = 4,
 ) -> None:
-    """Serve a model over HTTP: GET /health, POST /predict (multipart field 'image').
+    """Serve a model over HTTP: GET /health, /ready, /metrics; POST /predict (field 'image'), /predict/batch (field 'images').
 
-    The pixel budget is hrad's (--max-pixels before the command, or HRAD_MAX_PIXELS).
+    The pixel budget is hrad's (--max-pixels before the command, or HRAD_MAX_PIXELS). With
+    --workers N, N processes share the port and each loads the model (N x its memory); the model
+    is loaded once here first, so a broken artifact fails before anything listens.
     """
     try:
         import uvicorn
@@ -313,15 +317,30 @@ def serve(
 
         raise ConfigError(f"hrad serve needs the serve extra ({error.name} is missing): pip install 'hrad[serve]'") from None
 
-    app_ = create_app(
-        model,
-        device=device,
-        max_upload_bytes=int(max_upload_mb * 2**20),
-        request_timeout=timeout,
-        health_details=health_details,
-    )
-    console.print(f"serving {model} on http://{host}:{port}")
-    uvicorn.run(app_, host=host, port=port, workers=1)
+    from hrad.data.images import max_pixels
+
+    settings = {
+        "model_path": str(model),
+        "device": device,
+        "max_upload_bytes": int(max_upload_mb * 2**20),
+        "max_pixels": max_pixels(),
+        "request_timeout": timeout,
+        "health_details": health_details,
+        "max_queue": max_queue,
+    }
+    app_ = create_app(**settings)  # type: ignore[arg-type]
+    console.print(f"serving {model} on http://{host}:{port}" + (f" with {workers} worker processes" if workers > 1 else ""))
+    if workers == 1:
+        uvicorn.run(app_, host=host, port=port, workers=1)
+        return
+    import json
+    import os
+
+    from hrad.service import SETTINGS_ENV
+
+    del app_
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    uvicorn.run("hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers)
 
 
 @app.command()
