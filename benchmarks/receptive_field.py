@@ -126,15 +126,19 @@ def main() -> None:
     for backbone in args.backbones:
         mass, info = erf_mass(backbone, images, args.size)
         measured = radii(mass, info["centre"])
-        row = {"backbone": backbone, **info, **measured, "default_context": 16 * math.ceil(measured["r95"] / 16)}
+        vit = build_backbone(BackboneConfig(name=backbone)).is_vit
+        row = {"backbone": backbone, **info, **measured, "default_context": "see residuals" if vit else 16 * math.ceil(measured["r95"] / 16)}
         print(row, flush=True)
         rows.append(row)
     notes = (
         f"Effective receptive field of PatchCore's default embedding per backbone, from the gradient of the centre "
         f"cell on the central {args.size}x{args.size} crop of {len(images)} training images of {CAPSULES.name}. "
         "r50..r99: half-width in pixels of the centred square holding that share of |gradient|; extent: where "
-        "the gradient is non-zero. default_context = r95 rounded up to 16 px, the value each backbone's "
-        "`default_context` is set to."
+        "the gradient is non-zero. CNNs: default_context = r95 rounded up to 16 px, the value each backbone's "
+        "`default_context` is set to. ViTs attend globally, so their gradient fills whatever window they get "
+        "(r95 grows with the crop) and the rule does not apply: their default is the smallest margin of the "
+        "residual table below whose seam cells come within 6% of the tiles' centre cells (DINOv2 ViT-S/14: 56 px, "
+        "4 tokens)."
     )
     columns = ["backbone", "layers", "aggregation", "cell_px", "r50", "r90", "r95", "r99", "extent", "default_context"]
     residual_rows = []

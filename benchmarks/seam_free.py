@@ -41,6 +41,7 @@ from hrad.metrics import PixelMetrics, image_metrics
 from hrad.model import AnomalyModel
 from hrad.postprocess.smoothing import gaussian_smooth, image_score, top_fraction_mean
 from hrad.profiling import PeakMemory
+from hrad.reports.markdown import table
 from hrad.strategies.ensemble import TiledEnsemble
 from hrad.strategies.hiad import HiAD
 from hrad.strategies.tiled import SharedTileStrategy
@@ -145,10 +146,17 @@ def main() -> None:
     args = parser.parse_args()
     name = args.out or f"seam_free_{args.backbone}"
     train, test = subset(capsules(), args.n_train, args.n_test)
-    rows = [run(setup, strategy, args.backbone, list(train), test) for setup, strategy in setups(args.tile, args.setups)]
+    rows: list[dict[str, Any]] = []
+    for setup, strategy in setups(args.tile, args.setups):
+        rows.append(run(setup, strategy, args.backbone, list(train), test))
+        path = save(name, rows, args.backbone, args.tile, len(train), len(test))  # after every setup: nothing lost
+    print(path)
+
+
+def save(name: str, rows: list[dict[str, Any]], backbone: str, tile: int, n_train: int, n_test: int) -> Path:
     notes = (
-        f"PatchCore on {args.backbone}, tile/patch {args.tile}; {len(train)} training images (20% held out for thresholds "
-        f"and calibration), {len(test)} test images (seeded, label-stratified subset of the official split), one run. "
+        f"PatchCore on {backbone}, tile/patch {tile}; {n_train} training images (20% held out for thresholds "
+        f"and calibration), {n_test} test images (seeded, label-stratified subset of the official split), one run. "
         "Pixel metrics exact at 1500x1000 on the model's final (sigma-4 smoothed) map. `before` = hrad 0.1 geometry "
         "(context 0, zero padding); `after` = default context margin and shifted last tiles. border_over_far = mean "
         "normal-pixel score within 8 px of a tile border / at least 64 px from every border. auroc_* = image AUROC "
@@ -161,13 +169,11 @@ def main() -> None:
     path = write_results(name, rows, notes, columns=columns, extra_tables={"Image AUROC by score rule (same maps)": rule_columns})
     text = path.read_text()
     text += "\n## Seam profile: mean normal-pixel score by distance to the nearest tile border\n\n"
-    from hrad.reports.markdown import table
-
     text += table(profile_rows, list(profile_rows[0]))
     path.write_text(text)
-    plot_profiles(rows, RESULTS / name / "seam_profile.png", args.backbone)
+    plot_profiles(rows, RESULTS / name / "seam_profile.png", backbone)
     (RESULTS / name / "environment.json").write_text(json.dumps({"environment": environment(), "attribution": ATTRIBUTION}, indent=2))
-    print(path)
+    return path
 
 
 def plot_profiles(rows: list[dict[str, Any]], path: Path, backbone: str) -> None:

@@ -100,6 +100,10 @@ class DinoV2(FeatureExtractor):
     """Patch-token maps of a DINOv2 ViT-*/14 after each requested block."""
 
     input_multiple = PATCH
+    #: 4 tokens: attention is global, so no margin reproduces the whole image; at 56 px the
+    #: tokens beside a tile border are within 6% as close to the whole-image tokens as the
+    #: tile's centre tokens (benchmarks/results/receptive_field.md, residual table)
+    default_context = 4 * PATCH
 
     def __init__(self, name: str, network: AnyDinov2, final_norm: bool = True) -> None:
         super().__init__()
