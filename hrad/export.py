@@ -356,8 +356,11 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     With ``verify`` the written graph is run by onnxruntime on random tiles (batches of 1 and 2)
     and must match the PyTorch module to :data:`TOLERANCE`.
     """
-    if model.config.strategy.name == "tiled-ensemble" and tile_size is None:
+    if model.config.strategy.name == "tiled-ensemble":
         from hrad.export_ensemble import export_ensemble_onnx
+
+        if tile_size is not None:
+            raise ConfigError("a tiled ensemble has one model per position of its fitted grid; --tile-size does not apply")
 
         return export_ensemble_onnx(model, out_path, verify=verify)
     out_path = Path(out_path)

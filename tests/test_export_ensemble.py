@@ -12,6 +12,7 @@ import torch
 from conftest import textured_image, with_spot
 
 from hrad.config import load_config
+from hrad.errors import ConfigError
 from hrad.export import export_onnx, open_predictor
 from hrad.export_ensemble import OnnxEnsemblePredictor
 from hrad.model import AnomalyModel
@@ -70,6 +71,9 @@ def test_ensemble_export_matches_model_predict(strategy: dict, images: list[np.n
     assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * scale
     assert got.score == pytest.approx(expected.score, rel=1e-4, abs=1e-5)
     assert got.is_anomalous == expected.is_anomalous
+    if strategy.get("normalization") == "tile":
+        with pytest.raises(ConfigError, match="--tile-size does not apply"):
+            export_onnx(model, tmp_path / "other.onnx", tile_size=32)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/visa/capsules")
