@@ -209,7 +209,6 @@ def _tensor_bytes(tensor: Tensor) -> bytes:
 class TiledEnsemble(Strategy):
     """One detector per tile location; merged maps at the input's own resolution."""
 
-    config_type = TiledEnsembleConfig
     config: TiledEnsembleConfig
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:

@@ -188,7 +188,6 @@ class MRFStrategy(Strategy):
     After ``fit``/``load_state``, :attr:`bank_report` lists each bank's size and index kind.
     """
 
-    config_type = MRFConfig
     config: MRFConfig
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:

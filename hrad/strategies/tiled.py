@@ -259,7 +259,6 @@ class _EmbeddingSource:
 class DownsampleStrategy(TiledStrategy):
     """Uniform downsampling of the whole image (the low-resolution baseline): one tile."""
 
-    config_type = DownsampleConfig
     config: DownsampleConfig
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
@@ -281,7 +280,6 @@ class DownsampleStrategy(TiledStrategy):
 class SharedTileStrategy(TiledStrategy):
     """Full-resolution tiles, each seen with its context margin, through one shared detector."""
 
-    config_type = TiledConfig
     config: TiledConfig
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:

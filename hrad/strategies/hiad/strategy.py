@@ -75,7 +75,6 @@ def image_score(anomaly_map: np.ndarray, pool: int) -> float:
 
 
 class HiAD(Strategy):
-    config_type = HiADConfig
 
     def __init__(self, config: HiADConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:  # type: ignore[override]
         super().__init__(config, detector, extractor)
