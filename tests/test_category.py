@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from cli_helpers import run, write
 from conftest import textured_image, with_spot
 
-from hrad.cli.main import main
 from hrad.data.datasets import training_images
 from hrad.errors import InputError
-
-
-def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["hrad", *args])
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
-def write(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., ::-1])
 
 
 @pytest.fixture(scope="module")

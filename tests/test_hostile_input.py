@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from cli_helpers import run
 from conftest import textured_image
 
 import hrad
 from hrad.artifact import MANIFEST, WEIGHTS
-from hrad.cli.main import main
 from hrad.config import load_config
 from hrad.data import images as image_io
 from hrad.data.images import (
@@ -60,15 +60,6 @@ def encoded(image: np.ndarray, suffix: str) -> bytes:
     ok, data = cv2.imencode(suffix, pixels[..., ::-1])
     assert ok
     return data.tobytes()
-
-
-def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["hrad", *args])
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def one_line(err: str) -> str:

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run
 from pydantic import BaseModel, Field
 
-from hrad.cli.main import main
 from hrad.options import SECTIONS, config_class, field_docs, model_schema, option_rows, section_names
-
-
-def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["hrad", *args])
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 class _Documented(BaseModel):

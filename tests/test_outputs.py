@@ -5,16 +5,15 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from cli_helpers import run
 from conftest import textured_image, with_spot
 
 import hrad
-from hrad.cli.main import main
 from hrad.config import load_config
 from hrad.errors import ConfigError
 from hrad.model import AnomalyModel, Prediction, Thresholds
@@ -27,15 +26,6 @@ from hrad.outputs import (
     own_scale,
     read_map_png16,
 )
-
-
-def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["hrad", *args])
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def test_scales_come_from_the_thresholds() -> None:
