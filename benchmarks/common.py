@@ -73,6 +73,10 @@ def run_setup(
     row["fit_peak_rss_mb"] = fit_memory.peak_rss_mb
     row["predict_peak_rss_mb"] = predict_memory.peak_rss_mb
     row["config"] = config.model_dump(mode="json")
+    history = model.strategy.training_history()
+    if history:  # the loss curve of every trained stage, in the JSON and summarised in the table
+        row["loss_curve"] = history
+        row["loss_first_last"] = "; ".join(f"{stage} {values[0]:.4g} -> {values[-1]:.4g} ({len(values)} ep)" for stage, values in history.items())
     if describe is not None:
         row.update(describe(model))
     print(f"[{setup}] " + ", ".join(f"{k}={row[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro_30", "seconds_per_image")), file=sys.stderr, flush=True)
@@ -101,8 +105,31 @@ def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Se
     text += table(rows, columns)
     for title, table_columns in (extra_tables or {}).items():
         text += f"\n## {title}\n\n" + table(rows, table_columns)
+    curves = [row for row in rows if row.get("loss_curve")]
+    if curves:
+        plot_loss_curves(curves, RESULTS / f"{name}_loss.png")
+        text += f"\n## Training loss (mean per epoch)\n\n![loss curves]({name}_loss.png)\n\n" + table(curves, ["setup", "loss_first_last"])
     (RESULTS / f"{name}.md").write_text(text)
     return RESULTS / f"{name}.md"
+
+
+def plot_loss_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """One panel per results row: mean training loss per epoch of each stage (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for stage, values in row["loss_curve"].items():
+            ax.plot(range(1, len(values) + 1), values, label=stage)
+        ax.set(title=row["setup"], xlabel="epoch", ylabel="mean loss", yscale="log")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 def subset_test(samples: Sequence[Sample], count: int | None) -> list[Sample]:
