@@ -12,7 +12,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from hrad.detectors.destseg import DeSTSeg, DeSTSegConfig, focal_loss, synthesise_anomalies
+from hrad.detectors.destseg import DeSTSeg, DeSTSegConfig
+from hrad.detectors.synthetic import focal_loss, synthesise_anomalies
 from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, Embedder, build_backbone
 

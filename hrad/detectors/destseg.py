@@ -5,7 +5,7 @@ Main deviation: anomaly synthesis moves from image space to feature space. DeSTS
 feeds the corrupted image to a student encoder. This detector only ever sees the teacher's
 features (the embedding: frozen backbone layers, each resized to the first layer's grid and
 concatenated), so a synthetic anomaly is made on the standardised embedding instead
-(:func:`synthesise_anomalies`):
+(:func:`~hrad.detectors.synthetic.synthesise_anomalies`, shared with RealNet):
 
 - the mask is a superlevel set of seeded white noise blurred by a Gaussian (independent,
   log-uniform ``sigma`` of 1 to ``max(h, w) / 4`` tokens per axis, as DRAEM draws independent
@@ -75,30 +75,23 @@ Other deviations from the paper / reference code:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.neural import NeuralConfig, NeuralDetector, Stage
+from hrad.detectors.neural import Stage
 from hrad.detectors.scoring import ImageScore
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
+from hrad.errors import ConfigError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
-#: DRAEM / DeSTSeg draw the opacity of the original image inside the mask from U(0, 0.8)
-MAX_OPACITY = 0.8
-#: smallest blur of the mask noise, in tokens (a finer mask would be salt-and-pepper)
-MIN_MASK_SIGMA = 1.0
-#: the largest blur is this fraction of the longer grid side
-MAX_MASK_SIGMA_FRACTION = 0.25
 
-
-class DeSTSegConfig(NeuralConfig):
+class DeSTSegConfig(SyntheticAnomalyConfig):
     """Typed DeSTSeg options; defaults follow the paper / reference code unless noted."""
 
     name: Literal["destseg"] = "destseg"
@@ -121,14 +114,6 @@ class DeSTSegConfig(NeuralConfig):
     student_stages: int = Field(default=2, ge=0)
     #: width of the segmentation net
     segmentation_channels: int = Field(default=128, ge=1)
-    #: dilation rates of the segmentation net's ASPP branches
-    aspp_rates: tuple[int, ...] = (6, 12, 18)
-    #: gamma of the segmentation focal loss
-    focal_gamma: float = Field(default=4.0, ge=0)
-    #: range of the fraction of the grid a synthetic anomaly mask covers
-    anomaly_fraction: tuple[float, float] = (0.01, 0.1)
-    #: probability that a training sample stays clean (empty mask)
-    clean_probability: float = Field(default=0.05, ge=0, le=1)
     #: channels of each level in the embedding; empty = filled by bind_layout, else one level
     level_channels: tuple[int, ...] = ()
     #: "segmentation": the segmentation net's output; "student": teacher-student 1 - cos
@@ -138,99 +123,11 @@ class DeSTSegConfig(NeuralConfig):
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
 
-    @model_validator(mode="after")
-    def _check_ranges(self) -> DeSTSegConfig:
-        low, high = self.anomaly_fraction
-        if not 0 < low <= high <= 1:
-            raise ConfigError(
-                f"destseg anomaly_fraction {self.anomaly_fraction} must satisfy 0 < low <= high <= 1"
-            )
-        if not self.aspp_rates or min(self.aspp_rates) < 1:
-            raise ConfigError(f"destseg aspp_rates {self.aspp_rates} must be one or more dilations >= 1")
-        return self
-
 
 # --------------------------------------------------------------------------- losses
-def focal_loss(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
-    """Mean binary focal loss ``-(1 - p_t)^gamma * log(p_t)`` (reference: alpha off, mean), from
-    logits so that confident predictions do not overflow the log."""
-    probabilities = torch.sigmoid(logits)
-    cross_entropy = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
-    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
-    return (cross_entropy * (1 - p_t) ** gamma).mean()
-
-
 def cosine_distances(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
     """Per level ``1 - cos`` over channels at every position: ``levels x B x h x w``."""
     return torch.stack([1 - F.cosine_similarity(s, t, dim=1) for t, s in zip(teacher, student, strict=True)])
-
-
-# --------------------------------------------------------------------------- synthesis
-def _gaussian_kernel(sigma: float, device: torch.device) -> Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def smooth_mask(
-    height: int, width: int, fraction: float, generator: torch.Generator, device: torch.device
-) -> Tensor:
-    """An ``h x w`` boolean mask: the ``round(fraction * h * w)`` highest values of white noise
-    blurred by an anisotropic Gaussian (a Perlin-like blob pattern at a random scale)."""
-    max_sigma = max(MIN_MASK_SIGMA, MAX_MASK_SIGMA_FRACTION * max(height, width))
-    log_range = math.log(max_sigma / MIN_MASK_SIGMA)
-    draws = torch.rand(2, generator=generator, device=device).tolist()
-    sigma_y, sigma_x = (MIN_MASK_SIGMA * math.exp(draw * log_range) for draw in draws)
-    kernel_y, kernel_x = _gaussian_kernel(sigma_y, device), _gaussian_kernel(sigma_x, device)
-    # noise larger than the grid by the kernel radii: a valid convolution needs no padding
-    noise = torch.randn(
-        1, 1, height + kernel_y.numel() - 1, width + kernel_x.numel() - 1, generator=generator, device=device
-    )
-    field = F.conv2d(noise, kernel_y.view(1, 1, -1, 1))
-    field = F.conv2d(field, kernel_x.view(1, 1, 1, -1)).flatten()
-    count = min(height * width, max(1, round(fraction * height * width)))
-    mask = torch.zeros(height * width, dtype=torch.bool, device=device)
-    mask[field.topk(count).indices] = True
-    return mask.view(height, width)
-
-
-def synthesise_anomalies(
-    features: Tensor,
-    generator: torch.Generator,
-    fraction_range: tuple[float, float],
-    clean_probability: float,
-) -> tuple[Tensor, Tensor]:
-    """Feature-space DRAEM anomalies on standardised ``B x C x h x w`` features.
-
-    Returns the corrupted features (equal to ``features`` outside the mask, bit for bit) and the
-    ``B x h x w`` float masks (all zero for the samples left clean). ``generator`` lives on the
-    features' device and fixes every draw.
-    """
-    batch, _, height, width = features.shape
-    device = features.device
-    masks = torch.zeros(batch, height, width, device=device)
-    donors = torch.empty_like(features)
-    donor_offset = int(torch.randint(1, batch, (1,), generator=generator, device=device)) if batch > 1 else 0
-    low, high = fraction_range
-    for index in range(batch):
-        clean, fraction, flip_y, flip_x = torch.rand(4, generator=generator, device=device).tolist()
-        shift_y = int(torch.randint(height, (1,), generator=generator, device=device))
-        shift_x = int(torch.randint(width, (1,), generator=generator, device=device))
-        donor = features[(index + donor_offset) % batch]
-        flips = [dim for dim, draw in ((1, flip_y), (2, flip_x)) if draw < 0.5]
-        if flips:
-            donor = donor.flip(flips)
-        donors[index] = donor.roll((shift_y, shift_x), dims=(1, 2))
-        if clean >= clean_probability:
-            masks[index] = smooth_mask(height, width, low + fraction * (high - low), generator, device)
-    noise = torch.randn(features.shape, generator=generator, device=device)  # std 1 = channel std
-    texture_weight, opacity = torch.rand(2, batch, 1, 1, 1, generator=generator, device=device)
-    texture = texture_weight.sqrt() * donors + (1 - texture_weight).sqrt() * noise
-    opacity = opacity * MAX_OPACITY
-    blended = opacity * features + (1 - opacity) * texture
-    corrupted = torch.where(masks.unsqueeze(1) > 0, blended, features)
-    return corrupted, masks
 
 
 # --------------------------------------------------------------------------- networks
@@ -315,23 +212,15 @@ class SegmentationNet(nn.Module):
         return self.head(self.res(x)).squeeze(1)
 
 
-class DeSTSegNet(nn.Module):
+class DeSTSegNet(StandardisedNet):
     """Standardisation statistics, denoising student and segmentation net."""
 
-    mean: Tensor
-    std: Tensor
-
     def __init__(self, level_sizes: Sequence[int], config: DeSTSegConfig) -> None:
-        super().__init__()
         channels = sum(level_sizes)
+        super().__init__(channels)
         self.level_sizes = list(level_sizes)
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
         self.student = DenoisingStudent(channels, level_sizes, config.student_channels, config.student_stages)
         self.segmentation = SegmentationNet(channels, config.segmentation_channels, config.aspp_rates)
-
-    def standardise(self, embeddings: Tensor) -> Tensor:
-        return (embeddings - self.mean) / self.std
 
     def levels(self, features: Tensor) -> list[Tensor]:
         return list(features.split(self.level_sizes, dim=1))
@@ -352,12 +241,11 @@ def _train_only(model: nn.Module, part: str) -> None:
 
 
 # --------------------------------------------------------------------------- detector
-class DeSTSeg(NeuralDetector[DeSTSegConfig, DeSTSegNet]):
+class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
     """Denoising student + segmentation net on feature-space synthetic anomalies; see the module
     docstring."""
 
     state_prefix = "model"
-    extra_state_keys = ("aspp_rates",)
 
     @property
     def student_loss_history(self) -> list[float]:
@@ -388,48 +276,25 @@ class DeSTSeg(NeuralDetector[DeSTSegConfig, DeSTSegNet]):
             raise ConfigError(
                 'destseg anomaly_map="segmentation" needs segmentation_epochs >= 1; use anomaly_map="student"'
             )
-        mean, std = self.channel_statistics(batches)
-        model = self.build(self.resolve_layout(mean.numel()), mean.device)
-        model.mean.copy_(mean.view(1, -1, 1, 1))
-        model.std.copy_(std.view(1, -1, 1, 1))
+        self.fit_standardisation(batches)
 
     def check_batch(self, embeddings: Tensor) -> None:
         """The student's stride-2 stages must leave its BatchNorm more than one value per channel."""
-        count, _, height, width = embeddings.shape
-        stages = self.config.student_stages
-        coarsest = math.ceil(height / 2**stages) * math.ceil(width / 2**stages)
-        if count * coarsest < 2:
-            raise InputError(
-                f"destseg cannot train on a batch of {count} {height}x{width} embedding grid(s) with"
-                f" student_stages={stages}: the student's bottleneck would be one position; use larger"
-                " inputs, larger batches or fewer student_stages"
-            )
+        self.check_bottleneck(embeddings, self.config.student_stages, "student_stages", "student")
 
     # ----------------------------------------------------------------- training
-    def _corrupt(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(clean, corrupted, mask), standardised, with fresh anomalies every call."""
-        model = self.fitted_network()
-        clean = model.standardise(embeddings)
-        corrupted, masks = synthesise_anomalies(
-            clean, self.generator, self.config.anomaly_fraction, self.config.clean_probability
-        )
-        return clean, corrupted, masks
-
     def _student_step(self, embeddings: Tensor) -> Tensor:
         model = self.fitted_network()
-        clean, corrupted, _ = self._corrupt(embeddings)
+        clean, corrupted, _ = self.corrupt(embeddings)
         distances = cosine_distances(model.levels(clean), model.student(corrupted))
         return distances.mean(dim=(2, 3)).sum(dim=0).mean()  # levels summed, batch averaged
 
     def _segmentation_step(self, embeddings: Tensor) -> Tensor:
         model = self.fitted_network()
-        _, corrupted, masks = self._corrupt(embeddings)
+        _, corrupted, masks = self.corrupt(embeddings)
         with torch.no_grad():
             student = model.student(corrupted)
-        logits = model.segmentation_logits(corrupted, student)
-        return (
-            focal_loss(logits, masks, self.config.focal_gamma) + (torch.sigmoid(logits) - masks).abs().mean()
-        )
+        return self.segmentation_loss(model.segmentation_logits(corrupted, student), masks)
 
     def training_stages(self) -> list[Stage]:
         """The reference schedule: the student alone, then the segmentation net on a frozen student."""
@@ -466,17 +331,3 @@ class DeSTSeg(NeuralDetector[DeSTSegConfig, DeSTSegNet]):
         if self.config.anomaly_map == "student":
             return cosine_distances(model.levels(teacher), student).sum(dim=0)
         return torch.sigmoid(model.segmentation_logits(teacher, student))
-
-    def extra_state(self) -> dict[str, Tensor]:
-        return {"aspp_rates": torch.tensor(self.config.aspp_rates, dtype=torch.int64)}
-
-    def load_extra_state(self, state: dict[str, Tensor]) -> None:
-        rates = [int(rate) for rate in state["aspp_rates"].flatten().tolist()]
-        if rates != list(self.config.aspp_rates):
-            raise ArtifactError(
-                f"destseg state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
-            )
-
-    def check_loaded(self, network: DeSTSegNet) -> None:
-        if not bool((network.std > 0).all()):
-            raise ArtifactError("destseg state entry model.std has non-positive standard deviations")

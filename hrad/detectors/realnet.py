@@ -10,7 +10,7 @@ This detector only sees embeddings (frozen backbone layers resized to the first 
 and concatenated; ``level_channels`` gives the split, one level per backbone layer). Its parts:
 
 1. per-channel standardisation with the training set's statistics (a first pass, saved);
-2. **synthesis** in feature space, DeSTSeg's here (:func:`~hrad.detectors.destseg.synthesise_anomalies`):
+2. **synthesis** in feature space, DeSTSeg's here (:func:`~hrad.detectors.synthetic.synthesise_anomalies`):
    smooth random masks covering ``anomaly_fraction`` of the grid, inside which the features
    become a blend of another sample's features and noise; masks are exact at embedding
    resolution. *Deviation*: SDAS samples anomalies from a diffusion model trained on the
@@ -51,22 +51,22 @@ strategy) would need a new detector contract; it was not built, so it was not me
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.destseg import DenoisingStudent, SegmentationNet, focal_loss, synthesise_anomalies
-from hrad.detectors.neural import EpochsConfig, NeuralDetector
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.detectors.destseg import DenoisingStudent, SegmentationNet
+from hrad.detectors.neural import EpochsConfig
+from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
+from hrad.errors import ArtifactError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 
 
-class RealNetConfig(EpochsConfig):
+class RealNetConfig(SyntheticAnomalyConfig, EpochsConfig):
     """Typed RealNet options; see the module docstring for every deviation from the paper."""
 
     name: Literal["realnet"] = "realnet"
@@ -89,23 +89,6 @@ class RealNetConfig(EpochsConfig):
     discriminator_channels: int = Field(default=64, ge=1)
     #: dilation rates of the discriminator's ASPP branches
     aspp_rates: tuple[int, ...] = (2, 4)
-    #: gamma of the discriminator's focal loss
-    focal_gamma: float = Field(default=4.0, ge=0)
-    #: range of the fraction of the grid a synthetic anomaly mask covers
-    anomaly_fraction: tuple[float, float] = (0.01, 0.1)
-    #: probability that a training sample stays clean (empty mask)
-    clean_probability: float = Field(default=0.05, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> RealNetConfig:
-        low, high = self.anomaly_fraction
-        if not 0 < low <= high <= 1:
-            raise ConfigError(
-                f"realnet anomaly_fraction {self.anomaly_fraction} must satisfy 0 < low <= high <= 1"
-            )
-        if not self.aspp_rates or min(self.aspp_rates) < 1:
-            raise ConfigError(f"realnet aspp_rates {self.aspp_rates} must be one or more dilations >= 1")
-        return self
 
 
 def selected_count(channels: int, ratio: float) -> int:
@@ -120,20 +103,15 @@ def residual_selection(residuals: Tensor, count: int) -> Tensor:
     return torch.gather(residuals, 1, order[:, :, None, None].expand(-1, -1, *residuals.shape[-2:]))
 
 
-class RealNetNet(nn.Module):
+class RealNetNet(StandardisedNet):
     """Standardisation, selected channels, per-level reconstructions and the discriminator."""
 
-    mean: Tensor
-    std: Tensor
     selected: Tensor
 
     def __init__(self, layout: list[int], config: RealNetConfig) -> None:
-        super().__init__()
-        channels = sum(layout)
+        super().__init__(sum(layout))
         self.kept = [selected_count(size, config.selection_ratio) for size in layout]
         self.residual_count = min(config.residual_channels, sum(self.kept))
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
         # indices into the whole embedding, level by level; filled by AFS
         first = torch.cumsum(torch.tensor([0, *layout[:-1]]), 0)
         self.register_buffer(
@@ -147,9 +125,6 @@ class RealNetNet(nn.Module):
         self.discriminator = SegmentationNet(
             self.residual_count, config.discriminator_channels, config.aspp_rates
         )
-
-    def standardise(self, embeddings: Tensor) -> Tensor:
-        return (embeddings - self.mean) / self.std
 
     def select(self, features: Tensor) -> list[Tensor]:
         """The AFS-selected channels of standardised features, one tensor per level."""
@@ -165,11 +140,9 @@ class RealNetNet(nn.Module):
         return self.discriminator(residual_selection(residuals, self.residual_count))
 
 
-class RealNet(NeuralDetector[RealNetConfig, RealNetNet]):
+class RealNet(SyntheticAnomalyDetector[RealNetConfig, RealNetNet]):
     """Reconstruction of normal features from synthetic-anomalous ones, AFS, RRS and a
     discriminator; see the module docstring."""
-
-    extra_state_keys = ("aspp_rates",)
 
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
@@ -184,31 +157,18 @@ class RealNet(NeuralDetector[RealNetConfig, RealNetNet]):
 
     def check_batch(self, embeddings: Tensor) -> None:
         """The reconstructions' stride-2 stages must leave BatchNorm more than one value per channel."""
-        count, _, height, width = embeddings.shape
-        stages = self.config.reconstruction_stages
-        if count * math.ceil(height / 2**stages) * math.ceil(width / 2**stages) < 2:
-            raise InputError(
-                f"realnet cannot train on a batch of {count} {height}x{width} embedding grid(s) with"
-                f" reconstruction_stages={stages}; use larger inputs, larger batches or fewer stages"
-            )
-
-    def _corrupt(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        clean = self.fitted_network().standardise(embeddings)
-        corrupted, masks = synthesise_anomalies(
-            clean, self.generator, self.config.anomaly_fraction, self.config.clean_probability
+        self.check_bottleneck(
+            embeddings, self.config.reconstruction_stages, "reconstruction_stages", "reconstruction"
         )
-        return clean, corrupted, masks
 
     def before_fit(self, batches: Iterable[Tensor]) -> None:
         """Standardisation statistics, the networks, then AFS on synthetic anomalies."""
-        mean, std = self.channel_statistics(batches)
-        network = self.build(self.resolve_layout(mean.numel()), mean.device)
-        network.mean.copy_(mean.view(1, -1, 1, 1))
-        network.std.copy_(std.view(1, -1, 1, 1))
-        change = torch.zeros(mean.numel(), dtype=torch.float64, device=mean.device)
+        network = self.fit_standardisation(batches)
+        device = network.mean.device
+        change = torch.zeros(network.mean.numel(), dtype=torch.float64, device=device)
         area = 0.0
         for batch in batches:
-            clean, corrupted, masks = self._corrupt(batch.to(mean.device).float())
+            clean, corrupted, masks = self.corrupt(batch.to(device).float())
             change += ((corrupted - clean).pow(2) * masks[:, None]).sum(dim=(0, 2, 3)).double()
             area += float(masks.sum())
         sensitivity = change / max(area, 1.0)
@@ -229,7 +189,7 @@ class RealNet(NeuralDetector[RealNetConfig, RealNetNet]):
 
     def training_step(self, embeddings: Tensor) -> Tensor:
         network = self.fitted_network()
-        clean, corrupted, masks = self._corrupt(embeddings)
+        clean, corrupted, masks = self.corrupt(embeddings)
         targets = network.select(clean)
         corrupted_levels = network.select(corrupted)
         _, rebuilt = network.residuals(corrupted_levels)
@@ -241,29 +201,14 @@ class RealNet(NeuralDetector[RealNetConfig, RealNetNet]):
             [(level - again.detach()).pow(2) for level, again in zip(corrupted_levels, rebuilt, strict=True)],
             dim=1,
         )
-        logits = network.logits(residuals)
-        segmentation = (
-            focal_loss(logits, masks, self.config.focal_gamma) + (torch.sigmoid(logits) - masks).abs().mean()
-        )
-        return reconstruction + segmentation
+        return reconstruction + self.segmentation_loss(network.logits(residuals), masks)
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
         network = self.fitted_network()
         residuals, _ = network.residuals(network.select(network.standardise(embeddings)))
         return torch.sigmoid(network.logits(residuals))
 
-    def extra_state(self) -> dict[str, Tensor]:
-        return {"aspp_rates": torch.tensor(self.config.aspp_rates, dtype=torch.int64)}
-
-    def load_extra_state(self, state: dict[str, Tensor]) -> None:
-        rates = [int(rate) for rate in state["aspp_rates"].flatten().tolist()]
-        if rates != list(self.config.aspp_rates):
-            raise ArtifactError(
-                f"realnet state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
-            )
-
     def check_loaded(self, network: RealNetNet) -> None:
-        if not bool((network.std > 0).all()):
-            raise ArtifactError("realnet state entry network.std has non-positive standard deviations")
+        super().check_loaded(network)
         if int(network.selected.min()) < 0 or int(network.selected.max()) >= network.mean.shape[1]:
             raise ArtifactError("realnet state entry network.selected indexes channels outside the embedding")
