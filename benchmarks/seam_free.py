@@ -45,7 +45,7 @@ from hrad.reports.markdown import table
 from hrad.strategies.ensemble import TiledEnsemble
 from hrad.strategies.hiad import HiAD
 from hrad.strategies.tiled import SharedTileStrategy
-from hrad.strategies.tiling import TileGrid
+from hrad.strategies.tiling import TileGrid, seam_distance
 
 #: distance bins (pixels from the nearest tile border) of the seam profile
 BINS = (0, 8, 16, 32, 64, 128, 10_000)
@@ -77,6 +77,32 @@ def tile_grid(model: AnomalyModel, height: int, width: int) -> TileGrid | None:
     return None
 
 
+def phantom_distance(grid: TileGrid) -> np.ndarray:
+    """Distance to *phantom* seams, lines halfway between the real tile borders (and the image
+    border): the same content-dependent statistics, no seams. Its border/far ratio is the control
+    that tells a seam apart from where the borders happen to lie on the part."""
+
+    def midpoints(size: int, lines: list[int], tile: int) -> list[int]:
+        # only intervals of at least half a tile: a shifted last tile's narrow overlap strip has
+        # its midpoint right among real seams
+        bounds = [0, *lines, size]
+        return [(a + b) // 2 for a, b in zip(bounds, bounds[1:], strict=False) if 2 * (b - a) >= tile]
+
+    rows, cols = grid.seams()
+    return seam_distance(
+        grid.height, grid.width, midpoints(grid.height, rows, grid.tile_h), midpoints(grid.width, cols, grid.tile_w)
+    )
+
+
+def ratio(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """The profile (mean per distance bin) and its band-within-8-px / at-least-64-px ratio (the
+    mean of the two far bins' means)."""
+    profile = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    far = counts[-2:] > 0
+    value = float(profile[0] / profile[-2:][far].mean()) if counts[0] and far.any() else float("nan")
+    return profile, value
+
+
 def pooled_max(anomaly_map: np.ndarray, pool: int = 16) -> float:
     tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
     return float(F.avg_pool2d(tensor, (min(pool, tensor.shape[-2]), min(pool, tensor.shape[-1])), stride=1).max())
@@ -90,8 +116,8 @@ def run(setup: str, strategy: dict[str, Any], backbone: str, train: list[Path], 
     pixel = PixelMetrics()
     rules: dict[str, list[float]] = {"model": [], "strategy": [], "map_max": [], "top_0.1%": [], "pool16": []}
     labels: list[int] = []
-    sums = np.zeros(len(BINS) - 1)
-    counts = np.zeros(len(BINS) - 1)
+    sums = np.zeros((2, len(BINS) - 1))  # real seams, phantom seams
+    counts = np.zeros((2, len(BINS) - 1))
     seconds = 0.0
     post = model.config.postprocess
     for sample in test:
@@ -110,19 +136,20 @@ def run(setup: str, strategy: dict[str, Any], backbone: str, train: list[Path], 
         rules["pool16"].append(pooled_max(smoothed))
         grid = tile_grid(model, *image.shape[:2])
         if grid is not None:
-            distance = grid.border_distance()
             normal = ~mask
-            which = np.digitize(distance[normal], BINS[1:-1])
-            sums += np.bincount(which, weights=smoothed[normal], minlength=len(sums))
-            counts += np.bincount(which, minlength=len(counts))
+            for k, distance in enumerate((grid.border_distance(), phantom_distance(grid))):
+                which = np.digitize(distance[normal], BINS[1:-1])
+                sums[k] += np.bincount(which, weights=smoothed[normal], minlength=sums.shape[1])
+                counts[k] += np.bincount(which, minlength=counts.shape[1])
     row: dict[str, Any] = {"setup": setup}
     metrics = {**image_metrics(np.asarray(rules["model"]), np.asarray(labels)), **pixel.result()}
     row.update({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05")})
     for rule, values in rules.items():
         row[f"auroc_{rule}"] = image_metrics(np.asarray(values), np.asarray(labels))["image_auroc"]
-    profile = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
-    row["profile"] = profile.tolist()
-    row["border_over_far"] = float(profile[0] / profile[-2:][counts[-2:] > 0].mean()) if counts[0] and counts[-2:].any() else float("nan")
+    profile, row["border_over_far"] = ratio(sums[0], counts[0])
+    phantom, row["phantom_border_over_far"] = ratio(sums[1], counts[1])
+    row["profile"], row["phantom_profile"] = profile.tolist(), phantom.tolist()
+    row["seam_excess"] = row["border_over_far"] / row["phantom_border_over_far"]
     row["fit_seconds"] = fit_memory.seconds
     row["seconds_per_image"] = seconds / len(test)
     row["fit_peak_rss_mb"] = fit_memory.peak_rss_mb
@@ -159,17 +186,24 @@ def save(name: str, rows: list[dict[str, Any]], backbone: str, tile: int, n_trai
         f"and calibration), {n_test} test images (seeded, label-stratified subset of the official split), one run. "
         "Pixel metrics exact at 1500x1000 on the model's final (sigma-4 smoothed) map. `before` = hrad 0.1 geometry "
         "(context 0, zero padding); `after` = default context margin and shifted last tiles. border_over_far = mean "
-        "normal-pixel score within 8 px of a tile border / at least 64 px from every border. auroc_* = image AUROC "
+        "normal-pixel score within 8 px of a tile border / at least 64 px from every border (the mean of the 64-128 and "
+        ">=128 bins' means). phantom_border_over_far = the same ratio for phantom seams halfway between the real ones (a "
+        "control: how much of the ratio comes from where the borders lie on the part, not from seams); seam_excess = "
+        "border_over_far / phantom_border_over_far. auroc_* = image AUROC "
         "of each score rule on the same maps (see the script's docstring); image_auroc uses the model's configured rule. "
         "window_pixel_share = backbone pixels per tile with the margin / without."
     )
-    columns = ["setup", "image_auroc", "pixel_ap", "pixel_auroc", "aupro_30", "aupro_05", "border_over_far", "context_px", "window_pixel_share", "fit_seconds", "seconds_per_image"]
+    columns = ["setup", "image_auroc", "pixel_ap", "pixel_auroc", "aupro_30", "aupro_05", "border_over_far", "phantom_border_over_far", "seam_excess", "context_px", "window_pixel_share", "fit_seconds", "seconds_per_image"]
     rule_columns = ["setup", "auroc_model", "auroc_strategy", "auroc_map_max", "auroc_top_0.1%", "auroc_pool16"]
     profile_rows = [{"setup": r["setup"], **{f"{BINS[i]}-{BINS[i + 1]}px": v for i, v in enumerate(r["profile"])}} for r in rows]
     path = write_results(name, rows, notes, columns=columns, extra_tables={"Image AUROC by score rule (same maps)": rule_columns})
     text = path.read_text()
     text += "\n## Seam profile: mean normal-pixel score by distance to the nearest tile border\n\n"
     text += table(profile_rows, list(profile_rows[0]))
+    if any("phantom_profile" in r for r in rows):
+        phantom_rows = [{"setup": r["setup"], **{f"{BINS[i]}-{BINS[i + 1]}px": v for i, v in enumerate(r.get("phantom_profile", []))}} for r in rows]
+        text += "\n## Control: the same profile against phantom seams halfway between the tile borders\n\n"
+        text += table(phantom_rows, list(profile_rows[0]))
     path.write_text(text)
     plot_profiles(rows, RESULTS / name / "seam_profile.png", backbone)
     (RESULTS / name / "environment.json").write_text(json.dumps({"environment": environment(), "attribution": ATTRIBUTION}, indent=2))

@@ -224,16 +224,21 @@ class TileGrid:
 
         Used to profile seams: a seam-free map has the same statistics at every distance.
         """
-        rows, cols = self.seams()
-        far = float(self.height + self.width)
+        return seam_distance(self.height, self.width, *self.seams())
 
-        def along(size: int, seams: list[int]) -> np.ndarray:
-            if not seams:
-                return np.full(size, far)
-            centres = np.arange(size, dtype=np.float64)[:, None] + 0.5
-            return np.abs(centres - np.asarray(seams, dtype=np.float64)[None, :]).min(axis=1)
 
-        return np.minimum(along(self.height, rows)[:, None], along(self.width, cols)[None, :])
+def seam_distance(height: int, width: int, rows: list[int], cols: list[int]) -> np.ndarray:
+    """``H x W`` distance (pixels) from each pixel centre to the nearest of the given row and
+    column lines (``H + W`` where there are none)."""
+    far = float(height + width)
+
+    def along(size: int, lines: list[int]) -> np.ndarray:
+        if not lines:
+            return np.full(size, far)
+        centres = np.arange(size, dtype=np.float64)[:, None] + 0.5
+        return np.abs(centres - np.asarray(lines, dtype=np.float64)[None, :]).min(axis=1)
+
+    return np.minimum(along(height, rows)[:, None], along(width, cols)[None, :])
 
 
 class TileMerger:
