@@ -32,15 +32,8 @@ from sklearn.metrics import roc_auc_score
 from benchmarks.common import capsules, subset, write_results
 from hrad.config import load_config
 from hrad.data.images import read_image
-from hrad.export import (
-    OPSET,
-    NearestNeighbourScoring,
-    TileScorer,
-    export_onnx,
-    export_openvino,
-    open_predictor,
-    scoring_module,
-)
+from hrad.export import export_onnx, export_openvino, open_predictor
+from hrad.export_graph import OPSET, NearestNeighbourScoring, TileScorer, scoring_module
 from hrad.model import AnomalyModel
 from hrad.reports.markdown import table
 

@@ -1,242 +1,55 @@
-"""ONNX export of the per-tile network, plus the sidecar that says what to do around it.
+"""ONNX / OpenVINO export of the per-tile network, plus the sidecar that says what to do around it.
 
 Only the part that needs a neural-network runtime is exported: one tile (or, for
 ``downsample``, the whole resized image) ``B x 3 x S x S`` in [0, 1] -> the detector's anomaly
 maps at feature resolution ``B x h x w`` and its scores ``B`` (backbone + :class:`Embedder` +
 the detector's :meth:`~hrad.detectors.base.Detector.scoring_module`). Resizing, tiling, merging,
 smoothing and thresholds are cheap array work; the JSON sidecar records every number they need
-and :class:`OnnxPredictor` is the reference implementation of them around onnxruntime, equal
-to :meth:`AnomalyModel.predict` up to float rounding.
+and :mod:`hrad.export_runtime`'s predictors are the reference implementation of them around
+onnxruntime or OpenVINO, equal to :meth:`AnomalyModel.predict` up to float rounding.
 
-``tiled-ensemble`` (PatchCore) exports through :mod:`hrad.export_ensemble` (one graph, the tile
-position as a second input); ``hiad`` and ``mrf`` are not exportable yet, detectors without a
-scoring module neither. :func:`open_predictor` opens either kind of export.
+Module layout: the graphs and the verified ONNX writer are :mod:`hrad.export_graph`; running an
+export is :mod:`hrad.export_runtime`; ``tiled-ensemble`` (PatchCore) exports through
+:mod:`hrad.export_ensemble` (one graph, the tile position as a second input). ``hiad`` and
+``mrf`` are not exportable yet, detectors without a scoring module neither.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from hrad.detectors.base import Detector
-from hrad.errors import ArtifactError, ConfigError
-from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
-from hrad.strategies.tiled import (
-    DownsampleConfig,
-    TiledConfig,
-    TiledStrategy,
-    long_side_size,
-    predict_tiles,
-    resize,
-    round_to_multiple,
+from hrad.errors import ConfigError
+from hrad.export_ensemble import export_ensemble_onnx
+from hrad.export_graph import TileScorer, random_tiles, scoring_module, sidecar_header, write_verified_onnx
+from hrad.export_runtime import (
+    INPUT_NAME,
+    RUNTIMES,
+    Geometry,
+    OnnxPredictor,
+    OpenVINOSession,
+    atomic_write,
+    max_difference,
+    onnxruntime_module,
+    open_predictor,
+    openvino_module,
 )
-from hrad.strategies.tiling import ContextEmbedder, TileGrid
-from hrad.version import __version__
+from hrad.strategies.tiled import DownsampleConfig, TiledConfig, TiledStrategy, round_to_multiple
+from hrad.strategies.tiling import ContextEmbedder
 
 if TYPE_CHECKING:
-    from hrad.features.base import Embedder
-    from hrad.model import AnomalyModel, Prediction
+    from hrad.model import AnomalyModel
 
-SIDECAR_FORMAT = "hrad-onnx"
-SIDECAR_VERSION = 2
+__all__ = ["RUNTIMES", "OnnxPredictor", "export_geometry", "export_onnx", "export_openvino", "open_predictor"]
+
 EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble")
-INPUT_NAME = "tiles"
-OUTPUT_NAMES = ("maps", "scores")
-#: ONNX opset: 17 has everything a CNN/ViT backbone and the kNN/Gaussian scorers need
-OPSET = 17
-#: exported graph vs the PyTorch module, relative to the map's magnitude
-TOLERANCE = 1e-4
-
-
-class TileScorer(nn.Module):
-    """What is exported: tile windows ``B x 3 x S x S`` in [0, 1] -> ``(maps B x h x w, scores B)``.
-
-    ``crop_cells`` feature cells of context margin are cut off each side of the embedding before
-    scoring (:class:`~hrad.strategies.tiling.ContextEmbedder`), so maps cover the tile alone.
-    """
-
-    def __init__(self, embedder: Embedder, scoring: nn.Module, crop_cells: int = 0) -> None:
-        super().__init__()
-        self.embedder = embedder
-        self.scoring = scoring
-        self.crop_cells = crop_cells
-
-    def forward(self, tiles: Tensor) -> tuple[Tensor, Tensor]:
-        embeddings = self.embedder(tiles)
-        c = self.crop_cells
-        if c:
-            embeddings = embeddings[..., c:-c, c:-c]
-        maps, scores = self.scoring(embeddings)
-        return maps, scores
-
-
-def _vectors(embeddings: Tensor) -> Tensor:
-    """``B x C x h x w`` -> ``B x hw x C`` (row-major positions, as the detectors flatten them)."""
-    return embeddings.flatten(2).transpose(1, 2)
-
-
-def logsumexp_last(values: Tensor) -> Tensor:
-    """``log(sum(exp(x)))`` over the last dim, written out (max-shifted): OpenVINO 2026.4's ONNX
-    reader drops the axes of ``ReduceLogSumExp`` (what ``torch.logsumexp`` exports to) and
-    reduces over every dim."""
-    peak = values.max(dim=-1, keepdim=True).values
-    return peak.squeeze(-1) + torch.log(torch.exp(values - peak).sum(-1))
-
-
-def _squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
-    """Squared L2 ``... x Q x N`` by ``|q|^2 - 2 q.b + |b|^2`` (one matmul; what faiss's flat index does)."""
-    products = queries @ bank.transpose(0, 1)
-    return ((queries * queries).sum(-1, keepdim=True) - 2 * products + bank_norms).clamp_min(0)
-
-
-class NearestNeighbourScoring(nn.Module):
-    """Exact kNN scoring against a memory bank in plain torch (PatchCore): no faiss in the graph.
-
-    Patch score = mean L2 distance to the ``k`` nearest bank vectors. Image score = the largest
-    patch score ``s*``; with ``reweight_neighbours`` = b it is reweighted by PatchCore eq. 7,
-    ``(1 - exp(|m_test* - m*|) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*``, where ``m*`` is
-    the bank vector nearest the worst patch ``m_test*`` and ``N_b(m*)`` its b nearest bank
-    vectors, ``m*`` included (as :class:`~hrad.detectors.patchcore.PatchCore` computes it).
-    """
-
-    bank: Tensor
-    bank_norms: Tensor
-
-    def __init__(self, bank: Tensor, k: int = 1, reweight_neighbours: int | None = None) -> None:
-        super().__init__()
-        bank = bank.detach().float()
-        self.register_buffer("bank", bank.clone())
-        self.register_buffer("bank_norms", (bank * bank).sum(1))
-        self.k = max(1, min(k, len(bank)))
-        self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, len(bank)))
-
-    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        batch, _, height, width = embeddings.shape
-        queries = _vectors(embeddings)  # B x P x C
-        squared = _squared_distances(queries, self.bank, self.bank_norms)  # B x P x N
-        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
-        nearest = nearest_squared.sqrt()  # B x P x k, ascending
-        patch_scores = nearest.mean(-1)  # B x P
-        maps = patch_scores.reshape(batch, height, width)
-        best, best_patch = patch_scores.max(dim=1)  # B
-        if self.reweight_neighbours is None:
-            return maps, best
-        rows = torch.arange(batch, device=embeddings.device)
-        worst_query = queries[rows, best_patch]  # B x C
-        anchor = self.bank[nearest_index[rows, best_patch, 0]]  # B x C
-        anchor_squared = _squared_distances(anchor, self.bank, self.bank_norms)  # B x N
-        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
-        support_vectors = self.bank[support]  # B x b x C
-        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
-        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
-        return maps, (1 - torch.exp(log_ratio)) * best
-
-
-class MahalanobisScoring(nn.Module):
-    """Per-position Gaussian scoring in plain torch (PaDiM): distance ``sqrt(d^T inv(cov) d)``.
-
-    ``channels`` (optional) selects PaDiM's random channel subset before scoring; ``mean`` is
-    ``P x D`` and ``inverse_covariance`` ``P x D x D`` for the ``P = h * w`` positions.
-    """
-
-    mean: Tensor
-    inverse_covariance: Tensor
-    channels: Tensor | None
-
-    def __init__(self, mean: Tensor, inverse_covariance: Tensor, channels: Tensor | None = None) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.detach().float().clone())
-        self.register_buffer("inverse_covariance", inverse_covariance.detach().float().clone())
-        self.register_buffer("channels", None if channels is None else channels.detach().long().clone())
-
-    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        batch, _, height, width = embeddings.shape
-        if self.channels is not None:
-            embeddings = embeddings.index_select(1, self.channels)
-        delta = _vectors(embeddings) - self.mean[None]  # B x P x D
-        projected = (self.inverse_covariance[None] @ delta.unsqueeze(-1)).squeeze(-1)  # B x P x D
-        maps = (delta * projected).sum(-1).clamp_min(0).sqrt().reshape(batch, height, width)
-        return maps, maps.flatten(1).max(1).values
-
-
-def _patchcore_scoring(detector: Detector) -> nn.Module:
-    config: Any = detector.config
-    return NearestNeighbourScoring(
-        detector.state_dict()["memory_bank"],
-        k=config.num_neighbors,
-        reweight_neighbours=config.reweight_neighbors if config.reweight else None,
-    )
-
-
-def _padim_scoring(detector: Detector) -> nn.Module:
-    state = detector.state_dict()
-    return MahalanobisScoring(state["mean"], state["inv_covariance"], state["channel_indices"])
-
-
-#: scoring modules of detectors that do not (yet) implement ``Detector.scoring_module`` themselves,
-#: by registered detector name; built from the detector's public config and saved state only
-SCORING_HOOKS: dict[str, Callable[[Detector], nn.Module]] = {
-    "patchcore": _patchcore_scoring,
-    "padim": _padim_scoring,
-}
-
-
-def scoring_module(detector: Detector, name: str) -> nn.Module | None:
-    """The detector's own :meth:`~Detector.scoring_module`, else its hook in :data:`SCORING_HOOKS`."""
-    module = detector.scoring_module()
-    if module is None and name in SCORING_HOOKS:
-        module = SCORING_HOOKS[name](detector)
-    return module
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an image becomes network inputs; mirrors :class:`TiledStrategy` for both configs.
-
-    ``downsample``: the (optionally square-padded) image is resized to ``tile`` x ``tile`` and
-    is the one tile. ``tiled``: the image is resized to ``long_side`` (if set) and covered by
-    :class:`~hrad.strategies.tiling.TileGrid` (``tile`` at ``stride``, ``edge`` rule); each tile
-    is cut with ``margin`` context pixels on every side (reflected past the image border) and
-    the window resized to ``input_size + 2 * input_margin`` when that differs (ViTs need
-    multiples of 14). The network crops the margin's cells itself.
-    """
-
-    strategy: str
-    tile: int
-    stride: int
-    input_size: int
-    long_side: int | None
-    pad_to_square: bool
-    score: str
-    batch_size: int
-    margin: int = 0
-    input_margin: int = 0
-    edge: str = "shift"
-
-    @property
-    def network_input(self) -> int:
-        return self.input_size + 2 * self.input_margin
-
-    def working_size(self, height: int, width: int) -> tuple[int, int]:
-        if self.strategy == "downsample":
-            return self.tile, self.tile
-        return long_side_size(height, width, self.long_side)
-
-    def grid(self, height: int, width: int) -> TileGrid:
-        if self.strategy == "downsample":
-            return TileGrid.square(height, width, max(height, width), max(height, width))
-        return TileGrid.square(height, width, self.tile, self.stride, self.margin, self.edge)  # type: ignore[arg-type]
-
 
 def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geometry:
     """The geometry of ``model``'s strategy; ``tile_size`` replaces the tile (downsample: image) side.
@@ -293,19 +106,12 @@ def _scoring_module(model: AnomalyModel) -> nn.Module:
 
 
 def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape: tuple[int, int]) -> dict[str, Any]:
-    post = model.config.postprocess
-    thresholds = model.thresholds
     return {
-        "format": SIDECAR_FORMAT,
-        "format_version": SIDECAR_VERSION,
-        "hrad_version": __version__,
-        "onnx": onnx_name,
+        **sidecar_header(model, onnx_name),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, geometry.network_input, geometry.network_input],
                   "dtype": "float32", "range": [0.0, 1.0], "channels": "RGB", "layout": "NCHW"},
         "outputs": {"maps": ["batch", *map_shape], "scores": ["batch"]},
         "geometry": asdict(geometry),
-        "postprocess": post.model_dump(mode="json"),
-        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
         "model": {
             "backbone": model.config.backbone.name,
             "backbone_weights": model.extractor.weights_source,
@@ -334,43 +140,23 @@ def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _max_difference(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Largest difference relative to the reference's magnitude (at least 1)."""
-    return float(np.abs(ours - reference).max() / max(1.0, float(np.abs(reference).max())))
-
-
 def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None = None, verify: bool = True) -> Path:
     """Write ``out_path`` (ONNX) and its sidecar ``out_path.with_suffix('.json')``; returns the sidecar.
 
     With ``verify`` the written graph is run by onnxruntime on random tiles (batches of 1 and 2)
-    and must match the PyTorch module to :data:`TOLERANCE`.
+    and must match the PyTorch module to :data:`hrad.export_graph.TOLERANCE`.
     """
     if model.config.strategy.name == "tiled-ensemble":
-        from hrad.export_ensemble import export_ensemble_onnx
-
         if tile_size is not None:
             raise ConfigError("a tiled ensemble has one model per position of its fitted grid; --tile-size does not apply")
-
         return export_ensemble_onnx(model, out_path, verify=verify)
     out_path = Path(out_path)
     geometry = export_geometry(model, tile_size)
     scoring = _scoring_module(model).to(model.device)
     crop = (geometry.input_margin // model.strategy.embedder.stride) if geometry.strategy == "tiled" else 0  # type: ignore[attr-defined]
     scorer = TileScorer(model.strategy.embedder, scoring, crop).eval()  # type: ignore[attr-defined]
-    generator = torch.Generator().manual_seed(0)
     side = geometry.network_input
-    example = torch.rand(2, 3, side, side, generator=generator).to(model.device)
+    example = random_tiles(2, side, side, model.device)
     with torch.no_grad():
         try:
             expected_maps, expected_scores = scorer(example)
@@ -379,177 +165,21 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
             raise ConfigError(f"{model.config.detector.name} cannot score {geometry.tile}x{geometry.tile} inputs ({first})") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write_onnx(path: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(
-                scorer, (example[:1],), path, dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes={INPUT_NAME: {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
-            )  # fmt: skip
-        if verify:
-            _verify(path, example.cpu().numpy(), expected_maps.cpu().numpy(), expected_scores.cpu().numpy())
-
     try:
-        _atomic_write(out_path, write_onnx)
+        write_verified_onnx(scorer, {INPUT_NAME: example}, (expected_maps, expected_scores), out_path, verify)
     except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError) as error:
         first = str(error).splitlines()[0]
         raise ConfigError(f"{model.config.backbone.name} / {model.config.detector.name} cannot be exported to ONNX ({first})") from None
     sidecar = out_path.with_suffix(".json")
     content = _sidecar(model, geometry, out_path.name, tuple(expected_maps.shape[-2:]))  # type: ignore[arg-type]
-    _atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(content, indent=2)))
+    atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(content, indent=2)))
     return sidecar
 
 
-def _onnxruntime() -> Any:
-    """The onnxruntime module, or a one-line error naming the extra that installs it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ConfigError("ONNX export and OnnxPredictor run the graph with onnxruntime: pip install 'hrad[export]'") from None
-    return onnxruntime
-
-
-def _verify(path: str, tiles: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> None:
-    onnxruntime = _onnxruntime()
-
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for count in (1, 2):
-        onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: tiles[:count]})
-        difference = max(_max_difference(onnx_maps, maps[:count]), _max_difference(onnx_scores, scores[:count]))
-        if not difference <= TOLERANCE:
-            raise RuntimeError(f"ONNX export differs from PyTorch by {difference:.2e} (relative); not written")
-
-
-class OnnxPredictor:
-    """Runs an exported model with onnxruntime and does everything around it as hrad does.
-
-    ``predict`` returns the same :class:`~hrad.model.Prediction` as :meth:`AnomalyModel.predict`
-    on the exported model, so it is the executable specification of the sidecar's ``steps``.
-    """
-
-    def __init__(
-        self,
-        onnx_path: str | Path,
-        sidecar_path: str | Path | None = None,
-        providers: list[str] | None = None,
-        runtime: str = "onnxruntime",
-    ) -> None:
-        self.onnx_path = Path(onnx_path)
-        sidecar = Path(sidecar_path) if sidecar_path is not None else self.onnx_path.with_suffix(".json")
-        if not self.onnx_path.is_file():
-            raise ArtifactError(f"{self.onnx_path}: ONNX model not found")
-        try:
-            self.sidecar = json.loads(sidecar.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{sidecar}: ONNX sidecar not found (written next to the .onnx by hrad export)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{sidecar}: corrupt ONNX sidecar") from None
-        if self.sidecar.get("format") != SIDECAR_FORMAT or self.sidecar.get("format_version") != SIDECAR_VERSION:
-            raise ArtifactError(f"{sidecar}: not an hrad ONNX sidecar of format version {SIDECAR_VERSION}")
-        self.geometry = Geometry(**self.sidecar["geometry"])
-        self.postprocess = PostprocessConfig.model_validate(self.sidecar["postprocess"])
-        self.session = inference_session(self.onnx_path, self.sidecar, runtime, providers)
-
-    def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        """Tile windows at image scale -> the graph's ``(maps, scores)`` (resized to its input first)."""
-        side = self.geometry.network_input
-        inputs = np.ascontiguousarray(resize(windows, (side, side)).numpy(), dtype=np.float32)
-        maps, scores = self.session.run(None, {INPUT_NAME: inputs})
-        return torch.from_numpy(maps), torch.from_numpy(scores)
-
-    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Unsmoothed full-resolution map and the strategy score: :func:`predict_tiles`, the code
-        :meth:`TiledStrategy.predict` runs, with the exported graph as the per-tile scoring."""
-        geometry = self.geometry
-        result = predict_tiles(
-            image,
-            self.score_windows,
-            working_size=geometry.working_size,
-            grid=geometry.grid,
-            pad_to_square=geometry.pad_to_square,
-            batch_size=geometry.batch_size,
-            score=geometry.score,
-        )
-        return result.anomaly_map, result.score
-
-    def predict(self, image: np.ndarray | str | Path) -> Prediction:
-        """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
-        from hrad.model import Prediction, as_image
-
-        array = as_image(image)
-        raw_map, raw_score = self.predict_raw(array)
-        smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
-        thresholds = self.sidecar.get("thresholds")
-        return Prediction(
-            anomaly_map=smoothed,
-            score=image_score(smoothed, raw_score, self.postprocess),
-            image_threshold=thresholds["image"] if thresholds else None,
-            pixel_threshold=thresholds["pixel"] if thresholds else None,
-        )
-
-
-def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> Any:
-    """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
-
-    ``model_path`` is the ``.onnx`` or, for an OpenVINO export, the ``.xml`` (whose default
-    runtime is then ``openvino``); the sidecar is the ``.json`` next to it.
-    """
-    from hrad.export_ensemble import OnnxEnsemblePredictor, load_sidecar
-
-    model_path = Path(model_path)
-    if runtime is None:
-        runtime = "openvino" if model_path.suffix == ".xml" else "onnxruntime"
-    onnx_path = model_path.with_suffix(".onnx")
-    if not model_path.is_file():
-        raise ArtifactError(f"{model_path}: exported model not found")
-    sidecar = load_sidecar(onnx_path)
-    if sidecar.get("format") == SIDECAR_FORMAT and sidecar.get("geometry", {}).get("strategy") == "tiled-ensemble":
-        return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime)
-    return OnnxPredictor(onnx_path, providers=providers, runtime=runtime)
-
-
-# -- runtimes -------------------------------------------------------------------------------------
-RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "fp16")
 #: OpenVINO IR vs onnxruntime on the same inputs, relative to the output's magnitude: FP32 runs
 #: other CPU kernels (summation order), FP16 stores the weights in half precision
 OPENVINO_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
-
-
-def _openvino() -> Any:
-    try:
-        import openvino
-    except ImportError:
-        raise ConfigError("OpenVINO export and runtime need the openvino package: pip install 'hrad[openvino]'") from None
-    return openvino
-
-
-class OpenVINOSession:
-    """onnxruntime's ``run(None, feeds) -> [outputs]`` over an OpenVINO model compiled for the CPU."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        openvino = _openvino()
-        core = openvino.Core()
-        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.outputs = list(self.compiled.outputs)
-
-    def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self.compiled(feeds)
-        return [np.asarray(result[output]) for output in self.outputs]
-
-
-def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
-    """A session with ``run(None, feeds)`` for the export at ``onnx_path``: onnxruntime on the ONNX
-    graph, or OpenVINO on the sidecar's IR (``hrad export --format openvino``), else on the ONNX."""
-    if runtime == "onnxruntime":
-        return _onnxruntime().InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
-    if runtime == "openvino":
-        openvino_files = sidecar.get("openvino") or {}
-        path = onnx_path.with_name(openvino_files["xml"]) if "xml" in openvino_files else onnx_path
-        return OpenVINOSession(path)
-    raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
 
 
 def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
@@ -574,7 +204,7 @@ def export_openvino(
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    openvino = _openvino()
+    openvino = openvino_module()
     xml_path = Path(out_path).with_suffix(".xml")
     onnx_path = xml_path.with_suffix(".onnx")
     sidecar_path = export_onnx(model, onnx_path, tile_size=tile_size)
@@ -584,9 +214,9 @@ def export_openvino(
         warnings.simplefilter("ignore")
         openvino.save_model(converted, str(xml_path), compress_to_fp16=precision == "fp16")
     feeds = _random_feeds(sidecar)
-    reference = _onnxruntime().InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    reference = onnxruntime_module().InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
     ours = OpenVINOSession(xml_path).run(None, feeds)
-    difference = max(_max_difference(a, b) for a, b in zip(ours, reference, strict=True))
+    difference = max(max_difference(a, b) for a, b in zip(ours, reference, strict=True))
     if not difference <= OPENVINO_TOLERANCE[precision]:
         xml_path.unlink(missing_ok=True)
         xml_path.with_suffix(".bin").unlink(missing_ok=True)
@@ -598,5 +228,5 @@ def export_openvino(
         "openvino_version": openvino.__version__,
         "max_difference_vs_onnx": difference,
     }
-    _atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
+    atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
     return sidecar_path

@@ -10,111 +10,34 @@ different positions in one batch.
 
 Only the per-tile network is exported, as for :mod:`hrad.export`; resizing, windows, merging,
 per-tile normalisation, seam smoothing, the mean/max image score and image normalisation are
-array work done by :class:`OnnxEnsemblePredictor` with the strategy's own helpers and the
-numbers in the sidecar. Detectors: PatchCore (exact kNN, PatchCore's reweighting included).
+array work done by :class:`hrad.export_runtime.OnnxEnsemblePredictor` with the numbers in the
+sidecar. Detectors: PatchCore (exact kNN, PatchCore's reweighting included).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.export import (
-    OPSET,
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
+from hrad.errors import ConfigError
+from hrad.export_graph import (
     TOLERANCE,
-    _atomic_write,
-    _max_difference,
-    _onnxruntime,
-    inference_session,
-    logsumexp_last,
+    PositionedNearestNeighbourScoring,
+    TileScorer,
+    random_tiles,
     scoring_module,
+    sidecar_header,
+    write_verified_onnx,
 )
-from hrad.postprocess.seams import smooth_seams
-from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
-from hrad.strategies.base import to_tensor
-from hrad.strategies.ensemble import TiledEnsemble, TiledEnsembleConfig, _resize
-from hrad.strategies.tiled import resize
-from hrad.strategies.tiling import TileGrid, TileMerger
-from hrad.version import __version__
+from hrad.export_runtime import atomic_write, max_difference
+from hrad.strategies.ensemble import TiledEnsemble
 
 if TYPE_CHECKING:
-    from hrad.model import AnomalyModel, Prediction
-
-INPUT_NAMES = ("tiles", "positions")
-OUTPUT_NAMES = ("maps", "scores")
-
-
-class PositionedNearestNeighbourScoring(nn.Module):
-    """PatchCore kNN scoring with one memory bank per tile position, picked by ``positions``.
-
-    Same formulas as :class:`hrad.export.NearestNeighbourScoring` (mean distance to the ``k``
-    nearest bank vectors; image score = max patch score, reweighted by PatchCore eq. 7), with the
-    bank of each sample's position: ``banks`` is ``positions x N x C``.
-    """
-
-    banks: Tensor
-    bank_norms: Tensor
-
-    def __init__(self, banks: Tensor, k: int = 1, reweight_neighbours: int | None = None) -> None:
-        super().__init__()
-        banks = banks.detach().float()
-        size = banks.shape[1]
-        self.register_buffer("banks", banks.clone())
-        self.register_buffer("bank_norms", (banks * banks).sum(-1))
-        self.k = max(1, min(k, size))
-        self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, size))
-
-    def forward(self, embeddings: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        batch, _, height, width = embeddings.shape
-        queries = embeddings.flatten(2).transpose(1, 2)  # B x P x C
-        bank = self.banks[positions]  # B x N x C
-        norms = self.bank_norms[positions]  # B x N
-        products = queries @ bank.transpose(1, 2)  # B x P x N
-        squared = ((queries * queries).sum(-1, keepdim=True) - 2 * products + norms[:, None, :]).clamp_min(0)
-        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
-        nearest = nearest_squared.sqrt()
-        patch_scores = nearest.mean(-1)  # B x P
-        maps = patch_scores.reshape(batch, height, width)
-        best, best_patch = patch_scores.max(dim=1)
-        if self.reweight_neighbours is None:
-            return maps, best
-        rows = torch.arange(batch, device=embeddings.device)
-        worst_query = queries[rows, best_patch]  # B x C
-        anchor = bank[rows, nearest_index[rows, best_patch, 0]]  # B x C
-        anchor_products = (anchor[:, None, :] @ bank.transpose(1, 2))[:, 0]  # B x N
-        anchor_squared = ((anchor * anchor).sum(-1, keepdim=True) - 2 * anchor_products + norms).clamp_min(0)
-        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
-        support_vectors = bank[rows[:, None], support]  # B x b x C
-        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()
-        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
-        return maps, (1 - torch.exp(log_ratio)) * best
-
-
-class EnsembleTileScorer(nn.Module):
-    """What is exported: ``(windows B x 3 x S x S, positions B)`` -> ``(maps B x h x w, scores B)``."""
-
-    def __init__(self, tiles: Any, scoring: nn.Module) -> None:
-        super().__init__()
-        self.embedder = tiles.embedder
-        self.scoring = scoring
-        self.crop_cells = tiles.crop_cells
-
-    def forward(self, windows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        embeddings = self.embedder(windows)
-        c = self.crop_cells
-        if c:
-            embeddings = embeddings[..., c:-c, c:-c]
-        maps, scores = self.scoring(embeddings, positions)
-        return maps, scores
+    from hrad.model import AnomalyModel
 
 
 def _positioned_scoring(strategy: TiledEnsemble, detector_name: str) -> nn.Module:
@@ -140,18 +63,18 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
     """Write the tiled ensemble's graph to ``out_path`` and its sidecar next to it; returns the sidecar.
 
     With ``verify`` the graph is run by onnxruntime on random windows at every position and
-    must match the per-position PyTorch scoring to :data:`hrad.export.TOLERANCE`.
+    must match the per-position PyTorch scoring to :data:`hrad.export_graph.TOLERANCE`.
     """
     strategy = model.strategy
     if not isinstance(strategy, TiledEnsemble):
         raise ConfigError(f"strategy {model.config.strategy.name!r} is not a tiled ensemble")
     config = strategy.config
     grid = strategy.grid
-    scorer = EnsembleTileScorer(strategy.tiles, _positioned_scoring(strategy, model.config.detector.name)).eval()
+    tiles = strategy.tiles
+    scorer = TileScorer(tiles.embedder, _positioned_scoring(strategy, model.config.detector.name), tiles.crop_cells).eval()
     side_h, side_w = strategy.tiles.window_input_size
     count = len(grid)
-    generator = torch.Generator().manual_seed(0)
-    example = torch.rand(count, 3, side_h, side_w, generator=generator)
+    example = random_tiles(count, side_h, side_w)
     positions = torch.arange(count, dtype=torch.int64)
     with torch.no_grad():
         expected_maps, expected_scores = scorer(example, positions)
@@ -160,38 +83,18 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
             detector = strategy.detector_type(strategy.detector_config)
             detector.load_state_dict(strategy._tile_state(index))
             own = detector.predict(strategy.tiles.crop(strategy.embedder(example[index : index + 1])))
-            difference = _max_difference(expected_maps[index : index + 1].numpy(), own.maps.float().numpy())
+            difference = max_difference(expected_maps[index : index + 1].numpy(), own.maps.float().numpy())
             if not difference <= TOLERANCE:
                 raise RuntimeError(f"stacked scoring differs from tile model {index} by {difference:.2e}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write_onnx(path: str) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                scorer, (example[:1], positions[:1]), path, dynamo=False, opset_version=OPSET,
-                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                dynamic_axes={"tiles": {0: "batch"}, "positions": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
-            )  # fmt: skip
-        if verify:
-            session = _onnxruntime().InferenceSession(path, providers=["CPUExecutionProvider"])
-            maps, scores = session.run(None, {"tiles": example.numpy(), "positions": positions.numpy()})
-            difference = max(
-                _max_difference(maps, expected_maps.numpy()), _max_difference(scores, expected_scores.numpy())
-            )
-            if not difference <= TOLERANCE:
-                raise RuntimeError(f"ONNX export differs from PyTorch by {difference:.2e} (relative); not written")
-
-    _atomic_write(out_path, write_onnx)
+    inputs = {"tiles": example, "positions": positions}
+    write_verified_onnx(scorer, inputs, (expected_maps, expected_scores), out_path, verify)
     geometry = strategy._require_fitted()
     normalization = {key: value.double().reshape(-1).tolist() for key, value in strategy._normalization.items()}
-    thresholds = model.thresholds
     sidecar = {
-        "format": SIDECAR_FORMAT,
-        "format_version": SIDECAR_VERSION,
-        "hrad_version": __version__,
-        "onnx": out_path.name,
+        **sidecar_header(model, out_path.name),
         "input": {
             "tiles": ["batch", 3, side_h, side_w],
             "positions": ["batch"],
@@ -210,8 +113,6 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
             "tile_count": count,
         },
         "normalization": normalization,
-        "postprocess": model.config.postprocess.model_dump(mode="json"),
-        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
         "model": {
             "backbone": model.config.backbone.name,
             "detector": model.config.detector.name,
@@ -230,83 +131,5 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
         ],
     }
     sidecar_path = out_path.with_suffix(".json")
-    _atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
+    atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
     return sidecar_path
-
-
-class OnnxEnsemblePredictor:
-    """Runs an exported tiled ensemble with onnxruntime, equal to :meth:`AnomalyModel.predict`."""
-
-    def __init__(
-        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
-    ) -> None:
-        self.onnx_path = Path(onnx_path)
-        self.sidecar = sidecar
-        geometry = sidecar["geometry"]
-        self.config = TiledEnsembleConfig.model_validate(geometry["config"])
-        self.fitted_size: tuple[int, int] = (int(geometry["fitted_size"][0]), int(geometry["fitted_size"][1]))
-        self.work_size: tuple[int, int] = (int(geometry["work_size"][0]), int(geometry["work_size"][1]))
-        self.margin = int(geometry["margin"])
-        self.window: tuple[int, int] = (int(sidecar["input"]["tiles"][-2]), int(sidecar["input"]["tiles"][-1]))
-        self.normalization = {key: np.asarray(value, dtype=np.float64) for key, value in sidecar["normalization"].items()}
-        self.postprocess = PostprocessConfig.model_validate(sidecar["postprocess"])
-        self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
-
-    def _normalize(self, values: np.ndarray, kind: str, index: int) -> np.ndarray:
-        return (values - self.normalization[f"{kind}_shift"][index]) / self.normalization[f"{kind}_scale"][index]
-
-    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        config = self.config
-        height, width = image.shape[:2]
-        if config.image_size is None and (height, width) != self.fitted_size:
-            raise InputError(f"image {width}x{height} differs from the fitted size {self.fitted_size[1]}x{self.fitted_size[0]}")
-        work = self.work_size  # fixed at fit, as TiledEnsemble._prepare uses it
-        grid = TileGrid.square(*work, config.tile, config.tile_stride, self.margin, config.tile_edge)
-        padded = grid.pad(_resize(to_tensor(image), work)[0])
-        merger = TileMerger(grid)
-        tile_scores = np.zeros(len(grid))
-        tile_normalized = config.normalization == "tile"
-        for positions, windows in grid.batches(padded, config.batch_size):
-            windows = resize(windows, self.window)  # as ContextEmbedder.resize_windows
-            index = np.asarray([p.index for p in positions], dtype=np.int64)
-            maps, scores = self.session.run(None, {"tiles": np.ascontiguousarray(windows.numpy()), "positions": index})
-            upsampled = resize(torch.from_numpy(maps)[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0]
-            for position, tile_map, score in zip(positions, upsampled.double().numpy(), scores.astype(np.float64), strict=True):
-                if tile_normalized:
-                    tile_map = self._normalize(tile_map, "map", position.index)
-                    score = self._normalize(np.array(score), "score", position.index)
-                merger.add(position, tile_map)
-                tile_scores[position.index] = score
-        merged = merger.result()[0]
-        if config.seam_smoothing:
-            merged = smooth_seams(merged, grid, config.seam_band, config.seam_sigma)
-        score = float(tile_scores.mean() if config.score_merge == "mean" else tile_scores.max())
-        if config.normalization == "image":
-            merged = self._normalize(merged, "map", 0)
-            score = float(self._normalize(np.array([score]), "score", 0)[0])
-        full = _resize(torch.from_numpy(np.ascontiguousarray(merged))[None, None], (height, width))
-        return full[0, 0].numpy().astype(np.float32), score
-
-    def predict(self, image: np.ndarray | str | Path) -> Prediction:
-        from hrad.model import Prediction, as_image
-
-        array = as_image(image)
-        raw_map, raw_score = self.predict_raw(array)
-        smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
-        thresholds = self.sidecar.get("thresholds")
-        return Prediction(
-            anomaly_map=smoothed,
-            score=image_score(smoothed, raw_score, self.postprocess),
-            image_threshold=thresholds["image"] if thresholds else None,
-            pixel_threshold=thresholds["pixel"] if thresholds else None,
-        )
-
-
-def load_sidecar(onnx_path: str | Path) -> dict[str, Any]:
-    sidecar = Path(onnx_path).with_suffix(".json")
-    try:
-        return json.loads(sidecar.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{sidecar}: ONNX sidecar not found (written next to the .onnx by hrad export)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"{sidecar}: corrupt ONNX sidecar") from None

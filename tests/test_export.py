@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,15 +10,15 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import GaussianTestConfig, GaussianTestDetector, textured_image, with_spot
+from cli_helpers import run as run_cli
+from conftest import GaussianTestConfig, GaussianTestDetector
+from export_helpers import make_model, spotted_image, training_images
 from torch import Tensor, nn
 
-from hrad.cli.main import main
-from hrad.config import load_config
 from hrad.detectors.base import DETECTORS, register_detector
 from hrad.errors import ArtifactError, ConfigError
-from hrad.export import MahalanobisScoring, NearestNeighbourScoring, OnnxPredictor, export_onnx
-from hrad.model import AnomalyModel
+from hrad.export import OnnxPredictor, export_onnx
+from hrad.export_graph import MahalanobisScoring, NearestNeighbourScoring
 from hrad.strategies.base import DictStateReader
 
 EXPORTABLE = "test-gaussian-onnx"
@@ -49,21 +48,14 @@ def exportable_detector() -> None:
         register_detector(EXPORTABLE, GaussianTestConfig, ExportableGaussian)
 
 
-def make_model(strategy: dict, detector: str | dict = EXPORTABLE, backbone: str = "tiny-cnn") -> AnomalyModel:
-    detector_options = {"name": detector} if isinstance(detector, str) else detector
-    overrides = {"backbone": {"name": backbone}, "detector": detector_options, "strategy": strategy, "device": "cpu"}
-    return AnomalyModel(load_config(None, overrides))
-
-
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(5)
-    return [textured_image(rng, 90, 130) for _ in range(5)]
+    return training_images(5, 5)
 
 
 @pytest.fixture(scope="module")
 def test_image() -> np.ndarray:
-    return with_spot(textured_image(np.random.default_rng(6), 90, 130), 30, 70, 9)[0]
+    return spotted_image(6)
 
 
 PATCHCORE = {"name": "patchcore", "coreset_ratio": 0.25}
@@ -122,10 +114,10 @@ def test_onnx_predictor_matches_model_predict(
 
 
 def test_tile_size_override_equals_a_model_with_that_tile(images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path) -> None:
-    model = make_model({"name": "tiled", "tile": 64, "stride": 32}).fit(images)
+    model = make_model({"name": "tiled", "tile": 64, "stride": 32}, EXPORTABLE).fit(images)
     export_onnx(model, tmp_path / "m.onnx", tile_size=48)
     assert json.loads((tmp_path / "m.json").read_text())["geometry"]["stride"] == 24
-    same_state = make_model({"name": "tiled", "tile": 48, "stride": 24})
+    same_state = make_model({"name": "tiled", "tile": 48, "stride": 24}, EXPORTABLE)
     same_state.strategy.load_state(DictStateReader(model.strategy.state_dict()))
     expected = same_state.predict(test_image).anomaly_map
     got = OnnxPredictor(tmp_path / "m.onnx").predict(test_image).anomaly_map
@@ -136,10 +128,10 @@ def test_unexportable_detectors_and_strategies_are_one_line_config_errors(images
     plain = make_model({"name": "downsample", "image_size": 64}, detector="test-gaussian").fit(images[:2])
     with pytest.raises(ConfigError, match="^detector 'test-gaussian' cannot be exported to ONNX$"):
         export_onnx(plain, tmp_path / "x.onnx")
-    ensemble = make_model({"name": "tiled-ensemble", "tile": 48}).fit(images[:2])
+    ensemble = make_model({"name": "tiled-ensemble", "tile": 48}, EXPORTABLE).fit(images[:2])
     with pytest.raises(ConfigError, match="tiled-ensemble export supports the patchcore detector"):
         export_onnx(ensemble, tmp_path / "x.onnx")
-    vit = make_model({"name": "downsample", "image_size": 70}, backbone="tiny-vit")
+    vit = make_model({"name": "downsample", "image_size": 70}, EXPORTABLE, backbone="tiny-vit")
     with pytest.raises(ConfigError, match="not a multiple of 14"):
         export_onnx(vit, tmp_path / "x.onnx", tile_size=64)
     padim = make_model({"name": "tiled", "tile": 48}, {"name": "padim", "n_features": 8}).fit(images[:2])
@@ -157,17 +149,8 @@ def test_predictor_needs_its_sidecar(tmp_path: Path) -> None:
         OnnxPredictor(tmp_path / "m.onnx")
 
 
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["hrad", *args])
-    try:
-        main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
 def test_cli_export(images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    make_model({"name": "tiled", "tile": 48}).fit(images[:3]).save(tmp_path / "model")
+    make_model({"name": "tiled", "tile": 48}, EXPORTABLE).fit(images[:3]).save(tmp_path / "model")
     assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out" / "m.onnx")], monkeypatch) == 0
     assert (tmp_path / "out" / "m.onnx").is_file() and (tmp_path / "out" / "m.json").is_file()
     make_model({"name": "tiled", "tile": 48}, detector="test-gaussian").fit(images[:3]).save(tmp_path / "plain")

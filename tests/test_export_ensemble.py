@@ -9,27 +9,18 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import textured_image, with_spot
+from export_helpers import PATCHCORE, make_model, spotted_image, training_images
 
-from hrad.config import load_config
 from hrad.errors import ConfigError
 from hrad.export import export_onnx, open_predictor
-from hrad.export_ensemble import OnnxEnsemblePredictor
-from hrad.model import AnomalyModel
+from hrad.export_runtime import OnnxEnsemblePredictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa" / "capsules"
-PATCHCORE = {"name": "patchcore", "coreset_ratio": 0.25}
-
-
-def make_model(strategy: dict, backbone: str = "tiny-cnn", detector: dict = PATCHCORE) -> AnomalyModel:
-    overrides = {"backbone": {"name": backbone}, "detector": detector, "strategy": strategy, "device": "cpu"}
-    return AnomalyModel(load_config(None, overrides))
 
 
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(7)
-    return [textured_image(rng, 96, 128) for _ in range(4)]
+    return training_images(7, 4, 96, 128)
 
 
 CASES = {
@@ -64,7 +55,7 @@ def test_ensemble_export_matches_model_predict(strategy: dict, images: list[np.n
 
     predictor = open_predictor(tmp_path / "ens.onnx")
     assert isinstance(predictor, OnnxEnsemblePredictor)
-    test_image = with_spot(textured_image(np.random.default_rng(8), 96, 128), 40, 60, 8)[0]
+    test_image = spotted_image(8, 96, 128, 40, 60, 8)
     expected = model.predict(test_image)
     got = predictor.predict(test_image)
     scale = float(np.abs(expected.anomaly_map).max())
@@ -83,7 +74,7 @@ def test_ensemble_export_matches_on_capsules(tmp_path: Path) -> None:
     train = sorted((SHARED / "train" / "good").iterdir())[:3]
     tests = sorted((SHARED / "test").glob("*/*.*"))[::40][:3]
     strategy = {"name": "tiled-ensemble", "tile": 128, "stride": 128, "image_size": 256}
-    model = make_model(strategy, "tiny-cnn", {**PATCHCORE, "coreset_ratio": 0.1}).fit([load_image(p) for p in train])
+    model = make_model(strategy, {**PATCHCORE, "coreset_ratio": 0.1}).fit([load_image(p) for p in train])
     export_onnx(model, tmp_path / "caps.onnx")
     predictor = open_predictor(tmp_path / "caps.onnx")
     for path in tests:

@@ -7,34 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import textured_image, with_spot
+from cli_helpers import run as run_cli
+from export_helpers import PATCHCORE, make_model, spotted_image, training_images
 
-from hrad.config import load_config
 from hrad.errors import ConfigError
 from hrad.export import export_onnx, export_openvino, open_predictor
-from hrad.model import AnomalyModel
 
 pytest.importorskip("openvino")
 
-PATCHCORE = {"name": "patchcore", "coreset_ratio": 0.25, "num_neighbors": 3}
+PATCHCORE_K3 = {**PATCHCORE, "num_neighbors": 3}
 #: relative to the map's magnitude; FP16 weights move maps by about 3e-3 on these models
 MAP_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
-def make_model(strategy: dict) -> AnomalyModel:
-    overrides = {"backbone": {"name": "tiny-cnn"}, "detector": PATCHCORE, "strategy": strategy, "device": "cpu"}
-    return AnomalyModel(load_config(None, overrides))
-
-
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(11)
-    return [textured_image(rng, 90, 130) for _ in range(3)]
+    return training_images(11, 3)
 
 
 @pytest.fixture(scope="module")
 def test_image() -> np.ndarray:
-    return with_spot(textured_image(np.random.default_rng(12), 90, 130), 30, 70, 9)[0]
+    return spotted_image(12)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -46,7 +39,7 @@ def test_image() -> np.ndarray:
 def test_openvino_export_matches_model_predict(
     strategy: dict, precision: str, images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path
 ) -> None:
-    model = make_model(strategy).fit(images)
+    model = make_model(strategy, PATCHCORE_K3).fit(images)
     sidecar = json.loads(export_openvino(model, tmp_path / "m.xml", precision).read_text())
     assert sidecar["openvino"]["precision"] == precision and (tmp_path / "m.bin").is_file()
     expected = model.predict(test_image)
@@ -58,7 +51,7 @@ def test_openvino_export_matches_model_predict(
 
 
 def test_openvino_runtime_runs_a_plain_onnx_export(images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path) -> None:
-    model = make_model({"name": "downsample", "image_size": 64}).fit(images)
+    model = make_model({"name": "downsample", "image_size": 64}, PATCHCORE_K3).fit(images)
     export_onnx(model, tmp_path / "m.onnx")
     with_ort = open_predictor(tmp_path / "m.onnx").predict(test_image)
     with_openvino = open_predictor(tmp_path / "m.onnx", runtime="openvino").predict(test_image)
@@ -74,19 +67,10 @@ def test_openvino_runtime_runs_a_plain_onnx_export(images: list[np.ndarray], tes
 def test_cli_export_openvino(
     images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sys
-
-    from hrad.cli.main import main
-
     def run(args: list[str]) -> int:
-        monkeypatch.setattr(sys, "argv", ["hrad", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-        return 0
+        return run_cli(args, monkeypatch)
 
-    make_model({"name": "tiled", "tile": 48}).fit(images[:2]).save(tmp_path / "model")
+    make_model({"name": "tiled", "tile": 48}, PATCHCORE_K3).fit(images[:2]).save(tmp_path / "model")
     base = ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out" / "m.xml")]
     assert run([*base, "--format", "openvino", "--precision", "fp16"]) == 0
     assert all((tmp_path / "out" / f"m.{suffix}").is_file() for suffix in ("xml", "bin", "onnx", "json"))

@@ -26,11 +26,11 @@ def test_license_and_extras_match_pyproject() -> None:
 
 
 def test_export_without_onnxruntime_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hrad.export import _onnxruntime
+    from hrad.export_runtime import onnxruntime_module
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'hrad\[export\]'"):
-        _onnxruntime()
+        onnxruntime_module()
 
 
 def test_tracking_without_mlflow_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

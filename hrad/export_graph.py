@@ -1,0 +1,284 @@
+"""The exported graphs (torch side): per-tile scorers, the detectors' scoring in plain torch ops,
+and the one writer of a verified ONNX file, shared by :mod:`hrad.export` (downsample, tiled) and
+:mod:`hrad.export_ensemble` (tiled ensemble).
+
+What runs an export (sessions, sidecar reading, predictors) is :mod:`hrad.export_runtime`,
+which imports no torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from hrad.detectors.base import Detector
+from hrad.export_runtime import (
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    atomic_write,
+    max_difference,
+    onnxruntime_module,
+)
+from hrad.version import __version__
+
+if TYPE_CHECKING:
+    from hrad.features.base import Embedder
+    from hrad.model import AnomalyModel
+
+#: ONNX opset: 17 has everything a CNN/ViT backbone and the kNN/Gaussian scorers need
+OPSET = 17
+#: exported graph vs the PyTorch module, relative to the map's magnitude
+TOLERANCE = 1e-4
+OUTPUT_NAMES = ("maps", "scores")
+
+
+class TileScorer(nn.Module):
+    """What is exported: tile windows ``B x 3 x S x S`` in [0, 1] -> ``(maps B x h x w, scores B)``.
+
+    ``crop_cells`` feature cells of context margin are cut off each side of the embedding before
+    scoring (:class:`~hrad.strategies.tiling.ContextEmbedder`), so maps cover the tile alone.
+    """
+
+    def __init__(self, embedder: Embedder, scoring: nn.Module, crop_cells: int = 0) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.scoring = scoring
+        self.crop_cells = crop_cells
+
+    def forward(self, tiles: Tensor, *extra: Tensor) -> tuple[Tensor, Tensor]:
+        """``extra`` inputs (the tiled ensemble's tile positions) go to the scoring after the embeddings."""
+        embeddings = self.embedder(tiles)
+        c = self.crop_cells
+        if c:
+            embeddings = embeddings[..., c:-c, c:-c]
+        maps, scores = self.scoring(embeddings, *extra)
+        return maps, scores
+
+
+def _vectors(embeddings: Tensor) -> Tensor:
+    """``B x C x h x w`` -> ``B x hw x C`` (row-major positions, as the detectors flatten them)."""
+    return embeddings.flatten(2).transpose(1, 2)
+
+
+def logsumexp_last(values: Tensor) -> Tensor:
+    """``log(sum(exp(x)))`` over the last dim, written out (max-shifted): OpenVINO 2026.4's ONNX
+    reader drops the axes of ``ReduceLogSumExp`` (what ``torch.logsumexp`` exports to) and
+    reduces over every dim."""
+    peak = values.max(dim=-1, keepdim=True).values
+    return peak.squeeze(-1) + torch.log(torch.exp(values - peak).sum(-1))
+
+
+def _squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
+    """Squared L2 ``... x Q x N`` by ``|q|^2 - 2 q.b + |b|^2`` (one matmul; what faiss's flat index does)."""
+    products = queries @ bank.transpose(0, 1)
+    return ((queries * queries).sum(-1, keepdim=True) - 2 * products + bank_norms).clamp_min(0)
+
+
+class NearestNeighbourScoring(nn.Module):
+    """Exact kNN scoring against a memory bank in plain torch (PatchCore): no faiss in the graph.
+
+    Patch score = mean L2 distance to the ``k`` nearest bank vectors. Image score = the largest
+    patch score ``s*``; with ``reweight_neighbours`` = b it is reweighted by PatchCore eq. 7,
+    ``(1 - exp(|m_test* - m*|) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*``, where ``m*`` is
+    the bank vector nearest the worst patch ``m_test*`` and ``N_b(m*)`` its b nearest bank
+    vectors, ``m*`` included (as :class:`~hrad.detectors.patchcore.PatchCore` computes it).
+    """
+
+    bank: Tensor
+    bank_norms: Tensor
+
+    def __init__(self, bank: Tensor, k: int = 1, reweight_neighbours: int | None = None) -> None:
+        super().__init__()
+        bank = bank.detach().float()
+        self.register_buffer("bank", bank.clone())
+        self.register_buffer("bank_norms", (bank * bank).sum(1))
+        self.k = max(1, min(k, len(bank)))
+        self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, len(bank)))
+
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = embeddings.shape
+        queries = _vectors(embeddings)  # B x P x C
+        squared = _squared_distances(queries, self.bank, self.bank_norms)  # B x P x N
+        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
+        nearest = nearest_squared.sqrt()  # B x P x k, ascending
+        patch_scores = nearest.mean(-1)  # B x P
+        maps = patch_scores.reshape(batch, height, width)
+        best, best_patch = patch_scores.max(dim=1)  # B
+        if self.reweight_neighbours is None:
+            return maps, best
+        rows = torch.arange(batch, device=embeddings.device)
+        worst_query = queries[rows, best_patch]  # B x C
+        anchor = self.bank[nearest_index[rows, best_patch, 0]]  # B x C
+        anchor_squared = _squared_distances(anchor, self.bank, self.bank_norms)  # B x N
+        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
+        support_vectors = self.bank[support]  # B x b x C
+        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
+        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
+        return maps, (1 - torch.exp(log_ratio)) * best
+
+
+class PositionedNearestNeighbourScoring(nn.Module):
+    """PatchCore kNN scoring with one memory bank per tile position, picked by ``positions``.
+
+    Same formulas as :class:`NearestNeighbourScoring` (mean distance to the ``k`` nearest bank
+    vectors; image score = max patch score, reweighted by PatchCore eq. 7), with the bank of each
+    sample's position: ``banks`` is ``positions x N x C``.
+    """
+
+    banks: Tensor
+    bank_norms: Tensor
+
+    def __init__(self, banks: Tensor, k: int = 1, reweight_neighbours: int | None = None) -> None:
+        super().__init__()
+        banks = banks.detach().float()
+        size = banks.shape[1]
+        self.register_buffer("banks", banks.clone())
+        self.register_buffer("bank_norms", (banks * banks).sum(-1))
+        self.k = max(1, min(k, size))
+        self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, size))
+
+    def forward(self, embeddings: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = embeddings.shape
+        queries = _vectors(embeddings)  # B x P x C
+        bank = self.banks[positions]  # B x N x C
+        norms = self.bank_norms[positions]  # B x N
+        products = queries @ bank.transpose(1, 2)  # B x P x N
+        squared = ((queries * queries).sum(-1, keepdim=True) - 2 * products + norms[:, None, :]).clamp_min(0)
+        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
+        nearest = nearest_squared.sqrt()
+        patch_scores = nearest.mean(-1)  # B x P
+        maps = patch_scores.reshape(batch, height, width)
+        best, best_patch = patch_scores.max(dim=1)
+        if self.reweight_neighbours is None:
+            return maps, best
+        rows = torch.arange(batch, device=embeddings.device)
+        worst_query = queries[rows, best_patch]  # B x C
+        anchor = bank[rows, nearest_index[rows, best_patch, 0]]  # B x C
+        anchor_products = (anchor[:, None, :] @ bank.transpose(1, 2))[:, 0]  # B x N
+        anchor_squared = ((anchor * anchor).sum(-1, keepdim=True) - 2 * anchor_products + norms).clamp_min(0)
+        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
+        support_vectors = bank[rows[:, None], support]  # B x b x C
+        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()
+        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
+        return maps, (1 - torch.exp(log_ratio)) * best
+
+
+class MahalanobisScoring(nn.Module):
+    """Per-position Gaussian scoring in plain torch (PaDiM): distance ``sqrt(d^T inv(cov) d)``.
+
+    ``channels`` (optional) selects PaDiM's random channel subset before scoring; ``mean`` is
+    ``P x D`` and ``inverse_covariance`` ``P x D x D`` for the ``P = h * w`` positions.
+    """
+
+    mean: Tensor
+    inverse_covariance: Tensor
+    channels: Tensor | None
+
+    def __init__(self, mean: Tensor, inverse_covariance: Tensor, channels: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("inverse_covariance", inverse_covariance.detach().float().clone())
+        self.register_buffer("channels", None if channels is None else channels.detach().long().clone())
+
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = embeddings.shape
+        if self.channels is not None:
+            embeddings = embeddings.index_select(1, self.channels)
+        delta = _vectors(embeddings) - self.mean[None]  # B x P x D
+        projected = (self.inverse_covariance[None] @ delta.unsqueeze(-1)).squeeze(-1)  # B x P x D
+        maps = (delta * projected).sum(-1).clamp_min(0).sqrt().reshape(batch, height, width)
+        return maps, maps.flatten(1).max(1).values
+
+
+def _patchcore_scoring(detector: Detector) -> nn.Module:
+    config: Any = detector.config
+    return NearestNeighbourScoring(
+        detector.state_dict()["memory_bank"],
+        k=config.num_neighbors,
+        reweight_neighbours=config.reweight_neighbors if config.reweight else None,
+    )
+
+
+def _padim_scoring(detector: Detector) -> nn.Module:
+    state = detector.state_dict()
+    return MahalanobisScoring(state["mean"], state["inv_covariance"], state["channel_indices"])
+
+
+#: scoring modules of detectors that do not (yet) implement ``Detector.scoring_module`` themselves,
+#: by registered detector name; built from the detector's public config and saved state only
+SCORING_HOOKS: dict[str, Callable[[Detector], nn.Module]] = {
+    "patchcore": _patchcore_scoring,
+    "padim": _padim_scoring,
+}
+
+
+def scoring_module(detector: Detector, name: str) -> nn.Module | None:
+    """The detector's own :meth:`~Detector.scoring_module`, else its hook in :data:`SCORING_HOOKS`."""
+    module = detector.scoring_module()
+    if module is None and name in SCORING_HOOKS:
+        module = SCORING_HOOKS[name](detector)
+    return module
+
+
+def write_verified_onnx(
+    module: nn.Module,
+    inputs: dict[str, Tensor],
+    expected: Sequence[Tensor],
+    path: Path,
+    verify: bool = True,
+) -> None:
+    """Export ``module`` (inputs named as ``inputs``' keys, batch dim dynamic) to ``path`` atomically.
+
+    With ``verify`` onnxruntime runs the written graph on ``inputs`` (the first sample, then all)
+    and must match ``expected`` (the module's own outputs on them) to :data:`TOLERANCE`, else
+    nothing is written.
+    """
+    names = list(inputs)
+    feeds = {name: value.cpu().numpy() for name, value in inputs.items()}
+    references = [value.cpu().numpy() for value in expected]
+
+    def write(temporary: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module, tuple(value[:1] for value in inputs.values()), temporary, dynamo=False, opset_version=OPSET,
+                input_names=names, output_names=list(OUTPUT_NAMES),
+                dynamic_axes={name: {0: "batch"} for name in (*names, *OUTPUT_NAMES)},
+            )  # fmt: skip
+        if not verify:
+            return
+        session = onnxruntime_module().InferenceSession(temporary, providers=["CPUExecutionProvider"])
+        batch = len(next(iter(feeds.values())))
+        for count in sorted({1, batch}):
+            outputs = session.run(None, {name: value[:count] for name, value in feeds.items()})
+            difference = max(max_difference(ours, reference[:count]) for ours, reference in zip(outputs, references, strict=True))
+            if not difference <= TOLERANCE:
+                raise RuntimeError(f"ONNX export differs from PyTorch by {difference:.2e} (relative); not written")
+
+    atomic_write(path, write)
+
+
+def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
+    """What every export's sidecar starts with: format, versions, the graph's file name,
+    postprocess and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a
+    predictor can move them by sigmas and scale maps as ``hrad predict`` does)."""
+    thresholds = model.thresholds
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "hrad_version": __version__,
+        "onnx": onnx_name,
+        "postprocess": model.config.postprocess.model_dump(mode="json"),
+        "thresholds": thresholds.to_json() if thresholds else None,
+    }
+
+
+def random_tiles(count: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """Seeded random tiles in [0, 1] that exports trace and verify their graph with."""
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+

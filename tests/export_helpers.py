@@ -1,0 +1,30 @@
+"""Models and images the export tests share (ONNX, OpenVINO, tiled ensemble, torch-free runtime)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from conftest import textured_image, with_spot
+
+from hrad.config import load_config
+from hrad.model import AnomalyModel
+
+PATCHCORE: dict[str, Any] = {"name": "patchcore", "coreset_ratio": 0.25}
+
+
+def make_model(strategy: dict[str, Any], detector: str | dict[str, Any] = PATCHCORE, backbone: str = "tiny-cnn") -> AnomalyModel:
+    """An unfitted CPU model of ``backbone`` / ``detector`` (a name or its options) / ``strategy``."""
+    detector_options = {"name": detector} if isinstance(detector, str) else detector
+    overrides = {"backbone": {"name": backbone}, "detector": detector_options, "strategy": strategy, "device": "cpu"}
+    return AnomalyModel(load_config(None, overrides))
+
+
+def training_images(seed: int, count: int, height: int = 90, width: int = 130) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [textured_image(rng, height, width) for _ in range(count)]
+
+
+def spotted_image(seed: int, height: int = 90, width: int = 130, y: int = 30, x: int = 70, size: int = 9) -> np.ndarray:
+    """A textured image with a red square defect at ``(y, x)``."""
+    return with_spot(textured_image(np.random.default_rng(seed), height, width), y, x, size)[0]
