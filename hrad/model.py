@@ -18,7 +18,7 @@ import torch
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
-from hrad.data.images import as_image
+from hrad.data.images import as_image, as_pixels
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import gaussian_smooth, image_score
@@ -237,8 +237,10 @@ class AnomalyModel:
         """Anomaly map at the image's own resolution and its score; independent of other images.
 
         Decisions use the model's thresholds unless overridden (see :meth:`decision_thresholds`).
+        The image stays in its pixel type (uint8, uint16; :func:`~hrad.data.images.as_pixels`) and
+        is converted to float one tile window at a time.
         """
-        array = as_image(image)
+        array = as_pixels(image)
         self._check_size(array, str(image) if isinstance(image, (str, Path)) else "image array")
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)

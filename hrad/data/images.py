@@ -1,8 +1,11 @@
 """Reading images and masks, listing image folders, and writing maps and overlays.
 
-Every image enters the library as float32 ``H x W x 3`` RGB in [0, 1] whatever its format
-(PNG, JPEG, BMP, TIFF), bit depth (8/16-bit, float TIFF) or channels (gray, RGB, RGBA), so no
-other module ever sees a file format. Files are decoded from bytes (``cv2.imdecode``) so that
+Every image enters the library as ``H x W x 3`` RGB whatever its format (PNG, JPEG, BMP,
+TIFF), bit depth (8/16-bit, float TIFF) or channels (gray, RGB, RGBA), so no other module ever
+sees a file format: :func:`read_pixels` / :func:`as_pixels` keep the file's pixel type (uint8,
+uint16; a decoded image costs its bytes) for prediction, whose strategies convert each tile
+window to float32 in [0, 1] as they cut it (:func:`pixels_to_unit`); :func:`read_image` /
+:func:`as_image` give the whole image as float32 in [0, 1] (12 bytes a pixel). Files are decoded from bytes (``cv2.imdecode``) so that
 paths with non-ASCII characters work everywhere; TIFF goes through tifffile, which reads float
 and multi-sample files that OpenCV rejects. Writes are atomic (temporary file + rename), so an
 interrupted run never leaves a half-written map behind; written files get the process umask's
@@ -18,7 +21,8 @@ is refused, whatever OpenCV could decode.
 Pixel values: integer images are divided by their type's maximum (8-bit by 255, 16-bit by
 65535, negative values of signed types clipped to 0); float images must already lie in
 [0, 1] (values within 1e-3 outside are clipped) and must be finite. Files and in-memory arrays
-(:func:`to_unit_float`) follow the same rule.
+(:func:`to_unit_float`) follow the same rule; floats are checked once on entry, integers scaled
+wherever pixels become float (:func:`pixels_to_unit`).
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ _TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 #: The default pixel budget: 2**28 pixels (268 megapixels) = 16384 x 16384, or an 8K line-scan
-#: strip of 8192 x 32768. Decoded as float32 RGB that is 3.2 GB; larger images need a larger
-#: budget (``hrad --max-pixels``, ``HRAD_MAX_PIXELS``) and the memory to match.
+#: strip of 8192 x 32768. Decoded as 8-bit RGB that is 805 MB (prediction keeps the file's
+#: pixel type and converts tile by tile); larger images need a larger budget (``hrad
+#: --max-pixels``, ``HRAD_MAX_PIXELS``) and the memory to match.
 DEFAULT_MAX_PIXELS = 2**28
 #: Values this far outside [0, 1] in float images are rounding, not another scale.
 FLOAT_TOLERANCE = 1e-3
+#: Values converted at a time where a whole image is turned into another type in bands (16 MB as float32).
+_BAND_VALUES = 2**22
 
 _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("hrad_max_pixels", default=None)
 
@@ -208,11 +215,60 @@ def _decode_checked(path: Path) -> np.ndarray:
         reason = _one_line(tiff_error) if tiff_error is not None else "OpenCV cannot decode it"
         raise InputError(f"{path}: not a readable image ({reason})")
     array = np.asarray(decoded)
+    # in place: the decoded array is ours, and a second copy would double the peak of a large image
     if array.ndim == 3 and array.shape[2] == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=array)
     elif array.ndim == 3 and array.shape[2] == 4:
-        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA, dst=array)
     return array
+
+
+def _float_pixels(array: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
+    """A float image as float32 after the float half of the value rule: finite, within [0, 1]
+    up to :data:`FLOAT_TOLERANCE` (clipped only where it strays, so an in-range float32 array
+    is returned as it is, not copied)."""
+    converted = array.astype(np.float32, copy=False)
+    if not converted.size:
+        return converted
+    if not np.isfinite(converted).all():
+        raise InputError(f"{name}: image has NaN or infinite pixel values")
+    low, high = float(converted.min()), float(converted.max())
+    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+        raise InputError(
+            f"{name}: float pixel values span [{low:g}, {high:g}], not [0, 1] "
+            "(scale them to [0, 1]: 8-bit data / 255, or pass the integer array)"
+        )
+    return np.clip(converted, 0.0, 1.0) if low < 0 or high > 1 else converted
+
+
+def _checked_pixels(array: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
+    """Integers and bools as they are; floats through :func:`_float_pixels`; anything else refused."""
+    dtype = array.dtype
+    if np.issubdtype(dtype, np.floating):
+        return _float_pixels(array, name)
+    if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+        return array
+    raise InputError(f"{name}: not a readable image (unsupported pixel type {dtype})")
+
+
+def pixels_to_unit(array: np.ndarray) -> np.ndarray:
+    """Pixels in their own type -> float32 in [0, 1]: the per-tile half of the value rule.
+
+    Integers are divided by their type's maximum (uint8 by 255, uint16 by 65535; negative values
+    of signed types clip to 0), bools are 0/1, floats are cast to float32 (not copied when they
+    already are). Floats are not checked here: :func:`read_pixels` and :func:`as_pixels` check
+    them once, on entry (:func:`to_unit_float` does both halves at once).
+    """
+    dtype = array.dtype
+    if dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    if np.issubdtype(dtype, np.integer):
+        maximum = np.float32(np.iinfo(dtype).max)
+        source = np.clip(array, 0, None) if np.issubdtype(dtype, np.signedinteger) else array
+        return np.divide(source, maximum, dtype=np.float32)
+    raise InputError(f"image array: not a readable image (unsupported pixel type {dtype})")
 
 
 def to_unit_float(array: np.ndarray, name: str | os.PathLike[str] = "image array") -> np.ndarray:
@@ -222,52 +278,56 @@ def to_unit_float(array: np.ndarray, name: str | os.PathLike[str] = "image array
     of signed types clip to 0); bools are 0/1; floats must be finite and lie in [0, 1] (up to
     :data:`FLOAT_TOLERANCE`). A float image on a 0-255 scale is refused, never silently clipped
     to white: divide it by 255 or pass the uint8 array. ``name`` starts the error message.
+    Always a new array.
     """
-    dtype = array.dtype
-    if dtype == np.bool_:
-        return array.astype(np.float32)
-    if np.issubdtype(dtype, np.floating):
-        converted = array.astype(np.float32, copy=False)
-        if converted.size and not np.isfinite(converted).all():
-            raise InputError(f"{name}: image has NaN or infinite pixel values")
-        if converted.size:
-            low, high = float(converted.min()), float(converted.max())
-            if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
-                raise InputError(
-                    f"{name}: float pixel values span [{low:g}, {high:g}], not [0, 1] "
-                    "(scale them to [0, 1]: 8-bit data / 255, or pass the integer array)"
-                )
-        return np.clip(converted, 0.0, 1.0)
-    if np.issubdtype(dtype, np.integer):
-        maximum = np.float32(np.iinfo(dtype).max)
-        source = np.clip(array, 0, None) if np.issubdtype(dtype, np.signedinteger) else array
-        return np.divide(source, maximum, dtype=np.float32)
-    raise InputError(f"{name}: not a readable image (unsupported pixel type {dtype})")
+    checked = _checked_pixels(array, name)
+    if np.issubdtype(checked.dtype, np.floating):
+        return np.array(checked, dtype=np.float32, copy=True)
+    return pixels_to_unit(checked)
+
+
+def _rgb_pixels(array: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
+    """``H x W``, ``H x W x 1`` (gray), ``x 2`` (gray + alpha), ``x 3`` or ``x 4`` (RGB(A)) ->
+    ``H x W x 3`` in the array's own type, without copying pixels.
+
+    Gray is repeated as a read-only broadcast view (its bytes once, not three times); alpha is
+    dropped by slicing. ``name`` starts the error messages.
+    """
+    if array.ndim == 3 and array.shape[2] in (1, 2):
+        array = array[:, :, 0]
+    if array.ndim == 3 and array.shape[2] >= 3:
+        array = array[:, :, :3]
+    elif array.ndim != 2:
+        raise InputError(f"{name}: not a readable image (unsupported shape {array.shape})")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{name}: not a readable image (zero-sized)")
+    array = _checked_pixels(array, name)
+    if array.ndim == 2:
+        return np.broadcast_to(array[:, :, None], (*array.shape, 3))
+    return array
+
+
+def read_pixels(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+    """Read any supported image as ``H x W x 3`` RGB in the file's own pixel type.
+
+    8-bit files stay uint8 and 16-bit files uint16, so a decoded image costs its bytes (3 a
+    pixel for 8-bit RGB, 1 for 8-bit gray, which is a read-only broadcast view), not 12 as
+    float32; float TIFFs are checked (finite, in [0, 1]) and come back as float32. Strategies
+    convert each tile window to float when they cut it (:func:`pixels_to_unit`), so results
+    equal those of :func:`read_image`. ``max_pixels`` is as for :func:`read_image`.
+    """
+    path = Path(path)
+    return _rgb_pixels(_decode_raw(path, max_pixels), path)
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Read any supported image as float32 ``H x W x 3`` RGB in [0, 1] (gray replicated, alpha dropped).
 
     ``max_pixels`` overrides the pixel budget (:func:`max_pixels`) for this call; an image over
-    it raises :class:`~hrad.errors.ImageTooLargeError` before any pixel is decoded.
+    it raises :class:`~hrad.errors.ImageTooLargeError` before any pixel is decoded. This costs
+    12 bytes a pixel; :func:`read_pixels` keeps the file's type for prediction.
     """
-    path = Path(path)
-    array = _decode_raw(path, max_pixels)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim == 2:  # scale the one channel, then replicate it
-        if array.shape[0] == 0 or array.shape[1] == 0:
-            raise InputError(f"{path}: not a readable image (zero-sized)")
-        return np.ascontiguousarray(np.repeat(to_unit_float(array, path)[:, :, None], 3, axis=2))
-    elif array.ndim == 3 and array.shape[2] == 2:  # gray + alpha
-        array = np.repeat(array[:, :, :1], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] >= 3:
-        array = array[:, :, :3]
-    else:
-        raise InputError(f"{path}: not a readable image (unsupported shape {array.shape})")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{path}: not a readable image (zero-sized)")
-    return np.ascontiguousarray(to_unit_float(array, path))
+    return np.ascontiguousarray(pixels_to_unit(read_pixels(path, max_pixels)))
 
 
 def read_mask(
@@ -475,6 +535,24 @@ def write_map_tiff(
         raise
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """An image in any pixel type (uint8, uint16, float in [0, 1], ...) as 8-bit, for pictures.
+
+    uint8 is used as it is; other types are scaled by the value rule (:func:`pixels_to_unit`,
+    floats clipped to [0, 1]) and rounded a band of rows at a time, so a large 16-bit image is
+    never held as float32 whole.
+    """
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    picture = np.empty(array.shape, dtype=np.uint8)
+    rows = max(1, _BAND_VALUES // max(1, array[0].size)) if array.ndim else 1
+    for top in range(0, len(array), rows):
+        unit = np.clip(pixels_to_unit(array[top : top + rows]), 0.0, 1.0)
+        picture[top : top + rows] = np.round(unit * 255.0)
+    return picture
+
+
 def overlay_image(
     image: np.ndarray,
     anomaly_map: np.ndarray,
@@ -490,7 +568,7 @@ def overlay_image(
     ``contour_mask`` (usually the ground truth). The heatmap spans ``vmin..vmax`` (default: the
     map's own range, which makes every map look anomalous - pass calibrated bounds to compare).
     """
-    picture = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).astype(np.uint8)
+    picture = to_uint8(image)
     if picture.ndim == 2:
         picture = np.repeat(picture[:, :, None], 3, axis=2)
     score = _as_map(anomaly_map)
@@ -553,16 +631,17 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return images
 
 
-def as_image(image: np.ndarray | str | Path) -> np.ndarray:
+def as_pixels(image: np.ndarray | str | Path) -> np.ndarray:
     """Accept a path, or an array (gray, RGB or RGBA; any integer type, bool, or float in [0, 1]),
-    as float32 H x W x 3 in [0, 1].
+    as ``H x W x 3`` in its own pixel type (:func:`read_pixels` for paths): what prediction
+    takes, so a uint8 image is never held as float32 whole.
 
-    Arrays follow the files' rule (:func:`hrad.data.images.to_unit_float`): integers are divided
-    by their type's maximum (uint8 by 255, uint16 by 65535), floats must be finite and in
-    [0, 1] - a float array on a 0-255 scale is refused, not clipped.
+    The value rule is checked here, once (floats finite and within [0, 1], NaN/inf or a 0-255
+    float scale refused; unsupported types refused); integers are scaled per tile later
+    (:func:`pixels_to_unit`). An in-range float32 RGB array is returned as it is, not copied.
     """
     if isinstance(image, (str, Path)):
-        return read_image(Path(image))
+        return read_pixels(Path(image))
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] in (1, 2):  # gray, gray + alpha
         array = array[..., 0]
@@ -572,7 +651,18 @@ def as_image(image: np.ndarray | str | Path) -> np.ndarray:
         raise InputError(f"image array of shape {array.shape} is empty")
     if array.ndim == 3:
         array = array[..., :3]
-    unit = to_unit_float(array, f"image array of shape {array.shape}")
-    if unit.ndim == 2:
-        unit = np.repeat(unit[..., None], 3, axis=2)
-    return np.ascontiguousarray(unit)
+    return _rgb_pixels(array, f"image array of shape {array.shape}")
+
+
+def as_image(image: np.ndarray | str | Path) -> np.ndarray:
+    """Accept a path, or an array (gray, RGB or RGBA; any integer type, bool, or float in [0, 1]),
+    as float32 H x W x 3 in [0, 1] (a new array).
+
+    Arrays follow the files' rule (:func:`hrad.data.images.to_unit_float`): integers are divided
+    by their type's maximum (uint8 by 255, uint16 by 65535), floats must be finite and in
+    [0, 1] - a float array on a 0-255 scale is refused, not clipped. :func:`as_pixels` is the
+    same without the float32 copy.
+    """
+    pixels = as_pixels(image)
+    unit = np.ascontiguousarray(pixels_to_unit(pixels))
+    return unit.copy() if np.may_share_memory(unit, pixels) else unit

@@ -27,7 +27,7 @@ def gaussian_smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return anomaly_map
     radius = int(4 * sigma + 0.5)
-    return cv2.GaussianBlur(anomaly_map.astype(np.float32), (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    return cv2.GaussianBlur(np.asarray(anomaly_map, dtype=np.float32), (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def top_fraction_mean(anomaly_map: np.ndarray, fraction: float) -> float:

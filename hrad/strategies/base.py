@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig
 from hrad.features.base import FeatureExtractor
 from hrad.registry import Registry
@@ -81,7 +82,8 @@ def no_progress(done: int, total: int, description: str) -> None:
 
 
 class ImageSource(Protocol):
-    """A sized, indexable collection of float32 ``H x W x 3`` RGB images in [0, 1], loaded lazily."""
+    """A sized, indexable collection of ``H x W x 3`` RGB images, loaded lazily: float32 in [0, 1]
+    or in the file's pixel type (uint8, uint16), which strategies convert a tile window at a time."""
 
     def __len__(self) -> int: ...
 
@@ -89,8 +91,11 @@ class ImageSource(Protocol):
 
 
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
-    """``H x W x 3`` float array -> ``1 x 3 x H x W`` float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None].to(device)
+    """``H x W x 3`` image in any pixel type (uint8 / 255, uint16 / 65535, float as it is) -> ``1 x 3 x
+    H x W`` float32 tensor in [0, 1], converted whole (12 bytes a pixel: the tiling strategies cut
+    float windows from a :class:`~hrad.strategies.pixels.PixelImage` instead)."""
+    unit = pixels_to_unit(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None].to(device)
 
 
 class Strategy(ABC):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hrad.errors import ConfigError
 from hrad.strategies.base import StrategyConfig
+from hrad.strategies.pixels import PixelImage, TileSource
 
 if TYPE_CHECKING:
     from hrad.features.base import Embedder, FeatureExtractor
@@ -140,44 +141,63 @@ class TileGrid:
                 x = self._origin(col, self.stride_w, self.tile_w, self.padded_width)
                 yield TilePosition(row * self.cols + col, row, col, y, x)
 
-    def pad(self, image: Tensor) -> Tensor:
-        """Pad a ``... x H x W`` tensor to the size the tiles are cut from (zeros or reflection)."""
+    @overload
+    def pad(self, image: Tensor) -> Tensor: ...
+
+    @overload
+    def pad(self, image: TileSource) -> TileSource: ...
+
+    def pad(self, image: TileSource) -> TileSource:
+        """Pad a ``... x H x W`` tensor to the size the tiles are cut from (zeros or reflection).
+
+        A :class:`~hrad.strategies.pixels.PixelImage` (an image kept in its file's pixel type)
+        stays one: zeros are added virtually, and only a reflect-padded one (an image smaller than
+        a tile, or ``edge="reflect"``) is converted to float whole.
+        """
         pad_h = self.padded_height - image.shape[-2]
         pad_w = self.padded_width - image.shape[-1]
         if pad_h == 0 and pad_w == 0:
             return image
+        if isinstance(image, PixelImage):
+            if self.edge == "zeros":
+                return PixelImage(image.pixels, image.device, (self.padded_height, self.padded_width))
+            image = image.tensor()
         if self.edge == "zeros":
             return F.pad(image, (0, pad_w, 0, pad_h))
         return reflect_pad(image, 0, pad_h, 0, pad_w)
 
-    def window(self, padded: Tensor, position: TilePosition) -> Tensor:
+    def window(self, padded: TileSource, position: TilePosition) -> Tensor:
         """Tile at ``position`` plus ``margin`` context pixels on each side, from :meth:`pad`'s output.
 
         Context comes from the real neighbouring pixels; only beyond the image's own border is
-        it reflected (zeros with ``edge="zeros"``).
+        it reflected (zeros with ``edge="zeros"``). A :class:`~hrad.strategies.pixels.PixelImage`
+        is converted to float here, one window at a time.
         """
         m = self.margin
         height, width = padded.shape[-2:]
         top, left = position.y - m, position.x - m
         bottom, right = position.y + self.tile_h + m, position.x + self.tile_w + m
-        crop = padded[..., max(0, top) : min(height, bottom), max(0, left) : min(width, right)]
+        if isinstance(padded, PixelImage):
+            crop = padded.region(max(0, top), min(height, bottom), max(0, left), min(width, right))
+        else:
+            crop = padded[..., max(0, top) : min(height, bottom), max(0, left) : min(width, right)]
         pads = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
         if self.edge == "zeros":
             return F.pad(crop, (pads[2], pads[3], pads[0], pads[1]))
         return reflect_pad(crop, *pads)
 
-    def windows(self, padded: Tensor, positions: Sequence[TilePosition]) -> Tensor:
+    def windows(self, padded: TileSource, positions: Sequence[TilePosition]) -> Tensor:
         """``N x C x window_h x window_w`` for ``positions`` of a ``C x H x W`` padded image."""
         return torch.stack([self.window(padded, p) for p in positions])
 
-    def batches(self, padded: Tensor, batch_size: int) -> Iterator[tuple[list[TilePosition], Tensor]]:
+    def batches(self, padded: TileSource, batch_size: int) -> Iterator[tuple[list[TilePosition], Tensor]]:
         """Positions and their windows, ``batch_size`` at a time (memory: one batch of windows)."""
         positions = list(self.positions())
         for start in range(0, len(positions), max(1, batch_size)):
             chunk = positions[start : start + batch_size]
             yield chunk, self.windows(padded, chunk)
 
-    def tile(self, image: Tensor) -> Tensor:
+    def tile(self, image: TileSource) -> Tensor:
         """``C x H x W`` -> ``N x C x window_h x window_w`` in :meth:`positions` order (all at once)."""
         return self.windows(self.pad(image), list(self.positions()))
 
@@ -244,30 +264,67 @@ def seam_distance(height: int, width: int, rows: list[int], cols: list[int]) -> 
 class TileMerger:
     """Streams tile maps into one full-size map (host memory), averaging overlaps.
 
-    Only the running sum and the coverage count are held, so merging N tiles costs the memory
-    of one full-resolution map, not of N tiles.
+    Only a float32 running sum (4 bytes a pixel) and how often each tile position was added are
+    held, so merging N tiles costs one full-resolution map, not N tiles. No per-pixel count is
+    stored: a grid's tiles are the product of its row and column origins, so where every
+    position was added once a pixel's coverage is (tiles over its row) x (tiles over its column).
+    :meth:`result` divides the sum in place and returns it.
     """
 
     def __init__(self, grid: TileGrid, channels: int = 1) -> None:
         self.grid = grid
-        self.total = np.zeros((channels, grid.padded_height, grid.padded_width), dtype=np.float64)
-        self.count = np.zeros((grid.padded_height, grid.padded_width), dtype=np.float64)
+        self.total = np.zeros((channels, grid.padded_height, grid.padded_width), dtype=np.float32)
+        self.hits = np.zeros((grid.rows, grid.cols), dtype=np.int64)
+        self._result: np.ndarray | None = None
 
     def add(self, position: TilePosition, tile_map: np.ndarray) -> None:
         """Add a ``C x tile_h x tile_w`` (or ``tile_h x tile_w``) map at ``position``."""
+        if self._result is not None:
+            raise RuntimeError("tile merger: add() after result()")
         if tile_map.ndim == 2:
             tile_map = tile_map[None]
         ys = slice(position.y, position.y + self.grid.tile_h)
         xs = slice(position.x, position.x + self.grid.tile_w)
         self.total[:, ys, xs] += tile_map
-        self.count[ys, xs] += 1
+        self.hits[position.row, position.col] += 1
+
+    def _axis_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles over each row and over each column of the padded image."""
+        grid = self.grid
+        rows = np.zeros(grid.padded_height, dtype=np.float32)
+        cols = np.zeros(grid.padded_width, dtype=np.float32)
+        for position in grid.positions():
+            if position.col == 0:
+                rows[position.y : position.y + grid.tile_h] += 1
+            if position.row == 0:
+                cols[position.x : position.x + grid.tile_w] += 1
+        return rows, cols
 
     def result(self) -> np.ndarray:
-        """``C x H x W`` float32 average, cropped to the image."""
-        if (self.count == 0).any():
-            raise RuntimeError("tile merger: some pixels were never covered by a tile")
-        merged = self.total / self.count
-        return merged[:, : self.grid.height, : self.grid.width].astype(np.float32)
+        """``C x H x W`` float32 average, cropped to the image (computed once, in place)."""
+        if self._result is not None:
+            return self._result
+        grid = self.grid
+        if (self.hits == 1).all():
+            rows, cols = self._axis_counts()
+            if not (rows.all() and cols.all()):
+                raise RuntimeError("tile merger: some pixels were never covered by a tile")
+            band = max(1, 2**20 // max(1, grid.padded_width))
+            for top in range(0, grid.padded_height, band):  # the count, a band of rows at a time
+                self.total[:, top : top + band] /= rows[top : top + band, None] * cols[None, :]
+        else:  # some position added twice or never: count pixel by pixel
+            count = np.zeros((grid.padded_height, grid.padded_width), dtype=np.float32)
+            for position in grid.positions():
+                hits = self.hits[position.row, position.col]
+                count[position.y : position.y + grid.tile_h, position.x : position.x + grid.tile_w] += hits
+            if (count == 0).any():
+                raise RuntimeError("tile merger: some pixels were never covered by a tile")
+            self.total /= count
+        merged = self.total
+        if merged.shape[1:] != (grid.height, grid.width):
+            merged = np.ascontiguousarray(merged[:, : grid.height, : grid.width])
+        self._result = merged
+        return merged
 
 
 class ContextTilingConfig(StrategyConfig):

@@ -1,0 +1,120 @@
+"""Images in their file's pixel type, converted to float a tile window (or a band) at a time.
+
+Prediction keeps a decoded image as it came (``H x W x 3`` uint8, uint16, or float32 in [0, 1]:
+:func:`hrad.data.images.as_pixels`), so a 16K x 16K 8-bit image costs its 805 MB, not the
+3.2 GB of float32 RGB. :class:`PixelImage` is the strategies' view of it: a ``C x H x W`` image
+in [0, 1] whose regions become float32 tensors only when a tile window is cut
+(:meth:`PixelImage.region`, used by :meth:`hrad.strategies.tiling.TileGrid.window`).
+:func:`resize_pixels` resizes one from its own pixel type without a float copy of the whole
+image: the horizontal pass runs on bands of rows, each converted when it is read, then the
+vertical pass on the (narrower) intermediate - the order PyTorch's own separable bilinear
+resize uses, so the result equals ``F.interpolate`` on the float image (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hrad.data.images import pixels_to_unit
+
+#: Pixels per band of rows converted at once by :func:`resize_pixels` (48 MB as float32 RGB).
+BAND_PIXELS = 2**22
+
+
+class PixelImage:
+    """An ``H x W x C`` image in its own pixel type seen as a ``C x H x W`` float image in [0, 1].
+
+    Nothing is converted up front; :meth:`region` converts the pixels it cuts (the value rule of
+    :func:`~hrad.data.images.pixels_to_unit`: uint8 / 255, uint16 / 65535, floats as they are).
+    ``padded_to`` extends the image with zeros to ``(height, width)`` without storing them (the
+    ``edge="zeros"`` tile geometry).
+    """
+
+    def __init__(
+        self, pixels: np.ndarray, device: torch.device | str = "cpu", padded_to: tuple[int, int] | None = None
+    ) -> None:
+        if pixels.ndim != 3:
+            raise ValueError(f"expected an H x W x C image, got an array of shape {pixels.shape}")
+        self.pixels = pixels
+        self.device = torch.device(device)
+        height, width = pixels.shape[:2]
+        self.padded_to = (height, width) if padded_to is None else padded_to
+        if self.padded_to[0] < height or self.padded_to[1] < width:
+            raise ValueError(f"cannot pad a {height}x{width} image to {self.padded_to}")
+
+    @property
+    def shape(self) -> torch.Size:
+        """``C x H x W`` of the (zero-extended) image, like a tensor's."""
+        return torch.Size((self.pixels.shape[2], *self.padded_to))
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> Tensor:
+        """Rows ``top:bottom`` and columns ``left:right`` as a float32 ``C x h x w`` tensor on the
+        image's device (zeros where they pass the stored pixels)."""
+        height, width = self.pixels.shape[:2]
+        crop = self.pixels[top:min(bottom, height), left:min(right, width)]
+        unit = pixels_to_unit(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+        tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)).to(self.device)
+        extra_h, extra_w = max(0, bottom - max(top, height)), max(0, right - max(left, width))
+        if extra_h or extra_w:
+            tensor = F.pad(tensor, (0, extra_w, 0, extra_h))
+        return tensor
+
+    def tensor(self) -> Tensor:
+        """The whole image as a float32 ``C x H x W`` tensor (12 bytes a pixel for RGB: only for
+        work that needs it whole)."""
+        return self.region(0, self.shape[-2], 0, self.shape[-1])
+
+
+#: What the tiling code accepts as an image: a float ``C x H x W`` tensor or a :class:`PixelImage`.
+TileSource = Tensor | PixelImage
+
+
+def as_tensor(image: TileSource) -> Tensor:
+    """``image`` as a float ``C x H x W`` tensor (converted whole if it is a :class:`PixelImage`)."""
+    return image.tensor() if isinstance(image, PixelImage) else image
+
+
+def resize_pixels(image: PixelImage, size: tuple[int, int], antialias: bool | None = None) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of a :class:`PixelImage` to a float32 ``C x h x w``
+    tensor, equal to ``F.interpolate`` on the float image with the same ``antialias`` (None:
+    antialiased when shrinking along either axis, the rule of :func:`hrad.strategies.tiled.resize`).
+
+    The horizontal pass reads the image in bands of rows (:data:`BAND_PIXELS`), each converted
+    to float when read; the vertical pass runs on the ``C x H x w`` intermediate. Peak memory: one
+    band, the intermediate and the result, never the float image at its own size.
+    """
+    channels, height, width = image.shape
+    out_h, out_w = size
+    if (out_h, out_w) == (height, width):
+        return image.tensor()
+    if antialias is None:
+        antialias = out_h < height or out_w < width
+
+    def interpolate(tensor: Tensor, target: tuple[int, int]) -> Tensor:
+        if tuple(tensor.shape[-2:]) == target:
+            return tensor
+        return F.interpolate(tensor, size=target, mode="bilinear", align_corners=False, antialias=antialias)
+
+    if out_w == width:
+        middle = image.tensor()[None]
+    else:
+        middle = torch.empty((1, channels, height, out_w), dtype=torch.float32, device=image.device)
+        rows = max(1, BAND_PIXELS // max(1, width))
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            middle[..., top:bottom, :] = interpolate(image.region(top, bottom, 0, width)[None], (bottom - top, out_w))
+    return interpolate(middle, (out_h, out_w))[0]
+
+
+def working_image(
+    image: np.ndarray, size: tuple[int, int], antialias: bool | None = None, device: torch.device | str = "cpu"
+) -> TileSource:
+    """An ``H x W x 3`` image (any pixel type) at ``size`` for tiling: a :class:`PixelImage`
+    when no resize is needed (windows converted as they are cut), else the resized float tensor."""
+    pixels = PixelImage(image, device)
+    if tuple(size) == tuple(image.shape[:2]):
+        return pixels
+    return resize_pixels(pixels, size, antialias)
