@@ -67,9 +67,11 @@ def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directo
         tile_seconds = {name: 0.0 for name in backends}
         for _ in range(repeats):
             for name, predictor in backends.items():
+                # the exported predictors take numpy windows (they run without torch)
                 score = model.strategy.score_windows if predictor is None else predictor.score_windows  # type: ignore[attr-defined]
+                batches = windows if predictor is None else [batch.numpy() for batch in windows]
                 start = time.perf_counter()
-                for batch in windows:
+                for batch in batches:
                     score(batch)
                 tile_seconds[name] += time.perf_counter() - start
         predictions = {name: [] for name in backends}  # type: dict[str, list[Any]]

@@ -1,35 +1,40 @@
-"""Running an hrad export: the sidecar, inference sessions (onnxruntime, OpenVINO) and the
-predictors that do everything around the exported per-tile graph as ``hrad predict`` does.
+"""Running an hrad export without torch: the sidecar, inference sessions (onnxruntime, OpenVINO)
+and the predictors that do everything around the exported per-tile graph as ``hrad predict`` does.
 
-Shared by :mod:`hrad.export` and :mod:`hrad.export_ensemble` (which write exports) and by
-``hrad predict`` / ``hrad serve`` on an exported model.
+This module and what it imports need numpy, OpenCV, Pillow, SciPy and onnxruntime or OpenVINO,
+never torch (``tests/test_export_runtime.py`` runs it with torch hidden), so an exported model
+runs on a box without a training environment. Shared by :mod:`hrad.export` and
+:mod:`hrad.export_ensemble` (which write exports) and by ``hrad predict`` / ``hrad serve`` on an
+exported model (``--model model.onnx`` or ``model.xml``).
+
+The array work follows the sidecar's ``steps``: what :func:`hrad.strategies.tiled.predict_tiles`
+and :class:`hrad.strategies.ensemble.TiledEnsemble` do with torch, written with numpy and Pillow.
+Resizing is Pillow's bilinear filter on float32 planes, which is torch's
+``interpolate(bilinear, align_corners=False, antialias=True)`` (Pillow's filter is what torch's
+antialiasing reproduces; when enlarging, both are plain bilinear). :class:`TileLayout` repeats
+:class:`hrad.strategies.tiling.TileGrid`'s arithmetic (that module imports torch); the tests
+check both against the torch model on the same images.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
+from PIL import Image
 
+from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
-from hrad.strategies.base import to_tensor
-from hrad.strategies.ensemble import TiledEnsembleConfig
-from hrad.strategies.tiled import long_side_size, predict_tiles
-from hrad.strategies.tiling import TileGrid, TileMerger
-
-if TYPE_CHECKING:
-    from hrad.model import Prediction
+from hrad.prediction import Prediction, Thresholds, decision_thresholds
 
 SIDECAR_FORMAT = "hrad-onnx"
 SIDECAR_VERSION = 2
@@ -112,16 +117,132 @@ def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, pr
     raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
 
 
+def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two dims of a float array to ``size`` (antialiased when
+    shrinking, the torch strategies' rule); float32. Unchanged when the size is."""
+    if tuple(array.shape[-2:]) == tuple(size):
+        return array
+    planes = array.reshape(-1, *array.shape[-2:])
+    resized = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        for plane in planes
+    ]
+    return np.stack(resized).reshape(*array.shape[:-2], *size)
+
+
+def _pad(array: np.ndarray, top: int, bottom: int, left: int, right: int, zeros: bool) -> np.ndarray:
+    """Pad the last two dims: zeros, else by reflection (edge replication where a side is too short)."""
+    if not (top or bottom or left or right):
+        return array
+    height, width = array.shape[-2:]
+    widths = [(0, 0)] * (array.ndim - 2) + [(top, bottom), (left, right)]
+    if zeros:
+        return np.pad(array, widths)
+    return np.pad(array, widths, mode="reflect" if max(top, bottom) < height and max(left, right) < width else "edge")
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Tile origins, padding and context windows over an ``height x width`` image: the arithmetic
+    of :class:`hrad.strategies.tiling.TileGrid` (``edge`` shift or zeros) on numpy arrays."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    stride_h: int
+    stride_w: int
+    margin: int = 0
+    edge: str = "shift"
+
+    @staticmethod
+    def square(height: int, width: int, tile: int, stride: int, margin: int = 0, edge: str = "shift") -> TileLayout:
+        return TileLayout(height, width, tile, tile, stride, stride, margin, edge)
+
+    def _origins(self, size: int, tile: int, stride: int) -> list[int]:
+        count = 1 if size <= tile else math.ceil((size - tile) / stride) + 1
+        padded = max(size, tile) if self.edge == "shift" else (count - 1) * stride + tile
+        return [min(index * stride, padded - tile) if self.edge == "shift" else index * stride for index in range(count)]
+
+    def positions(self) -> list[tuple[int, int, int]]:
+        """``(index, y, x)`` of every tile, row-major."""
+        ys = self._origins(self.height, self.tile_h, self.stride_h)
+        xs = self._origins(self.width, self.tile_w, self.stride_w)
+        return [(row * len(xs) + col, y, x) for row, y in enumerate(ys) for col, x in enumerate(xs)]
+
+    def __len__(self) -> int:
+        return len(self.positions())
+
+    def padded_size(self) -> tuple[int, int]:
+        last = self.positions()[-1]
+        return max(self.height, last[1] + self.tile_h), max(self.width, last[2] + self.tile_w)
+
+    def pad(self, image: np.ndarray) -> np.ndarray:
+        """``C x H x W`` padded at the bottom/right to the size the tiles are cut from."""
+        padded_h, padded_w = self.padded_size()
+        return _pad(image, 0, padded_h - self.height, 0, padded_w - self.width, self.edge == "zeros")
+
+    def windows(self, padded: np.ndarray, positions: list[tuple[int, int, int]]) -> np.ndarray:
+        """``N x C x (tile + 2 margin)^2``: each tile with ``margin`` context pixels of real
+        neighbours, reflected only beyond the image (zeros with edge=zeros)."""
+        m = self.margin
+        height, width = padded.shape[-2:]
+        cut = []
+        for _, y, x in positions:
+            top, left, bottom, right = y - m, x - m, y + self.tile_h + m, x + self.tile_w + m
+            crop = padded[..., max(0, top) : min(height, bottom), max(0, left) : min(width, right)]
+            pads = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
+            cut.append(_pad(crop, *pads, zeros=self.edge == "zeros"))
+        return np.stack(cut)
+
+    def batches(self, padded: np.ndarray, batch_size: int) -> Iterator[tuple[list[tuple[int, int, int]], np.ndarray]]:
+        positions = self.positions()
+        for start in range(0, len(positions), max(1, batch_size)):
+            chunk = positions[start : start + batch_size]
+            yield chunk, self.windows(padded, chunk)
+
+    def seams(self) -> tuple[list[int], list[int]]:
+        """Tile borders inside the image (rows, cols), for :func:`hrad.postprocess.seams.smooth_seams`."""
+        positions = self.positions()
+        ys = sorted({y for _, top, _ in positions for y in (top, top + self.tile_h)} - {0})
+        xs = sorted({x for _, _, left in positions for x in (left, left + self.tile_w)} - {0})
+        return [y for y in ys if y < self.height], [x for x in xs if x < self.width]
+
+
+class _Merger:
+    """Overlapping tile maps averaged into one map (float64 sums, like ``TileMerger``)."""
+
+    def __init__(self, layout: TileLayout) -> None:
+        self.layout = layout
+        self.total = np.zeros(layout.padded_size(), dtype=np.float64)
+        self.count = np.zeros(layout.padded_size(), dtype=np.float64)
+
+    def add(self, y: int, x: int, tile_map: np.ndarray) -> None:
+        self.total[y : y + self.layout.tile_h, x : x + self.layout.tile_w] += tile_map
+        self.count[y : y + self.layout.tile_h, x : x + self.layout.tile_w] += 1
+
+    def result(self) -> np.ndarray:
+        return (self.total / self.count)[: self.layout.height, : self.layout.width].astype(np.float32)
+
+
+def _long_side_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
+    """As :func:`hrad.strategies.tiled.long_side_size`."""
+    if long_side is None:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 @dataclass(frozen=True)
 class Geometry:
     """How an image becomes network inputs; mirrors :class:`TiledStrategy` for both configs.
 
     ``downsample``: the (optionally square-padded) image is resized to ``tile`` x ``tile`` and
     is the one tile. ``tiled``: the image is resized to ``long_side`` (if set) and covered by
-    :class:`~hrad.strategies.tiling.TileGrid` (``tile`` at ``stride``, ``edge`` rule); each tile
-    is cut with ``margin`` context pixels on every side (reflected past the image border) and
-    the window resized to ``input_size + 2 * input_margin`` when that differs (ViTs need
-    multiples of 14). The network crops the margin's cells itself.
+    tiles (``tile`` at ``stride``, ``edge`` rule); each tile is cut with ``margin`` context
+    pixels on every side (reflected past the image border) and the window resized to
+    ``input_size + 2 * input_margin`` when that differs (ViTs need multiples of 14). The network
+    crops the margin's cells itself.
     """
 
     strategy: str
@@ -143,33 +264,60 @@ class Geometry:
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         if self.strategy == "downsample":
             return self.tile, self.tile
-        return long_side_size(height, width, self.long_side)
+        return _long_side_size(height, width, self.long_side)
 
-    def grid(self, height: int, width: int) -> TileGrid:
+    def layout(self, height: int, width: int) -> TileLayout:
         if self.strategy == "downsample":
-            return TileGrid.square(height, width, max(height, width), max(height, width))
-        return TileGrid.square(height, width, self.tile, self.stride, self.margin, self.edge)  # type: ignore[arg-type]
+            side = max(height, width)
+            return TileLayout.square(height, width, side, side)
+        return TileLayout.square(height, width, self.tile, self.stride, self.margin, self.edge)
 
 
-def _prediction(sidecar: dict[str, Any], postprocess: PostprocessConfig, raw_map: np.ndarray, raw_score: float) -> Prediction:
-    from hrad.model import Prediction
+class ExportedPredictor:
+    """What every exported model's predictor shares: its sidecar, session, thresholds and
+    :meth:`predict` (smoothing, image score and decisions around the subclass's ``predict_raw``)."""
 
-    smoothed = gaussian_smooth(raw_map, postprocess.sigma)
-    thresholds = sidecar.get("thresholds")
-    return Prediction(
-        anomaly_map=smoothed,
-        score=image_score(smoothed, raw_score, postprocess),
-        image_threshold=thresholds["image"] if thresholds else None,
-        pixel_threshold=thresholds["pixel"] if thresholds else None,
-    )
+    def __init__(self, onnx_path: str | Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None) -> None:
+        self.onnx_path = Path(onnx_path)
+        self.sidecar = sidecar
+        self.postprocess = PostprocessConfig.model_validate(sidecar["postprocess"])
+        thresholds = sidecar.get("thresholds")
+        #: the model's thresholds (older sidecars hold only image/pixel: no sigmas then)
+        self.thresholds = Thresholds.from_json(thresholds) if thresholds else None
+        self.runtime = runtime
+        self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
+
+    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        raise NotImplementedError
+
+    def decision_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
+    ) -> tuple[float | None, float | None]:
+        """As :meth:`hrad.model.AnomalyModel.decision_thresholds`, from the sidecar's thresholds."""
+        return decision_thresholds(self.thresholds, threshold, pixel_threshold, sigmas)
+
+    def predict(
+        self,
+        image: np.ndarray | str | Path,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+    ) -> Prediction:
+        """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
+        image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
+        raw_map, raw_score = self.predict_raw(as_image(image))
+        smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
+        return Prediction(
+            anomaly_map=smoothed,
+            score=image_score(smoothed, raw_score, self.postprocess),
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_decision,
+        )
 
 
-class OnnxPredictor:
-    """Runs an exported model with onnxruntime and does everything around it as hrad does.
-
-    ``predict`` returns the same :class:`~hrad.model.Prediction` as :meth:`AnomalyModel.predict`
-    on the exported model, so it is the executable specification of the sidecar's ``steps``.
-    """
+class OnnxPredictor(ExportedPredictor):
+    """Runs an exported downsample/tiled model with onnxruntime or OpenVINO, equal to
+    :meth:`AnomalyModel.predict` up to float rounding: the executable form of the sidecar's ``steps``."""
 
     def __init__(
         self,
@@ -178,60 +326,60 @@ class OnnxPredictor:
         providers: list[str] | None = None,
         runtime: str = "onnxruntime",
     ) -> None:
-        self.onnx_path = Path(onnx_path)
-        if not self.onnx_path.is_file():
-            raise ArtifactError(f"{self.onnx_path}: ONNX model not found")
-        self.sidecar = load_sidecar(sidecar_path if sidecar_path is not None else self.onnx_path)
-        self.geometry = Geometry(**self.sidecar["geometry"])
-        self.postprocess = PostprocessConfig.model_validate(self.sidecar["postprocess"])
-        self.session = inference_session(self.onnx_path, self.sidecar, runtime, providers)
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ArtifactError(f"{onnx_path}: ONNX model not found")
+        sidecar = load_sidecar(sidecar_path if sidecar_path is not None else onnx_path)
+        self.geometry = Geometry(**sidecar["geometry"])
+        super().__init__(onnx_path, sidecar, runtime, providers)
 
-    def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        """Tile windows at image scale -> the graph's ``(maps, scores)`` (resized to its input first)."""
+    def score_windows(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tile windows ``N x 3 x h x w`` at image scale -> the graph's ``(maps, scores)``."""
         side = self.geometry.network_input
-        inputs = np.ascontiguousarray(resize(windows, (side, side)).numpy(), dtype=np.float32)
+        inputs = np.ascontiguousarray(resize(windows, (side, side)), dtype=np.float32)
         maps, scores = self.session.run(None, {INPUT_NAME: inputs})
-        return torch.from_numpy(maps), torch.from_numpy(scores)
+        return maps, scores
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Unsmoothed full-resolution map and the strategy score: :func:`predict_tiles`, the code
-        :meth:`TiledStrategy.predict` runs, with the exported graph as the per-tile scoring."""
+        """Unsmoothed full-resolution map and the strategy score (:func:`predict_tiles`' steps)."""
         geometry = self.geometry
-        result = predict_tiles(
-            image,
-            self.score_windows,
-            working_size=geometry.working_size,
-            grid=geometry.grid,
-            pad_to_square=geometry.pad_to_square,
-            batch_size=geometry.batch_size,
-            score=geometry.score,
-        )
-        return result.anomaly_map, result.score
+        height, width = image.shape[:2]
+        planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        if geometry.pad_to_square:
+            side = max(height, width)
+            planes = np.pad(planes, ((0, 0), (0, side - height), (0, side - width)), mode="edge")
+        planes = resize(planes, geometry.working_size(*planes.shape[-2:]))
+        layout = geometry.layout(*planes.shape[-2:])
+        merger = _Merger(layout)
+        scores = []
+        for positions, windows in layout.batches(layout.pad(planes), geometry.batch_size):
+            maps, tile_scores = self.score_windows(windows)
+            for (_, y, x), tile_map in zip(positions, resize(maps.astype(np.float32), (layout.tile_h, layout.tile_w)), strict=True):
+                merger.add(y, x, tile_map)
+            scores.append(tile_scores.astype(np.float32))
+        merged = merger.result()
+        if geometry.pad_to_square:  # crop the square padding (scaled) before anything is scored
+            side = merged.shape[-1]
+            merged = merged[: math.ceil(side * height / max(height, width)), : math.ceil(side * width / max(height, width))]
+        full = resize(merged, (height, width))
+        best = float(np.concatenate(scores).max()) if geometry.score == "detector" else float(full.max())
+        return full.astype(np.float32), best
 
-    def predict(self, image: np.ndarray | str | Path) -> Prediction:
-        """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
-        from hrad.model import as_image
 
-        return _prediction(self.sidecar, self.postprocess, *self.predict_raw(as_image(image)))
-
-
-class OnnxEnsemblePredictor:
-    """Runs an exported tiled ensemble with onnxruntime, equal to :meth:`AnomalyModel.predict`."""
+class OnnxEnsemblePredictor(ExportedPredictor):
+    """Runs an exported tiled ensemble (one graph, tile positions as input), equal to :meth:`AnomalyModel.predict`."""
 
     def __init__(
         self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
     ) -> None:
-        self.onnx_path = Path(onnx_path)
-        self.sidecar = sidecar
+        super().__init__(onnx_path, sidecar, runtime, providers)
         geometry = sidecar["geometry"]
-        self.config = TiledEnsembleConfig.model_validate(geometry["config"])
+        self.config: dict[str, Any] = geometry["config"]
         self.fitted_size: tuple[int, int] = (int(geometry["fitted_size"][0]), int(geometry["fitted_size"][1]))
         self.work_size: tuple[int, int] = (int(geometry["work_size"][0]), int(geometry["work_size"][1]))
         self.margin = int(geometry["margin"])
         self.window: tuple[int, int] = (int(sidecar["input"]["tiles"][-2]), int(sidecar["input"]["tiles"][-1]))
         self.normalization = {key: np.asarray(value, dtype=np.float64) for key, value in sidecar["normalization"].items()}
-        self.postprocess = PostprocessConfig.model_validate(sidecar["postprocess"])
-        self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
 
     def _normalize(self, values: np.ndarray, kind: str, index: int) -> np.ndarray:
         return (values - self.normalization[f"{kind}_shift"][index]) / self.normalization[f"{kind}_scale"][index]
@@ -239,42 +387,36 @@ class OnnxEnsemblePredictor:
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         config = self.config
         height, width = image.shape[:2]
-        if config.image_size is None and (height, width) != self.fitted_size:
+        if config["image_size"] is None and (height, width) != self.fitted_size:
             raise InputError(f"image {width}x{height} differs from the fitted size {self.fitted_size[1]}x{self.fitted_size[0]}")
-        work = self.work_size  # fixed at fit, as TiledEnsemble._prepare uses it
-        grid = TileGrid.square(*work, config.tile, config.tile_stride, self.margin, config.tile_edge)
-        padded = grid.pad(resize(to_tensor(image), work)[0])
-        merger = TileMerger(grid)
-        tile_scores = np.zeros(len(grid))
-        tile_normalized = config.normalization == "tile"
-        for positions, windows in grid.batches(padded, config.batch_size):
-            windows = resize(windows, self.window)  # as ContextEmbedder.resize_windows
-            index = np.asarray([p.index for p in positions], dtype=np.int64)
-            maps, scores = self.session.run(None, {"tiles": np.ascontiguousarray(windows.numpy()), "positions": index})
-            upsampled = resize(torch.from_numpy(maps)[:, None].float(), (grid.tile_h, grid.tile_w))[:, 0]
-            for position, tile_map, score in zip(positions, upsampled.double().numpy(), scores.astype(np.float64), strict=True):
+        stride = config["stride"] or config["tile"]
+        layout = TileLayout.square(*self.work_size, config["tile"], stride, self.margin, config["tile_edge"])
+        padded = layout.pad(resize(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32), self.work_size))
+        merger = _Merger(layout)
+        tile_scores = np.zeros(len(layout))
+        tile_normalized = config["normalization"] == "tile"
+        for positions, windows in layout.batches(padded, config["batch_size"]):
+            index = np.asarray([p[0] for p in positions], dtype=np.int64)
+            inputs = np.ascontiguousarray(resize(windows, self.window), dtype=np.float32)
+            maps, scores = self.session.run(None, {INPUT_NAME: inputs, "positions": index})
+            upsampled = resize(maps.astype(np.float32), (layout.tile_h, layout.tile_w)).astype(np.float64)
+            for (tile, y, x), tile_map, score in zip(positions, upsampled, scores.astype(np.float64), strict=True):
                 if tile_normalized:
-                    tile_map = self._normalize(tile_map, "map", position.index)
-                    score = self._normalize(np.array(score), "score", position.index)
-                merger.add(position, tile_map)
-                tile_scores[position.index] = score
-        merged = merger.result()[0]
-        if config.seam_smoothing:
-            merged = smooth_seams(merged, grid, config.seam_band, config.seam_sigma)
-        score = float(tile_scores.mean() if config.score_merge == "mean" else tile_scores.max())
-        if config.normalization == "image":
+                    tile_map = self._normalize(tile_map, "map", tile)
+                    score = self._normalize(np.array(score), "score", tile)
+                merger.add(y, x, tile_map)
+                tile_scores[tile] = score
+        merged: np.ndarray = merger.result()
+        if config["seam_smoothing"]:
+            merged = smooth_seams(merged, layout, config["seam_band"], config["seam_sigma"])  # type: ignore[arg-type]  # a TileGrid's geometry
+        score = float(tile_scores.mean() if config["score_merge"] == "mean" else tile_scores.max())
+        if config["normalization"] == "image":
             merged = self._normalize(merged, "map", 0)
             score = float(self._normalize(np.array([score]), "score", 0)[0])
-        full = resize(torch.from_numpy(np.ascontiguousarray(merged))[None, None], (height, width))
-        return full[0, 0].numpy().astype(np.float32), score
-
-    def predict(self, image: np.ndarray | str | Path) -> Prediction:
-        from hrad.model import as_image
-
-        return _prediction(self.sidecar, self.postprocess, *self.predict_raw(as_image(image)))
+        return resize(merged.astype(np.float32), (height, width)).astype(np.float32), score
 
 
-def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> Any:
+def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> ExportedPredictor:
     """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
 
     ``model_path`` is the ``.onnx`` or, for an OpenVINO export, the ``.xml`` (whose default
@@ -283,6 +425,8 @@ def open_predictor(model_path: str | Path, runtime: str | None = None, providers
     model_path = Path(model_path)
     if runtime is None:
         runtime = "openvino" if model_path.suffix == ".xml" else "onnxruntime"
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
     onnx_path = model_path.with_suffix(".onnx")
     if not model_path.is_file():
         raise ArtifactError(f"{model_path}: exported model not found")

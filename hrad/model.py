@@ -9,9 +9,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,76 +17,13 @@ import torch
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
 from hrad.data.images import as_image, as_pixels
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import gaussian_smooth, image_score
+from hrad.prediction import Prediction as Prediction
+from hrad.prediction import Thresholds as Thresholds
+from hrad.prediction import decision_thresholds
 from hrad.strategies.base import ImageSource, ProgressCallback, Strategy, build_strategy, no_progress
-
-
-@dataclass
-class Prediction:
-    """Full-resolution map, image score and the decisions from the validation thresholds."""
-
-    anomaly_map: np.ndarray
-    score: float
-    image_threshold: float | None
-    pixel_threshold: float | None
-
-    @property
-    def is_anomalous(self) -> bool | None:
-        return None if self.image_threshold is None else self.score > self.image_threshold
-
-    @property
-    def mask(self) -> np.ndarray | None:
-        return None if self.pixel_threshold is None else self.anomaly_map > self.pixel_threshold
-
-
-@dataclass
-class Thresholds:
-    """Mean + k std of held-out normal image scores and pixel values.
-
-    ``pixel_mean`` / ``pixel_std`` (the held-out normal pixels' statistics) and ``sigmas`` (the
-    k used) let :meth:`at_sigmas` move both thresholds to another k without refitting; artifacts
-    written before they were stored lack them (None).
-    """
-
-    image: float
-    pixel: float
-    image_scores: list[float]
-    pixel_mean: float | None = None
-    pixel_std: float | None = None
-    sigmas: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "pixel": self.pixel,
-            "validation_image_scores": self.image_scores,
-            "pixel_mean": self.pixel_mean,
-            "pixel_std": self.pixel_std,
-            "sigmas": self.sigmas,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Thresholds:
-        return cls(
-            image=data["image"],
-            pixel=data["pixel"],
-            image_scores=list(data.get("validation_image_scores", [])),
-            pixel_mean=data.get("pixel_mean"),
-            pixel_std=data.get("pixel_std"),
-            sigmas=data.get("sigmas"),
-        )
-
-    def at_sigmas(self, sigmas: float) -> tuple[float, float]:
-        """``(image, pixel)`` thresholds at mean + ``sigmas`` x std of the same held-out normals."""
-        if not self.image_scores or self.pixel_mean is None or self.pixel_std is None:
-            raise ConfigError(
-                "this model does not store its held-out normal statistics (fitted by an older hrad): "
-                "refit it to change sigmas, or give the thresholds themselves"
-            )
-        scores = np.asarray(self.image_scores, dtype=np.float64)
-        return float(scores.mean() + sigmas * scores.std()), float(self.pixel_mean + sigmas * self.pixel_std)
 
 
 class ArrayImages:
@@ -220,12 +155,7 @@ class AnomalyModel:
     ) -> tuple[float | None, float | None]:
         """``(image, pixel)`` thresholds: the model's, moved to ``sigmas`` (mean + k std of its
         held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
-        image, pixel = (self.thresholds.image, self.thresholds.pixel) if self.thresholds else (None, None)
-        if sigmas is not None:
-            if self.thresholds is None:
-                raise ConfigError("sigmas: this model has no thresholds (it was fitted without held-out normal images)")
-            image, pixel = self.thresholds.at_sigmas(sigmas)
-        return (image if threshold is None else float(threshold), pixel if pixel_threshold is None else float(pixel_threshold))
+        return decision_thresholds(self.thresholds, threshold, pixel_threshold, sigmas)
 
     def predict(
         self,

@@ -152,7 +152,9 @@ def fit(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    model: Annotated[
+        Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, run without torch)")
+    ],
     paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
     out: Annotated[Path, typer.Option(help="Output directory")],
     map_format: Annotated[
@@ -166,23 +168,26 @@ def predict(
         float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals (fit used 3)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
+    ] = None,
 ) -> None:
     """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
     A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
     scores.csv; every other file is still processed. Rows are written (and flushed) as they
-    finish. Exit status 0 when all succeeded, 3 when some failed.
+    finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
+    export) runs through onnxruntime or OpenVINO and needs no torch.
     """
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_image
-    from hrad.model import load
     from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
     from hrad.pipeline import overlapped
 
     images = expand_image_paths(paths)
     prepare_output_dir(out)
-    fitted = load(model, device=device)
+    fitted = _load_predictor(model, device, runtime)
     fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
-    writer = PredictionWriter.for_model(out, fitted, map_format=map_format.value, overlays=overlays, masks=masks)
+    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks)
     writer.write_description()
     stems = output_stems(images)
     failed: list[OutputRow] = []
@@ -205,6 +210,29 @@ def predict(
                 _print_error(f"skipped: {row.error}")
             progress(index + 1, len(images), "predicting")
     _report_batch(len(images), failed, out)
+
+
+#: what hrad predict / serve accept as an exported model instead of an artifact directory
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
+    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
+    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
+    ``decision_thresholds`` and ``thresholds``."""
+    from hrad.errors import ConfigError
+
+    if model.suffix in EXPORTED_SUFFIXES:
+        from hrad.export_runtime import open_predictor
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
+        return open_predictor(model, runtime=runtime)
+    if runtime is not None:
+        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
+    from hrad.model import load
+
+    return load(model, device=device)
 
 
 def _report_batch(total: int, failed: list[Any], out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -16,7 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from hrad.strategies.base import ProgressCallback
+if TYPE_CHECKING:  # hrad predict on an exported model runs without torch
+    from hrad.strategies.base import ProgressCallback
 
 console = Console(stderr=True)
 

@@ -1,0 +1,94 @@
+"""What a prediction is and the thresholds that decide it (no torch: exported models use it too).
+
+:class:`Prediction` is what :meth:`hrad.model.AnomalyModel.predict` and the exported models'
+predictors (:mod:`hrad.export_runtime`) return; :class:`Thresholds` are the model's, learned
+from held-out normal images, stored in the artifact and in an export's sidecar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hrad.errors import ConfigError
+
+
+@dataclass
+class Prediction:
+    """Full-resolution map, image score and the decisions from the validation thresholds."""
+
+    anomaly_map: np.ndarray
+    score: float
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        return None if self.image_threshold is None else self.score > self.image_threshold
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return None if self.pixel_threshold is None else self.anomaly_map > self.pixel_threshold
+
+
+@dataclass
+class Thresholds:
+    """Mean + k std of held-out normal image scores and pixel values.
+
+    ``pixel_mean`` / ``pixel_std`` (the held-out normal pixels' statistics) and ``sigmas`` (the
+    k used) let :meth:`at_sigmas` move both thresholds to another k without refitting; artifacts
+    written before they were stored lack them (None).
+    """
+
+    image: float
+    pixel: float
+    image_scores: list[float]
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+    sigmas: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "pixel": self.pixel,
+            "validation_image_scores": self.image_scores,
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
+            "sigmas": self.sigmas,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Thresholds:
+        return cls(
+            image=data["image"],
+            pixel=data["pixel"],
+            image_scores=list(data.get("validation_image_scores", [])),
+            pixel_mean=data.get("pixel_mean"),
+            pixel_std=data.get("pixel_std"),
+            sigmas=data.get("sigmas"),
+        )
+
+    def at_sigmas(self, sigmas: float) -> tuple[float, float]:
+        """``(image, pixel)`` thresholds at mean + ``sigmas`` x std of the same held-out normals."""
+        if not self.image_scores or self.pixel_mean is None or self.pixel_std is None:
+            raise ConfigError(
+                "this model does not store its held-out normal statistics (fitted by an older hrad): "
+                "refit it to change sigmas, or give the thresholds themselves"
+            )
+        scores = np.asarray(self.image_scores, dtype=np.float64)
+        return float(scores.mean() + sigmas * scores.std()), float(self.pixel_mean + sigmas * self.pixel_std)
+
+
+def decision_thresholds(
+    thresholds: Thresholds | None, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
+) -> tuple[float | None, float | None]:
+    """``(image, pixel)`` thresholds: ``thresholds``', moved to ``sigmas`` (mean + k std of the
+    held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
+    image, pixel = (thresholds.image, thresholds.pixel) if thresholds else (None, None)
+    if sigmas is not None:
+        if thresholds is None:
+            raise ConfigError("sigmas: this model has no thresholds (it was fitted without held-out normal images)")
+        image, pixel = thresholds.at_sigmas(sigmas)
+    return (image if threshold is None else float(threshold), pixel if pixel_threshold is None else float(pixel_threshold))

@@ -1,0 +1,130 @@
+"""Exported models predict without torch: ``hrad predict --model m.onnx`` (or ``.xml``) in a
+process where ``import torch`` fails gives the torch model's maps and scores."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from cli_helpers import run, write
+from export_helpers import PATCHCORE, make_model, spotted_image, training_images
+
+from hrad.data.images import read_image
+from hrad.errors import ConfigError
+from hrad.export import export_onnx, export_openvino
+from hrad.export_runtime import open_predictor, resize
+
+ROOT = Path(__file__).resolve().parents[1]
+#: relative to the map's magnitude; numpy/Pillow resizing vs torch's is within ~1e-6 of it
+TOLERANCE = 1e-4
+#: hrad's CLI with torch hidden: any `import torch` (hrad's or a dependency's) raises ImportError
+NO_TORCH = (
+    "import sys; sys.modules['torch'] = None\n"
+    "from hrad.cli.main import main\n"
+    "sys.argv = ['hrad', *sys.argv[1:]]\n"
+    "try:\n    main()\n"
+    "finally:\n    assert not [m for m in sys.modules if m.startswith('torch.')], 'torch was imported'\n"
+)
+
+
+def predict_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", NO_TORCH, "predict", *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def outputs(out: Path) -> tuple[np.ndarray, float]:
+    row = next(csv.DictReader((out / "scores.csv").open()))
+    assert row["status"] == "ok", row
+    return tifffile.imread(next(out.glob("*_map.tiff"))), float(row["score"])
+
+
+def test_the_blocker_blocks_torch(tmp_path: Path) -> None:
+    """The shim really hides torch: the torch model cannot be loaded behind it."""
+    make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2)).save(tmp_path / "model")
+    write(tmp_path / "a.png", spotted_image(2))
+    result = predict_without_torch(["--model", str(tmp_path / "model"), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")])
+    assert result.returncode != 0 and "torch" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("strategy", "openvino"),
+    [({"name": "tiled", "tile": 48, "stride": 32, "image_size": 120}, False),
+     ({"name": "tiled-ensemble", "tile": 48}, False),
+     ({"name": "tiled", "tile": 48, "stride": 40}, True)],
+    ids=["tiled-onnxruntime", "tiled-ensemble-onnxruntime", "tiled-openvino"],
+)  # fmt: skip
+def test_cli_predict_on_an_export_without_torch_equals_torch_predict(
+    strategy: dict, openvino: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if openvino:
+        pytest.importorskip("openvino")
+    model = make_model(strategy, {**PATCHCORE, "num_neighbors": 3}).fit(training_images(5, 3))
+    model.save(tmp_path / "model")
+    exported = tmp_path / "export" / ("m.xml" if openvino else "m.onnx")
+    (export_openvino if openvino else export_onnx)(model, exported)
+    write(tmp_path / "images" / "spot.png", spotted_image(6))
+
+    common = [str(tmp_path / "images"), "--format", "tiff"]
+    assert run(["predict", "--model", str(tmp_path / "model"), *common, "--out", str(tmp_path / "torch")], monkeypatch) == 0
+    result = predict_without_torch(["--model", str(exported), *common, "--out", str(tmp_path / "exported")])
+    assert result.returncode == 0, result.stderr
+
+    torch_map, torch_score = outputs(tmp_path / "torch")
+    exported_map, exported_score = outputs(tmp_path / "exported")
+    expected = model.predict(read_image(tmp_path / "images" / "spot.png"))
+    np.testing.assert_array_equal(torch_map, expected.anomaly_map)  # the torch CLI is the model
+    scale = float(np.abs(expected.anomaly_map).max())
+    assert exported_map.shape == expected.anomaly_map.shape
+    assert np.abs(exported_map - expected.anomaly_map).max() <= TOLERANCE * scale
+    assert exported_score == pytest.approx(torch_score, rel=TOLERANCE)
+    assert (tmp_path / "exported" / "spot_mask.png").is_file() == (tmp_path / "torch" / "spot_mask.png").is_file()
+
+
+def test_predictor_decisions_follow_the_model(tmp_path: Path) -> None:
+    model = make_model({"name": "tiled", "tile": 48}).fit(training_images(5, 3), training_images(9, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    predictor = open_predictor(tmp_path / "m.onnx")
+    image = spotted_image(6)
+    for overrides in ({}, {"sigmas": 1.5}, {"threshold": 0.5, "pixel_threshold": 0.25}):
+        expected, got = model.predict(image, **overrides), predictor.predict(image, **overrides)
+        assert (got.image_threshold, got.pixel_threshold) == pytest.approx((expected.image_threshold, expected.pixel_threshold))
+        assert got.is_anomalous == expected.is_anomalous
+
+
+def test_runtime_option_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2))
+    model.save(tmp_path / "model")
+    export_onnx(model, tmp_path / "m.onnx")
+    write(tmp_path / "a.png", spotted_image(2))
+    cases = [
+        (["--model", str(tmp_path / "model"), "--runtime", "openvino"], "--runtime openvino: only for an exported model"),
+        (["--model", str(tmp_path / "m.onnx"), "--runtime", "tensorrt"], "runtime 'tensorrt' is unknown"),
+        (["--model", str(tmp_path / "m.onnx"), "--device", "cuda"], "--device cuda: an exported model runs on the CPU"),
+        (["--model", str(tmp_path / "missing.onnx")], "missing.onnx: exported model not found"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert run(["predict", *args, str(tmp_path / "a.png"), "--out", str(tmp_path / "out")], monkeypatch) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError):
+        open_predictor(tmp_path / "m.onnx", runtime="tensorrt")
+
+
+@pytest.mark.parametrize(("source", "target"), [((37, 53), (256, 256)), ((512, 700), (128, 97)), ((300, 300), (300, 150))])
+def test_resize_is_torchs_antialiased_bilinear(source: tuple[int, int], target: tuple[int, int]) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    planes = np.random.default_rng(0).random((2, 3, *source), dtype=np.float32)
+    shrinking = target[0] < source[0] or target[1] < source[1]
+    expected = F.interpolate(torch.from_numpy(planes), target, mode="bilinear", align_corners=False, antialias=shrinking).numpy()
+    got = resize(planes, target)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
