@@ -50,7 +50,6 @@ from hrad.data.images import (
     read_image,
 )
 from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError
-from hrad.model import Prediction, Thresholds
 from hrad.outputs import (
     encode_map_png16,
     encode_png,
@@ -60,6 +59,7 @@ from hrad.outputs import (
     overlay_scale,
     own_scale,
 )
+from hrad.prediction import Prediction, Thresholds
 from hrad.version import __version__
 
 #: default bound on one request body (a 8K x 8K 16-bit RGB PNG is about 300 MB raw, far less compressed)
@@ -316,6 +316,52 @@ class _Cancelled(Exception):
     """The request already timed out; its queued work is dropped."""
 
 
+def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The model (an :class:`~hrad.model.AnomalyModel`, or an exported model's predictor) and
+    what ``/health`` says of it: ``summary`` always, ``details`` with ``--health-details``."""
+    if model_path.suffix in (".onnx", ".xml"):
+        from hrad.export_runtime import open_predictor
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
+        predictor = open_predictor(model_path, runtime=runtime)
+        sidecar = predictor.sidecar
+        about = sidecar.get("model", {})
+        fitted = about.get("fitted_size") or sidecar.get("geometry", {}).get("fitted_size")
+        summary = {
+            "model_hrad_version": sidecar.get("hrad_version"),
+            "backbone": about.get("backbone", "?"),
+            "detector": about.get("detector", "?"),
+            "strategy": about.get("strategy", "?"),
+            "fitted_size": list(fitted) if fitted else None,
+            "device": f"cpu ({predictor.runtime})",
+        }
+        details = {"backbone_weights": about.get("backbone_weights"), "config": {"geometry": sidecar.get("geometry")}}
+        return predictor, {"summary": summary, "details": details}
+    if runtime is not None:
+        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model_path}")
+    from hrad.artifact import read_manifest
+    from hrad.model import load
+
+    model = load(model_path, device=device)
+    manifest = read_manifest(model_path)
+    config = model.config
+    summary = {
+        "model_hrad_version": manifest.get("hrad_version"),
+        "backbone": config.backbone.name,
+        "detector": config.detector.name,
+        "strategy": config.strategy.name,
+        "fitted_size": list(model.fitted_size) if model.fitted_size else None,
+        "device": str(model.device),
+    }
+    details = {
+        "backbone_weights": model.extractor.weights_source,
+        "fitted_backbone_weights": manifest.get("backbone_weights"),
+        "config": config.model_dump(mode="json"),
+    }
+    return model, {"summary": summary, "details": details}
+
+
 def create_app(
     model_path: str | Path,
     device: str | None = None,
@@ -325,23 +371,23 @@ def create_app(
     health_details: bool = False,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_batch: int = DEFAULT_MAX_BATCH,
+    runtime: str | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving the model at ``model_path`` (loaded now, once).
+    """A FastAPI app serving the model at ``model_path`` (loaded now, once): an artifact directory,
+    or an exported ``.onnx`` / OpenVINO ``.xml`` run by ``runtime`` (onnxruntime or openvino; the
+    default follows the suffix) without torch.
 
     ``max_pixels`` is the pixel budget of uploads (default: :func:`hrad.data.images.max_pixels`
     when the app is created); ``request_timeout`` bounds each request (body, queue, prediction).
     A prediction past the timeout gets 504 at once; the computation itself cannot be interrupted
     and finishes in the background before the next request's.
     """
-    from hrad.artifact import read_manifest
     from hrad.data.images import max_pixels as current_budget
-    from hrad.model import load
 
     if request_timeout <= 0:
         raise InputError(f"request timeout must be positive, got {request_timeout}")
     model_path = Path(model_path)
-    model = load(model_path, device=device)
-    manifest = read_manifest(model_path)
+    model, served = _load_served(model_path, device, runtime)
     budget = current_budget() if max_pixels is None else int(max_pixels)
     lock = threading.Lock()
     metrics = _Metrics()
@@ -391,30 +437,19 @@ def create_app(
 
     @app.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
     def health() -> dict[str, Any]:
-        config = model.config
         thresholds = model.thresholds
         body: dict[str, Any] = {
             "status": "ok",
             "hrad_version": __version__,
-            "model_hrad_version": manifest.get("hrad_version"),
-            "backbone": config.backbone.name,
-            "detector": config.detector.name,
-            "strategy": config.strategy.name,
-            "fitted_size": list(model.fitted_size) if model.fitted_size else None,
+            **served["summary"],
             "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
-            "device": str(model.device),
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": budget,
             "request_timeout": request_timeout,
             "pid": os.getpid(),
         }
         if health_details:  # paths and full config only when the operator asked for them
-            body.update(
-                model=str(model_path),
-                backbone_weights=model.extractor.weights_source,
-                fitted_backbone_weights=manifest.get("backbone_weights"),
-                config=config.model_dump(mode="json"),
-            )
+            body.update(model=str(model_path), **served["details"])
         return body
 
     @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})

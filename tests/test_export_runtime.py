@@ -4,6 +4,7 @@ process where ``import torch`` fails gives the torch model's maps and scores."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,44 @@ def test_resize_is_torchs_antialiased_bilinear(source: tuple[int, int], target: 
     got = resize(planes, target)
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+SERVE_WITHOUT_TORCH = (
+    "import json, sys; sys.modules['torch'] = None\n"
+    "from fastapi.testclient import TestClient\n"
+    "from hrad.service import create_app\n"
+    "client = TestClient(create_app(sys.argv[1]))\n"
+    "health = client.get('/health').json()\n"
+    "response = client.post('/predict', files={'image': ('spot.png', open(sys.argv[2], 'rb').read(), 'image/png')})\n"
+    "assert not [m for m in sys.modules if m.startswith('torch.')], 'torch was imported'\n"
+    "print(json.dumps({'health': health, 'status': response.status_code, 'body': response.json()}))\n"
+)
+
+
+def test_serve_an_export_without_torch(tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    model = make_model({"name": "tiled", "tile": 48, "stride": 32}).fit(training_images(5, 3), training_images(9, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    write(tmp_path / "spot.png", spotted_image(6))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_TORCH, str(tmp_path / "m.onnx"), str(tmp_path / "spot.png")],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["health"]["strategy"] == "tiled" and served["health"]["device"] == "cpu (onnxruntime)"
+    assert served["health"]["fitted_size"] == [90, 130]
+    assert served["status"] == 200, served["body"]
+    expected = model.predict(read_image(tmp_path / "spot.png"))
+    assert served["body"]["score"] == pytest.approx(expected.score, rel=TOLERANCE)
+    assert served["body"]["is_anomalous"] is expected.is_anomalous
+
+
+def test_serve_runtime_option_is_for_exports_only(tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from hrad.service import create_app
+
+    make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2)).save(tmp_path / "model")
+    with pytest.raises(ConfigError, match="--runtime openvino: only for an exported model"):
+        create_app(tmp_path / "model", runtime="openvino")

@@ -320,7 +320,9 @@ def make_hd(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    model: Annotated[
+        Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, run without torch)")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
@@ -329,6 +331,9 @@ def serve(
     health_details: Annotated[bool, typer.Option(help="Show the model's path, config and weight sources on /health")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes, each with its own copy of the model")] = 1,
     max_queue: Annotated[int, typer.Option(min=1, help="/ready answers 503 while this many requests wait or run (per worker)")] = 4,
+    runtime: Annotated[
+        str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: GET /health, /ready, /metrics; POST /predict (field 'image'), /predict/batch (field 'images').
 
@@ -355,6 +360,7 @@ def serve(
         "request_timeout": timeout,
         "health_details": health_details,
         "max_queue": max_queue,
+        "runtime": runtime,
     }
     app_ = create_app(**settings)  # type: ignore[arg-type]
     console.print(f"serving {model} on http://{host}:{port}" + (f" with {workers} worker processes" if workers > 1 else ""))
