@@ -16,6 +16,7 @@ from hrad.detectors.base import DETECTORS, Detector, DetectorConfig, DetectorOut
 from hrad.errors import ConfigError, InputError
 from hrad.features import BackboneConfig, build_backbone
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.imaging import resize
 from hrad.postprocess.smoothing import gaussian_smooth
 from hrad.strategies import build_strategy, strategy_config
 from hrad.strategies.base import DictStateReader
@@ -25,7 +26,6 @@ from hrad.strategies.hiad.fusion import (
     LevelMap,
     MultiResolutionFusion,
     auto_fusion_rates,
-    resize_images,
     resolve_fusion,
     sample_patch_windows,
 )
@@ -133,7 +133,7 @@ def test_fused_patch_features_are_the_weighted_sum_of_upsampled_levels() -> None
     fusion = MultiResolutionFusion(embed, patch=16, stride=16, rates=(0, 1), weights=weights, batch_size=3)
     positions, fused = fusion.all_patches(image)
     level0 = embed(image)[0]  # 16 x 12 cells
-    level1 = embed(resize_images(image, (32, 24)))  # 8 x 6 cells
+    level1 = embed(resize(image, (32, 24)))  # 8 x 6 cells
     up1 = F.interpolate(level1, scale_factor=2, mode="bilinear", align_corners=False)[0]
     full = weights[0] * level0 + weights[1] * up1
     assert len(positions) == 4 * 3

@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -33,6 +32,7 @@ from torch import Tensor
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
+from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
 from hrad.runners import active_runner, job_runner
 from hrad.strategies.base import (
@@ -114,13 +114,6 @@ def working_size(config: TiledEnsembleConfig, height: int, width: int) -> tuple[
         return config.image_size, config.image_size
     scale = config.image_size / max(height, width)
     return max(config.tile, round(height * scale)), max(config.tile, round(width * scale))
-
-
-def _resize(batch: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``B x C x H x W`` (antialiased when shrinking)."""
-    if tuple(batch.shape[-2:]) == size:
-        return batch
-    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -267,7 +260,7 @@ class TiledEnsemble(Strategy):
             )
         if min(height, width) < 1:
             raise InputError(f"image {width}x{height} is empty")
-        tensor = _resize(to_tensor(image), geometry.work_size)[0]
+        tensor = resize(to_tensor(image), geometry.work_size)[0]
         return self._grid(geometry).pad(tensor)
 
     def _check_tileable(self, height: int, width: int) -> None:
@@ -335,7 +328,7 @@ class TiledEnsemble(Strategy):
         return str(path), shape
 
     def _prepare_training(self, image: np.ndarray, geometry: _Geometry, grid: TileGrid) -> Tensor:
-        return grid.pad(_resize(to_tensor(image), geometry.work_size)[0])
+        return grid.pad(resize(to_tensor(image), geometry.work_size)[0])
 
     def _fit_locations(
         self, spool_path: str, shape: tuple[int, ...], directory: Path, progress: ProgressCallback
@@ -428,12 +421,7 @@ class TiledEnsemble(Strategy):
             finally:
                 self._release(position.index, detector)
                 del detector
-            upsampled = F.interpolate(
-                torch.cat(maps)[:, None],
-                size=(grid.tile_h, grid.tile_w),
-                mode="bilinear",
-                align_corners=False,
-            )[:, 0]
+            upsampled = resize(torch.cat(maps)[:, None], (grid.tile_h, grid.tile_w))[:, 0]
             yield position, upsampled, torch.cat(scores)
 
     # ------------------------------------------------------------------ predict
@@ -458,7 +446,7 @@ class TiledEnsemble(Strategy):
             if mode == "image":
                 merged = self._normalize(merged, "map", None)
                 score = float(self._normalize(np.array([score]), "score", None)[0])
-            full = _resize(torch.from_numpy(np.ascontiguousarray(merged))[None, None], tuple(image.shape[:2]))
+            full = resize(torch.from_numpy(np.ascontiguousarray(merged))[None, None], tuple(image.shape[:2]))
             anomaly_map = full[0, 0].numpy().astype(np.float32)
             results.append(AnomalyResult(anomaly_map, score, {"tile_scores": scores.astype(np.float32)}))
         return results

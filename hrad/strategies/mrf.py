@@ -49,6 +49,7 @@ from hrad.detectors.coreset import random_projection
 from hrad.detectors.knn import NearestNeighbours
 from hrad.errors import ArtifactError, ConfigError
 from hrad.features.base import FeatureExtractor
+from hrad.imaging import resize
 from hrad.postprocess.foreground import ForegroundMasker, PCAForegroundMasker
 from hrad.postprocess.smoothing import top_fraction_mean
 from hrad.strategies.base import (
@@ -62,7 +63,7 @@ from hrad.strategies.base import (
     sub_state,
     to_tensor,
 )
-from hrad.strategies.tiled import resize, round_to_multiple
+from hrad.strategies.tiled import round_to_multiple
 
 #: the paper's layers of a 12-block ViT (1-based block outputs)
 PAPER_BLOCKS = (7, 9, 11)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class
 from hrad.features.base import Embedder, FeatureExtractor
+from hrad.imaging import resize
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
@@ -70,14 +71,6 @@ class TiledConfig(ContextTilingConfig):
         if self.stride is not None and not 0 < self.stride <= self.tile:
             raise ValueError(f"stride {self.stride} must be in 1..tile ({self.tile})")
         return self
-
-
-def resize(tensor: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """Resize ``B x C x H x W``; antialias when shrinking so small defects are not aliased away."""
-    if tuple(tensor.shape[-2:]) == size:
-        return tensor
-    shrinking = size[0] < tensor.shape[-2] or size[1] < tensor.shape[-1]
-    return F.interpolate(tensor, size=size, mode=mode, align_corners=False, antialias=shrinking and mode == "bilinear")
 
 
 def pad_square(image: Tensor) -> tuple[Tensor, tuple[int, int]]:

@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import Tensor
 
 from hrad.errors import ConfigError
+from hrad.imaging import resize
 from hrad.strategies.base import StrategyConfig
 from hrad.strategies.pixels import PixelImage, TileSource
 
@@ -392,11 +393,7 @@ class ContextEmbedder:
 
     def resize_windows(self, windows: Tensor) -> Tensor:
         """Windows at image scale -> the backbone's input size (a no-op for CNNs)."""
-        size = self.window_input_size
-        if tuple(windows.shape[-2:]) == size:
-            return windows
-        shrinking = size[0] < windows.shape[-2] or size[1] < windows.shape[-1]
-        return F.interpolate(windows, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+        return resize(windows, self.window_input_size)
 
     def crop(self, embedding: Tensor) -> Tensor:
         """Drop the margin's cells of a window embedding."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hrad.imaging import resize
 from hrad.strategies.tiling import Edge, TileGrid, TilePosition
 
 Embed = Callable[[Tensor], Tensor]
@@ -61,13 +62,6 @@ def level_size(height: int, width: int, rate: int) -> tuple[int, int]:
     return max(1, round(height / factor)), max(1, round(width / factor))
 
 
-def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of ``B x C x H x W`` (no-op at the same size)."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 @dataclass
 class LevelMap:
     """A level-k feature map over the zero-padded level-k image, and its scale to level 0."""
@@ -85,7 +79,7 @@ def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: 
     """
     height, width = image.shape[-2:]
     size = level_size(height, width, rate)
-    small = resize_images(image, size)[0]
+    small = resize(image, size)[0]
     grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
     features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
     grid_h = features.shape[-2]

@@ -28,6 +28,7 @@ from torch import Tensor
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
+from hrad.imaging import resize
 from hrad.postprocess.calibration import MinMaxCalibration, normalize_range, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import gaussian_smooth
 from hrad.strategies.base import (
@@ -42,7 +43,7 @@ from hrad.strategies.base import (
 )
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
-from hrad.strategies.hiad.fusion import MultiResolutionFusion, resize_images, resolve_fusion
+from hrad.strategies.hiad.fusion import MultiResolutionFusion, resolve_fusion
 from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
 from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
 
@@ -136,7 +137,7 @@ class HiAD(Strategy):
 
     def _embed_low(self, image: Tensor) -> Tensor:
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
-        return self.embedder(resize_images(image, size))
+        return self.embedder(resize(image, size))
 
     def _check_size(self, image: np.ndarray, what: str) -> None:
         if image.ndim != 3 or image.shape[2] != 3:
@@ -314,9 +315,7 @@ class HiAD(Strategy):
             selected = torch.from_numpy(raw.labels == m)
             low, high = self._calibration.range(f"high.{int(m)}")
             calibrated[selected] = normalize_range(raw.patch_maps[selected], low, high)
-        upsampled = F.interpolate(
-            calibrated[:, None], size=(patch, patch), mode="bilinear", align_corners=False
-        )
+        upsampled = resize(calibrated[:, None], (patch, patch))
         merger = TileMerger(raw.grid)
         for position, tile_map in zip(raw.positions, upsampled[:, 0].numpy(), strict=True):
             merger.add(position, tile_map)
@@ -325,9 +324,7 @@ class HiAD(Strategy):
         low_map: np.ndarray | None = None
         if raw.low_map is not None:
             low_calibrated = self._calibration.normalize("low", raw.low_map)
-            low_map = F.interpolate(
-                low_calibrated[None, None], size=(height, width), mode="bilinear", align_corners=False
-            )[0, 0].numpy()
+            low_map = resize(low_calibrated[None, None], (height, width))[0, 0].numpy()
             final = np.maximum(high_map, low_map)
         final = np.ascontiguousarray(final, dtype=np.float32)
         returned = gaussian_smooth(final, self.config.smoothing_sigma)
