@@ -120,7 +120,7 @@ class _PredictWorker:
 
         options = self.options
         try:
-            image = image_io.read_image(job.path)
+            image = image_io.read_pixels(job.path)  # its pixel type, converted per tile
             prediction = self.model.predict(
                 image,
                 threshold=options.threshold,

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 from hrad.data.images import (
     IMAGE_EXTENSIONS,
     check_pixel_budget,
-    read_image,
+    read_pixels,
 )
 from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError
 from hrad.outputs import (
@@ -254,7 +254,7 @@ class BodyLimit:
 
 
 def _suffix_for(filename: str, data: bytes) -> str:
-    """A file suffix read_image understands: the upload's own, else TIFF by magic bytes, else PNG
+    """A file suffix read_pixels understands: the upload's own, else TIFF by magic bytes, else PNG
     (OpenCV decodes PNG/JPEG/BMP by content whatever the suffix)."""
     suffix = Path(filename).suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
@@ -265,7 +265,8 @@ def _suffix_for(filename: str, data: bytes) -> str:
 def decode_upload(
     data: bytes, filename: str, budget: int | None = None, before_decode: Callable[[], None] | None = None
 ) -> np.ndarray:
-    """Decode uploaded bytes with :func:`read_image` (all its formats); errors name the upload.
+    """Decode uploaded bytes with :func:`read_pixels` (all its formats, kept in their pixel type:
+    an 8-bit upload costs its bytes, not 12 a pixel); errors name the upload.
 
     The header is checked against the pixel budget (``budget``, default :func:`max_pixels`)
     first; ``before_decode`` runs between that check and the decode (the service takes its lock
@@ -281,7 +282,7 @@ def decode_upload(
             check_pixel_budget(path, budget)
             if before_decode is not None:
                 before_decode()
-            return read_image(path, budget)
+            return read_pixels(path, budget)
         except InputError as error:
             raise type(error)(str(error).replace(str(path), name)) from None
 

@@ -47,14 +47,14 @@ def die_on_marked_images() -> None:
     """Worker setup for one test: the worker process exits hard while reading a marked image."""
     import hrad.data.images as image_io
 
-    original = image_io.read_image
+    original = image_io.read_pixels  # what the worker reads images with
 
     def read_or_die(path: str | os.PathLike[str]) -> np.ndarray:
         if CRASH_NAME in Path(path).name:
             os._exit(1)
         return original(path)
 
-    image_io.read_image = read_or_die  # type: ignore[assignment]
+    image_io.read_pixels = read_or_die  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from enum import Enum
@@ -179,7 +180,7 @@ def predict(
     finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
     export) runs through onnxruntime or OpenVINO and needs no torch.
     """
-    from hrad.data.images import expand_image_paths, prepare_output_dir, read_image
+    from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
     from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
     from hrad.pipeline import overlapped
 
@@ -201,7 +202,8 @@ def predict(
     # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
     items = list(zip(images, stems, strict=True))
     with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
-        stages = overlapped(items, lambda item: read_image(item[0]), compute, finish, prefetch=2, writers=1)
+        # images stay in their file's pixel type (uint8/uint16): read_pixels, converted per tile
+        stages = overlapped(items, lambda item: read_pixels(item[0]), compute, finish, prefetch=2, writers=1)
         for index, ((path, _), outcome) in enumerate(stages):
             row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
             scores.write(row)
@@ -266,7 +268,14 @@ def evaluate(
         bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
 ) -> None:
-    """Image and pixel metrics of a model on a labelled test set."""
+    """Image and pixel metrics of a model on a labelled test set.
+
+    A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
+    one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
+    metrics.md / report.html list the skipped files, and the exit status is 3.
+    """
+    import logging
+
     from hrad.data.datasets import load_dataset
     from hrad.data.images import prepare_output_dir
     from hrad.evaluation import evaluate as run_evaluation
@@ -278,17 +287,36 @@ def evaluate(
         raise InputError(f"{data}: no labelled test images")
     prepare_output_dir(out)
     fitted = load(model)
-    with _tracking("evaluate", track, out.name) as run:
-        with progress_bars() as progress:
-            metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits)
-        if run is not None:
-            run.log_config(fitted.config.model_dump(mode="json"))
-            run.log_metrics(metrics)
-            run.log_history(fitted.training_history)
-            run.set_tags({"hrad.data": data, "hrad.model": model.resolve(), "hrad.protocol": protocol.value})
-            run.log_artifacts(out, "report")
+    warnings = _ConsoleWarnings()
+    logging.getLogger("hrad.evaluation").addHandler(warnings)
+    try:
+        with _tracking("evaluate", track, out.name) as run:
+            with progress_bars() as progress:
+                metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits)
+            if run is not None:
+                run.log_config(fitted.config.model_dump(mode="json"))
+                run.log_metrics(metrics)
+                run.log_history(fitted.training_history)
+                run.set_tags({"hrad.data": data, "hrad.model": model.resolve(), "hrad.protocol": protocol.value})
+                run.log_artifacts(out, "report")
+    finally:
+        logging.getLogger("hrad.evaluation").removeHandler(warnings)
     console.print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
     console.print(f"report written to {out}")
+    if metrics.get("skipped"):
+        console.print(
+            f"[red]{len(metrics['skipped'])} of {len(samples)} test images skipped[/red] (listed in {out / 'metrics.json'})",
+            highlight=False,
+        )
+        sys.exit(EXIT_SOME_FAILED)
+
+
+class _ConsoleWarnings(logging.Handler):
+    """Log records (``hrad.evaluation``'s skipped images) as one ``hrad: warning:`` line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        console.print(f"[yellow]hrad: warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -44,8 +44,8 @@ from hrad.strategies.base import (
     StrategyConfig,
     no_progress,
     sub_state,
-    to_tensor,
 )
+from hrad.strategies.pixels import TileSource, working_image
 from hrad.strategies.tiling import ContextEmbedder, ContextTilingConfig, TileGrid, TileMerger, TilePosition
 
 
@@ -248,8 +248,9 @@ class TiledEnsemble(Strategy):
             raise RuntimeError("tiled-ensemble strategy is not fitted or loaded")
         return self._geometry
 
-    def _prepare(self, image: np.ndarray, geometry: _Geometry) -> Tensor:
-        """Image -> padded ``3 x H x W`` tensor at working size; refuses inputs it cannot tile."""
+    def _prepare(self, image: np.ndarray, geometry: _Geometry) -> TileSource:
+        """Image (any pixel type) -> padded ``3 x H x W`` image at working size, windows converted to
+        float as they are cut; refuses inputs it cannot tile."""
         _check_image(image)
         height, width = image.shape[:2]
         if self.config.image_size is None and (height, width) != geometry.input_size:
@@ -260,8 +261,7 @@ class TiledEnsemble(Strategy):
             )
         if min(height, width) < 1:
             raise InputError(f"image {width}x{height} is empty")
-        tensor = resize(to_tensor(image), geometry.work_size)[0]
-        return self._grid(geometry).pad(tensor)
+        return self._grid(geometry).pad(working_image(image, geometry.work_size))  # hrad.imaging.resize's rule
 
     def _check_tileable(self, height: int, width: int) -> None:
         tile = self.config.tile
@@ -327,8 +327,8 @@ class TiledEnsemble(Strategy):
         del spool
         return str(path), shape
 
-    def _prepare_training(self, image: np.ndarray, geometry: _Geometry, grid: TileGrid) -> Tensor:
-        return grid.pad(resize(to_tensor(image), geometry.work_size)[0])
+    def _prepare_training(self, image: np.ndarray, geometry: _Geometry, grid: TileGrid) -> TileSource:
+        return grid.pad(working_image(image, geometry.work_size))  # hrad.imaging.resize's rule
 
     def _fit_locations(
         self, spool_path: str, shape: tuple[int, ...], directory: Path, progress: ProgressCallback
@@ -402,7 +402,7 @@ class TiledEnsemble(Strategy):
         else:
             self._count_resident(-1)
 
-    def _location_outputs(self, padded: Sequence[Tensor]) -> Iterator[tuple[TilePosition, Tensor, Tensor]]:
+    def _location_outputs(self, padded: Sequence[TileSource]) -> Iterator[tuple[TilePosition, Tensor, Tensor]]:
         """For every tile location: upsampled maps ``B x tile x tile`` and scores ``B`` of all images.
 
         Each tile model is loaded once per call and released before the next one.
@@ -452,7 +452,7 @@ class TiledEnsemble(Strategy):
         return results
 
     def _merged_raw(
-        self, padded: Sequence[Tensor], normalize_tiles: bool
+        self, padded: Sequence[TileSource], normalize_tiles: bool
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Merged (and seam-smoothed) maps at working size plus per-tile scores of each image.
 

@@ -61,8 +61,8 @@ from hrad.strategies.base import (
     StrategyConfig,
     no_progress,
     sub_state,
-    to_tensor,
 )
+from hrad.strategies.pixels import PixelImage, resize_pixels
 from hrad.strategies.tiled import round_to_multiple
 
 #: the paper's layers of a 12-block ViT (1-based block outputs)
@@ -220,9 +220,9 @@ class MRFStrategy(Strategy):
 
     def _pyramid(self, image: np.ndarray) -> Iterator[tuple[float, Tensor, dict[str, Tensor]]]:
         """``(scale, resized 1x3xhxw image, {layer: 1 x C x h' x w'})`` from the coarsest scale up."""
-        tensor = to_tensor(image, self.device)
+        pixels = PixelImage(image, self.device)  # each scale read in bands of rows, never float whole
         for scale, size in self.scale_sizes(*image.shape[:2]).items():
-            resized = resize(tensor, size)
+            resized = resize_pixels(pixels, size)[None]
             with torch.no_grad():
                 maps = self.extractor.extract(resized, self.layers)
             yield scale, resized, maps

@@ -7,8 +7,9 @@ in [0, 1] whose regions become float32 tensors only when a tile window is cut
 (:meth:`PixelImage.region`, used by :meth:`hrad.strategies.tiling.TileGrid.window`).
 :func:`resize_pixels` resizes one from its own pixel type without a float copy of the whole
 image: the horizontal pass runs on bands of rows, each converted when it is read, then the
-vertical pass on the (narrower) intermediate - the order PyTorch's own separable bilinear
-resize uses, so the result equals ``F.interpolate`` on the float image (bit for bit on the CPU).
+vertical pass on the (narrower) intermediate - the order PyTorch's own separable antialiased
+resize uses, so the result equals ``F.interpolate`` on the float image (bit for bit on the CPU
+when antialiased, within float rounding, 1e-7, for plain bilinear).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -30,8 +29,8 @@ from hrad.strategies.base import (
     StrategyConfig,
     no_progress,
     sub_state,
-    to_tensor,
 )
+from hrad.strategies.pixels import TileSource, working_image
 from hrad.strategies.tiling import (
     ContextEmbedder,
     ContextTilingConfig,
@@ -73,14 +72,6 @@ class TiledConfig(ContextTilingConfig):
         return self
 
 
-def pad_square(image: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """Edge-replicate ``B x C x H x W`` to a square; returns the padded tensor and the original (H, W)."""
-    height, width = image.shape[-2:]
-    side = max(height, width)
-    padded = F.pad(image, (0, side - width, 0, side - height), mode="replicate")
-    return padded, (height, width)
-
-
 #: the per-tile scoring collaborator of :func:`predict_tiles`: tile windows ``B x 3 x h x w`` at
 #: image scale (context margin included) -> ``(maps B x h' x w', scores B)`` of the tiles alone
 WindowScorer = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -96,12 +87,18 @@ def long_side_size(height: int, width: int, long_side: int | None) -> tuple[int,
 
 def prepare_image(
     image: np.ndarray, working_size: Callable[[int, int], tuple[int, int]], pad_to_square: bool, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Image -> working-size ``3 x h x w`` tensor (edge-replicated to a square first if asked)."""
-    tensor = to_tensor(image, device)
-    if pad_to_square:
-        tensor, _ = pad_square(tensor)
-    return resize(tensor, working_size(*tensor.shape[-2:]))[0]
+) -> TileSource:
+    """``H x W x 3`` image (any pixel type) -> the working-size ``3 x h x w`` image its tiles are cut from
+    (edge-replicated to a square first if asked).
+
+    Without a resize it stays in its own pixel type (:class:`~hrad.strategies.pixels.PixelImage`:
+    each window becomes float as it is cut); a resize reads it in bands of rows
+    (:func:`~hrad.strategies.pixels.resize_pixels`), so the float image at its own size is never held.
+    """
+    if pad_to_square:  # edge replication (the map is cropped back in predict_tiles)
+        side = max(image.shape[:2])
+        image = np.pad(image, ((0, side - image.shape[0]), (0, side - image.shape[1]), (0, 0)), mode="edge")
+    return working_image(image, working_size(*image.shape[:2]), device=device)
 
 
 def predict_tiles(
@@ -135,9 +132,9 @@ def predict_tiles(
     if pad_to_square:  # undo pad_to_square: crop the padding before anything is scored
         side = merged.shape[-1]
         merged = merged[..., : math.ceil(side * height / max(height, width)), : math.ceil(side * width / max(height, width))]
-    full = resize(merged, (height, width))[0, 0].numpy()
+    full = np.asarray(resize(merged, (height, width))[0, 0].numpy(), dtype=np.float32)  # the merger's map, not a copy
     best = float(torch.cat(scores).max()) if score == "detector" else float(full.max())
-    return AnomalyResult(anomaly_map=full.astype(np.float32), score=best)
+    return AnomalyResult(anomaly_map=full, score=best)
 
 
 class TiledStrategy(Strategy):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.imaging import resize
+from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels
 from hrad.strategies.tiling import Edge, TileGrid, TilePosition
 
 Embed = Callable[[Tensor], Tensor]
@@ -72,14 +73,17 @@ class LevelMap:
     cell: float  # level-k pixels per feature cell
 
 
-def embed_level(embed: Embed, image: Tensor, rate: int, patch: int, batch_size: int, margin: int = 0) -> LevelMap:
-    """Embed ``image`` (``1 x 3 x H x W``) downsampled by 2^rate, tile by tile, as one map.
+def embed_level(
+    embed: Embed, image: Tensor | PixelImage, rate: int, patch: int, batch_size: int, margin: int = 0
+) -> LevelMap:
+    """Embed ``image`` (``1 x 3 x H x W``, or a :class:`~hrad.strategies.pixels.PixelImage`, read in
+    bands) downsampled by 2^rate, tile by tile, as one map.
 
     ``embed`` takes windows of ``patch + 2 * margin`` pixels and returns the patch's cells only.
     """
     height, width = image.shape[-2:]
     size = level_size(height, width, rate)
-    small = resize(image, size)[0]
+    small = resize_pixels(image, size) if isinstance(image, PixelImage) else resize(image, size)[0]
     grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
     features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
     grid_h = features.shape[-2]
@@ -120,7 +124,7 @@ class ImageLevels:
     """One image prepared for fusion: its level-0 patch grid and its coarser level maps."""
 
     grid: TileGrid
-    padded: Tensor  # 3 x H x W level-0 image (reflect-padded only when smaller than a patch)
+    padded: TileSource  # 3 x H x W level-0 image (reflect-padded only when smaller than a patch)
     levels: dict[int, LevelMap]
 
 
@@ -157,8 +161,9 @@ class MultiResolutionFusion:
         """The level-0 patch grid of an ``height x width`` image."""
         return TileGrid.square(height, width, self.patch, self.stride, margin=self.margin, edge=self.edge)
 
-    def prepare(self, image: Tensor) -> ImageLevels:
-        """``image``: ``1 x 3 x H x W``; embeds every coarser level of it once."""
+    def prepare(self, image: Tensor | PixelImage) -> ImageLevels:
+        """``image``: ``1 x 3 x H x W``, or a :class:`~hrad.strategies.pixels.PixelImage` (level-0
+        windows converted to float as they are cut); embeds every coarser level of it once."""
         height, width = image.shape[-2:]
         grid = self.grid(height, width)
         levels = {
@@ -166,7 +171,7 @@ class MultiResolutionFusion:
             for rate in self.rates
             if rate > 0 and self.weights[rate] > 0
         }
-        return ImageLevels(grid, grid.pad(image[0]), levels)
+        return ImageLevels(grid, grid.pad(image if isinstance(image, PixelImage) else image[0]), levels)
 
     def batches(self, prepared: ImageLevels) -> Iterator[tuple[list[TilePosition], Tensor]]:
         """Fused features of the image's patches, ``batch_size`` positions at a time."""
@@ -186,7 +191,7 @@ class MultiResolutionFusion:
             fused = fused + self.weights[rate] * window
         return fused
 
-    def all_patches(self, image: Tensor) -> tuple[list[TilePosition], Tensor]:
+    def all_patches(self, image: Tensor | PixelImage) -> tuple[list[TilePosition], Tensor]:
         """Every patch of ``image`` fused at once (tests, small images)."""
         prepared = self.prepare(image)
         positions: list[TilePosition] = []

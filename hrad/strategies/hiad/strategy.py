@@ -39,12 +39,12 @@ from hrad.strategies.base import (
     Strategy,
     no_progress,
     sub_state,
-    to_tensor,
 )
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
 from hrad.strategies.hiad.fusion import MultiResolutionFusion, resolve_fusion
 from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
+from hrad.strategies.pixels import PixelImage, resize_pixels
 from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
 
 
@@ -135,9 +135,9 @@ class HiAD(Strategy):
             edge=self.config.tile_edge,
         )
 
-    def _embed_low(self, image: Tensor) -> Tensor:
+    def _embed_low(self, image: Tensor | PixelImage) -> Tensor:
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
-        return self.embedder(resize(image, size))
+        return self.embedder(resize_pixels(image, size)[None] if isinstance(image, PixelImage) else resize(image, size))
 
     def _check_size(self, image: np.ndarray, what: str) -> None:
         if image.ndim != 3 or image.shape[2] != 3:
@@ -169,7 +169,7 @@ class HiAD(Strategy):
             for index in range(count):
                 image = first if index == 0 else images[index]
                 self._check_size(image, f"training image {index}")
-                tensor = to_tensor(image, self.device)
+                tensor = PixelImage(image, self.device)  # windows become float as they are cut
                 _, features = fusion.all_patches(tensor)
                 grid = fusion.grid(image.shape[0], image.shape[1])
                 grid_shape = (grid.rows, grid.cols) if index == 0 else grid_shape
@@ -245,7 +245,7 @@ class HiAD(Strategy):
         if self._assignment is None:
             raise ConfigError("hiad: fit() or load_state() must run before predicting")
         self._check_size(image, "image")
-        tensor = to_tensor(image, self.device)
+        tensor = PixelImage(image, self.device)  # windows become float as they are cut
         fusion = self._fusion()
         prepared = fusion.prepare(tensor)
         positions: list[TilePosition] = []
