@@ -10,8 +10,9 @@ onnxruntime or OpenVINO, equal to :meth:`AnomalyModel.predict` up to float round
 
 Module layout: the graphs and the verified ONNX writer are :mod:`hrad.export_graph`; running an
 export is :mod:`hrad.export_runtime`; ``tiled-ensemble`` (PatchCore) exports through
-:mod:`hrad.export_ensemble` (one graph, the tile position as a second input). ``hiad`` and
-``mrf`` are not exportable yet, detectors without a scoring module neither.
+:mod:`hrad.export_ensemble` (one graph, the tile position as a second input), ``mrf`` through
+:mod:`hrad.export_mrf` (one graph, one input per scale). ``hiad`` is not exportable yet,
+detectors without a scoring module neither.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from hrad.errors import ConfigError
 from hrad.export_ensemble import export_ensemble_onnx
 from hrad.export_graph import TileScorer, random_tiles, scoring_module, sidecar_header, write_verified_onnx
+from hrad.export_mrf import export_mrf_onnx
 from hrad.export_runtime import (
     INPUT_NAME,
     RUNTIMES,
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RUNTIMES", "OnnxPredictor", "export_geometry", "export_onnx", "export_openvino", "open_predictor"]
 
-EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble")
+EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble", "mrf")
 
 def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geometry:
     """The geometry of ``model``'s strategy; ``tile_size`` replaces the tile (downsample: image) side.
@@ -150,6 +152,10 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
         if tile_size is not None:
             raise ConfigError("a tiled ensemble has one model per position of its fitted grid; --tile-size does not apply")
         return export_ensemble_onnx(model, out_path, verify=verify)
+    if model.config.strategy.name == "mrf":
+        if tile_size is not None:
+            raise ConfigError("mrf has no tiles; --tile-size does not apply")
+        return export_mrf_onnx(model, out_path, verify=verify)
     out_path = Path(out_path)
     geometry = export_geometry(model, tile_size)
     scoring = _scoring_module(model).to(model.device)
@@ -185,6 +191,8 @@ OPENVINO_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
     """Random inputs in [0, 1] for an export's graph (tile positions 0.. for an ensemble)."""
     generator = np.random.default_rng(0)
+    if "images" in sidecar["input"]:  # mrf: one image per scale
+        return {name: generator.random(shape, dtype=np.float32) for name, shape in sidecar["input"]["images"].items()}
     shape = sidecar["input"].get("tiles") or sidecar["input"]["shape"]
     feeds: dict[str, np.ndarray] = {INPUT_NAME: generator.random((batch, *shape[1:]), dtype=np.float32)}
     if "positions" in sidecar["input"]:

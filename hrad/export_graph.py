@@ -231,14 +231,18 @@ def write_verified_onnx(
     expected: Sequence[Tensor],
     path: Path,
     verify: bool = True,
+    output_names: Sequence[str] = OUTPUT_NAMES,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
-    """Export ``module`` (inputs named as ``inputs``' keys, batch dim dynamic) to ``path`` atomically.
+    """Export ``module`` (inputs named as ``inputs``' keys; ``dynamic_axes``, default: the batch
+    dim of every input and output) to ``path`` atomically.
 
     With ``verify`` onnxruntime runs the written graph on ``inputs`` (the first sample, then all)
     and must match ``expected`` (the module's own outputs on them) to :data:`TOLERANCE`, else
     nothing is written.
     """
     names = list(inputs)
+    axes = dynamic_axes if dynamic_axes is not None else {name: {0: "batch"} for name in (*names, *output_names)}
     feeds = {name: value.cpu().numpy() for name, value in inputs.items()}
     references = [value.cpu().numpy() for value in expected]
 
@@ -247,8 +251,7 @@ def write_verified_onnx(
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(
                 module, tuple(value[:1] for value in inputs.values()), temporary, dynamo=False, opset_version=OPSET,
-                input_names=names, output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (*names, *OUTPUT_NAMES)},
+                input_names=names, output_names=list(output_names), dynamic_axes=axes,
             )  # fmt: skip
         if not verify:
             return

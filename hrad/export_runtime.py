@@ -33,7 +33,7 @@ from PIL import Image
 from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.postprocess.seams import smooth_seams
-from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score
+from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score, top_fraction_mean
 from hrad.prediction import Prediction, Thresholds, decision_thresholds
 
 SIDECAR_FORMAT = "hrad-onnx"
@@ -416,6 +416,53 @@ class OnnxEnsemblePredictor(ExportedPredictor):
         return resize(merged.astype(np.float32), (height, width)).astype(np.float32), score
 
 
+def _mrf_scale_sizes(height: int, width: int, geometry: dict[str, Any]) -> list[tuple[int, int]]:
+    """Backbone input size at each scale: :meth:`hrad.strategies.mrf.MRFStrategy.scale_sizes`' arithmetic."""
+    budget, multiple = geometry["pixel_budget"], int(geometry["input_multiple"])
+    if budget is not None:
+        factor = math.sqrt(budget / (height * width))
+        height, width = max(1, round(height * factor)), max(1, round(width * factor))
+
+    def rounded(side: float) -> int:
+        return max(multiple, int(round(round(side) / multiple)) * multiple)
+
+    return [(rounded(height * scale), rounded(width * scale)) for scale in geometry["scales"]]
+
+
+class MRFPredictor(ExportedPredictor):
+    """Runs an exported MRF-AD model (:mod:`hrad.export_mrf`): the image at every scale into the
+    graph, its distance maps upsampled and fused, scored by max or top-fraction mean."""
+
+    def __init__(
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+    ) -> None:
+        super().__init__(onnx_path, sidecar, runtime, providers)
+        self.geometry: dict[str, Any] = sidecar["geometry"]
+        self.fitted_sizes = [tuple(size) for size in self.geometry["scale_sizes"]]
+
+    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        geometry = self.geometry
+        height, width = image.shape[:2]
+        sizes = _mrf_scale_sizes(height, width, geometry)
+        if sizes != self.fitted_sizes and not geometry["other_sizes_verified"]:
+            fitted_h, fitted_w = geometry["fitted_size"]
+            raise InputError(
+                f"image {width}x{height} gives other backbone input sizes than the {fitted_w}x{fitted_h} images this "
+                "export was made for, and its graph is not verified at other sizes"
+            )
+        planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        feeds = {f"scale{index}": np.ascontiguousarray(resize(planes, size)[None]) for index, size in enumerate(sizes)}
+        maps = self.session.run(None, feeds)
+        upsampled = (resize(np.asarray(grid, dtype=np.float32)[0], (height, width)) for grid in maps)
+        if geometry["fusion"] == "max":
+            fused = np.maximum.reduce(list(upsampled))
+        else:
+            fused = np.sum(list(upsampled), axis=0, dtype=np.float32) / len(maps)
+        full = fused.astype(np.float32)
+        score = float(full.max()) if geometry["score"] == "max" else top_fraction_mean(full, geometry["top_fraction"])
+        return full, score
+
+
 def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> ExportedPredictor:
     """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
 
@@ -431,6 +478,9 @@ def open_predictor(model_path: str | Path, runtime: str | None = None, providers
     if not model_path.is_file():
         raise ArtifactError(f"{model_path}: exported model not found")
     sidecar = load_sidecar(onnx_path)
-    if sidecar.get("geometry", {}).get("strategy") == "tiled-ensemble":
+    strategy = sidecar.get("geometry", {}).get("strategy")
+    if strategy == "tiled-ensemble":
         return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime)
+    if strategy == "mrf":
+        return MRFPredictor(onnx_path, sidecar, providers, runtime=runtime)
     return OnnxPredictor(onnx_path, providers=providers, runtime=runtime)

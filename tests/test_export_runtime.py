@@ -57,8 +57,9 @@ def test_the_blocker_blocks_torch(tmp_path: Path) -> None:
     ("strategy", "openvino"),
     [({"name": "tiled", "tile": 48, "stride": 32, "image_size": 120}, False),
      ({"name": "tiled-ensemble", "tile": 48}, False),
+     ({"name": "mrf", "pixel_budget": 20_000, "scales": [0.5, 1.0]}, False),
      ({"name": "tiled", "tile": 48, "stride": 40}, True)],
-    ids=["tiled-onnxruntime", "tiled-ensemble-onnxruntime", "tiled-openvino"],
+    ids=["tiled-onnxruntime", "tiled-ensemble-onnxruntime", "mrf-onnxruntime", "tiled-openvino"],
 )  # fmt: skip
 def test_cli_predict_on_an_export_without_torch_equals_torch_predict(
     strategy: dict, openvino: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
