@@ -11,11 +11,21 @@ against that unbinned computation (``benchmarks/results/metric_precision.md``).
 
 Outputs in ``out_dir``: ``metrics.json``, ``metrics.md``, ``cases.png``, ``scores.csv`` and
 ``report.html`` (self-contained: curves, AUPRO per defect size, training loss, cases, config).
+
+A test image that cannot be used (unreadable or corrupt file, unreadable mask, an input the
+model refuses: any :class:`~hrad.errors.HradError`) is skipped: one warning line naming the file
+and the problem (logger ``hrad.evaluation``), and the metrics cover the other images. The skipped
+files are listed under ``skipped`` (path and reason) and counted in ``images_skipped`` in
+``metrics.json`` (always) and the returned metrics (when any), in ``metrics.md`` and in
+``report.html``.
+``hrad evaluate`` exits with status 3 when any were skipped. Any other exception is a bug and
+stops the evaluation.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from collections.abc import Sequence
@@ -27,6 +37,7 @@ import numpy as np
 
 from hrad.data.datasets import Sample
 from hrad.data.images import read_image
+from hrad.errors import HradError, InputError
 from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
 from hrad.model import AnomalyModel
 from hrad.profiling import PeakMemory
@@ -38,6 +49,8 @@ from hrad.strategies.base import ProgressCallback, no_progress
 Protocol = Literal["full", "hiad512"]
 #: the default precision of pixel metrics (see the module docstring)
 DEFAULT_SCORE_BITS = 24
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -51,42 +64,59 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
     metrics.md, cases.png, scores.csv and report.html. ``score_bits`` (12..32) is the pixel
-    metrics' precision: 32 = exact for float32 maps."""
+    metrics' precision: 32 = exact for float32 maps. Samples that fail with a
+    :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``."""
     pixel = PixelMetrics(protocol=protocol, score_bits=score_bits)
     scores: list[float] = []
     labels: list[int] = []
     cases: list[Case] = []
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     seconds = 0.0
     with PeakMemory() as memory:
         for index, sample in enumerate(samples):
-            image = read_image(sample.path)
-            start = time.perf_counter()
-            prediction = model.predict(image)
-            seconds += time.perf_counter() - start
-            mask = sample.load_mask(image.shape[:2])
-            pixel.add(prediction.anomaly_map, mask)
-            scores.append(prediction.score)
-            labels.append(sample.label)
-            rows.append({"image": str(sample.path), "defect_type": sample.defect_type, "label": sample.label, "score": prediction.score})
-            if out_dir is not None:
-                cases.append(
-                    Case(sample.path.name, sample.label, prediction.score, thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
-                )
+            try:
+                image = read_image(sample.path)
+                mask = sample.load_mask(image.shape[:2])
+                start = time.perf_counter()
+                prediction = model.predict(image)
+                seconds += time.perf_counter() - start
+            except HradError as error:  # the file's problem, not the evaluation's: skip it
+                reason = " ".join(str(error).split())
+                skipped.append({"image": str(sample.path), "error": reason})
+                logger.warning("skipped %s", reason)
+            else:
+                pixel.add(prediction.anomaly_map, mask)
+                scores.append(prediction.score)
+                labels.append(sample.label)
+                rows.append({"image": str(sample.path), "defect_type": sample.defect_type, "label": sample.label, "score": prediction.score})
+                if out_dir is not None:
+                    cases.append(
+                        Case(sample.path.name, sample.label, prediction.score, thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
+                    )
             progress(index + 1, len(samples), "evaluating")
+    if not scores:
+        first = f"; first: {skipped[0]['error']}" if skipped else ""
+        raise InputError(f"no test image could be evaluated ({len(samples)} given, {len(skipped)} skipped{first})")
     metrics: dict[str, Any] = {}
     metrics.update(image_metrics(np.asarray(scores), np.asarray(labels)))
     metrics.update(pixel.result())
-    metrics["seconds_per_image"] = seconds / max(1, len(samples))
+    metrics["seconds_per_image"] = seconds / len(scores)
     metrics["peak_rss_mb"] = memory.peak_rss_mb
     if memory.peak_gpu_mb:
         metrics["peak_gpu_mb"] = memory.peak_gpu_mb
-    metrics["images"] = len(samples)
+    metrics["images"] = len(scores)
+    if skipped:
+        metrics["images_skipped"] = len(skipped)
     metrics["protocol"] = protocol
     metrics["score_bits"] = score_bits
     if out_dir is not None:
-        write_evaluation(out_dir, metrics, rows, cases, cases_per_group, model)
-        write_html_report(out_dir / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model)
+        write_evaluation(out_dir, metrics, rows, cases, cases_per_group, model, skipped)
+        write_html_report(
+            out_dir / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, skipped
+        )
+    if skipped:
+        metrics["skipped"] = skipped
     return metrics
 
 
@@ -103,16 +133,31 @@ def environment() -> dict[str, str]:
 
 
 def write_evaluation(
-    out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]], cases: list[Case], count: int, model: AnomalyModel
+    out_dir: Path,
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    cases: list[Case],
+    count: int,
+    model: AnomalyModel,
+    skipped: Sequence[dict[str, str]] = (),
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {**metrics, "environment": environment(), "config": model.config.model_dump(mode="json")}
+    payload = {
+        **metrics,
+        "images_skipped": len(skipped),
+        "skipped": list(skipped),
+        "environment": environment(),
+        "config": model.config.model_dump(mode="json"),
+    }
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     report = metrics_report(metrics, "hrad evaluate")
     report += "\nF1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.\n"
     report += "\n![best and worst cases](cases.png)\n"
     worst = sorted(rows, key=lambda r: (-r["score"] if r["label"] == 0 else r["score"]))[: 2 * count]
     report += "\n## Worst cases\n\n" + table(worst, ["image", "defect_type", "label", "score"])
+    if skipped:
+        report += f"\n## Skipped images\n\n{len(skipped)} test images could not be evaluated and are not in the metrics:\n\n"
+        report += table(list(skipped), ["image", "error"])
     (out_dir / "metrics.md").write_text(report)
     with (out_dir / "scores.csv").open("w") as handle:
         handle.write("image,defect_type,label,score\n")
@@ -139,8 +184,10 @@ def write_html_report(
     cases: list[Case],
     count: int,
     model: AnomalyModel,
+    skipped: Sequence[dict[str, str]] = (),
 ) -> Path:
-    """The self-contained ``report.html`` of one evaluation (see :mod:`hrad.reports.html`)."""
+    """The self-contained ``report.html`` of one evaluation (see :mod:`hrad.reports.html`);
+    skipped images are listed in its notes."""
     from hrad.outputs import overlay_scale
 
     areas = pixel.region_areas
@@ -177,6 +224,12 @@ def write_html_report(
             "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
             f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
             "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
+            *(
+                [f"{len(skipped)} test images were skipped and are not in the metrics:"]
+                + [f"skipped {entry['error']}" for entry in skipped]
+                if skipped
+                else []
+            ),
         ),
     )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -79,6 +80,47 @@ def test_corrupt_image_in_training_folder(tmp_path: Path, monkeypatch: pytest.Mo
     assert code == 2
     assert "b.png" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_skips_corrupt_test_images_and_exits_3(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "part"
+    shutil.copytree(dataset, data)
+    truncated = data / "test" / "spot" / "001.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # valid header, pixel data cut off
+    garbage = data / "test" / "good" / "002.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    model = tmp_path / "model"
+    fit = ["fit", "--data", str(data), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+           "--strategy", "downsample", "--image-size", "64"]
+    assert run(fit, monkeypatch) == 0
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(report)], monkeypatch) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if "hrad: warning:" in line]
+    assert len(warnings) == 2  # one line per bad file, naming it and the problem
+    assert any(str(truncated) in line and "not a readable image" in line for line in warnings)
+    assert any(str(garbage) in line and "not a readable image" in line for line in warnings)
+    assert "2 of 6 test images skipped" in err
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["images"] == 4 and metrics["images_skipped"] == 2
+    assert sorted(entry["image"] for entry in metrics["skipped"]) == sorted([str(garbage), str(truncated)])
+    assert all("not a readable image" in entry["error"] for entry in metrics["skipped"])
+    assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1  # from the 4 readable images
+    assert len((report / "scores.csv").read_text().splitlines()) == 1 + 4
+    markdown = (report / "metrics.md").read_text()
+    assert "## Skipped images" in markdown and str(truncated) in markdown and str(garbage) in markdown
+    assert "2 test images were skipped" in (report / "report.html").read_text()
+
+    # every test image unreadable: nothing to measure, a one-line error and status 2
+    for path in (data / "test").rglob("*.png"):
+        path.write_bytes(b"broken")
+    assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "none")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "no test image could be evaluated (6 given, 6 skipped" in err and "Traceback" not in err
 
 
 def test_set_assignments_reach_the_config() -> None:
