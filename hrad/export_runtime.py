@@ -34,7 +34,7 @@ from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score, top_fraction_mean
-from hrad.prediction import Prediction, Thresholds, decision_thresholds
+from hrad.prediction import Prediction, Thresholds, check_image_size, decision_thresholds
 
 SIDECAR_FORMAT = "hrad-onnx"
 SIDECAR_VERSION = 2
@@ -285,6 +285,9 @@ class ExportedPredictor:
         #: the model's thresholds (older sidecars hold only image/pixel: no sigmas then)
         self.thresholds = Thresholds.from_json(thresholds) if thresholds else None
         self.runtime = runtime
+        fitted = sidecar.get("model", {}).get("fitted_size") or sidecar.get("geometry", {}).get("fitted_size")
+        #: the size of the images the model was fitted on (far smaller images are refused, as by the model)
+        self.fitted_size: tuple[int, int] | None = (int(fitted[0]), int(fitted[1])) if fitted else None
         self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -304,8 +307,10 @@ class ExportedPredictor:
         sigmas: float | None = None,
     ) -> Prediction:
         """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
+        array = as_image(image)
+        check_image_size(array, self.fitted_size, str(image) if isinstance(image, (str, Path)) else "image array")
         image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
-        raw_map, raw_score = self.predict_raw(as_image(image))
+        raw_map, raw_score = self.predict_raw(array)
         smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
         return Prediction(
             anomaly_map=smoothed,

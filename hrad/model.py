@@ -20,9 +20,10 @@ from hrad.data.images import as_image, as_pixels
 from hrad.errors import ArtifactError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import gaussian_smooth, image_score
+from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
-from hrad.prediction import decision_thresholds
+from hrad.prediction import check_image_size, decision_thresholds
 from hrad.strategies.base import ImageSource, ProgressCallback, Strategy, build_strategy, no_progress
 
 
@@ -49,11 +50,6 @@ class Subset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.source[self.indices[index]]
-
-
-#: An image whose short side is under this fraction of the fitted images' short side is refused:
-#: its features would come from a scale the model never saw (a 1x1 image vs a 2048x2048 fit).
-MIN_SIDE_FRACTION = 1 / 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,16 +135,8 @@ class AnomalyModel:
         return smoothed, image_score(smoothed, result.score, self.config.postprocess)
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
-        """Refuse an image far smaller than the fitted ones (:data:`MIN_SIDE_FRACTION`)."""
-        if self.fitted_size is None:
-            return
-        height, width = image.shape[:2]
-        fitted_height, fitted_width = self.fitted_size
-        if min(height, width) < MIN_SIDE_FRACTION * min(fitted_height, fitted_width):
-            raise InputError(
-                f"{name}: image is {width}x{height}, its short side is under 1/{round(1 / MIN_SIDE_FRACTION)} of "
-                f"the {fitted_width}x{fitted_height} images the model was fitted on; resize it to that scale"
-            )
+        """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`)."""
+        check_image_size(image, self.fitted_size, name)
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

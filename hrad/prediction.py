@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hrad.errors import ConfigError
+from hrad.errors import ConfigError, InputError
 
 
 @dataclass
@@ -79,6 +79,24 @@ class Thresholds:
             )
         scores = np.asarray(self.image_scores, dtype=np.float64)
         return float(scores.mean() + sigmas * scores.std()), float(self.pixel_mean + sigmas * self.pixel_std)
+
+
+#: An image whose short side is under this fraction of the fitted images' short side is refused:
+#: its features would come from a scale the model never saw (a 1x1 image vs a 2048x2048 fit).
+MIN_SIDE_FRACTION = 1 / 8
+
+
+def check_image_size(image: np.ndarray, fitted_size: tuple[int, int] | None, name: str) -> None:
+    """Refuse (one-line :class:`InputError` naming ``name``) an image far smaller than the fitted ones."""
+    if fitted_size is None:
+        return
+    height, width = image.shape[:2]
+    fitted_height, fitted_width = fitted_size
+    if min(height, width) < MIN_SIDE_FRACTION * min(fitted_height, fitted_width):
+        raise InputError(
+            f"{name}: image is {width}x{height}, its short side is under 1/{round(1 / MIN_SIDE_FRACTION)} of "
+            f"the {fitted_width}x{fitted_height} images the model was fitted on; resize it to that scale"
+        )
 
 
 def decision_thresholds(

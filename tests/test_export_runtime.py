@@ -17,7 +17,7 @@ from cli_helpers import run, write
 from export_helpers import PATCHCORE, make_model, spotted_image, training_images
 
 from hrad.data.images import read_image
-from hrad.errors import ConfigError
+from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
 from hrad.export_runtime import open_predictor, resize
 
@@ -171,3 +171,14 @@ def test_serve_runtime_option_is_for_exports_only(tmp_path: Path) -> None:
     make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2)).save(tmp_path / "model")
     with pytest.raises(ConfigError, match="--runtime openvino: only for an exported model"):
         create_app(tmp_path / "model", runtime="openvino")
+
+
+def test_exported_predictor_refuses_far_smaller_images_as_the_model_does(tmp_path: Path) -> None:
+    model = make_model({"name": "tiled", "tile": 48}).fit(training_images(5, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    tiny = np.full((8, 12, 3), 0.5, dtype=np.float32)  # short side under 1/8 of the fitted 90
+    with pytest.raises(InputError) as from_model:
+        model.predict(tiny)
+    with pytest.raises(InputError) as from_export:
+        open_predictor(tmp_path / "m.onnx").predict(tiny)
+    assert str(from_export.value) == str(from_model.value)
