@@ -80,6 +80,9 @@ def test_a_corrupted_region_scores_highest(fitted: tuple[RealNet, torch.Tensor])
 def test_state_round_trip_and_mismatches(fitted: tuple[RealNet, torch.Tensor]) -> None:
     detector, train = fitted
     state = detector.state_dict()
+    # the keys artifacts hold (unchanged since RealNet's first artifact)
+    assert {"network.mean", "network.std", "network.selected", "layer_channels", "aspp_rates"} <= set(state)
+    assert all(key.startswith("network.") for key in set(state) - {"layer_channels", "aspp_rates"})
     restored = build_detector(
         detector_config({"name": "realnet", "selection_ratio": 0.75, "reconstruction_stages": 0, **SMALL})
     )
@@ -93,5 +96,7 @@ def test_state_round_trip_and_mismatches(fitted: tuple[RealNet, torch.Tensor]) -
         RealNet(detector.config).load_state_dict(
             {**state, "network.selected": state["network.selected"] + 100}
         )
-    with pytest.raises(ConfigError, match="anomaly_fraction"):
+    with pytest.raises(ArtifactError, match="^realnet state entry network.std has non-positive"):
+        RealNet(detector.config).load_state_dict({**state, "network.std": torch.zeros_like(state["network.std"])})
+    with pytest.raises(ConfigError, match="realnet anomaly_fraction"):
         RealNetConfig(anomaly_fraction=(0.5, 0.1))
