@@ -121,7 +121,7 @@ def plot_loss_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.2), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    for ax, row in zip(axes[0], rows, strict=True):
         for stage, values in row["loss_curve"].items():
             ax.plot(range(1, len(values) + 1), values, label=stage)
         ax.set(title=row["setup"], xlabel="epoch", ylabel="mean loss", yscale="log")
