@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tiled", type=int, nargs="*", default=[], help="also full resolution through tiles of this side")
     parser.add_argument("--few-shot-size", type=int, default=None, help="input side of the few-shot rows (default: largest of --sizes)")
     parser.add_argument("--vit", default="dinov2-vits14", help="teacher / PatchCore ViT backbone")
-    parser.add_argument("--cnn", default="efficientnet-lite0", help="PatchCore CNN backbone")
+    parser.add_argument("--cnn", default="efficientnet-lite0", help="PatchCore CNN backbone ('none': no CNN row)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-tokens", type=int, default=1_000_000)
@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         label = f"students/{args.vit}/down{size}"
         overrides = students_overrides(args.vit, size, args.epochs, args.learning_rate, args.max_tokens)
         rows.append(fit_and_time(label, overrides, train, test, args.timing_images))
-        for backbone in (args.vit, args.cnn) if args.patchcore else ():
+        backbones = [args.vit] + ([args.cnn] if args.cnn != "none" else [])
+        for backbone in backbones if args.patchcore else ():
             rows.append(run_setup(f"patchcore/{backbone}/down{size}", patchcore_overrides(backbone, size), train, test))
     for tile in args.tiled:
         overrides = tiled(students_overrides(args.vit, tile, args.epochs, args.learning_rate, args.max_tokens), tile)
