@@ -1,16 +1,21 @@
-"""The pure-PyTorch selective scan and Mamba block: chunked scan == sequential loop, causality."""
+"""The selective scans and Mamba block: compiled and chunked scans == sequential loop (values and
+gradients), the compiled scan's exp, backend choice, causality."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hrad.detectors import mamba
 from hrad.detectors.mamba import (
     MambaBlock,
     fused_scan_available,
+    kernel_scan_available,
     selective_scan,
     selective_scan_chunked,
+    selective_scan_kernel,
     selective_scan_sequential,
 )
 
@@ -77,16 +82,116 @@ def test_chunk_size_is_validated() -> None:
         selective_scan_chunked(*inputs, chunk=9)
 
 
-def test_auto_backend_on_cpu_trains_chunked_and_infers_sequentially() -> None:
+def test_auto_backend_on_cpu_is_the_compiled_scan() -> None:
+    assert kernel_scan_available()  # numba is a dependency
+    inputs = random_scan_inputs(20, seed=5)
+    assert torch.equal(selective_scan(*inputs, backend="auto"), selective_scan_kernel(*inputs))
+    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    assert torch.equal(selective_scan(*leaves, backend="auto"), selective_scan_kernel(*leaves))
+    assert torch.equal(
+        selective_scan(*inputs, backend="chunked", chunk=8), selective_scan_chunked(*inputs, chunk=8)
+    )
+
+
+def test_auto_backend_without_numba_trains_chunked_and_infers_sequentially(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mamba, "_kernels", None)
+    monkeypatch.setattr(mamba, "_kernel_error", "ModuleNotFoundError: No module named 'numba'")
     inputs = random_scan_inputs(20, seed=5)
     assert torch.equal(selective_scan(*inputs, backend="auto", chunk=8), selective_scan_sequential(*inputs))
     leaves = [tensor.clone().requires_grad_() for tensor in inputs]
     assert torch.equal(
         selective_scan(*leaves, backend="auto", chunk=8), selective_scan_chunked(*leaves, chunk=8)
     )
-    assert torch.equal(
-        selective_scan(*inputs, backend="chunked", chunk=8), selective_scan_chunked(*inputs, chunk=8)
+    with pytest.raises(RuntimeError, match="numba"):
+        selective_scan(*inputs, backend="kernel")
+
+
+@pytest.fixture(params=[(64, 64), (4, 5)], ids=["default-blocks", "small-blocks"])
+def kernel_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """The default channel block / checkpoint segment, and small ones that split a 6-channel,
+    tens-of-tokens scan into several partial blocks and segments."""
+    width, segment = request.param
+    monkeypatch.setattr(mamba, "KERNEL_WIDTH", width)
+    monkeypatch.setattr(mamba, "KERNEL_SEGMENT", segment)
+    return width, segment
+
+
+@pytest.mark.parametrize("length", [1, 45, 101])
+def test_kernel_scan_equals_sequential_loop(length: int, kernel_blocks: tuple[int, int]) -> None:
+    inputs = random_scan_inputs(length, seed=length)
+    expected = selective_scan_sequential(*(tensor.double() for tensor in inputs))
+    got = selective_scan_kernel(*inputs)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got.double(), expected, atol=1e-6 * scale, rtol=1e-5)
+    # float64 inputs run the float64 kernel (libm exp): equal to the loop to rounding
+    torch.testing.assert_close(
+        selective_scan_kernel(*(tensor.double() for tensor in inputs)), expected, atol=1e-12, rtol=1e-10
     )
+
+
+def test_kernel_scan_gradcheck_in_float64(kernel_blocks: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(4)
+    inputs = [tensor.double() for tensor in random_scan_inputs(9, seed=4, channels=5, states=3)]
+    inputs[1] = F.softplus(torch.randn(2, 5, 9, generator=generator, dtype=torch.float64))  # moderate decays
+    leaves = [tensor.requires_grad_() for tensor in inputs]
+    assert torch.autograd.gradcheck(selective_scan_kernel, leaves)
+
+
+def test_kernel_scan_gradients_equal_the_loop_in_float32_at_varad_scale() -> None:
+    """Half a ViT-S level's Mamba width (384 = 6 channel blocks), VarAD's 16 states, 300 tokens
+    (5 checkpoint segments), two sequences; reference: the loop's autograd in float64."""
+    generator = torch.Generator().manual_seed(8)
+    batch, channels, length, states = 2, 384, 300, 16
+    x = torch.randn(batch, channels, length, generator=generator)
+    dt = F.softplus(torch.randn(batch, channels, length, generator=generator) - 3)  # Mamba's init range
+    A = -torch.rand(channels, states, generator=generator) * 16
+    B, C = (torch.randn(batch, states, length, generator=generator) for _ in range(2))
+    D = torch.randn(channels, generator=generator)
+    weights = torch.randn(batch, channels, length, generator=generator)
+    reference = [tensor.double().requires_grad_() for tensor in (x, dt, A, B, C, D)]
+    leaves = [tensor.clone().requires_grad_() for tensor in (x, dt, A, B, C, D)]
+    expected = selective_scan_sequential(*reference)
+    got = selective_scan_kernel(*leaves)
+    scale = float(expected.detach().abs().max())
+    torch.testing.assert_close(got.double(), expected.detach(), atol=1e-5 * scale, rtol=1e-4)
+    (expected * weights.double()).sum().backward()
+    (got * weights).sum().backward()
+    for name, ours, theirs in zip(["x", "dt", "A", "B", "C", "D"], leaves, reference, strict=True):
+        assert ours.grad is not None and theirs.grad is not None
+        error = float((ours.grad.double() - theirs.grad).abs().max())
+        assert error <= 1e-4 * float(theirs.grad.abs().max()), name
+
+
+def test_kernel_scan_rejects_non_cpu_tensors() -> None:
+    inputs = [tensor.to("meta") for tensor in random_scan_inputs(4, seed=0)]
+    with pytest.raises(ValueError, match="CPU"):
+        selective_scan_kernel(*inputs)
+
+
+def test_kernel_exp_is_within_float32_rounding_of_exp() -> None:
+    from numba import njit
+
+    from hrad.detectors.scan_kernels import exp_float
+
+    @njit
+    def apply(values: np.ndarray) -> np.ndarray:
+        out = np.empty_like(values)
+        for index in range(values.shape[0]):
+            out[index] = exp_float(values[index])
+        return out
+
+    z = np.concatenate([np.linspace(-87, 88, 100_001), [0.0, -1e-8, np.log(0.5), -200.0]]).astype(np.float32)
+    got = apply(z).astype(np.float64)
+    expected = np.exp(z.astype(np.float64))
+    inside = z >= -87
+    assert np.abs(got[inside] / expected[inside] - 1).max() < 2.5e-7
+    assert got[-4] == 1.0 and got[-2] == 0.5
+    assert 0 < got[-1] < 2e-38  # below the range: clamped to exp(-87), no overflow, no NaN
+    z64 = z.astype(np.float64)
+    assert np.array_equal(apply(z64), np.exp(z64))  # float64: libm's exp
 
 
 @pytest.mark.skipif(fused_scan_available(), reason="mamba-ssm is installed")
@@ -105,7 +210,7 @@ def test_fused_kernel_agrees_with_chunked_scan() -> None:
     )
 
 
-@pytest.mark.parametrize("backend", ["chunked", "sequential"])
+@pytest.mark.parametrize("backend", ["kernel", "chunked", "sequential"])
 def test_mamba_block_is_causal(backend: str) -> None:
     torch.manual_seed(0)
     block = MambaBlock(d_model=8, d_state=4, backend=backend, chunk=5)  # type: ignore[arg-type]
@@ -118,12 +223,13 @@ def test_mamba_block_is_causal(backend: str) -> None:
     assert (before[:, 11:] - after[:, 11:]).abs().amax(dim=(0, 2)).min() > 0
 
 
-def test_mamba_block_backends_agree() -> None:
+@pytest.mark.parametrize("backend", ["kernel", "chunked"])
+def test_mamba_block_backends_agree(backend: str) -> None:
     torch.manual_seed(0)
-    block = MambaBlock(d_model=8, d_state=4)
+    block = MambaBlock(d_model=8, d_state=4, backend=backend)  # type: ignore[arg-type]
     tokens = torch.randn(3, 50, 8)
     with torch.no_grad():
-        chunked = block(tokens)
+        got = block(tokens)
         block.backend = "sequential"
         sequential = block(tokens)
-    torch.testing.assert_close(chunked, sequential, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, sequential, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ def test_scan_orders_are_the_four_directions() -> None:
     assert column_reversed.tolist() == [5, 2, 4, 1, 3, 0]
 
 
-@pytest.mark.parametrize("scan", ["chunked", "sequential"])
+@pytest.mark.parametrize("scan", ["kernel", "chunked", "sequential"])
 def test_token_l_only_changes_predictions_from_l_plus_m_on(scan: str) -> None:
     """Exact causality through adapter + BOS + Mamba for the row-major direction."""
     steps = (5, 3, 2)

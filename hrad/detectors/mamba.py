@@ -4,10 +4,26 @@ The selective scan computes, per channel ``d`` and state ``n``::
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        y_t = C_t . h_t + D * x_t
 
-Three interchangeable implementations share one signature (mamba-ssm's ``selective_scan_fn``
+Four interchangeable implementations share one signature (mamba-ssm's ``selective_scan_fn``
 layout: ``x, dt: b x d x L``, ``A: d x n``, ``B, C: b x n x L``, ``D: d``; ``dt`` already
 positive):
 
+- :func:`selective_scan_kernel` (the CPU default): the recurrence compiled by numba
+  (:mod:`hrad.detectors.scan_kernels`) inside one ``torch.autograd.Function``. The forward pass
+  runs token by token with each state held in a local array and the innermost loop over 64
+  contiguous channels (SIMD), in parallel over (sequence, channel block); the decay
+  ``exp(dt * A)`` is a vectorisable float32 polynomial ``exp`` (within 1.2e-7 of libm's).
+  Training keeps only the state before every 64th token; the backward pass is the hand-derived
+  reverse recurrence (``g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` and the gradients of ``x,
+  dt, A, B, C, D`` from ``g_t`` and ``h_{t-1}``), each 64-token segment's states recomputed
+  from its checkpoint, so memory stays ``O(b d n L / 64)`` instead of ``O(b d n L)``.
+  Why this one: the other CPU forms are bound by the per-op cost of thousands of tiny torch
+  ops and of their autograd graph, not by arithmetic (the token loop builds ``6 L`` graph
+  nodes; the chunked form below ``L / 8`` chunks of ~15 ops each), while a log-depth
+  associative (Blelloch / Hillis-Steele) scan over the sequence moves the whole
+  ``b x d x L x n`` state tensor (1.1 GB for a four-direction 1022 px level) through memory
+  ``2 log2 L`` times. The compiled loop does the minimum work, touches each input once and
+  builds one graph node; benchmarks/results/varad_scan.md has the measured ratios.
 - :func:`selective_scan_sequential`: the literal recurrence, one token at a time (reference).
 - :func:`selective_scan_chunked`: chunks of ``T <= 8`` tokens; inside a chunk the cumulative
   log-decay ``S_t = cumsum(dt * A)`` factorises the decay matrix ``exp(S_t - S_s)`` as
@@ -18,8 +34,8 @@ positive):
   the work linear. Every per-token log-decay is floored at -17 nats (a factor of 4e-8, below
   float32 resolution), so every exponent stays within +-8.5 (T + 1) <= 77 < 88 nats and the
   chunk is computed in float32. ``recompute=True`` keeps only each chunk's inputs and carried
-  state for the backward pass and recomputes the rest (about 1.6x the time, a fraction of the
-  memory: what long 1024-class sequences need when training on CPU).
+  state for the backward pass and recomputes the rest. Pure torch: the CPU fallback where numba
+  cannot be imported, and the non-CUDA-kernel path on GPUs.
 - the fused CUDA kernel of the ``mamba-ssm`` package, used by ``backend="auto"`` when it is
   importable and the tensors are on a GPU (see :func:`selective_scan` for the CPU choice).
 """
@@ -27,11 +43,14 @@ positive):
 from __future__ import annotations
 
 import math
-from typing import Literal
+import threading
+from types import ModuleType
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 try:  # optional fused kernel; CUDA-only wheels, never required
@@ -39,7 +58,7 @@ try:  # optional fused kernel; CUDA-only wheels, never required
 except Exception:  # noqa: BLE001 - any import failure (missing package, CUDA mismatch) means "not available"
     _fused_selective_scan = None
 
-ScanBackend = Literal["auto", "chunked", "sequential", "fused"]
+ScanBackend = Literal["auto", "kernel", "chunked", "sequential", "fused"]
 
 #: largest chunk the chunked scan accepts: exponents stay within +-8.5 (8 + 1) = 77 nats < 88
 MAX_CHUNK = 8
@@ -50,6 +69,99 @@ _LOG_DECAY_FLOOR = -17.0
 def fused_scan_available() -> bool:
     """Whether mamba-ssm's fused selective-scan kernel could be imported."""
     return _fused_selective_scan is not None
+
+
+#: channels per job of the compiled scan (its SIMD loop runs over them)
+KERNEL_WIDTH = 64
+#: tokens between the states the compiled scan keeps for its backward pass
+KERNEL_SEGMENT = 64
+_kernels: ModuleType | None = None
+_kernel_error: str | None = None
+# numba's default (workqueue) threading layer aborts when two threads enter parallel code at once
+_kernel_lock = threading.Lock()
+
+
+def _scan_kernels() -> ModuleType | None:
+    """hrad.detectors.scan_kernels, imported on first use (numba loads in about a second)."""
+    global _kernels, _kernel_error
+    if _kernels is None and _kernel_error is None:
+        try:
+            from hrad.detectors import scan_kernels
+
+            _kernels = scan_kernels
+        except Exception as error:  # noqa: BLE001 - no numba / unsupported platform: use the torch forms
+            _kernel_error = f"{type(error).__name__}: {error}"
+    return _kernels
+
+
+def kernel_scan_available() -> bool:
+    """Whether the numba-compiled CPU scan can be used."""
+    return _scan_kernels() is not None
+
+
+def _run_kernel(name: str, *arguments: Any) -> None:
+    kernels = _scan_kernels()
+    if kernels is None:
+        raise RuntimeError(f"scan backend 'kernel' needs numba (pip install numba): {_kernel_error}")
+    import numba
+
+    with _kernel_lock:
+        limit = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
+        getattr(kernels, name)(*(a.numpy() if isinstance(a, Tensor) else a for a in arguments))
+
+
+def _kernel_forward(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: bool
+) -> tuple[Tensor, Tensor]:
+    """The compiled forward on ``b x L x d`` / ``n x d`` / ``b x L x n`` tensors: ``y`` and the checkpoints."""
+    batch, length, channels = x.shape
+    segments = -(-length // KERNEL_SEGMENT)
+    checkpoints = x.new_empty((batch, segments, A.shape[0], channels) if keep else (0, 0, 0, 0))
+    y = torch.empty_like(x)
+    _run_kernel("forward", x, dt, A, B, C, y, checkpoints, KERNEL_WIDTH, KERNEL_SEGMENT)
+    return y, checkpoints
+
+
+class _KernelScan(torch.autograd.Function):
+    """The compiled scan with its hand-derived backward (inputs channel-last, see _kernel_forward)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]
+        y, checkpoints = _kernel_forward(x, dt, A, B, C, keep=True)
+        ctx.save_for_backward(x, dt, A, B, C, checkpoints)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        x, dt, A, B, C, checkpoints = ctx.saved_tensors
+        batch, length, channels = x.shape
+        blocks = -(-channels // KERNEL_WIDTH)
+        dx, ddt = torch.empty_like(x), torch.empty_like(x)
+        dA = torch.zeros(batch, A.shape[0], channels, dtype=torch.float64)
+        dB = x.new_empty(blocks, batch, length, A.shape[0])
+        dC = torch.empty_like(dB)
+        _run_kernel(
+            "backward", x, dt, A, B, C, grad_y.contiguous(), checkpoints, dx, ddt, dA, dB, dC,
+            KERNEL_WIDTH, KERNEL_SEGMENT,
+        )  # fmt: skip
+        return dx, ddt, dA.sum(0).to(A.dtype), dB.sum(0), dC.sum(0)
+
+
+def selective_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """The numba-compiled CPU scan (module docstring): float32, or float64 when any input is."""
+    if x.device.type != "cpu":
+        raise ValueError(f"scan backend 'kernel' runs on CPU tensors only, got {x.device}")
+    dtype = torch.float64 if torch.float64 in {t.dtype for t in (x, dt, A, B, C, D)} else torch.float32
+    x_l, dt_l, B_l, C_l = (t.to(dtype).transpose(1, 2).contiguous() for t in (x, dt, B, C))
+    A_t = A.to(dtype).t().contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)):
+        y = _KernelScan.apply(x_l, dt_l, A_t, B_l, C_l)
+    else:
+        with torch.no_grad():
+            y = _kernel_forward(x_l, dt_l, A_t, B_l, C_l, keep=False)[0]
+    return y.transpose(1, 2) + D.to(dtype)[:, None] * x.to(dtype)
 
 
 def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
@@ -127,14 +239,20 @@ def selective_scan(
 ) -> Tensor:
     """Dispatch to a scan implementation.
 
-    ``auto``: the fused kernel on CUDA when present; otherwise the chunked scan when gradients
-    are needed (2.7x faster than the loop for forward + backward on CPU, see
-    benchmarks/results/varad_scan.md) and the sequential loop for inference (its forward
-    pass alone was faster there: without autograd the loop has no per-step graph to build).
+    ``auto``: the fused kernel on CUDA when present; on CPU the numba-compiled scan for
+    training and inference (benchmarks/results/varad_scan.md: the fastest CPU form by far in
+    both), or, where numba cannot be imported, the chunked scan when gradients are needed and
+    the sequential loop for inference (its forward pass alone beat the chunked one).
+    ``chunk`` and ``recompute`` apply to the chunked scan only.
     """
     if backend == "auto" and not x.is_cuda:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D))
-        backend = "chunked" if needs_grad else "sequential"
+        if kernel_scan_available():
+            backend = "kernel"
+        else:
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D))
+            backend = "chunked" if needs_grad else "sequential"
+    if backend == "kernel":
+        return selective_scan_kernel(x, dt, A, B, C, D)
     if backend == "fused" or (backend == "auto" and x.is_cuda and _fused_selective_scan is not None):
         if _fused_selective_scan is None:
             raise RuntimeError("scan backend 'fused' needs the mamba-ssm package (pip install mamba-ssm)")
