@@ -131,7 +131,7 @@ class AnomalyModel:
     def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        smoothed = gaussian_smooth(result.anomaly_map, self.config.postprocess.sigma)
+        smoothed = gaussian_smooth(result.anomaly_map, self.config.postprocess.sigma, in_place=True)  # the raw map is not kept
         return smoothed, image_score(smoothed, result.score, self.config.postprocess)
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
