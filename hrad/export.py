@@ -37,11 +37,11 @@ from hrad.export_runtime import (
     Geometry,
     OnnxPredictor,
     OpenVINOSession,
-    atomic_write,
     max_difference,
     onnxruntime_module,
     open_predictor,
     openvino_module,
+    write_sidecar,
 )
 from hrad.strategies.tiled import DownsampleConfig, TiledConfig, TiledStrategy, round_to_multiple
 from hrad.strategies.tiling import ContextEmbedder
@@ -176,10 +176,8 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError) as error:
         first = str(error).splitlines()[0]
         raise ConfigError(f"{model.config.backbone.name} / {model.config.detector.name} cannot be exported to ONNX ({first})") from None
-    sidecar = out_path.with_suffix(".json")
     content = _sidecar(model, geometry, out_path.name, tuple(expected_maps.shape[-2:]))  # type: ignore[arg-type]
-    atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(content, indent=2)))
-    return sidecar
+    return write_sidecar(out_path.with_suffix(".json"), content)
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -236,5 +234,4 @@ def export_openvino(
         "openvino_version": openvino.__version__,
         "max_difference_vs_onnx": difference,
     }
-    atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
-    return sidecar_path
+    return write_sidecar(sidecar_path, sidecar)

@@ -16,7 +16,6 @@ sidecar. Detectors: PatchCore (exact kNN, PatchCore's reweighting included).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from hrad.export_graph import (
     sidecar_header,
     write_verified_onnx,
 )
-from hrad.export_runtime import atomic_write, max_difference
+from hrad.export_runtime import max_difference, write_sidecar
 from hrad.strategies.ensemble import TiledEnsemble
 
 if TYPE_CHECKING:
@@ -130,6 +129,4 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
             "resize (bilinear) to the input size; then postprocess as hrad.export's sidecar says",
         ],
     }
-    sidecar_path = out_path.with_suffix(".json")
-    atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
-    return sidecar_path
+    return write_sidecar(out_path.with_suffix(".json"), sidecar)

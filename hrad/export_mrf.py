@@ -22,7 +22,6 @@ What is exported and what is not:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from hrad.errors import ConfigError
 from hrad.export_graph import TOLERANCE, NearestNeighbourScoring, sidecar_header, write_verified_onnx
-from hrad.export_runtime import atomic_write, max_difference, onnxruntime_module
+from hrad.export_runtime import max_difference, onnxruntime_module, write_sidecar
 from hrad.strategies.mrf import MRFStrategy
 
 if TYPE_CHECKING:
@@ -162,9 +161,7 @@ def export_mrf_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = Tr
             "then postprocess (Gaussian sigma, image score) and thresholds as hrad.export's sidecar says",
         ],
     }
-    sidecar_path = out_path.with_suffix(".json")
-    atomic_write(sidecar_path, lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
-    return sidecar_path
+    return write_sidecar(out_path.with_suffix(".json"), sidecar)
 
 
 __all__ = ["MultiScaleScorer", "export_mrf_onnx"]

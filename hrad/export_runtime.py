@@ -54,6 +54,12 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def write_sidecar(path: Path, content: dict[str, Any]) -> Path:
+    """Write an export's sidecar ``content`` (JSON) atomically to ``path``; returns ``path``."""
+    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(content, indent=2)))
+    return path
+
+
 def max_difference(ours: np.ndarray, reference: np.ndarray) -> float:
     """Largest difference relative to the reference's magnitude (at least 1)."""
     return float(np.abs(ours - reference).max() / max(1.0, float(np.abs(reference).max())))
