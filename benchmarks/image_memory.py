@@ -134,7 +134,7 @@ def main() -> None:
         old_tree.mkdir()
         before_commit = extract(args.before, old_tree)
         after_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "hrad"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "hrad"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
         plan = [(size, True) for size in args.sizes] + [(size, False) for size in args.after_only]
         for text, with_before in plan:
             height, width = parse_size(text)
