@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 
 from hrad.cli.main import main
+from hrad.data.images import set_max_pixels
 
 
 def run(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """``hrad ARGS`` in this process; its exit status."""
+    """``hrad ARGS`` in this process; its exit status. ``hrad --max-pixels N`` sets the process's
+    pixel budget (right for a CLI process); it is reset afterwards so later tests get the default."""
     monkeypatch.setattr(sys, "argv", ["hrad", *args])
     try:
         main()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        set_max_pixels(None)
     return 0
 
 
