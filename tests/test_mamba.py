@@ -165,6 +165,14 @@ def test_kernel_scan_gradients_equal_the_loop_in_float32_at_varad_scale() -> Non
         assert error <= 1e-4 * float(theirs.grad.abs().max()), name
 
 
+def test_kernel_scan_leaves_torch_thread_count_alone() -> None:
+    """numba's OpenMP threading layer reset torch's (shared) OpenMP thread count."""
+    assert torch.get_num_threads() == 1  # the one_thread fixture
+    leaves = [tensor.clone().requires_grad_() for tensor in random_scan_inputs(30, seed=2)]
+    selective_scan_kernel(*leaves).sum().backward()
+    assert torch.get_num_threads() == 1
+
+
 def test_kernel_scan_rejects_non_cpu_tensors() -> None:
     inputs = [tensor.to("meta") for tensor in random_scan_inputs(4, seed=0)]
     with pytest.raises(ValueError, match="CPU"):
@@ -233,3 +241,29 @@ def test_mamba_block_backends_agree(backend: str) -> None:
         block.backend = "sequential"
         sequential = block(tokens)
     torch.testing.assert_close(got, sequential, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_depthwise_conv_equals_the_padded_convolution() -> None:
+    generator = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    x = torch.randn(2, 6, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 6, 11, generator=generator, dtype=torch.float64)
+    expected = conv(x)[..., :11]
+    (expected * weights).sum().backward()
+    grads = [tensor.grad.clone() for tensor in (x, conv.weight, conv.bias)]  # type: ignore[union-attr]
+    for tensor in (x, conv.weight, conv.bias):
+        tensor.grad = None
+    got = mamba.causal_depthwise_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    (got * weights).sum().backward()
+    for before, tensor in zip(grads, (x, conv.weight, conv.bias), strict=True):
+        torch.testing.assert_close(tensor.grad, before, atol=1e-12, rtol=1e-12)
+    # one input token moves outputs t..t+3 only (causal, width 4)
+    with torch.no_grad():
+        moved = x.clone()
+        moved[:, :, 5] += 1
+        change = (
+            mamba.causal_depthwise_conv(moved, conv.weight, None)
+            - mamba.causal_depthwise_conv(x, conv.weight, None)
+        ).abs()
+    assert change[..., :5].max() == 0 and change[..., 9:].max() == 0 and change[..., 5:9].min() > 0
