@@ -233,14 +233,23 @@ def test_mamba_block_is_causal(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["kernel", "chunked"])
 def test_mamba_block_backends_agree(backend: str) -> None:
+    """Outputs and every parameter's gradient against the loop (the kernel runs the block
+    channel-last, its own code path)."""
     torch.manual_seed(0)
     block = MambaBlock(d_model=8, d_state=4, backend=backend)  # type: ignore[arg-type]
     tokens = torch.randn(3, 50, 8)
-    with torch.no_grad():
-        got = block(tokens)
-        block.backend = "sequential"
-        sequential = block(tokens)
-    torch.testing.assert_close(got, sequential, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(3, 50, 8)
+    gradients = {}
+    outputs = {}
+    for name in (backend, "sequential"):
+        block.backend = name  # type: ignore[assignment]
+        block.zero_grad()
+        outputs[name] = block(tokens)
+        (outputs[name] * weights).sum().backward()
+        gradients[name] = {key: p.grad.clone() for key, p in block.named_parameters()}  # type: ignore[union-attr]
+    torch.testing.assert_close(outputs[backend], outputs["sequential"], atol=1e-5, rtol=1e-5)
+    for key, expected in gradients["sequential"].items():
+        torch.testing.assert_close(gradients[backend][key], expected, atol=1e-4, rtol=1e-4, msg=key)
 
 
 def test_causal_depthwise_conv_equals_the_padded_convolution() -> None:
@@ -267,3 +276,5 @@ def test_causal_depthwise_conv_equals_the_padded_convolution() -> None:
             - mamba.causal_depthwise_conv(x, conv.weight, None)
         ).abs()
     assert change[..., :5].max() == 0 and change[..., 9:].max() == 0 and change[..., 5:9].min() > 0
+    channels_last = mamba.causal_depthwise_conv(x.transpose(1, 2), conv.weight, conv.bias, channels_last=True)
+    torch.testing.assert_close(channels_last.transpose(1, 2), got, atol=1e-12, rtol=1e-12)

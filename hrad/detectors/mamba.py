@@ -161,17 +161,28 @@ class _KernelScan(torch.autograd.Function):
 
 def selective_scan_kernel(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
     """The numba-compiled CPU scan (module docstring): float32, or float64 when any input is."""
+    y = selective_scan_kernel_channels_last(
+        x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D
+    )
+    return y.transpose(1, 2)
+
+
+def selective_scan_kernel_channels_last(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor
+) -> Tensor:
+    """:func:`selective_scan_kernel` on channel-last tensors, the kernels' own layout (no copies
+    when contiguous): ``x, dt: b x L x d``, ``A: d x n``, ``B, C: b x L x n`` -> ``b x L x d``."""
     if x.device.type != "cpu":
         raise ValueError(f"scan backend 'kernel' runs on CPU tensors only, got {x.device}")
     dtype = torch.float64 if torch.float64 in {t.dtype for t in (x, dt, A, B, C, D)} else torch.float32
-    x_l, dt_l, B_l, C_l = (t.to(dtype).transpose(1, 2).contiguous() for t in (x, dt, B, C))
+    x_l, dt_l, B_l, C_l = (t.to(dtype).contiguous() for t in (x, dt, B, C))
     A_t = A.to(dtype).t().contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)):
         y = _KernelScan.apply(x_l, dt_l, A_t, B_l, C_l)
     else:
         with torch.no_grad():
             y = _kernel_forward(x_l, dt_l, A_t, B_l, C_l, keep=False)[0]
-    return y.transpose(1, 2) + D.to(dtype)[:, None] * x.to(dtype)
+    return y + D.to(dtype) * x_l
 
 
 def selective_scan_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
@@ -236,6 +247,15 @@ def selective_scan_chunked(
     return (torch.cat(outputs, dim=-1) + D[:, None] * x32).to(dtype)
 
 
+def resolve_backend(backend: ScanBackend, x: Tensor, requires_grad: bool) -> ScanBackend:
+    """``auto`` on CPU -> the kernel, or without numba chunked (training) / sequential (inference)."""
+    if backend != "auto" or x.is_cuda:
+        return backend
+    if kernel_scan_available():
+        return "kernel"
+    return "chunked" if torch.is_grad_enabled() and requires_grad else "sequential"
+
+
 def selective_scan(
     x: Tensor,
     dt: Tensor,
@@ -255,12 +275,7 @@ def selective_scan(
     the sequential loop for inference (its forward pass alone beat the chunked one).
     ``chunk`` and ``recompute`` apply to the chunked scan only.
     """
-    if backend == "auto" and not x.is_cuda:
-        if kernel_scan_available():
-            backend = "kernel"
-        else:
-            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D))
-            backend = "chunked" if needs_grad else "sequential"
+    backend = resolve_backend(backend, x, any(t.requires_grad for t in (x, dt, A, B, C, D)))
     if backend == "kernel":
         return selective_scan_kernel(x, dt, A, B, C, D)
     if backend == "fused" or (backend == "auto" and x.is_cuda and _fused_selective_scan is not None):
@@ -274,15 +289,25 @@ def selective_scan(
     return selective_scan_chunked(x, dt, A, B, C, D, chunk=chunk, recompute=recompute)
 
 
-def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_depthwise_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, channels_last: bool = False
+) -> Tensor:
     """``nn.Conv1d(d, d, K, groups=d, padding=K - 1)(x)[..., :L]`` as ``K`` shifted multiply-adds.
 
-    ``x: b x d x L``, ``weight: d x 1 x K``: ``y_t = bias + sum_j weight_j x_{t - K + 1 + j}``.
+    ``x: b x d x L`` (``b x L x d`` with ``channels_last``), ``weight: d x 1 x K``:
+    ``y_t = bias + sum_j weight_j x_{t - K + 1 + j}``.
     Same values and gradients as the convolution; on CPU the convolution's backward pass
     (the depthwise weight gradient) took 87% of a 1022 px, four-direction VarAD training step
     (74 of 85 s, torch.profiler), the shifted form a fraction of a second.
     """
     taps = weight.shape[-1]
+    if channels_last:
+        length = x.shape[1]
+        padded = F.pad(x, (0, 0, taps - 1, 0))
+        out = padded[:, :length] * weight[:, 0, 0]
+        for tap in range(1, taps):
+            out = out + padded[:, tap : tap + length] * weight[:, 0, tap]
+        return out if bias is None else out + bias
     length = x.shape[-1]
     padded = F.pad(x, (taps - 1, 0))
     out = padded[..., :length] * weight[:, 0, 0, None]
@@ -331,7 +356,10 @@ class MambaBlock(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``b x L x d_model`` -> ``b x L x d_model``."""
-        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # b x d_inner x L each
+        projected = self.in_proj(tokens)
+        if resolve_backend(self.backend, tokens, projected.requires_grad) == "kernel":
+            return self._forward_channels_last(projected)
+        x, z = projected.transpose(1, 2).chunk(2, dim=1)  # b x d_inner x L each
         x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
         dt_raw, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
@@ -350,3 +378,14 @@ class MambaBlock(nn.Module):
             self.recompute,
         )
         return self.out_proj((y * F.silu(z)).transpose(1, 2))
+
+    def _forward_channels_last(self, projected: Tensor) -> Tensor:
+        """:meth:`forward` for the compiled scan: every tensor stays ``b x L x channels``
+        (the kernel's layout), so the five transposed copies of the other path disappear."""
+        x, z = projected.chunk(2, dim=-1)  # b x L x d_inner each
+        x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias, channels_last=True))
+        dt_raw, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt_raw))
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_kernel_channels_last(x, dt, A, B, C, self.D)
+        return self.out_proj(y * F.silu(z))
