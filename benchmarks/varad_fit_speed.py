@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="varad_fit_speed")
     args = parser.parse_args(argv)
 
-    # compile (or load from numba's cache) the kernels outside the timings: a one-time cost
+    # one-time costs outside the timings: compiling (or loading from numba's cache) the kernels
     warm = [torch.rand(1, 2, 3, requires_grad=True) for _ in range(2)]
     scan_inputs = (
         warm[0],
@@ -182,24 +182,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.ones(2),
     )
     mamba.selective_scan_kernel(*scan_inputs).sum().backward()
+    torch.optim.AdamW([warm[0]])  # its first construction imports torch._dynamo (seconds)
     dataset = load_dataset(args.data, category=args.category)
     train, _ = subset(dataset, max(args.n_train, args.previous_n_train), 0, seed=args.seed)
+    images = ImageList(list(train))
+    for index in range(len(images)):  # decode once: disk cache and image libraries warm for every row
+        images[index]
     load = os.getloadavg()
-    rows = [
-        fit_row(backend, train[: args.n_train if backend == "kernel" else args.previous_n_train], args)
-        for backend in args.backends
-    ]
-    kernel = next((row for row in rows if row["backend"] == "kernel"), None)
-    for row in rows:
-        row["kernel_speedup"] = (
-            round(row["per_image_epoch_s"] / kernel["per_image_epoch_s"], 1) if kernel else "-"
-        )
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/varad_fit_speed.py", *sys.argv[1:]])
     env = {
         **environment(),
         "torch_threads": str(torch.get_num_threads()),
         "load_average_at_start": " ".join(f"{value:.1f}" for value in load),
     }
+    rows: list[dict[str, Any]] = []
+    for backend in args.backends:  # results rewritten after every row: the slow rows may time out
+        rows.append(
+            fit_row(backend, train[: args.n_train if backend == "kernel" else args.previous_n_train], args)
+        )
+        write(rows, args, dataset.category, command, env)
+
+
+def write(
+    rows: list[dict[str, Any]], args: argparse.Namespace, category: str, command: str, env: dict[str, str]
+) -> None:
+    kernel = next((row for row in rows if row["backend"] == "kernel"), None)
+    for row in rows:
+        row["kernel_speedup"] = (
+            round(row["per_image_epoch_s"] / kernel["per_image_epoch_s"], 1) if kernel else "-"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(
         json.dumps({"command": command, "environment": env, "rows": rows}, indent=2)
@@ -223,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = [
         f"# VarAD fit speed by scan backend ({args.size} px, {args.directions} directions)",
         "",
-        f"Data: {dataset.category} (`{args.data}`), the first training images of the seeded subset;"
+        f"Data: {category} (`{args.data}`), the first training images of the seeded subset;"
         f" {args.vit}, whole image padded to a square and resized to {args.size} px, reference"
         f" prediction steps, batches of {args.batch_size}, {args.epochs} epoch(s), AdamW."
         " per_image_epoch_s = fit_s / (images x epochs); kernel_speedup = the row's per_image_epoch_s"
