@@ -85,13 +85,13 @@ class VarADConfig(EpochsConfig):
     d_conv: int = 4
     #: Mamba inner width as a multiple of the channels
     expand: int = 2
-    #: selective-scan backend: auto, chunked, sequential loop, or the mamba-ssm CUDA kernel
+    #: selective-scan backend: auto (the compiled numba scan on CPU, mamba-ssm's kernel on CUDA
+    #: when installed), kernel, chunked, sequential loop, or fused (mamba-ssm)
     scan: ScanBackend = "auto"
     #: tokens per chunk of the chunked scan
     scan_chunk: int = Field(default=MAX_CHUNK, ge=1, le=MAX_CHUNK)
-    #: recompute the scan's chunks in the backward pass instead of keeping them: less training
-    #: memory (what 1024-class inputs need on CPU), and on CPU no slower in
-    #: benchmarks/results/varad_scan.md (4.3 s vs 4.9 s forward + backward)
+    #: chunked scan only: recompute its chunks in the backward pass instead of keeping them
+    #: (less training memory); the compiled kernel always keeps just a state every 64 tokens
     recompute_scan: bool = True
     #: stop gradients into the target tokens (the paper trains through both sides)
     detach_target: bool = False
