@@ -61,8 +61,9 @@ def forward(x, dt, A, Bt, Ct, y, checkpoints, width, segment):  # type: ignore[n
     """``h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t``, ``y_t = C_t . h_t`` (``h_0 = 0``), into ``y``.
 
     One job per (sequence, block of ``width`` channels); the innermost loop runs over the
-    block's contiguous channels. When ``checkpoints`` (``b x ceil(L / segment) x n x d``) is not
-    empty, the state before every ``segment``-th token is kept there for :func:`backward`.
+    block's contiguous channels (row views, so indices start at 0 and LLVM can vectorise). When
+    ``checkpoints`` (``b x ceil(L / segment) x n x d``) is not empty, the state before every
+    ``segment``-th token is kept there for :func:`backward`.
     """
     batch, length, channels = x.shape
     states = A.shape[0]
@@ -71,24 +72,30 @@ def forward(x, dt, A, Bt, Ct, y, checkpoints, width, segment):  # type: ignore[n
     for job in prange(batch * blocks):
         i = job // blocks
         first = (job - i * blocks) * width
-        size = min(channels, first + width) - first
+        last = min(channels, first + width)
+        size = last - first
+        a = A[:, first:last]
         h = np.zeros((states, size), dtype=x.dtype)
         total = np.empty(size, dtype=x.dtype)
+        u = np.empty(size, dtype=x.dtype)
         for t in range(length):
             if keep and t % segment == 0:
-                checkpoints[i, t // segment, :, first : first + size] = h
-            total[:] = 0
+                checkpoints[i, t // segment, :, first:last] = h
+            x_t = x[i, t, first:last]
+            dt_t = dt[i, t, first:last]
+            for k in range(size):
+                u[k] = dt_t[k] * x_t[k]
+                total[k] = 0
             for s in range(states):
                 b_value = Bt[i, t, s]
                 c_value = Ct[i, t, s]
+                h_s = h[s]
+                a_s = a[s]
                 for k in range(size):
-                    delta = dt[i, t, first + k]
-                    value = (
-                        exp_float(delta * A[s, first + k]) * h[s, k] + delta * x[i, t, first + k] * b_value
-                    )
-                    h[s, k] = value
+                    value = exp_float(dt_t[k] * a_s[k]) * h_s[k] + u[k] * b_value
+                    h_s[k] = value
                     total[k] += c_value * value
-            y[i, t, first : first + size] = total
+            y[i, t, first:last] = total
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -112,47 +119,66 @@ def backward(x, dt, A, Bt, Ct, gy, checkpoints, dx, ddt, dA, dB, dC, width, segm
         i = job // blocks
         block = job - i * blocks
         first = block * width
-        size = min(channels, first + width) - first
-        history = np.empty((segment + 1, states, size), dtype=x.dtype)
+        last = min(channels, first + width)
+        size = last - first
+        a = A[:, first:last]
+        grad_a = dA[i, :, first:last]
+        history = np.empty((segment + 1, states, size), dtype=x.dtype)  # history[r + 1] = h_{start + r}
         decays = np.empty((segment, states, size), dtype=x.dtype)
         gh = np.zeros((states, size), dtype=x.dtype)
+        u = np.empty(size, dtype=x.dtype)
         du = np.empty(size, dtype=x.dtype)
         w = np.empty(size, dtype=x.dtype)
         for start in range(((length - 1) // segment) * segment, -1, -segment):
             stop = min(length, start + segment)
-            history[0] = checkpoints[i, start // segment, :, first : first + size]
+            history[0] = checkpoints[i, start // segment, :, first:last]
             for t in range(start, stop):
                 r = t - start
+                x_t = x[i, t, first:last]
+                dt_t = dt[i, t, first:last]
+                for k in range(size):
+                    u[k] = dt_t[k] * x_t[k]
                 for s in range(states):
                     b_value = Bt[i, t, s]
+                    a_s = a[s]
+                    decay_s = decays[r, s]
+                    before = history[r, s]
+                    after = history[r + 1, s]
                     for k in range(size):
-                        delta = dt[i, t, first + k]
-                        decay = exp_float(delta * A[s, first + k])
-                        decays[r, s, k] = decay
-                        history[r + 1, s, k] = decay * history[r, s, k] + delta * x[i, t, first + k] * b_value
+                        decay = exp_float(dt_t[k] * a_s[k])
+                        decay_s[k] = decay
+                        after[k] = decay * before[k] + u[k] * b_value
             for t in range(stop - 1, start - 1, -1):
                 r = t - start
-                du[:] = 0
-                w[:] = 0
+                x_t = x[i, t, first:last]
+                dt_t = dt[i, t, first:last]
+                gy_t = gy[i, t, first:last]
+                for k in range(size):
+                    u[k] = dt_t[k] * x_t[k]
+                    du[k] = 0
+                    w[k] = 0
                 for s in range(states):
                     b_value = Bt[i, t, s]
                     c_value = Ct[i, t, s]
+                    a_s = a[s]
+                    grad_a_s = grad_a[s]
+                    gh_s = gh[s]
+                    decay_s = decays[r, s]
+                    before = history[r, s]
+                    after = history[r + 1, s]
                     db = x.dtype.type(0)
                     dc = x.dtype.type(0)
                     for k in range(size):
-                        delta = dt[i, t, first + k]
-                        grad_y = gy[i, t, first + k]
-                        decay = decays[r, s, k]
-                        grad = gh[s, k] + c_value * grad_y
-                        dc += grad_y * history[r + 1, s, k]
-                        db += grad * delta * x[i, t, first + k]
+                        grad = gh_s[k] + c_value * gy_t[k]
+                        dc += gy_t[k] * after[k]
+                        db += grad * u[k]
                         du[k] += grad * b_value
-                        q = grad * history[r, s, k] * decay
-                        w[k] += q * A[s, first + k]
-                        dA[i, s, first + k] += q * delta
-                        gh[s, k] = grad * decay
+                        q = grad * before[k] * decay_s[k]
+                        w[k] += q * a_s[k]
+                        grad_a_s[k] += q * dt_t[k]
+                        gh_s[k] = grad * decay_s[k]
                     dB[block, i, t, s] = db
                     dC[block, i, t, s] = dc
                 for k in range(size):
-                    dx[i, t, first + k] = du[k] * dt[i, t, first + k]
-                    ddt[i, t, first + k] = du[k] * x[i, t, first + k] + w[k]
+                    dx[i, t, first + k] = du[k] * dt_t[k]
+                    ddt[i, t, first + k] = du[k] * x_t[k] + w[k]
