@@ -14,14 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def shrinks(source: tuple[int, int], target: tuple[int, int]) -> bool:
+    """The antialias rule: whether resizing ``source`` = (height, width) to ``target`` shrinks
+    along either axis."""
+    return target[0] < source[0] or target[1] < source[1]
+
+
 def resize(tensor: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of ``B x C x H x W`` to ``size`` = (height, width), antialiased when
     shrinking along either axis; returns ``tensor`` itself when it already has that size."""
     height, width = int(size[0]), int(size[1])
     if tuple(tensor.shape[-2:]) == (height, width):
         return tensor
-    shrinking = height < tensor.shape[-2] or width < tensor.shape[-1]
-    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
+    antialias = shrinks((tensor.shape[-2], tensor.shape[-1]), (height, width))
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
 
 
-__all__ = ["resize"]
+__all__ = ["resize", "shrinks"]

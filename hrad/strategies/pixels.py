@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
+from hrad.imaging import shrinks
 
 #: Pixels per band of rows converted at once by :func:`resize_pixels` (48 MB as float32 RGB).
 BAND_PIXELS = 2**22
@@ -78,10 +79,11 @@ def as_tensor(image: TileSource) -> Tensor:
     return image.tensor() if isinstance(image, PixelImage) else image
 
 
-def resize_pixels(image: PixelImage, size: tuple[int, int], antialias: bool | None = None) -> Tensor:
+def resize_pixels(image: PixelImage, size: tuple[int, int]) -> Tensor:
     """Bilinear resize (``align_corners=False``) of a :class:`PixelImage` to a float32 ``C x h x w``
-    tensor, equal to ``F.interpolate`` on the float image with the same ``antialias`` (None:
-    antialiased when shrinking along either axis, the rule of :func:`hrad.strategies.tiled.resize`).
+    tensor, equal to :func:`hrad.imaging.resize` on the float image (antialiased when shrinking
+    along either axis, :func:`hrad.imaging.shrinks`; the flag is decided once for the whole
+    resize, as PyTorch's separable kernel does, not per pass).
 
     The horizontal pass reads the image in bands of rows (:data:`BAND_PIXELS`), each converted
     to float when read; the vertical pass runs on the ``C x H x w`` intermediate. Peak memory: one
@@ -91,8 +93,7 @@ def resize_pixels(image: PixelImage, size: tuple[int, int], antialias: bool | No
     out_h, out_w = size
     if (out_h, out_w) == (height, width):
         return image.tensor()
-    if antialias is None:
-        antialias = out_h < height or out_w < width
+    antialias = shrinks((height, width), (out_h, out_w))
 
     def interpolate(tensor: Tensor, target: tuple[int, int]) -> Tensor:
         if tuple(tensor.shape[-2:]) == target:
@@ -110,12 +111,10 @@ def resize_pixels(image: PixelImage, size: tuple[int, int], antialias: bool | No
     return interpolate(middle, (out_h, out_w))[0]
 
 
-def working_image(
-    image: np.ndarray, size: tuple[int, int], antialias: bool | None = None, device: torch.device | str = "cpu"
-) -> TileSource:
+def working_image(image: np.ndarray, size: tuple[int, int], device: torch.device | str = "cpu") -> TileSource:
     """An ``H x W x 3`` image (any pixel type) at ``size`` for tiling: a :class:`PixelImage`
     when no resize is needed (windows converted as they are cut), else the resized float tensor."""
     pixels = PixelImage(image, device)
     if tuple(size) == tuple(image.shape[:2]):
         return pixels
-    return resize_pixels(pixels, size, antialias)
+    return resize_pixels(pixels, size)
