@@ -45,7 +45,8 @@ from hrad.reports.markdown import table
 from hrad.strategies.ensemble import TiledEnsemble
 from hrad.strategies.hiad import HiAD
 from hrad.strategies.tiled import SharedTileStrategy
-from hrad.strategies.tiling import TileGrid, seam_distance
+from hrad.strategies.tiling import TileGrid
+from hrad.tile_geometry import seam_distance
 
 #: distance bins (pixels from the nearest tile border) of the seam profile
 BINS = (0, 8, 16, 32, 64, 128, 10_000)

@@ -11,9 +11,9 @@ The array work follows the sidecar's ``steps``: what :func:`hrad.strategies.tile
 and :class:`hrad.strategies.ensemble.TiledEnsemble` do with torch, written with numpy and Pillow.
 Resizing is Pillow's bilinear filter on float32 planes, which is torch's
 ``interpolate(bilinear, align_corners=False, antialias=True)`` (Pillow's filter is what torch's
-antialiasing reproduces; when enlarging, both are plain bilinear). :class:`TileLayout` repeats
-:class:`hrad.strategies.tiling.TileGrid`'s arithmetic (that module imports torch); the tests
-check both against the torch model on the same images.
+antialiasing reproduces; when enlarging, both are plain bilinear). :class:`TileLayout` is the
+strategies' own tile arithmetic (:class:`hrad.tile_geometry.TileGeometry`, torch-free) cutting
+numpy arrays; the tests check the exports against the torch model on the same images.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score, top_fraction_mean
 from hrad.prediction import Prediction, Thresholds, check_image_size, decision_thresholds
+from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
 SIDECAR_FORMAT = "hrad-onnx"
 SIDECAR_VERSION = 2
@@ -147,72 +148,33 @@ def _pad(array: np.ndarray, top: int, bottom: int, left: int, right: int, zeros:
     return np.pad(array, widths, mode="reflect" if max(top, bottom) < height and max(left, right) < width else "edge")
 
 
-@dataclass(frozen=True)
-class TileLayout:
-    """Tile origins, padding and context windows over an ``height x width`` image: the arithmetic
-    of :class:`hrad.strategies.tiling.TileGrid` (``edge`` shift or zeros) on numpy arrays."""
-
-    height: int
-    width: int
-    tile_h: int
-    tile_w: int
-    stride_h: int
-    stride_w: int
-    margin: int = 0
-    edge: str = "shift"
-
-    @staticmethod
-    def square(height: int, width: int, tile: int, stride: int, margin: int = 0, edge: str = "shift") -> TileLayout:
-        return TileLayout(height, width, tile, tile, stride, stride, margin, edge)
-
-    def _origins(self, size: int, tile: int, stride: int) -> list[int]:
-        count = 1 if size <= tile else math.ceil((size - tile) / stride) + 1
-        padded = max(size, tile) if self.edge == "shift" else (count - 1) * stride + tile
-        return [min(index * stride, padded - tile) if self.edge == "shift" else index * stride for index in range(count)]
-
-    def positions(self) -> list[tuple[int, int, int]]:
-        """``(index, y, x)`` of every tile, row-major."""
-        ys = self._origins(self.height, self.tile_h, self.stride_h)
-        xs = self._origins(self.width, self.tile_w, self.stride_w)
-        return [(row * len(xs) + col, y, x) for row, y in enumerate(ys) for col, x in enumerate(xs)]
-
-    def __len__(self) -> int:
-        return len(self.positions())
-
-    def padded_size(self) -> tuple[int, int]:
-        last = self.positions()[-1]
-        return max(self.height, last[1] + self.tile_h), max(self.width, last[2] + self.tile_w)
+class TileLayout(TileGeometry):
+    """:class:`~hrad.tile_geometry.TileGeometry` (the strategies' tile arithmetic) cutting numpy
+    arrays: padding and context windows as :class:`hrad.strategies.tiling.TileGrid` cuts tensors
+    (``edge`` shift or zeros)."""
 
     def pad(self, image: np.ndarray) -> np.ndarray:
         """``C x H x W`` padded at the bottom/right to the size the tiles are cut from."""
-        padded_h, padded_w = self.padded_size()
-        return _pad(image, 0, padded_h - self.height, 0, padded_w - self.width, self.edge == "zeros")
+        return _pad(image, 0, self.padded_height - self.height, 0, self.padded_width - self.width, self.edge == "zeros")
 
-    def windows(self, padded: np.ndarray, positions: list[tuple[int, int, int]]) -> np.ndarray:
+    def windows(self, padded: np.ndarray, positions: list[TilePosition]) -> np.ndarray:
         """``N x C x (tile + 2 margin)^2``: each tile with ``margin`` context pixels of real
         neighbours, reflected only beyond the image (zeros with edge=zeros)."""
         m = self.margin
         height, width = padded.shape[-2:]
         cut = []
-        for _, y, x in positions:
-            top, left, bottom, right = y - m, x - m, y + self.tile_h + m, x + self.tile_w + m
+        for p in positions:
+            top, left, bottom, right = p.y - m, p.x - m, p.y + self.tile_h + m, p.x + self.tile_w + m
             crop = padded[..., max(0, top) : min(height, bottom), max(0, left) : min(width, right)]
             pads = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
             cut.append(_pad(crop, *pads, zeros=self.edge == "zeros"))
         return np.stack(cut)
 
-    def batches(self, padded: np.ndarray, batch_size: int) -> Iterator[tuple[list[tuple[int, int, int]], np.ndarray]]:
-        positions = self.positions()
+    def batches(self, padded: np.ndarray, batch_size: int) -> Iterator[tuple[list[TilePosition], np.ndarray]]:
+        positions = list(self.positions())
         for start in range(0, len(positions), max(1, batch_size)):
             chunk = positions[start : start + batch_size]
             yield chunk, self.windows(padded, chunk)
-
-    def seams(self) -> tuple[list[int], list[int]]:
-        """Tile borders inside the image (rows, cols), for :func:`hrad.postprocess.seams.smooth_seams`."""
-        positions = self.positions()
-        ys = sorted({y for _, top, _ in positions for y in (top, top + self.tile_h)} - {0})
-        xs = sorted({x for _, _, left in positions for x in (left, left + self.tile_w)} - {0})
-        return [y for y in ys if y < self.height], [x for x in xs if x < self.width]
 
 
 class _Merger:
@@ -220,8 +182,8 @@ class _Merger:
 
     def __init__(self, layout: TileLayout) -> None:
         self.layout = layout
-        self.total = np.zeros(layout.padded_size(), dtype=np.float64)
-        self.count = np.zeros(layout.padded_size(), dtype=np.float64)
+        self.total = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float64)
+        self.count = np.zeros((layout.padded_height, layout.padded_width), dtype=np.float64)
 
     def add(self, y: int, x: int, tile_map: np.ndarray) -> None:
         self.total[y : y + self.layout.tile_h, x : x + self.layout.tile_w] += tile_map
@@ -261,7 +223,7 @@ class Geometry:
     batch_size: int
     margin: int = 0
     input_margin: int = 0
-    edge: str = "shift"
+    edge: Edge = "shift"
 
     @property
     def network_input(self) -> int:
@@ -365,8 +327,8 @@ class OnnxPredictor(ExportedPredictor):
         scores = []
         for positions, windows in layout.batches(layout.pad(planes), geometry.batch_size):
             maps, tile_scores = self.score_windows(windows)
-            for (_, y, x), tile_map in zip(positions, resize(maps.astype(np.float32), (layout.tile_h, layout.tile_w)), strict=True):
-                merger.add(y, x, tile_map)
+            for p, tile_map in zip(positions, resize(maps.astype(np.float32), (layout.tile_h, layout.tile_w)), strict=True):
+                merger.add(p.y, p.x, tile_map)
             scores.append(tile_scores.astype(np.float32))
         merged = merger.result()
         if geometry.pad_to_square:  # crop the square padding (scaled) before anything is scored
@@ -407,19 +369,20 @@ class OnnxEnsemblePredictor(ExportedPredictor):
         tile_scores = np.zeros(len(layout))
         tile_normalized = config["normalization"] == "tile"
         for positions, windows in layout.batches(padded, config["batch_size"]):
-            index = np.asarray([p[0] for p in positions], dtype=np.int64)
+            index = np.asarray([p.index for p in positions], dtype=np.int64)
             inputs = np.ascontiguousarray(resize(windows, self.window), dtype=np.float32)
             maps, scores = self.session.run(None, {INPUT_NAME: inputs, "positions": index})
             upsampled = resize(maps.astype(np.float32), (layout.tile_h, layout.tile_w)).astype(np.float64)
-            for (tile, y, x), tile_map, score in zip(positions, upsampled, scores.astype(np.float64), strict=True):
+            for p, tile_map, score in zip(positions, upsampled, scores.astype(np.float64), strict=True):
+                tile = p.index
                 if tile_normalized:
                     tile_map = self._normalize(tile_map, "map", tile)
                     score = self._normalize(np.array(score), "score", tile)
-                merger.add(y, x, tile_map)
+                merger.add(p.y, p.x, tile_map)
                 tile_scores[tile] = score
         merged: np.ndarray = merger.result()
         if config["seam_smoothing"]:
-            merged = smooth_seams(merged, layout, config["seam_band"], config["seam_sigma"])  # type: ignore[arg-type]  # a TileGrid's geometry
+            merged = smooth_seams(merged, layout, config["seam_band"], config["seam_sigma"])
         score = float(tile_scores.mean() if config["score_merge"] == "mean" else tile_scores.max())
         if config["normalization"] == "image":
             merged = self._normalize(merged, "map", 0)

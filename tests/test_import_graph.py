@@ -169,6 +169,6 @@ def test_no_import_cycles_between_layers_counting_function_level_imports() -> No
     )
 
 
-@pytest.mark.parametrize("module", ["hrad.runners", "hrad.errors", "hrad.imaging"])
+@pytest.mark.parametrize("module", ["hrad.runners", "hrad.errors", "hrad.imaging", "hrad.tile_geometry"])
 def test_runners_import_nothing_above_errors(module: str) -> None:
     assert import_graph()[module] <= {"hrad.errors"}

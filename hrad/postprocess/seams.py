@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-if TYPE_CHECKING:  # only the grid's geometry is used; importing it here would be circular
-    from hrad.strategies.tiling import TileGrid
+if TYPE_CHECKING:
+    from hrad.tile_geometry import TileGeometry
 
 
-def band_half_widths(grid: TileGrid, band_fraction: float) -> tuple[int, int]:
+def band_half_widths(grid: TileGeometry, band_fraction: float) -> tuple[int, int]:
     """Pixels on each side of a horizontal seam (rows) and of a vertical seam (columns)."""
     if band_fraction < 0:
         raise ValueError(f"seam band fraction must be >= 0, got {band_fraction}")
     return int(round(band_fraction * grid.tile_h)), int(round(band_fraction * grid.tile_w))
 
 
-def seam_mask(grid: TileGrid, band_fraction: float = 0.1) -> np.ndarray:
+def seam_mask(grid: TileGeometry, band_fraction: float = 0.1) -> np.ndarray:
     """Bool ``H x W`` mask of the pixels within the band around every seam of ``grid``.
 
     A seam at row ``y`` lies between pixel rows ``y - 1`` and ``y``; its band is rows
@@ -42,7 +42,7 @@ def seam_mask(grid: TileGrid, band_fraction: float = 0.1) -> np.ndarray:
 
 
 def smooth_seams(
-    anomaly_map: np.ndarray, grid: TileGrid, band_fraction: float = 0.1, sigma: float = 2.0
+    anomaly_map: np.ndarray, grid: TileGeometry, band_fraction: float = 0.1, sigma: float = 2.0
 ) -> np.ndarray:
     """Gaussian-blur ``anomaly_map`` (``H x W`` on ``grid``) only inside the seam bands.
 
