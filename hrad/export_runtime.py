@@ -33,7 +33,7 @@ from PIL import Image
 from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.postprocess.seams import smooth_seams
-from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, image_score, top_fraction_mean
+from hrad.postprocess.smoothing import PostprocessConfig, smooth_and_score, top_fraction_mean
 from hrad.prediction import Prediction, Thresholds, check_image_size, decision_thresholds
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
@@ -278,13 +278,9 @@ class ExportedPredictor:
         array = as_image(image)
         check_image_size(array, self.fitted_size, str(image) if isinstance(image, (str, Path)) else "image array")
         image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
-        raw_map, raw_score = self.predict_raw(array)
-        smoothed = gaussian_smooth(raw_map, self.postprocess.sigma)
+        smoothed, score = smooth_and_score(*self.predict_raw(array), self.postprocess)
         return Prediction(
-            anomaly_map=smoothed,
-            score=image_score(smoothed, raw_score, self.postprocess),
-            image_threshold=image_threshold,
-            pixel_threshold=pixel_decision,
+            anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision
         )
 
 

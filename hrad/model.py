@@ -19,7 +19,7 @@ from hrad.config import ModelConfig
 from hrad.data.images import as_image, as_pixels
 from hrad.errors import ArtifactError, InputError
 from hrad.features import build_backbone
-from hrad.postprocess.smoothing import gaussian_smooth, image_score
+from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
@@ -131,8 +131,7 @@ class AnomalyModel:
     def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        smoothed = gaussian_smooth(result.anomaly_map, self.config.postprocess.sigma, in_place=True)  # the raw map is not kept
-        return smoothed, image_score(smoothed, result.score, self.config.postprocess)
+        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess)
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
         """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`)."""

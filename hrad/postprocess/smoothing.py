@@ -78,3 +78,11 @@ def image_score(anomaly_map: np.ndarray, strategy_score: float, config: Postproc
     if config.image_score == "top-fraction":
         return top_fraction_mean(anomaly_map, config.top_fraction)
     return float(strategy_score)
+
+
+def smooth_and_score(raw_map: np.ndarray, raw_score: float, config: PostprocessConfig) -> tuple[np.ndarray, float]:
+    """What every predictor (the model, each exported runtime) ends with: the raw map blurred in
+    place (the caller hands over a map it no longer needs, so no second full map is made) and
+    the configured image score of the blurred map."""
+    smoothed = gaussian_smooth(raw_map, config.sigma, in_place=True)
+    return smoothed, image_score(smoothed, raw_score, config)
