@@ -7,6 +7,7 @@ machine, date and exact command that produced it.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shlex
 import sys
@@ -24,6 +25,8 @@ from hrad.reports.markdown import table
 from hrad.strategies.tiled import TiledStrategy
 
 ROOT = Path(__file__).resolve().parent
+# long fits report every epoch (hrad.detectors.neural) on stderr
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 RESULTS = ROOT / "results"
 CAPSULES = ROOT.parent.parent / "shared" / "data" / "visa" / "capsules"
 ATTRIBUTION = (

@@ -30,6 +30,7 @@ it needs.
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from hrad.detectors.scoring import (
     module_state,
 )
 from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
+
+logger = logging.getLogger(__name__)
 
 #: the state entry holding the embedding's per-layer channels
 LAYOUT_KEY = "layer_channels"
@@ -342,6 +345,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             mean = total / count
             history.append(mean)
             self.loss_history.append(mean)
+            logger.info("%s %s: epoch %d/%d, mean loss %.5g", self.name, stage.name, epoch + 1, stage.epochs, mean)
             if self.end_epoch(stage, epoch, mean):
                 break
 
