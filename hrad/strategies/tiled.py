@@ -8,8 +8,9 @@ resized back to the input's own resolution.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -72,11 +73,6 @@ class TiledConfig(ContextTilingConfig):
         return self
 
 
-#: the per-tile scoring collaborator of :func:`predict_tiles`: tile windows ``B x 3 x h x w`` at
-#: image scale (context margin included) -> ``(maps B x h' x w', scores B)`` of the tiles alone
-WindowScorer = Callable[[Tensor], tuple[Tensor, Tensor]]
-
-
 def long_side_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
     """``height x width`` scaled so its long side is ``long_side`` (unchanged when None)."""
     if long_side is None:
@@ -101,6 +97,123 @@ def prepare_image(
     return working_image(image, working_size(*image.shape[:2]), device=device)
 
 
+#: the per-tile scoring collaborator of :func:`predict_tiles`: tile windows ``B x 3 x h x w`` at
+#: image scale (context margin included) -> ``(maps B x h' x w', scores B)`` of the tiles alone
+WindowScorer = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _unchanged(windows: Tensor) -> Tensor:
+    return windows
+
+
+class _TiledImage:
+    """One image's tiled prediction in progress: its grid, its running map, its tile scores."""
+
+    def __init__(self, height: int, width: int, grid: TileGrid) -> None:
+        self.height, self.width = height, width
+        self.grid = grid
+        self.merger = TileMerger(grid)
+        self.scores: list[Tensor] = []
+        self.remaining = len(grid)
+
+    def add(self, positions: Sequence[TilePosition], maps: Tensor, scores: Tensor) -> None:
+        """Tile maps at feature resolution (``n x h' x w'``) and their scores, in position order."""
+        upsampled = resize(maps[:, None].float(), (self.grid.tile_h, self.grid.tile_w))[:, 0].cpu().numpy()
+        for position, tile_map in zip(positions, upsampled, strict=True):
+            self.merger.add(position, tile_map)
+        self.scores.append(scores.float().cpu().reshape(-1))
+        self.remaining -= len(positions)
+
+    def result(self, pad_to_square: bool, score: str) -> AnomalyResult:
+        """Merge, crop any square padding, resize back to the image and score (all tiles added)."""
+        height, width = self.height, self.width
+        merged = torch.from_numpy(self.merger.result())[None]  # 1 x 1 x h x w
+        if pad_to_square:  # undo pad_to_square: crop the padding before anything is scored
+            side = merged.shape[-1]
+            merged = merged[..., : math.ceil(side * height / max(height, width)), : math.ceil(side * width / max(height, width))]
+        full = np.asarray(resize(merged, (height, width))[0, 0].numpy(), dtype=np.float32)  # the merger's map, not a copy
+        best = float(torch.cat(self.scores).max()) if score == "detector" else float(full.max())
+        return AnomalyResult(anomaly_map=full, score=best)
+
+
+def predict_tiles_batch(
+    images: Sequence[np.ndarray],
+    score_embeddings: WindowScorer,
+    *,
+    embed: Callable[[Tensor], Tensor] = _unchanged,
+    working_size: Callable[[int, int], tuple[int, int]],
+    grid: Callable[[int, int], TileGrid],
+    pad_to_square: bool,
+    batch_size: int,
+    score: str,
+    device: torch.device | str = "cpu",
+) -> list[AnomalyResult]:
+    """The tiled prediction of several images around any per-tile scoring, each result as if
+    predicted alone: resize, tile, score, merge, crop, resize back.
+
+    The tile windows of all images form one stream, cut ``batch_size`` at a time across image
+    boundaries (images of any size; windows all have the grid's window size) and ``embed``-ded
+    batch by batch; the embeddings are concatenated until they reach the bytes of one batch of
+    windows (or the images end) and scored by one ``score_embeddings`` call (PatchCore: one
+    nearest-neighbour search for all those tiles). Maps are then split back to their images,
+    merged, and each image is finished as soon as its last tile is in. Memory: one batch of
+    windows, that much of embeddings, the working image being cut, and each image's map.
+    ``embed`` defaults to nothing (``score_embeddings`` then scores windows, as an exported graph does).
+    """
+    jobs: dict[int, _TiledImage] = {}
+    results: list[AnomalyResult | None] = [None] * len(images)
+
+    def windows() -> Iterator[tuple[int, TilePosition, Tensor]]:
+        for index, image in enumerate(images):
+            source = prepare_image(image, working_size, pad_to_square, device)  # released after its last window
+            tiles = grid(*source.shape[-2:])
+            jobs[index] = _TiledImage(image.shape[0], image.shape[1], tiles)
+            padded = tiles.pad(source)
+            for position in tiles.positions():
+                yield index, position, tiles.window(padded, position)
+
+    pending: list[tuple[list[tuple[int, TilePosition]], Tensor]] = []
+    pending_bytes = 0
+
+    def score_pending() -> None:
+        nonlocal pending_bytes
+        owners = [owner for chunk, _ in pending for owner in chunk]
+        maps, scores = score_embeddings(torch.cat([embeddings for _, embeddings in pending]))
+        pending.clear()
+        pending_bytes = 0
+        start = 0
+        while start < len(owners):  # split per image, in tile order
+            index = owners[start][0]
+            stop = start
+            while stop < len(owners) and owners[stop][0] == index and stop - start < max(1, batch_size):
+                stop += 1
+            job = jobs[index]
+            job.add([position for _, position in owners[start:stop]], maps[start:stop], scores[start:stop])
+            if job.remaining == 0:  # finished: its merger is freed, its map kept
+                results[index] = jobs.pop(index).result(pad_to_square, score)
+            start = stop
+
+    stream = windows()
+    while True:
+        chunk = list(itertools.islice(stream, max(1, batch_size)))
+        if not chunk:
+            break
+        batch = torch.stack([window for _, _, window in chunk])
+        limit = batch.element_size() * batch[0].numel() * max(1, batch_size)  # bytes of one full batch of windows
+        embeddings = embed(batch)
+        del batch
+        pending.append(([(index, position) for index, position, _ in chunk], embeddings))
+        del chunk
+        pending_bytes += embeddings.element_size() * embeddings.numel()
+        if pending_bytes >= limit:
+            score_pending()
+    if pending:
+        score_pending()
+    if any(result is None for result in results):
+        raise RuntimeError("predict_tiles_batch: an image's tiles were not all scored")
+    return [result for result in results if result is not None]
+
+
 def predict_tiles(
     image: np.ndarray,
     score_windows: WindowScorer,
@@ -112,29 +225,12 @@ def predict_tiles(
     score: str,
     device: torch.device | str = "cpu",
 ) -> AnomalyResult:
-    """The tiled prediction around any per-tile scoring: resize, tile, score, merge, crop, resize back.
-
-    :meth:`TiledStrategy.predict` runs it with the detector as ``score_windows``; the ONNX and
-    OpenVINO predictors (:mod:`hrad.export`) run the same code with the exported graph.
-    """
-    height, width = image.shape[:2]
-    tensor = prepare_image(image, working_size, pad_to_square, device)
-    tiles = grid(*tensor.shape[-2:])
-    merger = TileMerger(tiles)
-    scores: list[Tensor] = []
-    for positions, windows in tiles.batches(tiles.pad(tensor), batch_size):
-        tile_maps, tile_scores = score_windows(windows)
-        maps = resize(tile_maps[:, None].float(), (tiles.tile_h, tiles.tile_w))[:, 0].cpu().numpy()
-        for position, tile_map in zip(positions, maps, strict=True):
-            merger.add(position, tile_map)
-        scores.append(tile_scores.float().cpu())
-    merged = torch.from_numpy(merger.result())[None]  # 1 x 1 x h x w
-    if pad_to_square:  # undo pad_to_square: crop the padding before anything is scored
-        side = merged.shape[-1]
-        merged = merged[..., : math.ceil(side * height / max(height, width)), : math.ceil(side * width / max(height, width))]
-    full = np.asarray(resize(merged, (height, width))[0, 0].numpy(), dtype=np.float32)  # the merger's map, not a copy
-    best = float(torch.cat(scores).max()) if score == "detector" else float(full.max())
-    return AnomalyResult(anomaly_map=full, score=best)
+    """:func:`predict_tiles_batch` of one image with ``score_windows`` scoring whole windows
+    (:meth:`TiledStrategy.predict` with a replaced scorer, such as an exported graph)."""
+    return predict_tiles_batch(
+        [image], score_windows, working_size=working_size, grid=grid, pad_to_square=pad_to_square,
+        batch_size=batch_size, score=score, device=device,
+    )[0]
 
 
 class TiledStrategy(Strategy):
@@ -188,18 +284,44 @@ class TiledStrategy(Strategy):
         source = _EmbeddingSource(self, images, progress, cache=self.detector.multi_pass)
         self.detector.fit(source)
 
+    def score_embeddings(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """Tile embeddings -> the detector's ``(maps, scores)``."""
+        output = self.detector.predict(embeddings)
+        return output.maps, output.scores
+
     def score_windows(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         """The per-tile scoring of :meth:`predict`: windows -> the detector's ``(maps, scores)``."""
-        output = self.detector.predict(self.tiles(windows))
-        return output.maps, output.scores
+        return self.score_embeddings(self.tiles(windows))
+
+    def _grid(self, height: int, width: int) -> TileGrid:
+        return self._tiles(height, width)[0]
 
     def predict(self, image: np.ndarray, score_windows: WindowScorer | None = None) -> AnomalyResult:
         """Tiled prediction; ``score_windows`` replaces the per-tile scoring (an exported graph)."""
+        if score_windows is None:
+            return self.predict_batch([image])[0]
         return predict_tiles(
             image,
-            score_windows or self.score_windows,
+            score_windows,
             working_size=self._working_size,
-            grid=lambda height, width: self._tiles(height, width)[0],
+            grid=self._grid,
+            pad_to_square=self._pad_to_square(),
+            batch_size=self.config.batch_size,
+            score=self.config.score,
+            device=self.device,
+        )
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
+        """Several images at once (:func:`predict_tiles_batch`): their tile windows share backbone
+        batches of ``batch_size``, and the detector scores the concatenated embeddings of several
+        batches in one call (PatchCore: one nearest-neighbour search); each result equals
+        :meth:`predict` of that image to float tolerance."""
+        return predict_tiles_batch(
+            images,
+            self.score_embeddings,
+            embed=self.tiles,
+            working_size=self._working_size,
+            grid=self._grid,
             pad_to_square=self._pad_to_square(),
             batch_size=self.config.batch_size,
             score=self.config.score,
