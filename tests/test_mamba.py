@@ -278,3 +278,39 @@ def test_causal_depthwise_conv_equals_the_padded_convolution() -> None:
     assert change[..., :5].max() == 0 and change[..., 9:].max() == 0 and change[..., 5:9].min() > 0
     channels_last = mamba.causal_depthwise_conv(x.transpose(1, 2), conv.weight, conv.bias, channels_last=True)
     torch.testing.assert_close(channels_last.transpose(1, 2), got, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_backend_gets_one_input_type_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mamba-ssm's kernel refuses u, delta and the input-dependent B, C in different types
+    ("Expected B.scalar_type() == ... input_type"); under autocast the projections make B, C
+    bfloat16 next to float32 x, dt. The block casts them to x's type (the fake kernel checks it
+    the way mamba-ssm does and scans with the loop)."""
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def fake_fused(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor,
+    ) -> torch.Tensor:
+        seen.append((u.dtype, delta.dtype, B.dtype, C.dtype, A.dtype))
+        assert (
+            delta.dtype == u.dtype and B.dtype == u.dtype and C.dtype == u.dtype and A.dtype == torch.float32
+        )
+        inputs = (u.float(), delta.float(), A, B.float(), C.float(), D)
+        return selective_scan_sequential(*inputs).to(u.dtype)
+
+    monkeypatch.setattr(mamba, "_fused_selective_scan", fake_fused)
+    torch.manual_seed(0)
+    block = MambaBlock(d_model=8, d_state=4, backend="fused")
+    tokens = torch.randn(2, 13, 8)
+    with torch.no_grad():
+        expected = MambaBlock(d_model=8, d_state=4, backend="sequential")
+        expected.load_state_dict(block.state_dict())
+        reference = expected(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = block(tokens)
+    assert seen and mixed.dtype == torch.float32  # the tokens' type
+    torch.testing.assert_close(mixed.float(), reference, atol=0.1, rtol=0.1)

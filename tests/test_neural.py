@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -139,3 +140,131 @@ def test_old_artifacts_with_the_old_layout_key_still_load(name: str) -> None:
     )
     with pytest.raises(ArtifactError, match=f"^{name} state lacks {LAYOUT_KEY}; the artifact is incomplete$"):
         build_detector(config).load_state_dict({k: v for k, v in old.items() if k not in (legacy, "split")})
+
+
+# ----------------------------------------------------------------- mixed precision
+
+
+class Linear(Scale):
+    """A linear map trained towards 1 that records the autocast state and output type of every forward."""
+
+    def __init__(self, config: ScaleConfig) -> None:
+        super().__init__(config)
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def build_network(self, layout: list[int]) -> nn.Module:
+        return nn.Linear(sum(layout), sum(layout))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        self.optimizer = torch.optim.SGD(self.fitted_network().parameters(), lr=self.config.lr)
+        return [self.optimizer]
+
+    def _forward(self, embeddings: Tensor) -> Tensor:
+        out = self.fitted_network()(embeddings.permute(0, 2, 3, 1))
+        self.seen.append((torch.is_autocast_enabled(embeddings.device.type), out.dtype))
+        return out
+
+    def training_step(self, embeddings: Tensor) -> Tensor:
+        return (self._forward(embeddings) - 1).pow(2).mean()
+
+    def anomaly_maps(self, embeddings: Tensor) -> Tensor:
+        return (self._forward(embeddings) - 1).pow(2).mean(dim=-1)
+
+
+def test_float32_and_auto_on_cpu_run_no_autocast_and_train_identically() -> None:
+    data = [torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    runs = []
+    for precision in ("float32", "auto"):
+        detector = Linear(ScaleConfig(epochs=2, precision=precision))
+        detector.fit(data)
+        assert detector.compute_dtype is None
+        maps = detector.predict(data[0]).maps
+        assert set(detector.seen) == {(False, torch.float32)}
+        runs.append((detector.loss_history, detector.state_dict(), maps))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][key], value, rtol=0, atol=0)
+    torch.testing.assert_close(runs[1][2], runs[0][2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_autocasts_the_forward_keeps_float32_weights_and_maps(precision: str) -> None:
+    data = [torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    reference = Linear(ScaleConfig(epochs=8))
+    reference.fit(data)
+    detector = Linear(ScaleConfig(epochs=8, precision=precision))
+    detector.fit(data)
+    dtype = getattr(torch, precision)
+    assert detector.compute_dtype == dtype
+    output = detector.predict(data[0])
+    assert set(detector.seen) == {(True, dtype)}  # every training step and the predict
+    assert output.maps.dtype == torch.float32 and output.scores.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in detector.fitted_network().parameters())
+    # it learns what float32 learns, within the reduced type's rounding (float16: the loss
+    # scaler skips the first steps while it finds its scale)
+    assert detector.loss_history[-1] < 0.7 * detector.loss_history[0]
+    assert detector.loss_history[-1] == pytest.approx(reference.loss_history[-1], rel=0.15)
+    torch.testing.assert_close(output.maps, reference.predict(data[0]).maps, rtol=0.2, atol=0.05)
+
+
+def test_float16_training_scales_the_loss_and_skips_steps_whose_gradients_overflow() -> None:
+    """GradScaler: a step whose scaled gradients are inf is skipped and the scale halved."""
+    tens = [torch.full((1, 4, 1, 1), 10.0)]  # loss ~50, fine in float16; its gradient x 65536 is not
+    initial = Linear(ScaleConfig())
+    initial.build([4], torch.device("cpu"))
+    changed = {}
+    for precision in ("float32", "float16"):
+        detector = Linear(ScaleConfig(epochs=1, precision=precision, lr=0.01))
+        detector.fit(tens)
+        assert np.isfinite(detector.loss_history[0])
+        changed[precision] = [
+            not torch.equal(mine, start)
+            for mine, start in zip(
+                detector.fitted_network().parameters(), initial.fitted_network().parameters(), strict=True
+            )
+        ]
+    assert changed == {"float32": [True, True], "float16": [False, False]}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_neural_detector_trains_and_predicts_in_bfloat16_on_cpu(name: str) -> None:
+    embeddings = torch.randn(2, 24, 6, 6, generator=torch.Generator().manual_seed(0))
+    config = detector_config(
+        {
+            "name": name,
+            "level_channels": (8, 8, 8) if name != "students" else (12, 12),
+            "precision": "bfloat16",
+            **TINY[name],
+        }
+    )
+    detector = build_detector(config)
+    detector.fit([embeddings])
+    assert isinstance(detector, NeuralDetector) and detector.compute_dtype == torch.bfloat16
+    output = detector.predict(embeddings)
+    assert output.maps.dtype == torch.float32 and bool(torch.isfinite(output.maps).all())
+    assert all(np.isfinite(detector.loss_history))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_neural_detector_trains_and_predicts_in_mixed_precision_on_cuda(name: str) -> None:
+    """precision auto on CUDA: bfloat16 (float16 with loss scaling on older GPUs); VarAD's scan
+    through mamba-ssm where installed."""
+    embeddings = torch.randn(2, 24, 6, 6, generator=torch.Generator().manual_seed(0)).cuda()
+    config = detector_config(
+        {
+            "name": name,
+            "level_channels": (8, 8, 8) if name != "students" else (12, 12),
+            "precision": "auto",
+            **TINY[name],
+        }
+    )
+    detector = build_detector(config)
+    detector.fit([embeddings, embeddings])
+    assert isinstance(detector, NeuralDetector) and detector.device.type == "cuda"
+    assert detector.compute_dtype in (torch.bfloat16, torch.float16)
+    output = detector.predict(embeddings)
+    assert (
+        output.maps.dtype == torch.float32 and output.maps.is_cuda and bool(torch.isfinite(output.maps).all())
+    )
+    assert all(np.isfinite(detector.loss_history))

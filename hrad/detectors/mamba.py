@@ -281,9 +281,13 @@ def selective_scan(
     if backend == "fused" or (backend == "auto" and x.is_cuda and _fused_selective_scan is not None):
         if _fused_selective_scan is None:
             raise RuntimeError("scan backend 'fused' needs the mamba-ssm package (pip install mamba-ssm)")
+        # the CUDA kernel wants u, delta and the input-dependent B, C in one type; under autocast
+        # the projections give bfloat16 / float16 B, C next to float32 x, dt (elementwise ops)
+        dtype = x.dtype
         return _fused_selective_scan(
-            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), D.float()
-        )
+            x.contiguous(), dt.to(dtype).contiguous(), A.float(), B.to(dtype).contiguous(),
+            C.to(dtype).contiguous(), D.float(),
+        )  # fmt: skip
     if backend == "sequential":
         return selective_scan_sequential(x, dt, A, B, C, D)
     return selective_scan_chunked(x, dt, A, B, C, D, chunk=chunk, recompute=recompute)
@@ -355,10 +359,11 @@ class MambaBlock(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """``b x L x d_model`` -> ``b x L x d_model``."""
+        """``b x L x d_model`` -> ``b x L x d_model`` in the tokens' type (also under autocast,
+        whose projections would return bfloat16 / float16)."""
         projected = self.in_proj(tokens)
         if resolve_backend(self.backend, tokens, projected.requires_grad) == "kernel":
-            return self._forward_channels_last(projected)
+            return self._forward_channels_last(projected).to(tokens.dtype)
         x, z = projected.transpose(1, 2).chunk(2, dim=1)  # b x d_inner x L each
         x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
         dt_raw, B, C = self.x_proj(x.transpose(1, 2)).split(
@@ -377,7 +382,7 @@ class MambaBlock(nn.Module):
             self.chunk,
             self.recompute,
         )
-        return self.out_proj((y * F.silu(z)).transpose(1, 2))
+        return self.out_proj((y * F.silu(z)).transpose(1, 2)).to(tokens.dtype)
 
     def _forward_channels_last(self, projected: Tensor) -> Tensor:
         """:meth:`forward` for the compiled scan: every tensor stays ``b x L x channels``

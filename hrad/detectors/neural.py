@@ -15,6 +15,11 @@ network trained by gradient descent on embedding batches. What they all share li
   after the other), each with its optimisers, training step, train-mode switch and a
   learning-rate factor per epoch (ViTAD's step decay); non-finite losses stop the fit with one
   line; the mean loss of every epoch goes to :attr:`~NeuralDetector.loss_history`;
+- **mixed precision** (``config.precision``): the training step's forward pass and ``predict``
+  run under ``torch.autocast`` (bfloat16, or float16 with a ``GradScaler`` scaling the loss);
+  the default float32 runs no autocast at all, and ``auto`` means bfloat16 (float16 where the
+  GPU lacks it) on CUDA and float32 elsewhere. Weights, optimiser state and the maps handed on
+  stay float32;
 - ``predict``: eval mode, no gradients, the detector's map, then the one image-score rule
   (``image_score`` / ``top_fraction``);
 - the flat state (network weights under :attr:`~NeuralDetector.state_prefix`, the layout, the
@@ -33,8 +38,9 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -59,6 +65,24 @@ LEGACY_LAYOUT_KEYS = ("level_channels", "split_sizes")
 #: variance floor of per-channel standardisation (``nn.LayerNorm``'s default eps)
 STANDARDISE_EPS = 1e-5
 
+#: compute precision of a neural detector's training and predict (see :func:`autocast_dtype`)
+Precision = Literal["float32", "auto", "bfloat16", "float16"]
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``precision`` on ``device``; None = plain float32 (no autocast).
+
+    ``auto`` is bfloat16 on CUDA devices that support it, float16 on older GPUs and float32
+    elsewhere; ``bfloat16`` / ``float16`` apply on any device (CPU autocast when asked).
+    """
+    if precision == "float32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bfloat16" else torch.float16
+
 
 class NeuralConfig(DetectorConfig):
     """Options every neural detector has."""
@@ -70,6 +94,10 @@ class NeuralConfig(DetectorConfig):
     image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
+    #: compute precision of training and predict (torch.autocast; weights stay float32):
+    #: float32 = no autocast; auto = bfloat16 on CUDA (float16 on GPUs without it, with loss
+    #: scaling), float32 on CPU; bfloat16 / float16 on any device
+    precision: Precision = "float32"
 
 
 class EpochsConfig(NeuralConfig):
@@ -89,6 +117,12 @@ def _train_all(network: nn.Module) -> None:
 
 def _constant_lr(epoch: int) -> float:
     return 1.0
+
+
+def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    return any(
+        parameter.grad is not None for group in optimizer.param_groups for parameter in group["params"]
+    )
 
 
 @dataclass
@@ -290,6 +324,19 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             return tensor.device
         return torch.device("cpu")
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast type training and predict run at on the network's device (None = float32)."""
+        return autocast_dtype(self.config.precision, self.device)
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """Context of a forward pass at :attr:`compute_dtype` (none while exporting: the traced
+        graph stays float32)."""
+        dtype = self.compute_dtype
+        if dtype is None or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     # ----------------------------------------------------------------- Detector API
     def fit(self, batches: Iterable[Tensor]) -> None:
         self.network, self.layout = None, []  # a refit starts from scratch
@@ -304,6 +351,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
 
     def _run_stage(self, stage: Stage, batches: Iterable[Tensor]) -> None:
         optimizers: list[torch.optim.Optimizer] | None = None
+        scaler: torch.amp.GradScaler | None = None
         history = self.stage_losses.setdefault(stage.name, [])
         for epoch in range(stage.epochs):
             total, count = 0.0, 0
@@ -321,23 +369,37 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                     for optimizer in optimizers:
                         for group in optimizer.param_groups:
                             group.setdefault("initial_lr", group["lr"])
+                    # float16 gradients underflow: scale the loss (disabled = plain backward / step)
+                    scaler = torch.amp.GradScaler(
+                        self.device.type, enabled=self.compute_dtype == torch.float16
+                    )
                 if count == 0:
                     stage.train(network)
                     factor = stage.lr_factor(epoch)
                     for optimizer in optimizers:
                         for group in optimizer.param_groups:
                             group["lr"] = group["initial_lr"] * factor
-                loss = stage.step(embeddings)
+                with self.autocast():
+                    loss = stage.step(embeddings)
                 if not bool(torch.isfinite(loss)):
+                    hint = (
+                        f", or float16 overflowed (precision {self.config.precision}; try bfloat16)"
+                        if self.compute_dtype == torch.float16
+                        else ""
+                    )
                     raise InputError(
                         f"{self.name}: the training loss is not finite in epoch {epoch + 1} of {stage.name};"
-                        " the embeddings contain NaN or inf, or the learning rate is too high"
+                        f" the embeddings contain NaN or inf, or the learning rate is too high{hint}"
                     )
+                assert scaler is not None
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 for optimizer in optimizers:
-                    optimizer.step()
+                    if scaler.is_enabled() and not _has_gradients(optimizer):
+                        continue  # nothing to unscale (a frozen part): the scaler would refuse it
+                    scaler.step(optimizer)
+                scaler.update()
                 total += float(loss.detach()) * len(embeddings)
                 count += len(embeddings)
             if count == 0:
@@ -353,8 +415,9 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         network = self.fitted_network()
         network.eval()  # BatchNorm uses running statistics: no image depends on its batch mates
         self.check_embeddings(embeddings)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             maps = self.anomaly_maps(embeddings.to(self.device).float())
+        maps = maps.float()  # float32 maps whatever the compute precision
         return DetectorOutput(
             maps=maps, scores=image_scores(maps, self.config.image_score, self.config.top_fraction)
         )
