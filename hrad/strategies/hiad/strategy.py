@@ -18,6 +18,7 @@ the model's map and this score agree; set ``smoothing_sigma=4`` when using the s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,6 +304,15 @@ class HiAD(Strategy):
         self._calibration = calibration
 
     # ------------------------------------------------------------------ predict
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
+        """One image at a time (the base loop), on purpose: the pool's detectors stay resident
+        after their first use, so there is no per-image model load to share (as the tiled
+        ensemble shares its tile models), and an image's patches are fused from that image's own
+        resolution levels (:meth:`MultiResolutionFusion.prepare` embeds each level whole) and
+        its low branch embeds the whole image, so sharing backbone batches across images would
+        need a second, cross-image path through the fusion; not done."""
+        return [self.predict(image) for image in images]
 
     def predict(self, image: np.ndarray) -> AnomalyResult:
         if self._calibration is None:
