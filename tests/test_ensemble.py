@@ -228,6 +228,36 @@ def test_predict_many_equals_predict_and_loads_each_model_once(fitted: TiledEnse
         assert result.score == pytest.approx(single.score, rel=1e-6)
 
 
+def test_locations_share_backbone_batches(fitted: TiledEnsemble, backbone: FeatureExtractor) -> None:
+    """The windows of several locations (and images) fill each backbone call up to batch_size;
+    results equal one image at a time, and predict_batch is predict_many."""
+    strategy = reloaded(fitted, backbone, batch_size=5)
+    calls: list[int] = []
+    embed = strategy.tiles.embedder
+
+    def counting(windows: Tensor) -> Tensor:
+        calls.append(len(windows))
+        return embed(windows)
+
+    strategy.tiles.embedder = counting  # type: ignore[assignment]
+    images = noise_images(2, seed=12)
+    tiles = len(strategy.grid)
+    assert tiles == 12
+    single = strategy.predict(images[0])
+    # one image: 5 locations per group (12 = 5 + 5 + 2), each group one backbone call
+    assert calls == [5, 5, 2]
+    calls.clear()
+    batch = strategy.predict_batch(images)
+    # two images: 2 locations x 2 images per group, the last group 4 windows as well
+    assert calls == [4] * 6 and sum(calls) == tiles * len(images)
+    np.testing.assert_allclose(batch[0].anomaly_map, single.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert batch[0].score == pytest.approx(single.score, rel=1e-5)
+    for image, result in zip(images, batch, strict=True):
+        expected = fitted.predict(image)  # batch_size 3: other groups, same maps
+        np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.extras["tile_scores"], expected.extras["tile_scores"], rtol=1e-5)
+
+
 def test_only_one_tile_model_resident_during_fit_and_predict(backbone: FeatureExtractor) -> None:
     train = noise_images(3, seed=2, height=96, width=96)  # 25 overlapping tiles
     strategy = make(backbone)

@@ -402,31 +402,56 @@ class TiledEnsemble(Strategy):
         else:
             self._count_resident(-1)
 
+    def _location_groups(self, images: int) -> Iterator[list[TilePosition]]:
+        """Tile locations in groups whose windows over ``images`` images fill one backbone batch
+        (one location per group once ``images`` reaches ``batch_size``)."""
+        positions = list(self.grid.positions())
+        per_group = max(1, self.config.batch_size // max(1, images))
+        for start in range(0, len(positions), per_group):
+            yield positions[start : start + per_group]
+
     def _location_outputs(self, padded: Sequence[TileSource]) -> Iterator[tuple[TilePosition, Tensor, Tensor]]:
         """For every tile location: upsampled maps ``B x tile x tile`` and scores ``B`` of all images.
 
-        Each tile model is loaded once per call and released before the next one.
+        The backbone is shared by all locations, so the windows of several locations (all images,
+        location-major) go through it together, ``batch_size`` at a time: one image of an ENS4
+        ensemble is one batch of 4 windows, not 4 batches of one. Each tile model is then loaded
+        once per call, scores its location's embeddings and is released before the next one.
+        Memory: the embeddings of one group, at most ``max(batch_size, len(padded))`` tiles.
         """
         grid = self.grid
         batch = self.config.batch_size
-        for position in grid.positions():
-            tiles = torch.stack([grid.window(image, position) for image in padded])
-            detector = self._acquire(position.index)
-            try:
-                maps, scores = [], []
-                for start in range(0, len(tiles), batch):
-                    output = detector.predict(self.tiles(tiles[start : start + batch].to(self.device)))
-                    maps.append(output.maps.float().cpu())
-                    scores.append(output.scores.float().cpu().reshape(-1))
-            finally:
-                self._release(position.index, detector)
-                del detector
-            upsampled = resize(torch.cat(maps)[:, None], (grid.tile_h, grid.tile_w))[:, 0]
-            yield position, upsampled, torch.cat(scores)
+        count = len(padded)
+        for group in self._location_groups(count):
+            pairs = [(position, image) for position in group for image in padded]
+            parts = []
+            for start in range(0, len(pairs), batch):
+                windows = torch.stack([grid.window(image, position) for position, image in pairs[start : start + batch]])
+                parts.append(self.tiles(windows.to(self.device)))
+            embedded = torch.cat(parts)
+            for offset, position in enumerate(group):
+                embeddings = embedded[offset * count : (offset + 1) * count]
+                detector = self._acquire(position.index)
+                try:
+                    maps, scores = [], []
+                    for start in range(0, count, batch):
+                        output = detector.predict(embeddings[start : start + batch])
+                        maps.append(output.maps.float().cpu())
+                        scores.append(output.scores.float().cpu().reshape(-1))
+                finally:
+                    self._release(position.index, detector)
+                    del detector
+                upsampled = resize(torch.cat(maps)[:, None], (grid.tile_h, grid.tile_w))[:, 0]
+                yield position, upsampled, torch.cat(scores)
 
     # ------------------------------------------------------------------ predict
     def predict(self, image: np.ndarray) -> AnomalyResult:
         return self.predict_many([image])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
+        """:meth:`predict_many`: each tile model loaded once for all ``images``, and one
+        location's windows of several images share backbone batches."""
+        return self.predict_many(images)
 
     def predict_many(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
         """Predict several images loading each tile model once (results equal :meth:`predict`)."""
