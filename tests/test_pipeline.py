@@ -90,3 +90,51 @@ def test_interrupt_hands_back_finished_items_first_and_context_reaches_threads()
             handed_back.append((item, value))
     assert handed_back == [(0, ("caller", 0))]
     assert seen and set(seen) == {"caller"}
+
+
+def test_batches_keep_order_and_isolate_the_failing_item() -> None:
+    """Computed in batches; a load error leaves its batch, a compute error is pinned on its item
+    (the batch is recomputed item by item), every other item still gets its result."""
+    from hrad.pipeline import overlapped_batches
+
+    calls: list[list[int]] = []
+
+    def load(item: int) -> int:
+        if item == 3:
+            raise OSError("cannot read 3")
+        return item * 10
+
+    def compute(items: list[int], loaded: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 6 in items:
+            raise ValueError("bad 6")
+        return [value + 1 for value in loaded]
+
+    for prefetch, writers in ((0, 0), (None, 1), (1, 2)):
+        calls.clear()
+        out = list(overlapped_batches(list(range(10)), load, compute, lambda i, loaded, c: c, batch=4, prefetch=prefetch, writers=writers))
+        assert [item for item, _ in out] == list(range(10))
+        values = [value for _, value in out]
+        assert isinstance(values[3], OSError) and isinstance(values[6], ValueError)
+        assert [v for i, v in enumerate(values) if i not in (3, 6)] == [i * 10 + 1 for i in range(10) if i not in (3, 6)]
+        # batch one without the unreadable 3; batch two failed on 6 and was redone item by item
+        assert calls == [[0, 1, 2], [4, 5, 6, 7], [4], [5], [6], [7], [8, 9]]
+
+
+def test_batches_read_the_next_batch_while_computing() -> None:
+    from hrad.pipeline import overlapped_batches
+
+    loaded = [threading.Event() for _ in range(8)]
+
+    def load(item: int) -> int:
+        loaded[item].set()
+        return item
+
+    def compute(items: list[int], values: list[int]) -> list[int]:
+        following = range(items[-1] + 1, min(8, items[-1] + 4))
+        for item in following:  # the next batch is decoded while this one computes
+            assert loaded[item].wait(timeout=10)
+        return values
+
+    out = list(overlapped_batches(list(range(8)), load, compute, lambda i, value, c: c, batch=3))
+    assert [value for _, value in out] == list(range(8))
