@@ -16,7 +16,8 @@ from typing import ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.errors import ConfigError
+from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 from hrad.registry import Registry
 
 
@@ -31,6 +32,22 @@ class DetectorConfig(BaseModel):
     layers: tuple[str, ...] = ()
     #: seed of the detector's own randomness (sampling, initialisation, synthetic anomalies)
     seed: int = 0
+
+
+def backbone_layers(
+    extractor: FeatureExtractor, cnn: tuple[str, ...], vit: tuple[float, ...], cnn_aggregation: int = 1
+) -> EmbeddingSpec:
+    """A default embedding: the ``cnn`` layers of a CNN, or a ViT's blocks at the ``vit`` fractions
+    of its depth (no aggregation: a token already pools its neighbourhood)."""
+    if extractor.is_vit:
+        return EmbeddingSpec(layers=mid_depth_blocks(extractor, vit), aggregation=1)
+    return EmbeddingSpec(layers=cnn, aggregation=cnn_aggregation)
+
+
+def require_vit(extractor: FeatureExtractor, name: str) -> None:
+    """One-line ConfigError unless the backbone is a ViT (a token grid)."""
+    if not extractor.is_vit:
+        raise ConfigError(f"{name} needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN")
 
 
 @dataclass

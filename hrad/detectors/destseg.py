@@ -84,11 +84,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from hrad.detectors.base import backbone_layers
 from hrad.detectors.neural import Stage
-from hrad.detectors.scoring import ImageScore
+from hrad.detectors.scoring import ImageScore, cosine_distances
 from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
 from hrad.errors import ConfigError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.imaging import resize
 
 
 class DeSTSegConfig(SyntheticAnomalyConfig):
@@ -122,12 +124,6 @@ class DeSTSegConfig(SyntheticAnomalyConfig):
     image_score: ImageScore = "top_mean"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
-
-
-# --------------------------------------------------------------------------- losses
-def cosine_distances(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
-    """Per level ``1 - cos`` over channels at every position: ``levels x B x h x w``."""
-    return torch.stack([1 - F.cosine_similarity(s, t, dim=1) for t, s in zip(teacher, student, strict=True)])
 
 
 # --------------------------------------------------------------------------- networks
@@ -181,7 +177,7 @@ class DenoisingStudent(nn.Module):
             sizes.append(x.shape[-2:])
             x = block(x)
         for block, size in zip(reversed(self.decoder), reversed(sizes), strict=True):
-            x = block(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+            x = block(resize(x, (size[0], size[1])))
         return [head(x) for head in self.heads]
 
 
@@ -263,9 +259,7 @@ class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
         segmentation net works at layer1's stride-4 grid, which its fine localisation relies on
         (HiAD's Table II uses layer2 + layer3; set ``layers`` for that). ViT: three blocks at
         1/4, 1/2 and 3/4 of the depth (three levels, like the CNN layers)."""
-        if extractor.is_vit:
-            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 4, 1 / 2, 3 / 4)), aggregation=1)
-        return EmbeddingSpec(layers=("layer1", "layer2", "layer3"), aggregation=1)
+        return backbone_layers(extractor, ("layer1", "layer2", "layer3"), (1 / 4, 1 / 2, 3 / 4))
 
     def build_network(self, layout: list[int]) -> DeSTSegNet:
         return DeSTSegNet(layout, self.config)

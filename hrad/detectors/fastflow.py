@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from hrad.detectors.base import backbone_layers
 from hrad.detectors.neural import EpochsConfig, NeuralDetector
 from hrad.errors import ArtifactError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
 #: FrEIA scales the subnet output by this before the clamp, so a fresh flow is near the identity
 COEFFICIENT_SCALE = 0.1
@@ -213,9 +214,7 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
         """CNN: layer2 + layer3 without aggregation (HiAD Table II; anomalib uses layer1..3).
         ViT: PatchCore's two mid-depth blocks (~2/3 and ~3/4 of the depth, blocks 8 and 9 of 12),
         which include the paper's DeiT choice (block 8); the paper uses one block only."""
-        if extractor.is_vit:
-            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (2 / 3, 3 / 4)), aggregation=1)
-        return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=1)
+        return backbone_layers(extractor, ("layer2", "layer3"), (2 / 3, 3 / 4))
 
     def build_network(self, layout: list[int]) -> FastFlowNet:
         """Seeded flows (weights and permutations depend only on the config and level sizes)."""

@@ -16,9 +16,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, backbone_layers
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
 STATE_KEYS = ("mean", "inv_covariance", "channel_indices", "grid_size")
 
@@ -53,9 +53,7 @@ class PaDiM(Detector[PaDiMConfig]):
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         """CNN: layer1..layer3 without aggregation (paper). ViT: three blocks at 1/4, 1/2 and 3/4
         of the depth, the transformer analogue of a low-to-high feature pyramid."""
-        if extractor.is_vit:
-            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 4, 1 / 2, 3 / 4)), aggregation=1)
-        return EmbeddingSpec(layers=("layer1", "layer2", "layer3"), aggregation=1)
+        return backbone_layers(extractor, ("layer1", "layer2", "layer3"), (1 / 4, 1 / 2, 3 / 4))
 
     def fit(self, batches: Iterable[Tensor]) -> None:
         count = 0

@@ -17,11 +17,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput
+from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, backbone_layers
 from hrad.detectors.coreset import greedy_coreset
 from hrad.detectors.knn import IndexChoice, NearestNeighbours
 from hrad.errors import ArtifactError, ConfigError, InputError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
 
 class PatchCoreConfig(DetectorConfig):
@@ -79,9 +79,7 @@ class PatchCore(Detector[PatchCoreConfig]):
         across objects like layer2/3 do, while the last blocks are too semantic. No extra
         aggregation on ViTs: a 14-pixel token already pools its neighbourhood and the patch grid
         is coarse, so 3x3 averaging would blur small defects away."""
-        if extractor.is_vit:
-            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (2 / 3, 3 / 4)), aggregation=1)
-        return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=3)
+        return backbone_layers(extractor, ("layer2", "layer3"), (2 / 3, 3 / 4), cnn_aggregation=3)
 
     @property
     def fitted(self) -> bool:

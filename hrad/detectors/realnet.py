@@ -59,11 +59,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from hrad.detectors.base import backbone_layers
 from hrad.detectors.destseg import DenoisingStudent, SegmentationNet
 from hrad.detectors.neural import EpochsConfig
 from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
 from hrad.errors import ArtifactError
-from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
+from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
 
 class RealNetConfig(SyntheticAnomalyConfig, EpochsConfig):
@@ -148,9 +149,7 @@ class RealNet(SyntheticAnomalyDetector[RealNetConfig, RealNetNet]):
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         """CNN: layer2 + layer3 without aggregation (HiAD Table II: WRN50 Layer2, Layer3). ViT:
         blocks at 1/2 and 3/4 of the depth, their token analogue."""
-        if extractor.is_vit:
-            return EmbeddingSpec(layers=mid_depth_blocks(extractor, (1 / 2, 3 / 4)), aggregation=1)
-        return EmbeddingSpec(layers=("layer2", "layer3"), aggregation=1)
+        return backbone_layers(extractor, ("layer2", "layer3"), (1 / 2, 3 / 4))
 
     def build_network(self, layout: list[int]) -> RealNetNet:
         return RealNetNet(layout, self.config)

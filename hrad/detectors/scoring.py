@@ -1,12 +1,15 @@
-"""Small pieces several detectors share: image scores from token maps, channel statistics,
-network weights in and out of the flat state."""
+"""Small pieces several detectors share: image scores from token maps, cosine distances and
+losses of the reconstruction detectors, channel statistics, network weights in and out of the
+flat state."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hrad.errors import ArtifactError, InputError
@@ -27,6 +30,27 @@ def image_scores(maps: Tensor, rule: ImageScore, top_fraction: float) -> Tensor:
     if rule == "max":
         return maps.flatten(1).max(dim=1).values
     return top_fraction_score(maps, top_fraction)
+
+
+def cosine_distances(targets: Sequence[Tensor], reconstructions: Sequence[Tensor]) -> Tensor:
+    """Per level ``1 - cos`` over channels at every position: ``levels x B x h x w``."""
+    return torch.stack(
+        [1 - F.cosine_similarity(r, t, dim=1) for t, r in zip(targets, reconstructions, strict=True)]
+    )
+
+
+def cosine_loss(
+    targets: Sequence[Tensor], reconstructions: Sequence[Tensor], position: bool, flattened: bool
+) -> Tensor:
+    """Reconstruction loss summed over levels (RD++, ViTAD): ``1 -`` the mean per-position cosine
+    (``position``) plus ``1 -`` the mean cosine of each sample's flattened map (``flattened``)."""
+    total = targets[0].new_zeros(())
+    for target, reconstruction in zip(targets, reconstructions, strict=True):
+        if position:
+            total = total + (1 - F.cosine_similarity(reconstruction, target, dim=1).mean())
+        if flattened:
+            total = total + (1 - F.cosine_similarity(reconstruction.flatten(1), target.flatten(1), dim=1).mean())
+    return total
 
 
 class ChannelStatistics:

@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from hrad.detectors.base import require_vit
 from hrad.detectors.mamba import MAX_CHUNK, MambaBlock, ScanBackend
 from hrad.detectors.neural import LAYOUT_KEY, EpochsConfig, NeuralDetector
+from hrad.detectors.scoring import cosine_distances
 from hrad.errors import ArtifactError, ConfigError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, vit_depth
 
@@ -185,10 +187,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
 
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
-        if not extractor.is_vit:
-            raise ConfigError(
-                f"varad needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN"
-            )
+        require_vit(extractor, "varad")
         return EmbeddingSpec(layers=default_blocks(vit_depth(extractor)), aggregation=1)
 
     # ----------------------------------------------------------------- building
@@ -279,11 +278,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
         targets, predictions = self._forward(embeddings)
-        distances = [
-            1 - F.cosine_similarity(self._combine(p), t, dim=1)
-            for t, p in zip(targets, predictions, strict=True)
-        ]
-        return torch.stack(distances).mean(dim=0)
+        return cosine_distances(targets, [self._combine(p) for p in predictions]).mean(dim=0)
 
     def extra_state(self) -> dict[str, Tensor]:
         return {"steps": torch.tensor(self.steps, dtype=torch.int64)}

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from hrad.detectors.base import DetectorConfig
+from hrad.detectors.base import DetectorConfig, require_vit
 from hrad.detectors.neural import LAYOUT_KEY, EpochsConfig, NeuralDetector
+from hrad.detectors.scoring import cosine_distances, cosine_loss
 from hrad.errors import ArtifactError, ConfigError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, vit_depth
 
@@ -244,10 +245,7 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
 
     @classmethod
     def _default_spec(cls, config: ViTADConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
-        if not extractor.is_vit:
-            raise ConfigError(
-                f"vitad needs a ViT backbone (a token grid); {type(extractor).__name__} is a CNN"
-            )
+        require_vit(extractor, "vitad")
         blocks = default_blocks(vit_depth(extractor), config.levels, neck=config.fuser_input == "neck")
         return EmbeddingSpec(layers=blocks, aggregation=1)
 
@@ -312,16 +310,8 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
         return config.lr_decay if epoch >= max(1, int(config.lr_decay_at * config.epochs)) else 1.0
 
     def training_step(self, embeddings: Tensor) -> Tensor:
-        targets, reconstructions = self._forward(embeddings)
         mode = self.config.loss
-        total = targets[0].new_zeros(())
-        for target, reconstruction in zip(targets, reconstructions, strict=True):
-            if mode in ("token", "token+flat"):
-                total = total + (1 - F.cosine_similarity(reconstruction, target, dim=1)).mean()
-            if mode in ("flat", "token+flat"):
-                flat = F.cosine_similarity(reconstruction.flatten(1), target.flatten(1), dim=1)
-                total = total + (1 - flat).mean()
-        return total
+        return cosine_loss(*self._forward(embeddings), mode in ("token", "token+flat"), mode in ("flat", "token+flat"))
 
     def reconstructions(self, embeddings: Tensor) -> list[Tensor]:
         """Per level, the decoder's reconstruction ``B x C_l x h x w``; for analysis."""
@@ -331,12 +321,7 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
             return self._forward(embeddings.to(self.device).float())[1]
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
-        targets, reconstructions = self._forward(embeddings)
-        distances = [
-            1 - F.cosine_similarity(reconstruction, target, dim=1)
-            for target, reconstruction in zip(targets, reconstructions, strict=True)
-        ]
-        return torch.stack(distances).mean(dim=0)
+        return cosine_distances(*self._forward(embeddings)).mean(dim=0)
 
     def extra_state(self) -> dict[str, Tensor]:
         return {"architecture": torch.tensor(self._architecture(self.layout), dtype=torch.int64)}
