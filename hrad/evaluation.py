@@ -36,10 +36,10 @@ from typing import Any, Literal
 import numpy as np
 
 from hrad.data.datasets import Sample
-from hrad.data.images import read_image
+from hrad.data.images import read_pixels
 from hrad.errors import HradError, InputError
 from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
-from hrad.model import AnomalyModel
+from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
 from hrad.reports.figures import Case, case_grid, select_cases, thumbnail
 from hrad.reports.html import ReportData, render_html
@@ -61,11 +61,21 @@ def evaluate(
     progress: ProgressCallback = no_progress,
     cases_per_group: int = 3,
     score_bits: int = DEFAULT_SCORE_BITS,
+    batch_images: int = 1,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
     metrics.md, cases.png, scores.csv and report.html. ``score_bits`` (12..32) is the pixel
     metrics' precision: 32 = exact for float32 maps. Samples that fail with a
-    :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``."""
+    :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``.
+
+    Runs on ``hrad predict``'s pipeline (:func:`hrad.pipeline.overlapped_batches`): images and
+    masks are decoded in a loader thread, ``batch_images`` at a time go through
+    :meth:`AnomalyModel.predict_batch`, and each map is added to the pixel metrics (and
+    thumbnailed) in a writer thread, in order, while the next batch computes. Metrics do not
+    depend on ``batch_images``; ``seconds_per_image`` is the model's compute time per image.
+    """
+    from hrad.pipeline import overlapped_batches
+
     pixel = PixelMetrics(protocol=protocol, score_bits=score_bits)
     scores: list[float] = []
     labels: list[int] = []
@@ -73,27 +83,42 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     seconds = 0.0
+
+    def load(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        image = read_pixels(sample.path)  # the file's pixel type; converted a tile window at a time
+        return image, sample.load_mask(image.shape[:2])
+
+    def compute(batch: list[Sample], loaded: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+        nonlocal seconds
+        start = time.perf_counter()
+        predictions = model.predict_batch([image for image, _ in loaded])
+        seconds += time.perf_counter() - start
+        return predictions
+
+    def finish(sample: Sample, loaded: tuple[np.ndarray, np.ndarray], prediction: Prediction) -> tuple[float, Case | None]:
+        image, mask = loaded
+        pixel.add(prediction.anomaly_map, mask)  # one writer thread: maps are added in input order
+        if out_dir is None:
+            return prediction.score, None
+        maps = (image_thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
+        return prediction.score, Case(sample.path.name, sample.label, prediction.score, *maps)
+
     with PeakMemory() as memory:
-        for index, sample in enumerate(samples):
-            try:
-                image = read_image(sample.path)
-                mask = sample.load_mask(image.shape[:2])
-                start = time.perf_counter()
-                prediction = model.predict(image)
-                seconds += time.perf_counter() - start
-            except HradError as error:  # the file's problem, not the evaluation's: skip it
-                reason = " ".join(str(error).split())
+        stages = overlapped_batches(list(samples), load, compute, finish, batch=batch_images, writers=1)
+        for index, (sample, outcome) in enumerate(stages):
+            if isinstance(outcome, HradError):  # the file's problem, not the evaluation's: skip it
+                reason = " ".join(str(outcome).split())
                 skipped.append({"image": str(sample.path), "error": reason})
                 logger.warning("skipped %s", reason)
+            elif isinstance(outcome, Exception):
+                raise outcome
             else:
-                pixel.add(prediction.anomaly_map, mask)
-                scores.append(prediction.score)
+                score, case = outcome
+                scores.append(score)
                 labels.append(sample.label)
-                rows.append({"image": str(sample.path), "defect_type": sample.defect_type, "label": sample.label, "score": prediction.score})
-                if out_dir is not None:
-                    cases.append(
-                        Case(sample.path.name, sample.label, prediction.score, thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
-                    )
+                rows.append({"image": str(sample.path), "defect_type": sample.defect_type, "label": sample.label, "score": score})
+                if case is not None:
+                    cases.append(case)
             progress(index + 1, len(samples), "evaluating")
     if not scores:
         first = f"; first: {skipped[0]['error']}" if skipped else ""
@@ -118,6 +143,15 @@ def evaluate(
     if skipped:
         metrics["skipped"] = skipped
     return metrics
+
+
+def image_thumbnail(image: np.ndarray) -> np.ndarray:
+    """:func:`~hrad.reports.figures.thumbnail` of an image in any pixel type, as float32 in [0, 1]
+    (the thumbnail of its float twin: the area average commutes with the division)."""
+    small = thumbnail(image).astype(np.float32, copy=False)
+    if np.issubdtype(image.dtype, np.integer):
+        small /= np.float32(np.iinfo(image.dtype).max)
+    return small
 
 
 def environment() -> dict[str, str]:

@@ -133,6 +133,11 @@ class AnomalyModel:
             result = self.strategy.predict(image)
         return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess)
 
+    def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        with torch.inference_mode():
+            results = self.strategy.predict_batch(images)
+        return [smooth_and_score(result.anomaly_map, result.score, self.config.postprocess) for result in results]
+
     def _check_size(self, image: np.ndarray, name: str) -> None:
         """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`)."""
         check_image_size(image, self.fitted_size, name)
@@ -164,6 +169,26 @@ class AnomalyModel:
         return Prediction(
             anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold
         )
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+    ) -> list[Prediction]:
+        """:meth:`predict` of several images at once, in order, each equal to predicting it alone
+        (float tolerance). :meth:`~hrad.strategies.base.Strategy.predict_batch` shares work across
+        them (tiled, downsample: tiles of several images in one backbone batch; tiled ensemble:
+        each tile model loaded once). Images are checked before any is computed."""
+        arrays = [as_pixels(image) for image in images]
+        for image, array in zip(images, arrays, strict=True):
+            self._check_size(array, str(image) if isinstance(image, (str, Path)) else "image array")
+        image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
+        return [
+            Prediction(anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+            for anomaly_map, score in self._predict_raw_batch(arrays)
+        ]
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -251,23 +251,23 @@ def test_an_interrupted_predict_keeps_the_rows_it_finished(
 ) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    for index in range(3):
+    for index in range(5):
         cv2.imwrite(str(folder / f"{index}.png"), (textured_image(np.random.default_rng(index), 64, 80) * 255).astype(np.uint8))
-    original = AnomalyModel.predict
+    original = AnomalyModel.predict_batch
     calls = []
 
-    def interrupted(self: AnomalyModel, image: np.ndarray, **overrides: float | None) -> object:
+    def interrupted(self: AnomalyModel, images: list[np.ndarray], **overrides: float | None) -> object:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # in the second batch of two images
             raise KeyboardInterrupt
-        return original(self, image, **overrides)
+        return original(self, images, **overrides)
 
-    monkeypatch.setattr(AnomalyModel, "predict", interrupted)
+    monkeypatch.setattr(AnomalyModel, "predict_batch", interrupted)
     out = tmp_path / "out"
-    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 130
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--batch-images", "2"], monkeypatch) == 130
     with (out / "scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [Path(row["path"]).name for row in rows] == ["0.png"] and rows[0]["status"] == "ok"
+    assert [Path(row["path"]).name for row in rows] == ["0.png", "1.png"] and {row["status"] for row in rows} == {"ok"}
 
 
 # ------------------------------------------------------------------------------------ 4. artifacts verify themselves

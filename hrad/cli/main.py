@@ -151,6 +151,10 @@ def fit(
             run.log_artifacts(out, "model")
 
 
+#: hrad predict / evaluate: images predicted together by default (benchmarks/results/predict_pipeline.md)
+DEFAULT_BATCH_IMAGES = 4
+
+
 @app.command()
 def predict(
     model: Annotated[
@@ -172,6 +176,9 @@ def predict(
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
+    batch_images: Annotated[
+        int, typer.Option(min=1, help="Images predicted together (their tiles share backbone batches; up to 2N are decoded ahead); 1 = one at a time")
+    ] = DEFAULT_BATCH_IMAGES,
 ) -> None:
     """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
@@ -182,7 +189,7 @@ def predict(
     """
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
     from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
-    from hrad.pipeline import overlapped
+    from hrad.pipeline import overlapped_batches
 
     images = expand_image_paths(paths)
     prepare_output_dir(out)
@@ -192,18 +199,20 @@ def predict(
     writer.write_description()
     stems = output_stems(images)
     failed: list[OutputRow] = []
-    def compute(item: tuple[Path, str], image: Any) -> Any:
-        return fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas)
+    def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
+        if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
+            return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas))
+        return [fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas) for image in batch_images]
 
     def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
         return writer.write(item[0], item[1], image, prediction)
 
-    # the next images are decoded and finished ones written in threads while the model computes
+    # the next batch of images is decoded and finished ones written in threads while the model computes
     # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
     items = list(zip(images, stems, strict=True))
     with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
         # images stay in their file's pixel type (uint8/uint16): read_pixels, converted per tile
-        stages = overlapped(items, lambda item: read_pixels(item[0]), compute, finish, prefetch=2, writers=1)
+        stages = overlapped_batches(items, lambda item: read_pixels(item[0]), compute, finish, batch=batch_images, writers=1)
         for index, ((path, _), outcome) in enumerate(stages):
             row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
             scores.write(row)
@@ -267,6 +276,9 @@ def evaluate(
     track: Annotated[
         bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
+    batch_images: Annotated[
+        int, typer.Option(min=1, help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
+    ] = DEFAULT_BATCH_IMAGES,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -292,7 +304,9 @@ def evaluate(
     try:
         with _tracking("evaluate", track, out.name) as run:
             with progress_bars() as progress:
-                metrics = run_evaluation(fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits)
+                metrics = run_evaluation(
+                    fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits, batch_images=batch_images
+                )
             if run is not None:
                 run.log_config(fitted.config.model_dump(mode="json"))
                 run.log_metrics(metrics)
