@@ -11,14 +11,17 @@ onnxruntime or OpenVINO, equal to :meth:`AnomalyModel.predict` up to float round
 Module layout: the graphs and the verified ONNX writer are :mod:`hrad.export_graph`; running an
 export is :mod:`hrad.export_runtime`; ``tiled-ensemble`` (PatchCore) exports through
 :mod:`hrad.export_ensemble` (one graph, the tile position as a second input), ``mrf`` through
-:mod:`hrad.export_mrf` (one graph, one input per scale). ``hiad`` is not exportable yet,
-detectors without a scoring module neither.
+:mod:`hrad.export_mrf` (one graph, one input per scale), ``hiad`` through :mod:`hrad.export_hiad`
+(the backbone once, one scoring graph per pool detector and the low branch). Detectors without a
+scoring module are not exportable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from hrad.data.images import list_images
 from hrad.errors import ConfigError
 from hrad.export_ensemble import export_ensemble_onnx
 from hrad.export_graph import TileScorer, random_tiles, scoring_module, sidecar_header, write_verified_onnx
+from hrad.export_hiad import export_hiad_onnx
 from hrad.export_mrf import export_mrf_onnx
 from hrad.export_runtime import (
     INPUT_NAME,
@@ -51,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RUNTIMES", "OnnxPredictor", "export_geometry", "export_onnx", "export_openvino", "open_predictor"]
 
-EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble", "mrf")
+EXPORTABLE_STRATEGIES = ("downsample", "tiled", "tiled-ensemble", "mrf", "hiad")
 
 def export_geometry(model: AnomalyModel, tile_size: int | None = None) -> Geometry:
     """The geometry of ``model``'s strategy; ``tile_size`` replaces the tile (downsample: image) side.
@@ -156,6 +161,10 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
         if tile_size is not None:
             raise ConfigError("mrf has no tiles; --tile-size does not apply")
         return export_mrf_onnx(model, out_path, verify=verify)
+    if model.config.strategy.name == "hiad":
+        if tile_size is not None:
+            raise ConfigError("hiad's patch grid is part of its fitted pool; --tile-size does not apply")
+        return export_hiad_onnx(model, out_path, verify=verify)
     out_path = Path(out_path)
     geometry = export_geometry(model, tile_size)
     scoring = _scoring_module(model).to(model.device)
@@ -180,10 +189,16 @@ def export_onnx(model: AnomalyModel, out_path: str | Path, tile_size: int | None
     return write_sidecar(out_path.with_suffix(".json"), content)
 
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 #: OpenVINO IR vs onnxruntime on the same inputs, relative to the output's magnitude: FP32 runs
-#: other CPU kernels (summation order), FP16 stores the weights in half precision
-OPENVINO_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+#: other CPU kernels (summation order), FP16 stores the weights in half precision; INT8 (checked
+#: on its calibration inputs, not random ones) quantises the backbone's weights and activations,
+#: so only a broken quantisation is caught here: its effect on maps and metrics is measured by
+#: ``benchmarks/openvino_export.py``
+OPENVINO_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.25}
+#: graph nodes INT8 leaves in floating point: the detectors' scoring (kNN distances, Gaussians),
+#: whose differences of large numbers 8-bit activations would wipe out
+SCORING_NODES = r"^/scorings?[./].*"
 
 
 def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarray]:
@@ -198,35 +213,102 @@ def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarr
     return feeds
 
 
+def _calibration_feeds(onnx_path: Path, images: Sequence[Path], limit: int) -> list[dict[str, np.ndarray]]:
+    """The exported graph's inputs (one sample each: tile windows, scales, backbone images) while
+    its onnxruntime predictor predicts ``images``: what INT8 calibrates its activation ranges on."""
+    predictor: Any = open_predictor(onnx_path)
+    session = predictor.session
+    recorded: list[dict[str, np.ndarray]] = []
+
+    class Recorder:
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            count = len(next(iter(feeds.values())))
+            recorded.extend({name: value[i : i + 1] for name, value in feeds.items()} for i in range(count))
+            return session.run(names, feeds)
+
+    predictor.session = Recorder()
+    for path in images:
+        predictor.predict(path)
+        if len(recorded) >= limit:
+            break
+    return recorded[:limit]
+
+
+def _quantize(converted: Any, feeds: list[dict[str, np.ndarray]]) -> Any:
+    """Post-training INT8 quantisation (NNCF, OpenVINO backend) of the backbone, calibrated on ``feeds``."""
+    try:
+        import nncf
+    except ImportError:
+        raise ConfigError("OpenVINO INT8 export needs nncf: pip install 'hrad[openvino]'") from None
+    nncf.set_log_level(logging.ERROR)  # its per-node INFO lines and progress bars
+    scope = nncf.IgnoredScope(patterns=[SCORING_NODES], validate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nncf.quantize(converted, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=scope)
+
+
 def export_openvino(
-    model: AnomalyModel, out_path: str | Path, precision: str = "fp32", tile_size: int | None = None
+    model: AnomalyModel,
+    out_path: str | Path,
+    precision: str = "fp32",
+    tile_size: int | None = None,
+    calibration_images: str | Path | Sequence[str | Path] | None = None,
+    calibration_samples: int = 300,
 ) -> Path:
     """ONNX export (verified against PyTorch), converted to OpenVINO IR ``out_path`` (.xml + .bin).
 
     The ``.onnx`` and the sidecar ``.json`` are written next to the IR; the sidecar names the IR
     and records how far it is from onnxruntime on random inputs (must be within
     :data:`OPENVINO_TOLERANCE`). ``precision`` fp16 stores the weights in half precision (OpenVINO
-    still computes in FP32 on CPUs without native FP16/BF16). Returns the sidecar's path.
+    still computes in FP32 on CPUs without native FP16/BF16). ``precision`` int8 quantises the
+    backbone after training (NNCF), calibrated on the graph's inputs while the export predicts
+    ``calibration_images`` (a folder or image paths: training images; at most
+    ``calibration_samples`` inputs); the detector's scoring stays in FP32 (HiAD: the backbone
+    graph is quantised, the pool's and low branch's graphs stay FP32). Returns the sidecar's path.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if (precision == "int8") != (calibration_images is not None):
+        raise ConfigError("--calibration-images is for --precision int8, which needs it (a folder of training images)")
     openvino = openvino_module()
+    if isinstance(calibration_images, (str, Path)):
+        calibration_images = list_images(calibration_images)
     xml_path = Path(out_path).with_suffix(".xml")
     onnx_path = xml_path.with_suffix(".onnx")
     sidecar_path = export_onnx(model, onnx_path, tile_size=tile_size)
     sidecar = json.loads(sidecar_path.read_text())
-    converted = openvino.convert_model(str(onnx_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        openvino.save_model(converted, str(xml_path), compress_to_fp16=precision == "fp16")
-    feeds = _random_feeds(sidecar)
-    reference = onnxruntime_module().InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
-    ours = OpenVINOSession(xml_path).run(None, feeds)
-    difference = max(max_difference(a, b) for a, b in zip(ours, reference, strict=True))
-    if not difference <= OPENVINO_TOLERANCE[precision]:
-        xml_path.unlink(missing_ok=True)
-        xml_path.with_suffix(".bin").unlink(missing_ok=True)
-        raise RuntimeError(f"OpenVINO {precision} export differs from ONNX by {difference:.2e} (relative); not written")
+    # the graph, and a multi-graph export's other graphs (HiAD: pool and low branch) beside it
+    extra = sidecar.get("graphs")
+    if extra is None:
+        graphs = [(onnx_path, xml_path, _random_feeds(sidecar))]
+    else:  # HiAD: the backbone graph (onnx_path), one per pool detector, the low branch's
+        listed = [extra["embedder"], *extra["high"], *([extra["low"]] if extra["low"] else [])]
+        graphs = [
+            (onnx_path.with_name(graph["onnx"]), xml_path.with_name(Path(graph["onnx"]).with_suffix(".xml").name), _shaped_feeds(graph["inputs"]))
+            for graph in listed
+        ]
+    difference = 0.0
+    for index, (source, target, feeds) in enumerate(graphs):
+        converted = openvino.convert_model(str(source))
+        checks = [feeds]
+        if precision == "int8" and index == 0:  # the backbone's graph; HiAD's scoring graphs stay FP32
+            assert calibration_images is not None
+            samples = _calibration_feeds(onnx_path, [Path(path) for path in calibration_images], calibration_samples)
+            converted = _quantize(converted, samples)
+            checks = samples[:: max(1, len(samples) // 8)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            openvino.save_model(converted, str(target), compress_to_fp16=precision == "fp16")
+        reference_session = onnxruntime_module().InferenceSession(str(source), providers=["CPUExecutionProvider"])
+        session = OpenVINOSession(target)
+        for check in checks:
+            pairs = zip(session.run(None, check), reference_session.run(None, check), strict=True)
+            difference = max(difference, *(max_difference(a, b) for a, b in pairs))
+        if not difference <= OPENVINO_TOLERANCE[precision]:
+            for _, written, _ in graphs:
+                written.unlink(missing_ok=True)
+                written.with_suffix(".bin").unlink(missing_ok=True)
+            raise RuntimeError(f"OpenVINO {precision} export of {source.name} differs from ONNX by {difference:.2e} (relative); not written")
     sidecar["openvino"] = {
         "xml": xml_path.name,
         "bin": xml_path.with_suffix(".bin").name,
@@ -234,4 +316,14 @@ def export_openvino(
         "openvino_version": openvino.__version__,
         "max_difference_vs_onnx": difference,
     }
+    if precision == "int8":
+        sidecar["openvino"]["quantized"] = {"graph": xml_path.name, "calibration_inputs": len(samples), "kept_fp32": SCORING_NODES}
+    if len(graphs) > 1:
+        sidecar["openvino"]["graphs"] = {source.name: target.name for source, target, _ in graphs[1:]}
     return write_sidecar(sidecar_path, sidecar)
+
+
+def _shaped_feeds(shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Random float32 inputs of the given shapes (a multi-graph export's recorded example shapes)."""
+    generator = np.random.default_rng(0)
+    return {name: generator.random(shape, dtype=np.float32) for name, shape in shapes.items()}

@@ -32,8 +32,18 @@ from PIL import Image
 
 from hrad.data.images import as_image
 from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.hiad_math import (
+    bilinear_weights,
+    cell_centres,
+    level_size,
+    low_branch_size,
+    nearest_centroid,
+    normalize_range,
+    pooled_max,
+    valid_cells,
+)
 from hrad.postprocess.seams import smooth_seams
-from hrad.postprocess.smoothing import PostprocessConfig, smooth_and_score, top_fraction_mean
+from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
 from hrad.prediction import Prediction, Thresholds, check_image_size, decision_thresholds
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
@@ -122,6 +132,15 @@ def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, pr
         path = onnx_path.with_name(openvino_files["xml"]) if "xml" in openvino_files else onnx_path
         return OpenVINOSession(path)
     raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
+
+
+def graph_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
+    """A session for one more graph of a multi-graph export (HiAD) beside the sidecar: its OpenVINO
+    IR when the export converted it (``sidecar['openvino']['graphs']``), else the ONNX file."""
+    if runtime == "openvino":
+        converted = (sidecar.get("openvino") or {}).get("graphs", {})
+        return OpenVINOSession(onnx_path.with_name(converted[onnx_path.name]) if onnx_path.name in converted else onnx_path)
+    return inference_session(onnx_path, sidecar, runtime, providers)
 
 
 def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -433,6 +452,127 @@ class MRFPredictor(ExportedPredictor):
         return full, score
 
 
+@dataclass
+class _Level:
+    """A coarser fusion level's feature map (``C x h x w``) and its scale to level 0."""
+
+    features: np.ndarray
+    ratio_y: float
+    ratio_x: float
+    cell: float
+
+
+class HiADPredictor(ExportedPredictor):
+    """Runs an exported HiAD model (:mod:`hrad.export_hiad`): patches and fusion levels through
+    the backbone graph, fused features through their pool detector's graph, the low branch, then
+    calibration, merging and the branches' max, as :meth:`hrad.strategies.hiad.HiAD.predict` does
+    (its torch-free arithmetic is :mod:`hrad.hiad_math` and :class:`~hrad.tile_geometry.TileGeometry`)."""
+
+    def __init__(
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+    ) -> None:
+        super().__init__(onnx_path, sidecar, runtime, providers)
+        self.geometry: dict[str, Any] = sidecar["geometry"]
+        graphs = sidecar["graphs"]
+        self.pool = [graph_session(self.onnx_path.with_name(graph["onnx"]), sidecar, runtime, providers) for graph in graphs["high"]]
+        low = graphs["low"]
+        self.low = None if low is None else graph_session(self.onnx_path.with_name(low["onnx"]), sidecar, runtime, providers)
+        self.window: tuple[int, int] = (int(sidecar["input"]["window"][0]), int(sidecar["input"]["window"][1]))
+        assignment = sidecar["assignment"]
+        self.kind: str = assignment["kind"]
+        self.labels = None if assignment["position_labels"] is None else np.asarray(assignment["position_labels"], dtype=np.int64)
+        self.centroids = None if assignment["centroids"] is None else np.asarray(assignment["centroids"], dtype=np.float64)
+        self.ranges: dict[str, tuple[float, float]] = {name: (float(v[0]), float(v[1])) for name, v in sidecar["calibration"].items()}
+        self.weights = dict(zip((int(r) for r in self.geometry["rates"]), (float(w) for w in self.geometry["weights"]), strict=True))
+
+    def _embed(self, images: np.ndarray) -> np.ndarray:
+        (embeddings,) = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return np.asarray(embeddings, dtype=np.float32)
+
+    def _embed_windows(self, windows: np.ndarray) -> np.ndarray:
+        """Windows at image scale -> the patches' own embeddings (context cells cropped)."""
+        embeddings = self._embed(resize(windows, self.window))
+        c = int(self.geometry["crop_cells"])
+        return embeddings[..., c:-c, c:-c] if c else embeddings
+
+    def _layout(self, height: int, width: int, stride: int, edge: Any) -> TileLayout:
+        return TileLayout.square(height, width, int(self.geometry["patch"]), stride, int(self.geometry["margin"]), edge)
+
+    def _level(self, planes: np.ndarray, rate: int) -> _Level:
+        """The image at ``rate``, tiled on a regular reflect-padded grid, embedded, assembled."""
+        height, width = planes.shape[-2:]
+        size = level_size(height, width, rate)
+        patch = int(self.geometry["patch"])
+        layout = self._layout(*size, patch, "reflect")
+        batch = int(self.geometry["batch_size"])
+        features = np.concatenate([self._embed_windows(w) for _, w in layout.batches(layout.pad(resize(planes, size)), batch)])
+        cell = patch / features.shape[-2]
+        assembled = layout.assemble(features)
+        return _Level(assembled[:, : valid_cells(size[0], cell), : valid_cells(size[1], cell)], size[0] / height, size[1] / width, cell)
+
+    def _fuse(self, base: np.ndarray, levels: dict[int, _Level], corners: list[tuple[int, int]]) -> np.ndarray:
+        """``w_0 * base + sum_k w_k * level_k`` sampled at each patch's cell centres."""
+        fused = base * np.float32(self.weights[0]) if len(self.weights) > 1 else base
+        grid_h, grid_w = base.shape[-2:]
+        cell0 = int(self.geometry["patch"]) / grid_h
+        for rate, level in levels.items():
+            _, map_h, map_w = level.features.shape
+            features = level.features.astype(np.float64)
+            sampled = np.stack([
+                np.einsum("yh,chw,xw->cyx", bilinear_weights(cell_centres(y, grid_h, cell0, level.ratio_y, level.cell), map_h),
+                          features, bilinear_weights(cell_centres(x, grid_w, cell0, level.ratio_x, level.cell), map_w))
+                for y, x in corners
+            ]).astype(np.float32)  # fmt: skip
+            fused = fused + np.float32(self.weights[rate]) * sampled
+        return fused
+
+    def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        geometry = self.geometry
+        height, width = image.shape[:2]
+        fitted_h, fitted_w = geometry["fitted_size"]
+        if geometry["positional"] and (height, width) != (fitted_h, fitted_w):
+            raise InputError(
+                f"hiad: image is {height}x{width} but the model was fitted on {fitted_h}x{fitted_w} images; "
+                f"{self.kind} binds detectors to patch positions (use a2o or ra for mixed sizes)"
+            )
+        planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        low_size = low_branch_size(height, width, int(geometry["low_res_size"]), int(geometry["multiple"]))
+        if self.low is not None and list(low_size) != list(geometry["low_size"]) and not geometry["other_sizes_verified"]:
+            raise InputError(
+                f"image {width}x{height} gives another low-branch size than the {fitted_w}x{fitted_h} images this export "
+                "was made for, and its graphs are not verified at other sizes"
+            )
+        levels = {rate: self._level(planes, rate) for rate, weight in self.weights.items() if rate > 0 and weight > 0}
+        layout = self._layout(height, width, int(geometry["stride"]), geometry["edge"])
+        patch = int(geometry["patch"])
+        merger = _Merger(layout)
+        for positions, windows in layout.batches(layout.pad(planes), int(geometry["batch_size"])):
+            fused = self._fuse(self._embed_windows(windows), levels, [(p.y, p.x) for p in positions])
+            index = np.asarray([p.index for p in positions], dtype=np.int64)
+            if self.kind == "ra":
+                assert self.centroids is not None
+                labels = nearest_centroid(fused.mean(axis=(2, 3)).astype(np.float64), self.centroids)
+            else:
+                labels = np.zeros(len(index), dtype=np.int64) if self.kind == "a2o" else self.labels[index]  # type: ignore[index]
+            maps = np.empty((len(index), *fused.shape[-2:]), dtype=np.float32)
+            for m in np.unique(labels):
+                selected = np.flatnonzero(labels == m)
+                raw = self.pool[int(m)].run(None, {"embeddings": np.ascontiguousarray(fused[selected])})[0]
+                maps[selected] = normalize_range(np.asarray(raw, dtype=np.float32).reshape(len(selected), *fused.shape[-2:]), *self.ranges[f"high.{int(m)}"])
+            for p, tile_map in zip(positions, resize(maps, (patch, patch)), strict=True):
+                merger.add(p.y, p.x, tile_map)
+        final = merger.result()
+        if self.low is not None:
+            embeddings = self._embed(resize(planes, low_size)[None])
+            low_map = np.asarray(self.low.run(None, {"embeddings": embeddings})[0], dtype=np.float32)[0]
+            final = np.maximum(final, resize(normalize_range(low_map, *self.ranges["low"]), (height, width)))
+        final = np.ascontiguousarray(final, dtype=np.float32)
+        smoothing, score_sigma = float(geometry["smoothing_sigma"]), float(geometry["score_sigma"])
+        returned = gaussian_smooth(final, smoothing)
+        scored = returned if score_sigma == smoothing else gaussian_smooth(final, score_sigma)
+        return returned, pooled_max(scored, int(geometry["score_pool"]))
+
+
 def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> ExportedPredictor:
     """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
 
@@ -453,4 +593,6 @@ def open_predictor(model_path: str | Path, runtime: str | None = None, providers
         return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime)
     if strategy == "mrf":
         return MRFPredictor(onnx_path, sidecar, providers, runtime=runtime)
+    if strategy == "hiad":
+        return HiADPredictor(onnx_path, sidecar, providers, runtime=runtime)
     return OnnxPredictor(onnx_path, providers=providers, runtime=runtime)

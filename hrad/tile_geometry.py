@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from hrad.errors import ConfigError
 
 Edge = Literal["shift", "reflect", "zeros"]
 GeometryT = TypeVar("GeometryT", bound="TileGeometry")
+ArrayT = TypeVar("ArrayT", bound=Any)
 
 
 def _count(size: int, tile: int, stride: int) -> int:
@@ -118,6 +119,20 @@ class TileGeometry:
         ys = sorted({y for p in self.positions() for y in (p.y, p.y + self.tile_h)} - {0})
         xs = sorted({x for p in self.positions() for x in (p.x, p.x + self.tile_w)} - {0})
         return [y for y in ys if y < self.height], [x for x in xs if x < self.width]
+
+    def assemble(self, embeddings: ArrayT) -> ArrayT:
+        """``N x C x h x w`` embeddings (numpy array or torch tensor) of a regular non-overlapping
+        grid (stride = tile, no shifted tiles), in :meth:`positions` order -> one
+        ``C x rows*h x cols*w`` map of the same type."""
+        if self.stride_h != self.tile_h or self.stride_w != self.tile_w or self.edge == "shift" and (
+            self.height % self.tile_h or self.width % self.tile_w
+        ):
+            raise ValueError("assemble needs non-overlapping tiles on a regular grid")
+        _, channels, cells_h, cells_w = embeddings.shape
+        grid: Any = embeddings.reshape(self.rows, self.cols, channels, cells_h, cells_w)
+        order = (2, 0, 3, 1, 4)
+        grid = grid.transpose(order) if isinstance(grid, np.ndarray) else grid.permute(*order)
+        return grid.reshape(channels, self.rows * cells_h, self.cols * cells_w)
 
     def border_distance(self) -> np.ndarray:
         """``H x W`` distance (pixels) from each pixel centre to the nearest tile border inside the image.

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hrad.errors import ArtifactError, ConfigError
+from hrad.hiad_math import normalize_range
 
 #: side ranges (pixels, at :data:`PSEUDO_REFERENCE_SIDE`) of the two rectangle families
 SMALL_SIDES = (16, 40)
@@ -167,11 +168,3 @@ class MinMaxCalibration:
                     f"calibration state has {key} but no {name}.max; the artifact is incomplete"
                 )
             self._ranges[name] = Range(float(state[key]), float(state[f"{name}.max"]))
-
-
-def normalize_range(values: Tensor, low: float, high: float) -> Tensor:
-    """``clip((values - low) / (high - low), 0, 1)``; a degenerate range maps to a step at ``low``."""
-    span = high - low
-    if span <= 0:
-        return (values > low).to(values.dtype)
-    return ((values - low) / span).clamp_(0.0, 1.0)

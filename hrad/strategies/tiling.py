@@ -134,20 +134,6 @@ class TileGrid(TileGeometry):
             counts[p.y : p.y + self.tile_h, p.x : p.x + self.tile_w] += 1
         return counts
 
-    def assemble(self, embeddings: Tensor) -> Tensor:
-        """``N x C x h x w`` embeddings of a regular non-overlapping grid (stride = tile, no
-        shifted tiles), in :meth:`positions` order -> one ``C x rows*h x cols*w`` map."""
-        if self.stride_h != self.tile_h or self.stride_w != self.tile_w or self.edge == "shift" and (
-            self.height % self.tile_h or self.width % self.tile_w
-        ):
-            raise ValueError("assemble needs non-overlapping tiles on a regular grid")
-        _, channels, cells_h, cells_w = embeddings.shape
-        return (
-            embeddings.reshape(self.rows, self.cols, channels, cells_h, cells_w)
-            .permute(2, 0, 3, 1, 4)
-            .reshape(channels, self.rows * cells_h, self.cols * cells_w)
-        )
-
 class TileMerger:
     """Streams tile maps into one full-size map (host memory), averaging overlaps.
 

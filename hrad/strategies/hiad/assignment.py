@@ -23,6 +23,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 from hrad.errors import ArtifactError, ConfigError
+from hrad.hiad_math import nearest_centroid
 
 POSITIONAL = ("a2o", "o2o", "na", "sca")
 
@@ -59,14 +60,6 @@ def neighbourhood_labels(rows: int, cols: int, count: int) -> np.ndarray:
         for index in run:
             labels[order[index]] = label
     return labels.reshape(-1)
-
-
-def nearest_centroid(descriptors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (squared L2) for each row of ``descriptors``."""
-    d = np.asarray(descriptors, dtype=np.float64)
-    c = np.asarray(centroids, dtype=np.float64)
-    distances = (d * d).sum(1)[:, None] - 2.0 * d @ c.T + (c * c).sum(1)[None, :]
-    return distances.argmin(axis=1).astype(np.int64)
 
 
 def l2_normalise(rows: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hrad.hiad_math import cell_centres, level_size, valid_cells
 from hrad.imaging import resize
 from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels
 from hrad.strategies.tiling import Edge, TileGrid, TilePosition
@@ -58,11 +59,6 @@ def resolve_fusion(
     return tuple(chosen[i] for i in order), tuple(float(weights[i]) for i in order)
 
 
-def level_size(height: int, width: int, rate: int) -> tuple[int, int]:
-    factor = 2**rate
-    return max(1, round(height / factor)), max(1, round(width / factor))
-
-
 @dataclass
 class LevelMap:
     """A level-k feature map over the zero-padded level-k image, and its scale to level 0."""
@@ -90,7 +86,7 @@ def embed_level(
     assembled = grid.assemble(features)
     cell = patch / grid_h
     # drop the cells that lie wholly in the reflected padding, so sampling clamps at the image border
-    valid_h, valid_w = math.ceil(size[0] / cell - 1e-9), math.ceil(size[1] / cell - 1e-9)
+    valid_h, valid_w = valid_cells(size[0], cell), valid_cells(size[1], cell)
     return LevelMap(assembled[:, :valid_h, :valid_w], size[0] / height, size[1] / width, cell)
 
 
@@ -105,13 +101,11 @@ def sample_patch_windows(
     features = level.features
     _, map_h, map_w = features.shape
     device = features.device
-    steps_y = (torch.arange(grid_h, device=device, dtype=torch.float64) + 0.5) * cell0
-    steps_x = (torch.arange(grid_w, device=device, dtype=torch.float64) + 0.5) * cell0
     rows = []
     for y, x in corners:
         # continuous map coordinate (cell edges at integers) -> grid_sample's [-1, 1]
-        gy = 2.0 * ((y + steps_y) * level.ratio_y / level.cell) / map_h - 1.0
-        gx = 2.0 * ((x + steps_x) * level.ratio_x / level.cell) / map_w - 1.0
+        gy = 2.0 * torch.from_numpy(cell_centres(y, grid_h, cell0, level.ratio_y, level.cell)).to(device) / map_h - 1.0
+        gx = 2.0 * torch.from_numpy(cell_centres(x, grid_w, cell0, level.ratio_x, level.cell)).to(device) / map_w - 1.0
         rows.append(torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1))  # gh x gw x 2 (x, y)
     grid = torch.cat(rows, dim=0)[None].to(features.dtype)  # 1 x (n*gh) x gw x 2
     sampled = F.grid_sample(features[None], grid, mode="bilinear", padding_mode="border", align_corners=False)

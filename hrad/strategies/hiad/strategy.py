@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
+from hrad.hiad_math import low_branch_size, normalize_range, pooled_max
 from hrad.imaging import resize
-from hrad.postprocess.calibration import MinMaxCalibration, normalize_range, paste_pseudo_anomalies
+from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import gaussian_smooth
 from hrad.strategies.base import (
     AnomalyResult,
@@ -58,22 +58,6 @@ class RawOutput:
     labels: np.ndarray  # detector per patch
     patch_maps: Tensor  # P x g x g raw detector maps
     low_map: Tensor | None  # h x w raw low-branch map
-
-
-def low_branch_size(height: int, width: int, target: int, multiple: int) -> tuple[int, int]:
-    """Size whose long side is ~``target`` (never upscaled), sides rounded to ``multiple``."""
-    scale = min(1.0, target / max(height, width))
-    return (
-        max(multiple, round(height * scale / multiple) * multiple),
-        max(multiple, round(width * scale / multiple) * multiple),
-    )
-
-
-def image_score(anomaly_map: np.ndarray, pool: int) -> float:
-    """Max of the map averaged over ``pool x pool`` windows (stride 1): robust to single pixels."""
-    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    kernel = (min(pool, tensor.shape[-2]), min(pool, tensor.shape[-1]))
-    return float(F.avg_pool2d(tensor, kernel, stride=1).max())
 
 
 class HiAD(Strategy):
@@ -339,9 +323,9 @@ class HiAD(Strategy):
         final = np.ascontiguousarray(final, dtype=np.float32)
         returned = gaussian_smooth(final, self.config.smoothing_sigma)
         if self.config.score_sigma == self.config.smoothing_sigma:
-            score = image_score(returned, self.config.score_pool)
+            score = pooled_max(returned, self.config.score_pool)
         else:
-            score = image_score(gaussian_smooth(final, self.config.score_sigma), self.config.score_pool)
+            score = pooled_max(gaussian_smooth(final, self.config.score_sigma), self.config.score_pool)
         extras: dict = {"patch_detectors": raw.labels.reshape(raw.grid.rows, raw.grid.cols)}
         if self.config.return_branch_maps:
             extras["high_map"] = high_map

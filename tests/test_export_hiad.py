@@ -1,0 +1,130 @@
+"""HiAD export: the backbone graph, one scoring graph per pool detector and the low branch; the
+torch-free predictor equals hrad predict (fusion, assignment, calibration, branches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run, write
+from export_helpers import make_model, spotted_image, training_images
+
+from hrad.errors import ConfigError, InputError
+from hrad.export import export_onnx, export_openvino
+from hrad.export_runtime import HiADPredictor, open_predictor
+from hrad.prediction import Prediction
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa" / "capsules"
+#: relative to the map's magnitude (measured: under 2e-5 on these models; numpy/Pillow vs torch
+#: resizing and grid sampling, float64 vs float32 merging)
+TOLERANCE = 1e-4
+
+HIAD = {"name": "hiad", "patch_size": 32, "low_res_size": 48}
+CASES = {
+    # two fusion levels, KMeans over positions, low branch
+    "sca-levels": ({**HIAD, "assignment": "sca", "num_detectors": 2, "fusion_rates": [0, 1]}, "patchcore"),
+    # overlapping patches, three weighted levels, retrieval assignment (nearest centroid), other image sizes
+    "ra-overlap-3-levels": (
+        {**HIAD, "stride": 24, "assignment": "ra", "num_detectors": 2, "fusion_rates": [0, 1, 2], "fusion_weights": [0.5, 0.3, 0.2]},
+        "patchcore",
+    ),
+    # one detector per position, no low branch, zero-padded edge tiles
+    "o2o-no-low-zeros": ({**HIAD, "patch_size": 48, "assignment": "o2o", "low_branch": False, "tile_edge": "zeros"}, "patchcore"),
+    # PaDiM's per-position Gaussians in the pool and the low branch
+    "padim-na": ({**HIAD, "assignment": "na", "num_detectors": 2}, {"name": "padim", "n_features": 12}),
+    # a ViT backbone: windows resized to multiples of 14
+    "vit-a2o": ({**HIAD, "patch_size": 28, "low_res_size": 56, "assignment": "a2o"}, "patchcore"),
+}
+BACKBONES = {"vit-a2o": "tiny-vit"}
+
+
+def assert_same(got: Prediction, expected: Prediction) -> None:
+    scale = float(np.abs(expected.anomaly_map).max())
+    assert got.anomaly_map.shape == expected.anomaly_map.shape
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= TOLERANCE * scale
+    assert got.score == pytest.approx(expected.score, rel=TOLERANCE, abs=1e-6)
+    assert (got.image_threshold, got.is_anomalous) == (expected.image_threshold, expected.is_anomalous)
+
+
+def detector_options(detector: str | dict) -> dict:
+    return {"name": "patchcore", "coreset_ratio": 0.25} if detector == "patchcore" else detector  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("strategy", "detector"), CASES.values(), ids=CASES.keys())
+def test_hiad_export_matches_model_predict(strategy: dict, detector: str | dict, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    backbone = BACKBONES.get(request.node.callspec.id, "tiny-cnn")
+    model = make_model(strategy, detector_options(detector), backbone=backbone).fit(training_images(5, 4), training_images(9, 2))
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    pool = model.strategy.detector_count
+    assert len(sidecar["graphs"]["high"]) == pool and sidecar["assignment"]["count"] == pool
+    assert (sidecar["graphs"]["low"] is None) == (strategy.get("low_branch") is False)
+    assert sorted(sidecar["calibration"]) == sorted(model.strategy.calibration.names())
+    for graph in sidecar["graphs"]["high"]:
+        assert (tmp_path / graph["onnx"]).is_file()
+    predictor = open_predictor(tmp_path / "m.onnx")
+    assert isinstance(predictor, HiADPredictor)
+    # a defect, a normal image (its score is not saturated), and for ra another size
+    images = [spotted_image(6), training_images(21, 1)[0]]
+    if strategy["assignment"] == "ra":
+        assert sidecar["geometry"]["other_sizes_verified"] is True
+        images.append(spotted_image(7, 72, 104, 20, 40, 8))
+    for image in images:
+        assert_same(predictor.predict(image), model.predict(image))
+
+
+def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2}).fit(training_images(5, 3), training_images(9, 1))
+    with pytest.raises(ConfigError, match="--tile-size does not apply"):
+        export_onnx(model, tmp_path / "m.onnx", tile_size=64)
+    # a detector without an exportable scoring (one line, exit 2 in the CLI)
+    plain = make_model({**HIAD, "assignment": "a2o"}, "test-gaussian").fit(training_images(5, 2), training_images(9, 1))
+    plain.save(tmp_path / "plain")
+    assert run(["export", "--model", str(tmp_path / "plain"), "--out", str(tmp_path / "v.onnx")], monkeypatch) == 2
+    error = capsys.readouterr().err.strip()
+    assert "hiad export: detector 'test-gaussian' has no exportable scoring" in error and "\n" not in error
+    assert not list(tmp_path.glob("v*.onnx"))
+    # positional pools bind the fitted size: another size is one line, as in hrad predict
+    export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="binds detectors to patch positions"):
+        open_predictor(tmp_path / "m.onnx").predict(spotted_image(7, 72, 104, 20, 40, 8))
+
+
+def test_cli_export_and_predict_hiad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hrad export`` then ``hrad predict --model m.onnx`` write what ``hrad predict`` on the model writes."""
+    model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2, "fusion_rates": [0, 1]}).fit(training_images(5, 3), training_images(9, 1))
+    model.save(tmp_path / "model")
+    assert run(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "e" / "m.onnx")], monkeypatch) == 0
+    write(tmp_path / "images" / "spot.png", spotted_image(6))
+    for name, source in (("torch", tmp_path / "model"), ("onnx", tmp_path / "e" / "m.onnx")):
+        args = ["predict", "--model", str(source), str(tmp_path / "images"), "--format", "tiff", "--out", str(tmp_path / name)]
+        assert run(args, monkeypatch) == 0
+    import tifffile
+
+    ours, reference = (tifffile.imread(next((tmp_path / name).glob("*_map.tiff"))) for name in ("onnx", "torch"))
+    assert np.abs(ours - reference).max() <= TOLERANCE * float(np.abs(reference).max())
+
+
+def test_hiad_openvino_export(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2, "fusion_rates": [0, 1]}).fit(training_images(5, 3), training_images(9, 1))
+    sidecar = json.loads(export_openvino(model, tmp_path / "m.xml", "fp32").read_text())
+    assert sorted(sidecar["openvino"]["graphs"]) == ["m.high0.onnx", "m.high1.onnx", "m.low.onnx"]
+    image = spotted_image(6)
+    assert_same(open_predictor(tmp_path / "m.xml").predict(image), model.predict(image))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/visa/capsules")
+def test_hiad_export_matches_on_capsules(tmp_path: Path) -> None:
+    """Real images at their own size (1500 x 1000): patches of 256, two fusion levels, a pool of 3
+    fitted on 2 training images and calibrated on a third; a good and an anomalous test image."""
+    from hrad.data.images import read_image
+
+    train = sorted((SHARED / "train" / "good").iterdir())
+    strategy = {"name": "hiad", "patch_size": 256, "low_res_size": 256, "assignment": "sca", "num_detectors": 3, "fusion_rates": [0, 1]}
+    model = make_model(strategy, {"name": "patchcore", "coreset_ratio": 0.1}).fit([read_image(p) for p in train[:2]], [read_image(train[2])])
+    export_onnx(model, tmp_path / "caps.onnx")
+    predictor = open_predictor(tmp_path / "caps.onnx")
+    for path in (sorted((SHARED / "test" / "good").iterdir())[0], sorted((SHARED / "test" / "bad").iterdir())[0]):
+        assert_same(predictor.predict(path), model.predict(read_image(path)))
