@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hrad.config import load_config
 from hrad.data.datasets import Dataset, Sample, load_dataset
 from hrad.data.images import ImageList
@@ -58,19 +60,24 @@ def run_setup(
     train: Sequence[Path],
     test: Sequence[Sample],
     describe: Callable[[AnomalyModel], dict[str, Any]] | None = None,
+    *,
+    train_images: Sequence[np.ndarray] | None = None,
+    batch_images: int = 1,
     **extra: Any,
 ) -> dict[str, Any]:
     """Fit one configuration and evaluate it at full resolution; one results row.
 
     ``describe(model)`` adds columns about the fitted model (for example its parameter count).
+    ``train_images``: the training images already decoded (in ``train``'s order), so runs of
+    several setups decode them once; ``batch_images``: test images per ``predict_batch``.
     """
     config = load_config(None, overrides)
     print(f"[{setup}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
     with PeakMemory() as fit_memory:
-        model = AnomalyModel(config).fit(ImageList(list(train)))
+        model = AnomalyModel(config).fit(ImageList(list(train)) if train_images is None else list(train_images))
     print(f"[{setup}] fit {fit_memory.seconds:.1f}s; evaluating {len(test)} images ...", file=sys.stderr, flush=True)
     with PeakMemory() as predict_memory:
-        metrics = evaluate(model, list(test))
+        metrics = evaluate(model, list(test), batch_images=batch_images)
     row = {"setup": setup, **extra, **metrics}
     row["fit_seconds"] = fit_memory.seconds
     row["fit_peak_rss_mb"] = fit_memory.peak_rss_mb
