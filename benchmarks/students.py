@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         extra_tables={
             "Size-aware AUPRO (defect-size quartiles)": SIZE_COLUMNS,
             "Teacher vs students time (students rows)": TIMING_COLUMNS,
-            f"Few-shot at {size}": FEW_SHOT_COLUMNS,
+            **({f"Few-shot at {size}": FEW_SHOT_COLUMNS} if few_rows else {}),
         },
     )
 
