@@ -16,8 +16,9 @@ weights (nothing chosen on test data).
 
 - Students (L2BT), the paper's settings: blocks 8 and 12, 50 epochs, Adam lr 1e-3 (the
   reference code uses 1e-4), every training token kept (``max_tokens`` = 300 images' tokens,
-  no subsample), ``batch_tokens`` = the tokens of 4 images per step (the reference code's batch
-  of 4 images; the paper does not say), image score = mean of the top 0.1% of the map.
+  no subsample), one whole image per step in a fresh order every epoch (the paper's Algorithm
+  1; ``--students-batch-images 4`` is the reference code's batching), image score = mean of the
+  top 0.1% of the map.
 - VarAD, the paper's settings: blocks 4 / 8 / 12, four scan directions, prediction step
   m = 4 scan lines, AdamW lr 5e-4 betas (0.5, 0.999), 10 epochs, 2 images per step (the paper's
   timing batch); the selective scan runs in mamba-ssm's CUDA kernel when the package is
@@ -43,8 +44,8 @@ FLOP counts at an assumed effective rate plus the CPU costs measured on the 2-co
 - teacher: ViT-S/14 at 1036 (5476 tokens) ~0.8 TFLOP per image; at ~200 TFLOP/s effective in
   bfloat16 ~4 ms, so 460 images ~2 s per setup at 1036 and less at 518;
 - students at 1036: 1.64 M tokens x 50 epochs, ~5.3 MFLOP per token-step (two 3-layer 384-wide
-  MLPs, forward + backward): 0.27 PFLOP, 3750 steps of 21904 tokens; ~10-20 s (small matmuls,
-  launch-bound); at 518 a quarter of it;
+  MLPs, forward + backward): 0.44 PFLOP, 15000 steps of 5476 tokens (one image each); ~20-40 s
+  (small matmuls, launch-bound: ~2 ms a step); at 518 15000 steps of 1369 tokens, ~20-30 s;
 - VarAD at 1022: 300 images x 10 epochs x 3 levels x 4 directions x 5585 tokens (5329 + 256 BOS)
   x ~5.7 MFLOP (a 384-wide Mamba block, forward + backward): 1.2 PFLOP; launch- and
   memory-bound, ~60-120 s with mamba-ssm's kernel; the chunked torch scan moves ~13 GB per level
@@ -110,7 +111,7 @@ def setups(args: argparse.Namespace, n_train: int) -> list[tuple[str, dict[str, 
             "epochs": args.students_epochs,
             "learning_rate": args.students_lr,
             "max_tokens": max(1, n_train * tokens),  # every training token (no subsample)
-            "batch_tokens": 4 * tokens,  # the reference code's 4 images per step
+            "batch_images": args.students_batch_images,  # whole images per step (paper: 1)
             "precision": args.precision,
         }
         rows.append((
@@ -187,6 +188,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--students-sides", type=int, nargs="*", default=None, help="default 518 1036; smoke 56 112")
     parser.add_argument("--students-epochs", type=int, default=None, help="default 50 (paper); smoke 2")
     parser.add_argument("--students-lr", type=float, default=1e-3, help="paper 1e-3 (reference code 1e-4)")
+    parser.add_argument("--students-batch-images", type=int, default=1,
+                        help="whole images per step: 1 = paper's Algorithm 1, 4 = reference code")  # fmt: skip
     parser.add_argument("--varad-sides", type=int, nargs="*", default=None, help="default 1022; smoke 112")
     parser.add_argument("--varad-epochs", type=int, default=None, help="default 10 (paper); smoke 2")
     parser.add_argument("--varad-m", type=float, default=4.0, help="prediction step in scan lines (paper: 4)")
@@ -243,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"backbone {args.vit} at {args.backbone_precision}; mamba-ssm {'installed (VarAD scan: its CUDA kernel)' if fused else 'not installed (VarAD scan: chunked torch scan on CUDA, compiled numba scan on CPU)'}. "
             f"Data: {source_line}; {len(train)} training images, {len(test)} test images"
             f"{' (the whole test split)' if n_test is None else ''}; maps exact at the ground truth's resolution. "
-            f"Students: {args.students_epochs} epochs, Adam lr {args.students_lr:g}, every training token, 4 images' tokens per step. "
+            f"Students: {args.students_epochs} epochs, Adam lr {args.students_lr:g}, every training token, {args.students_batch_images} whole image(s) per step. "
             f"VarAD: {args.varad_epochs} epochs, four directions, m = {args.varad_m:g}, {args.varad_batch} images per step. "
             "Final-epoch weights; no threshold learned; F1-max is an oracle number. fit_seconds: wall time of the fit "
             "(teacher features included) on the decoded images; seconds_per_image: the model's predict time per test image. "

@@ -41,8 +41,8 @@ def test_smoke_run_writes_students_and_patchcore_rows_at_paper_settings(
         assert 0 <= row["image_auroc"] <= 1 and 0 <= row["aupro_30"] <= 1
     students = rows["students/tiny-vit/down56"]
     detector = students["config"]["detector"]
-    # every token of the 4 training images kept (56 px / 14 = 4 x 4 tokens), 4 images per step
-    assert detector["max_tokens"] == 4 * 16 and detector["batch_tokens"] == 4 * 16
+    # every token of the 4 training images kept (56 px / 14 = 4 x 4 tokens), one image per step
+    assert detector["max_tokens"] == 4 * 16 and detector["batch_images"] == 1
     assert detector["precision"] == "auto" and detector["learning_rate"] == 1e-3
     assert len(students["loss_curve"]["train"]) == 2 == students["epochs"]
     assert "SMOKE" in result["notes"] and (tmp_path / "smoke.md").is_file()

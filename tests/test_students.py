@@ -201,3 +201,50 @@ def test_user_mistakes_raise_hrad_errors(vit_embeddings: tuple[torch.Tensor, tor
     detector = _fit(train, epochs=1)
     with pytest.raises(InputError, match="32-channel"):
         detector.predict(test[:, :30])
+
+
+class _Recording(Students):
+    """Students that keep every training batch (tokens as rows)."""
+
+    def __init__(self, config: StudentsConfig) -> None:
+        super().__init__(config)
+        self.batches: list[torch.Tensor] = []
+
+    def training_step(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self.batches.append(embeddings.flatten(1).clone())
+        return super().training_step(embeddings)
+
+
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_batch_images_steps_on_whole_images_reshuffled_every_epoch(
+    vit_embeddings: tuple[torch.Tensor, torch.Tensor], per_step: int
+) -> None:
+    """The paper's Algorithm 1 (1 image per step) and the reference code's batching (4): each step
+    holds every token of ``per_step`` whole images, every image once per epoch, a new order each epoch."""
+    train, _ = vit_embeddings  # 8 images of 8 x 8 tokens
+    detector = _Recording(StudentsConfig(epochs=2, batch_images=per_step, learning_rate=3e-3))
+    detector.fit([train[:4], train[4:]])
+    owner = {}
+    for image in range(len(train)):
+        for row in train[image].permute(1, 2, 0).reshape(64, -1).half().float():
+            owner[row.numpy().tobytes()] = image
+    steps = math.ceil(len(train) / per_step)
+    assert len(detector.batches) == 2 * steps
+    orders = []
+    for epoch in range(2):
+        seen: list[int] = []
+        for batch in detector.batches[epoch * steps : (epoch + 1) * steps]:
+            images = [owner[row.numpy().tobytes()] for row in batch]
+            distinct = sorted(set(images))
+            assert len(batch) == 64 * len(distinct) and all(images.count(i) == 64 for i in distinct)
+            assert len(distinct) == min(per_step, len(train) - len(seen))
+            seen.extend(dict.fromkeys(images))
+        assert sorted(seen) == list(range(len(train)))
+        orders.append(tuple(seen))
+    assert orders[0] != orders[1]
+    assert detector.loss_history[-1] < detector.loss_history[0]
+
+
+def test_batch_images_excludes_tokens_per_epoch() -> None:
+    with pytest.raises(ValueError, match="tokens_per_epoch"):
+        StudentsConfig(batch_images=4, tokens_per_epoch=100)

@@ -7,15 +7,24 @@ are trained jointly on tokens of good images with ``1 - cos`` losses. On anomalo
 small students fail, so the per-token distance between the L2-normalised prediction and the
 L2-normalised teacher feature, fused over both directions, is the anomaly map.
 
-Choices beyond the paper, all configurable:
+How training meets the paper (Algorithm 1: one optimiser step per training image, on all of its
+patch tokens, 50 epochs, Adam lr 1e-3) and the reference code (``A_train_VisA.py`` of
+alex-costanzino/L2BT: 4 whole images per step, images shuffled every epoch, no augmentation,
+every token of every image, Adam lr 1e-4, 50 epochs, bicubic resize to 1036):
 
-* tokens, not images, are the training samples: every pass shuffles tokens across images, so a
-  few images (few-shot) still give thousands of samples per step;
+* ``batch_images`` N steps on the tokens of N whole training images at a time, images shuffled
+  every epoch: N = 1 is the paper's algorithm, N = 4 the reference code's batching;
+* by default (``batch_images`` None) tokens, not images, are the samples: every pass shuffles
+  tokens across images into steps of ``batch_tokens``, so a few images (few-shot) still give
+  thousands of samples per step, and a step mixes many images;
 * the teacher runs once: tokens are gathered in one buffer on the embeddings' device (float16
-  by default) and the epochs iterate that buffer. When there are more than ``max_tokens``
-  tokens, a uniform seeded sample of ``max_tokens`` is kept (priority/reservoir sampling, so
-  memory stays bounded while batches stream in);
+  by default) and the epochs iterate that buffer. The paper and the reference code keep every
+  token; here, when there are more than ``max_tokens`` tokens, a uniform seeded sample of
+  ``max_tokens`` is kept (priority/reservoir sampling, so memory stays bounded while batches
+  stream in): raise it to the training set's token count (300 images at 1036: 1.64 M) to keep all;
 * the learning rate follows the paper (1e-3); the reference code uses 1e-4;
+* images are resized by the strategy (bilinear, antialiased when shrinking:
+  :func:`hrad.imaging.resize`); the reference code resizes with PIL's bicubic filter;
 * the final epoch's weights are used; with ``val_fraction`` > 0 whole training images are held
   out and the weights with the lowest held-out loss are kept (early stopping), never test data;
 * the image score is the mean of the top ``top_fraction`` values of the token map (at least one
@@ -32,7 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from hrad.detectors.base import DetectorConfig, DetectorOutput
@@ -51,11 +60,14 @@ class StudentsConfig(EpochsConfig):
     #: training epochs of both students
     epochs: int = Field(default=50, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)  # paper; the reference code uses 1e-4
-    #: tokens per optimisation step (the paper does not say; the reference code uses 4 images)
+    #: tokens per optimisation step when batch_images is None (drawn across all images)
     batch_tokens: int = Field(default=4096, ge=1)
+    #: whole training images per optimisation step (all their kept tokens), images shuffled
+    #: every epoch: 1 = the paper's Algorithm 1, 4 = the reference code; None = token batches
+    batch_images: int | None = Field(default=None, ge=1)
     #: at most this many training tokens are kept (uniform seeded sample beyond that)
     max_tokens: int = Field(default=1_000_000, ge=1)
-    #: tokens drawn per epoch from the buffer; None = one full pass over the buffer
+    #: tokens drawn per epoch from the buffer; None = one full pass (token batches only)
     tokens_per_epoch: int | None = Field(default=None, ge=1)
     #: storage type of the token buffer; float16 halves memory (1M ViT-B tokens: 3 GB)
     buffer_dtype: Literal["float16", "float32"] = "float16"
@@ -73,6 +85,12 @@ class StudentsConfig(EpochsConfig):
     split_at: int | None = Field(default=None, ge=1)
     #: tokens per chunk at inference (bounds memory on huge maps)
     predict_batch_tokens: int = Field(default=65536, ge=1)
+
+    @model_validator(mode="after")
+    def _one_batching(self) -> StudentsConfig:
+        if self.batch_images is not None and self.tokens_per_epoch is not None:
+            raise ValueError("tokens_per_epoch applies to token batches; unset it or batch_images")
+        return self
 
 
 def default_student_blocks(depth: int) -> tuple[str, str]:
@@ -201,6 +219,8 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         #: seconds of the last :meth:`predict` (students + distances; the teacher is not in it)
         self.last_predict_seconds: float = 0.0
         self._tokens = self._val_tokens = torch.empty(0)
+        #: with batch_images: the first token of every image in the (image-sorted) buffer, and the end
+        self._image_starts = torch.empty(0, dtype=torch.int64)
         self._sampler = torch.Generator()
         self._best: tuple[float, dict[str, Tensor] | None, int] = (math.inf, None, 0)
 
@@ -277,18 +297,35 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
             n_val = min(len(images) - 1, max(1, round(config.val_fraction * len(images))))
             held_out = images[torch.randperm(len(images), generator=self._sampler)[:n_val]].to(tokens.device)
             is_val = torch.isin(image_ids, held_out)
-            self._val_tokens, tokens = tokens[is_val], tokens[~is_val]
+            self._val_tokens, tokens, image_ids = tokens[is_val], tokens[~is_val], image_ids[~is_val]
+        if config.batch_images is not None:  # the buffer in image order, to cut whole images from
+            order = torch.argsort(image_ids, stable=True)
+            tokens = tokens[order]
+            counts = torch.unique_consecutive(image_ids[order], return_counts=True)[1].cpu()
+            self._image_starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         self._tokens = tokens
         self.val_history, self._best = [], (math.inf, None, 0)
 
     def training_batches(self, batches: Iterable[Tensor]) -> Iterator[Tensor]:
-        """A fresh shuffle of the token buffer, ``batch_tokens`` at a time, as ``n x C x 1 x 1``."""
+        """A fresh shuffle of the token buffer, ``batch_tokens`` at a time, as ``n x C x 1 x 1``;
+        with ``batch_images``, the tokens of that many whole images, in a fresh image order."""
+        if self.config.batch_images is not None:
+            yield from self._image_batches(self.config.batch_images)
+            return
         order = torch.randperm(len(self._tokens), generator=self._sampler)
         if self.config.tokens_per_epoch is not None:
             order = order[: self.config.tokens_per_epoch]
         order = order.to(self._tokens.device)
         for start in range(0, len(order), self.config.batch_tokens):
             yield self._tokens[order[start : start + self.config.batch_tokens]][:, :, None, None]
+
+    def _image_batches(self, per_step: int) -> Iterator[Tensor]:
+        starts = self._image_starts
+        images = torch.randperm(len(starts) - 1, generator=self._sampler).tolist()
+        for first in range(0, len(images), per_step):
+            chosen = images[first : first + per_step]
+            parts = [self._tokens[int(starts[image]) : int(starts[image + 1])] for image in chosen]
+            yield torch.cat(parts)[:, :, None, None]
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(self.fitted_network().parameters(), lr=self.config.learning_rate)]
@@ -329,6 +366,7 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         if state is not None:
             self.fitted_network().load_state_dict(state)
         self._tokens = self._val_tokens = torch.empty(0)
+        self._image_starts = torch.empty(0, dtype=torch.int64)
 
     # ----------------------------------------------------------------- inference
     def direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
