@@ -29,7 +29,7 @@ from hrad.errors import ConfigError, InputError
 from hrad.model import AnomalyModel
 from hrad.outputs import map_scale, read_map_png16
 from hrad.runners import ProcessPoolRunner, RayExecutor, SerialRunner, active_runner, job_runner, use_runner
-from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, run_fit_job
+from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, run_fit_job
 
 TESTS = Path(__file__).resolve().parent
 CRASH_NAME = "kill-worker"

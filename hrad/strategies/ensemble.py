@@ -7,16 +7,16 @@ resolution, merged with pixel-wise averaging of overlaps, smoothed around the se
 back to the input's resolution; the image score is the mean (paper) or max of the tile scores.
 
 Memory is bounded by one tile model, not by the number of tiles (the reference implementation
-keeps all of them in RAM): fit spools each location's embeddings to a disk memmap, fits the
-locations one after another (or in worker processes) and writes each fitted state to a
-temporary safetensors file; predict loads tile models one at a time, from those files or lazily
-from the artifact's :class:`~hrad.strategies.base.StateReader`.
+keeps all of them in RAM): fit spills every training image's tile embeddings to disk in the
+pool strategies' one format (:mod:`hrad.strategies.spill`, shared with HiAD), fits the locations
+as jobs, one after another or on a runner (worker processes, Ray), and each job writes its
+fitted state to a temporary safetensors file; predict loads tile models one at a time, from those
+files or lazily from the artifact's :class:`~hrad.strategies.base.StateReader`.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
@@ -34,7 +34,7 @@ from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
-from hrad.runners import active_runner, job_runner
+from hrad.runners import active_runner
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
@@ -46,6 +46,7 @@ from hrad.strategies.base import (
     sub_state,
 )
 from hrad.strategies.pixels import TileSource, working_image
+from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices, run_fit_job
 from hrad.strategies.tiling import ContextEmbedder, ContextTilingConfig, TileGrid, TileMerger, TilePosition
 
 
@@ -121,46 +122,6 @@ def _check_image(image: np.ndarray) -> None:
         raise InputError(f"expected an H x W x 3 RGB image, got an array of shape {image.shape}")
 
 
-class _SpooledBatches:
-    """Re-iterable batches of one tile location's embeddings, read from the disk spool."""
-
-    def __init__(self, path: str, shape: tuple[int, ...], location: int, batch_size: int) -> None:
-        self.path, self.shape, self.location, self.batch_size = path, shape, location, batch_size
-
-    def __iter__(self) -> Iterator[Tensor]:
-        spool = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
-        count = self.shape[1]
-        for start in range(0, count, self.batch_size):
-            yield torch.from_numpy(np.array(spool[self.location, start : start + self.batch_size]))
-        del spool
-
-
-def _fit_tile(
-    detector_type: type[Detector],
-    config: DetectorConfig,
-    spool_path: str,
-    shape: tuple[int, ...],
-    location: int,
-    batch_size: int,
-    out_path: str,
-) -> int:
-    """Fit the detector of one tile location and save its state; runs in-process or in a worker.
-
-    The detector is local, so it is freed when this returns: one tile model resident per process.
-    """
-    detector = detector_type(config)
-    detector.fit(_SpooledBatches(spool_path, shape, location, batch_size))
-    save_file(
-        {key: value.detach().cpu().contiguous() for key, value in detector.state_dict().items()}, out_path
-    )
-    return location
-
-
-def _fit_tile_job(task: tuple) -> int:
-    """:func:`_fit_tile` on one argument tuple (job runners map one-argument functions)."""
-    return _fit_tile(*task)
-
-
 class _TileSource:
     """Where fitted tile states live: temporary files after ``fit``, or an artifact reader."""
 
@@ -214,7 +175,7 @@ class TiledEnsemble(Strategy):
         self.tiles = ContextEmbedder(self.embedder, config.tile, config.tile, config.resolve_context(extractor))
         self._geometry: _Geometry | None = None
         self._tiles: _TileSource | None = None
-        self._spool: tempfile.TemporaryDirectory | None = None
+        self._spill: FeatureSpill | None = None
         self._normalization: dict[str, Tensor] = {}
         self._cache: OrderedDict[int, Detector] = OrderedDict()
         #: tile models loaded right now, and the most that were loaded at once (memory-bound check)
@@ -282,24 +243,20 @@ class TiledEnsemble(Strategy):
         geometry = _Geometry(tuple(first.shape[:2]), working_size(self.config, *first.shape[:2]))  # type: ignore[arg-type]
         self._geometry = geometry
         grid = self.grid
-        self._spool = tempfile.TemporaryDirectory(prefix="hrad-ensemble-")
-        directory = Path(self._spool.name)
-        spool_path, shape = self._spool_embeddings(
-            images, geometry, grid, directory / "embeddings.f32", progress
-        )
-        self._fit_locations(spool_path, shape, directory, progress)
-        Path(spool_path).unlink()
-        self._tiles = _TileSource(len(grid), directory=directory)
+        # the spill directory also holds the fitted tile states until a save or the next fit
+        self._spill = FeatureSpill(prefix="hrad-ensemble-")
+        chunks = self._spill_embeddings(images, geometry, grid, self._spill, progress)
+        self._fit_locations(chunks, self._spill.root, progress)
+        for path in chunks:
+            Path(path).unlink()
+        self._tiles = _TileSource(len(grid), directory=self._spill.root)
 
-    def _spool_embeddings(
-        self, images: ImageSource, geometry: _Geometry, grid: TileGrid, path: Path, progress: ProgressCallback
-    ) -> tuple[str, tuple[int, ...]]:
-        """Embed every training tile once and write it to a ``tiles x images x C x h x w`` memmap.
-
-        Only ``batch_size`` tile embeddings are in memory at a time.
-        """
-        spool: np.memmap | None = None
-        shape: tuple[int, ...] = ()
+    def _spill_embeddings(
+        self, images: ImageSource, geometry: _Geometry, grid: TileGrid, spill: FeatureSpill, progress: ProgressCallback
+    ) -> list[str]:
+        """Embed every training tile once: one chunk per image, ``tiles x C x h x w`` (row = tile
+        index), filled ``batch_size`` tile embeddings at a time."""
+        chunks: list[str] = []
         positions = list(grid.positions())
         batch = self.config.batch_size
         for image_index in range(len(images)):
@@ -312,48 +269,47 @@ class TiledEnsemble(Strategy):
                     f"{fitted_w}x{fitted_h}; set image_size to resize every input"
                 )
             padded = self._prepare_training(image, geometry, grid)
+            rows: np.memmap | None = None
             for start in range(0, len(positions), batch):
-                chunk = positions[start : start + batch]
-                windows = grid.windows(padded, chunk).to(self.device)
+                part = positions[start : start + batch]
+                windows = grid.windows(padded, part).to(self.device)
                 embedded = self.tiles(windows).float().cpu().numpy()
-                if spool is None:
-                    shape = (len(positions), len(images), *embedded.shape[1:])
-                    spool = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
-                for offset, position in enumerate(chunk):
-                    spool[position.index, image_index] = embedded[offset]
+                if rows is None:
+                    path, rows = spill.create((len(positions), *embedded.shape[1:]))
+                    chunks.append(path)
+                for offset, position in enumerate(part):
+                    rows[position.index] = embedded[offset]
+            assert rows is not None
+            rows.flush()
+            del rows
             progress(image_index + 1, len(images), "embedding training tiles")
-        assert spool is not None
-        spool.flush()
-        del spool
-        return str(path), shape
+        return chunks
 
     def _prepare_training(self, image: np.ndarray, geometry: _Geometry, grid: TileGrid) -> TileSource:
         return grid.pad(working_image(image, geometry.work_size))  # hrad.imaging.resize's rule
 
-    def _fit_locations(
-        self, spool_path: str, shape: tuple[int, ...], directory: Path, progress: ProgressCallback
-    ) -> None:
-        count = shape[0]
-        batch = self.config.batch_size
+    def _fit_locations(self, chunks: list[str], directory: Path, progress: ProgressCallback) -> None:
+        """One job per tile location: its row of every image's chunk, ``batch_size`` images per
+        batch; each job writes the fitted state to ``tile_<index>.safetensors``."""
+        count = len(self.grid)
         source = _TileSource(count, directory=directory)
-        args = [
-            (
+        jobs = [
+            FitJob(
                 self.detector_type,
                 self.detector_config,
-                spool_path,
-                shape,
-                index,
-                batch,
+                tuple(ChunkRef(path, (index,)) for path in chunks),
+                device,
+                self.config.batch_size,
                 str(source.path(index)),
             )
-            for index in range(count)
+            for index, device in enumerate(job_devices(count, "cpu"))
         ]
         workers = min(self.config.workers, count)
         if workers <= 1 and active_runner() is None:
-            for done, task in enumerate(args, start=1):
+            for done, job in enumerate(jobs, start=1):
                 self._count_resident(+1)
                 try:
-                    _fit_tile(*task)
+                    run_fit_job(job)
                 finally:
                     self._count_resident(-1)
                 progress(done, count, "fitting tile models")
@@ -361,9 +317,7 @@ class TiledEnsemble(Strategy):
         # each worker holds one tile model at a time
         self.max_resident_models = max(self.max_resident_models, workers)
         self.models_loaded += count
-        job_runner(workers, threads_per_worker=1).map(
-            _fit_tile_job, args, progress=lambda done, total: progress(done, total, "fitting tile models")
-        )
+        fit_detectors(jobs, workers, 1, lambda done, total: progress(done, total, "fitting tile models"))
 
     # ------------------------------------------------------------------ tile models
     def _count_resident(self, change: int) -> None:
@@ -634,7 +588,7 @@ class TiledEnsemble(Strategy):
                     f"({sorted(sizes)} values, expected {groups})"
                 )
         self._tiles = _TileSource(count, reader=reader)
-        self._spool = None
+        self._spill = None
 
 
 class _Statistics:

@@ -44,8 +44,8 @@ from hrad.strategies.base import (
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
 from hrad.strategies.hiad.fusion import MultiResolutionFusion, resolve_fusion
-from hrad.strategies.hiad.parallel import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
 from hrad.strategies.pixels import PixelImage, resize_pixels
+from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
 from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
 
 
@@ -146,7 +146,7 @@ class HiAD(Strategy):
             self.config.fusion_rates, self.config.fusion_weights, *self._image_size, self.config.fusion_base
         )
         fusion = self._fusion()
-        with FeatureSpill(self.config.work_dir) as spill:
+        with FeatureSpill(self.config.work_dir, prefix="hrad-hiad-") as spill:
             chunks: list[str] = []
             low_chunks: list[str] = []
             descriptors: list[np.ndarray] = []
