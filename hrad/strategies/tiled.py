@@ -9,11 +9,14 @@ resized back to the input's own resolution.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import psutil
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -32,6 +35,7 @@ from hrad.strategies.base import (
     sub_state,
 )
 from hrad.strategies.pixels import TileSource, working_image
+from hrad.strategies.spill import ChunkRef, FeatureSpill, read_chunk
 from hrad.strategies.tiling import (
     ContextEmbedder,
     ContextTilingConfig,
@@ -41,8 +45,24 @@ from hrad.strategies.tiling import (
     round_to_multiple,
 )
 
+logger = logging.getLogger(__name__)
 
-class DownsampleConfig(StrategyConfig):
+#: fraction of the memory available when a fit starts that its feature cache may hold by default
+FEATURE_CACHE_FRACTION = 0.25
+
+
+class FeatureCacheConfig(StrategyConfig):
+    """Where the frozen-feature cache of a multi-pass (several-epoch) detector's fit lives."""
+
+    #: MiB of float16 training embeddings held in RAM; beyond it they go to disk (memory-mapped
+    #: .npy chunks in a temporary directory, removed when the fit ends); 0 = all on disk;
+    #: None = a quarter of the memory available when the fit starts
+    feature_cache_mb: float | None = Field(None, ge=0)
+    #: directory the cache spills into; None = the system's temporary directory
+    work_dir: Path | None = None
+
+
+class DownsampleConfig(FeatureCacheConfig):
     """The baseline: the whole image resized to ``image_size`` x ``image_size``."""
 
     name: Literal["downsample"] = "downsample"
@@ -54,7 +74,7 @@ class DownsampleConfig(StrategyConfig):
     score: Literal["detector", "max"] = "detector"
 
 
-class TiledConfig(ContextTilingConfig):
+class TiledConfig(ContextTilingConfig, FeatureCacheConfig):
     """Full-resolution tiles of ``tile`` pixels moved by ``stride`` through one shared detector."""
 
     name: Literal["tiled"] = "tiled"
@@ -282,7 +302,10 @@ class TiledStrategy(Strategy):
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         source = _EmbeddingSource(self, images, progress, cache=self.detector.multi_pass)
-        self.detector.fit(source)
+        try:
+            self.detector.fit(source)
+        finally:
+            source.close()
 
     def score_embeddings(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """Tile embeddings -> the detector's ``(maps, scores)``."""
@@ -339,14 +362,57 @@ class _EmbeddingSource:
     """Re-iterable embedding batches of all tiles of all training images.
 
     Single-pass detectors get embeddings computed on the fly; multi-pass detectors (several
-    epochs over the batches) get them cached once in float16 on the host.
+    epochs over the batches) get them computed once and cached in float16 on the host: in RAM
+    up to ``feature_cache_mb`` (default a quarter of the available memory), the batches beyond
+    it in a temporary directory (``work_dir``) as float16 ``.npy`` chunks that every epoch reads
+    back memory-mapped (:mod:`hrad.strategies.spill`'s format), removed by :meth:`close`. Both
+    give the detector the same float32 values, batch for batch.
     """
 
     def __init__(self, strategy: TiledStrategy, images: ImageSource, progress: ProgressCallback, cache: bool) -> None:
         self.strategy = strategy
         self.images = images
         self.progress = progress
-        self.cache: list[Tensor] | None = [] if cache else None
+        self.cache: list[Tensor | ChunkRef] | None = [] if cache else None
+        self._cached = False
+        config = strategy.config
+        assert isinstance(config, FeatureCacheConfig)
+        self.work_dir = config.work_dir
+        megabytes = config.feature_cache_mb
+        #: bytes of float16 embeddings the cache may hold in RAM
+        self.budget = (
+            int(FEATURE_CACHE_FRACTION * psutil.virtual_memory().available)
+            if megabytes is None
+            else int(megabytes * 2**20)
+        )
+        #: bytes held in RAM and written to disk
+        self.held = self.spilled = 0
+        self._spill: FeatureSpill | None = None
+
+    def _store(self, batch: Tensor) -> Tensor | ChunkRef:
+        half = batch.to("cpu", torch.float16)
+        size = half.numel() * half.element_size()
+        if self._spill is None and self.held + size <= self.budget:
+            self.held += size
+            return half
+        if self._spill is None:
+            parent = None if self.work_dir is None else str(self.work_dir)
+            self._spill = FeatureSpill(parent, prefix="hrad-cache-")
+            logger.info(
+                "feature cache over its %.1f MiB budget: spilling the rest to %s",
+                self.budget / 2**20,
+                self._spill.root,
+            )
+        self.spilled += size
+        return ChunkRef(self._spill.write(half))
+
+    def close(self) -> None:
+        """Remove the spilled chunks and drop the cache."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        if self.cache is not None:
+            self.cache.clear()
         self._cached = False
 
     def _compute(self) -> Iterator[Tensor]:
@@ -361,11 +427,12 @@ class _EmbeddingSource:
             return
         if not self._cached:
             for batch in self._compute():
-                self.cache.append(batch.to("cpu", torch.float16))
+                self.cache.append(self._store(batch))
             self._cached = True
         device = self.strategy.device
-        for batch in self.cache:
-            yield batch.to(device, torch.float32)
+        for item in self.cache:
+            half = item if isinstance(item, Tensor) else torch.from_numpy(read_chunk(item))
+            yield half.to(device, torch.float32)
 
 
 class DownsampleStrategy(TiledStrategy):
