@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.ndimage import gaussian_filter
 
 from hrad.postprocess.seams import seam_mask, smooth_seams
 from hrad.strategies.tiling import TileGrid
@@ -64,6 +65,23 @@ def test_smoothing_only_inside_band_and_equals_brute_force_blur() -> None:
     blurred = brute_force_blur(values.astype(np.float64), 1.3)
     np.testing.assert_allclose(smoothed[mask], blurred[mask], rtol=1e-5, atol=1e-6)
     assert smoothed.dtype == values.dtype
+
+
+def test_banded_blur_equals_whole_map_blur_bit_for_bit() -> None:
+    """Only strips around the bands are blurred; the band values equal those of the whole-map
+    blur exactly (overlapping grid with shifted last tiles, bands at the image border too)."""
+    rng = np.random.default_rng(5)
+    values = rng.random((70, 53)).astype(np.float32)
+    grid = TileGrid(70, 53, 20, 16, 15, 12, 0, "shift")
+    assert grid.seams()[0] and grid.seams()[1]
+    for sigma, band in ((2.0, 0.1), (1.3, 0.25), (3.0, 0.5)):
+        mask = seam_mask(grid, band)
+        blurred = gaussian_filter(values.astype(np.float64), sigma=sigma, mode="nearest")
+        expected = np.where(mask, blurred, values).astype(np.float32)
+        np.testing.assert_array_equal(smooth_seams(values, grid, band, sigma), expected)
+        copy = values.copy()
+        assert smooth_seams(copy, grid, band, sigma, inplace=True) is copy
+        np.testing.assert_array_equal(copy, expected)
 
 
 def test_single_tile_or_zero_band_leaves_map_unchanged() -> None:

@@ -41,13 +41,24 @@ def seam_mask(grid: TileGeometry, band_fraction: float = 0.1) -> np.ndarray:
     return mask
 
 
+#: scipy's default ``truncate``: the Gaussian kernel reaches ``int(truncate * sigma + 0.5)`` pixels
+_TRUNCATE = 4.0
+
+
 def smooth_seams(
-    anomaly_map: np.ndarray, grid: TileGeometry, band_fraction: float = 0.1, sigma: float = 2.0
+    anomaly_map: np.ndarray,
+    grid: TileGeometry,
+    band_fraction: float = 0.1,
+    sigma: float = 2.0,
+    inplace: bool = False,
 ) -> np.ndarray:
     """Gaussian-blur ``anomaly_map`` (``H x W`` on ``grid``) only inside the seam bands.
 
-    The blur is computed on the whole map (edges replicated) and copied into the bands, so
-    pixels in a band see their true neighbours across the seam.
+    The values are those of the blur of the whole map (edges replicated), so pixels in a band
+    see their true neighbours across the seam; but only each band's strip plus the kernel's
+    reach is blurred (bit for bit the same values: the separable filter of a band pixel reads
+    nothing outside it), so the extra memory is a few strips, not three float64 copies of the
+    map. ``inplace`` writes into ``anomaly_map`` and returns it; else a copy is returned.
     """
     if anomaly_map.shape != (grid.height, grid.width):
         raise ValueError(
@@ -55,8 +66,26 @@ def smooth_seams(
         )
     if sigma <= 0:
         raise ValueError(f"seam sigma must be > 0, got {sigma}")
-    mask = seam_mask(grid, band_fraction)
-    if not mask.any():
-        return anomaly_map.copy()
-    blurred = gaussian_filter(anomaly_map.astype(np.float64), sigma=sigma, mode="nearest")
-    return np.where(mask, blurred, anomaly_map).astype(anomaly_map.dtype)
+    half_rows, half_cols = band_half_widths(grid, band_fraction)
+    seam_rows, seam_cols = grid.seams()
+    height, width = anomaly_map.shape
+    reach = int(_TRUNCATE * sigma + 0.5)
+    updates: list[tuple[tuple[slice, slice], np.ndarray]] = []  # every band from the unsmoothed map
+    for seams, half, size, axis in ((seam_rows, half_rows, height, 0), (seam_cols, half_cols, width, 1)):
+        if half <= 0:
+            continue
+        for seam in seams:
+            low, high = max(0, seam - half), min(size, seam + half)
+            if low >= high:
+                continue
+            start, stop = max(0, low - reach), min(size, high + reach)
+            strip = anomaly_map[start:stop] if axis == 0 else anomaly_map[:, start:stop]
+            blurred = gaussian_filter(strip.astype(np.float64), sigma=sigma, mode="nearest")
+            band = slice(low - start, high - start)
+            values = (blurred[band] if axis == 0 else blurred[:, band]).astype(anomaly_map.dtype)
+            region = (slice(low, high), slice(None)) if axis == 0 else (slice(None), slice(low, high))
+            updates.append((region, values))
+    out = anomaly_map if inplace else anomaly_map.copy()
+    for region, values in updates:
+        out[region] = values
+    return out

@@ -425,8 +425,10 @@ class TiledEnsemble(Strategy):
             if mode == "image":
                 merged = self._normalize(merged, "map", None)
                 score = float(self._normalize(np.array([score]), "score", None)[0])
-            full = resize(torch.from_numpy(np.ascontiguousarray(merged))[None, None], tuple(image.shape[:2]))
-            anomaly_map = full[0, 0].numpy().astype(np.float32)
+            # float32 before the full-size resize; no copy when the map is already at the image's size
+            merged = np.ascontiguousarray(merged, dtype=np.float32)
+            full = resize(torch.from_numpy(merged)[None, None], tuple(image.shape[:2]))
+            anomaly_map = full[0, 0].numpy()
             results.append(AnomalyResult(anomaly_map, score, {"tile_scores": scores.astype(np.float32)}))
         return results
 
@@ -452,7 +454,7 @@ class TiledEnsemble(Strategy):
         for merger in mergers:
             image_map = merger.result()[0]
             if self.config.seam_smoothing:
-                image_map = smooth_seams(image_map, grid, self.config.seam_band, self.config.seam_sigma)
+                image_map = smooth_seams(image_map, grid, self.config.seam_band, self.config.seam_sigma, inplace=True)
             merged.append(image_map)
         return merged, list(tile_scores)
 
