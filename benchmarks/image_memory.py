@@ -15,6 +15,17 @@ of peak increases is reported. Sizes in ``--after-only`` run only "after" (the o
 need about 50 bytes a pixel: 14 GB at 16000x16000, more than this shared machine may take).
 
     PYTHONPATH=. python benchmarks/image_memory.py --sizes 6000x8000 --after-only 16000x16000 --before 9b56832~1
+
+``--strategies`` measures instead how predict memory scales with the image for every
+high-resolution strategy (issue 18: flat from 2K to 8K): for each strategy and square size, one
+process fits a tiny tiny-cnn model (tiled: on two 512 crops, since it predicts any size; the
+others on two images of that size, since a native tiled ensemble, HiAD and MRF are fitted at
+their input size) and saves it, and a fresh process loads it and predicts the synthetic PNG of
+that size under ``PeakMemory``. Flat means the call's bytes a pixel stay constant (or fall) as
+the image grows: the decoded image (3 B/px) and the float32 map (4 B/px) are the floor.
+
+    PYTHONPATH=. python benchmarks/image_memory.py --strategies tiled tiled-ensemble hiad mrf \
+        --strategy-sizes 2048 4096 8192 --name image_memory_scaling
 """
 
 from __future__ import annotations
@@ -43,6 +54,15 @@ CONFIG = {
 }
 
 
+#: the strategies of the scaling table (tiny-cnn, PatchCore where a detector is used)
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "tiled": {"name": "tiled", "tile": 512},
+    "tiled-ensemble": {"name": "tiled-ensemble", "tile": 1024, "stride": 1024},
+    "hiad": {"name": "hiad", "patch_size": 512},
+    "mrf": {"name": "mrf"},
+}
+
+
 def texture(height: int, width: int, top: int = 0, left: int = 0) -> np.ndarray:
     """A smooth 8-bit RGB texture (a crop at ``top, left`` of one infinite pattern)."""
     ys = np.arange(top, top + height, dtype=np.float32)[:, None]
@@ -52,12 +72,18 @@ def texture(height: int, width: int, top: int = 0, left: int = 0) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2) + np.array([0, 5, 10], np.uint8)
 
 
+def banded_texture(height: int, width: int, top: int = 0, left: int = 0) -> np.ndarray:
+    """:func:`texture` built in bands of rows (its float pattern of a 16K image would take GBs)."""
+    image = np.empty((height, width, 3), np.uint8)
+    for row in range(0, height, 1024):
+        image[row : row + 1024] = texture(min(1024, height - row), width, top + row, left)
+    return image
+
+
 def write_png(path: Path, height: int, width: int) -> None:
     import cv2
 
-    image = np.empty((height, width, 3), np.uint8)
-    for top in range(0, height, 1024):  # in bands: the float pattern of a 16K image would take GBs
-        image[top : top + 1024] = texture(min(1024, height - top), width, top, 0)
+    image = banded_texture(height, width)
     side = max(16, min(height, width) // 40)
     image[height // 3 : height // 3 + side, width // 2 : width // 2 + side] = 250  # a defect
     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
@@ -92,6 +118,109 @@ def worker(png: Path, out_map: Path) -> dict[str, Any]:
     }
 
 
+def strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[str, Any]:
+    """``fit``: fit and save the tiny model of ``strategy`` for ``size``; ``predict``: load it and
+    predict the PNG of that size under ``PeakMemory`` (each phase in its own process)."""
+    import torch
+
+    from hrad.config import load_config
+    from hrad.model import AnomalyModel
+    from hrad.profiling import PeakMemory
+
+    artifact = folder / f"model_{strategy}_{size}"
+    if phase == "fit":
+        torch.manual_seed(0)
+        config = load_config(None, {**CONFIG, "strategy": STRATEGIES[strategy]})
+        if strategy == "tiled":  # any input size: fitted on crops, as the before/after rows
+            train = [banded_texture(512, 512), banded_texture(512, 512, 700, 900)]
+        else:  # fitted at the size it predicts
+            train = [banded_texture(size, size), banded_texture(size, size, 37, 53)]
+        # HiAD calibrates its branches on held-out good images; the others need none here
+        validation = [banded_texture(size, size, 91, 17)] if strategy == "hiad" else []
+        started = time.perf_counter()
+        AnomalyModel(config).fit(train, validation=validation).save(artifact)
+        return {"fit_seconds": time.perf_counter() - started}
+    model = AnomalyModel.load(artifact)
+    png = folder / f"synthetic_{size}x{size}.png"
+    with PeakMemory(interval=0.01) as memory:
+        start_rss_mb = memory.peak_rss_mb
+        started = time.perf_counter()
+        prediction = model.predict(png)
+        seconds = time.perf_counter() - started
+    return {
+        "rss_before_mb": start_rss_mb,
+        "peak_rss_mb": memory.peak_rss_mb,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "predict_seconds": seconds,
+        "score": prediction.score,
+    }
+
+
+def run_strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--strategy-worker", phase, strategy, str(size), str(folder)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{phase} {strategy} {size} failed ({done.returncode}): {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """The strategies x sizes table of predict peak memory (``--strategies``)."""
+    from hrad.evaluation import environment
+    from hrad.reports.markdown import table
+
+    rows: list[dict[str, Any]] = []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "hrad"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+    with tempfile.TemporaryDirectory(prefix="hrad-image-memory-") as scratch:
+        folder = Path(scratch)
+        for size in args.strategy_sizes:
+            write_png(folder / f"synthetic_{size}x{size}.png", size, size)
+            for strategy in args.strategies:
+                print(f"[{strategy} {size}] fit ...", file=sys.stderr, flush=True)
+                row: dict[str, Any] = {"strategy": strategy, "size": f"{size}x{size}", "megapixels": round(size * size / 1e6, 1)}
+                try:
+                    row.update(run_strategy_worker("fit", strategy, size, folder))
+                    row.update(run_strategy_worker("predict", strategy, size, folder))
+                except RuntimeError as error:
+                    row["error"] = str(error).strip().splitlines()[-1][:200]
+                    print(f"[{strategy} {size}] {row['error']}", file=sys.stderr, flush=True)
+                    rows.append(row)
+                    continue
+                row["increase_mb"] = row["peak_rss_mb"] - row["rss_before_mb"]
+                row["bytes_per_pixel"] = row["increase_mb"] * 2**20 / (size * size)
+                rows.append(row)
+                print(f"[{strategy} {size}] +{row['increase_mb']:.0f} MB ({row['bytes_per_pixel']:.2f} B/px), {row['predict_seconds']:.1f} s", file=sys.stderr, flush=True)
+                write_scaling(args, rows, commit, dirty, environment(), table)
+            (folder / f"synthetic_{size}x{size}.png").unlink()
+    print(RESULTS / f"{args.name}.md")
+
+
+def write_scaling(args: argparse.Namespace, rows: list[dict[str, Any]], commit: str, dirty: str, env: dict[str, Any], table: Any) -> None:
+    """Results so far (rewritten after every row)."""
+    command = "PYTHONPATH=. python " + " ".join(["benchmarks/image_memory.py", *sys.argv[1:]])
+    notes = (
+        "`model.predict(<png path>)` on a synthetic 8-bit RGB PNG (smooth texture, one brighter square) of each size, "
+        "tiny-cnn backbone, PatchCore where the strategy uses a detector, default options except: "
+        + "; ".join(f"{name} {json.dumps(options)}" for name, options in STRATEGIES.items() if name in args.strategies)
+        + ". tiled is fitted on two 512x512 crops; the others on two images of the size they predict (HiAD "
+        "calibrated on a third). One process "
+        "fits and saves, a fresh one loads and predicts; RSS sampled every 10 ms. `increase_mb` = peak RSS during the "
+        "call minus RSS just before it (model loaded; the call decodes the file and predicts). The floor is the "
+        "decoded image (3 B/px) plus the float32 map (4 B/px): flat = `bytes_per_pixel` constant or falling with size. "
+        f"Checkout {commit[:10]}" + (f" (uncommitted changes in: {', '.join(line[3:] for line in dirty.splitlines())})" if dirty else "")
+        + ". Seconds are of one run on a shared, loaded 2-core CPU."
+    )
+    payload = {"command": command, "environment": env, "commit": commit, "notes": notes, "strategies": {k: STRATEGIES[k] for k in args.strategies}, "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    columns = ["strategy", "size", "megapixels", "rss_before_mb", "peak_rss_mb", "increase_mb", "bytes_per_pixel", "ru_maxrss_mb", "predict_seconds", "fit_seconds", "error"]
+    text = f"# {args.name}\n\n{notes}\n\nData: synthetic, generated by the script (no dataset).\n\nCommand: `{command}`\n\n"
+    text += f"Machine: {env['machine']}, {env['cpus']} CPUs, torch {env['torch']} on {env['device']}; date {env['date']}.\n\n"
+    text += table(rows, [c for c in columns if any(c in row for row in rows)])
+    (RESULTS / f"{args.name}.md").write_text(text)
+
+
 def run_worker(tree: Path, png: Path, out_map: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(png), str(out_map)]
@@ -123,7 +252,12 @@ def main() -> None:
     parser.add_argument("--after-only", nargs="*", default=[], help="HxW run only with this checkout")
     parser.add_argument("--before", default="9b56832~1", help="git revision of the float32-whole path")
     parser.add_argument("--name", default="image_memory")
+    parser.add_argument("--strategies", nargs="*", choices=sorted(STRATEGIES), help="run the scaling table instead")
+    parser.add_argument("--strategy-sizes", nargs="*", type=int, default=[2048, 4096, 8192], help="square sides")
     args = parser.parse_args()
+    if args.strategies:
+        scaling(args)
+        return
     from hrad.evaluation import environment
     from hrad.reports.markdown import table
 
@@ -194,7 +328,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 6 and sys.argv[1] == "--strategy-worker":
+        print(json.dumps(strategy_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), Path(sys.argv[5]))))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(worker(Path(sys.argv[2]), Path(sys.argv[3]))))
     else:
         main()
