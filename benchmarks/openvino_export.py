@@ -1,7 +1,8 @@
-"""Exported PatchCore on OpenVINO (FP32, FP16 weights) and onnxruntime vs the torch model, same tiles, same run.
+"""Exported PatchCore on OpenVINO (FP32, FP16 weights, INT8) and onnxruntime vs the torch model, same tiles, same run.
 
 Part 1 (tiled): one tiled PatchCore on EfficientNet-Lite0 is fitted on capsules, exported to
-ONNX and to OpenVINO IR at FP32 and FP16. The tile windows of the test images are recorded
+ONNX and to OpenVINO IR at FP32, FP16 and INT8 (NNCF post-training quantisation of the
+backbone, calibrated on the tile windows of the training images; the kNN scoring stays FP32). The tile windows of the test images are recorded
 once from ``model.predict`` and every backend scores the *same* windows (per-tile network:
 backbone + kNN), interleaved per repeat so machine load hits all alike; then every backend
 runs the whole predict (``predict_tiles`` around it) on the test images, giving the metric change
@@ -27,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from benchmarks.common import capsules, subset, write_results
 from hrad.config import load_config
 from hrad.data.images import read_image
-from hrad.export import export_onnx, export_openvino, open_predictor
+from hrad.export import OPENVINO_TOLERANCE, export_onnx, export_openvino, open_predictor
 from hrad.export_graph import OPSET, NearestNeighbourScoring, TileScorer, scoring_module
 from hrad.model import AnomalyModel
 from hrad.reports.markdown import table
@@ -46,13 +47,21 @@ def fitted(strategy: dict[str, Any], train: Sequence[Path]) -> AnomalyModel:
 def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directory: Path) -> list[dict[str, Any]]:
     model = fitted({"name": "tiled", "tile": 256, "image_size": 768}, train)
     export_onnx(model, directory / "tiled.onnx")
-    export_openvino(model, directory / "fp32" / "tiled.xml", "fp32")
-    export_openvino(model, directory / "fp16" / "tiled.xml", "fp16")
+    # the export's own check (graph vs onnxruntime: random inputs, INT8 on its calibration inputs);
+    # INT8 is written even when it misses export's tolerance, so its effect is measured either way
+    checks = {
+        f"openvino-{precision}": json.loads(export_openvino(
+            model, directory / precision / "tiled.xml", precision, tolerance=float("inf"),
+            calibration_images=list(train) if precision == "int8" else None,
+        ).read_text())["openvino"]["max_difference_vs_onnx"]
+        for precision in ("fp32", "fp16", "int8")
+    }  # fmt: skip
     backends: dict[str, Any] = {
         "torch": None,
         "onnxruntime": open_predictor(directory / "tiled.onnx"),
         "openvino-fp32": open_predictor(directory / "fp32" / "tiled.xml"),
         "openvino-fp16": open_predictor(directory / "fp16" / "tiled.xml"),
+        "openvino-int8": open_predictor(directory / "int8" / "tiled.xml"),
     }
     images = [read_image(sample.path) for sample in test]
     windows: list[torch.Tensor] = []
@@ -95,14 +104,18 @@ def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directo
             "tiles": tiles,
             "tile_seconds": round(tile_seconds[name] / repeats / tiles, 4),
             "tile_speedup_vs_torch": round(tile_seconds["torch"] / tile_seconds[name], 2),
+            "tile_speedup_vs_fp32": round(tile_seconds["openvino-fp32"] / tile_seconds[name], 2),
             "predict_seconds_per_image": round(predict_seconds[name] / len(images), 3),
             "predict_speedup_vs_torch": round(predict_seconds["torch"] / predict_seconds[name], 2),
+            "predict_speedup_vs_fp32": round(predict_seconds["openvino-fp32"] / predict_seconds[name], 2),
             "image_auroc": round(float(roc_auc_score(labels, [p.score for p in ours])), 4),
             "pixel_auroc": round(float(roc_auc_score(truth, pixel)), 5),
+            "pixel_ap": round(float(average_precision_score(truth, pixel)), 4),
             "max_map_difference": float(max(
                 np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(b.anomaly_map) for a, b in zip(ours, reference, strict=True)
             )),
             "max_score_difference": float(max(abs(a.score - b.score) / abs(b.score) for a, b in zip(ours, reference, strict=True))),
+            "export_check_difference": checks.get(name),
         })  # fmt: skip
     return rows
 
@@ -165,24 +178,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="hrad-openvino-bench-") as folder:
         tiled = tiled_part(train, test, args.repeats, Path(folder))
         ensemble = ensemble_part(train, test, args.repeats, Path(folder))
+    import nncf
     import openvino
 
     notes = (
-        f"OpenVINO {openvino.__version__}. Part 1: PatchCore (coreset 0.1, exact kNN as in the export) on EfficientNet-Lite0, tiled, images resized to a "
+        f"OpenVINO {openvino.__version__}, NNCF {nncf.__version__}. Part 1: PatchCore (coreset 0.1, exact kNN as in the export) on EfficientNet-Lite0, tiled, images resized to a "
         f"768 long side, 256 tiles (6 per image), fitted on {len(train)} training images; {len(test)} test images "
-        "(seeded, label-stratified). tile_seconds: per tile, every backend on the same recorded windows (mean of "
+        "(seeded, label-stratified). INT8: NNCF post-training quantisation of the backbone (the kNN scoring kept in FP32), "
+        f"calibrated on the tile windows of the {len(train)} training images. tile_seconds: per tile, every backend on the same recorded windows (mean of "
         f"{args.repeats} interleaved repeats); predict: whole image including resize/merge/smoothing. Differences are "
-        "relative to torch (map: to its range). With this few test images the AUROCs show agreement, not quality. "
+        "relative to torch (map: to its range); export_check_difference: the export's own check of the IR against "
+        f"onnxruntime (random inputs; INT8: its calibration inputs; refused by hrad export above {OPENVINO_TOLERANCE['int8']} "
+        "for INT8). With this few test images the AUROCs show agreement, not quality. "
         "Part 2 (table 'ensemble layout'): tiled ensemble at 512, 256 tiles, same training images; one image's tiles "
         "scored by the stacked graph (one call) vs by the per-position graphs (one call each), onnxruntime, random windows."
     )
     for row in tiled:  # relative differences in scientific notation (the table rounds to 3 decimals)
         row["max_map_difference"] = f"{row['max_map_difference']:.1e}"
         row["max_score_difference"] = f"{row['max_score_difference']:.1e}"
+        row["export_check_difference"] = "" if row["export_check_difference"] is None else f"{row['export_check_difference']:.1e}"
     path = write_results(
         args.name, tiled, notes,
-        columns=["backend", "tiles", "tile_seconds", "tile_speedup_vs_torch", "predict_seconds_per_image",
-                 "predict_speedup_vs_torch", "image_auroc", "pixel_auroc", "max_map_difference", "max_score_difference"],
+        columns=["backend", "tiles", "tile_seconds", "tile_speedup_vs_torch", "tile_speedup_vs_fp32", "predict_seconds_per_image",
+                 "predict_speedup_vs_torch", "predict_speedup_vs_fp32", "image_auroc", "pixel_auroc", "pixel_ap",
+                 "max_map_difference", "max_score_difference", "export_check_difference"],
     )  # fmt: skip
     path.write_text(path.read_text() + "\n## ensemble layout\n\n" + table(ensemble, ["layout", "positions", "megabytes", "seconds_per_image"]))
     record = path.with_suffix(".json")

@@ -112,7 +112,10 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     other_low = low_branch_size(
         max(1, round(height * OTHER_SIZE)), max(1, round(width * OTHER_SIZE)), config.low_res_size, strategy.multiple
     )
-    check_other = not strategy.positional and other_low != low_size
+    if other_low == low_size:  # a size the low branch does not shrink: any other multiple will do
+        other_low = (low_size[0] + strategy.multiple, low_size[1])
+    # positional pools bind the fitted size (other sizes are refused anyway); a2o and ra take any
+    check_other = not strategy.positional
     # every detector's scoring first, so an unexportable one stops the export before anything is written
     pool_scorers = [_scoring(strategy._detector(index), detector_name) for index in range(assignment.count)]
     low_scorer = _scoring(strategy._low_detector(), detector_name) if config.low_branch else None
@@ -132,7 +135,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             f"hiad export: the {model.config.backbone.name} graph traced at {window[0]}x{window[1]} does not run at the low "
             f"branch's {low_size[0]}x{low_size[1]} (a backbone traced with fixed sizes); not exported"
         )
-    other_sizes = not check_other or not verify or _check_at(out_path, embedder, {"images": other_image})
+    other_sizes = check_other and (not verify or _check_at(out_path, embedder, {"images": other_image}))
 
     # the pool: one scoring graph per detector, on the patches' (fused) embeddings
     c = tiles.crop_cells

@@ -1,4 +1,4 @@
-"""OpenVINO export (FP32/FP16 IR from the verified ONNX) and the OpenVINO runtime for exported models."""
+"""OpenVINO export (FP32/FP16/INT8 IR from the verified ONNX) and the OpenVINO runtime for exported models."""
 
 from __future__ import annotations
 
@@ -78,3 +78,37 @@ def test_cli_export_openvino(
     capsys.readouterr()
     assert run([*base, "--format", "tflite"]) == 2
     assert capsys.readouterr().err.strip().endswith("export format 'tflite' is unknown; choose onnx or openvino")
+
+
+def test_int8_quantises_the_backbone_and_keeps_the_scoring_in_float(
+    images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("nncf")
+    import openvino
+    from cli_helpers import write
+
+    for index, image in enumerate(images):
+        write(tmp_path / "train" / f"{index}.png", image)
+    model = make_model({"name": "tiled", "tile": 48, "stride": 32}, PATCHCORE_K3).fit(images)
+    model.save(tmp_path / "model")
+    base = ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out" / "m.xml"), "--format", "openvino"]
+    assert run_cli([*base, "--precision", "int8", "--calibration-images", str(tmp_path / "train")], monkeypatch) == 0
+    sidecar = json.loads((tmp_path / "out" / "m.json").read_text())["openvino"]
+    # 3 images of 90 x 130, 48-pixel tiles at stride 32: 3 x 4 windows each calibrate the activations
+    assert sidecar["precision"] == "int8" and sidecar["quantized"]["calibration_inputs"] == 3 * 3 * 4
+    assert sidecar["max_difference_vs_onnx"] <= 0.25
+    ops = openvino.Core().read_model(str(tmp_path / "out" / "m.xml")).get_ordered_ops()
+    quantizers = [op for op in ops if op.get_type_name() == "FakeQuantize"]
+    consumers = {target.get_node().get_friendly_name() for op in quantizers for target in op.output(0).get_target_inputs()}
+    assert any(name.startswith("/embedder/") for name in consumers)  # the backbone's convolutions run in INT8
+    assert not [name for name in consumers if name.startswith("/scoring")]  # kNN distances stay in float
+    got = open_predictor(tmp_path / "out" / "m.xml").predict(test_image)
+    assert got.anomaly_map.shape == test_image.shape[:2] and np.isfinite(got.anomaly_map).all()
+    # what INT8 needs, and what needs INT8: one line each
+    capsys.readouterr()
+    assert run_cli([*base, "--precision", "int8"], monkeypatch) == 2
+    assert "--precision int8, which needs it" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--calibration-images is for --precision int8"):
+        export_openvino(model, tmp_path / "x.xml", "fp32", calibration_images=tmp_path / "train")
+    assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x.onnx"), "--calibration-images", str(tmp_path / "train")], monkeypatch) == 2
+    assert capsys.readouterr().err.strip().endswith("--calibration-images is for --format openvino --precision int8")

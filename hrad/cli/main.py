@@ -427,7 +427,12 @@ def export(
     export_format: Annotated[
         str, typer.Option("--format", help="onnx, or openvino (IR .xml/.bin converted from the verified ONNX, written beside it)")
     ] = "onnx",
-    precision: Annotated[str, typer.Option(help="OpenVINO weights: fp32 or fp16")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="OpenVINO precision: fp32, fp16 (weights), or int8 (post-training quantisation of the backbone, needs --calibration-images)")
+    ] = "fp32",
+    calibration_images: Annotated[
+        Path | None, typer.Option(help="Folder of training images whose network inputs calibrate --precision int8")
+    ] = None,
 ) -> None:
     """Export the per-tile network (backbone + detector scoring) to ONNX or OpenVINO with a JSON sidecar."""
     from hrad.errors import ConfigError
@@ -436,9 +441,11 @@ def export(
 
     if export_format not in ("onnx", "openvino"):
         raise ConfigError(f"export format {export_format!r} is unknown; choose onnx or openvino")
+    if calibration_images is not None and export_format != "openvino":
+        raise ConfigError("--calibration-images is for --format openvino --precision int8")
     fitted = load(model, device="cpu")
     if export_format == "openvino":
-        sidecar = export_openvino(fitted, out, precision=precision, tile_size=tile_size)
+        sidecar = export_openvino(fitted, out, precision=precision, tile_size=tile_size, calibration_images=calibration_images)
         console.print(f"OpenVINO {precision} model written to {out.with_suffix('.xml')}, sidecar to {sidecar}")
         return
     sidecar = export_onnx(fitted, out, tile_size=tile_size)
