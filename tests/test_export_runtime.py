@@ -58,8 +58,9 @@ def test_the_blocker_blocks_torch(tmp_path: Path) -> None:
     [({"name": "tiled", "tile": 48, "stride": 32, "image_size": 120}, False),
      ({"name": "tiled-ensemble", "tile": 48}, False),
      ({"name": "mrf", "pixel_budget": 20_000, "scales": [0.5, 1.0]}, False),
-     ({"name": "tiled", "tile": 48, "stride": 40}, True)],
-    ids=["tiled-onnxruntime", "tiled-ensemble-onnxruntime", "mrf-onnxruntime", "tiled-openvino"],
+     ({"name": "tiled", "tile": 48, "stride": 40}, True),
+     ({"name": "hiad", "patch_size": 32, "low_res_size": 48, "assignment": "sca", "num_detectors": 2, "fusion_rates": [0, 1]}, False)],
+    ids=["tiled-onnxruntime", "tiled-ensemble-onnxruntime", "mrf-onnxruntime", "tiled-openvino", "hiad-onnxruntime"],
 )  # fmt: skip
 def test_cli_predict_on_an_export_without_torch_equals_torch_predict(
     strategy: dict, openvino: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -86,6 +87,82 @@ def test_cli_predict_on_an_export_without_torch_equals_torch_predict(
     assert np.abs(exported_map - expected.anomaly_map).max() <= TOLERANCE * scale
     assert exported_score == pytest.approx(torch_score, rel=TOLERANCE)
     assert (tmp_path / "exported" / "spot_mask.png").is_file() == (tmp_path / "torch" / "spot_mask.png").is_file()
+
+
+#: the modules a torch-free predict loaded (printed as JSON when the process exits)
+LOADED_MODULES = (
+    "import atexit, json, sys\n"
+    "atexit.register(lambda: print(json.dumps(sorted(m for m, module in list(sys.modules.items()) if module is not None))))\n"
+)
+
+
+def third_party_imports(module_file: Path) -> set[str]:
+    """Top-level names of every non-hrad import statement in a module (function-level ones too)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return {name for name in names if name != "hrad" and name not in sys.stdlib_module_names and name != "__future__"}
+
+
+def requirement_closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install: themselves and what they require (no extras)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    seen: set[str] = set()
+    todo = [re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0] for line in requirements]
+    while todo:
+        name = canonical(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            needed = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        todo.extend(re.split(r"[<>=!~;\[ (]", line, maxsplit=1)[0] for line in needed if "extra ==" not in line)
+    return seen
+
+
+def test_torch_free_predict_needs_only_the_runtime_requirements(tmp_path: Path) -> None:
+    """What hrad's code imports during ``hrad predict --model m.onnx`` is installed by
+    ``requirements-runtime.txt`` (the torch-free install that README documents;
+    benchmarks/torch_free_install.py installs it in a fresh virtualenv): every third-party
+    package an hrad module that ran imports, and that was loaded, is a listed requirement or one
+    of theirs (optional imports inside other packages, such as numpy's of charset_normalizer,
+    are those packages' business)."""
+    import re
+    from importlib.metadata import packages_distributions
+
+    model = make_model({"name": "tiled", "tile": 48}).fit(training_images(5, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    write(tmp_path / "images" / "a.png", spotted_image(6))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["predict", "--model", str(tmp_path / "m.onnx"), str(tmp_path / "images"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_MODULES + NO_TORCH, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = {name.split(".")[0] for name in modules}
+    ran = [ROOT / Path(*name.split(".")).with_suffix(".py") for name in modules if name == "hrad" or name.startswith("hrad.")]
+    ran += [path.with_suffix("") / "__init__.py" for path in ran]
+    used = set().union(*(third_party_imports(path) for path in ran if path.is_file())) & loaded
+    assert {"numpy", "onnxruntime"} <= used and "torch" not in used
+    distributions = packages_distributions()
+    needed = {re.sub(r"[-_.]+", "-", d).lower() for name in used for d in distributions.get(name, [name])}
+    lines = [line.strip() for line in (ROOT / "requirements-runtime.txt").read_text().splitlines()]
+    installed = requirement_closure([line for line in lines if line and not line.startswith("#")])
+    assert "torch" not in installed
+    assert needed - installed == set()
 
 
 def test_predictor_decisions_follow_the_model(tmp_path: Path) -> None:
