@@ -34,11 +34,13 @@ training images are decoded once (threads) and kept as uint8 (1.35 GB); test ima
 decoded by the evaluation's loader thread while the GPU predicts.
 
 Time on one H200 (estimate, not measured; no GPU was lent when this was written). Made from
-FLOP counts at an assumed effective rate plus the CPU costs measured on the 2-core machine
-(divided by its load) for the per-image work the GPU does not do:
+FLOP counts at an assumed effective rate, plus the per-image CPU work the GPU does not do, timed
+ad hoc (not a committed benchmark) on 8 capsules test images on the shared 2-core machine at a
+load average of ~13: decoding image + mask (``read_pixels``, ``load_mask``) 0.56 s and adding a
+1500 x 1000 map to ``PixelMetrics`` 0.73 s per image, taken as ~6x slower than an idle core:
 
 - decoding: ~0.1 s per 1500 x 1000 PNG on one core; the 300 training images on 16 threads
-  ~3 s once; test images overlap with prediction;
+  ~3 s once; test images overlap with prediction (the evaluation's loader thread);
 - evaluation: adding one full-resolution map to the streaming pixel metrics ~0.12 s on one
   core (the writer thread), so ~20 s per setup for 160 images, ~2 min for the six setups;
 - teacher: ViT-S/14 at 1036 (5476 tokens) ~0.8 TFLOP per image; at ~200 TFLOP/s effective in
