@@ -151,8 +151,10 @@ def fit(
             run.log_artifacts(out, "model")
 
 
-#: hrad predict / evaluate: images predicted together by default (benchmarks/results/predict_pipeline.md)
-DEFAULT_BATCH_IMAGES = 4
+#: hrad predict / evaluate: images predicted together by default. 1: on the 2-core CPU batches of 2
+#: and 4 measured no faster than single images (within the run-to-run drift) and 8 slower, while
+#: each image more in a batch holds two more decoded images (benchmarks/results/predict_pipeline.md)
+DEFAULT_BATCH_IMAGES = 1
 
 
 @app.command()
