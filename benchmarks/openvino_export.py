@@ -44,8 +44,8 @@ def fitted(strategy: dict[str, Any], train: Sequence[Path]) -> AnomalyModel:
     return AnomalyModel(load_config(None, overrides)).fit([read_image(p) for p in train])
 
 
-def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directory: Path) -> list[dict[str, Any]]:
-    model = fitted({"name": "tiled", "tile": 256, "image_size": 768}, train)
+def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directory: Path, image_size: int = 768) -> list[dict[str, Any]]:
+    model = fitted({"name": "tiled", "tile": 256, "image_size": image_size}, train)
     export_onnx(model, directory / "tiled.onnx")
     # the export's own check (graph vs onnxruntime: random inputs, INT8 on its calibration inputs);
     # INT8 is written even when it misses export's tolerance, so its effect is measured either way
@@ -172,26 +172,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=5)
     parser.add_argument("--n-test", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=768, help="long side the tiled model resizes images to")
+    parser.add_argument("--skip-ensemble", action="store_true", help="part 1 only (a short run)")
     parser.add_argument("--name", default="openvino_export")
     args = parser.parse_args(argv)
     train, test = subset(capsules(), args.n_train, args.n_test)
     with tempfile.TemporaryDirectory(prefix="hrad-openvino-bench-") as folder:
-        tiled = tiled_part(train, test, args.repeats, Path(folder))
-        ensemble = ensemble_part(train, test, args.repeats, Path(folder))
+        tiled = tiled_part(train, test, args.repeats, Path(folder), args.image_size)
+        ensemble = [] if args.skip_ensemble else ensemble_part(train, test, args.repeats, Path(folder))
     import nncf
     import openvino
 
     notes = (
         f"OpenVINO {openvino.__version__}, NNCF {nncf.__version__}. Part 1: PatchCore (coreset 0.1, exact kNN as in the export) on EfficientNet-Lite0, tiled, images resized to a "
-        f"768 long side, 256 tiles (6 per image), fitted on {len(train)} training images; {len(test)} test images "
+        f"{args.image_size} long side, 256 tiles ({tiled[0]['tiles'] // len(test)} per image), fitted on {len(train)} training images; {len(test)} test images "
         "(seeded, label-stratified). INT8: NNCF post-training quantisation of the backbone (the kNN scoring kept in FP32), "
         f"calibrated on the tile windows of the {len(train)} training images. tile_seconds: per tile, every backend on the same recorded windows (mean of "
         f"{args.repeats} interleaved repeats); predict: whole image including resize/merge/smoothing. Differences are "
         "relative to torch (map: to its range); export_check_difference: the export's own check of the IR against "
         f"onnxruntime (random inputs; INT8: its calibration inputs; refused by hrad export above {OPENVINO_TOLERANCE['int8']} "
         "for INT8). With this few test images the AUROCs show agreement, not quality. "
-        "Part 2 (table 'ensemble layout'): tiled ensemble at 512, 256 tiles, same training images; one image's tiles "
-        "scored by the stacked graph (one call) vs by the per-position graphs (one call each), onnxruntime, random windows."
+        + ("Part 2 skipped (--skip-ensemble)." if args.skip_ensemble else "Part 2 (table 'ensemble layout'): tiled ensemble at 512, 256 tiles, same training images; one image's tiles "
+        "scored by the stacked graph (one call) vs by the per-position graphs (one call each), onnxruntime, random windows.")
     )
     for row in tiled:  # relative differences in scientific notation (the table rounds to 3 decimals)
         row["max_map_difference"] = f"{row['max_map_difference']:.1e}"
@@ -203,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "predict_speedup_vs_torch", "predict_speedup_vs_fp32", "image_auroc", "pixel_auroc", "pixel_ap",
                  "max_map_difference", "max_score_difference", "export_check_difference"],
     )  # fmt: skip
-    path.write_text(path.read_text() + "\n## ensemble layout\n\n" + table(ensemble, ["layout", "positions", "megabytes", "seconds_per_image"]))
-    record = path.with_suffix(".json")
-    record.write_text(json.dumps({**json.loads(record.read_text()), "ensemble_rows": ensemble}, indent=2))
+    if ensemble:
+        path.write_text(path.read_text() + "\n## ensemble layout\n\n" + table(ensemble, ["layout", "positions", "megabytes", "seconds_per_image"]))
+        record = path.with_suffix(".json")
+        record.write_text(json.dumps({**json.loads(record.read_text()), "ensemble_rows": ensemble}, indent=2))
     print(path.read_text())
 
 
