@@ -285,6 +285,12 @@ def test_final_map_is_the_max_of_calibrated_branches(fitted: HiAD) -> None:
     assert high.shape == low.shape == result.anomaly_map.shape == (64, 96)
     np.testing.assert_array_equal(result.anomaly_map, np.maximum(high, low))
     assert low.min() >= 0 and low.max() <= 1 and high.min() >= 0 and high.max() <= 1
+    # without branch maps the maximum is taken in place into the high map: same map and score
+    lean = HiAD(no_blur.model_copy(update={"return_branch_maps": False}), fitted.detector_config, fitted.extractor)
+    lean.load_state(DictStateReader(fitted.state_dict()))
+    lean_result = lean.predict(image)
+    np.testing.assert_array_equal(lean_result.anomaly_map, result.anomaly_map)
+    assert lean_result.score == result.score and "high_map" not in lean_result.extras
     np.testing.assert_array_equal(result.extras["patch_detectors"], [[0, 0, 1], [0, 0, 1]])
     pooled = F.avg_pool2d(torch.from_numpy(result.anomaly_map)[None, None], 16, stride=1)
     assert result.score == pytest.approx(float(pooled.max()))

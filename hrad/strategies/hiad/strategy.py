@@ -313,13 +313,18 @@ class HiAD(Strategy):
         merger = TileMerger(raw.grid)
         for position, tile_map in zip(raw.positions, upsampled[:, 0].numpy(), strict=True):
             merger.add(position, tile_map)
+        del upsampled  # every patch map at patch size: as large as the image's map
         high_map = merger.result()[0]
         final = high_map
         low_map: np.ndarray | None = None
         if raw.low_map is not None:
             low_calibrated = self._calibration.normalize("low", raw.low_map)
             low_map = resize(low_calibrated[None, None], (height, width))[0, 0].numpy()
-            final = np.maximum(high_map, low_map)
+            if self.config.return_branch_maps:
+                final = np.maximum(high_map, low_map)
+            else:  # the branch maps are not returned: the maximum goes into the high map, no third map
+                final = np.maximum(high_map, low_map, out=high_map) if high_map.dtype == np.float32 else np.maximum(high_map, low_map)
+                low_map = None
         final = np.ascontiguousarray(final, dtype=np.float32)
         returned = gaussian_smooth(final, self.config.smoothing_sigma)
         if self.config.score_sigma == self.config.smoothing_sigma:
