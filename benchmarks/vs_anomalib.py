@@ -346,13 +346,16 @@ def main() -> None:
     fit_ratio = results["anomalib fit"]["fit_seconds"] / results["hrad fit"]["fit_seconds"]
     openvino_version = results["hrad fit, OpenVINO backbone"].get("openvino")
     env = environment()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "hrad"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+    env["hrad_commit"] = commit + (f" (uncommitted changes in: {', '.join(line[3:] for line in dirty.splitlines())})" if dirty else "")
     command = "PYTHONPATH=. python benchmarks/vs_anomalib.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     notes = (
         f"ENS4 (image {IMAGE_SIZE}, tiles {TILE}, stride {STRIDE}, 4 PatchCore tile models, coreset {CORESET}, "
         f"ResNet-18 {'+'.join(LAYERS)}, the same seeded random weights, seed {args.seed}), seam smoothing band "
         f"{SEAM_BAND} sigma {SEAM_SIGMA}; {args.n_train} training images (20% held out for thresholds on both sides), "
         f"{args.n_test} test images, VisA capsules. anomalib {weights['anomalib']} (torch {weights['torch']}) in its "
-        f"own virtualenv, hrad at this checkout (torch {env['torch']}). One fresh process per phase, in the order "
+        f"own virtualenv, hrad at {env['hrad_commit']} (torch {env['torch']}). One fresh process per phase, in the order "
         "of the table; peak RSS = the process's high-water mark. Predict seconds per image = (load + predict of all "
         "test images) / images, decoding included; anomalib's maps stay at 512 x 512 while hrad's are resized back "
         "to each image's 1500 x 1000 and blurred there (sigma 4), so hrad does more work per image. anomalib's "
