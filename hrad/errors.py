@@ -28,6 +28,10 @@ class ArtifactError(HradError):
     """A model artifact that is missing, incomplete or from an incompatible version."""
 
 
+class ExportCheckError(HradError):
+    """An exported graph that does not reproduce its source within tolerance (nothing is written)."""
+
+
 class WeightsError(HradError):
     """Pretrained weights that cannot be found; the message says how to provide them."""
 

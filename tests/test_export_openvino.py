@@ -112,3 +112,22 @@ def test_int8_quantises_the_backbone_and_keeps_the_scoring_in_float(
         export_openvino(model, tmp_path / "x.xml", "fp32", calibration_images=tmp_path / "train")
     assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x.onnx"), "--calibration-images", str(tmp_path / "train")], monkeypatch) == 2
     assert capsys.readouterr().err.strip().endswith("--calibration-images is for --format openvino --precision int8")
+
+
+def test_an_export_over_tolerance_is_refused_in_one_line_and_writes_nothing(
+    images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FP16 weights differ from ONNX by about 1e-3: a 1e-12 tolerance refuses them, a loose one accepts."""
+    model = make_model({"name": "tiled", "tile": 48, "stride": 32}, PATCHCORE_K3).fit(images)
+    model.save(tmp_path / "model")
+    out = tmp_path / "out" / "m.xml"
+    base = ["export", "--model", str(tmp_path / "model"), "--out", str(out), "--format", "openvino", "--precision", "fp16"]
+    capsys.readouterr()
+    assert run_cli([*base, "--tolerance", "1e-12"], monkeypatch) == 2
+    error = capsys.readouterr().err.strip()
+    assert "over the 1e-12 tolerance; nothing written" in error and "Traceback" not in error and len(error.splitlines()) == 1
+    assert not out.exists() and not out.with_suffix(".bin").exists()
+    assert run_cli([*base, "--tolerance", "0.5"], monkeypatch) == 0
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["openvino"]["precision"] == "fp16"
+    assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x.onnx"), "--tolerance", "1"], monkeypatch) == 2
+    assert capsys.readouterr().err.strip().endswith("--tolerance is for --format openvino")

@@ -435,6 +435,14 @@ def export(
     calibration_images: Annotated[
         Path | None, typer.Option(help="Folder of training images whose network inputs calibrate --precision int8")
     ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="OpenVINO: largest accepted difference from onnxruntime, relative to the output's magnitude "
+            "(default fp32 1e-3, fp16 5e-2, int8 0.25); a larger one refuses the export",
+        ),
+    ] = None,
 ) -> None:
     """Export the per-tile network (backbone + detector scoring) to ONNX or OpenVINO with a JSON sidecar."""
     from hrad.errors import ConfigError
@@ -443,11 +451,15 @@ def export(
 
     if export_format not in ("onnx", "openvino"):
         raise ConfigError(f"export format {export_format!r} is unknown; choose onnx or openvino")
+    if tolerance is not None and export_format != "openvino":
+        raise ConfigError("--tolerance is for --format openvino")
     if calibration_images is not None and export_format != "openvino":
         raise ConfigError("--calibration-images is for --format openvino --precision int8")
     fitted = load(model, device="cpu")
     if export_format == "openvino":
-        sidecar = export_openvino(fitted, out, precision=precision, tile_size=tile_size, calibration_images=calibration_images)
+        sidecar = export_openvino(
+            fitted, out, precision=precision, tile_size=tile_size, calibration_images=calibration_images, tolerance=tolerance
+        )
         console.print(f"OpenVINO {precision} model written to {out.with_suffix('.xml')}, sidecar to {sidecar}")
         return
     sidecar = export_onnx(fitted, out, tile_size=tile_size)
