@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fit_s, _ = run([*hrad, "fit", "--data", data, "--out", work / "model", "--backbone", "tiny-cnn", "--detector", "patchcore",
                         "--strategy", "tiled", "--tile", "256"], env=env)  # fmt: skip
         export_s, _ = run([*hrad, "export", "--model", work / "model", "--out", work / "export" / "m.onnx"], env=env)
-        run([*hrad, "predict", "--model", work / "model", work / "images", "--format", "tiff", "--out", work / "torch"], env=env)
+        run([*hrad, "predict", "--model", work / "model", work / "images", "--format", "tiff", "--out", work / "with_torch"], env=env)
 
         venv = work / "venv"
         clean = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit("torch is importable in the new environment: the check would prove nothing")
         predict_s, _ = run([venv / "bin" / "hrad", "predict", "--model", work / "export" / "m.onnx", work / "images",
                             "--format", "tiff", "--out", work / "exported"], env=clean, cwd=work)  # fmt: skip
-        reference, ours = outputs(work / "torch"), outputs(work / "exported")
+        reference, ours = outputs(work / "with_torch"), outputs(work / "exported")
         assert sorted(reference) == sorted(ours)
         map_difference = max(
             float(np.abs(ours[name][0] - reference[name][0]).max() / np.abs(reference[name][0]).max()) for name in reference
