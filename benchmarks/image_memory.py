@@ -98,19 +98,25 @@ def worker(png: Path, out_map: Path) -> dict[str, Any]:
     import hrad
     from hrad.config import load_config
     from hrad.model import AnomalyModel
-    from hrad.profiling import PeakMemory
 
     torch.manual_seed(0)
     config = load_config(None, CONFIG)
     model = AnomalyModel(config).fit([texture(512, 512, 0, 0).astype(np.float32) / 255, texture(512, 512, 700, 900).astype(np.float32) / 255])
+    prediction, measured = measured_predict(model, png)
+    np.save(out_map, prediction.anomaly_map)
+    return {"hrad": str(Path(hrad.__file__).parent), **measured}
+
+
+def measured_predict(model: Any, png: Path) -> tuple[Any, dict[str, Any]]:
+    """``model.predict(png)`` under ``PeakMemory``: the prediction, and its memory and time figures."""
+    from hrad.profiling import PeakMemory
+
     with PeakMemory(interval=0.01) as memory:
         start_rss_mb = memory.peak_rss_mb
         started = time.perf_counter()
         prediction = model.predict(png)
         seconds = time.perf_counter() - started
-    np.save(out_map, prediction.anomaly_map)
-    return {
-        "hrad": str(Path(hrad.__file__).parent),
+    return prediction, {
         "rss_before_mb": start_rss_mb,
         "peak_rss_mb": memory.peak_rss_mb,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -126,7 +132,6 @@ def strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[
 
     from hrad.config import load_config
     from hrad.model import AnomalyModel
-    from hrad.profiling import PeakMemory
 
     artifact = folder / f"model_{strategy}_{size}"
     if phase == "fit":
@@ -142,19 +147,7 @@ def strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[
         AnomalyModel(config).fit(train, validation=validation).save(artifact)
         return {"fit_seconds": time.perf_counter() - started}
     model = AnomalyModel.load(artifact)
-    png = folder / f"synthetic_{size}x{size}.png"
-    with PeakMemory(interval=0.01) as memory:
-        start_rss_mb = memory.peak_rss_mb
-        started = time.perf_counter()
-        prediction = model.predict(png)
-        seconds = time.perf_counter() - started
-    return {
-        "rss_before_mb": start_rss_mb,
-        "peak_rss_mb": memory.peak_rss_mb,
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "predict_seconds": seconds,
-        "score": prediction.score,
-    }
+    return measured_predict(model, folder / f"synthetic_{size}x{size}.png")[1]
 
 
 def run_strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[str, Any]:
