@@ -29,7 +29,7 @@ class ArtifactError(HradError):
 
 
 class ExportCheckError(HradError):
-    """An exported graph that does not reproduce its source within tolerance (nothing is written)."""
+    """An exported graph that does not reproduce its source within tolerance (that graph is not written)."""
 
 
 class WeightsError(HradError):

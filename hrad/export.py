@@ -314,8 +314,9 @@ def export_openvino(
                 written.with_suffix(".bin").unlink(missing_ok=True)
             raise ExportCheckError(
                 f"{source.name}: the OpenVINO {precision} graph differs from ONNX by {difference:.2e} of the output's"
-                f" magnitude, over the {limit:g} tolerance; nothing written (check its metrics with"
-                " benchmarks/openvino_export.py, then pass --tolerance to accept it)"
+                f" magnitude, over the {limit:g} tolerance; no OpenVINO IR written, the verified ONNX export and its"
+                " sidecar are kept (check the IR's metrics with benchmarks/openvino_export.py, then pass --tolerance"
+                " to accept it)"
             )
     sidecar["openvino"] = {
         "xml": xml_path.name,
