@@ -89,6 +89,14 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="--batch-images values to time")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--windows-per-call",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="strategy batch_size values (tile windows per backbone call) to time the batched modes with; "
+        "the per-image (before) mode always uses 4, the default when batching was added",
+    )
     parser.add_argument("--out", default="predict_pipeline")
     args = parser.parse_args()
     dataset = capsules()
@@ -100,16 +108,22 @@ def main() -> None:
     fit_seconds = time.perf_counter() - fit_start
     print(f"fit {fit_seconds:.0f}s on {len(train)} images", flush=True)
     work = Path(tempfile.mkdtemp(prefix="hrad_pipeline_"))
-    modes: dict[str, int | None] = {BEFORE: None, **{f"batched {n} (hrad predict --batch-images {n})": n for n in args.batches}}
+    modes: dict[str, tuple[int | None, int]] = {BEFORE: (None, 4)}
+    for windows in args.windows_per_call:
+        suffix = "" if args.windows_per_call == [4] else f", {windows} window(s) per backbone call"
+        modes.update({f"batched {n} (hrad predict --batch-images {n}){suffix}": (n, windows) for n in args.batches})
     times: dict[str, list[float]] = {name: [] for name in modes}
     scores: dict[str, list[float]] = {}
     loads: list[float] = []
     try:
         run(model, paths[:2], work / "warm", 2)  # first-call costs (threads, allocator, faiss) out of the timings
+        strategy = model.strategy
         for round_index in range(args.rounds):
             order = list(modes) if round_index % 2 == 0 else list(reversed(modes))
             for name in order:
-                seconds, found = run(model, paths, work / "out", modes[name])
+                batch, windows = modes[name]
+                strategy.config.batch_size = windows
+                seconds, found = run(model, paths, work / "out", batch)
                 times[name].append(seconds)
                 scores[name] = found
                 loads.append(os.getloadavg()[0])
@@ -132,7 +146,8 @@ def main() -> None:
             }
         )
     notes = (
-        f"Tiled PatchCore (EfficientNet-Lite0, 512 tiles, 4 windows per backbone call, PatchCore defaults) fitted on "
+        f"Tiled PatchCore (EfficientNet-Lite0, 512 tiles, {'/'.join(map(str, args.windows_per_call))} window(s) per backbone "
+        f"call in the batched modes, 4 in `{BEFORE}`, PatchCore defaults) fitted on "
         f"{len(train)} capsules training images ({fit_seconds:.0f} s, 20% held out for thresholds); {len(paths)} capsules "
         f"test images (1500x1000 PNG, 6 tiles each) predicted and written as `hrad predict` does (16-bit map, mask, "
         f"overlay PNGs; decoding and writing in threads in every mode); {args.rounds} round(s), best of each mode; "
