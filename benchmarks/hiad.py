@@ -8,6 +8,11 @@ Groups (``--groups``, default all):
 * ``patch``      patch size 256 / 384 / 512 (Table XII)
 * ``baselines``  HiAD vs a tiled ensemble at native resolution vs uniform downsampling (512)
 
+``--detector`` takes one or more names: every setup runs once per detector on the same images, so
+``--detector patchcore fastflow rdpp --groups baselines --only HiAD`` is one HiAD pool table.
+``--detector-option KEY=VALUE`` applies to every detector, ``NAME:KEY=VALUE`` to detector NAME only
+(e.g. ``rdpp:epochs=10``).
+
 Every setup is fitted with :class:`hrad.model.AnomalyModel` (20% of the training images held out
 for calibration and thresholds) and evaluated with :func:`hrad.evaluation.evaluate` at full
 ground-truth resolution (``--protocol hiad512`` for the paper's 512 x 512 pixel metrics).
@@ -48,6 +53,7 @@ GROUPS = ("branches", "assignment", "patch", "baselines")
 COLUMNS = [
     "group",
     "setup",
+    "detector",
     "image_auroc",
     "pixel_auroc",
     "pixel_ap",
@@ -125,44 +131,69 @@ def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:
         base["num_detectors"] = args.num_detectors
     if args.patch_size is not None:  # ViT backbones need a multiple of their patch (14 for DINOv2)
         base["patch_size"] = base["low_res_size"] = args.patch_size
-    detector = {"name": args.detector, "seed": args.seed, **dict(args.detector_option)}
     rows: list[dict[str, Any]] = []
     for group in args.groups:
         for label, strategy in setups(group, base):
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
                 continue
-            row: dict[str, Any] = {"group": group, "setup": label}
-            try:
-                config = ModelConfig(
-                    backbone=BackboneConfig(name=args.backbone),
-                    detector=detector_config(detector),
-                    strategy=strategy_config(strategy),
-                    device=args.device,
-                    seed=args.seed,
-                )
-                model = AnomalyModel(config)
-                with PeakMemory() as fit_memory:
-                    model.fit(train)
-                metrics = evaluate(model, test, protocol=args.protocol)
-            except (HradError, MemoryError, RuntimeError) as error:
-                row["error"] = str(error).splitlines()[0]
-                print(f"[{group}] {label}: {row['error']}", file=sys.stderr, flush=True)
-                rows.append(row)
-                continue
-            row.update(
-                image_auroc=metrics.get("image_auroc"),
-                pixel_auroc=metrics.get("pixel_auroc"),
-                pixel_ap=metrics.get("pixel_ap"),
-                aupro_30=metrics.get("aupro_30"),
-                detectors=getattr(model.strategy, "detector_count", None),
-                fit_s=fit_memory.seconds,
-                fit_peak_rss_mb=fit_memory.peak_rss_mb,
-                predict_s_per_image=metrics.get("seconds_per_image"),
-                config=config.model_dump(mode="json"),
-            )
-            print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
-            rows.append(row)
+            for name in args.detector:
+                rows.append(run_setup(args, train, test, group, label, strategy, name))
     return rows
+
+
+def detector_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The ``--detector-option`` entries for detector ``name``: unprefixed ones and ``name:`` ones."""
+    options: dict[str, Any] = {}
+    for key, value in args.detector_option:
+        target, sep, field = key.rpartition(":")
+        if not sep:
+            options[key] = value
+        elif target == name:
+            options[field] = value
+    return options
+
+
+def run_setup(
+    args: argparse.Namespace,
+    train: PathImages,
+    test: Any,
+    group: str,
+    label: str,
+    strategy: dict[str, Any],
+    name: str,
+) -> dict[str, Any]:
+    """Fit and evaluate one (setup, detector) pair; a failure is recorded in the row's ``error``."""
+    detector = {"name": name, "seed": args.seed, **detector_options(args, name)}
+    row: dict[str, Any] = {"group": group, "setup": label, "detector": name}
+    try:
+        config = ModelConfig(
+            backbone=BackboneConfig(name=args.backbone),
+            detector=detector_config(detector),
+            strategy=strategy_config(strategy),
+            device=args.device,
+            seed=args.seed,
+        )
+        model = AnomalyModel(config)
+        with PeakMemory() as fit_memory:
+            model.fit(train)
+        metrics = evaluate(model, test, protocol=args.protocol)
+    except (HradError, MemoryError, RuntimeError) as error:
+        row["error"] = str(error).splitlines()[0]
+        print(f"[{group}] {label} {name}: {row['error']}", file=sys.stderr, flush=True)
+        return row
+    row.update(
+        image_auroc=metrics.get("image_auroc"),
+        pixel_auroc=metrics.get("pixel_auroc"),
+        pixel_ap=metrics.get("pixel_ap"),
+        aupro_30=metrics.get("aupro_30"),
+        detectors=getattr(model.strategy, "detector_count", None),
+        fit_s=fit_memory.seconds,
+        fit_peak_rss_mb=fit_memory.peak_rss_mb,
+        predict_s_per_image=metrics.get("seconds_per_image"),
+        config=config.model_dump(mode="json"),
+    )
+    print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+    return row
 
 
 def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
@@ -174,7 +205,8 @@ def write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> Pa
     )
     text = (
         "# HiAD ablations\n\n"
-        f"Data: `{args.data}`{' (built to 2K)' if args.build_2k else ''}; detector {args.detector}"
+        f"Data: `{args.data}`{' (built to 2K)' if args.build_2k else ''}; "
+        f"detector{'s' if len(args.detector) > 1 else ''} {', '.join(args.detector)}"
         f"{' ' + str(dict(args.detector_option)) if args.detector_option else ''} on {args.backbone}; "
         f"{args.n_train or 'all'} training images (20% held out for calibration), {args.n_test or 'all'} test images; "
         f"pixel protocol {args.protocol}.\n\nCommand: `{command}`\n\n"
@@ -212,14 +244,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", nargs="+", default=[], metavar="PREFIX", help="run only setups whose label starts with one of these"
     )
-    parser.add_argument("--detector", default="patchcore")
+    parser.add_argument(
+        "--detector",
+        nargs="+",
+        default=["patchcore"],
+        help="one or more detectors; every setup runs once per detector on the same images",
+    )
     parser.add_argument(
         "--detector-option",
         type=option,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="detector config field, repeatable (e.g. epochs=5); values parsed as JSON when they can be",
+        help="detector config field, repeatable (e.g. epochs=5, or rdpp:epochs=5 for one detector only); "
+        "values parsed as JSON when they can be",
     )
     parser.add_argument("--patch-size", type=int, default=None, help="HiAD patch / low-res size, ensemble tile, downsample size")
     parser.add_argument("--num-detectors", type=int, default=None, help="HiAD pool size M for sca/na/ra")
@@ -234,7 +272,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="detector-parallel worker processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted({key.rpartition(":")[0] for key, _ in args.detector_option} - {"", *args.detector})
+    if unknown:
+        parser.error(f"--detector-option names detectors not in --detector: {', '.join(unknown)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
