@@ -138,6 +138,7 @@ def run(args: argparse.Namespace, dataset: Dataset) -> list[dict[str, Any]]:
                 continue
             for name in args.detector:
                 rows.append(run_setup(args, train, test, group, label, strategy, name))
+                write(args.out, rows, args)  # after every row: a run cut short keeps what it measured
     return rows
 
 
