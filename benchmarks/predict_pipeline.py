@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import capsules, subset, write_results
 from hrad.config import load_config
 from hrad.data.images import ImageList, read_pixels
+from hrad.detectors.patchcore import PatchCore
 from hrad.model import AnomalyModel, Prediction
 from hrad.outputs import OutputRow, PredictionWriter
 from hrad.pipeline import overlapped, overlapped_batches
@@ -53,6 +54,14 @@ def predict_before(model: AnomalyModel, image: Any) -> Prediction:
         result = strategy.predict(image, score_windows=strategy.score_windows)
     anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, model.config.postprocess)
     return Prediction(anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+
+
+def _bank_summary(model: AnomalyModel) -> str:
+    """``rows x dims, index kind`` of a tiled PatchCore model's memory bank."""
+    strategy = model.strategy
+    assert isinstance(strategy, TiledStrategy) and isinstance(strategy.detector, PatchCore)
+    bank = strategy.detector.memory_bank
+    return f"{bank.shape[0]} x {bank.shape[1]}, {strategy.detector.neighbours.index_kind}"
 
 
 def run(model: AnomalyModel, paths: list[Path], out: Path, batch: int | None) -> tuple[float, list[float]]:
@@ -97,6 +106,11 @@ def main() -> None:
         help="strategy batch_size values (tile windows per backbone call) to time the batched modes with; "
         "the per-image (before) mode always uses 4, the default when batching was added",
     )
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also fit the same model with backbone.runtime openvino and time its batched modes in the same rounds",
+    )
     parser.add_argument("--out", default="predict_pipeline")
     args = parser.parse_args()
     dataset = capsules()
@@ -107,23 +121,32 @@ def main() -> None:
     model = AnomalyModel(load_config(None, overrides)).fit(ImageList(list(train)))
     fit_seconds = time.perf_counter() - fit_start
     print(f"fit {fit_seconds:.0f}s on {len(train)} images", flush=True)
+    models = {"torch": model}
+    if args.openvino:
+        openvino_overrides = {**overrides, "backbone": {"runtime": "openvino"}}
+        models["openvino"] = AnomalyModel(load_config(None, openvino_overrides)).fit(ImageList(list(train)))
+    banks = {name: _bank_summary(fitted) for name, fitted in models.items()}
     work = Path(tempfile.mkdtemp(prefix="hrad_pipeline_"))
-    modes: dict[str, tuple[int | None, int]] = {BEFORE: (None, 4)}
-    for windows in args.windows_per_call:
-        suffix = "" if args.windows_per_call == [4] else f", {windows} window(s) per backbone call"
-        modes.update({f"batched {n} (hrad predict --batch-images {n}){suffix}": (n, windows) for n in args.batches})
+    modes: dict[str, tuple[str, int | None, int]] = {BEFORE: ("torch", None, 4)}
+    for runtime in models:
+        for windows in args.windows_per_call:
+            suffix = "" if args.windows_per_call == [4] else f", {windows} window(s) per backbone call"
+            suffix += ", OpenVINO backbone" if runtime == "openvino" else ""
+            modes.update(
+                {f"batched {n} (hrad predict --batch-images {n}){suffix}": (runtime, n, windows) for n in args.batches}
+            )
     times: dict[str, list[float]] = {name: [] for name in modes}
     scores: dict[str, list[float]] = {}
     loads: list[float] = []
     try:
-        run(model, paths[:2], work / "warm", 2)  # first-call costs (threads, allocator, faiss) out of the timings
-        strategy = model.strategy
+        for fitted in models.values():
+            run(fitted, paths[:2], work / "warm", 2)  # first-call costs (threads, allocator, faiss, OpenVINO compile)
         for round_index in range(args.rounds):
             order = list(modes) if round_index % 2 == 0 else list(reversed(modes))
             for name in order:
-                batch, windows = modes[name]
-                strategy.config.batch_size = windows
-                seconds, found = run(model, paths, work / "out", batch)
+                runtime, batch, windows = modes[name]
+                models[runtime].strategy.config.batch_size = windows
+                seconds, found = run(models[runtime], paths, work / "out", batch)
                 times[name].append(seconds)
                 scores[name] = found
                 loads.append(os.getloadavg()[0])
@@ -148,11 +171,12 @@ def main() -> None:
     notes = (
         f"Tiled PatchCore (EfficientNet-Lite0, 512 tiles, {'/'.join(map(str, args.windows_per_call))} window(s) per backbone "
         f"call in the batched modes, 4 in `{BEFORE}`, PatchCore defaults) fitted on "
-        f"{len(train)} capsules training images ({fit_seconds:.0f} s, 20% held out for thresholds); {len(paths)} capsules "
+        f"{len(train)} capsules training images ({fit_seconds:.0f} s, 20% held out for thresholds; memory bank "
+        f"{'; '.join(f'{name}: {bank}' for name, bank in banks.items())}); {len(paths)} capsules "
         f"test images (1500x1000 PNG, 6 tiles each) predicted and written as `hrad predict` does (16-bit map, mask, "
         f"overlay PNGs; decoding and writing in threads in every mode); {args.rounds} round(s), best of each mode; "
         f"speedup_vs_before = best seconds of `{BEFORE}` / best seconds of the mode, same run. 1-minute load average "
-        f"after each timing: {', '.join(f'{v:.1f}' for v in loads)} (a shared 2-core CPU: other processes ran)."
+        f"after each timing: {', '.join(f'{v:.1f}' for v in loads)} (a shared 2-core CPU)."
     )
     write_results(args.out, rows, notes, columns=list(rows[0]))
 
