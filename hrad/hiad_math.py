@@ -11,6 +11,7 @@ The meaning of each step is explained in :mod:`hrad.strategies.hiad.fusion` and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -80,15 +81,83 @@ def normalize_range(values: ArrayT, low: float, high: float) -> ArrayT:
     return ((values - low) / span).clip(0.0, 1.0)
 
 
+#: Values (rows x width) handled at a time by the banded map functions below (4 MB of float32).
+BAND_VALUES = 2**20
+
+
 def pooled_max(anomaly_map: np.ndarray, pool: int) -> float:
     """Max of the map averaged over ``pool x pool`` windows (stride 1, windows inside the map;
-    a side shorter than ``pool`` is averaged whole): robust to single pixels."""
+    a side shorter than ``pool`` is averaged whole): robust to single pixels. Computed a band of
+    rows at a time (:func:`pooled_max_of_bands`), so it costs bands, not copies of the map."""
     array = np.asarray(anomaly_map, dtype=np.float32)
-    for axis in (0, 1):
-        size = min(pool, array.shape[axis])
-        # centred running mean; keep the windows that lie wholly inside the map
-        averaged = uniform_filter1d(array, size, axis=axis, mode="constant")
-        start = size // 2  # scipy centres a window of size s on its element s // 2
-        kept = averaged.shape[axis] - size + 1
-        array = averaged[start : start + kept] if axis == 0 else averaged[:, start : start + kept]
-    return float(array.max())
+    band = max(1, BAND_VALUES // max(1, array.shape[1]))
+    return pooled_max_of_bands((array[top : top + band] for top in range(0, len(array), band)), len(array), pool)
+
+
+def pooled_max_of_bands(bands: Iterable[np.ndarray], height: int, pool: int) -> float:
+    """:func:`pooled_max` of an ``height x W`` map given as consecutive bands of rows, top to bottom
+    (any band heights): each band is averaged down the columns together with the last ``pool - 1``
+    rows of the bands before it, then along the rows, and the maximum kept, so no full-size array
+    is made. Equals the whole-map computation to float32 rounding."""
+    size_y = min(pool, height)
+    carry: np.ndarray | None = None  # the last size_y - 1 rows seen, the top of the next windows
+    best = -np.inf
+    for band in bands:
+        rows = np.asarray(band, dtype=np.float32)
+        block = rows if carry is None or not len(carry) else np.concatenate([carry, rows])
+        windows = len(block) - size_y + 1
+        if windows > 0:
+            # centred running mean; keep the windows that lie wholly inside (scipy centres a
+            # window of size s on its element s // 2)
+            start = size_y // 2
+            averaged = uniform_filter1d(block, size_y, axis=0, mode="constant")[start : start + windows]
+            size_x = min(pool, averaged.shape[1])
+            kept = averaged.shape[1] - size_x + 1
+            averaged = uniform_filter1d(averaged, size_x, axis=1, mode="constant")[:, size_x // 2 : size_x // 2 + kept]
+            best = max(best, float(averaged.max()))
+        carry = block[max(0, len(block) - (size_y - 1)) :]
+    return float(best)
+
+
+def bilinear_taps(output: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Upsampling ``size`` cells to ``output`` (``align_corners=False``, no antialias, as
+    :func:`hrad.imaging.resize` enlarges): for each output cell the two source cells and the
+    second one's weight (float32, PyTorch's arithmetic: source = max(0, (i + 0.5) * size / output - 0.5))."""
+    scale = np.float32(size) / np.float32(output)
+    source = np.maximum(scale * (np.arange(output, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    low = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    fraction = np.clip(source - low.astype(np.float32), 0, 1).astype(np.float32)
+    return low, high, fraction
+
+
+def maximum_upsampled(target: np.ndarray, small: np.ndarray, band_values: int | None = None) -> np.ndarray:
+    """``np.maximum(target, bilinear upsample of small to target's size)`` written into ``target``
+    (a float32 ``H x W`` array) a band of rows at a time, so the upsampled map is never whole:
+    each band's source rows are interpolated along the rows first, then down the columns, as
+    PyTorch's bilinear kernel does. ``small`` (``h x w``) must not be larger than ``target`` along
+    either axis (enlarging needs no antialias; a shrink would). Equals
+    ``np.maximum(target, resize(small, target.shape))`` to float32 rounding."""
+    height, width = target.shape
+    source = np.asarray(small, dtype=np.float32)
+    if source.shape[0] > height or source.shape[1] > width:
+        raise ValueError(f"maximum_upsampled enlarges only: {source.shape} -> {target.shape}")
+    y_low, y_high, y_fraction = bilinear_taps(height, source.shape[0])
+    x_low, x_high, x_fraction = bilinear_taps(width, source.shape[1])
+    band = max(1, (BAND_VALUES if band_values is None else band_values) // max(1, width))
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        first, last = int(y_low[top]), int(y_high[bottom - 1])
+        rows = source[first : last + 1]
+        along = _mix(rows[:, x_low], rows[:, x_high], x_fraction)  # the source rows at full width
+        upsampled = _mix(along[y_low[top:bottom] - first], along[y_high[top:bottom] - first], y_fraction[top:bottom, None])
+        np.maximum(target[top:bottom], upsampled, out=target[top:bottom])
+    return target
+
+
+def _mix(low: np.ndarray, high: np.ndarray, fraction: np.ndarray) -> np.ndarray:
+    """``low * (1 - fraction) + high * fraction`` into ``low`` (fresh gathered arrays)."""
+    low *= 1 - fraction
+    high *= fraction
+    low += high
+    return low

@@ -12,12 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+import hrad.strategies.hiad.fusion as fusion_module
+import hrad.strategies.pixels as pixels_module
 from hrad.detectors.base import DETECTORS, Detector, DetectorConfig, DetectorOutput, register_detector
 from hrad.errors import ConfigError, InputError
 from hrad.features import BackboneConfig, build_backbone
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
+from hrad.hiad_math import maximum_upsampled, normalize_range, pooled_max, pooled_max_of_bands
 from hrad.imaging import resize
-from hrad.postprocess.smoothing import gaussian_smooth
+from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
 from hrad.strategies import build_strategy, strategy_config
 from hrad.strategies.base import DictStateReader
 from hrad.strategies.hiad import HiAD, HiADConfig
@@ -29,6 +32,7 @@ from hrad.strategies.hiad.fusion import (
     resolve_fusion,
     sample_patch_windows,
 )
+from hrad.strategies.pixels import PixelImage, resampling_weights, resize_pixels, resize_pixels_by_rows
 
 TEST_DETECTOR = "test-nn-bank"
 
@@ -288,15 +292,15 @@ def test_final_map_is_the_max_of_calibrated_branches(fitted: HiAD) -> None:
     # without branch maps the maximum is taken in place into the high map: same map and score
     lean = HiAD(no_blur.model_copy(update={"return_branch_maps": False}), fitted.detector_config, fitted.extractor)
     lean.load_state(DictStateReader(fitted.state_dict()))
-    lean_result = lean.predict(image)
-    np.testing.assert_array_equal(lean_result.anomaly_map, result.anomaly_map)
-    assert lean_result.score == result.score and "high_map" not in lean_result.extras
+    lean_result = lean.predict(image)  # the low map upsampled in bands, not whole: float32 rounding
+    np.testing.assert_allclose(lean_result.anomaly_map, result.anomaly_map, rtol=0, atol=1e-6)
+    assert lean_result.score == pytest.approx(result.score, abs=1e-6) and "high_map" not in lean_result.extras
     np.testing.assert_array_equal(result.extras["patch_detectors"], [[0, 0, 1], [0, 0, 1]])
     pooled = F.avg_pool2d(torch.from_numpy(result.anomaly_map)[None, None], 16, stride=1)
     assert result.score == pytest.approx(float(pooled.max()))
     # default: map returned unsmoothed (the model blurs it), score by the reference rule on sigma 4
     default = fitted.predict(image)
-    np.testing.assert_array_equal(default.anomaly_map, result.anomaly_map)
+    np.testing.assert_array_equal(default.anomaly_map, result.anomaly_map)  # both keep the branch maps whole
     blurred = gaussian_smooth(default.anomaly_map, 4.0)
     reference = F.avg_pool2d(torch.from_numpy(blurred)[None, None], 16, stride=1).max()
     assert default.score == pytest.approx(float(reference))
@@ -309,6 +313,92 @@ def test_final_map_is_the_max_of_calibrated_branches(fitted: HiAD) -> None:
     assert alone.extras["low_map"] is None
     np.testing.assert_array_equal(alone.anomaly_map, alone.extras["high_map"])
     np.testing.assert_allclose(alone.anomaly_map, high, atol=1e-6)  # same high branch either way
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (10, 7), (37, 5)])
+def test_banded_map_arithmetic_equals_the_whole_map_computation(shape: tuple[int, int]) -> None:
+    """Score pooling, blurring and low-branch upsampling a band of rows at a time (any band
+    height, pool larger than a side) equal the whole-map computation to float32 rounding."""
+    rng = np.random.default_rng(11)
+    values = rng.random(shape, dtype=np.float32)
+    for pool in (1, 4, 16):
+        expected = float(F.avg_pool2d(torch.from_numpy(values)[None, None], (min(pool, shape[0]), min(pool, shape[1])), stride=1).max())
+        assert pooled_max(values, pool) == pytest.approx(expected, abs=1e-6)
+        for rows in (1, 3, pool, pool + 1, 1000):
+            bands = (values[top : top + rows] for top in range(0, shape[0], rows))
+            assert pooled_max_of_bands(bands, shape[0], pool) == pytest.approx(expected, abs=1e-6)
+    for sigma in (0.0, 1.0, 4.0):
+        whole = gaussian_smooth(values, sigma)
+        for band_values in (shape[1], 5 * shape[1], 10**9):
+            parts = list(blurred_bands(values, sigma, band_values))
+            assert [top for top, _ in parts] == list(np.cumsum([0] + [len(rows) for _, rows in parts[:-1]]))
+            np.testing.assert_allclose(np.concatenate([rows for _, rows in parts]), whole, rtol=0, atol=1e-6)
+    in_place = values.copy()
+    np.testing.assert_allclose(gaussian_smooth(in_place, 4.0, in_place=True), gaussian_smooth(values, 4.0), rtol=0, atol=1e-6)
+    for small_shape in ((3, 4), (shape[0], 2), (1, 1), shape):
+        small = rng.random(small_shape, dtype=np.float32)
+        upsampled = resize(torch.from_numpy(small)[None, None], shape)[0, 0].numpy()
+        for band_values in (shape[1], 3 * shape[1], None):
+            target = values.copy()
+            assert maximum_upsampled(target, small, band_values) is target
+            np.testing.assert_allclose(target, np.maximum(values, upsampled), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="enlarges only"):
+        maximum_upsampled(values.copy(), rng.random((shape[0] + 1, shape[1]), dtype=np.float32))
+
+
+@pytest.mark.parametrize("size", [(14, 20), (9, 41), (30, 13), (60, 90), (29, 41), (3, 2)])
+def test_resize_by_rows_equals_the_banded_resize(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrinking (antialiased), enlarging, mixed, the same height; bands of 2 source rows."""
+    rng = np.random.default_rng(12)
+    u8 = rng.integers(0, 255, (29, 41, 3), endpoint=True).astype(np.uint8)
+    expected = resize_pixels(PixelImage(u8), size)
+    monkeypatch.setattr(pixels_module, "ROW_BAND_PIXELS", 2 * 41)
+    torch.testing.assert_close(resize_pixels_by_rows(PixelImage(u8), size), expected, rtol=0, atol=1e-6)
+    starts, weights = resampling_weights(29, size[0], size[0] < 29 or size[1] < 41)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+    assert starts.min() >= 0 and starts.max() < 29
+
+
+def test_lean_predict_equals_the_whole_map_computation(fitted: HiAD, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict (patch maps merged a chunk at a time, the low map upsampled into the high map in
+    bands, the score blurred and pooled in bands, levels resized by rows) against the
+    straightforward computation from the same raw outputs: every map whole."""
+    import hrad.hiad_math as hiad_math
+    import hrad.postprocess.smoothing as smoothing
+    import hrad.strategies.hiad.strategy as strategy_module
+
+    image = noise_images(1, 64, 96, seed=8)[0]
+    image[40:50, 20:30] = 1.0
+    lean = HiAD(fitted.config.model_copy(update={"return_branch_maps": False}), fitted.detector_config, fitted.extractor)
+    lean.load_state(DictStateReader(fitted.state_dict()))
+    monkeypatch.setattr(hiad_math, "BAND_VALUES", 5 * 96)  # bands of 5 rows
+    monkeypatch.setattr(smoothing, "_BAND_VALUES", 7 * 96)
+    monkeypatch.setattr(strategy_module, "MERGE_CHUNK", 1)
+    monkeypatch.setattr(pixels_module, "ROW_BAND_PIXELS", 3 * 96)
+    result = lean.predict(image)
+    raw = lean.raw_outputs(image)
+    calibration = lean.calibration
+    assert calibration is not None and raw.low_map is not None
+    calibrated = torch.stack([
+        normalize_range(patch_map, *calibration.range(f"high.{int(m)}")) for patch_map, m in zip(raw.patch_maps, raw.labels, strict=True)
+    ])
+    upsampled = resize(calibrated[:, None], (32, 32))[:, 0].numpy()
+    total, count = np.zeros((64, 96)), np.zeros((64, 96))
+    for position, tile_map in zip(raw.positions, upsampled, strict=True):
+        total[position.y : position.y + 32, position.x : position.x + 32] += tile_map
+        count[position.y : position.y + 32, position.x : position.x + 32] += 1
+    low = resize(calibration.normalize("low", raw.low_map)[None, None], (64, 96))[0, 0].numpy()
+    expected = np.maximum(total / count, low).astype(np.float32)
+    np.testing.assert_allclose(result.anomaly_map, expected, rtol=0, atol=1e-6)
+    blurred = gaussian_smooth(expected, lean.config.score_sigma)
+    score = F.avg_pool2d(torch.from_numpy(blurred)[None, None], 16, stride=1).max()
+    assert result.score == pytest.approx(float(score), abs=1e-6)
+    # the level and low-branch images resized by rows: the raw outputs of the whole-image resize
+    monkeypatch.setattr(strategy_module, "resize_pixels_by_rows", resize_pixels)
+    monkeypatch.setattr(fusion_module, "resize_pixels_by_rows", resize_pixels)
+    whole = lean.raw_outputs(image)
+    torch.testing.assert_close(raw.patch_maps, whole.patch_maps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(raw.low_map, whole.low_map, rtol=0, atol=1e-5)
 
 
 def test_prediction_never_depends_on_other_images(fitted: HiAD) -> None:

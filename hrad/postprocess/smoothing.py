@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import cv2
@@ -22,7 +23,7 @@ class PostprocessConfig(BaseModel):
     top_fraction: float = Field(0.001, gt=0, le=1)
 
 
-#: Values blurred at a time by :func:`gaussian_smooth` in place (16 MB of float32 rows).
+#: Values blurred at a time by :func:`gaussian_smooth` in place and :func:`blurred_bands` (16 MB of float32 rows).
 _BAND_VALUES = 2**22
 
 
@@ -37,16 +38,35 @@ def gaussian_smooth(anomaly_map: np.ndarray, sigma: float, in_place: bool = Fals
     """
     if sigma <= 0:
         return anomaly_map
-    radius = int(4 * sigma + 0.5)
-
-    def blur(array: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(array, (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-
     array = np.asarray(anomaly_map, dtype=np.float32)
-    band = max(4 * radius, _BAND_VALUES // max(1, array.shape[-1]))
     usable = array is anomaly_map and array.ndim == 2 and array.flags.c_contiguous and array.flags.writeable
-    if not in_place or not usable or len(array) <= band:
-        return blur(array) if not in_place or not usable else _assign(array, blur(array))
+    if not in_place or not usable:
+        return _blur(array, sigma)
+    for top, rows in blurred_bands(array, sigma):  # each band computed before its rows are written
+        array[top : top + len(rows)] = rows
+    return array
+
+
+def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
+    radius = int(4 * sigma + 0.5)
+    return cv2.GaussianBlur(array, (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def blurred_bands(anomaly_map: np.ndarray, sigma: float, band_values: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`gaussian_smooth` of an ``H x W`` map a band of rows at a time, without a second full
+    map: yields ``(first row, blurred rows)`` top to bottom (about ``band_values`` values each,
+    default 2^22); concatenated, the bands equal the whole blur. Each band is blurred with
+    ``radius`` original rows of context on both sides (reflected at the map's own top and bottom
+    as ``BORDER_REFLECT`` does). A band is computed, and the rows the next band needs above it
+    copied, before it is yielded, so the caller may write it back into ``anomaly_map``
+    (:func:`gaussian_smooth` in place). ``sigma <= 0`` yields the map's own rows (views)."""
+    array = np.asarray(anomaly_map, dtype=np.float32)
+    radius = int(4 * sigma + 0.5) if sigma > 0 else 0
+    band = max(4 * radius, 1, (_BAND_VALUES if band_values is None else band_values) // max(1, array.shape[-1]))
+    if sigma <= 0 or len(array) <= band:
+        for top in range(0, len(array), band):
+            yield top, (array[top : top + band] if sigma <= 0 else _blur(array, sigma))
+        return
     above = array[:0].copy()  # the original rows just above the band being blurred
     for top in range(0, len(array), band):
         bottom = min(len(array), top + band)
@@ -56,13 +76,7 @@ def gaussian_smooth(anomaly_map: np.ndarray, sigma: float, in_place: bool = Fals
         if pad_top or pad_bottom:  # the image's own top or bottom border: reflected as BORDER_REFLECT does
             block = np.pad(block, ((pad_top, pad_bottom), (0, 0)), mode="symmetric")
         above = array[max(top, bottom - radius) : bottom].copy()
-        array[top:bottom] = blur(block)[radius : radius + bottom - top]
-    return array
-
-
-def _assign(target: np.ndarray, values: np.ndarray) -> np.ndarray:
-    target[...] = values
-    return target
+        yield top, _blur(block, sigma)[radius : radius + bottom - top]
 
 
 def top_fraction_mean(anomaly_map: np.ndarray, fraction: float) -> float:

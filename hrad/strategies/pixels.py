@@ -24,6 +24,9 @@ from hrad.imaging import shrinks
 
 #: Pixels per band of rows converted at once by :func:`resize_pixels` (48 MB as float32 RGB).
 BAND_PIXELS = 2**22
+#: Source pixels per band of :func:`resize_pixels_by_rows` (12 MB as float32 RGB; its bands are
+#: transient, so a smaller band keeps the allocator's high-water mark low)
+ROW_BAND_PIXELS = 2**20
 
 
 class PixelImage:
@@ -109,6 +112,68 @@ def resize_pixels(image: PixelImage, size: tuple[int, int]) -> Tensor:
             bottom = min(height, top + rows)
             middle[..., top:bottom, :] = interpolate(image.region(top, bottom, 0, width)[None], (bottom - top, out_w))
     return interpolate(middle, (out_h, out_w))[0]
+
+
+def resize_pixels_by_rows(image: PixelImage, size: tuple[int, int]) -> Tensor:
+    """:func:`resize_pixels` computed a band of output rows at a time: memory is the result plus one
+    band, never the ``C x H x w`` intermediate (twice the result's size when halving an image).
+
+    Each band's source rows are resized along the rows with ``F.interpolate`` (bit for bit as
+    :func:`resize_pixels`), then combined down the columns with PyTorch's resampling weights
+    (:func:`resampling_weights`) in float32; the result equals :func:`resize_pixels` to float32
+    rounding (1e-6 on values in [0, 1]), not bit for bit.
+    """
+    channels, height, width = image.shape
+    out_h, out_w = size
+    if out_h == height:  # no vertical pass: resize_pixels is already banded
+        return resize_pixels(image, size)
+    antialias = shrinks((height, width), (out_h, out_w))
+    starts, weights = resampling_weights(height, out_h, antialias)
+    taps = weights.shape[1]
+    result = torch.empty((channels, out_h, out_w), dtype=torch.float32, device=image.device)
+    step = max(1, (ROW_BAND_PIXELS // max(1, width)) * out_h // height)  # output rows whose sources fill ~one band
+    for top in range(0, out_h, step):
+        bottom = min(out_h, top + step)
+        first, last = int(starts[top]), min(height, int(starts[bottom - 1]) + taps)
+        rows = image.region(first, last, 0, width)[None]
+        along = rows if out_w == width else F.interpolate(rows, size=(last - first, out_w), mode="bilinear", align_corners=False, antialias=antialias)
+        band = result[:, top:bottom]
+        for tap in range(taps):  # t = w0 * s0; t += wj * sj, as PyTorch's kernel accumulates
+            index = torch.from_numpy(np.minimum(starts[top:bottom] + tap - first, last - first - 1)).to(image.device)
+            weight = torch.from_numpy(weights[top:bottom, tap]).to(image.device)[None, :, None]
+            term = along[0].index_select(1, index) * weight
+            if tap == 0:
+                band.copy_(term)
+            else:
+                band.add_(term)
+    return result
+
+
+def resampling_weights(size: int, output: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's bilinear resampling along one axis (``align_corners=False``; its antialiased kernel
+    when ``antialias``): for each output index its first source index and ``output x taps`` float32
+    weights (zero past the source's end). Antialiased, a source cell's weight is the triangle filter
+    of width ``2 * max(1, scale)`` at its distance from the output cell's centre, normalised; plain
+    bilinear has two taps at ``max(0, (i + 0.5) * scale - 0.5)``."""
+    f32 = np.float32
+    scale = f32(size) / f32(output)  # the ratio in float32, as PyTorch's kernels take it
+    index = np.arange(output, dtype=np.float64)
+    if not antialias:  # the source coordinate rounded once to float32 (PyTorch: a fused multiply-add)
+        source = np.maximum((float(scale) * (index + 0.5) - 0.5).astype(f32), f32(0))
+        starts = np.minimum(np.floor(source).astype(np.int64), size - 1)
+        second = np.where(starts < size - 1, source - starts.astype(f32), f32(0))
+        return starts, np.stack([1 - second, second], axis=1).astype(f32)
+    support = scale if scale >= 1 else f32(1)
+    inverse = f32(1) / scale if scale >= 1 else f32(1)
+    centre = scale * (index.astype(f32) + f32(0.5))
+    starts = np.maximum((centre - support + f32(0.5)).astype(np.int64), 0)  # truncation, as the C++ cast
+    counts = np.minimum((centre + support + f32(0.5)).astype(np.int64), size) - starts
+    taps = int(counts.max())
+    offsets = np.arange(taps, dtype=f32)[None, :]
+    weights = np.clip(f32(1) - np.abs((offsets + starts[:, None].astype(f32) - centre[:, None] + f32(0.5)) * inverse), f32(0), None)
+    weights[offsets >= counts[:, None]] = 0
+    total = weights.sum(axis=1, keepdims=True, dtype=f32)
+    return starts, (weights / np.where(total == 0, f32(1), total)).astype(f32)
 
 
 def working_image(image: np.ndarray, size: tuple[int, int], device: torch.device | str = "cpu") -> TileSource:

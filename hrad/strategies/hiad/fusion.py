@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hrad.hiad_math import cell_centres, level_size, valid_cells
 from hrad.imaging import resize
-from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels
+from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels_by_rows
 from hrad.strategies.tiling import Edge, TileGrid, TilePosition
 
 Embed = Callable[[Tensor], Tensor]
@@ -73,13 +73,15 @@ def embed_level(
     embed: Embed, image: Tensor | PixelImage, rate: int, patch: int, batch_size: int, margin: int = 0
 ) -> LevelMap:
     """Embed ``image`` (``1 x 3 x H x W``, or a :class:`~hrad.strategies.pixels.PixelImage`, read in
-    bands) downsampled by 2^rate, tile by tile, as one map.
+    bands: :func:`~hrad.strategies.pixels.resize_pixels_by_rows`, equal to resizing the float image
+    to float32 rounding) downsampled by 2^rate, tile by tile, as one map.
 
     ``embed`` takes windows of ``patch + 2 * margin`` pixels and returns the patch's cells only.
     """
     height, width = image.shape[-2:]
     size = level_size(height, width, rate)
-    small = resize_pixels(image, size) if isinstance(image, PixelImage) else resize(image, size)[0]
+    # a PixelImage is resized a band of output rows at a time: the level image, never a C x H x w intermediate
+    small = resize_pixels_by_rows(image, size) if isinstance(image, PixelImage) else resize(image, size)[0]
     grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
     features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
     grid_h = features.shape[-2]

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hrad import hiad_math
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
-from hrad.hiad_math import low_branch_size, normalize_range, pooled_max
-from hrad.imaging import resize
+from hrad.hiad_math import low_branch_size, maximum_upsampled, normalize_range, pooled_max_of_bands
+from hrad.imaging import resize, shrinks
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
-from hrad.postprocess.smoothing import gaussian_smooth
+from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
@@ -44,9 +45,12 @@ from hrad.strategies.base import (
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
 from hrad.strategies.hiad.fusion import MultiResolutionFusion, resolve_fusion
-from hrad.strategies.pixels import PixelImage, resize_pixels
+from hrad.strategies.pixels import PixelImage, resize_pixels_by_rows
 from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
 from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
+
+#: patch maps upsampled to patch size at a time when merging the high branch
+MERGE_CHUNK = 16
 
 
 @dataclass
@@ -122,7 +126,7 @@ class HiAD(Strategy):
 
     def _embed_low(self, image: Tensor | PixelImage) -> Tensor:
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
-        return self.embedder(resize_pixels(image, size)[None] if isinstance(image, PixelImage) else resize(image, size))
+        return self.embedder(resize_pixels_by_rows(image, size)[None] if isinstance(image, PixelImage) else resize(image, size))
 
     def _check_size(self, image: np.ndarray, what: str) -> None:
         if image.ndim != 3 or image.shape[2] != 3:
@@ -299,43 +303,63 @@ class HiAD(Strategy):
         return [self.predict(image) for image in images]
 
     def predict(self, image: np.ndarray) -> AnomalyResult:
+        """The calibrated branches' maximum at the image's resolution and its pooled score.
+
+        Memory: besides the image, one float32 map of the image's size is made (the high branch's
+        :class:`TileMerger`, into which each patch map is upsampled and added one chunk of patches
+        at a time); the low branch's map is upsampled into it a band of rows at a time through
+        ``np.maximum(out=...)`` (:func:`~hrad.hiad_math.maximum_upsampled`), and the score blurs
+        and pools it a band at a time (:func:`~hrad.postprocess.smoothing.blurred_bands`,
+        :func:`~hrad.hiad_math.pooled_max_of_bands`). ``return_branch_maps`` keeps the two branch
+        maps whole as well (two more maps). Same map and score, to float32 rounding, as upsampling
+        every map whole.
+        """
         if self._calibration is None:
             raise ConfigError("hiad: calibrate() must run on held-out good images before predict()")
         raw = self.raw_outputs(image)
         height, width = image.shape[:2]
-        patch = self.config.patch_size
-        calibrated = torch.empty_like(raw.patch_maps)
-        for m in np.unique(raw.labels):
-            selected = torch.from_numpy(raw.labels == m)
-            low, high = self._calibration.range(f"high.{int(m)}")
-            calibrated[selected] = normalize_range(raw.patch_maps[selected], low, high)
-        upsampled = resize(calibrated[:, None], (patch, patch))
-        merger = TileMerger(raw.grid)
-        for position, tile_map in zip(raw.positions, upsampled[:, 0].numpy(), strict=True):
-            merger.add(position, tile_map)
-        del upsampled  # every patch map at patch size: as large as the image's map
-        high_map = merger.result()[0]
+        high_map = self._merged_high_map(raw)
         final = high_map
         low_map: np.ndarray | None = None
         if raw.low_map is not None:
             low_calibrated = self._calibration.normalize("low", raw.low_map)
-            low_map = resize(low_calibrated[None, None], (height, width))[0, 0].numpy()
-            if self.config.return_branch_maps:
-                final = np.maximum(high_map, low_map)
-            else:  # the branch maps are not returned: the maximum goes into the high map, no third map
-                final = np.maximum(high_map, low_map, out=high_map) if high_map.dtype == np.float32 else np.maximum(high_map, low_map)
-                low_map = None
-        final = np.ascontiguousarray(final, dtype=np.float32)
-        returned = gaussian_smooth(final, self.config.smoothing_sigma)
-        if self.config.score_sigma == self.config.smoothing_sigma:
-            score = pooled_max(returned, self.config.score_pool)
-        else:
-            score = pooled_max(gaussian_smooth(final, self.config.score_sigma), self.config.score_pool)
+            low_size = (int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1]))
+            if self.config.return_branch_maps or shrinks(low_size, (height, width)):
+                # whole: the caller wants the low map, or (a few pixels past a tiny image's side)
+                # the resize shrinks, which needs the antialiased kernel
+                low_map = resize(low_calibrated[None, None], (height, width))[0, 0].numpy()
+                final = np.maximum(high_map, low_map) if self.config.return_branch_maps else np.maximum(high_map, low_map, out=high_map)
+                low_map = low_map if self.config.return_branch_maps else None
+            else:  # a band of rows at a time into the high map: no second full-size map
+                final = maximum_upsampled(high_map, low_calibrated.numpy())
+        # the score from bands of the blurred map, before the returned map is smoothed (in place
+        # unless it is the high branch's map the caller also gets)
+        bands = blurred_bands(final, self.config.score_sigma, hiad_math.BAND_VALUES)
+        score = pooled_max_of_bands((rows for _, rows in bands), height, self.config.score_pool)
+        keep = self.config.return_branch_maps and final is high_map
+        returned = gaussian_smooth(final, self.config.smoothing_sigma, in_place=not keep)
         extras: dict = {"patch_detectors": raw.labels.reshape(raw.grid.rows, raw.grid.cols)}
         if self.config.return_branch_maps:
             extras["high_map"] = high_map
             extras["low_map"] = low_map
         return AnomalyResult(returned, score, extras)
+
+    def _merged_high_map(self, raw: RawOutput) -> np.ndarray:
+        """The calibrated patch maps upsampled to patch size and merged (overlaps averaged) into one
+        float32 map, :data:`MERGE_CHUNK` patches upsampled at a time."""
+        assert self._calibration is not None
+        calibrated = torch.empty_like(raw.patch_maps)
+        for m in np.unique(raw.labels):
+            selected = torch.from_numpy(raw.labels == m)
+            low, high = self._calibration.range(f"high.{int(m)}")
+            calibrated[selected] = normalize_range(raw.patch_maps[selected], low, high)
+        patch = self.config.patch_size
+        merger = TileMerger(raw.grid)
+        for start in range(0, len(raw.positions), MERGE_CHUNK):
+            upsampled = resize(calibrated[start : start + MERGE_CHUNK, None], (patch, patch))[:, 0].numpy()
+            for position, tile_map in zip(raw.positions[start : start + MERGE_CHUNK], upsampled, strict=True):
+                merger.add(position, tile_map)
+        return np.ascontiguousarray(merger.result()[0], dtype=np.float32)
 
     # ------------------------------------------------------------------ state
 
