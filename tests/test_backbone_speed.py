@@ -104,3 +104,23 @@ def test_openvino_runtime_without_package_is_a_config_error(monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ConfigError, match="pip install openvino"):
         build_backbone(BackboneConfig(name="tiny-cnn", runtime="openvino"))
+
+
+def test_embedder_feeds_a_lite_backbone_one_window_per_call_on_the_cpu() -> None:
+    model = random_lite0()
+    assert model.cpu_windows_per_call == 1
+    embedder = Embedder(model, EmbeddingSpec(layers=("layer2", "layer3"), aggregation=3))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    batches: list[int] = []
+    original = model.extract
+
+    def counting(images: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        batches.append(len(images))
+        return original(images, layers)
+
+    model.extract = counting  # type: ignore[method-assign]
+    split = embedder(images)
+    model.cpu_windows_per_call = None
+    whole = embedder(images)
+    assert batches == [1, 1, 1, 3]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)

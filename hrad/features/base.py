@@ -51,6 +51,11 @@ class FeatureExtractor(nn.Module, ABC):
     #: of the effective receptive field (gradient mass) of the embedding layers, measured by
     #: ``benchmarks/receptive_field.py`` and rounded up; 0 for backbones never measured
     default_context: int = 0
+    #: on the CPU, :class:`Embedder` feeds the backbone at most this many images per call (None:
+    #: the whole batch). One 512 tile per call keeps a CNN's early activations in cache: Lite0 ran
+    #: 2.0x and Lite2 1.6x faster than 4 tiles per call (``roofline_quiet.md``); OpenVINO's kernels
+    #: prefer the whole batch, so its extractor leaves this unset
+    cpu_windows_per_call: int | None = None
 
     @property
     @abstractmethod
@@ -169,6 +174,9 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        limit = self.extractor.cpu_windows_per_call
+        if limit is not None and images.device.type == "cpu" and len(images) > limit and not _tracing():
+            return torch.cat([self(images[start : start + limit]) for start in range(0, len(images), limit)])
         with self.extractor.autocast():
             maps = self.extractor.extract(images, self.spec.layers)
         maps = {name: value.float() for name, value in maps.items()}  # no-op (same tensor) in float32
@@ -184,3 +192,8 @@ class Embedder(nn.Module):
                 feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
             parts.append(feature)
         return torch.cat(parts, dim=1)
+
+
+def _tracing() -> bool:
+    """True while torch traces or compiles a graph (ONNX export): the graph must not bake in a split."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())

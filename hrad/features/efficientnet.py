@@ -107,6 +107,8 @@ _LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 class EfficientNetLite(FeatureExtractor):
     """EfficientNet-Lite returning ``layer1..layer4``; ``imagenet_logits`` runs the classifier."""
 
+    cpu_windows_per_call = 1  # measured: see FeatureExtractor.cpu_windows_per_call
+
     def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
