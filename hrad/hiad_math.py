@@ -120,14 +120,15 @@ def pooled_max_of_bands(bands: Iterable[np.ndarray], height: int, pool: int) -> 
 
 
 def bilinear_taps(output: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Upsampling ``size`` cells to ``output`` (``align_corners=False``, no antialias, as
-    :func:`hrad.imaging.resize` enlarges): for each output cell the two source cells and the
-    second one's weight (float32, PyTorch's arithmetic: source = max(0, (i + 0.5) * size / output - 0.5))."""
-    scale = np.float32(size) / np.float32(output)
-    source = np.maximum(scale * (np.arange(output, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    """Resampling ``size`` cells to ``output`` with plain bilinear weights (``align_corners=False``,
+    no antialias, as :func:`hrad.imaging.resize` enlarges): for each output cell its two source
+    cells and the second one's weight, in PyTorch's arithmetic (the float32 ratio ``size / output``,
+    source = max(0, (i + 0.5) * ratio - 0.5) rounded once to float32, as its fused multiply-add)."""
+    ratio = float(np.float32(size) / np.float32(output))
+    source = np.maximum((ratio * (np.arange(output, dtype=np.float64) + 0.5) - 0.5).astype(np.float32), np.float32(0))
     low = np.minimum(np.floor(source).astype(np.int64), size - 1)
     high = np.minimum(low + 1, size - 1)
-    fraction = np.clip(source - low.astype(np.float32), 0, 1).astype(np.float32)
+    fraction = np.where(low < size - 1, source - low.astype(np.float32), np.float32(0)).astype(np.float32)
     return low, high, fraction
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
+from hrad.hiad_math import bilinear_taps
 from hrad.imaging import shrinks
 
 #: Pixels per band of rows converted at once by :func:`resize_pixels` (48 MB as float32 RGB).
@@ -156,13 +157,11 @@ def resampling_weights(size: int, output: int, antialias: bool) -> tuple[np.ndar
     of width ``2 * max(1, scale)`` at its distance from the output cell's centre, normalised; plain
     bilinear has two taps at ``max(0, (i + 0.5) * scale - 0.5)``."""
     f32 = np.float32
+    if not antialias:
+        starts, _, second = bilinear_taps(output, size)
+        return starts, np.stack([1 - second, second], axis=1).astype(f32)
     scale = f32(size) / f32(output)  # the ratio in float32, as PyTorch's kernels take it
     index = np.arange(output, dtype=np.float64)
-    if not antialias:  # the source coordinate rounded once to float32 (PyTorch: a fused multiply-add)
-        source = np.maximum((float(scale) * (index + 0.5) - 0.5).astype(f32), f32(0))
-        starts = np.minimum(np.floor(source).astype(np.int64), size - 1)
-        second = np.where(starts < size - 1, source - starts.astype(f32), f32(0))
-        return starts, np.stack([1 - second, second], axis=1).astype(f32)
     support = scale if scale >= 1 else f32(1)
     inverse = f32(1) / scale if scale >= 1 else f32(1)
     centre = scale * (index.astype(f32) + f32(0.5))
