@@ -329,7 +329,10 @@ def test_resnets_load_torchvision_format_files(
         expected = reference.extract(images, ["layer3"])["layer3"]
     for (layer, stride), width in zip(model.layer_strides.items(), channels, strict=True):
         assert maps[layer].shape == (1, width, 64 // stride, 96 // stride)
-    assert torch.equal(maps["layer3"], expected) and maps["layer3"].abs().max() > 0
+    # the built backbone has its BatchNorms folded and runs channels-last: equal to float tolerance
+    assert model.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    scale = expected.abs().max()
+    assert scale > 0 and (maps["layer3"] - expected).abs().max() <= 1e-4 * scale
 
 
 # ------------------------------------------------------------------ weight sources and errors

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from hrad.features.base import BackboneConfig, FeatureExtractor
-from hrad.features.layers import deepest_requested, normalise
+from hrad.features.layers import deepest_requested, fold_batchnorms, normalise, to_memory_format
 from hrad.features.weights import WeightSource, empty_module, load_exactly, read_state_dict, resolve_weights
 
 # The Lite checkpoints were trained on pixels scaled as (p - 127) / 128 (TensorFlow's Lite
@@ -140,8 +139,8 @@ class EfficientNetLite(FeatureExtractor):
         (2.2x on Lite0 in benchmarks/results/roofline.md), cuDNN's on tensor cores. Returned
         maps are then channels-last tensors with the same values (float tolerance)."""
         self.channels_last = enabled
-        layout = torch.channels_last if enabled else torch.contiguous_format
-        return self._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
+        to_memory_format(self, enabled)
+        return self
 
     @property
     def layer_strides(self) -> dict[str, int]:
@@ -171,16 +170,11 @@ class EfficientNetLite(FeatureExtractor):
         """Fold every frozen BatchNorm into the convolution before it (inference only: the
         backbone is never trained here): 0.82x the CPU forward time in
         benchmarks/results/backbone_fusion_efficientnet-lite0.md."""
-        owners: list[tuple[nn.Module, list[tuple[str, str]]]] = [
-            (self, [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")])
-        ]
-        owners += [(block, block.conv_bn_pairs()) for block in self._blocks if isinstance(block, MBConvLite)]
-        for owner, pairs in owners:
-            for conv_name, bn_name in pairs:
-                conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
-                if isinstance(bn, nn.BatchNorm2d):
-                    setattr(owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-                    setattr(owner, bn_name, nn.Identity())
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for block in self._blocks:
+            if isinstance(block, MBConvLite):
+                pairs += [(block, conv, bn) for conv, bn in block.conv_bn_pairs()]
+        fold_batchnorms(pairs)
 
     def imagenet_logits(self, images: Tensor) -> Tensor:
         """``B x 1000`` ImageNet class scores; only to check that the weights are right."""

@@ -1,10 +1,13 @@
-"""Helpers shared by the pretrained backbones: which layers to compute, input normalisation."""
+"""Helpers shared by the pretrained backbones: which layers to compute, input normalisation,
+inference-only rewrites of frozen CNNs (BatchNorm folding, channels-last)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from hrad.errors import ConfigError
 
@@ -26,3 +29,20 @@ def deepest_requested(layers: Sequence[str], available: Sequence[str], backbone:
 def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Per-channel ``(x - mean) / std``; constants, not buffers, so models can be built empty."""
     return (images - images.new_tensor(mean).view(1, 3, 1, 1)) / images.new_tensor(std).view(1, 3, 1, 1)
+
+
+def fold_batchnorms(pairs: Iterable[tuple[nn.Module, str, str]]) -> None:
+    """Fold each frozen BatchNorm into the convolution before it: ``(owner, conv attribute, bn
+    attribute)``; the conv becomes the fused one (torch's ``fuse_conv_bn_eval``), the BatchNorm an
+    ``Identity``. Inference only: the backbones here are never trained."""
+    for owner, conv_name, bn_name in pairs:
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            setattr(owner, bn_name, nn.Identity())
+
+
+def to_memory_format(module: nn.Module, channels_last: bool) -> None:
+    """Every 4-d parameter and buffer of ``module`` in NHWC (``channels_last``) or NCHW."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    module._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hrad.features.base import BackboneConfig, FeatureExtractor
-from hrad.features.layers import IMAGENET_MEAN, IMAGENET_STD, deepest_requested, normalise
+from hrad.features.layers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    deepest_requested,
+    fold_batchnorms,
+    normalise,
+    to_memory_format,
+)
 from hrad.features.weights import empty_module, load_exactly, resolve_weights, torch_hub_source
 
 #: torchvision's IMAGENET1K_V1 weights (the ones PatchCore/PaDiM results use)
@@ -99,6 +107,24 @@ class ResNet(FeatureExtractor):
             self._channels[_LAYER_NAMES[index]] = in_channels
         self.fc = nn.Linear(in_channels, 1000)  # unused; kept so torchvision files load strictly
         self.weights_source = "random initialisation"
+        self.channels_last = False
+
+    def fuse_batchnorm(self) -> None:
+        """Fold every frozen BatchNorm into the convolution before it (inference only; run after
+        the weights are loaded, since the file's BatchNorm keys disappear)."""
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "conv1", "bn1")]
+        for block in self.modules():
+            if isinstance(block, BasicBlock | Bottleneck):
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+                if isinstance(block.downsample, nn.Sequential):
+                    pairs.append((block.downsample, "0", "1"))
+        fold_batchnorms(pairs)
+
+    def use_channels_last(self, enabled: bool = True) -> ResNet:
+        """Run the convolutions in NHWC, oneDNN's fast layout on CPU (see EfficientNetLite)."""
+        self.channels_last = enabled
+        to_memory_format(self, enabled)
+        return self
 
     @property
     def layer_strides(self) -> dict[str, int]:
@@ -110,7 +136,10 @@ class ResNet(FeatureExtractor):
 
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
         depth = deepest_requested(layers, _LAYER_NAMES, self.name)
-        x = F.relu(self.bn1(self.conv1(normalise(images, IMAGENET_MEAN, IMAGENET_STD))))
+        x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         out: dict[str, Tensor] = {}
         for name in _LAYER_NAMES[:depth]:
@@ -132,6 +161,8 @@ def _build(model: ResNet, config: BackboneConfig) -> ResNet:
     sources = [torch_hub_source(TORCHVISION_URLS[model.name])]
     loaded = resolve_weights(model.name, config.weights, sources, "torchvision-format state dict")
     load_exactly(model, loaded.state, model.name, loaded.source)
+    model.fuse_batchnorm()
+    model.use_channels_last()
     model.weights_source = loaded.source
     return model
 
