@@ -145,7 +145,11 @@ def main() -> None:
             order = list(modes) if round_index % 2 == 0 else list(reversed(modes))
             for name in order:
                 runtime, batch, windows = modes[name]
-                models[runtime].strategy.config.batch_size = windows
+                strategy = models[runtime].strategy
+                assert isinstance(strategy, TiledStrategy)
+                strategy.config.batch_size = windows
+                # the mode's windows go through the backbone whole (no per-window CPU split)
+                strategy.embedder.extractor.cpu_windows_per_call = None
                 seconds, found = run(models[runtime], paths, work / "out", batch)
                 times[name].append(seconds)
                 scores[name] = found
