@@ -86,6 +86,12 @@ class AnomalyModel:
         else:
             train = source
             validation_source = ArrayImages(validation) if isinstance(validation, (list, tuple)) else validation  # type: ignore[arg-type]
+        if self.strategy.needs_calibration and (validation_source is None or len(validation_source) == 0):
+            raise InputError(
+                f"strategy {self.config.strategy.name!r} calibrates on held-out good images, but none are held out "
+                f"({len(source)} training image(s), threshold.validation_fraction "
+                f"{self.config.threshold.validation_fraction}); give more training images or a validation set"
+            )
         first = train[0]
         self.fitted_size = (int(first.shape[0]), int(first.shape[1]))
         self.strategy.fit(train, progress)

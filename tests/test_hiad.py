@@ -522,3 +522,20 @@ def test_through_anomaly_model_save_and_load(detector: BankConfig, tmp_path) -> 
     actual = restored.predict(image)
     np.testing.assert_array_equal(expected.anomaly_map, actual.anomaly_map)
     assert expected.score == actual.score
+
+
+def test_fit_refuses_when_nothing_is_held_out_for_calibration(detector: BankConfig) -> None:
+    """Two images with a 20% hold-out leave none to calibrate on: a clear error before fitting,
+    not a model that fits and then cannot predict."""
+    from hrad.config import ModelConfig
+    from hrad.errors import InputError
+    from hrad.model import AnomalyModel
+
+    config = ModelConfig(
+        backbone=BackboneConfig(name="tiny-cnn"),
+        detector=detector,
+        strategy=strategy_config({"name": "hiad", "patch_size": 32, "low_res_size": 32, "num_detectors": 1}),
+        device="cpu",
+    )
+    with pytest.raises(InputError, match=r"'hiad' calibrates on held-out good images.*2 training image"):
+        AnomalyModel(config).fit(noise_images(2, 64, 64, seed=14))

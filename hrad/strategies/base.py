@@ -114,6 +114,12 @@ class Strategy(ABC):
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Learn from good images (all of the same size for position-bound strategies)."""
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when :meth:`predict` only works after :meth:`calibrate` (the model then refuses to
+        fit without held-out good images, rather than save a model that cannot predict)."""
+        return False
+
     def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:  # noqa: B027
         """Optional: learn score scales from held-out good images (never test data).
 

@@ -465,6 +465,10 @@ class TiledEnsemble(Strategy):
         position = 0 if index is None else index
         return (values - shift[position]) / scale[position]
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.normalization != "none"
+
     def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Normalisation statistics from held-out good images (per tile model or per merged map)."""
         mode = self.config.normalization

@@ -262,6 +262,10 @@ class HiAD(Strategy):
 
     # ------------------------------------------------------------------ calibration
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
     def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Min-max statistics per detector and branch from held-out good images (+ pseudo-anomalies)."""
         if self._assignment is None:
