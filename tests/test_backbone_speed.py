@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_embedder_feeds_a_lite_backbone_one_window_per_call_on_the_cpu() -> None
     batches: list[int] = []
     original = model.extract
 
-    def counting(images: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    def counting(images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         batches.append(len(images))
         return original(images, layers)
 

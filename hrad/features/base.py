@@ -56,6 +56,8 @@ class FeatureExtractor(nn.Module, ABC):
     #: 2.0x and Lite2 1.6x faster than 4 tiles per call (``roofline_quiet.md``); OpenVINO's kernels
     #: prefer the whole batch, so its extractor leaves this unset
     cpu_windows_per_call: int | None = None
+    #: convolutions run in NHWC (:meth:`use_channels_last`)
+    channels_last: bool = False
 
     @property
     @abstractmethod
@@ -73,6 +75,20 @@ class FeatureExtractor(nn.Module, ABC):
 
     def forward(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:  # noqa: D102
         return self.extract(images, layers)
+
+    def use_channels_last(self, enabled: bool = True) -> FeatureExtractor:
+        """Run a CNN's convolutions in NHWC (every 4-d weight and, through :meth:`in_layout`, the
+        input): oneDNN's fast layout on CPU (2.2x on Lite0 in benchmarks/results/roofline.md),
+        cuDNN's on tensor cores. Returned maps are then channels-last tensors with the same values
+        (float tolerance)."""
+        self.channels_last = enabled
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        self._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)
+        return self
+
+    def in_layout(self, images: Tensor) -> Tensor:
+        """``images`` in the memory format the convolutions run in (:meth:`use_channels_last`)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     #: set by :func:`build_backbone` from :attr:`BackboneConfig.precision`
     precision: str = "float32"

@@ -15,12 +15,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hrad.features.base import BackboneConfig, FeatureExtractor
-from hrad.features.layers import deepest_requested, fold_batchnorms, normalise, to_memory_format
+from hrad.features.layers import deepest_requested, fold_batchnorms, normalise
 from hrad.features.weights import WeightSource, empty_module, load_exactly, read_state_dict, resolve_weights
 
 # The Lite checkpoints were trained on pixels scaled as (p - 127) / 128 (TensorFlow's Lite
@@ -106,7 +105,7 @@ _LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 class EfficientNetLite(FeatureExtractor):
     """EfficientNet-Lite returning ``layer1..layer4``; ``imagenet_logits`` runs the classifier."""
 
-    cpu_windows_per_call = 1  # measured: see FeatureExtractor.cpu_windows_per_call
+    cpu_windows_per_call: int | None = 1  # measured: see FeatureExtractor.cpu_windows_per_call
 
     def __init__(self, variant: str) -> None:
         super().__init__()
@@ -132,15 +131,6 @@ class EfficientNetLite(FeatureExtractor):
             name: stages[index].channels for name, index in zip(_LAYER_NAMES, _LAYER_STAGES, strict=True)
         }
         self.weights_source = "random initialisation"
-        self.channels_last = False
-
-    def use_channels_last(self, enabled: bool = True) -> EfficientNetLite:
-        """Run the convolutions in NHWC (weights and activations): oneDNN's fast layout on CPU
-        (2.2x on Lite0 in benchmarks/results/roofline.md), cuDNN's on tensor cores. Returned
-        maps are then channels-last tensors with the same values (float tolerance)."""
-        self.channels_last = enabled
-        to_memory_format(self, enabled)
-        return self
 
     @property
     def layer_strides(self) -> dict[str, int]:
@@ -154,9 +144,7 @@ class EfficientNetLite(FeatureExtractor):
         depth = deepest_requested(layers, _LAYER_NAMES, self.variant)
         last_block = self._stage_ends[_LAYER_STAGES[depth - 1]]
         taps = {self._stage_ends[_LAYER_STAGES[i]]: _LAYER_NAMES[i] for i in range(depth)}
-        x = normalise(images, PIXEL_MEAN, PIXEL_STD)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.in_layout(normalise(images, PIXEL_MEAN, PIXEL_STD))
         x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         out: dict[str, Tensor] = {}
         for index, block in enumerate(self._blocks[:last_block]):

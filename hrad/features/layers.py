@@ -1,11 +1,10 @@
 """Helpers shared by the pretrained backbones: which layers to compute, input normalisation,
-inference-only rewrites of frozen CNNs (BatchNorm folding, channels-last)."""
+BatchNorm folding of frozen CNNs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -41,8 +40,3 @@ def fold_batchnorms(pairs: Iterable[tuple[nn.Module, str, str]]) -> None:
             setattr(owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
             setattr(owner, bn_name, nn.Identity())
 
-
-def to_memory_format(module: nn.Module, channels_last: bool) -> None:
-    """Every 4-d parameter and buffer of ``module`` in NHWC (``channels_last``) or NCHW."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    module._apply(lambda t: t.contiguous(memory_format=layout) if t.dim() == 4 else t)

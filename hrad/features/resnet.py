@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +20,6 @@ from hrad.features.layers import (
     deepest_requested,
     fold_batchnorms,
     normalise,
-    to_memory_format,
 )
 from hrad.features.weights import empty_module, load_exactly, resolve_weights, torch_hub_source
 
@@ -107,7 +105,6 @@ class ResNet(FeatureExtractor):
             self._channels[_LAYER_NAMES[index]] = in_channels
         self.fc = nn.Linear(in_channels, 1000)  # unused; kept so torchvision files load strictly
         self.weights_source = "random initialisation"
-        self.channels_last = False
 
     def fuse_batchnorm(self) -> None:
         """Fold every frozen BatchNorm into the convolution before it (inference only; run after
@@ -120,12 +117,6 @@ class ResNet(FeatureExtractor):
                     pairs.append((block.downsample, "0", "1"))
         fold_batchnorms(pairs)
 
-    def use_channels_last(self, enabled: bool = True) -> ResNet:
-        """Run the convolutions in NHWC, oneDNN's fast layout on CPU (see EfficientNetLite)."""
-        self.channels_last = enabled
-        to_memory_format(self, enabled)
-        return self
-
     @property
     def layer_strides(self) -> dict[str, int]:
         return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
@@ -136,9 +127,7 @@ class ResNet(FeatureExtractor):
 
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
         depth = deepest_requested(layers, _LAYER_NAMES, self.name)
-        x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.in_layout(normalise(images, IMAGENET_MEAN, IMAGENET_STD))
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         out: dict[str, Tensor] = {}
