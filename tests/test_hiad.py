@@ -401,6 +401,23 @@ def test_lean_predict_equals_the_whole_map_computation(fitted: HiAD, monkeypatch
     torch.testing.assert_close(raw.low_map, whole.low_map, rtol=0, atol=1e-5)
 
 
+def test_smoothing_at_the_score_sigma_blurs_once_and_keeps_the_score(fitted: HiAD) -> None:
+    """With ``smoothing_sigma == score_sigma`` the smoothed map is the one pooled for the score:
+    the map is the unsmoothed one blurred, the score the same as without smoothing."""
+    image = noise_images(1, 64, 96, seed=8)[0]
+    image[40:50, 20:30] = 1.0
+    results = []
+    for sigma in (0.0, fitted.config.score_sigma):
+        config = fitted.config.model_copy(update={"return_branch_maps": False, "smoothing_sigma": sigma})
+        strategy = HiAD(config, fitted.detector_config, fitted.extractor)
+        strategy.load_state(DictStateReader(fitted.state_dict()))
+        results.append(strategy.predict(image))
+    plain, smoothed = results
+    expected = gaussian_smooth(plain.anomaly_map, fitted.config.score_sigma)
+    np.testing.assert_allclose(smoothed.anomaly_map, expected, rtol=0, atol=1e-6)
+    assert smoothed.score == pytest.approx(plain.score, abs=1e-6)
+
+
 def test_prediction_never_depends_on_other_images(fitted: HiAD) -> None:
     images = noise_images(3, 64, 96, seed=7)
     first = fitted.predict(images[0])

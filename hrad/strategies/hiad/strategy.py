@@ -29,7 +29,13 @@ from hrad import hiad_math
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
-from hrad.hiad_math import low_branch_size, maximum_upsampled, normalize_range, pooled_max_of_bands
+from hrad.hiad_math import (
+    low_branch_size,
+    maximum_upsampled,
+    normalize_range,
+    pooled_max,
+    pooled_max_of_bands,
+)
 from hrad.imaging import resize, shrinks
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
@@ -314,7 +320,8 @@ class HiAD(Strategy):
         at a time); the low branch's map is upsampled into it a band of rows at a time through
         ``np.maximum(out=...)`` (:func:`~hrad.hiad_math.maximum_upsampled`), and the score blurs
         and pools it a band at a time (:func:`~hrad.postprocess.smoothing.blurred_bands`,
-        :func:`~hrad.hiad_math.pooled_max_of_bands`). ``return_branch_maps`` keeps the two branch
+        :func:`~hrad.hiad_math.pooled_max_of_bands`; with ``score_sigma == smoothing_sigma`` the
+        smoothed map itself is pooled, blurred once). ``return_branch_maps`` keeps the two branch
         maps whole as well (two more maps). Same map and score, to float32 rounding, as upsampling
         every map whole.
         """
@@ -336,12 +343,15 @@ class HiAD(Strategy):
                 low_map = low_map if self.config.return_branch_maps else None
             else:  # a band of rows at a time into the high map: no second full-size map
                 final = maximum_upsampled(high_map, low_calibrated.numpy())
-        # the score from bands of the blurred map, before the returned map is smoothed (in place
-        # unless it is the high branch's map the caller also gets)
-        bands = blurred_bands(final, self.config.score_sigma, hiad_math.BAND_VALUES)
-        score = pooled_max_of_bands((rows for _, rows in bands), height, self.config.score_pool)
+        same_sigma = self.config.score_sigma == self.config.smoothing_sigma
+        if not same_sigma:  # the score from bands of its own blur, before the map is smoothed in place
+            bands = blurred_bands(final, self.config.score_sigma, hiad_math.BAND_VALUES)
+            score = pooled_max_of_bands((rows for _, rows in bands), height, self.config.score_pool)
+        # smoothed in place unless it is the high branch's map the caller also gets
         keep = self.config.return_branch_maps and final is high_map
         returned = gaussian_smooth(final, self.config.smoothing_sigma, in_place=not keep)
+        if same_sigma:  # one blur serves both (pooled_max is banded too)
+            score = pooled_max(returned, self.config.score_pool)
         extras: dict = {"patch_detectors": raw.labels.reshape(raw.grid.rows, raw.grid.cols)}
         if self.config.return_branch_maps:
             extras["high_map"] = high_map
