@@ -109,6 +109,7 @@ class EpochsConfig(NeuralConfig):
 
 ConfigT = TypeVar("ConfigT", bound=NeuralConfig)
 NetT = TypeVar("NetT", bound=nn.Module)
+ResultT = TypeVar("ResultT")
 
 
 def _train_all(network: nn.Module) -> None:
@@ -178,9 +179,19 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             return config
         return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
 
+    def default_layers(self) -> int:
+        """How many equal layers :meth:`default_layout` splits the embedding into (ViTAD / VarAD: one
+        per configured layer or level)."""
+        return 1
+
     def default_layout(self, channels: int) -> list[int]:
-        """The layout when ``level_channels`` is empty: one layer (ViTAD / VarAD split equally)."""
-        return [channels]
+        """The layout when ``level_channels`` is empty: :meth:`default_layers` equal layers."""
+        layers = self.default_layers()
+        if channels % layers:
+            raise ConfigError(
+                f"{self.name} cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
+            )
+        return [channels // layers] * layers
 
     def resolve_layout(self, channels: int) -> list[int]:
         """The one level-size check: the layout must cover the embedding exactly."""
@@ -256,6 +267,11 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
     def training_batches(self, batches: Iterable[Tensor]) -> Iterable[Tensor]:
         """What one epoch iterates: the embedding batches by default."""
         return batches
+
+    def training_embeddings(self, batch: Tensor) -> Tensor:
+        """The clean embeddings of a training batch, for the checks: the batch itself unless the
+        detector asked for image-space anomalies (then a packed batch, :func:`~hrad.detectors.base.unpack_anomalies`)."""
+        return batch
 
     def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
         """Called after every epoch with its mean loss; True stops the stage (early stopping)."""
@@ -356,10 +372,11 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         for epoch in range(stage.epochs):
             total, count = 0.0, 0
             for batch in self.training_batches(batches):
-                self.check_embeddings(batch)
+                clean = self.training_embeddings(batch)
+                self.check_embeddings(clean)
                 if self.network is None:
-                    self.layout = self.resolve_layout(int(batch.shape[1]))
-                    self.configure(batch)
+                    self.layout = self.resolve_layout(int(clean.shape[1]))
+                    self.configure(clean)
                     self.build(self.layout, batch.device)
                 embeddings = batch.to(self.device).float()
                 self.check_batch(embeddings)
@@ -411,13 +428,17 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             if self.end_epoch(stage, epoch, mean):
                 break
 
-    def predict(self, embeddings: Tensor) -> DetectorOutput:
+    def evaluate(self, forward: Callable[[Tensor], ResultT], embeddings: Tensor) -> ResultT:
+        """``forward`` of checked float embeddings on the network's device, in eval mode, without
+        gradients, at the compute precision: what ``predict`` runs, also for analysis helpers."""
         network = self.fitted_network()
         network.eval()  # BatchNorm uses running statistics: no image depends on its batch mates
         self.check_embeddings(embeddings)
         with torch.no_grad(), self.autocast():
-            maps = self.anomaly_maps(embeddings.to(self.device).float())
-        maps = maps.float()  # float32 maps whatever the compute precision
+            return forward(embeddings.to(self.device).float())
+
+    def predict(self, embeddings: Tensor) -> DetectorOutput:
+        maps = self.evaluate(self.anomaly_maps, embeddings).float()  # float32 maps at any precision
         return DetectorOutput(
             maps=maps, scores=image_scores(maps, self.config.image_score, self.config.top_fraction)
         )
