@@ -238,10 +238,9 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
     @classmethod
     def embedding_spec(cls, config: DetectorConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
         """The default follows ``levels`` and ``fuser_input`` (no neck block with "levels")."""
-        spec = super().embedding_spec(config, extractor)  # also rejects CNNs
-        if config.layers or not isinstance(config, ViTADConfig):
-            return spec
-        return cls._default_spec(config, extractor)
+        if isinstance(config, ViTADConfig) and not config.layers:
+            return cls._default_spec(config, extractor)
+        return super().embedding_spec(config, extractor)  # also rejects CNNs
 
     @classmethod
     def _default_spec(cls, config: ViTADConfig, extractor: FeatureExtractor) -> EmbeddingSpec:
@@ -250,15 +249,9 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
         return EmbeddingSpec(layers=blocks, aggregation=1)
 
     # ----------------------------------------------------------------- building
-    def default_layout(self, channels: int) -> list[int]:
-        """Equal layers: one per configured layer, else the levels (and the neck)."""
-        config = self.config
-        layers = len(config.layers) or config.levels + (config.fuser_input == "neck")
-        if channels % layers:
-            raise ConfigError(
-                f"vitad cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
-            )
-        return [channels // layers] * layers
+    def default_layers(self) -> int:
+        """One equal layer per configured layer, else the levels (and the neck)."""
+        return len(self.config.layers) or self.config.levels + (self.config.fuser_input == "neck")
 
     def resolve_layout(self, channels: int) -> list[int]:
         sizes = super().resolve_layout(channels)
@@ -315,10 +308,7 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
 
     def reconstructions(self, embeddings: Tensor) -> list[Tensor]:
         """Per level, the decoder's reconstruction ``B x C_l x h x w``; for analysis."""
-        self.fitted_network().eval()
-        self.check_embeddings(embeddings)
-        with torch.no_grad():
-            return self._forward(embeddings.to(self.device).float())[1]
+        return self.evaluate(lambda tokens: self._forward(tokens)[1], embeddings)
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
         return cosine_distances(*self._forward(embeddings)).mean(dim=0)
