@@ -128,7 +128,7 @@ def test_state_round_trip_restores_predictions_exactly(options: dict) -> None:
 def test_user_mistakes_raise_hrad_errors() -> None:
     with pytest.raises(NotFittedError, match="not been fitted"):
         VarAD(VarADConfig()).predict(torch.randn(1, 48, 4, 4))
-    with pytest.raises(ConfigError, match="equal levels"):
+    with pytest.raises(ConfigError, match="equal layers"):
         VarAD(VarADConfig(epochs=1)).fit([torch.randn(1, 50, 4, 4)])
     detector = VarAD(VarADConfig(epochs=1))
     detector.fit([torch.randn(1, 48, 4, 4)])

@@ -191,13 +191,8 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
         return EmbeddingSpec(layers=default_blocks(vit_depth(extractor)), aggregation=1)
 
     # ----------------------------------------------------------------- building
-    def default_layout(self, channels: int) -> list[int]:
-        levels = len(self.config.layers) or DEFAULT_LEVELS
-        if channels % levels:
-            raise ConfigError(
-                f"varad cannot split {channels} embedding channels into {levels} equal levels; set level_channels"
-            )
-        return [channels // levels] * levels
+    def default_layers(self) -> int:
+        return len(self.config.layers) or DEFAULT_LEVELS
 
     def configure(self, embeddings: Tensor) -> None:
         """The prediction step M of every level and direction, fixed by the first batch's grid."""
@@ -271,10 +266,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
 
     def directional_predictions(self, embeddings: Tensor) -> list[Tensor]:
         """Per level, each direction's prediction on the grid (``B x dirs x C x h x w``); for analysis."""
-        self.fitted_network().eval()
-        self.check_embeddings(embeddings)
-        with torch.no_grad():
-            return self._forward(embeddings.to(self.device))[1]
+        return self.evaluate(lambda tokens: self._forward(tokens)[1], embeddings)
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
         targets, predictions = self._forward(embeddings)
