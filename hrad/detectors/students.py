@@ -345,13 +345,8 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         if len(self._val_tokens) == 0:
             return False
         with torch.no_grad():
-            step = self.config.predict_batch_tokens
-            chunks = [
-                self._val_tokens[start : start + step] for start in range(0, len(self._val_tokens), step)
-            ]
-            val_loss = sum(float(self._losses(chunk)) * len(chunk) for chunk in chunks) / len(
-                self._val_tokens
-            )
+            chunks = self._val_tokens.split(self.config.predict_batch_tokens)
+            val_loss = sum(float(self._losses(chunk)) * len(chunk) for chunk in chunks) / len(self._val_tokens)
         self.val_history.append(val_loss)
         best, state, stale = self._best
         if val_loss < best:
@@ -371,23 +366,21 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
     # ----------------------------------------------------------------- inference
     def direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """``(Delta_j, Delta_k)``: backward and forward distance maps, each ``B x h x w``."""
+        return self.evaluate(self._direction_maps, embeddings)
+
+    def _direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         network = self.fitted_network()
-        network.eval()
-        self.check_embeddings(embeddings)
         b, c, h, w = embeddings.shape
-        tokens = embeddings.to(self.device).permute(0, 2, 3, 1).reshape(b * h * w, c)
+        tokens = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, c)
         backward_parts, forward_parts = [], []
-        with torch.no_grad():
-            for start in range(0, len(tokens), self.config.predict_batch_tokens):
-                chunk = tokens[start : start + self.config.predict_batch_tokens].float()
-                f_j, f_k = chunk.split(self.layout, dim=-1)
-                forward_parts.append(normalised_distance(network.forward_student(f_j), f_k))
-                backward_parts.append(normalised_distance(network.backward_student(f_k), f_j))
+        for chunk in tokens.split(self.config.predict_batch_tokens):
+            f_j, f_k = chunk.split(self.layout, dim=-1)
+            forward_parts.append(normalised_distance(network.forward_student(f_j), f_k))
+            backward_parts.append(normalised_distance(network.backward_student(f_k), f_j))
         return torch.cat(backward_parts).reshape(b, h, w), torch.cat(forward_parts).reshape(b, h, w)
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
-        backward_map, forward_map = self.direction_maps(embeddings)
-        return fuse_maps(backward_map, forward_map, self.config.fusion).float()
+        return fuse_maps(*self._direction_maps(embeddings), self.config.fusion)
 
     def predict(self, embeddings: Tensor) -> DetectorOutput:
         """Fused token-resolution maps and top-fraction image scores; times the student part."""
