@@ -11,7 +11,9 @@ Groups (``--groups``, default all):
 ``--detector`` takes one or more names: every setup runs once per detector on the same images, so
 ``--detector patchcore fastflow rdpp --groups baselines --only HiAD`` is one HiAD pool table.
 ``--detector-option KEY=VALUE`` applies to every detector, ``NAME:KEY=VALUE`` to detector NAME only
-(e.g. ``rdpp:epochs=10``).
+(e.g. ``rdpp:epochs=10``). ``NAME@LABEL`` runs detector NAME under its own label, so one run can
+compare two configurations of a detector: ``--detector realnet realnet@image --detector-option
+realnet@image:synthesis=image``.
 
 Every setup is fitted with :class:`hrad.model.AnomalyModel` (20% of the training images held out
 for calibration and thresholds) and evaluated with :func:`hrad.evaluation.evaluate` at full
@@ -164,7 +166,7 @@ def run_setup(
     name: str,
 ) -> dict[str, Any]:
     """Fit and evaluate one (setup, detector) pair; a failure is recorded in the row's ``error``."""
-    detector = {"name": name, "seed": args.seed, **detector_options(args, name)}
+    detector = {"name": name.partition("@")[0], "seed": args.seed, **detector_options(args, name)}
     row: dict[str, Any] = {"group": group, "setup": label, "detector": name}
     try:
         config = ModelConfig(
@@ -249,7 +251,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--detector",
         nargs="+",
         default=["patchcore"],
-        help="one or more detectors; every setup runs once per detector on the same images",
+        help="one or more detectors (NAME or NAME@LABEL); every setup runs once per detector on the same images",
     )
     parser.add_argument(
         "--detector-option",

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
-from hrad.errors import ConfigError
+from hrad.data.anomalies import AnomalyRule
+from hrad.errors import ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 from hrad.registry import Registry
 
@@ -32,6 +34,17 @@ class DetectorConfig(BaseModel):
     layers: tuple[str, ...] = ()
     #: seed of the detector's own randomness (sampling, initialisation, synthetic anomalies)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_synthesis(cls, data: object) -> object:
+        """One clear line for ``synthesis`` on a detector that trains on no synthetic anomalies."""
+        if isinstance(data, dict) and "synthesis" in data and "synthesis" not in cls.model_fields:
+            raise ConfigError(
+                f"detector {data.get('name', cls.__name__)} has no synthesis option: it trains on no"
+                " synthetic anomalies (destseg and realnet do)"
+            )
+        return data
 
 
 def backbone_layers(
@@ -89,6 +102,15 @@ class Detector(ABC, Generic[ConfigT]):
         return default
 
     @classmethod
+    def image_anomalies(cls, config: DetectorConfig) -> AnomalyRule | None:
+        """The rule of the image-space synthetic anomalies this config asks the strategy for, or
+        None (the default). When asked, every training batch ``fit`` receives is
+        :func:`pack_anomalies` of the clean embeddings, the embeddings of a corrupted copy of the
+        same tiles and the exact mask fraction per token (:mod:`hrad.data.anomalies`); the
+        detector still never sees images."""
+        return None
+
+    @classmethod
     def bind_layout(cls, config: ConfigT, layer_channels: tuple[int, ...]) -> ConfigT:
         """The config with the embedding's per-layer channel split filled in, for detectors that
         treat each backbone layer separately (multi-level reconstruction); strategies call it
@@ -119,6 +141,23 @@ class Detector(ABC, Generic[ConfigT]):
         data-dependent Python control flow). None (the default) = not exportable.
         """
         return None
+
+
+def pack_anomalies(clean: Tensor, anomalous: Tensor, masks: Tensor) -> Tensor:
+    """One training batch of a detector that asked for image-space anomalies: ``B x (2C + 1) x h x w``
+    = the clean ``B x C x h x w`` embeddings, those of the corrupted tiles and the ``B x h x w``
+    mask fractions, along channels (so every feature cache and spill carries it unchanged)."""
+    return torch.cat([clean, anomalous.to(clean.dtype), masks[:, None].to(clean.dtype)], dim=1)
+
+
+def unpack_anomalies(batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pack_anomalies` undone: (clean, anomalous, masks)."""
+    channels = (batch.shape[1] - 1) // 2
+    if batch.ndim != 4 or batch.shape[1] != 2 * channels + 1:
+        raise InputError(
+            f"a training batch with image-space anomalies must be B x (2C + 1) x h x w, got shape {tuple(batch.shape)}"
+        )
+    return batch[:, :channels], batch[:, channels : 2 * channels], batch[:, -1]
 
 
 class PredictScoring(nn.Module):

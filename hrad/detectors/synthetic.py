@@ -4,10 +4,14 @@ Both detectors standardise the embedding per channel with the training set's sta
 corrupt the standardised embedding with DRAEM-style anomalies made in feature space
 (:func:`synthesise_anomalies`; the rules and their sources are in :mod:`hrad.detectors.destseg`'s
 docstring) and train a segmentation head against the exact synthetic masks with focal + L1 loss.
-This module holds that once:
+With ``synthesis="image"`` the anomalies are made in image space instead, by the strategy
+(:mod:`hrad.data.anomalies`), and arrive packed with the clean embeddings
+(:func:`~hrad.detectors.base.pack_anomalies`; masks = exact fraction of each token covered).
+They are drawn once per fit, so every epoch sees the same corrupted tiles, where the
+feature-space synthesis draws fresh anomalies every batch. This module holds that once:
 
-- :class:`SyntheticAnomalyConfig`: the synthesis and segmentation options (``anomaly_fraction``,
-  ``clean_probability``, ``focal_gamma``, ``aspp_rates``) and their checks;
+- :class:`SyntheticAnomalyConfig`: the synthesis and segmentation options (``synthesis``,
+  ``anomaly_fraction``, ``clean_probability``, ``focal_gamma``, ``aspp_rates``) and their checks;
 - :class:`StandardisedNet`: a network holding the ``mean`` / ``std`` buffers (saved as
   ``<prefix>.mean`` / ``<prefix>.std``) and :meth:`~StandardisedNet.standardise`;
 - :class:`SyntheticAnomalyDetector`: the statistics pass that builds the network
@@ -20,13 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from hrad.data.anomalies import AnomalyRule
+from hrad.detectors.base import DetectorConfig, unpack_anomalies
 from hrad.detectors.neural import NeuralConfig, NeuralDetector
 from hrad.errors import ArtifactError, ConfigError, InputError
 
@@ -49,6 +55,11 @@ class SyntheticAnomalyConfig(NeuralConfig):
     anomaly_fraction: tuple[float, float] = (0.01, 0.1)
     #: probability that a training sample stays clean (empty mask)
     clean_probability: float = Field(default=0.05, ge=0, le=1)
+    #: where the synthetic anomalies are made: "feature" = on the standardised embedding
+    #: (:func:`synthesise_anomalies`); "image" = DRAEM-style Perlin anomalies pasted into the
+    #: training tiles by the strategy, embedded by the same backbone and handed over with their
+    #: exact mask fraction per token (:mod:`hrad.data.anomalies`; downsample, tiled and hiad)
+    synthesis: Literal["feature", "image"] = "feature"
 
     @model_validator(mode="after")
     def _check_synthesis(self) -> SyntheticAnomalyConfig:
@@ -165,10 +176,23 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
 
     extra_state_keys = ("aspp_rates",)
 
+    @classmethod
+    def image_anomalies(cls, config: DetectorConfig) -> AnomalyRule | None:
+        if not isinstance(config, SyntheticAnomalyConfig) or config.synthesis != "image":
+            return None
+        return AnomalyRule(config.seed, config.anomaly_fraction, config.clean_probability)
+
+    def training_embeddings(self, batch: Tensor) -> Tensor:
+        return unpack_anomalies(batch)[0] if self.config.synthesis == "image" else batch
+
+    def clean_batches(self, batches: Iterable[Tensor]) -> Iterable[Tensor]:
+        """The clean embeddings of the training batches (one pass)."""
+        return (self.training_embeddings(batch) for batch in batches)
+
     def fit_standardisation(self, batches: Iterable[Tensor]) -> NetT:
         """A checking pass: per-channel mean and std over every training position, then the
         network built with them (call from ``before_fit``)."""
-        mean, std = self.channel_statistics(batches)
+        mean, std = self.channel_statistics(self.clean_batches(batches))
         network = self.build(self.resolve_layout(mean.numel()), mean.device)
         network.mean.copy_(mean.view(1, -1, 1, 1))
         network.std.copy_(std.view(1, -1, 1, 1))
@@ -185,8 +209,14 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
             )
 
     def corrupt(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(clean, corrupted, masks), standardised, with fresh anomalies every call."""
-        clean = self.fitted_network().standardise(embeddings)
+        """(clean, corrupted, masks), standardised: with ``synthesis="feature"`` fresh feature-space
+        anomalies every call; with ``"image"`` the strategy's packed batch unpacked (the corrupted
+        tiles' embeddings and their mask fractions per token, the same every epoch)."""
+        network = self.fitted_network()
+        if self.config.synthesis == "image":
+            clean, anomalous, masks = unpack_anomalies(embeddings)
+            return network.standardise(clean), network.standardise(anomalous), masks
+        clean = network.standardise(embeddings)
         corrupted, masks = synthesise_anomalies(
             clean, self.generator, self.config.anomaly_fraction, self.config.clean_probability
         )

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
-from hrad.detectors.base import DetectorConfig
+from hrad.detectors.base import DetectorConfig, detector_class
+from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
 from hrad.registry import Registry
 
@@ -101,7 +102,16 @@ def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
 class Strategy(ABC):
     """Fit on full-resolution good images; predict full-resolution maps."""
 
+    #: whether the strategy makes image-space synthetic anomalies for detectors that ask for them
+    #: (:meth:`~hrad.detectors.base.Detector.image_anomalies`)
+    synthesises_anomalies: ClassVar[bool] = False
+
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
+        if detector_class(detector.name).image_anomalies(detector) is not None and not self.synthesises_anomalies:
+            raise ConfigError(
+                f"the {config.name} strategy cannot make image-space anomalies for {detector.name}"
+                " synthesis=image; use synthesis=feature or the downsample, tiled or hiad strategy"
+            )
         self.config = config
         self.detector_config = detector
         self.extractor = extractor

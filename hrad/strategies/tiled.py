@@ -21,7 +21,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class
+from hrad.data.anomalies import AnomalySynthesiser, cell_fractions
+from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class, pack_anomalies
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.strategies.base import (
@@ -263,6 +264,7 @@ class TiledStrategy(Strategy):
     config: DownsampleConfig | TiledConfig
     #: tile windows -> the tiles' own embeddings (context margin cropped)
     tiles: ContextEmbedder
+    synthesises_anomalies = True
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         super().__init__(config, detector, extractor)
@@ -298,6 +300,21 @@ class TiledStrategy(Strategy):
         """
         for _, _, embeddings in self._tile_embeddings(image):
             yield embeddings
+
+    def anomaly_batches(self, image: np.ndarray, synthesiser: AnomalySynthesiser) -> Iterator[Tensor]:
+        """Training batches of one image's tiles with image-space anomalies, a batch of windows at
+        a time: each window gets a corrupted copy (the mask inside the tile, not its context
+        margin), both go through the backbone, and the batch is
+        :func:`~hrad.detectors.base.pack_anomalies` of the two embeddings and the mask's exact
+        fraction per token (a detector whose config asks for them, ``image_anomalies``)."""
+        tensor = prepare_image(image, self._working_size, self._pad_to_square(), self.device)
+        grid, tiles = self._tiles(*tensor.shape[-2:])
+        top, height, width = grid.margin, grid.tile_h, grid.tile_w
+        for _, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
+            clean = tiles(windows)
+            corrupted, masks = synthesiser(windows, (top, top, height, width))
+            inside = masks[:, top : top + height, top : top + width]
+            yield pack_anomalies(clean, tiles(corrupted), cell_fractions(inside, clean.shape[-2:]))
 
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
@@ -417,8 +434,16 @@ class _EmbeddingSource:
 
     def _compute(self) -> Iterator[Tensor]:
         total = len(self.images)
+        strategy = self.strategy
+        rule = strategy.detector.image_anomalies(strategy.detector_config)
+        # restarted with every pass: the same anomalies whether the batches are cached or not
+        synthesiser = None if rule is None else rule.synthesiser(strategy.tiles.tile_size, strategy.device)
         for index in range(total):
-            yield from self.strategy.embed_image(self.images[index])
+            image = self.images[index]
+            if synthesiser is None:
+                yield from strategy.embed_image(image)
+            else:
+                yield from strategy.anomaly_batches(image, synthesiser)
             self.progress(index + 1, total, "embedding training images")
 
     def __iter__(self) -> Iterator[Tensor]:

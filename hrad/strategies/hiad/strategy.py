@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from hrad import hiad_math
-from hrad.detectors.base import Detector, DetectorConfig, detector_class
+from hrad.data.anomalies import AnomalySynthesiser, cell_fractions, pad_to
+from hrad.detectors.base import Detector, DetectorConfig, detector_class, pack_anomalies
 from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.hiad_math import (
@@ -47,6 +48,7 @@ from hrad.strategies.base import (
     Strategy,
     no_progress,
     sub_state,
+    to_tensor,
 )
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
@@ -71,6 +73,7 @@ class RawOutput:
 
 
 class HiAD(Strategy):
+    synthesises_anomalies = True
 
     def __init__(self, config: HiADConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:  # type: ignore[override]
         super().__init__(config, detector, extractor)
@@ -156,6 +159,9 @@ class HiAD(Strategy):
             self.config.fusion_rates, self.config.fusion_weights, *self._image_size, self.config.fusion_base
         )
         fusion = self._fusion()
+        rule = self.detector_type.image_anomalies(self.detector_config)
+        patch = self.config.patch_size
+        synthesiser = None if rule is None else rule.synthesiser((patch, patch), self.device)
         with FeatureSpill(self.config.work_dir, prefix="hrad-hiad-") as spill:
             chunks: list[str] = []
             low_chunks: list[str] = []
@@ -165,13 +171,16 @@ class HiAD(Strategy):
                 image = first if index == 0 else images[index]
                 self._check_size(image, f"training image {index}")
                 tensor = PixelImage(image, self.device)  # windows become float as they are cut
-                _, features = fusion.all_patches(tensor)
+                positions, features = fusion.all_patches(tensor)
                 grid = fusion.grid(image.shape[0], image.shape[1])
                 grid_shape = (grid.rows, grid.cols) if index == 0 else grid_shape
                 descriptors.append(features.mean(dim=(2, 3)).double().cpu().numpy())
+                low = self._embed_low(tensor) if self.config.low_branch else None
+                if synthesiser is not None:
+                    features, low = self._with_anomalies(image, synthesiser, grid, positions, features, low)
                 chunks.append(spill.write(features))
-                if self.config.low_branch:
-                    low_chunks.append(spill.write(self._embed_low(tensor)))
+                if low is not None:
+                    low_chunks.append(spill.write(low))
                 progress(index + 1, count, "hiad: embedding training images")
             assignment = fit_assignment(
                 self.config.assignment, self.config.num_detectors, grid_shape, descriptors, self.config.seed
@@ -185,6 +194,35 @@ class HiAD(Strategy):
         self._low = self._restore(states[-1]) if self.config.low_branch else None
         self._calibration = None
         self._reader = None
+
+    def _with_anomalies(
+        self,
+        image: np.ndarray,
+        synthesiser: AnomalySynthesiser,
+        grid: TileGrid,
+        positions: list[TilePosition],
+        features: Tensor,
+        low: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The patch (and low-branch) training rows with image-space anomalies: a corrupted copy of
+        the whole image (Perlin periods counted per patch), fused and embedded like the image, packed
+        with the clean rows and the mask's exact fraction per token of each patch / of the low grid
+        (:func:`~hrad.detectors.base.pack_anomalies`). Memory: the image as float32 twice."""
+        corrupted, masks = synthesiser(to_tensor(image, self.device))
+        _, anomalous = self._fusion().all_patches(corrupted)
+        patch = self.config.patch_size
+        padded = pad_to(masks, grid.padded_height, grid.padded_width)[0]
+        fractions = torch.stack(
+            [
+                cell_fractions(padded[None, p.y : p.y + patch, p.x : p.x + patch], features.shape[-2:])[0]
+                for p in positions
+            ]
+        ).to(features.device)
+        packed = pack_anomalies(features, anomalous, fractions)
+        if low is None:
+            return packed, None
+        low_fractions = cell_fractions(masks, low.shape[-2:]).to(low.device)
+        return packed, pack_anomalies(low, self._embed_low(corrupted), low_fractions)
 
     def _fit_jobs(
         self, assignment: Assignment, chunks: list[str], descriptors: list[np.ndarray], low_chunks: list[str]
