@@ -111,7 +111,10 @@ def encode_map_png16(anomaly_map: np.ndarray, scale: MapScale) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_SCALE_KEY, f"vmin={scale.vmin!r};vmax={scale.vmax!r}")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
+    # zlib level 1, OpenCV's default for the other PNGs: a map's low bits are noise, so PIL's
+    # default level 6 took 3x longer (0.67 s at 1500x1000, as long as predicting the image on
+    # two cores) for a file 3% smaller
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info, compress_level=1)
     return buffer.getvalue()
 
 

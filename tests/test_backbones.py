@@ -148,6 +148,33 @@ def test_folded_batchnorm_and_padding_shortcut_keep_the_features() -> None:
             torch.testing.assert_close(got[layer], expected[layer], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_same_convolution_equals_tensorflow_padding(kernel: int, groups: int) -> None:
+    """SameConv2d equals TensorFlow SAME (explicit zero padding, more after than before) for
+    stride 1 and 2 on even, odd and mixed sizes; the depthwise path's widened kernel included."""
+    from hrad.features.efficientnet import SameConv2d
+
+    generator = torch.Generator().manual_seed(kernel * groups)
+    for stride in (1, 2):
+        conv = SameConv2d(6, 6, kernel, stride=stride, groups=groups, bias=True)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+            conv.bias.copy_(torch.randn(6, generator=generator))  # type: ignore[union-attr]
+        for height, width in ((16, 16), (15, 17), (16, 13)):
+            x = torch.randn(2, 6, height, width, generator=generator)
+            pads = []
+            for size in (height, width):
+                total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+                pads.append((total // 2, total - total // 2))
+            (top, bottom), (left, right) = pads
+            expected = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, conv.bias, stride, 0, 1, groups)
+            with torch.no_grad():
+                got = conv(x)
+            assert got.shape == expected.shape == (2, 6, -(-height // stride), -(-width // stride))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def _pypi_efficientnet_state(variant: str) -> dict[str, torch.Tensor]:
     from hrad.features.efficientnet import _pypi_source
 

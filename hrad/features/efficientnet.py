@@ -31,7 +31,16 @@ _BN_EPS = 1e-3  # TensorFlow's default, used by the checkpoints
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow ``SAME`` padding (output size ``ceil(input / stride)``)."""
+    """Conv2d with TensorFlow ``SAME`` padding (output size ``ceil(input / stride)``).
+
+    Symmetric padding is the convolution's own. The asymmetric case (stride 2 on an even size:
+    one more row/column after than before) avoids copying the input into a padded tensor: a
+    depthwise kernel grows by one leading zero tap on that side and the convolution pads
+    symmetrically by the larger amount, which takes the same inputs with the same weights
+    (bit-identical; ``F.pad`` on a channels-last activation cost 6x the convolution itself,
+    ``benchmarks/results/predict_pipeline_quiet.md``'s profile). Dense convolutions (the stem)
+    still pad: there the widened kernel's extra products cost more than the copy.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         pads = []
@@ -41,6 +50,10 @@ class SameConv2d(nn.Conv2d):
         (top, bottom), (left, right) = pads
         if top == bottom and left == right:  # symmetric: let the convolution pad (no copy)
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        if self.groups > 1 and self.dilation == (1, 1):
+            # one leading zero tap per extra row/column of padding after: symmetric padding
+            weight = F.pad(self.weight, (right - left, 0, bottom - top, 0))
+            return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), 1, self.groups)
         x = F.pad(x, (left, right, top, bottom))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
