@@ -4,7 +4,7 @@ reference's weights) and the map; see :mod:`hrad.detectors.rdpp` for the method.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +126,8 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
             torch.optim.Adam(net.distillation_parameters(), lr=config.lr, betas=config.betas),
         ]
 
-    def fit(self, batches: Iterable[Tensor]) -> None:
+    def before_fit(self, batches: Iterable[Tensor]) -> None:
         self.term_history, self._terms = [], {}
-        super().fit(batches)
 
     def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
         self.term_history.append({key: sum(values) / len(values) for key, values in self._terms.items()})
@@ -161,6 +160,34 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
             total = total + divergence.mean()
         return total
 
+    def _noise_terms(self, embeddings: Tensor, projected: list[Tensor]) -> dict[str, Tensor]:
+        """L_recon and L_contrast on the noisy teacher features (each only when weighted)."""
+        config = self.config
+        terms: dict[str, Tensor] = {}
+        if config.noise_reconstruction_weight == 0 and config.noise_contrast_weight == 0:
+            return terms
+        noise = (config.noise_amplitude, config.noise_sigma, config.noise_extent, self.generator)
+        noisy = teacher_pyramid(self.split(noise_features(embeddings, *noise)))
+        zero = embeddings.new_zeros(())
+        if config.noise_reconstruction_weight > 0:
+            pairs = zip(self.fitted_network().project(noisy), projected, strict=True)
+            terms["noise_reconstruction"] = sum(
+                ((1 - F.cosine_similarity(p_noisy, p_clean, dim=1)).mean() for p_noisy, p_clean in pairs),
+                zero,
+            )
+        if config.noise_contrast_weight > 0:
+            negative = -torch.ones(embeddings.shape[0], device=embeddings.device)
+            margin = config.contrast_margin
+            pairs = zip(noisy, projected, strict=True)
+            terms["noise_contrast"] = sum(
+                (
+                    F.cosine_embedding_loss(n.flatten(1), p.flatten(1), negative, margin=margin)
+                    for n, p in pairs
+                ),
+                zero,
+            )
+        return terms
+
     def training_step(self, embeddings: Tensor) -> Tensor:
         config, net = self.config, self.fitted_network()
         teacher = self.split(embeddings)
@@ -170,49 +197,19 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
             teacher, net.reconstruct(projected), mode in ("both", "position"), mode in ("both", "flattened")
         )
         terms = {"distill": distill}
-        projection = distill.new_zeros(())
+        if config.projection_weight > 0 and config.ssot_weight > 0 and embeddings.shape[0] > 1:
+            terms["ssot"] = self._ssot_loss(projected)
         if config.projection_weight > 0:
-            if config.ssot_weight > 0 and embeddings.shape[0] > 1:
-                terms["ssot"] = self._ssot_loss(projected)
-                projection = projection + config.ssot_weight * terms["ssot"]
-            if config.noise_reconstruction_weight > 0 or config.noise_contrast_weight > 0:
-                noisy_embeddings = noise_features(
-                    embeddings,
-                    config.noise_amplitude,
-                    config.noise_sigma,
-                    config.noise_extent,
-                    self.generator,
-                )
-                noisy = teacher_pyramid(self.split(noisy_embeddings))
-                projected_noisy = net.project(noisy)
-                if config.noise_reconstruction_weight > 0:
-                    terms["noise_reconstruction"] = cast(
-                        Tensor,
-                        sum(
-                            (1 - F.cosine_similarity(p_noisy, p_clean, dim=1)).mean()
-                            for p_noisy, p_clean in zip(projected_noisy, projected, strict=True)
-                        ),
-                    )
-                    projection = (
-                        projection + config.noise_reconstruction_weight * terms["noise_reconstruction"]
-                    )
-                if config.noise_contrast_weight > 0:
-                    negative = -torch.ones(embeddings.shape[0], device=embeddings.device)
-                    terms["noise_contrast"] = cast(
-                        Tensor,
-                        sum(
-                            F.cosine_embedding_loss(
-                                noisy_level.flatten(1),
-                                p_clean.flatten(1),
-                                negative,
-                                margin=config.contrast_margin,
-                            )
-                            for noisy_level, p_clean in zip(noisy, projected, strict=True)
-                        ),
-                    )
-                    projection = projection + config.noise_contrast_weight * terms["noise_contrast"]
+            terms.update(self._noise_terms(embeddings, projected))
         for key, value in terms.items():
             self._terms.setdefault(key, []).append(float(value.detach()))
+        weights = {
+            "ssot": config.ssot_weight,
+            "noise_reconstruction": config.noise_reconstruction_weight,
+            "noise_contrast": config.noise_contrast_weight,
+        }
+        zero = distill.new_zeros(())
+        projection = sum((weight * terms[key] for key, weight in weights.items() if key in terms), zero)
         return distill + config.projection_weight * projection / REFERENCE_PROJECTION_NORMALISER
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:
