@@ -29,10 +29,22 @@ from hrad.detectors.base import (
     register_detector,
     unpack_anomalies,
 )
-from hrad.errors import ConfigError
+from hrad.detectors.realnet import RealNet, RealNetConfig
+from hrad.errors import ConfigError, InputError
 from hrad.features import build_backbone
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
-from hrad.strategies.base import DictStateReader, build_strategy, strategy_config
+from hrad.strategies.base import (
+    AnomalyResult,
+    DictStateReader,
+    ImageSource,
+    ProgressCallback,
+    StateReader,
+    Strategy,
+    StrategyConfig,
+    build_strategy,
+    no_progress,
+    strategy_config,
+)
 from hrad.strategies.tiled import TiledStrategy, prepare_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,14 +215,52 @@ def test_hiad_hands_every_pool_detector_and_the_low_branch_packed_rows(extractor
 
 
 @pytest.mark.usefixtures("recorder")
+def test_the_tiled_ensemble_spills_packed_rows_per_location(extractor: FeatureExtractor) -> None:
+    Recorder.batches.clear()
+    config = strategy_config({"name": "tiled-ensemble", "tile": 32, "context": 0, "batch_size": 2})
+    strategy = build_strategy(config, RecorderConfig(), extractor)
+    strategy.fit(images(2, 4))
+    assert len(Recorder.batches) == 6  # one detector per tile location, both images in one batch
+    areas = []
+    for batch in Recorder.batches:
+        clean, anomalous, fractions = unpack_anomalies(batch)
+        assert clean.shape[0] == 2 and fractions.shape == (2, 4, 4)
+        assert float(fractions.min()) >= 0 and float(fractions.max()) <= 1
+        areas.append(fractions.sum(dim=(1, 2)))
+    # every tile got its own mask of 5-20 % of its 32 x 32 pixels (16 tokens of 64 pixels)
+    covered = torch.stack(areas) * 64
+    assert bool(((covered >= 51) & (covered <= 205)).all())
+
+
+class NoSynthesis(Strategy):
+    """A strategy that does not make image-space anomalies (the contract's default)."""
+
+    def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
+        raise NotImplementedError
+
+    def predict(self, image: np.ndarray) -> AnomalyResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, reader: StateReader) -> None:
+        raise NotImplementedError
+
+
+@pytest.mark.usefixtures("recorder")
 def test_strategies_without_image_synthesis_and_detectors_without_the_option_refuse(
     extractor: FeatureExtractor,
 ) -> None:
-    with pytest.raises(ConfigError, match="tiled-ensemble strategy cannot make image-space anomalies"):
-        build_strategy(strategy_config({"name": "tiled-ensemble", "tile": 32}), RecorderConfig(), extractor)
-    build_strategy(strategy_config({"name": "tiled-ensemble", "tile": 32}), RecorderConfig(synthesis="feature"), extractor)
+    config = StrategyConfig(name="custom")
+    with pytest.raises(ConfigError, match="custom strategy cannot make image-space anomalies for"):
+        NoSynthesis(config, RecorderConfig(), extractor)
+    NoSynthesis(config, RecorderConfig(synthesis="feature"), extractor)
     with pytest.raises(ConfigError, match="patchcore has no synthesis option"):
         detector_config({"name": "patchcore", "synthesis": "image"})
+    realnet = RealNet(RealNetConfig(synthesis="image"))
+    with pytest.raises(InputError, match="realnet synthesis=image trains on"):
+        realnet.fit([torch.randn(2, 12, 8, 8)])
 
 
 REALNET = {

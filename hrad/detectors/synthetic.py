@@ -183,7 +183,18 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
         return AnomalyRule(config.seed, config.anomaly_fraction, config.clean_probability)
 
     def training_embeddings(self, batch: Tensor) -> Tensor:
-        return unpack_anomalies(batch)[0] if self.config.synthesis == "image" else batch
+        """The clean part; with ``synthesis="image"`` the batch must be the strategy's packed one."""
+        if self.config.synthesis == "feature":
+            return batch
+        channels = sum(self.config.level_channels)
+        packed = batch.ndim == 4 and batch.shape[1] % 2 == 1 and channels in (0, (batch.shape[1] - 1) // 2)
+        if not packed or not 0 <= float(batch[:, -1].min()) <= float(batch[:, -1].max()) <= 1:
+            raise InputError(
+                f"{self.name} synthesis=image trains on a strategy's batches packed with image-space"
+                f" anomalies (clean, corrupted, mask fractions), got a batch of shape {tuple(batch.shape)};"
+                " fit it through a strategy, or set synthesis=feature to fit on plain embeddings"
+            )
+        return unpack_anomalies(batch)[0]
 
     def clean_batches(self, batches: Iterable[Tensor]) -> Iterable[Tensor]:
         """The clean embeddings of the training batches (one pass)."""

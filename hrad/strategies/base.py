@@ -110,7 +110,7 @@ class Strategy(ABC):
         if detector_class(detector.name).image_anomalies(detector) is not None and not self.synthesises_anomalies:
             raise ConfigError(
                 f"the {config.name} strategy cannot make image-space anomalies for {detector.name}"
-                " synthesis=image; use synthesis=feature or the downsample, tiled or hiad strategy"
+                " synthesis=image; use synthesis=feature"
             )
         self.config = config
         self.detector_config = detector

@@ -164,6 +164,7 @@ class TiledEnsemble(Strategy):
     """One detector per tile location; merged maps at the input's own resolution."""
 
     config: TiledEnsembleConfig
+    synthesises_anomalies = True
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         if not isinstance(config, TiledEnsembleConfig):
@@ -259,6 +260,8 @@ class TiledEnsemble(Strategy):
         chunks: list[str] = []
         positions = list(grid.positions())
         batch = self.config.batch_size
+        rule = self.detector_type.image_anomalies(self.detector_config)
+        synthesiser = None if rule is None else rule.synthesiser(self.tiles.tile_size, self.device)
         for image_index in range(len(images)):
             image = images[image_index]
             _check_image(image)
@@ -273,7 +276,10 @@ class TiledEnsemble(Strategy):
             for start in range(0, len(positions), batch):
                 part = positions[start : start + batch]
                 windows = grid.windows(padded, part).to(self.device)
-                embedded = self.tiles(windows).float().cpu().numpy()
+                if synthesiser is None:
+                    embedded = self.tiles(windows).float().cpu().numpy()
+                else:  # packed rows with image-space anomalies (the detector asked for them)
+                    embedded = self.tiles.with_anomalies(windows, grid.margin, synthesiser).float().cpu().numpy()
                 if rows is None:
                     path, rows = spill.create((len(positions), *embedded.shape[1:]))
                     chunks.append(path)

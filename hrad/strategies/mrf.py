@@ -190,6 +190,8 @@ class MRFStrategy(Strategy):
     """
 
     config: MRFConfig
+    #: the detector config is ignored, so a synthesis it asks for is nothing to refuse
+    synthesises_anomalies = True
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
         super().__init__(config, detector, extractor)

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from hrad.data.anomalies import AnomalySynthesiser, cell_fractions
-from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class, pack_anomalies
+from hrad.data.anomalies import AnomalySynthesiser
+from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.strategies.base import (
@@ -302,19 +302,12 @@ class TiledStrategy(Strategy):
             yield embeddings
 
     def anomaly_batches(self, image: np.ndarray, synthesiser: AnomalySynthesiser) -> Iterator[Tensor]:
-        """Training batches of one image's tiles with image-space anomalies, a batch of windows at
-        a time: each window gets a corrupted copy (the mask inside the tile, not its context
-        margin), both go through the backbone, and the batch is
-        :func:`~hrad.detectors.base.pack_anomalies` of the two embeddings and the mask's exact
-        fraction per token (a detector whose config asks for them, ``image_anomalies``)."""
+        """Training batches of one image's tiles with image-space anomalies (for a detector whose
+        config asks for them), a batch of windows at a time (:meth:`ContextEmbedder.with_anomalies`)."""
         tensor = prepare_image(image, self._working_size, self._pad_to_square(), self.device)
         grid, tiles = self._tiles(*tensor.shape[-2:])
-        top, height, width = grid.margin, grid.tile_h, grid.tile_w
         for _, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
-            clean = tiles(windows)
-            corrupted, masks = synthesiser(windows, (top, top, height, width))
-            inside = masks[:, top : top + height, top : top + width]
-            yield pack_anomalies(clean, tiles(corrupted), cell_fractions(inside, clean.shape[-2:]))
+            yield tiles.with_anomalies(windows, grid.margin, synthesiser)
 
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:

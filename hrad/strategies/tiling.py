@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from hrad.data.anomalies import AnomalySynthesiser, cell_fractions
+from hrad.detectors.base import pack_anomalies
 from hrad.errors import ConfigError
 from hrad.imaging import resize
 from hrad.strategies.base import StrategyConfig
@@ -274,3 +276,14 @@ class ContextEmbedder:
 
     def __call__(self, windows: Tensor) -> Tensor:
         return self.crop(self.embedder(self.resize_windows(windows)))
+
+    def with_anomalies(self, windows: Tensor, margin: int, synthesiser: AnomalySynthesiser) -> Tensor:
+        """Training rows of a detector that asked for image-space anomalies: each window gets a
+        corrupted copy (the mask inside the tile, not its ``margin``), both go through the backbone,
+        and the result is :func:`~hrad.detectors.base.pack_anomalies` of the two embeddings and the
+        mask's exact fraction per token."""
+        clean = self(windows)
+        height, width = self.tile_size
+        corrupted, masks = synthesiser(windows, (margin, margin, height, width))
+        inside = masks[:, margin : margin + height, margin : margin + width]
+        return pack_anomalies(clean, self(corrupted), cell_fractions(inside, clean.shape[-2:]))
