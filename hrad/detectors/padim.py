@@ -11,9 +11,10 @@ their inputs consistently, and other grid sizes are refused.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, backbone_layers
@@ -24,19 +25,13 @@ STATE_KEYS = ("mean", "inv_covariance", "channel_indices", "grid_size")
 
 
 class PaDiMConfig(DetectorConfig):
-    name: str = "padim"
+    name: Literal["padim"] = "padim"
     #: random channel subset size (paper: 100 for ResNet18, 550 for WRN50); capped at the channels available
     n_features: int = Field(default=100, ge=1)
     #: added to every covariance diagonal (paper: 0.01) so it is invertible
     covariance_eps: float = Field(default=0.01, gt=0.0)
     #: positions processed at once in predict (bounds the ``positions x B x d`` temporary)
     position_batch: int = Field(default=4096, ge=1)
-
-    @model_validator(mode="after")
-    def _check_name(self) -> PaDiMConfig:
-        if self.name != "padim":
-            raise ValueError(f"PaDiMConfig is for detector 'padim', not {self.name!r}")
-        return self
 
 
 class PaDiM(Detector[PaDiMConfig]):
@@ -97,11 +92,10 @@ class PaDiM(Detector[PaDiMConfig]):
         mean = self.mean.to(device)
         inv_covariance = self.inv_covariance.to(device)
         parts = []
-        step = self.config.position_batch
-        for start in range(0, features.shape[0], step):
-            delta = features[start : start + step] - mean[start : start + step, None, :]
-            squared = ((delta @ inv_covariance[start : start + step]) * delta).sum(dim=2)
-            parts.append(squared)
+        chunks = (part.split(self.config.position_batch) for part in (features, mean, inv_covariance))
+        for chunk, chunk_mean, chunk_inverse in zip(*chunks, strict=True):
+            delta = chunk - chunk_mean[:, None, :]
+            parts.append(((delta @ chunk_inverse) * delta).sum(dim=2))
         distances = torch.cat(parts).clamp_(min=0.0).sqrt_().transpose(0, 1)  # B x positions
         maps = distances.reshape(embeddings.shape[0], *self.grid_size)
         return DetectorOutput(maps=maps, scores=distances.amax(dim=1))
