@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, backbone_layers
@@ -32,7 +33,7 @@ class PatchCoreConfig(DetectorConfig):
     nearest-neighbour search well below the backbone's cost.
     """
 
-    name: str = "patchcore"
+    name: Literal["patchcore"] = "patchcore"
     #: share of the (sampled) fit patches kept by the greedy coreset; 1.0 keeps all
     coreset_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
     #: hard cap on memory-bank rows (applied to the coreset size); None = no cap
@@ -57,12 +58,6 @@ class PatchCoreConfig(DetectorConfig):
     nprobe: int = Field(default=8, ge=1)
     #: queries per faiss call (bounds the temporary distance buffers)
     query_batch: int = Field(default=65_536, ge=1)
-
-    @model_validator(mode="after")
-    def _check_name(self) -> PatchCoreConfig:
-        if self.name != "patchcore":
-            raise ValueError(f"PatchCoreConfig is for detector 'patchcore', not {self.name!r}")
-        return self
 
 
 class PatchCore(Detector[PatchCoreConfig]):
@@ -129,7 +124,7 @@ class PatchCore(Detector[PatchCoreConfig]):
         step = self.config.query_batch
         if len(queries) <= step:
             return self.neighbours.search(queries, k)
-        parts = [self.neighbours.search(queries[start : start + step], k) for start in range(0, len(queries), step)]
+        parts = [self.neighbours.search(chunk, k) for chunk in queries.split(step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _reweight(
