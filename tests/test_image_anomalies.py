@@ -296,3 +296,14 @@ def test_realnet_on_image_anomalies_is_seeded_and_round_trips(extractor: Feature
     feature = build_strategy(config, detector_config({**REALNET, "synthesis": "feature"}), extractor)
     feature.fit(train)
     assert not np.array_equal(feature.predict(test).anomaly_map, expected.anomaly_map)
+
+
+def test_destseg_trains_on_image_anomalies_through_the_same_hook(extractor: FeatureExtractor) -> None:
+    config = strategy_config({"name": "downsample", "image_size": 64})
+    options = {"name": "destseg", "student_epochs": 1, "segmentation_epochs": 1, "student_stages": 1}
+    options |= {"student_channels": 8, "segmentation_channels": 8, "aspp_rates": (1,), "layers": ("layer2", "layer3")}
+    strategy = build_strategy(config, detector_config({**options, "synthesis": "image"}), extractor)
+    strategy.fit(images(3, 5))
+    assert sorted(strategy.training_history()) == ["segmentation", "student"]
+    result = strategy.predict(images(1, 6)[0])
+    assert result.anomaly_map.shape == (64, 96) and np.isfinite(result.anomaly_map).all()

@@ -39,7 +39,7 @@ def test_residual_selection_keeps_the_best_channels_in_score_order() -> None:
 @pytest.fixture(scope="module")
 def fitted() -> tuple[RealNet, torch.Tensor]:
     config = RealNetConfig(
-        epochs=15, level_channels=(4, 8), selection_ratio=0.75, reconstruction_stages=0, **SMALL
+        epochs=15, level_channels=(4, 8), selection_ratio=0.75, reconstruction_stages=0, synthesis="feature", **SMALL
     )
     detector = RealNet(config)
     train = smooth_embeddings(8, 12, 12, seed=0)

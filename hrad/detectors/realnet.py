@@ -10,12 +10,17 @@ This detector only sees embeddings (frozen backbone layers resized to the first 
 and concatenated; ``level_channels`` gives the split, one level per backbone layer). Its parts:
 
 1. per-channel standardisation with the training set's statistics (a first pass, saved);
-2. **synthesis** in feature space, DeSTSeg's here (:func:`~hrad.detectors.synthetic.synthesise_anomalies`):
-   smooth random masks covering ``anomaly_fraction`` of the grid, inside which the features
-   become a blend of another sample's features and noise; masks are exact at embedding
-   resolution. *Deviation*: SDAS samples anomalies from a diffusion model trained on the
-   images (no feature-space form); an image-space variant was not built (see below);
-3. **AFS**: a second pass synthesises anomalies on every training batch and scores each
+2. **synthesis**, ``synthesis="image"`` (default): DRAEM-style Perlin anomalies pasted into
+   the training tiles by the strategy (the donor is the previous training tile, jittered;
+   :mod:`hrad.data.anomalies`), embedded by the same backbone and handed over with each
+   token's exact mask fraction, drawn once per fit (the same corrupted tiles every epoch).
+   ``synthesis="feature"``: in feature space, DeSTSeg's
+   (:func:`~hrad.detectors.synthetic.synthesise_anomalies`): smooth random masks covering
+   ``anomaly_fraction`` of the grid, inside which the features become a blend of another
+   sample's features and noise, fresh every batch; masks are exact at embedding resolution. *Deviation*: SDAS samples anomalies from a diffusion
+   model trained on the images; neither form is that. Measured on capsules, see below;
+3. **AFS**: a second pass synthesises anomalies on every training batch (or, with
+   ``synthesis="image"``, takes the strategy's corrupted tiles) and scores each
    channel of each level by its mean squared change inside the masks (the features are
    standardised, so this is the change in units of the channel's normal spread); the top
    ``selection_ratio`` of each level's channels are kept (saved as indices). *Deviation*: the
@@ -45,8 +50,14 @@ RealNet); upsampling and blur are the strategy's / post-processing's.
 Other deviations: widths and depths of the networks are configurable and small by default (the
 paper's reconstructions are UNets at each WRN50 layer's own resolution; here every level is at
 the embedding's grid); AFS ratio 0.5 per level (the paper keeps a fixed channel count per
-layer). Image-space synthesis (DRAEM-style Perlin masks on the training tiles, embedded by the
-strategy) would need a new detector contract; it was not built, so it was not measured.
+layer).
+
+Feature vs image synthesis, capsules, few-shot (8 fitted images, 10 epochs, Lite0;
+``benchmarks/results/realnet_synthesis/``): AUPRO@30 feature -> image HiAD 0.417 -> 0.676,
+downsampling 0.369 -> 0.557, tiled ensemble 0.325 -> 0.586, so ``image`` is the default; image
+AUROC fell in the HiAD and downsampling rows (0.528 -> 0.222, 0.556 -> 0.306, 12 test images)
+and rose in the ensemble row (0.361 -> 0.611). ``feature`` is needed to fit on plain embeddings
+without a strategy.
 """
 
 from __future__ import annotations
@@ -71,6 +82,11 @@ class RealNetConfig(SyntheticAnomalyConfig, EpochsConfig):
     """Typed RealNet options; see the module docstring for every deviation from the paper."""
 
     name: Literal["realnet"] = "realnet"
+    #: where the synthetic anomalies are made: "image" (default) = DRAEM-style Perlin anomalies
+    #: pasted into the training tiles by the strategy; "feature" = DeSTSeg's feature-space
+    #: synthesis (needed to fit on plain embeddings without a strategy). Image won on AUPRO@30 in
+    #: both measured capsule rows (benchmarks/results/realnet_synthesis/)
+    synthesis: Literal["feature", "image"] = "image"
     #: training epochs of the joint reconstruction + discriminator stage
     epochs: int = Field(default=20, ge=1)
     #: Adam learning rate of both networks

@@ -58,7 +58,8 @@ class SyntheticAnomalyConfig(NeuralConfig):
     #: where the synthetic anomalies are made: "feature" = on the standardised embedding
     #: (:func:`synthesise_anomalies`); "image" = DRAEM-style Perlin anomalies pasted into the
     #: training tiles by the strategy, embedded by the same backbone and handed over with their
-    #: exact mask fraction per token (:mod:`hrad.data.anomalies`; downsample, tiled and hiad)
+    #: exact mask fraction per token (:mod:`hrad.data.anomalies`; every strategy but mrf, which
+    #: ignores the detector)
     synthesis: Literal["feature", "image"] = "feature"
 
     @model_validator(mode="after")
