@@ -94,20 +94,12 @@ class CouplingStep(nn.Module):
 
     permutation: Tensor
 
-    def __init__(
-        self,
-        channels: int,
-        kernel_size: int,
-        hidden_ratio: float,
-        clamp: float,
-        global_affine: bool,
-        permutation: Tensor,
-    ) -> None:
+    def __init__(self, channels: int, kernel_size: int, config: FastFlowConfig, permutation: Tensor) -> None:
         super().__init__()
         self.passive = channels - channels // 2
         self.active = channels // 2
-        self.clamp = clamp
-        hidden = max(1, int(self.passive * hidden_ratio))
+        self.clamp = config.clamp
+        hidden = max(1, int(self.passive * config.hidden_ratio))
         padding = kernel_size // 2
         self.subnet = nn.Sequential(
             nn.Conv2d(self.passive, hidden, kernel_size, padding=padding),
@@ -116,7 +108,7 @@ class CouplingStep(nn.Module):
         )
         self.global_scale: nn.Parameter | None = None
         self.global_offset: nn.Parameter | None = None
-        if global_affine:
+        if config.global_affine:
             self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), GLOBAL_SCALE_INIT))
             self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("permutation", permutation.clone())
@@ -152,21 +144,13 @@ class CouplingFlow(nn.Module):
 
     def __init__(self, channels: int, config: FastFlowConfig, generator: torch.Generator) -> None:
         super().__init__()
-        steps = []
-        for index in range(config.flow_steps):
-            kernel_size = 1 if index % 2 == 1 and not config.conv3x3_only else 3
-            permutation = torch.randperm(channels, generator=generator)
-            steps.append(
-                CouplingStep(
-                    channels,
-                    kernel_size,
-                    config.hidden_ratio,
-                    config.clamp,
-                    config.global_affine,
-                    permutation,
-                )
-            )
-        self.steps = nn.ModuleList(steps)
+        kernels = [
+            1 if index % 2 == 1 and not config.conv3x3_only else 3 for index in range(config.flow_steps)
+        ]
+        self.steps = nn.ModuleList(
+            CouplingStep(channels, kernel, config, torch.randperm(channels, generator=generator))
+            for kernel in kernels
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` -> (latent ``z``, log|det dz/dx| per sample)."""
@@ -232,12 +216,8 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
             level.std.copy_(level_std.view(1, -1, 1, 1))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        config = self.config
-        return [
-            torch.optim.Adam(
-                self.fitted_network().parameters(), lr=config.lr, weight_decay=config.weight_decay
-            )
-        ]
+        config, parameters = self.config, self.fitted_network().parameters()
+        return [torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)]
 
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Latents ``z`` and per-sample log-dets of every level."""
