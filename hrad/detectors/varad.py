@@ -228,8 +228,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
         )
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        config = self.config
-        parameters = self.fitted_network().parameters()
+        config, parameters = self.config, self.fitted_network().parameters()
         return [
             torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         ]

@@ -290,8 +290,7 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
         return layers, self.fitted_network()(embeddings)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        config = self.config
-        parameters = self.fitted_network().parameters()
+        config, parameters = self.config, self.fitted_network().parameters()
         return [
             torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         ]
