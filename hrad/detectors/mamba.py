@@ -371,17 +371,8 @@ class MambaBlock(nn.Module):
         )
         dt = F.softplus(self.dt_proj(dt_raw)).transpose(1, 2)  # b x d_inner x L
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(
-            x,
-            dt,
-            A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            self.D,
-            self.backend,
-            self.chunk,
-            self.recompute,
-        )
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        y = selective_scan(x, dt, A, B, C, self.D, self.backend, self.chunk, self.recompute)
         return self.out_proj((y * F.silu(z)).transpose(1, 2)).to(tokens.dtype)
 
     def _forward_channels_last(self, projected: Tensor) -> Tensor:
