@@ -107,7 +107,7 @@ class Strategy(ABC):
     synthesises_anomalies: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:
-        if detector_class(detector.name).image_anomalies(detector) is not None and not self.synthesises_anomalies:
+        if not self.synthesises_anomalies and detector_class(detector.name).image_anomalies(detector) is not None:
             raise ConfigError(
                 f"the {config.name} strategy cannot make image-space anomalies for {detector.name}"
                 " synthesis=image; use synthesis=feature"
