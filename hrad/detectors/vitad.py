@@ -160,13 +160,8 @@ class DecoderBlock(nn.Module):
         query, key, value = qkv.unbind(0)
         chunk = self.attention_chunk or length
         # every query row is independent, so splitting the queries only bounds peak memory
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(query[:, :, start : start + chunk], key, value)
-                for start in range(0, length, chunk)
-            ],
-            dim=2,
-        )
+        parts = [F.scaled_dot_product_attention(part, key, value) for part in query.split(chunk, dim=2)]
+        out = torch.cat(parts, dim=2)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
