@@ -189,7 +189,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         layers = self.default_layers()
         if channels % layers:
             raise ConfigError(
-                f"{self.name} cannot split {channels} embedding channels into {layers} equal layers; set level_channels"
+                f"{self.name} cannot split {channels} embedding channels into {layers} equal layers;"
+                " set level_channels"
             )
         return [channels // layers] * layers
 

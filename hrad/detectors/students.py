@@ -346,7 +346,8 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
             return False
         with torch.no_grad():
             chunks = self._val_tokens.split(self.config.predict_batch_tokens)
-            val_loss = sum(float(self._losses(chunk)) * len(chunk) for chunk in chunks) / len(self._val_tokens)
+            total = sum(float(self._losses(chunk)) * len(chunk) for chunk in chunks)
+        val_loss = total / len(self._val_tokens)
         self.val_history.append(val_loss)
         best, state, stale = self._best
         if val_loss < best:
