@@ -10,16 +10,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from hrad.detectors.rdpp import (
-    RDPlusPlus,
-    RDPlusPlusConfig,
+from hrad.detectors.rdpp import RDPlusPlus, RDPlusPlusConfig
+from hrad.detectors.rdpp.loss import (
     entropic_ot,
     noise_features,
-    pyramid_sizes,
     sinkhorn_divergence,
     smooth_noise,
     squared_cost,
 )
+from hrad.detectors.rdpp.network import pyramid_sizes
 from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
 from hrad.features import BackboneConfig, build_backbone
 

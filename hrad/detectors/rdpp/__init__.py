@@ -89,28 +89,5 @@ What moved from image space to feature space, and other deviations:
   the best test metrics, which a detector cannot do).
 """
 from hrad.detectors.rdpp.detector import RDPlusPlus, RDPlusPlusConfig
-from hrad.detectors.rdpp.loss import (
-    entropic_ot,
-    epsilon_schedule,
-    noise_features,
-    sinkhorn_divergence,
-    sinkhorn_potentials,
-    smooth_noise,
-    squared_cost,
-)
-from hrad.detectors.rdpp.network import RDPlusPlusNet, pyramid_sizes, teacher_pyramid
 
-__all__ = [
-    "RDPlusPlus",
-    "RDPlusPlusConfig",
-    "RDPlusPlusNet",
-    "entropic_ot",
-    "epsilon_schedule",
-    "noise_features",
-    "pyramid_sizes",
-    "sinkhorn_divergence",
-    "sinkhorn_potentials",
-    "smooth_noise",
-    "squared_cost",
-    "teacher_pyramid",
-]
+__all__ = ["RDPlusPlus", "RDPlusPlusConfig"]
