@@ -219,8 +219,8 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         #: seconds of the last :meth:`predict` (students + distances; the teacher is not in it)
         self.last_predict_seconds: float = 0.0
         self._tokens = self._val_tokens = torch.empty(0)
-        #: with batch_images: the first token of every image in the (image-sorted) buffer, and the end
-        self._image_starts = torch.empty(0, dtype=torch.int64)
+        #: with batch_images: the buffer's tokens of every image (views of the image-sorted buffer)
+        self._images: list[Tensor] = []
         self._sampler = torch.Generator()
         self._best: tuple[float, dict[str, Tensor] | None, int] = (math.inf, None, 0)
 
@@ -301,8 +301,8 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         if config.batch_images is not None:  # the buffer in image order, to cut whole images from
             order = torch.argsort(image_ids, stable=True)
             tokens = tokens[order]
-            counts = torch.unique_consecutive(image_ids[order], return_counts=True)[1].cpu()
-            self._image_starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            counts = torch.unique_consecutive(image_ids[order], return_counts=True)[1]
+            self._images = list(tokens.split(counts.tolist()))
         self._tokens = tokens
         self.val_history, self._best = [], (math.inf, None, 0)
 
@@ -315,17 +315,14 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         order = torch.randperm(len(self._tokens), generator=self._sampler)
         if self.config.tokens_per_epoch is not None:
             order = order[: self.config.tokens_per_epoch]
-        order = order.to(self._tokens.device)
-        for start in range(0, len(order), self.config.batch_tokens):
-            yield self._tokens[order[start : start + self.config.batch_tokens]][:, :, None, None]
+        for chunk in order.to(self._tokens.device).split(self.config.batch_tokens):
+            yield self._tokens[chunk][:, :, None, None]
 
     def _image_batches(self, per_step: int) -> Iterator[Tensor]:
-        starts = self._image_starts
-        images = torch.randperm(len(starts) - 1, generator=self._sampler).tolist()
+        images = torch.randperm(len(self._images), generator=self._sampler).tolist()
         for first in range(0, len(images), per_step):
-            chosen = images[first : first + per_step]
-            parts = [self._tokens[int(starts[image]) : int(starts[image + 1])] for image in chosen]
-            yield torch.cat(parts)[:, :, None, None]
+            chosen = [self._images[image] for image in images[first : first + per_step]]
+            yield torch.cat(chosen)[:, :, None, None]
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(self.fitted_network().parameters(), lr=self.config.learning_rate)]
@@ -362,7 +359,7 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         if state is not None:
             self.fitted_network().load_state_dict(state)
         self._tokens = self._val_tokens = torch.empty(0)
-        self._image_starts = torch.empty(0, dtype=torch.int64)
+        self._images = []
 
     # ----------------------------------------------------------------- inference
     def direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
