@@ -360,6 +360,10 @@ def test_resnets_load_torchvision_format_files(
     assert model.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     scale = expected.abs().max()
     assert scale > 0 and (maps["layer3"] - expected).abs().max() <= 1e-4 * scale
+    # the in-place activations never touch a returned layer: running deeper leaves it as it was
+    with torch.no_grad():
+        for layer in ("layer1", "layer2"):
+            torch.testing.assert_close(maps[layer], model.extract(images, [layer])[layer], atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------ weight sources and errors

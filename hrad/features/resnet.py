@@ -51,10 +51,12 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(in_channels, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # in place on fresh convolution outputs only (never on ``x``, a layer output the caller
+        # may keep): the backbone is frozen, nothing needs the pre-activation values
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(out.add_(identity), inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -72,11 +74,11 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(in_channels, planes * 4, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place: as BasicBlock.forward
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(out.add_(identity), inplace=True)
 
 
 class ResNet(FeatureExtractor):
@@ -128,7 +130,7 @@ class ResNet(FeatureExtractor):
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
         depth = deepest_requested(layers, _LAYER_NAMES, self.name)
         x = self.in_layout(normalise(images, IMAGENET_MEAN, IMAGENET_STD))
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         out: dict[str, Tensor] = {}
         for name in _LAYER_NAMES[:depth]:
