@@ -17,6 +17,7 @@ from hrad.data.anomalies import (
     AnomalySynthesiser,
     blend,
     cell_fractions,
+    jitter,
     perlin_mask,
     perlin_noise,
 )
@@ -88,6 +89,22 @@ def test_blend_is_draems_paste_inside_and_the_image_outside() -> None:
     out = blend(image, donor, mask, 0.3)
     assert torch.equal(out[:, ~mask], image[:, ~mask])
     assert torch.allclose(out[:, mask], 0.3 * image[:, mask] + 0.7 * donor[:, mask])
+
+
+def test_jittered_donor_has_no_wrap_seam() -> None:
+    """Flips and monotone colour maps keep a ramp monotone along every row and column; a shift
+    with wrap-around (the donor's former roll) would put a max-to-min step inside it."""
+    rows, cols = torch.meshgrid(torch.arange(12.0), torch.arange(16.0), indexing="ij")
+    ramp = (0.1 + 0.4 * rows / 11 + 0.4 * cols / 15).expand(3, 12, 16)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        donor = jitter(ramp, generator)
+        assert donor.shape == ramp.shape and 0 <= float(donor.min()) <= float(donor.max()) <= 1
+        for steps in (donor.diff(dim=1), donor.diff(dim=2)):
+            # each row / column of each channel only rises or only falls
+            dim = 1 if steps.shape[1] == 11 else 2
+            assert bool(((steps >= 0).all(dim=dim) | (steps <= 0).all(dim=dim)).all())
+        assert not torch.equal(donor, ramp)
 
 
 def test_synthesiser_is_seeded_and_pastes_inside_the_mask_only() -> None:

@@ -22,11 +22,15 @@ Rules (DRAEM, Zehnder et al. ICCV 2021, ``data_loader.py``; DeSTSeg uses the sam
 - **paste**: inside the mask the pixels become ``beta * image + (1 - beta) * donor``,
   ``beta ~ U(0, 0.8)`` (DRAEM's opacity). *Deviation*: DRAEM's donor is a DTD texture image; no
   external data is used here, so the donor is the *previous image of the stream* (the previous
-  training tile / image of the fit; the first one is its own donor), flipped at random, rolled by
-  a random shift and colour-jittered with DRAEM's texture augmentations that need no library:
-  gamma contrast ``U(0.5, 2)``, brightness ``* U(0.8, 1.2) + U(-30, 30) / 255``, clipped to [0, 1]
-  (a CutPaste / NSA-like self-source). DRAEM's random rotation of the noise is not applied (the
-  per-axis scales already vary the blobs' shape).
+  training tile / image of the fit; the first one is its own donor), flipped at random and
+  colour-jittered with DRAEM's texture augmentations that need no library: gamma contrast
+  ``U(0.5, 2)``, brightness ``* U(0.8, 1.2) + U(-30, 30) / 255``, clipped to [0, 1] (a CutPaste /
+  NSA-like self-source). The donor is *not* shifted with wrap-around (``roll``): the wrap seam is
+  a straight horizontal / vertical step that DRAEM's texture donors never have, and a
+  discriminator trained on it fires on straight features that normal images have too (capsules,
+  downsampling: the maxima of good images sat on lines along the bottom / right border, image
+  AUROC below chance; ``benchmarks/results/realnet_synthesis_v2/``). DRAEM's random rotation of
+  the noise is not applied (the per-axis scales already vary the blobs' shape).
 
 Everything is drawn from one seeded ``torch.Generator`` in the order the images arrive, so a fit
 is reproducible. Memory: the images of one call, a few float32 maps of their size.
@@ -120,15 +124,12 @@ def perlin_mask(
 
 
 def jitter(image: Tensor, generator: torch.Generator) -> Tensor:
-    """A donor ``3 x H x W`` in [0, 1] made different: random flips, a random roll, gamma contrast
-    and brightness (DRAEM's texture augmentations), clipped to [0, 1]."""
+    """A donor ``3 x H x W`` in [0, 1] made different: random flips, gamma contrast and brightness
+    (DRAEM's texture augmentations), clipped to [0, 1]; no shift, so no wrap seam (module docstring)."""
     flip_y, flip_x, gamma, gain, offset = torch.rand(5, generator=generator, device=image.device).tolist()
     dims = [dim for dim, draw in ((1, flip_y), (2, flip_x)) if draw < 0.5]
     if dims:
         image = image.flip(dims)
-    shift_y = int(torch.randint(image.shape[1], (1,), generator=generator, device=image.device))
-    shift_x = int(torch.randint(image.shape[2], (1,), generator=generator, device=image.device))
-    image = image.roll((shift_y, shift_x), dims=(1, 2))
     low, high = GAMMA_RANGE
     image = image.clamp(0, 1).pow(low + gamma * (high - low))
     low, high = BRIGHTNESS_GAIN
