@@ -147,13 +147,9 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
             tokens = torch.softmax(level, dim=1).flatten(2).transpose(1, 2)  # B x hw x C
             count = tokens.shape[1]
             if count > config.ssot_points:
-                keep = torch.stack(
-                    [
-                        torch.randperm(count, generator=generator, device=device)[: config.ssot_points]
-                        for _ in range(batch)
-                    ]
-                )
-                tokens = torch.gather(tokens, 1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))
+                draws = (torch.randperm(count, generator=generator, device=device) for _ in range(batch))
+                rows = [row[draw[: config.ssot_points]] for row, draw in zip(tokens, draws, strict=True)]
+                tokens = torch.stack(rows)
             divergence = sinkhorn_divergence(
                 tokens, tokens[partner], config.ssot_blur, config.ssot_scaling, config.ssot_iterations
             )
