@@ -16,12 +16,9 @@ if TYPE_CHECKING:
 
 
 def pyramid_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
-    """``s_0 = h x w`` and one stride-2 halving (rounded up, as a padded 3x3 conv) per further level."""
-    sizes = [(height, width)]
-    for _ in range(levels - 1):
-        previous_h, previous_w = sizes[-1]
-        sizes.append(((previous_h + 1) // 2, (previous_w + 1) // 2))
-    return sizes
+    """``s_0 = h x w`` and one stride-2 halving (rounded up, as a padded 3x3 conv) per further level:
+    ``s_i = ceil(h / 2^i) x ceil(w / 2^i)`` (repeated rounded-up halvings equal one)."""
+    return [(-(-height // 2**level), -(-width // 2**level)) for level in range(levels)]
 
 
 def teacher_pyramid(levels: list[Tensor]) -> list[Tensor]:
