@@ -20,14 +20,28 @@ def shrinks(source: tuple[int, int], target: tuple[int, int]) -> bool:
     return target[0] < source[0] or target[1] < source[1]
 
 
+def interpolate(tensor: Tensor, size: tuple[int, int], antialias: bool) -> Tensor:
+    """``F.interpolate`` bilinear (``align_corners=False``) of ``B x C x H x W`` to ``size``.
+
+    One PyTorch case is mended: an antialiased resize to width 1 that also changes the height
+    gives every output row the value of the first (torch 2.13 on the CPU: a 6 x 8 ramp resized to
+    3 x 1 came out 9.2, 9.2, 9.2 instead of 9.2, 23.5, 37.8), which would flatten a line-scan strip
+    shrunk to one column. Resizing the transpose to height 1 is right (the two axes are separable).
+    """
+    height, width = size
+    if antialias and width == 1 and height != tensor.shape[-2]:
+        flipped = F.interpolate(tensor.transpose(-1, -2), size=(1, height), mode="bilinear", align_corners=False, antialias=True)
+        return flipped.transpose(-1, -2).contiguous()
+    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
+
+
 def resize(tensor: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of ``B x C x H x W`` to ``size`` = (height, width), antialiased when
     shrinking along either axis; returns ``tensor`` itself when it already has that size."""
     height, width = int(size[0]), int(size[1])
     if tuple(tensor.shape[-2:]) == (height, width):
         return tensor
-    antialias = shrinks((tensor.shape[-2], tensor.shape[-1]), (height, width))
-    return F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)
+    return interpolate(tensor, (height, width), shrinks((tensor.shape[-2], tensor.shape[-1]), (height, width)))
 
 
-__all__ = ["resize", "shrinks"]
+__all__ = ["interpolate", "resize", "shrinks"]

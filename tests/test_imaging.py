@@ -61,3 +61,25 @@ def test_upsampling_is_not_antialiased_and_matches_the_old_antialiased_helpers_t
     out = resize(image, size)
     assert torch.equal(out, interpolate(image, size, antialias=False))
     assert float((out - interpolate(image, size, antialias=True)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("source", [(6, 8), (6, 1), (9, 5)])
+@pytest.mark.parametrize("height", [1, 3, 4])
+def test_shrinking_to_one_column_keeps_the_rows_apart(source: tuple[int, int], height: int) -> None:
+    """An image whose rows are constant, resized to one column, keeps its row profile resized on
+    its own (torch's antialiased kernel gave every output row the first row's value), and the
+    pixel-path resizes (whole and by rows) agree with it."""
+    from hrad.strategies.pixels import PixelImage, resize_pixels, resize_pixels_by_rows
+
+    rows, columns = source
+    profile = torch.arange(rows, dtype=torch.float32) * 10.0
+    image = profile[:, None].expand(rows, columns)[None, None].contiguous()
+    got = resize(image, (height, 1))
+    expected_profile = resize(profile[None, None, None, :], (1, height))  # 1 x rows -> 1 x height
+    torch.testing.assert_close(got.flatten(), expected_profile.flatten(), rtol=0, atol=1e-5)
+    if height > 1:
+        assert len(set(got.flatten().tolist())) == height  # the rows stay apart
+    pixels = (image[0].clamp(0, 255)).to(torch.uint8).numpy().transpose(1, 2, 0)
+    reference = resize(torch.from_numpy(pixels.transpose(2, 0, 1)).float()[None] / 255.0, (height, 1))[0]
+    for resized in (resize_pixels(PixelImage(pixels), (height, 1)), resize_pixels_by_rows(PixelImage(pixels), (height, 1))):
+        torch.testing.assert_close(resized, reference, rtol=0, atol=1e-6)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
 from hrad.hiad_math import bilinear_taps
+from hrad.imaging import interpolate as bilinear
 from hrad.imaging import shrinks
 
 #: Pixels per band of rows converted at once by :func:`resize_pixels` (48 MB as float32 RGB).
@@ -102,7 +103,7 @@ def resize_pixels(image: PixelImage, size: tuple[int, int]) -> Tensor:
     def interpolate(tensor: Tensor, target: tuple[int, int]) -> Tensor:
         if tuple(tensor.shape[-2:]) == target:
             return tensor
-        return F.interpolate(tensor, size=target, mode="bilinear", align_corners=False, antialias=antialias)
+        return bilinear(tensor, target, antialias)
 
     if out_w == width:
         middle = image.tensor()[None]
@@ -137,7 +138,7 @@ def resize_pixels_by_rows(image: PixelImage, size: tuple[int, int]) -> Tensor:
         bottom = min(out_h, top + step)
         first, last = int(starts[top]), min(height, int(starts[bottom - 1]) + taps)
         rows = image.region(first, last, 0, width)[None]
-        along = rows if out_w == width else F.interpolate(rows, size=(last - first, out_w), mode="bilinear", align_corners=False, antialias=antialias)
+        along = rows if out_w == width else bilinear(rows, (last - first, out_w), antialias)
         band = result[:, top:bottom]
         for tap in range(taps):  # t = w0 * s0; t += wj * sj, as PyTorch's kernel accumulates
             index = torch.from_numpy(np.minimum(starts[top:bottom] + tap - first, last - first - 1)).to(image.device)
