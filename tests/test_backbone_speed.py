@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,13 @@ def test_backbone_config_precision_reaches_extractor() -> None:
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino not installed")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Converted OpenVINO graphs go to a folder of this test, never the user's cache."""
+    monkeypatch.setenv("HRAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @needs_openvino
 @pytest.mark.parametrize("name", ["tiny-cnn", "tiny-vit"])
 def test_openvino_runtime_equals_torch(name: str) -> None:
@@ -86,6 +94,40 @@ def test_openvino_runtime_equals_torch(name: str) -> None:
         for layer in layers:
             np.testing.assert_allclose(got[layer].numpy(), expected[layer].numpy(), rtol=1e-4, atol=1e-4)
     assert len(extractor._compiled) == 1  # one conversion per layer set and input size
+
+
+@needs_openvino
+def test_openvino_graph_is_converted_once_and_read_back_from_the_cache(own_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import openvino as ov
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    first = build_backbone(BackboneConfig(name="tiny-cnn", runtime="openvino"))
+    assert isinstance(first, OpenVINOExtractor)
+    expected = first.extract(images, ["layer2"])["layer2"]
+    path = first.cache_path(("layer2",), (64, 64))
+    assert path.exists() and path.with_suffix(".bin").exists() and path.is_relative_to(own_cache)
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted although the cache holds the graph")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    second = build_backbone(BackboneConfig(name="tiny-cnn", runtime="openvino"))
+    assert isinstance(second, OpenVINOExtractor)
+    torch.testing.assert_close(second.extract(images, ["layer2"])["layer2"], expected, rtol=0, atol=0)
+    # another input size or other weights are another graph
+    assert second.cache_path(("layer2",), (64, 96)) != path
+    with torch.no_grad():
+        next(second.inner.parameters()).add_(1.0)
+    other = OpenVINOExtractor(second.inner)
+    assert other.cache_path(("layer2",), (64, 64)) != path
+    # a damaged entry is converted again (the conversion is back) and rewritten
+    monkeypatch.undo()
+    monkeypatch.setenv("HRAD_CACHE_DIR", str(own_cache))
+    path.write_text("not a graph")
+    third = build_backbone(BackboneConfig(name="tiny-cnn", runtime="openvino"))
+    assert isinstance(third, OpenVINOExtractor)
+    torch.testing.assert_close(third.extract(images, ["layer2"])["layer2"], expected, rtol=1e-5, atol=1e-5)
+    assert ov.Core().read_model(str(path)) is not None
 
 
 @needs_openvino
