@@ -11,8 +11,9 @@ and concatenated; ``level_channels`` gives the split, one level per backbone lay
 
 1. per-channel standardisation with the training set's statistics (a first pass, saved);
 2. **synthesis**, ``synthesis="image"`` (default): DRAEM-style Perlin anomalies pasted into
-   the training tiles by the strategy (the donor is the previous training tile, jittered;
-   :mod:`hrad.data.anomalies`), embedded by the same backbone and handed over with each
+   the training tiles by the strategy (the donor is the previous training tile, flipped and
+   colour-jittered, not shifted: a wrap-around shift's seam taught the discriminator to fire on
+   straight lines; :mod:`hrad.data.anomalies`), embedded by the same backbone and handed over with each
    token's exact mask fraction, drawn once per fit (the same corrupted tiles every epoch).
    ``synthesis="feature"``: in feature space, DeSTSeg's
    (:func:`~hrad.detectors.synthetic.synthesise_anomalies`): smooth random masks covering
@@ -52,12 +53,13 @@ paper's reconstructions are UNets at each WRN50 layer's own resolution; here eve
 the embedding's grid); AFS ratio 0.5 per level (the paper keeps a fixed channel count per
 layer).
 
-Feature vs image synthesis, capsules, few-shot (8 fitted images, 10 epochs, Lite0;
-``benchmarks/results/realnet_synthesis/``): AUPRO@30 feature -> image HiAD 0.417 -> 0.676,
-downsampling 0.369 -> 0.557, tiled ensemble 0.325 -> 0.586, so ``image`` is the default; image
-AUROC fell in the HiAD and downsampling rows (0.528 -> 0.222, 0.556 -> 0.306, 12 test images)
-and rose in the ensemble row (0.361 -> 0.611). ``feature`` is needed to fit on plain embeddings
-without a strategy.
+Feature vs image synthesis, capsules, few-shot (8 fitted images, 10 epochs, Lite0, 12 test
+images; ``benchmarks/results/realnet_synthesis_v2/``): AUPRO@30 feature -> image HiAD
+0.417 -> 0.800, downsampling 0.369 -> 0.730, tiled ensemble 0.325 -> 0.739, image AUROC
+0.528 -> 0.556, 0.556 -> 0.556, 0.361 -> 0.500 (downsampling, 40 test images: AUPRO@30
+0.208 -> 0.832, image AUROC 0.472 -> 0.635), so ``image`` is the default. With the donor still
+rolled (``realnet_synthesis/``) image AUROC had fallen below chance in the HiAD and downsampling
+rows (0.222, 0.306). ``feature`` is needed to fit on plain embeddings without a strategy.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class RealNetConfig(SyntheticAnomalyConfig, EpochsConfig):
     #: where the synthetic anomalies are made: "image" (default) = DRAEM-style Perlin anomalies
     #: pasted into the training tiles by the strategy; "feature" = DeSTSeg's feature-space
     #: synthesis (needed to fit on plain embeddings without a strategy). Image won on AUPRO@30 in
-    #: both measured capsule rows (benchmarks/results/realnet_synthesis/)
+    #: every measured capsule row (benchmarks/results/realnet_synthesis_v2/)
     synthesis: Literal["feature", "image"] = "image"
     #: training epochs of the joint reconstruction + discriminator stage
     epochs: int = Field(default=20, ge=1)
