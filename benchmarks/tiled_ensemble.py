@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -197,9 +199,11 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     base += ["--memory-detector", args.memory_detector, "--memory-train", str(args.memory_train)]
     base += ["--batch-size", str(args.batch_size)] + (["--category", args.category] if args.category else [])
+    # the fitted models are only the workers' hand-over: a temporary folder, never the results
+    work = Path(tempfile.mkdtemp(prefix="hrad_tiled_ensemble_memory_"))
     for size in args.memory_sizes:
         for label, setup in memory_strategies(size).items():
-            artifact = Path(args.out) / "memory" / f"{label.replace(' ', '-')}-{size}"
+            artifact = work / f"{label.replace(' ', '-')}-{size}"
             common = base + ["--worker-size", str(size), "--worker-setup", json.dumps(setup)]
             common += ["--worker-artifact", str(artifact)]
             row: dict[str, Any] = {"size": size, "strategy": label}
@@ -214,6 +218,8 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row.update(json.loads(predict.stdout.strip().splitlines()[-1]))
             print(json.dumps(row), flush=True)
             rows.append(row)
+            shutil.rmtree(artifact, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
