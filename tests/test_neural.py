@@ -268,3 +268,11 @@ def test_every_neural_detector_trains_and_predicts_in_mixed_precision_on_cuda(na
         output.maps.dtype == torch.float32 and output.maps.is_cuda and bool(torch.isfinite(output.maps).all())
     )
     assert all(np.isfinite(detector.loss_history))
+    # loaded from its state (built on the CPU, as artifacts and HiAD's fitted pool are), the
+    # network follows the embeddings to the GPU instead of pulling them to the CPU
+    loaded = build_detector(config)
+    loaded.load_state_dict(detector.state_dict())
+    assert isinstance(loaded, NeuralDetector) and loaded.device.type == "cpu"
+    again = loaded.predict(embeddings)
+    assert loaded.device.type == "cuda" and again.maps.is_cuda
+    torch.testing.assert_close(again.maps, output.maps, rtol=1e-3, atol=1e-3)

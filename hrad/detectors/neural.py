@@ -433,10 +433,16 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """``forward`` of checked float embeddings on the network's device, in eval mode, without
         gradients, at the compute precision: what ``predict`` runs, also for analysis helpers."""
         network = self.fitted_network()
+        if self.device != embeddings.device:
+            # follow the embeddings, as PatchCore's bank and PaDiM's statistics do: a network
+            # loaded from an artifact is built on the CPU, and HiAD rebuilds its detectors from
+            # saved states, so without this a GPU predict ran the network on the CPU
+            # (benchmarks/results/gpu_cuda.md)
+            network.to(embeddings.device)
         network.eval()  # BatchNorm uses running statistics: no image depends on its batch mates
         self.check_embeddings(embeddings)
         with torch.no_grad(), self.autocast():
-            return forward(embeddings.to(self.device).float())
+            return forward(embeddings.float())
 
     def predict(self, embeddings: Tensor) -> DetectorOutput:
         maps = self.evaluate(self.anomaly_maps, embeddings).float()  # float32 maps at any precision
