@@ -361,7 +361,7 @@ def main() -> None:
         "to each image's 1500 x 1000 and blurred there (sigma 4), so hrad does more work per image. anomalib's "
         f"visualisation and metrics jobs are not timed. hrad predict_batch: {args.batch_images} images per call. "
         f"OpenVINO rows: the same settings with `backbone.runtime: openvino` (OpenVINO {openvino_version}; the "
-        "backbone converted once per window size inside the timed predict), a separate fit. "
+        "backbone converted by the OpenVINO fit phase and read back from the hrad cache folder by the timed predict), a separate fit. "
         f"Fit: anomalib / hrad = {fit_ratio:.2f}x. The machine is a loaded, shared 2-core CPU: only the ratios "
         "within this run mean anything."
     )
