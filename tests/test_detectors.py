@@ -61,6 +61,27 @@ def test_coreset_on_structured_data_matches_brute_force_and_is_seeded() -> None:
     assert torch.equal(greedy_coreset(tensor[:10], 50), torch.arange(10))
 
 
+@pytest.mark.gpu
+def test_coreset_of_cuda_features_runs_on_the_gpu_and_selects_as_on_the_cpu() -> None:
+    """CUDA features are selected on the GPU (PatchCore hands its sample there when its batches
+    came from one): the same greedy k-center up to float rounding in near-ties."""
+    rng = np.random.default_rng(3)
+    points = np.maximum(rng.normal(size=(3000, 4)) @ rng.normal(size=(4, 40)), 0).astype(np.float32)
+    tensor = torch.from_numpy(points)
+    on_cpu = greedy_coreset(tensor, 300, projection_dim=16, seed=5)
+    on_gpu = greedy_coreset(tensor.cuda(), 300, projection_dim=16, seed=5)
+    assert on_gpu.device.type == "cpu" and on_gpu[0] == on_cpu[0]
+    assert len(set(on_gpu.tolist()) & set(on_cpu.tolist())) >= 285
+
+    def radius(selected: torch.Tensor) -> float:
+        return float(torch.cdist(tensor, tensor[selected]).min(dim=1).values.max())
+
+    assert abs(radius(on_gpu) - radius(on_cpu)) <= 1e-3 * radius(on_cpu)
+    detector = PatchCore(PatchCoreConfig(coreset_ratio=0.1))
+    detector.fit([tensor[:2400].T.reshape(1, 40, 40, 60).cuda()])  # 2400 tokens of 40 channels
+    assert detector.memory_bank.shape == (240, 40)
+
+
 def test_knn_exact_matches_numpy_and_reports_index_kind() -> None:
     rng = np.random.default_rng(2)
     bank = rng.normal(size=(500, 16)).astype(np.float32)

@@ -27,7 +27,7 @@ def random_projection(features: Tensor, projection_dim: int, seed: int = 0) -> T
     """Gaussian Johnson-Lindenstrauss projection ``N x D -> N x projection_dim`` (scaled to keep distances)."""
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(features.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
-    return features @ matrix
+    return features @ matrix.to(features.device)  # drawn on the CPU: the same matrix on any device
 
 
 def greedy_coreset(
@@ -41,7 +41,10 @@ def greedy_coreset(
     ``features`` is ``N x D``. The first index is a seeded random row; each next one is the row
     farthest (L2) from all rows chosen so far. Features are randomly projected to
     ``projection_dim`` dimensions first when ``D`` is larger (``None`` or 0: no projection).
-    Returns all indices when ``count >= N``.
+    Returns all indices when ``count >= N`` (on the CPU). CUDA features are selected on their
+    GPU: the loop is thousands of small steps, about 10 ms each on one CPU thread for 131k rows
+    (a 2K-image fit spent most of its 257 s here on an H200 machine, ``gpu_cuda.md``); other
+    devices go to the CPU.
     """
     if features.ndim != 2:
         raise ValueError(f"coreset features must be N x D, got shape {tuple(features.shape)}")
@@ -50,7 +53,8 @@ def greedy_coreset(
         return torch.empty(0, dtype=torch.long)
     if count >= total:
         return torch.arange(total)
-    points = features.detach().to("cpu", torch.float32)
+    device = features.device if features.is_cuda else torch.device("cpu")
+    points = features.detach().to(device, torch.float32)
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(total, (1,), generator=generator))
     if projection_dim and points.shape[1] > projection_dim:
@@ -73,6 +77,8 @@ def farthest_point_indices(points: Tensor, count: int, start: int, bound_dim: in
     _, eigenvectors = torch.linalg.eigh((centered.T @ centered).double())
     rotated = (centered @ eigenvectors.flip(1).to(torch.float32)).contiguous()
     leading = rotated[:, : min(bound_dim, dim)].contiguous()
+    if points.is_cuda:
+        return _select(rotated, leading, count, start)
     # the loop is thousands of small ops: OpenMP fork/join costs more than it saves, and under
     # CPU contention (other processes) multi-threaded small ops slow down ~10x, so run it on one
     previous_threads = torch.get_num_threads()
@@ -89,8 +95,8 @@ def _select(rotated: Tensor, leading: Tensor, count: int, start: int) -> Tensor:
     leading_norms = (leading * leading).sum(dim=1)
     # float32 rounding allowance (norm expansion) so the bound never prunes a genuine update
     slack = 1e-5 * float(squared_norms.max()) + 1e-12
-    min_sq_dist = torch.full((total,), float("inf"))
-    selected = torch.empty(count, dtype=torch.long)
+    min_sq_dist = torch.full((total,), float("inf"), device=rotated.device)
+    selected = torch.empty(count, dtype=torch.long)  # on the CPU: filled with Python ints
     current = start
     for position in range(count):
         selected[position] = current

@@ -11,7 +11,7 @@ patch score, reweighted by how isolated its nearest bank entry is (paper eq. 7) 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -85,12 +85,23 @@ class PatchCore(Detector[PatchCoreConfig]):
         return self.neighbours.bank
 
     def fit(self, batches: Iterable[Tensor]) -> None:
-        sample = sample_patches(batches, self.config.max_fit_patches, seed=self.config.seed)
+        devices: set[torch.device] = set()
+
+        def noting_devices(batches: Iterable[Tensor]) -> Iterator[Tensor]:
+            for batch in batches:
+                devices.add(batch.device)
+                yield batch
+
+        sample = sample_patches(noting_devices(batches), self.config.max_fit_patches, seed=self.config.seed)
         target = math.ceil(self.config.coreset_ratio * len(sample))
         if self.config.max_bank_size is not None:
             target = min(target, self.config.max_bank_size)
         if target < len(sample):
-            keep = greedy_coreset(sample, target, projection_dim=self.config.projection_dim, seed=self.config.seed)
+            # the sample is kept on the host; the greedy selection runs where the embeddings came from
+            device = next((device for device in devices if device.type == "cuda"), torch.device("cpu"))
+            keep = greedy_coreset(
+                sample.to(device), target, projection_dim=self.config.projection_dim, seed=self.config.seed
+            )
             sample = sample[keep]
         self.neighbours.fit(sample.contiguous())
 
