@@ -276,10 +276,7 @@ class TiledEnsemble(Strategy):
             for start in range(0, len(positions), batch):
                 part = positions[start : start + batch]
                 windows = grid.windows(padded, part).to(self.device)
-                if synthesiser is None:
-                    embedded = self.tiles(windows).float().cpu().numpy()
-                else:  # packed rows with image-space anomalies (the detector asked for them)
-                    embedded = self.tiles.with_anomalies(windows, grid.margin, synthesiser).float().cpu().numpy()
+                embedded = self.tiles.training_rows(windows, grid.margin, synthesiser).float().cpu().numpy()
                 if rows is None:
                     path, rows = spill.create((len(positions), *embedded.shape[1:]))
                     chunks.append(path)

@@ -285,29 +285,26 @@ class TiledStrategy(Strategy):
     def _pad_to_square(self) -> bool:
         return False
 
-    def _tile_embeddings(self, image: np.ndarray) -> Iterator[tuple[TileGrid, list[TilePosition], Tensor]]:
-        """``(grid, positions, B x C x h x w embeddings)`` of one image's tiles, a batch at a time."""
+    def _tile_embeddings(
+        self, image: np.ndarray, synthesiser: AnomalySynthesiser | None = None
+    ) -> Iterator[tuple[TileGrid, list[TilePosition], Tensor]]:
+        """``(grid, positions, B x C x h x w embeddings)`` of one image's tiles, a batch at a time
+        (packed with image-space anomalies when a ``synthesiser`` is given:
+        :meth:`ContextEmbedder.training_rows`)."""
         tensor = prepare_image(image, self._working_size, self._pad_to_square(), self.device)
         grid, tiles = self._tiles(*tensor.shape[-2:])
         for positions, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
-            yield grid, positions, tiles(windows)
+            yield grid, positions, tiles.training_rows(windows, grid.margin, synthesiser)
 
-    def embed_image(self, image: np.ndarray) -> Iterator[Tensor]:
+    def embed_image(self, image: np.ndarray, synthesiser: AnomalySynthesiser | None = None) -> Iterator[Tensor]:
         """Embedding batches (``B x C x h x w``) of all tiles of one image, in tile order.
 
-        What fit and predict feed the detector; public for analyses and benchmarks that need the
-        backbone's output (timing it alone, building a bank by hand) without a detector.
+        What fit and predict feed the detector (fit: with image-space anomalies packed in when the
+        detector asked for them); public for analyses and benchmarks that need the backbone's
+        output (timing it alone, building a bank by hand) without a detector.
         """
-        for _, _, embeddings in self._tile_embeddings(image):
+        for _, _, embeddings in self._tile_embeddings(image, synthesiser):
             yield embeddings
-
-    def anomaly_batches(self, image: np.ndarray, synthesiser: AnomalySynthesiser) -> Iterator[Tensor]:
-        """Training batches of one image's tiles with image-space anomalies (for a detector whose
-        config asks for them), a batch of windows at a time (:meth:`ContextEmbedder.with_anomalies`)."""
-        tensor = prepare_image(image, self._working_size, self._pad_to_square(), self.device)
-        grid, tiles = self._tiles(*tensor.shape[-2:])
-        for _, windows in grid.batches(grid.pad(tensor), self.config.batch_size):
-            yield tiles.with_anomalies(windows, grid.margin, synthesiser)
 
     # -- fit / predict ------------------------------------------------------------------------
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
@@ -432,11 +429,7 @@ class _EmbeddingSource:
         # restarted with every pass: the same anomalies whether the batches are cached or not
         synthesiser = None if rule is None else rule.synthesiser(strategy.tiles.tile_size, strategy.device)
         for index in range(total):
-            image = self.images[index]
-            if synthesiser is None:
-                yield from strategy.embed_image(image)
-            else:
-                yield from strategy.anomaly_batches(image, synthesiser)
+            yield from strategy.embed_image(self.images[index], synthesiser)
             self.progress(index + 1, total, "embedding training images")
 
     def __iter__(self) -> Iterator[Tensor]:

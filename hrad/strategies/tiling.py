@@ -277,12 +277,14 @@ class ContextEmbedder:
     def __call__(self, windows: Tensor) -> Tensor:
         return self.crop(self.embedder(self.resize_windows(windows)))
 
-    def with_anomalies(self, windows: Tensor, margin: int, synthesiser: AnomalySynthesiser) -> Tensor:
-        """Training rows of a detector that asked for image-space anomalies: each window gets a
-        corrupted copy (the mask inside the tile, not its ``margin``), both go through the backbone,
-        and the result is :func:`~hrad.detectors.base.pack_anomalies` of the two embeddings and the
-        mask's exact fraction per token."""
+    def training_rows(self, windows: Tensor, margin: int, synthesiser: AnomalySynthesiser | None) -> Tensor:
+        """What a detector's ``fit`` gets for these windows: their embeddings, or, for a detector
+        that asked for image-space anomalies (``synthesiser`` given), each window also corrupted
+        (the mask inside the tile, not its ``margin``), both through the backbone, packed with the
+        mask's exact fraction per token (:func:`~hrad.detectors.base.pack_anomalies`)."""
         clean = self(windows)
+        if synthesiser is None:
+            return clean
         height, width = self.tile_size
         corrupted, masks = synthesiser(windows, (margin, margin, height, width))
         inside = masks[:, margin : margin + height, margin : margin + width]

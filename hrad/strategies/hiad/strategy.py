@@ -177,7 +177,7 @@ class HiAD(Strategy):
                 descriptors.append(features.mean(dim=(2, 3)).double().cpu().numpy())
                 low = self._embed_low(tensor) if self.config.low_branch else None
                 if synthesiser is not None:
-                    features, low = self._with_anomalies(image, synthesiser, grid, positions, features, low)
+                    features, low = self._with_anomalies(image, synthesiser, fusion, grid, positions, features, low)
                 chunks.append(spill.write(features))
                 if low is not None:
                     low_chunks.append(spill.write(low))
@@ -199,6 +199,7 @@ class HiAD(Strategy):
         self,
         image: np.ndarray,
         synthesiser: AnomalySynthesiser,
+        fusion: MultiResolutionFusion,
         grid: TileGrid,
         positions: list[TilePosition],
         features: Tensor,
@@ -209,7 +210,7 @@ class HiAD(Strategy):
         with the clean rows and the mask's exact fraction per token of each patch / of the low grid
         (:func:`~hrad.detectors.base.pack_anomalies`). Memory: the image as float32 twice."""
         corrupted, masks = synthesiser(to_tensor(image, self.device))
-        _, anomalous = self._fusion().all_patches(corrupted)
+        _, anomalous = fusion.all_patches(corrupted)
         patch = self.config.patch_size
         padded = pad_to(masks, grid.padded_height, grid.padded_width)[0]
         fractions = torch.stack(
