@@ -14,6 +14,10 @@ compared image by image (they differ a little: the kNN index settings changed be
 commits).
 
     PYTHONPATH=. python benchmarks/predict_vs_before.py --n-train 20 --n-images 40 --rounds 2
+
+``--openvino`` adds a third side: today's command on a model fitted with
+``--set backbone.runtime=openvino`` (OpenVINO's CPU kernels for the backbone; needs the
+``openvino`` extra).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, capsules, subset, write_results
 
 TODAY = "today"
+OPENVINO = "today, backbone.runtime=openvino"
 
 
 def hrad(tree: Path, *arguments: str) -> float:
@@ -55,6 +60,9 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-images", type=int, default=4, help="today's hrad predict --batch-images")
+    parser.add_argument(
+        "--openvino", action="store_true", help="also today's predict of a model fitted with --set backbone.runtime=openvino"
+    )
     parser.add_argument("--out", default="predict_vs_before")
     args = parser.parse_args()
     repository = ROOT.parent
@@ -66,6 +74,11 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", args.before_commit], cwd=repository, capture_output=True, text=True, check=True).stdout.strip()
     subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), commit], cwd=repository, check=True, capture_output=True)
     trees = {f"before ({commit[:7]})": before_tree, TODAY: repository}
+    fit_extra: dict[str, list[str]] = {side: [] for side in trees}
+    if args.openvino:
+        trees[OPENVINO] = repository
+        fit_extra[OPENVINO] = ["--set", "backbone.runtime=openvino"]
+    models = {side: work / f"model_{index}" for index, side in enumerate(trees)}
     try:
         data = work / "data"
         (data / "train" / "good").mkdir(parents=True)
@@ -79,7 +92,7 @@ def main() -> None:
         (data / "test" / "good" / images[0].name).symlink_to(images[0])  # the layout wants a test folder; fit ignores it
         fit_seconds = {}
         for side, tree in trees.items():
-            fit_arguments = ["fit", "--data", str(data), "--strategy", "tiled", "--tile", "512", "--out", str(work / f"model_{tree.name}")]
+            fit_arguments = ["fit", "--data", str(data), "--strategy", "tiled", "--tile", "512", "--out", str(models[side]), *fit_extra[side]]
             fit_seconds[side] = hrad(tree, *fit_arguments)
             print(f"{side} fit {fit_seconds[side]:.0f}s", flush=True)
         times: dict[str, list[float]] = {side: [] for side in trees}
@@ -89,10 +102,10 @@ def main() -> None:
             order = list(trees) if round_index % 2 == 0 else list(reversed(trees))
             for side in order:
                 tree = trees[side]
-                out = work / f"out_{tree.name}"
+                out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                extra = ["--batch-images", str(args.batch_images)] if side == TODAY else []
-                seconds = hrad(tree, "predict", str(folder), "--model", str(work / f"model_{tree.name}"), "--out", str(out), *extra)
+                extra = ["--batch-images", str(args.batch_images)] if tree == repository else []
+                seconds = hrad(tree, "predict", str(folder), "--model", str(models[side]), "--out", str(out), *extra)
                 times[side].append(seconds)
                 found[side] = scores(out)
                 loads.append(os.getloadavg()[0])
@@ -121,7 +134,8 @@ def main() -> None:
         )
     notes = (
         f"`hrad predict` at {commit[:7]} (before issue 18's predict work, after seam-free tiling) against today's "
-        f"`hrad predict --batch-images {args.batch_images}`, each with its own `hrad fit --strategy tiled --tile 512` "
+        f"`hrad predict --batch-images {args.batch_images}`{' (also on a model fitted with --set backbone.runtime=openvino)' if args.openvino else ''}, "
+        f"each with its own `hrad fit --strategy tiled --tile 512` "
         f"(EfficientNet-Lite0 PatchCore, defaults) on {len(train)} capsules training images; {len(images)} capsules test "
         f"images (1500x1000 PNG) predicted with each version's default outputs. Seconds are the whole command's wall "
         f"time (start, imports and model load included); {args.rounds} round(s), sides alternating, best of each; "

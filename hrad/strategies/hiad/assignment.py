@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 from hrad.errors import ArtifactError, ConfigError
@@ -70,6 +69,8 @@ def l2_normalise(rows: np.ndarray) -> np.ndarray:
 def _kmeans(data: np.ndarray, count: int, seed: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "fewer distinct clusters" is handled by compaction
+        from sklearn.cluster import KMeans  # fit-time only: sklearn costs ~1 s of every command's start
+
         model = KMeans(n_clusters=count, n_init=10, random_state=seed).fit(np.asarray(data, dtype=np.float64))
     return model.cluster_centers_
 
