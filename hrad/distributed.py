@@ -32,29 +32,10 @@ from hrad.outputs import (
     output_stems,
     write_scores_csv,
 )
-from hrad.runners import (
-    JobRunner,
-    ProcessPoolRunner,
-    RayExecutor,
-    SerialRunner,
-    Setup,
-    _check_gpus,
-    _one_line,
-    _run_setup,
-    _set_threads,
-    _task_error,
-    active_runner,
-    job_runner,
-    ray_session,
-    use_runner,
-)
+from hrad.runners import Setup, _check_gpus, _one_line, _run_setup, _set_threads, _task_error, ray_session
 
 if TYPE_CHECKING:
     from hrad.strategies.base import ProgressCallback
-
-# ------------------------------------------------------------------------------------ prediction
-#: a ``scores.csv`` row (kept under its old name; :class:`hrad.outputs.OutputRow`)
-ScoreRow = OutputRow
 
 
 @dataclass(frozen=True)
@@ -260,16 +241,4 @@ def _distribute(
             submit(slot)
 
 
-__all__ = [
-    "JobRunner",
-    "ProcessPoolRunner",
-    "RayExecutor",
-    "PredictOptions",
-    "ScoreRow",
-    "SerialRunner",
-    "active_runner",
-    "job_runner",
-    "predict_many_ray",
-    "ray_session",
-    "use_runner",
-]
+__all__ = ["PredictOptions", "predict_many_ray"]

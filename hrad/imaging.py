@@ -1,4 +1,5 @@
-"""The one resize of image and map tensors, used by every strategy and the export runtimes.
+"""The one resize of image and map tensors, used by every strategy, the image-space anomaly
+synthesis and the RD++ / DeSTSeg decoders (the torch-free export runtime mirrors it with Pillow).
 
 Rule: bilinear, ``align_corners=False``, antialiased exactly when the output is smaller than the
 input along either axis (so a small defect is averaged into the smaller image instead of being

@@ -7,7 +7,11 @@ Two checks, both parsing every module with ``ast`` and skipping imports under
 - module-level and function-level imports together (a function-level import that closes a
   cycle only hides it), with modules collapsed into their layer (``hrad.detectors``,
   ``hrad.strategies``, ``hrad.model``, ...): no cycle between layers. A lazy import inside one
-  layer (``hrad.features.base`` building the optional OpenVINO wrapper) is allowed.
+  layer (``hrad.features.base`` building the optional OpenVINO wrapper) is allowed;
+- the same layer graph against :data:`LAYER_ORDER`, the bottom-up order ARCHITECTURE.md states:
+  every layer imports only layers below its own tier (so an upward import fails even when
+  nothing imports back), and every module of ``hrad`` has a tier (a new one must be placed,
+  here and in ARCHITECTURE.md).
 
 ``from hrad.a import b`` is an edge to ``hrad.a.b`` when that is a module, else to ``hrad.a``;
 importing ``hrad.a.b`` also runs the package ``hrad.a`` (its ``__init__``), so that is an edge
@@ -18,6 +22,9 @@ how packages work).
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
@@ -44,8 +51,8 @@ def imported_names(tree: ast.AST, module: str, is_package: bool, nested: bool = 
 
     def visit(node: ast.AST) -> None:
         if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
+            for statement in node.orelse:
+                visit(statement)
             return
         if not nested and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             return
@@ -66,7 +73,9 @@ def imported_names(tree: ast.AST, module: str, is_package: bool, nested: bool = 
     return [name for name in names if name == "hrad" or name.startswith("hrad.")]
 
 
-def import_graph(nested: bool = True) -> dict[str, set[str]]:
+@functools.cache
+def import_graph(nested: bool = True) -> dict[str, frozenset[str]]:
+    """Module -> the hrad modules it imports (parsed once per ``nested``; read-only)."""
     paths = {module_name(path): path for path in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in paths}
     for name, path in paths.items():
@@ -79,10 +88,10 @@ def import_graph(nested: bool = True) -> dict[str, set[str]]:
                 node = ".".join(parts[:index])
                 if node in paths and node != name and node not in own_packages:
                     graph[name].add(node)
-    return graph
+    return {name: frozenset(targets) for name, targets in graph.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def cycles(graph: Mapping[str, AbstractSet[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -147,6 +156,16 @@ def layer(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def layer_graph() -> dict[str, set[str]]:
+    """Layer -> the other layers it imports, function-level imports included."""
+    layers: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        layers.setdefault(layer(module), set()).update(
+            layer(target) for target in targets if layer(target) != layer(module)
+        )
+    return layers
+
+
 def test_no_module_level_import_cycles() -> None:
     graph = import_graph(nested=False)
     assert "hrad.runners" in graph["hrad.strategies.ensemble"]
@@ -154,11 +173,7 @@ def test_no_module_level_import_cycles() -> None:
 
 
 def test_no_import_cycles_between_layers_counting_function_level_imports() -> None:
-    layers: dict[str, set[str]] = {}
-    for module, targets in import_graph().items():
-        layers.setdefault(layer(module), set()).update(
-            layer(target) for target in targets if layer(target) != layer(module)
-        )
+    layers = layer_graph()
     layers.pop("hrad", None)  # the package itself (hrad/__init__.py) re-exports the top layer
     layers = {name: {target for target in targets if target != "hrad"} for name, targets in layers.items()}
     assert "hrad.model" in layers["hrad.distributed"] or "hrad.runners" in layers["hrad.distributed"]
@@ -167,6 +182,88 @@ def test_no_import_cycles_between_layers_counting_function_level_imports() -> No
     assert [cycle for cycle in KNOWN_LAYER_CYCLES if cycle not in found] == [], (
         "a known cycle is gone: drop it"
     )
+
+
+#: the layers bottom-up, as ARCHITECTURE.md lists them: a layer may import only layers of an earlier
+#: tier (a tier's members are independent of each other)
+LAYER_ORDER: list[tuple[str, ...]] = [
+    ("hrad.errors", "hrad.version"),
+    (
+        "hrad.registry",
+        "hrad.imaging",
+        "hrad.tile_geometry",
+        "hrad.hiad_math",
+        "hrad.runners",
+        "hrad.prediction",
+        "hrad.pipeline",
+        "hrad.profiling",
+    ),
+    ("hrad.data",),
+    ("hrad.features",),
+    ("hrad.detectors",),
+    ("hrad.postprocess",),
+    ("hrad.strategies",),
+    ("hrad.metrics",),
+    ("hrad.reports",),
+    ("hrad.config", "hrad.artifact", "hrad.outputs", "hrad.export_runtime"),
+    ("hrad.model", "hrad.options", "hrad.export_graph"),
+    (
+        "hrad.export_ensemble",
+        "hrad.export_mrf",
+        "hrad.export_hiad",
+        "hrad.distributed",
+        "hrad.evaluation",
+        "hrad.ad2",
+        "hrad.service",
+        "hrad.tracking",
+    ),
+    ("hrad.export",),
+    ("hrad.cli",),
+    ("hrad",),
+]
+
+
+def upward_imports(layers: Mapping[str, AbstractSet[str]], order: list[tuple[str, ...]]) -> list[str]:
+    """``"a -> b"`` for every import of a layer that is not in an earlier tier than the importer."""
+    tier = {name: index for index, names in enumerate(order) for name in names}
+    return [
+        f"{source} -> {target}"
+        for source, targets in sorted(layers.items())
+        for target in sorted(targets)
+        if tier[target] >= tier[source]
+    ]
+
+
+def test_the_order_check_finds_an_upward_import_without_a_cycle() -> None:
+    order = [("low",), ("mid", "side"), ("high",)]
+    assert upward_imports({"low": set(), "mid": {"low"}, "high": {"mid", "low"}}, order) == []
+    assert upward_imports({"low": {"high"}, "mid": {"side"}, "high": set()}, order) == [
+        "low -> high",
+        "mid -> side",
+    ]
+
+
+def test_layers_import_only_lower_layers_in_the_documented_order() -> None:
+    layers = layer_graph()
+    placed = {name for names in LAYER_ORDER for name in names}
+    assert sorted(set(layers) - placed) == [], (
+        "a new module: give it a tier in LAYER_ORDER and place it in ARCHITECTURE.md"
+    )
+    assert sorted(placed - set(layers)) == [], "a module is gone: drop it from LAYER_ORDER"
+    assert "hrad.postprocess" in layers["hrad.strategies"]  # the graph is read (a real edge is seen)
+    assert upward_imports(layers, LAYER_ORDER) == []
+
+
+def test_architecture_places_every_module() -> None:
+    """Every top-level module and package of ``hrad`` is named in ARCHITECTURE.md as ``hrad/<name>``."""
+    text = (ROOT.parent / "ARCHITECTURE.md").read_text()
+    entries = [
+        path
+        for path in ROOT.iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()
+    ]
+    names = [f"hrad/{path.stem}.py" if path.is_file() else f"hrad/{path.name}/" for path in entries]
+    assert sorted(name for name in names if f"`{name}`" not in text) == []
 
 
 @pytest.mark.parametrize("module", ["hrad.runners", "hrad.errors", "hrad.imaging", "hrad.tile_geometry"])

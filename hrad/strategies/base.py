@@ -204,8 +204,3 @@ def strategy_config(data: dict | StrategyConfig) -> StrategyConfig:
 
 def build_strategy(config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> Strategy:
     return STRATEGIES.get(config.name).build(config, detector, extractor)
-
-
-def embed_in_batches(embed: Callable[[Tensor], Tensor], tiles: Tensor, batch_size: int) -> Sequence[Tensor]:
-    """Run ``embed`` over ``tiles`` in batches (bounded memory on big tile sets)."""
-    return [embed(tiles[start : start + batch_size]) for start in range(0, len(tiles), batch_size)]
