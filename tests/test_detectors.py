@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -109,6 +110,27 @@ def test_knn_auto_chooses_ivf_for_big_bank_and_stays_accurate() -> None:
     assert torch.equal(restored.search(queries, 2)[1], neighbours.search(queries, 2)[1])
     with pytest.raises(ConfigError):
         NearestNeighbours(index="lsh")  # type: ignore[arg-type]
+
+
+def test_knn_ivf_state_keeps_its_centroids_so_loading_skips_the_kmeans(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(39 * 16, 8)).astype(np.float32)
+    fitted = NearestNeighbours(nlist=16, nprobe=4).fit(bank)
+    state = fitted.state_dict("bank")
+    assert set(state) == {"bank", "bank_ivf_centroids"} and state["bank_ivf_centroids"].shape == (16, 8)
+    assert set(NearestNeighbours().fit(bank[:20]).state_dict("bank")) == {"bank"}  # exact index: the bank alone
+
+    def no_training(*_: object) -> None:
+        raise AssertionError("the IVF k-means ran again on load")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(faiss.IndexIVFFlat, "train", no_training)
+        restored = NearestNeighbours(nlist=16, nprobe=4).load_state_dict(state, "bank")
+    queries = rng.normal(size=(40, 8)).astype(np.float32)
+    for found, expected in zip(restored.search(queries, 3), fitted.search(queries, 3), strict=True):
+        assert torch.equal(found, expected)  # nprobe 4 of 16: the same probes only with the same centroids
+    old = NearestNeighbours(nlist=16, nprobe=4).load_state_dict({"bank": state["bank"]}, "bank")  # older artifact
+    assert old.index_kind == "ivf"
 
 
 def test_reweighting_matches_direct_formula() -> None:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from hrad.detectors.base import DetectorConfig
 from hrad.detectors.coreset import random_projection
-from hrad.detectors.knn import NearestNeighbours
+from hrad.detectors.knn import IVF_CENTROIDS_SUFFIX, NearestNeighbours
 from hrad.errors import ArtifactError, ConfigError
 from hrad.features.base import FeatureExtractor
 from hrad.imaging import resize
@@ -333,7 +333,12 @@ class MRFStrategy(Strategy):
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         storage = getattr(torch, self.config.bank_dtype)
-        state = {bank_key(layer, scale): index.bank.to(storage) for (layer, scale), index in self.indexes.items()}
+        state: dict[str, Tensor] = {}
+        for (layer, scale), index in self.indexes.items():
+            key = bank_key(layer, scale)
+            saved = index.state_dict(key)  # the bank and, for IVF, its centroids (loading skips the k-means)
+            saved[key] = saved[key].to(storage)
+            state.update(saved)
         if self.coreset_ratio is not None:
             state["coreset_ratio"] = torch.tensor(self.coreset_ratio, dtype=torch.float64)
         if self.config.foreground:
@@ -345,7 +350,11 @@ class MRFStrategy(Strategy):
         missing = [bank_key(layer, scale) for layer, scale in self.keys if bank_key(layer, scale) not in present]
         if missing:
             raise ArtifactError(f"mrf artifact lacks bank(s) {', '.join(missing)} (saved with other layers or scales?)")
-        self.indexes = {(layer, scale): build_index(reader.get(bank_key(layer, scale)), self.config) for layer, scale in self.keys}
+        self.indexes = {}
+        for layer, scale in self.keys:
+            key = bank_key(layer, scale)
+            saved = {name: reader.get(name).float() for name in (key, key + IVF_CENTROIDS_SUFFIX) if name in present}
+            self.indexes[(layer, scale)] = new_index(self.config).load_state_dict(saved, key)
         self.coreset_ratio = float(reader.get("coreset_ratio")) if "coreset_ratio" in present else None
         self._report()
         if self.config.foreground:
@@ -378,9 +387,14 @@ def fuse_maps(maps: Sequence[Tensor], size: tuple[int, int], fusion: Literal["me
 
 
 
+def new_index(config: MRFConfig) -> NearestNeighbours:
+    """An unfitted nearest-neighbour index (exact, or IVF-Flat for big banks with ``index="auto"``)."""
+    return NearestNeighbours(index=config.index, nlist=config.nlist, nprobe=config.nprobe)
+
+
 def build_index(bank: Tensor, config: MRFConfig) -> NearestNeighbours:
-    """The bank's nearest-neighbour index (exact, or IVF-Flat for big banks with ``index="auto"``)."""
-    return NearestNeighbours(index=config.index, nlist=config.nlist, nprobe=config.nprobe).fit(bank.float())
+    """The bank's nearest-neighbour index."""
+    return new_index(config).fit(bank.float())
 
 
 def search(index: NearestNeighbours, queries: Tensor, distance: Literal["l2", "cosine"]) -> Tensor:
