@@ -30,6 +30,14 @@ PIXEL_STD = (128.0 / 255.0,) * 3
 _BN_EPS = 1e-3  # TensorFlow's default, used by the checkpoints
 
 
+
+def relu6_(x: Tensor) -> Tensor:
+    """ReLU6 in place on a fresh conv output (the backbone is frozen: nothing needs the
+    pre-activation values, so no extra full-size tensor per activation). ``clamp_`` computes the
+    same values as ``F.relu6(inplace=True)`` but 30% faster on channels-last tensors (4.8 vs
+    3.3 ms on 1 x 96 x 352 x 352, two threads): ReLU6 was 12% of Lite0's time."""
+    return x.clamp_(0.0, 6.0)
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow ``SAME`` padding (output size ``ceil(input / stride)``).
 
@@ -79,10 +87,8 @@ class MBConvLite(nn.Module):
         return [("_expand_conv", "_bn0"), *pairs] if self.has_expansion else pairs
 
     def forward(self, x: Tensor) -> Tensor:
-        # in-place ReLU6 on fresh conv outputs: no extra full-size tensor per activation (the
-        # backbone is frozen, nothing needs the pre-activation values)
-        out = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expansion else x
-        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
+        out = relu6_(self._bn0(self._expand_conv(x))) if self.has_expansion else x
+        out = relu6_(self._bn1(self._depthwise_conv(out)))
         out = self._bn2(self._project_conv(out))
         return out + x if self.residual else out
 
@@ -158,7 +164,7 @@ class EfficientNetLite(FeatureExtractor):
         last_block = self._stage_ends[_LAYER_STAGES[depth - 1]]
         taps = {self._stage_ends[_LAYER_STAGES[i]]: _LAYER_NAMES[i] for i in range(depth)}
         x = self.in_layout(normalise(images, PIXEL_MEAN, PIXEL_STD))
-        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        x = relu6_(self._bn0(self._conv_stem(x)))
         out: dict[str, Tensor] = {}
         for index, block in enumerate(self._blocks[:last_block]):
             x = block(x)
@@ -180,7 +186,7 @@ class EfficientNetLite(FeatureExtractor):
     def imagenet_logits(self, images: Tensor) -> Tensor:
         """``B x 1000`` ImageNet class scores; only to check that the weights are right."""
         x = self.extract(images, ["layer4"])["layer4"]
-        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        x = relu6_(self._bn1(self._conv_head(x)))
         return self._fc(x.mean(dim=(2, 3)))
 
 
