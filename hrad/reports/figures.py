@@ -56,10 +56,9 @@ def case_grid(
     """One row per case: image with ground-truth contour, anomaly map, overlay; maps share ``vmin .. vmax``
     (default: 0, or the lowest map value when maps go negative, .. the highest)."""
     rows = [(group, case) for group, members in groups.items() for case in members]
-    if not rows:
-        rows = []
     height = max(1, len(rows))
-    figure, axes = plt.subplots(height, 3, figsize=(9, 2.6 * height), squeeze=False)
+    # constrained layout leaves room for the suptitle (tight_layout let it overlap the first row's titles)
+    figure, axes = plt.subplots(height, 3, figsize=(9, 2.6 * height), squeeze=False, layout="constrained")
     scale = vmax if vmax is not None else max((float(c.anomaly_map.max()) for _, c in rows), default=1.0)
     low = vmin if vmin is not None else min([0.0, *(float(c.anomaly_map.min()) for _, c in rows)])
     if not scale > low:
@@ -73,6 +72,7 @@ def case_grid(
         map_axis.imshow(case.anomaly_map, cmap="inferno", vmin=low, vmax=scale)
         map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
         overlay_axis.imshow(np.clip(case.image, 0, 1))
+        overlay_axis.set_title("overlay (ground truth in white)" if case.mask is not None and case.mask.any() else "overlay", fontsize=7)
         overlay_axis.imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=scale)
         if case.mask is not None and case.mask.any():
             overlay_axis.contour(case.mask, levels=[0.5], colors="white", linewidths=0.8)
@@ -84,7 +84,6 @@ def case_grid(
             axis.axis("off")
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
