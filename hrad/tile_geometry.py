@@ -92,14 +92,6 @@ class TileGeometry:
             return max(self.width, self.tile_w)
         return (self.cols - 1) * self.stride_w + self.tile_w
 
-    @property
-    def window_h(self) -> int:
-        return self.tile_h + 2 * self.margin
-
-    @property
-    def window_w(self) -> int:
-        return self.tile_w + 2 * self.margin
-
     def __len__(self) -> int:
         return self.rows * self.cols
 

@@ -104,7 +104,7 @@ class TileGrid(TileGeometry):
         return reflect_pad(crop, *pads)
 
     def windows(self, padded: TileSource, positions: Sequence[TilePosition]) -> Tensor:
-        """``N x C x window_h x window_w`` for ``positions`` of a ``C x H x W`` padded image."""
+        """``N x C x (tile_h + 2 margin) x (tile_w + 2 margin)`` for ``positions`` of a ``C x H x W`` padded image."""
         return torch.stack([self.window(padded, p) for p in positions])
 
     def batches(self, padded: TileSource, batch_size: int) -> Iterator[tuple[list[TilePosition], Tensor]]:
@@ -115,7 +115,7 @@ class TileGrid(TileGeometry):
             yield chunk, self.windows(padded, chunk)
 
     def tile(self, image: TileSource) -> Tensor:
-        """``C x H x W`` -> ``N x C x window_h x window_w`` in :meth:`positions` order (all at once)."""
+        """``C x H x W`` -> ``N`` windows (tile + margin on each side) in :meth:`positions` order (all at once)."""
         return self.windows(self.pad(image), list(self.positions()))
 
     def crop(self, padded: Tensor, position: TilePosition) -> Tensor:
