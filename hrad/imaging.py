@@ -11,17 +11,19 @@ and costs time. Imports nothing of hrad, so any layer may use it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def shrinks(source: tuple[int, int], target: tuple[int, int]) -> bool:
+def shrinks(source: Sequence[int], target: Sequence[int]) -> bool:
     """The antialias rule: whether resizing ``source`` = (height, width) to ``target`` shrinks
     along either axis."""
     return target[0] < source[0] or target[1] < source[1]
 
 
-def interpolate(tensor: Tensor, size: tuple[int, int], antialias: bool) -> Tensor:
+def interpolate(tensor: Tensor, size: Sequence[int], antialias: bool) -> Tensor:
     """``F.interpolate`` bilinear (``align_corners=False``) of ``B x C x H x W`` to ``size``.
 
     One PyTorch case is mended: an antialiased resize to width 1 that also changes the height

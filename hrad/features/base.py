@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from hrad.errors import ConfigError
-from hrad.imaging import resize
+from hrad.imaging import interpolate, shrinks
 from hrad.registry import Registry
 
 
@@ -205,7 +205,10 @@ class Embedder(nn.Module):
             feature = maps[name]
             if k > 1:
                 feature = F.avg_pool2d(feature, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
-            feature = resize(feature, (int(size[0]), int(size[1])))  # the one resize rule (hrad.imaging)
+            if feature.shape[-2:] != size:
+                # hrad.imaging's rule (antialias when shrinking), with ``size`` passed on as it is:
+                # int() here would bake the traced size into an exported graph
+                feature = interpolate(feature, size, antialias=shrinks(feature.shape[-2:], size))
             parts.append(feature)
         return torch.cat(parts, dim=1)
 
