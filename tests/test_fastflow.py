@@ -149,7 +149,11 @@ def test_user_mistakes_raise_hrad_errors(trained: tuple[FastFlow, Tensor, Tensor
             FastFlowConfig(),
             "permutation",
         ),
-        ({**state, "levels.0.std": torch.zeros(1, 4, 1, 1)}, FastFlowConfig(), "standard deviations"),
+        (
+            {**state, "levels.0.std": torch.zeros(1, 4, 1, 1)},
+            FastFlowConfig(),
+            "^fastflow state entry levels.0.std has non-positive standard deviations$",
+        ),
     ]
     for corrupt, config, message in corruptions:
         fresh = FastFlow(config)

@@ -135,6 +135,8 @@ def test_user_mistakes_raise_hrad_errors(trained: tuple[RDPlusPlus, Tensor]) -> 
         RDPlusPlus(RDPlusPlusConfig(epochs=1, level_channels=(8, 12))).fit([torch.randn(2, 24, 8, 8)])
     with pytest.raises(ConfigError, match="positive"):
         RDPlusPlus(RDPlusPlusConfig(epochs=1, level_channels=(0, 24))).fit([torch.randn(2, 24, 8, 8)])
+    with pytest.raises(ConfigError, match=r"^rdpp noise_extent \(0.5, 0.1\) must satisfy 0 < low <= high <= 1$"):
+        RDPlusPlusConfig(noise_extent=(0.5, 0.1))
     with pytest.raises(InputError, match="no embedding batches"):
         RDPlusPlus(RDPlusPlusConfig(epochs=1)).fit([])
     with pytest.raises(InputError, match="B x C x h x w"):

@@ -1,76 +1,44 @@
 """DeSTSeg: segmentation-guided denoising student-teacher (Zhang et al. CVPR 2023).
 
-Main deviation: anomaly synthesis moves from image space to feature space. DeSTSeg corrupts
-*images* with DRAEM's anomalies (a thresholded Perlin-noise mask filled with a DTD texture) and
-feeds the corrupted image to a student encoder. This detector only ever sees the teacher's
-features (the embedding: frozen backbone layers, each resized to the first layer's grid and
-concatenated), so a synthetic anomaly is made on the standardised embedding instead
-(:func:`~hrad.detectors.synthetic.synthesise_anomalies`, shared with RealNet):
+The teacher is the embedding (frozen backbone layers resized to the first layer's grid and
+concatenated; ``level_channels`` splits it into levels, one level when empty).
 
-- the mask is a superlevel set of seeded white noise blurred by a Gaussian (independent,
-  log-uniform ``sigma`` of 1 to ``max(h, w) / 4`` tokens per axis, as DRAEM draws independent
-  Perlin scales per axis), thresholded so that it covers a uniform random fraction of the grid
-  in ``anomaly_fraction``. Default 1-10 %: DRAEM's masks (threshold 0.5, scales 2^0..2^5)
-  cover a median 5.4 % of the image, 90 % of them between 0.1 % and 10 % (2000 draws);
-- inside the mask the features become DRAEM's blend ``beta * x + (1 - beta) * texture`` with
-  ``beta ~ U(0, 0.8)`` (DRAEM / DeSTSeg opacity), where the "texture" mixes features of another
-  training sample of the batch (flipped and rolled, so taken from another location) with
-  Gaussian noise of each channel's std: ``sqrt(l) * donor + sqrt(1 - l) * noise``, ``l ~ U(0, 1)``;
-- a fraction ``clean_probability`` of the samples stays clean (default 5 %: the reference code
-  corrupts every image, ``aug_prob=1.0``, but about 5 % of its Perlin masks are empty, measured
-  as above; DRAEM itself keeps 50 % clean);
-- the mask is known exactly at embedding resolution (DeSTSeg resizes its pixel mask to the
-  layer1 grid and thresholds it at 0.5).
+Main deviation: DeSTSeg corrupts *images* with DRAEM's anomalies (a thresholded Perlin mask
+filled with a DTD texture); this detector sees only features, so by default it corrupts the
+standardised embedding (:func:`~hrad.detectors.synthetic.synthesise_anomalies`, shared with RealNet):
 
-The model (the teacher is the embedding; its channels split into levels, ``level_channels``,
-filled in by :meth:`DeSTSeg.bind_layout`, one level = the whole embedding when empty):
+- mask: the top ``anomaly_fraction`` (a uniform draw) of seeded white noise blurred by a Gaussian
+  of log-uniform ``sigma``, 1 to ``max(h, w) / 4`` tokens, per axis (DRAEM draws Perlin scales
+  per axis). Default 1-10 %: DRAEM's masks (threshold 0.5, scales 2^0..2^5) cover a median 5.4 %
+  of the image, 90 % of them 0.1-10 % (2000 draws). The mask is exact at embedding resolution
+  (DeSTSeg resizes its pixel mask to the layer1 grid and thresholds it at 0.5);
+- inside it DRAEM's blend ``beta * x + (1 - beta) * texture``, ``beta ~ U(0, 0.8)``, with texture
+  ``sqrt(l) * donor + sqrt(1 - l) * noise``, ``l ~ U(0, 1)``: the donor is another sample of the
+  batch, flipped and rolled (features from elsewhere); the noise has each channel's std;
+- ``clean_probability`` 5 % of the samples stay clean (the reference corrupts every image,
+  ``aug_prob=1.0``, but about 5 % of its Perlin masks are empty, measured as above; DRAEM: 50 %).
 
-1. per-channel standardisation with the training set's statistics (computed in a first pass and
-   saved). Teacher features, student targets and cosines all live in this standardised space
-   (the reference compares raw ResNet features, which are all positive so every cosine is close
-   to 1, and on ViTs a few massive-activation channels would dominate every cosine);
-2. denoising student: a conv encoder-decoder on the corrupted standardised embedding (1x1
-   stem, ``student_stages`` ResNet basic blocks with stride 2 doubling the width, the mirror
-   decoder with bilinear resizing and no skip connections, as the reference's ResNet18
-   encoder + decoder), and a linear 1x1 head per level predicting the *clean* teacher features
-   of that level. Loss step 1 (reference ``cosine_similarity_loss``): per level the mean over
-   positions of ``1 - cos``, summed over levels; averaged over the batch (the reference sums over
-   the batch);
-3. segmentation network: input per level ``-normalise(t) * normalise(s)`` (reference sign), with
-   ``t`` the standardised teacher features of the *corrupted* input (what it sees at test time)
-   and ``s`` the student's output, concatenated over levels; two basic blocks to
-   ``segmentation_channels``, ASPP (rates ``aspp_rates``, reference 6/12/18, plus a global-pool
-   branch), conv3x3-BN-ReLU, 1x1 conv to a logit. Loss step 2: focal loss (gamma 4, no alpha)
-   + L1 between the sigmoid output and the synthetic mask, student frozen.
+Teacher, student targets and cosines live in the standardised space (the reference compares raw
+ResNet features, all positive, so every cosine is near 1; on ViTs a few massive-activation
+channels would dominate). Student loss (reference ``cosine_similarity_loss``): per level the mean
+``1 - cos`` to the *clean* level, summed over levels, averaged over the batch (the reference sums).
+The segmentation net, trained next on the frozen student (reference schedule), reads
+``-normalise(t) * normalise(s)`` per level (reference sign; ``t`` the *corrupted* teacher
+features, as at test time); its loss: focal (gamma 4, no alpha) + L1 against the mask.
 
-Schedule as in the reference: ``student_epochs`` of the student alone (segmentation net idle),
-then ``segmentation_epochs`` of the segmentation net with the student in eval mode and no
-gradient. The reference trains 1000 + 4000 steps of batch 32; defaults here are 20 + 40 epochs (the
-segmentation net needs the longer schedule: see ``segmentation_epochs``).
+Other deviations:
 
-Other deviations from the paper / reference code:
-
-- a small student on features instead of a ResNet18 trained from scratch on images; its width
-  (``student_channels``) and depth (``student_stages``) are configurable, and every level is
-  predicted at the embedding's grid from the last decoder stage (the reference reads layer1..3
-  from decoder stages at their native strides);
-- ``segmentation_channels`` defaults to 128 (reference 256) to keep CPU runs practical; the
-  ASPP global-pool branch has no BatchNorm (a 1 x 1 map of a single-sample batch has no batch
-  statistics), the other convs keep the reference's BatchNorm, in eval mode at prediction;
-- optimiser: Adam (lr 1e-3 for both networks, L2 weight decay 1e-4 as the reference), not the
-  reference's SGD (momentum 0.9; lr 0.4 for the student, 0.1 / 0.01 for the segmentation res
-  blocks / head). Those rates are tied to a batch-*summed* cosine loss at batch 32, a ResNet18
-  student and thousands of steps; strategies here pass varying batch sizes for few epochs, and
-  Adam is insensitive to that loss scale;
-- focal loss computed from logits with ``logsigmoid`` (same value, numerically stable; the
-  reference applies ``binary_cross_entropy`` to sigmoid outputs, which clamps the log at -100);
-- map ``anomaly_map="segmentation"`` (DeSTSeg's output): the sigmoid of the segmentation net at
-  embedding resolution. ``"student"``: per-level ``1 - cos`` between teacher and student,
-  summed over levels (the reference's DeST map multiplies the levels). Upsampling and blur
-  belong to the strategy / post-processing;
-- image score ``image_score="top_mean"``: the mean of the highest ``top_fraction`` (default 1 %)
-  of the map's tokens; the reference averages the top T = 100 pixels of the 256 x 256 map
-  (0.15 %). ``"max"`` takes the maximum.
+- a small student on features, not a ResNet18 trained on images; every level comes from the last
+  decoder stage at the embedding's grid (the reference reads decoder stages at native strides);
+- ``segmentation_channels`` 128 (reference 256) for CPU runs; no BatchNorm in the ASPP global-pool
+  branch (a 1 x 1 map of a one-sample batch has no batch statistics);
+- Adam (lr 1e-3; weight decay 1e-4 as the reference) instead of its SGD (momentum 0.9; lr 0.4 student,
+  0.1 / 0.01 segmentation blocks / head), whose rates suit a batch-*summed* loss at batch 32 over
+  thousands of steps; strategies pass varying batch sizes for few epochs, and Adam ignores scale;
+- focal loss from logits with ``logsigmoid`` (the reference's BCE on sigmoid outputs clamps the log
+  at -100); ``anomaly_map="student"`` sums the levels' ``1 - cos`` (the reference's DeST map
+  multiplies them); image score ``top_mean`` of the top 1 % tokens (reference: the top 100 pixels
+  of 256 x 256, 0.15 %).
 """
 
 from __future__ import annotations
@@ -85,9 +53,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import backbone_layers
-from hrad.detectors.neural import Stage
+from hrad.detectors.neural import Stage, StandardisedNet, conv_bn_relu
 from hrad.detectors.scoring import ImageScore, cosine_distances
-from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
+from hrad.detectors.synthetic import SyntheticAnomalyConfig, SyntheticAnomalyDetector
 from hrad.errors import ConfigError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 from hrad.imaging import resize
@@ -116,17 +84,11 @@ class DeSTSegConfig(SyntheticAnomalyConfig):
     student_stages: int = Field(default=2, ge=0)
     #: width of the segmentation net
     segmentation_channels: int = Field(default=128, ge=1)
-    #: channels of each level in the embedding; empty = filled by bind_layout, else one level
-    level_channels: tuple[int, ...] = ()
     #: "segmentation": the segmentation net's output; "student": teacher-student 1 - cos
     anomaly_map: Literal["segmentation", "student"] = "segmentation"
-    #: image score from the token map: "max" or "top_mean" (mean of top_fraction)
     image_score: ImageScore = "top_mean"
-    #: fraction of the map's highest tokens averaged by image_score="top_mean"
-    top_fraction: float = Field(default=0.01, gt=0, le=1)
 
 
-# --------------------------------------------------------------------------- networks
 class BasicBlock(nn.Module):
     """ResNet basic block (conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU), as in the reference."""
 
@@ -148,17 +110,9 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
-    padding = dilation * (kernel_size // 2)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
-    )
-
-
 class DenoisingStudent(nn.Module):
-    """Encoder-decoder without skip connections: corrupted embedding -> clean features per level."""
+    """Corrupted embedding -> clean levels: a 1x1 stem, ``stages`` stride-2 basic blocks doubling the
+    width, the mirror decoder (bilinear resizing, no skip connections), a linear 1x1 head per level."""
 
     def __init__(self, channels: int, level_sizes: Sequence[int], width: int, stages: int) -> None:
         super().__init__()
@@ -209,8 +163,6 @@ class SegmentationNet(nn.Module):
 
 
 class DeSTSegNet(StandardisedNet):
-    """Standardisation statistics, denoising student and segmentation net."""
-
     def __init__(self, level_sizes: Sequence[int], config: DeSTSegConfig) -> None:
         channels = sum(level_sizes)
         super().__init__(channels)
@@ -236,10 +188,8 @@ def _train_only(model: nn.Module, part: str) -> None:
     getattr(model, part).train()
 
 
-# --------------------------------------------------------------------------- detector
 class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
-    """Denoising student + segmentation net on feature-space synthetic anomalies; see the module
-    docstring."""
+    """Denoising student + segmentation net on synthetic anomalies; see the module docstring."""
 
     state_prefix = "model"
 
@@ -255,10 +205,9 @@ class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
 
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
-        """CNN: layer1..3 without aggregation, DeSTSeg's own choice (ResNet18 layer1..3): the
-        segmentation net works at layer1's stride-4 grid, which its fine localisation relies on
-        (HiAD's Table II uses layer2 + layer3; set ``layers`` for that). ViT: three blocks at
-        1/4, 1/2 and 3/4 of the depth (three levels, like the CNN layers)."""
+        """CNN: layer1..3, DeSTSeg's own choice: its fine localisation relies on layer1's stride-4
+        grid (HiAD's Table II uses layer2 + layer3; set ``layers`` for that). ViT: three blocks at
+        1/4, 1/2 and 3/4 of the depth."""
         return backbone_layers(extractor, ("layer1", "layer2", "layer3"), (1 / 4, 1 / 2, 3 / 4))
 
     def build_network(self, layout: list[int]) -> DeSTSegNet:
@@ -276,7 +225,6 @@ class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
         """The student's stride-2 stages must leave its BatchNorm more than one value per channel."""
         self.check_bottleneck(embeddings, self.config.student_stages, "student_stages", "student")
 
-    # ----------------------------------------------------------------- training
     def _student_step(self, embeddings: Tensor) -> Tensor:
         model = self.fitted_network()
         clean, corrupted, _ = self.corrupt(embeddings)
@@ -294,28 +242,16 @@ class DeSTSeg(SyntheticAnomalyDetector[DeSTSegConfig, DeSTSegNet]):
         """The reference schedule: the student alone, then the segmentation net on a frozen student."""
         config = self.config
 
-        def adam(part: str, lr: float) -> Callable[[], list[torch.optim.Optimizer]]:
-            return lambda: [
-                torch.optim.Adam(
-                    getattr(self.fitted_network(), part).parameters(), lr=lr, weight_decay=config.weight_decay
-                )
-            ]
+        def stage(part: str, epochs: int, step: Callable[[Tensor], Tensor], lr: float) -> Stage:
+            def adam() -> list[torch.optim.Optimizer]:
+                parameters = getattr(self.fitted_network(), part).parameters()
+                return [torch.optim.Adam(parameters, lr=lr, weight_decay=config.weight_decay)]
+
+            return Stage(part, epochs, step, adam, train=partial(_train_only, part=part))
 
         return [
-            Stage(
-                "student",
-                config.student_epochs,
-                self._student_step,
-                adam("student", config.student_lr),
-                train=partial(_train_only, part="student"),
-            ),
-            Stage(
-                "segmentation",
-                config.segmentation_epochs,
-                self._segmentation_step,
-                adam("segmentation", config.segmentation_lr),
-                train=partial(_train_only, part="segmentation"),
-            ),
+            stage("student", config.student_epochs, self._student_step, config.student_lr),
+            stage("segmentation", config.segmentation_epochs, self._segmentation_step, config.segmentation_lr),
         ]
 
     def anomaly_maps(self, embeddings: Tensor) -> Tensor:

@@ -2,37 +2,25 @@
 
 The embedding is the concatenation of several backbone layers ("levels"). Per level:
 
-1. per-channel standardisation with the training set's mean and std (computed in a first pass
-   over the batches and saved). The paper / anomalib use a trainable ``LayerNorm`` over
-   ``[C, H, W]``, which ties the model to one input size; strategies feed whole images, tiles
-   and HiAD patches of different sizes, so the statistics here are per channel only;
-2. a 2D normalizing flow of ``flow_steps`` steps, each one FrEIA ``AllInOneBlock`` as anomalib
-   configures it (``permute_soft=False``), written in plain PyTorch:
-
-   - split channels into ``x1`` (the first ``C - C // 2``) and ``x2`` (the last ``C // 2``);
-   - a conv subnet ``conv -> ReLU -> conv`` (hidden = ``int(hidden_ratio * len(x1))``, kernel
-     3x3 on even steps and 1x1 on odd ones unless ``conv3x3_only``, zero padding) maps ``x1``
-     to coefficients ``a = (a_s, a_t)``;
-   - FrEIA's soft clamp ``s = clamp * tanh(0.1 * a_s)``, ``t = 0.1 * a_t`` (the 0.1 keeps a fresh
-     flow near the identity; the RealNVP form ``clamp * tanh(a_s / clamp)`` differs only by that
-     input scale); ``x2 <- x2 * exp(s) + t``; log-det = sum of ``s``;
-   - a learned per-channel global affine ``y * scale + offset`` with
-     ``scale = 0.1 * softplus_{beta=0.5}(g)`` initialised to 1 (FrEIA's ``ActNorm``-like part,
-     switch off with ``global_affine=False``); log-det += ``h * w * sum(log scale)``;
-   - a fixed seeded channel permutation (saved with the weights).
+1. per-channel standardisation with the training set's statistics. The paper / anomalib train a
+   ``LayerNorm`` over ``[C, H, W]``, which ties the model to one input size; strategies feed
+   images, tiles and HiAD patches of different sizes;
+2. a flow of ``flow_steps`` FrEIA ``AllInOneBlock`` steps as anomalib configures them
+   (``permute_soft=False``), in plain PyTorch: a subnet ``conv -> ReLU -> conv`` (3x3 on even
+   steps, 1x1 on odd ones unless ``conv3x3_only``) maps the first ``C - C // 2`` channels to
+   ``a``; the others ``x2`` become ``x2 * exp(s) + t`` with FrEIA's soft clamp
+   ``s = clamp * tanh(0.1 * a_s)``, ``t = 0.1 * a_t``; then a learned per-channel affine
+   (``global_affine``: ``scale = 0.1 * softplus_{beta=0.5}(g)``, starting at 1) and a fixed
+   seeded channel permutation (saved with the weights).
 
 Loss (anomalib): per level the batch mean of ``0.5 * sum(z**2) - log_det``, summed over levels,
-then divided by the number of embedding elements per image (``C * h * w``) so the learning rate
-and the reported loss do not depend on the input size (anomalib does not normalise; with Adam this
-only changes the loss scale and the relative strength of the L2 weight decay). Adam, lr 1e-3,
-weight decay 1e-5 (anomalib).
+divided by the elements per image (``C * h * w``) so the learning rate and reported loss do not
+depend on the input size (anomalib does not normalise; with Adam this only changes the loss scale
+and the relative strength of the weight decay).
 
-Map (anomalib): per level ``-exp(-0.5 * mean_c(z**2))``, averaged over levels, at embedding
-resolution; upsampling and blur belong to the strategy / post-processing. The map lies in
-``[-1, 0]`` and saturates at 0 for strongly anomalous tokens (``mean z**2`` above ~200 underflows
-in float32), so such tokens tie; ``anomaly_map="nll"`` scores ``0.5 * mean_c(z**2)`` instead. The flow is fully convolutional, so the model scores any input
-size. Per-level flows run at the embedding's resolution (every layer upsampled to the first
-layer's grid), not at each layer's native resolution as in anomalib.
+Map (anomalib): per level ``-exp(-0.5 * mean_c(z**2))``, averaged over levels; it saturates for
+strong anomalies (see ``anomaly_map``). The flows run at the embedding's resolution (the first
+layer's grid), not at each layer's own as in anomalib.
 """
 
 from __future__ import annotations
@@ -47,7 +35,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import backbone_layers
-from hrad.detectors.neural import EpochsConfig, NeuralDetector
+from hrad.detectors.neural import EpochsConfig, NeuralDetector, StandardisedNet
 from hrad.errors import ArtifactError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -166,20 +154,13 @@ class CouplingFlow(nn.Module):
         return z
 
 
-class FastFlowLevel(nn.Module):
-    """Standardisation statistics and the flow of one level."""
-
-    mean: Tensor
-    std: Tensor
-
+class FastFlowLevel(StandardisedNet):
     def __init__(self, channels: int, config: FastFlowConfig, generator: torch.Generator) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+        super().__init__(channels)
         self.flow = CouplingFlow(channels, config, generator)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow((features - self.mean) / self.std)
+        return self.flow(self.standardise(features))
 
 
 class FastFlowNet(nn.ModuleList):
@@ -195,9 +176,8 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
 
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
-        """CNN: layer2 + layer3 without aggregation (HiAD Table II; anomalib uses layer1..3).
-        ViT: PatchCore's two mid-depth blocks (~2/3 and ~3/4 of the depth, blocks 8 and 9 of 12),
-        which include the paper's DeiT choice (block 8); the paper uses one block only."""
+        """CNN: layer2 + layer3 (HiAD Table II; anomalib: layer1..3). ViT: PatchCore's blocks at ~2/3
+        and ~3/4 of the depth (8 and 9 of 12), which include the paper's one DeiT block (8)."""
         return backbone_layers(extractor, ("layer2", "layer3"), (2 / 3, 3 / 4))
 
     def build_network(self, layout: list[int]) -> FastFlowNet:
@@ -206,21 +186,9 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
         return FastFlowNet(FastFlowLevel(size, self.config, generator) for size in layout)
 
     def before_fit(self, batches: Iterable[Tensor]) -> None:
-        """A first pass for the standardisation statistics, then the flows with them."""
-        mean, std = self.channel_statistics(batches)
-        layout = self.resolve_layout(mean.numel())
-        levels = self.build(layout, mean.device)
-        for module, level_mean, level_std in zip(levels, mean.split(layout), std.split(layout), strict=True):
-            level = cast(FastFlowLevel, module)
-            level.mean.copy_(level_mean.view(1, -1, 1, 1))
-            level.std.copy_(level_std.view(1, -1, 1, 1))
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        config, parameters = self.config, self.fitted_network().parameters()
-        return [torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)]
+        self.fit_standardisation(batches)
 
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Latents ``z`` and per-sample log-dets of every level."""
         outputs = [
             level(features)
             for level, features in zip(self.fitted_network(), self.split(embeddings), strict=True)
@@ -253,12 +221,9 @@ class FastFlow(NeuralDetector[FastFlowConfig, FastFlowNet]):
             )
 
     def check_loaded(self, network: FastFlowNet) -> None:
+        super().check_loaded(network)
         for name, buffer in network.named_buffers():
             if name.endswith("permutation") and not torch.equal(
                 buffer.sort().values, torch.arange(buffer.numel())
             ):
                 raise ArtifactError(f"fastflow state entry levels.{name} is not a channel permutation")
-            if name.endswith("std") and not bool((buffer > 0).all()):
-                raise ArtifactError(
-                    f"fastflow state entry levels.{name} has non-positive standard deviations"
-                )

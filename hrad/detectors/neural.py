@@ -1,36 +1,16 @@
-"""The training skeleton every neural detector runs on.
+"""The training skeleton of the neural detectors.
 
-A neural detector (FastFlow, RD++, DeSTSeg, ViTAD, VarAD, the L2BT students, RealNet) is a
-network trained by gradient descent on embedding batches. What they all share lives here, in
-:class:`NeuralDetector`:
-
-- the **layout**: the embedding's channels split into layers (one per backbone layer),
-  ``config.level_channels``, filled by :meth:`~NeuralDetector.bind_layout` from the strategy's
-  embedder or, when empty at fit, derived by :meth:`~NeuralDetector.default_layout` (one layer);
-  one check that it matches the embedding, and one saved key :data:`LAYOUT_KEY`;
-- the network, built lazily on the first batch (seeded, so equal configs give equal networks),
-  and :attr:`~NeuralDetector.generator`, seeded, on the batches' device, for the detector's
-  random draws (synthetic anomalies, noise);
-- the **epoch loop**: one or more :class:`Stage` (DeSTSeg and RealNet train two networks one
-  after the other), each with its optimisers, training step, train-mode switch and a
-  learning-rate factor per epoch (ViTAD's step decay); non-finite losses stop the fit with one
-  line; the mean loss of every epoch goes to :attr:`~NeuralDetector.loss_history`;
-- **mixed precision** (``config.precision``): the training step's forward pass and ``predict``
-  run under ``torch.autocast`` (bfloat16, or float16 with a ``GradScaler`` scaling the loss);
-  the default float32 runs no autocast at all, and ``auto`` means bfloat16 (float16 where the
-  GPU lacks it) on CUDA and float32 elsewhere. Weights, optimiser state and the maps handed on
-  stay float32;
-- ``predict``: eval mode, no gradients, the detector's map, then the one image-score rule
-  (``image_score`` / ``top_fraction``);
-- the flat state (network weights under :attr:`~NeuralDetector.state_prefix`, the layout, the
-  detector's extra entries) and loading it back with one-line :class:`ArtifactError` on any
-  mismatch, nothing half-loaded left behind; older artifacts that saved the layout as
-  ``level_channels`` or ``split_sizes`` still load;
-- :class:`~hrad.errors.NotFittedError` before fit / load, and ``scoring_module`` for ONNX export.
-
-A detector supplies :meth:`~NeuralDetector.build_network`, :meth:`~NeuralDetector.optimizers`,
-:meth:`~NeuralDetector.training_step` and :meth:`~NeuralDetector.anomaly_maps`, plus the hooks
-it needs.
+:class:`NeuralDetector` owns the **layout** (the embedding's channels per backbone layer: bound
+from the embedder, one check, one saved key), the network (built lazily under ``config.seed``)
+and a seeded :attr:`~NeuralDetector.generator` for the detector's draws, the **epoch loop** over
+one or more :class:`Stage` (one line on a non-finite loss; every epoch's mean loss kept),
+**mixed precision** (``config.precision``: autocast for the training forward pass and predict,
+float16 with a ``GradScaler``; weights, optimiser state and maps stay float32), predict (eval
+mode, no gradients, one image-score rule), the flat state (loaded with one line of ArtifactError
+on any mismatch, nothing half-loaded) and ONNX export. A detector supplies
+:meth:`~NeuralDetector.build_network`, :meth:`~NeuralDetector.training_step` and
+:meth:`~NeuralDetector.anomaly_maps`, plus the hooks it needs; shared network pieces:
+:class:`StandardisedNet`, :func:`conv_bn_relu`.
 """
 
 from __future__ import annotations
@@ -62,19 +42,13 @@ logger = logging.getLogger(__name__)
 LAYOUT_KEY = "layer_channels"
 #: names older artifacts used for it (FastFlow, RD++, DeSTSeg; ViTAD, VarAD)
 LEGACY_LAYOUT_KEYS = ("level_channels", "split_sizes")
-#: variance floor of per-channel standardisation (``nn.LayerNorm``'s default eps)
-STANDARDISE_EPS = 1e-5
 
 #: compute precision of a neural detector's training and predict (see :func:`autocast_dtype`)
 Precision = Literal["float32", "auto", "bfloat16", "float16"]
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast type of ``precision`` on ``device``; None = plain float32 (no autocast).
-
-    ``auto`` is bfloat16 on CUDA devices that support it, float16 on older GPUs and float32
-    elsewhere; ``bfloat16`` / ``float16`` apply on any device (CPU autocast when asked).
-    """
+    """The autocast type of ``precision`` on ``device``; None = plain float32 (no autocast)."""
     if precision == "float32":
         return None
     if precision == "auto":
@@ -87,17 +61,22 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 class NeuralConfig(DetectorConfig):
     """Options every neural detector has."""
 
-    #: channels of each embedding layer in order; empty = filled by bind_layout from the
-    #: strategy's embedder (one entry per backbone layer), else the detector's default split
+    #: channels of each embedding layer; empty = bound from the embedder, else the default split
     level_channels: tuple[int, ...] = ()
     #: how the token map becomes one image score: its maximum or the mean of its top fraction
     image_score: ImageScore = "max"
     #: fraction of the map's highest tokens averaged by image_score="top_mean"
     top_fraction: float = Field(default=0.01, gt=0, le=1)
-    #: compute precision of training and predict (torch.autocast; weights stay float32):
-    #: float32 = no autocast; auto = bfloat16 on CUDA (float16 on GPUs without it, with loss
-    #: scaling), float32 on CPU; bfloat16 / float16 on any device
+    #: autocast type of training and predict (weights stay float32): auto = bfloat16 on CUDA
+    #: (float16 on GPUs without it), float32 elsewhere; bfloat16 / float16 on any device
     precision: Precision = "float32"
+
+
+def check_fraction_range(config: NeuralConfig, field: str) -> None:
+    """One line of ConfigError unless the ``(low, high)`` option ``field`` has ``0 < low <= high <= 1``."""
+    low, high = value = getattr(config, field)
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{config.name} {field} {value} must satisfy 0 < low <= high <= 1")
 
 
 class EpochsConfig(NeuralConfig):
@@ -107,47 +86,53 @@ class EpochsConfig(NeuralConfig):
     epochs: int = Field(default=20, ge=1)
 
 
+class StandardisedNet(nn.Module):
+    """A network that first standardises the embedding with saved per-channel ``mean`` / ``std``
+    (filled by :meth:`NeuralDetector.fit_standardisation`)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    def standardise(self, embeddings: Tensor) -> Tensor:
+        return (embeddings - self.mean) / self.std
+
+
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, stride: int = 1
+) -> nn.Sequential:
+    padding = dilation * (kernel_size // 2)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
 ConfigT = TypeVar("ConfigT", bound=NeuralConfig)
 NetT = TypeVar("NetT", bound=nn.Module)
 ResultT = TypeVar("ResultT")
 
 
-def _train_all(network: nn.Module) -> None:
-    network.train()
-
-
-def _constant_lr(epoch: int) -> float:
-    return 1.0
-
-
-def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
-    return any(
-        parameter.grad is not None for group in optimizer.param_groups for parameter in group["params"]
-    )
-
-
 @dataclass
 class Stage:
-    """One training phase: ``epochs`` passes over the batches, each batch one optimiser step.
-
-    ``optimizers`` is called once, when the stage starts and the network exists; ``train`` puts
-    the network in the stage's mode (e.g. one sub-network training, the other frozen in eval);
-    ``lr_factor(epoch)`` multiplies every group's initial learning rate in that epoch.
-    """
+    """``epochs`` passes, one optimiser step per batch; ``optimizers`` is called once the network
+    exists, ``train`` sets the modes (e.g. one part frozen), ``lr_factor(epoch)`` scales the rates."""
 
     name: str
     epochs: int
     step: Callable[[Tensor], Tensor]
     optimizers: Callable[[], list[torch.optim.Optimizer]]
-    train: Callable[[nn.Module], None] = _train_all
-    lr_factor: Callable[[int], float] = _constant_lr
+    train: Callable[[nn.Module], object] = nn.Module.train
+    lr_factor: Callable[[int], float] = lambda epoch: 1.0
 
 
 class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
     """Base of the gradient-trained detectors; see the module docstring."""
 
     multi_pass = True  # one pass over the embedding batches per epoch
-    #: prefix of the network's weights in the state (kept per detector so old artifacts load)
+    #: prefix of the network's weights in the state (per detector, so old artifacts load)
     state_prefix: ClassVar[str] = "network"
     #: extra state entries the detector saves besides the weights and the layout
     extra_state_keys: ClassVar[tuple[str, ...]] = ()
@@ -155,6 +140,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
     min_layer_channels: ClassVar[int] = 1
     #: whether predict is plain torch on fixed shapes (ONNX-exportable as it is)
     exportable: ClassVar[bool] = True
+    #: the one-stage optimiser: the config's ``lr`` and, where it has them, ``betas`` / ``weight_decay``
+    optimizer_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adam
 
     def __init__(self, config: ConfigT) -> None:
         super().__init__(config)
@@ -167,7 +154,6 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         self.stage_losses: dict[str, list[float]] = {}
         self.generator: torch.Generator = torch.Generator()
 
-    # ----------------------------------------------------------------- names and layout
     @property
     def name(self) -> str:
         return self.config.name
@@ -180,8 +166,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         return config.model_copy(update={"level_channels": tuple(int(size) for size in layer_channels)})
 
     def default_layers(self) -> int:
-        """How many equal layers :meth:`default_layout` splits the embedding into (ViTAD / VarAD: one
-        per configured layer or level)."""
+        """How many equal layers :meth:`default_layout` splits the embedding into."""
         return 1
 
     def default_layout(self, channels: int) -> list[int]:
@@ -198,11 +183,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """The one level-size check: the layout must cover the embedding exactly."""
         sizes = list(self.config.level_channels) or self.default_layout(channels)
         if min(sizes) < self.min_layer_channels:
-            need = (
-                "must all be positive"
-                if self.min_layer_channels == 1
-                else (f"every layer needs at least {self.min_layer_channels} channels")
-            )
+            least = self.min_layer_channels
+            need = "must all be positive" if least == 1 else f"every layer needs at least {least} channels"
             raise ConfigError(f"{self.name} level_channels {sizes}: {need}")
         if sum(sizes) != channels:
             raise ConfigError(
@@ -210,19 +192,17 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             )
         return sizes
 
-    def check_embeddings(self, embeddings: Tensor) -> None:
-        """``B x C x h x w`` with the fitted channel count (once fitted)."""
+    def check_embeddings(self, embeddings: Tensor, channels: int | None = None) -> None:
+        """``B x C x h x w`` with the fitted channel count (once fitted, else ``channels`` if given)."""
         if embeddings.ndim != 4:
             raise InputError(
                 f"{self.name} expects B x C x h x w embeddings, got shape {tuple(embeddings.shape)}"
             )
-        if self.layout and embeddings.shape[1] != sum(self.layout):
-            raise InputError(
-                f"{self.name} was fitted on {sum(self.layout)}-channel embeddings, got {embeddings.shape[1]}"
-            )
+        channels = sum(self.layout) if self.layout else channels
+        if channels is not None and embeddings.shape[1] != channels:
+            raise InputError(f"{self.name} was fitted on {channels}-channel embeddings, got {embeddings.shape[1]}")
 
     def split(self, embeddings: Tensor) -> list[Tensor]:
-        """The embedding's layers, as the layout says."""
         return list(embeddings.split(self.layout, dim=1))
 
     # ----------------------------------------------------------------- what a detector supplies
@@ -231,8 +211,12 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """The untrained network for a layout (called under a fixed seed)."""
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """Optimisers of the one-stage schedule."""
-        raise NotImplementedError(f"{type(self).__name__} defines no optimizers")
+        """Optimisers of the one-stage schedule: :attr:`optimizer_class` over the network."""
+        keys = ("lr", "betas", "weight_decay")
+        options = {key: getattr(self.config, key) for key in keys if hasattr(self.config, key)}
+        if "lr" not in options:
+            raise NotImplementedError(f"{type(self).__name__}'s config has no lr: define optimizers")
+        return [self.optimizer_class(self.fitted_network().parameters(), **options)]
 
     def training_step(self, embeddings: Tensor) -> Tensor:
         """The loss of one batch in the one-stage schedule (the base steps the optimisers)."""
@@ -259,8 +243,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """Called first in ``fit`` (e.g. a statistics pass that then calls :meth:`build`)."""
 
     def configure(self, embeddings: Tensor) -> None:
-        """Called with the first batch once :attr:`layout` is set, before the network is built
-        (e.g. grid-dependent sizes)."""
+        """Called with the first batch once :attr:`layout` is set, before the network is built."""
 
     def check_batch(self, embeddings: Tensor) -> None:
         """Extra per-batch training checks (e.g. a grid too small for the network)."""
@@ -270,8 +253,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         return batches
 
     def training_embeddings(self, batch: Tensor) -> Tensor:
-        """The clean embeddings of a training batch, for the checks: the batch itself unless the
-        detector asked for image-space anomalies (then a packed batch, :func:`~hrad.detectors.base.unpack_anomalies`)."""
+        """The clean embeddings of a training batch, for the checks (differs from the batch when
+        it is packed with image-space anomalies)."""
         return batch
 
     def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
@@ -289,7 +272,11 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         """Check / restore the extra entries before the network is rebuilt; ArtifactError on mismatch."""
 
     def check_loaded(self, network: NetT) -> None:
-        """Check loaded weights (e.g. positive standard deviations); ArtifactError on failure."""
+        """Check loaded weights; ArtifactError on failure. Here: every saved std is positive."""
+        for name, module in network.named_modules():
+            if isinstance(module, StandardisedNet) and not bool((module.std > 0).all()):
+                entry = ".".join(part for part in (self.state_prefix, name, "std") if part)
+                raise ArtifactError(f"{self.name} state entry {entry} has non-positive standard deviations")
 
     def upgrade_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Older artifacts' state in today's names: the layout under :data:`LAYOUT_KEY`."""
@@ -301,21 +288,23 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                     break
         return state
 
-    def channel_statistics(
-        self, batches: Iterable[Tensor], eps: float = STANDARDISE_EPS
-    ) -> tuple[Tensor, Tensor]:
-        """A checking pass over the batches: per-channel mean and std over every training
-        position (float64 shifted sums), on the batches' device."""
-        statistics = ChannelStatistics(eps)
-        for batch in batches:
-            self.check_embeddings(batch)
-            if statistics.channels is not None and batch.shape[1] != statistics.channels:
-                raise InputError(
-                    f"{self.name} was fitted on {statistics.channels}-channel embeddings, got {batch.shape[1]}"
-                )
+    def fit_standardisation(self, batches: Iterable[Tensor]) -> NetT:
+        """A checking pass for the per-channel mean and std of the clean training embeddings,
+        then the network built with them (call from ``before_fit``): each
+        :class:`StandardisedNet` in it, in order, takes its share of the channels."""
+        statistics = ChannelStatistics()
+        for batch in map(self.training_embeddings, batches):
+            self.check_embeddings(batch, statistics.channels)
             self.check_batch(batch)
             statistics.add(batch)
-        return statistics.mean_std(self.name)
+        mean, std = statistics.mean_std(self.name)
+        network = self.build(self.resolve_layout(mean.numel()), mean.device)
+        parts = [module for module in network.modules() if isinstance(module, StandardisedNet)]
+        sizes = [part.mean.numel() for part in parts]
+        for part, part_mean, part_std in zip(parts, mean.split(sizes), std.split(sizes), strict=True):
+            part.mean.copy_(part_mean.view(1, -1, 1, 1))
+            part.std.copy_(part_std.view(1, -1, 1, 1))
+        return network
 
     # ----------------------------------------------------------------- building
     def build(self, layout: list[int], device: torch.device) -> NetT:
@@ -347,8 +336,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
         return autocast_dtype(self.config.precision, self.device)
 
     def autocast(self) -> AbstractContextManager[object]:
-        """Context of a forward pass at :attr:`compute_dtype` (none while exporting: the traced
-        graph stays float32)."""
+        """Autocast at :attr:`compute_dtype`; none while exporting (the traced graph stays float32)."""
         dtype = self.compute_dtype
         if dtype is None or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return nullcontext()
@@ -388,9 +376,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                         for group in optimizer.param_groups:
                             group.setdefault("initial_lr", group["lr"])
                     # float16 gradients underflow: scale the loss (disabled = plain backward / step)
-                    scaler = torch.amp.GradScaler(
-                        self.device.type, enabled=self.compute_dtype == torch.float16
-                    )
+                    scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
                 if count == 0:
                     stage.train(network)
                     factor = stage.lr_factor(epoch)
@@ -414,7 +400,8 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                     optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 for optimizer in optimizers:
-                    if scaler.is_enabled() and not _has_gradients(optimizer):
+                    groups = optimizer.param_groups
+                    if scaler.is_enabled() and all(p.grad is None for g in groups for p in g["params"]):
                         continue  # nothing to unscale (a frozen part): the scaler would refuse it
                     scaler.step(optimizer)
                 scaler.update()
@@ -430,14 +417,12 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                 break
 
     def evaluate(self, forward: Callable[[Tensor], ResultT], embeddings: Tensor) -> ResultT:
-        """``forward`` of checked float embeddings on the network's device, in eval mode, without
-        gradients, at the compute precision: what ``predict`` runs, also for analysis helpers."""
+        """``forward`` of checked float embeddings in eval mode, without gradients, at the compute
+        precision: what ``predict`` runs, also for analysis helpers."""
         network = self.fitted_network()
         if self.device != embeddings.device:
-            # follow the embeddings, as PatchCore's bank and PaDiM's statistics do: a network
-            # loaded from an artifact is built on the CPU, and HiAD rebuilds its detectors from
-            # saved states, so without this a GPU predict ran the network on the CPU
-            # (benchmarks/results/gpu_cuda.md)
+            # a network loaded from a state (artifacts, HiAD's pool) is built on the CPU: follow
+            # the embeddings, as PatchCore's bank does (benchmarks/results/gpu_cuda.md)
             network.to(embeddings.device)
         network.eval()  # BatchNorm uses running statistics: no image depends on its batch mates
         self.check_embeddings(embeddings)

@@ -74,8 +74,8 @@ from torch import Tensor, nn
 
 from hrad.detectors.base import backbone_layers
 from hrad.detectors.destseg import DenoisingStudent, SegmentationNet
-from hrad.detectors.neural import EpochsConfig
-from hrad.detectors.synthetic import StandardisedNet, SyntheticAnomalyConfig, SyntheticAnomalyDetector
+from hrad.detectors.neural import EpochsConfig, StandardisedNet
+from hrad.detectors.synthetic import SyntheticAnomalyConfig, SyntheticAnomalyDetector
 from hrad.errors import ArtifactError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
@@ -89,8 +89,6 @@ class RealNetConfig(SyntheticAnomalyConfig, EpochsConfig):
     #: synthesis (needed to fit on plain embeddings without a strategy). Image won on AUPRO@30 in
     #: every measured capsule row (benchmarks/results/realnet_synthesis_v2/)
     synthesis: Literal["feature", "image"] = "image"
-    #: training epochs of the joint reconstruction + discriminator stage
-    epochs: int = Field(default=20, ge=1)
     #: Adam learning rate of both networks
     lr: float = Field(default=1e-3, gt=0)
     #: Adam weight decay of both networks
@@ -195,14 +193,6 @@ class RealNet(SyntheticAnomalyDetector[RealNetConfig, RealNetNet]):
             selected.append(start + best)
             start += size
         network.selected.copy_(torch.cat(selected))
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        config = self.config
-        return [
-            torch.optim.Adam(
-                self.fitted_network().parameters(), lr=config.lr, weight_decay=config.weight_decay
-            )
-        ]
 
     def training_step(self, embeddings: Tensor) -> Tensor:
         network = self.fitted_network()

@@ -1,39 +1,25 @@
-"""Training on feature-space synthetic anomalies: what DeSTSeg and RealNet share.
-
-Both detectors standardise the embedding per channel with the training set's statistics,
-corrupt the standardised embedding with DRAEM-style anomalies made in feature space
-(:func:`synthesise_anomalies`; the rules and their sources are in :mod:`hrad.detectors.destseg`'s
-docstring) and train a segmentation head against the exact synthetic masks with focal + L1 loss.
-With ``synthesis="image"`` the anomalies are made in image space instead, by the strategy
-(:mod:`hrad.data.anomalies`), and arrive packed with the clean embeddings
-(:func:`~hrad.detectors.base.pack_anomalies`; masks = exact fraction of each token covered).
-They are drawn once per fit, so every epoch sees the same corrupted tiles, where the
-feature-space synthesis draws fresh anomalies every batch. This module holds that once:
-
-- :class:`SyntheticAnomalyConfig`: the synthesis and segmentation options (``synthesis``,
-  ``anomaly_fraction``, ``clean_probability``, ``focal_gamma``, ``aspp_rates``) and their checks;
-- :class:`StandardisedNet`: a network holding the ``mean`` / ``std`` buffers (saved as
-  ``<prefix>.mean`` / ``<prefix>.std``) and :meth:`~StandardisedNet.standardise`;
-- :class:`SyntheticAnomalyDetector`: the statistics pass that builds the network
-  (:meth:`~SyntheticAnomalyDetector.fit_standardisation`), :meth:`~SyntheticAnomalyDetector.corrupt`,
-  :meth:`~SyntheticAnomalyDetector.segmentation_loss`, the bottleneck check of a BatchNorm
-  encoder, the saved ``aspp_rates`` entry and the positive-std check on load.
+"""What DeSTSeg and RealNet share: a segmentation head on the standardised embedding, trained
+against the exact masks of synthetic anomalies (focal + L1 loss). ``synthesis="feature"``:
+DRAEM-style anomalies made in feature space, fresh every batch (:func:`synthesise_anomalies`; the
+rules and their sources are in :mod:`hrad.detectors.destseg`). ``synthesis="image"``: the strategy
+pastes anomalies into the training tiles once per fit (:mod:`hrad.data.anomalies`) and hands their
+embeddings over packed with the clean ones (:func:`~hrad.detectors.base.pack_anomalies`; masks =
+the fraction of each token covered).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
 from hrad.data.anomalies import AnomalyRule
 from hrad.detectors.base import DetectorConfig, unpack_anomalies
-from hrad.detectors.neural import NeuralConfig, NeuralDetector
+from hrad.detectors.neural import NeuralConfig, NeuralDetector, StandardisedNet, check_fraction_range
 from hrad.errors import ArtifactError, ConfigError, InputError
 
 #: DRAEM / DeSTSeg draw the opacity of the original image inside the mask from U(0, 0.8)
@@ -45,7 +31,7 @@ MAX_MASK_SIGMA_FRACTION = 0.25
 
 
 class SyntheticAnomalyConfig(NeuralConfig):
-    """Options of detectors trained on feature-space synthetic anomalies with a segmentation head."""
+    """Options of detectors trained on synthetic anomalies with a segmentation head."""
 
     #: dilation rates of the segmentation net's ASPP branches
     aspp_rates: tuple[int, ...] = (6, 12, 18)
@@ -55,26 +41,18 @@ class SyntheticAnomalyConfig(NeuralConfig):
     anomaly_fraction: tuple[float, float] = (0.01, 0.1)
     #: probability that a training sample stays clean (empty mask)
     clean_probability: float = Field(default=0.05, ge=0, le=1)
-    #: where the synthetic anomalies are made: "feature" = on the standardised embedding
-    #: (:func:`synthesise_anomalies`); "image" = DRAEM-style Perlin anomalies pasted into the
-    #: training tiles by the strategy, embedded by the same backbone and handed over with their
-    #: exact mask fraction per token (:mod:`hrad.data.anomalies`; every strategy but mrf, which
-    #: ignores the detector)
+    #: where the anomalies are made (module docstring): "feature" = on the standardised embedding;
+    #: "image" = in the training tiles, by the strategy (every strategy but mrf, which ignores the detector)
     synthesis: Literal["feature", "image"] = "feature"
 
     @model_validator(mode="after")
     def _check_synthesis(self) -> SyntheticAnomalyConfig:
-        low, high = self.anomaly_fraction
-        if not 0 < low <= high <= 1:
-            raise ConfigError(
-                f"{self.name} anomaly_fraction {self.anomaly_fraction} must satisfy 0 < low <= high <= 1"
-            )
+        check_fraction_range(self, "anomaly_fraction")
         if not self.aspp_rates or min(self.aspp_rates) < 1:
             raise ConfigError(f"{self.name} aspp_rates {self.aspp_rates} must be one or more dilations >= 1")
         return self
 
 
-# --------------------------------------------------------------------------- loss
 def focal_loss(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
     """Mean binary focal loss ``-(1 - p_t)^gamma * log(p_t)`` (reference: alpha off, mean), from
     logits so that confident predictions do not overflow the log."""
@@ -120,12 +98,9 @@ def synthesise_anomalies(
     fraction_range: tuple[float, float],
     clean_probability: float,
 ) -> tuple[Tensor, Tensor]:
-    """Feature-space DRAEM anomalies on standardised ``B x C x h x w`` features.
-
-    Returns the corrupted features (equal to ``features`` outside the mask, bit for bit) and the
-    ``B x h x w`` float masks (all zero for the samples left clean). ``generator`` lives on the
-    features' device and fixes every draw.
-    """
+    """Feature-space DRAEM anomalies on standardised ``B x C x h x w`` features: the corrupted
+    features (bit for bit ``features`` outside the mask) and ``B x h x w`` float masks (zero for
+    samples left clean). ``generator``, on the features' device, fixes every draw."""
     batch, _, height, width = features.shape
     device = features.device
     masks = torch.zeros(batch, height, width, device=device)
@@ -152,28 +127,12 @@ def synthesise_anomalies(
     return corrupted, masks
 
 
-# --------------------------------------------------------------------------- network and detector
-class StandardisedNet(nn.Module):
-    """A network that standardises the embedding with saved per-channel statistics first."""
-
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, channels, 1, 1))
-
-    def standardise(self, embeddings: Tensor) -> Tensor:
-        return (embeddings - self.mean) / self.std
-
-
 ConfigT = TypeVar("ConfigT", bound=SyntheticAnomalyConfig)
 NetT = TypeVar("NetT", bound=StandardisedNet)
 
 
 class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, NetT]):
-    """Base of the detectors trained on feature-space synthetic anomalies; see the module docstring."""
+    """Base of DeSTSeg and RealNet; see the module docstring."""
 
     extra_state_keys = ("aspp_rates",)
 
@@ -197,19 +156,6 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
             )
         return unpack_anomalies(batch)[0]
 
-    def clean_batches(self, batches: Iterable[Tensor]) -> Iterable[Tensor]:
-        """The clean embeddings of the training batches (one pass)."""
-        return (self.training_embeddings(batch) for batch in batches)
-
-    def fit_standardisation(self, batches: Iterable[Tensor]) -> NetT:
-        """A checking pass: per-channel mean and std over every training position, then the
-        network built with them (call from ``before_fit``)."""
-        mean, std = self.channel_statistics(self.clean_batches(batches))
-        network = self.build(self.resolve_layout(mean.numel()), mean.device)
-        network.mean.copy_(mean.view(1, -1, 1, 1))
-        network.std.copy_(std.view(1, -1, 1, 1))
-        return network
-
     def check_bottleneck(self, embeddings: Tensor, stages: int, option: str, part: str) -> None:
         """``stages`` stride-2 BatchNorm stages must leave more than one value per channel."""
         count, _, height, width = embeddings.shape
@@ -221,9 +167,8 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
             )
 
     def corrupt(self, embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(clean, corrupted, masks), standardised: with ``synthesis="feature"`` fresh feature-space
-        anomalies every call; with ``"image"`` the strategy's packed batch unpacked (the corrupted
-        tiles' embeddings and their mask fractions per token, the same every epoch)."""
+        """Standardised (clean, corrupted, masks): fresh feature-space anomalies every call, or the
+        strategy's packed batch unpacked (``synthesis="image"``, the same every epoch)."""
         network = self.fitted_network()
         if self.config.synthesis == "image":
             clean, anomalous, masks = unpack_anomalies(embeddings)
@@ -246,10 +191,4 @@ class SyntheticAnomalyDetector(NeuralDetector[ConfigT, NetT], Generic[ConfigT, N
         if rates != list(self.config.aspp_rates):
             raise ArtifactError(
                 f"{self.name} state was trained with aspp_rates {rates}, config says {list(self.config.aspp_rates)}"
-            )
-
-    def check_loaded(self, network: NetT) -> None:
-        if not bool((network.std > 0).all()):
-            raise ArtifactError(
-                f"{self.name} state entry {self.state_prefix}.std has non-positive standard deviations"
             )

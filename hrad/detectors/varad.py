@@ -3,37 +3,24 @@
 The embedding is the concatenation of several ViT blocks ("levels"). Per level:
 
 1. adapted tokens ``F^ = F + Linear(F)`` (trainable residual adapter, paper Eq. 1);
-2. the grid is read in scan orders: row-major, column-major and both reversed (``directions=4``)
-   or row-major only (``directions=1``);
+2. the grid is read in scan orders: row-major, column-major and both reversed, or row-major only;
 3. ``M`` learned begin-of-sequence tokens are prepended and one Mamba block per level (shared by
-   the directions) runs over ``[BOS_1..BOS_M, v_1..v_L]``; its output at position ``l`` is the
-   prediction of ``v_l``, so token ``l`` is predicted from ``v_1..v_{l-M}`` only (paper Eq. 6-7;
-   the outputs after ``v_L`` are the paper's ``[EOS]`` part and are dropped, as in the reference
-   code);
-4. the directional predictions are mapped back to the grid and summed (reference code; the
-   paper averages, which is the same after the L2 normalisation that every cosine applies);
-   ``combine="normalized_mean"`` normalises each direction before averaging instead.
+   the directions) runs over ``[BOS_1..BOS_M, v_1..v_L]``; its output at position ``l`` predicts
+   ``v_l`` from ``v_1..v_{l-M}`` only (paper Eq. 6-7; the outputs after ``v_L``, the paper's
+   ``[EOS]`` part, are dropped as in the reference code);
+4. the directional predictions are mapped back to the grid and summed (reference code; the paper
+   averages, the same after the L2 normalisation every cosine applies).
 
-The target is the adapted token ``F^`` (paper Eq. 9: ``||F_bar - F^||``). Loss per level is
-``(1 - mean cosine over channels) + (1 - mean cosine over the flattened spatial axis)``
-(reference code), summed over levels. Map: ``1 - cos`` per level at token resolution, mean
-over levels; upsampling and blur belong to the strategy / post-processing.
+Target: the adapted token ``F^`` (paper Eq. 9). Loss per level (reference code):
+``(1 - mean cosine over channels) + (1 - mean cosine over the flattened spatial axis)``, summed
+over levels. Map: ``1 - cos`` per level at token resolution, mean over levels.
 
-Prediction step ``M`` (fixed at fit time, saved):
-
-- ``steps=(...)``: explicit ``M`` per level;
-- ``step_m=m`` (paper): ``M = round(m * scan-line length)`` = ``m`` rows of the row-major scans
-  (``m * w``) and ``m`` columns of the column-major scans (``m * h``); the paper's H/W labels
-  are ambiguous but coincide for square inputs;
-- default (reference code): ``M = 256 / 128 / 64`` (halving per further level), designed for a
-  36 x 36 = 1296-token grid; shorter sequences scale it down in proportion,
-  ``M = max(1, min(M_ref, round(M_ref * L / 1296)))``, so the excluded fraction of the sequence
-  stays the reference one.
-
-BOS tokens (paper: ``[BOS] in R^{M x C}``) are learned parameters saved with the model (the
-reference code draws them at random and never saves them). ``bos="sequence"`` learns ``M``
-distinct tokens per level (the last ``M_dir`` are used when directions have different ``M``);
-``bos="repeated"`` learns one token repeated ``M`` times.
+The prediction step ``M`` is fixed at fit and saved. ``step_m=m`` (paper): ``m`` rows of the
+row-major scans, ``m`` columns of the column-major ones (the paper's H/W labels are ambiguous but
+coincide for square inputs). Default: the reference code's ``M = 256 / 128 / 64``, set for a
+36 x 36 grid, scaled to ``L`` tokens as ``max(1, min(M, round(M * L / 1296)))`` so the excluded
+fraction of the sequence stays the reference's. BOS tokens (paper: ``[BOS] in R^{M x C}``) are
+learned and saved; the reference code draws them at random and never saves them.
 """
 
 from __future__ import annotations
@@ -107,15 +94,9 @@ def default_blocks(depth: int, levels: int = DEFAULT_LEVELS) -> tuple[str, ...]:
 
 def reference_steps(levels: int, length: int) -> list[int]:
     """The reference code's M (256, 128, 64, ...), scaled down for sequences under 1296 tokens."""
-    steps = []
-    for level in range(levels):
-        reference = (
-            REFERENCE_STEPS[level]
-            if level < len(REFERENCE_STEPS)
-            else max(1, REFERENCE_STEPS[-1] >> (level - 2))
-        )
-        steps.append(max(1, min(reference, round(reference * length / REFERENCE_LENGTH))))
-    return steps
+    last = len(REFERENCE_STEPS) - 1
+    references = [max(1, REFERENCE_STEPS[min(level, last)] >> max(0, level - last)) for level in range(levels)]
+    return [max(1, min(step, round(step * length / REFERENCE_LENGTH))) for step in references]
 
 
 def scan_orders(height: int, width: int, directions: int) -> list[Tensor]:
@@ -125,13 +106,7 @@ def scan_orders(height: int, width: int, directions: int) -> list[Tensor]:
     return [row, column, row.flip(0), column.flip(0)][:directions]
 
 
-def scan_line_lengths(height: int, width: int, directions: int) -> list[int]:
-    return [width, height, width, height][:directions]
-
-
 class VarADLevel(nn.Module):
-    """Adapter, BOS tokens and Mamba predictor of one level."""
-
     def __init__(self, channels: int, bos_length: int, config: VarADConfig) -> None:
         super().__init__()
         self.adapter = nn.Linear(channels, channels)
@@ -151,6 +126,7 @@ class VarADLevel(nn.Module):
         return tokens + self.adapter(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def bos_tokens(self, step: int) -> Tensor:
+        """The last ``step`` BOS tokens (a direction with a smaller ``M`` uses the last ones)."""
         return self.bos.expand(step, -1) if self.bos.shape[0] == 1 else self.bos[-step:]
 
     def predict(self, adapted: Tensor, orders: list[Tensor], steps: list[int]) -> Tensor:
@@ -180,6 +156,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
     state_prefix = "levels"
     extra_state_keys = ("steps",)
     exportable = False  # the Mamba scan is not traced to ONNX
+    optimizer_class = torch.optim.AdamW
 
     def __init__(self, config: VarADConfig) -> None:
         super().__init__(config)
@@ -190,7 +167,6 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
         require_vit(extractor, "varad")
         return EmbeddingSpec(layers=default_blocks(vit_depth(extractor)), aggregation=1)
 
-    # ----------------------------------------------------------------- building
     def default_layers(self) -> int:
         return len(self.config.layers) or DEFAULT_LEVELS
 
@@ -208,7 +184,7 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
                 )
             steps = [[int(step)] * directions for step in config.steps]
         elif config.step_m is not None:
-            lines = scan_line_lengths(height, width, directions)
+            lines = [width, height, width, height][:directions]  # scan-line length of each order
             steps = [[max(1, round(config.step_m * line)) for line in lines] for _ in range(levels)]
         else:
             steps = [[step] * directions for step in reference_steps(levels, length)]
@@ -227,13 +203,6 @@ class VarAD(NeuralDetector[VarADConfig, VarADNet]):
             for size, steps in zip(layout, self.steps, strict=True)
         )
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        config, parameters = self.config, self.fitted_network().parameters()
-        return [
-            torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        ]
-
-    # ----------------------------------------------------------------- forward
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Adapted targets and directional predictions (``B x dirs x C x h x w``) per level."""
         height, width = embeddings.shape[-2:]

@@ -1,39 +1,27 @@
 """ViTAD: plain-ViT feature reconstruction (Zhang et al. 2023, reference code: zhangzjn/ADer).
 
-The frozen encoder is the strategy's ViT backbone. The embedding holds, in order:
+The frozen encoder is the strategy's ViT. The embedding holds the **levels** to reconstruct
+(blocks 3, 6, 9 of 12) and, with ``fuser_input="neck"`` (reference), the **neck**: the last block,
+which alone feeds the fuser (reference ``neck=[12]``), so the decoder must rebuild blocks 3/6/9
+from the deepest features and cannot copy its targets (``fuser_input="levels"``: all levels).
 
-* the **levels** to reconstruct: blocks at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 of 12);
-* with ``fuser_input="neck"`` (default, reference code) one more layer, the **neck**: the last
-  block (12 of 12). The reference fuser reads only this block (``neck=[12]``,
-  ``Fusion(dim, mul=1)``), not the levels: the decoder must rebuild blocks 3/6/9 from the
-  deepest features, so it cannot copy its targets. ``fuser_input="levels"`` fuses the
-  concatenated levels instead (the linear projection of the levels; no extra block).
+Fuser: a linear layer to the decoder width. Decoder: ``decoder_depth`` pre-norm transformer
+blocks (timm ``Block`` layout) with 2D sine-cosine position embeddings computed for the current
+grid, so any grid size works (the reference learns a fixed 16 x 16 embedding). The outputs of
+``levels`` evenly spaced blocks (3, 6, 9 of 9) reconstruct the levels in reverse order, the last
+block the shallowest level (reference ``ViT_Decoder``). The reference compares raw decoder outputs
+with the encoder tokens; ``projection="auto"`` does too when the widths match, else (and always
+with ``"linear"``) a linear map follows.
 
-Fuser: one linear layer, tokens -> decoder width. Decoder: ``decoder_depth`` pre-norm
-transformer blocks (timm ``Block`` layout: LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU, no
-dropout / layer scale) with 2D sine-cosine position embeddings computed for the current token
-grid, so any grid size works (the reference learns a fixed-size embedding, 16 x 16 tokens at
-256 px). The outputs of ``levels`` evenly spaced decoder blocks (3, 6, 9 of 9) reconstruct the
-levels in reverse order: the last decoder block rebuilds the shallowest level (reference
-``ViT_Decoder``). The reference compares the raw decoder outputs with the encoder tokens; here
-``projection="auto"`` does the same when the widths match and adds a linear map otherwise
-(``projection="linear"`` always adds one).
+Loss per level, summed (reference ``avg=False``; ``loss="flat"`` is its ``CosLoss(flat=True)``).
+AdamW as the reference, the learning rate x 0.1 from 80 % of the epochs on. Map: ``1 - cos`` per
+token and level, averaged over levels (the reference sums and divides by levels**2, a constant
+factor); image score: the max (the reference's max after a 16 x 16-pixel average pool of the
+upsampled map, about one token).
 
-Loss per level (``loss``): ``"flat"`` (reference ``CosLoss(flat=True)``) is ``1 - cos`` between
-the whole flattened ``C*h*w`` maps of each image; ``"token"`` is the mean per-token channel
-``1 - cos``; ``"token+flat"`` adds both. Levels are summed (reference ``avg=False``).
-Optimiser: AdamW (reference: lr 1e-4 at batch 8, betas 0.9/0.999, weight decay 1e-4) with the
-reference step schedule: lr x 0.1 from 80 % of the epochs on.
-
-Map: ``1 - cos`` per token and level, averaged over levels, at token resolution (the reference
-sums and divides by levels**2, a constant factor; its upsampling and Gaussian blur belong to
-post-processing here). Image score: max of the map (the reference takes the max after a
-16 x 16-pixel average pool of the upsampled map, about one token).
-
-Other differences from the reference: 20 epochs by default (reference 100; the decay still comes
-at 80 %); the learning rate is not scaled with the batch size (reference ``1e-4 * batch / 8``);
-hrad's ViT backbones return blocks after the final LayerNorm by default, the reference reads raw
-block outputs (``BackboneConfig(final_norm=False)`` matches it).
+Other differences: 20 epochs (reference 100; the decay still comes at 80 %); the learning rate is
+not scaled with the batch size (reference ``1e-4 * batch / 8``); hrad's ViTs return blocks after
+the final LayerNorm, the reference raw blocks (``BackboneConfig(final_norm=False)`` matches it).
 """
 
 from __future__ import annotations
@@ -63,8 +51,6 @@ class ViTADConfig(EpochsConfig):
     """Typed ViTAD options; defaults follow the reference code (zhangzjn/ADer, ``vitad_mvtec``)."""
 
     name: Literal["vitad"] = "vitad"
-    #: training epochs
-    epochs: int = Field(default=20, ge=1)
     #: AdamW learning rate
     lr: float = Field(default=1e-4, gt=0)
     #: AdamW betas
@@ -123,11 +109,9 @@ def default_heads(dim: int) -> int:
 
 
 def sincos_position_embedding(height: int, width: int, dim: int) -> Tensor:
-    """Fixed 2D sine-cosine embedding (MAE), ``(height*width) x dim``, row-major tokens.
-
-    Half the channels encode the row, half the column; positions are absolute token indices, so a
-    token keeps its embedding when the grid grows. Channels beyond a multiple of 4 are zero.
-    """
+    """Fixed 2D sine-cosine embedding (MAE), ``(height*width) x dim``, row-major: half the channels
+    encode the row, half the column, by absolute index, so a token keeps its embedding when the
+    grid grows. Channels beyond a multiple of 4 are zero."""
     quarter = dim // 4
     frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
     rows = torch.arange(height, dtype=torch.float64)[:, None].expand(height, width).reshape(-1)
@@ -170,25 +154,18 @@ class DecoderBlock(nn.Module):
 
 
 class ViTADNet(nn.Module):
-    """Fuser + plain ViT decoder + per-level output maps (identity or linear)."""
+    """Fuser, plain ViT decoder and per-level output maps for an :meth:`ViTAD._architecture`."""
 
-    def __init__(
-        self,
-        fuser_channels: int,
-        level_sizes: list[int],
-        dim: int,
-        heads: int,
-        taps: list[int],
-        config: ViTADConfig,
-    ) -> None:
+    def __init__(self, architecture: list[int], level_sizes: list[int], config: ViTADConfig) -> None:
         super().__init__()
+        dim, heads, depth, fuser_channels = architecture
         self.dim = dim
         self.fuser = nn.Linear(fuser_channels, dim)
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, config.mlp_ratio, config.attention_chunk)
             for _ in range(config.decoder_depth)
         )
-        self.taps = taps
+        self.taps = decoder_taps(depth, len(level_sizes))
         self.outputs = nn.ModuleList(
             nn.Identity() if config.projection == "auto" and size == dim else nn.Linear(dim, size)
             for size in level_sizes
@@ -211,7 +188,6 @@ class ViTADNet(nn.Module):
             tokens = block(tokens)
             if index + 1 in self.taps:
                 kept.append(tokens)
-        # deepest decoder output rebuilds the shallowest level (reference ViT_Decoder)
         reconstructions = []
         for decoded, output in zip(reversed(kept), self.outputs, strict=True):
             mapped = output(decoded)
@@ -224,8 +200,8 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
 
     state_prefix = "net"
     extra_state_keys = ("architecture",)
+    optimizer_class = torch.optim.AdamW
 
-    # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         return cls._default_spec(ViTADConfig(), extractor)
@@ -243,7 +219,6 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
         blocks = default_blocks(vit_depth(extractor), config.levels, neck=config.fuser_input == "neck")
         return EmbeddingSpec(layers=blocks, aggregation=1)
 
-    # ----------------------------------------------------------------- building
     def default_layers(self) -> int:
         """One equal layer per configured layer, else the levels (and the neck)."""
         return len(self.config.layers) or self.config.levels + (self.config.fuser_input == "neck")
@@ -272,23 +247,14 @@ class ViTAD(NeuralDetector[ViTADConfig, ViTADNet]):
         return [dim, heads, config.decoder_depth, fuser_channels]
 
     def build_network(self, layout: list[int]) -> ViTADNet:
-        dim, heads, depth, fuser_channels = self._architecture(layout)
-        levels = self._level_sizes(layout)
-        return ViTADNet(fuser_channels, levels, dim, heads, decoder_taps(depth, len(levels)), self.config)
+        return ViTADNet(self._architecture(layout), self._level_sizes(layout), self.config)
 
-    # ----------------------------------------------------------------- forward
     def _forward(self, embeddings: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Encoder targets and decoder reconstructions, one ``B x C_l x h x w`` pair per level."""
         layers = self.split(embeddings)
         if self.config.fuser_input == "neck":
             return layers[:-1], self.fitted_network()(layers[-1])
         return layers, self.fitted_network()(embeddings)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        config, parameters = self.config, self.fitted_network().parameters()
-        return [
-            torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        ]
 
     def lr_factor(self, epoch: int) -> float:
         """The reference step schedule; the first epoch always runs at the full rate (int(0.8 * 1)

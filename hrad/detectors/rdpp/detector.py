@@ -8,11 +8,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from hrad.detectors.base import backbone_layers
-from hrad.detectors.neural import EpochsConfig, NeuralDetector, Stage
+from hrad.detectors.neural import EpochsConfig, NeuralDetector, Stage, check_fraction_range
 from hrad.detectors.rdpp.loss import noise_features, sinkhorn_divergence
 from hrad.detectors.rdpp.network import RDPlusPlusNet, pyramid_sizes, teacher_pyramid
 from hrad.detectors.scoring import cosine_distances, cosine_loss
@@ -26,11 +26,9 @@ REFERENCE_NOISE_EXTENT = (10 / 256, 32 / 256)
 
 
 class RDPlusPlusConfig(EpochsConfig):
-    """Typed RD++ options; defaults follow the reference code unless the module docstring says otherwise."""
+    """Typed RD++ options; defaults follow the reference code unless the package docstring says otherwise."""
 
     name: Literal["rdpp"] = "rdpp"
-    #: training epochs (the reference keeps the best test epoch of 10..300, which a detector cannot)
-    epochs: int = Field(default=20, ge=1)
     #: Adam lr of the bottleneck and decoder (reference ``distill_lr``)
     lr: float = Field(default=0.005, gt=0)
     #: Adam lr of the projection layers (reference ``proj_lr``)
@@ -78,13 +76,10 @@ class RDPlusPlusConfig(EpochsConfig):
     #: levels' 1 - cos maps are summed or averaged into the anomaly map
     map_reduction: Literal["sum", "mean"] = "sum"
 
-    @field_validator("noise_extent")
-    @classmethod
-    def _extent_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError("noise_extent must satisfy 0 < low <= high <= 1")
-        return value
+    @model_validator(mode="after")
+    def _check_extent(self) -> RDPlusPlusConfig:
+        check_fraction_range(self, "noise_extent")
+        return self
 
 
 class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
@@ -109,10 +104,9 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
 
     def check_batch(self, embeddings: Tensor) -> None:
         height, width = embeddings.shape[-2:]
-        coarsest = pyramid_sizes(height, width, len(self.layout))[-1]
-        stride = self.config.bottleneck_stride
-        bottleneck = ((coarsest[0] + stride - 1) // stride, (coarsest[1] + stride - 1) // stride)
-        if bottleneck[0] * bottleneck[1] < 2:
+        # the bottleneck stride (1 or 2) halves the coarsest level once more, as one more level would
+        rows, columns = pyramid_sizes(height, width, len(self.layout) + self.config.bottleneck_stride - 1)[-1]
+        if rows * columns < 2:
             raise InputError(
                 f"rdpp cannot train on a {height}x{width} embedding grid with {len(self.layout)} level(s):"
                 " the bottleneck would be 1x1; use larger inputs, fewer levels or bottleneck_stride=1"
@@ -134,7 +128,6 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
         self._terms = {}
         return False
 
-    # ----------------------------------------------------------------- losses
     def _ssot_loss(self, projected: list[Tensor]) -> Tensor:
         """Debiased Sinkhorn divergence between each sample's token cloud and its partner's."""
         config, generator = self.config, self.generator

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hrad.detectors.neural import conv_bn_relu
 from hrad.imaging import resize
 
 if TYPE_CHECKING:
@@ -22,9 +23,8 @@ def pyramid_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]
 
 
 def teacher_pyramid(levels: list[Tensor]) -> list[Tensor]:
-    """Level ``i`` average-pooled from the embedding grid to its pyramid size ``s_i``: for CNN
-    layers this undoes the embedder's upsampling (approximately), as RD reads each layer at its
-    own stride."""
+    """Level ``i`` average-pooled to its pyramid size ``s_i`` (for CNN layers roughly undoing the
+    embedder's upsampling: RD reads each layer at its own stride)."""
     height, width = levels[0].shape[-2:]
     sizes = pyramid_sizes(int(height), int(width), len(levels))
     return [
@@ -79,13 +79,8 @@ class ResidualBlock(nn.Module):
 
 
 def _downsampler(channels: int, steps: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(steps):
-        layers += [
-            nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-        ]
+    """``steps`` stride-2 conv3x3-BN-ReLU, flat (state keys ``N.weight``, as saved so far)."""
+    layers = (layer for _ in range(steps) for layer in conv_bn_relu(channels, channels, 3, stride=2))
     return nn.Sequential(*layers)
 
 
@@ -138,8 +133,6 @@ class StudentDecoder(nn.Module):
 
 
 class RDPlusPlusNet(nn.Module):
-    """Projection layers, one-class bottleneck and student decoder of one RD++ model."""
-
     def __init__(self, level_channels: list[int], config: RDPlusPlusConfig) -> None:
         super().__init__()
         width = config.bottleneck_channels or max(level_channels)
