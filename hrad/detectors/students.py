@@ -1,35 +1,23 @@
 """Students of "Learning to Be a Transformer" (L2BT): two small MLPs that mimic a frozen ViT.
 
-The teacher is the frozen ViT backbone the strategy runs; the embedding this detector receives
-is the teacher's blocks ``j`` and ``k`` (after the final LayerNorm) concatenated along channels.
-A forward student learns ``j -> k`` (contextualisation), a backward student ``k -> j``; both
-are trained jointly on tokens of good images with ``1 - cos`` losses. On anomalous tokens the
-small students fail, so the per-token distance between the L2-normalised prediction and the
-L2-normalised teacher feature, fused over both directions, is the anomaly map.
+The embedding is the teacher's blocks ``j`` and ``k`` (after the final LayerNorm), concatenated. A
+forward student learns ``j -> k``, a backward student ``k -> j``, jointly, with ``1 - cos`` losses
+on tokens of good images. The small students fail on anomalous tokens, so the per-token distance
+between the L2-normalised prediction and teacher feature, fused over both directions, is the map.
 
-How training meets the paper (Algorithm 1: one optimiser step per training image, on all of its
-patch tokens, 50 epochs, Adam lr 1e-3) and the reference code (``A_train_VisA.py`` of
-alex-costanzino/L2BT: 4 whole images per step, images shuffled every epoch, no augmentation,
-every token of every image, Adam lr 1e-4, 50 epochs, bicubic resize to 1036):
+Against the paper (Algorithm 1: one step per training image on all its tokens, 50 epochs, Adam lr
+1e-3) and the reference code (alex-costanzino/L2BT ``A_train_VisA.py``: 4 whole images per step,
+shuffled every epoch, every token, Adam lr 1e-4, 50 epochs, PIL bicubic resize to 1036):
 
-* ``batch_images`` N steps on the tokens of N whole training images at a time, images shuffled
-  every epoch: N = 1 is the paper's algorithm, N = 4 the reference code's batching;
-* by default (``batch_images`` None) tokens, not images, are the samples: every pass shuffles
-  tokens across images into steps of ``batch_tokens``, so a few images (few-shot) still give
-  thousands of samples per step, and a step mixes many images;
-* the teacher runs once: tokens are gathered in one buffer on the embeddings' device (float16
-  by default) and the epochs iterate that buffer. The paper and the reference code keep every
-  token; here, when there are more than ``max_tokens`` tokens, a uniform seeded sample of
-  ``max_tokens`` is kept (priority/reservoir sampling, so memory stays bounded while batches
-  stream in): raise it to the training set's token count (300 images at 1036: 1.64 M) to keep all;
-* the learning rate follows the paper (1e-3); the reference code uses 1e-4;
-* images are resized by the strategy (bilinear, antialiased when shrinking:
-  :func:`hrad.imaging.resize`); the reference code resizes with PIL's bicubic filter;
-* the final epoch's weights are used; with ``val_fraction`` > 0 whole training images are held
-  out and the weights with the lowest held-out loss are kept (early stopping), never test data;
-* the image score is the mean of the top ``top_fraction`` values of the token map (at least one
-  token). The paper takes 0.1% of the *upsampled pixel* map; at token resolution this is the
-  same fraction of tokens, which is coarser but does not depend on the output size.
+* ``batch_images`` N steps on N whole images (1 = the paper, 4 = the reference); by default every
+  pass shuffles tokens across images into steps of ``batch_tokens``, so a few images (few-shot)
+  still give thousands of samples per step;
+* the teacher runs once: tokens go to one buffer (float16 by default) that the epochs iterate;
+  beyond ``max_tokens`` a uniform seeded sample is kept (300 images at 1036 px: 1.64 M tokens);
+* the learning rate follows the paper; images are resized by the strategy (bilinear);
+* early stopping (``val_fraction``) holds out whole training images, never test data;
+* image score: the mean of the top ``top_fraction`` of the token map; the paper's 0.1 % of the
+  *upsampled pixel* map is the same fraction, but depends on the output size.
 """
 
 from __future__ import annotations
@@ -94,10 +82,7 @@ class StudentsConfig(EpochsConfig):
 
 
 def default_student_blocks(depth: int) -> tuple[str, str]:
-    """Blocks ``j, k`` for a ViT of ``depth`` blocks: about two thirds of the depth and the last.
-
-    For the paper's 12-block ViT this is (8, 12); for a 4-block ViT (3, 4).
-    """
+    """Blocks ``j, k``: about two thirds of the depth and the last (8, 12 of 12; 3, 4 of 4)."""
     if depth < 2:
         raise ConfigError(f"students need a ViT teacher with at least 2 blocks, this one has {depth}")
     j = min(max(1, round(2 * depth / 3)), depth - 1)
@@ -128,27 +113,19 @@ def normalised_distance(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def fuse_maps(backward_map: Tensor, forward_map: Tensor, fusion: Fusion) -> Tensor:
-    """Combine the two directions: product (paper, a soft AND), sum, or one direction alone.
-
-    ``backward_map`` is Delta_j (k -> j prediction error), ``forward_map`` Delta_k (j -> k).
-    """
+    """Combine Delta_j (``backward_map``, k -> j error) and Delta_k (``forward_map``): product
+    (paper, a soft AND), sum, or one direction alone."""
     if fusion == "product":
         return backward_map * forward_map
     if fusion == "sum":
         return backward_map + forward_map
-    if fusion == "forward":
-        return forward_map
-    return backward_map
+    return forward_map if fusion == "forward" else backward_map
 
 
 class TokenReservoir:
-    """A uniform seeded sample of at most ``capacity`` tokens from a stream of batches.
-
-    Every token gets a random key; the buffer keeps the tokens with the smallest keys, which is
-    a uniform sample without replacement. Only the buffer slots that change are rewritten, so
-    memory and copying stay bounded however many batches stream in. Each token remembers the
-    index of the image it came from (for image-level hold-out).
-    """
+    """A uniform seeded sample of at most ``capacity`` tokens from a stream of batches: the tokens
+    with the smallest random keys. Only the buffer slots that change are rewritten, so memory and
+    copying stay bounded; each token keeps its image's index (for image-level hold-out)."""
 
     def __init__(self, capacity: int, dtype: torch.dtype, generator: torch.Generator) -> None:
         self.capacity = capacity
@@ -192,14 +169,7 @@ class TokenReservoir:
         self.keys[slots] = pool_keys[keep]
 
 
-def _timer_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StudentsNet(nn.Module):
-    """The forward (j -> k) and backward (k -> j) students."""
-
     def __init__(self, j_channels: int, k_channels: int) -> None:
         super().__init__()
         self.forward_student = StudentMLP(j_channels, k_channels)
@@ -224,7 +194,6 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         self._sampler = torch.Generator()
         self._best: tuple[float, dict[str, Tensor] | None, int] = (math.inf, None, 0)
 
-    # ----------------------------------------------------------------- embedding
     @classmethod
     def default_embedding(cls, extractor: FeatureExtractor) -> EmbeddingSpec:
         if not extractor.is_vit:
@@ -271,7 +240,6 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
             upgraded["level_channels" if key == "split" else key] = value
         return super().upgrade_state(upgraded)
 
-    # ----------------------------------------------------------------- training
     def before_fit(self, batches: Iterable[Tensor]) -> None:
         """Gather a bounded token sample once, hold out whole images if asked, build the students."""
         config = self.config
@@ -361,7 +329,6 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
         self._tokens = self._val_tokens = torch.empty(0)
         self._images = []
 
-    # ----------------------------------------------------------------- inference
     def direction_maps(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """``(Delta_j, Delta_k)``: backward and forward distance maps, each ``B x h x w``."""
         return self.evaluate(self._direction_maps, embeddings)
@@ -382,9 +349,10 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
 
     def predict(self, embeddings: Tensor) -> DetectorOutput:
         """Fused token-resolution maps and top-fraction image scores; times the student part."""
-        _timer_sync(embeddings.device)
+        sync = torch.cuda.synchronize if embeddings.is_cuda else lambda device: None
+        sync(embeddings.device)
         started = time.perf_counter()
         output = super().predict(embeddings)
-        _timer_sync(embeddings.device)
+        sync(embeddings.device)
         self.last_predict_seconds = time.perf_counter() - started
         return output

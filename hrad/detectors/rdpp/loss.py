@@ -1,6 +1,5 @@
-"""RD++'s self-supervised losses: smooth feature noise in a random box (the feature-space form of
-the reference's simplex noise) and the debiased Sinkhorn divergence of the pairwise SSOT loss;
-the choices and deviations are in :mod:`hrad.detectors.rdpp`'s docstring."""
+"""RD++'s feature noise (the feature-space form of the reference's simplex noise) and the debiased
+Sinkhorn divergence of its pairwise SSOT loss; choices and deviations: :mod:`hrad.detectors.rdpp`."""
 
 from __future__ import annotations
 
@@ -17,12 +16,9 @@ def smooth_noise(
     generator: torch.Generator,
     device: torch.device | None = None,
 ) -> Tensor:
-    """A ``B x C x H x W`` Gaussian field, smooth over space, with unit variance at every position.
-
-    White noise on a grid padded by the kernel radius is blurred with a separable Gaussian
-    kernel normalised to unit L2 norm, so every output value has variance exactly 1 and the
-    borders are as noisy as the centre; channels are independent.
-    """
+    """A ``B x C x H x W`` Gaussian field, smooth over space, independent per channel: padded white
+    noise blurred by a separable kernel of unit L2 norm, so every value, at the borders too, has
+    variance exactly 1."""
     batch, channels, height, width = shape
     if sigma <= 0:
         return torch.randn(shape, generator=generator, device=device)
@@ -44,11 +40,9 @@ def noise_features(
     extent: tuple[float, float],
     generator: torch.Generator,
 ) -> Tensor:
-    """Features plus smooth noise in one random box per sample (the feature-space simplex noise).
-
-    Noise std = ``amplitude`` x each channel's std over the batch, so it is on the scale of the
-    normal variation whatever the backbone's feature magnitudes.
-    """
+    """Features plus smooth noise in one random box per sample (the feature-space simplex noise),
+    its std ``amplitude`` x each channel's batch std: the scale of normal variation, whatever the
+    backbone's feature magnitudes."""
     batch, channels, height, width = features.shape
     device = features.device
     scale = amplitude * features.detach().std(dim=(0, 2, 3), unbiased=False)  # C
@@ -120,13 +114,10 @@ def _uniform_log_weights(points: Tensor) -> Tensor:
 def entropic_ot(
     x: Tensor, y: Tensor, blur: float = 0.05, scaling: float = 0.95, final_iterations: int = 20
 ) -> tuple[Tensor, Tensor]:
-    """``OT_eps`` between uniform clouds ``x`` (``B x n x d``) and ``y`` (``B x m x d``),
-    ``eps = blur^2``, and the transport plan ``B x n x m``.
-
-    The value is the semi-dual ``<a, f> + <b, g>`` with ``f`` the c-transform of the converged
-    ``g`` computed with gradients, so its gradient is exactly ``sum_ij P_ij dC_ij`` (envelope
-    theorem) without backpropagating through the iterations.
-    """
+    """``OT_eps`` (``eps = blur^2``) between uniform clouds ``x`` (``B x n x d``) and ``y``
+    (``B x m x d``), and the plan ``B x n x m``. The value is the semi-dual ``<a, f> + <b, g>``
+    with ``f`` the c-transform of the converged ``g`` taken with gradients: its gradient is exactly
+    ``sum_ij P_ij dC_ij`` (envelope theorem), without backpropagating through the iterations."""
     cost = squared_cost(x, y)
     log_a, log_b = _uniform_log_weights(x), _uniform_log_weights(y)
     schedule = epsilon_schedule(_diameter(cost), blur, scaling, final_iterations)
