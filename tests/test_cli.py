@@ -30,11 +30,16 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "model"
     code = run(["fit", "--data", str(dataset), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
                 "--strategy", "tiled", "--tile", "64", "--stride", "32"], monkeypatch)
     assert code == 0 and (model / "hrad.json").is_file()
+    # stderr is not a terminal here (as in `hrad fit ... 2> fit.log`): progress comes as plain lines, not bars
+    err = capsys.readouterr().err
+    assert "embedding training images: 1/5, " in err and "embedding training images: 5/5, " in err
+    assert "thresholds from held-out normal images: 1/1, " in err and "\u2501" not in err  # no bar characters
+    assert f"on 6 images of {dataset}\n" in err  # whole lines in a log file, not broken at 80 columns
     out = tmp_path / "pred"
     assert run(["predict", "--model", str(model), str(dataset / "test" / "spot"), "--out", str(out)], monkeypatch) == 0
     assert (out / "000_map.png").is_file() and (out / "000_overlay.png").is_file()
@@ -64,6 +69,17 @@ def test_user_mistakes_are_one_line(args: list[str], message: str, tmp_path: Pat
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_messages_print_paths_and_hints_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # brackets in a path are text, not rich markup: "[/x]" once raised MarkupError (a traceback)
+    # and "[bold]" vanished from the message
+    for name in ("[/x]gone.png", "[bold]gone.png"):
+        assert run(["predict", "--model", str(tmp_path / "m"), str(tmp_path / name), "--out", str(tmp_path / "o")], monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert f"hrad: error: {tmp_path / name}: file not found" in err and "Traceback" not in err
+    assert run(["fit", "--help"], monkeypatch) == 0
+    assert "'hrad[track]'" in capsys.readouterr().out  # was printed as 'hrad'
 
 
 def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -246,6 +246,23 @@ def test_predict_over_a_folder_survives_bad_files(
         assert float(table[f"{name}.png"]["score"]) > 0 and (out / f"{name}_map.png").is_file()
 
 
+def test_file_names_with_brackets_are_reported_as_they_are(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # paths are text, not rich markup: this one reads ".../in [/red] b.png", whose "[/red]" once
+    # crashed the report with MarkupError, and "[bold]" vanished from the output folder's name
+    folder = tmp_path / "in ["
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), (textured_image(np.random.default_rng(3), 64, 80) * 255).astype(np.uint8))
+    bad = folder / "red] b.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out [bold]"
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"hrad: error: skipped: {bad}: not a readable image" in err
+    assert f"1 predictions written to {out}\n" in err and f"1 of 2 images failed (status 'failed' in {out / 'scores.csv'})" in err
+
+
 def test_an_interrupted_predict_keeps_the_rows_it_finished(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

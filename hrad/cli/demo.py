@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from hrad.cli.progress import console, progress_bars
 from hrad.config import load_config
 from hrad.data.datasets import load_dataset
@@ -40,7 +42,7 @@ def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") 
     results: dict[str, dict[str, Any]] = {}
     for setup, strategy in SETUPS.items():
         config = load_config(None, {"backbone": {"name": backbone}, "detector": DEMO_DETECTOR, "strategy": strategy})
-        console.print(f"[bold]{setup}[/bold]: fitting PatchCore on {len(dataset.train)} images")
+        console.print(Text.assemble((setup, "bold"), f": fitting PatchCore on {len(dataset.train)} images"))
         with progress_bars() as progress, PeakMemory() as fit_memory:
             model = AnomalyModel(config).fit(ImageList(dataset.train), progress=progress)
         model.save(out / "models" / setup)

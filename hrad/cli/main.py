@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
+from rich.text import Text
 
 from hrad.cli.progress import console, progress_bars
 from hrad.errors import HradError, InputError
@@ -120,7 +121,7 @@ def fit(
         list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
     ] = None,
     track: Annotated[
-        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad\\[track]')")
     ] = False,
 ) -> None:
     """Fit a model on good images and write one artifact."""
@@ -252,10 +253,7 @@ def _report_batch(total: int, failed: list[Any], out: Path) -> None:
     """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed."""
     console.print(f"{total - len(failed)} predictions written to {out}")
     if failed:
-        console.print(
-            f"[red]{len(failed)} of {total} images failed[/red] (status 'failed' in {out / 'scores.csv'})",
-            highlight=False,
-        )
+        console.print(Text.assemble((f"{len(failed)} of {total} images failed", "red"), f" (status 'failed' in {out / 'scores.csv'})"))
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -276,7 +274,7 @@ def evaluate(
         ),
     ] = 24,
     track: Annotated[
-        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad\\[track]')")
     ] = False,
     batch_images: Annotated[
         int, typer.Option(min=1, help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
@@ -321,8 +319,7 @@ def evaluate(
     console.print(f"report written to {out}")
     if metrics.get("skipped"):
         console.print(
-            f"[red]{len(metrics['skipped'])} of {len(samples)} test images skipped[/red] (listed in {out / 'metrics.json'})",
-            highlight=False,
+            Text.assemble((f"{len(metrics['skipped'])} of {len(samples)} test images skipped", "red"), f" (listed in {out / 'metrics.json'})")
         )
         sys.exit(EXIT_SOME_FAILED)
 
@@ -332,7 +329,7 @@ class _ConsoleWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = " ".join(record.getMessage().split())
-        console.print(f"[yellow]hrad: warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("hrad: warning:", "yellow"), f" {message}"), soft_wrap=True)
 
 
 @app.command()
@@ -642,7 +639,7 @@ _ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort,
 
 
 def _print_error(message: str) -> None:
-    console.print(f"[red]hrad: error:[/red] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("hrad: error:", "red"), f" {' '.join(message.split())}"), soft_wrap=True)
 
 
 def _usage_error(error: Exception) -> int:

@@ -1,7 +1,10 @@
-"""Rich progress bars behind the strategies' ``progress(done, total, description)`` callbacks."""
+"""Progress behind the strategies' ``progress(done, total, description)`` callbacks: rich bars
+in a terminal; plain lines when stderr is a file or pipe (``hrad fit ... 2> fit.log``), where
+bars would show nothing until each stage ended."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -20,12 +23,45 @@ from rich.progress import (
 if TYPE_CHECKING:  # hrad predict on an exported model runs without torch
     from hrad.strategies.base import ProgressCallback
 
-console = Console(stderr=True)
+#: hrad's messages (stderr). ``markup=False``: messages carry user paths and error texts, which
+#: must print as they are (a file named ``[x].png``, ``pip install 'hrad[serve]'``); a stray
+#: ``[/x]`` in one would otherwise raise rich's MarkupError. Colours go through ``style``/``Text``.
+#: ``soft_wrap``: long lines stay whole in a log file (rich would break them at 80 columns).
+console = Console(stderr=True, markup=False, soft_wrap=True)
+
+
+#: seconds between two plain progress lines of one stage when stderr is not a terminal
+LOG_INTERVAL = 30.0
+
+
+def _log_lines(interval: float) -> ProgressCallback:
+    """A callback printing ``description: done/total, N s``: a stage's first update, then at most
+    one line per ``interval`` seconds, and its last step. A stage's seconds count from the
+    previous update of any stage (stages run one after another), the first from the start."""
+    started: dict[str, float] = {}
+    printed: dict[str, float] = {}
+    previous = time.monotonic()
+
+    def update(done: int, total: int, description: str) -> None:
+        nonlocal previous
+        now = time.monotonic()
+        first = description not in started
+        start = started.setdefault(description, previous)
+        previous = now
+        if first or done >= total or now - printed[description] >= interval:
+            printed[description] = now
+            console.print(f"{description}: {done}/{total}, {now - start:.0f} s", highlight=False, soft_wrap=True)
+
+    return update
 
 
 @contextmanager
-def progress_bars() -> Iterator[ProgressCallback]:
-    """A callback that shows one bar per distinct description."""
+def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
+    """A callback that shows one bar per distinct description in a terminal, else plain lines
+    (:func:`_log_lines`, one per ``interval`` seconds and stage at most)."""
+    if not console.is_terminal:
+        yield _log_lines(interval)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
