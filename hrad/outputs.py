@@ -187,14 +187,17 @@ class OutputRow:
 def failed_row(path: str | os.PathLike[str], error: BaseException | str) -> OutputRow:
     """A ``scores.csv`` row for an image that could not be predicted (reason in one line).
 
-    A user-facing :class:`~hrad.errors.HradError` keeps its own line (it names the file); any
+    A user-facing :class:`~hrad.errors.HradError` keeps its own line, prefixed with the path
+    when it does not name the file (checks of the decoded array say "image array: ..."); any
     other exception is prefixed with the path and its type."""
     from hrad.errors import HradError
 
     if isinstance(error, str):
         text = error
     elif isinstance(error, HradError):
-        text = " ".join(str(error).split())
+        text = " ".join(str(error).split()).removeprefix("image array: ")
+        if str(path) not in text:
+            text = f"{path}: {text}"
     else:
         text = f"{path}: {type(error).__name__}: {' '.join(str(error).split())}"
     return OutputRow(str(path), error=text[:400])

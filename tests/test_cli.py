@@ -82,6 +82,12 @@ def test_messages_print_paths_and_hints_as_they_are(tmp_path: Path, monkeypatch:
     assert "'hrad[track]'" in capsys.readouterr().out  # was printed as 'hrad'
 
 
+def test_list_writes_to_stdout(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["list"], monkeypatch) == 0  # `hrad list | grep ...` and `hrad list > file` see it (it went to stderr)
+    out = capsys.readouterr().out
+    assert "detectors:" in out and "patchcore" in out and "strategies:" in out and "[NAME]" in out
+
+
 def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     image = dataset / "test" / "good" / "000.png"
     assert run(["predict", "--model", str(tmp_path / "missing"), str(image), "--out", str(tmp_path / "o")], monkeypatch) == 2

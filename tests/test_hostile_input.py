@@ -232,14 +232,18 @@ def test_predict_over_a_folder_survives_bad_files(
     (folder / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (folder / "c_bomb.png").write_bytes(header_only_png(30000, 30000))
     cv2.imwrite(str(folder / "d.png"), (textured_image(rng, 64, 80) * 255).astype(np.uint8))
+    strip = folder / "e_strip.png"  # decodes, then refused by the model's size check, which sees only the array
+    cv2.imwrite(str(strip), (textured_image(rng, 4, 80) * 255).astype(np.uint8))
     out = tmp_path / "out"
     assert run(["--max-pixels", "100000", "predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
     err = capsys.readouterr().err
     assert "b_corrupt.png" in err and "c_bomb.png" in err and "Traceback" not in err
+    assert f"hrad: error: skipped: {strip}: image is 80x4, its short side is under 1/8" in err  # names the file
     with (out / "scores.csv").open() as handle:
         table = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
-    assert list(table) == ["a.png", "b_corrupt.png", "c_bomb.png", "d.png"]
-    assert [table[name]["status"] for name in table] == ["ok", "failed", "failed", "ok"]
+    assert list(table) == ["a.png", "b_corrupt.png", "c_bomb.png", "d.png", "e_strip.png"]
+    assert [table[name]["status"] for name in table] == ["ok", "failed", "failed", "ok", "failed"]
+    assert table["e_strip.png"]["error"].startswith(f"{strip}: image is 80x4")
     assert "not a readable image" in table["b_corrupt.png"]["error"] and table["b_corrupt.png"]["score"] == ""
     assert "pixel budget of 100000" in table["c_bomb.png"]["error"]
     for name in ("a", "d"):

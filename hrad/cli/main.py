@@ -546,10 +546,11 @@ def list_components() -> None:
     import hrad.features
     import hrad.strategies
 
-    console.print("backbones:  " + ", ".join(hrad.features.BACKBONES.names()))
-    console.print("detectors:  " + ", ".join(hrad.detectors.DETECTORS.names()))
-    console.print("strategies: " + ", ".join(hrad.strategies.STRATEGIES.names()))
-    console.print("options of each: hrad options detector|strategy|backbone [NAME]")
+    # the command's output: stdout, like options and schema (messages go to stderr)
+    typer.echo("backbones:  " + ", ".join(hrad.features.BACKBONES.names()))
+    typer.echo("detectors:  " + ", ".join(hrad.detectors.DETECTORS.names()))
+    typer.echo("strategies: " + ", ".join(hrad.strategies.STRATEGIES.names()))
+    typer.echo("options of each: hrad options detector|strategy|backbone [NAME]")
 
 
 @app.command("options")
