@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -86,6 +90,35 @@ def test_list_writes_to_stdout(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert run(["list"], monkeypatch) == 0  # `hrad list | grep ...` and `hrad list > file` see it (it went to stderr)
     out = capsys.readouterr().out
     assert "detectors:" in out and "patchcore" in out and "strategies:" in out and "[NAME]" in out
+
+
+def test_sigterm_during_fit_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    folder = tmp_path / "good"
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        write(folder / f"{index}.png", textured_image(rng, 84, 112))
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "model"
+    # FastFlow with every frozen feature spilled to disk, and epochs enough to be stopped in the middle
+    settings = ["detector.epochs=100000", "detector.flow_steps=2", "detector.layers=[layer2]", "strategy.feature_cache_mb=0",
+                f"strategy.work_dir={work}", "threshold.validation_fraction=0"]
+    args = ["fit", "--data", str(folder), "--out", str(out), "--backbone", "tiny-cnn", "--detector", "fastflow", "--strategy", "tiled",
+            "--tile", "56", "--device", "cpu", *[part for setting in settings for part in ("--set", setting)]]
+    process = subprocess.Popen([sys.executable, "-c", "from hrad.cli.main import main; main()", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(work.glob("hrad-cache-*/chunk*.npy")):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no feature chunk was spilled"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 143, err  # 128 + SIGTERM, after the clean-up (it died at once before, leaving the spill)
+    assert err.splitlines()[-1] == "terminated" and "Traceback" not in err
+    assert list(work.iterdir()) == [] and not out.exists() and not list(tmp_path.glob(".model*"))
 
 
 def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -268,7 +268,7 @@ def test_file_names_with_brackets_are_reported_as_they_are(
 
 
 def test_an_interrupted_predict_keeps_the_rows_it_finished(
-    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -286,6 +286,7 @@ def test_an_interrupted_predict_keeps_the_rows_it_finished(
     monkeypatch.setattr(AnomalyModel, "predict_batch", interrupted)
     out = tmp_path / "out"
     assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--batch-images", "2"], monkeypatch) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"  # said so, not a silent status 130
     with (out / "scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [Path(row["path"]).name for row in rows] == ["0.png", "1.png"] and {row["status"] for row in rows} == {"ok"}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -658,8 +660,25 @@ def _usage_error(error: Exception) -> int:
     return code
 
 
+#: Exit status after Ctrl-C (SIGINT; typer turns KeyboardInterrupt into this status) and after SIGTERM.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a scheduler or ``docker stop``) raised as an exception, so
+    the clean-up that Ctrl-C gets runs too: a fit's feature-cache spill folder and a model's
+    staging folder are removed, scores.csv keeps its finished rows. A BaseException, so no
+    per-image ``except Exception`` takes it for a failed input."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """The console script: user mistakes are one line and status 2, never a traceback."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         result = app(standalone_mode=False)
     except HradError as error:
@@ -667,12 +686,20 @@ def main() -> None:
         sys.exit(2)
     except _ABORTS:
         console.print("aborted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except _USAGE_ERRORS as error:
         sys.exit(_usage_error(error))
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except _Terminated:
+        console.print("terminated")
+        sys.exit(EXIT_TERMINATED)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if result == EXIT_INTERRUPTED and not isinstance(result, bool):
+        console.print("interrupted")
     if isinstance(result, int) and not isinstance(result, bool) and result:
         sys.exit(result)
 
