@@ -65,6 +65,8 @@ def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest
         (["fit", "--data", "/no/such/folder", "--out", "m"], "/no/such/folder"),
         (["predict", "--model", "/no/model", "x.png", "--out", "o"], "x.png: file not found"),
         (["evaluate", "--model", "/no/model", "--data", "/no/data", "--out", "o"], "/no/data"),
+        (["schema", "--out", "/no/such/folder/schema.json"], "/no/such/folder/schema.json: cannot write the schema (No such file or directory)"),
+        (["evaluate", "--model", "m", "--data", "d", "--out", "o", "--limit", "-1"], "--limit"),  # [:-1] dropped the last image
     ],
 )
 def test_user_mistakes_are_one_line(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

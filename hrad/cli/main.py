@@ -266,7 +266,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test images (quick looks)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N test images (quick looks)")] = None,
     score_bits: Annotated[
         int,
         typer.Option(
@@ -596,7 +596,10 @@ def schema(
     if out is None:
         typer.echo(text)
     else:
-        out.write_text(text + "\n")
+        try:
+            out.write_text(text + "\n")
+        except OSError as error:
+            raise InputError(f"{out}: cannot write the schema ({error.strerror or error})") from None
         console.print(f"schema written to {out}")
 
 
