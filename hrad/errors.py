@@ -7,6 +7,8 @@ The CLI prints that line and exits with status 2; it never shows a traceback for
 
 from __future__ import annotations
 
+import os
+
 
 class HradError(Exception):
     """A user-facing error whose message is one self-explanatory line."""
@@ -34,6 +36,13 @@ class ExportCheckError(HradError):
 
 class WeightsError(HradError):
     """Pretrained weights that cannot be found; the message says how to provide them."""
+
+
+def naming_file(path: str | os.PathLike[str], error: HradError) -> str:
+    """``error``'s line, prefixed with ``path`` when it does not name the file: checks of a
+    decoded image see only the array ("image array: image is 512x40, ..."), not its file."""
+    text = " ".join(str(error).split()).removeprefix("image array: ")
+    return text if str(path) in text else f"{path}: {text}"
 
 
 class NotFittedError(RuntimeError):

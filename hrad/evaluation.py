@@ -37,7 +37,7 @@ import numpy as np
 
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels
-from hrad.errors import HradError, InputError
+from hrad.errors import HradError, InputError, naming_file
 from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
 from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
@@ -107,7 +107,7 @@ def evaluate(
         stages = overlapped_batches(list(samples), load, compute, finish, batch=batch_images, writers=1)
         for index, (sample, outcome) in enumerate(stages):
             if isinstance(outcome, HradError):  # the file's problem, not the evaluation's: skip it
-                reason = " ".join(str(outcome).split())
+                reason = naming_file(sample.path, outcome)
                 skipped.append({"image": str(sample.path), "error": reason})
                 logger.warning("skipped %s", reason)
             elif isinstance(outcome, Exception):

@@ -190,14 +190,12 @@ def failed_row(path: str | os.PathLike[str], error: BaseException | str) -> Outp
     A user-facing :class:`~hrad.errors.HradError` keeps its own line, prefixed with the path
     when it does not name the file (checks of the decoded array say "image array: ..."); any
     other exception is prefixed with the path and its type."""
-    from hrad.errors import HradError
+    from hrad.errors import HradError, naming_file
 
     if isinstance(error, str):
         text = error
     elif isinstance(error, HradError):
-        text = " ".join(str(error).split()).removeprefix("image array: ")
-        if str(path) not in text:
-            text = f"{path}: {text}"
+        text = naming_file(path, error)
     else:
         text = f"{path}: {type(error).__name__}: {' '.join(str(error).split())}"
     return OutputRow(str(path), error=text[:400])

@@ -148,6 +148,8 @@ def test_evaluate_skips_corrupt_test_images_and_exits_3(
     truncated.write_bytes(truncated.read_bytes()[:200])  # valid header, pixel data cut off
     garbage = data / "test" / "good" / "002.png"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    strip = data / "test" / "good" / "003.png"  # decodes; refused by the model's size check, which sees only the array
+    write(strip, textured_image(np.random.default_rng(5), 8, 128))
     model = tmp_path / "model"
     fit = ["fit", "--data", str(data), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
            "--strategy", "downsample", "--image-size", "64"]
@@ -158,26 +160,27 @@ def test_evaluate_skips_corrupt_test_images_and_exits_3(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     warnings = [line for line in err.splitlines() if "hrad: warning:" in line]
-    assert len(warnings) == 2  # one line per bad file, naming it and the problem
+    assert len(warnings) == 3  # one line per bad file, naming it and the problem
     assert any(str(truncated) in line and "not a readable image" in line for line in warnings)
     assert any(str(garbage) in line and "not a readable image" in line for line in warnings)
-    assert "2 of 6 test images skipped" in err
+    assert any(f"skipped {strip}: image is 128x8, its short side is under 1/8" in line for line in warnings)
+    assert "3 of 7 test images skipped" in err
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["images"] == 4 and metrics["images_skipped"] == 2
-    assert sorted(entry["image"] for entry in metrics["skipped"]) == sorted([str(garbage), str(truncated)])
-    assert all("not a readable image" in entry["error"] for entry in metrics["skipped"])
+    assert metrics["images"] == 4 and metrics["images_skipped"] == 3
+    assert sorted(entry["image"] for entry in metrics["skipped"]) == sorted([str(garbage), str(strip), str(truncated)])
+    assert all(entry["error"].startswith(entry["image"] + ": ") for entry in metrics["skipped"])
     assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1  # from the 4 readable images
     assert len((report / "scores.csv").read_text().splitlines()) == 1 + 4
     markdown = (report / "metrics.md").read_text()
     assert "## Skipped images" in markdown and str(truncated) in markdown and str(garbage) in markdown
-    assert "2 test images were skipped" in (report / "report.html").read_text()
+    assert "3 test images were skipped" in (report / "report.html").read_text()
 
     # every test image unreadable: nothing to measure, a one-line error and status 2
     for path in (data / "test").rglob("*.png"):
         path.write_bytes(b"broken")
     assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "none")], monkeypatch) == 2
     err = capsys.readouterr().err
-    assert "no test image could be evaluated (6 given, 6 skipped" in err and "Traceback" not in err
+    assert "no test image could be evaluated (7 given, 7 skipped" in err and "Traceback" not in err
 
 
 def test_set_assignments_reach_the_config() -> None:
