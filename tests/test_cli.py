@@ -123,6 +123,21 @@ def test_sigterm_during_fit_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
     assert list(work.iterdir()) == [] and not out.exists() and not list(tmp_path.glob(".model*"))
 
 
+def test_fit_without_held_out_images_warns_that_there_are_no_thresholds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "good"
+    rng = np.random.default_rng(1)
+    for index in range(2):  # 20% of 2 rounds to none held out
+        write(folder / f"{index}.png", textured_image(rng, 64, 64))
+    model = tmp_path / "m"
+    args = ["fit", "--data", str(folder), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian"]
+    assert run(args, monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert len(warnings) == 1 and "no held-out normal images (2 training images" in warnings[0] and "no thresholds" in warnings[0]
+    assert json.loads((model / "hrad.json").read_text())["thresholds"] is None
+
+
 def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     image = dataset / "test" / "good" / "000.png"
     assert run(["predict", "--model", str(tmp_path / "missing"), str(image), "--out", str(tmp_path / "o")], monkeypatch) == 2

@@ -145,6 +145,13 @@ def fit(
             model = AnomalyModel(model_config).fit(train, validation, progress)
         model.save(out)
         console.print(f"model written to {out}")
+        if model.thresholds is None:
+            _print_warning(
+                f"no held-out normal images ({len(train)} training images, threshold.validation_fraction "
+                f"{model_config.threshold.validation_fraction}), so the model has no thresholds: hrad predict gives "
+                "scores and maps but no decisions or masks unless given --threshold / --pixel-threshold; "
+                "fit on more good images to get them"
+            )
         if run is not None:
             run.log_config(model_config.model_dump(mode="json"))
             run.log_history(model.training_history)
@@ -330,8 +337,11 @@ class _ConsoleWarnings(logging.Handler):
     """Log records (``hrad.evaluation``'s skipped images) as one ``hrad: warning:`` line each."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = " ".join(record.getMessage().split())
-        console.print(Text.assemble(("hrad: warning:", "yellow"), f" {message}"), soft_wrap=True)
+        _print_warning(record.getMessage())
+
+
+def _print_warning(message: str) -> None:
+    console.print(Text.assemble(("hrad: warning:", "yellow"), f" {' '.join(message.split())}"))
 
 
 @app.command()
