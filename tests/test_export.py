@@ -66,6 +66,8 @@ CASES = {
     # tiles resized to 70 for the 14-pixel patches
     "tiled-vit": ({"name": "tiled", "tile": 64, "stride": 40}, "tiny-vit", EXPORTABLE),
     "patchcore-tiled": ({"name": "tiled", "tile": 48, "stride": 40}, "tiny-cnn", PATCHCORE),
+    # the real Lite0: its stride-2 depthwise convolutions pad by a computed zero tap, except in export
+    "patchcore-lite0-tiled": ({"name": "tiled", "tile": 64}, "efficientnet-lite0", PATCHCORE),
     "patchcore-k3-downsample": ({"name": "downsample", "image_size": 64}, "tiny-cnn", {**PATCHCORE, "num_neighbors": 3}),
     "patchcore-no-reweight": ({"name": "tiled", "tile": 64}, "tiny-cnn", {**PATCHCORE, "reweight": False}),
     "padim-tiled": ({"name": "tiled", "tile": 48, "stride": 32}, "tiny-cnn", {"name": "padim", "n_features": 12}),

@@ -129,3 +129,15 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text("detector: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["banana", "cuda:x", "mps", "cuda:64"])
+def test_a_device_torch_or_this_machine_lacks_is_a_one_line_config_error(name: str) -> None:
+    if name == "cuda:64" and torch.cuda.device_count() > 64:
+        pytest.skip("a machine with more than 64 CUDA devices")
+    with pytest.raises(ConfigError, match="device") as raised:
+        AnomalyModel(load_config(None, {"backbone": {"name": "tiny-cnn"}, "device": name}))
+    assert "\n" not in str(raised.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            AnomalyModel(load_config(None, {"backbone": {"name": "tiny-cnn"}, "device": "cuda"}))

@@ -192,7 +192,7 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         limit = self.extractor.cpu_windows_per_call
-        if limit is not None and images.device.type == "cpu" and len(images) > limit and not _tracing():
+        if limit is not None and images.device.type == "cpu" and len(images) > limit and not tracing():
             return torch.cat([self(images[start : start + limit]) for start in range(0, len(images), limit)])
         with self.extractor.autocast():
             maps = self.extractor.extract(images, self.spec.layers)
@@ -213,6 +213,7 @@ class Embedder(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def _tracing() -> bool:
-    """True while torch traces or compiles a graph (ONNX export): the graph must not bake in a split."""
+def tracing() -> bool:
+    """True while torch traces or compiles a graph (ONNX export): take the plain paths there (no
+    split into per-call chunks baked in, no computed convolution kernels)."""
     return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())

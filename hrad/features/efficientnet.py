@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrad.features.base import BackboneConfig, FeatureExtractor
+from hrad.features.base import BackboneConfig, FeatureExtractor, tracing
 from hrad.features.layers import deepest_requested, fold_batchnorms, normalise
 from hrad.features.weights import WeightSource, empty_module, load_exactly, read_state_dict, resolve_weights
 
@@ -58,8 +58,9 @@ class SameConv2d(nn.Conv2d):
         (top, bottom), (left, right) = pads
         if top == bottom and left == right:  # symmetric: let the convolution pad (no copy)
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
-        if self.groups > 1 and self.dilation == (1, 1):
+        if self.groups > 1 and self.dilation == (1, 1) and not tracing():
             # one leading zero tap per extra row/column of padding after: symmetric padding
+            # (not while exporting: ONNX cannot take a convolution whose kernel is computed)
             weight = F.pad(self.weight, (right - left, 0, bottom - top, 0))
             return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), 1, self.groups)
         x = F.pad(x, (left, right, top, bottom))
