@@ -101,7 +101,8 @@ def evaluate(
         if out_dir is None:
             return prediction.score, None
         maps = (image_thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
-        return prediction.score, Case(sample.path.name, sample.label, prediction.score, *maps)
+        name = f"{sample.path.parent.name}/{sample.path.name}"  # defect folders repeat file names
+        return prediction.score, Case(name, sample.label, prediction.score, *maps)
 
     with PeakMemory() as memory:
         stages = overlapped_batches(list(samples), load, compute, finish, batch=batch_images, writers=1)

@@ -7,6 +7,7 @@ from held-out normal images, stored in the artifact and in an export's sidecar.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,9 @@ def decision_thresholds(
 ) -> tuple[float | None, float | None]:
     """``(image, pixel)`` thresholds: ``thresholds``', moved to ``sigmas`` (mean + k std of the
     held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
+    for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold), ("sigmas", sigmas)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     image, pixel = (thresholds.image, thresholds.pixel) if thresholds else (None, None)
     if sigmas is not None:
         if thresholds is None:

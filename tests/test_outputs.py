@@ -26,6 +26,7 @@ from hrad.outputs import (
     own_scale,
     read_map_png16,
 )
+from hrad.prediction import decision_thresholds
 
 
 def test_scales_come_from_the_thresholds() -> None:
@@ -46,6 +47,21 @@ def test_thresholds_at_other_sigmas() -> None:
     assert image == pytest.approx(2.0 + 2.0 * np.sqrt(2 / 3)) and pixel == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="refit it to change sigmas"):
         Thresholds(image=1.0, pixel=1.0, image_scores=[1.0]).at_sigmas(2.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threshold": float("nan")}, "threshold must be a finite number"),
+        ({"pixel_threshold": float("inf")}, "pixel threshold must be a finite number"),
+        ({"sigmas": float("nan")}, "sigmas must be a finite number"),
+    ],
+)
+def test_threshold_overrides_that_decide_nothing_are_refused(options: dict, message: str) -> None:
+    thresholds = Thresholds(image=2.0, pixel=1.0, image_scores=[1.0, 2.0, 3.0], pixel_mean=0.5, pixel_std=0.25)
+    with pytest.raises(ConfigError, match=message):
+        decision_thresholds(thresholds, **options)
+    assert decision_thresholds(thresholds, threshold=4.0, sigmas=0.0)[0] == 4.0
 
 
 def test_png16_round_trip_keeps_values_within_one_step(rng: np.random.Generator) -> None:
