@@ -144,6 +144,19 @@ def test_predict_with_missing_model_names_it(dataset: Path, tmp_path: Path, monk
     assert "missing: model not found" in capsys.readouterr().err
 
 
+def test_predict_refuses_to_write_into_an_input_folder(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    shutil.copytree(dataset / "test" / "good", folder)
+    before = sorted(folder.iterdir())
+    for out in (folder, tmp_path / "images" / "."):  # the same folder, however it is spelt
+        assert run(["predict", "--model", str(tmp_path / "missing"), str(folder), "--out", str(out)], monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert "output folder is also an input folder" in err and "Traceback" not in err
+    assert sorted(folder.iterdir()) == before  # nothing written among the inputs
+
+
 def test_corrupt_image_in_training_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "good"
     write(folder / "a.png", textured_image(np.random.default_rng(0), 64, 64))

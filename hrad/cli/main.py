@@ -204,7 +204,7 @@ def predict(
     from hrad.pipeline import overlapped_batches
 
     images = expand_image_paths(paths)
-    prepare_output_dir(out)
+    prepare_output_dir(out, paths)
     fitted = _load_predictor(model, device, runtime)
     fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
     writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks)
@@ -497,7 +497,7 @@ def predict_distributed(
     options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas)
 
     images = expand_image_paths(paths)
-    prepare_output_dir(out)
+    prepare_output_dir(out, paths)
     with progress_bars() as progress:
         rows = predict_many_ray(
             model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress,

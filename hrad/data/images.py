@@ -443,11 +443,18 @@ def default_file_mode() -> int:
     return 0o666 & ~process_umask()
 
 
-def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the output folder ``path`` (and parents) and check it is writable, before any work."""
+def prepare_output_dir(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Create the output folder ``path`` (and parents) and check it is writable, before any work.
+
+    ``inputs`` (the folders and files being predicted): the output folder must not be one of the
+    input folders, or the maps, masks and overlays written there would be read as images by the
+    next run over that folder.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: output folder is an existing file")
+    if path.is_dir() and any(Path(raw).is_dir() and Path(raw).resolve() == path.resolve() for raw in inputs):
+        raise InputError(f"{path}: output folder is also an input folder; its maps would be read as images next time (choose another --out)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".hrad-write-check.", dir=path)
