@@ -65,16 +65,17 @@ def case_grid(
         scale = low + 1.0
     for row, (group, case) in enumerate(rows):
         image_axis, map_axis, overlay_axis = axes[row]
+        marked = case.mask is not None and bool(case.mask.any())
         image_axis.imshow(np.clip(case.image, 0, 1))
-        if case.mask is not None and case.mask.any():
+        if marked:
             image_axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.8)
         image_axis.set_title(f"{group}\n{case.name}", fontsize=7)
         map_axis.imshow(case.anomaly_map, cmap="inferno", vmin=low, vmax=scale)
         map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
         overlay_axis.imshow(np.clip(case.image, 0, 1))
-        overlay_axis.set_title("overlay (ground truth in white)" if case.mask is not None and case.mask.any() else "overlay", fontsize=7)
+        overlay_axis.set_title("overlay (ground truth in white)" if marked else "overlay", fontsize=7)
         overlay_axis.imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=scale)
-        if case.mask is not None and case.mask.any():
+        if marked:
             overlay_axis.contour(case.mask, levels=[0.5], colors="white", linewidths=0.8)
         for axis in (image_axis, map_axis, overlay_axis):
             axis.axis("off")
