@@ -18,14 +18,14 @@ need about 50 bytes a pixel: 14 GB at 16000x16000, more than this shared machine
 
 ``--strategies`` measures instead how predict memory scales with the image for every
 high-resolution strategy (issue 18: flat from 2K to 8K): for each strategy and square size, one
-process fits a tiny tiny-cnn model (tiled: on two 512 crops, since it predicts any size; the
+process fits a tiny tiny-cnn model (tiled and downsample: on two 512 crops, since they predict any size; the
 others on two images of that size, since a native tiled ensemble, HiAD and MRF are fitted at
 their input size) and saves it, and a fresh process loads it and predicts the synthetic PNG of
 that size under ``PeakMemory``. Flat means the call's bytes a pixel stay constant (or fall) as
 the image grows: the decoded image (3 B/px) and the float32 map (4 B/px) are the floor.
 
-    PYTHONPATH=. python benchmarks/image_memory.py --strategies tiled tiled-ensemble hiad mrf \
-        --strategy-sizes 2048 4096 8192 --name image_memory_scaling
+    PYTHONPATH=. python benchmarks/image_memory.py --strategies downsample tiled tiled-ensemble hiad mrf \
+        --strategy-sizes 2048 4096 8192 --name image_memory_scaling_all
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ CONFIG = {
 
 #: the strategies of the scaling table (tiny-cnn, PatchCore where a detector is used)
 STRATEGIES: dict[str, dict[str, Any]] = {
+    "downsample": {"name": "downsample", "image_size": 512},
     "tiled": {"name": "tiled", "tile": 512},
     "tiled-ensemble": {"name": "tiled-ensemble", "tile": 1024, "stride": 1024},
     "hiad": {"name": "hiad", "patch_size": 512},
@@ -137,7 +138,7 @@ def strategy_worker(phase: str, strategy: str, size: int, folder: Path) -> dict[
     if phase == "fit":
         torch.manual_seed(0)
         config = load_config(None, {**CONFIG, "strategy": STRATEGIES[strategy]})
-        if strategy == "tiled":  # any input size: fitted on crops, as the before/after rows
+        if strategy in ("tiled", "downsample"):  # any input size: fitted on crops, as the before/after rows
             train = [banded_texture(512, 512), banded_texture(512, 512, 700, 900)]
         else:  # fitted at the size it predicts
             train = [banded_texture(size, size), banded_texture(size, size, 37, 53)]
@@ -215,7 +216,7 @@ def write_scaling(
         "`model.predict(<png path>)` on a synthetic 8-bit RGB PNG (smooth texture, one brighter square) of each size, "
         "tiny-cnn backbone, PatchCore where the strategy uses a detector, default options except: "
         + "; ".join(f"{name} {json.dumps(options)}" for name, options in STRATEGIES.items() if name in args.strategies)
-        + ". tiled is fitted on two 512x512 crops; the others on two images of the size they predict (HiAD "
+        + ". tiled and downsample are fitted on two 512x512 crops; the others on two images of the size they predict (HiAD "
         "calibrated on a third). One process "
         "fits and saves, a fresh one loads and predicts; RSS sampled every 10 ms. `increase_mb` = peak RSS during the "
         "call minus RSS just before it (model loaded; the call decodes the file and predicts). The floor is the "
