@@ -18,17 +18,27 @@ thresholds. Throughput: ``Strategy.predict_batch`` over all test images at once,
 Peak device memory is torch's allocator peak during prediction (CUDA only). Training is kept short:
 these rows are about speed, not quality.
 
+``--profile`` also profiles one more predict per setup and size: ``device_busy_ms`` is the sum
+of the device kernels' own time in that predict (torch.profiler), ``host_bound`` is the share of
+its wall time the device was idle (1 - busy / wall), and ``<out>_profile/<setup>_<size>.txt``
+holds the top operators by device and host time and a cProfile of the Python functions (a
+second, synchronised predict), so a slow row says where its time goes without a second run.
+
 ``--smoke`` is a tiny setting (tiny backbones, 256/384-pixel images, one epoch) that runs end to
 end on a CPU in about a minute, so the script is known to work before a GPU is lent.
 
     PYTHONPATH=. python benchmarks/gpu.py                # on a GPU machine
     PYTHONPATH=. python benchmarks/gpu.py --smoke --device cpu --out gpu_smoke
+    PYTHONPATH=. python benchmarks/gpu.py --only HiAD-DeSTSeg --sizes 2048 --profile --out gpu_profile
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import statistics
 import sys
@@ -43,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import CAPSULES, write_results
+from benchmarks.common import CAPSULES, RESULTS, write_results
 from hrad.config import load_config
 from hrad.data.datasets import load_dataset
 from hrad.data.hd_builder import build_hd_dataset
@@ -53,7 +63,7 @@ from hrad.model import AnomalyModel
 
 COLUMNS = [
     "setup", "size", "image_shape", "fit_s", "latency_ms_median", "latency_ms_mean", "strategy_ms_median",
-    "throughput_img_s", "peak_device_mb", "n_test", "error",
+    "throughput_img_s", "peak_device_mb", "n_test", "device_busy_ms", "host_bound", "error",
 ]  # fmt: skip
 
 
@@ -155,12 +165,46 @@ def timed(device: torch.device, run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def profiled(device: torch.device, run: Callable[[], Any], report: Path) -> dict[str, Any]:
+    """One ``run`` under torch.profiler (device kernels' own time against wall time) and one under
+    cProfile (synchronised, so a Python function that waits for the device shows it); the tables
+    go to ``report``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as recorder:
+        wall = timed(device, run)
+    events = recorder.key_averages()
+    busy_ms = sum(event.self_device_time_total for event in events) / 1000
+    python = cProfile.Profile()
+    python.enable()
+    timed(device, run)
+    python.disable()
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(30)
+    sort_device = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        f"wall {1000 * wall:.1f} ms under torch.profiler; device kernels {busy_ms:.1f} ms\n\n"
+        + events.table(sort_by=sort_device, row_limit=30)
+        + "\n\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=30)
+        + "\n\ncProfile of a second predict (synchronised):\n"
+        + text.getvalue()
+    )
+    if device.type != "cuda":
+        return {}
+    return {"device_busy_ms": round(busy_ms, 1), "host_bound": round(max(0.0, 1 - busy_ms / (1000 * wall)), 2)}
+
+
 def measure(
     setup: str,
     overrides: dict[str, Any],
     train: list[np.ndarray],
     test: list[np.ndarray],
     device: torch.device,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     config = load_config(None, {**overrides, "device": str(device)})
     start = time.perf_counter()
@@ -175,7 +219,9 @@ def measure(
         strategy_times = [timed(device, partial(model.strategy.predict, image)) for image in test]
         batch_s = timed(device, lambda: model.strategy.predict_batch(test))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    profile = {} if profile_to is None else profiled(device, partial(model.predict, test[0]), profile_to)
     return {
+        **profile,
         "fit_s": round(fit_s, 1),
         "latency_ms_median": round(1000 * statistics.median(latencies), 1),
         "latency_ms_mean": round(1000 * statistics.mean(latencies), 1),
@@ -215,6 +261,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results name (default gpu_<device>)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the built datasets here")
     parser.add_argument(
+        "--profile", action="store_true", help="profile one more predict per setup (device busy time, top ops)"
+    )
+    parser.add_argument(
         "--vit-weights",
         type=Path,
         default=None,
@@ -232,6 +281,7 @@ def main() -> None:
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     )
+    out_name = args.out or ("gpu_smoke" if args.smoke else f"gpu_{device.type}")
     chosen = setups(args.smoke, args.precision, args.vit_weights)
     if args.only:
         chosen = {name: value for name, value in chosen.items() if name in args.only}
@@ -260,7 +310,8 @@ def main() -> None:
                     "n_test": len(test),
                 }
                 try:
-                    row.update(measure(name, overrides, train, test, device))
+                    report = RESULTS / f"{out_name}_profile" / f"{name.replace(' ', '_')}_{size}.txt"
+                    row.update(measure(name, overrides, train, test, device, report if args.profile else None))
                 except Exception as error:  # a failing setup is a row, not the end of the run
                     traceback.print_exc()
                     row["error"] = (
@@ -284,11 +335,17 @@ def main() -> None:
         )
         + "latency_ms: AnomalyModel.predict on an in-memory image (smoothing and score included, decoding excluded), "
         "median / mean after one warm-up; strategy_ms: the strategy's predict alone; throughput: Strategy.predict_batch "
-        "over the test images; peak_device_mb: torch's CUDA allocator peak while predicting. Training is short: "
+        "over the test images; peak_device_mb: torch's CUDA allocator peak while predicting. "
+        + (
+            "device_busy_ms: device kernels' own time in one more profiled predict; host_bound: the share of its wall "
+            f"time the device was idle (tables in {out_name}_profile/). "
+            if args.profile
+            else ""
+        )
+        + "Training is short: "
         "speed only, no quality claims."
     )
-    name = args.out or ("gpu_smoke" if args.smoke else f"gpu_{device.type}")
-    write_results(name, rows, notes, columns=COLUMNS)
+    write_results(out_name, rows, notes, columns=COLUMNS)
 
 
 if __name__ == "__main__":
