@@ -14,12 +14,15 @@ when antialiased, within float rounding, 1e-7, for plain bilinear).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
+from hrad.errors import InputError
 from hrad.hiad_math import bilinear_taps
 from hrad.imaging import interpolate as bilinear
 from hrad.imaging import shrinks
@@ -38,10 +41,21 @@ class PixelImage:
     :func:`~hrad.data.images.pixels_to_unit`: uint8 / 255, uint16 / 65535, floats as they are).
     ``padded_to`` extends the image with zeros to ``(height, width)`` without storing them (the
     ``edge="zeros"`` tile geometry).
+
+    On an accelerator (``device`` not the CPU; ``resident`` overrides) the pixels are copied to
+    the device once, still in their own type (3 bytes a pixel for 8-bit RGB), and every region is
+    cut and converted there: otherwise each window, level and band would be converted to float32
+    on the host and copied over at 4x the bytes (the level-0 windows alone, with their context
+    margins, are twice the image), host work that a GPU's short compute cannot hide. On the CPU
+    nothing is copied: regions are converted from the caller's array as they are cut.
     """
 
     def __init__(
-        self, pixels: np.ndarray, device: torch.device | str = "cpu", padded_to: tuple[int, int] | None = None
+        self,
+        pixels: np.ndarray,
+        device: torch.device | str = "cpu",
+        padded_to: tuple[int, int] | None = None,
+        resident: bool | None = None,
     ) -> None:
         if pixels.ndim != 3:
             raise ValueError(f"expected an H x W x C image, got an array of shape {pixels.shape}")
@@ -51,6 +65,17 @@ class PixelImage:
         self.padded_to = (height, width) if padded_to is None else padded_to
         if self.padded_to[0] < height or self.padded_to[1] < width:
             raise ValueError(f"cannot pad a {height}x{width} image to {self.padded_to}")
+        keep = self.device.type != "cpu" if resident is None else resident
+        self._resident: tuple[Tensor, float | None] | None = device_pixels(pixels, self.device) if keep else None
+
+    def zero_extended(self, padded_to: tuple[int, int]) -> PixelImage:
+        """The same pixels (and device copy) seen as extended with zeros to ``padded_to``."""
+        height, width = self.pixels.shape[:2]
+        if padded_to[0] < height or padded_to[1] < width:
+            raise ValueError(f"cannot pad a {height}x{width} image to {padded_to}")
+        extended = copy.copy(self)
+        extended.padded_to = padded_to
+        return extended
 
     @property
     def shape(self) -> torch.Size:
@@ -61,9 +86,14 @@ class PixelImage:
         """Rows ``top:bottom`` and columns ``left:right`` as a float32 ``C x h x w`` tensor on the
         image's device (zeros where they pass the stored pixels)."""
         height, width = self.pixels.shape[:2]
-        crop = self.pixels[top:min(bottom, height), left:min(right, width)]
-        unit = pixels_to_unit(np.ascontiguousarray(crop.transpose(2, 0, 1)))
-        tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)).to(self.device)
+        if self._resident is not None:
+            stored, divisor = self._resident
+            cut = stored[top : min(bottom, height), left : min(right, width)].permute(2, 0, 1)
+            tensor = cut.to(torch.float32) if divisor is None else cut.to(torch.float32).div_(divisor)
+        else:
+            crop = self.pixels[top : min(bottom, height), left : min(right, width)]
+            unit = pixels_to_unit(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+            tensor = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)).to(self.device)
         extra_h, extra_w = max(0, bottom - max(top, height)), max(0, right - max(left, width))
         if extra_h or extra_w:
             tensor = F.pad(tensor, (0, extra_w, 0, extra_h))
@@ -73,6 +103,23 @@ class PixelImage:
         """The whole image as a float32 ``C x H x W`` tensor (12 bytes a pixel for RGB: only for
         work that needs it whole)."""
         return self.region(0, self.shape[-2], 0, self.shape[-1])
+
+
+def device_pixels(pixels: np.ndarray, device: torch.device) -> tuple[Tensor, float | None]:
+    """``pixels`` on ``device`` in a type torch converts there, and the divisor that brings them to
+    [0, 1] (None for floats): the value rule of :func:`~hrad.data.images.pixels_to_unit` (uint8 /
+    255, uint16 / 65535, signed integers clipped at 0, bools 0/1, floats cast to float32)."""
+    dtype = pixels.dtype
+    if np.issubdtype(dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device), None
+    if dtype == np.bool_:
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).to(device), 1.0
+    if np.issubdtype(dtype, np.integer):
+        stored = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+        if np.issubdtype(dtype, np.signedinteger):
+            stored = stored.clamp_min_(0)
+        return stored, float(np.float32(np.iinfo(dtype).max))
+    raise InputError(f"image array: not a readable image (unsupported pixel type {dtype})")
 
 
 #: What the tiling code accepts as an image: a float ``C x H x W`` tensor or a :class:`PixelImage`.

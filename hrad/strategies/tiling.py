@@ -77,7 +77,7 @@ class TileGrid(TileGeometry):
             return image
         if isinstance(image, PixelImage):
             if self.edge == "zeros":
-                return PixelImage(image.pixels, image.device, (self.padded_height, self.padded_width))
+                return image.zero_extended((self.padded_height, self.padded_width))
             image = image.tensor()
         if self.edge == "zeros":
             return F.pad(image, (0, pad_w, 0, pad_h))
