@@ -17,14 +17,22 @@ import torch
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
 from hrad.data.images import as_image, as_pixels
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError
 from hrad.features import build_backbone
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
 from hrad.prediction import check_image_size, decision_thresholds
-from hrad.strategies.base import ImageSource, ProgressCallback, Strategy, build_strategy, no_progress
+from hrad.strategies.base import (
+    ImageSource,
+    ProgressCallback,
+    Strategy,
+    build_strategy,
+    image_name,
+    named,
+    no_progress,
+)
 
 
 class ArrayImages:
@@ -50,6 +58,10 @@ class Subset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.source[self.indices[index]]
+
+    def name(self, index: int) -> str:
+        """The source's name for the image (its file), by the source's own index."""
+        return image_name(self.source, self.indices[index])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,7 +139,10 @@ class AnomalyModel:
         scores: list[float] = []
         pixel_sum = pixel_sq = pixel_count = 0.0
         for index in range(len(images)):
-            anomaly_map, score = self._predict_raw(images[index])
+            try:
+                anomaly_map, score = self._predict_raw(images[index])
+            except HradError as error:
+                raise named(image_name(images, index, "held-out image"), error) from None
             scores.append(score)
             values = anomaly_map.astype(np.float64)
             pixel_sum += values.sum()
@@ -158,8 +173,13 @@ class AnomalyModel:
         return [smooth_and_score(result.anomaly_map, result.score, self.config.postprocess) for result in results]
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
-        """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`)."""
+        """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`),
+        or one the strategy cannot take (another size than a tiled ensemble's), naming it."""
         check_image_size(image, self.fitted_size, name)
+        try:
+            self.strategy.check_input(image)
+        except HradError as error:
+            raise named(name, error) from None
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from hrad.config import load_config
 from hrad.data import images as image_io
 from hrad.data.images import (
     DEFAULT_MAX_PIXELS,
+    ImageList,
     image_size,
     pixel_budget,
     read_image,
@@ -398,3 +400,110 @@ def test_images_far_smaller_than_the_fitted_ones_are_refused(model_dir: Path) ->
     with pytest.raises(InputError, match="1/8"):
         model.predict(np.full((7, 300, 3), 0.5, np.float32))
     assert np.isfinite(model.predict(np.full((8, 8, 3), 0.5, np.float32)).score)
+
+
+# ------------------------------------------------------------------------------------ 6. truncated files, dangling links, sizes
+def _png8(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), (textured_image(np.random.default_rng(seed), height, width) * 255).astype(np.uint8))
+    return path.read_bytes()
+
+
+def test_truncated_images_are_one_line_naming_them_without_decoder_chatter(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # libpng printed "libpng error: PNG input buffer is incomplete" itself and OpenCV logged
+    # "[ERROR:0@0.2] ... Unexpected end of input stream" for a BMP, both on fd 2 (capfd sees them)
+    folder = tmp_path / "in"
+    data = _png8(folder / "a.png", 0)
+    cut = folder / "b_half.png"
+    cut.write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    (folder / "c_flipped.png").write_bytes(bytes(flipped))
+    ok, bmp = cv2.imencode(".bmp", np.zeros((64, 80, 3), np.uint8))
+    (folder / "d_half.bmp").write_bytes(bmp.tobytes()[: len(bmp) // 2])
+    (folder / "e_bomb.png").write_bytes(header_only_png(30000, 30000))
+    out = tmp_path / "out"
+    capfd.readouterr()
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
+    err = capfd.readouterr().err
+    assert "libpng" not in err and "[ERROR" not in err and "[ WARN" not in err and "Traceback" not in err
+    with (out / "scores.csv").open() as handle:
+        table = {Path(row["path"]).name: row["error"] for row in csv.DictReader(handle)}
+    assert table["a.png"] == ""
+    assert table["b_half.png"].startswith(f"{cut}: truncated or corrupt image (the file ends at byte {len(data) // 2}, inside its IDAT chunk")
+    assert table["c_flipped.png"].startswith(f"{folder / 'c_flipped.png'}: truncated or corrupt image (CRC mismatch in its IDAT chunk")
+    assert table["d_half.bmp"] == f"{folder / 'd_half.bmp'}: truncated or corrupt image (OpenCV cannot decode its pixel data)"
+    assert table["e_bomb.png"].startswith(f"{folder / 'e_bomb.png'}: image is 30000x30000 = 900000000 pixels, over the pixel budget")
+    for name in ("b_half", "c_flipped", "d_half", "e_bomb"):
+        assert not (out / f"{name}_map.png").exists()  # nothing written for a failed image
+
+    # fit stops at the first unreadable training image: one line naming it, status 2, no model
+    good = tmp_path / "good"
+    for index in range(3):
+        _png8(good / f"{index}.png", index)
+    (good / "3.png").write_bytes(cut.read_bytes())
+    model = tmp_path / "model"
+    code = run(["fit", "--data", str(good), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+                "--strategy", "downsample", "--image-size", "32"], monkeypatch)
+    err = capfd.readouterr().err
+    assert code == 2 and not model.exists() and "libpng" not in err
+    assert f"hrad: error: {good / '3.png'}: truncated or corrupt image (the file ends at byte" in err
+
+
+def test_dangling_links_in_a_folder_are_listed_and_refused_naming_them(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # they vanished from the listing: a folder of 2 "images" predicted 1 and exited 0
+    folder = tmp_path / "in"
+    _png8(folder / "a.png", 0)
+    link = folder / "b.png"
+    link.symlink_to(tmp_path / "gone.png")
+    out = tmp_path / "out"
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
+    err = capsys.readouterr().err
+    reason = f"{link}: broken symbolic link (its target {tmp_path / 'gone.png'} does not exist)"
+    assert f"hrad: error: skipped: {reason}" in err and "Traceback" not in err
+    with (out / "scores.csv").open() as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert rows["a.png"]["status"] == "ok" and rows["b.png"]["status"] == "failed" and rows["b.png"]["error"] == reason
+    # given by name it is refused before the model loads, like a missing file
+    assert run(["predict", "--model", str(model_dir), str(link), "--out", str(tmp_path / "o2")], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == f"hrad: error: {reason}"
+    # in a training folder it stops fit like any unreadable image
+    good = tmp_path / "good"
+    for index in range(3):
+        _png8(good / f"{index}.png", index)
+    (good / "z.png").symlink_to(tmp_path / "gone.png")
+    code = run(["fit", "--data", str(good), "--out", str(tmp_path / "m"), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+                "--strategy", "downsample", "--image-size", "32"], monkeypatch)
+    assert code == 2 and f"{good / 'z.png'}: broken symbolic link" in capsys.readouterr().err
+
+
+def test_a_tiled_ensemble_names_the_file_of_another_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit = ["fit", "--backbone", "tiny-cnn", "--detector", "test-gaussian", "--strategy", "tiled-ensemble", "--tile", "32"]
+    mixed = tmp_path / "mixed"
+    for index in range(4):
+        _png8(mixed / f"{index}.png", index)
+    _png8(mixed / "0b.png", 9, 64, 96)  # sorts second: a training image (index 1, not the first)
+    assert run([*fit, "--data", str(mixed), "--out", str(tmp_path / "m0")], monkeypatch) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the progress lines
+    assert errors == [
+        f"hrad: error: {mixed / '0b.png'}: image is 96x64 but {mixed / '0.png'} is 80x64; a tiled ensemble has one model "
+        "per tile position (set image_size to resize every input)"
+    ]
+    odd = (mixed / "0b.png").rename(tmp_path / "odd.png")
+    config = load_config(None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "tiled-ensemble", "tile": 32}})
+    train = ImageList(sorted(mixed.iterdir()))
+    with pytest.raises(InputError, match=re.escape(f"{odd}: image 96x64 differs from the fitted size 80x64")):  # a held-out image
+        AnomalyModel(config).fit(train, validation=ImageList([mixed / "1.png", odd]))
+
+    model = tmp_path / "model"
+    assert run([*fit, "--data", str(mixed), "--out", str(model)], monkeypatch) == 0
+    with pytest.raises(InputError, match=re.escape(f"{odd}: image 96x64 differs from the fitted size 80x64")):
+        hrad.load(model).predict(odd)
+    with pytest.raises(InputError, match=re.escape(f"{odd}: image 96x64 differs")):
+        hrad.load(model).predict_batch([mixed / "0.png", odd])

@@ -16,7 +16,11 @@ header (PIL's header parsers for PNG/JPEG/BMP, tifffile for TIFF) and checked ag
 pixel budget (:func:`max_pixels`: :data:`DEFAULT_MAX_PIXELS`, the ``HRAD_MAX_PIXELS``
 environment variable, or :func:`pixel_budget`), so a decompression bomb costs a few bytes of
 header, never its decoded size. A file no header parser recognises as PNG, JPEG, BMP or TIFF
-is refused, whatever OpenCV could decode.
+is refused, whatever OpenCV could decode. A file whose header reads but whose pixel data does
+not decode is "truncated or corrupt"; a PNG's chunks are walked (lengths, critical chunks'
+CRCs, IEND) before libpng sees it, because libpng prints its own "libpng error: ..." line to
+stderr, which no log level silences, and OpenCV's log is silenced while hrad decodes: the one
+line hrad raises is the whole report.
 
 Pixel values: integer images are divided by their type's maximum (8-bit by 255, 16-bit by
 65535, negative values of signed types clipped to 0); float images must already lie in
@@ -31,7 +35,9 @@ import contextlib
 import contextvars
 import os
 import tempfile
+import threading
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -162,9 +168,20 @@ def _one_line(error: BaseException) -> str:
     return text[:200]
 
 
+def _not_found(path: Path) -> str:
+    """Why ``path`` (which does not exist) is missing: a dangling symbolic link says where it points."""
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return f"{path}: broken symbolic link"
+        return f"{path}: broken symbolic link (its target {target} does not exist)"
+    return f"{path}: file not found"
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputError(_not_found(path))
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
     if path.stat().st_size == 0:
@@ -187,6 +204,59 @@ def _decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
     return array
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_damage(data: memoryview) -> str | None:
+    """Why a PNG's chunk structure is broken (None when it is whole): a chunk cut off by the end
+    of the file, a critical chunk whose CRC does not match, or no IEND.
+
+    Checked before OpenCV decodes, because libpng reports such a file by printing "libpng
+    error: ..." to stderr itself. Ancillary chunks' CRCs are not checked (libpng skips those
+    chunks). Costs one CRC pass over the bytes already read.
+    """
+    size = len(data)
+    position = len(_PNG_SIGNATURE)
+    while position + 8 <= size:
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = bytes(data[position + 4 : position + 8])
+        name = kind.decode("ascii") if kind.isalpha() else f"unnamed chunk {kind!r}"
+        end = position + 12 + length
+        if end > size:
+            return f"the file ends at byte {size}, inside its {name} chunk of {length} bytes"
+        if kind[:1].isupper():
+            stored = int.from_bytes(data[end - 4 : end], "big")
+            if zlib.crc32(data[position + 4 : end - 4]) != stored:
+                return f"CRC mismatch in its {name} chunk at byte {position}"
+        if kind == b"IEND":
+            return None
+        position = end
+    return f"the file ends at byte {size}, before the IEND chunk"
+
+
+_OPENCV_LOG = threading.Lock()
+_OPENCV_QUIET = [0, 0]  # decodes in progress, the log level to restore when the last one ends
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's log silenced while hrad decodes: its decoders log a broken file at length to
+    stderr ("[ERROR:0@0.2] ... Unexpected end of input stream"), which the one-line error says.
+    Counted, so loader threads decoding at once restore the caller's level only at the last."""
+    with _OPENCV_LOG:
+        if _OPENCV_QUIET[0] == 0:
+            _OPENCV_QUIET[1] = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _OPENCV_QUIET[0] += 1
+    try:
+        yield
+    finally:
+        with _OPENCV_LOG:
+            _OPENCV_QUIET[0] -= 1
+            if _OPENCV_QUIET[0] == 0:
+                cv2.utils.logging.setLogLevel(_OPENCV_QUIET[1])
+
+
 def _decode_checked(path: Path) -> np.ndarray:
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
@@ -207,13 +277,18 @@ def _decode_checked(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
+    if data[: len(_PNG_SIGNATURE)].tobytes() == _PNG_SIGNATURE:
+        damage = _png_damage(data.data)
+        if damage is not None:
+            raise InputError(f"{path}: truncated or corrupt image ({damage})")
     try:
-        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        with _quiet_opencv():
+            decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as error:  # e.g. over OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, 2**30)
         raise InputError(f"{path}: not a readable image (OpenCV: {_one_line(error)})") from None
-    if decoded is None:
-        reason = _one_line(tiff_error) if tiff_error is not None else "OpenCV cannot decode it"
-        raise InputError(f"{path}: not a readable image ({reason})")
+    if decoded is None:  # the header was read (check_pixel_budget), so the pixel data is what is broken
+        reason = _one_line(tiff_error) if tiff_error is not None else "OpenCV cannot decode its pixel data"
+        raise InputError(f"{path}: truncated or corrupt image ({reason})")
     array = np.asarray(decoded)
     # in place: the decoded array is ours, and a second copy would double the peak of a large image
     if array.ndim == 3 and array.shape[2] == 3:
@@ -359,11 +434,22 @@ def read_mask(
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """An image by its name (a supported extension, not hidden) that is a file, or a symbolic
+    link whose target is missing: a dangling ``part.png`` is listed, so that reading it fails
+    naming it like any other unreadable image, instead of vanishing from the folder."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+        return False
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name; an error if there are none."""
+    """The image files directly in ``folder``, sorted by name; an error if there are none.
+
+    Listed by name (:func:`is_image_file`): a file that is broken, empty or a dangling symbolic
+    link is listed like the others and refused when it is read, in one line naming it, so each
+    command treats it as any unreadable image (``fit`` stops, exit 2; ``predict`` writes a
+    ``failed`` row and exits 3; ``evaluate`` warns, skips it and exits 3).
+    """
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder}: folder not found")
@@ -393,6 +479,10 @@ class ImageList(Sequence[np.ndarray]):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def name(self, index: int) -> str:
+        """The file of image ``index``, for errors about it."""
+        return str(self.paths[index])
 
     def _read(self, index: int) -> np.ndarray:
         if index in self._cache:
@@ -630,7 +720,7 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             images.extend(list_images(path))
         elif not path.exists():
-            raise InputError(f"{path}: file not found")
+            raise InputError(_not_found(path))
         elif not is_image_file(path):
             raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
         else:

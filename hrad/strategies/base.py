@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig, detector_class
-from hrad.errors import ConfigError
+from hrad.errors import ConfigError, HradError, naming_file
 from hrad.features.base import FeatureExtractor
 from hrad.registry import Registry
 
@@ -84,11 +84,26 @@ def no_progress(done: int, total: int, description: str) -> None:
 
 class ImageSource(Protocol):
     """A sized, indexable collection of ``H x W x 3`` RGB images, loaded lazily: float32 in [0, 1]
-    or in the file's pixel type (uint8, uint16), which strategies convert a tile window at a time."""
+    or in the file's pixel type (uint8, uint16), which strategies convert a tile window at a time.
+
+    A source may also have ``name(index) -> str`` (a file's path: :class:`~hrad.data.images.ImageList`),
+    which errors about one image use (:func:`image_name`)."""
 
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+def image_name(images: ImageSource | Sequence[np.ndarray], index: int, what: str = "image") -> str:
+    """What an error about ``images[index]`` calls it: the source's own name (its file) when it
+    has one, else ``"<what> <index>"``, so a user reads which file, not which position."""
+    name = getattr(images, "name", None)
+    return str(name(index)) if callable(name) else f"{what} {index}"
+
+
+def named(name: str, error: HradError) -> HradError:
+    """``error`` again, its line naming ``name`` (:func:`hrad.errors.naming_file`)."""
+    return type(error)(naming_file(name, error))
 
 
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
@@ -169,6 +184,10 @@ class Strategy(ABC):
     def fitted_image_size(self) -> tuple[int, int] | None:
         """``(H, W)`` the strategy was fitted on when it is bound to one size, else None."""
         return None
+
+    def check_input(self, image: np.ndarray) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Refuse, before any work, an image this fitted strategy cannot predict (another size
+        than a size-bound strategy's); the model names the file. Default: every image is fine."""
 
     def training_history(self) -> dict[str, list[float]]:
         """Mean training loss per epoch of a trainable detector, by training stage (``{}`` for

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
@@ -42,6 +42,8 @@ from hrad.strategies.base import (
     StateReader,
     Strategy,
     StrategyConfig,
+    image_name,
+    named,
     no_progress,
     sub_state,
 )
@@ -210,19 +212,24 @@ class TiledEnsemble(Strategy):
             raise RuntimeError("tiled-ensemble strategy is not fitted or loaded")
         return self._geometry
 
-    def _prepare(self, image: np.ndarray, geometry: _Geometry) -> TileSource:
-        """Image (any pixel type) -> padded ``3 x H x W`` image at working size, windows converted to
-        float as they are cut; refuses inputs it cannot tile."""
+    def check_input(self, image: np.ndarray) -> None:
+        """Without ``image_size``, only the fitted size: one tile model per tile position."""
         _check_image(image)
         height, width = image.shape[:2]
+        geometry = self._require_fitted()
         if self.config.image_size is None and (height, width) != geometry.input_size:
             fitted_h, fitted_w = geometry.input_size
             raise InputError(
                 f"image {width}x{height} differs from the fitted size {fitted_w}x{fitted_h}: a tiled ensemble "
-                "has one model per tile position (set image_size to resize every input)"
+                "has one model per tile position (fit with image_size set to resize every input)"
             )
         if min(height, width) < 1:
             raise InputError(f"image {width}x{height} is empty")
+
+    def _prepare(self, image: np.ndarray, geometry: _Geometry) -> TileSource:
+        """Image (any pixel type) -> padded ``3 x H x W`` image at working size, windows converted to
+        float as they are cut; refuses inputs it cannot tile (:meth:`check_input`)."""
+        self.check_input(image)
         return self._grid(geometry).pad(working_image(image, geometry.work_size))  # hrad.imaging.resize's rule
 
     def _check_tileable(self, height: int, width: int) -> None:
@@ -268,8 +275,9 @@ class TiledEnsemble(Strategy):
             if self.config.image_size is None and tuple(image.shape[:2]) != geometry.input_size:
                 fitted_h, fitted_w = geometry.input_size
                 raise InputError(
-                    f"training image {image_index} is {image.shape[1]}x{image.shape[0]} but image 0 is "
-                    f"{fitted_w}x{fitted_h}; set image_size to resize every input"
+                    f"{image_name(images, image_index, 'training image')}: image is {image.shape[1]}x{image.shape[0]} "
+                    f"but {image_name(images, 0, 'training image')} is {fitted_w}x{fitted_h}; a tiled ensemble has one "
+                    "model per tile position (set image_size to resize every input)"
                 )
             padded = self._prepare_training(image, geometry, grid)
             rows: np.memmap | None = None
@@ -486,8 +494,12 @@ class TiledEnsemble(Strategy):
         statistics = _Statistics(groups)
         batch = self.config.batch_size
         for start in range(0, len(images), batch):
-            chunk = [images[index] for index in range(start, min(start + batch, len(images)))]
-            padded = [self._prepare(image, geometry) for image in chunk]
+            padded = []
+            for index in range(start, min(start + batch, len(images))):
+                try:
+                    padded.append(self._prepare(images[index], geometry))
+                except HradError as error:
+                    raise named(image_name(images, index, "held-out image"), error) from None
             if mode == "tile":
                 # maps only need to be observed per tile; merging is not needed
                 for position, tile_maps, scores in self._location_outputs(padded):

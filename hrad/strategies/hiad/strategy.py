@@ -46,6 +46,7 @@ from hrad.strategies.base import (
     ProgressCallback,
     StateReader,
     Strategy,
+    image_name,
     no_progress,
     sub_state,
     to_tensor,
@@ -137,6 +138,9 @@ class HiAD(Strategy):
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
         return self.embedder(resize_pixels_by_rows(image, size)[None] if isinstance(image, PixelImage) else resize(image, size))
 
+    def check_input(self, image: np.ndarray) -> None:
+        self._check_size(image, "image")
+
     def _check_size(self, image: np.ndarray, what: str) -> None:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"hiad: {what} has shape {image.shape}; expected H x W x 3")
@@ -169,7 +173,7 @@ class HiAD(Strategy):
             grid_shape = (0, 0)
             for index in range(count):
                 image = first if index == 0 else images[index]
-                self._check_size(image, f"training image {index}")
+                self._check_size(image, image_name(images, index, "training image"))
                 tensor = PixelImage(image, self.device)  # windows become float as they are cut
                 positions, features = fusion.all_patches(tensor)
                 grid = fusion.grid(image.shape[0], image.shape[1])
