@@ -10,6 +10,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import EllipsisType
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from hrad.config import ModelConfig
 from hrad.data.images import as_image, as_pixels
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError
 from hrad.features import build_backbone
+from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
@@ -135,12 +137,28 @@ class AnomalyModel:
         random.Random(self.config.seed).shuffle(order)
         return Subset(source, sorted(order[count:])), Subset(source, sorted(order[:count]))
 
+    def _border_ratios(self, images: ImageSource, progress: ProgressCallback) -> list[float] | None:
+        """The held-out normal maps' excess along the image border (:mod:`hrad.postprocess.border`),
+        from the strategy's raw maps, before the thresholds are taken on calibrated maps."""
+        if not self.config.postprocess.border_calibration:
+            return None
+        profile = BorderProfile()
+        for index in range(len(images)):
+            try:
+                with torch.inference_mode():
+                    profile.update(self.strategy.predict(images[index]).anomaly_map)
+            except HradError as error:
+                raise named(image_name(images, index, "held-out image"), error) from None
+            progress(index + 1, len(images), "border profile from held-out normal images")
+        return profile.ratios()
+
     def _thresholds(self, images: ImageSource, progress: ProgressCallback) -> Thresholds:
+        border = self._border_ratios(images, progress)
         scores: list[float] = []
         pixel_sum = pixel_sq = pixel_count = 0.0
         for index in range(len(images)):
             try:
-                anomaly_map, score = self._predict_raw(images[index])
+                anomaly_map, score = self._predict_raw(images[index], border)
             except HradError as error:
                 raise named(image_name(images, index, "held-out image"), error) from None
             scores.append(score)
@@ -159,18 +177,29 @@ class AnomalyModel:
             pixel_mean=float(mean),
             pixel_std=float(std),
             sigmas=float(k),
+            border_ratios=border,
         )
 
     # -- inference --------------------------------------------------------------------------------
-    def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+    @property
+    def border_ratios(self) -> list[float] | None:
+        """The image-border calibration every map gets (:mod:`hrad.postprocess.border`): the
+        thresholds' ``border_ratios`` while ``postprocess.border_calibration`` is on."""
+        if self.thresholds is None or not self.config.postprocess.border_calibration:
+            return None
+        return self.thresholds.border_ratios
+
+    def _predict_raw(self, image: np.ndarray, border: list[float] | None | EllipsisType = ...) -> tuple[np.ndarray, float]:
+        """Strategy map, border-calibrated (the model's ratios unless ``border`` is given), smoothed, scored."""
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess)
+        ratios = self.border_ratios if isinstance(border, EllipsisType) else border
+        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, ratios)
 
     def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         with torch.inference_mode():
             results = self.strategy.predict_batch(images)
-        return [smooth_and_score(result.anomaly_map, result.score, self.config.postprocess) for result in results]
+        return [smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios) for result in results]
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
         """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hrad.errors import ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError
 
 
 @dataclass
@@ -49,6 +49,9 @@ class Thresholds:
     pixel_mean: float | None = None
     pixel_std: float | None = None
     sigmas: float | None = None
+    #: the held-out normal maps' excess at each distance from the image border, divided out of
+    #: every map (:mod:`hrad.postprocess.border`); None: no excess, or an artifact from before it
+    border_ratios: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class Thresholds:
             "pixel_mean": self.pixel_mean,
             "pixel_std": self.pixel_std,
             "sigmas": self.sigmas,
+            "border_ratios": self.border_ratios,
         }
 
     @classmethod
@@ -69,6 +73,7 @@ class Thresholds:
             pixel_mean=data.get("pixel_mean"),
             pixel_std=data.get("pixel_std"),
             sigmas=data.get("sigmas"),
+            border_ratios=checked_border_ratios(data.get("border_ratios")),
         )
 
     def at_sigmas(self, sigmas: float) -> tuple[float, float]:
@@ -80,6 +85,20 @@ class Thresholds:
             )
         scores = np.asarray(self.image_scores, dtype=np.float64)
         return float(scores.mean() + sigmas * scores.std()), float(self.pixel_mean + sigmas * self.pixel_std)
+
+
+def checked_border_ratios(values: Any) -> list[float] | None:
+    """A stored border profile, refused (one-line :class:`~hrad.errors.ArtifactError`) unless it is
+    a list of finite numbers >= 1: anything else would scale maps the wrong way, or to NaN."""
+    if not values:
+        return None
+    try:
+        ratios = [float(value) for value in values]
+    except (TypeError, ValueError):
+        ratios = []
+    if not ratios or not all(math.isfinite(r) and r >= 1.0 for r in ratios):
+        raise ArtifactError("thresholds.border_ratios must be a list of finite numbers >= 1; the artifact is corrupt")
+    return ratios
 
 
 #: An image whose short side is under this fraction of the fitted images' short side is refused:

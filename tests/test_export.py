@@ -121,6 +121,7 @@ def test_tile_size_override_equals_a_model_with_that_tile(images: list[np.ndarra
     assert json.loads((tmp_path / "m.json").read_text())["geometry"]["stride"] == 24
     same_state = make_model({"name": "tiled", "tile": 48, "stride": 24}, EXPORTABLE)
     same_state.strategy.load_state(DictStateReader(model.strategy.state_dict()))
+    same_state.thresholds = model.thresholds  # the export keeps them, border ratios included
     expected = same_state.predict(test_image).anomaly_map
     got = OnnxPredictor(tmp_path / "m.onnx").predict(test_image).anomaly_map
     assert np.abs(got - expected).max() <= 1e-4 * float(np.abs(expected).max())

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hrad.postprocess.border import calibrate_border
+
 
 class PostprocessConfig(BaseModel):
     """Applied by the model to every strategy's full-resolution map."""
@@ -21,6 +23,9 @@ class PostprocessConfig(BaseModel):
     image_score: Literal["strategy", "max", "top-fraction"] = "strategy"
     #: fraction of the highest pixels averaged by image_score="top-fraction"
     top_fraction: float = Field(0.001, gt=0, le=1)
+    #: divide out the held-out normal maps' excess along the image border (hrad.postprocess.border),
+    #: learned when the model's thresholds are; models fitted before it, or with it off, have none
+    border_calibration: bool = True
 
 
 #: Values blurred at a time by :func:`gaussian_smooth` in place and :func:`blurred_bands` (16 MB of float32 rows).
@@ -94,9 +99,24 @@ def image_score(anomaly_map: np.ndarray, strategy_score: float, config: Postproc
     return float(strategy_score)
 
 
-def smooth_and_score(raw_map: np.ndarray, raw_score: float, config: PostprocessConfig) -> tuple[np.ndarray, float]:
-    """What every predictor (the model, each exported runtime) ends with: the raw map blurred in
-    place (the caller hands over a map it no longer needs, so no second full map is made) and
-    the configured image score of the blurred map."""
+def smooth_and_score(
+    raw_map: np.ndarray, raw_score: float, config: PostprocessConfig, border_ratios: list[float] | None = None
+) -> tuple[np.ndarray, float]:
+    """What every predictor (the model, each exported runtime) ends with: the raw map calibrated
+    at the image border (:func:`~hrad.postprocess.border.calibrate_border`, with the model's
+    ``border_ratios``), blurred in place (the caller hands over a map it no longer needs, so no
+    second full map is made), and the configured image score of the blurred map.
+
+    The strategy's own score (``image_score="strategy"``) is scaled by what the border calibration
+    took off the map's peak (``max after / max before``): 1 when the peak lies inside, the peak's
+    own ratio when it lay on the border frame.
+    """
+    if border_ratios:
+        if raw_map.dtype != np.float32 or not raw_map.flags.writeable:
+            raw_map = raw_map.astype(np.float32)
+        peak = float(raw_map.max())
+        calibrate_border(raw_map, border_ratios)
+        if peak > 0 and raw_score > 0:
+            raw_score *= float(raw_map.max()) / peak
     smoothed = gaussian_smooth(raw_map, config.sigma, in_place=True)
     return smoothed, image_score(smoothed, raw_score, config)
