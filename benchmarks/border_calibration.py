@@ -17,6 +17,8 @@ no frame); ``normal_max_on_border`` the share of good test images whose map maxi
 
     PYTHONPATH=. python benchmarks/border_calibration.py --textures gravel brick grass --size 1024 \
         --capsules-train 30 --capsules-test 30
+    PYTHONPATH=. python benchmarks/border_calibration.py --textures gravel --size 1024 --capsules-train 30 \
+        --capsules-test 30 --setups ensemble-512 hiad-512 --out border_calibration_pools
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from hrad.postprocess.smoothing import smooth_and_score
 
 #: the demo's detector settings (hrad.cli.demo.DEMO_DETECTOR): a smaller bank, a few minutes on 2 cores
 DETECTOR = {"name": "patchcore", "max_fit_patches": 60_000, "max_bank_size": 6_000}
-SETUPS = {"tiled-512": {"name": "tiled", "tile": 512}, "down-512": {"name": "downsample", "image_size": 512}}
+SETUPS = {
+    "tiled-512": {"name": "tiled", "tile": 512},
+    "down-512": {"name": "downsample", "image_size": 512},
+    "ensemble-512": {"name": "tiled-ensemble", "tile": 512},
+    "hiad-512": {"name": "hiad", "patch_size": 512},
+}
 
 
 def border_distance(height: int, width: int) -> np.ndarray:
@@ -107,7 +114,7 @@ def main() -> None:
     parser.add_argument("--demo-test", type=int, default=10, help="good and anomalous test images each")
     parser.add_argument("--capsules-train", type=int, default=30, help="0 skips capsules")
     parser.add_argument("--capsules-test", type=int, default=30)
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--setups", nargs="+", default=["tiled-512", "down-512"], choices=list(SETUPS))
     parser.add_argument("--backbone", default="efficientnet-lite0")
     parser.add_argument("--out", default="border_calibration")
     args = parser.parse_args()
