@@ -235,3 +235,25 @@ def test_mahalanobis_scoring_is_exact(subset: bool, tmp_path: Path) -> None:
     onnx_maps, onnx_scores = export_and_run(module, torch.tensor(embeddings, dtype=torch.float32), tmp_path / "m.onnx")
     np.testing.assert_allclose(onnx_maps, maps.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(onnx_scores, scores.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_exported_models_apply_the_border_calibration(images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path) -> None:
+    """An export carries the model's border ratios in its sidecar and its predictor divides them
+    out as the model does (maps and scores equal); with the calibration off neither applies them."""
+    model = make_model({"name": "tiled", "tile": 64, "stride": 32}, EXPORTABLE).fit(images)
+    assert model.thresholds is not None
+    model.thresholds.border_ratios = [1.6, 1.4, 1.2, 1.1]  # as if learned: the tiny model's maps have no frame
+    export_onnx(model, tmp_path / "m.onnx")
+    assert json.loads((tmp_path / "m.json").read_text())["thresholds"]["border_ratios"] == [1.6, 1.4, 1.2, 1.1]
+    expected = model.predict(test_image)
+    got = OnnxPredictor(tmp_path / "m.onnx").predict(test_image)
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+    assert got.score == pytest.approx(expected.score, rel=1e-4)
+    plain = model.config.model_copy(deep=True)
+    plain.postprocess.border_calibration = False
+    model.config = plain
+    uncalibrated = model.predict(test_image)
+    assert np.abs(uncalibrated.anomaly_map - expected.anomaly_map).max() > 1e-3  # the ratios did change the map
+    export_onnx(model, tmp_path / "off.onnx")
+    off = OnnxPredictor(tmp_path / "off.onnx").predict(test_image)
+    assert np.abs(off.anomaly_map - uncalibrated.anomaly_map).max() <= 1e-4 * float(np.abs(uncalibrated.anomaly_map).max())
