@@ -13,10 +13,14 @@ and stains in the test set) at ``--size``, and VisA capsules (objects in the mid
 frame: the calibration should find little there). Columns: ``border_over_inner`` is the mean
 normal-pixel value within 8 px of the image border over the mean at least 64 px inside (1 =
 no frame); ``normal_max_on_border`` the share of good test images whose map maximum lies within
-8 px of the border.
+8 px of the border. ``<out>.png``: for each dataset and setup, the learned ratio against the
+distance from the border, and the first good test image's map without and with the calibration
+(one colour scale per row, so the frame shows as it is).
 
     PYTHONPATH=. python benchmarks/border_calibration.py --textures gravel brick grass --size 1024 \
-        --capsules-train 30 --capsules-test 30
+        --capsules-train 0
+    PYTHONPATH=. python benchmarks/border_calibration.py --textures --capsules-train 30 --capsules-test 30 \
+        --out border_calibration_capsules
     PYTHONPATH=. python benchmarks/border_calibration.py --textures gravel --size 1024 --capsules-train 30 \
         --capsules-test 30 --setups ensemble-512 hiad-512 --out border_calibration_pools
 """
@@ -31,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import capsules, subset, write_results
+from benchmarks.common import RESULTS, capsules, subset, write_results
 from hrad.config import load_config
 from hrad.data.datasets import Sample, load_dataset
 from hrad.data.images import ImageList, read_image
@@ -56,7 +60,13 @@ def border_distance(height: int, width: int) -> np.ndarray:
     return np.minimum(rows, cols)
 
 
-def run(dataset_name: str, setup: str, train: list[Path], test: list[Sample], backbone: str) -> list[dict[str, Any]]:
+#: per dataset and setup: the learned ratios and the first good test image's map off and on (for the figure)
+Example = tuple[str, list[float] | None, np.ndarray, np.ndarray]
+
+
+def run(
+    dataset_name: str, setup: str, train: list[Path], test: list[Sample], backbone: str, examples: list[Example]
+) -> list[dict[str, Any]]:
     config = load_config(None, {"backbone": {"name": backbone}, "detector": DETECTOR, "strategy": SETUPS[setup]})
     print(f"[{dataset_name} {setup}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
     model = AnomalyModel(config).fit(ImageList(train))
@@ -67,6 +77,7 @@ def run(dataset_name: str, setup: str, train: list[Path], test: list[Sample], ba
     border = {side: [0.0, 0, 0.0, 0] for side in sides}  # near sum, near count, inner sum, inner count
     max_on_border = {side: 0 for side in sides}
     labels: list[int] = []
+    example: dict[str, np.ndarray] = {}
     for sample in test:
         image = read_image(sample.path)
         result = model.strategy.predict(image)
@@ -77,6 +88,8 @@ def run(dataset_name: str, setup: str, train: list[Path], test: list[Sample], ba
         for side, side_ratios in sides.items():
             smoothed, score = smooth_and_score(result.anomaly_map.copy(), result.score, config.postprocess, side_ratios)
             pixel[side].add(smoothed, mask)
+            if sample.label == 0 and len(example) < len(sides):
+                example[side] = smoothed
             scores[side].append(score)
             border[side][0] += float(smoothed[near].sum())
             border[side][1] += int(near.sum())
@@ -85,6 +98,8 @@ def run(dataset_name: str, setup: str, train: list[Path], test: list[Sample], ba
             if sample.label == 0:
                 peak = np.unravel_index(int(smoothed.argmax()), smoothed.shape)
                 max_on_border[side] += int(distance[peak] < 8)
+    if example:
+        examples.append((f"{dataset_name}, {setup}", ratios, example["off"], example["on"]))
     rows = []
     good = labels.count(0)
     for side in sides:
@@ -106,6 +121,29 @@ def run(dataset_name: str, setup: str, train: list[Path], test: list[Sample], ba
     return rows
 
 
+def plot(examples: list[Example], path: Path) -> None:
+    """One row per dataset and setup: ratio by distance, then the good image's map off and on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(examples), 3, figsize=(10, 3.2 * len(examples)), squeeze=False)
+    for row, (title, ratios, off, on) in zip(axes, examples, strict=True):
+        row[0].plot(range(len(ratios or [])), ratios or [], color="tab:red")
+        row[0].axhline(1.0, color="grey", linewidth=0.8)
+        row[0].set(title=f"{title}: learned ratio", xlabel="distance from the image border (px)", ylabel="ratio")
+        low, high = float(min(off.min(), on.min())), float(max(off.max(), on.max()))
+        for ax, anomaly_map, side in ((row[1], off, "off"), (row[2], on, "on")):
+            ax.imshow(anomaly_map, cmap="inferno", vmin=low, vmax=high)
+            ax.set_title(f"good test image, calibration {side}", fontsize=9)
+            ax.axis("off")
+        row[0].title.set_fontsize(9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--textures", nargs="*", default=["gravel", "brick", "grass"])
@@ -119,6 +157,7 @@ def main() -> None:
     parser.add_argument("--out", default="border_calibration")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
+    examples: list[Example] = []
     notes = (
         f"PatchCore on {args.backbone} (the demo's bank: max_fit_patches 60000, max_bank_size 6000), 20% of the training "
         "images held out for thresholds and the border ratios; one run. Each test image is predicted once; its raw map "
@@ -135,13 +174,15 @@ def main() -> None:
             root = make_demo_dataset(Path(work) / texture, image_size=args.size, n_train=args.demo_train, n_test_good=args.demo_test, n_test_bad=args.demo_test, texture=texture)
             dataset = load_dataset(root)
             for setup in args.setups:
-                rows.extend(run(f"demo {texture}", setup, sorted(dataset.train), list(dataset.test), args.backbone))
+                rows.extend(run(f"demo {texture}", setup, sorted(dataset.train), list(dataset.test), args.backbone, examples))
                 write_results(args.out, rows, notes, columns=columns)
+                plot(examples, RESULTS / f"{args.out}.png")
     if args.capsules_train:
         train, test = subset(capsules(), args.capsules_train, args.capsules_test)
         for setup in args.setups:
-            rows.extend(run("VisA capsules", setup, list(train), test, args.backbone))
+            rows.extend(run("VisA capsules", setup, list(train), test, args.backbone, examples))
             write_results(args.out, rows, notes, columns=columns)
+            plot(examples, RESULTS / f"{args.out}.png")
 
 
 if __name__ == "__main__":
