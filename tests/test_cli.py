@@ -219,3 +219,12 @@ def test_set_assignments_reach_the_config() -> None:
     assert merged == {"strategy": {"name": "tiled", "tile": 128}, "postprocess": {"sigma": 0}, "detector": {"name": "test-gaussian"}}
     with pytest.raises(ConfigError, match="expected section.field=value"):
         merge_assignments({}, ["tile"])
+
+
+def test_python_dash_m_hrad_is_the_hrad_command() -> None:
+    """``python -m hrad`` for machines without the console script on PATH: same commands, same
+    one-line errors and exit status."""
+    listed = subprocess.run([sys.executable, "-m", "hrad", "list"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "patchcore" in listed.stdout
+    wrong = subprocess.run([sys.executable, "-m", "hrad", "predict", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and "--bogus" in wrong.stderr

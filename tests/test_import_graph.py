@@ -219,6 +219,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
     ),
     ("hrad.export",),
     ("hrad.cli",),
+    ("hrad.__main__",),
     ("hrad",),
 ]
 
