@@ -297,7 +297,7 @@ class ExportedPredictor:
         array = as_image(image)
         check_image_size(array, self.fitted_size, str(image) if isinstance(image, (str, Path)) else "image array")
         image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
-        border = self.thresholds.border_ratios if self.thresholds and self.postprocess.border_calibration else None
+        border = self.thresholds.border_ratios if self.thresholds is not None else None
         smoothed, score = smooth_and_score(*self.predict_raw(array), self.postprocess, border)
         return Prediction(
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision

@@ -10,7 +10,6 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import EllipsisType
 
 import numpy as np
 import torch
@@ -137,37 +136,20 @@ class AnomalyModel:
         random.Random(self.config.seed).shuffle(order)
         return Subset(source, sorted(order[count:])), Subset(source, sorted(order[:count]))
 
-    def _border_ratios(self, images: ImageSource, progress: ProgressCallback) -> list[float] | None:
-        """The held-out normal maps' excess along the image border (:mod:`hrad.postprocess.border`),
-        from the strategy's raw maps, before the thresholds are taken on calibrated maps."""
-        if not self.config.postprocess.border_calibration:
-            return None
-        profile = BorderProfile()
-        for index in range(len(images)):
-            try:
-                with torch.inference_mode():
-                    profile.update(self.strategy.predict(images[index]).anomaly_map)
-            except HradError as error:
-                raise named(image_name(images, index, "held-out image"), error) from None
-            progress(index + 1, len(images), "border profile from held-out normal images")
-        return profile.ratios()
-
     def _thresholds(self, images: ImageSource, progress: ProgressCallback) -> Thresholds:
-        border = self._border_ratios(images, progress)
-        scores: list[float] = []
-        pixel_sum = pixel_sq = pixel_count = 0.0
-        for index in range(len(images)):
-            try:
-                anomaly_map, score = self._predict_raw(images[index], border)
-            except HradError as error:
-                raise named(image_name(images, index, "held-out image"), error) from None
-            scores.append(score)
-            values = anomaly_map.astype(np.float64)
-            pixel_sum += values.sum()
-            pixel_sq += np.square(values).sum()
-            pixel_count += values.size
-            progress(index + 1, len(images), "thresholds from held-out normal images")
+        """Thresholds from the held-out normal images, on maps as every prediction finishes them.
+
+        The first pass also profiles the raw maps' excess along the image border
+        (:mod:`hrad.postprocess.border`); only when it finds one are the images predicted again,
+        their maps divided by it, for the thresholds (most of all when there is no frame, one pass).
+        """
+        profile = BorderProfile() if self.config.postprocess.border_calibration else None
+        scores, pixels = self._held_out_statistics(images, progress, None, profile)
+        border = profile.ratios() if profile is not None else None
+        if border:
+            scores, pixels = self._held_out_statistics(images, progress, border, None)
         k = self.config.threshold.sigmas
+        pixel_sum, pixel_sq, pixel_count = pixels
         mean = pixel_sum / pixel_count
         std = max(pixel_sq / pixel_count - mean**2, 0.0) ** 0.5
         return Thresholds(
@@ -180,21 +162,42 @@ class AnomalyModel:
             border_ratios=border,
         )
 
+    def _held_out_statistics(
+        self, images: ImageSource, progress: ProgressCallback, border: list[float] | None, profile: BorderProfile | None
+    ) -> tuple[list[float], tuple[float, float, float]]:
+        """Image scores and the pixels' sum, sum of squares and count of the finished maps
+        (border-calibrated by ``border``); ``profile`` also takes each raw map."""
+        scores: list[float] = []
+        pixel_sum = pixel_sq = pixel_count = 0.0
+        description = "thresholds on border-calibrated maps" if border else "thresholds from held-out normal images"
+        for index in range(len(images)):
+            try:
+                with torch.inference_mode():
+                    result = self.strategy.predict(images[index])
+            except HradError as error:
+                raise named(image_name(images, index, "held-out image"), error) from None
+            if profile is not None:
+                profile.update(result.anomaly_map)  # the raw map, before smoothing works in place
+            anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border)
+            scores.append(score)
+            values = anomaly_map.astype(np.float64)
+            pixel_sum += values.sum()
+            pixel_sq += np.square(values).sum()
+            pixel_count += values.size
+            progress(index + 1, len(images), description)
+        return scores, (pixel_sum, pixel_sq, pixel_count)
+
     # -- inference --------------------------------------------------------------------------------
     @property
     def border_ratios(self) -> list[float] | None:
-        """The image-border calibration every map gets (:mod:`hrad.postprocess.border`): the
-        thresholds' ``border_ratios`` while ``postprocess.border_calibration`` is on."""
-        if self.thresholds is None or not self.config.postprocess.border_calibration:
-            return None
-        return self.thresholds.border_ratios
+        """The held-out normal maps' excess along the image border (:mod:`hrad.postprocess.border`),
+        divided out of every map while ``postprocess.border_calibration`` is on."""
+        return self.thresholds.border_ratios if self.thresholds is not None else None
 
-    def _predict_raw(self, image: np.ndarray, border: list[float] | None | EllipsisType = ...) -> tuple[np.ndarray, float]:
-        """Strategy map, border-calibrated (the model's ratios unless ``border`` is given), smoothed, scored."""
+    def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        ratios = self.border_ratios if isinstance(border, EllipsisType) else border
-        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, ratios)
+        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios)
 
     def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         with torch.inference_mode():

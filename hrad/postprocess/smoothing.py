@@ -109,9 +109,9 @@ def smooth_and_score(
 
     The strategy's own score (``image_score="strategy"``) is scaled by what the border calibration
     took off the map's peak (``max after / max before``): 1 when the peak lies inside, the peak's
-    own ratio when it lay on the border frame.
+    own ratio when it lay on the border frame. ``config.border_calibration`` off: no calibration.
     """
-    if border_ratios:
+    if border_ratios and config.border_calibration:
         if raw_map.dtype != np.float32 or not raw_map.flags.writeable:
             raw_map = raw_map.astype(np.float32)
         peak = float(raw_map.max())
