@@ -335,14 +335,26 @@ def pixels_to_unit(array: np.ndarray) -> np.ndarray:
     them once, on entry (:func:`to_unit_float` does both halves at once).
     """
     dtype = array.dtype
+    divisor = unit_divisor(dtype)
+    if divisor is None:
+        return array.astype(np.float32, copy=False)
     if dtype == np.bool_:
         return array.astype(np.float32)
+    source = np.clip(array, 0, None) if np.issubdtype(dtype, np.signedinteger) else array
+    return np.divide(source, np.float32(divisor), dtype=np.float32)
+
+
+def unit_divisor(dtype: np.dtype) -> float | None:
+    """What pixels of ``dtype`` are divided by to lie in [0, 1] (the value rule of
+    :func:`pixels_to_unit`, which the strategies' device copies follow too): an integer type's
+    maximum (in float32, as the division runs), 1 for bools, None for floats (cast as they are);
+    any other type is refused in one line."""
     if np.issubdtype(dtype, np.floating):
-        return array.astype(np.float32, copy=False)
+        return None
+    if dtype == np.bool_:
+        return 1.0
     if np.issubdtype(dtype, np.integer):
-        maximum = np.float32(np.iinfo(dtype).max)
-        source = np.clip(array, 0, None) if np.issubdtype(dtype, np.signedinteger) else array
-        return np.divide(source, maximum, dtype=np.float32)
+        return float(np.float32(np.iinfo(dtype).max))
     raise InputError(f"image array: not a readable image (unsupported pixel type {dtype})")
 
 

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrad.data.images import pixels_to_unit
-from hrad.errors import InputError
+from hrad.data.images import pixels_to_unit, unit_divisor
 from hrad.hiad_math import bilinear_taps
 from hrad.imaging import interpolate as bilinear
 from hrad.imaging import shrinks
@@ -61,21 +60,23 @@ class PixelImage:
             raise ValueError(f"expected an H x W x C image, got an array of shape {pixels.shape}")
         self.pixels = pixels
         self.device = torch.device(device)
-        height, width = pixels.shape[:2]
-        self.padded_to = (height, width) if padded_to is None else padded_to
-        if self.padded_to[0] < height or self.padded_to[1] < width:
-            raise ValueError(f"cannot pad a {height}x{width} image to {self.padded_to}")
+        self.padded_to = self._checked_padding(padded_to)
         keep = self.device.type != "cpu" if resident is None else resident
         self._resident: tuple[Tensor, float | None] | None = device_pixels(pixels, self.device) if keep else None
 
     def zero_extended(self, padded_to: tuple[int, int]) -> PixelImage:
         """The same pixels (and device copy) seen as extended with zeros to ``padded_to``."""
-        height, width = self.pixels.shape[:2]
-        if padded_to[0] < height or padded_to[1] < width:
-            raise ValueError(f"cannot pad a {height}x{width} image to {padded_to}")
         extended = copy.copy(self)
-        extended.padded_to = padded_to
+        extended.padded_to = self._checked_padding(padded_to)
         return extended
+
+    def _checked_padding(self, padded_to: tuple[int, int] | None) -> tuple[int, int]:
+        """``padded_to`` (the pixels' own size when None), refused when it would cut the image."""
+        height, width = self.pixels.shape[:2]
+        size = (height, width) if padded_to is None else padded_to
+        if size[0] < height or size[1] < width:
+            raise ValueError(f"cannot pad a {height}x{width} image to {size}")
+        return size
 
     @property
     def shape(self) -> torch.Size:
@@ -106,20 +107,16 @@ class PixelImage:
 
 
 def device_pixels(pixels: np.ndarray, device: torch.device) -> tuple[Tensor, float | None]:
-    """``pixels`` on ``device`` in a type torch converts there, and the divisor that brings them to
-    [0, 1] (None for floats): the value rule of :func:`~hrad.data.images.pixels_to_unit` (uint8 /
-    255, uint16 / 65535, signed integers clipped at 0, bools 0/1, floats cast to float32)."""
-    dtype = pixels.dtype
-    if np.issubdtype(dtype, np.floating):
+    """``pixels`` on ``device`` in a type torch converts there (bools as uint8, negative values of
+    signed types clipped to 0, floats as float32), and the divisor that brings them to [0, 1]
+    (:func:`~hrad.data.images.unit_divisor`; None for floats)."""
+    divisor = unit_divisor(pixels.dtype)
+    if divisor is None:
         return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device), None
-    if dtype == np.bool_:
-        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).to(device), 1.0
-    if np.issubdtype(dtype, np.integer):
-        stored = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-        if np.issubdtype(dtype, np.signedinteger):
-            stored = stored.clamp_min_(0)
-        return stored, float(np.float32(np.iinfo(dtype).max))
-    raise InputError(f"image array: not a readable image (unsupported pixel type {dtype})")
+    stored = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8 if pixels.dtype == np.bool_ else None)).to(device)
+    if np.issubdtype(pixels.dtype, np.signedinteger):
+        stored = stored.clamp_min_(0)
+    return stored, divisor
 
 
 #: What the tiling code accepts as an image: a float ``C x H x W`` tensor or a :class:`PixelImage`.
