@@ -109,3 +109,25 @@ def test_degenerate_range_is_a_step() -> None:
     values = torch.tensor([0.0, 1.0, 2.0])
     assert normalize_range(values, 1.0, 1.0).tolist() == [0.0, 0.0, 1.0]
     assert normalize_range(values, 0.0, 2.0).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_complete_pool_fills_unreached_detectors_and_lifts_the_ones_no_anomaly_reached() -> None:
+    calibration = MinMaxCalibration()
+    calibration.update("high.0", torch.tensor([1.0, 10.0]))  # a pseudo-anomaly reached it: max 10
+    calibration.update("high.1", torch.tensor([2.0, 8.0]))  # reached: max 8
+    calibration.update("high.2", torch.tensor([0.5, 3.0]))  # only normal patches: max 3
+    names = ["high.0", "high.1", "high.2", "high.3"]  # high.3: no validation patch at all
+    paper = MinMaxCalibration()
+    paper.load_state_dict(calibration.state_dict())
+    paper.complete_pool(names)  # no anomalous names: every detector keeps its own range
+    assert [paper.range(n) for n in names] == [(1.0, 10.0), (2.0, 8.0), (0.5, 3.0), (0.5, 10.0)]
+    calibration.complete_pool(names, {"high.0", "high.1"})
+    assert [calibration.range(n) for n in names] == [(1.0, 10.0), (2.0, 8.0), (0.5, 10.0), (0.5, 10.0)]
+    # an own max above the reached ones' stays; an empty set changes nothing
+    other = MinMaxCalibration()
+    other.update("high.0", torch.tensor([0.0, 4.0]))
+    other.update("high.1", torch.tensor([0.0, 6.0]))
+    other.complete_pool(["high.0", "high.1"], {"high.0"})
+    assert other.range("high.1") == (0.0, 6.0)
+    other.complete_pool(["high.0", "high.1"], set())
+    assert other.range("high.0") == (0.0, 4.0)

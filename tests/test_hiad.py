@@ -268,6 +268,39 @@ def test_calibration_makes_a_quiet_detector_comparable_to_a_noisy_one(
     assert result.score > good.score
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_detector_no_pseudo_anomaly_reached_does_not_light_its_normal_patches(
+    detector: BankConfig, extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    """Two detectors over one texture (o2o, two patches); the held-out copies get a pseudo-anomaly
+    in the left patch only. The paper's rule (shared=False) scales the right detector by its
+    largest normal score, so a good image's right half reaches 1; the shared peak keeps both
+    halves of a good image on one scale, below the left's anomalous response."""
+
+    def left_square(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pasted, mask = image.copy(), np.zeros(image.shape[:2], dtype=bool)
+        mask[20:44, 20:44] = True
+        pasted[mask] = 1.0
+        return pasted, mask
+
+    monkeypatch.setattr("hrad.strategies.hiad.strategy.paste_pseudo_anomalies", left_square)
+    strategy = make(
+        detector, extractor, patch_size=64, assignment="o2o", low_branch=False, context=0, shared_anomaly_peak=shared
+    )
+    strategy.fit(noise_images(8, 64, 128, seed=11))
+    strategy.calibrate(noise_images(2, 64, 128, seed=12))
+    assert strategy.calibration is not None
+    left, right = strategy.calibration.range("high.0"), strategy.calibration.range("high.1")
+    good = strategy.predict(noise_images(1, 64, 128, seed=13)[0]).anomaly_map
+    right_over_left = float(good[:, 64:].max() / good[:, :64].max())
+    if shared:
+        assert right[1] == left[1]
+        assert 0.5 < right_over_left < 2 and good.max() < 0.7
+    else:
+        assert right[1] < 0.5 * left[1]
+        assert right_over_left > 2 and good[:, 64:].max() > 0.7
+
+
 @pytest.fixture(scope="module")
 def fitted(detector: BankConfig, extractor: FeatureExtractor) -> HiAD:
     strategy = make(

@@ -145,6 +145,31 @@ class MinMaxCalibration:
     def set_range(self, name: str, low: float, high: float) -> None:
         self._ranges[name] = Range(low, high)
 
+    def complete_pool(self, names: list[str], anomalous: set[str] | None = None) -> None:
+        """Give every detector of a pool a range the others' can be compared with.
+
+        A detector no validation map reached takes the pool's joint range. ``anomalous`` names
+        the detectors whose validation maps covered pasted pseudo-anomalies: the max of such a
+        detector is an anomalous response, while the max of one that no pseudo-anomaly reached is
+        only its largest normal score, and min-max would lift its normal maps to where the others
+        put anomalies (few held-out images, few patches per detector: one such detector lit every
+        normal map of its patches). So, when ``anomalous`` names any, the others keep their
+        minimum and take the largest maximum among them. Deviation from the HiAD paper, whose
+        per-detector min-max has no such case at its data sizes.
+        """
+        joint = self.union(names)
+        for name in names:
+            if name not in self:
+                self.set_range(name, *joint)
+        reached = [name for name in names if anomalous and name in anomalous]
+        if not reached:
+            return
+        peak = max(self.range(name)[1] for name in reached)
+        for name in names:
+            if name not in reached:
+                low, high = self.range(name)
+                self.set_range(name, low, max(high, peak))
+
     def normalize(self, name: str, values: Tensor) -> Tensor:
         low, high = self.range(name)
         return normalize_range(values, low, high)

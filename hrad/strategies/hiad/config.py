@@ -40,6 +40,10 @@ class HiADConfig(ContextTilingConfig):
     low_res_size: int = 512
     #: validation copies with pasted pseudo-anomalies join the good validation images
     pseudo_anomalies: bool = True
+    #: a pool detector whose validation patches no pseudo-anomaly reached takes the largest
+    #: calibration maximum of those one reached (False: its own, the paper's rule; with few
+    #: held-out images that lifts its normal maps to anomaly level): MinMaxCalibration.complete_pool
+    shared_anomaly_peak: bool = True
     #: Gaussian sigma (full-resolution pixels) applied to the returned map; 0 (default) leaves
     #: smoothing to the model's post-processing, whose default is the reference's sigma 4
     smoothing_sigma: float = 0.0

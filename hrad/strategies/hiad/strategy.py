@@ -323,25 +323,29 @@ class HiAD(Strategy):
         if count == 0:
             raise InputError("hiad: calibration needs at least one held-out good image; none were given")
         calibration = MinMaxCalibration()
+        patch = self.config.patch_size
+        reached: set[str] = set()  # detectors whose validation patches a pseudo-anomaly touched
         for index in range(count):
             image = images[index]
-            variants = [image]
+            variants: list[tuple[np.ndarray, np.ndarray | None]] = [(image, None)]
             if self.config.pseudo_anomalies:
                 rng = np.random.default_rng([self.config.seed, index])
-                variants.append(paste_pseudo_anomalies(image, rng)[0])
-            for variant in variants:
+                variants.append(paste_pseudo_anomalies(image, rng))
+            for variant, pasted in variants:
                 raw = self.raw_outputs(variant)
                 for m in np.unique(raw.labels):
                     calibration.update(f"high.{int(m)}", raw.patch_maps[torch.from_numpy(raw.labels == m)])
                 if raw.low_map is not None:
                     calibration.update("low", raw.low_map)
+                if pasted is not None:  # positions are image coordinates (the grid pads bottom / right)
+                    reached.update(
+                        f"high.{int(label)}"
+                        for p, label in zip(raw.positions, raw.labels, strict=True)
+                        if pasted[p.y : p.y + patch, p.x : p.x + patch].any()
+                    )
             progress(index + 1, count, "hiad: calibrating")
-        # a detector no validation patch reached (possible with ra) gets the pool's joint range
         names = [f"high.{m}" for m in range(self._assignment.count)]
-        joint = calibration.union(names)
-        for name in names:
-            if name not in calibration:
-                calibration.set_range(name, *joint)
+        calibration.complete_pool(names, reached if self.config.shared_anomaly_peak else None)
         self._calibration = calibration
 
     # ------------------------------------------------------------------ predict
