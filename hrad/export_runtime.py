@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from hrad.data.images import as_image
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, naming_file
 from hrad.hiad_math import (
     bilinear_weights,
     cell_centres,
@@ -44,7 +44,7 @@ from hrad.hiad_math import (
 )
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
-from hrad.prediction import Prediction, Thresholds, check_image_size, decision_thresholds
+from hrad.prediction import Prediction, Thresholds, check_ensemble_size, check_image_size, decision_thresholds
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
 SIDECAR_FORMAT = "hrad-onnx"
@@ -295,10 +295,15 @@ class ExportedPredictor:
     ) -> Prediction:
         """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
         array = as_image(image)
-        check_image_size(array, self.fitted_size, str(image) if isinstance(image, (str, Path)) else "image array")
+        name = str(image) if isinstance(image, (str, Path)) else "image array"
+        check_image_size(array, self.fitted_size, name)
         image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
-        smoothed, score = smooth_and_score(*self.predict_raw(array), self.postprocess, border)
+        try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does
+            raw = self.predict_raw(array)
+        except HradError as error:
+            raise type(error)(naming_file(name, error)) from None
+        smoothed, score = smooth_and_score(*raw, self.postprocess, border)
         return Prediction(
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision
         )
@@ -376,8 +381,8 @@ class OnnxEnsemblePredictor(ExportedPredictor):
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         config = self.config
         height, width = image.shape[:2]
-        if config["image_size"] is None and (height, width) != self.fitted_size:
-            raise InputError(f"image {width}x{height} differs from the fitted size {self.fitted_size[1]}x{self.fitted_size[0]}")
+        if config["image_size"] is None:
+            check_ensemble_size(image, self.fitted_size)
         stride = config["stride"] or config["tile"]
         layout = TileLayout.square(*self.work_size, config["tile"], stride, self.margin, config["tile_edge"])
         padded = layout.pad(resize(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32), self.work_size))

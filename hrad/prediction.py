@@ -119,6 +119,18 @@ def check_image_size(image: np.ndarray, fitted_size: tuple[int, int] | None, nam
         )
 
 
+def check_ensemble_size(image: np.ndarray, fitted_size: tuple[int, int]) -> None:
+    """Refuse an image of another size than a tiled ensemble without ``image_size`` was fitted on
+    (its tile models are bound to tile positions); one wording for the model and its export."""
+    height, width = image.shape[:2]
+    if (height, width) != tuple(fitted_size):
+        fitted_height, fitted_width = fitted_size
+        raise InputError(
+            f"image {width}x{height} differs from the fitted size {fitted_width}x{fitted_height}: a tiled ensemble "
+            "has one model per tile position (fit with image_size set to resize every input)"
+        )
+
+
 def decision_thresholds(
     thresholds: Thresholds | None, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
 ) -> tuple[float | None, float | None]:

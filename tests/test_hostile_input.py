@@ -507,3 +507,39 @@ def test_a_tiled_ensemble_names_the_file_of_another_size(
         hrad.load(model).predict(odd)
     with pytest.raises(InputError, match=re.escape(f"{odd}: image 96x64 differs")):
         hrad.load(model).predict_batch([mixed / "0.png", odd])
+
+
+#: what the model and an exported ensemble's predictor say of an image of another size
+ENSEMBLE_HINT = "a tiled ensemble has one model per tile position (fit with image_size set to resize every input)"
+
+
+def test_an_exported_tiled_ensemble_names_the_file_of_another_size_with_the_models_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hrad.export_runtime import open_predictor
+
+    good = tmp_path / "good"
+    for index in range(3):
+        _png8(good / f"{index}.png", index)
+    model = tmp_path / "model"
+    assert run(["fit", "--data", str(good), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "patchcore",
+                "--strategy", "tiled-ensemble", "--tile", "32"], monkeypatch) == 0
+    exported = tmp_path / "m.onnx"
+    assert run(["export", "--model", str(model), "--out", str(exported)], monkeypatch) == 0
+    images = tmp_path / "in"
+    _png8(images / "a.png", 5)
+    _png8(images / "b_odd.png", 9, 64, 96)
+    odd = images / "b_odd.png"
+    reason = f"{odd}: image 96x64 differs from the fitted size 80x64: {ENSEMBLE_HINT}"
+    for predictor in (hrad.load(model), open_predictor(exported)):  # the same line, the same hint
+        with pytest.raises(InputError) as raised:
+            predictor.predict(odd)
+        assert str(raised.value) == reason
+    capsys.readouterr()
+    # hrad predict: one line naming the file, a failed row, the others predicted, exit status 3
+    assert run(["predict", "--model", str(exported), str(images), "--out", str(tmp_path / "out")], monkeypatch) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"hrad: error: skipped: {reason}"]
+    with (tmp_path / "out" / "scores.csv").open() as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert rows["a.png"]["status"] == "ok" and rows["b_odd.png"]["error"] == reason

@@ -34,6 +34,7 @@ from hrad.errors import ArtifactError, ConfigError, HradError, InputError
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
+from hrad.prediction import check_ensemble_size
 from hrad.runners import active_runner
 from hrad.strategies.base import (
     AnomalyResult,
@@ -217,12 +218,8 @@ class TiledEnsemble(Strategy):
         _check_image(image)
         height, width = image.shape[:2]
         geometry = self._require_fitted()
-        if self.config.image_size is None and (height, width) != geometry.input_size:
-            fitted_h, fitted_w = geometry.input_size
-            raise InputError(
-                f"image {width}x{height} differs from the fitted size {fitted_w}x{fitted_h}: a tiled ensemble "
-                "has one model per tile position (fit with image_size set to resize every input)"
-            )
+        if self.config.image_size is None:
+            check_ensemble_size(image, geometry.input_size)
         if min(height, width) < 1:
             raise InputError(f"image {width}x{height} is empty")
 
