@@ -25,6 +25,7 @@ import hrad
 from hrad.artifact import MANIFEST, WEIGHTS
 from hrad.config import load_config
 from hrad.data import images as image_io
+from hrad.data.datasets import load_dataset
 from hrad.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageList,
@@ -479,6 +480,43 @@ def test_dangling_links_in_a_folder_are_listed_and_refused_naming_them(
     code = run(["fit", "--data", str(good), "--out", str(tmp_path / "m"), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
                 "--strategy", "downsample", "--image-size", "32"], monkeypatch)
     assert code == 2 and f"{good / 'z.png'}: broken symbolic link" in capsys.readouterr().err
+
+
+def test_a_dangling_mask_link_is_refused_naming_link_and_target(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it read "no mask at <link>", as if nothing were there
+    root = tmp_path / "part"
+    for index in range(3):
+        _png8(root / "train" / "good" / f"{index}.png", index)
+    _png8(root / "test" / "good" / "0.png", 5)
+    image = root / "test" / "crack" / "0.png"
+    _png8(image, 6)
+    link = root / "ground_truth" / "crack" / "0_mask.png"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "gone_mask.png")
+    reason = f"{image}: mask {link}: broken symbolic link (its target {tmp_path / 'gone_mask.png'} does not exist)"
+    assert run(["evaluate", "--model", str(model_dir), "--data", str(root), "--out", str(tmp_path / "report")], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == f"hrad: error: {reason}"
+    code = run(["fit", "--data", str(root), "--out", str(tmp_path / "m"), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+                "--strategy", "downsample", "--image-size", "32"], monkeypatch)
+    assert code == 2 and one_line(capsys.readouterr().err) == f"hrad: error: {reason}"
+    # VisA's split CSV names its masks: the same line
+    visa = tmp_path / "visa"
+    _png8(visa / "Normal" / "0.png", 0)
+    _png8(visa / "Anomaly" / "0.png", 1)
+    (visa / "Masks").mkdir()
+    (visa / "Masks" / "0.png").symlink_to(tmp_path / "gone_mask.png")
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\npart,train,normal,Normal/0.png,\npart,test,anomaly,Anomaly/0.png,Masks/0.png\n"
+    )
+    with pytest.raises(InputError) as raised:
+        load_dataset(visa, category="part")
+    assert str(raised.value) == (
+        f"{visa / 'Anomaly' / '0.png'}: mask {visa / 'Masks' / '0.png'}: broken symbolic link (its target "
+        f"{tmp_path / 'gone_mask.png'} does not exist)"
+    )
 
 
 def test_a_tiled_ensemble_names_the_file_of_another_size(

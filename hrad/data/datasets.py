@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrad.data.images import IMAGE_EXTENSIONS, is_image_file, list_images, read_mask
+from hrad.data.images import IMAGE_EXTENSIONS, _not_found, is_image_file, list_images, read_mask
 from hrad.errors import InputError
 
 LAYOUTS = ("auto", "mvtec", "visa", "mvtec_ad2", "folder")
@@ -87,12 +87,20 @@ def _normal_images(folder: Path) -> list[Path]:
     return images
 
 
+def _is_mask_file(image: Path, mask: Path) -> bool:
+    """Whether ``mask`` is a file; a dangling symbolic link there is refused naming its target, as a
+    dangling image is (it is the mask the dataset names, not a missing one)."""
+    if mask.is_symlink() and not mask.exists():
+        raise InputError(f"{image}: mask {_not_found(mask)}")
+    return mask.is_file()
+
+
 def _find_mask(ground_truth: Path, image: Path) -> Path:
     """``<stem>_mask.png`` (MVTec), falling back to ``<stem>.png`` and other extensions."""
     candidates = [ground_truth / f"{image.stem}_mask{ext}" for ext in _MASK_EXTENSIONS]
     candidates += [ground_truth / f"{image.stem}{ext}" for ext in _MASK_EXTENSIONS]
     for candidate in candidates:
-        if candidate.is_file():
+        if _is_mask_file(image, candidate):
             return candidate
     raise InputError(f"{image}: no mask at {candidates[0]}")
 
@@ -180,7 +188,7 @@ def _load_visa(root: Path, category: str | None) -> Dataset:
             train.append(image)
         elif anomalous:
             mask = root / row["mask"] if row["mask"] else None
-            if mask is None or not mask.is_file():
+            if mask is None or not _is_mask_file(image, mask):
                 expected = mask if mask is not None else "(no mask column value)"
                 raise InputError(f"{image}: no mask at {expected}")
             test.append(Sample(image, ANOMALOUS, "bad", mask))
