@@ -6,12 +6,13 @@ machine, date and exact command that produced it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from hrad.config import load_config
 from hrad.data.datasets import Dataset, Sample, load_dataset
 from hrad.data.images import ImageList
+from hrad.data.synthetic import make_demo_dataset
 from hrad.evaluation import environment, evaluate
 from hrad.model import AnomalyModel
 from hrad.profiling import PeakMemory
@@ -103,6 +105,31 @@ def tiled_strategy(model: AnomalyModel) -> TiledStrategy:
 
 def capsules(path: Path | None = None) -> Dataset:
     return load_dataset(path or CAPSULES)
+
+
+def add_texture_and_capsules_arguments(parser: argparse.ArgumentParser) -> None:
+    """The datasets of the calibration benchmarks: hrad's demo textures and a capsules subset."""
+    parser.add_argument("--textures", nargs="*", default=["gravel", "brick", "grass"])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--demo-train", type=int, default=10)
+    parser.add_argument("--demo-test", type=int, default=10, help="good and anomalous test images each")
+    parser.add_argument("--capsules-train", type=int, default=30, help="0 skips capsules")
+    parser.add_argument("--capsules-test", type=int, default=30)
+
+
+def texture_and_capsules(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, list[Path], list[Sample]]]:
+    """(name, training paths, test samples) per dataset of :func:`add_texture_and_capsules_arguments`:
+    each texture made with ``make_demo_dataset`` (seed 0) under ``work``, then capsules (seeded subset)."""
+    for texture in args.textures:
+        root = make_demo_dataset(
+            work / texture, image_size=args.size, n_train=args.demo_train, n_test_good=args.demo_test,
+            n_test_bad=args.demo_test, texture=texture,
+        )  # fmt: skip
+        dataset = load_dataset(root)
+        yield f"demo {texture}", sorted(dataset.train), list(dataset.test)
+    if args.capsules_train:
+        train, test = subset(capsules(), args.capsules_train, args.capsules_test)
+        yield "VisA capsules", list(train), test
 
 
 def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Sequence[str] = MAIN_COLUMNS, extra_tables: dict[str, Sequence[str]] | None = None) -> Path:

@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, capsules, subset, write_results
+from benchmarks.common import RESULTS, add_texture_and_capsules_arguments, texture_and_capsules, write_results
 from hrad.config import load_config
-from hrad.data.datasets import Sample, load_dataset
+from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
-from hrad.data.synthetic import make_demo_dataset
 from hrad.metrics import PixelMetrics, image_metrics
 from hrad.model import AnomalyModel
 
@@ -132,12 +131,7 @@ def plot(examples: list[Example], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--textures", nargs="*", default=["gravel", "brick", "grass"])
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--demo-train", type=int, default=10)
-    parser.add_argument("--demo-test", type=int, default=10, help="good and anomalous test images each")
-    parser.add_argument("--capsules-train", type=int, default=30, help="0 skips capsules")
-    parser.add_argument("--capsules-test", type=int, default=30)
+    add_texture_and_capsules_arguments(parser)
     parser.add_argument("--patch", type=int, default=512)
     parser.add_argument("--detectors", type=int, default=4, help="SCA pool size (HiAD's default 4)")
     parser.add_argument("--backbone", default="efficientnet-lite0")
@@ -157,18 +151,10 @@ def main() -> None:
     )
     columns = ["dataset", "rule", "image_auroc", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "lifted", "max_spread", "normal_max_high_over_low", "same_detectors", "n_train", "n_test"]
     with tempfile.TemporaryDirectory(prefix="hrad_hiad_calibration_") as work:
-        for texture in args.textures:
-            root = make_demo_dataset(Path(work) / texture, image_size=args.size, n_train=args.demo_train, n_test_good=args.demo_test, n_test_bad=args.demo_test, texture=texture)
-            dataset = load_dataset(root)
-            rows.extend(run(f"demo {texture} {args.size}", sorted(dataset.train), list(dataset.test), args, examples))
+        for name, train, test in texture_and_capsules(args, Path(work)):
+            rows.extend(run(name, train, test, args, examples))
             write_results(args.out, rows, notes, columns=columns)
             plot(examples, RESULTS / f"{args.out}.png")
-    if args.capsules_train:
-        train, test = subset(capsules(), args.capsules_train, args.capsules_test)
-        rows.extend(run("VisA capsules", list(train), test, args, examples))
-        write_results(args.out, rows, notes, columns=columns)
-        plot(examples, RESULTS / f"{args.out}.png")
-
 
 if __name__ == "__main__":
     main()
