@@ -45,6 +45,11 @@ def naming_file(path: str | os.PathLike[str], error: HradError) -> str:
     return text if str(path) in text else f"{path}: {text}"
 
 
+def named(path: str | os.PathLike[str], error: HradError) -> HradError:
+    """``error`` again, its line naming ``path`` (:func:`naming_file`): raise it ``from None``."""
+    return type(error)(naming_file(path, error))
+
+
 class NotFittedError(RuntimeError):
     """A detector used before ``fit`` or ``load_state_dict``: a programming error, not a user
     mistake, so it is no :class:`HradError` (models loaded from artifacts are always fitted)."""

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from hrad.data.images import as_image
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError, naming_file
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
     cell_centres,
@@ -302,7 +302,7 @@ class ExportedPredictor:
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does
             raw = self.predict_raw(array)
         except HradError as error:
-            raise type(error)(naming_file(name, error)) from None
+            raise named(name, error) from None
         smoothed, score = smooth_and_score(*raw, self.postprocess, border)
         return Prediction(
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision

@@ -17,7 +17,7 @@ import torch
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
 from hrad.data.images import as_image, as_pixels
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.smoothing import smooth_and_score
@@ -31,7 +31,6 @@ from hrad.strategies.base import (
     Strategy,
     build_strategy,
     image_name,
-    named,
     no_progress,
 )
 

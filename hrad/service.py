@@ -49,7 +49,7 @@ from hrad.data.images import (
     check_pixel_budget,
     read_pixels,
 )
-from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError
+from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError, named
 from hrad.outputs import (
     encode_map_png16,
     encode_png,
@@ -484,7 +484,10 @@ def create_app(
         try:
             array = decode_upload(data, name, budget, before_decode=take_lock)
             start = time.perf_counter()
-            prediction = model.predict(array, *overrides) if any(v is not None for v in overrides) else model.predict(array)
+            try:  # checks of the decoded array say "image array: ...": name the upload instead
+                prediction = model.predict(array, *overrides) if any(v is not None for v in overrides) else model.predict(array)
+            except HradError as error:
+                raise named(name, error) from None
             seconds = time.perf_counter() - start
             metrics.prediction.observe(seconds)
             result: dict[str, Any] = {

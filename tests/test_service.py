@@ -110,6 +110,15 @@ def test_non_images_get_one_line_400(client: TestClient) -> None:
     assert empty.status_code == 400 and "empty" in empty.json()["error"]
 
 
+def test_an_image_the_model_refuses_is_named_by_its_upload(client: TestClient) -> None:
+    tiny = png_bytes(np.full((8, 8, 3), 0.5, dtype=np.float32))  # far under the fitted 128x96
+    response = client.post("/predict", files={"image": ("tiny.png", tiny)})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("tiny.png: image is 8x8, its short side is under")
+    batch = client.post("/predict/batch", files=[("images", ("tiny.png", tiny))]).json()["results"][0]
+    assert batch["status"] == 400 and batch["error"].startswith("tiny.png: image is 8x8")
+
+
 def test_bad_requests_get_one_line_errors(client: TestClient, spot_png: bytes) -> None:
     missing = client.post("/predict", data={"other": "x"})
     assert missing.status_code == 422 and "image" in missing.json()["error"]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig, detector_class
-from hrad.errors import ConfigError, HradError, naming_file
+from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
 from hrad.registry import Registry
 
@@ -99,11 +99,6 @@ def image_name(images: ImageSource | Sequence[np.ndarray], index: int, what: str
     has one, else ``"<what> <index>"``, so a user reads which file, not which position."""
     name = getattr(images, "name", None)
     return str(name(index)) if callable(name) else f"{what} {index}"
-
-
-def named(name: str, error: HradError) -> HradError:
-    """``error`` again, its line naming ``name`` (:func:`hrad.errors.naming_file`)."""
-    return type(error)(naming_file(name, error))
 
 
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:

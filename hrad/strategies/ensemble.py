@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from hrad.detectors.base import Detector, DetectorConfig, detector_class
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
@@ -44,7 +44,6 @@ from hrad.strategies.base import (
     Strategy,
     StrategyConfig,
     image_name,
-    named,
     no_progress,
     sub_state,
 )
