@@ -2,7 +2,7 @@
 feature cells sample a coarser level map, the pool's nearest-centroid assignment, min-max
 calibration and the pooled image score.
 
-Plain numpy, imports nothing of hrad, so the strategy (:mod:`hrad.strategies.hiad`) and the
+numpy and OpenCV (its box filter pools the score), nothing of hrad, so the strategy (:mod:`hrad.strategies.hiad`) and the
 torch-free runtime of an exported HiAD model (:mod:`hrad.export_runtime`) share one definition.
 The meaning of each step is explained in :mod:`hrad.strategies.hiad.fusion` and
 :mod:`hrad.strategies.hiad.strategy`.
@@ -14,8 +14,8 @@ import math
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
-from scipy.ndimage import uniform_filter1d
 
 ArrayT = TypeVar("ArrayT", bound=Any)
 
@@ -96,25 +96,24 @@ def pooled_max(anomaly_map: np.ndarray, pool: int) -> float:
 
 def pooled_max_of_bands(bands: Iterable[np.ndarray], height: int, pool: int) -> float:
     """:func:`pooled_max` of an ``height x W`` map given as consecutive bands of rows, top to bottom
-    (any band heights): each band is averaged down the columns together with the last ``pool - 1``
-    rows of the bands before it, then along the rows, and the maximum kept, so no full-size array
-    is made. Equals the whole-map computation to float32 rounding."""
+    (any band heights): each band is box-filtered together with the last ``pool - 1`` rows of the
+    bands before it and the maximum over its whole windows kept, so no full-size array is made.
+    Equals the whole-map computation to float32 rounding."""
     size_y = min(pool, height)
     carry: np.ndarray | None = None  # the last size_y - 1 rows seen, the top of the next windows
     best = -np.inf
     for band in bands:
-        rows = np.asarray(band, dtype=np.float32)
+        rows = np.ascontiguousarray(band, dtype=np.float32)
         block = rows if carry is None or not len(carry) else np.concatenate([carry, rows])
         windows = len(block) - size_y + 1
         if windows > 0:
-            # centred running mean; keep the windows that lie wholly inside (scipy centres a
-            # window of size s on its element s // 2)
-            start = size_y // 2
-            averaged = uniform_filter1d(block, size_y, axis=0, mode="constant")[start : start + windows]
-            size_x = min(pool, averaged.shape[1])
-            kept = averaged.shape[1] - size_x + 1
-            averaged = uniform_filter1d(averaged, size_x, axis=1, mode="constant")[:, size_x // 2 : size_x // 2 + kept]
-            best = max(best, float(averaged.max()))
+            # OpenCV's box filter (double sums for float32) anchors a window of size s on its
+            # element s // 2; keep the windows that lie wholly inside (the border rule is unused)
+            size_x = min(pool, block.shape[1])
+            kept = block.shape[1] - size_x + 1
+            averaged = cv2.boxFilter(block, -1, (size_x, size_y), normalize=True, borderType=cv2.BORDER_REPLICATE)
+            start_y, start_x = size_y // 2, size_x // 2
+            best = max(best, float(averaged[start_y : start_y + windows, start_x : start_x + kept].max()))
         carry = block[max(0, len(block) - (size_y - 1)) :]
     return float(best)
 
