@@ -88,6 +88,15 @@ def test_messages_print_paths_and_hints_as_they_are(tmp_path: Path, monkeypatch:
     assert "'hrad[track]'" in capsys.readouterr().out  # was printed as 'hrad'
 
 
+def test_help_reflows_docstring_paragraphs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # a docstring's source line breaks are not the terminal's: kept, they broke each paragraph
+    # into ragged lines ("... is skipped with" / "one warning line ...")
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run(["evaluate", "--help"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert any("is skipped with one warning line naming the file" in line for line in out.splitlines())
+
+
 def test_list_writes_to_stdout(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["list"], monkeypatch) == 0  # `hrad list | grep ...` and `hrad list > file` see it (it went to stderr)
     out = capsys.readouterr().out

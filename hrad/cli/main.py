@@ -26,7 +26,7 @@ from hrad.errors import HradError, InputError
 if TYPE_CHECKING:
     from hrad.tracking import TrackedRun
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-resolution industrial anomaly detection.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="High-resolution industrial anomaly detection.")
 
 
 class MapFormat(str, Enum):
@@ -123,7 +123,7 @@ def fit(
         list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
     ] = None,
     track: Annotated[
-        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad\\[track]')")
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
 ) -> None:
     """Fit a model on good images and write one artifact."""
@@ -283,7 +283,7 @@ def evaluate(
         ),
     ] = 24,
     track: Annotated[
-        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad\\[track]')")
+        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
     batch_images: Annotated[
         int, typer.Option(min=1, help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
