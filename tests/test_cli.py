@@ -176,6 +176,29 @@ def test_corrupt_image_in_training_folder(tmp_path: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "m").exists()
 
 
+def test_evaluate_skips_test_images_with_an_empty_or_misfitting_mask(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "part"
+    shutil.copytree(dataset, data)
+    empty = data / "ground_truth" / "spot" / "000_mask.png"
+    empty.write_bytes(b"")
+    small = data / "ground_truth" / "spot" / "001_mask.png"
+    cv2.imwrite(str(small), np.zeros((60, 80), dtype=np.uint8))  # its image is 128x96
+    model = tmp_path / "model"
+    fit = ["fit", "--data", str(data), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+           "--strategy", "downsample", "--image-size", "64"]  # fmt: skip
+    assert run(fit, monkeypatch) == 0  # fit reads no test masks
+    capsys.readouterr()
+    assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "report")], monkeypatch) == 3
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "hrad: warning:" in line]
+    assert "Traceback" not in err and len(warnings) == 2
+    assert any(str(empty) in line and str(data / "test" / "spot" / "000.png") in line and "empty" in line for line in warnings)
+    assert any(f"{small}: mask is 80x60 but its image" in line and "is 128x96" in line for line in warnings)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["images_skipped"] == 2
+
+
 def test_evaluate_skips_corrupt_test_images_and_exits_3(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
