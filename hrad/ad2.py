@@ -30,7 +30,7 @@ from hrad.data.images import read_image, write_map_tiff, write_mask
 from hrad.errors import ConfigError, InputError
 from hrad.metrics import PixelMetrics, image_metrics
 from hrad.model import AnomalyModel
-from hrad.strategies.base import ProgressCallback, no_progress
+from hrad.progress import ProgressCallback, no_progress
 
 PRIVATE_SPLITS = ("test_private", "test_private_mixed")
 FLOAT16_MAX = float(np.finfo(np.float16).max)

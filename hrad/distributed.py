@@ -35,7 +35,7 @@ from hrad.outputs import (
 from hrad.runners import Setup, _check_gpus, _one_line, _run_setup, _set_threads, _task_error, ray_session
 
 if TYPE_CHECKING:
-    from hrad.strategies.base import ProgressCallback
+    from hrad.progress import ProgressCallback
 
 
 @dataclass(frozen=True)

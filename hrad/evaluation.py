@@ -41,10 +41,10 @@ from hrad.errors import HradError, InputError, naming_file
 from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
 from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
+from hrad.progress import ProgressCallback, no_progress
 from hrad.reports.figures import Case, case_grid, select_cases, thumbnail
 from hrad.reports.html import ReportData, render_html
 from hrad.reports.markdown import metrics_report, table
-from hrad.strategies.base import ProgressCallback, no_progress
 
 Protocol = Literal["full", "hiad512"]
 #: the default precision of pixel metrics (see the module docstring)

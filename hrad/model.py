@@ -25,13 +25,12 @@ from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
 from hrad.prediction import check_image_size, decision_thresholds
+from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     ImageSource,
-    ProgressCallback,
     Strategy,
     build_strategy,
     image_name,
-    no_progress,
 )
 
 

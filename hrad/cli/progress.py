@@ -1,13 +1,14 @@
-"""Progress behind the strategies' ``progress(done, total, description)`` callbacks: rich bars
-in a terminal; plain lines when stderr is a file or pipe (``hrad fit ... 2> fit.log``), where
-bars would show nothing until each stage ended."""
+"""Progress behind the strategies' ``progress(done, total, description)`` callbacks and the steps
+detectors log (:func:`hrad.progress.log_progress`: epochs, coreset selection): rich bars in a
+terminal; plain lines when stderr is a file or pipe (``hrad fit ... 2> fit.log``), where bars
+would show nothing until each stage ended."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -20,8 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-if TYPE_CHECKING:  # hrad predict on an exported model runs without torch
-    from hrad.strategies.base import ProgressCallback
+from hrad.progress import ProgressCallback, progress_of
 
 #: hrad's messages (stderr). ``markup=False``: messages carry user paths and error texts, which
 #: must print as they are (a file named ``[x].png``, ``pip install 'hrad[serve]'``); a stray
@@ -55,12 +55,42 @@ def _log_lines(interval: float) -> ProgressCallback:
     return update
 
 
+class _ProgressRecords(logging.Handler):
+    """Steps logged by code without a progress callback (:func:`hrad.progress.log_progress`:
+    a detector's epochs, PatchCore's coreset) into the command's bars or lines."""
+
+    def __init__(self, update: ProgressCallback) -> None:
+        super().__init__(logging.INFO)
+        self.update = update
+
+    def emit(self, record: logging.LogRecord) -> None:
+        step = progress_of(record)
+        if step is not None:
+            self.update(*step)
+
+
+@contextmanager
+def _with_logged_steps(update: ProgressCallback) -> Iterator[ProgressCallback]:
+    """``update``, also fed by hrad's progress log records while the block runs."""
+    logger = logging.getLogger("hrad")
+    handler, level = _ProgressRecords(update), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield update
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @contextmanager
 def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
     """A callback that shows one bar per distinct description in a terminal, else plain lines
     (:func:`_log_lines`, one per ``interval`` seconds and stage at most)."""
     if not console.is_terminal:
-        yield _log_lines(interval)
+        with _with_logged_steps(_log_lines(interval)) as lines:
+            yield lines
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -78,4 +108,5 @@ def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
                 tasks[description] = bars.add_task(description, total=total)
             bars.update(tasks[description], completed=done, total=total)
 
-        yield update
+        with _with_logged_steps(update):
+            yield update

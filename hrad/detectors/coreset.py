@@ -17,10 +17,18 @@ axes, so that is a small share of them; on structureless noise it falls back to 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
+
+from hrad.progress import log_progress
+
+logger = logging.getLogger(__name__)
+
+#: progress records per selection (one per this share of the rows to select)
+PROGRESS_STEPS = 100
 
 
 def random_projection(features: Tensor, projection_dim: int, seed: int = 0) -> Tensor:
@@ -98,7 +106,10 @@ def _select(rotated: Tensor, leading: Tensor, count: int, start: int) -> Tensor:
     min_sq_dist = torch.full((total,), float("inf"), device=rotated.device)
     selected = torch.empty(count, dtype=torch.long)  # on the CPU: filled with Python ints
     current = start
+    report_every = max(1, -(-count // PROGRESS_STEPS))  # at most PROGRESS_STEPS records
     for position in range(count):
+        if position % report_every == 0 and position:
+            log_progress(logger, position, count, "coreset selection")
         selected[position] = current
         center = rotated[current]
         bound = leading_norms - 2.0 * (leading @ leading[current]) + leading_norms[current]
@@ -111,4 +122,5 @@ def _select(rotated: Tensor, leading: Tensor, count: int, start: int) -> Tensor:
             min_sq_dist[near] = torch.minimum(min_sq_dist[near], sq_dist)
         min_sq_dist[current] = 0.0
         current = int(torch.argmax(min_sq_dist))
+    log_progress(logger, count, count, "coreset selection")
     return selected

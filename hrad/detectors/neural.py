@@ -35,6 +35,7 @@ from hrad.detectors.scoring import (
     module_state,
 )
 from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
+from hrad.progress import log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +413,10 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             mean = total / count
             history.append(mean)
             self.loss_history.append(mean)
-            logger.info("%s %s: epoch %d/%d, mean loss %.5g", self.name, stage.name, epoch + 1, stage.epochs, mean)
+            log_progress(
+                logger, epoch + 1, stage.epochs, f"{self.name}: {stage.name} epochs",
+                "%s %s: epoch %d/%d, mean loss %.5g", self.name, stage.name, epoch + 1, stage.epochs, mean,
+            )  # fmt: skip
             if self.end_epoch(stage, epoch, mean):
                 break
 

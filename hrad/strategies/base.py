@@ -9,7 +9,7 @@ own resolution plus an image score. It talks to detectors only through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -23,6 +23,7 @@ from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig, detector_class
 from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
+from hrad.progress import ProgressCallback, no_progress
 from hrad.registry import Registry
 
 
@@ -75,11 +76,6 @@ def sub_state(reader: StateReader, prefix: str) -> dict[str, Tensor]:
 
 
 #: Called as ``progress(done, total, description)`` during long work.
-ProgressCallback = Callable[[int, int, str], None]
-
-
-def no_progress(done: int, total: int, description: str) -> None:
-    """Default progress callback: report nothing."""
 
 
 class ImageSource(Protocol):

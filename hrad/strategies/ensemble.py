@@ -35,16 +35,15 @@ from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.seams import smooth_seams
 from hrad.prediction import check_ensemble_size
+from hrad.progress import ProgressCallback, no_progress
 from hrad.runners import active_runner
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
-    ProgressCallback,
     StateReader,
     Strategy,
     StrategyConfig,
     image_name,
-    no_progress,
     sub_state,
 )
 from hrad.strategies.pixels import TileSource, working_image

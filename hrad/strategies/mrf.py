@@ -52,14 +52,13 @@ from hrad.features.base import FeatureExtractor
 from hrad.imaging import resize
 from hrad.postprocess.foreground import ForegroundMasker, PCAForegroundMasker
 from hrad.postprocess.smoothing import top_fraction_mean
+from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
-    ProgressCallback,
     StateReader,
     Strategy,
     StrategyConfig,
-    no_progress,
     sub_state,
 )
 from hrad.strategies.pixels import PixelImage, resize_pixels

@@ -25,14 +25,13 @@ from hrad.data.anomalies import AnomalySynthesiser
 from hrad.detectors.base import Detector, DetectorConfig, build_detector, detector_class
 from hrad.features.base import Embedder, FeatureExtractor
 from hrad.imaging import resize
+from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
-    ProgressCallback,
     StateReader,
     Strategy,
     StrategyConfig,
-    no_progress,
     sub_state,
 )
 from hrad.strategies.pixels import TileSource, working_image

@@ -40,14 +40,13 @@ from hrad.hiad_math import (
 from hrad.imaging import resize, shrinks
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
+from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
-    ProgressCallback,
     StateReader,
     Strategy,
     image_name,
-    no_progress,
     sub_state,
     to_tensor,
 )

@@ -1,0 +1,65 @@
+"""Progress of work without a callback in its interface: detectors' logged steps reach the CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run, write
+from conftest import textured_image
+
+from hrad.detectors.coreset import greedy_coreset
+from hrad.progress import log_progress, progress_of
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("progress") / "part"
+    rng = np.random.default_rng(0)
+    for index in range(5):
+        write(root / "train" / "good" / f"{index:03d}.png", textured_image(rng, 64, 96))
+    write(root / "test" / "good" / "000.png", textured_image(rng, 64, 96))
+    return root
+
+
+def test_a_logged_step_carries_done_total_and_description(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("hrad.test_progress")
+    with caplog.at_level(logging.INFO, logger="hrad"):
+        log_progress(logger, 3, 7, "stage")
+        log_progress(logger, 4, 7, "stage", "custom %s", "text")
+        logger.info("plain")
+    steps = [progress_of(record) for record in caplog.records]
+    assert steps == [(3, 7, "stage"), (4, 7, "stage"), None]
+    assert [record.getMessage() for record in caplog.records] == ["stage: 3/7", "custom text", "plain"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hrad"):
+        log_progress(logger, 1, 2, "quiet")  # below the level: no record is made
+    assert caplog.records == []
+
+
+def test_coreset_selection_reports_its_steps_up_to_the_last(caplog: pytest.LogCaptureFixture) -> None:
+    features = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="hrad.detectors.coreset"):
+        selected = greedy_coreset(features, 250, projection_dim=None)
+    steps = [progress_of(record) for record in caplog.records]
+    assert len(selected) == 250 and steps[-1] == (250, 250, "coreset selection")
+    done = [step[0] for step in steps if step is not None]
+    assert done == sorted(done) and 2 < len(done) <= 101  # about one record per 1% of the selections
+
+
+def test_fit_shows_detector_epochs_and_coreset_steps(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stderr is not a terminal here: the plain lines a log file gets (hrad fit ... 2> fit.log)
+    base = ["fit", "--data", str(dataset), "--backbone", "tiny-cnn", "--strategy", "downsample", "--image-size", "64"]
+    assert run([*base, "--out", str(tmp_path / "flow"), "--detector", "fastflow", "--set", "detector.epochs=2"], monkeypatch) == 0
+    assert "fastflow: train epochs: 2/2" in capsys.readouterr().err
+    assert run([*base, "--out", str(tmp_path / "core"), "--detector", "patchcore", "--set", "detector.coreset_ratio=0.5"], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "coreset selection: " in err and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.startswith("coreset selection: ")][-1]
+    done, total = last.split(": ")[1].split(",")[0].split("/")
+    assert done == total
