@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
+from PIL import Image
 
 import hrad
 from hrad.metrics import PixelMetrics
 from hrad.metrics.pixel import normalised_area
+from hrad.reports.figures import Case, case_grid, thumbnail
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,27 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, rng: np.random.Gene
     picture = cv2.imread(str(shot))
     assert picture is not None and picture.shape[1] == 1200 and picture.shape[0] > 2000  # every section laid out
     assert (picture < 200).any(axis=2).mean() > 0.02  # drawn content, not a blank page
+
+
+def test_thumbnails_bound_the_area_so_strips_stay_legible() -> None:
+    assert thumbnail(np.zeros((1000, 1000), np.float32)).shape == (320, 320)
+    assert thumbnail(np.zeros((512, 4096), np.float32)).shape == (113, 905)  # not 40 x 320
+    assert thumbnail(np.zeros((64, 65536), bool)).shape == (1, 1280)  # the long side is bounded too
+    small = np.ones((30, 50), np.float32)
+    assert thumbnail(small).shape == (30, 50)
+
+
+@pytest.mark.parametrize(("image_shape", "figure_width", "stacked"), [((100, 100), 990, False), ((40, 320), 1320, True)])
+def test_case_grid_stacks_the_panels_of_wide_images(
+    tmp_path: Path, image_shape: tuple[int, int], figure_width: int, stacked: bool
+) -> None:
+    height, width = image_shape
+    case = Case("strip.png", 1, 0.5, np.zeros((height, width, 3), np.float32), np.zeros(image_shape, np.float32), None)
+    path = case_grid({"cases": [case, case, case]}, tmp_path / "cases.png")
+    with Image.open(path) as figure:
+        size = figure.size
+    assert size[0] == figure_width  # 9 inches side by side, 12 stacked, at 110 dpi
+    if stacked:
+        assert size[1] > size[0]  # nine full-width panels, one under the other
+    else:
+        assert size[1] < 2 * size[0]  # three rows of three square panels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ class Case:
     mask: np.ndarray | None  # h x w bool thumbnail
 
 
-def thumbnail(array: np.ndarray, long_side: int = 320) -> np.ndarray:
-    """Area-downscaled copy whose long side is at most ``long_side``."""
+def thumbnail(array: np.ndarray, side: int = 320, longest: int = 1280) -> np.ndarray:
+    """Area-downscaled copy of at most ``side x side`` pixels' area and ``longest`` along its long
+    side: a square image becomes 320 x 320, a 1:8 line-scan strip about 113 x 905 (a bound on the
+    long side alone would leave it 40 px high, too thin to show a defect)."""
     import cv2
 
     height, width = array.shape[:2]
-    scale = min(1.0, long_side / max(height, width))
+    scale = min(1.0, side / math.sqrt(height * width), longest / max(height, width))
     if scale == 1.0:
         return array.copy()
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -50,6 +53,16 @@ def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
     }
 
 
+#: image width / height above which a case's panels are stacked (a row of three would be slivers)
+STACK_ASPECT = 2.0
+#: figure widths (inches): three panels side by side; one stacked panel
+SIDE_BY_SIDE_WIDTH = 9.0
+STACKED_WIDTH = 12.0
+#: panel height limits (inches): a very tall image's panel; the room for a panel's title
+MAX_PANEL_HEIGHT = 6.0
+PANEL_TITLE_HEIGHT = 0.45
+
+
 def case_grid(
     groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
 ) -> Path:
@@ -57,8 +70,17 @@ def case_grid(
     (default: 0, or the lowest map value when maps go negative, .. the highest)."""
     rows = [(group, case) for group, members in groups.items() for case in members]
     height = max(1, len(rows))
+    # wide images (line-scan strips) get their three panels stacked, full width, instead of side
+    # by side, where a 1:8 strip would be a sliver; rows are as tall as the images' shape needs
+    aspect = float(np.median([c.image.shape[1] / c.image.shape[0] for _, c in rows])) if rows else 1.0
+    stacked = aspect > STACK_ASPECT
+    panel_width = STACKED_WIDTH if stacked else SIDE_BY_SIDE_WIDTH / 3
+    panel_height = min(panel_width / aspect, MAX_PANEL_HEIGHT) + PANEL_TITLE_HEIGHT
+    shape = (3 * height, 1) if stacked else (height, 3)
+    size = (panel_width, 3 * height * panel_height) if stacked else (SIDE_BY_SIDE_WIDTH, height * panel_height)
     # constrained layout leaves room for the suptitle (tight_layout let it overlap the first row's titles)
-    figure, axes = plt.subplots(height, 3, figsize=(9, 2.6 * height), squeeze=False, layout="constrained")
+    figure, grid = plt.subplots(*shape, figsize=size, squeeze=False, layout="constrained")
+    axes = grid.reshape(height, 3)
     scale = vmax if vmax is not None else max((float(c.anomaly_map.max()) for _, c in rows), default=1.0)
     low = vmin if vmin is not None else min([0.0, *(float(c.anomaly_map.min()) for _, c in rows)])
     if not scale > low:
