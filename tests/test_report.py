@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from pathlib import Path
@@ -150,3 +151,17 @@ def test_case_grid_stacks_the_panels_of_wide_images(
         assert size[1] > size[0]  # nine full-width panels, one under the other
     else:
         assert size[1] < 2 * size[0]  # three rows of three square panels
+
+
+def test_the_html_case_figure_stacks_a_strip() -> None:
+    from hrad.reports.html import case_figure
+
+    def size(shape: tuple[int, int]) -> tuple[int, int]:
+        case = Case("x.png", 0, 0.1, np.zeros((*shape, 3), np.float32), np.random.default_rng(0).random(shape).astype(np.float32), None)
+        with Image.open(io.BytesIO(base64.b64decode(case_figure(case, None, None)))) as figure:
+            return figure.size
+
+    strip_width, strip_height = size((40, 320))
+    square_width, square_height = size((100, 100))
+    assert strip_width > 750 and strip_height > strip_width / 4  # two full-width panels, one above the other
+    assert square_width < 700 and square_height < square_width / 2  # two panels side by side

@@ -63,6 +63,11 @@ MAX_PANEL_HEIGHT = 6.0
 PANEL_TITLE_HEIGHT = 0.45
 
 
+def image_aspect(case: Case) -> float:
+    """Width over height of the case's image: above :data:`STACK_ASPECT`, panels are stacked."""
+    return case.image.shape[1] / case.image.shape[0]
+
+
 def case_grid(
     groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
 ) -> Path:
@@ -72,7 +77,7 @@ def case_grid(
     height = max(1, len(rows))
     # wide images (line-scan strips) get their three panels stacked, full width, instead of side
     # by side, where a 1:8 strip would be a sliver; rows are as tall as the images' shape needs
-    aspect = float(np.median([c.image.shape[1] / c.image.shape[0] for _, c in rows])) if rows else 1.0
+    aspect = float(np.median([image_aspect(c) for _, c in rows])) if rows else 1.0
     stacked = aspect > STACK_ASPECT
     panel_width = STACKED_WIDTH if stacked else SIDE_BY_SIDE_WIDTH / 3
     panel_height = min(panel_width / aspect, MAX_PANEL_HEIGHT) + PANEL_TITLE_HEIGHT

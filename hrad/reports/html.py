@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from hrad.reports.figures import Case  # noqa: E402
+from hrad.reports.figures import STACK_ASPECT, Case, image_aspect  # noqa: E402
 from hrad.reports.markdown import format_value  # noqa: E402
 
 #: most points drawn per curve (curves have one vertex per score bin: often 10^5 or more)
@@ -164,7 +164,12 @@ def score_figure(data: ReportData) -> str:
 
 
 def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_threshold: float | None) -> str:
-    figure, axes = plt.subplots(1, 2, figsize=(7.0, 2.9))
+    """Image and overlay side by side, or one above the other for a wide image (a line-scan strip)."""
+    aspect = image_aspect(case)
+    if aspect > STACK_ASPECT:
+        figure, axes = plt.subplots(2, 1, figsize=(10.0, 2 * (10.0 / aspect + 0.45)))
+    else:
+        figure, axes = plt.subplots(1, 2, figsize=(7.0, 2.9))
     image = np.clip(case.image, 0, 1)
     low, high = overlay_range if overlay_range else (float(case.anomaly_map.min()), float(case.anomaly_map.max()))
     axes[0].imshow(image)
@@ -189,7 +194,7 @@ h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .cases { display: flex; flex-wrap: wrap; gap: 12px; } .case { border: 1px solid #ddd; padding: 6px; font-size: 12px; }
-.case img { width: 520px; } .note { font-size: 12px; color: #555; } pre { font-size: 11px; background: #f6f6f6; padding: 8px; overflow-x: auto; }
+.case img { width: 520px; } .case.wide img { width: 1060px; } .note { font-size: 12px; color: #555; } pre { font-size: 11px; background: #f6f6f6; padding: 8px; overflow-x: auto; }
 img { max-width: 100%; }
 """
 
@@ -242,8 +247,9 @@ def render_html(data: ReportData) -> str:
                 caption = f"{case.name}: {label}, score {float(case.score):.4g}"
                 if data.image_threshold is not None:
                     caption += f" ({'above' if case.score > data.image_threshold else 'below'} the threshold)"
+                kind = "case wide" if image_aspect(case) > STACK_ASPECT else "case"
                 parts.append(
-                    f"<div class=case>{_img(case_figure(case, data.overlay_range, data.pixel_threshold), caption)}"
+                    f"<div class='{kind}'>{_img(case_figure(case, data.overlay_range, data.pixel_threshold), caption)}"
                     f"<div>{html.escape(caption)}</div></div>"
                 )
             parts.append("</div>")
