@@ -161,7 +161,7 @@ class MinMaxCalibration:
         for name in names:
             if name not in self:
                 self.set_range(name, *joint)
-        reached = [name for name in names if anomalous and name in anomalous]
+        reached = [name for name in names if name in (anomalous or set())]
         if not reached:
             return
         peak = max(self.range(name)[1] for name in reached)
