@@ -63,3 +63,18 @@ def test_fit_shows_detector_epochs_and_coreset_steps(
     last = [line for line in err.splitlines() if line.startswith("coreset selection: ")][-1]
     done, total = last.split(": ")[1].split(",")[0].split("/")
     assert done == total
+
+
+def test_inside_the_cli_progress_detector_warnings_still_print_and_other_records_stay_quiet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hrad.cli.progress import progress_bars
+
+    logger = logging.getLogger("hrad.detectors.test_progress")
+    with progress_bars():
+        log_progress(logger, 1, 2, "stage")
+        logger.info("an ordinary info line")
+        logger.warning("a detector's warning")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["stage: 1/2, 0 s", "hrad: warning: a detector's warning"]
+    assert logging.getLogger("hrad.detectors").level == logging.NOTSET  # restored

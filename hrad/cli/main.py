@@ -20,7 +20,7 @@ import click
 import typer
 from rich.text import Text
 
-from hrad.cli.progress import console, progress_bars
+from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def fit(
         model.save(out)
         console.print(f"model written to {out}")
         if model.thresholds is None:
-            _print_warning(
+            print_warning(
                 f"no held-out normal images ({len(train)} training images, threshold.validation_fraction "
                 f"{model_config.threshold.validation_fraction}), so the model has no thresholds: hrad predict gives "
                 "scores and maps but no decisions or masks unless given --threshold / --pixel-threshold; "
@@ -337,11 +337,7 @@ class _ConsoleWarnings(logging.Handler):
     """Log records (``hrad.evaluation``'s skipped images) as one ``hrad: warning:`` line each."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        _print_warning(record.getMessage())
-
-
-def _print_warning(message: str) -> None:
-    console.print(Text.assemble(("hrad: warning:", "yellow"), f" {' '.join(message.split())}"))
+        print_warning(record.getMessage())
 
 
 @app.command()

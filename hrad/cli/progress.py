@@ -20,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from hrad.progress import ProgressCallback, progress_of
 
@@ -55,9 +56,19 @@ def _log_lines(interval: float) -> ProgressCallback:
     return update
 
 
+def print_warning(message: str) -> None:
+    """One ``hrad: warning: ...`` line."""
+    console.print(Text.assemble(("hrad: warning:", "yellow"), f" {' '.join(message.split())}"))
+
+
+#: where the code without progress callbacks logs its steps (:func:`hrad.progress.log_progress`)
+STEP_LOGGER = "hrad.detectors"
+
+
 class _ProgressRecords(logging.Handler):
     """Steps logged by code without a progress callback (:func:`hrad.progress.log_progress`:
-    a detector's epochs, PatchCore's coreset) into the command's bars or lines."""
+    a detector's epochs, PatchCore's coreset) into the command's bars or lines; that code's
+    warnings as warning lines (this handler takes the place of Python's last-resort printer)."""
 
     def __init__(self, update: ProgressCallback) -> None:
         super().__init__(logging.INFO)
@@ -67,12 +78,14 @@ class _ProgressRecords(logging.Handler):
         step = progress_of(record)
         if step is not None:
             self.update(*step)
+        elif record.levelno >= logging.WARNING:
+            print_warning(record.getMessage())
 
 
 @contextmanager
 def _with_logged_steps(update: ProgressCallback) -> Iterator[ProgressCallback]:
-    """``update``, also fed by hrad's progress log records while the block runs."""
-    logger = logging.getLogger("hrad")
+    """``update``, also fed by the detectors' progress log records while the block runs."""
+    logger = logging.getLogger(STEP_LOGGER)
     handler, level = _ProgressRecords(update), logger.level
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
