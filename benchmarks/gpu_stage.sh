@@ -42,7 +42,7 @@ measure)
     out="${2:-gpu_cuda}"
     shift $(( $# < 2 ? $# : 2 ))
     export PYTHONPATH=/tmp/site:.
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_detectors.py tests/test_neural.py tests/test_knn_device.py \
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_detectors.py tests/test_neural.py tests/test_knn_device.py tests/test_pixels.py tests/test_hiad.py \
         2>&1 | tail -15 | tee "$OUT/gpu_tests.log" || true
     timeout 420 python3 benchmarks/gpu.py --source synthetic --profile \
         --vit-weights .gpuw/dinov2_vits14_fp16.safetensors --out "$out" "$@" 2>&1 | tail -40 || true

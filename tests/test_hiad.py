@@ -301,6 +301,24 @@ def test_a_detector_no_pseudo_anomaly_reached_does_not_light_its_normal_patches(
         assert right_over_left > 2 and good[:, 64:].max() > 0.7
 
 
+@pytest.mark.gpu
+def test_on_cuda_a_pool_that_answers_on_the_cpu_predicts_as_on_the_cpu(detector: BankConfig) -> None:
+    """The pool's maps are gathered on the features' device and read back once per chunk; a
+    detector answering on the CPU (as the test bank here, or a faiss-cpu index) is moved there."""
+    images = noise_images(4, 64, 96, seed=21)
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        extractor = build_backbone(BackboneConfig(name="tiny-cnn")).to(device)
+        strategy = make(detector, extractor, assignment="na", num_detectors=2)
+        strategy.fit(images[:2])
+        strategy.calibrate(images[2:3])
+        results.append(strategy.predict(images[3]))
+    # cuDNN may use TF32 convolutions: equal to rounding of the calibrated [0, 1] maps, not bits
+    np.testing.assert_allclose(results[1].anomaly_map, results[0].anomaly_map, rtol=0, atol=1e-2)
+    assert results[1].score == pytest.approx(results[0].score, abs=1e-2)
+
+
 @pytest.fixture(scope="module")
 def fitted(detector: BankConfig, extractor: FeatureExtractor) -> HiAD:
     strategy = make(

@@ -293,16 +293,17 @@ class HiAD(Strategy):
                 features.mean(dim=(2, 3)).double().cpu().numpy() if self.config.assignment == "ra" else None
             )
             chunk_labels = self._assignment.assign(np.array([p.index for p in chunk]), descriptors)
-            chunk_maps = torch.empty(features.shape[0], *features.shape[-2:])
+            # on the features' device, read back once per chunk: one wait for all the pool's
+            # detectors, not one per detector, so a GPU runs them back to back
+            chunk_maps = torch.empty(features.shape[0], *features.shape[-2:], device=features.device)
             for m in np.unique(chunk_labels):
-                selected = torch.from_numpy(np.flatnonzero(chunk_labels == m))
-                output = self._detector(int(m)).predict(features[selected.to(features.device)])
-                chunk_maps[selected] = (
-                    output.maps.detach().float().cpu().reshape(len(selected), *features.shape[-2:])
-                )
+                selected = torch.from_numpy(np.flatnonzero(chunk_labels == m)).to(features.device)
+                output = self._detector(int(m)).predict(features[selected])
+                detector_maps = output.maps.detach().to(chunk_maps.device, torch.float32)  # a CPU index answers on the CPU
+                chunk_maps[selected] = detector_maps.reshape(len(selected), *features.shape[-2:])
             positions.extend(chunk)
             labels.append(chunk_labels)
-            maps.append(chunk_maps)
+            maps.append(chunk_maps.cpu())
         low_map = None
         if self.config.low_branch:
             low_map = self._low_detector().predict(self._embed_low(tensor)).maps.detach().float().cpu()[0]
