@@ -44,7 +44,14 @@ from hrad.hiad_math import (
 )
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
-from hrad.prediction import Prediction, Thresholds, check_ensemble_size, check_image_size, decision_thresholds
+from hrad.prediction import (
+    Prediction,
+    Thresholds,
+    check_ensemble_size,
+    check_image_size,
+    check_pool_size,
+    decision_thresholds,
+)
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
 SIDECAR_FORMAT = "hrad-onnx"
@@ -536,11 +543,8 @@ class HiADPredictor(ExportedPredictor):
         geometry = self.geometry
         height, width = image.shape[:2]
         fitted_h, fitted_w = geometry["fitted_size"]
-        if geometry["positional"] and (height, width) != (fitted_h, fitted_w):
-            raise InputError(
-                f"hiad: image is {height}x{width} but the model was fitted on {fitted_h}x{fitted_w} images; "
-                f"{self.kind} binds detectors to patch positions (use a2o or ra for mixed sizes)"
-            )
+        if geometry["positional"]:
+            check_pool_size(image, (fitted_h, fitted_w), self.kind)
         planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
         low_size = low_branch_size(height, width, int(geometry["low_res_size"]), int(geometry["multiple"]))
         if self.low is not None and list(low_size) != list(geometry["low_size"]) and not geometry["other_sizes_verified"]:

@@ -131,6 +131,18 @@ def check_ensemble_size(image: np.ndarray, fitted_size: tuple[int, int]) -> None
         )
 
 
+def check_pool_size(image: np.ndarray, fitted_size: tuple[int, int], assignment: str, what: str = "image") -> None:
+    """Refuse an image of another size than a HiAD model whose pool is bound to patch positions
+    was fitted on; one wording for the strategy and its export."""
+    height, width = image.shape[:2]
+    if (height, width) != tuple(fitted_size):
+        fitted_height, fitted_width = fitted_size
+        raise InputError(
+            f"hiad: {what} is {width}x{height} but the model was fitted on {fitted_width}x{fitted_height} images; "
+            f"{assignment} binds detectors to patch positions (use a2o or ra for mixed sizes)"
+        )
+
+
 def decision_thresholds(
     thresholds: Thresholds | None, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
 ) -> tuple[float | None, float | None]:

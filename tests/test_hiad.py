@@ -521,8 +521,8 @@ def test_usage_errors(detector: BankConfig, extractor: FeatureExtractor, fitted:
         strategy.predict(noise_images(1, 64, 64, 0)[0])
     with pytest.raises(InputError, match="at least one held-out"):
         strategy.calibrate([])
-    with pytest.raises(InputError, match="fitted on 64x96"):
-        fitted.predict(noise_images(1, 64, 64, 0)[0])
+    with pytest.raises(InputError, match="image is 80x64 but the model was fitted on 96x64 images"):  # width x height
+        fitted.predict(noise_images(1, 64, 80, 0)[0])
     with pytest.raises(InputError, match="training image 1"):
         make(detector, extractor, assignment="o2o").fit(
             noise_images(1, 64, 64, 0) + noise_images(1, 32, 64, 0)

@@ -132,7 +132,7 @@ class DinoV2(FeatureExtractor):
         batch, _, height, width = images.shape
         if height % PATCH or width % PATCH:
             raise InputError(
-                f"{self.name} needs image sides that are multiples of {PATCH}; got {height}x{width}"
+                f"{self.name} needs image sides that are multiples of {PATCH}; got {width}x{height}"
             )
         tokens = self.network.embeddings(normalise(images, IMAGENET_MEAN, IMAGENET_STD))
         out: dict[str, Tensor] = {}

@@ -40,6 +40,7 @@ from hrad.hiad_math import (
 from hrad.imaging import resize, shrinks
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
+from hrad.prediction import check_pool_size
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
@@ -143,12 +144,8 @@ class HiAD(Strategy):
     def _check_size(self, image: np.ndarray, what: str) -> None:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"hiad: {what} has shape {image.shape}; expected H x W x 3")
-        if self.positional and self._image_size is not None and tuple(image.shape[:2]) != self._image_size:
-            raise InputError(
-                f"hiad: {what} is {image.shape[0]}x{image.shape[1]} but the model was fitted on "
-                f"{self._image_size[0]}x{self._image_size[1]} images; {self.config.assignment} binds detectors "
-                "to patch positions (use a2o or ra for mixed sizes)"
-            )
+        if self.positional and self._image_size is not None:
+            check_pool_size(image, self._image_size, self.config.assignment, what)
 
     # ------------------------------------------------------------------ fit
 
