@@ -132,8 +132,8 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     if config.low_branch and verify and not _check_at(out_path, embedder, {"images": low_image}):
         out_path.unlink(missing_ok=True)
         raise ConfigError(
-            f"hiad export: the {model.config.backbone.name} graph traced at {window[0]}x{window[1]} does not run at the low "
-            f"branch's {low_size[0]}x{low_size[1]} (a backbone traced with fixed sizes); not exported"
+            f"hiad export: the {model.config.backbone.name} graph traced at {window[1]}x{window[0]} does not run at the low "
+            f"branch's {low_size[1]}x{low_size[0]} (a backbone traced with fixed sizes); not exported"
         )
     other_sizes = check_other and (not verify or _check_at(out_path, embedder, {"images": other_image}))
 
