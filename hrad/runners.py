@@ -297,8 +297,11 @@ class RayExecutor:
                 try:
                     results[index] = ray.get(ref)
                 except Exception as error:
-                    for other in pending:
-                        ray.cancel(other)
+                    # the other tasks are left to finish unseen, not cancelled: in Ray 2.60 a
+                    # cancel that races a task's completion aborts the driver process (a
+                    # RAY_CHECK, "Tried to complete task that was not pending"; it killed a
+                    # test run here; ray-project/ray#54846), and a crash must not replace the
+                    # job's own error. A session this executor started ends with it.
                     raise _task_error(ray, error) from None
                 done += 1
                 if progress is not None:
