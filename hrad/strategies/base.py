@@ -75,9 +75,6 @@ def sub_state(reader: StateReader, prefix: str) -> dict[str, Tensor]:
     return {key[len(start) :]: reader.get(key) for key in reader.keys() if key.startswith(start)}
 
 
-#: Called as ``progress(done, total, description)`` during long work.
-
-
 class ImageSource(Protocol):
     """A sized, indexable collection of ``H x W x 3`` RGB images, loaded lazily: float32 in [0, 1]
     or in the file's pixel type (uint8, uint16), which strategies convert a tile window at a time.
