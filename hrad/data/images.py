@@ -168,7 +168,7 @@ def _one_line(error: BaseException) -> str:
     return text[:200]
 
 
-def _not_found(path: Path) -> str:
+def missing_reason(path: Path) -> str:
     """Why ``path`` (which does not exist) is missing: a dangling symbolic link says where it points."""
     if path.is_symlink():
         try:
@@ -181,7 +181,7 @@ def _not_found(path: Path) -> str:
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise InputError(_not_found(path))
+        raise InputError(missing_reason(path))
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
     if path.stat().st_size == 0:
@@ -732,7 +732,7 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             images.extend(list_images(path))
         elif not path.exists():
-            raise InputError(_not_found(path))
+            raise InputError(missing_reason(path))
         elif not is_image_file(path):
             raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
         else:
