@@ -68,6 +68,11 @@ def image_aspect(case: Case) -> float:
     return case.image.shape[1] / case.image.shape[0]
 
 
+def is_wide(case: Case) -> bool:
+    """Whether the case's panels are stacked rather than set side by side (:data:`STACK_ASPECT`)."""
+    return image_aspect(case) > STACK_ASPECT
+
+
 def case_grid(
     groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
 ) -> Path:

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from hrad.reports.figures import STACK_ASPECT, Case, image_aspect  # noqa: E402
+from hrad.reports.figures import PANEL_TITLE_HEIGHT, Case, image_aspect, is_wide  # noqa: E402
 from hrad.reports.markdown import format_value  # noqa: E402
 
 #: most points drawn per curve (curves have one vertex per score bin: often 10^5 or more)
@@ -165,9 +165,8 @@ def score_figure(data: ReportData) -> str:
 
 def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_threshold: float | None) -> str:
     """Image and overlay side by side, or one above the other for a wide image (a line-scan strip)."""
-    aspect = image_aspect(case)
-    if aspect > STACK_ASPECT:
-        figure, axes = plt.subplots(2, 1, figsize=(10.0, 2 * (10.0 / aspect + 0.45)))
+    if is_wide(case):
+        figure, axes = plt.subplots(2, 1, figsize=(10.0, 2 * (10.0 / image_aspect(case) + PANEL_TITLE_HEIGHT)))
     else:
         figure, axes = plt.subplots(1, 2, figsize=(7.0, 2.9))
     image = np.clip(case.image, 0, 1)
@@ -247,7 +246,7 @@ def render_html(data: ReportData) -> str:
                 caption = f"{case.name}: {label}, score {float(case.score):.4g}"
                 if data.image_threshold is not None:
                     caption += f" ({'above' if case.score > data.image_threshold else 'below'} the threshold)"
-                kind = "case wide" if image_aspect(case) > STACK_ASPECT else "case"
+                kind = "case wide" if is_wide(case) else "case"
                 parts.append(
                     f"<div class='{kind}'>{_img(case_figure(case, data.overlay_range, data.pixel_threshold), caption)}"
                     f"<div>{html.escape(caption)}</div></div>"
