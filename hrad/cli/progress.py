@@ -83,15 +83,15 @@ class _ProgressRecords(logging.Handler):
 
 
 @contextmanager
-def _with_logged_steps(update: ProgressCallback) -> Iterator[ProgressCallback]:
-    """``update``, also fed by the detectors' progress log records while the block runs."""
+def _with_logged_steps(update: ProgressCallback) -> Iterator[None]:
+    """Feed ``update`` the detectors' progress log records while the block runs."""
     logger = logging.getLogger(STEP_LOGGER)
     handler, level = _ProgressRecords(update), logger.level
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
-        yield update
+        yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -102,7 +102,8 @@ def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
     """A callback that shows one bar per distinct description in a terminal, else plain lines
     (:func:`_log_lines`, one per ``interval`` seconds and stage at most)."""
     if not console.is_terminal:
-        with _with_logged_steps(_log_lines(interval)) as lines:
+        lines = _log_lines(interval)
+        with _with_logged_steps(lines):
             yield lines
         return
     with Progress(
