@@ -16,6 +16,8 @@ import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
 
+#: a seconds-long fit: tiny backbone, Gaussian test detector, images downsampled to 64
+TINY_DOWNSAMPLE = ["--backbone", "tiny-cnn", "--detector", "test-gaussian", "--strategy", "downsample", "--image-size", "64"]
 REQUIRED_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro_30", "aupro_05", "seconds_per_image", "peak_rss_mb"]
 
 
@@ -186,9 +188,7 @@ def test_evaluate_skips_test_images_with_an_empty_or_misfitting_mask(
     small = data / "ground_truth" / "spot" / "001_mask.png"
     cv2.imwrite(str(small), np.zeros((60, 80), dtype=np.uint8))  # its image is 128x96
     model = tmp_path / "model"
-    fit = ["fit", "--data", str(data), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
-           "--strategy", "downsample", "--image-size", "64"]  # fmt: skip
-    assert run(fit, monkeypatch) == 0  # fit reads no test masks
+    assert run(["fit", "--data", str(data), "--out", str(model), *TINY_DOWNSAMPLE], monkeypatch) == 0  # reads no test masks
     capsys.readouterr()
     assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "report")], monkeypatch) == 3
     err = capsys.readouterr().err
@@ -211,9 +211,7 @@ def test_evaluate_skips_corrupt_test_images_and_exits_3(
     strip = data / "test" / "good" / "003.png"  # decodes; refused by the model's size check, which sees only the array
     write(strip, textured_image(np.random.default_rng(5), 8, 128))
     model = tmp_path / "model"
-    fit = ["fit", "--data", str(data), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
-           "--strategy", "downsample", "--image-size", "64"]
-    assert run(fit, monkeypatch) == 0
+    assert run(["fit", "--data", str(data), "--out", str(model), *TINY_DOWNSAMPLE], monkeypatch) == 0
     capsys.readouterr()
     report = tmp_path / "report"
     assert run(["evaluate", "--model", str(model), "--data", str(data), "--out", str(report)], monkeypatch) == 3
