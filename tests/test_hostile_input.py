@@ -410,6 +410,34 @@ def _png8(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
     return path.read_bytes()
 
 
+def _predict_without_chatter(
+    model_dir: Path, folder: Path, out: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> tuple[str, dict[str, str]]:
+    """``hrad predict`` over a folder with broken images: status 3, no decoder line on fd 2 (capfd
+    sees what libpng and OpenCV print there themselves); its stderr and each file's error."""
+    capfd.readouterr()
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
+    err = capfd.readouterr().err
+    assert "libpng" not in err and "[ERROR" not in err and "[ WARN" not in err and "Traceback" not in err
+    with (out / "scores.csv").open() as handle:
+        return err, {Path(row["path"]).name: row["error"] for row in csv.DictReader(handle)}
+
+
+def _fit_with_broken_image(broken: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    """``hrad fit`` on three good images and ``broken`` as ``3.png``: it stops there with status 2,
+    no model and no decoder line; the broken file's path and stderr."""
+    good = tmp_path / "good"
+    for index in range(3):
+        _png8(good / f"{index}.png", index)
+    (good / "3.png").write_bytes(broken)
+    model = tmp_path / "model"
+    code = run(["fit", "--data", str(good), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+                "--strategy", "downsample", "--image-size", "32"], monkeypatch)
+    err = capfd.readouterr().err
+    assert code == 2 and not model.exists() and "libpng" not in err and "Traceback" not in err
+    return good / "3.png", err
+
+
 def test_truncated_images_are_one_line_naming_them_without_decoder_chatter(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -426,12 +454,7 @@ def test_truncated_images_are_one_line_naming_them_without_decoder_chatter(
     (folder / "d_half.bmp").write_bytes(bmp.tobytes()[: len(bmp) // 2])
     (folder / "e_bomb.png").write_bytes(header_only_png(30000, 30000))
     out = tmp_path / "out"
-    capfd.readouterr()
-    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
-    err = capfd.readouterr().err
-    assert "libpng" not in err and "[ERROR" not in err and "[ WARN" not in err and "Traceback" not in err
-    with (out / "scores.csv").open() as handle:
-        table = {Path(row["path"]).name: row["error"] for row in csv.DictReader(handle)}
+    err, table = _predict_without_chatter(model_dir, folder, out, monkeypatch, capfd)
     assert table["a.png"] == ""
     assert table["b_half.png"].startswith(f"{cut}: truncated or corrupt image (the file ends at byte {len(data) // 2}, inside its IDAT chunk")
     assert table["c_flipped.png"].startswith(f"{folder / 'c_flipped.png'}: truncated or corrupt image (CRC mismatch in its IDAT chunk")
@@ -441,16 +464,66 @@ def test_truncated_images_are_one_line_naming_them_without_decoder_chatter(
         assert not (out / f"{name}_map.png").exists()  # nothing written for a failed image
 
     # fit stops at the first unreadable training image: one line naming it, status 2, no model
-    good = tmp_path / "good"
-    for index in range(3):
-        _png8(good / f"{index}.png", index)
-    (good / "3.png").write_bytes(cut.read_bytes())
-    model = tmp_path / "model"
-    code = run(["fit", "--data", str(good), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
-                "--strategy", "downsample", "--image-size", "32"], monkeypatch)
-    err = capfd.readouterr().err
-    assert code == 2 and not model.exists() and "libpng" not in err
-    assert f"hrad: error: {good / '3.png'}: truncated or corrupt image (the file ends at byte" in err
+    path, err = _fit_with_broken_image(cut.read_bytes(), tmp_path, monkeypatch, capfd)
+    assert f"hrad: error: {path}: truncated or corrupt image (the file ends at byte" in err
+
+
+def _gray_png(path: Path, pixel_data: bytes, height: int = 64, width: int = 80, depth: int = 8) -> None:
+    """A gray PNG with whole chunks and right CRCs around ``pixel_data`` (its IDAT)."""
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixel_data) + png_chunk(b"IEND", b""))
+
+
+def test_pngs_whose_pixel_data_does_not_inflate_are_one_line_without_libpng_chatter(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # chunks and CRCs whole, the zlib stream inside IDAT broken: libpng printed "libpng error:
+    # IDAT: invalid distance too far back" (or "incorrect data check", "Not enough image data",
+    # "bad adaptive filter value") on fd 2 beside hrad's line
+    folder = tmp_path / "in"
+    _png8(folder / "a.png", 0)
+    rows = np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8)
+    stream = zlib.compress(np.concatenate([np.zeros((64, 1), np.uint8), rows], axis=1).tobytes())
+    _gray_png(folder / "b_garbage.png", stream[:2] + bytes((index * 37 + 11) % 256 for index in range(400)))
+    _gray_png(folder / "c_cut.png", stream[: len(stream) // 2])
+    _gray_png(folder / "d_checksum.png", stream[:-4] + bytes(4))
+    _gray_png(folder / "e_filter.png", zlib.compress(np.concatenate([np.full((64, 1), 9, np.uint8), rows], axis=1).tobytes()))
+    _gray_png(folder / "f_short.png", zlib.compress(np.concatenate([np.zeros((32, 1), np.uint8), rows[:32]], axis=1).tobytes()))
+    out = tmp_path / "out"
+    err, table = _predict_without_chatter(model_dir, folder, out, monkeypatch, capfd)
+    reasons = {name: error.removeprefix(f"{folder / name}: truncated or corrupt image (") for name, error in table.items()}
+    assert table["a.png"] == "" and all(reasons[name] != table[name] for name in reasons if name != "a.png")
+    assert reasons["b_garbage.png"] == "its pixel data is not a valid zlib stream: invalid distance too far back)"
+    assert reasons["c_cut.png"].startswith("its pixel data ends inside its zlib stream, after ")
+    assert reasons["d_checksum.png"] == "its pixel data is not a valid zlib stream: incorrect data check)"
+    assert reasons["e_filter.png"] == "a row of its pixel data has filter type 9, not 0-4)"
+    assert reasons["f_short.png"] == "its pixel data inflates to 2592 bytes, its 80x64 header calls for 5184)"
+    for name in table:
+        assert f"hrad: error: skipped: {table[name]}" in err or name == "a.png"
+
+    # fit stops at the first one: one line naming it, status 2, no model
+    path, err = _fit_with_broken_image((folder / "b_garbage.png").read_bytes(), tmp_path, monkeypatch, capfd)
+    assert f"hrad: error: {path}: truncated or corrupt image (its pixel data is not a valid zlib stream: invalid distance" in err
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 9), (9, 1), (3, 5), (17, 33)])
+def test_interlaced_and_low_bit_pngs_pass_the_pixel_data_check(height: int, width: int, tmp_path: Path) -> None:
+    # the check counts each Adam7 pass's rows (empty passes have none) and packs sub-byte pixels:
+    # a whole file of any size, depth and interlacing reads as its plain 8/16-bit twin does
+    rng = np.random.default_rng(height * width)
+    rgb16 = rng.integers(0, 65536, (height, width, 3), dtype=np.uint16)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 1])
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    rows = [b"\0" + row.astype(">u2").tobytes() for x, y, dx, dy in passes for row in rgb16[y::dy, x::dx] if row.size]
+    (tmp_path / "adam7.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + png_chunk(b"IEND", b"")
+    )
+    cv2.imwrite(str(tmp_path / "plain.png"), rgb16[..., ::-1])
+    np.testing.assert_array_equal(read_image(tmp_path / "adam7.png"), read_image(tmp_path / "plain.png"))
+    bits = rng.integers(0, 2, (height, width), dtype=np.uint8)
+    packed = [b"\0" + np.packbits(row).tobytes() for row in bits]
+    _gray_png(tmp_path / "one_bit.png", zlib.compress(b"".join(packed)), height, width, depth=1)
+    np.testing.assert_array_equal(read_image(tmp_path / "one_bit.png")[..., 0], bits.astype(np.float32))
 
 
 def test_dangling_links_in_a_folder_are_listed_and_refused_naming_them(
