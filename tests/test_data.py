@@ -110,7 +110,7 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
         read_image(garbage)
     assert "\n" not in str(info.value)
     (tmp_path / "empty.tif").write_bytes(b"")
-    with pytest.raises(InputError, match=r"empty\.tif: not a readable image \(empty file\)"):
+    with pytest.raises(InputError, match=r"empty\.tif: empty file"):
         read_image(tmp_path / "empty.tif")
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage" * 4)
     with pytest.raises(InputError, match=r"bad\.tif: not a readable image"):
@@ -135,6 +135,18 @@ def test_read_mask_any_positive_value_and_size_check(tmp_path: Path) -> None:
     message = str(info.value)
     assert "m.png" in message and "4x6" in message and "5x6" in message and "img.png" in message
     assert "\n" not in message
+
+
+def test_a_mask_that_does_not_decode_is_named_as_the_mask_of_its_image(tmp_path: Path) -> None:
+    # it read "<mask>: not a readable image (empty file)", as if the mask were a test image
+    (tmp_path / "m.png").write_bytes(b"")
+    with pytest.raises(InputError) as info:
+        read_mask(tmp_path / "m.png", shape=(6, 4), image_path=tmp_path / "img.png")
+    assert str(info.value) == f"{tmp_path / 'img.png'}: mask {tmp_path / 'm.png'}: empty file"
+    (tmp_path / "m.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    with pytest.raises(InputError) as info:
+        read_mask(tmp_path / "m.png")
+    assert str(info.value).startswith(f"mask {tmp_path / 'm.png'}: not a readable image (")
 
 
 def test_list_images_sorted_case_insensitive_and_errors(tmp_path: Path) -> None:

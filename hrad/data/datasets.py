@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hrad.data.images import IMAGE_EXTENSIONS, is_image_file, list_images, missing_reason, read_mask
+from hrad.data.images import (
+    IMAGE_EXTENSIONS,
+    is_image_file,
+    list_images,
+    mask_problem,
+    missing_reason,
+    read_mask,
+)
 from hrad.errors import InputError
 
 LAYOUTS = ("auto", "mvtec", "visa", "mvtec_ad2", "folder")
@@ -91,7 +98,7 @@ def _is_mask_file(image: Path, mask: Path) -> bool:
     """Whether ``mask`` is a file; a dangling symbolic link there is refused naming its target, as a
     dangling image is (it is the mask the dataset names, not a missing one)."""
     if mask.is_symlink() and not mask.exists():
-        raise InputError(f"{image}: mask {missing_reason(mask)}")
+        raise InputError(mask_problem(image, missing_reason(mask)))
     return mask.is_file()
 
 

@@ -87,7 +87,7 @@ def _upscale_mask(mask: np.ndarray, target_size: int) -> np.ndarray:
 def _defect_sources(anomalous: list[tuple[Path, Path]]) -> list[DefectSource]:
     sources: list[DefectSource] = []
     for image_path, mask_path in anomalous:
-        mask = read_mask(mask_path)
+        mask = read_mask(mask_path, image_path=image_path)
         count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
         for label in range(1, count):
             x, y, width, height, _area = (int(v) for v in stats[label])

@@ -180,13 +180,20 @@ def missing_reason(path: Path) -> str:
     return f"{path}: file not found"
 
 
+def mask_problem(image_path: str | os.PathLike[str] | None, reason: str) -> str:
+    """A mask file's problem as one line that names first the image it labels: ``<image>: mask
+    <reason>``, where ``reason`` starts with the mask's path (``<mask>: empty file``), so a
+    dataset's broken mask reads as a problem of that test image and says it is the mask."""
+    return f"{image_path}: mask {reason}" if image_path is not None else f"mask {reason}"
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise InputError(missing_reason(path))
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
     if path.stat().st_size == 0:
-        raise InputError(f"{path}: not a readable image (empty file)")
+        raise InputError(f"{path}: empty file")
 
 
 def _decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
@@ -501,10 +508,14 @@ def read_mask(
     """Read a ground-truth mask as bool ``H x W``: any value > 0 in any channel is anomalous.
 
     ``shape`` is the ``(H, W)`` of the image the mask belongs to; a mask of another size is an
-    error (resizing it would silently move defect borders).
+    error (resizing it would silently move defect borders). A file that does not decode is the
+    decoder's line about it, as :func:`mask_problem` of ``image_path``.
     """
     path = Path(path)
-    array = _decode_raw(path)
+    try:
+        array = _decode_raw(path)
+    except InputError as error:
+        raise type(error)(mask_problem(image_path, str(error))) from None
     if array.ndim == 3:
         channels = array.shape[2]
         # an alpha channel is not part of the label
