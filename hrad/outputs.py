@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import cv2
 import numpy as np
 
-from hrad.data.images import _atomic_write_bytes, overlay_image, write_map_tiff, write_mask
+from hrad.data.images import atomic_write_bytes, overlay_image, write_map_tiff, write_mask
 
 if TYPE_CHECKING:  # types only: this module sits below the model in the import order (ARCHITECTURE.md)
     from hrad.model import AnomalyModel, Prediction, Thresholds
@@ -240,7 +240,7 @@ def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) ->
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SCORES_COLUMNS)
     writer.writerows(row.csv_row() for row in rows)
-    _atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
     return Path(path)
 
 
@@ -286,7 +286,7 @@ class PredictionWriter:
 
     def write_description(self) -> Path:
         path = self.out_dir / "maps.json"
-        _atomic_write_bytes(path, json.dumps(self.describe(), indent=2).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(self.describe(), indent=2).encode("utf-8"))
         return path
 
     def write(self, path: str | os.PathLike[str], stem: str, image: np.ndarray, prediction: Prediction) -> OutputRow:
@@ -295,7 +295,7 @@ class PredictionWriter:
         if self.map_format == "png16":
             map_path = self.out_dir / f"{stem}_map.png"
             scale = self.map_scale or own_scale(prediction.anomaly_map)
-            _atomic_write_bytes(map_path, encode_map_png16(prediction.anomaly_map, scale))
+            atomic_write_bytes(map_path, encode_map_png16(prediction.anomaly_map, scale))
         elif self.map_format == "tiff":
             map_path = self.out_dir / f"{stem}_map.tiff"
             write_map_tiff(map_path, prediction.anomaly_map)
@@ -303,7 +303,7 @@ class PredictionWriter:
         if self.masks and mask is not None:
             write_mask(self.out_dir / f"{stem}_mask.png", mask)
         if self.overlays:
-            _atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(overlay_picture(image, prediction, self.overlay_scale)))
+            atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(overlay_picture(image, prediction, self.overlay_scale)))
         return OutputRow(
             str(path),
             float(prediction.score),

@@ -655,7 +655,10 @@ def prepare_output_dir(path: str | os.PathLike[str], inputs: Iterable[str | os.P
     return path
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder and a rename, so a
+    reader or an interrupted run never sees half a file; the file gets the umask's mode, as
+    ``open()`` would give it (mkstemp alone gives 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -692,13 +695,13 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
     array: np.ndarray = np.round(unit * 255.0).astype(np.uint8)
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    _atomic_write_bytes(path, _encode(path, array))
+    atomic_write_bytes(path, _encode(path, array))
 
 
 def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
     """Write a bool mask as a 0/255 8-bit PNG (the MVTec convention), atomically."""
     path = Path(path)
-    _atomic_write_bytes(path, _encode(path, np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)))
+    atomic_write_bytes(path, _encode(path, np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)))
 
 
 def write_map_png16(path: str | os.PathLike[str], anomaly_map: np.ndarray, vmin: float, vmax: float) -> None:
@@ -708,7 +711,7 @@ def write_map_png16(path: str | os.PathLike[str], anomaly_map: np.ndarray, vmin:
     path = Path(path)
     scaled = (_as_map(anomaly_map).astype(np.float64) - vmin) / (vmax - vmin)
     array = np.round(np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 65535.0).astype(np.uint16)
-    _atomic_write_bytes(path, _encode(path.with_suffix(".png"), array))
+    atomic_write_bytes(path, _encode(path.with_suffix(".png"), array))
 
 
 def write_map_tiff(
@@ -808,7 +811,7 @@ def write_overlay(
     """Write :func:`overlay_image` as a PNG (or JPEG by extension), atomically."""
     path = Path(path)
     picture = overlay_image(image, anomaly_map, threshold, contour_mask, vmin, vmax, alpha)
-    _atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+    atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
