@@ -119,15 +119,17 @@ def check_image_size(image: np.ndarray, fitted_size: tuple[int, int] | None, nam
         )
 
 
-def check_ensemble_size(image: np.ndarray, fitted_size: tuple[int, int]) -> None:
+def check_ensemble_size(image: np.ndarray, fitted_size: tuple[int, int], set_by: str | None = None) -> None:
     """Refuse an image of another size than a tiled ensemble without ``image_size`` was fitted on
-    (its tile models are bound to tile positions); one wording for the model and its export."""
+    (its tile models are bound to tile positions); one wording for its fit (``set_by``: the first
+    training image, whose size the others must have), the model and its export."""
     height, width = image.shape[:2]
     if (height, width) != tuple(fitted_size):
         fitted_height, fitted_width = fitted_size
+        source = f" (set by {set_by})" if set_by is not None else ""
         raise InputError(
-            f"image {width}x{height} differs from the fitted size {fitted_width}x{fitted_height}: a tiled ensemble "
-            "has one model per tile position (fit with image_size set to resize every input)"
+            f"image {width}x{height} differs from the fitted size {fitted_width}x{fitted_height}{source}: a tiled "
+            "ensemble has one model per tile position (fit with image_size set to resize every input)"
         )
 
 

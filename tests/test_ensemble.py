@@ -413,7 +413,7 @@ def test_errors_are_one_clear_line(fitted: TiledEnsemble, backbone: FeatureExtra
         make(backbone).fit(noise_images(2, seed=0, height=20, width=30))
     with pytest.raises(InputError, match=re.escape("image 50x40 differs from the fitted size 72x56")):
         fitted.predict(noise_images(1, seed=0, height=40, width=50)[0])
-    with pytest.raises(InputError, match=re.escape("training image 1: image is 60x56 but training image 0 is 72x56")):
+    with pytest.raises(InputError, match=re.escape("training image 1: image 60x56 differs from the fitted size 72x56 (set by training image 0): a tiled")):
         make(backbone).fit([noise_images(1, 0)[0], noise_images(1, 0, width=60)[0]])
     with pytest.raises(InputError, match="H x W x 3"):
         fitted.predict(np.zeros((HEIGHT, WIDTH), dtype=np.float32))

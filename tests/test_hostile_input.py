@@ -592,6 +592,10 @@ def test_a_dangling_mask_link_is_refused_naming_link_and_target(
     )
 
 
+#: what a tiled ensemble's fit, the model and an exported ensemble's predictor say of an image of another size
+ENSEMBLE_HINT = "a tiled ensemble has one model per tile position (fit with image_size set to resize every input)"
+
+
 def test_a_tiled_ensemble_names_the_file_of_another_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -602,9 +606,8 @@ def test_a_tiled_ensemble_names_the_file_of_another_size(
     _png8(mixed / "0b.png", 9, 64, 96)  # sorts second: a training image (index 1, not the first)
     assert run([*fit, "--data", str(mixed), "--out", str(tmp_path / "m0")], monkeypatch) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the progress lines
-    assert errors == [
-        f"hrad: error: {mixed / '0b.png'}: image is 96x64 but {mixed / '0.png'} is 80x64; a tiled ensemble has one model "
-        "per tile position (set image_size to resize every input)"
+    assert errors == [  # the hint as the model and its export word it
+        f"hrad: error: {mixed / '0b.png'}: image 96x64 differs from the fitted size 80x64 (set by {mixed / '0.png'}): {ENSEMBLE_HINT}"
     ]
     odd = (mixed / "0b.png").rename(tmp_path / "odd.png")
     config = load_config(None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "tiled-ensemble", "tile": 32}})
@@ -618,10 +621,6 @@ def test_a_tiled_ensemble_names_the_file_of_another_size(
         hrad.load(model).predict(odd)
     with pytest.raises(InputError, match=re.escape(f"{odd}: image 96x64 differs")):
         hrad.load(model).predict_batch([mixed / "0.png", odd])
-
-
-#: what the model and an exported ensemble's predictor say of an image of another size
-ENSEMBLE_HINT = "a tiled ensemble has one model per tile position (fit with image_size set to resize every input)"
 
 
 def test_an_exported_tiled_ensemble_names_the_file_of_another_size_with_the_models_hint(

@@ -267,13 +267,11 @@ class TiledEnsemble(Strategy):
         for image_index in range(len(images)):
             image = images[image_index]
             _check_image(image)
-            if self.config.image_size is None and tuple(image.shape[:2]) != geometry.input_size:
-                fitted_h, fitted_w = geometry.input_size
-                raise InputError(
-                    f"{image_name(images, image_index, 'training image')}: image is {image.shape[1]}x{image.shape[0]} "
-                    f"but {image_name(images, 0, 'training image')} is {fitted_w}x{fitted_h}; a tiled ensemble has one "
-                    "model per tile position (set image_size to resize every input)"
-                )
+            if self.config.image_size is None:
+                try:
+                    check_ensemble_size(image, geometry.input_size, set_by=image_name(images, 0, "training image"))
+                except InputError as error:
+                    raise InputError(f"{image_name(images, image_index, 'training image')}: {error}") from None
             padded = self._prepare_training(image, geometry, grid)
             rows: np.memmap | None = None
             for start in range(0, len(positions), batch):
