@@ -468,13 +468,17 @@ def test_truncated_images_are_one_line_naming_them_without_decoder_chatter(
     assert f"hrad: error: {path}: truncated or corrupt image (the file ends at byte" in err
 
 
-def _gray_png(path: Path, pixel_data: bytes, height: int = 64, width: int = 80, depth: int = 8) -> None:
-    """A gray PNG with whole chunks and right CRCs around ``pixel_data`` (its IDAT)."""
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixel_data) + png_chunk(b"IEND", b""))
+def _gray_png(
+    path: Path, pixel_data: bytes, height: int = 64, width: int = 80, depth: int = 8, colour: int = 0, chunks: bytes | None = None
+) -> None:
+    """A PNG (gray unless ``colour``) with whole chunks and right CRCs: its header, then ``chunks``
+    if given, else one IDAT of ``pixel_data``, then IEND."""
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, colour, 0, 0, 0])
+    body = png_chunk(b"IDAT", pixel_data) if chunks is None else chunks
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + body + png_chunk(b"IEND", b""))
 
 
-def test_pngs_whose_pixel_data_does_not_inflate_are_one_line_without_libpng_chatter(
+def test_broken_png_streams_and_chunks_are_one_line_without_decoder_chatter(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # chunks and CRCs whole, the zlib stream inside IDAT broken: libpng printed "libpng error:
@@ -489,6 +493,10 @@ def test_pngs_whose_pixel_data_does_not_inflate_are_one_line_without_libpng_chat
     _gray_png(folder / "d_checksum.png", stream[:-4] + bytes(4))
     _gray_png(folder / "e_filter.png", zlib.compress(np.concatenate([np.full((64, 1), 9, np.uint8), rows], axis=1).tobytes()))
     _gray_png(folder / "f_short.png", zlib.compress(np.concatenate([np.zeros((32, 1), np.uint8), rows[:32]], axis=1).tobytes()))
+    # and chunks libpng refuses where they stand (each printed "libpng error: ..." too)
+    _gray_png(folder / "g_critical.png", b"", chunks=png_chunk(b"ABCD", b"") + png_chunk(b"IDAT", stream))
+    _gray_png(folder / "h_split.png", b"", chunks=png_chunk(b"IDAT", stream[:9]) + png_chunk(b"tEXt", b"a\0b") + png_chunk(b"IDAT", stream[9:]))
+    _gray_png(folder / "i_palette.png", stream, colour=3)
     out = tmp_path / "out"
     err, table = _predict_without_chatter(model_dir, folder, out, monkeypatch, capfd)
     reasons = {name: error.removeprefix(f"{folder / name}: truncated or corrupt image (") for name, error in table.items()}
@@ -498,6 +506,9 @@ def test_pngs_whose_pixel_data_does_not_inflate_are_one_line_without_libpng_chat
     assert reasons["d_checksum.png"] == "its pixel data is not a valid zlib stream: incorrect data check)"
     assert reasons["e_filter.png"] == "a row of its pixel data has filter type 9, not 0-4)"
     assert reasons["f_short.png"] == "its pixel data inflates to 2592 bytes, its 80x64 header calls for 5184)"
+    assert reasons["g_critical.png"] == "ABCD chunk at byte 33: an unknown critical chunk)"
+    assert reasons["h_split.png"] == "IDAT chunk at byte 69: not next to the IDAT chunks before it)"
+    assert reasons["i_palette.png"] == "IDAT chunk at byte 33: pixel data of a palette image before its PLTE chunk)"
     for name in table:
         assert f"hrad: error: skipped: {table[name]}" in err or name == "a.png"
 

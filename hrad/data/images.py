@@ -18,10 +18,10 @@ environment variable, or :func:`pixel_budget`), so a decompression bomb costs a 
 header, never its decoded size. A file no header parser recognises as PNG, JPEG, BMP or TIFF
 is refused, whatever OpenCV could decode. A file whose header reads but whose pixel data does
 not decode is "truncated or corrupt"; a PNG's chunks are walked (lengths, critical chunks'
-CRCs, IEND) and its pixel data inflated (one zlib stream, the header's rows, valid filter types)
-before libpng sees it, because libpng prints its own "libpng error: ..." line to stderr, which
-no log level silences, and OpenCV's log is silenced while hrad decodes: the one line hrad
-raises is the whole report.
+CRCs and order, IEND) and its pixel data inflated (one zlib stream, the header's rows, valid
+filter types) before libpng sees it, because libpng prints its own "libpng error: ..." line to
+stderr, which no log level silences, and OpenCV's log is silenced while hrad decodes: the one
+line hrad raises is the whole report.
 
 Pixel values: integer images are divided by their type's maximum (8-bit by 255, 16-bit by
 65535, negative values of signed types clipped to 0); float images must already lie in
@@ -217,7 +217,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _png_damage(data: memoryview) -> str | None:
     """Why a PNG is broken (None when it is whole): a chunk cut off by the end of the file, a
-    critical chunk whose CRC does not match, no IEND, or pixel data that does not inflate
+    critical chunk whose CRC does not match, a chunk libpng refuses where it stands
+    (:func:`_png_chunk_misplaced`), no IEND, or pixel data that does not inflate
     (:func:`_png_pixel_damage`).
 
     Checked before OpenCV decodes, because libpng reports such a file by printing "libpng
@@ -227,6 +228,8 @@ def _png_damage(data: memoryview) -> str | None:
     size = len(data)
     position = len(_PNG_SIGNATURE)
     pixel_data: list[memoryview] = []
+    seen: set[bytes] = set()  # the kinds of the chunks so far
+    previous = b""
     while position + 8 <= size:
         length = int.from_bytes(data[position : position + 4], "big")
         kind = bytes(data[position + 4 : position + 8])
@@ -238,12 +241,43 @@ def _png_damage(data: memoryview) -> str | None:
             stored = int.from_bytes(data[end - 4 : end], "big")
             if zlib.crc32(data[position + 4 : end - 4]) != stored:
                 return f"CRC mismatch in its {name} chunk at byte {position}"
+        if not kind.isalpha():
+            return f"an invalid chunk type {kind!r} at byte {position}"
+        misplaced = _png_chunk_misplaced(kind, length, seen, previous, palette=data[25] == 3)
+        if misplaced is not None:
+            return f"{name} chunk at byte {position}: {misplaced}"
         if kind == b"IDAT":
             pixel_data.append(data[position + 8 : end - 4])
         if kind == b"IEND":
-            return _png_pixel_damage(data[16:29], pixel_data)
+            return _png_pixel_damage(data[16:29], pixel_data) if pixel_data else "no IDAT chunk before its IEND"
+        seen.add(kind)
+        previous = kind
         position = end
     return f"the file ends at byte {size}, before the IEND chunk"
+
+
+#: The critical chunks (upper-case first letter) PNG defines; libpng refuses any other.
+_PNG_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+
+
+def _png_chunk_misplaced(kind: bytes, length: int, seen: set[bytes], previous: bytes, palette: bool) -> str | None:
+    """Why libpng refuses chunk ``kind`` (four letters) of ``length`` bytes after chunks of the
+    kinds ``seen``, the last a ``previous`` (None when it takes it): the format's rules on
+    critical chunks, each a "libpng error: ..." line of its own. Ancillary chunks out of place are only warned about by libpng
+    (a "libpng warning: ..." line), and left to it."""
+    if kind[:1].islower():
+        return None
+    if kind not in _PNG_CRITICAL:
+        return "an unknown critical chunk"
+    if kind == b"IHDR" and seen:
+        return "a second IHDR"
+    if kind == b"PLTE" and palette and (length == 0 or length % 3 or length > 3 * 256):
+        return "not 1-256 RGB palette entries"
+    if kind == b"IDAT" and palette and b"PLTE" not in seen:
+        return "pixel data of a palette image before its PLTE chunk"
+    if kind == b"IDAT" and b"IDAT" in seen and previous != b"IDAT":
+        return "not next to the IDAT chunks before it"
+    return None
 
 
 #: Samples a pixel by PNG colour type (gray, RGB, palette, gray + alpha, RGBA).
@@ -282,16 +316,17 @@ def _png_pixel_damage(header: memoryview, pixel_data: list[memoryview]) -> str |
     inflater = zlib.decompressobj()
     done = 0
     try:
-        for chunk in pixel_data:
-            for start in range(0, len(chunk), _INFLATE_INPUT):
-                pending: bytes | memoryview = chunk[start : start + _INFLATE_INPUT]
-                while pending and not inflater.eof:
-                    output = inflater.decompress(pending, _INFLATE_OUTPUT)
-                    pending = inflater.unconsumed_tail
-                    bad = _bad_filter_type(output, done, expected, rows)
-                    if bad is not None:
-                        return f"a row of its pixel data has filter type {bad}, not 0-4"
-                    done += len(output)
+        for piece in _pieces(pixel_data, _INFLATE_INPUT):
+            pending = piece
+            while not inflater.eof:
+                output = inflater.decompress(pending, _INFLATE_OUTPUT)
+                pending = inflater.unconsumed_tail
+                bad = _bad_filter_type(output, done, expected, rows)
+                if bad is not None:
+                    return f"a row of its pixel data has filter type {bad}, not 0-4"
+                done += len(output)
+                if not pending and len(output) < _INFLATE_OUTPUT:  # a full output may have more to come
+                    break
     except zlib.error as error:
         # zlib says "Error -3 while decompressing data: incorrect data check": the part after the colon
         return f"its pixel data is not a valid zlib stream: {_one_line(error).rpartition(': ')[2]}"
@@ -300,6 +335,22 @@ def _png_pixel_damage(header: memoryview, pixel_data: list[memoryview]) -> str |
     if done < expected:
         return f"its pixel data inflates to {done} bytes, its {width}x{height} header calls for {expected}"
     return None
+
+
+def _pieces(parts: list[memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of ``parts`` one after another in pieces of about ``size`` bytes: a file of
+    many small IDAT chunks is inflated in few steps, a large chunk in several."""
+    pending: list[memoryview] = []
+    total = 0
+    for part in parts:
+        for start in range(0, len(part), size):
+            pending.append(part[start : start + size])
+            total += len(pending[-1])
+            if total >= size:
+                yield b"".join(pending)
+                pending, total = [], 0
+    if pending:
+        yield b"".join(pending)
 
 
 def _bad_filter_type(output: bytes, offset: int, expected: int, rows: list[tuple[int, int, int]]) -> int | None:
