@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from hrad.data.datasets import Dataset
-from hrad.data.images import read_image, write_map_tiff, write_mask
+from hrad.data.images import read_pixels, write_map_tiff, write_mask
 from hrad.errors import ConfigError, InputError
 from hrad.metrics import PixelMetrics, image_metrics
 from hrad.model import AnomalyModel
@@ -98,7 +98,7 @@ def export_submission(
     counts: dict[str, int] = {}
     for split, paths in lists.items():
         for path in paths:
-            submitted = as_submitted(model.predict(read_image(path)).anomaly_map)
+            submitted = as_submitted(model.predict(path).anomaly_map)  # the file's pixel type, as hrad predict reads it
             tiff_path, png_path = submission_paths(dataset, split, path, out)
             write_map_tiff(tiff_path, submitted, dtype=np.float16)
             if threshold is not None:
@@ -127,9 +127,9 @@ def evaluate_ad2(
     labels: list[int] = []
     seconds = 0.0
     for index, sample in enumerate(dataset.test):
-        image = read_image(sample.path)
+        image = read_pixels(sample.path)  # the file's pixel type: 16-bit data is scaled by the model's bit depth
         start = time.perf_counter()
-        prediction = model.predict(image)
+        prediction = model.predict(image, name=str(sample.path))
         seconds += time.perf_counter() - start
         pixels.add(as_submitted(prediction.anomaly_map), sample.load_mask(image.shape[:2]), name=str(sample.path))
         scores.append(prediction.score)

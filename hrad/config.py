@@ -7,7 +7,7 @@ into the config class registered for their ``name``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
@@ -44,6 +44,10 @@ class ModelConfig(BaseModel):
     postprocess: PostprocessConfig = PostprocessConfig()
     #: thresholds from held-out normal images
     threshold: ThresholdConfig = ThresholdConfig()
+    #: significant bits of 16-bit images (10/12/14-bit camera data, low bits aligned): they are
+    #: scaled to the full 16-bit range first (hrad.data.bit_depth); auto = the smallest camera
+    #: depth holding every 16-bit training pixel, 16 = as stored; 8-bit and float images as they are
+    bit_depth: Literal["auto"] | Annotated[int, Field(ge=9, le=16)] = "auto"
     #: "auto" = CUDA when available, else CPU
     device: str = "auto"
     #: seed of the validation split and torch

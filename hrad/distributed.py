@@ -107,6 +107,7 @@ class _PredictWorker:
                 threshold=options.threshold,
                 pixel_threshold=options.pixel_threshold,
                 sigmas=options.sigmas,
+                name=str(job.path),
             )
             return self.writer.write(job.path, job.stem, image, prediction)
         except Exception as error:  # one bad image must not stop the others

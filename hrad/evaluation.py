@@ -91,7 +91,7 @@ def evaluate(
     def compute(batch: list[Sample], loaded: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
         nonlocal seconds
         start = time.perf_counter()
-        predictions = model.predict_batch([image for image, _ in loaded])
+        predictions = model.predict_batch([image for image, _ in loaded], names=[str(sample.path) for sample in batch])
         seconds += time.perf_counter() - start
         return predictions
 

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hrad.data.images import as_image
+from hrad.data.bit_depth import stored_bit_depth
+from hrad.data.images import as_image, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
@@ -282,6 +283,8 @@ class ExportedPredictor:
         fitted = sidecar.get("model", {}).get("fitted_size") or sidecar.get("geometry", {}).get("fitted_size")
         #: the size of the images the model was fitted on (far smaller images are refused, as by the model)
         self.fitted_size: tuple[int, int] | None = (int(fitted[0]), int(fitted[1])) if fitted else None
+        #: significant bits of the 16-bit training images (:func:`hrad.prediction.model_range`)
+        self.bit_depth = stored_bit_depth(sidecar.get("bit_depth"), f"{onnx_path} sidecar")
         self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -299,10 +302,12 @@ class ExportedPredictor:
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         sigmas: float | None = None,
+        name: str | None = None,
     ) -> Prediction:
-        """Smoothed full-resolution map, image score and threshold decisions, as the model gives them."""
-        array = as_image(image)
-        name = str(image) if isinstance(image, (str, Path)) else "image array"
+        """Smoothed full-resolution map, image score and threshold decisions, as the model gives
+        them (``name`` as for :meth:`hrad.model.AnomalyModel.predict`)."""
+        pixels, name = model_input(image, self.bit_depth, name)
+        array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
         image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None

@@ -16,7 +16,8 @@ import torch
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
-from hrad.data.images import as_image, as_pixels
+from hrad.data.bit_depth import is_wide, significant_bits, stored_bit_depth, to_full_range
+from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
@@ -35,7 +36,7 @@ from hrad.strategies.base import (
 
 
 class ArrayImages:
-    """An :class:`ImageSource` over in-memory arrays (for the Python API)."""
+    """An :class:`ImageSource` over in-memory arrays (for the Python API), in their pixel type."""
 
     def __init__(self, images: Sequence[np.ndarray]) -> None:
         self._images = list(images)
@@ -44,7 +45,26 @@ class ArrayImages:
         return len(self._images)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return as_image(self._images[index])
+        return as_pixels(self._images[index])
+
+
+class FullRangeImages:
+    """An :class:`ImageSource` whose 16-bit images of ``bits`` significant bits are scaled to the
+    full 16-bit range (:func:`~hrad.data.bit_depth.to_full_range`; a new array, the source's own
+    may be the caller's)."""
+
+    def __init__(self, source: ImageSource, bits: int) -> None:
+        self.source = source
+        self.bits = bits
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return to_full_range(self.source[index], self.bits)
+
+    def name(self, index: int) -> str:
+        return image_name(self.source, index)
 
 
 class Subset:
@@ -92,6 +112,9 @@ class AnomalyModel:
         #: per-epoch mean training losses of trainable detectors, by training stage (saved in the artifact)
         self.training_history: dict[str, list[float]] = {}
         self.fitted_size: tuple[int, int] | None = None
+        #: significant bits of the 16-bit images, scaled to the full range before anything else
+        #: sees them (:mod:`hrad.data.bit_depth`); None: 16-bit images as stored (and 8-bit data)
+        self.bit_depth: int | None = None
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -105,11 +128,14 @@ class AnomalyModel:
         if len(source) == 0:
             raise InputError("no normal training images")
         torch.manual_seed(self.config.seed)
+        self.bit_depth = self._learn_bit_depth(source, progress)
+        source = self._full_range_source(source)
         if validation is None:
             train, validation_source = self._split(source)
         else:
             train = source
             validation_source = ArrayImages(validation) if isinstance(validation, (list, tuple)) else validation  # type: ignore[arg-type]
+            validation_source = self._full_range_source(validation_source)
         if self.strategy.needs_calibration and (validation_source is None or len(validation_source) == 0):
             raise InputError(
                 f"strategy {self.config.strategy.name!r} calibrates on held-out good images, but none are held out "
@@ -124,6 +150,26 @@ class AnomalyModel:
             self.strategy.calibrate(validation_source, progress)
             self.thresholds = self._thresholds(validation_source, progress)
         return self
+
+    def _learn_bit_depth(self, images: ImageSource, progress: ProgressCallback) -> int | None:
+        """``config.bit_depth``, or with ``auto`` the smallest camera depth holding every pixel of
+        the 16-bit training images (one reading pass, only when the first image is 16-bit)."""
+        setting = self.config.bit_depth
+        if setting != "auto":
+            return setting if setting < 16 else None
+        first = images[0]
+        if not is_wide(first):
+            return None
+        peak = 0
+        for index in range(len(images)):
+            image = first if index == 0 else images[index]
+            peak = max(peak, int(image.max()) if is_wide(image) and image.size else 0)
+            progress(index + 1, len(images), "bit depth of the 16-bit training images")
+        bits = significant_bits(peak)
+        return bits if bits < 16 else None
+
+    def _full_range_source(self, source: ImageSource) -> ImageSource:
+        return source if self.bit_depth is None else FullRangeImages(source, self.bit_depth)
 
     def _split(self, source: ImageSource) -> tuple[ImageSource, ImageSource | None]:
         fraction = self.config.threshold.validation_fraction
@@ -224,15 +270,18 @@ class AnomalyModel:
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         sigmas: float | None = None,
+        name: str | None = None,
     ) -> Prediction:
         """Anomaly map at the image's own resolution and its score; independent of other images.
 
         Decisions use the model's thresholds unless overridden (see :meth:`decision_thresholds`).
         The image stays in its pixel type (uint8, uint16; :func:`~hrad.data.images.as_pixels`) and
-        is converted to float one tile window at a time.
+        is converted to float one tile window at a time; 16-bit data is first scaled by the
+        model's :attr:`bit_depth`, so pass the path or the integer array, not a float conversion.
+        ``name`` is what errors and warnings call the image (default: its path, or "image array").
         """
-        array = as_pixels(image)
-        self._check_size(array, str(image) if isinstance(image, (str, Path)) else "image array")
+        array, name = model_input(image, self.bit_depth, name)
+        self._check_size(array, name)
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
         return Prediction(
@@ -245,14 +294,19 @@ class AnomalyModel:
         threshold: float | None = None,
         pixel_threshold: float | None = None,
         sigmas: float | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[Prediction]:
         """:meth:`predict` of several images at once, in order, each equal to predicting it alone
         (float tolerance). :meth:`~hrad.strategies.base.Strategy.predict_batch` shares work across
         them (tiled, downsample: tiles of several images in one backbone batch; tiled ensemble:
         each tile model loaded once). Images are checked before any is computed."""
-        arrays = [as_pixels(image) for image in images]
-        for image, array in zip(images, arrays, strict=True):
-            self._check_size(array, str(image) if isinstance(image, (str, Path)) else "image array")
+        inputs = [
+            model_input(image, self.bit_depth, name)
+            for image, name in zip(images, names if names is not None else [None] * len(images), strict=True)
+        ]
+        for array, name in inputs:
+            self._check_size(array, name)
+        arrays = [array for array, _ in inputs]
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         return [
             Prediction(anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
@@ -264,6 +318,7 @@ class AnomalyModel:
         manifest = {
             "config": self.config.model_dump(mode="json"),
             "fitted_size": self.fitted_size,
+            "bit_depth": self.bit_depth,
             "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
             "training_history": self.training_history,
@@ -293,6 +348,7 @@ class AnomalyModel:
         model.strategy.load_state(weights)
         size = manifest.get("fitted_size")
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
+        model.bit_depth = stored_bit_depth(manifest.get("bit_depth"), f"{path} manifest")
         thresholds = manifest.get("thresholds")
         model.thresholds = Thresholds.from_json(thresholds) if thresholds else None
         history = manifest.get("training_history") or {}

@@ -485,7 +485,8 @@ def create_app(
             array = decode_upload(data, name, budget, before_decode=take_lock)
             start = time.perf_counter()
             try:  # checks of the decoded array say "image array: ...": name the upload instead
-                prediction = model.predict(array, *overrides) if any(v is not None for v in overrides) else model.predict(array)
+                threshold, pixel_threshold, sigmas = overrides
+                prediction = model.predict(array, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
             except HradError as error:
                 raise named(name, error) from None
             seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,9 +68,9 @@ def test_evaluate_on_the_pipeline_equals_image_by_image(fitted: tuple[Path, Path
     batches: list[int] = []
     predict_batch = model.predict_batch
 
-    def counting(images: list[np.ndarray]) -> list:
+    def counting(images: list[np.ndarray], **options: Any) -> list:
         batches.append(len(images))
-        return predict_batch(images)
+        return predict_batch(images, **options)
 
     monkeypatch.setattr(model, "predict_batch", counting)
     metrics = evaluate(model, samples, batch_images=3)

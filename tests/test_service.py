@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -148,14 +149,14 @@ def test_requests_are_served_one_at_a_time(model_dir: Path, spot_png: bytes) -> 
     active, peak = 0, 0
     guard = threading.Lock()
 
-    def slow_predict(image: np.ndarray) -> hrad.model.Prediction:
+    def slow_predict(image: np.ndarray, **options: Any) -> hrad.model.Prediction:
         nonlocal active, peak
         with guard:
             active += 1
             peak = max(peak, active)
         time.sleep(0.05)
         try:
-            return original(image)
+            return original(image, **options)
         finally:
             with guard:
                 active -= 1
@@ -204,7 +205,7 @@ def test_every_error_has_one_json_shape(model_dir: Path, spot_png: bytes) -> Non
         400: client.post("/predict", files={"image": ("x.png", b"junk")}),
     }
     model = client.app.state.model  # type: ignore[attr-defined]
-    model.predict = lambda image: (_ for _ in ()).throw(RuntimeError("boom /secret/path"))
+    model.predict = lambda image, **options: (_ for _ in ()).throw(RuntimeError("boom /secret/path"))
     responses[500] = client.post("/predict", files={"image": ("p.png", spot_png)})
     for status, response in responses.items():
         assert response.status_code == status
@@ -228,9 +229,9 @@ def test_requests_past_the_timeout_get_504_and_the_service_goes_on(model_dir: Pa
     original = model.predict
     release = threading.Event()
 
-    def stuck(image: np.ndarray) -> hrad.model.Prediction:
+    def stuck(image: np.ndarray, **options: Any) -> hrad.model.Prediction:
         release.wait(10)
-        return original(image)
+        return original(image, **options)
 
     model.predict = stuck
     client = TestClient(app)

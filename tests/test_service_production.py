@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -53,9 +54,9 @@ def test_ready_goes_503_while_the_queue_is_full_and_health_stays_200(model_dir: 
     original = model.predict
     release = threading.Event()
 
-    def held_predict(image: np.ndarray) -> object:
+    def held_predict(image: np.ndarray, **options: Any) -> object:
         release.wait(10)
-        return original(image)
+        return original(image, **options)
 
     model.predict = held_predict
     client = TestClient(app)

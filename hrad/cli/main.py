@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -212,9 +213,13 @@ def predict(
     stems = output_stems(images)
     failed: list[OutputRow] = []
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
+        names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
         if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
-            return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas))
-        return [fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas) for image in batch_images]
+            return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, names=names))
+        return [
+            fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
+            for image, name in zip(batch_images, names, strict=True)
+        ]
 
     def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
         return writer.write(item[0], item[1], image, prediction)
@@ -685,11 +690,20 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A Python warning (a 16-bit image brighter than the model's bit depth, other backbone
+    weights than the fit's, a library's) as one ``hrad: warning:`` line, not Python's
+    ``file:line: Category: ...`` and the source line under it."""
+    print_warning(str(message))
+
+
 def main() -> None:
-    """The console script: user mistakes are one line and status 2, never a traceback."""
+    """The console script: user mistakes are one line and status 2, never a traceback; warnings one line each."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
-        result = app(standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            result = app(standalone_mode=False)
     except HradError as error:
         _print_error(str(error))
         sys.exit(2)

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from hrad.data.bit_depth import display_bits, model_range, to_full_range
 from hrad.errors import ConfigError, ImageTooLargeError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -615,8 +616,11 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 class ImageList(Sequence[np.ndarray]):
     """A lazy sequence of images read on access, so a dataset never sits in memory at once.
 
-    ``cache_size`` keeps the most recently read images (LRU); 0 disables caching, which is the
-    default because high-resolution images are large (a 4096x4096 image is 200 MB in float32).
+    Images come in their file's pixel type (:func:`read_pixels`: uint8, uint16, float32), which
+    every strategy converts a tile window at a time, and which a model needs to learn the bit
+    depth of 16-bit data (:mod:`hrad.data.bit_depth`). ``cache_size`` keeps the most recently
+    read images (LRU); 0 disables caching, which is the default because high-resolution images
+    are large (a 4096x4096 RGB image is 50 MB at 8 bits, 100 MB at 16).
     """
 
     def __init__(
@@ -638,7 +642,7 @@ class ImageList(Sequence[np.ndarray]):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        image = read_image(self.paths[index], self.max_pixels)
+        image = read_pixels(self.paths[index], self.max_pixels)
         if self.cache_size:
             self._cache[index] = image
             while len(self._cache) > self.cache_size:
@@ -790,15 +794,17 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
     uint8 is used as it is; other types are scaled by the value rule (:func:`pixels_to_unit`,
     floats clipped to [0, 1]) and rounded a band of rows at a time, so a large 16-bit image is
-    never held as float32 whole.
+    never held as float32 whole. A 16-bit image is first scaled by its own significant bits
+    (:func:`~hrad.data.bit_depth.display_bits`), so 12-bit camera data is not drawn black.
     """
     array = np.asarray(image)
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
+    bits = display_bits(array)
     picture = np.empty(array.shape, dtype=np.uint8)
     rows = max(1, _BAND_VALUES // max(1, array[0].size)) if array.ndim else 1
     for top in range(0, len(array), rows):
-        unit = np.clip(pixels_to_unit(array[top : top + rows]), 0.0, 1.0)
+        unit = np.clip(pixels_to_unit(to_full_range(array[top : top + rows], bits)), 0.0, 1.0)
         picture[top : top + rows] = np.round(unit * 255.0)
     return picture
 
@@ -879,6 +885,16 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         else:
             images.append(path)
     return images
+
+
+def model_input(image: np.ndarray | str | Path, bit_depth: int | None, name: str | None = None) -> tuple[np.ndarray, str]:
+    """An image as a predictor (the model, an exported model) takes it, and what its errors and
+    warnings call it (``name``, else the path, else "image array"): in its pixel type
+    (:func:`as_pixels`), 16-bit data of ``bit_depth`` significant bits scaled to the full range
+    (:func:`~hrad.data.bit_depth.model_range`; in place when the array is its own decoding of a file)."""
+    owned = isinstance(image, (str, Path))
+    label = name or (str(image) if owned else "image array")
+    return model_range(as_pixels(image), bit_depth, label, owned), label
 
 
 def as_pixels(image: np.ndarray | str | Path) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""16-bit images of 10/12/14 significant bits: the exact scaling, and a model that learns the
+depth once and applies it everywhere (fit, thresholds, predict, artifact, export)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from cli_helpers import run as run_cli
+from conftest import textured_image, with_spot
+from export_helpers import make_model
+
+import hrad
+from hrad.artifact import MANIFEST
+from hrad.data import bit_depth
+from hrad.data.bit_depth import exceeds, significant_bits, to_full_range
+from hrad.errors import ArtifactError
+from hrad.export import OnnxPredictor, export_onnx
+
+TILED = {"name": "tiled", "tile": 48, "stride": 32}
+DETECTOR = {"name": "patchcore", "coreset_ratio": 0.25}
+
+
+def at_bits(image: np.ndarray, bits: int) -> np.ndarray:
+    """A float image in [0, 1] stored as a camera of ``bits`` bits writes it into 16-bit files."""
+    return np.rint(image * (2**bits - 1)).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("peak", "bits"),
+    [(0, 10), (1023, 10), (1024, 12), (4095, 12), (4096, 14), (16383, 14), (16384, 16), (65535, 16)],
+)
+def test_significant_bits_is_the_smallest_camera_depth_holding_the_peak(peak: int, bits: int) -> None:
+    assert significant_bits(peak) == bits
+
+
+def test_full_range_scales_rounds_and_saturates_exactly() -> None:
+    values = np.array([[0, 1, 2048, 4094, 4095, 4096, 65535]], dtype=np.uint16)
+    scaled = to_full_range(values, 12)
+    expected = np.minimum(np.rint(values.astype(np.float64) * 65535 / 4095), 65535).astype(np.uint16)
+    np.testing.assert_array_equal(scaled, expected)
+    assert scaled[0, 4] == 65535 and scaled[0, 5] == 65535 and scaled[0, 2] == 32776
+    assert values[0, 4] == 4095  # a new array unless asked
+    assert exceeds(values, 12) == 65535 and exceeds(values[:, :5], 12) is None and exceeds(values, None) is None
+
+
+def test_full_range_leaves_other_types_and_full_depths_alone() -> None:
+    eight = np.full((4, 4, 3), 200, np.uint8)
+    sixteen = np.full((4, 4, 3), 40000, np.uint16)
+    assert to_full_range(eight, 12) is eight
+    assert to_full_range(sixteen, 16) is sixteen and to_full_range(sixteen, None) is sixteen
+
+
+def test_full_range_in_bands_and_in_place_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.random.default_rng(0).integers(0, 1024, size=(37, 11, 3), dtype=np.uint16)
+    whole = to_full_range(image, 10)
+    monkeypatch.setattr(bit_depth, "_BAND_VALUES", 40)  # a band of one row
+    copy = image.copy()
+    assert to_full_range(copy, 10, in_place=True) is copy
+    np.testing.assert_array_equal(copy, whole)
+
+
+@pytest.fixture(scope="module")
+def float_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [textured_image(rng, 90, 130) for _ in range(5)]
+
+
+@pytest.fixture(scope="module")
+def spotted() -> np.ndarray:
+    return with_spot(textured_image(np.random.default_rng(9), 90, 130), 30, 70, 9)[0]
+
+
+def test_model_learns_the_depth_and_equals_a_fit_on_full_range_images(
+    float_images: list[np.ndarray], spotted: np.ndarray, tmp_path: Path
+) -> None:
+    """Fitting on 12-bit data with bit_depth auto is fitting on the same data scaled to the full
+    16-bit range, in every step (thresholds included), and predicting a 12-bit image is
+    predicting its full-range copy; the artifact keeps the depth."""
+    twelve = [at_bits(image, 12) for image in float_images]
+    learned = make_model(TILED, DETECTOR).fit(twelve)
+    assert learned.bit_depth == 12
+    reference = make_model(TILED, DETECTOR)
+    reference.config.bit_depth = 16
+    reference.fit([to_full_range(image, 12) for image in twelve])
+    assert reference.bit_depth is None
+    assert learned.thresholds is not None and reference.thresholds is not None
+    assert learned.thresholds.image == reference.thresholds.image
+
+    test = at_bits(spotted, 12)
+    untouched = test.copy()
+    got = learned.predict(test)
+    expected = reference.predict(to_full_range(test, 12))
+    np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    assert got.score == expected.score and got.is_anomalous
+    np.testing.assert_array_equal(test, untouched)  # the caller's array is not scaled in place
+
+    cv2.imwrite(str(tmp_path / "part.png"), cv2.cvtColor(test, cv2.COLOR_RGB2BGR))
+    np.testing.assert_array_equal(learned.predict(tmp_path / "part.png").anomaly_map, got.anomaly_map)
+    [batched] = learned.predict_batch([test])
+    np.testing.assert_array_equal(batched.anomaly_map, got.anomaly_map)
+
+    learned.save(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / MANIFEST).read_text())["bit_depth"] == 12
+    loaded = hrad.load(tmp_path / "model")
+    assert loaded.bit_depth == 12
+    np.testing.assert_array_equal(loaded.predict(test).anomaly_map, got.anomaly_map)
+
+
+def test_auto_depth_leaves_eight_bit_and_full_range_data_alone(float_images: list[np.ndarray]) -> None:
+    eight = make_model(TILED, DETECTOR).fit([np.rint(image * 255).astype(np.uint8) for image in float_images])
+    full = make_model(TILED, DETECTOR).fit([at_bits(image, 16) for image in float_images])
+    fixed = make_model(TILED, DETECTOR)
+    fixed.config.bit_depth = 10
+    fixed.fit([at_bits(image, 10) for image in float_images])
+    assert (eight.bit_depth, full.bit_depth, fixed.bit_depth) == (None, None, 10)
+
+
+def test_brighter_pixels_than_the_learned_depth_warn_and_saturate(float_images: list[np.ndarray], spotted: np.ndarray) -> None:
+    model = make_model(TILED, DETECTOR).fit([at_bits(image, 10) for image in float_images])
+    assert model.bit_depth == 10
+    with pytest.warns(UserWarning, match=r"image array: pixel values up to 4095 exceed the 10-bit range .*0\.\.1023"):
+        saturated = model.predict(at_bits(spotted, 12))
+    assert np.isfinite(saturated.anomaly_map).all()
+
+
+def test_a_corrupt_bit_depth_in_the_manifest_is_one_line(float_images: list[np.ndarray], tmp_path: Path) -> None:
+    make_model(TILED, DETECTOR).fit([at_bits(image, 12) for image in float_images]).save(tmp_path / "model")
+    manifest = tmp_path / "model" / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "bit_depth": 3}))
+    with pytest.raises(ArtifactError, match=r"bit_depth 3 is not a number of bits from 9 to 16; the file is corrupt"):
+        hrad.load(tmp_path / "model")
+
+
+def test_export_carries_the_depth(float_images: list[np.ndarray], spotted: np.ndarray, tmp_path: Path) -> None:
+    model = make_model(TILED, DETECTOR).fit([at_bits(image, 12) for image in float_images])
+    export_onnx(model, tmp_path / "model.onnx")
+    assert json.loads((tmp_path / "model.json").read_text())["bit_depth"] == 12
+    test = at_bits(spotted, 12)
+    expected = model.predict(test)
+    got = OnnxPredictor(tmp_path / "model.onnx").predict(test)
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+    assert got.score == pytest.approx(expected.score, rel=1e-4)
+
+
+def test_cli_fit_on_twelve_bit_files_learns_the_depth(
+    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for index, image in enumerate(float_images):
+        cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(at_bits(image, 12), cv2.COLOR_RGB2BGR))
+    status = run_cli(
+        ["fit", "--data", str(folder), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
+         "--strategy", "tiled", "--tile", "48", "--set", "detector.coreset_ratio=0.25", "--device", "cpu"],
+        monkeypatch,
+    )  # fmt: skip
+    assert status == 0
+    assert json.loads((tmp_path / "model" / MANIFEST).read_text())["bit_depth"] == 12
+
+
+def test_pictures_scale_a_sixteen_bit_image_by_its_own_depth() -> None:
+    """A 12-bit image is drawn as bright as its 8-bit original (not at 1/16 of it), a
+    full-range one as the value rule says; every picture (overlays, case grids) goes through it."""
+    from hrad.data.images import to_uint8
+
+    eight = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    twelve = at_bits(eight / 255.0, 12)
+    assert np.abs(to_uint8(twelve).astype(int) - eight).max() <= 1
+    full = at_bits(eight / 255.0, 16)
+    np.testing.assert_array_equal(to_uint8(full), eight)
+
+
+def test_cli_predict_names_a_too_bright_image_in_one_warning_line(
+    float_images: list[np.ndarray], spotted: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The warning is hrad's one line (Python's own format prints the file, line and source of
+    the warn call besides), and the overlay of a 12-bit image is drawn at its own brightness."""
+    make_model(TILED, DETECTOR).fit([at_bits(image, 10) for image in float_images]).save(tmp_path / "model")
+    image = tmp_path / "parts" / "bright.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), cv2.cvtColor(at_bits(spotted, 12), cv2.COLOR_RGB2BGR))
+    capfd.readouterr()
+    status = run_cli(["predict", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), str(image.parent)], monkeypatch)
+    assert status == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "exceed" in line]
+    assert lines == [f"hrad: warning: {image}: pixel values up to 4095 exceed the 10-bit range of the training images "
+                     "(0..1023); they saturate (fit with bit_depth set if the camera's depth changed)"], err
+    assert "UserWarning" not in err
