@@ -147,7 +147,7 @@ def test_export_carries_the_depth(float_images: list[np.ndarray], spotted: np.nd
 
 
 def test_cli_fit_on_twelve_bit_files_learns_the_depth(
-    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "good"
     folder.mkdir()
@@ -160,6 +160,7 @@ def test_cli_fit_on_twelve_bit_files_learns_the_depth(
     )  # fmt: skip
     assert status == 0
     assert json.loads((tmp_path / "model" / MANIFEST).read_text())["bit_depth"] == 12
+    assert "16-bit images: 12 significant bits, scaled to the full range (bit_depth)" in capfd.readouterr().err
 
 
 def test_pictures_scale_a_sixteen_bit_image_by_its_own_depth() -> None:
@@ -191,3 +192,14 @@ def test_cli_predict_names_a_too_bright_image_in_one_warning_line(
     assert lines == [f"hrad: warning: {image}: pixel values up to 4095 exceed the 10-bit range of the training images "
                      "(0..1023); they saturate (fit with bit_depth set if the camera's depth changed)"], err
     assert "UserWarning" not in err
+
+
+def test_a_gray_image_broadcast_to_rgb_stays_one_plane() -> None:
+    """read_pixels gives a gray 16-bit file as a broadcast view (2 bytes a pixel); scaled, it
+    stays one: an 8K line-scan strip does not triple."""
+    gray = np.random.default_rng(2).integers(0, 4096, size=(50, 400), dtype=np.uint16)
+    view = np.broadcast_to(gray[..., None], (50, 400, 3))
+    scaled = to_full_range(view, 12)
+    assert scaled.shape == (50, 400, 3) and scaled.base is not None and scaled.base.nbytes == gray.nbytes
+    np.testing.assert_array_equal(scaled, to_full_range(np.ascontiguousarray(view), 12))
+    np.testing.assert_array_equal(gray, view[..., 0])  # the view's plane is not written

@@ -144,6 +144,8 @@ def fit(
     with _tracking("fit", track, out.name) as run:
         with progress_bars() as progress:
             model = AnomalyModel(model_config).fit(train, validation, progress)
+        if model.bit_depth is not None:
+            console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth)")
         model.save(out)
         console.print(f"model written to {out}")
         if model.thresholds is None:

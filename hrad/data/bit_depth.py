@@ -56,9 +56,14 @@ def to_full_range(array: np.ndarray, bits: int | None, in_place: bool = False) -
     """A 16-bit image of ``bits`` significant bits scaled to the full 16-bit range (values above
     ``2**bits - 1`` saturate, as a camera's do); any other type, ``bits`` None or 16, comes back
     as it is. A band of rows at a time through one lookup table, so the only full-size array is
-    the result: ``in_place`` writes it into ``array`` (when writable) instead of a new one."""
+    the result: ``in_place`` writes it into ``array`` (when writable) instead of a new one. A gray
+    image broadcast to RGB (:func:`~hrad.data.images.read_pixels` of a gray file) stays one plane
+    (2 bytes a pixel), read-only like the view it replaces."""
     if bits is None or bits >= 16 or not is_wide(array):
         return array
+    if array.ndim == 3 and array.strides[2] == 0:  # a gray image broadcast to RGB: scale its one plane
+        plane = to_full_range(array[..., 0], bits, in_place=in_place)
+        return np.broadcast_to(plane[..., None], array.shape)
     table = full_range_table(bits)
     out = array if in_place and array.flags.writeable else np.empty_like(array)
     rows = max(1, _BAND_VALUES // max(1, array[0].size)) if array.ndim else 1
