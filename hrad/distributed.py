@@ -55,6 +55,7 @@ class PredictOptions:
     threshold: float | None = None
     pixel_threshold: float | None = None
     sigmas: float | None = None
+    regions: bool = True
 
 
 class _PredictWorker:
@@ -87,6 +88,7 @@ class _PredictWorker:
                 map_format=self.options.map_format,
                 overlays=self.options.overlays,
                 masks=self.options.masks,
+                regions=self.options.regions,
             )
         except Exception as error:  # re-raised by ready(), keeping its type and message
             self._error = error
@@ -156,7 +158,7 @@ def predict_many_ray(
         saved = manifest.get("thresholds")
         thresholds = Thresholds.from_json(saved) if saved else None
         PredictionWriter(
-            out, thresholds, options.map_format, options.overlays, options.masks
+            out, thresholds, options.map_format, options.overlays, options.masks, options.regions
         ).write_description()
     paths = [str(path) for path in image_paths]
     jobs = deque(

@@ -7,13 +7,16 @@ For every image (``<stem>`` = its file stem, numbered when two inputs share one)
   is stored in the PNG itself (text chunk ``hrad_scale``: ``vmin=...;vmax=...``) and in
   ``maps.json``. Or ``<stem>_map.tiff``: float32, the map's own values, nothing clipped.
 - ``<stem>_mask.png``: 0/255 mask of ``map > pixel threshold`` (when the model has one).
+- ``<stem>_regions.json``: the defect regions, the connected parts of the mask
+  (:func:`~hrad.postprocess.regions.defect_regions`: bounding box, area, peak and mean map value,
+  strongest first, at most :data:`MAX_LISTED_REGIONS`), with the threshold and their count.
 - ``<stem>_overlay.png``: the image with a JET heat map on the model's fixed overlay scale
   (normal pixels' mean = blue, the pixel threshold = the middle of the scale, twice as far =
   red) and red contours around the mask, so a normal image stays calm and a defect glows, and
   two overlays are comparable.
-- one row of ``scores.csv``: ``path, score, is_anomalous, threshold, status, error, map``
+- one row of ``scores.csv``: ``path, score, is_anomalous, threshold, status, error, map, regions``
   (threshold = the image-score threshold the decision used; status ``ok`` or ``failed``, with
-  the one-line reason in ``error``). Rows are written and flushed as images finish
+  the one-line reason in ``error``; regions = how many defect regions the mask has). Rows are written and flushed as images finish
   (:class:`ScoresWriter`), so an interrupted run keeps them.
 
 Scales come from the model's thresholds (held-out normal images), never from the image itself;
@@ -37,12 +40,15 @@ import cv2
 import numpy as np
 
 from hrad.data.images import atomic_write_bytes, overlay_image, write_map_tiff, write_mask
+from hrad.postprocess.regions import Region, defect_regions
 
 if TYPE_CHECKING:  # types only: this module sits below the model in the import order (ARCHITECTURE.md)
     from hrad.model import AnomalyModel, Prediction, Thresholds
 
 MapFormat = Literal["png16", "tiff", "none"]
-SCORES_COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error", "map")
+SCORES_COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error", "map", "regions")
+#: regions listed per image in ``<stem>_regions.json`` (the strongest; the count covers all)
+MAX_LISTED_REGIONS = 1000
 #: the text chunk of a 16-bit map PNG that holds its scale
 PNG_SCALE_KEY = "hrad_scale"
 
@@ -166,6 +172,8 @@ class OutputRow:
     threshold: float | None = None
     map_path: str | None = None
     error: str | None = None
+    #: defect regions in the mask (None: no pixel threshold, so no mask)
+    regions: int | None = None
 
     @property
     def status(self) -> str:
@@ -181,6 +189,7 @@ class OutputRow:
             self.status,
             self.error or "",
             self.map_path or "",
+            "" if self.regions is None else str(self.regions),
         ]
 
 
@@ -258,6 +267,7 @@ class PredictionWriter:
         map_format: MapFormat = "png16",
         overlays: bool = True,
         masks: bool = True,
+        regions: bool = True,
     ) -> None:
         if map_format not in ("png16", "tiff", "none"):
             raise ValueError(f"map format is png16, tiff or none, not {map_format!r}")
@@ -265,6 +275,7 @@ class PredictionWriter:
         self.map_format = map_format
         self.overlays = overlays
         self.masks = masks
+        self.regions = regions
         self.map_scale = map_scale(thresholds)
         self.overlay_scale = overlay_scale(thresholds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +292,8 @@ class PredictionWriter:
             "map_decode": "value = vmin + png16 / 65535 x (vmax - vmin); values outside are clipped (tiff: float32 as is)",
             "overlay_scale": self.overlay_scale.to_json() if self.overlay_scale else "per image (model without thresholds)",
             "mask": "0/255 PNG of map > the pixel threshold used" if self.masks else None,
+            "regions": "8-connected parts of map > the pixel threshold: box (x, y, width, height), area, peak, mean; "
+            f"strongest first, at most {MAX_LISTED_REGIONS} listed" if self.regions else None,
             "scores_columns": list(SCORES_COLUMNS),
         }
 
@@ -304,13 +317,31 @@ class PredictionWriter:
             write_mask(self.out_dir / f"{stem}_mask.png", mask)
         if self.overlays:
             atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(overlay_picture(image, prediction, self.overlay_scale)))
+        found = prediction_regions(prediction) if self.regions else None
+        if found is not None:
+            atomic_write_bytes(self.out_dir / f"{stem}_regions.json", regions_json(found, prediction).encode("utf-8"))
         return OutputRow(
             str(path),
             float(prediction.score),
             prediction.is_anomalous,
             prediction.image_threshold,
             str(map_path) if map_path is not None else None,
+            regions=None if found is None else len(found),
         )
+
+
+def prediction_regions(prediction: Prediction) -> list[Region] | None:
+    """The defect regions of a prediction's mask; None when it has no pixel threshold."""
+    if prediction.pixel_threshold is None:
+        return None
+    return defect_regions(prediction.anomaly_map, prediction.pixel_threshold)
+
+
+def regions_json(regions: list[Region], prediction: Prediction) -> str:
+    """``<stem>_regions.json``: threshold, count and the strongest :data:`MAX_LISTED_REGIONS`."""
+    listed = [region.to_json() for region in regions[:MAX_LISTED_REGIONS]]
+    content = {"pixel_threshold": prediction.pixel_threshold, "count": len(regions), "regions": listed}
+    return json.dumps(content, indent=1)
 
 
 __all__ = [
@@ -321,6 +352,7 @@ __all__ = [
     "ScoresWriter",
     "encode_map_png16",
     "failed_row",
+    "prediction_regions",
     "map_scale",
     "output_stems",
     "overlay_scale",

@@ -51,6 +51,7 @@ from hrad.data.images import (
 )
 from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError, named
 from hrad.outputs import (
+    MAX_LISTED_REGIONS,
     encode_map_png16,
     encode_png,
     map_scale,
@@ -58,6 +59,7 @@ from hrad.outputs import (
     overlay_picture,
     overlay_scale,
     own_scale,
+    prediction_regions,
 )
 from hrad.prediction import Prediction, Thresholds
 from hrad.version import __version__
@@ -96,6 +98,18 @@ class MapPayload(BaseModel):
     vmax: float | None = Field(None, description="value of the brightest level")
 
 
+class RegionModel(BaseModel):
+    """One defect region: a connected part of ``map > pixel_threshold`` (as ``<stem>_regions.json``)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int = Field(description="pixels")
+    peak: float = Field(description="highest map value in the region")
+    mean: float = Field(description="mean map value over the region")
+
+
 class PredictResponse(BaseModel):
     """One image's result."""
 
@@ -108,6 +122,8 @@ class PredictResponse(BaseModel):
     height: int
     seconds: float = Field(description="prediction time (decoding excluded)")
     map: MapPayload | None = Field(None, description="present when the request asked for ?map=")
+    region_count: int | None = Field(None, description="defect regions in map > pixel_threshold; null without a pixel threshold")
+    regions: list[RegionModel] | None = Field(None, description="the strongest regions first, at most 1000 (hrad.outputs.MAX_LISTED_REGIONS)")
 
 
 class BatchFailure(BaseModel):
@@ -501,6 +517,10 @@ def create_app(
                 "height": int(array.shape[0]),
                 "seconds": seconds,
             }
+            found = prediction_regions(prediction)
+            if found is not None:
+                result["region_count"] = len(found)
+                result["regions"] = [region.to_json() for region in found[:MAX_LISTED_REGIONS]]
             if kind is not None:
                 result["map"] = _encoded_map(kind, array, prediction, model.thresholds)
             return result

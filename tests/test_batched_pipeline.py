@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -93,12 +94,12 @@ def test_predict_and_evaluate_cli_batched_equal_one_at_a_time(
         assert run(["predict", "--model", str(model), str(folder), "--out", str(out), "--batch-images", str(batch)], monkeypatch) == 3
         outputs[batch] = out
     assert "Traceback" not in capsys.readouterr().err
-    one, three = ((outputs[b] / "scores.csv").read_text().splitlines() for b in (1, 3))
-    assert len(one) == 1 + 4 and sum("failed" in line for line in three) == 1
-    for row_one, row_three in zip(one[1:], three[1:], strict=True):
-        path, score, *rest = row_one.split(",")
-        path3, score3, *rest3 = row_three.split(",")
-        assert (path, rest[:-1], Path(rest[-1]).name) == (path3, rest3[:-1], Path(rest3[-1]).name)  # the map: its own out dir
+    one, three = (list(csv.DictReader((outputs[b] / "scores.csv").open())) for b in (1, 3))
+    assert len(one) == 4 and sum(row["status"] == "failed" for row in three) == 1
+    for row_one, row_three in zip(one, three, strict=True):
+        score, score3 = row_one.pop("score"), row_three.pop("score")
+        map_one, map_three = Path(row_one.pop("map")).name, Path(row_three.pop("map")).name  # each in its own out dir
+        assert (row_one, map_one) == (row_three, map_three)
         if score:
             assert float(score3) == pytest.approx(float(score), rel=1e-5)
     for name in ("000", "001", "003"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
@@ -50,7 +51,11 @@ def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest
     assert run(["predict", "--model", str(model), str(dataset / "test" / "spot"), "--out", str(out)], monkeypatch) == 0
     assert (out / "000_map.png").is_file() and (out / "000_overlay.png").is_file()
     lines = (out / "scores.csv").read_text().splitlines()
-    assert lines[0] == "path,score,is_anomalous,threshold,status,error,map" and len(lines) == 4
+    assert lines[0] == "path,score,is_anomalous,threshold,status,error,map,regions" and len(lines) == 4
+    # the spot is a defect region: box, area and peak over the pixel threshold; its count in scores.csv
+    regions = json.loads((out / "000_regions.json").read_text())
+    first = next(row for row in csv.DictReader(lines) if row["path"].endswith("000.png"))
+    assert int(first["regions"]) == regions["count"] >= 1 and regions["regions"][0]["peak"] > regions["pixel_threshold"]
     assert cv2.imread(str(out / "000_map.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     report = tmp_path / "report"
     assert run(["evaluate", "--model", str(model), "--data", str(dataset), "--out", str(report)], monkeypatch) == 0

@@ -89,6 +89,15 @@ def test_writer_files(tmp_path: Path, rng: np.random.Generator) -> None:
     assert overlay[0, 0, 2] > overlay[0, 0, 0] and overlay[6, 7, 0] > overlay[6, 7, 2]
     description = json.loads(writer.write_description().read_text())
     assert description["map_scale"]["vmin"] == -1.0 and description["scores_columns"] == list(SCORES_COLUMNS)
+    # the defect is one region: its box, area and values; scores.csv counts it
+    regions = json.loads((tmp_path / "a_regions.json").read_text())
+    assert regions == {"pixel_threshold": 2.0, "count": 1,
+                       "regions": [{"x": 5, "y": 4, "width": 5, "height": 4, "area": 20, "peak": 6.0, "mean": 6.0}]}
+    assert row.regions == 1 and row.csv_row()[-1] == "1"
+    quiet = PredictionWriter(tmp_path / "quiet", thresholds, regions=False).write("a.png", "a", image, prediction)
+    assert quiet.regions is None and not (tmp_path / "quiet" / "a_regions.json").exists()
+    undecided = Prediction(anomaly_map, score=6.0, image_threshold=None, pixel_threshold=None)
+    assert writer.write("b.png", "b", image, undecided).regions is None and not (tmp_path / "b_regions.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from hrad.config import load_config
 from hrad.data.images import read_image
 from hrad.errors import ArtifactError
 from hrad.model import AnomalyModel
+from hrad.postprocess.regions import defect_regions
 from hrad.service import create_app
 
 
@@ -75,6 +76,12 @@ def test_predict_matches_the_python_api(client: TestClient, model_dir: Path, spo
     assert body["image_threshold"] == pytest.approx(expected.image_threshold)
     assert body["pixel_threshold"] == pytest.approx(expected.pixel_threshold)
     assert (body["width"], body["height"]) == (128, 96) and body["seconds"] > 0 and "map" not in body
+    expected_regions = defect_regions(expected.anomaly_map, expected.pixel_threshold)
+    assert body["region_count"] == len(expected_regions) >= 1  # the spot
+    first, reference = body["regions"][0], expected_regions[0]
+    assert (first["x"], first["y"], first["width"], first["height"], first["area"]) == (
+        reference.x, reference.y, reference.width, reference.height, reference.area
+    )
 
 
 def test_predict_returns_png16_map_and_overlay(client: TestClient, model_dir: Path, spot_png: bytes, tmp_path: Path) -> None:

@@ -182,6 +182,7 @@ def predict(
     ] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale, with contours")] = True,
     masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    regions: Annotated[bool, typer.Option(help="Write <stem>_regions.json: the mask's connected regions (box, area, peak, mean)")] = True,
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's, from held-out normals)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks and contours (default: the model's)")] = None,
     sigmas: Annotated[
@@ -210,7 +211,7 @@ def predict(
     prepare_output_dir(out, paths)
     fitted = _load_predictor(model, device, runtime)
     fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
-    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks)
+    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
     writer.write_description()
     stems = output_stems(images)
     failed: list[OutputRow] = []
@@ -489,6 +490,7 @@ def predict_distributed(
     map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
     masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    regions: Annotated[bool, typer.Option(help="Write <stem>_regions.json: the mask's connected regions (box, area, peak, mean)")] = True,
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
     sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
@@ -497,7 +499,7 @@ def predict_distributed(
     from hrad.data.images import expand_image_paths, prepare_output_dir
     from hrad.distributed import PredictOptions, predict_many_ray
 
-    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas)
+    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas, regions)
 
     images = expand_image_paths(paths)
     prepare_output_dir(out, paths)
