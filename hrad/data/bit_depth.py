@@ -3,9 +3,9 @@
 Machine-vision cameras deliver 10-, 12- and 14-bit pixels in 16-bit files with the low bits
 aligned, so a 12-bit image's brightest pixel is 4095. The value rule of
 :func:`~hrad.data.images.pixels_to_unit` (uint16 / 65535) maps that to 0.06: the backbone sees
-an almost black image and its features lose most of their contrast (on VisA capsules stored
-as 12-bit, tiled PatchCore's AUPRO@30 fell from 0.921 to 0.843 and image AUROC from 0.853 to
-0.788; ``benchmarks/bit_depth.py``). A model therefore learns how many bits its 16-bit training
+an almost black image and its features lose most of their contrast (VisA capsules stored as
+12-bit, tiled PatchCore: AUPRO@30 0.923 instead of the 8-bit originals' 0.988; as 10-bit 0.765;
+scaled first, 0.988 for both: ``benchmarks/results/bit_depth.md``). A model therefore learns how many bits its 16-bit training
 images use (:func:`significant_bits`: the smallest camera depth that holds every pixel) and
 brings every 16-bit image to the full 16-bit range (:func:`to_full_range`) before anything
 else sees it, in fit, calibration, thresholds and predict alike. Pictures scale each 16-bit
