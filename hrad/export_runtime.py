@@ -43,6 +43,7 @@ from hrad.hiad_math import (
     pooled_max,
     valid_cells,
 )
+from hrad.postprocess.roi import RegionOfInterest
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
 from hrad.prediction import (
@@ -285,6 +286,8 @@ class ExportedPredictor:
         self.fitted_size: tuple[int, int] | None = (int(fitted[0]), int(fitted[1])) if fitted else None
         #: significant bits of the 16-bit training images (:func:`hrad.prediction.model_range`)
         self.bit_depth = stored_bit_depth(sidecar.get("bit_depth"), f"{onnx_path} sidecar")
+        #: the region of interest every map is finished with (:mod:`hrad.postprocess.roi`)
+        self.roi = RegionOfInterest.from_json(sidecar.get("roi"), f"{onnx_path} sidecar")
         self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -315,7 +318,7 @@ class ExportedPredictor:
             raw = self.predict_raw(array)
         except HradError as error:
             raise named(name, error) from None
-        smoothed, score = smooth_and_score(*raw, self.postprocess, border)
+        smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi)
         return Prediction(
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision
         )

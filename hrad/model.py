@@ -21,6 +21,7 @@ from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
+from hrad.postprocess.roi import RegionOfInterest, read_roi
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
@@ -115,6 +116,8 @@ class AnomalyModel:
         #: significant bits of the 16-bit images, scaled to the full range before anything else
         #: sees them (:mod:`hrad.data.bit_depth`); None: 16-bit images as stored (and 8-bit data)
         self.bit_depth: int | None = None
+        #: the part of every image that is inspected (:mod:`hrad.postprocess.roi`); None: all of it
+        self.roi: RegionOfInterest | None = None
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -122,12 +125,20 @@ class AnomalyModel:
         images: ImageSource | Sequence[np.ndarray],
         validation: ImageSource | Sequence[np.ndarray] | None = None,
         progress: ProgressCallback = no_progress,
+        roi: RegionOfInterest | np.ndarray | str | Path | None = None,
     ) -> AnomalyModel:
-        """Fit on good images; thresholds come from ``validation`` or a held-out fraction of them."""
+        """Fit on good images; thresholds come from ``validation`` or a held-out fraction of them.
+
+        ``roi``: the region of interest (:mod:`hrad.postprocess.roi`: a mask array or file,
+        non-zero = inspect), kept by the model and applied to every map, thresholds included."""
         source: ImageSource = ArrayImages(images) if isinstance(images, (list, tuple)) else images  # type: ignore[arg-type]
         if len(source) == 0:
             raise InputError("no normal training images")
         torch.manual_seed(self.config.seed)
+        if roi is None or isinstance(roi, RegionOfInterest):
+            self.roi = roi
+        else:
+            self.roi = read_roi(roi) if isinstance(roi, (str, Path)) else RegionOfInterest.from_pixels(roi, "roi array")
         self.bit_depth = self._learn_bit_depth(source, progress)
         source = self._full_range_source(source)
         if validation is None:
@@ -222,9 +233,9 @@ class AnomalyModel:
                 raise named(image_name(images, index, "held-out image"), error) from None
             if profile is not None:
                 profile.update(result.anomaly_map)  # the raw map, before smoothing works in place
-            anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border)
+            anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border, self.roi)
             scores.append(score)
-            values = anomaly_map.astype(np.float64)
+            values = (anomaly_map if self.roi is None else self.roi.inside(anomaly_map)).astype(np.float64)
             pixel_sum += values.sum()
             pixel_sq += np.square(values).sum()
             pixel_count += values.size
@@ -241,12 +252,15 @@ class AnomalyModel:
     def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios)
+        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi)
 
     def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         with torch.inference_mode():
             results = self.strategy.predict_batch(images)
-        return [smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios) for result in results]
+        return [
+            smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi)
+            for result in results
+        ]
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
         """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`),
@@ -319,6 +333,7 @@ class AnomalyModel:
             "config": self.config.model_dump(mode="json"),
             "fitted_size": self.fitted_size,
             "bit_depth": self.bit_depth,
+            "roi": self.roi.to_json() if self.roi is not None else None,
             "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
             "training_history": self.training_history,
@@ -349,6 +364,7 @@ class AnomalyModel:
         size = manifest.get("fitted_size")
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
         model.bit_depth = stored_bit_depth(manifest.get("bit_depth"), f"{path} manifest")
+        model.roi = RegionOfInterest.from_json(manifest.get("roi"), f"{path} manifest")
         thresholds = manifest.get("thresholds")
         model.thresholds = Thresholds.from_json(thresholds) if thresholds else None
         history = manifest.get("training_history") or {}

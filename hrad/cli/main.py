@@ -123,6 +123,9 @@ def fit(
     set_options: Annotated[
         list[str] | None, typer.Option("--set", help="Any config field, e.g. --set strategy.assignment=ra --set detector.k=5")
     ] = None,
+    roi: Annotated[
+        Path | None, typer.Option(help="Region of interest: a mask image, non-zero = inspect (stretched to each image); kept in the model")
+    ] = None,
     track: Annotated[
         bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
@@ -143,7 +146,7 @@ def fit(
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     with _tracking("fit", track, out.name) as run:
         with progress_bars() as progress:
-            model = AnomalyModel(model_config).fit(train, validation, progress)
+            model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
         if model.bit_depth is not None:
             console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth)")
         model.save(out)

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from hrad.postprocess.border import calibrate_border
+from hrad.postprocess.roi import RegionOfInterest
 
 
 class PostprocessConfig(BaseModel):
@@ -91,23 +92,34 @@ def top_fraction_mean(anomaly_map: np.ndarray, fraction: float) -> float:
     return float(np.partition(flat, flat.size - count)[flat.size - count :].mean())
 
 
-def image_score(anomaly_map: np.ndarray, strategy_score: float, config: PostprocessConfig) -> float:
-    if config.image_score == "max":
-        return float(anomaly_map.max())
+def image_score(
+    anomaly_map: np.ndarray, strategy_score: float, config: PostprocessConfig, roi: RegionOfInterest | None = None
+) -> float:
+    """The configured image score of a finished map; with a region of interest, of the map
+    inside it (``strategy`` then takes the maximum there: a strategy's score may come from outside)."""
+    values = anomaly_map if roi is None else roi.inside(anomaly_map)
+    if config.image_score == "max" or (roi is not None and config.image_score == "strategy"):
+        return float(values.max())
     if config.image_score == "top-fraction":
-        return top_fraction_mean(anomaly_map, config.top_fraction)
+        return top_fraction_mean(values, config.top_fraction)
     return float(strategy_score)
 
 
 def smooth_and_score(
-    raw_map: np.ndarray, raw_score: float, config: PostprocessConfig, border_ratios: list[float] | None = None
+    raw_map: np.ndarray,
+    raw_score: float,
+    config: PostprocessConfig,
+    border_ratios: list[float] | None = None,
+    roi: RegionOfInterest | None = None,
 ) -> tuple[np.ndarray, float]:
     """What every predictor (the model, each exported runtime) ends with: the raw map calibrated
     at the image border (:func:`~hrad.postprocess.border.calibrate_border`, with the model's
     ``border_ratios``), blurred in place (the caller hands over a map it no longer needs, so no
     second full map is made), and the configured image score of the blurred map.
 
-    The strategy's own score (``image_score="strategy"``) is scaled by what the border calibration
+    A region of interest (:mod:`hrad.postprocess.roi`) then sets the map outside it to its
+    lowest value inside and the score is taken inside it. The strategy's own score
+    (``image_score="strategy"``, without a region) is scaled by what the border calibration
     took off the map's peak (``max after / max before``): 1 when the peak lies inside, the peak's
     own ratio when it lay on the border frame. ``config.border_calibration`` off: no calibration.
     """
@@ -119,4 +131,8 @@ def smooth_and_score(
         if peak > 0 and raw_score > 0:
             raw_score *= float(raw_map.max()) / peak
     smoothed = gaussian_smooth(raw_map, config.sigma, in_place=True)
-    return smoothed, image_score(smoothed, raw_score, config)
+    if roi is not None:  # outside the region: the lowest value inside (hrad.postprocess.roi)
+        if smoothed.dtype != np.float32 or not smoothed.flags.writeable:
+            smoothed = smoothed.astype(np.float32)
+        roi.apply(smoothed)
+    return smoothed, image_score(smoothed, raw_score, config, roi)

@@ -1,0 +1,103 @@
+"""The region of interest: the part of every image that is inspected.
+
+A fixed camera sees more than the part: fixtures, conveyor, labels, the edge of the field of
+view. Whatever happens there is not a defect of the part, but a model fitted on good images
+flags anything it has not seen. A region of interest is a mask image (non-zero = inspect) given
+at fit time; the model keeps it (PNG-encoded in its manifest and in every export's sidecar, so
+nothing else has to travel with the model) and applies it to every finished map, stretched to
+each image's size (nearest neighbour, so a mask drawn on one full-size frame fits them all):
+
+- outside the region the map takes the lowest value it has inside, so nothing outside is ever
+  above a threshold, drawn hot, or counted as a defect region, and the map's range is unchanged;
+- the image score is taken inside the region: the map's maximum there (``image_score: max`` or
+  ``strategy``; a strategy's own score may come from outside), or its top fraction there;
+- the thresholds learn the pixel statistics of the held-out normal maps inside the region only.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from hrad.data.images import read_pixels
+from hrad.errors import ArtifactError, InputError
+
+#: largest PNG of a region of interest a manifest or sidecar carries (a drawn mask is a few KB)
+MAX_ROI_PNG_BYTES = 16 * 2**20
+
+
+class RegionOfInterest:
+    """A bool ``H x W`` mask (True = inspect), applied to maps of any size."""
+
+    def __init__(self, mask: np.ndarray, name: str = "region of interest") -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 2:
+            raise InputError(f"{name}: a region of interest is one H x W mask, got shape {mask.shape}")
+        if not mask.any():
+            raise InputError(f"{name}: the region of interest is empty (no non-zero pixel), so nothing would be inspected")
+        self.mask = mask
+        self._resized: tuple[tuple[int, int], np.ndarray] | None = None
+
+    @classmethod
+    def from_pixels(cls, pixels: np.ndarray, name: str) -> RegionOfInterest:
+        """From a decoded image (any type, gray or colour): a pixel is inside when any channel is non-zero."""
+        array = np.asarray(pixels)
+        inside = array.any(axis=2) if array.ndim == 3 else np.not_equal(array, 0)
+        return cls(np.asarray(inside), name)
+
+    def at(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask at ``shape`` (height, width), stretched by nearest neighbour; the last size is kept."""
+        shape = (int(shape[0]), int(shape[1]))
+        if shape == self.mask.shape:
+            return self.mask
+        if self._resized is None or self._resized[0] != shape:
+            resized = cv2.resize(self.mask.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+            self._resized = (shape, resized.astype(bool))
+        return self._resized[1]
+
+    def apply(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """``anomaly_map`` (writable float ``H x W``) with every pixel outside set to the lowest
+        value inside, in place; returned. A region that shrinks to nothing at this size leaves
+        the map as it is."""
+        inside = self.at(anomaly_map.shape[:2])
+        if inside.all() or not inside.any():
+            return anomaly_map
+        anomaly_map[~inside] = anomaly_map[inside].min()
+        return anomaly_map
+
+    def inside(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """The map's values inside the region (all of them when it shrinks to nothing at this size)."""
+        inside = self.at(anomaly_map.shape[:2])
+        return anomaly_map[inside] if inside.any() else anomaly_map.ravel()
+
+    def to_json(self) -> dict[str, Any]:
+        ok, encoded = cv2.imencode(".png", self.mask.view(np.uint8) * np.uint8(255), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        if not ok:  # pragma: no cover - OpenCV encodes any uint8 plane
+            raise RuntimeError("the region of interest could not be encoded")
+        height, width = self.mask.shape
+        return {"width": width, "height": height, "png_base64": base64.b64encode(encoded.tobytes()).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, content: Any, where: str) -> RegionOfInterest | None:
+        """Back from :meth:`to_json` (None: no region); a damaged entry is one ArtifactError naming ``where``."""
+        if content is None:
+            return None
+        try:
+            data = base64.b64decode(content["png_base64"], validate=True)
+            if len(data) > MAX_ROI_PNG_BYTES:
+                raise ValueError(f"{len(data)} bytes of PNG")
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+            if decoded is None or decoded.shape != (int(content["height"]), int(content["width"])):
+                raise ValueError("not a PNG of the stated size")
+            return cls(decoded > 0, where)
+        except (KeyError, TypeError, ValueError, InputError) as error:
+            raise ArtifactError(f"{where}: its region of interest is damaged ({' '.join(str(error).split())})") from None
+
+
+def read_roi(path: str | Path) -> RegionOfInterest:
+    """A region-of-interest mask file (any image hrad reads; non-zero = inspect)."""
+    return RegionOfInterest.from_pixels(read_pixels(path), str(path))

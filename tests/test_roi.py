@@ -1,0 +1,152 @@
+"""The region of interest: exact map and score rules on small arrays, and a model that keeps it
+(thresholds, predict, artifact, export, CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from cli_helpers import run as run_cli
+from cli_helpers import write
+from conftest import textured_image, with_spot
+from export_helpers import make_model
+
+import hrad
+from hrad.artifact import MANIFEST
+from hrad.errors import ArtifactError, InputError
+from hrad.export import OnnxPredictor, export_onnx
+from hrad.postprocess.regions import defect_regions
+from hrad.postprocess.roi import RegionOfInterest, read_roi
+from hrad.postprocess.smoothing import PostprocessConfig, image_score
+
+TILED = {"name": "tiled", "tile": 48, "stride": 32}
+DETECTOR = {"name": "patchcore", "coreset_ratio": 0.25}
+HEIGHT, WIDTH = 90, 130
+
+
+def test_outside_takes_the_lowest_value_inside() -> None:
+    anomaly_map = np.arange(20, dtype=np.float32).reshape(4, 5)
+    mask = np.zeros((4, 5), bool)
+    mask[1:3, 2:4] = True  # values 7, 8, 12, 13
+    roi = RegionOfInterest(mask)
+    out = roi.apply(anomaly_map)
+    assert out is anomaly_map
+    expected = np.full((4, 5), 7.0, np.float32)
+    expected[1:3, 2:4] = [[7, 8], [12, 13]]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_the_mask_is_stretched_by_nearest_neighbour() -> None:
+    roi = RegionOfInterest(np.array([[1, 0], [0, 1]], bool))
+    np.testing.assert_array_equal(roi.at((4, 6)), np.kron(np.eye(2, dtype=int), np.ones((2, 3), int)).astype(bool))
+    assert roi.at((2, 2)) is roi.mask
+
+
+def test_the_score_is_taken_inside() -> None:
+    anomaly_map = np.zeros((4, 4), np.float32)
+    anomaly_map[0, 0] = 9.0  # outside
+    anomaly_map[3, 3] = 2.0
+    anomaly_map[2, 3] = 1.0
+    mask = np.zeros((4, 4), bool)
+    mask[2:, 2:] = True
+    roi = RegionOfInterest(mask)
+    assert image_score(anomaly_map, 9.0, PostprocessConfig(image_score="strategy"), roi) == 2.0
+    assert image_score(anomaly_map, 9.0, PostprocessConfig(image_score="strategy")) == 9.0
+    assert image_score(anomaly_map, 9.0, PostprocessConfig(image_score="top-fraction", top_fraction=0.5), roi) == 1.5
+
+
+def test_stored_form_round_trips_and_damage_is_one_line() -> None:
+    mask = np.random.default_rng(0).random((37, 53)) > 0.5
+    stored = RegionOfInterest(mask).to_json()
+    again = RegionOfInterest.from_json(json.loads(json.dumps(stored)), "m/hrad.json")
+    assert again is not None
+    np.testing.assert_array_equal(again.mask, mask)
+    assert RegionOfInterest.from_json(None, "m/hrad.json") is None
+    with pytest.raises(ArtifactError, match=r"^m/hrad.json: its region of interest is damaged \("):
+        RegionOfInterest.from_json({**stored, "width": 54}, "m/hrad.json")
+    with pytest.raises(ArtifactError, match="damaged"):
+        RegionOfInterest.from_json({"png_base64": "not base64!"}, "m/hrad.json")
+
+
+def test_an_empty_region_is_refused_naming_its_file(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "roi.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError, match=r"roi.png: the region of interest is empty"):
+        read_roi(tmp_path / "roi.png")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [textured_image(rng, HEIGHT, WIDTH) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def roi_mask() -> np.ndarray:
+    """Inspect the left half only."""
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[:, : WIDTH // 2] = 255
+    return mask
+
+
+def spot_at(x: int) -> np.ndarray:
+    return with_spot(textured_image(np.random.default_rng(11), HEIGHT, WIDTH), 40, x, 12)[0]
+
+
+def test_a_defect_outside_the_region_is_not_one(images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path) -> None:
+    """The same spot is found on the inspected half and ignored on the other; the model keeps
+    the region through save and load, and its thresholds come from inside it."""
+    model = make_model(TILED, DETECTOR).fit(images, roi=roi_mask)
+    plain = make_model(TILED, DETECTOR).fit(images)
+    outside, inside = spot_at(100), spot_at(25)
+    assert plain.predict(outside).is_anomalous  # without the region, the spot is a defect
+    ignored = model.predict(outside)
+    assert not ignored.is_anomalous and defect_regions(ignored.anomaly_map, ignored.pixel_threshold) == []
+    assert float(ignored.anomaly_map[:, WIDTH // 2 :].max()) == float(ignored.anomaly_map[:, : WIDTH // 2].min())
+    found = model.predict(inside)
+    assert found.is_anomalous
+    [region] = defect_regions(found.anomaly_map, found.pixel_threshold)[:1]
+    assert region.x < WIDTH // 2
+
+    model.save(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / MANIFEST).read_text())["roi"]["width"] == WIDTH
+    loaded = hrad.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.predict(inside).anomaly_map, found.anomaly_map)
+
+    manifest = json.loads((tmp_path / "model" / MANIFEST).read_text())
+    manifest["roi"]["png_base64"] = manifest["roi"]["png_base64"][:40]
+    (tmp_path / "model" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="its region of interest is damaged"):
+        hrad.load(tmp_path / "model")
+
+
+def test_the_export_applies_the_region(images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path) -> None:
+    model = make_model(TILED, DETECTOR).fit(images, roi=roi_mask)
+    export_onnx(model, tmp_path / "model.onnx")
+    assert json.loads((tmp_path / "model.json").read_text())["roi"] == model.roi.to_json()  # type: ignore[union-attr]
+    for image in (spot_at(100), spot_at(25)):
+        expected = model.predict(image)
+        got = OnnxPredictor(tmp_path / "model.onnx").predict(image)
+        assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+        assert got.score == pytest.approx(expected.score, rel=1e-4) and got.is_anomalous == expected.is_anomalous
+
+
+def test_cli_fit_keeps_the_region_and_predict_ignores_what_is_outside(
+    images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index, image in enumerate(images):
+        write(tmp_path / "good" / f"{index}.png", image)
+    cv2.imwrite(str(tmp_path / "roi.png"), roi_mask)
+    status = run_cli(
+        ["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
+         "--strategy", "tiled", "--tile", "48", "--stride", "32", "--set", "detector.coreset_ratio=0.25",
+         "--device", "cpu", "--roi", str(tmp_path / "roi.png")],
+        monkeypatch,
+    )  # fmt: skip
+    assert status == 0 and json.loads((tmp_path / "model" / MANIFEST).read_text())["roi"] is not None
+    write(tmp_path / "parts" / "outside.png", spot_at(100))
+    assert run_cli(["predict", "--model", str(tmp_path / "model"), str(tmp_path / "parts"), "--out", str(tmp_path / "out")], monkeypatch) == 0
+    assert json.loads((tmp_path / "out" / "outside_regions.json").read_text())["count"] == 0
+    assert run_cli(["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "m2"), "--roi", str(tmp_path / "nope.png")], monkeypatch) == 2
