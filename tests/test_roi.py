@@ -122,9 +122,15 @@ def test_a_defect_outside_the_region_is_not_one(images: list[np.ndarray], roi_ma
         hrad.load(tmp_path / "model")
 
 
-def test_the_export_applies_the_region(images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path) -> None:
+def test_the_export_applies_the_region(
+    images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = make_model(TILED, DETECTOR).fit(images, roi=roi_mask)
     export_onnx(model, tmp_path / "model.onnx")
+    capsys.readouterr()
+    assert run_cli(["info", str(tmp_path / "model.onnx"), "--json"], monkeypatch) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "export (onnx, sidecar model.json)" and shown["region_of_interest"] == "130x90 mask, 50.0% inspected"
     assert json.loads((tmp_path / "model.json").read_text())["roi"] == model.roi.to_json()  # type: ignore[union-attr]
     for image in (spot_at(100), spot_at(25)):
         expected = model.predict(image)
@@ -134,7 +140,7 @@ def test_the_export_applies_the_region(images: list[np.ndarray], roi_mask: np.nd
 
 
 def test_cli_fit_keeps_the_region_and_predict_ignores_what_is_outside(
-    images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for index, image in enumerate(images):
         write(tmp_path / "good" / f"{index}.png", image)
@@ -146,6 +152,11 @@ def test_cli_fit_keeps_the_region_and_predict_ignores_what_is_outside(
         monkeypatch,
     )  # fmt: skip
     assert status == 0 and json.loads((tmp_path / "model" / MANIFEST).read_text())["roi"] is not None
+    capsys.readouterr()
+    assert run_cli(["info", str(tmp_path / "model")], monkeypatch) == 0
+    shown = capsys.readouterr().out
+    assert "region_of_interest: 130x90 mask, 50.0% inspected\n" in shown and "strategy: tiled\n" in shown
+    assert "fitted_size: 130x90\n" in shown and "thresholds: image " in shown
     write(tmp_path / "parts" / "outside.png", spot_at(100))
     assert run_cli(["predict", "--model", str(tmp_path / "model"), str(tmp_path / "parts"), "--out", str(tmp_path / "out")], monkeypatch) == 0
     assert json.loads((tmp_path / "out" / "outside_regions.json").read_text())["count"] == 0

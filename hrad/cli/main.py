@@ -559,6 +559,65 @@ def ad2_evaluate(
     console.print(text)
 
 
+@app.command("info")
+def info(
+    model: Annotated[Path, typer.Argument(help="Model directory (hrad fit) or exported .onnx / .xml (hrad export)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """What a model is, without loading it: strategy, detector, backbone, fitted size, bit depth,
+    region of interest, thresholds and training losses (an export needs no torch for this)."""
+    summary = model_summary(model)
+    if as_json:  # the command's output: stdout, like list, options and schema
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value}")
+
+
+def model_summary(path: Path) -> dict[str, Any]:
+    """The facts ``hrad info`` prints, from an artifact's manifest or an export's sidecar."""
+    from hrad.postprocess.roi import RegionOfInterest
+
+    exported = path.suffix in EXPORTED_SUFFIXES
+    if exported:
+        from hrad.export_runtime import load_sidecar
+
+        record = load_sidecar(path)
+        about = record.get("model", {})
+        kind = f"export ({path.suffix[1:]}, sidecar {path.with_suffix('.json').name})"
+        names = {part: about.get(part) for part in ("strategy", "detector", "backbone")}
+        weights, fitted, history = about.get("backbone_weights"), about.get("fitted_size"), None
+    else:
+        from hrad.artifact import read_manifest
+
+        record = read_manifest(path)
+        config = record.get("config", {})
+        kind = f"model ({record['weights']['bytes'] / 2**20:.1f} MiB of weights)"
+        names = {part: (config.get(part) or {}).get("name") for part in ("strategy", "detector", "backbone")}
+        weights, fitted, history = record.get("backbone_weights"), record.get("fitted_size"), record.get("training_history")
+    summary: dict[str, Any] = {"path": str(path), "kind": kind, "saved_by": f"hrad {record.get('hrad_version', 'unknown')}", **names}
+    summary["backbone_weights"] = weights
+    summary["fitted_size"] = f"{fitted[1]}x{fitted[0]}" if fitted else None
+    bits = record.get("bit_depth")
+    summary["bit_depth"] = f"{bits} (16-bit images scaled to the full range)" if bits else "16-bit images as stored"
+    roi = RegionOfInterest.from_json(record.get("roi"), str(path))
+    summary["region_of_interest"] = (
+        f"{roi.mask.shape[1]}x{roi.mask.shape[0]} mask, {roi.mask.mean():.1%} inspected" if roi is not None else "the whole image"
+    )
+    thresholds = record.get("thresholds")
+    summary["thresholds"] = (
+        f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}"
+        + (f" (mean + {thresholds['sigmas']:g} std of {len(thresholds.get('validation_image_scores') or [])} held-out normal images)" if thresholds.get("sigmas") is not None else "")
+        if thresholds
+        else "none (no held-out normal images)"
+    )
+    if history:
+        summary["training"] = "; ".join(
+            f"{stage} {len(values)} epochs, loss {values[0]:.4g} -> {values[-1]:.4g}" for stage, values in history.items() if values
+        )
+    return summary
+
+
 @app.command("list")
 def list_components() -> None:
     """Registered backbones, detectors and strategies."""
