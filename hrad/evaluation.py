@@ -259,6 +259,10 @@ def write_html_report(
             "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
             f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
             "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
+            *([f"16-bit images were scaled to the full range from the {model.bit_depth} significant bits learned at fit (bit_depth)."]
+              if model.bit_depth is not None else []),
+            *([f"A region of interest was applied ({model.roi.mask.mean():.1%} of each image inspected): outside it the map takes "
+               "its lowest value inside, so ground truth there counts as missed."] if model.roi is not None else []),
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]
                 + [f"skipped {entry['error']}" for entry in skipped]

@@ -161,3 +161,22 @@ def test_cli_fit_keeps_the_region_and_predict_ignores_what_is_outside(
     assert run_cli(["predict", "--model", str(tmp_path / "model"), str(tmp_path / "parts"), "--out", str(tmp_path / "out")], monkeypatch) == 0
     assert json.loads((tmp_path / "out" / "outside_regions.json").read_text())["count"] == 0
     assert run_cli(["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "m2"), "--roi", str(tmp_path / "nope.png")], monkeypatch) == 2
+
+
+def test_the_report_says_a_region_was_applied(images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path) -> None:
+    """Metrics of a model with a region miss whatever ground truth lies outside it: the report says so."""
+    from hrad.data.datasets import load_dataset
+    from hrad.evaluation import evaluate
+
+    root = tmp_path / "part"
+    write(root / "train" / "good" / "000.png", images[0])
+    write(root / "test" / "good" / "000.png", images[1])
+    write(root / "test" / "spot" / "000.png", spot_at(25))
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[34:46, 19:31] = 255
+    (root / "ground_truth" / "spot").mkdir(parents=True)
+    cv2.imwrite(str(root / "ground_truth" / "spot" / "000_mask.png"), mask)
+    model = make_model(TILED, DETECTOR).fit(images, roi=roi_mask)
+    evaluate(model, load_dataset(root).test, tmp_path / "report")
+    report = (tmp_path / "report" / "report.html").read_text()
+    assert "A region of interest was applied (50.0% of each image inspected)" in report
