@@ -16,7 +16,7 @@ import torch
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
-from hrad.data.bit_depth import is_wide, significant_bits, stored_bit_depth, to_full_range
+from hrad.data.bit_depth import exceeds, is_wide, significant_bits, stored_bit_depth, to_full_range
 from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
@@ -52,17 +52,29 @@ class ArrayImages:
 class FullRangeImages:
     """An :class:`ImageSource` whose 16-bit images of ``bits`` significant bits are scaled to the
     full 16-bit range (:func:`~hrad.data.bit_depth.to_full_range`; a new array, the source's own
-    may be the caller's)."""
+    may be the caller's). An image brighter than ``bits`` allows (a ``bit_depth`` set below the
+    files', or a validation image brighter than the training images) saturates with one warning
+    naming it, as at predict: the model would otherwise learn clipped parts without a word."""
 
     def __init__(self, source: ImageSource, bits: int) -> None:
         self.source = source
         self.bits = bits
+        self._warned: set[int] = set()  # the fit reads an image more than once: one warning each
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return to_full_range(self.source[index], self.bits)
+        image = self.source[index]
+        peak = exceeds(image, self.bits)
+        if peak is not None and index not in self._warned:
+            self._warned.add(index)
+            warnings.warn(
+                f"{self.name(index)}: pixel values up to {peak} exceed the fit's {self.bits}-bit depth "
+                f"(bit_depth, 0..{2**self.bits - 1}); they saturate",
+                stacklevel=2,
+            )
+        return to_full_range(image, self.bits)
 
     def name(self, index: int) -> str:
         return image_name(self.source, index)

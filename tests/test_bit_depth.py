@@ -203,3 +203,28 @@ def test_a_gray_image_broadcast_to_rgb_stays_one_plane() -> None:
     assert scaled.shape == (50, 400, 3) and scaled.base is not None and scaled.base.nbytes == gray.nbytes
     np.testing.assert_array_equal(scaled, to_full_range(np.ascontiguousarray(view), 12))
     np.testing.assert_array_equal(gray, view[..., 0])  # the view's plane is not written
+
+
+def test_cli_fit_names_each_training_image_brighter_than_a_set_depth_once(
+    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """bit_depth set below the files' depth clips the training parts: each file says so once (it
+    is read more than once in a fit), as predict does for a too bright part."""
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for index, image in enumerate(float_images):
+        cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(at_bits(image, 12), cv2.COLOR_RGB2BGR))
+    capfd.readouterr()
+    status = run_cli(
+        ["fit", "--data", str(folder), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn", "--set", "bit_depth=10",
+         "--strategy", "tiled", "--tile", "48", "--set", "detector.coreset_ratio=0.25", "--device", "cpu"],
+        monkeypatch,
+    )  # fmt: skip
+    assert status == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if "exceed" in line]
+    expected = [
+        f"hrad: warning: {folder / f'{index}.png'}: pixel values up to {int(at_bits(image, 12).max())} exceed the fit's "
+        "10-bit depth (bit_depth, 0..1023); they saturate"
+        for index, image in enumerate(float_images)
+    ]
+    assert sorted(lines) == sorted(expected)
