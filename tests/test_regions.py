@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from hrad.postprocess.regions import Region, defect_regions
@@ -52,3 +54,20 @@ def test_no_pixel_over_the_threshold_is_no_region() -> None:
     assert defect_regions(np.zeros((5, 5), np.float32), 0.0) == []
     with pytest.raises(ValueError, match="H x W"):
         defect_regions(np.zeros((2, 5, 5), np.float32), 0.0)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)  # the same cases on every run (CI)
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    band_rows=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+    density=st.floats(0.05, 0.95),
+)
+def test_any_mask_in_any_bands_equals_the_whole_labelling(shape: tuple[int, int], band_rows: int, seed: int, density: float) -> None:
+    """Fuzzed: masks of any density and shape (single rows and columns, checkerboard-like
+    diagonal chains), any band height, distinct map values so the peaks are unambiguous."""
+    rng = np.random.default_rng(seed)
+    anomaly_map = rng.permutation(shape[0] * shape[1]).reshape(shape).astype(np.float32)
+    mask = rng.random(shape) < density
+    anomaly_map[~mask] = -1.0
+    assert_same(defect_regions(anomaly_map, -0.5, band_values=band_rows * shape[1]), whole_image_regions(anomaly_map, -0.5))
