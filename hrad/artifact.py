@@ -213,6 +213,12 @@ def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
         scores = thresholds.get("validation_image_scores", [])
         if not isinstance(scores, list) or not all(_is_number(score) for score in scores):
             raise fail("thresholds.validation_image_scores", "a list of numbers")
+    history = manifest.get("training_history")  # a diverged epoch's NaN loss is still a number here
+    if history is not None and not (
+        isinstance(history, dict)
+        and all(isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) for values in history.values())
+    ):
+        raise fail("training_history", "null or an object of lists of numbers")
     record = manifest.get("weights")
     if record is not None and not (
         isinstance(record, dict)

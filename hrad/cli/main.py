@@ -22,7 +22,7 @@ import typer
 from rich.text import Text
 
 from hrad.cli.progress import console, print_warning, progress_bars
-from hrad.errors import HradError, InputError
+from hrad.errors import ArtifactError, HradError, InputError
 
 if TYPE_CHECKING:
     from hrad.tracking import TrackedRun
@@ -571,50 +571,69 @@ def info(
         typer.echo(json.dumps(summary, indent=2))
         return
     for key, value in summary.items():
-        typer.echo(f"{key}: {value}")
+        typer.echo(f"{key}: {'not recorded (saved before hrad kept it)' if value is None else value}")
 
 
 def model_summary(path: Path) -> dict[str, Any]:
-    """The facts ``hrad info`` prints, from an artifact's manifest or an export's sidecar."""
-    from hrad.postprocess.roi import RegionOfInterest
-
+    """The facts ``hrad info`` prints, from an artifact's manifest or an export's sidecar (a
+    sidecar is not checked field by field when read: a damaged one is one line here, not a crash)."""
     exported = path.suffix in EXPORTED_SUFFIXES
     if exported:
         from hrad.export_runtime import load_sidecar
 
         record = load_sidecar(path)
+        where, what = f"{path.with_suffix('.json')}", "corrupt ONNX sidecar"
+    else:
+        from hrad.artifact import MANIFEST, read_manifest
+
+        record = read_manifest(path)
+        where, what = f"{path / MANIFEST}", "corrupt model manifest"
+    try:
+        return _summary(path, record, exported, where)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise ArtifactError(f"{where}: {what} ({type(error).__name__}: {' '.join(str(error).split())})") from None
+
+
+def _summary(path: Path, record: dict[str, Any], exported: bool, where: str) -> dict[str, Any]:
+    from hrad.data.bit_depth import stored_bit_depth
+    from hrad.postprocess.roi import RegionOfInterest
+
+    if exported:
         about = record.get("model", {})
         kind = f"export ({path.suffix[1:]}, sidecar {path.with_suffix('.json').name})"
         names = {part: about.get(part) for part in ("strategy", "detector", "backbone")}
         weights, fitted, history = about.get("backbone_weights"), about.get("fitted_size"), None
     else:
-        from hrad.artifact import read_manifest
-
-        record = read_manifest(path)
         config = record.get("config", {})
         kind = f"model ({record['weights']['bytes'] / 2**20:.1f} MiB of weights)"
         names = {part: (config.get(part) or {}).get("name") for part in ("strategy", "detector", "backbone")}
         weights, fitted, history = record.get("backbone_weights"), record.get("fitted_size"), record.get("training_history")
     summary: dict[str, Any] = {"path": str(path), "kind": kind, "saved_by": f"hrad {record.get('hrad_version', 'unknown')}", **names}
     summary["backbone_weights"] = weights
-    summary["fitted_size"] = f"{fitted[1]}x{fitted[0]}" if fitted else None
-    bits = record.get("bit_depth")
+    summary["fitted_size"] = f"{int(fitted[1])}x{int(fitted[0])}" if fitted else None
+    bits = stored_bit_depth(record.get("bit_depth"), where)  # what loading the model would accept
     summary["bit_depth"] = f"{bits} (16-bit images scaled to the full range)" if bits else "16-bit images as stored"
-    roi = RegionOfInterest.from_json(record.get("roi"), str(path))
+    roi = RegionOfInterest.from_json(record.get("roi"), where)
     summary["region_of_interest"] = (
         f"{roi.mask.shape[1]}x{roi.mask.shape[0]} mask, {roi.mask.mean():.1%} inspected" if roi is not None else "the whole image"
     )
     thresholds = record.get("thresholds")
-    summary["thresholds"] = (
-        f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}"
-        + (f" (mean + {thresholds['sigmas']:g} std of {len(thresholds.get('validation_image_scores') or [])} held-out normal images)" if thresholds.get("sigmas") is not None else "")
-        if thresholds
-        else "none (no held-out normal images)"
-    )
-    if history:
-        summary["training"] = "; ".join(
-            f"{stage} {len(values)} epochs, loss {values[0]:.4g} -> {values[-1]:.4g}" for stage, values in history.items() if values
-        )
+    if thresholds:
+        text = f"image {float(thresholds['image']):.6g}, pixel {float(thresholds['pixel']):.6g}"
+        if thresholds.get("sigmas") is not None:
+            count = len(thresholds.get("validation_image_scores") or [])
+            text += f" (mean + {float(thresholds['sigmas']):g} std of {count} held-out normal image{'' if count == 1 else 's'}"
+            text += ": one score has no spread, so the image threshold is that score)" if count == 1 else ")"
+        summary["thresholds"] = text
+    else:
+        summary["thresholds"] = "none (no held-out normal images)"
+    stages = [
+        f"{stage} {len(values)} epochs, loss {float(values[0]):.4g} -> {float(values[-1]):.4g}"
+        for stage, values in (history or {}).items()
+        if values
+    ]
+    if stages:
+        summary["training"] = "; ".join(stages)
     return summary
 
 

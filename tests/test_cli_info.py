@@ -1,0 +1,114 @@
+"""``hrad info`` on damaged and older models: one line naming the file, exit 2, never a crash;
+fields an older model lacks read as not recorded, not as Python's None."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import run as run_cli
+from export_helpers import make_model, training_images
+
+import hrad
+from hrad.artifact import MANIFEST
+from hrad.errors import ArtifactError
+from hrad.export import export_onnx
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small artifact (16-bit, 12 significant bits) and its ONNX export, made once."""
+    folder = tmp_path_factory.mktemp("info")
+    images = [np.rint(image * 4095).astype(np.uint16) for image in training_images(3, 6, 64, 96)]
+    model = make_model({"name": "tiled", "tile": 48, "stride": 48}, {"name": "patchcore", "coreset_ratio": 0.25}).fit(images)
+    model.save(folder / "model")
+    export_onnx(model, folder / "model.onnx")
+    return folder
+
+
+def edited(source: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """``source`` (a JSON file) copied to ``target`` after ``change`` edited its content."""
+    content = json.loads(source.read_text())
+    change(content)
+    target.write_text(json.dumps(content))
+
+
+def info(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = run_cli(["info", str(path)], monkeypatch)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def copy_model(saved: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(saved / "model", target)
+    edited(saved / "model" / MANIFEST, target / MANIFEST, change)
+    return target
+
+
+def copy_export(saved: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    shutil.copy(saved / "model.onnx", tmp_path / "model.onnx")
+    edited(saved / "model.json", tmp_path / "model.json", change)
+    return tmp_path / "model.onnx"
+
+
+def test_a_bit_depth_loading_refuses_is_refused_by_info_too(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = copy_model(saved, tmp_path, lambda manifest: manifest.update(bit_depth=7))
+    status, out, err = info(model, monkeypatch, capsys)
+    assert status == 2 and out == ""
+    assert err.strip() == f"hrad: error: {model / MANIFEST}: bit_depth 7 is not a number of bits from 9 to 16; the file is corrupt"
+    export = copy_export(saved, tmp_path, lambda sidecar: sidecar.update(bit_depth="12"))
+    status, _, err = info(export, monkeypatch, capsys)
+    assert status == 2 and "model.json: bit_depth '12' is not a number of bits" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda sidecar: sidecar.update(thresholds={"image": 1.0}),
+        lambda sidecar: sidecar.update(model=3),
+        lambda sidecar: sidecar["model"].update(fitted_size=[5]),
+    ],
+)
+def test_a_damaged_sidecar_is_one_line(
+    change: Callable[[dict[str, Any]], None], saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = info(copy_export(saved, tmp_path, change), monkeypatch, capsys)
+    assert status == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"hrad: error: {tmp_path / 'model.json'}: corrupt ONNX sidecar ("), err
+
+
+def test_a_damaged_training_history_is_one_line_for_info_and_load(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = copy_model(saved, tmp_path, lambda manifest: manifest.update(training_history={"segmentation": "x"}))
+    expected = f"{model / MANIFEST}: corrupt model manifest (training_history must be null or an object of lists of numbers)"
+    status, _, err = info(model, monkeypatch, capsys)
+    assert status == 2 and err.strip() == f"hrad: error: {expected}"
+    with pytest.raises(ArtifactError, match=r"training_history must be"):
+        hrad.load(model)
+
+
+def test_fields_an_older_model_lacks_read_as_not_recorded(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def older(manifest: dict[str, Any]) -> None:
+        for key in ("backbone_weights", "fitted_size", "bit_depth", "roi"):
+            manifest.pop(key)
+        manifest["training_history"] = {"segmentation": []}
+
+    status, out, _ = info(copy_model(saved, tmp_path, older), monkeypatch, capsys)
+    assert status == 0 and "None" not in out and "training" not in out
+    assert "backbone_weights: not recorded (saved before hrad kept it)\n" in out
+    assert "fitted_size: not recorded (saved before hrad kept it)\n" in out
+    assert "bit_depth: 16-bit images as stored\n" in out
+    status, out, _ = info(saved / "model", monkeypatch, capsys)
+    assert status == 0 and "bit_depth: 12 (16-bit images scaled to the full range)\n" in out and "fitted_size: 96x64\n" in out
