@@ -167,6 +167,9 @@ class AnomalyModel:
             )
         first = train[0]
         self.fitted_size = (int(first.shape[0]), int(first.shape[1]))
+        problem = self.roi.stretch_problem(self.fitted_size) if self.roi is not None else None
+        if problem is not None:
+            warnings.warn(problem, stacklevel=2)
         self.strategy.fit(train, progress)
         self.training_history = self.strategy.training_history()
         if validation_source is not None and len(validation_source) > 0:

@@ -77,6 +77,31 @@ def test_an_empty_region_is_refused_naming_its_file(tmp_path: Path) -> None:
         read_roi(tmp_path / "roi.png")
 
 
+def test_a_mask_with_transparency_is_refused_naming_its_file(tmp_path: Path) -> None:
+    """Painted on a transparent layer, the region is in alpha, which hrad ignores: black paint read
+    as empty, a white layer erased around the part read as all of it. Opaque RGBA is read by colour."""
+    painted = np.zeros((8, 8, 4), np.uint8)
+    painted[2:5, 2:5, 3] = 255  # black paint, opaque only there
+    cv2.imwrite(str(tmp_path / "painted.png"), painted)
+    with pytest.raises(InputError, match=r"^\S*painted.png: the region of interest has transparency \(an alpha channel\); hrad reads"):
+        read_roi(tmp_path / "painted.png")
+    opaque = np.zeros((8, 8, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[2:5, 2:5, :3] = 255
+    cv2.imwrite(str(tmp_path / "opaque.png"), opaque)
+    np.testing.assert_array_equal(read_roi(tmp_path / "opaque.png").mask, opaque[..., 0] > 0)
+
+
+def test_a_mask_of_another_aspect_ratio_warns_at_fit(images: list[np.ndarray]) -> None:
+    """Stretching a mask drawn at another scale is what --roi promises; one of another shape is
+    distorted on the part, so the fit says so (a scaled copy does not)."""
+    assert RegionOfInterest(np.ones((9, 13), bool)).stretch_problem((HEIGHT, WIDTH)) is None  # 13/9 is within 1% of 130/90
+    square = np.zeros((50, 50), np.uint8)
+    square[10:40, 10:40] = 255
+    with pytest.warns(UserWarning, match=r"^roi array: the region of interest is 50x50 \(aspect 1\) but the training images are 130x90 \(aspect 1.44\)"):
+        make_model(TILED, DETECTOR).fit(images[:3], roi=square)
+
+
 @pytest.fixture(scope="module")
 def images() -> list[np.ndarray]:
     rng = np.random.default_rng(5)
@@ -152,7 +177,7 @@ def test_cli_fit_keeps_the_region_and_predict_ignores_what_is_outside(
         monkeypatch,
     )  # fmt: skip
     assert status == 0 and json.loads((tmp_path / "model" / MANIFEST).read_text())["roi"] is not None
-    capsys.readouterr()
+    assert f"region of interest: {tmp_path / 'roi.png'}, 130x90 mask, 50.0% inspected (stretched to each image)\n" in capsys.readouterr().err
     assert run_cli(["info", str(tmp_path / "model")], monkeypatch) == 0
     shown = capsys.readouterr().out
     assert "region_of_interest: 130x90 mask, 50.0% inspected\n" in shown and "strategy: tiled\n" in shown

@@ -149,6 +149,9 @@ def fit(
             model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
         if model.bit_depth is not None:
             console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth)")
+        if model.roi is not None:
+            height, width = model.roi.mask.shape
+            console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.mask.mean():.1%} inspected (stretched to each image)")
         model.save(out)
         console.print(f"model written to {out}")
         if model.thresholds is None:

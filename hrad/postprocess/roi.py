@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hrad.data.images import read_pixels
+from hrad.data.images import _decode_raw
 from hrad.errors import ArtifactError, InputError
 
 #: largest PNG of a region of interest a manifest or sidecar carries (a drawn mask is a few KB)
@@ -40,6 +40,8 @@ class RegionOfInterest:
         if not mask.any():
             raise InputError(f"{name}: the region of interest is empty (no non-zero pixel), so nothing would be inspected")
         self.mask = mask
+        #: what messages call it: its file, or "region of interest"
+        self.name = name
         self._resized: tuple[tuple[int, int], np.ndarray] | None = None
 
     @classmethod
@@ -58,6 +60,18 @@ class RegionOfInterest:
             resized = cv2.resize(self.mask.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
             self._resized = (shape, resized.astype(bool))
         return self._resized[1]
+
+    def stretch_problem(self, shape: tuple[int, int]) -> str | None:
+        """Why stretching the mask to images of ``shape`` (height, width) may miss what was drawn:
+        another aspect ratio (more than 1% apart), so the region is distorted; None when it only scales."""
+        height, width = self.mask.shape
+        ratio, target = width / height, shape[1] / shape[0]
+        if abs(np.log(ratio / target)) <= 0.01:
+            return None
+        return (
+            f"{self.name}: the region of interest is {width}x{height} (aspect {ratio:.3g}) but the training images are "
+            f"{shape[1]}x{shape[0]} (aspect {target:.3g}); it is stretched to their shape, so check that it still covers the part"
+        )
 
     def apply(self, anomaly_map: np.ndarray) -> np.ndarray:
         """``anomaly_map`` (writable float ``H x W``) with every pixel outside set to the lowest
@@ -99,5 +113,20 @@ class RegionOfInterest:
 
 
 def read_roi(path: str | Path) -> RegionOfInterest:
-    """A region-of-interest mask file (any image hrad reads; non-zero = inspect)."""
-    return RegionOfInterest.from_pixels(read_pixels(path), str(path))
+    """A region-of-interest mask file (any image hrad reads; non-zero = inspect).
+
+    A file with transparency is refused: hrad reads the colour and ignores alpha (as for
+    ground-truth masks), but a mask painted on a transparent layer marks its region in alpha,
+    where the colour may be black everywhere (refused as empty, misleadingly) or white where
+    erased (all of it inspected, silently)."""
+    raw = _decode_raw(Path(path))  # read_pixels' checked decoding, alpha kept
+    if raw.ndim == 3 and raw.shape[2] in (2, 4):
+        alpha = raw[..., -1]
+        opaque = np.iinfo(alpha.dtype).max if alpha.dtype.kind in "ui" else 1.0
+        if not np.all(alpha == opaque):
+            raise InputError(
+                f"{path}: the region of interest has transparency (an alpha channel); hrad reads the region from "
+                "its colour (non-zero = inspect) and ignores alpha: save it without alpha, the region non-black on black"
+            )
+        raw = raw[..., :-1]
+    return RegionOfInterest.from_pixels(raw, str(path))
