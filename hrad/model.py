@@ -130,6 +130,10 @@ class AnomalyModel:
         self.bit_depth: int | None = None
         #: the part of every image that is inspected (:mod:`hrad.postprocess.roi`); None: all of it
         self.roi: RegionOfInterest | None = None
+        #: with ``bit_depth: auto``, the brightest pixel of the 16-bit training images and the image
+        #: holding it, which set the depth learned (known after fit only, not saved): one hot
+        #: image can lift a 12-bit line to 14 bits, and the fit's message names it
+        self.brightest: tuple[int, str] | None = None
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -181,6 +185,7 @@ class AnomalyModel:
         """``config.bit_depth``, or with ``auto`` the smallest camera depth holding every pixel of
         the 16-bit training images (one reading pass, only when the first image is 16-bit)."""
         setting = self.config.bit_depth
+        self.brightest = None
         if setting != "auto":
             return setting if setting < 16 else None
         first = images[0]
@@ -189,7 +194,9 @@ class AnomalyModel:
         peak = 0
         for index in range(len(images)):
             image = first if index == 0 else images[index]
-            peak = max(peak, int(image.max()) if is_wide(image) and image.size else 0)
+            value = int(image.max()) if is_wide(image) and image.size else 0
+            if value > peak or index == 0:
+                peak, self.brightest = value, (value, image_name(images, index))
             progress(index + 1, len(images), "bit depth of the 16-bit training images")
         bits = significant_bits(peak)
         return bits if bits < 16 else None

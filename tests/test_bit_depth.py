@@ -160,7 +160,11 @@ def test_cli_fit_on_twelve_bit_files_learns_the_depth(
     )  # fmt: skip
     assert status == 0
     assert json.loads((tmp_path / "model" / MANIFEST).read_text())["bit_depth"] == 12
-    assert "16-bit images: 12 significant bits, scaled to the full range (bit_depth)" in capfd.readouterr().err
+    brightest = max(range(len(float_images)), key=lambda index: int(at_bits(float_images[index], 12).max()))
+    assert (
+        "16-bit images: 12 significant bits, scaled to the full range (bit_depth); brightest training pixel "
+        f"{int(at_bits(float_images[brightest], 12).max())}, in {folder / f'{brightest}.png'}\n"
+    ) in capfd.readouterr().err
 
 
 def test_pictures_scale_a_sixteen_bit_image_by_its_own_depth() -> None:
@@ -221,10 +225,12 @@ def test_cli_fit_names_each_training_image_brighter_than_a_set_depth_once(
         monkeypatch,
     )  # fmt: skip
     assert status == 0
-    lines = [line for line in capfd.readouterr().err.splitlines() if "exceed" in line]
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "exceed" in line]
     expected = [
         f"hrad: warning: {folder / f'{index}.png'}: pixel values up to {int(at_bits(image, 12).max())} exceed the fit's "
         "10-bit depth (bit_depth, 0..1023); they saturate"
         for index, image in enumerate(float_images)
     ]
     assert sorted(lines) == sorted(expected)
+    assert "16-bit images: 10 significant bits, scaled to the full range (bit_depth); set, not learned\n" in err

@@ -148,7 +148,8 @@ def fit(
         with progress_bars() as progress:
             model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
         if model.bit_depth is not None:
-            console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth)")
+            found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"
+            console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth){found}")
         if model.roi is not None:
             height, width = model.roi.mask.shape
             console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.mask.mean():.1%} inspected (stretched to each image)")
