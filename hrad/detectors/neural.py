@@ -20,13 +20,14 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from hrad.detectors.base import Detector, DetectorConfig, DetectorOutput, PredictScoring
+from hrad.detectors.checkpoints import TrainingCheckpoint
 from hrad.detectors.scoring import (
     ChannelStatistics,
     ImageScore,
@@ -265,6 +266,15 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
     def after_fit(self) -> None:
         """Called once training is over, before eval mode (e.g. restore the best weights)."""
 
+    def training_state(self) -> dict[str, Any]:
+        """What the detector changes while it trains besides the network, the optimisers and the
+        loss histories (e.g. early stopping's best weights), for a training checkpoint
+        (:mod:`hrad.detectors.checkpoints`); :meth:`load_training_state` puts it back."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned, when a fit resumes from a checkpoint."""
+
     def extra_state(self) -> dict[str, Tensor]:
         """Entries saved besides weights and layout (named in :attr:`extra_state_keys`)."""
         return {}
@@ -345,29 +355,82 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
 
     # ----------------------------------------------------------------- Detector API
     def fit(self, batches: Iterable[Tensor]) -> None:
+        """Train every stage; with ``HRAD_CHECKPOINTS`` set, save the position as it goes and
+        resume from a checkpoint of the same fit (:mod:`hrad.detectors.checkpoints`)."""
         self.network, self.layout = None, []  # a refit starts from scratch
         self.loss_history, self.stage_losses = [], {}
+        checkpoint = TrainingCheckpoint.for_fit(type(self).__name__, self.config, batches)
         self.before_fit(batches)
-        for stage in self.training_stages():
-            self._run_stage(stage, batches)
+        position = checkpoint.load() if checkpoint is not None else None
+        if position is not None:
+            self._resume(position, batches)
+        first = position["stage"] if position is not None else 0
+        for index, stage in enumerate(self.training_stages()):
+            if index >= first:
+                self._run_stage(stage, batches, index, checkpoint, position if index == first else None)
         if self.network is None:
             raise InputError(f"{self.name} fit received no embedding batches")
         self.after_fit()
         self.network.eval()
 
-    def _run_stage(self, stage: Stage, batches: Iterable[Tensor]) -> None:
+    def _build_for(self, batch: Tensor) -> None:
+        """The network for the layout of a training batch (built lazily, at the first batch)."""
+        clean = self.training_embeddings(batch)
+        self.check_embeddings(clean)
+        self.layout = self.resolve_layout(int(clean.shape[1]))
+        self.configure(clean)
+        self.build(self.layout, batch.device)
+
+    def _resume(self, position: dict[str, Any], batches: Iterable[Tensor]) -> None:
+        """Network, generators, histories and the detector's own state as a checkpoint left them."""
+        if self.network is None:
+            self._build_for(next(iter(self.training_batches(batches))))
+        network = self.fitted_network()
+        network.load_state_dict({key: value.to(self.device) for key, value in position["network"].items()})
+        self.generator.set_state(position["generator"])
+        torch.set_rng_state(position["torch_rng"])
+        self.loss_history = list(position["loss_history"])
+        self.stage_losses = {name: list(values) for name, values in position["stage_losses"].items()}
+        self.load_training_state(position["training_state"])
+        logger.info("%s: resuming from a training checkpoint at stage %d, epoch %d", self.name, position["stage"] + 1, position["epoch"] + 1)
+
+    def _position(
+        self, stage: int, epoch: int, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None
+    ) -> dict[str, Any]:
+        """A checkpoint's content: where the next epoch starts and everything it depends on."""
+        network = self.fitted_network()
+        return {
+            "stage": stage,
+            "epoch": epoch,
+            "network": {key: value.detach().cpu().clone() for key, value in network.state_dict().items()},
+            "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "loss_history": list(self.loss_history),
+            "stage_losses": {name: list(values) for name, values in self.stage_losses.items()},
+            "training_state": self.training_state(),
+        }
+
+    def _run_stage(
+        self,
+        stage: Stage,
+        batches: Iterable[Tensor],
+        index: int = 0,
+        checkpoint: TrainingCheckpoint | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        """The epochs of stage ``index``, from ``resume``'s epoch when a checkpoint is resumed."""
         optimizers: list[torch.optim.Optimizer] | None = None
         scaler: torch.amp.GradScaler | None = None
         history = self.stage_losses.setdefault(stage.name, [])
-        for epoch in range(stage.epochs):
+        for epoch in range(resume["epoch"] if resume is not None else 0, stage.epochs):
             total, count = 0.0, 0
             for batch in self.training_batches(batches):
                 clean = self.training_embeddings(batch)
                 self.check_embeddings(clean)
                 if self.network is None:
-                    self.layout = self.resolve_layout(int(clean.shape[1]))
-                    self.configure(clean)
-                    self.build(self.layout, batch.device)
+                    self._build_for(batch)
                 embeddings = batch.to(self.device).float()
                 self.check_batch(embeddings)
                 network = self.fitted_network()
@@ -378,6 +441,11 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                             group.setdefault("initial_lr", group["lr"])
                     # float16 gradients underflow: scale the loss (disabled = plain backward / step)
                     scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
+                    if resume is not None and resume["optimizers"]:  # mid-stage: the optimisers' moments too
+                        for optimizer, saved in zip(optimizers, resume["optimizers"], strict=True):
+                            optimizer.load_state_dict(saved)
+                        if resume["scaler"] is not None:
+                            scaler.load_state_dict(resume["scaler"])
                 if count == 0:
                     stage.train(network)
                     factor = stage.lr_factor(epoch)
@@ -417,7 +485,12 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                 logger, epoch + 1, stage.epochs, f"{self.name}: {stage.name} epochs",
                 "%s %s: epoch %d/%d, mean loss %.5g", self.name, stage.name, epoch + 1, stage.epochs, mean,
             )  # fmt: skip
-            if self.end_epoch(stage, epoch, mean):
+            stop = self.end_epoch(stage, epoch, mean)
+            finished = stop or epoch + 1 == stage.epochs
+            if checkpoint is not None and optimizers is not None and checkpoint.due(force=finished):
+                position = (index + 1, 0) if finished else (index, epoch + 1)
+                checkpoint.save(self._position(*position, optimizers=[] if finished else optimizers, scaler=scaler))
+            if stop:
                 break
 
     def evaluate(self, forward: Callable[[Tensor], ResultT], embeddings: Tensor) -> ResultT:

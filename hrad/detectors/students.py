@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +321,16 @@ class Students(NeuralDetector[StudentsConfig, StudentsNet]):
             return False
         self._best = (best, state, stale + 1)
         return stale + 1 >= self.config.patience
+
+    def training_state(self) -> dict[str, Any]:
+        """Early stopping's best weights and patience, the validation losses so far and the
+        token sampler's state (it shuffles every epoch)."""
+        return {"best": self._best, "val_history": list(self.val_history), "sampler": self._sampler.get_state()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self._best = state["best"]
+        self.val_history = list(state["val_history"])
+        self._sampler.set_state(state["sampler"])
 
     def after_fit(self) -> None:
         _, state, _ = self._best

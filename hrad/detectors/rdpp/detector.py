@@ -4,7 +4,7 @@ reference's weights) and the map; see :mod:`hrad.detectors.rdpp` for the method.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,13 @@ class RDPlusPlus(NeuralDetector[RDPlusPlusConfig, RDPlusPlusNet]):
 
     def before_fit(self, batches: Iterable[Tensor]) -> None:
         self.term_history, self._terms = [], {}
+
+    def training_state(self) -> dict[str, Any]:
+        """The per-epoch means of the loss terms so far."""
+        return {"term_history": list(self.term_history)}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.term_history = list(state["term_history"])
 
     def end_epoch(self, stage: Stage, epoch: int, loss: float) -> bool:
         self.term_history.append({key: sum(values) / len(values) for key, values in self._terms.items()})

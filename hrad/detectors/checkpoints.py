@@ -1,0 +1,120 @@
+"""Training checkpoints of the neural detectors, so an interrupted fit resumes instead of starting over.
+
+Training at the papers' settings takes hours; a Ctrl-C, a ``kill``, a preempted cluster job or a
+crash used to lose all of it. While the ``HRAD_CHECKPOINTS`` environment variable names a folder
+(``hrad fit`` points it at ``<out>.checkpoints`` and removes that folder once the model is
+written), every neural detector's fit saves its position there after an epoch, at most once a
+:data:`CHECKPOINT_SECONDS` and always at the end of a stage: the network, the optimisers, the
+loss scaler, the random generators, the loss histories and the detector's own training state
+(:meth:`~hrad.detectors.neural.NeuralDetector.training_state`). The next fit of the same
+detector on the same embeddings (the same command again) continues from there; on the CPU the
+result equals an uninterrupted fit exactly (tested for every neural detector).
+
+A checkpoint belongs to one detector and one training set: its file name is a digest of the
+detector's class, its config, the number of embedding batches and the bytes of the first one,
+so the detectors of a HiAD pool or of a tiled ensemble each find their own, and a changed
+config or dataset starts afresh. An environment variable rather than an argument, because pool
+detectors train in worker processes, which inherit it. Files are written atomically (a
+temporary file, then a rename). They are pickles (optimiser states): resume only from a folder
+you wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+#: the folder neural detectors keep their training checkpoints in (unset: none are kept)
+CHECKPOINT_ENV = "HRAD_CHECKPOINTS"
+#: least seconds between two checkpoints of one fit; a stage's last epoch always writes one
+CHECKPOINT_SECONDS = 60.0
+
+
+@contextmanager
+def checkpoints_in(folder: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Neural detectors fitted inside keep checkpoints in ``folder`` (None: as outside)."""
+    previous = os.environ.get(CHECKPOINT_ENV)
+    if folder is not None:
+        os.environ[CHECKPOINT_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(CHECKPOINT_ENV, None)
+        else:
+            os.environ[CHECKPOINT_ENV] = previous
+
+
+def fit_digest(kind: str, config: BaseModel, batches: Iterable[Tensor]) -> str:
+    """What identifies one fit: the detector's class and config, how many embedding batches
+    there are and the bytes of the first (one pass over the batches, reading them)."""
+    digest = hashlib.sha256(f"{kind}\n{config.model_dump_json()}".encode())
+    count = 0
+    for batch in batches:
+        if count == 0:
+            first = batch.detach().to("cpu", torch.float32).contiguous()
+            digest.update(repr(tuple(first.shape)).encode())
+            digest.update(first.numpy().tobytes())
+        count += 1
+    digest.update(str(count).encode())
+    return digest.hexdigest()
+
+
+class TrainingCheckpoint:
+    """One fit's checkpoint file: :meth:`load` where it stopped, :meth:`save` where it is now."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last = time.monotonic()
+
+    @classmethod
+    def for_fit(cls, kind: str, config: BaseModel, batches: Iterable[Tensor]) -> TrainingCheckpoint | None:
+        """The checkpoint of this fit in the folder ``HRAD_CHECKPOINTS`` names; None when unset."""
+        folder = os.environ.get(CHECKPOINT_ENV)
+        if not folder:
+            return None
+        return cls(Path(folder) / f"{kind}-{fit_digest(kind, config, batches)[:20]}.pt")
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved position, or None (no file yet, or one that does not read: started afresh)."""
+        if not self.path.is_file():
+            return None
+        try:
+            content = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 - a damaged checkpoint costs the time it saved, nothing else
+            logger.warning("%s: unreadable training checkpoint (%s); training from the start", self.path, error)
+            return None
+        return content if isinstance(content, dict) else None
+
+    def due(self, force: bool) -> bool:
+        return force or time.monotonic() - self._last >= CHECKPOINT_SECONDS
+
+    def save(self, content: dict[str, Any]) -> None:
+        """Write ``content`` atomically; a folder that cannot be written is one warning, not a failed fit."""
+        temporary: str | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(content, stream)
+            os.replace(temporary, self.path)
+            temporary = None
+        except OSError as error:
+            logger.warning("%s: cannot write a training checkpoint (%s); training goes on without", self.path, error)
+        finally:
+            if temporary is not None:  # interrupted or failed mid-write: no half file left behind
+                Path(temporary).unlink(missing_ok=True)
+        self._last = time.monotonic()

@@ -1,0 +1,87 @@
+"""An interrupted fit resumes from its training checkpoint and ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import textured_image
+
+from hrad.config import load_config
+from hrad.detectors import checkpoints
+from hrad.detectors.checkpoints import checkpoints_in
+from hrad.detectors.neural import NeuralDetector, Stage
+from hrad.model import AnomalyModel
+
+#: two or three short epochs each (DeSTSeg: two stages of two), so an interruption falls mid-stage
+OPTIONS: dict[str, dict[str, Any]] = {
+    "students": {"epochs": 3},
+    "varad": {"epochs": 3},
+    "fastflow": {"epochs": 3},
+    "vitad": {"epochs": 3},
+    "rdpp": {"epochs": 3, "bottleneck_stride": 1},
+    "destseg": {"student_epochs": 2, "segmentation_epochs": 2, "student_stages": 1},
+    "realnet": {"epochs": 3},
+}
+
+
+def fitted(detector: str, images: list[np.ndarray]) -> AnomalyModel:
+    config = load_config(
+        None,
+        {"backbone": {"name": "tiny-vit"}, "detector": {"name": detector, **OPTIONS[detector]},
+         "strategy": {"name": "downsample", "image_size": 56}, "device": "cpu"},
+    )  # fmt: skip
+    return AnomalyModel(config).fit(images)
+
+
+@pytest.mark.parametrize("detector", sorted(OPTIONS))
+def test_a_fit_interrupted_after_two_epochs_resumes_to_the_same_weights(
+    detector: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = [textured_image(np.random.default_rng(index), 84, 112) for index in range(5)]
+    reference = fitted(detector, images)
+
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every epoch
+    original = NeuralDetector.end_epoch
+    epochs_seen = []
+
+    def interrupted(self: NeuralDetector, stage: Stage, epoch: int, loss: float) -> bool:
+        stop = original(self, stage, epoch, loss)
+        epochs_seen.append(epoch)
+        if len(epochs_seen) == 2:  # Ctrl-C during the second epoch's end: the first's checkpoint stays
+            raise KeyboardInterrupt
+        return stop
+
+    folder = tmp_path / "checkpoints"
+    with checkpoints_in(folder):
+        with monkeypatch.context() as patch:
+            patch.setattr(type(reference.strategy.detector), "end_epoch", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                fitted(detector, images)
+        assert len(list(folder.glob("*.pt"))) == 1
+        resumed = fitted(detector, images)
+
+    assert resumed.training_history == reference.training_history
+    expected = reference.strategy.detector.state_dict()
+    got = resumed.strategy.detector.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    np.testing.assert_array_equal(resumed.predict(images[0]).anomaly_map, reference.predict(images[0]).anomaly_map)
+
+
+def test_another_config_or_dataset_starts_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = [textured_image(np.random.default_rng(index), 84, 112) for index in range(5)]
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.0)
+    with checkpoints_in(tmp_path):
+        fitted("fastflow", images)
+        fitted("fastflow", images[:4])
+        OPTIONS["fastflow"]["epochs"] = 2
+        try:
+            fitted("fastflow", images)
+        finally:
+            OPTIONS["fastflow"]["epochs"] = 3
+    assert len(list(tmp_path.glob("FastFlow*.pt"))) == 3
