@@ -85,3 +85,36 @@ def test_another_config_or_dataset_starts_afresh(tmp_path: Path, monkeypatch: py
         finally:
             OPTIONS["fastflow"]["epochs"] = 3
     assert len(list(tmp_path.glob("FastFlow*.pt"))) == 3
+
+
+def test_hrad_fit_resumes_after_an_interruption_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in the second epoch: exit 130 and a line saying where the checkpoints are; the same
+    command again says it resumes, writes the model and removes the folder."""
+    from cli_helpers import run, write
+
+    from hrad.detectors.fastflow import FastFlow
+
+    for index in range(5):
+        write(tmp_path / "good" / f"{index}.png", textured_image(np.random.default_rng(index), 84, 112))
+    command = ["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
+               "--detector", "fastflow", "--strategy", "downsample", "--image-size", "56", "--set", "detector.epochs=3"]  # fmt: skip
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.0)
+    original = FastFlow.end_epoch
+    calls = []
+
+    def interrupted(self: NeuralDetector, stage: Stage, epoch: int, loss: float) -> bool:
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, stage, epoch, loss)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FastFlow, "end_epoch", interrupted)
+        assert run(command, monkeypatch) == 130
+    folder = tmp_path / "model.checkpoints"
+    assert f"training checkpoints kept in {folder}: the same command resumes from them" in capsys.readouterr().err
+    assert run(command, monkeypatch) == 0
+    assert f"resuming from the training checkpoints in {folder}" in capsys.readouterr().err
+    assert (tmp_path / "model" / "hrad.json").is_file() and not folder.exists()
