@@ -130,11 +130,19 @@ def fit(
         bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
 ) -> None:
-    """Fit a model on good images and write one artifact."""
+    """Fit a model on good images and write one artifact.
+
+    Neural detectors keep training checkpoints in ``<out>.checkpoints`` while they train: an
+    interrupted fit (Ctrl-C, kill, a crash) resumes where it stopped when the same command runs
+    again; the folder is removed once the model is written.
+    """
+    import shutil
+
     from hrad.artifact import check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
     from hrad.data.images import ImageList
+    from hrad.detectors.checkpoints import checkpoints_in
     from hrad.model import AnomalyModel
 
     check_artifact_target(out)  # a foreign or unwritable --out is refused before the fit, not after
@@ -144,9 +152,17 @@ def fit(
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
+    checkpoints = out.parent / f"{out.name}.checkpoints"
+    if any(checkpoints.glob("*.pt")):
+        console.print(f"resuming from the training checkpoints in {checkpoints} (remove it to train from the start)")
     with _tracking("fit", track, out.name) as run:
-        with progress_bars() as progress:
-            model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
+        try:
+            with progress_bars() as progress, checkpoints_in(checkpoints):
+                model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
+        except BaseException:
+            if any(checkpoints.glob("*.pt")):
+                console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
+            raise
         if model.bit_depth is not None:
             found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"
             console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth){found}")
@@ -154,6 +170,7 @@ def fit(
             height, width = model.roi.mask.shape
             console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.mask.mean():.1%} inspected (stretched to each image)")
         model.save(out)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the model holds what they were for
         console.print(f"model written to {out}")
         if model.thresholds is None:
             print_warning(
