@@ -73,12 +73,14 @@ def test_a_fit_interrupted_after_two_epochs_resumes_to_the_same_weights(
     np.testing.assert_array_equal(resumed.predict(images[0]).anomaly_map, reference.predict(images[0]).anomaly_map)
 
 
-def test_another_config_or_dataset_starts_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_another_config_or_other_embeddings_start_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's name digests the config and the first embedding batch (the whole training
+    set is hrad fit's to check: the test below)."""
     images = [textured_image(np.random.default_rng(index), 84, 112) for index in range(5)]
     monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.0)
     with checkpoints_in(tmp_path):
         fitted("fastflow", images)
-        fitted("fastflow", images[:4])
+        fitted("fastflow", images[::-1])
         OPTIONS["fastflow"]["epochs"] = 2
         try:
             fitted("fastflow", images)
@@ -118,3 +120,23 @@ def test_hrad_fit_resumes_after_an_interruption_and_cleans_up(
     assert run(command, monkeypatch) == 0
     assert f"resuming from the training checkpoints in {folder}" in capsys.readouterr().err
     assert (tmp_path / "model" / "hrad.json").is_file() and not folder.exists()
+
+
+def test_hrad_fit_drops_the_checkpoints_of_another_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checkpoints left by a fit of other files or another config are not resumed from."""
+    from cli_helpers import run, write
+
+    for index in range(4):
+        write(tmp_path / "good" / f"{index}.png", textured_image(np.random.default_rng(index), 84, 112))
+    folder = tmp_path / "model.checkpoints"
+    folder.mkdir()
+    (folder / "FastFlow-0123.pt").write_bytes(b"left by another fit")
+    (folder / "fit.json").write_text('{"config": {}, "files": [], "roi": null}')
+    command = ["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
+               "--strategy", "downsample", "--image-size", "56", "--set", "detector.coreset_ratio=0.5"]  # fmt: skip
+    assert run(command, monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert f"the training checkpoints in {folder} are of another fit (its config or files changed): training from the start" in err
+    assert "resuming" not in err and not folder.exists()

@@ -40,6 +40,36 @@ class MetricProtocol(str, Enum):
     hiad512 = "hiad512"
 
 
+def _file_identity(path: Path) -> list[Any]:
+    """A training file as a resumed fit must find it again: path, size, modification time."""
+    try:
+        status = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), status.st_size, status.st_mtime_ns]
+
+
+def _prepare_checkpoints(folder: Path, this_fit: dict[str, Any]) -> None:
+    """Keep ``folder``'s training checkpoints only when they are of this fit (the same config,
+    training files and region, recorded in its ``fit.json``), saying so; else start it afresh."""
+    import shutil
+
+    record = folder / "fit.json"
+    described = json.dumps(this_fit, sort_keys=True)
+    if any(folder.glob("*.pt")):
+        try:
+            previous = record.read_text()
+        except OSError:
+            previous = None
+        if previous == described:
+            console.print(f"resuming from the training checkpoints in {folder} (remove it to train from the start)")
+            return
+        console.print(f"the training checkpoints in {folder} are of another fit (its config or files changed): training from the start")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    record.write_text(described)
+
+
 def _overrides(
     backbone: str | None,
     weights: Path | None,
@@ -153,8 +183,12 @@ def fit(
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     checkpoints = out.parent / f"{out.name}.checkpoints"
-    if any(checkpoints.glob("*.pt")):
-        console.print(f"resuming from the training checkpoints in {checkpoints} (remove it to train from the start)")
+    this_fit = {
+        "config": model_config.model_dump(mode="json"),
+        "files": [_file_identity(path) for path in [*train_paths, *(validation_paths or [])]],
+        "roi": _file_identity(roi) if roi is not None else None,
+    }
+    _prepare_checkpoints(checkpoints, this_fit)
     with _tracking("fit", track, out.name) as run:
         try:
             with progress_bars() as progress, checkpoints_in(checkpoints):
@@ -162,6 +196,8 @@ def fit(
         except BaseException:
             if any(checkpoints.glob("*.pt")):
                 console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
+            else:
+                shutil.rmtree(checkpoints, ignore_errors=True)
             raise
         if model.bit_depth is not None:
             found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"

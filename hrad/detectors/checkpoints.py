@@ -11,9 +11,11 @@ detector on the same embeddings (the same command again) continues from there; o
 result equals an uninterrupted fit exactly (tested for every neural detector).
 
 A checkpoint belongs to one detector and one training set: its file name is a digest of the
-detector's class, its config, the number of embedding batches and the bytes of the first one,
-so the detectors of a HiAD pool or of a tiled ensemble each find their own, and a changed
-config or dataset starts afresh. An environment variable rather than an argument, because pool
+detector's class, its config and the bytes of its first embedding batch (only the first: a
+detector that does not cache its batches would embed every image again for more), so the
+detectors of a HiAD pool or of a tiled ensemble each find their own and a changed config
+starts afresh. That the whole training set is the same is the caller's to check: ``hrad fit``
+records its files and config next to the checkpoints and clears them when either changed. An environment variable rather than an argument, because pool
 detectors train in worker processes, which inherit it. Files are written atomically (a
 temporary file, then a rename). They are pickles (optimiser states): resume only from a folder
 you wrote.
@@ -59,17 +61,13 @@ def checkpoints_in(folder: str | os.PathLike[str] | None) -> Iterator[None]:
 
 
 def fit_digest(kind: str, config: BaseModel, batches: Iterable[Tensor]) -> str:
-    """What identifies one fit: the detector's class and config, how many embedding batches
-    there are and the bytes of the first (one pass over the batches, reading them)."""
+    """What identifies one detector's fit: its class, its config and its first embedding batch."""
     digest = hashlib.sha256(f"{kind}\n{config.model_dump_json()}".encode())
-    count = 0
-    for batch in batches:
-        if count == 0:
-            first = batch.detach().to("cpu", torch.float32).contiguous()
-            digest.update(repr(tuple(first.shape)).encode())
-            digest.update(first.numpy().tobytes())
-        count += 1
-    digest.update(str(count).encode())
+    first = next(iter(batches), None)
+    if first is not None:
+        values = first.detach().to("cpu", torch.float32).contiguous()
+        digest.update(repr(tuple(values.shape)).encode())
+        digest.update(values.numpy().tobytes())
     return digest.hexdigest()
 
 
