@@ -167,6 +167,17 @@ def environment() -> dict[str, str]:
     }
 
 
+def model_notes(model: AnomalyModel) -> list[str]:
+    """What the model does to images and maps that changes what its metrics mean: the notes of
+    ``metrics.md`` and ``report.html`` alike (a reader of either, or of a CI log, sees them)."""
+    return [
+        *([f"16-bit images were scaled to the full range from the {model.bit_depth} significant bits learned at fit (bit_depth)."]
+          if model.bit_depth is not None else []),
+        *([f"A region of interest was applied ({model.roi.mask.mean():.1%} of each image inspected): outside it the map takes "
+           "its lowest value inside, so ground truth there counts as missed."] if model.roi is not None else []),
+    ]  # fmt: skip
+
+
 def write_evaluation(
     out_dir: Path,
     metrics: dict[str, Any],
@@ -181,12 +192,15 @@ def write_evaluation(
         **metrics,
         "images_skipped": len(skipped),
         "skipped": list(skipped),
+        "bit_depth": model.bit_depth,  # learned at fit (the config says only "auto"); null: 16-bit as stored
+        "roi_inspected": float(model.roi.mask.mean()) if model.roi is not None else None,  # null: the whole image
         "environment": environment(),
         "config": model.config.model_dump(mode="json"),
     }
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     report = metrics_report(metrics, "hrad evaluate")
     report += "\nF1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.\n"
+    report += "".join(f"\n{note}\n" for note in model_notes(model))
     report += "\n![best and worst cases](cases.png)\n"
     worst = sorted(rows, key=lambda r: (-r["score"] if r["label"] == 0 else r["score"]))[: 2 * count]
     report += "\n## Worst cases\n\n" + table(worst, ["image", "defect_type", "label", "score"])
@@ -259,10 +273,7 @@ def write_html_report(
             "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
             f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
             "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
-            *([f"16-bit images were scaled to the full range from the {model.bit_depth} significant bits learned at fit (bit_depth)."]
-              if model.bit_depth is not None else []),
-            *([f"A region of interest was applied ({model.roi.mask.mean():.1%} of each image inspected): outside it the map takes "
-               "its lowest value inside, so ground truth there counts as missed."] if model.roi is not None else []),
+            *model_notes(model),
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]
                 + [f"skipped {entry['error']}" for entry in skipped]

@@ -205,3 +205,7 @@ def test_the_report_says_a_region_was_applied(images: list[np.ndarray], roi_mask
     evaluate(model, load_dataset(root).test, tmp_path / "report")
     report = (tmp_path / "report" / "report.html").read_text()
     assert "A region of interest was applied (50.0% of each image inspected)" in report
+    # metrics.md and metrics.json, what CI logs and scripts read, say it too
+    assert "\nA region of interest was applied (50.0% of each image inspected)" in (tmp_path / "report" / "metrics.md").read_text()
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["roi_inspected"] == 0.5 and metrics["bit_depth"] is None
