@@ -235,6 +235,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactError(f"{path}: model not found")
     manifest_path = path / MANIFEST
+    if path.is_file():  # e.g. the manifest itself, or a weights file, given for the model
+        raise ArtifactError(f"{path}: not an hrad model (a file; a model is the folder hrad fit writes, holding {MANIFEST})")
     if not manifest_path.is_file():
         raise ArtifactError(f"{path}: not an hrad model (no {MANIFEST})")
     try:

@@ -129,3 +129,14 @@ def test_help_pages_keep_every_option_name_whole_at_80_columns(
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
     if command == "predict":
         assert "--pixel-threshold " in out and "--no-regions" in out
+
+
+def test_the_manifest_given_for_the_model_is_named_as_a_file(
+    saved: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'model/hrad.json: not an hrad model (no hrad.json)' contradicted itself."""
+    status, out, err = info(saved / "model" / MANIFEST, monkeypatch, capsys)
+    assert status == 2 and out == ""
+    assert err.strip() == (
+        f"hrad: error: {saved / 'model' / MANIFEST}: not an hrad model (a file; a model is the folder hrad fit writes, holding hrad.json)"
+    )
