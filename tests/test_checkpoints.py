@@ -134,9 +134,10 @@ def test_hrad_fit_drops_the_checkpoints_of_another_fit(
     folder.mkdir()
     (folder / "FastFlow-0123.pt").write_bytes(b"left by another fit")
     (folder / "fit.json").write_text('{"config": {}, "files": [], "roi": null}')
+    (folder / "notes.txt").write_text("a user's own file: never removed")
     command = ["fit", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
                "--strategy", "downsample", "--image-size", "56", "--set", "detector.coreset_ratio=0.5"]  # fmt: skip
     assert run(command, monkeypatch) == 0
     err = capsys.readouterr().err
     assert f"the training checkpoints in {folder} are of another fit (its config or files changed): training from the start" in err
-    assert "resuming" not in err and not folder.exists()
+    assert "resuming" not in err and [path.name for path in folder.iterdir()] == ["notes.txt"]

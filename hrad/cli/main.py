@@ -49,11 +49,18 @@ def _file_identity(path: Path) -> list[Any]:
     return [str(path), status.st_size, status.st_mtime_ns]
 
 
+def _clear_checkpoints(folder: Path) -> None:
+    """Remove what a fit wrote into ``folder`` (checkpoints, half-written ones, ``fit.json``), and
+    the folder when that leaves it empty: anything else a user keeps there stays."""
+    for written in [*folder.glob("*.pt"), *folder.glob(".*.pt.*"), folder / "fit.json"]:
+        written.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _prepare_checkpoints(folder: Path, this_fit: dict[str, Any]) -> None:
     """Keep ``folder``'s training checkpoints only when they are of this fit (the same config,
     training files and region, recorded in its ``fit.json``), saying so; else start it afresh."""
-    import shutil
-
     record = folder / "fit.json"
     described = json.dumps(this_fit, sort_keys=True)
     if any(folder.glob("*.pt")):
@@ -65,8 +72,8 @@ def _prepare_checkpoints(folder: Path, this_fit: dict[str, Any]) -> None:
             console.print(f"resuming from the training checkpoints in {folder} (remove it to train from the start)")
             return
         console.print(f"the training checkpoints in {folder} are of another fit (its config or files changed): training from the start")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    _clear_checkpoints(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     record.write_text(described)
 
 
@@ -166,8 +173,6 @@ def fit(
     interrupted fit (Ctrl-C, kill, a crash) resumes where it stopped when the same command runs
     again; the folder is removed once the model is written.
     """
-    import shutil
-
     from hrad.artifact import check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
@@ -197,7 +202,7 @@ def fit(
             if any(checkpoints.glob("*.pt")):
                 console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
             else:
-                shutil.rmtree(checkpoints, ignore_errors=True)
+                _clear_checkpoints(checkpoints)
             raise
         if model.bit_depth is not None:
             found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"
@@ -206,7 +211,7 @@ def fit(
             height, width = model.roi.mask.shape
             console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.mask.mean():.1%} inspected (stretched to each image)")
         model.save(out)
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the model holds what they were for
+        _clear_checkpoints(checkpoints)  # the model holds what they were for
         console.print(f"model written to {out}")
         if model.thresholds is None:
             print_warning(
