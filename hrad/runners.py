@@ -107,15 +107,32 @@ class ProcessPoolRunner:
         threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // processes)
         context = multiprocessing.get_context("spawn")
         results: list[Any] = [None] * len(jobs)
-        with ProcessPoolExecutor(
-            processes, mp_context=context, initializer=_set_threads, initargs=(threads,)
-        ) as pool:
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_set_threads, initargs=(threads,))
+        try:
             futures = {pool.submit(fn, job): index for index, job in enumerate(jobs)}
             for done, future in enumerate(as_completed(futures), start=1):
                 results[futures[future]] = future.result()
                 if progress is not None:
                     progress(done, len(jobs))
+        except BaseException:
+            # a job failed, or Ctrl-C / SIGTERM reached this process alone (``kill PID``, a
+            # scheduler): stop the other jobs now. Leaving the executor's block would wait for
+            # every running job to finish, minutes of training for a HiAD pool.
+            _terminate_workers(pool)
+            raise
+        pool.shutdown()
         return results
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel ``pool``'s queued jobs and terminate its running workers, without waiting."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 _ACTIVE_RUNNER: contextvars.ContextVar[JobRunner | None] = contextvars.ContextVar(

@@ -250,3 +250,17 @@ def test_bad_settings_are_config_errors(model_path: Path, tmp_path: Path) -> Non
         predict_many_ray(model_path, [], tmp_path, workers=0)
     with pytest.raises(ConfigError, match="gpus >= 0"):
         RayExecutor(gpus_per_job=-1)
+
+
+def test_process_pool_stops_its_running_jobs_when_interrupted() -> None:
+    """Ctrl-C or SIGTERM that reaches the parent alone (``kill PID``) stops the pool at once:
+    leaving the executor's block used to wait for every running job (minutes of training)."""
+    import time
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ProcessPoolRunner(2, threads_per_worker=1).map(time.sleep, [0.1, 120.0], progress=interrupt)
+    assert time.monotonic() - start < 60
