@@ -197,8 +197,9 @@ def _check_file(path: Path) -> None:
         raise InputError(f"{path}: empty file")
 
 
-def _decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
-    """Decode a file into its raw array: ``H x W`` or ``H x W x C`` in RGB(A) channel order.
+def decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
+    """Decode a file into its raw array: ``H x W`` or ``H x W x C`` in RGB(A) channel order
+    (alpha kept: what :func:`read_pixels` builds on, and what a reader that needs alpha takes).
 
     The header is checked against the pixel budget first; the decoded array must have the
     header's size (a file whose pixel data disagrees with its header is refused).
@@ -539,7 +540,7 @@ def read_pixels(path: str | os.PathLike[str], max_pixels: int | None = None) -> 
     equal those of :func:`read_image`. ``max_pixels`` is as for :func:`read_image`.
     """
     path = Path(path)
-    return _rgb_pixels(_decode_raw(path, max_pixels), path)
+    return _rgb_pixels(decode_raw(path, max_pixels), path)
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
@@ -565,7 +566,7 @@ def read_mask(
     """
     path = Path(path)
     try:
-        array = _decode_raw(path)
+        array = decode_raw(path)
     except InputError as error:
         raise type(error)(mask_problem(image_path, str(error))) from None
     if array.ndim == 3:

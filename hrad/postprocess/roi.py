@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hrad.data.images import _decode_raw
+from hrad.data.images import decode_raw
 from hrad.errors import ArtifactError, InputError
 
 #: largest PNG of a region of interest a manifest or sidecar carries (a drawn mask is a few KB)
@@ -119,7 +119,7 @@ def read_roi(path: str | Path) -> RegionOfInterest:
     ground-truth masks), but a mask painted on a transparent layer marks its region in alpha,
     where the colour may be black everywhere (refused as empty, misleadingly) or white where
     erased (all of it inspected, silently)."""
-    raw = _decode_raw(Path(path))  # read_pixels' checked decoding, alpha kept
+    raw = decode_raw(Path(path))  # read_pixels' checked decoding, alpha kept
     if raw.ndim == 3 and raw.shape[2] in (2, 4):
         alpha = raw[..., -1]
         opaque = np.iinfo(alpha.dtype).max if alpha.dtype.kind in "ui" else 1.0
