@@ -155,7 +155,9 @@ def test_the_export_applies_the_region(
     capsys.readouterr()
     assert run_cli(["info", str(tmp_path / "model.onnx"), "--json"], monkeypatch) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["kind"] == "export (onnx, sidecar model.json)" and shown["region_of_interest"] == "130x90 mask, 50.0% inspected"
+    assert shown["kind"] == {"export": "onnx", "sidecar": "model.json"}  # values for scripts, not sentences
+    assert shown["region_of_interest"] == {"width": 130, "height": 90, "inspected": 0.5}
+    assert shown["fitted_size"] == {"width": 130, "height": 90} and shown["thresholds"]["pixel"] == model.thresholds.pixel  # type: ignore[union-attr]
     assert json.loads((tmp_path / "model.json").read_text())["roi"] == model.roi.to_json()  # type: ignore[union-attr]
     for image in (spot_at(100), spot_at(25)):
         expected = model.predict(image)
