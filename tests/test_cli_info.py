@@ -129,6 +129,7 @@ def test_help_pages_keep_every_option_name_whole_at_80_columns(
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
     if command == "predict":
         assert "--pixel-threshold " in out and "--no-regions" in out
+        assert "<stem>_regions.json" in "".join(out.split())  # markdown mode read '<stem>' as a tag and dropped it
 
 
 def test_the_manifest_given_for_the_model_is_named_as_a_file(

@@ -247,7 +247,7 @@ def predict(
     ] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale, with contours")] = True,
     masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
-    regions: Annotated[bool, typer.Option(help="Write <stem>_regions.json: the mask's connected regions (box, area, peak, mean)")] = True,
+    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's, from held-out normals)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks and contours (default: the model's)")] = None,
     sigmas: Annotated[
@@ -555,7 +555,7 @@ def predict_distributed(
     map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
     masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
-    regions: Annotated[bool, typer.Option(help="Write <stem>_regions.json: the mask's connected regions (box, area, peak, mean)")] = True,
+    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
     sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
