@@ -156,6 +156,8 @@ class HealthResponse(BaseModel):
     strategy: str
     fitted_size: list[int] | None
     thresholds: ThresholdsModel | None
+    bit_depth: int | None = Field(None, description="significant bits 16-bit uploads are scaled from (learned at fit); null: as stored")
+    region_of_interest: float | None = Field(None, description="share of each image inspected (hrad fit --roi); null: all of it")
     device: str
     max_upload_bytes: int
     max_pixels: int | None
@@ -460,6 +462,8 @@ def create_app(
             "hrad_version": __version__,
             **served["summary"],
             "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
+            "bit_depth": model.bit_depth,  # a model and an export's predictor both keep these two
+            "region_of_interest": float(model.roi.mask.mean()) if model.roi is not None else None,
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": budget,
             "request_timeout": request_timeout,

@@ -211,3 +211,17 @@ def test_the_report_says_a_region_was_applied(images: list[np.ndarray], roi_mask
     assert "\nA region of interest was applied (50.0% of each image inspected)" in (tmp_path / "report" / "metrics.md").read_text()
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["roi_inspected"] == 0.5 and metrics["bit_depth"] is None
+
+
+def test_the_service_says_what_it_inspects(images: list[np.ndarray], roi_mask: np.ndarray, tmp_path: Path) -> None:
+    """/health names the region of interest's share and the bit depth, for the model and its export."""
+    from fastapi.testclient import TestClient
+
+    from hrad.service import create_app
+
+    model = make_model(TILED, DETECTOR).fit(images, roi=roi_mask)
+    model.save(tmp_path / "model")
+    export_onnx(model, tmp_path / "model.onnx")
+    for served in (tmp_path / "model", tmp_path / "model.onnx"):
+        body = TestClient(create_app(served)).get("/health").json()
+        assert (body["region_of_interest"], body["bit_depth"]) == (0.5, None), served
