@@ -248,9 +248,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     found = manifest.get("artifact_format")
     if found != ARTIFACT_FORMAT:
         version = manifest.get("hrad_version", "unknown")
+        # a newer format is read by upgrading hrad; an older one only by refitting (its geometry changed)
+        newer = isinstance(found, int) and not isinstance(found, bool) and found > ARTIFACT_FORMAT
+        remedy = f"upgrade hrad to {version} or later to read it" if newer else "refit it with this version"
         raise ArtifactError(
             f"{path}: model was saved by hrad {version} (artifact format {found}); this is hrad {__version__} "
-            f"(format {ARTIFACT_FORMAT}): refit it with this version"
+            f"(format {ARTIFACT_FORMAT}): {remedy}"
         )
     _check_manifest(manifest_path, manifest)
     if not (path / WEIGHTS).is_file():

@@ -100,7 +100,11 @@ def test_artifact_from_other_version_is_refused(train_images: list[np.ndarray], 
     manifest["artifact_format"] = 999
     manifest["hrad_version"] = "9.9.9"
     (tmp_path / "model" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=r"saved by hrad 9\.9\.9.*refit"):
+    with pytest.raises(ArtifactError, match=r"saved by hrad 9\.9\.9 \(artifact format 999\).*: upgrade hrad to 9\.9\.9 or later to read it$"):
+        hrad.load(tmp_path / "model")
+    manifest["artifact_format"], manifest["hrad_version"] = 1, "0.0.1"  # an older format: its geometry changed
+    (tmp_path / "model" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"saved by hrad 0\.0\.1 \(artifact format 1\).*: refit it with this version$"):
         hrad.load(tmp_path / "model")
 
 
