@@ -173,7 +173,7 @@ def model_notes(model: AnomalyModel) -> list[str]:
     return [
         *([f"16-bit images were scaled to the full range from the {model.bit_depth} significant bits learned at fit (bit_depth)."]
           if model.bit_depth is not None else []),
-        *([f"A region of interest was applied ({model.roi.mask.mean():.1%} of each image inspected): outside it the map takes "
+        *([f"A region of interest was applied ({model.roi.inspected:.1%} of each image inspected): outside it the map takes "
            "its lowest value inside, so ground truth there counts as missed."] if model.roi is not None else []),
     ]  # fmt: skip
 
@@ -193,7 +193,7 @@ def write_evaluation(
         "images_skipped": len(skipped),
         "skipped": list(skipped),
         "bit_depth": model.bit_depth,  # learned at fit (the config says only "auto"); null: 16-bit as stored
-        "roi_inspected": float(model.roi.mask.mean()) if model.roi is not None else None,  # null: the whole image
+        "roi_inspected": model.roi.inspected if model.roi is not None else None,  # null: the whole image
         "environment": environment(),
         "config": model.config.model_dump(mode="json"),
     }

@@ -337,10 +337,14 @@ def prediction_regions(prediction: Prediction) -> list[Region] | None:
     return defect_regions(prediction.anomaly_map, prediction.pixel_threshold)
 
 
+def listed_regions(regions: list[Region]) -> list[dict[str, Any]]:
+    """The strongest :data:`MAX_LISTED_REGIONS` regions as JSON objects (the file and the service list these)."""
+    return [region.to_json() for region in regions[:MAX_LISTED_REGIONS]]
+
+
 def regions_json(regions: list[Region], prediction: Prediction) -> str:
     """``<stem>_regions.json``: threshold, count and the strongest :data:`MAX_LISTED_REGIONS`."""
-    listed = [region.to_json() for region in regions[:MAX_LISTED_REGIONS]]
-    content = {"pixel_threshold": prediction.pixel_threshold, "count": len(regions), "regions": listed}
+    content = {"pixel_threshold": prediction.pixel_threshold, "count": len(regions), "regions": listed_regions(regions)}
     return json.dumps(content, indent=1)
 
 
@@ -352,6 +356,7 @@ __all__ = [
     "ScoresWriter",
     "encode_map_png16",
     "failed_row",
+    "listed_regions",
     "prediction_regions",
     "map_scale",
     "output_stems",

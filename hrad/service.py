@@ -51,9 +51,9 @@ from hrad.data.images import (
 )
 from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError, named
 from hrad.outputs import (
-    MAX_LISTED_REGIONS,
     encode_map_png16,
     encode_png,
+    listed_regions,
     map_scale,
     mask_picture,
     overlay_picture,
@@ -463,7 +463,7 @@ def create_app(
             **served["summary"],
             "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
             "bit_depth": model.bit_depth,  # a model and an export's predictor both keep these two
-            "region_of_interest": float(model.roi.mask.mean()) if model.roi is not None else None,
+            "region_of_interest": model.roi.inspected if model.roi is not None else None,
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": budget,
             "request_timeout": request_timeout,
@@ -524,7 +524,7 @@ def create_app(
             found = prediction_regions(prediction)
             if found is not None:
                 result["region_count"] = len(found)
-                result["regions"] = [region.to_json() for region in found[:MAX_LISTED_REGIONS]]
+                result["regions"] = listed_regions(found)
             if kind is not None:
                 result["map"] = _encoded_map(kind, array, prediction, model.thresholds)
             return result

@@ -57,7 +57,7 @@ def _facts(path: Path, record: dict[str, Any], exported: bool, where: str) -> di
         "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
         "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
         "region_of_interest": (
-            {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": float(roi.mask.mean())} if roi is not None else None
+            {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
         ),
         "thresholds": (
             {

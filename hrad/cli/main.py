@@ -210,7 +210,7 @@ def fit(
             console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth){found}")
         if model.roi is not None:
             height, width = model.roi.mask.shape
-            console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.mask.mean():.1%} inspected (stretched to each image)")
+            console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.inspected:.1%} inspected (stretched to each image)")
         model.save(out)
         _clear_checkpoints(checkpoints)  # the model holds what they were for
         console.print(f"model written to {out}")

@@ -40,6 +40,8 @@ class RegionOfInterest:
         if not mask.any():
             raise InputError(f"{name}: the region of interest is empty (no non-zero pixel), so nothing would be inspected")
         self.mask = mask
+        #: the share of each image inspected (what fit, info, evaluate and /health report)
+        self.inspected = float(mask.mean())
         #: what messages call it: its file, or "region of interest"
         self.name = name
         self._resized: tuple[tuple[int, int], np.ndarray] | None = None
