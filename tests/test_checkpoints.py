@@ -141,3 +141,14 @@ def test_hrad_fit_drops_the_checkpoints_of_another_fit(
     err = capsys.readouterr().err
     assert f"the training checkpoints in {folder} are of another fit (its config or files changed): training from the start" in err
     assert "resuming" not in err and [path.name for path in folder.iterdir()] == ["notes.txt"]
+
+
+def test_an_unreadable_checkpoint_is_a_warning_and_a_fresh_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A half-copied or damaged checkpoint costs the time it saved, never the fit."""
+    from hrad.detectors.checkpoints import TrainingCheckpoint
+
+    damaged = tmp_path / "FastFlow-0123.pt"
+    damaged.write_bytes(b"not a torch file")
+    with caplog.at_level("WARNING", logger="hrad.detectors.checkpoints"):
+        assert TrainingCheckpoint(damaged).load() is None
+    assert f"{damaged}: unreadable training checkpoint" in caplog.text and "training from the start" in caplog.text
