@@ -29,9 +29,11 @@ from hrad.data.datasets import load_dataset
 from hrad.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageList,
+    decode_raw,
     image_size,
     pixel_budget,
     read_image,
+    read_pixels,
     to_unit_float,
     write_map_png16,
 )
@@ -515,6 +517,45 @@ def test_broken_png_streams_and_chunks_are_one_line_without_decoder_chatter(
     # fit stops at the first one: one line naming it, status 2, no model
     path, err = _fit_with_broken_image((folder / "b_garbage.png").read_bytes(), tmp_path, monkeypatch, capfd)
     assert f"hrad: error: {path}: truncated or corrupt image (its pixel data is not a valid zlib stream: invalid distance" in err
+
+
+def test_pngs_a_decoder_only_warns_about_read_as_their_clean_twin_without_a_line_on_fd2(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # libpng decodes these but printed "libpng warning: gAMA: out of place" (iCCP: too short,
+    # sRGB: invalid, gAMA: duplicate, IDAT: Extra compressed data, PLTE: ignored in grayscale
+    # PNG, PLTE: out of place, IEND: invalid) on fd 2 for every such file
+    rows = np.random.default_rng(1).integers(0, 256, (64, 80), dtype=np.uint8)
+    stream = zlib.compress(np.concatenate([np.zeros((64, 1), np.uint8), rows], axis=1).tobytes())
+    gamma = png_chunk(b"gAMA", (45455).to_bytes(4, "big"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _gray_png(folder / "clean.png", stream)
+    _gray_png(folder / "gamma_after.png", b"", chunks=png_chunk(b"IDAT", stream) + gamma)
+    _gray_png(folder / "gamma_twice.png", b"", chunks=gamma + gamma + png_chunk(b"IDAT", stream))
+    _gray_png(folder / "icc_short.png", b"", chunks=png_chunk(b"iCCP", b"x\0\0" + zlib.compress(b"ab" * 40)) + png_chunk(b"IDAT", stream))
+    _gray_png(folder / "srgb_bad.png", b"", chunks=png_chunk(b"sRGB", b"\x09") + png_chunk(b"IDAT", stream))
+    _gray_png(folder / "extra_data.png", b"", chunks=png_chunk(b"IDAT", stream[:9]) + png_chunk(b"IDAT", stream[9:] + b"\0\0junk"))
+    _gray_png(folder / "gray_palette.png", b"", chunks=png_chunk(b"PLTE", bytes(range(48))) + png_chunk(b"IDAT", stream))
+    _gray_png(folder / "palette_after.png", b"", chunks=png_chunk(b"IDAT", stream) + png_chunk(b"PLTE", bytes(range(48))))
+    (folder / "end_data.png").write_bytes((folder / "clean.png").read_bytes()[:-12] + png_chunk(b"IEND", b"x"))
+    capfd.readouterr()
+    clean = read_pixels(folder / "clean.png")
+    for path in sorted(folder.iterdir()):
+        np.testing.assert_array_equal(read_pixels(path), clean, err_msg=path.name)
+    assert capfd.readouterr().err == ""
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(tmp_path / "out")], monkeypatch) == 0
+    assert "libpng warning" not in capfd.readouterr().err
+
+    # a palette image's transparency (tRNS, ancillary) is kept when other chunks are dropped
+    palette = png_chunk(b"PLTE", bytes(range(48))) + png_chunk(b"tRNS", bytes([0, 128] + [255] * 14))
+    indexes = zlib.compress(np.concatenate([np.zeros((64, 1), np.uint8), rows % 16], axis=1).tobytes())
+    _gray_png(tmp_path / "palette.png", b"", colour=3, chunks=palette + png_chunk(b"IDAT", indexes))
+    _gray_png(tmp_path / "palette_gamma.png", b"", colour=3, chunks=palette + png_chunk(b"IDAT", indexes) + gamma)
+    expected = decode_raw(tmp_path / "palette.png")
+    assert expected.shape == (64, 80, 4) and (expected[..., 3] == 128).any()
+    np.testing.assert_array_equal(decode_raw(tmp_path / "palette_gamma.png"), expected)
+    assert "libpng warning" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 9), (9, 1), (3, 5), (17, 33)])

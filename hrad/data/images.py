@@ -21,7 +21,9 @@ not decode is "truncated or corrupt"; a PNG's chunks are walked (lengths, critic
 CRCs and order, IEND) and its pixel data inflated (one zlib stream, the header's rows, valid
 filter types) before libpng sees it, because libpng prints its own "libpng error: ..." line to
 stderr, which no log level silences, and OpenCV's log is silenced while hrad decodes: the one
-line hrad raises is the whole report.
+line hrad raises is the whole report. A whole PNG reaches libpng without what libpng would only
+warn about (ancillary chunks but its transparency, bytes after the pixel data's zlib stream), so
+a folder of such files does not print a "libpng warning: ..." line per image either.
 
 Pixel values: integer images are divided by their type's maximum (8-bit by 255, 16-bit by
 65535, negative values of signed types clipped to 0); float images must already lie in
@@ -42,7 +44,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import overload
+from typing import NamedTuple, overload
 
 import cv2
 import numpy as np
@@ -217,11 +219,20 @@ def decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_damage(data: memoryview) -> str | None:
-    """Why a PNG is broken (None when it is whole): a chunk cut off by the end of the file, a
-    critical chunk whose CRC does not match, a chunk libpng refuses where it stands
-    (:func:`_png_chunk_misplaced`), no IEND, or pixel data that does not inflate
-    (:func:`_png_pixel_damage`).
+class _PngWalk(NamedTuple):
+    """What :func:`_png_damage` learns of a PNG on its way: why it is broken (None when whole),
+    its chunks as ``(kind, first byte, end)``, and how many bytes of its IDAT data the zlib
+    stream takes (None when not inflated)."""
+
+    damage: str | None
+    chunks: list[tuple[bytes, int, int]]
+    stream_bytes: int | None = None
+
+
+def _png_damage(data: memoryview) -> _PngWalk:
+    """Why a PNG is broken: a chunk cut off by the end of the file, a critical chunk whose CRC
+    does not match, a chunk libpng refuses where it stands (:func:`_png_chunk_misplaced`), no
+    IEND, or pixel data that does not inflate (:func:`_png_pixel_damage`).
 
     Checked before OpenCV decodes, because libpng reports such a file by printing "libpng
     error: ..." to stderr itself. Ancillary chunks' CRCs are not checked (libpng skips those
@@ -230,6 +241,7 @@ def _png_damage(data: memoryview) -> str | None:
     size = len(data)
     position = len(_PNG_SIGNATURE)
     pixel_data: list[memoryview] = []
+    chunks: list[tuple[bytes, int, int]] = []
     seen: set[bytes] = set()  # the kinds of the chunks so far
     previous = b""
     while position + 8 <= size:
@@ -238,24 +250,69 @@ def _png_damage(data: memoryview) -> str | None:
         name = kind.decode("ascii") if kind.isalpha() else f"unnamed chunk {kind!r}"
         end = position + 12 + length
         if end > size:
-            return f"the file ends at byte {size}, inside its {name} chunk of {length} bytes"
+            return _PngWalk(f"the file ends at byte {size}, inside its {name} chunk of {length} bytes", chunks)
         if kind[:1].isupper():
             stored = int.from_bytes(data[end - 4 : end], "big")
             if zlib.crc32(data[position + 4 : end - 4]) != stored:
-                return f"CRC mismatch in its {name} chunk at byte {position}"
+                return _PngWalk(f"CRC mismatch in its {name} chunk at byte {position}", chunks)
         if not kind.isalpha():
-            return f"an invalid chunk type {kind!r} at byte {position}"
+            return _PngWalk(f"an invalid chunk type {kind!r} at byte {position}", chunks)
         misplaced = _png_chunk_misplaced(kind, length, seen, previous, palette=data[25] == 3)
         if misplaced is not None:
-            return f"{name} chunk at byte {position}: {misplaced}"
+            return _PngWalk(f"{name} chunk at byte {position}: {misplaced}", chunks)
+        chunks.append((kind, position, end))
         if kind == b"IDAT":
             pixel_data.append(data[position + 8 : end - 4])
         if kind == b"IEND":
-            return _png_pixel_damage(data[16:29], pixel_data) if pixel_data else "no IDAT chunk before its IEND"
+            if not pixel_data:
+                return _PngWalk("no IDAT chunk before its IEND", chunks)
+            damage, stream_bytes = _png_pixel_damage(data[16:29], pixel_data)
+            return _PngWalk(damage, chunks, stream_bytes)
         seen.add(kind)
         previous = kind
         position = end
-    return f"the file ends at byte {size}, before the IEND chunk"
+    return _PngWalk(f"the file ends at byte {size}, before the IEND chunk", chunks)
+
+
+#: The one ancillary chunk whose loss would change the decoded pixels (the alpha it gives).
+_PNG_KEPT_ANCILLARY = b"tRNS"
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # an empty IEND chunk with its CRC
+
+
+def _png_for_libpng(data: np.ndarray, walk: _PngWalk) -> np.ndarray:
+    """The PNG ``data`` as libpng decodes it without a word: a file libpng decodes but warns
+    about ("libpng warning: iCCP: known incorrect sRGB profile", "gAMA: out of place", "IDAT:
+    Extra compressed data", "PLTE: ignored in grayscale PNG", "IEND: invalid") prints that line
+    to stderr for every image, so a folder of such files floods a run's output. The pixels never
+    depend on what it warns about (OpenCV applies no gamma, colour profile or text), so the copy
+    keeps IHDR, a PLTE before the pixel data of a colour image, a tRNS there (its alpha), the
+    IDAT data cut to the zlib stream's own bytes, and an empty IEND. ``data`` itself when that
+    is what it already is (a copy of the compressed bytes otherwise, small next to the decoded
+    image). A stream that inflates to more than the rows need still gets libpng's "Too much
+    image data"."""
+    pixel_start = next(start for kind, start, _ in walk.chunks if kind == b"IDAT")
+    gray = data[25] in (0, 4)
+    kept = [
+        (kind, start, end)
+        for kind, start, end in walk.chunks
+        if kind in (b"IHDR", b"IDAT", b"IEND")
+        or (start < pixel_start and (kind == _PNG_KEPT_ANCILLARY or (kind == b"PLTE" and not gray)))
+    ]
+    idat_bytes = sum(end - start - 12 for kind, start, end in kept if kind == b"IDAT")
+    stream_bytes = walk.stream_bytes if walk.stream_bytes is not None else idat_bytes
+    end_whole = data[walk.chunks[-1][1] :].tobytes() == _PNG_END
+    if len(kept) == len(walk.chunks) and stream_bytes >= idat_bytes and end_whole:
+        return data
+    raw = data.data
+    parts = [bytes(raw[: len(_PNG_SIGNATURE)])]
+    for kind, start, end in kept:
+        if kind == b"IDAT" and start == pixel_start:  # the pixel data as one chunk of the stream's own bytes
+            stream = b"".join(bytes(raw[s + 8 : e - 4]) for k, s, e in kept if k == b"IDAT")[:stream_bytes]
+            parts += [stream_bytes.to_bytes(4, "big"), b"IDAT", stream, zlib.crc32(b"IDAT" + stream).to_bytes(4, "big")]
+        elif kind not in (b"IDAT", b"IEND"):
+            parts.append(bytes(raw[start:end]))
+    parts.append(_PNG_END)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 #: The critical chunks (upper-case first letter) PNG defines; libpng refuses any other.
@@ -291,19 +348,20 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 _INFLATE_INPUT, _INFLATE_OUTPUT = 2**18, 2**20
 
 
-def _png_pixel_damage(header: memoryview, pixel_data: list[memoryview]) -> str | None:
-    """Why a PNG's pixel data does not decode (None when it does): the IDAT chunks together must
+def _png_pixel_damage(header: memoryview, pixel_data: list[memoryview]) -> tuple[str | None, int | None]:
+    """Why a PNG's pixel data does not decode (None when it does), and the bytes its zlib stream
+    takes (None when not inflated; bytes after it are dropped by :func:`_png_for_libpng`): the IDAT chunks together must
     be one whole zlib stream that inflates to at least the rows the header calls for, each row
     starting with a filter type 0-4 - what libpng refuses with a "libpng error: ..." line of its
     own. Inflated output is checked step by step and dropped, so this costs one inflate's time
     (0.4-0.9x OpenCV's decode of the same file, best of 7 on 2048x2048 and 4096x4096 RGB), not
-    its memory. More data than the rows need is left to libpng, which decodes such a file (with
-    a "libpng warning: ..." line of its own).
+    its memory. A stream that inflates to more than the rows need is left to libpng, which decodes
+    such a file (with a "libpng warning: ..." line of its own).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
     if colour not in _PNG_SAMPLES or interlace not in (0, 1):
-        return None  # PIL's header parser accepted it; whatever libpng says of it is its verdict
+        return None, None  # PIL's header parser accepted it; whatever libpng says of it is its verdict
     bits = _PNG_SAMPLES[colour] * depth
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
     rows: list[tuple[int, int, int]] = []  # (first byte, rows, bytes a row including the filter type)
@@ -316,27 +374,30 @@ def _png_pixel_damage(header: memoryview, pixel_data: list[memoryview]) -> str |
             rows.append((expected, pass_height, row_bytes))
             expected += pass_height * row_bytes
     inflater = zlib.decompressobj()
-    done = 0
+    done = fed = 0
     try:
         for piece in _pieces(pixel_data, _INFLATE_INPUT):
+            if inflater.eof:
+                break
+            fed += len(piece)
             pending = piece
             while not inflater.eof:
                 output = inflater.decompress(pending, _INFLATE_OUTPUT)
                 pending = inflater.unconsumed_tail
                 bad = _bad_filter_type(output, done, expected, rows)
                 if bad is not None:
-                    return f"a row of its pixel data has filter type {bad}, not 0-4"
+                    return f"a row of its pixel data has filter type {bad}, not 0-4", None
                 done += len(output)
                 if not pending and len(output) < _INFLATE_OUTPUT:  # a full output may have more to come
                     break
     except zlib.error as error:
         # zlib says "Error -3 while decompressing data: incorrect data check": the part after the colon
-        return f"its pixel data is not a valid zlib stream: {_one_line(error).rpartition(': ')[2]}"
+        return f"its pixel data is not a valid zlib stream: {_one_line(error).rpartition(': ')[2]}", None
     if not inflater.eof:
-        return f"its pixel data ends inside its zlib stream, after {done} of the {expected} bytes its {width}x{height} header calls for"
+        return f"its pixel data ends inside its zlib stream, after {done} of the {expected} bytes its {width}x{height} header calls for", None
     if done < expected:
-        return f"its pixel data inflates to {done} bytes, its {width}x{height} header calls for {expected}"
-    return None
+        return f"its pixel data inflates to {done} bytes, its {width}x{height} header calls for {expected}", None
+    return None, fed - len(inflater.unused_data)
 
 
 def _pieces(parts: list[memoryview], size: int) -> Iterator[bytes]:
@@ -414,9 +475,10 @@ def _decode_checked(path: Path) -> np.ndarray:
     except OSError as error:
         raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
     if data[: len(_PNG_SIGNATURE)].tobytes() == _PNG_SIGNATURE:
-        damage = _png_damage(data.data)
-        if damage is not None:
-            raise InputError(f"{path}: truncated or corrupt image ({damage})")
+        walk = _png_damage(data.data)
+        if walk.damage is not None:
+            raise InputError(f"{path}: truncated or corrupt image ({walk.damage})")
+        data = _png_for_libpng(data, walk)
     try:
         with _quiet_opencv():
             decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
