@@ -6,6 +6,7 @@ post-processing and the thresholds learned from held-out normal images.
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -248,11 +249,14 @@ class AnomalyModel:
         pixel_sum = pixel_sq = pixel_count = 0.0
         description = "thresholds on border-calibrated maps" if border else "thresholds from held-out normal images"
         for index in range(len(images)):
+            name = image_name(images, index, "held-out image")
             try:
+                image = images[index]
+                self._check_size(image, name)
                 with torch.inference_mode():
-                    result = self.strategy.predict(images[index])
+                    result = self.strategy.predict(image)
             except HradError as error:
-                raise named(image_name(images, index, "held-out image"), error) from None
+                raise named(name, error) from None
             if profile is not None:
                 profile.update(result.anomaly_map)  # the raw map, before smoothing works in place
             anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border, self.roi)
@@ -263,6 +267,33 @@ class AnomalyModel:
             pixel_count += values.size
             progress(index + 1, len(images), description)
         return scores, (pixel_sum, pixel_sq, pixel_count)
+
+    def calibrate(
+        self,
+        images: ImageSource | Sequence[np.ndarray],
+        progress: ProgressCallback = no_progress,
+        sigmas: float | None = None,
+    ) -> Thresholds | None:
+        """Calibrate a fitted model again on new good ``images``, as its fit did on held-out ones:
+        the strategy's calibration (a pool's map ranges), the border profile and both thresholds,
+        at ``sigmas`` (default: the model's). For a line whose good parts drifted from the
+        training images (new lighting, another batch): its false alarms go, without a refit.
+        The training itself, the bit depth and the region of interest stay. Returns the
+        thresholds it replaced (None: the model had none)."""
+        source: ImageSource = ArrayImages(images) if isinstance(images, (list, tuple)) else images  # type: ignore[arg-type]
+        if len(source) == 0:
+            raise InputError("no good images to calibrate on")
+        if self.fitted_size is None:
+            raise InputError("the model is not fitted: fit it first (hrad fit)")
+        if sigmas is not None:
+            if not math.isfinite(sigmas):
+                raise ConfigError(f"sigmas must be a finite number, got {sigmas}")
+            self.config.threshold = self.config.threshold.model_copy(update={"sigmas": float(sigmas)})
+        previous = self.thresholds
+        source = self._full_range_source(source)
+        self.strategy.calibrate(source, progress)
+        self.thresholds = self._thresholds(source, progress)
+        return previous
 
     # -- inference --------------------------------------------------------------------------------
     @property

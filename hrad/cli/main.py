@@ -21,6 +21,7 @@ import click
 import typer
 from rich.text import Text
 
+from hrad.cli.calibrate import calibrate
 from hrad.cli.info import EXPORTED_SUFFIXES, described_facts, model_facts
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
@@ -410,6 +411,9 @@ class _ConsoleWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         print_warning(record.getMessage())
+
+
+app.command("calibrate")(calibrate)  # in its own module: hrad/cli/calibrate.py
 
 
 @app.command()

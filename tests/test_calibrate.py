@@ -1,0 +1,112 @@
+"""``hrad calibrate`` / ``AnomalyModel.calibrate``: a fitted model's thresholds, border profile and
+strategy calibration again from new good images, without training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run, write
+from conftest import textured_image
+
+from hrad.artifact import MANIFEST
+from hrad.config import load_config
+from hrad.data.images import ImageList
+from hrad.errors import InputError
+from hrad.model import AnomalyModel, load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(strategy: dict[str, object]) -> object:
+    return load_config(None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": strategy})
+
+
+def _drifted(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """Good parts under a new lamp: the same texture, brighter and with more contrast."""
+    return [np.clip(0.15 + 1.2 * textured_image(rng, 64, 80), 0, 1).astype(np.float32) for _ in range(count)]
+
+
+@pytest.mark.parametrize("strategy", [{"name": "downsample", "image_size": 64}, {"name": "tiled-ensemble", "tile": 32}])
+def test_calibrated_thresholds_are_mean_plus_k_std_of_the_new_images_as_predicted_after(strategy: dict[str, object]) -> None:
+    rng = np.random.default_rng(0)
+    model = AnomalyModel(_config(strategy)).fit([textured_image(rng, 64, 80) for _ in range(8)])  # type: ignore[arg-type]
+    old = model.thresholds
+    assert old is not None
+    new = _drifted(rng, 6)
+    flagged_before = sum(bool(model.predict(image).is_anomalous) for image in new)
+    returned = model.calibrate(new, sigmas=2.0)
+    assert returned is old and model.thresholds is not None and model.thresholds is not old
+    # the brute-force reference: the calibrated model's own predictions of the same images
+    predictions = [model.predict(image) for image in new]
+    scores = np.array([prediction.score for prediction in predictions])
+    pixels = np.concatenate([prediction.anomaly_map.ravel() for prediction in predictions]).astype(np.float64)
+    thresholds = model.thresholds
+    assert thresholds.sigmas == 2.0 and model.config.threshold.sigmas == 2.0
+    np.testing.assert_allclose(thresholds.image_scores, scores, rtol=1e-6)
+    np.testing.assert_allclose(thresholds.image, scores.mean() + 2.0 * scores.std(), rtol=1e-6)
+    np.testing.assert_allclose(thresholds.pixel, pixels.mean() + 2.0 * pixels.std(), rtol=1e-5)
+    if strategy["name"] == "downsample":  # no strategy calibration: the old threshold's verdicts compare
+        assert flagged_before == len(new)  # the drift flags every new good part under the old thresholds
+    assert sum(bool(prediction.is_anomalous) for prediction in predictions) <= 1  # mean + 2 std of six
+
+
+def test_calibrate_refuses_nothing_and_names_an_image_of_another_size() -> None:
+    rng = np.random.default_rng(1)
+    model = AnomalyModel(_config({"name": "tiled-ensemble", "tile": 32})).fit([textured_image(rng, 64, 80) for _ in range(6)])  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="no good images to calibrate on"):
+        model.calibrate([])
+    with pytest.raises(InputError, match=r"^held-out image 1: image 96x64 differs from the fitted size 80x64"):
+        model.calibrate([textured_image(rng, 64, 80), textured_image(rng, 64, 96)])
+
+
+def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(2)
+    for index in range(8):
+        write(tmp_path / "good" / f"{index}.png", textured_image(rng, 64, 80))
+    for index, image in enumerate(_drifted(rng, 4)):
+        write(tmp_path / "new" / f"{index}.png", image)
+    model = tmp_path / "model"
+    fit = ["fit", "--data", str(tmp_path / "good"), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+           "--strategy", "downsample", "--image-size", "64"]
+    assert run(fit, monkeypatch) == 0
+    before = (model / MANIFEST).read_bytes()
+    capsys.readouterr()
+
+    calibrated = tmp_path / "calibrated"
+    assert run(["calibrate", "--model", str(model), "--out", str(calibrated), str(tmp_path / "new")], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "hrad: warning: 4 good images give rough thresholds" in err
+    assert "thresholds from 4 good images at 3 sigmas: image " in err and "from 2 held-out images)" in err
+    assert "4 of the 4 good images scored above the old image threshold" in err
+    assert f"model written to {calibrated}" in err
+    assert (model / MANIFEST).read_bytes() == before  # the original stays as it was
+    reloaded = load(calibrated)
+    assert reloaded.thresholds is not None and len(reloaded.thresholds.image_scores) == 4
+    assert sum(bool(reloaded.predict(path).is_anomalous) for path in ImageList(sorted((tmp_path / "new").iterdir()))) <= 1
+    # the training stays: the weights file is the same
+    manifest, new_manifest = json.loads(before), json.loads((calibrated / MANIFEST).read_text())
+    assert manifest["weights"]["sha256"] == new_manifest["weights"]["sha256"]
+    assert manifest["training_history"] == new_manifest["training_history"]
+
+    # in place, at another k: the same path is replaced (atomically), the threshold moves down
+    assert run(["calibrate", "--model", str(calibrated), "--out", str(calibrated), "--sigmas", "1", str(tmp_path / "new")], monkeypatch) == 0
+    assert load(calibrated).thresholds.image < reloaded.thresholds.image  # type: ignore[union-attr]
+    capsys.readouterr()
+
+    # user mistakes: one line, status 2, nothing written
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "x"), str(tmp_path / "missing")], monkeypatch) == 2
+    assert "missing" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    exported = tmp_path / "m.onnx"
+    exported.write_bytes(b"")
+    assert run(["calibrate", "--model", str(exported), "--out", str(tmp_path / "x"), str(tmp_path / "new")], monkeypatch) == 2
+    assert "an exported model cannot be calibrated; calibrate the model directory" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("mine")
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "taken"), str(tmp_path / "new")], monkeypatch) == 2
+    assert "exists and is not an hrad model" in capsys.readouterr().err
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "x"), "--sigmas", "nan", str(tmp_path / "new")], monkeypatch) == 2
+    assert "sigmas must be a finite number" in capsys.readouterr().err and not (tmp_path / "x").exists()
