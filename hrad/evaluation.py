@@ -102,7 +102,8 @@ def evaluate(
             return prediction.score, None
         maps = (image_thumbnail(image), thumbnail(prediction.anomaly_map), thumbnail(mask))
         name = f"{sample.path.parent.name}/{sample.path.name}"  # defect folders repeat file names
-        return prediction.score, Case(name, sample.label, prediction.score, *maps)
+        inspected = thumbnail(prediction.inspected) if prediction.inspected is not None else None
+        return prediction.score, Case(name, sample.label, prediction.score, *maps, inspected=inspected)
 
     with PeakMemory() as memory:
         stages = overlapped_batches(list(samples), load, compute, finish, batch=batch_images, writers=1)

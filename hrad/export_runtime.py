@@ -43,7 +43,7 @@ from hrad.hiad_math import (
     pooled_max,
     valid_cells,
 )
-from hrad.postprocess.roi import RegionOfInterest
+from hrad.postprocess.roi import RegionOfInterest, inspected_mask
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
 from hrad.prediction import (
@@ -320,7 +320,8 @@ class ExportedPredictor:
             raise named(name, error) from None
         smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi)
         return Prediction(
-            anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision
+            anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision,
+            inspected=inspected_mask(self.roi, smoothed.shape),
         )
 
 

@@ -22,7 +22,7 @@ from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
-from hrad.postprocess.roi import RegionOfInterest, read_roi
+from hrad.postprocess.roi import RegionOfInterest, inspected_mask, read_roi
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
@@ -352,7 +352,8 @@ class AnomalyModel:
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
         return Prediction(
-            anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold
+            anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+            inspected=inspected_mask(self.roi, anomaly_map.shape),
         )
 
     def predict_batch(
@@ -376,7 +377,10 @@ class AnomalyModel:
         arrays = [array for array, _ in inputs]
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         return [
-            Prediction(anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+            Prediction(
+                anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                inspected=inspected_mask(self.roi, anomaly_map.shape),
+            )
             for anomaly_map, score in self._predict_raw_batch(arrays)
         ]
 

@@ -13,7 +13,8 @@ For every image (``<stem>`` = its file stem, numbered when two inputs share one)
 - ``<stem>_overlay.png``: the image with a JET heat map on the model's fixed overlay scale
   (normal pixels' mean = blue, the pixel threshold = the middle of the scale, twice as far =
   red) and red contours around the mask, so a normal image stays calm and a defect glows, and
-  two overlays are comparable.
+  two overlays are comparable. A model with a region of interest (:mod:`hrad.postprocess.roi`)
+  has it drawn: outside, the plain image at half brightness (not inspected), a white outline.
 - one row of ``scores.csv``: ``path, score, is_anomalous, threshold, status, error, map, regions``
   (threshold = the image-score threshold the decision used; status ``ok`` or ``failed``, with
   the one-line reason in ``error``; regions = how many defect regions the mask has). Rows are written and flushed as images finish
@@ -151,9 +152,12 @@ def encode_png(picture: np.ndarray) -> bytes:
 
 
 def overlay_picture(image: np.ndarray, prediction: Prediction, scale: MapScale | None) -> np.ndarray:
-    """The 8-bit overlay of :mod:`hrad.outputs` (fixed scale, red contour at the pixel threshold)."""
+    """The 8-bit overlay of :mod:`hrad.outputs` (fixed scale, red contour at the pixel threshold,
+    the region of interest's outside dimmed and its outline white), for files and ``hrad serve``."""
     used = scale or own_scale(prediction.anomaly_map)
-    return overlay_image(image, prediction.anomaly_map, prediction.pixel_threshold, vmin=used.vmin, vmax=used.vmax)
+    return overlay_image(
+        image, prediction.anomaly_map, prediction.pixel_threshold, vmin=used.vmin, vmax=used.vmax, inspected=prediction.inspected
+    )
 
 
 def mask_picture(prediction: Prediction) -> np.ndarray | None:

@@ -24,6 +24,9 @@ class Prediction:
     score: float
     image_threshold: float | None
     pixel_threshold: float | None
+    #: bool ``H x W`` at the map's size, True where the model's region of interest inspects
+    #: (:mod:`hrad.postprocess.roi`); None: the whole image. Pictures of the prediction show it
+    inspected: np.ndarray | None = None
 
     @property
     def is_anomalous(self) -> bool | None:

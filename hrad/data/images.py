@@ -880,12 +880,15 @@ def overlay_image(
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.45,
+    inspected: np.ndarray | None = None,
 ) -> np.ndarray:
     """An 8-bit RGB picture: the image with a JET heatmap blended on it.
 
     Red contours outline ``map >= threshold`` (the prediction); green contours outline
     ``contour_mask`` (usually the ground truth). The heatmap spans ``vmin..vmax`` (default: the
     map's own range, which makes every map look anomalous - pass calibrated bounds to compare).
+    ``inspected`` (bool ``H x W``, the model's region of interest; None: all of it) is drawn by
+    :func:`mark_inspected`, so "not inspected" does not read as "inspected and fine".
     """
     picture = to_uint8(image)
     if picture.ndim == 2:
@@ -901,6 +904,8 @@ def overlay_image(
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     blended = cv2.addWeighted(picture, 1.0 - alpha, heat, alpha, 0.0)
     thickness = max(1, round(max(height, width) / 500))
+    if inspected is not None:
+        mark_inspected(blended, picture, inspected, thickness)
 
     def draw(region: np.ndarray, color: tuple[int, int, int]) -> None:
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -918,6 +923,35 @@ def overlay_image(
     return blended
 
 
+#: colour of the region of interest's outline in overlays (red: prediction, green: ground truth)
+INSPECTED_OUTLINE = (255, 255, 255)
+
+
+def mark_inspected(blended: np.ndarray, picture: np.ndarray, inspected: np.ndarray, thickness: int = 1) -> None:
+    """Show a region of interest on an overlay, in place: outside it the plain image at half
+    brightness (``picture >> 1``, no heat: nothing there is inspected), and its outline, the
+    inside pixels within ``thickness`` of an outside one, in :data:`INSPECTED_OUTLINE` (the
+    image's own edges are not outlined). ``blended`` and ``picture`` are 8-bit ``H x W x 3``;
+    ``inspected`` is bool, stretched (nearest) when its size differs. Works a band of rows at a
+    time and makes no float copy of the image; a region covering everything draws nothing."""
+    height, width = blended.shape[:2]
+    region = np.asarray(inspected, dtype=bool)
+    if region.shape != (height, width):
+        region = cv2.resize(region.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).view(bool)
+    if region.all():
+        return
+    inside = np.ascontiguousarray(region).view(np.uint8)
+    # the erosion's border counts as inside, so the image's own edges are no outline
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * thickness + 1, 2 * thickness + 1))
+    eroded = cv2.erode(inside, kernel)
+    outline = cv2.subtract(inside, eroded, dst=eroded).view(bool)  # in place: one byte a pixel in all
+    rows = max(1, _BAND_VALUES // max(1, blended[0].size))
+    for top in range(0, height, rows):
+        band = slice(top, top + rows)
+        np.right_shift(picture[band], 1, out=blended[band], where=~region[band, :, None])
+        blended[band][outline[band]] = INSPECTED_OUTLINE
+
+
 def write_overlay(
     path: str | os.PathLike[str],
     image: np.ndarray,
@@ -927,10 +961,11 @@ def write_overlay(
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.45,
+    inspected: np.ndarray | None = None,
 ) -> None:
     """Write :func:`overlay_image` as a PNG (or JPEG by extension), atomically."""
     path = Path(path)
-    picture = overlay_image(image, anomaly_map, threshold, contour_mask, vmin, vmax, alpha)
+    picture = overlay_image(image, anomaly_map, threshold, contour_mask, vmin, vmax, alpha, inspected)
     atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
 
 

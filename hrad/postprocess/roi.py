@@ -58,10 +58,12 @@ class RegionOfInterest:
         shape = (int(shape[0]), int(shape[1]))
         if shape == self.mask.shape:
             return self.mask
-        if self._resized is None or self._resized[0] != shape:
-            resized = cv2.resize(self.mask.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-            self._resized = (shape, resized.astype(bool))
-        return self._resized[1]
+        cached = self._resized  # read once: another thread (hrad serve) may cache another size meanwhile
+        if cached is not None and cached[0] == shape:
+            return cached[1]
+        resized = cv2.resize(self.mask.view(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+        self._resized = (shape, resized)
+        return resized
 
     def stretch_problem(self, shape: tuple[int, int]) -> str | None:
         """Why stretching the mask to images of ``shape`` (height, width) may miss what was drawn:
@@ -112,6 +114,17 @@ class RegionOfInterest:
             return cls(decoded > 0, where)
         except (KeyError, TypeError, ValueError, InputError) as error:
             raise ArtifactError(f"{where}: its region of interest is damaged ({' '.join(str(error).split())})") from None
+
+
+def inspected_mask(roi: RegionOfInterest | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """What a :class:`~hrad.prediction.Prediction` of a map of ``shape`` carries as ``inspected``,
+    for its pictures: the region stretched to that size (the cached mask, no copy), or None when
+    the map was finished as without a region (no region, or one that covers everything or
+    shrinks to nothing at this size, as :meth:`RegionOfInterest.apply` treats it)."""
+    if roi is None:
+        return None
+    inside = roi.at((shape[0], shape[1]))
+    return None if inside.all() or not inside.any() else inside
 
 
 def read_roi(path: str | Path) -> RegionOfInterest:

@@ -24,6 +24,8 @@ class Case:
     image: np.ndarray  # h x w x 3 thumbnail in [0, 1]
     anomaly_map: np.ndarray  # h x w thumbnail
     mask: np.ndarray | None  # h x w bool thumbnail
+    #: h x w bool thumbnail of the model's region of interest (Prediction.inspected); None: all of it
+    inspected: np.ndarray | None = None
 
 
 def thumbnail(array: np.ndarray, side: int = 320, longest: int = 1280) -> np.ndarray:
@@ -73,11 +75,39 @@ def is_wide(case: Case) -> bool:
     return image_aspect(case) > STACK_ASPECT
 
 
+#: the region of interest's outline in every picture of a prediction (as in predict's overlays)
+INSPECTED_COLOR = "white"
+
+
+def inspected_only(case: Case) -> np.ndarray:
+    """The case's map with the part outside its region of interest masked (drawn as no heat)."""
+    if case.inspected is None:
+        return case.anomaly_map
+    return np.ma.masked_where(~case.inspected, case.anomaly_map)
+
+
+def show_inspected(axis: plt.Axes, case: Case, dim: bool = True) -> bool:
+    """Draw the case's region of interest on a panel: outside darkened to half (``dim``; the map
+    there should be drawn with :func:`inspected_only`) and its outline in :data:`INSPECTED_COLOR`,
+    as :func:`hrad.data.images.mark_inspected` does in overlays, so "not inspected" does not read
+    as "inspected and fine". Whether there was a region to draw."""
+    inspected = case.inspected
+    if inspected is None or inspected.all() or not inspected.any():
+        return False
+    if dim:
+        shade = np.zeros((*inspected.shape, 4), dtype=np.float32)
+        shade[~inspected, 3] = 0.5
+        axis.imshow(shade)
+    axis.contour(inspected, levels=[0.5], colors=INSPECTED_COLOR, linewidths=0.8)
+    return True
+
+
 def case_grid(
     groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
 ) -> Path:
     """One row per case: image with ground-truth contour, anomaly map, overlay; maps share ``vmin .. vmax``
-    (default: 0, or the lowest map value when maps go negative, .. the highest)."""
+    (default: 0, or the lowest map value when maps go negative, .. the highest). A case with a
+    region of interest has it outlined on every panel and the map and overlay dimmed outside."""
     rows = [(group, case) for group, members in groups.items() for case in members]
     height = max(1, len(rows))
     # wide images (line-scan strips) get their three panels stacked, full width, instead of side
@@ -102,13 +132,17 @@ def case_grid(
         if marked:
             image_axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.8)
         image_axis.set_title(f"{group}\n{case.name}", fontsize=7)
-        map_axis.imshow(case.anomaly_map, cmap="inferno", vmin=low, vmax=scale)
+        show_inspected(image_axis, case, dim=False)
+        map_axis.imshow(inspected_only(case), cmap="inferno", vmin=low, vmax=scale)
         map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
+        show_inspected(map_axis, case)
         overlay_axis.imshow(np.clip(case.image, 0, 1))
-        overlay_axis.set_title("overlay (ground truth in white)" if marked else "overlay", fontsize=7)
-        overlay_axis.imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=scale)
+        overlay_axis.imshow(inspected_only(case), cmap="jet", alpha=0.45, vmin=low, vmax=scale)
+        region = show_inspected(overlay_axis, case)
         if marked:
-            overlay_axis.contour(case.mask, levels=[0.5], colors="white", linewidths=0.8)
+            overlay_axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.8)
+        notes = [*(["ground truth in green"] if marked else []), *(["region inspected in white"] if region else [])]
+        overlay_axis.set_title(f"overlay ({', '.join(notes)})" if notes else "overlay", fontsize=7)
         for axis in (image_axis, map_axis, overlay_axis):
             axis.axis("off")
     if not rows:

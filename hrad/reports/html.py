@@ -24,7 +24,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from hrad.reports.figures import PANEL_TITLE_HEIGHT, Case, image_aspect, is_wide  # noqa: E402
+from hrad.reports.figures import (  # noqa: E402
+    PANEL_TITLE_HEIGHT,
+    Case,
+    image_aspect,
+    inspected_only,
+    is_wide,
+    show_inspected,
+)
 from hrad.reports.markdown import format_value  # noqa: E402
 
 #: most points drawn per curve (curves have one vertex per score bin: often 10^5 or more)
@@ -164,7 +171,8 @@ def score_figure(data: ReportData) -> str:
 
 
 def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_threshold: float | None) -> str:
-    """Image and overlay side by side, or one above the other for a wide image (a line-scan strip)."""
+    """Image and overlay side by side, or one above the other for a wide image (a line-scan strip);
+    a region of interest is outlined on both and the overlay dimmed outside it."""
     if is_wide(case):
         figure, axes = plt.subplots(2, 1, figsize=(10.0, 2 * (10.0 / image_aspect(case) + PANEL_TITLE_HEIGHT)))
     else:
@@ -173,14 +181,17 @@ def case_figure(case: Case, overlay_range: tuple[float, float] | None, pixel_thr
     low, high = overlay_range if overlay_range else (float(case.anomaly_map.min()), float(case.anomaly_map.max()))
     axes[0].imshow(image)
     axes[1].imshow(image)
-    shown = axes[1].imshow(case.anomaly_map, cmap="jet", alpha=0.45, vmin=low, vmax=high)
+    shown = axes[1].imshow(inspected_only(case), cmap="jet", alpha=0.45, vmin=low, vmax=high)
+    show_inspected(axes[0], case, dim=False)
+    region = show_inspected(axes[1], case)
     if case.mask is not None and case.mask.any():
         for axis in axes:
             axis.contour(case.mask, levels=[0.5], colors="magenta", linewidths=1.2)
     if pixel_threshold is not None and (case.anomaly_map > pixel_threshold).any():
         axes[1].contour(case.anomaly_map > pixel_threshold, levels=[0.5], colors="red", linewidths=0.9)
-    axes[0].set_title("image, ground truth (magenta)", fontsize=8)
-    axes[1].set_title("map (model's scale), prediction (red)", fontsize=8)
+    inspected = "\nregion inspected (white)" if region else ""
+    axes[0].set_title(f"image, ground truth (magenta){inspected}", fontsize=8)
+    axes[1].set_title(f"map (model's scale), prediction (red){inspected}", fontsize=8)
     for axis in axes:
         axis.axis("off")
     figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
