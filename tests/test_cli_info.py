@@ -115,23 +115,6 @@ def test_fields_an_older_model_lacks_read_as_not_recorded(
     assert status == 0 and "bit_depth: 12 (16-bit images scaled to the full range)\n" in out and "fitted_size: 96x64\n" in out
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "info"])
-def test_help_pages_keep_every_option_name_whole_at_80_columns(
-    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Rich shrinks the option-name column when the others are wide; predict's
-    --pixel-threshold was cut to '--pixel-thresho…' by --batch-images' '<int range> [x>=1]'."""
-    monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.delenv("LINES", raising=False)
-    capsys.readouterr()
-    assert run_cli([command, "--help"], monkeypatch) == 0
-    out = capsys.readouterr().out
-    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
-    if command == "predict":
-        assert "--pixel-threshold " in out and "--no-regions" in out
-        assert "<stem>_regions.json" in "".join(out.split())  # markdown mode read '<stem>' as a tag and dropped it
-
-
 def test_the_manifest_given_for_the_model_is_named_as_a_file(
     saved: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -346,20 +346,21 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N test images (quick looks)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Evaluate only the first N test images (quick looks)")] = None,
     score_bits: Annotated[
         int,
         typer.Option(
-            min=12, max=32,
+            min=12, max=32, metavar="BITS",
             help="Pixel-metric precision: scores binned to this many bits; 24 = bins 3e-5 of the score wide "
-            "(every pixel metric within 1e-5 of exact in benchmarks/results/metric_precision.md), 32 = exact for float32 maps",
+            "(every pixel metric within 1e-5 of exact, measured in `metric_precision.md` of benchmarks/results), "
+            "32 = exact for float32 maps",
         ),
     ] = 24,
     track: Annotated[
         bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
     ] = False,
     batch_images: Annotated[
-        int, typer.Option(min=1, help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
+        int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
     ] = DEFAULT_BATCH_IMAGES,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
@@ -452,10 +453,14 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB")] = 256.0,
-    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may take (body, queue, prediction)")] = 300.0,
-    health_details: Annotated[bool, typer.Option(help="Show the model's path, config and weight sources on /health")] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes, each with its own copy of the model")] = 1,
-    max_queue: Annotated[int, typer.Option(min=1, help="/ready answers 503 while this many requests wait or run (per worker)")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.001, metavar="SECONDS", help="Seconds a request may take (body, queue, prediction)")] = 300.0,
+    health_details: Annotated[
+        bool, typer.Option("--health-details", help="Show the model's path, config and weight sources on /health")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes, each with its own copy of the model")] = 1,
+    max_queue: Annotated[
+        int, typer.Option(min=1, metavar="N", help="/ready answers 503 while this many requests wait or run (per worker)")
+    ] = 4,
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
@@ -552,8 +557,10 @@ def predict_distributed(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit (shared storage on a cluster)")],
     paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
     out: Annotated[Path, typer.Option(help="Output directory for maps and scores.csv")],
-    workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding one loaded model")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0.0, help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")] = 0.0,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Ray actors, each holding one loaded model")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0.0, metavar="GPUS", help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")
+    ] = 0.0,
     address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
     map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
     overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
@@ -719,6 +726,7 @@ def _options(
         typer.Option(
             "--max-pixels",
             min=1,
+            metavar="N",
             help="Pixel budget: images whose header declares more pixels are refused before decoding "
             "(default 268435456 = 2**28, e.g. 16384x16384 or 8192x32768; env HRAD_MAX_PIXELS)",
         ),
