@@ -9,6 +9,11 @@ every runner gives the serial result. Strategies ask :func:`job_runner`; :func:`
 makes a runner (e.g. Ray) active for a block of code: where work runs is not part of the
 model's config or artifact.
 
+What jobs log reaches this process's logging as if they ran here: a :class:`ProcessPoolRunner`
+worker forwards its records (a detector's epochs and coreset steps, warnings) through a queue to
+the parent's loggers, marked with the job they came from (:func:`worker_job`; the message starts
+``job i/n: ``), so the command line shows concurrent jobs' progress apart.
+
 Every path a job names (spill folders) must be readable from every worker: on a multi-machine
 cluster put them on shared storage (point ``TMPDIR`` or HiAD's ``work_dir`` at it). Workers need
 ``hrad`` installed (or ship it with ``runtime_env``).
@@ -25,9 +30,14 @@ import importlib
 import logging
 import multiprocessing
 import os
+import queue
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from logging.handlers import QueueHandler
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
@@ -83,11 +93,124 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------------ worker log records
+#: the attribute of a log record forwarded from a :class:`ProcessPoolRunner` worker that names
+#: the job running there (a :class:`WorkerJob`)
+WORKER_JOB = "hrad_job"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """The job a forwarded log record comes from: job ``index`` (from 1) of ``total`` in one
+    :meth:`ProcessPoolRunner.map`, started at ``started`` (``time.time()`` in the worker)."""
+
+    index: int
+    total: int
+    started: float
+
+    @property
+    def label(self) -> str:
+        """``job i/n``: what tells concurrent jobs' lines and bars apart."""
+        return f"job {self.index}/{self.total}"
+
+
+def worker_job(record: logging.LogRecord) -> WorkerJob | None:
+    """The job a record forwarded from a worker process was logged in; None for any other."""
+    value = getattr(record, WORKER_JOB, None)
+    return value if isinstance(value, WorkerJob) else None
+
+
+#: the job this worker process is running (set around each job by :func:`_run_labelled`)
+_RUNNING: WorkerJob | None = None
+
+
+class _ForwardingHandler(QueueHandler):
+    """A worker's only handler: every record, message merged (picklable), onto the parent's
+    queue, marked with the running job and its message prefixed with the job's label."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        prepared = super().prepare(record)
+        job = _RUNNING
+        if job is not None:
+            setattr(prepared, WORKER_JOB, job)
+            prepared.msg = prepared.message = f"{job.label}: {prepared.message}"
+        return prepared
+
+
+def _logging_levels() -> dict[str, int]:
+    """This process's explicitly set logger levels (``""``: the root's), which a worker copies so
+    its detectors make exactly the records this process's logging would take."""
+    levels = {"": logging.getLogger().level}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def _init_worker(threads: int, records: Any, levels: Mapping[str, int], disabled: int) -> None:
+    """Pool initializer: torch's threads, and this worker's log records sent to the parent."""
+    _set_threads(threads)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ForwardingHandler(records))
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    logging.disable(disabled)
+
+
+def _run_labelled(fn: Callable[[Any], Any], job: Any, index: int, total: int) -> Any:
+    """Run ``fn(job)`` with its log records marked as job ``index`` of ``total``."""
+    global _RUNNING
+    _RUNNING = WorkerJob(index, total, time.time())
+    try:
+        return fn(job)
+    finally:
+        _RUNNING = None
+
+
+class _RecordForwarder:
+    """A thread handing the records workers put on ``records`` to this process's loggers, as a
+    record logged here would be handled (``logging.getLogger(record.name).handle``)."""
+
+    def __init__(self, records: Any) -> None:
+        self.records = records
+        self.finish = threading.Event()
+        self.thread = threading.Thread(target=self._forward, name="hrad-worker-logs", daemon=True)
+        self.thread.start()
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                record = self.records.get(timeout=0.05)
+            except queue.Empty:
+                if self.finish.is_set():
+                    return
+                continue
+            except (EOFError, OSError, ValueError):  # the queue was closed under us
+                return
+            try:
+                logging.getLogger(record.name).handle(record)
+            except Exception:  # a broken handler must not stop the others' records
+                logging.getLogger(__name__).debug("forwarding a worker's log record failed", exc_info=True)
+
+    def close(self, drain: bool) -> None:
+        """Stop: after the queued records (``drain``: the workers have exited, so all of theirs
+        are queued) or at once (terminated workers may have left a record half-written, which
+        the thread may never finish reading; it is a daemon, so nothing waits for it)."""
+        self.finish.set()
+        self.thread.join(10.0 if drain else 1.0)
+        if not self.thread.is_alive():
+            self.records.close()
+            self.records.join_thread()
+
+
 class ProcessPoolRunner:
     """Runs jobs in local ``spawn`` worker processes (safe with CUDA and threads).
 
     ``threads_per_worker`` defaults to the CPU count divided among the workers, so the pool
-    never oversubscribes the machine.
+    never oversubscribes the machine. The workers log at this process's logger levels and their
+    records reach this process's loggers, marked with their job (:func:`worker_job`).
     """
 
     device: str | None = None
@@ -107,9 +230,15 @@ class ProcessPoolRunner:
         threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // processes)
         context = multiprocessing.get_context("spawn")
         results: list[Any] = [None] * len(jobs)
-        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_set_threads, initargs=(threads,))
+        records = context.Queue()
+        setup = (threads, records, _logging_levels(), logging.root.manager.disable)
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker, initargs=setup)
+        forwarder = _RecordForwarder(records)
         try:
-            futures = {pool.submit(fn, job): index for index, job in enumerate(jobs)}
+            count = len(jobs)
+            futures = {
+                pool.submit(_run_labelled, fn, job, index + 1, count): index for index, job in enumerate(jobs)
+            }
             for done, future in enumerate(as_completed(futures), start=1):
                 results[futures[future]] = future.result()
                 if progress is not None:
@@ -119,8 +248,10 @@ class ProcessPoolRunner:
             # scheduler): stop the other jobs now. Leaving the executor's block would wait for
             # every running job to finish, minutes of training for a HiAD pool.
             _terminate_workers(pool)
+            forwarder.close(drain=False)
             raise
         pool.shutdown()
+        forwarder.close(drain=True)
         return results
 
 

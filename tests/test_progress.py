@@ -78,3 +78,19 @@ def test_inside_the_cli_progress_detector_warnings_still_print_and_other_records
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["stage: 1/2, 0 s", "hrad: warning: a detector's warning"]
     assert logging.getLogger("hrad.detectors").level == logging.NOTSET  # restored
+
+
+def test_a_pool_fit_in_worker_processes_shows_each_jobs_epochs(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiled ensemble's tile models train in two worker processes: their epochs reach the
+    log file's lines, each job's apart (first and last epoch; the 30 s lines in between)."""
+    args = ["fit", "--data", str(dataset), "--out", str(tmp_path / "pool"), "--backbone", "tiny-cnn",
+            "--strategy", "tiled-ensemble", "--set", "strategy.tile=48", "--set", "strategy.workers=2",
+            "--detector", "fastflow", "--set", "detector.epochs=3"]  # fmt: skip
+    assert run(args, monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    epochs = sorted(line.split(",")[0] for line in lines if line.startswith("job "))
+    jobs = {line.split(":")[0] for line in epochs}
+    assert len(jobs) >= 2 and jobs == {f"job {index}/{len(jobs)}" for index in range(1, len(jobs) + 1)}
+    assert epochs == sorted(f"{job}: fastflow: train epochs: {done}/3" for job in jobs for done in (1, 3))

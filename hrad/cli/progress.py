@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.text import Text
 
 from hrad.progress import ProgressCallback, progress_of
+from hrad.runners import WorkerJob, worker_job
 
 #: hrad's messages (stderr). ``markup=False``: messages carry user paths and error texts, which
 #: must print as they are (a file named ``[x].png``, ``pip install 'hrad[serve]'``); a stray
@@ -35,25 +36,36 @@ console = Console(stderr=True, markup=False, soft_wrap=True)
 LOG_INTERVAL = 30.0
 
 
-def _log_lines(interval: float) -> ProgressCallback:
+class _LogLines:
     """A callback printing ``description: done/total, N s``: a stage's first update, then at most
     one line per ``interval`` seconds, and its last step. A stage's seconds count from the
-    previous update of any stage (stages run one after another), the first from the start."""
-    started: dict[str, float] = {}
-    printed: dict[str, float] = {}
-    previous = time.monotonic()
+    previous update of its lane: this process's stages run one after another (the first counts
+    from the start; a stage whose steps start over, the next job of a serial pool, is a new
+    one); each job in a worker process is a lane of its own, timed on the worker's clock from
+    the job's start (its records' times, so a slow queue does not stretch them)."""
 
-    def update(done: int, total: int, description: str) -> None:
-        nonlocal previous
-        now = time.monotonic()
-        first = description not in started
-        start = started.setdefault(description, previous)
-        previous = now
-        if first or done >= total or now - printed[description] >= interval:
-            printed[description] = now
-            console.print(f"{description}: {done}/{total}, {now - start:.0f} s", highlight=False, soft_wrap=True)
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+        self.last: dict[str, int] = {}
+        self.previous: dict[WorkerJob | None, float] = {None: time.monotonic()}
 
-    return update
+    def __call__(self, done: int, total: int, description: str) -> None:
+        self.step(done, total, description, None, time.monotonic())
+
+    def step(self, done: int, total: int, description: str, job: WorkerJob | None, now: float) -> None:
+        """One update of ``description`` at ``now`` (``job``'s clock, or monotonic for None)."""
+        previous = self.previous.get(job, job.started if job is not None else now)
+        self.previous[job] = now
+        first = description not in self.started or done < self.last[description]
+        if first:
+            self.started[description] = previous
+        self.last[description] = done
+        if first or done >= total or now - self.printed[description] >= self.interval:
+            self.printed[description] = now
+            seconds = now - self.started[description]
+            console.print(f"{description}: {done}/{total}, {seconds:.0f} s", highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
@@ -68,7 +80,9 @@ STEP_LOGGER = "hrad.detectors"
 class _ProgressRecords(logging.Handler):
     """Steps logged by code without a progress callback (:func:`hrad.progress.log_progress`:
     a detector's epochs, PatchCore's coreset) into the command's bars or lines; that code's
-    warnings as warning lines (this handler takes the place of Python's last-resort printer)."""
+    warnings as warning lines (this handler takes the place of Python's last-resort printer).
+    A step a pool's worker process logged (:func:`hrad.runners.worker_job`) is its job's stage,
+    ``job i/n: <description>``: concurrent jobs get bars and lines of their own."""
 
     def __init__(self, update: ProgressCallback) -> None:
         super().__init__(logging.INFO)
@@ -76,7 +90,15 @@ class _ProgressRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         step = progress_of(record)
-        if step is not None:
+        job = worker_job(record)
+        if step is not None and job is not None:
+            done, total, description = step
+            description = f"{job.label}: {description}"
+            if isinstance(self.update, _LogLines):
+                self.update.step(done, total, description, job, record.created)
+            else:
+                self.update(done, total, description)
+        elif step is not None:
             self.update(*step)
         elif record.levelno >= logging.WARNING:
             print_warning(record.getMessage())
@@ -100,9 +122,9 @@ def _with_logged_steps(update: ProgressCallback) -> Iterator[None]:
 @contextmanager
 def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
     """A callback that shows one bar per distinct description in a terminal, else plain lines
-    (:func:`_log_lines`, one per ``interval`` seconds and stage at most)."""
+    (:class:`_LogLines`, one per ``interval`` seconds and stage at most)."""
     if not console.is_terminal:
-        lines = _log_lines(interval)
+        lines = _LogLines(interval)
         with _with_logged_steps(lines):
             yield lines
         return

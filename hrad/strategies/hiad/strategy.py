@@ -187,8 +187,9 @@ class HiAD(Strategy):
             )
             jobs = self._fit_jobs(assignment, chunks, descriptors, low_chunks)
             progress(0, len(jobs), "hiad: fitting detectors")
-            states = fit_detectors(jobs, self.config.workers)
-            progress(len(jobs), len(jobs), "hiad: fitting detectors")
+            states = fit_detectors(
+                jobs, self.config.workers, progress=lambda done, total: progress(done, total, "hiad: fitting detectors")
+            )
         self._assignment = assignment
         self._detectors = {m: self._restore(states[m]) for m in range(assignment.count)}
         self._low = self._restore(states[-1]) if self.config.low_branch else None
