@@ -94,3 +94,37 @@ def test_a_pool_fit_in_worker_processes_shows_each_jobs_epochs(
     jobs = {line.split(":")[0] for line in epochs}
     assert len(jobs) >= 2 and jobs == {f"job {index}/{len(jobs)}" for index in range(1, len(jobs) + 1)}
     assert epochs == sorted(f"{job}: fastflow: train epochs: {done}/3" for job in jobs for done in (1, 3))
+
+
+def test_each_worker_job_is_a_stage_of_its_own_timed_from_the_jobs_start(capsys: pytest.CaptureFixture[str]) -> None:
+    """Records a pool's workers logged (hrad.runners marks them with their job) get lines of their
+    own, rate-limited per job, their seconds from the job's start on the worker's clock."""
+    from hrad.cli.progress import progress_bars
+    from hrad.progress import PROGRESS
+    from hrad.runners import WORKER_JOB, WorkerJob
+
+    logger = logging.getLogger("hrad.detectors.test_progress")
+
+    def forwarded(job: WorkerJob, done: int, created: float) -> None:
+        extra = {PROGRESS: (done, 3, "stage"), WORKER_JOB: job}
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "step", (), None, extra=extra)
+        record.created = created
+        logger.handle(record)
+
+    one, two = WorkerJob(1, 2, 1000.0), WorkerJob(2, 2, 1005.0)
+    with progress_bars(interval=30):
+        forwarded(one, 1, 1010.0)  # a job's first step: from the job's start
+        forwarded(two, 1, 1012.0)
+        forwarded(one, 2, 1020.0)  # 10 s after job 1's last line: quiet
+        forwarded(two, 2, 1050.0)  # 38 s after job 2's: a line
+        forwarded(one, 3, 1060.0)  # the last step
+    assert capsys.readouterr().err.splitlines() == [
+        "job 1/2: stage: 1/3, 10 s",
+        "job 2/2: stage: 1/3, 7 s",
+        "job 2/2: stage: 2/3, 45 s",
+        "job 1/2: stage: 3/3, 60 s",
+    ]
+    with progress_bars(interval=30) as update:  # a serial pool: the same stage again, job after job
+        for done in (1, 2, 3, 1, 2):
+            update(done, 3, "stage")
+    assert capsys.readouterr().err.splitlines() == ["stage: 1/3, 0 s", "stage: 3/3, 0 s", "stage: 1/3, 0 s"]
