@@ -8,6 +8,13 @@ The CLI prints that line and exits with status 2; it never shows a traceback for
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+#: the list :func:`collecting_warnings` gathers this context's warnings in (None: not gathered)
+_COLLECTED: ContextVar[list[str] | None] = ContextVar("hrad_collected_warnings", default=None)
 
 
 class HradError(Exception):
@@ -53,3 +60,28 @@ def named(path: str | os.PathLike[str], error: HradError) -> HradError:
 class NotFittedError(RuntimeError):
     """A detector used before ``fit`` or ``load_state_dict``: a programming error, not a user
     mistake, so it is no :class:`HradError` (models loaded from artifacts are always fitted)."""
+
+
+def warn(message: str, stacklevel: int = 1) -> None:
+    """A warning for the user (one ``hrad: warning:`` line in the CLI, Python's warning in the
+    API) that :func:`collecting_warnings` also hands to the request it concerns (``hrad serve``
+    returns it with the result). ``stacklevel`` counts from the caller of this function."""
+    collected = _COLLECTED.get()
+    if collected is not None:
+        collected.append(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+@contextmanager
+def collecting_warnings() -> Iterator[list[str]]:
+    """The :func:`warn` messages of this thread (context) while the block runs, in order, as well
+    as their usual warning. ``warnings.catch_warnings`` would do it by swapping process-wide
+    filters and hooks, which concurrent requests in threads (and any library's own
+    ``catch_warnings``) restore in the wrong order; a context variable is each thread's own, and
+    the warnings module's once-per-location filter cannot hide a repeated upload's warning."""
+    collected: list[str] = []
+    token = _COLLECTED.set(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTED.reset(token)

@@ -99,6 +99,59 @@ def load_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     return content
 
 
+def saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> dict[str, Any]:
+    """What a saved model is, as values, from its manifest (``hrad.json``) or, ``exported``, its
+    export's sidecar (``where`` names the file): who saved it, its parts, fitted size, bit depth,
+    region of interest, thresholds and training losses. The one reading of both files that
+    ``hrad info`` and ``hrad serve``'s ``/health`` show; here, torch-free, so both can import it.
+    Fields are not checked one by one when the file is read: a damaged one is one line."""
+    try:
+        return _saved_model_facts(record, exported, where)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        what = "corrupt ONNX sidecar" if exported else "corrupt model manifest"
+        raise ArtifactError(f"{where}: {what} ({type(error).__name__}: {' '.join(str(error).split())})") from None
+
+
+def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> dict[str, Any]:
+    if exported:
+        about = record.get("model", {})
+        names = {part: about.get(part) for part in ("strategy", "detector", "backbone")}
+        # a tiled ensemble's sidecar keeps its size in the geometry only, where its predictor reads it
+        fitted = about.get("fitted_size") or record.get("geometry", {}).get("fitted_size")
+        weights, history = about.get("backbone_weights"), None
+    else:
+        config = record.get("config", {})
+        names = {part: (config.get(part) or {}).get("name") for part in ("strategy", "detector", "backbone")}
+        weights, fitted, history = record.get("backbone_weights"), record.get("fitted_size"), record.get("training_history")
+    roi = RegionOfInterest.from_json(record.get("roi"), where)
+    thresholds = record.get("thresholds")
+    return {
+        "saved_by": record.get("hrad_version"),
+        **names,
+        "backbone_weights": weights,
+        "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
+        "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
+        "region_of_interest": (
+            {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
+        ),
+        "thresholds": (
+            {
+                "image": float(thresholds["image"]),
+                "pixel": float(thresholds["pixel"]),
+                "sigmas": None if thresholds.get("sigmas") is None else float(thresholds["sigmas"]),
+                "held_out_images": len(thresholds.get("validation_image_scores") or []),
+            }
+            if thresholds
+            else None
+        ),
+        "training": {
+            str(stage): {"epochs": len(values), "first_loss": float(values[0]), "last_loss": float(values[-1])}
+            for stage, values in (history or {}).items()
+            if values
+        },
+    }
+
+
 def onnxruntime_module() -> Any:
     """The onnxruntime module, or a one-line error naming the extra that installs it."""
     try:

@@ -17,7 +17,14 @@ import torch
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
 from hrad.config import ModelConfig
-from hrad.data.bit_depth import exceeds, is_wide, significant_bits, stored_bit_depth, to_full_range
+from hrad.data.bit_depth import (
+    exceeds,
+    is_wide,
+    significant_bits,
+    stored_bit_depth,
+    to_full_range,
+    warn_saturated,
+)
 from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.features import build_backbone
@@ -70,11 +77,7 @@ class FullRangeImages:
         peak = exceeds(image, self.bits)
         if peak is not None and index not in self._warned:
             self._warned.add(index)
-            warnings.warn(
-                f"{self.name(index)}: pixel values up to {peak} exceed the fit's {self.bits}-bit depth "
-                f"(bit_depth, 0..{2**self.bits - 1}); they saturate",
-                stacklevel=2,
-            )
+            warn_saturated(self.name(index), peak, self.bits, at_fit=True, stacklevel=2)
         return to_full_range(image, self.bits)
 
     def name(self, index: int) -> str:

@@ -20,7 +20,10 @@ behind fewer than ``max_queue`` others and 503 past that, so a load balancer sto
 saturated replica without restarting it. ``POST /predict/batch`` takes several images in one
 request (each answered or failed on its own). ``/metrics`` is Prometheus text: requests by
 route and status, request and prediction latencies, requests waiting. Responses are Pydantic
-models, so ``/openapi.json`` describes every field.
+models, so ``/openapi.json`` describes every field. What hrad warns of while predicting an upload
+(a 16-bit image brighter than the model's bit depth saturates) comes back with its result, in
+``warnings``, gathered per thread (:func:`hrad.errors.collecting_warnings`), not only on the
+server's console.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from hrad.data.images import (
     check_pixel_budget,
     read_pixels,
 )
-from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError, named
+from hrad.errors import ConfigError, HradError, ImageTooLargeError, InputError, collecting_warnings, named
 from hrad.outputs import (
     encode_map_png16,
     encode_png,
@@ -124,6 +127,11 @@ class PredictResponse(BaseModel):
     map: MapPayload | None = Field(None, description="present when the request asked for ?map=")
     region_count: int | None = Field(None, description="defect regions in map > pixel_threshold; null without a pixel threshold")
     regions: list[RegionModel] | None = Field(None, description="the strongest regions first, at most 1000 (hrad.outputs.MAX_LISTED_REGIONS)")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what hrad warned of while predicting this image, one line each (e.g. a 16-bit upload brighter "
+        "than the model's bit depth saturated); empty when nothing",
+    )
 
 
 class BatchFailure(BaseModel):
@@ -335,9 +343,25 @@ class _Cancelled(Exception):
     """The request already timed out; its queued work is dropped."""
 
 
+def health_summary(facts: dict[str, Any]) -> dict[str, Any]:
+    """``/health``'s account of the served model from
+    :func:`~hrad.export_runtime.saved_model_facts`, the reading ``hrad info`` shows."""
+    size, thresholds, roi = facts["fitted_size"], facts["thresholds"], facts["region_of_interest"]
+    return {
+        "model_hrad_version": facts["saved_by"],
+        **{part: facts[part] or "?" for part in ("backbone", "detector", "strategy")},
+        "fitted_size": [size["height"], size["width"]] if size else None,
+        "thresholds": {"image": thresholds["image"], "pixel": thresholds["pixel"]} if thresholds else None,
+        "bit_depth": facts["bit_depth"],
+        "region_of_interest": roi["inspected"] if roi is not None else None,
+    }
+
+
 def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Any, dict[str, dict[str, Any]]]:
     """The model (an :class:`~hrad.model.AnomalyModel`, or an exported model's predictor) and
     what ``/health`` says of it: ``summary`` always, ``details`` with ``--health-details``."""
+    from hrad.export_runtime import saved_model_facts
+
     if model_path.suffix in (".onnx", ".xml"):
         from hrad.export_runtime import open_predictor
 
@@ -345,38 +369,23 @@ def _load_served(model_path: Path, device: str | None, runtime: str | None) -> t
             raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
         predictor = open_predictor(model_path, runtime=runtime)
         sidecar = predictor.sidecar
-        about = sidecar.get("model", {})
-        fitted = about.get("fitted_size") or sidecar.get("geometry", {}).get("fitted_size")
-        summary = {
-            "model_hrad_version": sidecar.get("hrad_version"),
-            "backbone": about.get("backbone", "?"),
-            "detector": about.get("detector", "?"),
-            "strategy": about.get("strategy", "?"),
-            "fitted_size": list(fitted) if fitted else None,
-            "device": f"cpu ({predictor.runtime})",
-        }
-        details = {"backbone_weights": about.get("backbone_weights"), "config": {"geometry": sidecar.get("geometry")}}
+        summary = health_summary(saved_model_facts(sidecar, True, f"{model_path.with_suffix('.json')}"))
+        summary["device"] = f"cpu ({predictor.runtime})"
+        details = {"backbone_weights": sidecar.get("model", {}).get("backbone_weights"), "config": {"geometry": sidecar.get("geometry")}}
         return predictor, {"summary": summary, "details": details}
     if runtime is not None:
         raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model_path}")
-    from hrad.artifact import read_manifest
+    from hrad.artifact import MANIFEST, read_manifest
     from hrad.model import load
 
     model = load(model_path, device=device)
     manifest = read_manifest(model_path)
-    config = model.config
-    summary = {
-        "model_hrad_version": manifest.get("hrad_version"),
-        "backbone": config.backbone.name,
-        "detector": config.detector.name,
-        "strategy": config.strategy.name,
-        "fitted_size": list(model.fitted_size) if model.fitted_size else None,
-        "device": str(model.device),
-    }
+    summary = health_summary(saved_model_facts(manifest, False, f"{model_path / MANIFEST}"))
+    summary["device"] = str(model.device)
     details = {
         "backbone_weights": model.extractor.weights_source,
         "fitted_backbone_weights": manifest.get("backbone_weights"),
-        "config": config.model_dump(mode="json"),
+        "config": model.config.model_dump(mode="json"),
     }
     return model, {"summary": summary, "details": details}
 
@@ -456,14 +465,10 @@ def create_app(
 
     @app.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
     def health() -> dict[str, Any]:
-        thresholds = model.thresholds
         body: dict[str, Any] = {
             "status": "ok",
             "hrad_version": __version__,
             **served["summary"],
-            "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel} if thresholds else None,
-            "bit_depth": model.bit_depth,  # a model and an export's predictor both keep these two
-            "region_of_interest": model.roi.inspected if model.roi is not None else None,
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": budget,
             "request_timeout": request_timeout,
@@ -504,11 +509,13 @@ def create_app(
         try:
             array = decode_upload(data, name, budget, before_decode=take_lock)
             start = time.perf_counter()
-            try:  # checks of the decoded array say "image array: ...": name the upload instead
-                threshold, pixel_threshold, sigmas = overrides
-                prediction = model.predict(array, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
-            except HradError as error:
-                raise named(name, error) from None
+            # this thread's own warnings (hrad.errors.warn), for this upload's response
+            with collecting_warnings() as warned:
+                try:  # checks of the decoded array say "image array: ...": name the upload instead
+                    threshold, pixel_threshold, sigmas = overrides
+                    prediction = model.predict(array, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
+                except HradError as error:
+                    raise named(name, error) from None
             seconds = time.perf_counter() - start
             metrics.prediction.observe(seconds)
             result: dict[str, Any] = {
@@ -520,6 +527,7 @@ def create_app(
                 "width": int(array.shape[1]),
                 "height": int(array.shape[0]),
                 "seconds": seconds,
+                "warnings": warned,
             }
             found = prediction_regions(prediction)
             if found is not None:

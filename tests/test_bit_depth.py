@@ -234,3 +234,70 @@ def test_cli_fit_names_each_training_image_brighter_than_a_set_depth_once(
     ]
     assert sorted(lines) == sorted(expected)
     assert "16-bit images: 10 significant bits, scaled to the full range (bit_depth); set, not learned\n" in err
+
+
+def png16_bytes(image: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buffer.tobytes()
+
+
+def test_served_predictions_return_their_own_warnings(
+    float_images: list[np.ndarray], spotted: np.ndarray, tmp_path: Path
+) -> None:
+    """hrad serve returns what hrad warned of while predicting an upload (a 16-bit upload brighter
+    than a 12-bit model saturates) with that upload's result, in /predict and per batch item:
+    one line naming the upload, every time it is sent; a normal upload gets []. Typed in the schema."""
+    from fastapi.testclient import TestClient
+
+    from hrad.service import create_app
+
+    make_model(TILED, DETECTOR).fit([at_bits(image, 12) for image in float_images]).save(tmp_path / "model")
+    client = TestClient(create_app(tmp_path / "model"))
+    bright, normal = png16_bytes(at_bits(spotted, 16)), png16_bytes(at_bits(spotted, 12))
+    expected = (
+        f"bright.png: pixel values up to {int(at_bits(spotted, 16).max())} exceed the 12-bit range of the training "
+        "images (0..4095); they saturate (fit with bit_depth set if the camera's depth changed)"
+    )
+    for _ in range(2):  # the warnings module shows a repeated warning once; the response every time
+        with pytest.warns(UserWarning, match="bright.png"):  # the server's console keeps its line
+            body = client.post("/predict", files={"image": ("bright.png", bright, "image/png")}).json()
+        assert body["warnings"] == [expected]
+    assert client.post("/predict", files={"image": ("normal.png", normal, "image/png")}).json()["warnings"] == []
+    files = [("images", ("normal.png", normal)), ("images", ("bright.png", bright)), ("images", ("junk.png", b"junk"))]
+    with pytest.warns(UserWarning, match="bright.png"):
+        results = client.post("/predict/batch", files=files).json()["results"]
+    assert [result.get("warnings") for result in results] == [[], [expected], None]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictResponse"]["properties"]["warnings"]
+    assert schema["type"] == "array" and schema["items"] == {"type": "string"}
+
+
+def test_collected_warnings_are_each_threads_own() -> None:
+    """Two threads collecting at once, their warnings interleaved: each gets its own only (what
+    catch_warnings, which swaps process-wide state, cannot promise)."""
+    import threading
+    import warnings
+
+    from hrad.errors import collecting_warnings, warn
+
+    turns = [threading.Event() for _ in range(4)]
+    got: dict[str, list[str]] = {}
+
+    def worker(name: str, mine: list[int]) -> None:
+        with collecting_warnings() as collected:
+            for turn in mine:
+                turns[turn].wait(10)
+                warn(f"{name} {turn}")
+                if turn + 1 < len(turns):
+                    turns[turn + 1].set()
+        got[name] = collected
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=worker, args=("a", [0, 2])), threading.Thread(target=worker, args=("b", [1, 3]))]
+        for thread in threads:
+            thread.start()
+        turns[0].set()
+        for thread in threads:
+            thread.join(10)
+    assert got == {"a": ["a 0", "a 2"], "b": ["b 1", "b 3"]}

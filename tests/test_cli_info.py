@@ -124,3 +124,31 @@ def test_the_manifest_given_for_the_model_is_named_as_a_file(
     assert err.strip() == (
         f"hrad: error: {saved / 'model' / MANIFEST}: not an hrad model (a file; a model is the folder hrad fit writes, holding hrad.json)"
     )
+
+
+@pytest.mark.parametrize("served", ["model", "model.onnx"])
+def test_health_and_info_json_agree_on_the_model(
+    served: str, saved: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hrad serve's /health and hrad info --json read a model (and its ONNX export) through one
+    function, so what both show of it is the same: versions, parts, size, depth, region, thresholds."""
+    from fastapi.testclient import TestClient
+
+    from hrad.service import create_app
+
+    capsys.readouterr()
+    assert run_cli(["info", "--json", str(saved / served)], monkeypatch) == 0
+    facts = json.loads(capsys.readouterr().out)
+    health = TestClient(create_app(saved / served)).get("/health").json()
+    size, thresholds = facts["fitted_size"], facts["thresholds"]
+    assert {
+        "model_hrad_version": facts["saved_by"],
+        "backbone": facts["backbone"],
+        "detector": facts["detector"],
+        "strategy": facts["strategy"],
+        "fitted_size": [size["height"], size["width"]],
+        "thresholds": {"image": thresholds["image"], "pixel": thresholds["pixel"]},
+        "bit_depth": facts["bit_depth"],
+        "region_of_interest": facts["region_of_interest"],
+    } == {key: health[key] for key in ("model_hrad_version", "backbone", "detector", "strategy", "fitted_size", "thresholds", "bit_depth", "region_of_interest")}
+    assert (health["bit_depth"], health["fitted_size"], health["backbone"]) == (12, [64, 96], "tiny-cnn")

@@ -13,68 +13,27 @@ EXPORTED_SUFFIXES = (".onnx", ".xml")
 
 def model_facts(path: Path) -> dict[str, Any]:
     """The facts ``hrad info`` shows, as values, from an artifact's manifest or an export's
-    sidecar (a sidecar is not checked field by field when read: a damaged one is one line here,
-    not a crash)."""
+    sidecar: the file's kind, then what :func:`~hrad.export_runtime.saved_model_facts` reads
+    (``hrad serve``'s ``/health`` summarises the same reading)."""
+    from hrad.export_runtime import saved_model_facts
+
     exported = path.suffix in EXPORTED_SUFFIXES
     if exported:
         from hrad.export_runtime import load_sidecar
 
         record = load_sidecar(path)
-        where, what = f"{path.with_suffix('.json')}", "corrupt ONNX sidecar"
+        where = f"{path.with_suffix('.json')}"
+        kind: dict[str, Any] = {"export": path.suffix[1:], "sidecar": path.with_suffix(".json").name}
     else:
         from hrad.artifact import MANIFEST, read_manifest
 
         record = read_manifest(path)
-        where, what = f"{path / MANIFEST}", "corrupt model manifest"
-    try:
-        return _facts(path, record, exported, where)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-        raise ArtifactError(f"{where}: {what} ({type(error).__name__}: {' '.join(str(error).split())})") from None
-
-
-def _facts(path: Path, record: dict[str, Any], exported: bool, where: str) -> dict[str, Any]:
-    from hrad.data.bit_depth import stored_bit_depth
-    from hrad.postprocess.roi import RegionOfInterest
-
-    if exported:
-        about = record.get("model", {})
-        kind: dict[str, Any] = {"export": path.suffix[1:], "sidecar": path.with_suffix(".json").name}
-        names = {part: about.get(part) for part in ("strategy", "detector", "backbone")}
-        weights, fitted, history = about.get("backbone_weights"), about.get("fitted_size"), None
-    else:
-        config = record.get("config", {})
-        kind = {"model": "artifact", "weights_bytes": int(record["weights"]["bytes"])}
-        names = {part: (config.get(part) or {}).get("name") for part in ("strategy", "detector", "backbone")}
-        weights, fitted, history = record.get("backbone_weights"), record.get("fitted_size"), record.get("training_history")
-    roi = RegionOfInterest.from_json(record.get("roi"), where)
-    thresholds = record.get("thresholds")
-    return {
-        "path": str(path),
-        "kind": kind,
-        "saved_by": record.get("hrad_version"),
-        **names,
-        "backbone_weights": weights,
-        "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
-        "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
-        "region_of_interest": (
-            {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
-        ),
-        "thresholds": (
-            {
-                "image": float(thresholds["image"]),
-                "pixel": float(thresholds["pixel"]),
-                "sigmas": None if thresholds.get("sigmas") is None else float(thresholds["sigmas"]),
-                "held_out_images": len(thresholds.get("validation_image_scores") or []),
-            }
-            if thresholds
-            else None
-        ),
-        "training": {
-            str(stage): {"epochs": len(values), "first_loss": float(values[0]), "last_loss": float(values[-1])}
-            for stage, values in (history or {}).items()
-            if values
-        },
-    }
+        where = f"{path / MANIFEST}"
+        try:
+            kind = {"model": "artifact", "weights_bytes": int(record["weights"]["bytes"])}
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"{where}: corrupt model manifest ({type(error).__name__}: {' '.join(str(error).split())})") from None
+    return {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}
 
 
 def described_facts(facts: dict[str, Any]) -> dict[str, Any]:

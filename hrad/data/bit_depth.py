@@ -17,12 +17,11 @@ is left as it is; 8-bit and float images are never touched.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 
-from hrad.errors import ArtifactError
+from hrad.errors import ArtifactError, warn
 
 #: the bit depths machine-vision cameras deliver in 16-bit containers (GenICam Mono10/12/14/16)
 CAMERA_BIT_DEPTHS = (10, 12, 14, 16)
@@ -89,6 +88,21 @@ def stored_bit_depth(value: Any, where: str) -> int | None:
     return value
 
 
+def warn_saturated(name: str, peak: int, bits: int, at_fit: bool = False, stacklevel: int = 1) -> None:
+    """The one warning that image ``name`` holds brighter pixels (up to ``peak``) than ``bits``
+    allow, which :func:`to_full_range` saturates: at predict (the camera's depth changed since
+    the fit) or ``at_fit`` (``bit_depth`` set below the files' depth). ``stacklevel`` counts from
+    the caller of this function (:func:`hrad.errors.warn`: ``hrad serve`` returns it too)."""
+    if at_fit:
+        message = f"exceed the fit's {bits}-bit depth (bit_depth, 0..{2**bits - 1}); they saturate"
+    else:
+        message = (
+            f"exceed the {bits}-bit range of the training images (0..{2**bits - 1}); they saturate "
+            "(fit with bit_depth set if the camera's depth changed)"
+        )
+    warn(f"{name}: pixel values up to {peak} {message}", stacklevel=stacklevel + 1)
+
+
 def model_range(array: np.ndarray, bit_depth: int | None, name: str, owned: bool = False) -> np.ndarray:
     """A 16-bit image at a model's ``bit_depth`` scaled to the full range
     (:func:`~hrad.data.bit_depth.to_full_range`; in place when ``owned``, the predictor's own
@@ -96,9 +110,5 @@ def model_range(array: np.ndarray, bit_depth: int | None, name: str, owned: bool
     training images' depth allows, which saturate. One rule for the model and its exports."""
     peak = exceeds(array, bit_depth)
     if peak is not None and bit_depth is not None:
-        warnings.warn(
-            f"{name}: pixel values up to {peak} exceed the {bit_depth}-bit range of the training images "
-            f"(0..{2**bit_depth - 1}); they saturate (fit with bit_depth set if the camera's depth changed)",
-            stacklevel=4,  # the caller of the predictor's predict
-        )
+        warn_saturated(name, peak, bit_depth, stacklevel=4)  # the caller of the predictor's predict
     return to_full_range(array, bit_depth, in_place=owned)
