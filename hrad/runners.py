@@ -10,8 +10,9 @@ makes a runner (e.g. Ray) active for a block of code: where work runs is not par
 model's config or artifact.
 
 What jobs log reaches this process's logging as if they ran here: a :class:`ProcessPoolRunner`
-worker forwards its records (a detector's epochs and coreset steps, warnings) through a queue to
-the parent's loggers, marked with the job they came from (:func:`worker_job`; the message starts
+worker or a :class:`RayExecutor` task logs at this process's levels, and its records (a
+detector's epochs and coreset steps, warnings) travel through a queue to this process's
+loggers, marked with the job they came from (:func:`worker_job`; the message starts
 ``job i/n: ``), so the command line shows concurrent jobs' progress apart.
 
 Every path a job names (spill folders) must be readable from every worker: on a multi-machine
@@ -94,15 +95,15 @@ def _set_threads(threads: int) -> None:
 
 
 # ------------------------------------------------------------------------ worker log records
-#: the attribute of a log record forwarded from a :class:`ProcessPoolRunner` worker that names
-#: the job running there (a :class:`WorkerJob`)
+#: the attribute of a log record forwarded from a :class:`ProcessPoolRunner` worker or a
+#: :class:`RayExecutor` task that names the job running there (a :class:`WorkerJob`)
 WORKER_JOB = "hrad_job"
 
 
 @dataclass(frozen=True)
 class WorkerJob:
     """The job a forwarded log record comes from: job ``index`` (from 1) of ``total`` in one
-    :meth:`ProcessPoolRunner.map`, started at ``started`` (``time.time()`` in the worker)."""
+    ``map`` of a runner, started at ``started`` (``time.time()`` in the worker)."""
 
     index: int
     total: int
@@ -169,6 +170,14 @@ def _run_labelled(fn: Callable[[Any], Any], job: Any, index: int, total: int) ->
         _RUNNING = None
 
 
+def _handle(record: logging.LogRecord) -> None:
+    """A worker's record to this process's logger of its name, as if it had been logged here."""
+    try:
+        logging.getLogger(record.name).handle(record)
+    except Exception:  # a broken handler must not stop the other records
+        logging.getLogger(__name__).debug("handling a worker's log record failed", exc_info=True)
+
+
 class _RecordForwarder:
     """A thread handing the records workers put on ``records`` to this process's loggers, as a
     record logged here would be handled (``logging.getLogger(record.name).handle``)."""
@@ -189,10 +198,7 @@ class _RecordForwarder:
                 continue
             except (EOFError, OSError, ValueError):  # the queue was closed under us
                 return
-            try:
-                logging.getLogger(record.name).handle(record)
-            except Exception:  # a broken handler must not stop the others' records
-                logging.getLogger(__name__).debug("forwarding a worker's log record failed", exc_info=True)
+            _handle(record)
 
     def close(self, drain: bool) -> None:
         """Stop: after the queued records (``drain``: the workers have exited, so all of theirs
@@ -370,10 +376,45 @@ def _task_error(ray: ModuleType, error: BaseException) -> BaseException:
     return error
 
 
-def _run_job(fn: Callable[[Any], Any], job: Any, threads: int, token: str, setup: Setup | None) -> Any:
+class _RayForwardingHandler(_ForwardingHandler):
+    """A Ray task's records onto the driver's queue actor; one put after the driver stopped
+    listening (a task left running after another failed) is dropped without a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def _run_job(
+    fn: Callable[[Any], Any],
+    job: Any,
+    threads: int,
+    token: str,
+    setup: Setup | None,
+    label: tuple[int, int] | None = None,
+    records: Any = None,
+    levels: Mapping[str, int] | None = None,
+) -> Any:
+    """A Ray task: ``fn(job)``, its log records (at the driver's ``levels``) onto ``records``,
+    marked as job ``label`` = (index, total)."""
     _run_setup(token, setup)
     _set_threads(threads)
-    return fn(job)
+    if label is None or records is None:
+        return fn(job)
+    for name, level in (levels or {}).items():
+        logging.getLogger(name or None).setLevel(level)
+    root, handler = logging.getLogger(), _RayForwardingHandler(records)
+    root.addHandler(handler)
+    try:
+        return _run_labelled(fn, job, *label)
+    finally:
+        root.removeHandler(handler)
+
+
+def _hand_over(records: Any) -> None:
+    """The records Ray tasks have put on the queue actor ``records``, to this process's loggers."""
+    count = records.qsize()
+    for record in records.get_nowait_batch(count) if count else []:
+        _handle(record)
 
 
 class RayExecutor:
@@ -432,26 +473,40 @@ class RayExecutor:
         if not jobs:
             return []
         ray = self._connect()
+        from ray.util.queue import Queue
+
         task = ray.remote(_run_job).options(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job)
         shared = (max(1, int(self.cpus_per_job)), self._token, self.setup)
         fn_ref = ray.put(fn)
-        pending = {task.remote(fn_ref, job, *shared): index for index, job in enumerate(jobs)}
+        # the tasks' log records: a task puts each one before it returns, so they are all here
+        # once its result is (handed over before the job counts as done)
+        records = Queue(actor_options={"num_cpus": 0})
+        logged = (records, _logging_levels())
+        count = len(jobs)
+        pending = {
+            task.remote(fn_ref, job, *shared, (index + 1, count), *logged): index
+            for index, job in enumerate(jobs)
+        }
         results: list[Any] = [None] * len(jobs)
         done = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                index = pending.pop(ref)
-                try:
-                    results[index] = ray.get(ref)
-                except Exception as error:
-                    # the other tasks are left to finish unseen, not cancelled: in Ray 2.60 a
-                    # cancel that races a task's completion aborts the driver process (a
-                    # RAY_CHECK, "Tried to complete task that was not pending"; it killed a
-                    # test run here; ray-project/ray#54846), and a crash must not replace the
-                    # job's own error. A session this executor started ends with it.
-                    raise _task_error(ray, error) from None
-                done += 1
-                if progress is not None:
-                    progress(done, len(jobs))
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+                _hand_over(records)
+                for ref in ready:
+                    index = pending.pop(ref)
+                    try:
+                        results[index] = ray.get(ref)
+                    except Exception as error:
+                        # the other tasks are left to finish unseen, not cancelled: in Ray 2.60 a
+                        # cancel that races a task's completion aborts the driver process (a
+                        # RAY_CHECK, "Tried to complete task that was not pending"; it killed a
+                        # test run here; ray-project/ray#54846), and a crash must not replace the
+                        # job's own error. A session this executor started ends with it.
+                        raise _task_error(ray, error) from None
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(jobs))
+        finally:
+            ray.kill(records.actor)
         return results

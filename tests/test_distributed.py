@@ -28,7 +28,16 @@ from hrad.distributed import predict_many_ray
 from hrad.errors import ConfigError, InputError
 from hrad.model import AnomalyModel
 from hrad.outputs import map_scale, read_map_png16
-from hrad.runners import ProcessPoolRunner, RayExecutor, SerialRunner, active_runner, job_runner, use_runner
+from hrad.progress import progress_of
+from hrad.runners import (
+    ProcessPoolRunner,
+    RayExecutor,
+    SerialRunner,
+    active_runner,
+    job_runner,
+    use_runner,
+    worker_job,
+)
 from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, run_fit_job
 
 TESTS = Path(__file__).resolve().parent
@@ -227,6 +236,35 @@ def test_ray_executor_runs_setup_in_its_workers(ray_cluster: object) -> None:
         RayExecutor().map(detector_class, ["test-setup-marker"])
     executor = RayExecutor(setup="test_distributed:register_marker_detector")
     assert executor.map(detector_class, ["test-setup-marker", "test-gaussian"]) == [GaussianTestDetector] * 2
+
+
+def test_ray_executor_jobs_log_records_reach_this_process_marked_with_their_job(ray_cluster: object) -> None:
+    """What a Ray task logs (a detector's epochs, warnings) reaches the driver's loggers at the
+    driver's levels, marked with its job, as from a local process pool (test_runners.py)."""
+    from test_runners import LOGGER, Records, log_steps
+
+    logger = logging.getLogger("hrad.detectors")
+    handler, level = Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert RayExecutor().map(log_steps, ["a", "b"]) == ["A", "B"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    seen = sorted(((record.name, progress_of(record), record.getMessage()) for record in handler.records), key=repr)
+    expected = [
+        (LOGGER, step, f"job {index}/2: {text}")
+        for index, name in [(1, "a"), (2, "b")]
+        for step, text in [
+            ((1, 2, f"{name} epochs"), f"{name} epochs: 1/2"),
+            ((2, 2, f"{name} epochs"), f"{name} epochs: 2/2"),
+            (None, f"an ordinary line of {name}"),
+            (None, f"a warning of {name}"),
+        ]
+    ]
+    assert seen == sorted(expected, key=repr)
+    assert {worker_job(record).label for record in handler.records} == {"job 1/2", "job 2/2"}  # type: ignore[union-attr]
 
 
 def test_active_runner_overrides_local_workers() -> None:
