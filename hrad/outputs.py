@@ -222,6 +222,27 @@ def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return [f"{index:05d}_{stem}" for index, stem in enumerate(stems)]
 
 
+class OutputStems:
+    """Output stems for images that keep coming (``hrad predict --watch``): the first ones as
+    :func:`output_stems` names them; a later file its own stem, or numbered by its arrival
+    (``00007_name``) when another file has that stem already; a file seen again keeps its stem
+    (its outputs are replaced, not doubled)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._stems = dict(zip(paths, output_stems(paths), strict=True))
+        self._taken = set(self._stems.values())
+
+    def __call__(self, path: Path) -> str:
+        stem = self._stems.get(path)
+        if stem is None:
+            stem, index = path.stem, len(self._stems)
+            while stem in self._taken:
+                stem, index = f"{index:05d}_{path.stem}", index + 1
+            self._stems[path] = stem
+            self._taken.add(stem)
+        return stem
+
+
 class ScoresWriter:
     """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
     keeps every row it finished. Use as a context manager."""
@@ -363,6 +384,7 @@ __all__ = [
     "listed_regions",
     "prediction_regions",
     "map_scale",
+    "OutputStems",
     "output_stems",
     "overlay_scale",
     "read_map_png16",

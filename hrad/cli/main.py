@@ -262,26 +262,41 @@ def predict(
     batch_images: Annotated[
         int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches; up to 2N are decoded ahead); 1 = one at a time")
     ] = DEFAULT_BATCH_IMAGES,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Then watch the folders: predict each new (or rewritten) image once its file holds still; Ctrl-C ends")
+    ] = False,
+    watch_idle: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="With --watch: end after this long without a new image")
+    ] = None,
 ) -> None:
     """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
     A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
     scores.csv; every other file is still processed. Rows are written (and flushed) as they
     finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
-    export) runs through onnxruntime or OpenVINO and needs no torch.
+    export) runs through onnxruntime or OpenVINO and needs no torch. With --watch, images a
+    camera writes into the folders are predicted as they come (hrad.data.watch), until Ctrl-C,
+    a SIGTERM or --watch-idle; the summary and exit status then cover every image.
     """
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
-    from hrad.outputs import OutputRow, PredictionWriter, ScoresWriter, failed_row, output_stems
+    from hrad.data.watch import FolderWatch, watched_images
+    from hrad.errors import ConfigError
+    from hrad.outputs import OutputRow, OutputStems, PredictionWriter, ScoresWriter, failed_row
     from hrad.pipeline import overlapped_batches
 
-    images = expand_image_paths(paths)
+    if watch_idle is not None and not (watch and watch_idle >= 0):
+        raise ConfigError(f"--watch-idle {watch_idle:g}: " + ("only with --watch" if not watch else "must be 0 or more seconds"))
+    images, folders = watched_images(paths) if watch else (expand_image_paths(paths), [])
     prepare_output_dir(out, paths)
+    watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
     fitted = _load_predictor(model, device, runtime)
     fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
     writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
     writer.write_description()
-    stems = output_stems(images)
+    stems = OutputStems(images)
     failed: list[OutputRow] = []
+    counts = [0, len(images)]  # predicted, listed
+
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
         names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
         if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
@@ -294,22 +309,35 @@ def predict(
     def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
         return writer.write(item[0], item[1], image, prediction)
 
-    # the next batch of images is decoded and finished ones written in threads while the model computes
-    # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
-    items = list(zip(images, stems, strict=True))
-    with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
+    def predict_all(paths_now: list[Path], progress: Any, scores: ScoresWriter) -> None:
+        # the next batch of images is decoded and finished ones written in threads while the model computes
+        # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
+        items = [(path, stems(path)) for path in paths_now]
         # images stay in their file's pixel type (uint8/uint16): read_pixels, converted per tile
         stages = overlapped_batches(items, lambda item: read_pixels(item[0]), compute, finish, batch=batch_images, writers=1)
-        for index, ((path, _), outcome) in enumerate(stages):
+        for (path, _), outcome in stages:
             row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
             scores.write(row)
             if row.error is not None:
                 failed.append(row)
                 _print_error(f"skipped: {row.error}")
-            progress(index + 1, len(images), "predicting")
-    _report_batch(len(images), failed, out)
+            counts[0] += 1
+            progress(counts[0], counts[1], "predicting")
 
-
+    with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
+        predict_all(images, progress, scores)
+        if watcher is not None:
+            until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
+            console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
+            try:
+                for ready in watcher.batches(idle_seconds=watch_idle):
+                    counts[1] += len(ready)
+                    predict_all(ready, progress, scores)
+            except (KeyboardInterrupt, _Terminated):  # how a watch is ended: every finished row is written
+                console.print("watch ended")
+            else:
+                console.print(f"watch ended: no new image for {watch_idle:g} s")
+    _report_batch(counts[0], failed, out)
 
 
 def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:

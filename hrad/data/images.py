@@ -656,8 +656,9 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() or (path.is_symlink() and not path.exists())
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name; an error if there are none.
+def list_images(folder: str | os.PathLike[str], allow_empty: bool = False) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; an error if there are none
+    (unless ``allow_empty``: a watched folder, where images will come).
 
     Listed by name (:func:`is_image_file`): a file that is broken, empty or a dangling symbolic
     link is listed like the others and refused when it is read, in one line naming it, so each
@@ -670,7 +671,7 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
     images = sorted(path for path in folder.iterdir() if is_image_file(path))
-    if not images:
+    if not images and not allow_empty:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise InputError(f"{folder}: no images in this folder (looked for {extensions})")
     return images
@@ -969,13 +970,14 @@ def write_overlay(
     atomic_write_bytes(path, _encode(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
 
 
-def expand_image_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given and the images directly inside folders (sorted); missing paths are errors."""
+def expand_image_paths(paths: Iterable[str | os.PathLike[str]], allow_empty: bool = False) -> list[Path]:
+    """Files as given and the images directly inside folders (sorted); missing paths are errors,
+    and so is a folder without images unless ``allow_empty``."""
     images: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            images.extend(list_images(path))
+            images.extend(list_images(path, allow_empty))
         elif not path.exists():
             raise InputError(missing_reason(path))
         elif not is_image_file(path):

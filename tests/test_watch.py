@@ -1,0 +1,150 @@
+"""``hrad predict --watch``: folders watched for new images (``hrad.data.watch``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import run, write
+from conftest import textured_image
+
+from hrad.config import load_config
+from hrad.data import watch as watch_module
+from hrad.data.watch import FolderWatch, watched_images
+from hrad.errors import InputError
+from hrad.model import AnomalyModel
+from hrad.outputs import OutputStems
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _touch(path: Path, data: bytes, mtime_ns: int) -> None:
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_file_is_handed_out_once_it_holds_still_and_again_when_it_changes(tmp_path: Path) -> None:
+    _touch(tmp_path / "old.png", b"1", 10**18)
+    watch = FolderWatch([tmp_path], seen=[tmp_path / "old.png"])
+    assert watch.poll() == []
+    _touch(tmp_path / "b.png", b"12", 10**18)
+    _touch(tmp_path / "a.png", b"1", 10**18)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert watch.poll() == []  # seen once: maybe still being written
+    assert watch.poll() == [tmp_path / "a.png", tmp_path / "b.png"]  # held still: by name
+    assert watch.poll() == []
+    _touch(tmp_path / "c.png", b"1", 10**18)
+    assert watch.poll() == []
+    _touch(tmp_path / "c.png", b"12", 10**18)  # it grew: still being written
+    assert watch.poll() == []
+    _touch(tmp_path / "a.png", b"1", 2 * 10**18)  # rewritten after it was handed out
+    assert watch.poll() == [tmp_path / "c.png"]
+    assert watch.poll() == [tmp_path / "a.png"]
+    _touch(tmp_path / "old.png", b"1", 10**18)  # as it was seen: not again
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")  # never complete
+    assert watch.poll() == [] and watch.poll() == []
+    (tmp_path / "sub").mkdir()
+    assert FolderWatch([tmp_path / "sub"]).poll() == []
+    (tmp_path / "sub").rmdir()
+    with pytest.raises(InputError, match="sub: folder not found"):
+        FolderWatch([tmp_path / "sub"])
+
+
+def test_watched_folder_vanishing_and_file_only_arguments_are_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    watch = FolderWatch([folder])
+    folder.rmdir()
+    with pytest.raises(InputError, match=r"in: watched folder vanished$"):
+        watch.poll()
+    write(tmp_path / "a.png", textured_image(np.random.default_rng(0), 8, 8))
+    with pytest.raises(InputError, match="--watch: give at least one folder to watch"):
+        watched_images([tmp_path / "a.png"])
+    folder.mkdir()
+    assert watched_images([folder, tmp_path / "a.png"]) == ([tmp_path / "a.png"], [folder])  # an empty folder is fine
+
+
+def test_output_stems_of_later_files_stay_unique_and_stable(tmp_path: Path) -> None:
+    stems = OutputStems([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / "y.png"])
+    assert [stems(tmp_path / "a" / "x.png"), stems(tmp_path / "b" / "x.png")] == ["00000_x", "00001_x"]
+    assert stems(tmp_path / "a" / "y.png") == "00002_y"  # numbered with the others, as output_stems does
+    assert stems(tmp_path / "c" / "y.png") == "y"
+    assert stems(tmp_path / "d" / "y.png") == "00004_y"  # taken now: numbered by its arrival
+    assert stems(tmp_path / "c" / "y.png") == "y"  # seen again: the same stem, outputs replaced
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(3)
+    config = load_config(
+        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
+    )
+    return AnomalyModel(config).fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("watch") / "model")
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "scores.csv").open() as handle:
+        return {Path(row["path"]).name + "@" + Path(row["path"]).parent.name: row for row in csv.DictReader(handle)}
+
+
+def _camera(folders: list[Path], out: Path, stop: bool) -> threading.Thread:
+    """A camera: once the first image's row is written, two new images (one named like an
+    earlier one, in the other folder) and a broken one; then, if ``stop``, a SIGTERM once their
+    rows are written (as docker stop or a service manager ends a watch)."""
+
+    def work() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_rows(out) if (out / "scores.csv").exists() else {}) < 1:
+            time.sleep(0.02)
+        rng = np.random.default_rng(5)
+        write(folders[0] / "b.png", textured_image(rng, 48, 64))
+        write(folders[1] / "a.png", textured_image(rng, 48, 64))
+        (folders[1] / "c.png").write_bytes(b"not a png")
+        while stop and time.monotonic() < deadline and len(_rows(out)) < 4:
+            time.sleep(0.02)
+        if stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("stop", ["idle", "sigterm"])
+def test_hrad_predict_watch_predicts_images_as_they_come(
+    stop: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(watch_module, "POLL_SECONDS", 0.05)
+    folders = [tmp_path / "line1", tmp_path / "line2"]
+    write(folders[0] / "a.png", textured_image(np.random.default_rng(4), 48, 64))
+    folders[1].mkdir()
+    out = tmp_path / "out"
+    camera = _camera(folders, out, stop == "sigterm")
+    idle = ["--watch-idle", "1"] if stop == "idle" else []
+    code = run(["predict", "--model", str(model_dir), *map(str, folders), "--out", str(out), "--watch", *idle], monkeypatch)
+    camera.join(5)
+    err = capsys.readouterr().err
+    assert code == 3  # c.png failed
+    rows = _rows(out)
+    assert sorted(rows) == ["a.png@line1", "a.png@line2", "b.png@line1", "c.png@line2"]
+    assert [rows[key]["status"] for key in sorted(rows)] == ["ok", "ok", "ok", "failed"]
+    assert f"watching {folders[0]}, {folders[1]} for new images" in err
+    assert ("watch ended: no new image for 1 s" if stop == "idle" else "watch ended\n") in err
+    assert "3 predictions written" in err and "1 of 4 images failed" in err and "Traceback" not in err
+    # line2's a.png has a stem of its own: line1's a.png keeps its outputs
+    assert (out / "a_map.png").exists() and (out / "b_map.png").exists()
+    assert len(list(out.glob("0000?_a_map.png"))) == 1  # numbered by its arrival
+
+
+def test_watch_idle_needs_watch(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path / "in" / "a.png", textured_image(np.random.default_rng(0), 48, 64))
+    assert run(["predict", "--model", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--watch-idle", "3"], monkeypatch) == 2
+    assert "--watch-idle 3: only with --watch" in capsys.readouterr().err
+    assert run(["predict", "--model", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--watch", "--watch-idle", "-1"], monkeypatch) == 2
+    assert "--watch-idle -1: must be 0 or more seconds" in capsys.readouterr().err
