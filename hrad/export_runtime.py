@@ -140,6 +140,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> di
                 "pixel": float(thresholds["pixel"]),
                 "sigmas": None if thresholds.get("sigmas") is None else float(thresholds["sigmas"]),
                 "held_out_images": len(thresholds.get("validation_image_scores") or []),
+                "calibrated": bool(thresholds.get("calibrated", False)),
             }
             if thresholds
             else None

@@ -6,6 +6,7 @@ post-processing and the thresholds learned from held-out normal images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import warnings
@@ -295,7 +296,7 @@ class AnomalyModel:
         previous = self.thresholds
         source = self._full_range_source(source)
         self.strategy.calibrate(source, progress)
-        self.thresholds = self._thresholds(source, progress)
+        self.thresholds = dataclasses.replace(self._thresholds(source, progress), calibrated=True)
         return previous
 
     # -- inference --------------------------------------------------------------------------------

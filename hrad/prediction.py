@@ -55,6 +55,9 @@ class Thresholds:
     #: the held-out normal maps' excess at each distance from the image border, divided out of
     #: every map (:mod:`hrad.postprocess.border`); None: no excess, or an artifact from before it
     border_ratios: list[float] | None = None
+    #: True when they come from new good images given to :meth:`AnomalyModel.calibrate` (``hrad
+    #: calibrate``) after the fit, not from the fit's own held-out images
+    calibrated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,7 @@ class Thresholds:
             "pixel_std": self.pixel_std,
             "sigmas": self.sigmas,
             "border_ratios": self.border_ratios,
+            "calibrated": self.calibrated,
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class Thresholds:
             pixel_std=data.get("pixel_std"),
             sigmas=data.get("sigmas"),
             border_ratios=checked_border_ratios(data.get("border_ratios")),
+            calibrated=bool(data.get("calibrated", False)),
         )
 
     def at_sigmas(self, sigmas: float) -> tuple[float, float]:

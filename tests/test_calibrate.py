@@ -93,6 +93,15 @@ def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
     assert manifest["weights"]["sha256"] == new_manifest["weights"]["sha256"]
     assert manifest["training_history"] == new_manifest["training_history"]
 
+    # hrad info says where the thresholds come from
+    assert run(["info", str(calibrated), "--json"], monkeypatch) == 0
+    facts = json.loads(capsys.readouterr().out)["thresholds"]
+    assert facts["calibrated"] is True and facts["held_out_images"] == 4
+    assert run(["info", str(calibrated)], monkeypatch) == 0
+    assert "(mean + 3 std of 4 good images given to hrad calibrate)" in capsys.readouterr().out
+    assert run(["info", str(model)], monkeypatch) == 0
+    assert "(mean + 3 std of 2 held-out normal images)" in capsys.readouterr().out
+
     # in place, at another k: the same path is replaced (atomically), the threshold moves down
     assert run(["calibrate", "--model", str(calibrated), "--out", str(calibrated), "--sigmas", "1", str(tmp_path / "new")], monkeypatch) == 0
     assert load(calibrated).thresholds.image < reloaded.thresholds.image  # type: ignore[union-attr]

@@ -59,7 +59,9 @@ def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
         text = f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}"
         if thresholds["sigmas"] is not None:
             count = thresholds["held_out_images"]
-            text += f" (mean + {thresholds['sigmas']:g} std of {count} held-out normal image{'' if count == 1 else 's'}"
+            images = "good image" if thresholds["calibrated"] else "held-out normal image"
+            text += f" (mean + {thresholds['sigmas']:g} std of {count} {images}{'' if count == 1 else 's'}"
+            text += " given to hrad calibrate" if thresholds["calibrated"] else ""
             text += ": one score has no spread, so the image threshold is that score)" if count == 1 else ")"
         lines["thresholds"] = text
     if facts["training"]:
