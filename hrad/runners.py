@@ -196,8 +196,11 @@ class _RecordForwarder:
                 if self.finish.is_set():
                     return
                 continue
-            except (EOFError, OSError, ValueError):  # the queue was closed under us
+            except (EOFError, OSError):  # the queue was closed under us
                 return
+            except Exception:  # a record that does not unpickle here is dropped, the rest go on
+                logging.getLogger(__name__).debug("a worker's log record did not arrive", exc_info=True)
+                continue
             _handle(record)
 
     def close(self, drain: bool) -> None:
@@ -411,9 +414,15 @@ def _run_job(
 
 
 def _hand_over(records: Any) -> None:
-    """The records Ray tasks have put on the queue actor ``records``, to this process's loggers."""
-    count = records.qsize()
-    for record in records.get_nowait_batch(count) if count else []:
+    """The records Ray tasks have put on the queue actor ``records``, to this process's loggers
+    (progress shown is not worth failing a fit over: a queue that fails is skipped)."""
+    try:
+        count = records.qsize()
+        arrived = records.get_nowait_batch(count) if count else []
+    except Exception:
+        logging.getLogger(__name__).debug("the Ray tasks' log records did not arrive", exc_info=True)
+        return
+    for record in arrived:
         _handle(record)
 
 
