@@ -2,7 +2,12 @@
 
 Maps are scored one image at a time at full ground-truth resolution; the pixel metrics
 accumulate in bounded memory (see :mod:`hrad.metrics`). Nothing here chooses anything from
-the test data: thresholds come from the model's held-out normal images.
+the test data: thresholds come from the model's held-out normal images (or are given), and
+what they decide is measured as it would be deployed: the good images flagged (false alarms),
+the defective images flagged (per defect type too), and pixel precision, recall and F1 at the
+pixel threshold. The two oracle operating points (the lowest threshold that flags no good test
+image, the highest that flags every defective one) are reported as such, to choose a
+threshold by, never as a result.
 
 Precision: pixel metrics bin every score to its top ``score_bits`` bits (default 24, a relative
 bin width of 2**-15 ~ 3e-5); ``score_bits=32`` is exact for any float32 map, at the cost of
@@ -38,7 +43,13 @@ import numpy as np
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels
 from hrad.errors import HradError, InputError, naming_file
-from hrad.metrics import PixelMetrics, cumulative_quartile_sets, image_metrics
+from hrad.metrics import (
+    PixelMetrics,
+    cumulative_quartile_sets,
+    image_metrics,
+    operating_points,
+    threshold_decisions,
+)
 from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
@@ -62,11 +73,14 @@ def evaluate(
     cases_per_group: int = 3,
     score_bits: int = DEFAULT_SCORE_BITS,
     batch_images: int = 1,
+    decision_thresholds: tuple[float | None, float | None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
     metrics.md, cases.png, scores.csv and report.html. ``score_bits`` (12..32) is the pixel
     metrics' precision: 32 = exact for float32 maps. Samples that fail with a
     :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``.
+    ``decision_thresholds``: the ``(image, pixel)`` thresholds whose decisions are measured
+    (default: the model's, :meth:`AnomalyModel.decision_thresholds`).
 
     Runs on ``hrad predict``'s pipeline (:func:`hrad.pipeline.overlapped_batches`): images and
     masks are decoded in a loader thread, ``batch_images`` at a time go through
@@ -76,7 +90,10 @@ def evaluate(
     """
     from hrad.pipeline import overlapped_batches
 
-    pixel = PixelMetrics(protocol=protocol, score_bits=score_bits)
+    given = decision_thresholds is not None
+    image_threshold, pixel_threshold = decision_thresholds if decision_thresholds is not None else model.decision_thresholds()
+    # the pixel threshold's decisions are counted exactly, image by image, beside the binned metrics
+    pixel = PixelMetrics(protocol=protocol, score_bits=score_bits, seg_thresholds=() if pixel_threshold is None else (pixel_threshold,))
     scores: list[float] = []
     labels: list[int] = []
     cases: list[Case] = []
@@ -91,7 +108,9 @@ def evaluate(
     def compute(batch: list[Sample], loaded: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
         nonlocal seconds
         start = time.perf_counter()
-        predictions = model.predict_batch([image for image, _ in loaded], names=[str(sample.path) for sample in batch])
+        predictions = model.predict_batch(
+            [image for image, _ in loaded], threshold=image_threshold, pixel_threshold=pixel_threshold, names=[str(sample.path) for sample in batch]
+        )
         seconds += time.perf_counter() - start
         return predictions
 
@@ -128,6 +147,7 @@ def evaluate(
     metrics: dict[str, Any] = {}
     metrics.update(image_metrics(np.asarray(scores), np.asarray(labels)))
     metrics.update(pixel.result())
+    metrics.update(_decisions(scores, labels, rows, pixel, image_threshold, pixel_threshold, given))
     metrics["seconds_per_image"] = seconds / len(scores)
     metrics["peak_rss_mb"] = memory.peak_rss_mb
     if memory.peak_gpu_mb:
@@ -145,6 +165,38 @@ def evaluate(
     if skipped:
         metrics["skipped"] = skipped
     return metrics
+
+
+def _decisions(
+    scores: list[float],
+    labels: list[int],
+    rows: list[dict[str, Any]],
+    pixel: PixelMetrics,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    given: bool,
+) -> dict[str, Any]:
+    """What the thresholds decide on this test set (none without thresholds), then the two
+    oracle operating points; flat numbers first (the command line prints those), lists after."""
+    decisions: dict[str, Any] = {}
+    if image_threshold is not None or pixel_threshold is not None:
+        decisions["thresholds_from"] = "given" if given else "model"
+    if image_threshold is not None:
+        decisions["image_threshold"] = image_threshold
+        decisions.update(threshold_decisions(scores, labels, image_threshold))
+    if pixel_threshold is not None:
+        decisions["pixel_threshold"] = pixel_threshold
+        decisions.update({f"pixel_{name}_at_threshold": value for name, value in pixel.decisions_at(pixel_threshold).items()})
+    if image_threshold is not None:
+        flagged: dict[str, list[bool]] = {}
+        for row in rows:
+            flagged.setdefault(row["defect_type"], []).append(row["score"] > image_threshold)
+        decisions["decisions_by_defect_type"] = [
+            {"defect_type": kind, "images": len(marks), "flagged": sum(marks), "share_flagged": sum(marks) / len(marks)}
+            for kind, marks in sorted(flagged.items(), key=lambda item: (item[0] != "good", item[0]))
+        ]
+    decisions["operating_points"] = operating_points(scores, labels)
+    return decisions
 
 
 def image_thumbnail(image: np.ndarray) -> np.ndarray:
@@ -199,9 +251,10 @@ def write_evaluation(
         "config": model.config.model_dump(mode="json"),
     }
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-    report = metrics_report(metrics, "hrad evaluate")
+    report = metrics_report({key: value for key, value in metrics.items() if not isinstance(value, (list, dict))}, "hrad evaluate")
     report += "\nF1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.\n"
     report += "".join(f"\n{note}\n" for note in model_notes(model))
+    report += decisions_markdown(metrics)
     report += "\n![best and worst cases](cases.png)\n"
     worst = sorted(rows, key=lambda r: (-r["score"] if r["label"] == 0 else r["score"]))[: 2 * count]
     report += "\n## Worst cases\n\n" + table(worst, ["image", "defect_type", "label", "score"])
@@ -223,6 +276,47 @@ def write_evaluation(
             low = min(0.0, min(float(c.anomaly_map.min()) for c in cases))
             high = float(np.percentile([c.anomaly_map.max() for c in cases], 90))
         case_grid(select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases")
+
+
+def decisions_text(metrics: dict[str, Any]) -> list[str]:
+    """What the thresholds decided, in sentences (``metrics.md`` and ``report.html``)."""
+    source = "given on the command line" if metrics.get("thresholds_from") == "given" else "the model's, from held-out normal images"
+    lines = []
+    if "image_threshold" in metrics:
+        good = metrics["good_images_flagged"]
+        lines.append(
+            f"Image threshold {metrics['image_threshold']:.6g} ({source}): {good} good image{'' if good == 1 else 's'} flagged "
+            f"(false alarms, {metrics['good_flagged']:.1%} of the good ones), {metrics['defective_images_missed']} defective "
+            f"missed ({metrics['defective_flagged']:.1%} of the defective ones flagged)."
+        )
+    if "pixel_threshold" in metrics:
+        lines.append(
+            f"Pixel threshold {metrics['pixel_threshold']:.6g}: pixel precision {metrics['pixel_precision_at_threshold']:.3f}, "
+            f"recall {metrics['pixel_recall_at_threshold']:.3f}, F1 {metrics['pixel_f1_at_threshold']:.3f} over every test pixel "
+            "(the deployed decision; pixel_f1_max is the oracle's)."
+        )
+    return lines
+
+
+#: the oracle operating points' note, in metrics.md and report.html
+OPERATING_POINTS_NOTE = (
+    "Chosen with this test set's labels (oracle): where a threshold could go, to choose one "
+    "(hrad predict --threshold, hrad evaluate --threshold); not a result."
+)
+
+
+def decisions_markdown(metrics: dict[str, Any]) -> str:
+    """The ``metrics.md`` section of what the thresholds decide, per defect type, and the oracle operating points."""
+    lines = decisions_text(metrics)
+    if not (lines or metrics.get("operating_points")):
+        return ""
+    text = "\n## Decisions at the thresholds\n\n" + "".join(f"{line}\n\n" for line in lines)
+    if metrics.get("decisions_by_defect_type"):
+        text += table(metrics["decisions_by_defect_type"], ["defect_type", "images", "flagged", "share_flagged"])
+    if metrics.get("operating_points"):
+        text += f"\n### Operating points\n\n{OPERATING_POINTS_NOTE}\n\n"
+        text += table(metrics["operating_points"], ["point", "threshold", "good_flagged", "defective_flagged"])
+    return text
 
 
 def write_html_report(
@@ -264,16 +358,20 @@ def write_html_report(
         quartile_aupro=quartile_aupro if areas.size else {},
         quartile_limits=[float(v) for v in np.percentile(areas, [25, 50, 75])] if areas.size else [],
         training_history=model.training_history,
-        image_threshold=thresholds.image if thresholds else None,
+        image_threshold=metrics.get("image_threshold"),  # the thresholds whose decisions were measured
         overlay_range=(scale.vmin, scale.vmax) if scale else None,
-        pixel_threshold=thresholds.pixel if thresholds else None,
+        pixel_threshold=metrics.get("pixel_threshold"),
         cases=select_cases(cases, count),
         config=config.model_dump(mode="json"),
         environment=environment(),
+        decisions=decisions_text(metrics),
+        operating_points_note=OPERATING_POINTS_NOTE,
         notes=(
             "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
             f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
-            "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
+            "Thresholds (image score, pixel) were given on the command line."
+            if metrics.get("thresholds_from") == "given"
+            else "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
             *model_notes(model),
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]

@@ -390,8 +390,16 @@ def evaluate(
     batch_images: Annotated[
         int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
     ] = DEFAULT_BATCH_IMAGES,
+    threshold: Annotated[float | None, typer.Option(help="Image-score threshold whose decisions are measured (default: the model's)")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold whose decisions are measured (default: the model's)")] = None,
+    sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals")] = None,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
+
+    Besides the threshold-free metrics: what the model's thresholds (or --threshold,
+    --pixel-threshold, --sigmas) decide: good images flagged (false alarms), defective ones
+    flagged (per defect type), pixel precision / recall / F1; and the oracle operating points
+    to choose a threshold by.
 
     A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
     one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
@@ -410,13 +418,16 @@ def evaluate(
         raise InputError(f"{data}: no labelled test images")
     prepare_output_dir(out)
     fitted = load(model)
+    given = (threshold, pixel_threshold, sigmas) != (None, None, None)
+    decision = fitted.decision_thresholds(threshold, pixel_threshold, sigmas) if given else None  # a bad value fails here
     warnings = _ConsoleWarnings()
     logging.getLogger("hrad.evaluation").addHandler(warnings)
     try:
         with _tracking("evaluate", track, out.name) as run:
             with progress_bars() as progress:
                 metrics = run_evaluation(
-                    fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits, batch_images=batch_images
+                    fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits,
+                    batch_images=batch_images, decision_thresholds=decision,
                 )
             if run is not None:
                 run.log_config(fitted.config.model_dump(mode="json"))

@@ -1,7 +1,7 @@
 """Exact streaming image and pixel metrics; they take arrays and know nothing of models."""
 
-from hrad.metrics.image import image_metrics
+from hrad.metrics.image import image_metrics, operating_points, threshold_decisions
 from hrad.metrics.pixel import PROTOCOLS, PixelMetrics
 from hrad.metrics.size_aware import cumulative_quartile_sets, robustness_rho
 
-__all__ = ["PROTOCOLS", "PixelMetrics", "cumulative_quartile_sets", "image_metrics", "robustness_rho"]
+__all__ = ["PROTOCOLS", "PixelMetrics", "cumulative_quartile_sets", "image_metrics", "operating_points", "robustness_rho", "threshold_decisions"]

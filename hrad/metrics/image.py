@@ -43,3 +43,41 @@ def image_metrics(
         if n_normal > 0:
             result["image_auroc"] = float(roc_auc_score(label_array, score_array))
     return result
+
+
+def threshold_decisions(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | Sequence[int] | np.ndarray, threshold: float
+) -> dict[str, float]:
+    """What a deployed image threshold decides on a labelled set (``score > threshold`` flags an
+    image, as :attr:`hrad.prediction.Prediction.is_anomalous` does): the share of good images
+    flagged (false alarms: good parts rejected) and of defective ones flagged (recall: the rest
+    escape), with their counts. NaN where a class is missing."""
+    score_array = np.asarray(scores, dtype=np.float64).ravel()
+    label_array = np.asarray(labels).ravel().astype(bool)
+    flagged = score_array > threshold
+    good, defective = int((~label_array).sum()), int(label_array.sum())
+    good_flagged, defective_flagged = int(flagged[~label_array].sum()), int(flagged[label_array].sum())
+    return {
+        "good_flagged": good_flagged / good if good else float("nan"),
+        "defective_flagged": defective_flagged / defective if defective else float("nan"),
+        "good_images_flagged": good_flagged,
+        "defective_images_missed": defective - defective_flagged,
+    }
+
+
+def operating_points(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | Sequence[int] | np.ndarray) -> list[dict[str, float | str]]:
+    """ORACLE (chosen with the test labels): the image thresholds at the two ends a user weighs
+    when choosing one (``hrad predict --threshold``): the lowest that flags no good image of
+    this set, and the highest that flags every defective one, each with what it decides
+    (:func:`threshold_decisions`). Empty when a class is missing."""
+    score_array = np.asarray(scores, dtype=np.float64).ravel()
+    label_array = np.asarray(labels).ravel().astype(bool)
+    if label_array.all() or not label_array.any():
+        return []
+    no_false_alarm = float(score_array[~label_array].max())  # flags score > t: the best good image is not flagged
+    lowest_defective = float(score_array[label_array].min())
+    all_caught = float(np.nextafter(lowest_defective, -np.inf))  # just below it: every defective image flagged
+    return [
+        {"point": "no good image flagged", "threshold": no_false_alarm, **threshold_decisions(score_array, label_array, no_false_alarm)},
+        {"point": "every defective image flagged", "threshold": all_caught, **threshold_decisions(score_array, label_array, all_caught)},
+    ]

@@ -387,6 +387,23 @@ class PixelMetrics:
 
     def f1_at(self, threshold: float) -> float:
         """SegF1 over all pixels at ``score >= threshold`` (exact for ``seg_thresholds``, else from the bins)."""
+        true_positives, false_positives, false_negatives = self.counts_at(threshold)
+        denominator = 2 * true_positives + false_positives + false_negatives
+        return float("nan") if denominator == 0 else 2 * true_positives / denominator
+
+    def decisions_at(self, threshold: float) -> dict[str, float]:
+        """Pixel precision, recall and F1 of the decision ``score >= threshold`` over all pixels
+        (a deployed pixel threshold's, not an oracle's; exact for ``seg_thresholds``)."""
+        true_positives, false_positives, false_negatives = self.counts_at(threshold)
+        predicted, actual = true_positives + false_positives, true_positives + false_negatives
+        return {
+            "precision": true_positives / predicted if predicted else float("nan"),
+            "recall": true_positives / actual if actual else float("nan"),
+            "f1": self.f1_at(threshold),
+        }
+
+    def counts_at(self, threshold: float) -> tuple[int, int, int]:
+        """True positive, false positive and false negative pixels at ``score >= threshold``."""
         if float(threshold) in self._seg_counts:
             true_positives, false_positives, false_negatives = (
                 int(v) for v in self._seg_counts[float(threshold)]
@@ -398,8 +415,7 @@ class PixelMetrics:
             true_positives = int(self._anomalous[above].sum())
             false_positives = int(self._normal[above].sum())
             false_negatives = int(self._anomalous.sum()) - true_positives
-        denominator = 2 * true_positives + false_positives + false_negatives
-        return float("nan") if denominator == 0 else 2 * true_positives / denominator
+        return true_positives, false_positives, false_negatives
 
     def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel ``(fpr, tpr)`` from (0, 0), one vertex per bin threshold (high to low); empty

@@ -61,6 +61,10 @@ class ReportData:
     config: Mapping[str, Any] = field(default_factory=dict)
     environment: Mapping[str, Any] = field(default_factory=dict)
     notes: Sequence[str] = ()
+    #: what the thresholds decided, in sentences; with ``metrics``' ``decisions_by_defect_type``
+    #: and ``operating_points`` (oracle, explained by ``operating_points_note``) as tables
+    decisions: Sequence[str] = ()
+    operating_points_note: str = ""
 
 
 def _png(figure: Any) -> str:
@@ -220,6 +224,35 @@ def _metric_rows(metrics: Mapping[str, Any]) -> str:
     return "<table><tr><th>metric</th><th>value</th></tr>" + "".join(rows) + "</table>"
 
 
+def _rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(
+            f"<td class=num>{format_value(row[column])}</td>" if isinstance(row[column], (int, float))
+            else f"<td>{html.escape(str(row[column]))}</td>"
+            for column in columns
+        ) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _decisions_section(data: ReportData) -> list[str]:
+    by_type, points = data.metrics.get("decisions_by_defect_type"), data.metrics.get("operating_points")
+    if not (data.decisions or by_type or points):
+        return []
+    parts = ["<h2>Decisions at the thresholds</h2>", *(f"<p>{html.escape(line)}</p>" for line in data.decisions)]
+    if by_type:
+        parts.append(_rows_table(by_type, ["defect_type", "images", "flagged", "share_flagged"]))
+    if points:
+        parts += [
+            "<h3>Operating points</h3>",
+            f'<p class="note">{html.escape(data.operating_points_note)}</p>',
+            _rows_table(points, ["point", "threshold", "good_flagged", "defective_flagged"]),
+        ]
+    return parts
+
+
 def render_html(data: ReportData) -> str:
     """The report as one HTML string (no external resources)."""
     parts = [
@@ -229,6 +262,7 @@ def render_html(data: ReportData) -> str:
         "<h2>Metrics</h2>",
         _metric_rows(data.metrics),
         *(f'<p class="note">{html.escape(note)}</p>' for note in data.notes),
+        *_decisions_section(data),
         "<h2>ROC curves</h2>",
         _img(roc_figure(data), "ROC curves"),
         "<h2>PRO curve</h2>",
