@@ -26,6 +26,7 @@ a model without thresholds falls back to each map's own range, recorded per file
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -41,6 +42,7 @@ import cv2
 import numpy as np
 
 from hrad.data.images import atomic_write_bytes, overlay_image, write_map_tiff, write_mask
+from hrad.errors import ConfigError
 from hrad.postprocess.regions import Region, defect_regions
 
 if TYPE_CHECKING:  # types only: this module sits below the model in the import order (ARCHITECTURE.md)
@@ -245,13 +247,15 @@ class OutputStems:
 
 class ScoresWriter:
     """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
-    keeps every row it finished. Use as a context manager."""
+    keeps every row it finished. Use as a context manager. ``kept``: rows of an earlier run
+    written first (:func:`resumable_rows`)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], kept: Sequence[Sequence[str]] = ()) -> None:
         self.path = Path(path)
         self._handle = self.path.open("w", newline="")
         self._writer = csv.writer(self._handle, lineterminator="\n")
         self._writer.writerow(SCORES_COLUMNS)
+        self._writer.writerows(kept)
         self._handle.flush()
 
     def write(self, row: OutputRow) -> None:
@@ -276,6 +280,45 @@ def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) ->
     writer.writerows(row.csv_row() for row in rows)
     atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
     return Path(path)
+
+
+def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str, Any]) -> dict[Path, list[str]]:
+    """What ``hrad predict --resume`` keeps of an earlier run into ``out_dir``: the ``ok`` rows of
+    its ``scores.csv`` for ``images`` whose map file is still there and not older than the image
+    (a rewritten image is predicted again), by image. Failed images are predicted again. The
+    earlier run must have written the same ``maps.json`` (``description``: the same model,
+    thresholds and output settings); else its files would mix with these, a one-line error."""
+    scores, maps = out_dir / "scores.csv", out_dir / "maps.json"
+    if not scores.is_file():
+        return {}
+    try:
+        earlier = json.loads(maps.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if earlier != json.loads(json.dumps(description)):
+        raise ConfigError(
+            f"--resume: {out_dir} holds predictions of another model, other thresholds or other output settings "
+            f"(its {maps.name} differs); choose another --out, or drop --resume to predict every image again"
+        )
+    wanted = {str(path): path for path in images}
+    kept: dict[Path, list[str]] = {}
+    try:
+        with scores.open(newline="") as handle:
+            reader = csv.reader(handle)
+            if tuple(next(reader, ())) != SCORES_COLUMNS:
+                raise ConfigError(f"--resume: {scores}: not a scores.csv of this hrad (its columns differ)")
+            for row in reader:
+                record = dict(zip(SCORES_COLUMNS, row, strict=False))
+                image = wanted.get(record.get("path", ""))
+                map_file = out_dir / Path(record.get("map") or "-").name  # the row may name it from another folder
+                if image is None or record.get("status") != "ok" or not map_file.is_file():
+                    continue
+                with contextlib.suppress(OSError):
+                    if map_file.stat().st_mtime_ns >= image.stat().st_mtime_ns:
+                        kept[image] = row
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(f"--resume: {scores}: unreadable ({' '.join(str(error).split())})") from None
+    return kept
 
 
 class PredictionWriter:
@@ -316,15 +359,18 @@ class PredictionWriter:
             "map_scale": self.map_scale.to_json() if self.map_scale else "per image, in each PNG's hrad_scale text chunk",
             "map_decode": "value = vmin + png16 / 65535 x (vmax - vmin); values outside are clipped (tiff: float32 as is)",
             "overlay_scale": self.overlay_scale.to_json() if self.overlay_scale else "per image (model without thresholds)",
+            "overlay": "heat map on overlay_scale over the image, contours at the pixel threshold" if self.overlays else None,
             "mask": "0/255 PNG of map > the pixel threshold used" if self.masks else None,
             "regions": "8-connected parts of map > the pixel threshold: box (x, y, width, height), area, peak, mean; "
             f"strongest first, at most {MAX_LISTED_REGIONS} listed" if self.regions else None,
             "scores_columns": list(SCORES_COLUMNS),
         }
 
-    def write_description(self) -> Path:
+    def write_description(self, run: dict[str, Any] | None = None) -> Path:
+        """``maps.json``; ``run``: what else decided the files (``hrad predict``: the model and
+        the thresholds used), so a resumed run can tell it is the same (:func:`resumable_rows`)."""
         path = self.out_dir / "maps.json"
-        atomic_write_bytes(path, json.dumps(self.describe(), indent=2).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(self.describe() | ({"run": run} if run else {}), indent=2).encode("utf-8"))
         return path
 
     def write(self, path: str | os.PathLike[str], stem: str, image: np.ndarray, prediction: Prediction) -> OutputRow:
@@ -375,6 +421,7 @@ def regions_json(regions: list[Region], prediction: Prediction) -> str:
 
 __all__ = [
     "SCORES_COLUMNS",
+    "resumable_rows",
     "MapScale",
     "OutputRow",
     "PredictionWriter",

@@ -268,6 +268,9 @@ def predict(
     watch_idle: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="With --watch: end after this long without a new image")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep what an interrupted run into --out finished; predict only the rest")
+    ] = False,
 ) -> None:
     """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
@@ -276,12 +279,21 @@ def predict(
     finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
     export) runs through onnxruntime or OpenVINO and needs no torch. With --watch, images a
     camera writes into the folders are predicted as they come (hrad.data.watch), until Ctrl-C,
-    a SIGTERM or --watch-idle; the summary and exit status then cover every image.
+    a SIGTERM or --watch-idle; the summary and exit status then cover every image. With --resume,
+    the images an earlier run of the same model and settings into --out predicted are kept
+    (rows and files) and only the others predicted (failed ones again, and rewritten ones).
     """
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
     from hrad.data.watch import FolderWatch, watched_images
     from hrad.errors import ConfigError
-    from hrad.outputs import OutputRow, OutputStems, PredictionWriter, ScoresWriter, failed_row
+    from hrad.outputs import (
+        OutputRow,
+        OutputStems,
+        PredictionWriter,
+        ScoresWriter,
+        failed_row,
+        resumable_rows,
+    )
     from hrad.pipeline import overlapped_batches
 
     if watch_idle is not None and not (watch and watch_idle >= 0):
@@ -290,12 +302,16 @@ def predict(
     prepare_output_dir(out, paths)
     watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
     fitted = _load_predictor(model, device, runtime)
-    fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
+    decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
     writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
-    writer.write_description()
-    stems = OutputStems(images)
+    run = {"model": str(model.resolve()), "thresholds": {"image": decided[0], "pixel": decided[1]}}
+    kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
+    if kept:
+        console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
+    writer.write_description(run)
+    stems = OutputStems(images)  # every image, kept ones too: the same stems as the earlier run
     failed: list[OutputRow] = []
-    counts = [0, len(images)]  # predicted, listed
+    counts = [len(kept), len(images)]  # predicted (or kept), listed
 
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
         names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
@@ -324,8 +340,8 @@ def predict(
             counts[0] += 1
             progress(counts[0], counts[1], "predicting")
 
-    with progress_bars() as progress, ScoresWriter(out / "scores.csv") as scores:
-        predict_all(images, progress, scores)
+    with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
+        predict_all([path for path in images if path not in kept], progress, scores)
         if watcher is not None:
             until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
             console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")

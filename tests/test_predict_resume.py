@@ -1,0 +1,89 @@
+"""``hrad predict --resume``: an interrupted run into --out keeps what it finished."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import run, write
+from conftest import textured_image
+
+from hrad.config import load_config
+from hrad.model import AnomalyModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(8)
+    config = load_config(
+        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
+    )
+    return AnomalyModel(config).fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("resume") / "model")
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "scores.csv").open() as handle:
+        return {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+
+
+def test_resume_keeps_finished_images_and_predicts_the_rest(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(9)
+    for index in range(5):
+        write(folder / f"{index}.png", textured_image(rng, 48, 64))
+    (folder / "5.png").write_bytes(b"broken")
+    predicted: list[str] = []
+    interrupt = ["3.png"]
+    original = AnomalyModel.predict
+
+    def counting(self: AnomalyModel, image: Any, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
+        predicted.append(Path(str(name)).name)
+        if Path(str(name)).name in interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt  # Ctrl-C while the fourth image computes, once
+        return original(self, image, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(AnomalyModel, "predict", counting)
+    command = ["predict", "--model", str(model_dir), str(folder), "--out", str(out)]
+    assert run(command, monkeypatch) == 130
+    assert sorted(_rows(out)) == ["0.png", "1.png", "2.png"]
+    first_map = (out / "1_map.png").read_bytes()
+    capsys.readouterr()
+
+    os.utime(folder / "2.png")  # rewritten after its map: predicted again
+    predicted.clear()
+    assert run([*command, "--resume"], monkeypatch) == 3  # 5.png fails
+    err = capsys.readouterr().err
+    assert "resuming: 2 of 6 images already predicted into" in err
+    assert sorted(predicted) == ["2.png", "3.png", "4.png"]  # 5.png fails when read, before the model
+    rows = _rows(out)
+    assert sorted(rows) == [f"{index}.png" for index in range(6)]
+    assert [rows[f"{index}.png"]["status"] for index in range(6)] == ["ok"] * 5 + ["failed"]
+    assert (out / "1_map.png").read_bytes() == first_map and "5 predictions written" in err
+
+    # the failed image is tried again; nothing else is
+    write(folder / "5.png", textured_image(rng, 48, 64))
+    predicted.clear()
+    assert run([*command, "--resume"], monkeypatch) == 0
+    assert predicted == ["5.png"] and all(row["status"] == "ok" for row in _rows(out).values())
+
+    # other thresholds: their files would mix with these
+    capsys.readouterr()
+    assert run([*command, "--resume", "--sigmas", "5"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {out} holds predictions of another model, other thresholds or other output settings" in err
+    assert run([*command, "--resume", "--no-overlays"], monkeypatch) == 2
+    # without --resume everything is predicted again
+    predicted.clear()
+    assert run(command, monkeypatch) == 0 and len(predicted) == 6
+    # --resume into an empty folder predicts everything
+    predicted.clear()
+    assert run([*command[:-1], str(tmp_path / "fresh"), "--resume"], monkeypatch) == 0 and len(predicted) == 6
