@@ -27,7 +27,7 @@ from hrad.data.bit_depth import (
     warn_saturated,
 )
 from hrad.data.images import as_pixels, model_input
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named, warn
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask, read_roi
@@ -85,6 +85,90 @@ class FullRangeImages:
         return image_name(self.source, index)
 
 
+#: what a mix of training images is told by: their pixel types' names
+_PIXEL_KINDS = {"uint8": "8-bit", "uint16": "16-bit"}
+#: 16-bit training images this many bits darker than the brightest (1/16 of its range) are of another depth
+_OTHER_DEPTH_BITS = 4
+
+
+def pixel_kind(image: np.ndarray) -> str:
+    """``8-bit``, ``16-bit`` or ``float``: the pixel type a training image came in."""
+    return _PIXEL_KINDS.get(image.dtype.name, "float")
+
+
+class TrainingImages:
+    """The training source as a fit reads it: notes each image's pixel type and size as it is
+    read (a folder mixing 8-bit and 16-bit files is flagged: :meth:`mix_problem`), and can hold one
+    image for the next read of it (:meth:`peek`), so the images the fit looks at before training
+    (the first, whose type decides whether a depth is learned and whose size is the fitted size)
+    are not decoded again when the strategy reads them."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+        self.kinds: dict[int, str] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}
+        self._held: tuple[int, np.ndarray] | None = None
+        self._sticky = False
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = index + len(self) if index < 0 else index
+        held = self._held
+        if held is not None and held[0] == index:
+            self._held, self._sticky = None, False
+            return held[1]
+        if not self._sticky:
+            self._held = None  # held for the next read only: an image the fit does not read next is not kept
+        image = self.source[index]
+        self.kinds[index] = pixel_kind(image)
+        self.sizes[index] = (int(image.shape[0]), int(image.shape[1]))
+        return image
+
+    def peek(self, index: int, sticky: bool = False) -> np.ndarray:
+        """Image ``index``, held for the next read of it: the next read of any image, or with
+        ``sticky`` the next read of this one (reads of others in between, until :meth:`unstick`)."""
+        image = self[index]
+        self._held, self._sticky = (index, image), sticky
+        return image
+
+    def unstick(self) -> None:
+        """A sticky held image goes on to the next read only."""
+        self._sticky = False
+
+    def size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index``; read (and held for the next read) when not yet seen."""
+        if index not in self.sizes:
+            self.peek(index)
+        return self.sizes[index]
+
+    def name(self, index: int) -> str:
+        return image_name(self.source, index)
+
+    def mix_problem(self, bit_depth: int | None) -> str | None:
+        """A line when the images read so far are of more than one pixel type (two cameras, a
+        converted subset: a model reads each type by its own rule and learns a depth from the
+        16-bit ones alone), naming the first of another type than the first image; else None."""
+        if len(set(self.kinds.values())) < 2:
+            return None
+        first = self.kinds[min(self.kinds)]
+        others = sorted(index for index, kind in self.kinds.items() if kind != first)
+        kinds = sorted(set(self.kinds.values()))
+        rules = {
+            "8-bit": "8-bit ones as 0..255",
+            "16-bit": "16-bit ones as stored (0..65535)" if bit_depth is None else f"16-bit ones scaled from {bit_depth} significant bits",
+            "float": "float ones as they are",
+        }
+        return (
+            f"{self.name(others[0])}: {'an' if self.kinds[others[0]] == '8-bit' else 'a'} {self.kinds[others[0]]} "
+            f"training image among {first} ones "
+            f"({len(others)} of {len(self.kinds)} are not {first}, this the first; {self.name(min(self.kinds))} is {first}): "
+            f"the model reads {', '.join(rules[kind] for kind in kinds)}; two cameras, or a converted subset? "
+            "Fit on images of one type"
+        )
+
+
 class Subset:
     def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
         self.source = source
@@ -139,6 +223,7 @@ class AnomalyModel:
         #: holding it, which set the depth learned (known after fit only, not saved): one hot
         #: image can lift a 12-bit line to 14 bits, and the fit's message names it
         self.brightest: tuple[int, str] | None = None
+        self._mix_told = False  # the fit told a mix of training image types already (after the depth's pass)
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -160,8 +245,9 @@ class AnomalyModel:
             self.roi = roi
         else:
             self.roi = read_roi(roi) if isinstance(roi, (str, Path)) else RegionOfInterest.from_pixels(roi, "roi array")
-        self.bit_depth = self._learn_bit_depth(source, progress)
-        source = self._full_range_source(source)
+        observed = TrainingImages(source)
+        self.bit_depth = self._learn_bit_depth(observed, progress)
+        source = self._full_range_source(observed)
         if validation is None:
             train, validation_source = self._split(source)
         else:
@@ -174,8 +260,7 @@ class AnomalyModel:
                 f"({len(source)} training image(s), threshold.validation_fraction "
                 f"{self.config.threshold.validation_fraction}); give more training images or a validation set"
             )
-        first = train[0]
-        self.fitted_size = (int(first.shape[0]), int(first.shape[1]))
+        self.fitted_size = observed.size(train.indices[0] if isinstance(train, Subset) else 0)  # no read after the depth's
         problem = self.roi.stretch_problem(self.fitted_size) if self.roi is not None else None
         if problem is not None:
             warnings.warn(problem, stacklevel=2)
@@ -184,27 +269,54 @@ class AnomalyModel:
         if validation_source is not None and len(validation_source) > 0:
             self.strategy.calibrate(validation_source, progress)
             self.thresholds = self._thresholds(validation_source, progress)
+        if not self._mix_told:  # every training image read by now
+            self._tell_mix(observed, stacklevel=2)
         return self
 
-    def _learn_bit_depth(self, images: ImageSource, progress: ProgressCallback) -> int | None:
+    def _tell_mix(self, observed: TrainingImages, stacklevel: int) -> None:
+        """One warning when the training images read so far mix pixel types (``stacklevel``: the
+        caller of fit, counted from this method's caller)."""
+        problem = observed.mix_problem(self.bit_depth)
+        if problem is not None:
+            warn(problem, stacklevel=stacklevel + 1)
+        self._mix_told = True
+
+    def _learn_bit_depth(self, images: TrainingImages, progress: ProgressCallback) -> int | None:
         """``config.bit_depth``, or with ``auto`` the smallest camera depth holding every pixel of
-        the 16-bit training images (one reading pass, only when the first image is 16-bit)."""
+        the 16-bit training images (one reading pass, only when the first image is 16-bit; the
+        first image is held for the fit's read, so it is decoded once). That pass sees every
+        image: a mix of pixel types or of 16-bit depths far apart is told before training."""
         setting = self.config.bit_depth
         self.brightest = None
+        self._mix_told = False
         if setting != "auto":
             return setting if setting < 16 else None
-        first = images[0]
+        first = images.peek(0, sticky=True)
         if not is_wide(first):
             return None
-        peak = 0
+        peaks: dict[int, int] = {}
         for index in range(len(images)):
             image = first if index == 0 else images[index]
-            value = int(image.max()) if is_wide(image) and image.size else 0
-            if value > peak or index == 0:
-                peak, self.brightest = value, (value, image_name(images, index))
+            if is_wide(image):
+                peaks[index] = int(image.max()) if image.size else 0
             progress(index + 1, len(images), "bit depth of the 16-bit training images")
-        bits = significant_bits(peak)
-        return bits if bits < 16 else None
+        images.unstick()
+        brightest = max(peaks, key=lambda index: (peaks[index], -index))  # the first of the brightest
+        self.brightest = (peaks[brightest], images.name(brightest))
+        bits = significant_bits(peaks[brightest])
+        depth = bits if bits < 16 else None
+        self.bit_depth = depth  # what the mix's line says 16-bit images are read by
+        self._tell_mix(images, stacklevel=3)
+        dark = [index for index in sorted(peaks) if significant_bits(peaks[index]) <= bits - _OTHER_DEPTH_BITS]
+        if dark:
+            warn(
+                f"{images.name(dark[0])}: a 16-bit training image of another depth: its brightest pixel is {peaks[dark[0]]} "
+                f"({significant_bits(peaks[dark[0]])} bits), the training images' {peaks[brightest]} ({bits} bits, in "
+                f"{images.name(brightest)}); {len(dark)} of {len(peaks)} are as dark (this the first) and, scaled from "
+                f"{bits} bits, reach the backbone almost black; two cameras, or a converted subset? Fit on images of one depth",
+                stacklevel=3,  # the caller of fit
+            )
+        return depth
 
     def _full_range_source(self, source: ImageSource) -> ImageSource:
         return source if self.bit_depth is None else FullRangeImages(source, self.bit_depth)

@@ -63,6 +63,15 @@ def test_full_range_in_bands_and_in_place_equals_the_whole(monkeypatch: pytest.M
     np.testing.assert_array_equal(copy, whole)
 
 
+def cli_fit(folder: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> int:
+    """``hrad fit`` of a small tiled PatchCore on ``folder``'s images; its exit status."""
+    return run_cli(
+        ["fit", "--data", str(folder), "--out", str(out), "--backbone", "tiny-cnn", *options,
+         "--strategy", "tiled", "--tile", "48", "--set", "detector.coreset_ratio=0.25", "--device", "cpu"],
+        monkeypatch,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def float_images() -> list[np.ndarray]:
     rng = np.random.default_rng(3)
@@ -153,11 +162,7 @@ def test_cli_fit_on_twelve_bit_files_learns_the_depth(
     folder.mkdir()
     for index, image in enumerate(float_images):
         cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(at_bits(image, 12), cv2.COLOR_RGB2BGR))
-    status = run_cli(
-        ["fit", "--data", str(folder), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn",
-         "--strategy", "tiled", "--tile", "48", "--set", "detector.coreset_ratio=0.25", "--device", "cpu"],
-        monkeypatch,
-    )  # fmt: skip
+    status = cli_fit(folder, tmp_path / "model", monkeypatch)
     assert status == 0
     assert json.loads((tmp_path / "model" / MANIFEST).read_text())["bit_depth"] == 12
     brightest = max(range(len(float_images)), key=lambda index: int(at_bits(float_images[index], 12).max()))
@@ -219,11 +224,7 @@ def test_cli_fit_names_each_training_image_brighter_than_a_set_depth_once(
     for index, image in enumerate(float_images):
         cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(at_bits(image, 12), cv2.COLOR_RGB2BGR))
     capfd.readouterr()
-    status = run_cli(
-        ["fit", "--data", str(folder), "--out", str(tmp_path / "model"), "--backbone", "tiny-cnn", "--set", "bit_depth=10",
-         "--strategy", "tiled", "--tile", "48", "--set", "detector.coreset_ratio=0.25", "--device", "cpu"],
-        monkeypatch,
-    )  # fmt: skip
+    status = cli_fit(folder, tmp_path / "model", monkeypatch, "--set", "bit_depth=10")
     assert status == 0
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "exceed" in line]
@@ -301,3 +302,92 @@ def test_collected_warnings_are_each_threads_own() -> None:
         for thread in threads:
             thread.join(10)
     assert got == {"a": ["a 0", "a 2"], "b": ["b 1", "b 3"]}
+
+
+class CountingImages:
+    """A training source that counts how often each image is read (decoded, for a folder)."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.images = images
+        self.reads = [0] * len(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        self.reads[index] += 1
+        return self.images[index]
+
+
+@pytest.mark.parametrize(("bits", "reads"), [(8, [1, 1, 1, 1, 1]), (12, [1, 2, 2, 2, 2])])
+def test_a_fit_reads_each_training_image_once_besides_the_depths_pass(
+    float_images: list[np.ndarray], bits: int, reads: list[int]
+) -> None:
+    """8-bit images are read once (the first too: its type and size are looked at before
+    training and it is handed on); learning a 16-bit depth is one more pass, which reads the
+    first image for the fit as well."""
+    training = CountingImages([np.rint(image * 255).astype(np.uint8) if bits == 8 else at_bits(image, bits) for image in float_images])
+    held_out = CountingImages([training.images[0].copy(), training.images[1].copy()])
+    model = make_model(TILED, DETECTOR)
+    model.config.postprocess.border_calibration = False  # one thresholds pass over the held-out images
+    model.fit(training, validation=held_out)
+    assert model.fitted_size == (90, 130) and model.bit_depth == (None if bits == 8 else 12)
+    assert training.reads == reads and held_out.reads == [1, 1]
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def test_cli_fit_tells_a_folder_mixing_eight_and_sixteen_bit_files_in_one_line(
+    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Two cameras or a converted subset: the depth is learned from the 16-bit files alone and the
+    8-bit ones are read as full range. One line names the first 8-bit file and how many there are."""
+    folder = tmp_path / "good"
+    for index, image in enumerate(float_images):
+        write_png(folder / f"{index}.png", np.rint(image * 255).astype(np.uint8) if index in (2, 4) else at_bits(image, 12))
+    capfd.readouterr()
+    status = cli_fit(folder, tmp_path / "model", monkeypatch)
+    assert status == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert lines == [
+        f"hrad: warning: {folder / '2.png'}: an 8-bit training image among 16-bit ones (2 of 5 are not 16-bit, this the "
+        f"first; {folder / '0.png'} is 16-bit): the model reads 16-bit ones scaled from 12 significant bits, 8-bit ones "
+        "as 0..255; two cameras, or a converted subset? Fit on images of one type"
+    ]
+
+
+def test_a_mix_is_told_once_whichever_type_comes_first(float_images: list[np.ndarray]) -> None:
+    """An 8-bit first image learns no depth (no reading pass): the mix is told once the fit has
+    read every image, the 16-bit ones read as stored."""
+    images = [at_bits(image, 12) if index == 3 else np.rint(image * 255).astype(np.uint8) for index, image in enumerate(float_images)]
+    with pytest.warns(UserWarning) as record:
+        model = make_model(TILED, DETECTOR).fit(images)
+    assert model.bit_depth is None
+    assert [str(warning.message) for warning in record] == [
+        "image 3: a 16-bit training image among 8-bit ones (1 of 5 are not 8-bit, this the first; image 0 is 8-bit): "
+        "the model reads 16-bit ones as stored (0..65535), 8-bit ones as 0..255; two cameras, or a converted subset? "
+        "Fit on images of one type"
+    ]
+
+
+def test_sixteen_bit_training_images_of_far_apart_depths_are_told(float_images: list[np.ndarray]) -> None:
+    """10-bit files among 14-bit ones: scaled from 14 bits they reach the backbone at 1/16 of the
+    range. One line names the first and how many; 12-bit among 14-bit (a dim part) is not told."""
+    images = [at_bits(image, 10) if index in (1, 2) else at_bits(image, 14) for index, image in enumerate(float_images)]
+    with pytest.warns(UserWarning) as record:
+        model = make_model(TILED, DETECTOR).fit(images)
+    assert model.bit_depth == 14 and model.brightest is not None
+    peak, where = model.brightest
+    assert [str(warning.message) for warning in record] == [
+        f"image 1: a 16-bit training image of another depth: its brightest pixel is {int(images[1].max())} (10 bits), "
+        f"the training images' {peak} (14 bits, in {where}); 2 of 5 are as dark (this the first) and, scaled from 14 "
+        "bits, reach the backbone almost black; two cameras, or a converted subset? Fit on images of one depth"
+    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_model(TILED, DETECTOR).fit([at_bits(image, 12) if index == 1 else at_bits(image, 14) for index, image in enumerate(float_images)])
