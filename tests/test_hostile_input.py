@@ -11,6 +11,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -195,6 +197,26 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path, monkeyp
         path.write_bytes(header_only_png(side, side))
         with pytest.raises(ImageTooLargeError, match=rf"{side}x{side} = {side * side} pixels, over the pixel budget of {DEFAULT_MAX_PIXELS}"):
             read_image(path)
+
+
+def test_header_checks_in_many_threads_leave_the_warning_filters_as_they_were(tmp_path: Path) -> None:
+    # each check muted PIL's warnings with catch_warnings, which swaps process-wide filters: two
+    # threads' blocks interleaving left "ignore" in front for good, so every later warning of
+    # the process (hrad serve's saturation lines) went unseen
+    path = tmp_path / "a.jpg"
+    cv2.imwrite(str(path), np.zeros((32, 32, 3), np.uint8))
+    before = list(warnings.filters)
+
+    def check() -> None:
+        for _ in range(200):
+            image_size(path)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff"])

@@ -107,6 +107,9 @@ def pixel_budget(value: int | float | None) -> Iterator[int]:
         _BUDGET.reset(token)
 
 
+_PIL_WARNINGS = threading.Lock()
+
+
 def _header_size_pil(path: Path, prefix: bytes) -> tuple[int, int] | None:
     """(height, width) from PIL's header parser for PNG/JPEG/BMP/TIFF; None if none accepts it.
 
@@ -121,7 +124,10 @@ def _header_size_pil(path: Path, prefix: bytes) -> tuple[int, int] | None:
         if accept is not None and not accept(prefix):
             continue
         try:
-            with path.open("rb") as handle, warnings.catch_warnings():
+            # catch_warnings swaps the process's warning filters: two threads' blocks interleaving
+            # (hrad serve's uploads, loader threads) left "ignore" in place for good, silencing
+            # every later warning of the process; one block at a time restores them in order
+            with path.open("rb") as handle, _PIL_WARNINGS, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the error below says it
                 opened = factory(handle, str(path))
                 width, height = opened.size
