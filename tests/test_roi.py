@@ -13,6 +13,7 @@ from cli_helpers import run as run_cli
 from cli_helpers import write
 from conftest import textured_image, with_spot
 from export_helpers import make_model
+from roi_helpers import DETECTOR, HEIGHT, TILED, WIDTH, left_half_mask, textured_images
 
 import hrad
 from hrad.artifact import MANIFEST
@@ -21,10 +22,6 @@ from hrad.export import OnnxPredictor, export_onnx
 from hrad.postprocess.regions import defect_regions
 from hrad.postprocess.roi import RegionOfInterest, read_roi
 from hrad.postprocess.smoothing import PostprocessConfig, image_score
-
-TILED = {"name": "tiled", "tile": 48, "stride": 32}
-DETECTOR = {"name": "patchcore", "coreset_ratio": 0.25}
-HEIGHT, WIDTH = 90, 130
 
 
 def test_outside_takes_the_lowest_value_inside() -> None:
@@ -102,18 +99,8 @@ def test_a_mask_of_another_aspect_ratio_warns_at_fit(images: list[np.ndarray]) -
         make_model(TILED, DETECTOR).fit(images[:3], roi=square)
 
 
-@pytest.fixture(scope="module")
-def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(5)
-    return [textured_image(rng, HEIGHT, WIDTH) for _ in range(6)]
-
-
-@pytest.fixture(scope="module")
-def roi_mask() -> np.ndarray:
-    """Inspect the left half only."""
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    mask[:, : WIDTH // 2] = 255
-    return mask
+images = pytest.fixture(scope="module", name="images")(textured_images)
+roi_mask = pytest.fixture(scope="module", name="roi_mask")(left_half_mask)
 
 
 def spot_at(x: int) -> np.ndarray:

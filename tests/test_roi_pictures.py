@@ -14,6 +14,7 @@ from cli_helpers import run as run_cli
 from cli_helpers import write
 from conftest import textured_image, with_spot
 from export_helpers import make_model
+from roi_helpers import DETECTOR, HEIGHT, TILED, WIDTH, left_half_mask, textured_images
 
 import hrad
 from hrad.data.images import INSPECTED_OUTLINE, overlay_image, read_pixels
@@ -22,9 +23,6 @@ from hrad.export_runtime import open_predictor
 from hrad.outputs import overlay_scale
 from hrad.prediction import Prediction
 
-TILED = {"name": "tiled", "tile": 48, "stride": 32}
-DETECTOR = {"name": "patchcore", "coreset_ratio": 0.25}
-HEIGHT, WIDTH = 90, 130
 WHITE = np.array(INSPECTED_OUTLINE, np.uint8)
 
 
@@ -80,18 +78,8 @@ def test_a_region_of_another_size_is_stretched_to_the_picture() -> None:
     assert (marked[:, 6:] == 100).all() and (marked[:, 5] == WHITE).all() and not (marked[:, :5] == WHITE).all(axis=2).any()
 
 
-@pytest.fixture(scope="module")
-def images() -> list[np.ndarray]:
-    rng = np.random.default_rng(5)
-    return [textured_image(rng, HEIGHT, WIDTH) for _ in range(6)]
-
-
-@pytest.fixture(scope="module")
-def roi_mask() -> np.ndarray:
-    """Inspect the left half only."""
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    mask[:, : WIDTH // 2] = 255
-    return mask
+images = pytest.fixture(scope="module", name="images")(textured_images)
+roi_mask = pytest.fixture(scope="module", name="roi_mask")(left_half_mask)
 
 
 def left_half() -> tuple[np.ndarray, np.ndarray]:
