@@ -12,8 +12,9 @@ model's config or artifact.
 What jobs log reaches this process's logging as if they ran here: a :class:`ProcessPoolRunner`
 worker or a :class:`RayExecutor` task logs at this process's levels, and its records (a
 detector's epochs and coreset steps, warnings) travel through a queue to this process's
-loggers, marked with the job they came from (:func:`worker_job`; the message starts
-``job i/n: ``), so the command line shows concurrent jobs' progress apart.
+loggers, marked with the job they came from (:func:`worker_job`; the message starts with the
+job's label, ``job i/n: `` or the job's own ``label``), so the command line shows concurrent
+jobs' progress apart.
 
 Every path a job names (spill folders) must be readable from every worker: on a multi-machine
 cluster put them on shared storage (point ``TMPDIR`` or HiAD's ``work_dir`` at it). Workers need
@@ -60,7 +61,10 @@ class JobRunner(Protocol):
     """Runs ``fn`` on every job and returns the results in job order.
 
     ``fn`` must be picklable (a module-level function) and so must the jobs; both travel to
-    other processes or machines. A job's exception is re-raised by :meth:`map`.
+    other processes or machines. A job's exception is re-raised by :meth:`map`. A job with a
+    ``label`` attribute (a short string, e.g. ``tile (1, 2)``) is called that in its forwarded
+    log records instead of ``job i/n`` (:func:`job_label`): the strategy knows what a job is
+    about, the runner only its place in the list.
     """
 
     #: the device every job must use because the runner pins jobs to devices itself (a Ray
@@ -103,16 +107,24 @@ WORKER_JOB = "hrad_job"
 @dataclass(frozen=True)
 class WorkerJob:
     """The job a forwarded log record comes from: job ``index`` (from 1) of ``total`` in one
-    ``map`` of a runner, started at ``started`` (``time.time()`` in the worker)."""
+    ``map`` of a runner, started at ``started`` (``time.time()`` in the worker), called ``name``
+    when the job gave itself a label (:func:`job_label`)."""
 
     index: int
     total: int
     started: float
+    name: str | None = None
 
     @property
     def label(self) -> str:
-        """``job i/n``: what tells concurrent jobs' lines and bars apart."""
-        return f"job {self.index}/{self.total}"
+        """The job's name, else ``job i/n``: what tells concurrent jobs' lines and bars apart."""
+        return self.name or f"job {self.index}/{self.total}"
+
+
+def job_label(job: object) -> str | None:
+    """A job's own label (its ``label`` attribute, when a non-empty string), else None."""
+    label = getattr(job, "label", None)
+    return label if isinstance(label, str) and label else None
 
 
 def worker_job(record: logging.LogRecord) -> WorkerJob | None:
@@ -161,9 +173,9 @@ def _init_worker(threads: int, records: Any, levels: Mapping[str, int], disabled
 
 
 def _run_labelled(fn: Callable[[Any], Any], job: Any, index: int, total: int) -> Any:
-    """Run ``fn(job)`` with its log records marked as job ``index`` of ``total``."""
+    """Run ``fn(job)`` with its log records marked as job ``index`` of ``total`` (and its label)."""
     global _RUNNING
-    _RUNNING = WorkerJob(index, total, time.time())
+    _RUNNING = WorkerJob(index, total, time.time(), job_label(job))
     try:
         return fn(job)
     finally:

@@ -84,16 +84,34 @@ def test_a_pool_fit_in_worker_processes_shows_each_jobs_epochs(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The tiled ensemble's tile models train in two worker processes: their epochs reach the
-    log file's lines, each job's apart (first and last epoch; the 30 s lines in between)."""
+    log file's lines, each job's apart and called by its tile's position (first and last epoch;
+    the 30 s lines in between)."""
     args = ["fit", "--data", str(dataset), "--out", str(tmp_path / "pool"), "--backbone", "tiny-cnn",
             "--strategy", "tiled-ensemble", "--set", "strategy.tile=48", "--set", "strategy.workers=2",
             "--detector", "fastflow", "--set", "detector.epochs=3"]  # fmt: skip
     assert run(args, monkeypatch) == 0
     lines = capsys.readouterr().err.splitlines()
-    epochs = sorted(line.split(",")[0] for line in lines if line.startswith("job "))
-    jobs = {line.split(":")[0] for line in epochs}
-    assert len(jobs) >= 2 and jobs == {f"job {index}/{len(jobs)}" for index in range(1, len(jobs) + 1)}
-    assert epochs == sorted(f"{job}: fastflow: train epochs: {done}/3" for job in jobs for done in (1, 3))
+    epochs = sorted(line.rsplit(",", 1)[0] for line in lines if line.startswith("tile ("))
+    # 64 x 96 images, 48 px tiles: 2 rows of 2
+    tiles = [f"tile ({row}, {col})" for row in range(2) for col in range(2)]
+    assert epochs == sorted(f"{tile}: fastflow: train epochs: {done}/3" for tile in tiles for done in (1, 3))
+    assert not [line for line in lines if line.startswith("job ")]
+
+
+def test_a_hiad_pool_in_worker_processes_names_each_detector(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HiAD's pool detectors and low branch training in two worker processes: each one's lines
+    say which it is."""
+    args = ["fit", "--data", str(dataset), "--out", str(tmp_path / "hiad"), "--backbone", "tiny-cnn",
+            "--strategy", "hiad", "--set", "strategy.patch_size=32", "--set", "strategy.low_res_size=32",
+            "--set", "strategy.assignment=na", "--set", "strategy.num_detectors=2", "--set", "strategy.workers=2",
+            "--detector", "fastflow", "--set", "detector.epochs=2"]  # fmt: skip
+    assert run(args, monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    jobs = ["detector 1/2 (na, 32 px patches)", "detector 2/2 (na, 32 px patches)", "low branch (32 px)"]
+    epochs = sorted(line.rsplit(",", 1)[0] for line in lines if line.startswith(("detector ", "low branch ")))
+    assert epochs == sorted(f"{job}: fastflow: train epochs: {done}/2" for job in jobs for done in (1, 2))
 
 
 def test_each_worker_job_is_a_stage_of_its_own_timed_from_the_jobs_start(capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,3 +146,38 @@ def test_each_worker_job_is_a_stage_of_its_own_timed_from_the_jobs_start(capsys:
         for done in (1, 2, 3, 1, 2):
             update(done, 3, "stage")
     assert capsys.readouterr().err.splitlines() == ["stage: 1/3, 0 s", "stage: 3/3, 0 s", "stage: 1/3, 0 s"]
+
+
+def test_in_a_terminal_a_worker_jobs_bar_leaves_when_its_stage_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool of many jobs does not leave a finished bar per job and stage: a worker job's bar
+    goes at its last step; this process's own stages keep theirs."""
+    import io
+
+    from rich.console import Console
+
+    from hrad.cli import progress as cli_progress
+    from hrad.progress import PROGRESS
+    from hrad.runners import WORKER_JOB, WorkerJob
+
+    monkeypatch.setattr(cli_progress, "console", Console(file=io.StringIO(), force_terminal=True, width=100))
+    logger = logging.getLogger("hrad.detectors.test_progress")
+
+    def forwarded(job: WorkerJob, done: int) -> None:
+        extra = {PROGRESS: (done, 2, "train epochs"), WORKER_JOB: job}
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, "step", (), None, extra=extra))
+
+    one, two = WorkerJob(1, 2, 0.0, "tile (0, 0)"), WorkerJob(2, 2, 0.0, "tile (0, 1)")
+    with cli_progress.progress_bars() as update:
+        bars = update.bars  # type: ignore[attr-defined]
+        update(0, 2, "fitting tile models")
+        forwarded(one, 1)
+        forwarded(two, 1)
+        assert [task.description for task in bars.tasks] == [
+            "fitting tile models", "tile (0, 0): train epochs", "tile (0, 1): train epochs"
+        ]
+        forwarded(one, 2)
+        update(1, 2, "fitting tile models")
+        assert [task.description for task in bars.tasks] == ["fitting tile models", "tile (0, 1): train epochs"]
+        forwarded(two, 2)
+        update(2, 2, "fitting tile models")
+        assert [(task.description, task.completed) for task in bars.tasks] == [("fitting tile models", 2)]

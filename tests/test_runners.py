@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,6 +25,18 @@ def log_steps(name: str) -> str:
     logger.info("an ordinary line of %s", name)
     logger.warning("a warning of %s", name)
     return name.upper()
+
+
+@dataclass(frozen=True)
+class Named:
+    """A job that names itself (a strategy's ``FitJob.label``); ``label`` None: it does not."""
+
+    name: str
+    label: str | None
+
+
+def log_named(job: Named) -> str:
+    return log_steps(job.name)
 
 
 def log_then_fail(seconds: float) -> None:
@@ -98,3 +111,21 @@ def test_a_failed_pool_stops_forwarding_at_once(records: Records) -> None:
         ProcessPoolRunner(2, threads_per_worker=1).map(log_then_fail, [0.0, 120.0])
     assert forwarding_threads() == []
     assert time.monotonic() - start < 60  # the sleeping job was not waited for
+
+
+def test_a_job_with_a_label_is_called_by_it_in_its_records(records: Records) -> None:
+    """A strategy's job that says what it fits (``tile (0, 1)``) is called that instead of
+    ``job i/n``; one without a label keeps ``job i/n``."""
+    jobs = [Named("a", "tile (0, 1)"), Named("b", None)]
+    assert ProcessPoolRunner(2, threads_per_worker=1).map(log_named, jobs) == ["A", "B"]
+    labels = {}
+    for record in records.records:
+        job = worker_job(record)
+        assert job is not None
+        labels.setdefault(job.label, []).append(record.getMessage())
+    assert labels == {
+        "tile (0, 1)": ["tile (0, 1): a epochs: 1/2", "tile (0, 1): a epochs: 2/2",
+                        "tile (0, 1): an ordinary line of a", "tile (0, 1): a warning of a"],
+        "job 2/2": ["job 2/2: b epochs: 1/2", "job 2/2: b epochs: 2/2",
+                    "job 2/2: an ordinary line of b", "job 2/2: a warning of b"],
+    }  # fmt: skip

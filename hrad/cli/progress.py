@@ -82,7 +82,8 @@ class _ProgressRecords(logging.Handler):
     a detector's epochs, PatchCore's coreset) into the command's bars or lines; that code's
     warnings as warning lines (this handler takes the place of Python's last-resort printer).
     A step a pool's worker process logged (:func:`hrad.runners.worker_job`) is its job's stage,
-    ``job i/n: <description>``: concurrent jobs get bars and lines of their own."""
+    ``<job's label>: <description>`` (``job i/n`` or the job's own, ``tile (1, 2)``): concurrent
+    jobs get bars and lines of their own."""
 
     def __init__(self, update: ProgressCallback) -> None:
         super().__init__(logging.INFO)
@@ -94,7 +95,7 @@ class _ProgressRecords(logging.Handler):
         if step is not None and job is not None:
             done, total, description = step
             description = f"{job.label}: {description}"
-            if isinstance(self.update, _LogLines):
+            if isinstance(self.update, (_LogLines, _Bars)):
                 self.update.step(done, total, description, job, record.created)
             else:
                 self.update(done, total, description)
@@ -137,12 +138,27 @@ def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
         console=console,
         transient=False,
     ) as bars:
-        tasks: dict[str, TaskID] = {}
-
-        def update(done: int, total: int, description: str) -> None:
-            if description not in tasks:
-                tasks[description] = bars.add_task(description, total=total)
-            bars.update(tasks[description], completed=done, total=total)
-
+        update = _Bars(bars)
         with _with_logged_steps(update):
             yield update
+
+
+class _Bars:
+    """A callback showing one rich bar per distinct description. A worker job's stage leaves
+    when it reaches its total (the pool's own bar counts finished jobs): a pool of many jobs
+    would otherwise leave a finished bar per job and stage on the screen."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, done: int, total: int, description: str) -> None:
+        if description not in self.tasks:
+            self.tasks[description] = self.bars.add_task(description, total=total)
+        self.bars.update(self.tasks[description], completed=done, total=total)
+
+    def step(self, done: int, total: int, description: str, job: WorkerJob | None, now: float) -> None:
+        """One update of a worker job's stage ``description`` (``job`` and ``now``: as :class:`_LogLines` takes them)."""
+        self(done, total, description)
+        if job is not None and done >= total:
+            self.bars.remove_task(self.tasks.pop(description))

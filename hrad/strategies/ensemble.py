@@ -301,12 +301,13 @@ class TiledEnsemble(Strategy):
             FitJob(
                 self.detector_type,
                 self.detector_config,
-                tuple(ChunkRef(path, (index,)) for path in chunks),
+                tuple(ChunkRef(path, (position.index,)) for path in chunks),
                 device,
                 self.config.batch_size,
-                str(source.path(index)),
+                str(source.path(position.index)),
+                f"tile ({position.row}, {position.col})",  # its workers' log lines and bars
             )
-            for index, device in enumerate(job_devices(count, "cpu"))
+            for position, device in zip(self.grid.positions(), job_devices(count, "cpu"), strict=True)
         ]
         workers = min(self.config.workers, count)
         if workers <= 1 and active_runner() is None:

@@ -145,6 +145,9 @@ class FitJob:
     batch_size: int | None = None
     #: write the fitted state to this safetensors file instead of returning it
     out_path: str | None = None
+    #: what the job fits, in a few words (``tile (1, 2)``): its worker's log lines and bars are
+    #: called that rather than ``job i/n`` (:func:`hrad.runners.job_label`)
+    label: str | None = None
 
 
 def run_fit_job(job: FitJob) -> dict[str, Tensor]:

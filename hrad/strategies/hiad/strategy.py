@@ -238,12 +238,16 @@ class HiAD(Strategy):
                     ChunkRef(path, tuple(int(i) for i in np.flatnonzero(labels == m)))
                 )
         groups = [tuple(refs) for refs in per_detector]
+        # what each job's worker log lines and bars are called
+        pool = f"{assignment.kind}, {self.config.patch_size} px patches"
+        names = [f"detector {m + 1}/{assignment.count} ({pool})" for m in range(assignment.count)]
         if self.config.low_branch:
             groups.append(tuple(ChunkRef(path) for path in low_chunks))
+            names.append(f"low branch ({self.config.low_res_size} px)")
         devices = job_devices(len(groups), str(self.device))
         return [
-            FitJob(self.detector_type, self.detector_config, refs, device)
-            for refs, device in zip(groups, devices, strict=True)
+            FitJob(self.detector_type, self.detector_config, refs, device, label=label)
+            for refs, device, label in zip(groups, devices, names, strict=True)
         ]
 
     def _restore(self, state: dict[str, Tensor]) -> Detector:
