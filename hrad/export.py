@@ -33,7 +33,14 @@ from torch import nn
 from hrad.data.images import list_images
 from hrad.errors import ConfigError, ExportCheckError
 from hrad.export_ensemble import export_ensemble_onnx
-from hrad.export_graph import TileScorer, random_tiles, scoring_module, sidecar_header, write_verified_onnx
+from hrad.export_graph import (
+    TileScorer,
+    random_tiles,
+    scoring_module,
+    sidecar_header,
+    sidecar_model,
+    write_verified_onnx,
+)
 from hrad.export_hiad import export_hiad_onnx
 from hrad.export_mrf import export_mrf_onnx
 from hrad.export_runtime import (
@@ -119,13 +126,7 @@ def _sidecar(model: AnomalyModel, geometry: Geometry, onnx_name: str, map_shape:
                   "dtype": "float32", "range": [0.0, 1.0], "channels": "RGB", "layout": "NCHW"},
         "outputs": {"maps": ["batch", *map_shape], "scores": ["batch"]},
         "geometry": asdict(geometry),
-        "model": {
-            "backbone": model.config.backbone.name,
-            "backbone_weights": model.extractor.weights_source,
-            "detector": model.config.detector.name,
-            "strategy": model.config.strategy.name,
-            "fitted_size": list(model.fitted_size) if model.fitted_size else None,
-        },
+        "model": sidecar_model(model, fitted_size=list(model.fitted_size) if model.fitted_size else None),
         "steps": [
             "read the image as float32 RGB in [0, 1], H x W x 3",
             "downsample with pad_to_square: edge-replicate to a square at bottom/right",

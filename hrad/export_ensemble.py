@@ -30,6 +30,7 @@ from hrad.export_graph import (
     random_tiles,
     scoring_module,
     sidecar_header,
+    sidecar_model,
     write_verified_onnx,
 )
 from hrad.export_runtime import max_difference, write_sidecar
@@ -112,11 +113,7 @@ def export_ensemble_onnx(model: AnomalyModel, out_path: str | Path, verify: bool
             "tile_count": count,
         },
         "normalization": normalization,
-        "model": {
-            "backbone": model.config.backbone.name,
-            "detector": model.config.detector.name,
-            "strategy": "tiled-ensemble",
-        },
+        "model": sidecar_model(model, strategy="tiled-ensemble"),
         "steps": [
             "read the image as float32 RGB in [0, 1]; with image_size null it must have the fitted size",
             "resize (bilinear, antialiased) to the working size (tiled-ensemble working_size rule)",

@@ -286,6 +286,19 @@ def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
     }
 
 
+def sidecar_model(model: AnomalyModel, **fields: Any) -> dict[str, Any]:
+    """Every export's ``model`` section: its backbone, the backbone's weights (what
+    ``saved_model_facts`` shows: ``hrad info``, ``/health``), detector and strategy names, then
+    the export's own ``fields`` (which may name the detector or strategy as the export sees them)."""
+    return {
+        "backbone": model.config.backbone.name,
+        "backbone_weights": model.extractor.weights_source,
+        "detector": model.config.detector.name,
+        "strategy": model.config.strategy.name,
+        **fields,
+    }
+
+
 def random_tiles(count: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
     """Seeded random tiles in [0, 1] that exports trace and verify their graph with."""
     return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)

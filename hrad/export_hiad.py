@@ -34,7 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from hrad.errors import ConfigError
-from hrad.export_graph import TOLERANCE, random_tiles, scoring_module, sidecar_header, write_verified_onnx
+from hrad.export_graph import (
+    TOLERANCE,
+    random_tiles,
+    scoring_module,
+    sidecar_header,
+    sidecar_model,
+    write_verified_onnx,
+)
 from hrad.export_runtime import max_difference, onnxruntime_module, write_sidecar
 from hrad.hiad_math import low_branch_size
 from hrad.strategies.hiad import HiAD
@@ -207,13 +214,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "centroids": None if assignment.centroids is None else assignment.centroids.tolist(),
         },
         "calibration": ranges,
-        "model": {
-            "backbone": model.config.backbone.name,
-            "backbone_weights": model.extractor.weights_source,
-            "detector": detector_name,
-            "strategy": "hiad",
-            "fitted_size": [height, width],
-        },
+        "model": sidecar_model(model, detector=detector_name, strategy="hiad", fitted_size=[height, width]),
         "steps": [
             "read the image as float32 RGB in [0, 1], H x W x 3 (positional assignments: the fitted size only)",
             "level 0: patch grid (patch, stride, edge) over the image; each patch cut with margin context pixels "

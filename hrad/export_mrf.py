@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hrad.errors import ConfigError
-from hrad.export_graph import TOLERANCE, NearestNeighbourScoring, sidecar_header, write_verified_onnx
+from hrad.export_graph import (
+    TOLERANCE,
+    NearestNeighbourScoring,
+    sidecar_header,
+    sidecar_model,
+    write_verified_onnx,
+)
 from hrad.export_runtime import max_difference, onnxruntime_module, write_sidecar
 from hrad.strategies.mrf import MRFStrategy
 
@@ -141,15 +147,14 @@ def export_mrf_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = Tr
             "search": "exact",
             "model_index": config.index,
         },
-        "model": {
-            "backbone": model.config.backbone.name,
-            "backbone_weights": model.extractor.weights_source,
-            "detector": "mrf banks",
-            "strategy": "mrf",
-            "layers": list(strategy.layers),
-            "distance": config.distance,
-            "fitted_size": [height, width],
-        },
+        "model": sidecar_model(
+            model,
+            detector="mrf banks",
+            strategy="mrf",
+            layers=list(strategy.layers),
+            distance=config.distance,
+            fitted_size=[height, width],
+        ),
         "steps": [
             "read the image as float32 RGB in [0, 1], H x W x 3",
             "working size: about pixel_budget pixels with the image's aspect (native when null); each scale's "

@@ -152,3 +152,35 @@ def test_health_and_info_json_agree_on_the_model(
         "region_of_interest": facts["region_of_interest"],
     } == {key: health[key] for key in ("model_hrad_version", "backbone", "detector", "strategy", "fitted_size", "thresholds", "bit_depth", "region_of_interest")}
     assert (health["bit_depth"], health["fitted_size"], health["backbone"]) == (12, [64, 96], "tiny-cnn")
+
+
+EXPORT_KINDS = {
+    "tiled": {"name": "tiled", "tile": 48, "stride": 48},
+    "tiled-ensemble": {"name": "tiled-ensemble", "tile": 48},
+    "mrf": {"name": "mrf", "pixel_budget": None, "scales": [0.5]},
+    "hiad": {"name": "hiad", "patch_size": 32, "low_res_size": 48, "assignment": "a2o"},
+}
+
+
+@pytest.mark.parametrize("strategy", EXPORT_KINDS.values(), ids=EXPORT_KINDS.keys())
+def test_every_export_kind_records_its_backbone_weights(
+    strategy: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hrad info --json and /health (with details) of every kind of ONNX export say where the
+    backbone's weights came from, as for the model itself; a tiled ensemble's export said 'not
+    recorded (saved before hrad kept it)'."""
+    from fastapi.testclient import TestClient
+
+    from hrad.service import create_app
+
+    model = make_model(strategy).fit(training_images(5, 3, 64, 96), training_images(9, 2, 64, 96))
+    weights = model.extractor.weights_source
+    export_onnx(model, tmp_path / "m.onnx")
+    capsys.readouterr()
+    assert run_cli(["info", "--json", str(tmp_path / "m.onnx")], monkeypatch) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert (facts["strategy"], facts["backbone"], facts["backbone_weights"]) == (strategy["name"], "tiny-cnn", weights)
+    assert run_cli(["info", str(tmp_path / "m.onnx")], monkeypatch) == 0
+    assert f"backbone_weights: {weights}" in capsys.readouterr().out.splitlines()
+    health = TestClient(create_app(tmp_path / "m.onnx", health_details=True)).get("/health").json()
+    assert health["backbone_weights"] == weights
