@@ -103,8 +103,10 @@ class TrainingImages:
     (the first, whose type decides whether a depth is learned and whose size is the fitted size)
     are not decoded again when the strategy reads them."""
 
-    def __init__(self, source: ImageSource) -> None:
+    def __init__(self, source: ImageSource, role: str = "training") -> None:
         self.source = source
+        #: what the images are to the fit, in its lines: ``training`` or ``validation``
+        self.role = role
         self.kinds: dict[int, str] = {}
         self.sizes: dict[int, tuple[int, int]] = {}
         self._held: tuple[int, np.ndarray] | None = None
@@ -146,15 +148,26 @@ class TrainingImages:
     def name(self, index: int) -> str:
         return image_name(self.source, index)
 
-    def mix_problem(self, bit_depth: int | None) -> str | None:
+    def mix_problem(self, bit_depth: int | None, training: TrainingImages | None = None) -> str | None:
         """A line when the images read so far are of more than one pixel type (two cameras, a
         converted subset: a model reads each type by its own rule and learns a depth from the
-        16-bit ones alone), naming the first of another type than the first image; else None."""
-        if len(set(self.kinds.values())) < 2:
+        16-bit ones alone), naming the first of another type than the first image; else None.
+        With ``training`` (these are a validation set given apart from it): a line when any of
+        these is of another type than the first training image (the thresholds would come from
+        images the model reads unlike its training ones)."""
+        reference = training if training is not None else self
+        if not reference.kinds:
             return None
-        first = self.kinds[min(self.kinds)]
+        first_index = min(reference.kinds)
+        first = reference.kinds[first_index]
         others = sorted(index for index, kind in self.kinds.items() if kind != first)
-        kinds = sorted(set(self.kinds.values()))
+        if not others:
+            return None
+        kinds = sorted({*self.kinds.values(), first})
+        among, count, effect = f"{first} ones", f"{len(others)} of {len(self.kinds)}", ""
+        if training is not None:
+            among, count = f"{first} training ones", f"{count} {self.role} images"
+            effect = "; the thresholds come from images read unlike the training ones"
         rules = {
             "8-bit": "8-bit ones as 0..255",
             "16-bit": "16-bit ones as stored (0..65535)" if bit_depth is None else f"16-bit ones scaled from {bit_depth} significant bits",
@@ -162,9 +175,9 @@ class TrainingImages:
         }
         return (
             f"{self.name(others[0])}: {'an' if self.kinds[others[0]] == '8-bit' else 'a'} {self.kinds[others[0]]} "
-            f"training image among {first} ones "
-            f"({len(others)} of {len(self.kinds)} are not {first}, this the first; {self.name(min(self.kinds))} is {first}): "
-            f"the model reads {', '.join(rules[kind] for kind in kinds)}; two cameras, or a converted subset? "
+            f"{self.role} image among {among} "
+            f"({count} are not {first}, this the first; {reference.name(first_index)} is {first}): "
+            f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; two cameras, or a converted subset? "
             "Fit on images of one type"
         )
 
@@ -252,8 +265,9 @@ class AnomalyModel:
             train, validation_source = self._split(source)
         else:
             train = source
-            validation_source = ArrayImages(validation) if isinstance(validation, (list, tuple)) else validation  # type: ignore[arg-type]
-            validation_source = self._full_range_source(validation_source)
+            given = ArrayImages(validation) if isinstance(validation, (list, tuple)) else validation  # type: ignore[arg-type]
+            observed_validation = TrainingImages(given, role="validation")  # its pixel types, against the training's
+            validation_source = self._full_range_source(observed_validation)
         if self.strategy.needs_calibration and (validation_source is None or len(validation_source) == 0):
             raise InputError(
                 f"strategy {self.config.strategy.name!r} calibrates on held-out good images, but none are held out "
@@ -271,12 +285,15 @@ class AnomalyModel:
             self.thresholds = self._thresholds(validation_source, progress)
         if not self._mix_told:  # every training image read by now
             self._tell_mix(observed, stacklevel=2)
+        if validation is not None:  # every validation image read by now too
+            self._tell_mix(observed_validation, stacklevel=2, training=observed)
         return self
 
-    def _tell_mix(self, observed: TrainingImages, stacklevel: int) -> None:
-        """One warning when the training images read so far mix pixel types (``stacklevel``: the
-        caller of fit, counted from this method's caller)."""
-        problem = observed.mix_problem(self.bit_depth)
+    def _tell_mix(self, observed: TrainingImages, stacklevel: int, training: TrainingImages | None = None) -> None:
+        """One warning when the training images read so far mix pixel types, or with
+        ``training`` when the validation images ``observed`` are of another type than the training
+        images (``stacklevel``: the caller of fit, counted from this method's caller)."""
+        problem = observed.mix_problem(self.bit_depth, training)
         if problem is not None:
             warn(problem, stacklevel=stacklevel + 1)
         self._mix_told = True

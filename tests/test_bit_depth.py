@@ -4,6 +4,7 @@ depth once and applies it everywhere (fit, thresholds, predict, artifact, export
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import cv2
@@ -391,3 +392,45 @@ def test_sixteen_bit_training_images_of_far_apart_depths_are_told(float_images: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_model(TILED, DETECTOR).fit([at_bits(image, 12) if index == 1 else at_bits(image, 14) for index, image in enumerate(float_images)])
+
+
+def test_a_validation_set_of_another_pixel_type_than_the_training_images_is_told(float_images: list[np.ndarray]) -> None:
+    """8-bit validation images for a 12-bit model: the thresholds would come from images read
+    as 0..255 against training images scaled from 12 bits. One line names the first; a
+    validation set of the training images' type says nothing."""
+    training = [at_bits(image, 12) for image in float_images[:3]]
+    validation = [at_bits(float_images[3], 12), np.rint(float_images[4] * 255).astype(np.uint8)]
+    with pytest.warns(UserWarning) as record:
+        model = make_model(TILED, DETECTOR).fit(training, validation=validation)
+    assert model.bit_depth == 12 and model.thresholds is not None
+    assert [str(warning.message) for warning in record] == [
+        "image 1: an 8-bit validation image among 16-bit training ones (1 of 2 validation images are not 16-bit, "
+        "this the first; image 0 is 16-bit): the model reads 16-bit ones scaled from 12 significant bits, 8-bit "
+        "ones as 0..255; the thresholds come from images read unlike the training ones; two cameras, or a "
+        "converted subset? Fit on images of one type"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_model(TILED, DETECTOR).fit(training, validation=[at_bits(image, 12) for image in float_images[3:]])
+
+
+def test_cli_fit_tells_a_dataset_whose_validation_folder_is_of_another_pixel_type(
+    float_images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An MVTec AD 2 layout's validation/good comes apart from train/good: 12-bit training files
+    with 8-bit validation ones get one warning line naming the first validation file."""
+    root = tmp_path / "part"
+    for index, image in enumerate(float_images[:3]):
+        write_png(root / "train" / "good" / f"{index}.png", at_bits(image, 12))
+    for index, image in enumerate(float_images[3:]):
+        write_png(root / "validation" / "good" / f"{index}.png", np.rint(image * 255).astype(np.uint8))
+    write_png(root / "test_private" / "0.png", at_bits(float_images[0], 12))
+    capfd.readouterr()
+    assert cli_fit(root, tmp_path / "model", monkeypatch) == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert lines == [
+        f"hrad: warning: {root / 'validation' / 'good' / '0.png'}: an 8-bit validation image among 16-bit training "
+        f"ones (2 of 2 validation images are not 16-bit, this the first; {root / 'train' / 'good' / '0.png'} is "
+        "16-bit): the model reads 16-bit ones scaled from 12 significant bits, 8-bit ones as 0..255; the thresholds "
+        "come from images read unlike the training ones; two cameras, or a converted subset? Fit on images of one type"
+    ]
