@@ -33,7 +33,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -228,11 +228,17 @@ class OutputStems:
     """Output stems for images that keep coming (``hrad predict --watch``): the first ones as
     :func:`output_stems` names them; a later file its own stem, or numbered by its arrival
     (``00007_name``) when another file has that stem already; a file seen again keeps its stem
-    (its outputs are replaced, not doubled)."""
+    (its outputs are replaced, not doubled). ``kept``: rows an earlier run wrote
+    (:func:`resumable_rows`); their images keep the stems of their files and no other image
+    takes one, so a resumed run over another list of images overwrites none of them."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self._stems = dict(zip(paths, output_stems(paths), strict=True))
+    def __init__(self, paths: Sequence[Path], kept: Mapping[Path, Sequence[str]] | None = None) -> None:
+        self._stems = {path: _row_stem(row) for path, row in (kept or {}).items()}
         self._taken = set(self._stems.values())
+        for path, stem in zip(paths, output_stems(paths), strict=True):
+            if path not in self._stems and stem not in self._taken:
+                self._stems[path] = stem
+                self._taken.add(stem)
 
     def __call__(self, path: Path) -> str:
         stem = self._stems.get(path)
@@ -282,12 +288,28 @@ def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) ->
     return Path(path)
 
 
+#: the key of ``maps.json``'s ``run`` that names the folder ``hrad predict`` ran in: a resumed
+#: run finds the images of the earlier one's relative paths from there (:func:`resumable_rows`)
+RUN_FOLDER = "folder"
+
+
+def _row_stem(row: Sequence[str]) -> str:
+    """The output stem of a ``scores.csv`` row, from its map file's name (``<stem>_map.png``)."""
+    name = Path(dict(zip(SCORES_COLUMNS, row, strict=False)).get("map") or "").name
+    for suffix in ("_map.png", "_map.tiff"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str, Any]) -> dict[Path, list[str]]:
     """What ``hrad predict --resume`` keeps of an earlier run into ``out_dir``: the ``ok`` rows of
     its ``scores.csv`` for ``images`` whose map file is still there and not older than the image
     (a rewritten image is predicted again), by image. Failed images are predicted again. The
     earlier run must have written the same ``maps.json`` (``description``: the same model,
-    thresholds and output settings); else its files would mix with these, a one-line error."""
+    thresholds and output settings); else its files would mix with these, a one-line error.
+    An image is matched by the file it names, not its spelling: the earlier run's relative
+    paths start in the folder its ``run`` recorded (:data:`RUN_FOLDER`); a kept row names its
+    image and map as this run does."""
     scores, maps = out_dir / "scores.csv", out_dir / "maps.json"
     if not scores.is_file():
         return {}
@@ -295,12 +317,16 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
         earlier = json.loads(maps.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         earlier = None
+    run = earlier.get("run") if isinstance(earlier, dict) else None
+    # where the earlier run's relative paths start; not a setting (any folder may resume it)
+    start = run.pop(RUN_FOLDER, None) if isinstance(run, dict) else None
     if earlier != json.loads(json.dumps(description)):
         raise ConfigError(
             f"--resume: {out_dir} holds predictions of another model, other thresholds or other output settings "
             f"(its {maps.name} differs); choose another --out, or drop --resume to predict every image again"
         )
-    wanted = {str(path): path for path in images}
+    base = Path(start) if isinstance(start, str) else Path.cwd()
+    wanted = {os.path.abspath(path): path for path in images}  # the same files named from another folder too
     kept: dict[Path, list[str]] = {}
     try:
         with scores.open(newline="") as handle:
@@ -309,13 +335,15 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
                 raise ConfigError(f"--resume: {scores}: not a scores.csv of this hrad (its columns differ)")
             for row in reader:
                 record = dict(zip(SCORES_COLUMNS, row, strict=False))
-                image = wanted.get(record.get("path", ""))
+                image = wanted.get(os.path.abspath(base / record.get("path", ""))) if record.get("path") else None
                 map_file = out_dir / Path(record.get("map") or "-").name  # the row may name it from another folder
                 if image is None or record.get("status") != "ok" or not map_file.is_file():
                     continue
                 with contextlib.suppress(OSError):
                     if map_file.stat().st_mtime_ns >= image.stat().st_mtime_ns:
-                        kept[image] = row
+                        # named as this run names its files (it may run elsewhere, or spell them otherwise)
+                        named = record | {"path": str(image), "map": str(map_file)}
+                        kept[image] = [named.get(column, "") for column in SCORES_COLUMNS]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise ConfigError(f"--resume: {scores}: unreadable ({' '.join(str(error).split())})") from None
     return kept
@@ -421,6 +449,7 @@ def regions_json(regions: list[Region], prediction: Prediction) -> str:
 
 __all__ = [
     "SCORES_COLUMNS",
+    "RUN_FOLDER",
     "resumable_rows",
     "MapScale",
     "OutputRow",

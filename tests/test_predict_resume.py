@@ -87,3 +87,57 @@ def test_resume_keeps_finished_images_and_predicts_the_rest(
     # --resume into an empty folder predicts everything
     predicted.clear()
     assert run([*command[:-1], str(tmp_path / "fresh"), "--resume"], monkeypatch) == 0 and len(predicted) == 6
+
+
+def test_resume_from_another_folder_or_spelling_keeps_the_finished_images(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same images named from another working folder, or by absolute paths, are the same
+    images: kept, not predicted again (the earlier run's relative paths start where it ran)."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(10)
+    for index in range(3):
+        write(folder / f"{index}.png", textured_image(rng, 48, 64))
+    monkeypatch.chdir(tmp_path)
+    assert run(["predict", "--model", str(model_dir), "in", "--out", "out"], monkeypatch) == 0
+    predicted: list[str] = []
+    original = AnomalyModel.predict
+
+    def counting(self: AnomalyModel, image: Any, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
+        predicted.append(Path(str(name)).name)
+        return original(self, image, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(AnomalyModel, "predict", counting)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert run(["predict", "--model", str(model_dir), "../in", "--out", "../out", "--resume"], monkeypatch) == 0
+    assert predicted == [] and "resuming: 3 of 3 images already predicted" in capsys.readouterr().err
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--resume"], monkeypatch) == 0
+    assert predicted == [] and sorted(_rows(out)) == ["0.png", "1.png", "2.png"]
+    assert {row["path"] for row in _all_rows(out)} == {str(folder / f"{index}.png") for index in range(3)}  # as this run names them
+
+
+def test_resume_over_more_images_overwrites_no_kept_file(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Images added on resume whose names repeat a kept image's take no kept image's stem: the
+    kept rows still name their own maps, unchanged."""
+    rng = np.random.default_rng(11)
+    for name in ("a", "b", "c"):
+        write(tmp_path / name / "x.png", textured_image(rng, 48, 64))
+    out = tmp_path / "out"
+    command = ["predict", "--model", str(model_dir), "--out", str(out)]
+    assert run([*command, str(tmp_path / "a"), str(tmp_path / "b")], monkeypatch) == 0
+    before = {row["path"]: (row["map"], Path(row["map"]).read_bytes()) for row in _all_rows(out)}
+    # c listed first now: by position alone it would be named 00000_x, a's stem
+    assert run([*command, str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b"), "--resume"], monkeypatch) == 0
+    after = {row["path"]: row["map"] for row in _all_rows(out)}
+    assert len(set(after.values())) == 3
+    for path, (map_name, content) in before.items():
+        assert after[path] == map_name and Path(map_name).read_bytes() == content
+
+
+def _all_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "scores.csv").open() as handle:
+        return list(csv.DictReader(handle))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -287,6 +288,7 @@ def predict(
     from hrad.data.watch import FolderWatch, watched_images
     from hrad.errors import ConfigError
     from hrad.outputs import (
+        RUN_FOLDER,
         OutputRow,
         OutputStems,
         PredictionWriter,
@@ -308,8 +310,8 @@ def predict(
     kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
     if kept:
         console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
-    writer.write_description(run)
-    stems = OutputStems(images)  # every image, kept ones too: the same stems as the earlier run
+    writer.write_description(run | {RUN_FOLDER: os.getcwd()})
+    stems = OutputStems(images, kept)  # kept images keep their files' stems, the others take none of them
     failed: list[OutputRow] = []
     counts = [len(kept), len(images)]  # predicted (or kept), listed
 
