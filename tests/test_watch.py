@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import threading
 import time
@@ -148,3 +149,42 @@ def test_watch_idle_needs_watch(model_dir: Path, tmp_path: Path, monkeypatch: py
     assert "--watch-idle 3: only with --watch" in capsys.readouterr().err
     assert run(["predict", "--model", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--watch", "--watch-idle", "-1"], monkeypatch) == 2
     assert "--watch-idle -1: must be 0 or more seconds" in capsys.readouterr().err
+
+
+def test_a_watch_ended_by_a_vanished_folder_sums_up_and_a_file_that_came_whole_did_not_fail(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file caught half-written fails, then is predicted when it comes whole: it did not fail
+    (status 0 for it). A watched folder that vanishes (a share unmounted) ends the watch with the
+    summary of what it did, then the one-line error, status 2."""
+    monkeypatch.setattr(watch_module, "POLL_SECONDS", 0.05)
+    folders = [tmp_path / "line1", tmp_path / "line2"]
+    write(folders[0] / "a.png", textured_image(np.random.default_rng(4), 48, 64))
+    folders[1].mkdir()
+    out = tmp_path / "out"
+
+    def camera() -> None:
+        deadline = time.monotonic() + 60
+
+        def rows() -> list[str]:
+            return [row["status"] for row in _rows(out).values()] if (out / "scores.csv").exists() else []
+
+        def wait_for(statuses: list[str]) -> None:
+            while time.monotonic() < deadline and sorted(rows()) != statuses:
+                time.sleep(0.02)
+
+        wait_for(["ok"])
+        (folders[1] / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n half")  # caught half-written
+        wait_for(["failed", "ok"])
+        write(folders[1] / "c.png", textured_image(np.random.default_rng(6), 48, 64))  # the rest came
+        wait_for(["ok", "ok"])
+        shutil.rmtree(folders[1])
+
+    thread = threading.Thread(target=camera, daemon=True)
+    thread.start()
+    code = run(["predict", "--model", str(model_dir), *map(str, folders), "--out", str(out), "--watch"], monkeypatch)
+    thread.join(5)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.rstrip().endswith(f"hrad: error: {folders[1]}: watched folder vanished")
+    assert "3 predictions written" in err and "failed" not in err.split("predictions written")[1]

@@ -312,7 +312,7 @@ def predict(
         console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
     writer.write_description(run | {RUN_FOLDER: os.getcwd()})
     stems = OutputStems(images, kept)  # kept images keep their files' stems, the others take none of them
-    failed: list[OutputRow] = []
+    failed: dict[Path, OutputRow] = {}  # by image: a watched file that failed half-written and then came whole did not fail
     counts = [len(kept), len(images)]  # predicted (or kept), listed
 
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
@@ -337,11 +337,14 @@ def predict(
             row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
             scores.write(row)
             if row.error is not None:
-                failed.append(row)
+                failed[path] = row
                 _print_error(f"skipped: {row.error}")
+            else:
+                failed.pop(path, None)
             counts[0] += 1
             progress(counts[0], counts[1], "predicting")
 
+    ended: HradError | None = None  # what ended a watch other than the user (a watched folder vanished)
     with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
         predict_all([path for path in images if path not in kept], progress, scores)
         if watcher is not None:
@@ -353,9 +356,11 @@ def predict(
                     predict_all(ready, progress, scores)
             except (KeyboardInterrupt, _Terminated):  # how a watch is ended: every finished row is written
                 console.print("watch ended")
+            except HradError as error:  # told after the summary of what the watch did
+                ended = error
             else:
                 console.print(f"watch ended: no new image for {watch_idle:g} s")
-    _report_batch(counts[0], failed, out)
+    _report_batch(counts[0], list(failed.values()), out, ended)
 
 
 def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
@@ -377,11 +382,15 @@ def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any
     return load(model, device=device)
 
 
-def _report_batch(total: int, failed: list[Any], out: Path) -> None:
-    """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed."""
+def _report_batch(total: int, failed: list[Any], out: Path, ended: HradError | None = None) -> None:
+    """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed.
+    ``ended``: the error that stopped the batch early, raised after the summary (status 2)."""
     console.print(f"{total - len(failed)} predictions written to {out}")
     if failed:
         console.print(Text.assemble((f"{len(failed)} of {total} images failed", "red"), f" (status 'failed' in {out / 'scores.csv'})"))
+    if ended is not None:
+        raise ended
+    if failed:
         sys.exit(EXIT_SOME_FAILED)
 
 
