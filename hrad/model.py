@@ -347,18 +347,19 @@ class AnomalyModel:
         random.Random(self.config.seed).shuffle(order)
         return Subset(source, sorted(order[count:])), Subset(source, sorted(order[:count]))
 
-    def _thresholds(self, images: ImageSource, progress: ProgressCallback) -> Thresholds:
+    def _thresholds(self, images: ImageSource, progress: ProgressCallback, kind: str = "held-out") -> Thresholds:
         """Thresholds from the held-out normal images, on maps as every prediction finishes them.
+        ``kind``: what the progress and errors call the images ("good": given to :meth:`calibrate`).
 
         The first pass also profiles the raw maps' excess along the image border
         (:mod:`hrad.postprocess.border`); only when it finds one are the images predicted again,
         their maps divided by it, for the thresholds (most of all when there is no frame, one pass).
         """
         profile = BorderProfile() if self.config.postprocess.border_calibration else None
-        scores, pixels = self._held_out_statistics(images, progress, None, profile)
+        scores, pixels = self._held_out_statistics(images, progress, None, profile, kind)
         border = profile.ratios() if profile is not None else None
         if border:
-            scores, pixels = self._held_out_statistics(images, progress, border, None)
+            scores, pixels = self._held_out_statistics(images, progress, border, None, kind)
         k = self.config.threshold.sigmas
         pixel_sum, pixel_sq, pixel_count = pixels
         mean = pixel_sum / pixel_count
@@ -374,15 +375,15 @@ class AnomalyModel:
         )
 
     def _held_out_statistics(
-        self, images: ImageSource, progress: ProgressCallback, border: list[float] | None, profile: BorderProfile | None
+        self, images: ImageSource, progress: ProgressCallback, border: list[float] | None, profile: BorderProfile | None, kind: str
     ) -> tuple[list[float], tuple[float, float, float]]:
         """Image scores and the pixels' sum, sum of squares and count of the finished maps
         (border-calibrated by ``border``); ``profile`` also takes each raw map."""
         scores: list[float] = []
         pixel_sum = pixel_sq = pixel_count = 0.0
-        description = "thresholds on border-calibrated maps" if border else "thresholds from held-out normal images"
+        description = "thresholds on border-calibrated maps" if border else f"thresholds from {'held-out normal' if kind == 'held-out' else kind} images"
         for index in range(len(images)):
-            name = image_name(images, index, "held-out image")
+            name = image_name(images, index, f"{kind} image")
             try:
                 image = images[index]
                 self._check_size(image, name)
@@ -425,7 +426,7 @@ class AnomalyModel:
         previous = self.thresholds
         source = self._full_range_source(source)
         self.strategy.calibrate(source, progress)
-        self.thresholds = dataclasses.replace(self._thresholds(source, progress), calibrated=True)
+        self.thresholds = dataclasses.replace(self._thresholds(source, progress, "good"), calibrated=True)
         return previous
 
     # -- inference --------------------------------------------------------------------------------

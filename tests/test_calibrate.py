@@ -58,7 +58,7 @@ def test_calibrate_refuses_nothing_and_names_an_image_of_another_size() -> None:
     model = AnomalyModel(_config({"name": "tiled-ensemble", "tile": 32})).fit([textured_image(rng, 64, 80) for _ in range(6)])  # type: ignore[arg-type]
     with pytest.raises(InputError, match="no good images to calibrate on"):
         model.calibrate([])
-    with pytest.raises(InputError, match=r"^held-out image 1: image 96x64 differs from the fitted size 80x64"):
+    with pytest.raises(InputError, match=r"^good image 1: image 96x64 differs from the fitted size 80x64"):
         model.calibrate([textured_image(rng, 64, 80), textured_image(rng, 64, 96)])
 
 
@@ -81,6 +81,7 @@ def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
     assert run(["calibrate", "--model", str(model), "--out", str(calibrated), str(tmp_path / "new")], monkeypatch) == 0
     err = capsys.readouterr().err
     assert "hrad: warning: 4 good images give rough thresholds" in err
+    assert "thresholds from good images: 4/4" in err and "held-out normal images:" not in err  # the progress says which
     assert "thresholds from 4 good images at 3 sigmas: image " in err and "from 2 held-out images)" in err
     assert "4 of the 4 good images scored above the old image threshold" in err
     assert f"model written to {calibrated}" in err
