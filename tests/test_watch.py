@@ -188,3 +188,24 @@ def test_a_watch_ended_by_a_vanished_folder_sums_up_and_a_file_that_came_whole_d
     assert code == 2 and "Traceback" not in err
     assert err.rstrip().endswith(f"hrad: error: {folders[1]}: watched folder vanished")
     assert "3 predictions written" in err and "failed" not in err.split("predictions written")[1]
+
+
+def test_a_file_or_folder_named_twice_is_one(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder and a file in it, or one folder spelled twice, name each image once: one row and
+    its own stem (it was predicted twice into numbered stems); a watch sees the given file as
+    already predicted however the folder is spelled."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(12)
+    write(tmp_path / "line" / "a.png", textured_image(rng, 48, 64))
+    write(tmp_path / "line" / "b.png", textured_image(rng, 48, 64))
+    out = tmp_path / "out"
+    assert run(["predict", "--model", str(model_dir), "line", str(tmp_path / "line" / "a.png"), "./line/", "--out", str(out)], monkeypatch) == 0
+    assert sorted(_rows(out)) == ["a.png@line", "b.png@line"] and (out / "a_map.png").exists() and (out / "b_map.png").exists()
+    assert "2 predictions written" in capsys.readouterr().err
+
+    images, folders = watched_images([str(tmp_path / "line" / "a.png"), "line", "line/", str(tmp_path / "line")])
+    assert images == [tmp_path / "line" / "a.png", Path("line/b.png")] and folders == [Path("line")]
+    watch = FolderWatch(folders, seen=images)
+    assert watch.poll() == [] and watch.poll() == []  # neither is new

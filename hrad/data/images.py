@@ -763,7 +763,9 @@ def write_overlay(
 
 def expand_image_paths(paths: Iterable[str | os.PathLike[str]], allow_empty: bool = False) -> list[Path]:
     """Files as given and the images directly inside folders (sorted); missing paths are errors,
-    and so is a folder without images unless ``allow_empty``."""
+    and so is a folder without images unless ``allow_empty``. A file named twice (a folder and
+    a file in it, ``a`` and ``./a/``) is listed once, where it first came: one row, one set of
+    files, not two numbered ones."""
     images: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -775,7 +777,10 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]], allow_empty: boo
             raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
         else:
             images.append(path)
-    return images
+    unique: dict[str, Path] = {}
+    for path in images:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
 
 
 def model_input(image: np.ndarray | str | Path, bit_depth: int | None, name: str | None = None) -> tuple[np.ndarray, str]:

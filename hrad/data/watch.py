@@ -44,7 +44,8 @@ class FolderWatch:
         for folder in self.folders:
             if not folder.is_dir():
                 raise InputError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
-        self._handed: dict[Path, _Identity | None] = {path: _identity(path) for path in seen}
+        # by absolute path: a file given as /line/a.png and listed as line/a.png is one file
+        self._handed: dict[str, _Identity | None] = {os.path.abspath(path): _identity(path) for path in seen}
         self._pending: dict[Path, _Identity | None] = {}
 
     def _listing(self) -> dict[Path, _Identity | None]:
@@ -67,11 +68,13 @@ class FolderWatch:
         ready = sorted(
             path
             for path, identity in current.items()
-            if identity is not None and self._handed.get(path) != identity and self._pending.get(path) == identity
+            if identity is not None and self._handed.get(os.path.abspath(path)) != identity and self._pending.get(path) == identity
         )
         for path in ready:
-            self._handed[path] = current[path]
-        self._pending = {path: identity for path, identity in current.items() if identity is not None and self._handed.get(path) != identity}
+            self._handed[os.path.abspath(path)] = current[path]
+        self._pending = {
+            path: identity for path, identity in current.items() if identity is not None and self._handed.get(os.path.abspath(path)) != identity
+        }
         return ready
 
     def batches(self, idle_seconds: float | None = None, poll_seconds: float | None = None) -> Iterator[list[Path]]:
@@ -96,7 +99,10 @@ def watched_images(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path],
     """The images ``paths`` name now (:func:`~hrad.data.images.expand_image_paths`; an empty
     folder is fine, images will come) and the folders among them, to watch."""
     images = expand_image_paths(paths, allow_empty=True)
-    folders = [Path(path) for path in paths if Path(path).is_dir()]
+    folders: dict[str, Path] = {}  # a folder named twice is watched once
+    for path in paths:
+        if Path(path).is_dir():
+            folders.setdefault(os.path.abspath(path), Path(path))
     if not folders:
         raise InputError("--watch: give at least one folder to watch (only files were given)")
-    return images, folders
+    return images, list(folders.values())
