@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def evaluate(
     from hrad.pipeline import overlapped_batches
 
     given = decision_thresholds is not None
+    calibrated = model.thresholds is not None and model.thresholds.calibrated  # hrad calibrate's good images
     image_threshold, pixel_threshold = decision_thresholds if decision_thresholds is not None else model.decision_thresholds()
     # the pixel threshold's decisions are counted exactly, image by image, beside the binned metrics
     pixel = PixelMetrics(protocol=protocol, score_bits=score_bits, seg_thresholds=() if pixel_threshold is None else (pixel_threshold,))
@@ -147,7 +149,7 @@ def evaluate(
     metrics: dict[str, Any] = {}
     metrics.update(image_metrics(np.asarray(scores), np.asarray(labels)))
     metrics.update(pixel.result())
-    metrics.update(_decisions(scores, labels, rows, pixel, image_threshold, pixel_threshold, given))
+    metrics.update(_decisions(scores, labels, rows, pixel, image_threshold, pixel_threshold, "given" if given else "calibrated" if calibrated else "model"))
     metrics["seconds_per_image"] = seconds / len(scores)
     metrics["peak_rss_mb"] = memory.peak_rss_mb
     if memory.peak_gpu_mb:
@@ -174,13 +176,13 @@ def _decisions(
     pixel: PixelMetrics,
     image_threshold: float | None,
     pixel_threshold: float | None,
-    given: bool,
+    source: str,
 ) -> dict[str, Any]:
     """What the thresholds decide on this test set (none without thresholds), then the two
     oracle operating points; flat numbers first (the command line prints those), lists after."""
     decisions: dict[str, Any] = {}
     if image_threshold is not None or pixel_threshold is not None:
-        decisions["thresholds_from"] = "given" if given else "model"
+        decisions["thresholds_from"] = source  # given, model (held-out images) or calibrated (hrad calibrate)
     if image_threshold is not None:
         decisions["image_threshold"] = image_threshold
         decisions.update(threshold_decisions(scores, labels, image_threshold))
@@ -278,16 +280,27 @@ def write_evaluation(
         case_grid(select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases")
 
 
+#: where the thresholds of ``metrics["thresholds_from"]`` came from, as the reports say it
+THRESHOLD_SOURCES = {
+    "given": "given on the command line",
+    "model": "the model's, from held-out normal images",
+    "calibrated": "the model's, from the good images given to hrad calibrate",
+}
+
+
 def decisions_text(metrics: dict[str, Any]) -> list[str]:
     """What the thresholds decided, in sentences (``metrics.md`` and ``report.html``)."""
-    source = "given on the command line" if metrics.get("thresholds_from") == "given" else "the model's, from held-out normal images"
+    source = THRESHOLD_SOURCES[metrics.get("thresholds_from", "model")]
     lines = []
     if "image_threshold" in metrics:
-        good = metrics["good_images_flagged"]
+        good, missed = metrics["good_images_flagged"], metrics["defective_images_missed"]
+        good_share, defective_share = metrics["good_flagged"], metrics["defective_flagged"]
         lines.append(
-            f"Image threshold {metrics['image_threshold']:.6g} ({source}): {good} good image{'' if good == 1 else 's'} flagged "
-            f"(false alarms, {metrics['good_flagged']:.1%} of the good ones), {metrics['defective_images_missed']} defective "
-            f"missed ({metrics['defective_flagged']:.1%} of the defective ones flagged)."
+            f"Image threshold {metrics['image_threshold']:.6g} ({source}): "
+            + (f"{good} good image{'' if good == 1 else 's'} flagged (false alarms, {good_share:.1%} of the good ones), "
+               if math.isfinite(good_share) else "no good test images, ")
+            + (f"{missed} defective missed ({defective_share:.1%} of the defective ones flagged)."
+               if math.isfinite(defective_share) else "no defective test images.")
         )
     if "pixel_threshold" in metrics:
         lines.append(
@@ -369,9 +382,10 @@ def write_html_report(
         notes=(
             "F1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.",
             f"Pixel metrics at the ground truth's full resolution ({metrics.get('protocol')} protocol); {precision}.",
-            "Thresholds (image score, pixel) were given on the command line."
-            if metrics.get("thresholds_from") == "given"
-            else "Thresholds (image score, pixel) come from held-out normal training images, never from this test set.",
+            {
+                "given": "Thresholds (image score, pixel) were given on the command line.",
+                "calibrated": "Thresholds (image score, pixel) come from the good images given to hrad calibrate, never from this test set.",
+            }.get(metrics.get("thresholds_from", ""), "Thresholds (image score, pixel) come from held-out normal training images, never from this test set."),
             *model_notes(model),
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]

@@ -15,9 +15,10 @@ from conftest import textured_image, with_spot
 
 from hrad.config import load_config
 from hrad.data.datasets import load_dataset
+from hrad.data.images import ImageList
 from hrad.evaluation import evaluate
 from hrad.metrics import PixelMetrics, operating_points, threshold_decisions
-from hrad.model import AnomalyModel
+from hrad.model import AnomalyModel, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,3 +125,19 @@ def test_hrad_evaluate_takes_thresholds_and_refuses_bad_ones(
     assert '"good_flagged"' in err and '"pixel_f1_at_threshold"' in err  # the flat numbers are printed
     assert run(["evaluate", "--model", str(saved), "--data", str(dataset), "--out", str(tmp_path / "r2"), "--threshold", "nan"], monkeypatch) == 2
     assert "threshold must be a finite number" in capsys.readouterr().err
+
+
+def test_reports_say_a_calibrated_model_s_thresholds_and_a_test_set_without_good_images(
+    model: AnomalyModel, dataset: Path, tmp_path: Path
+) -> None:
+    """A model calibrated again is said to be (not 'from held-out normal images'), and a test set
+    of defective images only says it has no good ones (not 'nan% of the good ones')."""
+    calibrated = load(model.save(tmp_path / "model"))
+    calibrated.calibrate(ImageList([sample.path for sample in load_dataset(dataset).test if sample.label == 0]))
+    defective = [sample for sample in load_dataset(dataset).test if sample.label == 1]
+    metrics = evaluate(calibrated, defective, tmp_path / "report")
+    assert metrics["thresholds_from"] == "calibrated"
+    report = (tmp_path / "report" / "metrics.md").read_text()
+    assert "(the model's, from the good images given to hrad calibrate): no good test images, " in report
+    assert "nan" not in report.split("## Decisions at the thresholds")[1].split("###")[0]
+    assert "come from the good images given to hrad calibrate" in (tmp_path / "report" / "report.html").read_text()
