@@ -55,6 +55,7 @@ def test_resume_keeps_finished_images_and_predicts_the_rest(
     command = ["predict", "--model", str(model_dir), str(folder), "--out", str(out)]
     assert run(command, monkeypatch) == 130
     assert sorted(_rows(out)) == ["0.png", "1.png", "2.png"]
+    assert "3 of the 6 images found were not predicted: the same command with --resume predicts them\ninterrupted" in capsys.readouterr().err
     first_map = (out / "1_map.png").read_bytes()
     capsys.readouterr()
 

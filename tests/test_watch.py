@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -209,3 +211,37 @@ def test_a_file_or_folder_named_twice_is_one(
     assert images == [tmp_path / "line" / "a.png", Path("line/b.png")] and folders == [Path("line")]
     watch = FolderWatch(folders, seen=images)
     assert watch.poll() == [] and watch.poll() == []  # neither is new
+
+
+def test_a_watch_stopped_while_predicting_says_what_is_left(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGTERM while a watched image computes ends the watch (status 0, its usual end) and
+    says how many of the images found were not predicted and how to go on."""
+    monkeypatch.setattr(watch_module, "POLL_SECONDS", 0.05)
+    folder, out = tmp_path / "line", tmp_path / "out"
+    folder.mkdir()
+    original = AnomalyModel.predict
+
+    def stopped(self: AnomalyModel, *args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)  # docker stop while the image computes
+        time.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnomalyModel, "predict", stopped)
+
+    def camera() -> None:
+        time.sleep(0.3)
+        rng = np.random.default_rng(13)
+        for name in ("a", "b", "c"):
+            write(tmp_path / f"{name}.png", textured_image(rng, 48, 64))
+            os.replace(tmp_path / f"{name}.png", folder / f"{name}.png")  # whole at once
+
+    thread = threading.Thread(target=camera, daemon=True)
+    thread.start()
+    code = run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--watch", "--batch-images", "1"], monkeypatch)
+    thread.join(5)
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    told = re.search(r"watch ended\n(\d) of the (\d) images found were not predicted: the same command with --resume predicts them\n", err)
+    assert told is not None and 1 <= int(told[1]) <= int(told[2])

@@ -344,22 +344,31 @@ def predict(
             counts[0] += 1
             progress(counts[0], counts[1], "predicting")
 
+    def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
+        if counts[0] < counts[1]:
+            console.print(f"{counts[1] - counts[0]} of the {counts[1]} images found were not predicted: the same command with --resume predicts them")
+
     ended: HradError | None = None  # what ended a watch other than the user (a watched folder vanished)
-    with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
-        predict_all([path for path in images if path not in kept], progress, scores)
-        if watcher is not None:
-            until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
-            console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
-            try:
-                for ready in watcher.batches(idle_seconds=watch_idle):
-                    counts[1] += len(ready)
-                    predict_all(ready, progress, scores)
-            except (KeyboardInterrupt, _Terminated):  # how a watch is ended: every finished row is written
-                console.print("watch ended")
-            except HradError as error:  # told after the summary of what the watch did
-                ended = error
-            else:
-                console.print(f"watch ended: no new image for {watch_idle:g} s")
+    try:
+        with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
+            predict_all([path for path in images if path not in kept], progress, scores)
+            if watcher is not None:
+                until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
+                console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
+                try:
+                    for ready in watcher.batches(idle_seconds=watch_idle):
+                        counts[1] += len(ready)
+                        predict_all(ready, progress, scores)
+                except (KeyboardInterrupt, _Terminated):  # how a watch is ended: every finished row is written
+                    console.print("watch ended")
+                    tell_the_rest()
+                except HradError as error:  # told after the summary of what the watch did
+                    ended = error
+                else:
+                    console.print(f"watch ended: no new image for {watch_idle:g} s")
+    except (KeyboardInterrupt, _Terminated):
+        tell_the_rest()
+        raise
     _report_batch(counts[0], list(failed.values()), out, ended)
 
 
