@@ -301,6 +301,21 @@ def _row_stem(row: Sequence[str]) -> str:
     return name
 
 
+def _not_resumable(maps: Path, earlier: Any, expected: dict[str, Any]) -> str:
+    """Why an earlier run's files cannot be kept: what its ``maps.json`` says otherwise."""
+    if not maps.is_file():
+        return f"{maps.parent} holds a scores.csv without {maps.name}, so what wrote its files is unknown"
+    if not isinstance(earlier, dict):
+        return f"{maps}: unreadable, so what wrote the files beside it is unknown"
+    run, now = earlier.get("run") or {}, expected.get("run") or {}
+    differ = [
+        f"{what} ({run[key]})" if key == "model" and key in run else what
+        for key, what in (("model", "another model"), ("thresholds", "other thresholds"))
+        if isinstance(run, dict) and run.get(key) != now.get(key)
+    ]
+    return f"{maps.parent} holds predictions of {' and '.join(differ) if differ else 'other output settings'} (its {maps.name} differs)"
+
+
 def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str, Any]) -> dict[Path, list[str]]:
     """What ``hrad predict --resume`` keeps of an earlier run into ``out_dir``: the ``ok`` rows of
     its ``scores.csv`` for ``images`` whose map file is still there and not older than the image
@@ -320,11 +335,9 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
     run = earlier.get("run") if isinstance(earlier, dict) else None
     # where the earlier run's relative paths start; not a setting (any folder may resume it)
     start = run.pop(RUN_FOLDER, None) if isinstance(run, dict) else None
-    if earlier != json.loads(json.dumps(description)):
-        raise ConfigError(
-            f"--resume: {out_dir} holds predictions of another model, other thresholds or other output settings "
-            f"(its {maps.name} differs); choose another --out, or drop --resume to predict every image again"
-        )
+    expected = json.loads(json.dumps(description))
+    if earlier != expected:
+        raise ConfigError(f"--resume: {_not_resumable(maps, earlier, expected)}; choose another --out, or drop --resume to predict every image again")
     base = Path(start) if isinstance(start, str) else Path.cwd()
     wanted = {os.path.abspath(path): path for path in images}  # the same files named from another folder too
     kept: dict[Path, list[str]] = {}

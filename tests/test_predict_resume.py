@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,20 @@ def test_resume_keeps_finished_images_and_predicts_the_rest(
     capsys.readouterr()
     assert run([*command, "--resume", "--sigmas", "5"], monkeypatch) == 2
     err = capsys.readouterr().err
-    assert f"--resume: {out} holds predictions of another model, other thresholds or other output settings" in err
+    assert f"--resume: {out} holds predictions of other thresholds (its maps.json differs); choose another --out" in err
     assert run([*command, "--resume", "--no-overlays"], monkeypatch) == 2
+    assert f"--resume: {out} holds predictions of other output settings (its maps.json differs)" in capsys.readouterr().err
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert run(["predict", "--model", str(copy), *command[3:], "--resume"], monkeypatch) == 2
+    assert f"--resume: {out} holds predictions of another model ({model_dir.resolve()}) (its maps.json differs)" in capsys.readouterr().err
     # without --resume everything is predicted again
     predicted.clear()
     assert run(command, monkeypatch) == 0 and len(predicted) == 6
+    # a scores.csv without its maps.json: nothing says what wrote the files
+    (out / "maps.json").unlink()
+    assert run([*command, "--resume"], monkeypatch) == 2
+    assert f"--resume: {out} holds a scores.csv without maps.json, so what wrote its files is unknown; choose" in capsys.readouterr().err
     # --resume into an empty folder predicts everything
     predicted.clear()
     assert run([*command[:-1], str(tmp_path / "fresh"), "--resume"], monkeypatch) == 0 and len(predicted) == 6
