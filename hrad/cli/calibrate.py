@@ -8,6 +8,7 @@ each new good image (two when the maps have a border excess to profile).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,8 @@ def calibrate(
             f"{model}: an exported model cannot be calibrated; calibrate the model directory it was exported from "
             "(hrad calibrate) and export that again"
         )
+    if sigmas is not None and not math.isfinite(sigmas):  # before the model loads (minutes for a large one)
+        raise ConfigError(f"sigmas must be a finite number, got {sigmas}")
     check_artifact_target(out)  # before any work, like fit
     images = ImageList(expand_image_paths(paths))
     fitted = load(model, device=device)
