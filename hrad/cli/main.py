@@ -313,7 +313,8 @@ def predict(
     writer.write_description(run | {RUN_FOLDER: os.getcwd()})
     stems = OutputStems(images, kept)  # kept images keep their files' stems, the others take none of them
     failed: dict[Path, OutputRow] = {}  # by image: a watched file that failed half-written and then came whole did not fail
-    counts = [len(kept), len(images)]  # predicted (or kept), listed
+    counts = [len(kept), len(images)]  # rows predicted (or kept), files found: a file retried counts in both
+    done = set(kept)  # the images with a row: the summary counts each once
 
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
         names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
@@ -342,6 +343,7 @@ def predict(
             else:
                 failed.pop(path, None)
             counts[0] += 1
+            done.add(path)
             progress(counts[0], counts[1], "predicting")
 
     def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
@@ -369,7 +371,7 @@ def predict(
     except (KeyboardInterrupt, _Terminated):
         tell_the_rest()
         raise
-    _report_batch(counts[0], list(failed.values()), out, ended)
+    _report_batch(len(done), list(failed.values()), out, ended)
 
 
 def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
