@@ -7,7 +7,6 @@ post-processing and the thresholds learned from held-out normal images.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
-from hrad.prediction import check_image_size, decision_thresholds
+from hrad.prediction import check_finite, check_image_size, decision_thresholds
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     ImageSource,
@@ -419,9 +418,8 @@ class AnomalyModel:
             raise InputError("no good images to calibrate on")
         if self.fitted_size is None:
             raise InputError("the model is not fitted: fit it first (hrad fit)")
+        check_finite("sigmas", sigmas)
         if sigmas is not None:
-            if not math.isfinite(sigmas):
-                raise ConfigError(f"sigmas must be a finite number, got {sigmas}")
             self.config.threshold = self.config.threshold.model_copy(update={"sigmas": float(sigmas)})
         previous = self.thresholds
         source = self._full_range_source(source)

@@ -153,14 +153,20 @@ def check_pool_size(image: np.ndarray, fitted_size: tuple[int, int], assignment:
         )
 
 
+def check_finite(name: str, value: float | None) -> None:
+    """A threshold setting (``threshold``, ``pixel threshold``, ``sigmas``) must be a finite
+    number when given: NaN compares false with every score and would decide nothing."""
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
 def decision_thresholds(
     thresholds: Thresholds | None, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
 ) -> tuple[float | None, float | None]:
     """``(image, pixel)`` thresholds: ``thresholds``', moved to ``sigmas`` (mean + k std of the
     held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
     for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold), ("sigmas", sigmas)):
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value}")
+        check_finite(name, value)
     image, pixel = (thresholds.image, thresholds.pixel) if thresholds else (None, None)
     if sigmas is not None:
         if thresholds is None:

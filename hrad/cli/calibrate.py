@@ -8,7 +8,6 @@ each new good image (two when the maps have a border excess to profile).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +16,7 @@ import typer
 from hrad.cli.info import EXPORTED_SUFFIXES
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import ConfigError
+from hrad.prediction import check_finite
 
 #: fewer new good images than this give thresholds from a rough mean and std: said, not refused
 FEW_IMAGES = 10
@@ -44,8 +44,7 @@ def calibrate(
             f"{model}: an exported model cannot be calibrated; calibrate the model directory it was exported from "
             "(hrad calibrate) and export that again"
         )
-    if sigmas is not None and not math.isfinite(sigmas):  # before the model loads (minutes for a large one)
-        raise ConfigError(f"sigmas must be a finite number, got {sigmas}")
+    check_finite("sigmas", sigmas)  # before the model loads (minutes for a large one)
     check_artifact_target(out)  # before any work, like fit
     images = ImageList(expand_image_paths(paths))
     fitted = load(model, device=device)
