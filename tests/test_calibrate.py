@@ -106,6 +106,7 @@ def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
     # in place, at another k: the same path is replaced (atomically), the threshold moves down
     assert run(["calibrate", "--model", str(calibrated), "--out", str(calibrated), "--sigmas", "1", str(tmp_path / "new")], monkeypatch) == 0
     assert load(calibrated).thresholds.image < reloaded.thresholds.image  # type: ignore[union-attr]
+    assert "(was " in (err := capsys.readouterr().err) and "from 4 good images given to hrad calibrate)" in err
     capsys.readouterr()
 
     # user mistakes: one line, status 2, nothing written

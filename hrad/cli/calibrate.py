@@ -56,7 +56,8 @@ def calibrate(
     thresholds = fitted.thresholds
     assert thresholds is not None  # calibrate always sets them
     was = (
-        f" (was {previous.image:.6g} / {previous.pixel:.6g}, from {len(previous.image_scores)} held-out images)"
+        f" (was {previous.image:.6g} / {previous.pixel:.6g}, from {len(previous.image_scores)} "
+        f"{'good images given to hrad calibrate' if previous.calibrated else 'held-out images'})"
         if previous is not None
         else " (the model had none)"
     )
