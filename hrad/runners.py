@@ -160,6 +160,12 @@ def _logging_levels() -> dict[str, int]:
     return levels
 
 
+def _apply_levels(levels: Mapping[str, int]) -> None:
+    """Set the logger levels :func:`_logging_levels` read in the parent, in a worker."""
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+
+
 def _init_worker(threads: int, records: Any, levels: Mapping[str, int], disabled: int) -> None:
     """Pool initializer: torch's threads, and this worker's log records sent to the parent."""
     _set_threads(threads)
@@ -167,8 +173,7 @@ def _init_worker(threads: int, records: Any, levels: Mapping[str, int], disabled
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_ForwardingHandler(records))
-    for name, level in levels.items():
-        logging.getLogger(name or None).setLevel(level)
+    _apply_levels(levels)
     logging.disable(disabled)
 
 
@@ -415,8 +420,7 @@ def _run_job(
     _set_threads(threads)
     if label is None or records is None:
         return fn(job)
-    for name, level in (levels or {}).items():
-        logging.getLogger(name or None).setLevel(level)
+    _apply_levels(levels or {})
     root, handler = logging.getLogger(), _RayForwardingHandler(records)
     root.addHandler(handler)
     try:
