@@ -369,9 +369,10 @@ def _load_served(model_path: Path, device: str | None, runtime: str | None) -> t
             raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
         predictor = open_predictor(model_path, runtime=runtime)
         sidecar = predictor.sidecar
-        summary = health_summary(saved_model_facts(sidecar, True, f"{model_path.with_suffix('.json')}"))
+        facts = saved_model_facts(sidecar, True, f"{model_path.with_suffix('.json')}")
+        summary = health_summary(facts)
         summary["device"] = f"cpu ({predictor.runtime})"
-        details = {"backbone_weights": sidecar.get("model", {}).get("backbone_weights"), "config": {"geometry": sidecar.get("geometry")}}
+        details = {"backbone_weights": facts["backbone_weights"], "config": {"geometry": sidecar.get("geometry")}}
         return predictor, {"summary": summary, "details": details}
     if runtime is not None:
         raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model_path}")
