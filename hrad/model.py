@@ -95,6 +95,16 @@ def pixel_kind(image: np.ndarray) -> str:
     return _PIXEL_KINDS.get(image.dtype.name, "float")
 
 
+def _stored_pixel_type(value: object, bit_depth: int | None, where: str) -> str | None:
+    """The training images' pixel type read back from a manifest (``where`` names it); a model
+    saved before hrad kept it has none (16-bit when it learned a bit depth: only those have one)."""
+    if value is None:
+        return "16-bit" if bit_depth is not None else None
+    if value not in (*_PIXEL_KINDS.values(), "float"):
+        raise ArtifactError(f"{where}: pixel_type {value!r} is not 8-bit, 16-bit or float; the file is corrupt")
+    return str(value)
+
+
 class TrainingImages:
     """The training source as a fit reads it: notes each image's pixel type and size as it is
     read (a folder mixing 8-bit and 16-bit files is flagged: :meth:`mix_problem`), and can hold one
@@ -102,10 +112,12 @@ class TrainingImages:
     (the first, whose type decides whether a depth is learned and whose size is the fitted size)
     are not decoded again when the strategy reads them."""
 
-    def __init__(self, source: ImageSource, role: str = "training") -> None:
+    def __init__(self, source: ImageSource, role: str = "training", unnamed: str = "image") -> None:
         self.source = source
-        #: what the images are to the fit, in its lines: ``training`` or ``validation``
+        #: what the images are to the fit, in its lines: ``training``, ``validation`` or (to
+        #: :meth:`AnomalyModel.calibrate`) ``good``
         self.role = role
+        self._unnamed = unnamed  # what an image without a name of its own (an array) is called: "<unnamed> <index>"
         self.kinds: dict[int, str] = {}
         self.sizes: dict[int, tuple[int, int]] = {}
         self._held: tuple[int, np.ndarray] | None = None
@@ -145,20 +157,32 @@ class TrainingImages:
         return self.sizes[index]
 
     def name(self, index: int) -> str:
-        return image_name(self.source, index)
+        return image_name(self.source, index, self._unnamed)
 
-    def mix_problem(self, bit_depth: int | None, training: TrainingImages | None = None) -> str | None:
+    def first_kind(self) -> str | None:
+        """The pixel type of the first image read (the training images' type a model records)."""
+        return self.kinds[min(self.kinds)] if self.kinds else None
+
+    def mix_problem(self, bit_depth: int | None, training: TrainingImages | str | None = None) -> str | None:
         """A line when the images read so far are of more than one pixel type (two cameras, a
         converted subset: a model reads each type by its own rule and learns a depth from the
         16-bit ones alone), naming the first of another type than the first image; else None.
-        With ``training`` (these are a validation set given apart from it): a line when any of
-        these is of another type than the first training image (the thresholds would come from
-        images the model reads unlike its training ones)."""
-        reference = training if training is not None else self
-        if not reference.kinds:
-            return None
-        first_index = min(reference.kinds)
-        first = reference.kinds[first_index]
+        With ``training`` (these are images given apart from the training ones: a validation
+        set, or the good images of :meth:`AnomalyModel.calibrate`): a line when any of these is of
+        another type than the first training image (the thresholds would come from images the
+        model reads unlike its training ones); a string is the training images' type as a loaded
+        model recorded it (:attr:`AnomalyModel.pixel_type`)."""
+        advice = "two cameras, or a converted subset? Fit on images of one type"
+        if isinstance(training, str):
+            first, first_said = training, f"the model's training images are {training}"
+            advice = f"another camera, or converted files? Calibrate on {training} images, as the training ones"
+        else:
+            reference = training if training is not None else self
+            if not reference.kinds:
+                return None
+            first_index = min(reference.kinds)
+            first = reference.kinds[first_index]
+            first_said = f"{reference.name(first_index)} is {first}"
         others = sorted(index for index, kind in self.kinds.items() if kind != first)
         if not others:
             return None
@@ -175,9 +199,8 @@ class TrainingImages:
         return (
             f"{self.name(others[0])}: {'an' if self.kinds[others[0]] == '8-bit' else 'a'} {self.kinds[others[0]]} "
             f"{self.role} image among {among} "
-            f"({count} are not {first}, this the first; {reference.name(first_index)} is {first}): "
-            f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; two cameras, or a converted subset? "
-            "Fit on images of one type"
+            f"({count} are not {first}, this the first; {first_said}): "
+            f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; {advice}"
         )
 
 
@@ -235,6 +258,10 @@ class AnomalyModel:
         #: holding it, which set the depth learned (known after fit only, not saved): one hot
         #: image can lift a 12-bit line to 14 bits, and the fit's message names it
         self.brightest: tuple[int, str] | None = None
+        #: the pixel type of the training images (of the first, when they mix): ``8-bit``,
+        #: ``16-bit`` or ``float``; :meth:`calibrate` tells good images of another type. None: a
+        #: model saved before hrad kept it (16-bit when it has a bit depth), or not fitted
+        self.pixel_type: str | None = None
         self._mix_told = False  # the fit told a mix of training image types already (after the depth's pass)
 
     # -- training -------------------------------------------------------------------------------
@@ -286,6 +313,7 @@ class AnomalyModel:
             self._tell_mix(observed, stacklevel=2)
         if validation is not None:  # every validation image read by now too
             self._tell_mix(observed_validation, stacklevel=2, training=observed)
+        self.pixel_type = observed.first_kind()  # the reference the lines above compare with
         return self
 
     def _tell_mix(self, observed: TrainingImages, stacklevel: int, training: TrainingImages | None = None) -> None:
@@ -422,9 +450,14 @@ class AnomalyModel:
         if sigmas is not None:
             self.config.threshold = self.config.threshold.model_copy(update={"sigmas": float(sigmas)})
         previous = self.thresholds
-        source = self._full_range_source(source)
+        observed = TrainingImages(source, role="good", unnamed="good image")  # its pixel types, against the training images'
+        source = self._full_range_source(observed)
         self.strategy.calibrate(source, progress)
         self.thresholds = dataclasses.replace(self._thresholds(source, progress, "good"), calibrated=True)
+        if self.pixel_type is not None:  # every good image read by now
+            problem = observed.mix_problem(self.bit_depth, self.pixel_type)
+            if problem is not None:
+                warn(problem, stacklevel=2)
         return previous
 
     # -- inference --------------------------------------------------------------------------------
@@ -522,6 +555,7 @@ class AnomalyModel:
             "config": self.config.model_dump(mode="json"),
             "fitted_size": self.fitted_size,
             "bit_depth": self.bit_depth,
+            "pixel_type": self.pixel_type,
             "roi": self.roi.to_json() if self.roi is not None else None,
             "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
@@ -553,6 +587,7 @@ class AnomalyModel:
         size = manifest.get("fitted_size")
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
         model.bit_depth = stored_bit_depth(manifest.get("bit_depth"), f"{path} manifest")
+        model.pixel_type = _stored_pixel_type(manifest.get("pixel_type"), model.bit_depth, f"{path} manifest")
         model.roi = RegionOfInterest.from_json(manifest.get("roi"), f"{path} manifest")
         thresholds = manifest.get("thresholds")
         model.thresholds = Thresholds.from_json(thresholds) if thresholds else None

@@ -4,8 +4,10 @@ strategy calibration again from new good images, without training."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from cli_helpers import run, write
@@ -14,7 +16,7 @@ from conftest import textured_image
 from hrad.artifact import MANIFEST
 from hrad.config import load_config
 from hrad.data.images import ImageList
-from hrad.errors import InputError
+from hrad.errors import ArtifactError, InputError
 from hrad.model import AnomalyModel, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +124,80 @@ def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
     assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "x"), "--sigmas", "nan", str(tmp_path / "new")], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "sigmas must be a finite number" in err and "calibrating" not in err and not (tmp_path / "x").exists()  # before loading
+
+
+def _eight_bit(images: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8) for image in images]
+
+
+def test_calibrating_on_good_images_of_another_pixel_type_than_the_training_ones_is_told(tmp_path: Path) -> None:
+    """12-bit files for a model fitted on 8-bit ones: the thresholds would come from images read
+    unlike the training images. One line (the fit's validation wording), naming the first; also
+    after a save and load (the model records its training images' type); images of the training
+    type say nothing."""
+    rng = np.random.default_rng(4)
+    model = AnomalyModel(_config({"name": "downsample", "image_size": 64})).fit(_eight_bit([textured_image(rng, 64, 80) for _ in range(6)]))  # type: ignore[arg-type]
+    assert model.pixel_type == "8-bit"
+    good = [textured_image(rng, 64, 80) for _ in range(3)]
+    twelve = [np.rint(good[0] * 4095).astype(np.uint16), *_eight_bit(good[1:2]), np.rint(good[2] * 4095).astype(np.uint16)]
+    expected = (
+        "good image 0: a 16-bit good image among 8-bit training ones (2 of 3 good images are not 8-bit, this the first; "
+        "the model's training images are 8-bit): the model reads 16-bit ones as stored (0..65535), 8-bit ones as "
+        "0..255; the thresholds come from images read unlike the training ones; another camera, or converted files? "
+        "Calibrate on 8-bit images, as the training ones"
+    )
+    with pytest.warns(UserWarning) as record:
+        model.calibrate(twelve)
+    assert [str(warning.message) for warning in record] == [expected]
+    model.save(tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    assert loaded.pixel_type == "8-bit"
+    with pytest.warns(UserWarning) as record:
+        loaded.calibrate(twelve)
+    assert [str(warning.message) for warning in record] == [expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.calibrate(_eight_bit(good))
+
+
+def test_a_model_saved_before_it_kept_its_pixel_type_calibrates_without_a_word_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    AnomalyModel(_config({"name": "downsample", "image_size": 64})).fit(_eight_bit([textured_image(rng, 64, 80) for _ in range(6)])).save(tmp_path / "m")  # type: ignore[arg-type]
+    manifest_path = tmp_path / "m" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["pixel_type"] == "8-bit"
+    del manifest["pixel_type"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert load(tmp_path / "m").pixel_type is None  # unknown: 8-bit, float or 16-bit as stored
+    manifest["bit_depth"] = 12
+    manifest_path.write_text(json.dumps(manifest))
+    assert load(tmp_path / "m").pixel_type == "16-bit"  # only 16-bit training images give a depth
+    manifest["pixel_type"] = "24-bit"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest: pixel_type '24-bit' is not 8-bit, 16-bit or float; the file is corrupt$"):
+        load(tmp_path / "m")
+
+
+def test_hrad_calibrate_tells_sixteen_bit_files_for_a_model_fitted_on_eight_bit_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(6)
+    for index in range(8):
+        write(tmp_path / "good" / f"{index}.png", textured_image(rng, 64, 80))
+    new = tmp_path / "new"
+    new.mkdir()
+    for index in range(3):
+        cv2.imwrite(str(new / f"{index}.png"), np.rint(textured_image(rng, 64, 80) * 65535).astype(np.uint16))
+    model = tmp_path / "model"
+    fit = ["fit", "--data", str(tmp_path / "good"), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+           "--strategy", "downsample", "--image-size", "64"]
+    assert run(fit, monkeypatch) == 0
+    capfd.readouterr()
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "calibrated"), str(new)], monkeypatch) == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hrad: warning:") and "good image among" in line]
+    assert lines == [
+        f"hrad: warning: {new / '0.png'}: a 16-bit good image among 8-bit training ones (3 of 3 good images are not "
+        "8-bit, this the first; the model's training images are 8-bit): the model reads 16-bit ones as stored "
+        "(0..65535), 8-bit ones as 0..255; the thresholds come from images read unlike the training ones; another "
+        "camera, or converted files? Calibrate on 8-bit images, as the training ones"
+    ]
