@@ -33,7 +33,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -251,18 +251,27 @@ class OutputStems:
         return stem
 
 
+def _csv_bytes(rows: Iterable[Sequence[str]]) -> bytes:
+    """``scores.csv``'s header and ``rows``, as the file holds them."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORES_COLUMNS)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
 class ScoresWriter:
     """``scores.csv`` written as results come, one flushed row at a time, so an interrupted run
     keeps every row it finished. Use as a context manager. ``kept``: rows of an earlier run
-    written first (:func:`resumable_rows`)."""
+    written first (:func:`resumable_rows`): the header and they replace the file at once (a
+    temporary file and a rename), so a kill or a full disk while they are written leaves the
+    earlier file whole, and the next ``--resume`` still keeps its rows; new rows are appended."""
 
     def __init__(self, path: str | os.PathLike[str], kept: Sequence[Sequence[str]] = ()) -> None:
         self.path = Path(path)
-        self._handle = self.path.open("w", newline="")
+        atomic_write_bytes(self.path, _csv_bytes(kept))
+        self._handle = self.path.open("a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._handle, lineterminator="\n")
-        self._writer.writerow(SCORES_COLUMNS)
-        self._writer.writerows(kept)
-        self._handle.flush()
 
     def write(self, row: OutputRow) -> None:
         self._writer.writerow(row.csv_row())
@@ -280,11 +289,7 @@ class ScoresWriter:
 
 def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) -> Path:
     """All rows at once (input order), replacing ``path`` atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SCORES_COLUMNS)
-    writer.writerows(row.csv_row() for row in rows)
-    atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(Path(path), _csv_bytes(row.csv_row() for row in rows))
     return Path(path)
 
 
@@ -342,7 +347,7 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
     wanted = {os.path.abspath(path): path for path in images}  # the same files named from another folder too
     kept: dict[Path, list[str]] = {}
     try:
-        with scores.open(newline="") as handle:
+        with scores.open(newline="", encoding="utf-8") as handle:  # as ScoresWriter writes it
             reader = csv.reader(handle)
             if tuple(next(reader, ())) != SCORES_COLUMNS:
                 raise ConfigError(f"--resume: {scores}: not a scores.csv of this hrad (its columns differ)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from cli_helpers import run, write
 from conftest import textured_image
 
 from hrad.config import load_config
+from hrad.data.images import default_file_mode
 from hrad.model import AnomalyModel
+from hrad.outputs import SCORES_COLUMNS, ScoresWriter, failed_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,3 +155,33 @@ def test_resume_over_more_images_overwrites_no_kept_file(
 def _all_rows(out: Path) -> list[dict[str, str]]:
     with (out / "scores.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+def test_rewriting_scores_csv_with_the_kept_rows_leaves_the_earlier_file_whole_until_it_is_done(tmp_path: Path) -> None:
+    """--resume writes scores.csv again, the kept rows first: the file was opened for writing
+    (emptied) before them, so a kill or a full disk part-way lost the rows, and the next --resume
+    predicted every image again. Now a temporary file beside it replaces it once written."""
+    scores = tmp_path / "scores.csv"
+    rows = [[f"{index}.png", "0.5", "False", "1", "ok", "", f"{index}_map.png", "0"] for index in range(3)]
+    with ScoresWriter(scores, kept=rows[:2]) as writer:
+        writer.write(failed_row("x.png", "unreadable"))
+    with scores.open(newline="", encoding="utf-8") as handle:
+        written = list(csv.reader(handle))
+    assert written[0] == list(SCORES_COLUMNS) and written[1:3] == rows[:2] and written[3][0] == "x.png" and len(written) == 4
+    assert scores.stat().st_mode & 0o777 == default_file_mode()  # as open() makes it
+    before = scores.read_bytes()
+
+    class Killed(Exception):
+        pass
+
+    class DyingRow(list[str]):
+        """A row whose writing stops part-way (the process killed, the disk full)."""
+
+        def __iter__(self) -> Iterator[str]:
+            yield from self[:3]
+            raise Killed
+
+    with pytest.raises(Killed):
+        ScoresWriter(scores, kept=[rows[2], DyingRow(rows[0])])
+    assert scores.read_bytes() == before  # the earlier rows are all there
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]  # no temporary file left
