@@ -7,40 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import click
 import typer
-from rich.text import Text
 
 from hrad.cli.calibrate import calibrate
-from hrad.cli.info import EXPORTED_SUFFIXES, described_facts, model_facts
+from hrad.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    print_error,
+    raise_terminated,
+    tracking,
+)
+from hrad.cli.evaluate import evaluate
+from hrad.cli.info import described_facts, model_facts
+from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
 
-if TYPE_CHECKING:
-    from hrad.tracking import TrackedRun
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="High-resolution industrial anomaly detection.")
-
-
-class MapFormat(str, Enum):
-    png16 = "png16"
-    tiff = "tiff"
-
-
-class MetricProtocol(str, Enum):
-    full = "full"
-    hiad512 = "hiad512"
 
 
 def _file_identity(path: Path) -> list[Any]:
@@ -107,19 +100,6 @@ def _overrides(
     if device:
         overrides["device"] = device
     return overrides
-
-
-@contextlib.contextmanager
-def _tracking(command: str, flag: bool, name: str) -> Iterator[TrackedRun | None]:
-    """An MLflow run when tracking is requested (``--track`` or ``MLFLOW_TRACKING_URI``), else None."""
-    from hrad.tracking import tracked_run, tracking_requested
-
-    if not tracking_requested(flag):
-        yield None
-        return
-    with tracked_run(command, run_name=name) as run:
-        yield run
-        console.print(f"MLflow run {run.run_id} recorded")
 
 
 def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
@@ -197,7 +177,7 @@ def fit(
         "roi": _file_identity(roi) if roi is not None else None,
     }
     _prepare_checkpoints(checkpoints, this_fit)
-    with _tracking("fit", track, out.name) as run:
+    with tracking("fit", track, out.name) as run:
         try:
             with progress_bars() as progress, checkpoints_in(checkpoints):
                 model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
@@ -232,266 +212,10 @@ def fit(
             run.log_artifacts(out, "model")
 
 
-#: hrad predict / evaluate: images predicted together by default. 1: on the 2-core CPU batches of 2
-#: and 4 measured no faster than single images (within the run-to-run drift) and 8 slower, while
-#: each image more in a batch holds two more decoded images (benchmarks/results/predict_pipeline.md)
-DEFAULT_BATCH_IMAGES = 1
-
-
-@app.command()
-def predict(
-    model: Annotated[
-        Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, run without torch)")
-    ],
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
-    out: Annotated[Path, typer.Option(help="Output directory")],
-    map_format: Annotated[
-        MapFormat, typer.Option("--format", help="png16 (on the model's fixed scale, stored in the PNG and maps.json) or tiff (float32)")
-    ] = MapFormat.png16,
-    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale, with contours")] = True,
-    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
-    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
-    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's, from held-out normals)")] = None,
-    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks and contours (default: the model's)")] = None,
-    sigmas: Annotated[
-        float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals (fit used 3)")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
-    runtime: Annotated[
-        str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
-    ] = None,
-    batch_images: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches; up to 2N are decoded ahead); 1 = one at a time")
-    ] = DEFAULT_BATCH_IMAGES,
-    watch: Annotated[
-        bool, typer.Option("--watch", help="Then watch the folders: predict each new (or rewritten) image once its file holds still; Ctrl-C ends")
-    ] = False,
-    watch_idle: Annotated[
-        float | None, typer.Option(metavar="SECONDS", help="With --watch: end after this long without a new image")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Keep what an interrupted run into --out finished; predict only the rest")
-    ] = False,
-) -> None:
-    """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
-
-    A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
-    scores.csv; every other file is still processed. Rows are written (and flushed) as they
-    finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
-    export) runs through onnxruntime or OpenVINO and needs no torch. With --watch, images a
-    camera writes into the folders are predicted as they come (hrad.data.watch), until Ctrl-C,
-    a SIGTERM or --watch-idle; the summary and exit status then cover every image. With --resume,
-    the images an earlier run of the same model and settings into --out predicted are kept
-    (rows and files) and only the others predicted (failed ones again, and rewritten ones).
-    """
-    from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
-    from hrad.data.watch import FolderWatch, watched_images
-    from hrad.errors import ConfigError
-    from hrad.outputs import (
-        RUN_FOLDER,
-        OutputRow,
-        OutputStems,
-        PredictionWriter,
-        ScoresWriter,
-        failed_row,
-        resumable_rows,
-    )
-    from hrad.pipeline import overlapped_batches
-
-    if watch_idle is not None and not (watch and watch_idle >= 0):
-        raise ConfigError(f"--watch-idle {watch_idle:g}: " + ("only with --watch" if not watch else "must be 0 or more seconds"))
-    images, folders = watched_images(paths) if watch else (expand_image_paths(paths), [])
-    prepare_output_dir(out, paths)
-    watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
-    fitted = _load_predictor(model, device, runtime)
-    decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
-    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
-    run = {"model": str(model.resolve()), "thresholds": {"image": decided[0], "pixel": decided[1]}}
-    kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
-    if kept:
-        console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
-    writer.write_description(run | {RUN_FOLDER: os.getcwd()})
-    stems = OutputStems(images, kept)  # kept images keep their files' stems, the others take none of them
-    failed: dict[Path, OutputRow] = {}  # by image: a watched file that failed half-written and then came whole did not fail
-    counts = [len(kept), len(images)]  # rows predicted (or kept), files found: a file retried counts in both
-    done = set(kept)  # the images with a row: the summary counts each once
-
-    def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
-        names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
-        if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
-            return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, names=names))
-        return [
-            fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
-            for image, name in zip(batch_images, names, strict=True)
-        ]
-
-    def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
-        return writer.write(item[0], item[1], image, prediction)
-
-    def predict_all(paths_now: list[Path], progress: Any, scores: ScoresWriter) -> None:
-        # the next batch of images is decoded and finished ones written in threads while the model computes
-        # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
-        items = [(path, stems(path)) for path in paths_now]
-        # images stay in their file's pixel type (uint8/uint16): read_pixels, converted per tile
-        stages = overlapped_batches(items, lambda item: read_pixels(item[0]), compute, finish, batch=batch_images, writers=1)
-        for (path, _), outcome in stages:
-            row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
-            scores.write(row)
-            if row.error is not None:
-                failed[path] = row
-                _print_error(f"skipped: {row.error}")
-            else:
-                failed.pop(path, None)
-            counts[0] += 1
-            done.add(path)
-            progress(counts[0], counts[1], "predicting")
-
-    def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
-        if counts[0] < counts[1]:
-            console.print(f"{counts[1] - counts[0]} of the {counts[1]} images found were not predicted: the same command with --resume predicts them")
-
-    ended: HradError | None = None  # what ended a watch other than the user (a watched folder vanished)
-    try:
-        with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
-            predict_all([path for path in images if path not in kept], progress, scores)
-            if watcher is not None:
-                until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
-                console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
-                try:
-                    for ready in watcher.batches(idle_seconds=watch_idle):
-                        counts[1] += len(ready)
-                        predict_all(ready, progress, scores)
-                except (KeyboardInterrupt, _Terminated):  # how a watch is ended: every finished row is written
-                    console.print("watch ended")
-                    tell_the_rest()
-                except HradError as error:  # told after the summary of what the watch did
-                    ended = error
-                else:
-                    console.print(f"watch ended: no new image for {watch_idle:g} s")
-    except (KeyboardInterrupt, _Terminated):
-        tell_the_rest()
-        raise
-    _report_batch(len(done), list(failed.values()), out, ended)
-
-
-def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
-    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
-    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
-    ``decision_thresholds`` and ``thresholds``."""
-    from hrad.errors import ConfigError
-
-    if model.suffix in EXPORTED_SUFFIXES:
-        from hrad.export_runtime import open_predictor
-
-        if device not in (None, "cpu"):
-            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
-        return open_predictor(model, runtime=runtime)
-    if runtime is not None:
-        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
-    from hrad.model import load
-
-    return load(model, device=device)
-
-
-def _report_batch(total: int, failed: list[Any], out: Path, ended: HradError | None = None) -> None:
-    """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed.
-    ``ended``: the error that stopped the batch early, raised after the summary (status 2)."""
-    console.print(f"{total - len(failed)} predictions written to {out}")
-    if failed:
-        console.print(Text.assemble((f"{len(failed)} of {total} images failed", "red"), f" (status 'failed' in {out / 'scores.csv'})"))
-    if ended is not None:
-        raise ended
-    if failed:
-        sys.exit(EXIT_SOME_FAILED)
-
-
-@app.command()
-def evaluate(
-    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
-    data: Annotated[Path, typer.Option(help="Labelled dataset root")],
-    out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
-    protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
-    category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Evaluate only the first N test images (quick looks)")] = None,
-    score_bits: Annotated[
-        int,
-        typer.Option(
-            min=12, max=32, metavar="BITS",
-            help="Pixel-metric precision: scores binned to this many bits; 24 = bins 3e-5 of the score wide "
-            "(every pixel metric within 1e-5 of exact, measured in `metric_precision.md` of benchmarks/results), "
-            "32 = exact for float32 maps",
-        ),
-    ] = 24,
-    track: Annotated[
-        bool, typer.Option(help="Record the run in MLflow (also on when MLFLOW_TRACKING_URI is set; pip install 'hrad[track]')")
-    ] = False,
-    batch_images: Annotated[
-        int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches); metrics do not depend on it")
-    ] = DEFAULT_BATCH_IMAGES,
-    threshold: Annotated[float | None, typer.Option(help="Image-score threshold whose decisions are measured (default: the model's)")] = None,
-    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold whose decisions are measured (default: the model's)")] = None,
-    sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals")] = None,
-) -> None:
-    """Image and pixel metrics of a model on a labelled test set.
-
-    Besides the threshold-free metrics: what the model's thresholds (or --threshold,
-    --pixel-threshold, --sigmas) decide: good images flagged (false alarms), defective ones
-    flagged (per defect type), pixel precision / recall / F1; and the oracle operating points
-    to choose a threshold by.
-
-    A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
-    one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
-    metrics.md / report.html list the skipped files, and the exit status is 3.
-    """
-    import logging
-
-    from hrad.data.datasets import load_dataset
-    from hrad.data.images import prepare_output_dir
-    from hrad.evaluation import evaluate as run_evaluation
-    from hrad.model import load
-
-    dataset = load_dataset(data, category=category)
-    samples = [s for s in dataset.test if s.label >= 0][:limit]
-    if not samples:
-        raise InputError(f"{data}: no labelled test images")
-    prepare_output_dir(out)
-    fitted = load(model)
-    given = (threshold, pixel_threshold, sigmas) != (None, None, None)
-    decision = fitted.decision_thresholds(threshold, pixel_threshold, sigmas) if given else None  # a bad value fails here
-    warnings = _ConsoleWarnings()
-    logging.getLogger("hrad.evaluation").addHandler(warnings)
-    try:
-        with _tracking("evaluate", track, out.name) as run:
-            with progress_bars() as progress:
-                metrics = run_evaluation(
-                    fitted, samples, out, protocol=protocol.value, progress=progress, score_bits=score_bits,
-                    batch_images=batch_images, decision_thresholds=decision,
-                )
-            if run is not None:
-                run.log_config(fitted.config.model_dump(mode="json"))
-                run.log_metrics(metrics)
-                run.log_history(fitted.training_history)
-                run.set_tags({"hrad.data": data, "hrad.model": model.resolve(), "hrad.protocol": protocol.value})
-                run.log_artifacts(out, "report")
-    finally:
-        logging.getLogger("hrad.evaluation").removeHandler(warnings)
-    console.print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
-    console.print(f"report written to {out}")
-    if metrics.get("skipped"):
-        console.print(
-            Text.assemble((f"{len(metrics['skipped'])} of {len(samples)} test images skipped", "red"), f" (listed in {out / 'metrics.json'})")
-        )
-        sys.exit(EXIT_SOME_FAILED)
-
-
-class _ConsoleWarnings(logging.Handler):
-    """Log records (``hrad.evaluation``'s skipped images) as one ``hrad: warning:`` line each."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print_warning(record.getMessage())
-
-
-app.command("calibrate")(calibrate)  # in its own module: hrad/cli/calibrate.py
+# commands in modules of their own: hrad/cli/predict.py, evaluate.py, calibrate.py
+app.command()(predict)
+app.command()(evaluate)
+app.command("calibrate")(calibrate)
 
 
 @app.command()
@@ -575,7 +299,6 @@ def serve(
         uvicorn.run(app_, host=host, port=port, workers=1)
         return
     import json
-    import os
 
     from hrad.service import SETTINGS_ENV
 
@@ -629,41 +352,7 @@ def export(
     console.print(f"ONNX model written to {out}, sidecar to {sidecar}")
 
 
-@app.command("predict-distributed")
-def predict_distributed(
-    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit (shared storage on a cluster)")],
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
-    out: Annotated[Path, typer.Option(help="Output directory for maps and scores.csv")],
-    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Ray actors, each holding one loaded model")] = 1,
-    gpus_per_worker: Annotated[
-        float, typer.Option(min=0.0, metavar="GPUS", help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")
-    ] = 0.0,
-    address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
-    map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
-    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
-    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
-    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
-    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
-    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
-    sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
-) -> None:
-    """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster); same files as hrad predict."""
-    from hrad.data.images import expand_image_paths, prepare_output_dir
-    from hrad.distributed import PredictOptions, predict_many_ray
-
-    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas, regions)
-
-    images = expand_image_paths(paths)
-    prepare_output_dir(out, paths)
-    with progress_bars() as progress:
-        rows = predict_many_ray(
-            model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress,
-            options=options,
-        )
-    failed = [row for row in rows if row.error]
-    for row in failed:
-        _print_error(f"skipped: {row.error}")
-    _report_batch(len(rows), failed, out)
+app.command("predict-distributed")(predict_distributed)  # hrad/cli/predict.py
 
 
 @app.command("ad2-export")
@@ -808,27 +497,34 @@ def _options(
             "(default 268435456 = 2**28, e.g. 16384x16384 or 8192x32768; env HRAD_MAX_PIXELS)",
         ),
     ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file",
+            envvar="HRAD_LOG_FILE",
+            show_envvar=False,
+            metavar="PATH",
+            help="Also write the command's messages, warnings, errors, progress and exit status to PATH as plain "
+            "lines with ISO timestamps, appended below a header line, whatever the terminal shows (env HRAD_LOG_FILE)",
+        ),
+    ] = None,
 ) -> None:
     """High-resolution industrial anomaly detection."""
+    if log_file is not None:  # first: a log file that cannot be written stops the command before any work
+        from hrad.cli.log_file import start
+
+        start(log_file, console, print_warning)
     if max_pixels is not None:
         from hrad.data.images import set_max_pixels
 
         set_max_pixels(max_pixels)
 
 
-#: Exit status when a command ran but some of its inputs failed (``hrad predict`` over a folder
-#: with unreadable images): 0 = all done, 1 = unexpected crash, 2 = usage or input mistake.
-EXIT_SOME_FAILED = 3
-
 #: Usage errors of the command-line parser. Typer ships its own copy of click
 #: (``typer.TyperException`` is the base of its ``ClickException``); older typer raised
 #: click's own. Both are caught, so a dependency upgrade cannot turn them into tracebacks.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException, click.ClickException)
 _ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort, EOFError)
-
-
-def _print_error(message: str) -> None:
-    console.print(Text.assemble(("hrad: error:", "red"), f" {' '.join(message.split())}"), soft_wrap=True)
 
 
 def _usage_error(error: Exception) -> int:
@@ -842,24 +538,8 @@ def _usage_error(error: Exception) -> int:
     message = error.format_message() if hasattr(error, "format_message") else str(error)
     context = getattr(error, "ctx", None)
     hint = f" (see '{context.command_path} --help')" if context is not None else ""
-    _print_error(f"{message}{hint}")
+    print_error(f"{message}{hint}")
     return code
-
-
-#: Exit status after Ctrl-C (SIGINT; typer turns KeyboardInterrupt into this status) and after SIGTERM.
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
-
-class _Terminated(BaseException):
-    """SIGTERM (``kill``, ``timeout``, a scheduler or ``docker stop``) raised as an exception, so
-    the clean-up that Ctrl-C gets runs too: a fit's feature-cache spill folder and a model's
-    staging folder are removed, scores.csv keeps its finished rows. A BaseException, so no
-    per-image ``except Exception`` takes it for a failed input."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
@@ -870,14 +550,22 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
 
 
 def main() -> None:
-    """The console script: user mistakes are one line and status 2, never a traceback; warnings one line each."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
+    """The console script: user mistakes are one line and status 2, never a traceback; warnings one
+    line each; with --log-file, the log's last line is the exit status and wall time."""
+    from hrad.cli.log_file import ended_with_status
+
+    with ended_with_status():
+        _run()
+
+
+def _run() -> None:
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             result = app(standalone_mode=False)
     except HradError as error:
-        _print_error(str(error))
+        print_error(str(error))
         sys.exit(2)
     except _ABORTS:
         console.print("aborted")
@@ -887,7 +575,7 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    except _Terminated:
+    except Terminated:
         console.print("terminated")
         sys.exit(EXIT_TERMINATED)
     finally:

@@ -1,0 +1,210 @@
+"""``hrad predict`` and ``hrad predict-distributed``: maps, masks, overlays, regions and scores
+for unlabeled images, through the one writer (:mod:`hrad.outputs`).
+
+``hrad predict`` predicts in this process (:mod:`hrad.pipeline` overlaps decoding and writing
+with the model), optionally watching folders for new images (:mod:`hrad.data.watch`) and
+resuming an interrupted run; ``predict-distributed`` spreads images over Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hrad.cli.common import DEFAULT_BATCH_IMAGES, MapFormat, Terminated, print_error, report_batch
+from hrad.cli.info import EXPORTED_SUFFIXES
+from hrad.cli.progress import console, progress_bars
+from hrad.errors import HradError
+
+
+def predict(
+    model: Annotated[
+        Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, run without torch)")
+    ],
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
+    out: Annotated[Path, typer.Option(help="Output directory")],
+    map_format: Annotated[
+        MapFormat, typer.Option("--format", help="png16 (on the model's fixed scale, stored in the PNG and maps.json) or tiff (float32)")
+    ] = MapFormat.png16,
+    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale, with contours")] = True,
+    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
+    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's, from held-out normals)")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks and contours (default: the model's)")] = None,
+    sigmas: Annotated[
+        float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals (fit used 3)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
+    ] = None,
+    batch_images: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches; up to 2N are decoded ahead); 1 = one at a time")
+    ] = DEFAULT_BATCH_IMAGES,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Then watch the folders: predict each new (or rewritten) image once its file holds still; Ctrl-C ends")
+    ] = False,
+    watch_idle: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="With --watch: end after this long without a new image")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep what an interrupted run into --out finished; predict only the rest")
+    ] = False,
+) -> None:
+    """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
+
+    A file that cannot be read or predicted is reported in one line and as a ``failed`` row of
+    scores.csv; every other file is still processed. Rows are written (and flushed) as they
+    finish. Exit status 0 when all succeeded, 3 when some failed. An exported model (hrad
+    export) runs through onnxruntime or OpenVINO and needs no torch. With --watch, images a
+    camera writes into the folders are predicted as they come (hrad.data.watch), until Ctrl-C,
+    a SIGTERM or --watch-idle; the summary and exit status then cover every image. With --resume,
+    the images an earlier run of the same model and settings into --out predicted are kept
+    (rows and files) and only the others predicted (failed ones again, and rewritten ones).
+    """
+    from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
+    from hrad.data.watch import FolderWatch, watched_images
+    from hrad.errors import ConfigError
+    from hrad.outputs import (
+        RUN_FOLDER,
+        OutputRow,
+        OutputStems,
+        PredictionWriter,
+        ScoresWriter,
+        failed_row,
+        resumable_rows,
+    )
+    from hrad.pipeline import overlapped_batches
+
+    if watch_idle is not None and not (watch and watch_idle >= 0):
+        raise ConfigError(f"--watch-idle {watch_idle:g}: " + ("only with --watch" if not watch else "must be 0 or more seconds"))
+    images, folders = watched_images(paths) if watch else (expand_image_paths(paths), [])
+    prepare_output_dir(out, paths)
+    watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
+    fitted = _load_predictor(model, device, runtime)
+    decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
+    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
+    run = {"model": str(model.resolve()), "thresholds": {"image": decided[0], "pixel": decided[1]}}
+    kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
+    if kept:
+        console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
+    writer.write_description(run | {RUN_FOLDER: os.getcwd()})
+    stems = OutputStems(images, kept)  # kept images keep their files' stems, the others take none of them
+    failed: dict[Path, OutputRow] = {}  # by image: a watched file that failed half-written and then came whole did not fail
+    counts = [len(kept), len(images)]  # rows predicted (or kept), files found: a file retried counts in both
+    done = set(kept)  # the images with a row: the summary counts each once
+
+    def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
+        names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
+        if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
+            return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, names=names))
+        return [
+            fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
+            for image, name in zip(batch_images, names, strict=True)
+        ]
+
+    def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
+        return writer.write(item[0], item[1], image, prediction)
+
+    def predict_all(paths_now: list[Path], progress: Any, scores: ScoresWriter) -> None:
+        # the next batch of images is decoded and finished ones written in threads while the model computes
+        # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
+        items = [(path, stems(path)) for path in paths_now]
+        # images stay in their file's pixel type (uint8/uint16): read_pixels, converted per tile
+        stages = overlapped_batches(items, lambda item: read_pixels(item[0]), compute, finish, batch=batch_images, writers=1)
+        for (path, _), outcome in stages:
+            row = failed_row(path, outcome) if isinstance(outcome, Exception) else outcome
+            scores.write(row)
+            if row.error is not None:
+                failed[path] = row
+                print_error(f"skipped: {row.error}")
+            else:
+                failed.pop(path, None)
+            counts[0] += 1
+            done.add(path)
+            progress(counts[0], counts[1], "predicting")
+
+    def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
+        if counts[0] < counts[1]:
+            console.print(f"{counts[1] - counts[0]} of the {counts[1]} images found were not predicted: the same command with --resume predicts them")
+
+    ended: HradError | None = None  # what ended a watch other than the user (a watched folder vanished)
+    try:
+        with progress_bars() as progress, ScoresWriter(out / "scores.csv", kept=list(kept.values())) as scores:
+            predict_all([path for path in images if path not in kept], progress, scores)
+            if watcher is not None:
+                until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
+                console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
+                try:
+                    for ready in watcher.batches(idle_seconds=watch_idle):
+                        counts[1] += len(ready)
+                        predict_all(ready, progress, scores)
+                except (KeyboardInterrupt, Terminated):  # how a watch is ended: every finished row is written
+                    console.print("watch ended")
+                    tell_the_rest()
+                except HradError as error:  # told after the summary of what the watch did
+                    ended = error
+                else:
+                    console.print(f"watch ended: no new image for {watch_idle:g} s")
+    except (KeyboardInterrupt, Terminated):
+        tell_the_rest()
+        raise
+    report_batch(len(done), list(failed.values()), out, ended)
+
+
+def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
+    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
+    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
+    ``decision_thresholds`` and ``thresholds``."""
+    from hrad.errors import ConfigError
+
+    if model.suffix in EXPORTED_SUFFIXES:
+        from hrad.export_runtime import open_predictor
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
+        return open_predictor(model, runtime=runtime)
+    if runtime is not None:
+        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
+    from hrad.model import load
+
+    return load(model, device=device)
+
+
+def predict_distributed(
+    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit (shared storage on a cluster)")],
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images")],
+    out: Annotated[Path, typer.Option(help="Output directory for maps and scores.csv")],
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Ray actors, each holding one loaded model")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0.0, metavar="GPUS", help="GPUs per actor: 0 = CPU, 0.5 = two actors share a GPU")
+    ] = 0.0,
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto or ray://host:10001 (default: start Ray locally)")] = None,
+    map_format: Annotated[MapFormat, typer.Option("--format", help="png16 (model's fixed scale) or tiff (float32)")] = MapFormat.png16,
+    overlays: Annotated[bool, typer.Option(help="Write overlays on the model's fixed colour scale")] = False,
+    masks: Annotated[bool, typer.Option(help="Write 0/255 mask PNGs of map > pixel threshold")] = True,
+    regions: Annotated[bool, typer.Option(help="Write `<stem>_regions.json`: the mask's connected regions (box, area, peak, mean)")] = True,
+    threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
+    pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
+    sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
+) -> None:
+    """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster); same files as hrad predict."""
+    from hrad.data.images import expand_image_paths, prepare_output_dir
+    from hrad.distributed import PredictOptions, predict_many_ray
+
+    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas, regions)
+
+    images = expand_image_paths(paths)
+    prepare_output_dir(out, paths)
+    with progress_bars() as progress:
+        rows = predict_many_ray(
+            model, images, out, num_gpus_per_worker=gpus_per_worker, workers=workers, address=address, progress=progress,
+            options=options,
+        )
+    failed = [row for row in rows if row.error]
+    for row in failed:
+        print_error(f"skipped: {row.error}")
+    report_batch(len(rows), failed, out)
