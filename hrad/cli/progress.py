@@ -1,13 +1,14 @@
 """Progress behind the strategies' ``progress(done, total, description)`` callbacks and the steps
 detectors log (:func:`hrad.progress.log_progress`: epochs, coreset selection): rich bars in a
 terminal; plain lines when stderr is a file or pipe (``hrad fit ... 2> fit.log``), where bars
-would show nothing until each stage ended."""
+would show nothing until each stage ended. With ``--log-file`` the file gets the plain lines in
+either case (:mod:`hrad.cli.log_file`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -22,6 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from hrad.cli import log_file
 from hrad.progress import ProgressCallback, progress_of
 from hrad.runners import WorkerJob, worker_job
 
@@ -42,10 +44,12 @@ class _LogLines:
     previous update of its lane: this process's stages run one after another (the first counts
     from the start; a stage whose steps start over, the next job of a serial pool, is a new
     one); each job in a worker process is a lane of its own, timed on the worker's clock from
-    the job's start (its records' times, so a slow queue does not stretch them)."""
+    the job's start (its records' times, so a slow queue does not stretch them). ``write``: where
+    the lines go, default the console."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, write: Callable[[str], None] | None = None) -> None:
         self.interval = interval
+        self.write = write or _print_line
         self.started: dict[str, float] = {}
         self.printed: dict[str, float] = {}
         self.last: dict[str, int] = {}
@@ -65,7 +69,11 @@ class _LogLines:
         if first or done >= total or now - self.printed[description] >= self.interval:
             self.printed[description] = now
             seconds = now - self.started[description]
-            console.print(f"{description}: {done}/{total}, {seconds:.0f} s", highlight=False, soft_wrap=True)
+            self.write(f"{description}: {done}/{total}, {seconds:.0f} s")
+
+
+def _print_line(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
@@ -123,7 +131,9 @@ def _with_logged_steps(update: ProgressCallback) -> Iterator[None]:
 @contextmanager
 def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
     """A callback that shows one bar per distinct description in a terminal, else plain lines
-    (:class:`_LogLines`, one per ``interval`` seconds and stage at most)."""
+    (:class:`_LogLines`, one per ``interval`` seconds and stage at most). The console's lines
+    reach an open log file with everything else it prints; with bars, the file gets lines of its
+    own."""
     if not console.is_terminal:
         lines = _LogLines(interval)
         with _with_logged_steps(lines):
@@ -138,7 +148,8 @@ def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
         console=console,
         transient=False,
     ) as bars:
-        update = _Bars(bars)
+        log = log_file.current()
+        update = _Bars(bars, _LogLines(interval, log.write) if log is not None else None)
         with _with_logged_steps(update):
             yield update
 
@@ -146,19 +157,28 @@ def progress_bars(interval: float = LOG_INTERVAL) -> Iterator[ProgressCallback]:
 class _Bars:
     """A callback showing one rich bar per distinct description. A worker job's stage leaves
     when it reaches its total (the pool's own bar counts finished jobs): a pool of many jobs
-    would otherwise leave a finished bar per job and stage on the screen."""
+    would otherwise leave a finished bar per job and stage on the screen. ``lines``: the log
+    file's plain lines, fed the same updates."""
 
-    def __init__(self, bars: Progress) -> None:
+    def __init__(self, bars: Progress, lines: _LogLines | None = None) -> None:
         self.bars = bars
+        self.lines = lines
         self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, done: int, total: int, description: str) -> None:
+        self._show(done, total, description)
+        if self.lines is not None:
+            self.lines(done, total, description)
+
+    def _show(self, done: int, total: int, description: str) -> None:
         if description not in self.tasks:
             self.tasks[description] = self.bars.add_task(description, total=total)
         self.bars.update(self.tasks[description], completed=done, total=total)
 
     def step(self, done: int, total: int, description: str, job: WorkerJob | None, now: float) -> None:
         """One update of a worker job's stage ``description`` (``job`` and ``now``: as :class:`_LogLines` takes them)."""
-        self(done, total, description)
+        self._show(done, total, description)
+        if self.lines is not None:
+            self.lines.step(done, total, description, job, now)
         if job is not None and done >= total:
             self.bars.remove_task(self.tasks.pop(description))
