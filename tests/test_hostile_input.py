@@ -580,6 +580,64 @@ def test_pngs_a_decoder_only_warns_about_read_as_their_clean_twin_without_a_line
     assert "libpng warning" not in capfd.readouterr().err
 
 
+def _bad_crc(chunk: bytes) -> bytes:
+    """``chunk`` (as :func:`png_chunk` makes it) with its CRC's bits flipped."""
+    return chunk[:-4] + bytes(byte ^ 0xFF for byte in chunk[-4:])
+
+
+def test_an_ancillary_chunk_with_a_bad_crc_is_dropped_as_libpng_does_and_a_critical_one_refused(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # libpng decodes such a file, dropping the chunk ("libpng warning: tEXt: CRC error"), but PIL's
+    # header parser, the size check before the decode, refused it: "not a readable image (broken
+    # PNG header: broken PNG file (bad header checksum in b'tEXt'))"
+    rows = np.random.default_rng(2).integers(0, 256, (64, 80), dtype=np.uint8)
+    stream = zlib.compress(np.concatenate([np.zeros((64, 1), np.uint8), rows], axis=1).tobytes())
+    pixels = png_chunk(b"IDAT", stream)
+    text, gamma = _bad_crc(png_chunk(b"tEXt", b"Comment\0line 3")), _bad_crc(png_chunk(b"gAMA", (45455).to_bytes(4, "big")))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _gray_png(folder / "clean.png", stream)
+    _gray_png(folder / "text_before.png", b"", chunks=text + pixels)
+    _gray_png(folder / "gamma_and_text_before.png", b"", chunks=gamma + png_chunk(b"tEXt", b"a\0b") + text + pixels)
+    _gray_png(folder / "text_after.png", b"", chunks=pixels + text)
+    capfd.readouterr()
+    clean = read_pixels(folder / "clean.png")
+    for path in sorted(folder.iterdir()):
+        assert image_size(path) == (64, 80), path.name
+        np.testing.assert_array_equal(read_pixels(path), clean, err_msg=path.name)
+    assert capfd.readouterr().err == ""
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(tmp_path / "out")], monkeypatch) == 0
+    assert "libpng" not in capfd.readouterr().err
+    # a palette image's transparency with a bad CRC goes as libpng drops it: no alpha
+    palette = png_chunk(b"PLTE", bytes(range(48)))
+    indexes = png_chunk(b"IDAT", zlib.compress(np.concatenate([np.zeros((64, 1), np.uint8), rows % 16], axis=1).tobytes()))
+    _gray_png(tmp_path / "palette.png", b"", colour=3, chunks=palette + indexes)
+    _gray_png(tmp_path / "palette_bad_alpha.png", b"", colour=3, chunks=palette + _bad_crc(png_chunk(b"tRNS", bytes([0, 128]))) + indexes)
+    expected = decode_raw(tmp_path / "palette.png")
+    assert expected.shape == (64, 80, 3)
+    np.testing.assert_array_equal(decode_raw(tmp_path / "palette_bad_alpha.png"), expected)
+    assert capfd.readouterr().err == ""
+
+    # a critical chunk with a bad CRC stays refused, one line naming the file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _gray_png(broken / "a.png", stream)
+    _gray_png(broken / "b_pixels.png", b"", chunks=_bad_crc(pixels))
+    _gray_png(broken / "c_palette.png", b"", colour=3, chunks=_bad_crc(palette) + indexes)
+    whole = (broken / "a.png").read_bytes()
+    (broken / "d_header.png").write_bytes(whole[:8] + _bad_crc(whole[8:33]) + whole[33:])
+    (broken / "e_end.png").write_bytes(whole[:-12] + _bad_crc(whole[-12:]))
+    err, table = _predict_without_chatter(model_dir, broken, tmp_path / "out_broken", monkeypatch, capfd)
+    assert table == {
+        "a.png": "",
+        "b_pixels.png": f"{broken / 'b_pixels.png'}: truncated or corrupt image (CRC mismatch in its IDAT chunk at byte 33)",
+        "c_palette.png": f"{broken / 'c_palette.png'}: not a readable image (broken PNG header: broken PNG file (bad header checksum in b'PLTE'))",
+        "d_header.png": f"{broken / 'd_header.png'}: not a readable image (broken PNG header: broken PNG file (bad header checksum in b'IHDR'))",
+        "e_end.png": f"{broken / 'e_end.png'}: truncated or corrupt image (CRC mismatch in its IEND chunk at byte {len(whole) - 12})",
+    }
+
+
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 9), (9, 1), (3, 5), (17, 33)])
 def test_interlaced_and_low_bit_pngs_pass_the_pixel_data_check(height: int, width: int, tmp_path: Path) -> None:
     # the check counts each Adam7 pass's rows (empty passes have none) and packs sub-byte pixels:

@@ -16,10 +16,9 @@ from conftest import textured_image, with_spot
 from PIL import Image
 
 import hrad
-from hrad.data.images import thumbnail
 from hrad.metrics import PixelMetrics
 from hrad.metrics.pixel import normalised_area
-from hrad.reports.figures import Case, case_grid
+from hrad.reports.figures import Case, case_grid, thumbnail
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
+import io
 import os
 import tempfile
 import threading
@@ -51,7 +51,7 @@ import numpy as np
 import tifffile
 
 from hrad.data.bit_depth import display_bits, model_range, to_full_range
-from hrad.data.png_check import PNG_SIGNATURE, png_damage, png_for_libpng
+from hrad.data.png_check import PNG_SIGNATURE, png_damage, png_for_libpng, png_head_without_bad_chunks
 from hrad.errors import ConfigError, ImageTooLargeError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -130,7 +130,9 @@ def _header_size_pil(path: Path, prefix: bytes) -> tuple[int, int] | None:
             # every later warning of the process; one block at a time restores them in order
             with path.open("rb") as handle, _PIL_WARNINGS, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the error below says it
-                opened = factory(handle, str(path))
+                # an ancillary chunk with a bad CRC, which PIL refuses and libpng (the decode) drops
+                head = png_head_without_bad_chunks(handle, os.fstat(handle.fileno()).st_size) if name == "PNG" else None
+                opened = factory(io.BytesIO(head) if head is not None else handle, str(path))
                 width, height = opened.size
         except Exception as error:  # noqa: BLE001 - PIL raises many types for broken headers
             raise InputError(f"{path}: not a readable image (broken {name} header: {_one_line(error)})") from None
@@ -663,21 +665,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
         unit = np.clip(pixels_to_unit(to_full_range(array[top : top + rows], bits)), 0.0, 1.0)
         picture[top : top + rows] = np.round(unit * 255.0)
     return picture
-
-
-def thumbnail(array: np.ndarray, side: int = 320, longest: int = 1280) -> np.ndarray:
-    """Area-downscaled copy of at most ``side x side`` pixels' area and ``longest`` along its long
-    side: a square image becomes 320 x 320, a 1:8 line-scan strip about 113 x 905 (a bound on the
-    long side alone would leave it 40 px high, too thin to show a defect). Bool stays bool, any
-    other type becomes float32. Evaluation reports and ``hrad predict``'s summary page use it."""
-    height, width = array.shape[:2]
-    scale = min(1.0, side / math.sqrt(height * width), longest / max(height, width))
-    if scale == 1.0:
-        return array.copy()
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if array.dtype == bool:
-        return cv2.resize(array.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
-    return cv2.resize(array.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
 def overlay_image(

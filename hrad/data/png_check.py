@@ -5,15 +5,17 @@ decodes but dislikes by printing "libpng warning: ...", neither of which any log
 So a PNG's chunks are walked (lengths, critical chunks' CRCs and order, IEND) and its pixel data
 inflated (one zlib stream, the header's rows, valid filter types) first: a broken file becomes
 the one line hrad raises (:func:`png_damage`), and a whole one reaches libpng without what
-libpng would only warn about (:func:`png_for_libpng`). Plain byte arithmetic and zlib; imports
-nothing of hrad.
+libpng would only warn about (:func:`png_for_libpng`), an ancillary chunk whose CRC does not
+match included: libpng drops it with a warning, PIL's header parser (the size check before the
+decode) refuses the whole file, so it sees the file without it too (:func:`png_head_without_bad_chunks`).
+Plain byte arithmetic and zlib; imports nothing of hrad.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -22,12 +24,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 class PngWalk(NamedTuple):
     """What :func:`png_damage` learns of a PNG on its way: why it is broken (None when whole),
-    its chunks as ``(kind, first byte, end)``, and how many bytes of its IDAT data the zlib
-    stream takes (None when not inflated)."""
+    its chunks as ``(kind, first byte, end)`` (not the ancillary ones whose CRC does not match:
+    ``dropped`` counts those), and how many bytes of its IDAT data the zlib stream takes (None
+    when not inflated)."""
 
     damage: str | None
     chunks: list[tuple[bytes, int, int]]
     stream_bytes: int | None = None
+    dropped: int = 0
 
 
 def png_damage(data: memoryview) -> PngWalk:
@@ -36,8 +40,10 @@ def png_damage(data: memoryview) -> PngWalk:
     IEND, or pixel data that does not inflate (:func:`_png_pixel_damage`).
 
     Checked before OpenCV decodes, because libpng reports such a file by printing "libpng
-    error: ..." to stderr itself. Ancillary chunks' CRCs are not checked (libpng skips those
-    chunks). Costs one CRC pass over the bytes already read and one inflate of the pixel data.
+    error: ..." to stderr itself. An ancillary chunk whose CRC does not match is no damage
+    (libpng drops it with a "libpng warning: ...: CRC error" line): it is left out of the walk's
+    chunks, so :func:`png_for_libpng` leaves it out of what libpng gets. Costs one CRC pass over
+    the bytes already read and one inflate of the pixel data.
     """
     size = len(data)
     position = len(PNG_SIGNATURE)
@@ -45,6 +51,7 @@ def png_damage(data: memoryview) -> PngWalk:
     chunks: list[tuple[bytes, int, int]] = []
     seen: set[bytes] = set()  # the kinds of the chunks so far
     previous = b""
+    dropped = 0
     while position + 8 <= size:
         length = int.from_bytes(data[position : position + 4], "big")
         kind = bytes(data[position + 4 : position + 8])
@@ -52,23 +59,25 @@ def png_damage(data: memoryview) -> PngWalk:
         end = position + 12 + length
         if end > size:
             return PngWalk(f"the file ends at byte {size}, inside its {name} chunk of {length} bytes", chunks)
-        if kind[:1].isupper():
-            stored = int.from_bytes(data[end - 4 : end], "big")
-            if zlib.crc32(data[position + 4 : end - 4]) != stored:
-                return PngWalk(f"CRC mismatch in its {name} chunk at byte {position}", chunks)
+        crc_matches = zlib.crc32(data[position + 4 : end - 4]) == int.from_bytes(data[end - 4 : end], "big")
+        if kind[:1].isupper() and not crc_matches:
+            return PngWalk(f"CRC mismatch in its {name} chunk at byte {position}", chunks)
         if not kind.isalpha():
             return PngWalk(f"an invalid chunk type {kind!r} at byte {position}", chunks)
         misplaced = _png_chunk_misplaced(kind, length, seen, previous, palette=data[25] == 3)
         if misplaced is not None:
             return PngWalk(f"{name} chunk at byte {position}: {misplaced}", chunks)
-        chunks.append((kind, position, end))
+        if crc_matches:
+            chunks.append((kind, position, end))
+        else:  # an ancillary chunk: dropped, as libpng does
+            dropped += 1
         if kind == b"IDAT":
             pixel_data.append(data[position + 8 : end - 4])
         if kind == b"IEND":
             if not pixel_data:
                 return PngWalk("no IDAT chunk before its IEND", chunks)
             damage, stream_bytes = _png_pixel_damage(data[16:29], pixel_data)
-            return PngWalk(damage, chunks, stream_bytes)
+            return PngWalk(damage, chunks, stream_bytes, dropped)
         seen.add(kind)
         previous = kind
         position = end
@@ -86,8 +95,9 @@ def png_for_libpng(data: np.ndarray, walk: PngWalk) -> np.ndarray:
     Extra compressed data", "PLTE: ignored in grayscale PNG", "IEND: invalid") prints that line
     to stderr for every image, so a folder of such files floods a run's output. The pixels never
     depend on what it warns about (OpenCV applies no gamma, colour profile or text), so the copy
-    keeps IHDR, a PLTE before the pixel data of a colour image, a tRNS there (its alpha), the
-    IDAT data cut to the zlib stream's own bytes, and an empty IEND. ``data`` itself when that
+    keeps IHDR, a PLTE before the pixel data of a colour image, a tRNS there (its alpha, unless
+    its CRC does not match: libpng drops it then), the IDAT data cut to the zlib stream's own
+    bytes, and an empty IEND. ``data`` itself when that
     is what it already is (a copy of the compressed bytes otherwise, small next to the decoded
     image). A stream that inflates to more than the rows need still gets libpng's "Too much
     image data"."""
@@ -102,7 +112,7 @@ def png_for_libpng(data: np.ndarray, walk: PngWalk) -> np.ndarray:
     idat_bytes = sum(end - start - 12 for kind, start, end in kept if kind == b"IDAT")
     stream_bytes = walk.stream_bytes if walk.stream_bytes is not None else idat_bytes
     end_whole = data[walk.chunks[-1][1] :].tobytes() == _PNG_END
-    if len(kept) == len(walk.chunks) and stream_bytes >= idat_bytes and end_whole:
+    if not walk.dropped and len(kept) == len(walk.chunks) and stream_bytes >= idat_bytes and end_whole:
         return data
     raw = data.data
     parts = [bytes(raw[: len(PNG_SIGNATURE)])]
@@ -114,6 +124,36 @@ def png_for_libpng(data: np.ndarray, walk: PngWalk) -> np.ndarray:
             parts.append(bytes(raw[start:end]))
     parts.append(_PNG_END)
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def png_head_without_bad_chunks(handle: BinaryIO, size: int) -> bytes | None:
+    """The PNG in ``handle`` (``size`` bytes, read from the signature on) as a header parser
+    reads it, from the signature to its first IDAT chunk's length and type, without the
+    ancillary chunks there whose CRC does not match, when it has any; else None. ``handle`` is
+    back where it was either way. PIL's header parser refuses such a file ("broken PNG file (bad
+    header checksum in b'tEXt')") where libpng only drops the chunk, as :func:`png_damage` does.
+    A chunk cut off by the end of the file ends the copy: the parser's own verdict on it stands."""
+    start = handle.tell()
+    parts = [handle.read(len(PNG_SIGNATURE))]
+    position, dropped = start + len(PNG_SIGNATURE), False
+    while True:
+        top = handle.read(8)
+        length = int.from_bytes(top[:4], "big")
+        kind = top[4:8]
+        if len(top) < 8 or kind == b"IDAT" or position + 12 + length > size:
+            parts.append(top)
+            break
+        body = handle.read(length + 4)
+        matches = zlib.crc32(body[:-4], zlib.crc32(kind)) == int.from_bytes(body[-4:], "big")
+        if not matches and kind[:1].islower() and kind.isalpha():
+            dropped = True
+        else:
+            parts += [top, body]
+        position += 12 + length
+        if kind == b"IEND":
+            break
+    handle.seek(start)
+    return b"".join(parts) if dropped else None
 
 
 #: The critical chunks (upper-case first letter) PNG defines; libpng refuses any other.
@@ -232,4 +272,4 @@ def _bad_filter_type(output: bytes, offset: int, expected: int, rows: list[tuple
     return None
 
 
-__all__ = ["PNG_SIGNATURE", "PngWalk", "png_damage", "png_for_libpng"]
+__all__ = ["PNG_SIGNATURE", "PngWalk", "png_damage", "png_for_libpng", "png_head_without_bad_chunks"]
