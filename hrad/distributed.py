@@ -56,6 +56,8 @@ class PredictOptions:
     pixel_threshold: float | None = None
     sigmas: float | None = None
     regions: bool = True
+    #: ``thumbs/<stem>.jpg`` for the summary page (:func:`hrad.outputs.write_summary_page`)
+    thumbnails: bool = False
 
 
 class _PredictWorker:
@@ -89,6 +91,7 @@ class _PredictWorker:
                 overlays=self.options.overlays,
                 masks=self.options.masks,
                 regions=self.options.regions,
+                thumbnails=self.options.thumbnails,
             )
         except Exception as error:  # re-raised by ready(), keeping its type and message
             self._error = error

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hrad.data.datasets import Sample
-from hrad.data.images import read_pixels
+from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
 from hrad.metrics import (
     PixelMetrics,
@@ -54,7 +54,7 @@ from hrad.metrics import (
 from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
-from hrad.reports.figures import Case, case_grid, select_cases, thumbnail
+from hrad.reports.figures import Case, case_grid, select_cases
 from hrad.reports.html import ReportData, render_html
 from hrad.reports.markdown import metrics_report, table
 
@@ -202,7 +202,7 @@ def _decisions(
 
 
 def image_thumbnail(image: np.ndarray) -> np.ndarray:
-    """:func:`~hrad.reports.figures.thumbnail` of an image in any pixel type, as float32 in [0, 1]
+    """:func:`~hrad.data.images.thumbnail` of an image in any pixel type, as float32 in [0, 1]
     (the thumbnail of its float twin: the area average commutes with the division)."""
     small = thumbnail(image).astype(np.float32, copy=False)
     if np.issubdtype(image.dtype, np.integer):

@@ -15,6 +15,8 @@ For every image (``<stem>`` = its file stem, numbered when two inputs share one)
   red) and red contours around the mask, so a normal image stays calm and a defect glows, and
   two overlays are comparable. A model with a region of interest (:mod:`hrad.postprocess.roi`)
   has it drawn: outside, the plain image at half brightness (not inspected), a white outline.
+- ``thumbs/<stem>.jpg``: a small JPEG of the overlay (:func:`~hrad.data.images.thumbnail`), for
+  the batch's summary page ``index.html`` (:func:`write_summary_page`), when asked for.
 - one row of ``scores.csv``: ``path, score, is_anomalous, threshold, status, error, map, regions``
   (threshold = the image-score threshold the decision used; status ``ok`` or ``failed``, with
   the one-line reason in ``error``; regions = how many defect regions the mask has). Rows are written and flushed as images finish
@@ -37,16 +39,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
 import cv2
 import numpy as np
 
-from hrad.data.images import atomic_write_bytes, overlay_image, write_map_tiff, write_mask
+from hrad.data.images import atomic_write_bytes, overlay_image, thumbnail, write_map_tiff, write_mask
 from hrad.errors import ConfigError
 from hrad.postprocess.regions import Region, defect_regions
 
 if TYPE_CHECKING:  # types only: this module sits below the model in the import order (ARCHITECTURE.md)
     from hrad.model import AnomalyModel, Prediction, Thresholds
+    from hrad.reports.batch import BatchItem
 
 MapFormat = Literal["png16", "tiff", "none"]
 SCORES_COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error", "map", "regions")
@@ -160,6 +164,14 @@ def overlay_picture(image: np.ndarray, prediction: Prediction, scale: MapScale |
     return overlay_image(
         image, prediction.anomaly_map, prediction.pixel_threshold, vmin=used.vmin, vmax=used.vmax, inspected=prediction.inspected
     )
+
+
+def encode_jpeg(picture: np.ndarray, quality: int = 85) -> bytes:
+    """An 8-bit RGB picture as JPEG bytes (thumbnails)."""
+    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("cannot encode the picture as JPEG")
+    return buffer.tobytes()
 
 
 def mask_picture(prediction: Prediction) -> np.ndarray | None:
@@ -293,6 +305,57 @@ def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[OutputRow]) ->
     return Path(path)
 
 
+#: the summary page of ``hrad predict``'s output folder and the folder of its thumbnails
+SUMMARY_PAGE = "index.html"
+THUMBNAIL_FOLDER = "thumbs"
+
+
+def summary_items(out_dir: Path) -> list[BatchItem]:
+    """The images of ``out_dir``'s ``scores.csv`` for the summary page, the last row of each
+    (a watched file retried has two), with links to their thumbnails and overlays (else maps)."""
+    from hrad.reports.batch import BatchItem
+
+    records: dict[str, dict[str, str]] = {}
+    stems: dict[str, str] = {}
+    with (out_dir / "scores.csv").open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        if tuple(next(reader, ())) != SCORES_COLUMNS:
+            raise ValueError(f"{out_dir / 'scores.csv'}: not a scores.csv of this hrad (its columns differ)")
+        for row in reader:
+            record = dict(zip(SCORES_COLUMNS, row, strict=False))
+            records[record.get("path", "")] = record
+            stems[record.get("path", "")] = _row_stem(row)
+    items = []
+    for path, record in records.items():
+        stem = stems[path]
+        thumb, overlay = Path(THUMBNAIL_FOLDER) / f"{stem}.jpg", Path(f"{stem}_overlay.png")
+        full = overlay if stem and (out_dir / overlay).is_file() else Path(Path(record.get("map") or "").name)
+        failed = record.get("status") != "ok"
+        items.append(
+            BatchItem(
+                path,
+                score=float(record["score"]) if record.get("score") else None,
+                flagged=record.get("is_anomalous") == "true",
+                regions=int(record["regions"]) if record.get("regions") else None,
+                threshold=float(record["threshold"]) if record.get("threshold") else None,
+                error=(record.get("error") or "failed") if failed else None,
+                thumbnail=quote(thumb.as_posix()) if stem and not failed and (out_dir / thumb).is_file() else None,
+                link=quote(full.as_posix()) if not failed and full.name and (out_dir / full).is_file() else None,
+            )
+        )
+    return items
+
+
+def write_summary_page(out_dir: Path, facts: Mapping[str, str] | None = None) -> Path:
+    """``out_dir/index.html`` from its ``scores.csv`` (:mod:`hrad.reports.batch`), written
+    atomically; ``facts`` (the model, when) are listed under its title."""
+    from hrad.reports.batch import render_batch_page
+
+    page = render_batch_page(summary_items(out_dir), f"Predictions in {out_dir.resolve().name}", dict(facts or {}))
+    atomic_write_bytes(out_dir / SUMMARY_PAGE, page.encode("utf-8"))
+    return out_dir / SUMMARY_PAGE
+
+
 #: the key of ``maps.json``'s ``run`` that names the folder ``hrad predict`` ran in: a resumed
 #: run finds the images of the earlier one's relative paths from there (:func:`resumable_rows`)
 RUN_FOLDER = "folder"
@@ -382,6 +445,7 @@ class PredictionWriter:
         overlays: bool = True,
         masks: bool = True,
         regions: bool = True,
+        thumbnails: bool = False,
     ) -> None:
         if map_format not in ("png16", "tiff", "none"):
             raise ValueError(f"map format is png16, tiff or none, not {map_format!r}")
@@ -390,9 +454,14 @@ class PredictionWriter:
         self.overlays = overlays
         self.masks = masks
         self.regions = regions
+        #: ``thumbs/<stem>.jpg`` of each overlay, for :func:`write_summary_page`; not in
+        #: :meth:`describe`: a resumed run with other settings only lacks some thumbnails
+        self.thumbnails = thumbnails
         self.map_scale = map_scale(thresholds)
         self.overlay_scale = overlay_scale(thresholds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if thumbnails:
+            (self.out_dir / THUMBNAIL_FOLDER).mkdir(exist_ok=True)
 
     @classmethod
     def for_model(cls, out_dir: str | os.PathLike[str], model: AnomalyModel, **options: Any) -> PredictionWriter:
@@ -432,8 +501,13 @@ class PredictionWriter:
         mask = prediction.mask
         if self.masks and mask is not None:
             write_mask(self.out_dir / f"{stem}_mask.png", mask)
-        if self.overlays:
-            atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(overlay_picture(image, prediction, self.overlay_scale)))
+        if self.overlays or self.thumbnails:
+            picture = overlay_picture(image, prediction, self.overlay_scale)
+            if self.overlays:
+                atomic_write_bytes(self.out_dir / f"{stem}_overlay.png", encode_png(picture))
+            if self.thumbnails:
+                small = np.clip(thumbnail(picture) + 0.5, 0, 255).astype(np.uint8)
+                atomic_write_bytes(self.out_dir / THUMBNAIL_FOLDER / f"{stem}.jpg", encode_jpeg(small))
         found = prediction_regions(prediction) if self.regions else None
         if found is not None:
             atomic_write_bytes(self.out_dir / f"{stem}_regions.json", regions_json(found, prediction).encode("utf-8"))

@@ -177,6 +177,9 @@ def test_cli_predict_distributed_writes_scores_and_fails_on_bad_images(
     for path in image_folder[:2]:
         line = table[path.name]
         assert line["error"] == "" and float(line["score"]) > 0 and (out / f"{path.stem}_map.png").is_file()
+        assert (out / "thumbs" / f"{path.stem}.jpg").is_file()  # the actors write the summary page's thumbnails
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "3 images:" in page and "1 failed." in page
 
 
 def test_gpu_workers_on_a_cluster_without_gpus_are_a_config_error(

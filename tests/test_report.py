@@ -16,9 +16,10 @@ from conftest import textured_image, with_spot
 from PIL import Image
 
 import hrad
+from hrad.data.images import thumbnail
 from hrad.metrics import PixelMetrics
 from hrad.metrics.pixel import normalised_area
-from hrad.reports.figures import Case, case_grid, thumbnail
+from hrad.reports.figures import Case, case_grid
 
 
 @pytest.fixture(scope="module")

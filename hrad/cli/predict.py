@@ -9,6 +9,8 @@ resuming an interrupted run; ``predict-distributed`` spreads images over Ray act
 from __future__ import annotations
 
 import os
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ import typer
 
 from hrad.cli.common import DEFAULT_BATCH_IMAGES, MapFormat, Terminated, print_error, report_batch
 from hrad.cli.info import EXPORTED_SUFFIXES
-from hrad.cli.progress import console, progress_bars
+from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError
 
 
@@ -53,6 +55,10 @@ def predict(
     resume: Annotated[
         bool, typer.Option("--resume", help="Keep what an interrupted run into --out finished; predict only the rest")
     ] = False,
+    summary: Annotated[
+        bool,
+        typer.Option(help="Write index.html: flagged images first as thumbnails of their overlays (thumbs/), failed ones, the score histogram"),
+    ] = True,
 ) -> None:
     """Anomaly maps, masks, overlays and scores for unlabeled images (one writer: hrad.outputs).
 
@@ -64,6 +70,8 @@ def predict(
     a SIGTERM or --watch-idle; the summary and exit status then cover every image. With --resume,
     the images an earlier run of the same model and settings into --out predicted are kept
     (rows and files) and only the others predicted (failed ones again, and rewritten ones).
+    index.html in --out shows the batch: flagged images first, then failed and passed ones
+    (written at the end, and every 30 s while watching).
     """
     from hrad.data.images import expand_image_paths, prepare_output_dir, read_pixels
     from hrad.data.watch import FolderWatch, watched_images
@@ -86,7 +94,9 @@ def predict(
     watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
     fitted = _load_predictor(model, device, runtime)
     decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
-    writer = PredictionWriter(out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions)
+    writer = PredictionWriter(
+        out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions, thumbnails=summary
+    )
     run = {"model": str(model.resolve()), "thresholds": {"image": decided[0], "pixel": decided[1]}}
     kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
     if kept:
@@ -127,6 +137,8 @@ def predict(
             done.add(path)
             progress(counts[0], counts[1], "predicting")
 
+    page = SummaryPage(out, model) if summary else None
+
     def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
         if counts[0] < counts[1]:
             console.print(f"{counts[1] - counts[0]} of the {counts[1]} images found were not predicted: the same command with --resume predicts them")
@@ -142,6 +154,8 @@ def predict(
                     for ready in watcher.batches(idle_seconds=watch_idle):
                         counts[1] += len(ready)
                         predict_all(ready, progress, scores)
+                        if page is not None:
+                            page.write(every=SummaryPage.WATCH_INTERVAL)
                 except (KeyboardInterrupt, Terminated):  # how a watch is ended: every finished row is written
                     console.print("watch ended")
                     tell_the_rest()
@@ -150,9 +164,43 @@ def predict(
                 else:
                     console.print(f"watch ended: no new image for {watch_idle:g} s")
     except (KeyboardInterrupt, Terminated):
+        if page is not None:
+            page.write(tell=True)
         tell_the_rest()
         raise
+    if page is not None:
+        page.write(tell=True)
     report_batch(len(done), list(failed.values()), out, ended)
+
+
+class SummaryPage:
+    """``hrad predict``'s ``index.html`` (:func:`hrad.outputs.write_summary_page`), rewritten from
+    scores.csv when asked; a page that cannot be written is one warning, never a failed run."""
+
+    #: seconds between two rewrites while watching (each reads scores.csv and lists the folder)
+    WATCH_INTERVAL = 30.0
+
+    def __init__(self, out: Path, model: Path) -> None:
+        self.out = out
+        self.facts = {"model": str(model.resolve())}
+        self.written = time.monotonic()
+        self.broken = False
+
+    def write(self, every: float = 0.0, tell: bool = False) -> None:
+        """Rewrite the page, unless it was written less than ``every`` seconds ago."""
+        from hrad.outputs import write_summary_page
+
+        if self.broken or time.monotonic() - self.written < every:
+            return
+        try:
+            path = write_summary_page(self.out, self.facts | {"written": datetime.now().astimezone().isoformat(timespec="seconds")})
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            self.broken = True
+            print_warning(f"{self.out / 'index.html'}: summary page not written ({' '.join(str(error).split())})")
+            return
+        self.written = time.monotonic()
+        if tell:
+            console.print(f"summary page: {path}")
 
 
 def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
@@ -190,12 +238,13 @@ def predict_distributed(
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold (default: the model's)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold for masks (default: the model's)")] = None,
     sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the held-out normals")] = None,
+    summary: Annotated[bool, typer.Option(help="Write index.html: flagged images first as thumbnails (thumbs/), failed ones, the score histogram")] = True,
 ) -> None:
     """Anomaly maps and scores for many images with Ray actors (local GPUs or a cluster); same files as hrad predict."""
     from hrad.data.images import expand_image_paths, prepare_output_dir
     from hrad.distributed import PredictOptions, predict_many_ray
 
-    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas, regions)
+    options = PredictOptions(map_format.value, overlays, masks, threshold, pixel_threshold, sigmas, regions, thumbnails=summary)
 
     images = expand_image_paths(paths)
     prepare_output_dir(out, paths)
@@ -207,4 +256,6 @@ def predict_distributed(
     failed = [row for row in rows if row.error]
     for row in failed:
         print_error(f"skipped: {row.error}")
+    if summary and rows:
+        SummaryPage(out, model).write(tell=True)
     report_batch(len(rows), failed, out)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import math
 import os
 import tempfile
 import threading
@@ -665,6 +666,21 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
         unit = np.clip(pixels_to_unit(to_full_range(array[top : top + rows], bits)), 0.0, 1.0)
         picture[top : top + rows] = np.round(unit * 255.0)
     return picture
+
+
+def thumbnail(array: np.ndarray, side: int = 320, longest: int = 1280) -> np.ndarray:
+    """Area-downscaled copy of at most ``side x side`` pixels' area and ``longest`` along its long
+    side: a square image becomes 320 x 320, a 1:8 line-scan strip about 113 x 905 (a bound on the
+    long side alone would leave it 40 px high, too thin to show a defect). Bool stays bool, any
+    other type becomes float32. Evaluation reports and ``hrad predict``'s summary page use it."""
+    height, width = array.shape[:2]
+    scale = min(1.0, side / math.sqrt(height * width), longest / max(height, width))
+    if scale == 1.0:
+        return array.copy()
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if array.dtype == bool:
+        return cv2.resize(array.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
+    return cv2.resize(array.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
 def overlay_image(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,22 +25,6 @@ class Case:
     mask: np.ndarray | None  # h x w bool thumbnail
     #: h x w bool thumbnail of the model's region of interest (Prediction.inspected); None: all of it
     inspected: np.ndarray | None = None
-
-
-def thumbnail(array: np.ndarray, side: int = 320, longest: int = 1280) -> np.ndarray:
-    """Area-downscaled copy of at most ``side x side`` pixels' area and ``longest`` along its long
-    side: a square image becomes 320 x 320, a 1:8 line-scan strip about 113 x 905 (a bound on the
-    long side alone would leave it 40 px high, too thin to show a defect)."""
-    import cv2
-
-    height, width = array.shape[:2]
-    scale = min(1.0, side / math.sqrt(height * width), longest / max(height, width))
-    if scale == 1.0:
-        return array.copy()
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if array.dtype == bool:
-        return cv2.resize(array.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
-    return cv2.resize(array.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
 def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
