@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -65,6 +65,7 @@ from hrad.outputs import (
     prediction_regions,
 )
 from hrad.prediction import Prediction, Thresholds
+from hrad.service_page import PAGE
 from hrad.version import __version__
 
 #: default bound on one request body (a 8K x 8K 16-bit RGB PNG is about 300 MB raw, far less compressed)
@@ -401,6 +402,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_batch: int = DEFAULT_MAX_BATCH,
     runtime: str | None = None,
+    page: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving the model at ``model_path`` (loaded now, once): an artifact directory,
     or an exported ``.onnx`` / OpenVINO ``.xml`` run by ``runtime`` (onnxruntime or openvino; the
@@ -409,7 +411,8 @@ def create_app(
     ``max_pixels`` is the pixel budget of uploads (default: :func:`hrad.data.images.max_pixels`
     when the app is created); ``request_timeout`` bounds each request (body, queue, prediction).
     A prediction past the timeout gets 504 at once; the computation itself cannot be interrupted
-    and finishes in the background before the next request's.
+    and finishes in the background before the next request's. ``page``: ``GET /`` answers with
+    a page to try the model in a browser (:mod:`hrad.service_page`).
     """
     from hrad.data.images import max_pixels as current_budget
 
@@ -463,6 +466,12 @@ def create_app(
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()))
         return _error(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")))
+
+    if page:
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        def try_page() -> HTMLResponse:
+            return HTMLResponse(PAGE)
 
     @app.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
     def health() -> dict[str, Any]:

@@ -197,6 +197,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
         "hrad.prediction",
         "hrad.pipeline",
         "hrad.profiling",
+        "hrad.service_page",
     ),
     ("hrad.data",),
     ("hrad.features",),

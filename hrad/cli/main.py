@@ -265,8 +265,14 @@ def serve(
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
+    no_page: Annotated[
+        bool, typer.Option("--no-page", help="No page at GET / (by default it lets a browser drop images on the model)")
+    ] = False,
 ) -> None:
     """Serve a model over HTTP: GET /health, /ready, /metrics; POST /predict (field 'image'), /predict/batch (field 'images').
+
+    GET / is a page to try the model in a browser: drop images, see each decision, score,
+    overlay and defect regions (it calls /predict like any client).
 
     The pixel budget is hrad's (--max-pixels before the command, or HRAD_MAX_PIXELS). With
     --workers N, N processes share the port and each loads the model (N x its memory); the model
@@ -292,9 +298,12 @@ def serve(
         "health_details": health_details,
         "max_queue": max_queue,
         "runtime": runtime,
+        "page": not no_page,
     }
     app_ = create_app(**settings)  # type: ignore[arg-type]
     console.print(f"serving {model} on http://{host}:{port}" + (f" with {workers} worker processes" if workers > 1 else ""))
+    if not no_page:
+        console.print(f"try it in a browser: http://{host}:{port}/")
     if workers == 1:
         uvicorn.run(app_, host=host, port=port, workers=1)
         return
