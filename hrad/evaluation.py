@@ -41,16 +41,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hrad.comparison import EVALUATION_SCORES, write_evaluation_scores
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
 from hrad.metrics import (
     PixelMetrics,
+    bootstrap_auroc,
     cumulative_quartile_sets,
     image_metrics,
     operating_points,
+    percentile_interval,
     threshold_decisions,
 )
+from hrad.metrics.image import BOOTSTRAP_RESAMPLES
 from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
@@ -148,6 +152,9 @@ def evaluate(
         raise InputError(f"no test image could be evaluated ({len(samples)} given, {len(skipped)} skipped{first})")
     metrics: dict[str, Any] = {}
     metrics.update(image_metrics(np.asarray(scores), np.asarray(labels)))
+    if 0 < sum(labels) < len(labels):  # how far the image AUROC moves over resampled test sets
+        interval = percentile_interval(bootstrap_auroc([scores], labels)[:, 0])
+        metrics["image_auroc_ci95_low"], metrics["image_auroc_ci95_high"] = interval
     metrics.update(pixel.result())
     metrics.update(_decisions(scores, labels, rows, pixel, image_threshold, pixel_threshold, "given" if given else "calibrated" if calibrated else "model"))
     metrics["seconds_per_image"] = seconds / len(scores)
@@ -255,6 +262,12 @@ def write_evaluation(
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     report = metrics_report({key: value for key, value in metrics.items() if not isinstance(value, (list, dict))}, "hrad evaluate")
     report += "\nF1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.\n"
+    if "image_auroc_ci95_low" in metrics:
+        report += (
+            f"\nimage_auroc_ci95_low/high: the central 95% of the image AUROC over {BOOTSTRAP_RESAMPLES} test sets drawn from "
+            "this one with replacement (good and defective images apart); two models whose intervals overlap may not differ "
+            "on this data (`hrad compare` tests the difference on the same images).\n"
+        )
     report += "".join(f"\n{note}\n" for note in model_notes(model))
     report += decisions_markdown(metrics)
     report += "\n![best and worst cases](cases.png)\n"
@@ -264,10 +277,7 @@ def write_evaluation(
         report += f"\n## Skipped images\n\n{len(skipped)} test images could not be evaluated and are not in the metrics:\n\n"
         report += table(list(skipped), ["image", "error"])
     (out_dir / "metrics.md").write_text(report)
-    with (out_dir / "scores.csv").open("w") as handle:
-        handle.write("image,defect_type,label,score\n")
-        for row in rows:
-            handle.write(f"{row['image']},{row['defect_type']},{row['label']},{row['score']:.6g}\n")
+    write_evaluation_scores(out_dir / EVALUATION_SCORES, rows)
     if cases:
         from hrad.outputs import overlay_scale
 

@@ -206,7 +206,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
     ("hrad.strategies",),
     ("hrad.metrics",),
     ("hrad.reports",),
-    ("hrad.config", "hrad.artifact", "hrad.outputs", "hrad.export_runtime"),
+    ("hrad.config", "hrad.artifact", "hrad.outputs", "hrad.export_runtime", "hrad.comparison"),
     ("hrad.model", "hrad.options", "hrad.export_graph"),
     (
         "hrad.export_ensemble",

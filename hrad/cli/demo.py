@@ -15,6 +15,7 @@ from typing import Any
 from rich.text import Text
 
 from hrad.cli.progress import console, progress_bars
+from hrad.comparison import compare, differences_markdown, read_evaluation
 from hrad.config import load_config
 from hrad.data.datasets import load_dataset
 from hrad.data.images import ImageList
@@ -56,9 +57,13 @@ def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") 
     report += f"Synthetic {size}x{size} images ({len(dataset.train)} train, {len(dataset.test)} test), PatchCore on {backbone}.\n"
     report += "Pixel metrics exact at full resolution; `aupro_30_q1` is AUPRO on the smallest quarter of defects.\n\n"
     report += table(rows, COLUMNS)
+    # how sure the image-level difference is on this few test images (hrad compare's paired bootstrap)
+    difference = differences_markdown(compare([read_evaluation(out / "report" / name) for name in results]))
+    report += "\n## Is the image AUROC difference real?\n\n" + difference
     report += "\nCase pictures: " + ", ".join(f"[{name}](report/{name}/cases.png)" for name in results) + "\n"
     (out / "README.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"environment": environment(), "results": results}, indent=2, default=str))
     console.print(table(rows, COLUMNS))
+    console.print(difference.rstrip())
     console.print(f"report: {out / 'README.md'}")
     return results

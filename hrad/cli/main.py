@@ -27,6 +27,7 @@ from hrad.cli.common import (
     raise_terminated,
     tracking,
 )
+from hrad.cli.compare import compare
 from hrad.cli.evaluate import evaluate
 from hrad.cli.info import described_facts, model_facts
 from hrad.cli.predict import predict, predict_distributed
@@ -212,10 +213,11 @@ def fit(
             run.log_artifacts(out, "model")
 
 
-# commands in modules of their own: hrad/cli/predict.py, evaluate.py, calibrate.py
+# commands in modules of their own: hrad/cli/predict.py, evaluate.py, calibrate.py, compare.py
 app.command()(predict)
 app.command()(evaluate)
 app.command("calibrate")(calibrate)
+app.command("compare")(compare)
 
 
 @app.command()

@@ -81,3 +81,51 @@ def operating_points(scores: Sequence[float] | np.ndarray, labels: Sequence[bool
         {"point": "no good image flagged", "threshold": no_false_alarm, **threshold_decisions(score_array, label_array, no_false_alarm)},
         {"point": "every defective image flagged", "threshold": all_caught, **threshold_decisions(score_array, label_array, all_caught)},
     ]
+
+
+#: bootstrap resamples behind every interval; the percentile interval's ends move by about
+#: 0.003 AUROC between seeds at this count (160 test images, AUROC 0.8)
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def auroc_pairs(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | Sequence[int] | np.ndarray) -> np.ndarray:
+    """``n_defective x n_good``: 1 where the defective image scores above the good one, 0.5 on a
+    tie, 0 below. Its mean is the image AUROC (the Mann-Whitney statistic), and a resample's
+    AUROC is a weighted mean of it, which is what makes :func:`bootstrap_auroc` cheap."""
+    score_array = np.asarray(scores, dtype=np.float64).ravel()
+    label_array = np.asarray(labels).ravel().astype(bool)
+    defective, good = score_array[label_array][:, None], score_array[~label_array][None, :]
+    return (defective > good) + 0.5 * (defective == good)
+
+
+def bootstrap_auroc(
+    scores: Sequence[Sequence[float] | np.ndarray],
+    labels: Sequence[bool] | Sequence[int] | np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """``resamples x models`` image AUROCs of test sets drawn from this one with replacement,
+    the good and the defective images apart (stratified, so every resample has both and its
+    class sizes), the same draws for every model: paired, so a difference between two models'
+    columns is the difference on the same images. ``scores``: one score array per model, on the
+    same images in the same order."""
+    label_array = np.asarray(labels).ravel().astype(bool)
+    defective, good = int(label_array.sum()), int((~label_array).sum())
+    if defective == 0 or good == 0:
+        raise InputError("bootstrap AUROC: the test set needs good and defective images")
+    rng = np.random.default_rng(seed)
+    # how often each image is drawn in each resample: multinomial counts per class
+    defective_counts = rng.multinomial(defective, np.full(defective, 1.0 / defective), size=resamples).astype(np.float64)
+    good_counts = rng.multinomial(good, np.full(good, 1.0 / good), size=resamples).astype(np.float64)
+    result = np.empty((resamples, len(scores)), dtype=np.float64)
+    for column, model_scores in enumerate(scores):
+        pairs = auroc_pairs(model_scores, label_array)
+        result[:, column] = ((defective_counts @ pairs) * good_counts).sum(axis=1) / (defective * good)
+    return result
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``values`` (percentile method)."""
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

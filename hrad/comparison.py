@@ -1,0 +1,209 @@
+"""``hrad compare``: models evaluated on the same test images, side by side, with how sure each
+difference is.
+
+It reads what ``hrad evaluate`` wrote into each report folder (``metrics.json`` and
+``scores.csv``: image, defect type, label, score) and runs no model. A difference of 0.01 image
+AUROC on 60 test images is often noise; the comparison says so: every model's image AUROC on the
+images all reports share, and each model's difference from the first (the baseline) with a 95%
+interval from a paired bootstrap (:func:`hrad.metrics.bootstrap_auroc`: the same resampled test
+sets for both models, good and defective images apart). An interval that excludes 0 is a
+difference this test set supports; one that includes 0 is not. Pixel metrics (AUPRO, pixel AP)
+come from each report as they are: a pixel-level bootstrap would need every map again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hrad.data.images import atomic_write_bytes
+from hrad.errors import InputError
+from hrad.metrics import bootstrap_auroc, image_metrics, percentile_interval
+from hrad.metrics.image import BOOTSTRAP_RESAMPLES
+from hrad.reports.markdown import format_value, table
+
+#: ``hrad evaluate``'s per-image file and its columns
+EVALUATION_SCORES = "scores.csv"
+EVALUATION_COLUMNS = ("image", "defect_type", "label", "score")
+#: the report's metrics shown side by side (those a report lacks are left blank)
+SHOWN_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "seconds_per_image", "peak_rss_mb")
+
+
+def write_evaluation_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``hrad evaluate``'s ``scores.csv`` (a CSV writer: an image path may hold a comma)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(EVALUATION_COLUMNS)
+    writer.writerows([row["image"], row["defect_type"], row["label"], f"{row['score']:.9g}"] for row in rows)
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One ``hrad evaluate`` report folder: its name, metrics and per-image labels and scores."""
+
+    name: str
+    folder: Path
+    metrics: Mapping[str, Any]
+    labels: Mapping[str, int]
+    scores: Mapping[str, float]
+
+
+def read_evaluation(folder: Path, name: str | None = None) -> Evaluation:
+    """A report folder written by ``hrad evaluate``; a one-line :class:`InputError` naming the
+    file when it is not one."""
+    metrics_path, scores_path = folder / "metrics.json", folder / EVALUATION_SCORES
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (give the --out folders of hrad evaluate)")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{metrics_path}: missing (is {folder} a report folder of hrad evaluate?)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"{metrics_path}: unreadable ({' '.join(str(error).split())})") from None
+    if not isinstance(metrics, dict):
+        raise InputError(f"{metrics_path}: not the metrics of hrad evaluate (a JSON object)")
+    labels: dict[str, int] = {}
+    scores: dict[str, float] = {}
+    try:
+        with scores_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            if tuple(next(reader, ())) != EVALUATION_COLUMNS:
+                raise InputError(f"{scores_path}: not the scores.csv of hrad evaluate (columns {', '.join(EVALUATION_COLUMNS)})")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    image, label, score = row[0], int(row[2]), float(row[3])
+                except (IndexError, ValueError):
+                    raise InputError(f"{scores_path}: line {line} is not image,defect_type,label,score") from None
+                if label not in (0, 1) or not math.isfinite(score):
+                    raise InputError(f"{scores_path}: line {line}: label must be 0 or 1 and the score a finite number")
+                labels[image], scores[image] = label, score
+    except FileNotFoundError:
+        raise InputError(f"{scores_path}: missing (is {folder} a report folder of hrad evaluate?)") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{scores_path}: unreadable ({' '.join(str(error).split())})") from None
+    if not scores:
+        raise InputError(f"{scores_path}: no images")
+    return Evaluation(name or folder.resolve().name, folder, metrics, labels, scores)
+
+
+def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """The comparison as plain data (``comparison.json``): per model its report's metrics and the
+    image AUROC on the shared images with its 95% interval; per model after the first, the
+    paired difference from the first with its interval."""
+    if len(evaluations) < 2:
+        raise InputError("hrad compare needs two or more report folders")
+    names = [evaluation.name for evaluation in evaluations]
+    if len(set(names)) < len(names):
+        raise InputError(f"two reports are both named {next(n for n in names if names.count(n) > 1)!r}: give --names")
+    shared = sorted(set.intersection(*(set(evaluation.scores) for evaluation in evaluations)))
+    if not shared:
+        raise InputError(f"{evaluations[0].folder} and {evaluations[1].folder} share no test image (compare reports of the same test set)")
+    labels = np.array([evaluations[0].labels[image] for image in shared])
+    for evaluation in evaluations[1:]:
+        differing = next((image for image in shared if evaluation.labels[image] != evaluations[0].labels[image]), None)
+        if differing is not None:
+            raise InputError(f"{evaluation.folder / EVALUATION_SCORES}: {differing} is labelled otherwise than in {evaluations[0].folder}")
+    scores = [np.array([evaluation.scores[image] for image in shared]) for evaluation in evaluations]
+    both = 0 < int(labels.sum()) < labels.size
+    draws = bootstrap_auroc(scores, labels, resamples=resamples, seed=seed) if both else None
+    models: list[dict[str, Any]] = []
+    for column, evaluation in enumerate(evaluations):
+        entry: dict[str, Any] = {
+            "name": evaluation.name,
+            "folder": str(evaluation.folder),
+            "images": len(evaluation.scores),
+            "image_auroc_shared": image_metrics(scores[column], labels)["image_auroc"],
+            **{key: evaluation.metrics.get(key) for key in SHOWN_METRICS},
+        }
+        if draws is not None:
+            entry["image_auroc_shared_ci95"] = list(percentile_interval(draws[:, column]))
+        models.append(entry)
+    differences: list[dict[str, Any]] = []
+    for column in range(1, len(evaluations)):
+        difference: dict[str, Any] = {
+            "model": names[column],
+            "baseline": names[0],
+            "image_auroc_difference": models[column]["image_auroc_shared"] - models[0]["image_auroc_shared"],
+        }
+        if draws is not None:
+            low, high = percentile_interval(draws[:, column] - draws[:, 0])
+            difference["ci95"] = [low, high]
+            difference["supported"] = bool(low > 0 or high < 0)
+        differences.append(difference)
+    return {
+        "shared_images": len(shared),
+        "defective": int(labels.sum()),
+        "good": int(labels.size - labels.sum()),
+        "resamples": resamples if both else 0,
+        "seed": seed,
+        "models": models,
+        "differences": differences,
+    }
+
+
+def _interval(values: Sequence[float] | None) -> str:
+    return "" if not values else f"{format_value(values[0])} to {format_value(values[1])}"
+
+
+def differences_markdown(result: Mapping[str, Any]) -> str:
+    """Each model's image AUROC against the first's on the shared images, in words (a sentence
+    per model), with how the interval was drawn."""
+    if not result["resamples"]:
+        return "The shared images are all of one class: no AUROC and no interval.\n"
+    text = (
+        f"Paired bootstrap: {result['resamples']} test sets drawn from the {result['shared_images']} shared images with "
+        f"replacement (good and defective apart, seed {result['seed']}), each scored by every model; the interval holds "
+        "the central 95% of the differences. An interval that excludes 0 is a difference this test set supports.\n\n"
+    )
+    for difference in result["differences"]:
+        sign = "above" if difference["image_auroc_difference"] >= 0 else "below"
+        verdict = "supported" if difference["supported"] else "not supported: the interval includes 0"
+        text += (
+            f"- **{difference['model']}**: {format_value(abs(difference['image_auroc_difference']))} {sign} "
+            f"{difference['baseline']} (95% interval {_interval(difference['ci95'])}): {verdict}.\n"
+        )
+    return text
+
+
+def comparison_markdown(result: Mapping[str, Any]) -> str:
+    """``comparison.md``: the models' metrics, then the differences from the first, in words."""
+    models = result["models"]
+    rows = [
+        {
+            "model": model["name"],
+            "images": model["images"],
+            "image AUROC (shared)": model["image_auroc_shared"],
+            "95% interval": _interval(model.get("image_auroc_shared_ci95")),
+            **{key: "" if model.get(key) is None else model[key] for key in SHOWN_METRICS},
+        }
+        for model in models
+    ]
+    text = "# hrad compare\n\n"
+    text += (
+        f"{result['shared_images']} test images in every report ({result['defective']} defective, {result['good']} good). "
+        "Image AUROC (shared) is on those images; the other columns are each report's own, on all of its images.\n\n"
+    )
+    text += table(rows, list(rows[0]))
+    text += f"\n## Image AUROC against {models[0]['name']}\n\n" + differences_markdown(result)
+    return text
+
+
+__all__ = [
+    "EVALUATION_COLUMNS",
+    "EVALUATION_SCORES",
+    "Evaluation",
+    "compare",
+    "comparison_markdown",
+    "differences_markdown",
+    "read_evaluation",
+    "write_evaluation_scores",
+]
