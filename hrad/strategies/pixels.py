@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrad.data.images import pixels_to_unit, unit_divisor
+from hrad.data.images import max_pixels, pixels_to_unit, unit_divisor
+from hrad.errors import ConfigError
 from hrad.hiad_math import bilinear_taps
 from hrad.imaging import interpolate as bilinear
 from hrad.imaging import shrinks
@@ -220,9 +221,25 @@ def resampling_weights(size: int, output: int, antialias: bool) -> tuple[np.ndar
     return starts, (weights / np.where(total == 0, f32(1), total)).astype(f32)
 
 
+def check_enlargement(image: tuple[int, int], size: tuple[int, int], how: str, advice: str) -> None:
+    """Refuse, in one line, a setting that makes an ``image`` (height, width) into a working image
+    of ``size`` over the pixel budget (:func:`~hrad.data.images.max_pixels`), larger than the image
+    itself: a 100000-pixel ``image_size`` or tile over 1500x1000 capsules asked the allocator for
+    120 GB and ended in a traceback (or, with the memory, in swap). ``how``: what made it
+    ("resized to image_size"); ``advice``: the setting to change."""
+    height, width = size
+    limit = max_pixels()
+    if height * width > max(limit, image[0] * image[1]):
+        raise ConfigError(
+            f"the {image[1]}x{image[0]} image {how} is {width}x{height} = {height * width} pixels, over the pixel budget "
+            f"of {limit}: {advice} (or raise hrad --max-pixels)"
+        )
+
+
 def working_image(image: np.ndarray, size: tuple[int, int], device: torch.device | str = "cpu") -> TileSource:
     """An ``H x W x 3`` image (any pixel type) at ``size`` for tiling: a :class:`PixelImage`
     when no resize is needed (windows converted as they are cut), else the resized float tensor."""
+    check_enlargement(image.shape[:2], size, "resized to image_size", "give a smaller image_size")
     pixels = PixelImage(image, device)
     if tuple(size) == tuple(image.shape[:2]):
         return pixels

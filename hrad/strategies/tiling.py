@@ -38,7 +38,7 @@ from hrad.detectors.base import pack_anomalies
 from hrad.errors import ConfigError
 from hrad.imaging import resize
 from hrad.strategies.base import StrategyConfig
-from hrad.strategies.pixels import PixelImage, TileSource
+from hrad.strategies.pixels import PixelImage, TileSource, check_enlargement
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ class TileGrid(TileGeometry):
         pad_w = self.padded_width - image.shape[-1]
         if pad_h == 0 and pad_w == 0:
             return image
+        padded = (self.padded_height, self.padded_width)
+        check_enlargement((image.shape[-2], image.shape[-1]), padded, f"padded to a {self.tile_w}x{self.tile_h} tile", "give a tile within the image")
         if isinstance(image, PixelImage):
             if self.edge == "zeros":
                 return image.zero_extended((self.padded_height, self.padded_width))
