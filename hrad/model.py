@@ -120,6 +120,10 @@ class TrainingImages:
         self._unnamed = unnamed  # what an image without a name of its own (an array) is called: "<unnamed> <index>"
         self.kinds: dict[int, str] = {}
         self.sizes: dict[int, tuple[int, int]] = {}
+        #: ``(height, width, first image's index)`` once the fit knows its fitted size: every later
+        #: read refuses an image far smaller, as predict would (a thumbnail among the training
+        #: images was learned, silently, unless the split happened to hold it out)
+        self.fitted: tuple[int, int, int] | None = None
         self._held: tuple[int, np.ndarray] | None = None
         self._sticky = False
 
@@ -137,6 +141,9 @@ class TrainingImages:
         image = self.source[index]
         self.kinds[index] = pixel_kind(image)
         self.sizes[index] = (int(image.shape[0]), int(image.shape[1]))
+        if self.fitted is not None:
+            height, width, first = self.fitted
+            check_image_size(image, (height, width), self.name(index), set_by=self.name(first))
         return image
 
     def peek(self, index: int, sticky: bool = False) -> np.ndarray:
@@ -300,7 +307,9 @@ class AnomalyModel:
                 f"({len(source)} training image(s), threshold.validation_fraction "
                 f"{self.config.threshold.validation_fraction}); give more training images or a validation set"
             )
-        self.fitted_size = observed.size(train.indices[0] if isinstance(train, Subset) else 0)  # no read after the depth's
+        first = train.indices[0] if isinstance(train, Subset) else 0
+        self.fitted_size = observed.size(first)  # no read after the depth's
+        observed.fitted = (*self.fitted_size, first)
         problem = self.roi.stretch_problem(self.fitted_size) if self.roi is not None else None
         if problem is not None:
             warnings.warn(problem, stacklevel=2)

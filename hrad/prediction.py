@@ -114,16 +114,18 @@ def checked_border_ratios(values: Any) -> list[float] | None:
 MIN_SIDE_FRACTION = 1 / 8
 
 
-def check_image_size(image: np.ndarray, fitted_size: tuple[int, int] | None, name: str) -> None:
-    """Refuse (one-line :class:`InputError` naming ``name``) an image far smaller than the fitted ones."""
+def check_image_size(image: np.ndarray, fitted_size: tuple[int, int] | None, name: str, set_by: str | None = None) -> None:
+    """Refuse (one-line :class:`InputError` naming ``name``) an image far smaller than the fitted
+    ones; ``set_by``: the training image that set the fitted size (a fit checking its own images)."""
     if fitted_size is None:
         return
     height, width = image.shape[:2]
     fitted_height, fitted_width = fitted_size
     if min(height, width) < MIN_SIDE_FRACTION * min(fitted_height, fitted_width):
+        source = f" (set by {set_by}, the first training image)" if set_by is not None else ""
         raise InputError(
             f"{name}: image is {width}x{height}, its short side is under 1/{round(1 / MIN_SIDE_FRACTION)} of "
-            f"the {fitted_width}x{fitted_height} images the model was fitted on; resize it to that scale"
+            f"the {fitted_width}x{fitted_height} images the model was fitted on{source}; resize it to that scale"
         )
 
 

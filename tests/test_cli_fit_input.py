@@ -44,3 +44,20 @@ def test_a_tile_or_image_size_far_over_the_images_is_refused_in_one_line(
     assert code == 2 and "Traceback" not in err
     assert errors(err) == [f"hrad: error: {message}" + errors(err)[0].split(message, 1)[1]]
     assert "over the pixel budget of 200000" in err and not model.exists()
+
+
+def test_a_training_image_far_smaller_than_the_others_is_refused_as_predict_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A thumbnail among the good images (60x40 among 1500x1000 capsules) was learned without a
+    word when the split put it in training, and refused only when it was held out."""
+    folder = good_folder(tmp_path / "good")
+    write(folder / "001_thumb.png", textured_image(np.random.default_rng(4), 6, 9))
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(folder), "--out", str(model), *TINY], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert errors(err) == [
+        f"hrad: error: {folder / '001_thumb.png'}: image is 9x6, its short side is under 1/8 of the 96x64 images the model "
+        f"was fitted on (set by {folder / '000.png'}, the first training image); resize it to that scale"
+    ]
+    assert "Traceback" not in err and not model.exists()
