@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,25 @@ def test_a_training_image_far_smaller_than_the_others_is_refused_as_predict_refu
         f"was fitted on (set by {folder / '000.png'}, the first training image); resize it to that scale"
     ]
     assert "Traceback" not in err and not model.exists()
+
+
+def test_fit_ends_with_its_thresholds_how_many_images_set_them_and_what_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five good images hold out one, whose score is the image threshold; the fit said only
+    'model written to m', the thresholds and their roughness were left for hrad info to tell."""
+    folder = good_folder(tmp_path / "good")
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(folder), "--out", str(model), *TINY], monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    thresholds = json.loads((model / "hrad.json").read_text())["thresholds"]
+    assert lines[-3:] == [
+        f"thresholds from 1 held-out normal image at 3 sigmas: image {thresholds['image']:.6g}, pixel "
+        f"{thresholds['pixel']:.6g} (rough: a mean and std of 1 score; fit on more good images, or run hrad calibrate on 10 or more)",
+        f"model written to {model}",
+        f"next: hrad predict --model {model} IMAGES --out FOLDER (hrad info {model}: what the model is)",
+    ]
+    big = good_folder(tmp_path / "big", count=50, height=32, width=32)  # 10 held out: no roughness said
+    assert run(["fit", "--data", str(big), "--out", str(tmp_path / "m2"), *TINY], monkeypatch) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thresholds from 10 held-out normal images at 3 sigmas: ")]
+    assert len(said) == 1 and "rough" not in said[0]

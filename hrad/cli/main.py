@@ -13,12 +13,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
-from hrad.cli.calibrate import calibrate
+from hrad.cli.calibrate import FEW_IMAGES, calibrate
 from hrad.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -33,6 +33,9 @@ from hrad.cli.info import described_facts, model_facts
 from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
+
+if TYPE_CHECKING:
+    from hrad.prediction import Thresholds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="High-resolution industrial anomaly detection.")
 
@@ -127,6 +130,25 @@ def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
     return overrides
 
 
+def _print_thresholds(thresholds: Thresholds | None) -> None:
+    """The thresholds a fit learned and from how many held-out images: 5 good images hold out
+    one, whose score is the image threshold, and the fit said only 'model written to m'."""
+    if thresholds is None:
+        return  # fit warns about it
+    count = len(thresholds.image_scores)
+    at = f" at {thresholds.sigmas:g} sigmas" if thresholds.sigmas is not None else ""
+    rough = (
+        f" (rough: a mean and std of {count} score{'' if count == 1 else 's'}; fit on more good images, or run hrad "
+        f"calibrate on {FEW_IMAGES} or more)"
+        if count < FEW_IMAGES
+        else ""
+    )
+    console.print(
+        f"thresholds from {count} held-out normal image{'' if count == 1 else 's'}{at}: image {thresholds.image:.6g}, "
+        f"pixel {thresholds.pixel:.6g}{rough}"
+    )
+
+
 @app.command()
 def fit(
     data: Annotated[Path, typer.Option(help="Dataset root (MVTec AD, VisA, MVTec AD 2) or a folder of good images")],
@@ -196,7 +218,10 @@ def fit(
             console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.inspected:.1%} inspected (stretched to each image)")
         model.save(out)
         _clear_checkpoints(checkpoints)  # the model holds what they were for
+        _print_thresholds(model.thresholds)
         console.print(f"model written to {out}")
+        if model.thresholds is not None:
+            console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
         if model.thresholds is None:
             print_warning(
                 f"no held-out normal images ({len(train)} training images, threshold.validation_fraction "
