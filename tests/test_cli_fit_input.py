@@ -84,3 +84,22 @@ def test_fit_ends_with_its_thresholds_how_many_images_set_them_and_what_next(
     assert run(["fit", "--data", str(big), "--out", str(tmp_path / "m2"), *TINY], monkeypatch) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thresholds from 10 held-out normal images at 3 sigmas: ")]
     assert len(said) == 1 and "rough" not in said[0]
+
+
+def test_images_in_subfolders_of_a_plain_folder_are_said_to_be_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """good/ with a camera's day folders under it: the fit learned from the top-level images only,
+    without a word. A symbolic link loop (up -> ..) and a hidden folder are not walked."""
+    folder = good_folder(tmp_path / "good")
+    rng = np.random.default_rng(5)
+    for name in ("line1/day1/a.png", "line1/day2/b.jpg", "line2/c.png"):
+        write(folder / name, textured_image(rng, 64, 96))
+    write(folder / ".thumbs" / "d.png", textured_image(rng, 64, 96))
+    (folder / "up").symlink_to("..")
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert warnings == [
+        f"hrad: warning: {folder}: 3 images in its subfolders (line1, line2) not used: a folder of good images is the "
+        "images directly in it (5 here); move them there to train on them"
+    ]
