@@ -103,3 +103,25 @@ def test_images_in_subfolders_of_a_plain_folder_are_said_to_be_unused(
         f"hrad: warning: {folder}: 3 images in its subfolders (line1, line2) not used: a folder of good images is the "
         "images directly in it (5 here); move them there to train on them"
     ]
+
+
+@pytest.mark.parametrize("bad", ["empty", "text", "over the budget"])
+def test_a_bad_file_among_the_good_images_is_refused_before_the_fit_starts(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty file, a text file named .png or a header over the pixel budget sorted last among
+    300 good images stopped the fit after the 299 others were embedded (minutes to hours); their
+    headers are read first now (a truncated file's pixels still only when it is read)."""
+    folder = good_folder(tmp_path / "good")
+    path = folder / "zz.png"
+    if bad == "empty":
+        path.write_bytes(b"")
+    elif bad == "text":
+        path.write_text("a note, not an image\n")
+    else:
+        write(path, textured_image(np.random.default_rng(6), 100, 100))
+    code = run(["--max-pixels", "9000", "fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch)
+    err = capsys.readouterr().err
+    reason = {"empty": "empty file", "text": "not a readable image", "over the budget": "image is 100x100 = 10000 pixels, over the pixel budget of 9000"}[bad]
+    assert code == 2 and errors(err)[0].startswith(f"hrad: error: {path}: {reason}")
+    assert "fitting" not in err and "embedding" not in err and "Traceback" not in err

@@ -182,7 +182,7 @@ def fit(
     from hrad.artifact import check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
-    from hrad.data.images import ImageList
+    from hrad.data.images import ImageList, check_pixel_budget
     from hrad.detectors.checkpoints import checkpoints_in
     from hrad.model import AnomalyModel
 
@@ -192,6 +192,8 @@ def fit(
     validation = ImageList(validation_paths) if validation_paths else None
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
+    for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
+        check_pixel_budget(path)
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     checkpoints = out.parent / f"{out.name}.checkpoints"
     this_fit = {
