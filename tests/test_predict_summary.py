@@ -122,5 +122,5 @@ def test_histogram_bars_count_the_scores_and_the_threshold_line_sits_at_its_valu
     assert len(heights) == 5 and max(heights) == heights[0]  # 12 scores // 3 -> 5 bins, the first holds four
     assert heights[0] / heights[1] == pytest.approx(4 / 2)
     line = re.search(r'<line x1="([0-9.]+)"[^>]*stroke="#c33"', svg)
-    assert line is not None and float(line.group(1)) == pytest.approx(44 + 0.5 * (640 - 44 - 30), abs=0.1)
+    assert line is not None and float(line.group(1)) == pytest.approx(52 + 0.5 * (640 - 52 - 30), abs=0.1)  # the plot spans x 52..610
     assert "<svg" in score_histogram([3.0], None)  # one image, no threshold: still a picture

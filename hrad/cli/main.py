@@ -29,7 +29,7 @@ from hrad.cli.common import (
 )
 from hrad.cli.compare import compare
 from hrad.cli.evaluate import evaluate
-from hrad.cli.info import described_facts, model_facts
+from hrad.cli.info import described_facts, model_facts, model_page
 from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
@@ -439,10 +439,20 @@ def ad2_evaluate(
 def info(
     model: Annotated[Path, typer.Argument(help="Model directory (hrad fit) or exported .onnx / .xml (hrad export)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON (numbers, not sentences: for scripts)")] = False,
+    page: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Also write an HTML page: the facts, held-out scores against the threshold, losses, region")
+    ] = None,
 ) -> None:
     """What a model is, without loading it: strategy, detector, backbone, fitted size, bit depth,
     region of interest, thresholds and training losses (an export needs no torch for this)."""
     facts = model_facts(model)
+    if page is not None:
+        from hrad.data.images import atomic_write_bytes
+
+        if page.is_dir() or not page.parent.is_dir():
+            raise InputError(f"{page}: cannot write the page there ({'a folder' if page.is_dir() else 'its folder does not exist'})")
+        atomic_write_bytes(page, model_page(model).encode("utf-8"))
+        console.print(f"page written to {page}")
     if as_json:  # the command's output: stdout, like list, options and schema
         typer.echo(json.dumps(facts, indent=2))
         return
