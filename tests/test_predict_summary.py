@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
+from export_helpers import make_model
 
-from hrad.config import load_config
-from hrad.model import AnomalyModel
 from hrad.outputs import SUMMARY_PAGE, THUMBNAIL_FOLDER
 from hrad.reports.batch import PASSED_SHOWN, BatchItem, render_batch_page, score_histogram
 
@@ -24,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(3)
-    config = load_config(
-        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
-    )
     images = [textured_image(rng, 48, 64) for _ in range(6)]
-    return AnomalyModel(config).fit(images[:4], images[4:]).save(tmp_path_factory.mktemp("summary") / "model")
+    return make_model({"name": "downsample", "image_size": 32}, "test-gaussian").fit(images[:4], images[4:]).save(tmp_path_factory.mktemp("summary") / "model")
 
 
 @pytest.fixture
