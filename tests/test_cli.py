@@ -263,3 +263,32 @@ def test_python_dash_m_hrad_is_the_hrad_command() -> None:
     assert listed.returncode == 0 and "patchcore" in listed.stdout
     wrong = subprocess.run([sys.executable, "-m", "hrad", "predict", "--bogus"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and "--bogus" in wrong.stderr
+
+
+def test_evaluate_needs_only_a_labelled_test_set_and_prints_its_metrics_to_stdout(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model fitted elsewhere and only MVTec's test/ and ground_truth/: hrad evaluate refused
+    it ('<data>/train/good: no normal images (folder not found)'). And the metrics summary is the
+    command's result, on stdout (`hrad evaluate ... > metrics.txt` kept nothing: it went to
+    stderr with the messages); 'report written to' stays a message."""
+    model = tmp_path / "model"
+    assert run(["fit", "--data", str(dataset), "--out", str(model), *TINY_DOWNSAMPLE], monkeypatch) == 0
+    test_only = tmp_path / "test_only"
+    shutil.copytree(dataset / "test", test_only / "test")
+    shutil.copytree(dataset / "ground_truth", test_only / "ground_truth")
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert run(["evaluate", "--model", str(model), "--data", str(test_only), "--out", str(report)], monkeypatch) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    saved = json.loads((report / "metrics.json").read_text())
+    assert printed["images"] == 6 and all(printed[key] == saved[key] for key in REQUIRED_METRICS)
+    assert "image_auroc" not in captured.err and f"report written to {report}" in captured.err
+    # without the test part: one line naming what is missing
+    (tmp_path / "train_only").mkdir()
+    shutil.copytree(dataset / "train", tmp_path / "train_only" / "train")
+    assert run(["evaluate", "--model", str(model), "--data", str(tmp_path / "train_only"), "--out", str(tmp_path / "r2")], monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"hrad: error: {tmp_path / 'train_only' / 'test'}: folder not found (expected one subfolder per defect type)"
+    assert captured.out == ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -280,6 +282,47 @@ def test_mvtec_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         load_dataset(root)
     assert str(info.value) == f"{root / 'train' / 'good'}: no normal images"
+
+
+def test_a_labelled_test_set_alone_loads_for_evaluation(tmp_path: Path) -> None:
+    """A model fitted elsewhere and only MVTec's test/ and ground_truth/ (or MVTec AD 2's
+    test_public/, VisA's test rows): hrad evaluate refused it, '<root>/train/good: no normal
+    images (folder not found)'. training=False needs the test part only; fit still needs both."""
+    root = _mvtec(tmp_path / "mvtec" / "bottle")
+    shutil.rmtree(root / "train")
+    dataset = load_dataset(root, training=False)
+    assert dataset.layout == "mvtec" and dataset.train == [] and len(dataset.test) == 3
+    assert load_dataset(tmp_path / "mvtec", category="bottle", training=False).test == dataset.test
+    with pytest.raises(InputError, match="category=.*: bottle$"):  # a test-only category is a category
+        load_dataset(tmp_path / "mvtec", training=False)
+    with pytest.raises(InputError, match=r"train/good: no normal images \(folder not found\)$"):
+        load_dataset(root)
+    # the test part missing is the error
+    shutil.rmtree(root / "test")
+    (root / "train" / "good").mkdir(parents=True)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(root / 'test'))}: folder not found \(expected one subfolder per defect type\)$"):
+        load_dataset(root, training=False)
+    # MVTec AD 2: test_public alone
+    ad2 = tmp_path / "can"
+    _write(ad2 / "test_public" / "good" / "000_regular.png")
+    _write(ad2 / "test_public" / "bad" / "000_regular.png")
+    _write_mask(ad2 / "test_public" / "ground_truth" / "bad" / "000_regular_mask.png")
+    dataset = load_dataset(ad2, training=False)
+    assert dataset.layout == "mvtec_ad2" and dataset.train == [] and [s.label for s in dataset.test] == [1, 0]
+    # VisA: no train rows for the object
+    visa = tmp_path / "visa"
+    _write(visa / "candle/Data/Images/Normal/0002.JPG")
+    _write(visa / "candle/Data/Images/Anomaly/000.JPG")
+    _write_mask(visa / "candle/Data/Masks/Anomaly/000.png")
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,test,normal,candle/Data/Images/Normal/0002.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n"
+    )
+    assert [s.label for s in load_dataset(visa, training=False).test] == [0, 1]
+    with pytest.raises(InputError, match="no normal images for 'candle' in the train split"):
+        load_dataset(visa)
 
 
 def test_mvtec_ad2_layout(tmp_path: Path) -> None:

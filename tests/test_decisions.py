@@ -118,11 +118,11 @@ def test_hrad_evaluate_takes_thresholds_and_refuses_bad_ones(
 ) -> None:
     saved = model.save(tmp_path / "model")
     assert run(["evaluate", "--model", str(saved), "--data", str(dataset), "--out", str(tmp_path / "r"), "--sigmas", "1"], monkeypatch) == 0
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["thresholds_from"] == "given"
     assert metrics["image_threshold"] == pytest.approx(model.decision_thresholds(sigmas=1)[0])
-    assert '"good_flagged"' in err and '"pixel_f1_at_threshold"' in err  # the flat numbers are printed
+    assert '"good_flagged"' in out and '"pixel_f1_at_threshold"' in out  # the flat numbers are printed, the result on stdout
     assert run(["evaluate", "--model", str(saved), "--data", str(dataset), "--out", str(tmp_path / "r2"), "--threshold", "nan"], monkeypatch) == 2
     assert "threshold must be a finite number" in capsys.readouterr().err
 

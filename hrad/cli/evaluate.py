@@ -25,7 +25,7 @@ class MetricProtocol(str, Enum):
 
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
-    data: Annotated[Path, typer.Option(help="Labelled dataset root")],
+    data: Annotated[Path, typer.Option(help="Labelled dataset root (its test part: no train folder needed)")],
     out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
@@ -66,7 +66,7 @@ def evaluate(
     from hrad.evaluation import evaluate as run_evaluation
     from hrad.model import load
 
-    dataset = load_dataset(data, category=category)
+    dataset = load_dataset(data, category=category, training=False)  # the model was fitted: the test part is all it needs
     samples = [s for s in dataset.test if s.label >= 0][:limit]
     if not samples:
         raise InputError(f"{data}: no labelled test images")
@@ -91,7 +91,8 @@ def evaluate(
                 run.log_artifacts(out, "report")
     finally:
         logging.getLogger("hrad.evaluation").removeHandler(warnings)
-    console.print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    # the command's result: stdout, like info, list and options (`hrad evaluate ... > metrics.txt` keeps it)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
     console.print(f"report written to {out}")
     if metrics.get("skipped"):
         console.print(

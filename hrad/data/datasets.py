@@ -23,7 +23,7 @@ from hrad.data.images import (
     missing_reason,
     read_mask,
 )
-from hrad.errors import InputError, warn
+from hrad.errors import InputError
 
 LAYOUTS = ("auto", "mvtec", "visa", "mvtec_ad2", "folder")
 GOOD = 0
@@ -87,9 +87,11 @@ def _images_or_empty(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if is_image_file(path))
 
 
-def _normal_images(folder: Path) -> list[Path]:
+def _normal_images(folder: Path, training: bool = True) -> list[Path]:
+    """The normal training images in ``folder``: none is an error only when ``training`` (the
+    caller fits; an evaluation of a model fitted elsewhere needs only the test part)."""
     images = _images_or_empty(folder)
-    if not images:
+    if not images and training:
         raise InputError(f"{folder}: no normal images" + ("" if folder.is_dir() else " (folder not found)"))
     return images
 
@@ -131,14 +133,14 @@ def _mvtec_test(test_root: Path, ground_truth_root: Path) -> list[Sample]:
     return samples
 
 
-def _load_mvtec(root: Path, category: str) -> Dataset:
-    train = _normal_images(root / "train" / "good")
+def _load_mvtec(root: Path, category: str, training: bool) -> Dataset:
+    train = _normal_images(root / "train" / "good", training)
     test = _mvtec_test(root / "test", root / "ground_truth")
     return Dataset(root, "mvtec", category, train, [], test)
 
 
-def _load_mvtec_ad2(root: Path, category: str) -> Dataset:
-    train = _normal_images(root / "train" / "good")
+def _load_mvtec_ad2(root: Path, category: str, training: bool) -> Dataset:
+    train = _normal_images(root / "train" / "good", training)
     validation = _images_or_empty(root / "validation" / "good")
     public = root / "test_public"
     test = _mvtec_test(public, public / "ground_truth") if public.is_dir() else []
@@ -168,7 +170,7 @@ def _visa_rows(csv_path: Path) -> list[dict[str, str]]:
         raise InputError(f"{csv_path}: not a readable split CSV ({error})") from None
 
 
-def _load_visa(root: Path, category: str | None) -> Dataset:
+def _load_visa(root: Path, category: str | None, training: bool) -> Dataset:
     csv_path = root / VISA_SPLIT_CSV
     rows = _visa_rows(csv_path)
     objects = sorted({row["object"] for row in rows})
@@ -201,7 +203,7 @@ def _load_visa(root: Path, category: str | None) -> Dataset:
             test.append(Sample(image, ANOMALOUS, "bad", mask))
         else:
             test.append(Sample(image, GOOD, "good", None))
-    if not train:
+    if not train and training:
         raise InputError(f"{csv_path}: no normal images for {category!r} in the train split")
     return Dataset(root, "visa", category, sorted(train), [], test)
 
@@ -217,8 +219,8 @@ def detect_layout(root: Path) -> str:
     """The layout of ``root`` guessed from the files present; an error when nothing fits."""
     if (root / VISA_SPLIT_CSV).is_file():
         return "visa"
-    if (root / "train").is_dir() and any(
-        (root / name).is_dir() for name in ("test_public", "validation", "test_private", "test_private_mixed")
+    if (root / "test_public").is_dir() or (
+        (root / "train").is_dir() and any((root / name).is_dir() for name in ("validation", "test_private", "test_private_mixed"))
     ):
         return "mvtec_ad2"
     if (root / "train").is_dir() or (root / "test").is_dir():
@@ -237,31 +239,8 @@ def detect_layout(root: Path) -> str:
 
 
 def _category_folders(root: Path) -> list[str]:
-    return sorted(path.name for path in root.iterdir() if path.is_dir() and (path / "train").is_dir())
-
-
-def _tell_nested_images(folder: Path, used: int) -> None:
-    """One warning when a plain folder of good images has images in its subfolders too (a
-    camera's day folders): a folder's images are those directly in it, and a fit on
-    ``good/`` with ``good/line1/day1/*.jpg`` learned from the one top-level image, without a word.
-    Symbolic links to folders are not followed (a link to ``..`` would loop)."""
-    nested: dict[str, int] = {}
-    for parent, folders, files in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # .thumbnails and the like
-        if Path(parent) == folder:
-            continue
-        count = sum(is_image_file(Path(parent) / name) for name in files)
-        if count:
-            top = Path(parent).relative_to(folder).parts[0]
-            nested[top] = nested.get(top, 0) + count
-    if nested:
-        total = sum(nested.values())
-        names = ", ".join(sorted(nested)[:5]) + (", ..." if len(nested) > 5 else "")
-        warn(
-            f"{folder}: {total} image{'' if total == 1 else 's'} in its subfolders ({names}) not used: a folder of good "
-            f"images is the images directly in it ({used} here); move them there to train on them",
-            stacklevel=3,
-        )
+    """The category folders of a multi-category root: each holds a train or a test part."""
+    return sorted(path.name for path in root.iterdir() if path.is_dir() and any((path / part).is_dir() for part in ("train", "test", "test_public")))
 
 
 def training_images(root: str | os.PathLike[str], category: str | None = None) -> tuple[list[Path], list[Path]]:
@@ -270,17 +249,20 @@ def training_images(root: str | os.PathLike[str], category: str | None = None) -
     plain folder of good images (validation empty)."""
     dataset = load_dataset(root, category=category)
     if dataset.layout == "folder":
-        _tell_nested_images(dataset.root, len(dataset.test))
         return [sample.path for sample in dataset.test], []
     return dataset.train, dataset.validation
 
 
-def load_dataset(root: str | os.PathLike[str], layout: str = "auto", category: str | None = None) -> Dataset:
+def load_dataset(
+    root: str | os.PathLike[str], layout: str = "auto", category: str | None = None, training: bool = True
+) -> Dataset:
     """Load the paths of one dataset category.
 
     ``root`` is a category folder (``.../bottle``) or, with ``category=``, the folder holding
     categories (``.../mvtec_ad`` + ``category="bottle"``); for VisA it is the folder with
-    ``split_csv/1cls.csv`` and ``category`` picks the object.
+    ``split_csv/1cls.csv`` and ``category`` picks the object. ``training=False``: the caller
+    needs only the test part (``hrad evaluate`` of a model fitted elsewhere, on a labelled test
+    set: MVTec's ``test/`` and ``ground_truth/`` alone), so a missing train part is no error.
     """
     root = Path(root)
     if layout not in LAYOUTS:
@@ -301,11 +283,11 @@ def load_dataset(root: str | os.PathLike[str], layout: str = "auto", category: s
         layout = detect_layout(root)
     name = category if category is not None else root.name
     if layout == "mvtec":
-        return _load_mvtec(root, name)
+        return _load_mvtec(root, name, training)
     if layout == "mvtec_ad2":
-        return _load_mvtec_ad2(root, name)
+        return _load_mvtec_ad2(root, name, training)
     if layout == "visa":
         if not (root / VISA_SPLIT_CSV).is_file():
             raise InputError(f"{root / VISA_SPLIT_CSV}: file not found (VisA layout needs its split CSV)")
-        return _load_visa(root, category)
+        return _load_visa(root, category, training)
     return _load_folder(root, name)
