@@ -140,13 +140,18 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> di
                 "pixel": float(thresholds["pixel"]),
                 "sigmas": None if thresholds.get("sigmas") is None else float(thresholds["sigmas"]),
                 "held_out_images": len(thresholds.get("validation_image_scores") or []),
+                "held_out_scores": [float(score) for score in thresholds.get("validation_image_scores") or []],
+                "pixel_mean": None if thresholds.get("pixel_mean") is None else float(thresholds["pixel_mean"]),
+                "pixel_std": None if thresholds.get("pixel_std") is None else float(thresholds["pixel_std"]),
                 "calibrated": bool(thresholds.get("calibrated", False)),
             }
             if thresholds
             else None
         ),
         "training": {
-            str(stage): {"epochs": len(values), "first_loss": float(values[0]), "last_loss": float(values[-1])}
+            str(stage): {
+                "epochs": len(values), "first_loss": float(values[0]), "last_loss": float(values[-1]), "losses": [float(v) for v in values]
+            }
             for stage, values in (history or {}).items()
             if values
         },

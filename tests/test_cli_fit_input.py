@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,66 @@ def test_a_training_image_far_smaller_than_the_others_is_refused_as_predict_refu
         f"was fitted on (set by {folder / '000.png'}, the first training image); resize it to that scale"
     ]
     assert "Traceback" not in err and not model.exists()
+
+
+def test_fit_ends_with_its_thresholds_how_many_images_set_them_and_what_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five good images hold out one, whose score is the image threshold; the fit said only
+    'model written to m', the thresholds and their roughness were left for hrad info to tell."""
+    folder = good_folder(tmp_path / "good")
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(folder), "--out", str(model), *TINY], monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    thresholds = json.loads((model / "hrad.json").read_text())["thresholds"]
+    assert lines[-3:] == [
+        f"thresholds from 1 held-out normal image at 3 sigmas: image {thresholds['image']:.6g}, pixel "
+        f"{thresholds['pixel']:.6g} (rough: a mean and std of 1 score; fit on more good images, or run hrad calibrate on 10 or more)",
+        f"model written to {model}",
+        f"next: hrad predict --model {model} IMAGES --out FOLDER (hrad info {model}: what the model is)",
+    ]
+    big = good_folder(tmp_path / "big", count=50, height=32, width=32)  # 10 held out: no roughness said
+    assert run(["fit", "--data", str(big), "--out", str(tmp_path / "m2"), *TINY], monkeypatch) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thresholds from 10 held-out normal images at 3 sigmas: ")]
+    assert len(said) == 1 and "rough" not in said[0]
+
+
+def test_images_in_subfolders_of_a_plain_folder_are_said_to_be_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """good/ with a camera's day folders under it: the fit learned from the top-level images only,
+    without a word. A symbolic link loop (up -> ..) and a hidden folder are not walked."""
+    folder = good_folder(tmp_path / "good")
+    rng = np.random.default_rng(5)
+    for name in ("line1/day1/a.png", "line1/day2/b.jpg", "line2/c.png"):
+        write(folder / name, textured_image(rng, 64, 96))
+    write(folder / ".thumbs" / "d.png", textured_image(rng, 64, 96))
+    (folder / "up").symlink_to("..")
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert warnings == [
+        f"hrad: warning: {folder}: 3 images in its subfolders (line1, line2) not used: a folder of good images is the "
+        "images directly in it (5 here); move them there to train on them"
+    ]
+
+
+@pytest.mark.parametrize("bad", ["empty", "text", "over the budget"])
+def test_a_bad_file_among_the_good_images_is_refused_before_the_fit_starts(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty file, a text file named .png or a header over the pixel budget sorted last among
+    300 good images stopped the fit after the 299 others were embedded (minutes to hours); their
+    headers are read first now (a truncated file's pixels still only when it is read)."""
+    folder = good_folder(tmp_path / "good")
+    path = folder / "zz.png"
+    if bad == "empty":
+        path.write_bytes(b"")
+    elif bad == "text":
+        path.write_text("a note, not an image\n")
+    else:
+        write(path, textured_image(np.random.default_rng(6), 100, 100))
+    code = run(["--max-pixels", "9000", "fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch)
+    err = capsys.readouterr().err
+    reason = {"empty": "empty file", "text": "not a readable image", "over the budget": "image is 100x100 = 10000 pixels, over the pixel budget of 9000"}[bad]
+    assert code == 2 and errors(err)[0].startswith(f"hrad: error: {path}: {reason}")
+    assert "fitting" not in err and "embedding" not in err and "Traceback" not in err

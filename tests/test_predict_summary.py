@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
+from export_helpers import make_model
 
-from hrad.config import load_config
-from hrad.model import AnomalyModel
 from hrad.outputs import SUMMARY_PAGE, THUMBNAIL_FOLDER
 from hrad.reports.batch import PASSED_SHOWN, BatchItem, render_batch_page, score_histogram
 
@@ -24,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(3)
-    config = load_config(
-        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
-    )
     images = [textured_image(rng, 48, 64) for _ in range(6)]
-    return AnomalyModel(config).fit(images[:4], images[4:]).save(tmp_path_factory.mktemp("summary") / "model")
+    return make_model({"name": "downsample", "image_size": 32}, "test-gaussian").fit(images[:4], images[4:]).save(tmp_path_factory.mktemp("summary") / "model")
 
 
 @pytest.fixture
@@ -122,5 +118,5 @@ def test_histogram_bars_count_the_scores_and_the_threshold_line_sits_at_its_valu
     assert len(heights) == 5 and max(heights) == heights[0]  # 12 scores // 3 -> 5 bins, the first holds four
     assert heights[0] / heights[1] == pytest.approx(4 / 2)
     line = re.search(r'<line x1="([0-9.]+)"[^>]*stroke="#c33"', svg)
-    assert line is not None and float(line.group(1)) == pytest.approx(44 + 0.5 * (640 - 44 - 30), abs=0.1)
+    assert line is not None and float(line.group(1)) == pytest.approx(52 + 0.5 * (640 - 52 - 30), abs=0.1)  # the plot spans x 52..610
     assert "<svg" in score_histogram([3.0], None)  # one image, no threshold: still a picture

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from export_helpers import make_model
 from fastapi.testclient import TestClient
 
-from hrad.config import load_config
-from hrad.model import AnomalyModel
 from hrad.service import HealthResponse, MapPayload, PredictResponse, RegionModel, ThresholdsModel, create_app
 from hrad.service_page import PAGE
 
@@ -21,11 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
-    config = load_config(
-        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
-    )
     images = [rng.uniform(0.4, 0.6, (40, 48, 3)).astype(np.float32) for _ in range(4)]
-    return AnomalyModel(config).fit(images[:3], images[3:]).save(tmp_path_factory.mktemp("page") / "model")
+    return make_model({"name": "downsample", "image_size": 32}, "test-gaussian").fit(images[:3], images[3:]).save(tmp_path_factory.mktemp("page") / "model")
 
 
 def test_the_page_is_served_at_the_root_and_can_be_turned_off(model_dir: Path) -> None:

@@ -11,29 +11,46 @@ from hrad.errors import ArtifactError
 EXPORTED_SUFFIXES = (".onnx", ".xml")
 
 
+def _saved_record(path: Path) -> tuple[dict[str, Any], bool, str, dict[str, Any]]:
+    """An artifact's manifest or an export's sidecar: the record, whether it is an export, the
+    file's name for errors, and its kind."""
+    exported = path.suffix in EXPORTED_SUFFIXES
+    if exported:
+        from hrad.export_runtime import load_sidecar
+
+        record = load_sidecar(path)
+        return record, True, f"{path.with_suffix('.json')}", {"export": path.suffix[1:], "sidecar": path.with_suffix(".json").name}
+    from hrad.artifact import MANIFEST, read_manifest
+
+    record = read_manifest(path)
+    where = f"{path / MANIFEST}"
+    try:
+        return record, False, where, {"model": "artifact", "weights_bytes": int(record["weights"]["bytes"])}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{where}: corrupt model manifest ({type(error).__name__}: {' '.join(str(error).split())})") from None
+
+
 def model_facts(path: Path) -> dict[str, Any]:
     """The facts ``hrad info`` shows, as values, from an artifact's manifest or an export's
     sidecar: the file's kind, then what :func:`~hrad.export_runtime.saved_model_facts` reads
     (``hrad serve``'s ``/health`` summarises the same reading)."""
     from hrad.export_runtime import saved_model_facts
 
-    exported = path.suffix in EXPORTED_SUFFIXES
-    if exported:
-        from hrad.export_runtime import load_sidecar
-
-        record = load_sidecar(path)
-        where = f"{path.with_suffix('.json')}"
-        kind: dict[str, Any] = {"export": path.suffix[1:], "sidecar": path.with_suffix(".json").name}
-    else:
-        from hrad.artifact import MANIFEST, read_manifest
-
-        record = read_manifest(path)
-        where = f"{path / MANIFEST}"
-        try:
-            kind = {"model": "artifact", "weights_bytes": int(record["weights"]["bytes"])}
-        except (KeyError, TypeError, ValueError) as error:
-            raise ArtifactError(f"{where}: corrupt model manifest ({type(error).__name__}: {' '.join(str(error).split())})") from None
+    record, exported, where, kind = _saved_record(path)
     return {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}
+
+
+def model_page(path: Path) -> str:
+    """``hrad info --page``: the facts as ``hrad info`` prints them, and the pictures of its
+    thresholds, training and region of interest (:mod:`hrad.reports.card`)."""
+    from hrad.export_runtime import saved_model_facts
+    from hrad.postprocess.roi import RegionOfInterest
+    from hrad.reports.card import render_model_page
+
+    record, exported, where, kind = _saved_record(path)
+    facts = {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}
+    roi = RegionOfInterest.from_json(record.get("roi"), where)
+    return render_model_page(described_facts(facts), facts, roi.mask if roi is not None else None)
 
 
 def described_facts(facts: dict[str, Any]) -> dict[str, Any]:

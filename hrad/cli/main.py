@@ -13,12 +13,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
-from hrad.cli.calibrate import calibrate
+from hrad.cli.calibrate import FEW_IMAGES, calibrate
 from hrad.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -29,10 +29,13 @@ from hrad.cli.common import (
 )
 from hrad.cli.compare import compare
 from hrad.cli.evaluate import evaluate
-from hrad.cli.info import described_facts, model_facts
+from hrad.cli.info import described_facts, model_facts, model_page
 from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
+
+if TYPE_CHECKING:
+    from hrad.prediction import Thresholds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="High-resolution industrial anomaly detection.")
 
@@ -127,6 +130,25 @@ def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
     return overrides
 
 
+def _print_thresholds(thresholds: Thresholds | None) -> None:
+    """The thresholds a fit learned and from how many held-out images: 5 good images hold out
+    one, whose score is the image threshold, and the fit said only 'model written to m'."""
+    if thresholds is None:
+        return  # fit warns about it
+    count = len(thresholds.image_scores)
+    at = f" at {thresholds.sigmas:g} sigmas" if thresholds.sigmas is not None else ""
+    rough = (
+        f" (rough: a mean and std of {count} score{'' if count == 1 else 's'}; fit on more good images, or run hrad "
+        f"calibrate on {FEW_IMAGES} or more)"
+        if count < FEW_IMAGES
+        else ""
+    )
+    console.print(
+        f"thresholds from {count} held-out normal image{'' if count == 1 else 's'}{at}: image {thresholds.image:.6g}, "
+        f"pixel {thresholds.pixel:.6g}{rough}"
+    )
+
+
 @app.command()
 def fit(
     data: Annotated[Path, typer.Option(help="Dataset root (MVTec AD, VisA, MVTec AD 2) or a folder of good images")],
@@ -160,7 +182,7 @@ def fit(
     from hrad.artifact import check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
-    from hrad.data.images import ImageList
+    from hrad.data.images import ImageList, check_pixel_budget
     from hrad.detectors.checkpoints import checkpoints_in
     from hrad.model import AnomalyModel
 
@@ -170,6 +192,8 @@ def fit(
     validation = ImageList(validation_paths) if validation_paths else None
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
+    for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
+        check_pixel_budget(path)
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
     checkpoints = out.parent / f"{out.name}.checkpoints"
     this_fit = {
@@ -196,7 +220,10 @@ def fit(
             console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.inspected:.1%} inspected (stretched to each image)")
         model.save(out)
         _clear_checkpoints(checkpoints)  # the model holds what they were for
+        _print_thresholds(model.thresholds)
         console.print(f"model written to {out}")
+        if model.thresholds is not None:
+            console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
         if model.thresholds is None:
             print_warning(
                 f"no held-out normal images ({len(train)} training images, threshold.validation_fraction "
@@ -412,10 +439,20 @@ def ad2_evaluate(
 def info(
     model: Annotated[Path, typer.Argument(help="Model directory (hrad fit) or exported .onnx / .xml (hrad export)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON (numbers, not sentences: for scripts)")] = False,
+    page: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Also write an HTML page: the facts, held-out scores against the threshold, losses, region")
+    ] = None,
 ) -> None:
     """What a model is, without loading it: strategy, detector, backbone, fitted size, bit depth,
     region of interest, thresholds and training losses (an export needs no torch for this)."""
     facts = model_facts(model)
+    if page is not None:
+        from hrad.data.images import atomic_write_bytes
+
+        if page.is_dir() or not page.parent.is_dir():
+            raise InputError(f"{page}: cannot write the page there ({'a folder' if page.is_dir() else 'its folder does not exist'})")
+        atomic_write_bytes(page, model_page(model).encode("utf-8"))
+        console.print(f"page written to {page}")
     if as_json:  # the command's output: stdout, like list, options and schema
         typer.echo(json.dumps(facts, indent=2))
         return

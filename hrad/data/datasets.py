@@ -23,7 +23,7 @@ from hrad.data.images import (
     missing_reason,
     read_mask,
 )
-from hrad.errors import InputError
+from hrad.errors import InputError, warn
 
 LAYOUTS = ("auto", "mvtec", "visa", "mvtec_ad2", "folder")
 GOOD = 0
@@ -243,12 +243,37 @@ def _category_folders(root: Path) -> list[str]:
     return sorted(path.name for path in root.iterdir() if path.is_dir() and any((path / part).is_dir() for part in ("train", "test", "test_public")))
 
 
+def _tell_nested_images(folder: Path, used: int) -> None:
+    """One warning when a plain folder of good images has images in its subfolders too (a
+    camera's day folders): a folder's images are those directly in it, and a fit on
+    ``good/`` with ``good/line1/day1/*.jpg`` learned from the one top-level image, without a word.
+    Symbolic links to folders are not followed (a link to ``..`` would loop)."""
+    nested: dict[str, int] = {}
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # .thumbnails and the like
+        if Path(parent) == folder:
+            continue
+        count = sum(is_image_file(Path(parent) / name) for name in files)
+        if count:
+            top = Path(parent).relative_to(folder).parts[0]
+            nested[top] = nested.get(top, 0) + count
+    if nested:
+        total = sum(nested.values())
+        names = ", ".join(sorted(nested)[:5]) + (", ..." if len(nested) > 5 else "")
+        warn(
+            f"{folder}: {total} image{'' if total == 1 else 's'} in its subfolders ({names}) not used: a folder of good "
+            f"images is the images directly in it ({used} here); move them there to train on them",
+            stacklevel=3,
+        )
+
+
 def training_images(root: str | os.PathLike[str], category: str | None = None) -> tuple[list[Path], list[Path]]:
     """What ``fit`` learns from: ``(train, validation)`` normal images of a dataset (MVTec AD,
     VisA, MVTec AD 2; ``category`` picks one of a multi-category root), or every image of a
     plain folder of good images (validation empty)."""
     dataset = load_dataset(root, category=category)
     if dataset.layout == "folder":
+        _tell_nested_images(dataset.root, len(dataset.test))
         return [sample.path for sample in dataset.test], []
     return dataset.train, dataset.validation
 

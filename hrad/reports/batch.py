@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hrad.reports.svg import SvgPlot
+
 #: passed images shown as thumbnails, closest to the threshold first; the rest are table rows
 PASSED_SHOWN = 60
 
@@ -50,9 +52,7 @@ class BatchItem:
 
 
 def score_histogram(scores: Sequence[float], threshold: float | None, width: int = 640, height: int = 190) -> str:
-    """The image scores' histogram with the threshold as an inline SVG. Drawn by hand, not with
-    matplotlib: the page is also written by the torch-free runtime of exported models, whose
-    install (``requirements-runtime.txt``) has no plotting library."""
+    """The image scores' histogram with the threshold marked, as an inline SVG (:mod:`hrad.reports.svg`)."""
     values = np.asarray(scores, dtype=float)
     low, high = float(values.min()), float(values.max())
     if threshold is not None:
@@ -60,32 +60,13 @@ def score_histogram(scores: Sequence[float], threshold: float | None, width: int
     if high <= low:
         low, high = low - 0.5, high + 0.5
     counts, edges = np.histogram(values, bins=min(40, max(5, values.size // 3)), range=(low, high))
-    left, right, top, bottom = 44, 30, 10, 34
-    plot_w, plot_h = width - left - right, height - top - bottom
     peak = int(counts.max()) or 1
-
-    def x(value: float) -> float:
-        return left + (value - low) / (high - low) * plot_w
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" font-family="sans-serif">']
+    plot = SvgPlot((low, high), (0, peak), "image score (images per bin)", width, height, y_ticks=[0, peak])
     for count, start, stop in zip(counts, edges[:-1], edges[1:], strict=True):
-        bar = count / peak * plot_h
-        parts.append(f'<rect x="{x(start):.1f}" y="{top + plot_h - bar:.1f}" width="{max(x(stop) - x(start) - 1, 1):.1f}" height="{bar:.1f}" fill="#4a86c5"/>')
-    parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>')
-    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>')
-    for tick in np.linspace(low, high, 5):
-        parts.append(f'<text x="{x(tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{tick:.4g}</text>')
-    parts.append(f'<text x="{left - 4}" y="{top + 9}" text-anchor="end">{peak}</text>')
-    parts.append(f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">image score (images per bin)</text>')
+        plot.bar(start, stop, count)
     if threshold is not None:
-        position = x(threshold)
-        parts.append(f'<line x1="{position:.1f}" y1="{top}" x2="{position:.1f}" y2="{top + plot_h}" stroke="#c33" stroke-dasharray="5,3" stroke-width="1.5"/>')
-        anchor = "end" if position > left + plot_w * 0.7 else "start"
-        shift = -4 if anchor == "end" else 4
-        parts.append(f'<text x="{position + shift:.1f}" y="{top + 10}" fill="#c33" text-anchor="{anchor}">threshold {threshold:.4g}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+        plot.mark(threshold, f"threshold {threshold:.4g}")
+    return plot.render()
 
 
 def _card(item: BatchItem) -> str:
