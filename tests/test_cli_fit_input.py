@@ -125,3 +125,15 @@ def test_a_bad_file_among_the_good_images_is_refused_before_the_fit_starts(
     reason = {"empty": "empty file", "text": "not a readable image", "over the budget": "image is 100x100 = 10000 pixels, over the pixel budget of 9000"}[bad]
     assert code == 2 and errors(err)[0].startswith(f"hrad: error: {path}: {reason}")
     assert "fitting" not in err and "embedding" not in err and "Traceback" not in err
+
+
+def test_a_fit_into_a_model_says_it_replaces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same --out twice (yesterday's model, a typo'd name) replaced the model without a word."""
+    folder = good_folder(tmp_path / "good")
+    model = tmp_path / "m"
+    args = ["fit", "--data", str(folder), "--out", str(model), *TINY]
+    assert run(args, monkeypatch) == 0
+    assert "holds a model" not in capsys.readouterr().err
+    assert run(args, monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == f"{model} holds a model already: this fit replaces it when it ends"

@@ -179,7 +179,7 @@ def fit(
     interrupted fit (Ctrl-C, kill, a crash) resumes where it stopped when the same command runs
     again; the folder is removed once the model is written.
     """
-    from hrad.artifact import check_artifact_target
+    from hrad.artifact import MANIFEST, check_artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
     from hrad.data.images import ImageList, check_pixel_budget
@@ -195,6 +195,8 @@ def fit(
     for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
         check_pixel_budget(path)
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
+    if (out / MANIFEST).is_file():  # said while there is time to stop: the old model stays until the new one is written
+        console.print(f"{out} holds a model already: this fit replaces it when it ends")
     checkpoints = out.parent / f"{out.name}.checkpoints"
     this_fit = {
         "config": model_config.model_dump(mode="json"),
