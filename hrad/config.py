@@ -6,6 +6,7 @@ into the config class registered for their ``name``.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 import hrad.detectors  # noqa: F401  (fills the detector registry)
 import hrad.strategies  # noqa: F401  (fills the strategy registry)
-from hrad.detectors.base import DetectorConfig, detector_config
+from hrad.detectors.base import DETECTORS, DetectorConfig, detector_config
 from hrad.errors import ConfigError
 from hrad.features.base import BackboneConfig
 from hrad.postprocess.smoothing import PostprocessConfig
-from hrad.strategies.base import StrategyConfig, strategy_config
+from hrad.strategies.base import STRATEGIES, StrategyConfig, strategy_config
 
 
 class ThresholdConfig(BaseModel):
@@ -64,6 +65,10 @@ class ModelConfig(BaseModel):
         return strategy_config(_section(value, "strategy"))
 
 
+#: the sections with one config class (detector and strategy have one per registered name)
+_PLAIN_SECTIONS: dict[str, type[BaseModel]] = {"backbone": BackboneConfig, "postprocess": PostprocessConfig, "threshold": ThresholdConfig}
+
+
 def _section(value: Any, name: str) -> Any:
     """A detector/strategy section must be a mapping (``--set strategy=5`` is a mistake, not a crash)."""
     if isinstance(value, (dict, BaseModel)):
@@ -99,4 +104,29 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         source = f"{path}: " if path else ""
-        raise ConfigError(f"{source}invalid config at {where}: {first['msg']}") from None
+        hint = _unknown_option_hint(tuple(str(part) for part in first["loc"]), data) if first["type"] == "extra_forbidden" else ""
+        raise ConfigError(f"{source}invalid config at {where}: {first['msg']}{hint}") from None
+
+
+def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str:
+    """What an unknown option should have been: 'strategy.strid' is 'Extra inputs are not
+    permitted' to pydantic, and ``--set strategy.tile=64`` with the default strategy (downsample,
+    which has no tile) read the same, with no word of which strategy was meant or what it takes."""
+    *sections, field = location
+    if not sections:
+        known, where = list(ModelConfig.model_fields), f"a model config has no section or field {field!r}"
+        listing = f"its sections and fields: {', '.join(known)}"
+    elif len(sections) == 1 and sections[0] in ("detector", "strategy"):
+        section = sections[0]
+        given = data.get(section)
+        name = str(given.get("name") if isinstance(given, dict) and given.get("name") else getattr(ModelConfig(), section).name)
+        registry = DETECTORS if section == "detector" else STRATEGIES
+        known, where = list(registry.get(name).config_type.model_fields), f"{section} {name!r} has no option {field!r}"
+        listing = f"hrad options {section} {name} lists its options"
+    elif len(sections) == 1 and sections[0] in _PLAIN_SECTIONS:
+        known, where = list(_PLAIN_SECTIONS[sections[0]].model_fields), f"{sections[0]} has no option {field!r}"
+        listing = f"hrad options {sections[0]} lists them"
+    else:
+        return ""
+    close = difflib.get_close_matches(field, known, n=1)
+    return f" ({where}: did you mean {close[0]}? {listing})" if close else f" ({where}; {listing})"

@@ -137,3 +137,44 @@ def test_a_fit_into_a_model_says_it_replaces_it(tmp_path: Path, monkeypatch: pyt
     assert run(args, monkeypatch) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[1] == f"{model} holds a model already: this fit replaces it when it ends"
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        (
+            "strategy: {name: tiled, tile: 64, strid: 64}\n", [],
+            "invalid config at strategy.strid: Extra inputs are not permitted (strategy 'tiled' has no option 'strid': "
+            "did you mean stride? hrad options strategy tiled lists its options)",
+        ),
+        (
+            "backbon: {name: tiny-cnn}\n", [],
+            "invalid config at backbon: Extra inputs are not permitted (a model config has no section or field 'backbon': "
+            "did you mean backbone? its sections and fields: backbone, detector, strategy, postprocess, threshold, bit_depth, device, seed)",
+        ),
+        (
+            None, ["--tile", "64"],  # no --strategy: the default, downsample, has no tile
+            "invalid config at strategy.tile: Extra inputs are not permitted (strategy 'downsample' has no option 'tile'; "
+            "hrad options strategy downsample lists its options)",
+        ),
+        (
+            None, ["--set", "threshold.sigma=4"],
+            "invalid config at threshold.sigma: Extra inputs are not permitted (threshold has no option 'sigma': did you "
+            "mean sigmas? hrad options threshold lists them)",
+        ),
+    ],
+)
+def test_an_unknown_option_says_which_section_it_is_not_in_and_the_likely_one(
+    config: str | None, options: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'invalid config at strategy.strid: Extra inputs are not permitted' named neither the strategy
+    nor what was meant; --tile without --strategy read the same against the default strategy."""
+    folder = good_folder(tmp_path / "good", count=2)
+    args = ["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY, *options]
+    prefix = ""
+    if config is not None:
+        (tmp_path / "model.yaml").write_text(config)
+        args += ["--config", str(tmp_path / "model.yaml")]
+        prefix = f"{tmp_path / 'model.yaml'}: "
+    assert run(args, monkeypatch) == 2
+    assert errors(capsys.readouterr().err) == [f"hrad: error: {prefix}{message}"]
