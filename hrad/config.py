@@ -17,6 +17,7 @@ import hrad.detectors  # noqa: F401  (fills the detector registry)
 import hrad.strategies  # noqa: F401  (fills the strategy registry)
 from hrad.detectors.base import DETECTORS, DetectorConfig, detector_config
 from hrad.errors import ConfigError
+from hrad.features import BACKBONES
 from hrad.features.base import BackboneConfig
 from hrad.postprocess.smoothing import PostprocessConfig
 from hrad.strategies.base import STRATEGIES, StrategyConfig, strategy_config
@@ -98,6 +99,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             data[section] = merged
         else:
             data[section] = values
+    _check_names(data, path, overrides or {})
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as error:
@@ -106,6 +108,22 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         source = f"{path}: " if path else ""
         hint = _unknown_option_hint(tuple(str(part) for part in first["loc"]), data) if first["type"] == "extra_forbidden" else ""
         raise ConfigError(f"{source}invalid config at {where}: {first['msg']}{hint}") from None
+
+
+def _check_names(data: dict[str, Any], path: Path | None, overrides: dict[str, Any]) -> None:
+    """Refuse an unknown backbone, detector or strategy name, naming the config file when the name
+    came from it: 'strategy: {name: tilled}' read 'unknown strategy 'tilled'; known: ...' without
+    the file, and an unknown backbone was found only when the model was built, after the fit began."""
+    for section, registry in (("backbone", BACKBONES), ("detector", DETECTORS), ("strategy", STRATEGIES)):
+        values = data.get(section)
+        if not isinstance(values, dict) or values.get("name") is None:
+            continue
+        try:
+            registry.get(str(values["name"]))
+        except ConfigError as error:
+            given = overrides.get(section)
+            from_file = path is not None and not (isinstance(given, dict) and "name" in given)
+            raise ConfigError(f"{path}: {error}" if from_file else str(error)) from None
 
 
 def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str:

@@ -178,3 +178,27 @@ def test_an_unknown_option_says_which_section_it_is_not_in_and_the_likely_one(
         prefix = f"{tmp_path / 'model.yaml'}: "
     assert run(args, monkeypatch) == 2
     assert errors(capsys.readouterr().err) == [f"hrad: error: {prefix}{message}"]
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        ("strategy: {name: tilled}\n", [], "{file}: unknown strategy 'tilled'; known: downsample, hiad, mrf, tiled, tiled-ensemble"),
+        ("backbone: {name: lite0}\n", ["--detector", "test-gaussian"], "{file}: unknown backbone 'lite0'; known: dinov2-vitb14"),
+        ("strategy: {name: tilled}\n", ["--strategy", "tiledd"], "unknown strategy 'tiledd'; known: "),  # the flag's, not the file's
+        (None, ["--backbone", "tinycnn"], "unknown backbone 'tinycnn'; known: "),
+    ],
+)
+def test_an_unknown_name_is_refused_before_the_fit_naming_the_config_file_it_came_from(
+    config: str | None, options: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'unknown strategy 'tilled'' did not name the YAML it was in; an unknown backbone was found
+    when the model was built, after 'fitting ...' and the images' headers."""
+    folder = good_folder(tmp_path / "good", count=2)
+    args = ["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *options]
+    if config is not None:
+        (tmp_path / "model.yaml").write_text(config)
+        args += ["--config", str(tmp_path / "model.yaml")]
+    assert run(args, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert errors(err)[0].startswith("hrad: error: " + message.format(file=tmp_path / "model.yaml")) and "fitting" not in err
