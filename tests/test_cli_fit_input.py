@@ -31,6 +31,7 @@ def errors(err: str) -> list[str]:
         (["--strategy", "tiled", "--tile", "1024"], "the 96x64 image padded to a 1024x1024 tile is 1024x1024 = 1048576 pixels"),
         (["--strategy", "downsample", "--image-size", "1024"], "the 96x64 image resized to image_size is 1024x1024 = 1048576 pixels"),
         (["--strategy", "tiled", "--image-size", "2048", "--tile", "64"], "the 96x64 image resized to image_size is 2048x1365"),
+        (["--strategy", "mrf", "--set", "strategy.pixel_budget=1000000"], "the 96x64 image at scale 0.5 of strategy.pixel_budget 1000000 is "),
     ],
 )
 def test_a_tile_or_image_size_far_over_the_images_is_refused_in_one_line(

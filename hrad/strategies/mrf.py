@@ -61,7 +61,7 @@ from hrad.strategies.base import (
     StrategyConfig,
     sub_state,
 )
-from hrad.strategies.pixels import PixelImage, resize_pixels
+from hrad.strategies.pixels import PixelImage, check_enlargement, resize_pixels
 from hrad.strategies.tiled import round_to_multiple
 
 #: the paper's layers of a 12-block ViT (1-based block outputs)
@@ -223,6 +223,8 @@ class MRFStrategy(Strategy):
         """``(scale, resized 1x3xhxw image, {layer: 1 x C x h' x w'})`` from the coarsest scale up."""
         pixels = PixelImage(image, self.device)  # each scale read in bands of rows, never float whole
         for scale, size in self.scale_sizes(*image.shape[:2]).items():
+            budget = f"strategy.pixel_budget {self.config.pixel_budget}"
+            check_enlargement((image.shape[0], image.shape[1]), size, f"at scale {scale:g} of {budget}", "give a smaller strategy.pixel_budget")
             resized = resize_pixels(pixels, size)[None]
             with torch.no_grad():
                 maps = self.extractor.extract(resized, self.layers)
