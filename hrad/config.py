@@ -146,5 +146,5 @@ def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str
         listing = f"hrad options {sections[0]} lists them"
     else:
         return ""
-    close = difflib.get_close_matches(field, known, n=1)
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.65)  # 0.6 took image_size for HiAD's patch_size
     return f" ({where}: did you mean {close[0]}? {listing})" if close else f" ({where}; {listing})"

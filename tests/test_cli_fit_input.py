@@ -159,6 +159,11 @@ def test_a_fit_into_a_model_says_it_replaces_it(tmp_path: Path, monkeypatch: pyt
             "hrad options strategy downsample lists its options)",
         ),
         (
+            None, ["--strategy", "hiad", "--image-size", "512"],  # no resize in HiAD: patch_size is no likely meaning
+            "invalid config at strategy.image_size: Extra inputs are not permitted (strategy 'hiad' has no option "
+            "'image_size'; hrad options strategy hiad lists its options)",
+        ),
+        (
             None, ["--set", "threshold.sigma=4"],
             "invalid config at threshold.sigma: Extra inputs are not permitted (threshold has no option 'sigma': did you "
             "mean sigmas? hrad options threshold lists them)",
