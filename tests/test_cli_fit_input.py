@@ -208,3 +208,15 @@ def test_an_unknown_name_is_refused_before_the_fit_naming_the_config_file_it_cam
     assert run(args, monkeypatch) == 2
     err = capsys.readouterr().err
     assert errors(err)[0].startswith("hrad: error: " + message.format(file=tmp_path / "model.yaml")) and "fitting" not in err
+
+
+def test_a_weights_file_for_a_seeded_backbone_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-cnn ignored --weights and fitted on its seeded random weights without a word."""
+    folder = good_folder(tmp_path / "good", count=2)
+    weights = tmp_path / "mine.pt"
+    weights.write_bytes(b"weights")
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY, "--weights", str(weights)], monkeypatch) == 2
+    assert errors(capsys.readouterr().err) == [
+        f"hrad: error: {weights}: backbone 'tiny-cnn' takes no weights file (seeded random weights, for tests); leave --weights "
+        "out or give a pretrained backbone (hrad list)"
+    ]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from hrad.errors import ConfigError
 from hrad.features.base import BackboneConfig, FeatureExtractor
 
 
@@ -88,9 +89,21 @@ class TinyViT(FeatureExtractor):
         return out
 
 
+def _no_weights(config: BackboneConfig) -> None:
+    """A weights file given to a seeded backbone is a mistake: it was ignored without a word
+    (``hrad fit --backbone tiny-cnn --weights my.pt`` fitted on the seeded random weights)."""
+    if config.weights is not None:
+        raise ConfigError(
+            f"{config.weights}: backbone {config.name!r} takes no weights file (seeded random weights, for tests); "
+            "leave --weights out or give a pretrained backbone (hrad list)"
+        )
+
+
 def build_tiny_cnn(config: BackboneConfig) -> FeatureExtractor:
+    _no_weights(config)
     return TinyCNN()
 
 
 def build_tiny_vit(config: BackboneConfig) -> FeatureExtractor:
+    _no_weights(config)
     return TinyViT()
