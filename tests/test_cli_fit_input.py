@@ -220,3 +220,17 @@ def test_a_weights_file_for_a_seeded_backbone_is_refused(tmp_path: Path, monkeyp
         f"hrad: error: {weights}: backbone 'tiny-cnn' takes no weights file (seeded random weights, for tests); leave --weights "
         "out or give a pretrained backbone (hrad list)"
     ]
+
+
+def test_a_bad_region_of_interest_is_refused_before_the_fit_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An all-black --roi mask was read inside the fit, after 'fitting ...' and the backbone's
+    loading (seconds to a minute for DINOv2 or Wide ResNet-50)."""
+    folder = good_folder(tmp_path / "good", count=2)
+    mask = tmp_path / "roi.png"
+    write(mask, np.zeros((64, 96, 3)))
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY, "--roi", str(mask)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert errors(err) == [f"hrad: error: {mask}: the region of interest is empty (no non-zero pixel), so nothing would be inspected"]
+    assert "fitting" not in err

@@ -185,6 +185,7 @@ def fit(
     from hrad.data.images import ImageList, check_pixel_budget
     from hrad.detectors.checkpoints import checkpoints_in
     from hrad.model import AnomalyModel
+    from hrad.postprocess.roi import read_roi
 
     check_artifact_target(out)  # a foreign or unwritable --out is refused before the fit, not after
     train_paths, validation_paths = training_images(data, category=category)
@@ -192,6 +193,7 @@ def fit(
     validation = ImageList(validation_paths) if validation_paths else None
     overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
     model_config = load_config(config, merge_assignments(overrides, set_options or []))
+    region = read_roi(roi) if roi is not None else None  # a bad mask now, not after the backbone loaded
     for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
         check_pixel_budget(path)
     console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
@@ -207,7 +209,7 @@ def fit(
     with tracking("fit", track, out.name) as run:
         try:
             with progress_bars() as progress, checkpoints_in(checkpoints):
-                model = AnomalyModel(model_config).fit(train, validation, progress, roi=roi)
+                model = AnomalyModel(model_config).fit(train, validation, progress, roi=region)
         except BaseException:
             if any(checkpoints.glob("*.pt")):
                 console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
