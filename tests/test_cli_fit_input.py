@@ -234,3 +234,14 @@ def test_a_bad_region_of_interest_is_refused_before_the_fit_starts(
     err = capsys.readouterr().err
     assert errors(err) == [f"hrad: error: {mask}: the region of interest is empty (no non-zero pixel), so nothing would be inspected"]
     assert "fitting" not in err
+
+
+def test_a_symbolic_link_loop_among_the_images_is_called_a_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """a.png -> b.png -> a.png was 'broken symbolic link (its target b.png does not exist)', though b.png is there."""
+    folder = good_folder(tmp_path / "good", count=2)
+    (folder / "a.png").symlink_to("b.png")
+    (folder / "b.png").symlink_to("a.png")
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 2
+    assert errors(capsys.readouterr().err) == [f"hrad: error: {folder / 'a.png'}: symbolic link loop (it points to b.png, which leads back to it)"]

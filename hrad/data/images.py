@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import io
 import math
 import os
@@ -183,12 +184,18 @@ def _one_line(error: BaseException) -> str:
 
 
 def missing_reason(path: Path) -> str:
-    """Why ``path`` (which does not exist) is missing: a dangling symbolic link says where it points."""
+    """Why ``path`` (which does not exist) is missing: a dangling symbolic link says where it
+    points; links that point at each other (a.png -> b.png -> a.png) are a loop, not a missing target."""
     if path.is_symlink():
         try:
             target = os.readlink(path)
         except OSError:
             return f"{path}: broken symbolic link"
+        try:
+            path.stat()
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return f"{path}: symbolic link loop (it points to {target}, which leads back to it)"
         return f"{path}: broken symbolic link (its target {target} does not exist)"
     return f"{path}: file not found"
 
