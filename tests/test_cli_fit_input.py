@@ -245,3 +245,11 @@ def test_a_symbolic_link_loop_among_the_images_is_called_a_loop(
     (folder / "b.png").symlink_to("a.png")
     assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 2
     assert errors(capsys.readouterr().err) == [f"hrad: error: {folder / 'a.png'}: symbolic link loop (it points to b.png, which leads back to it)"]
+
+
+def test_one_image_is_one_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """'fitting ... on 1 images of good', '(1 training images, ...)'."""
+    folder = good_folder(tmp_path / "good", count=1)
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert f"fitting test-gaussian / downsample on 1 image of {folder}\n" in err and "(1 training image, threshold" in err

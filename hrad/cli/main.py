@@ -196,7 +196,8 @@ def fit(
     region = read_roi(roi) if roi is not None else None  # a bad mask now, not after the backbone loaded
     for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
         check_pixel_budget(path)
-    console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {len(train)} images of {data}")
+    images = f"{len(train)} image{'' if len(train) == 1 else 's'}"  # a folder holding one image: '1 image', not '1 images'
+    console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {images} of {data}")
     if (out / MANIFEST).is_file():  # said while there is time to stop: the old model stays until the new one is written
         console.print(f"{out} holds a model already: this fit replaces it when it ends")
     checkpoints = out.parent / f"{out.name}.checkpoints"
@@ -230,7 +231,7 @@ def fit(
             console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
         if model.thresholds is None:
             print_warning(
-                f"no held-out normal images ({len(train)} training images, threshold.validation_fraction "
+                f"no held-out normal images ({images.replace('image', 'training image')}, threshold.validation_fraction "
                 f"{model_config.threshold.validation_fraction}), so the model has no thresholds: hrad predict gives "
                 "scores and maps but no decisions or masks unless given --threshold / --pixel-threshold; "
                 "fit on more good images to get them"
