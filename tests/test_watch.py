@@ -246,3 +246,38 @@ def test_a_watch_stopped_while_predicting_says_what_is_left(
     assert code == 0 and "Traceback" not in err
     told = re.search(r"watch ended\n(\d) of the (\d) images found were not predicted: the same command with --resume predicts them\n", err)
     assert told is not None and 1 <= int(told[1]) <= int(told[2])
+
+
+def test_a_watch_pages_what_it_found_and_each_new_image_while_it_waits(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """index.html is written once the images found at the start are predicted, and an image that
+    came since is on it within the interval though no other image follows (the page was written
+    only when a later image came 30 s after the last page, so a watch showed no page at all)."""
+    from hrad.cli.predict import SummaryPage
+
+    monkeypatch.setattr(watch_module, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(SummaryPage, "WATCH_INTERVAL", 0.3)
+    folder, out = tmp_path / "line", tmp_path / "out"
+    write(folder / "a.png", textured_image(np.random.default_rng(4), 48, 64))
+    page = out / "index.html"
+    seen: list[str] = []
+
+    def camera() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not page.exists():
+            time.sleep(0.02)
+        seen.append(page.read_text(encoding="utf-8") if page.exists() else "")
+        write(folder / "b.png", textured_image(np.random.default_rng(5), 48, 64))  # within the interval of that page
+        while time.monotonic() < deadline and "b.png" not in page.read_text(encoding="utf-8"):
+            time.sleep(0.02)
+        seen.append(page.read_text(encoding="utf-8"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=camera, daemon=True)
+    thread.start()
+    code = run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--watch"], monkeypatch)
+    thread.join(5)
+    assert code == 0 and "Traceback" not in capsys.readouterr().err
+    assert "1 image:" in seen[0] and "a.png" in seen[0]
+    assert "2 images:" in seen[1] and "b.png" in seen[1]

@@ -119,6 +119,8 @@ def predict(
     def finish(item: tuple[Path, str], image: Any, prediction: Any) -> OutputRow:
         return writer.write(item[0], item[1], image, prediction)
 
+    page = SummaryPage(out, model) if summary else None
+
     def predict_all(paths_now: list[Path], progress: Any, scores: ScoresWriter) -> None:
         # the next batch of images is decoded and finished ones written in threads while the model computes
         # (hrad.pipeline); one bad image must not stop the others: its stage's error becomes its row
@@ -136,8 +138,8 @@ def predict(
             counts[0] += 1
             done.add(path)
             progress(counts[0], counts[1], "predicting")
-
-    page = SummaryPage(out, model) if summary else None
+            if page is not None:
+                page.stale = True
 
     def tell_the_rest() -> None:  # a stopped run says what is left and how to go on
         if counts[0] < counts[1]:
@@ -150,11 +152,15 @@ def predict(
             if watcher is not None:
                 until = f"Ctrl-C, or {watch_idle:g} s without one, ends" if watch_idle is not None else "Ctrl-C ends"
                 console.print(f"watching {', '.join(str(folder) for folder in folders)} for new images ({until})")
+                if page is not None:
+                    page.write()  # the images found so far, before the first new one comes
                 try:
-                    for ready in watcher.batches(idle_seconds=watch_idle):
-                        counts[1] += len(ready)
-                        predict_all(ready, progress, scores)
-                        if page is not None:
+                    # every poll, with new images or none: a page behind them is rewritten within WATCH_INTERVAL
+                    for ready in watcher.batches(idle_seconds=watch_idle, quiet=page is not None):
+                        if ready:
+                            counts[1] += len(ready)
+                            predict_all(ready, progress, scores)
+                        if page is not None and page.stale:
                             page.write(every=SummaryPage.WATCH_INTERVAL)
                 except (KeyboardInterrupt, Terminated):  # how a watch is ended: every finished row is written
                     console.print("watch ended")
@@ -185,6 +191,8 @@ class SummaryPage:
         self.facts = {"model": str(model.resolve())}
         self.written = time.monotonic()
         self.broken = False
+        #: rows were written since the page was (set by the caller)
+        self.stale = False
 
     def write(self, every: float = 0.0, tell: bool = False) -> None:
         """Rewrite the page, unless it was written less than ``every`` seconds ago."""
@@ -199,6 +207,7 @@ class SummaryPage:
             print_warning(f"{self.out / 'index.html'}: summary page not written ({' '.join(str(error).split())})")
             return
         self.written = time.monotonic()
+        self.stale = False
         if tell:
             console.print(f"summary page: {path}")
 

@@ -77,18 +77,18 @@ class FolderWatch:
         }
         return ready
 
-    def batches(self, idle_seconds: float | None = None, poll_seconds: float | None = None) -> Iterator[list[Path]]:
+    def batches(self, idle_seconds: float | None = None, poll_seconds: float | None = None, quiet: bool = False) -> Iterator[list[Path]]:
         """The ready files of each poll that found some, until ``idle_seconds`` pass without one
         (None: forever; the caller stops it, e.g. on Ctrl-C), one look every ``poll_seconds``
-        (default :data:`POLL_SECONDS`)."""
+        (default :data:`POLL_SECONDS`). ``quiet``: an empty list after each poll that found
+        none too, so the caller's periodic work (the summary page) goes on while no image comes."""
         interval = POLL_SECONDS if poll_seconds is None else poll_seconds
         quiet_since = time.monotonic()
         while True:
             ready = self.poll()
-            if ready:
+            if ready or quiet:
                 yield ready
-                quiet_since = time.monotonic()
-            elif self._pending:  # a file being written is not idleness
+            if ready or self._pending:  # a file being written is not idleness
                 quiet_since = time.monotonic()
             elif idle_seconds is not None and time.monotonic() - quiet_since >= idle_seconds:
                 return
