@@ -253,3 +253,12 @@ def test_one_image_is_one_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
     err = capsys.readouterr().err
     assert f"fitting test-gaussian / downsample on 1 image of {folder}\n" in err and "(1 training image, threshold" in err
+
+
+def test_images_at_the_budget_keep_their_zero_padding_under_a_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tile_edge zeros pads less than a tile past the image (virtually, for a file's pixels): an
+    image at the pixel budget is not refused for it; only a tile larger than the image is checked."""
+    folder = good_folder(tmp_path / "good")  # 96x64 = 6144 pixels, the budget below
+    args = ["--max-pixels", "6144", "fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY,
+            "--strategy", "tiled", "--tile", "64", "--stride", "48", "--set", "strategy.tile_edge=zeros"]  # fmt: skip
+    assert run(args, monkeypatch) == 0

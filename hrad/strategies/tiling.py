@@ -75,8 +75,9 @@ class TileGrid(TileGeometry):
         pad_w = self.padded_width - image.shape[-1]
         if pad_h == 0 and pad_w == 0:
             return image
-        padded = (self.padded_height, self.padded_width)
-        check_enlargement((image.shape[-2], image.shape[-1]), padded, f"padded to a {self.tile_w}x{self.tile_h} tile", "give a tile within the image")
+        if self.tile_h > image.shape[-2] or self.tile_w > image.shape[-1]:  # else under a tile of padding: the image's own scale
+            padded = (self.padded_height, self.padded_width)
+            check_enlargement((image.shape[-2], image.shape[-1]), padded, f"padded to a {self.tile_w}x{self.tile_h} tile", "give a tile within the image")
         if isinstance(image, PixelImage):
             if self.edge == "zeros":
                 return image.zero_extended((self.padded_height, self.padded_width))
