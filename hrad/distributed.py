@@ -160,8 +160,8 @@ def predict_many_ray(
 
         saved = manifest.get("thresholds")
         thresholds = Thresholds.from_json(saved) if saved else None
-        PredictionWriter(
-            out, thresholds, options.map_format, options.overlays, options.masks, options.regions
+        PredictionWriter(  # thumbnails: a file in their folder's place is refused here, before Ray starts
+            out, thresholds, options.map_format, options.overlays, options.masks, options.regions, options.thumbnails
         ).write_description()
     paths = [str(path) for path in image_paths]
     jobs = deque(

@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from hrad.data.images import atomic_write_bytes, overlay_image, thumbnail, write_map_tiff, write_mask
-from hrad.errors import ConfigError
+from hrad.errors import ConfigError, InputError
 from hrad.postprocess.regions import Region, defect_regions
 
 if TYPE_CHECKING:  # types only: this module sits below the model in the import order (ARCHITECTURE.md)
@@ -461,7 +461,10 @@ class PredictionWriter:
         self.overlay_scale = overlay_scale(thresholds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if thumbnails:
-            (self.out_dir / THUMBNAIL_FOLDER).mkdir(exist_ok=True)
+            folder = self.out_dir / THUMBNAIL_FOLDER
+            if folder.exists() and not folder.is_dir():  # mkdir's FileExistsError was a traceback
+                raise InputError(f"{folder}: a file where the summary page's thumbnails go (move it, or give --no-summary)")
+            folder.mkdir(exist_ok=True)
 
     @classmethod
     def for_model(cls, out_dir: str | os.PathLike[str], model: AnomalyModel, **options: Any) -> PredictionWriter:

@@ -120,3 +120,16 @@ def test_histogram_bars_count_the_scores_and_the_threshold_line_sits_at_its_valu
     line = re.search(r'<line x1="([0-9.]+)"[^>]*stroke="#c33"', svg)
     assert line is not None and float(line.group(1)) == pytest.approx(52 + 0.5 * (640 - 52 - 30), abs=0.1)  # the plot spans x 52..610
     assert "<svg" in score_histogram([3.0], None)  # one image, no threshold: still a picture
+
+
+def test_a_file_named_like_the_thumbnail_folder_is_one_line(
+    model_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file ``thumbs`` in --out was a FileExistsError traceback, status 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / THUMBNAIL_FOLDER).write_text("notes")
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"hrad: error: {out / THUMBNAIL_FOLDER}: a file where the summary page's thumbnails go" in err and "Traceback" not in err
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--no-summary"], monkeypatch) == 3  # broken.png
