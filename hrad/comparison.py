@@ -17,7 +17,9 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,44 @@ def read_evaluation(folder: Path, name: str | None = None) -> Evaluation:
     return Evaluation(name or folder.resolve().name, folder, metrics, labels, scores)
 
 
+def _path_parts(image: str) -> tuple[str, ...]:
+    """An image's path as folders and name, without a leading ``/``, ``.`` or ``..``: what stays
+    of it whichever working folder ``hrad evaluate`` ran in."""
+    parts = Path(os.path.normpath(image)).parts
+    while parts and (parts[0] in (os.sep, "/", ".", "..") or Path(parts[0]).anchor == parts[0]):
+        parts = parts[1:]
+    return parts
+
+
+def same_images(baseline: Iterable[str], other: Iterable[str]) -> tuple[dict[str, str], int]:
+    """``other``'s images named as in ``baseline`` (an image of ``other`` -> the same image of
+    ``baseline``), and how many of them only by the end of their path: ``hrad evaluate`` writes the
+    test images' paths as ``--data`` gave them, so one test set evaluated with ``--data
+    data/capsules`` and with ``--data /srv/data/capsules`` (or from another folder) has paths
+    where one is the other with leading folders left off. Such an image is matched when exactly
+    one image of the other report ends so (two or more path parts: a test folder and a name)."""
+    baseline = list(baseline)
+    exact = set(baseline)
+    whole = {_path_parts(image): image for image in baseline}
+    endings: dict[tuple[str, ...], list[str]] = {}
+    for parts, image in whole.items():
+        for start in range(len(parts) - 1):
+            endings.setdefault(parts[start:], []).append(image)
+    matched: dict[str, str] = {}
+    for image in other:
+        if image in exact:
+            matched[image] = image
+            continue
+        parts = _path_parts(image)
+        candidates = set(endings.get(parts, [])) if len(parts) >= 2 else set()
+        candidates |= {whole[parts[start:]] for start in range(1, len(parts) - 1) if parts[start:] in whole}
+        if len(candidates) == 1:
+            matched[image] = candidates.pop()
+    claimed = Counter(matched.values())
+    matched = {image: target for image, target in matched.items() if claimed[target] == 1}  # two for one image: neither
+    return matched, sum(image != target for image, target in matched.items())
+
+
 def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """The comparison as plain data (``comparison.json``): per model its report's metrics and the
     image AUROC on the shared images with its 95% interval; per model after the first, the
@@ -104,15 +144,25 @@ def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMP
     names = [evaluation.name for evaluation in evaluations]
     if len(set(names)) < len(names):
         raise InputError(f"two reports are both named {next(n for n in names if names.count(n) > 1)!r}: give --names")
-    shared = sorted(set.intersection(*(set(evaluation.scores) for evaluation in evaluations)))
+    # every report's images named as in the first's (the same test set may be spelled otherwise)
+    named: list[tuple[dict[str, int], dict[str, float]]] = [(dict(evaluations[0].labels), dict(evaluations[0].scores))]
+    by_ending = 0
+    for evaluation in evaluations[1:]:
+        matched, count = same_images(evaluations[0].scores, evaluation.scores)
+        by_ending = max(by_ending, count)
+        named.append(
+            ({matched[image]: label for image, label in evaluation.labels.items() if image in matched},
+             {matched[image]: score for image, score in evaluation.scores.items() if image in matched})
+        )
+    shared = sorted(set.intersection(*(set(scores) for _, scores in named)))
     if not shared:
         raise InputError(f"{evaluations[0].folder} and {evaluations[1].folder} share no test image (compare reports of the same test set)")
     labels = np.array([evaluations[0].labels[image] for image in shared])
-    for evaluation in evaluations[1:]:
-        differing = next((image for image in shared if evaluation.labels[image] != evaluations[0].labels[image]), None)
+    for evaluation, (their_labels, _) in zip(evaluations[1:], named[1:], strict=True):
+        differing = next((image for image in shared if their_labels[image] != evaluations[0].labels[image]), None)
         if differing is not None:
             raise InputError(f"{evaluation.folder / EVALUATION_SCORES}: {differing} is labelled otherwise than in {evaluations[0].folder}")
-    scores = [np.array([evaluation.scores[image] for image in shared]) for evaluation in evaluations]
+    scores = [np.array([their_scores[image] for image in shared]) for _, their_scores in named]
     both = 0 < int(labels.sum()) < labels.size
     draws = bootstrap_auroc(scores, labels, resamples=resamples, seed=seed) if both else None
     models: list[dict[str, Any]] = []
@@ -141,6 +191,7 @@ def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMP
         differences.append(difference)
     return {
         "shared_images": len(shared),
+        "matched_by_path_ending": by_ending,
         "defective": int(labels.sum()),
         "good": int(labels.size - labels.sum()),
         "resamples": resamples if both else 0,
@@ -192,6 +243,11 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
         f"{result['shared_images']} test images in every report ({result['defective']} defective, {result['good']} good). "
         "Image AUROC (shared) is on those images; the other columns are each report's own, on all of its images.\n\n"
     )
+    if result.get("matched_by_path_ending"):
+        text += (
+            f"{result['matched_by_path_ending']} of them matched by the end of their path: the reports name the test "
+            f"folder otherwise (hrad evaluate --data given another way, or run from another folder); see {EVALUATION_SCORES}.\n\n"
+        )
     text += table(rows, list(rows[0]))
     text += f"\n## Image AUROC against {models[0]['name']}\n\n" + differences_markdown(result)
     return text
@@ -205,5 +261,6 @@ __all__ = [
     "comparison_markdown",
     "differences_markdown",
     "read_evaluation",
+    "same_images",
     "write_evaluation_scores",
 ]

@@ -10,7 +10,14 @@ import pytest
 from cli_helpers import run
 from sklearn.metrics import roc_auc_score
 
-from hrad.comparison import EVALUATION_SCORES, compare, read_evaluation, write_evaluation_scores
+from hrad.comparison import (
+    EVALUATION_SCORES,
+    compare,
+    comparison_markdown,
+    read_evaluation,
+    same_images,
+    write_evaluation_scores,
+)
 from hrad.errors import InputError
 from hrad.metrics import bootstrap_auroc, percentile_interval
 from hrad.metrics.image import auroc_pairs
@@ -82,6 +89,27 @@ def test_only_shared_images_are_compared_and_labels_must_agree(tmp_path: Path) -
     elsewhere = read_evaluation(_report(tmp_path / "d", labels, np.arange(6.0), [f"other{index}.png" for index in range(6)]))
     with pytest.raises(InputError, match="share no test image"):
         compare([first, elsewhere])
+
+
+def test_one_test_set_named_from_another_folder_is_matched_by_its_paths_end(tmp_path: Path) -> None:
+    """hrad evaluate --data data/capsules and --data /srv/data/capsules (or run elsewhere) name the
+    same images with other leading folders: those reports shared no image; other test sets still
+    share none, and an ending two images have is no match."""
+    labels = np.array([1, 1, 0, 0])
+    ends = ["test/bad/000.png", "test/bad/001.png", "test/good/000.png", "test/good/001.png"]
+    here = read_evaluation(_report(tmp_path / "here", labels, np.array([4.0, 3.0, 2.0, 1.0]), [f"data/capsules/{end}" for end in ends]))
+    there = read_evaluation(_report(tmp_path / "there", labels, np.array([1.0, 2.0, 3.0, 4.0]), [f"/srv/data/capsules/{end}" for end in ends]))
+    result = compare([here, there], resamples=200)
+    assert result["shared_images"] == 4 and result["matched_by_path_ending"] == 4
+    assert [model["image_auroc_shared"] for model in result["models"]] == [1.0, 0.0]
+    assert "4 of them matched by the end of their path" in comparison_markdown(result)
+    inside = read_evaluation(_report(tmp_path / "inside", labels, np.arange(4.0), [f"../capsules/{end}" for end in ends]))
+    assert compare([there, inside], resamples=200)["shared_images"] == 4
+    other = read_evaluation(_report(tmp_path / "other", labels, np.arange(4.0), [f"data/bottle/{end}" for end in ends]))
+    with pytest.raises(InputError, match="share no test image"):
+        compare([here, other])
+    assert same_images(["a/test/x.png", "b/test/x.png"], ["test/x.png"]) == ({}, 0)  # which one: neither
+    assert same_images(["test/x.png"], ["c/test/x.png", "d/test/x.png"]) == ({}, 0)  # two claim one: neither
 
 
 def test_scores_round_trip_paths_with_commas(tmp_path: Path) -> None:
