@@ -184,3 +184,13 @@ def test_every_export_kind_records_its_backbone_weights(
     assert f"backbone_weights: {weights}" in capsys.readouterr().out.splitlines()
     health = TestClient(create_app(tmp_path / "m.onnx", health_details=True)).get("/health").json()
     assert health["backbone_weights"] == weights
+
+
+def test_info_names_the_training_images_pixel_type(saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = info(saved / "model", monkeypatch, capsys)
+    assert status == 0 and "pixel_type: 16-bit, as the images it was fitted on (hrad calibrate warns of good images of another type)" in out
+    status, out, _ = info(saved / "model.onnx", monkeypatch, capsys)
+    assert status == 0 and "pixel_type" not in out  # an export's sidecar does not keep it
+    older = copy_model(saved, tmp_path, lambda manifest: manifest.pop("pixel_type"))
+    status, out, _ = info(older, monkeypatch, capsys)
+    assert status == 0 and "pixel_type: not recorded (saved before hrad kept it)" in out

@@ -437,7 +437,7 @@ def ad2_evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(text)
-    console.print(text)
+    typer.echo(text)  # the command's result: stdout, as hrad evaluate's metrics
 
 
 @app.command("info")
