@@ -232,7 +232,9 @@ def test_a_watch_stopped_while_predicting_says_what_is_left(
     monkeypatch.setattr(AnomalyModel, "predict", stopped)
 
     def camera() -> None:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # maps.json: the folder was listed, these files are new ones
+        while time.monotonic() < deadline and not (out / "maps.json").exists():
+            time.sleep(0.02)
         rng = np.random.default_rng(13)
         for name in ("a", "b", "c"):
             write(tmp_path / f"{name}.png", textured_image(rng, 48, 64))
