@@ -291,7 +291,7 @@ def test_file_names_with_brackets_are_reported_as_they_are(
     assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"hrad: error: skipped: {bad}: not a readable image" in err
-    assert f"1 predictions written to {out}\n" in err and f"1 of 2 images failed (status 'failed' in {out / 'scores.csv'})" in err
+    assert f"1 prediction written to {out}: " in err and f"1 of 2 images failed (status 'failed' in {out / 'scores.csv'})" in err
 
 
 def test_an_interrupted_predict_keeps_the_rows_it_finished(

@@ -46,7 +46,7 @@ def _section(page: str, heading: str) -> str:
 
 
 def test_the_page_shows_flagged_images_first_failed_ones_and_links_that_resolve(
-    model_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 3  # one failed
@@ -56,6 +56,7 @@ def test_the_page_shows_flagged_images_first_failed_ones_and_links_that_resolve(
     flagged = sorted((row for row in ok if row["is_anomalous"] == "true"), key=lambda row: -float(row["score"]))
     assert flagged and len(flagged) < len(ok)  # the spot is flagged, not every image
     assert f"5 images: <b>{len(flagged)} flagged</b>" in page
+    assert f"4 predictions written to {out}: {len(flagged)} flagged anomalous, {len(ok) - len(flagged)} passed\n" in capsys.readouterr().err
     assert f"{len(ok) - len(flagged)} passed, 1 failed." in page
     # flagged images in score order, each named (escaped) with its score
     section = _section(page, "Flagged")
@@ -88,7 +89,9 @@ def test_a_page_that_cannot_be_written_is_a_warning_not_a_failure(
     assert re.search(r"hrad: warning: .*index\.html: summary page not written", capsys.readouterr().err)
 
 
-def test_a_resumed_run_pages_the_kept_images_too(model_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_run_pages_and_counts_the_kept_images_too(
+    model_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (folder / "broken.png").unlink()
     out = tmp_path / "out"
     first = folder / "first"
@@ -98,6 +101,9 @@ def test_a_resumed_run_pages_the_kept_images_too(model_dir: Path, folder: Path, 
     assert run(command, monkeypatch) == 0
     page = (out / SUMMARY_PAGE).read_text(encoding="utf-8")
     assert "5 images:" in page and "early.png" in page
+    rows = list(csv.DictReader((out / "scores.csv").open(encoding="utf-8")))
+    flagged = sum(row["is_anomalous"] == "true" for row in rows)  # the kept image counts too
+    assert f"5 predictions written to {out}: {flagged} flagged anomalous, {5 - flagged} passed" in capsys.readouterr().err
 
 
 def test_render_lists_every_image_and_bounds_the_passed_thumbnails() -> None:

@@ -53,10 +53,13 @@ def print_error(message: str) -> None:
     console.print(Text.assemble(("hrad: error:", "red"), f" {' '.join(message.split())}"), soft_wrap=True)
 
 
-def report_batch(total: int, failed: list[Any], out: Path, ended: HradError | None = None) -> None:
+def report_batch(total: int, failed: list[Any], out: Path, ended: HradError | None = None, flagged: int | None = None) -> None:
     """Summary line of a batch; exit status 3 (:data:`EXIT_SOME_FAILED`) when inputs failed.
-    ``ended``: the error that stopped the batch early, raised after the summary (status 2)."""
-    console.print(f"{total - len(failed)} predictions written to {out}")
+    ``ended``: the error that stopped the batch early, raised after the summary (status 2);
+    ``flagged``: how many of the predictions were anomalous (said with the count)."""
+    verdict = f": {flagged} flagged anomalous, {total - len(failed) - flagged} passed" if flagged is not None and total > len(failed) else ""
+    written = total - len(failed)
+    console.print(f"{written} prediction{'' if written == 1 else 's'} written to {out}{verdict}")
     if failed:
         console.print(Text.assemble((f"{len(failed)} of {total} images failed", "red"), f" (status 'failed' in {out / 'scores.csv'})"))
     if ended is not None:

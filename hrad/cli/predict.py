@@ -78,6 +78,7 @@ def predict(
     from hrad.errors import ConfigError
     from hrad.outputs import (
         RUN_FOLDER,
+        SCORES_COLUMNS,
         OutputRow,
         OutputStems,
         PredictionWriter,
@@ -106,6 +107,7 @@ def predict(
     failed: dict[Path, OutputRow] = {}  # by image: a watched file that failed half-written and then came whole did not fail
     counts = [len(kept), len(images)]  # rows predicted (or kept), files found: a file retried counts in both
     done = set(kept)  # the images with a row: the summary counts each once
+    flagged = {path for path, row in kept.items() if dict(zip(SCORES_COLUMNS, row, strict=False)).get("is_anomalous") == "true"}
 
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
         names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
@@ -135,6 +137,10 @@ def predict(
                 print_error(f"skipped: {row.error}")
             else:
                 failed.pop(path, None)
+            if row.is_anomalous:
+                flagged.add(path)
+            else:
+                flagged.discard(path)
             counts[0] += 1
             done.add(path)
             progress(counts[0], counts[1], "predicting")
@@ -176,7 +182,7 @@ def predict(
         raise
     if page is not None:
         page.write(tell=True)
-    report_batch(len(done), list(failed.values()), out, ended)
+    report_batch(len(done), list(failed.values()), out, ended, flagged=len(flagged))
 
 
 class SummaryPage:
@@ -267,4 +273,4 @@ def predict_distributed(
         print_error(f"skipped: {row.error}")
     if summary and rows:
         SummaryPage(out, model).write(tell=True)
-    report_batch(len(rows), failed, out)
+    report_batch(len(rows), failed, out, flagged=sum(bool(row.is_anomalous) for row in rows))
