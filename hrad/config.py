@@ -30,7 +30,7 @@ class ThresholdConfig(BaseModel):
 
     validation_fraction: float = Field(0.2, ge=0, lt=1)  # HiAD holds out 20%
     #: k of mean + k x std for the image and the pixel threshold (predict can override it)
-    sigmas: float = 3.0
+    sigmas: float = Field(3.0, ge=0, allow_inf_nan=False)
 
 
 class ModelConfig(BaseModel):

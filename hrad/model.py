@@ -455,7 +455,7 @@ class AnomalyModel:
             raise InputError("no good images to calibrate on")
         if self.fitted_size is None:
             raise InputError("the model is not fitted: fit it first (hrad fit)")
-        check_finite("sigmas", sigmas)
+        check_finite("sigmas", sigmas, minimum=0)
         if sigmas is not None:
             self.config.threshold = self.config.threshold.model_copy(update={"sigmas": float(sigmas)})
         previous = self.thresholds

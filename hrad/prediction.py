@@ -155,11 +155,15 @@ def check_pool_size(image: np.ndarray, fitted_size: tuple[int, int], assignment:
         )
 
 
-def check_finite(name: str, value: float | None) -> None:
+def check_finite(name: str, value: float | None, minimum: float | None = None) -> None:
     """A threshold setting (``threshold``, ``pixel threshold``, ``sigmas``) must be a finite
-    number when given: NaN compares false with every score and would decide nothing."""
+    number when given: NaN compares false with every score and would decide nothing. ``minimum``:
+    its lowest sensible value (``sigmas`` 0: a negative k puts the thresholds below the good
+    images' mean, so most good parts would be flagged)."""
     if value is not None and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
+    if value is not None and minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be {minimum:g} or more, got {value:g}")
 
 
 def decision_thresholds(
@@ -167,8 +171,9 @@ def decision_thresholds(
 ) -> tuple[float | None, float | None]:
     """``(image, pixel)`` thresholds: ``thresholds``', moved to ``sigmas`` (mean + k std of the
     held-out normals), or replaced by ``threshold`` (image score) / ``pixel_threshold``."""
-    for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold), ("sigmas", sigmas)):
+    for name, value in (("threshold", threshold), ("pixel threshold", pixel_threshold)):
         check_finite(name, value)
+    check_finite("sigmas", sigmas, minimum=0)
     image, pixel = (thresholds.image, thresholds.pixel) if thresholds else (None, None)
     if sigmas is not None:
         if thresholds is None:

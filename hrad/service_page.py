@@ -33,7 +33,7 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; } td.num { 
 <div id="drop">Drop images here, or <label><u>choose files</u><input id="files" type="file" multiple hidden
  accept=".png,.jpg,.jpeg,.bmp,.tif,.tiff,image/*"></label>
 <div class="note">Each image is posted to <code>/predict?map=overlay</code>, one at a time; nothing is kept here.
-Thresholds for these requests: <label>sigmas <input id="sigmas" size="4" placeholder="model's"></label></div></div>
+Thresholds for these requests: <label>sigmas <input id="sigmas" size="8" placeholder="model's"></label></div></div>
 <div id="results"></div>
 <script>
 "use strict";
@@ -71,14 +71,16 @@ async function predict(file) {
   let body;
   try {
     const response = await fetch("predict?" + query, { method: "POST", body: form });
-    body = await response.json();
+    const text = await response.text();
+    try { body = JSON.parse(text); } catch { body = { error: text.slice(0, 200) || response.statusText }; }
     if (!response.ok) { status.textContent = response.status + ": " + (body.error || response.statusText); status.className = "error"; return; }
+    if (body.score === undefined) { status.textContent = "unexpected answer: " + text.slice(0, 200); status.className = "error"; return; }
   } catch (error) { status.textContent = "request failed: " + error; status.className = "error"; return; }
-  box.classList.add(body.is_anomalous ? "flagged" : "passed");
+  if (body.is_anomalous !== null) box.classList.add(body.is_anomalous ? "flagged" : "passed");
   box.firstChild.textContent = file.name + ": " + (body.is_anomalous === null ? "no threshold" : body.is_anomalous ? "flagged" : "passed");
   status.textContent = "score " + fmt(body.score) + " (image threshold " + fmt(body.image_threshold) + "), " +
     body.width + " x " + body.height + " px, " + body.seconds.toFixed(2) + " s" +
-    (body.region_count === null || body.region_count === undefined ? "" : ", " + body.region_count + " defect regions");
+    (body.region_count === null || body.region_count === undefined ? "" : ", " + body.region_count + (body.region_count === 1 ? " defect region" : " defect regions"));
   for (const warning of body.warnings || []) line(box, "warning: " + warning, "warning");
   if (body.map) { const img = document.createElement("img"); img.alt = "overlay of " + file.name;
     img.src = "data:" + body.map.media_type + ";base64," + body.map.base64; box.appendChild(img); }

@@ -154,3 +154,10 @@ def test_cli_refuses_what_is_not_a_report_in_one_line(
     assert run(["compare", str(good), str(bad)], monkeypatch) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("names", ["a,a", "a,"])
+def test_names_must_be_given_one_per_report(names: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    reports = [str(_report(tmp_path / folder, np.array([1, 0]), np.array([1.0, 0.0]))) for folder in ("x", "y")]
+    assert run(["compare", *reports, "--names", names], monkeypatch) == 2
+    assert "every report needs a name of its own" in capsys.readouterr().err

@@ -144,14 +144,16 @@ def test_predict_thresholds_can_be_overridden(model_dir: Path, images: Path, tmp
     assert not cv2.imread(str(high / "spot_mask.png"), cv2.IMREAD_UNCHANGED).any()
 
     low = tmp_path / "low"
-    assert run(["predict", "--model", str(model_dir), str(images), "--out", str(low), "--sigmas", "-10"], monkeypatch) == 0
-    image_threshold, pixel_threshold = model.thresholds.at_sigmas(-10)
+    assert run(["predict", "--model", str(model_dir), str(images), "--out", str(low), "--sigmas", "0"], monkeypatch) == 0
+    image_threshold, pixel_threshold = model.thresholds.at_sigmas(0)
     rows = read_scores(low / "scores.csv")
     assert image_threshold < model.thresholds.image and float(rows["normal.png"]["threshold"]) == pytest.approx(image_threshold)
     for row in rows.values():
         assert row["is_anomalous"] == str(float(row["score"]) > image_threshold).lower()
     expected = model.predict(images / "spot.png").anomaly_map > pixel_threshold
     np.testing.assert_array_equal(cv2.imread(str(low / "spot_mask.png"), cv2.IMREAD_UNCHANGED) > 0, expected)
+    # a negative k would put the thresholds below the good images' mean: refused in one line
+    assert run(["predict", "--model", str(model_dir), str(images), "--out", str(tmp_path / "neg"), "--sigmas", "-1"], monkeypatch) == 2
     # the overlays keep the model's scale whatever the thresholds: same picture for the normal image
     np.testing.assert_array_equal(cv2.imread(str(out / "normal_map.png"), cv2.IMREAD_UNCHANGED),
                                   cv2.imread(str(low / "normal_map.png"), cv2.IMREAD_UNCHANGED))

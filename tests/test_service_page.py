@@ -50,3 +50,8 @@ def test_the_script_reads_only_fields_the_responses_have() -> None:
     assert {"media_type", "base64"} <= set(MapPayload.model_fields) and "body.map.base64" in PAGE
     assert {"image", "pixel"} == set(ThresholdsModel.model_fields) and "health.thresholds.pixel" in PAGE
     assert used("body") >= {"score", "is_anomalous", "image_threshold", "regions", "region_count", "warnings", "map"}
+
+
+def test_a_non_json_answer_and_a_model_without_thresholds_are_shown_as_such() -> None:
+    assert "response.json()" not in PAGE and "JSON.parse(text)" in PAGE  # a proxy's HTML 502 is shown, not a SyntaxError
+    assert 'if (body.is_anomalous !== null) box.classList.add' in PAGE  # no threshold: neither flagged nor passed colours

@@ -44,7 +44,7 @@ def calibrate(
             f"{model}: an exported model cannot be calibrated; calibrate the model directory it was exported from "
             "(hrad calibrate) and export that again"
         )
-    check_finite("sigmas", sigmas)  # before the model loads (minutes for a large one)
+    check_finite("sigmas", sigmas, minimum=0)  # before the model loads (minutes for a large one)
     check_artifact_target(out)  # before any work, like fit
     images = ImageList(expand_image_paths(paths))
     fitted = load(model, device=device)
