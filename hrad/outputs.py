@@ -35,7 +35,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -310,24 +310,26 @@ SUMMARY_PAGE = "index.html"
 THUMBNAIL_FOLDER = "thumbs"
 
 
+def scores_records(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a ``scores.csv`` as written here, each as ``{column: text}``; ValueError when
+    its header is not :data:`SCORES_COLUMNS` (I/O, decoding and CSV errors pass through)."""
+    with path.open(newline="", encoding="utf-8") as handle:  # as ScoresWriter writes it
+        reader = csv.reader(handle)
+        if tuple(next(reader, ())) != SCORES_COLUMNS:
+            raise ValueError(f"{path}: not a scores.csv of this hrad (its columns differ)")
+        for row in reader:
+            yield dict(zip(SCORES_COLUMNS, row, strict=False))
+
+
 def summary_items(out_dir: Path) -> list[BatchItem]:
     """The images of ``out_dir``'s ``scores.csv`` for the summary page, the last row of each
     (a watched file retried has two), with links to their thumbnails and overlays (else maps)."""
     from hrad.reports.batch import BatchItem
 
-    records: dict[str, dict[str, str]] = {}
-    stems: dict[str, str] = {}
-    with (out_dir / "scores.csv").open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        if tuple(next(reader, ())) != SCORES_COLUMNS:
-            raise ValueError(f"{out_dir / 'scores.csv'}: not a scores.csv of this hrad (its columns differ)")
-        for row in reader:
-            record = dict(zip(SCORES_COLUMNS, row, strict=False))
-            records[record.get("path", "")] = record
-            stems[record.get("path", "")] = _row_stem(row)
+    records = {record.get("path", ""): record for record in scores_records(out_dir / "scores.csv")}
     items = []
     for path, record in records.items():
-        stem = stems[path]
+        stem = _map_stem(record.get("map"))
         thumb, overlay = Path(THUMBNAIL_FOLDER) / f"{stem}.jpg", Path(f"{stem}_overlay.png")
         full = overlay if stem and (out_dir / overlay).is_file() else Path(Path(record.get("map") or "").name)
         failed = record.get("status") != "ok"
@@ -361,12 +363,17 @@ def write_summary_page(out_dir: Path, facts: Mapping[str, str] | None = None) ->
 RUN_FOLDER = "folder"
 
 
-def _row_stem(row: Sequence[str]) -> str:
-    """The output stem of a ``scores.csv`` row, from its map file's name (``<stem>_map.png``)."""
-    name = Path(dict(zip(SCORES_COLUMNS, row, strict=False)).get("map") or "").name
+def _map_stem(map_path: str | None) -> str:
+    """The output stem a row's map file names (``<stem>_map.png``); empty without a map."""
+    name = Path(map_path or "").name
     for suffix in ("_map.png", "_map.tiff"):
         name = name.removesuffix(suffix)
     return name
+
+
+def _row_stem(row: Sequence[str]) -> str:
+    """The output stem of a ``scores.csv`` row (a list in :data:`SCORES_COLUMNS` order)."""
+    return _map_stem(dict(zip(SCORES_COLUMNS, row, strict=False)).get("map"))
 
 
 def _not_resumable(maps: Path, earlier: Any, expected: dict[str, Any]) -> str:
@@ -410,23 +417,20 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
     wanted = {os.path.abspath(path): path for path in images}  # the same files named from another folder too
     kept: dict[Path, list[str]] = {}
     try:
-        with scores.open(newline="", encoding="utf-8") as handle:  # as ScoresWriter writes it
-            reader = csv.reader(handle)
-            if tuple(next(reader, ())) != SCORES_COLUMNS:
-                raise ConfigError(f"--resume: {scores}: not a scores.csv of this hrad (its columns differ)")
-            for row in reader:
-                record = dict(zip(SCORES_COLUMNS, row, strict=False))
-                image = wanted.get(os.path.abspath(base / record.get("path", ""))) if record.get("path") else None
-                map_file = out_dir / Path(record.get("map") or "-").name  # the row may name it from another folder
-                if image is None or record.get("status") != "ok" or not map_file.is_file():
-                    continue
-                with contextlib.suppress(OSError):
-                    if map_file.stat().st_mtime_ns >= image.stat().st_mtime_ns:
-                        # named as this run names its files (it may run elsewhere, or spell them otherwise)
-                        named = record | {"path": str(image), "map": str(map_file)}
-                        kept[image] = [named.get(column, "") for column in SCORES_COLUMNS]
+        for record in scores_records(scores):
+            image = wanted.get(os.path.abspath(base / record.get("path", ""))) if record.get("path") else None
+            map_file = out_dir / Path(record.get("map") or "-").name  # the row may name it from another folder
+            if image is None or record.get("status") != "ok" or not map_file.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                if map_file.stat().st_mtime_ns >= image.stat().st_mtime_ns:
+                    # named as this run names its files (it may run elsewhere, or spell them otherwise)
+                    named = record | {"path": str(image), "map": str(map_file)}
+                    kept[image] = [named.get(column, "") for column in SCORES_COLUMNS]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise ConfigError(f"--resume: {scores}: unreadable ({' '.join(str(error).split())})") from None
+    except ValueError as error:  # the columns differ (a decoding error, also a ValueError, is caught above)
+        raise ConfigError(f"--resume: {error}") from None
     return kept
 
 
