@@ -143,7 +143,8 @@ def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMP
         raise InputError("hrad compare needs two or more report folders")
     names = [evaluation.name for evaluation in evaluations]
     if len(set(names)) < len(names):
-        raise InputError(f"two reports are both named {next(n for n in names if names.count(n) > 1)!r}: give --names")
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InputError(f"two reports are both named {twice!r}: every report needs a name of its own (--names A,B,...)")
     # every report's images named as in the first's (the same test set may be spelled otherwise)
     named: list[tuple[dict[str, int], dict[str, float]]] = [(dict(evaluations[0].labels), dict(evaluations[0].scores))]
     by_ending = 0

@@ -33,7 +33,7 @@ def compare(
     given = [name.strip() for name in names.split(",")] if names is not None else None
     if given is not None and len(given) != len(reports):
         raise ConfigError(f"--names gives {len(given)} names for {len(reports)} reports")
-    if given is not None and (not all(given) or len(set(given)) < len(given)):
+    if given is not None and not all(given):  # two equal names are refused with the reports' (hrad.comparison.compare)
         raise ConfigError(f"--names {names!r}: every report needs a name of its own")
     evaluations = [read_evaluation(folder, given[index] if given else None) for index, folder in enumerate(reports)]
     result = run_comparison(evaluations, resamples=resamples, seed=seed)
