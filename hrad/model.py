@@ -325,10 +325,12 @@ class AnomalyModel:
         self.pixel_type = observed.first_kind()  # the reference the lines above compare with
         return self
 
-    def _tell_mix(self, observed: TrainingImages, stacklevel: int, training: TrainingImages | None = None) -> None:
+    def _tell_mix(self, observed: TrainingImages, stacklevel: int, training: TrainingImages | str | None = None) -> None:
         """One warning when the training images read so far mix pixel types, or with
-        ``training`` when the validation images ``observed`` are of another type than the training
-        images (``stacklevel``: the caller of fit, counted from this method's caller)."""
+        ``training`` when the validation (or calibration) images ``observed`` are of another type
+        than the training images, or than the type a loaded model recorded (a string; see
+        :meth:`TrainingImages.mix_problem`). ``stacklevel``: the caller of fit, counted from this
+        method's caller."""
         problem = observed.mix_problem(self.bit_depth, training)
         if problem is not None:
             warn(problem, stacklevel=stacklevel + 1)
@@ -464,9 +466,7 @@ class AnomalyModel:
         self.strategy.calibrate(source, progress)
         self.thresholds = dataclasses.replace(self._thresholds(source, progress, "good"), calibrated=True)
         if self.pixel_type is not None:  # every good image read by now
-            problem = observed.mix_problem(self.bit_depth, self.pixel_type)
-            if problem is not None:
-                warn(problem, stacklevel=2)
+            self._tell_mix(observed, stacklevel=2, training=self.pixel_type)
         return previous
 
     # -- inference --------------------------------------------------------------------------------
