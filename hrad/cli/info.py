@@ -30,31 +30,30 @@ def _saved_record(path: Path) -> tuple[dict[str, Any], bool, str, dict[str, Any]
         raise ArtifactError(f"{where}: corrupt model manifest ({type(error).__name__}: {' '.join(str(error).split())})") from None
 
 
-def model_facts(path: Path) -> dict[str, Any]:
+def read_model(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     """The facts ``hrad info`` shows, as values, from an artifact's manifest or an export's
-    sidecar: the file's kind, then what :func:`~hrad.export_runtime.saved_model_facts` reads
-    (``hrad serve``'s ``/health`` summarises the same reading)."""
+    sidecar (the file's kind, then what :func:`~hrad.export_runtime.saved_model_facts` reads;
+    ``hrad serve``'s ``/health`` summarises the same reading), with the record they came from
+    and its file's name, which :func:`model_page` reads the region of interest from."""
     from hrad.export_runtime import saved_model_facts
 
     record, exported, where, kind = _saved_record(path)
-    return {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}
+    return {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}, record, where
 
 
-def model_page(path: Path) -> str:
+def model_page(facts: dict[str, Any], record: dict[str, Any], where: str) -> str:
     """``hrad info --page``: the facts as ``hrad info`` prints them, and the pictures of its
-    thresholds, training and region of interest (:mod:`hrad.reports.card`)."""
-    from hrad.export_runtime import saved_model_facts
+    thresholds, training and region of interest (:mod:`hrad.reports.card`), from what
+    :func:`read_model` read."""
     from hrad.postprocess.roi import RegionOfInterest
     from hrad.reports.card import render_model_page
 
-    record, exported, where, kind = _saved_record(path)
-    facts = {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}
     roi = RegionOfInterest.from_json(record.get("roi"), where)
     return render_model_page(described_facts(facts), facts, roi.mask if roi is not None else None)
 
 
 def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
-    """:func:`model_facts` as the lines ``hrad info`` prints (None: not recorded)."""
+    """:func:`read_model`'s facts as the lines ``hrad info`` prints (None: not recorded)."""
     kind = facts["kind"]
     size, roi, thresholds = facts["fitted_size"], facts["region_of_interest"], facts["thresholds"]
     lines: dict[str, Any] = {
