@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image
+from export_helpers import make_model
 
-from hrad.config import load_config
 from hrad.data.images import default_file_mode
 from hrad.model import AnomalyModel
 from hrad.outputs import SCORES_COLUMNS, ScoresWriter, failed_row
@@ -25,10 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(8)
-    config = load_config(
-        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
-    )
-    return AnomalyModel(config).fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("resume") / "model")
+    model = make_model({"name": "downsample", "image_size": 32}, "test-gaussian")
+    return model.fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("resume") / "model")
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image
+from export_helpers import make_model
 
-from hrad.config import load_config
 from hrad.data import watch as watch_module
 from hrad.data.watch import FolderWatch, watched_images
 from hrad.errors import InputError
@@ -85,10 +85,8 @@ def test_output_stems_of_later_files_stay_unique_and_stable(tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(3)
-    config = load_config(
-        None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "test-gaussian"}, "strategy": {"name": "downsample", "image_size": 32}}
-    )
-    return AnomalyModel(config).fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("watch") / "model")
+    model = make_model({"name": "downsample", "image_size": 32}, "test-gaussian")
+    return model.fit([textured_image(rng, 48, 64) for _ in range(5)]).save(tmp_path_factory.mktemp("watch") / "model")
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:
