@@ -149,6 +149,25 @@ def build_backbone(config: BackboneConfig) -> FeatureExtractor:
     return extractor
 
 
+#: the stages of a CNN pyramid (ResNet, EfficientNet, tiny-cnn), at strides 4, 8, 16 and 32
+PYRAMID_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+class PyramidExtractor(FeatureExtractor):
+    """A CNN whose stages :data:`PYRAMID_LAYERS` end at strides 4, 8, 16 and 32: the strides are
+    the family's, the channels each model's (``_channels``, set in ``__init__``)."""
+
+    _channels: dict[str, int]
+
+    @property
+    def layer_strides(self) -> dict[str, int]:
+        return {name: 4 << index for index, name in enumerate(PYRAMID_LAYERS)}
+
+    @property
+    def layer_channels(self) -> dict[str, int]:
+        return dict(self._channels)
+
+
 @dataclass(frozen=True)
 class EmbeddingSpec:
     """How a detector turns backbone layers into one embedding map.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrad.features.base import BackboneConfig, FeatureExtractor, tracing
+from hrad.features.base import PYRAMID_LAYERS, BackboneConfig, FeatureExtractor, PyramidExtractor, tracing
 from hrad.features.layers import deepest_requested, fold_batchnorms, normalise
 from hrad.features.weights import WeightSource, empty_module, load_exactly, read_state_dict, resolve_weights
 
@@ -119,10 +119,9 @@ LITE_STAGES: dict[str, tuple[Stage, ...]] = {
 LITE_CONTEXT = {"efficientnet-lite0": 96, "efficientnet-lite2": 112}
 #: stage index (0-based) whose output is layer1..layer4 (strides 4, 8, 16, 32)
 _LAYER_STAGES = (1, 2, 4, 6)
-_LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
-class EfficientNetLite(FeatureExtractor):
+class EfficientNetLite(PyramidExtractor):
     """EfficientNet-Lite returning ``layer1..layer4``; ``imagenet_logits`` runs the classifier."""
 
     cpu_windows_per_call: int | None = 1  # measured: see FeatureExtractor.cpu_windows_per_call
@@ -148,22 +147,14 @@ class EfficientNetLite(FeatureExtractor):
         self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
         self._fc = nn.Linear(1280, 1000)
         self._channels = {
-            name: stages[index].channels for name, index in zip(_LAYER_NAMES, _LAYER_STAGES, strict=True)
+            name: stages[index].channels for name, index in zip(PYRAMID_LAYERS, _LAYER_STAGES, strict=True)
         }
         self.weights_source = "random initialisation"
 
-    @property
-    def layer_strides(self) -> dict[str, int]:
-        return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-
-    @property
-    def layer_channels(self) -> dict[str, int]:
-        return dict(self._channels)
-
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
-        depth = deepest_requested(layers, _LAYER_NAMES, self.variant)
+        depth = deepest_requested(layers, PYRAMID_LAYERS, self.variant)
         last_block = self._stage_ends[_LAYER_STAGES[depth - 1]]
-        taps = {self._stage_ends[_LAYER_STAGES[i]]: _LAYER_NAMES[i] for i in range(depth)}
+        taps = {self._stage_ends[_LAYER_STAGES[i]]: PYRAMID_LAYERS[i] for i in range(depth)}
         x = self.in_layout(normalise(images, PIXEL_MEAN, PIXEL_STD))
         x = relu6_(self._bn0(self._conv_stem(x)))
         out: dict[str, Tensor] = {}

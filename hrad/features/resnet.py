@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrad.features.base import BackboneConfig, FeatureExtractor
+from hrad.features.base import PYRAMID_LAYERS, BackboneConfig, FeatureExtractor, PyramidExtractor
 from hrad.features.layers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,7 +28,6 @@ TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "wide-resnet50": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
 }
-_LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
@@ -81,7 +80,7 @@ class Bottleneck(nn.Module):
         return F.relu(out.add_(identity), inplace=True)
 
 
-class ResNet(FeatureExtractor):
+class ResNet(PyramidExtractor):
     """torchvision-compatible ResNet returning ``layer1..layer4`` (strides 4, 8, 16, 32)."""
 
     def __init__(
@@ -103,8 +102,8 @@ class ResNet(FeatureExtractor):
                 stride = 2 if index > 0 and repeat == 0 else 1
                 blocks.append(block(in_channels, planes, stride, width_factor))
                 in_channels = planes * block.expansion
-            setattr(self, _LAYER_NAMES[index], nn.Sequential(*blocks))
-            self._channels[_LAYER_NAMES[index]] = in_channels
+            setattr(self, PYRAMID_LAYERS[index], nn.Sequential(*blocks))
+            self._channels[PYRAMID_LAYERS[index]] = in_channels
         self.fc = nn.Linear(in_channels, 1000)  # unused; kept so torchvision files load strictly
         self.weights_source = "random initialisation"
 
@@ -119,21 +118,13 @@ class ResNet(FeatureExtractor):
                     pairs.append((block.downsample, "0", "1"))
         fold_batchnorms(pairs)
 
-    @property
-    def layer_strides(self) -> dict[str, int]:
-        return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-
-    @property
-    def layer_channels(self) -> dict[str, int]:
-        return dict(self._channels)
-
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
-        depth = deepest_requested(layers, _LAYER_NAMES, self.name)
+        depth = deepest_requested(layers, PYRAMID_LAYERS, self.name)
         x = self.in_layout(normalise(images, IMAGENET_MEAN, IMAGENET_STD))
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         out: dict[str, Tensor] = {}
-        for name in _LAYER_NAMES[:depth]:
+        for name in PYRAMID_LAYERS[:depth]:
             x = getattr(self, name)(x)
             if name in layers:
                 out[name] = x

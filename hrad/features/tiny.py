@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from hrad.errors import ConfigError
-from hrad.features.base import BackboneConfig, FeatureExtractor
+from hrad.features.base import BackboneConfig, FeatureExtractor, PyramidExtractor
 
 
-class TinyCNN(FeatureExtractor):
+class TinyCNN(PyramidExtractor):
     #: covers layer2's receptive field (13 px: a 5x5 stride-4 and a 3x3 stride-2 convolution), so
     #: tests with this backbone exercise context tiling
     default_context = 16
@@ -35,14 +35,6 @@ class TinyCNN(FeatureExtractor):
                     conv.bias.zero_()
             self.stages.append(nn.Sequential(conv, nn.ReLU()))
         self._channels = {f"layer{i + 1}": channels[i + 1] for i in range(4)}
-
-    @property
-    def layer_strides(self) -> dict[str, int]:
-        return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-
-    @property
-    def layer_channels(self) -> dict[str, int]:
-        return dict(self._channels)
 
     def extract(self, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
