@@ -56,6 +56,23 @@ def test_jpeg_reads_close_to_the_original_in_rgb_order(tmp_path: Path) -> None:
     assert abs(image[..., 0].mean() - 200 / 255) < 0.03 and image[..., 2].mean() < 0.05
 
 
+def test_jpeg_exif_orientation_is_not_applied(tmp_path: Path) -> None:
+    """Pixels as stored (the README's rule): a viewer would turn this image to 32 x 48, hrad's
+    maps keep the stored 48 x 32 so they line up with the file's pixels."""
+    from PIL import Image
+
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :8, 0] = 255  # a red band at the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(rgb).save(path, quality=95, exif=exif)
+    assert Image.open(path).getexif()[0x0112] == 6
+    image = read_image(path)
+    assert image.shape == (32, 48, 3)
+    assert image[:, :4, 0].mean() > 0.9 and image[:, -4:, 0].mean() < 0.1
+
+
 @pytest.mark.parametrize("extension", [".png", ".tif"])
 def test_16bit_scaled_by_65535(tmp_path: Path, extension: str) -> None:
     rgb16 = np.random.default_rng(1).integers(0, 65536, (4, 6, 3), dtype=np.uint16)
