@@ -93,7 +93,8 @@ def write_provenance(report: Path, shot: Path, args: argparse.Namespace) -> Path
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {key} | {metrics[key]:.4f} |" if isinstance(metrics[key], float) else f"| {key} | {metrics[key]} |" for key in keys),
+        *(f"| {key} | {metrics[key]:.4f} |" if isinstance(metrics[key], float) else f"| {key} | {'n/a' if metrics[key] is None else metrics[key]} |"
+          for key in keys),  # null: undefined on the test set
         "",
         ATTRIBUTION,
         "",

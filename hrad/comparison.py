@@ -37,6 +37,16 @@ EVALUATION_SCORES = "scores.csv"
 EVALUATION_COLUMNS = ("image", "defect_type", "label", "score")
 #: the report's metrics shown side by side (those a report lacks are left blank)
 SHOWN_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "seconds_per_image", "peak_rss_mb")
+#: what an ``n/a`` in a report's tables means (metrics.md, report.html, comparison.md)
+UNDEFINED_NOTE = (
+    "n/a: undefined on this test set (null in the JSON files): the image AUROC needs good and defective test images, "
+    "image AP and F1 defective ones, the pixel metrics defect pixels in the ground truth."
+)
+
+
+def undefined(value: Any) -> bool:
+    """Whether ``value`` is a metric undefined on its test set: NaN as computed, ``null`` as read back."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def write_evaluation_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -95,6 +105,15 @@ def read_evaluation(folder: Path, name: str | None = None) -> Evaluation:
     if not scores:
         raise InputError(f"{scores_path}: no images")
     return Evaluation(name or folder.resolve().name, folder, metrics, labels, scores)
+
+
+def _shown_metric(metrics: Mapping[str, Any], key: str) -> Any:
+    """A report's metric as the comparison shows it: None when the report lacks it (left blank),
+    NaN when it has it as ``null`` (undefined on its test set: hrad writes NaN as null, and older
+    reports wrote a bare NaN, which reads as NaN too)."""
+    if key not in metrics:
+        return None
+    return math.nan if metrics[key] is None else metrics[key]
 
 
 def _path_parts(image: str) -> tuple[str, ...]:
@@ -173,7 +192,7 @@ def compare(evaluations: Sequence[Evaluation], resamples: int = BOOTSTRAP_RESAMP
             "folder": str(evaluation.folder),
             "images": len(evaluation.scores),
             "image_auroc_shared": image_metrics(scores[column], labels)["image_auroc"],
-            **{key: evaluation.metrics.get(key) for key in SHOWN_METRICS},
+            **{key: _shown_metric(evaluation.metrics, key) for key in SHOWN_METRICS},
         }
         if draws is not None:
             entry["image_auroc_shared_ci95"] = list(percentile_interval(draws[:, column]))
@@ -233,7 +252,7 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
         {
             "model": model["name"],
             "images": model["images"],
-            "image AUROC (shared)": model["image_auroc_shared"],
+            "image AUROC (shared)": "n/a (one class)" if undefined(model["image_auroc_shared"]) else model["image_auroc_shared"],
             "95% interval": _interval(model.get("image_auroc_shared_ci95")),
             **{key: "" if model.get(key) is None else model[key] for key in SHOWN_METRICS},
         }
@@ -250,6 +269,8 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
             f"folder otherwise (hrad evaluate --data given another way, or run from another folder); see {EVALUATION_SCORES}.\n\n"
         )
     text += table(rows, list(rows[0]))
+    if any(isinstance(value, float) and math.isnan(value) for row in rows for value in row.values()):
+        text += f"\n{UNDEFINED_NOTE}\n"
     text += f"\n## Image AUROC against {models[0]['name']}\n\n" + differences_markdown(result)
     return text
 
@@ -257,11 +278,13 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
 __all__ = [
     "EVALUATION_COLUMNS",
     "EVALUATION_SCORES",
+    "UNDEFINED_NOTE",
     "Evaluation",
     "compare",
     "comparison_markdown",
     "differences_markdown",
     "read_evaluation",
     "same_images",
+    "undefined",
     "write_evaluation_scores",
 ]

@@ -29,7 +29,6 @@ stops the evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -41,7 +40,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hrad.comparison import EVALUATION_SCORES, write_evaluation_scores
+from hrad import strict_json
+from hrad.comparison import EVALUATION_SCORES, UNDEFINED_NOTE, undefined, write_evaluation_scores
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
@@ -259,7 +259,7 @@ def write_evaluation(
         "environment": environment(),
         "config": model.config.model_dump(mode="json"),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    (out_dir / "metrics.json").write_text(strict_json.dumps(payload, indent=2))  # undefined metrics as null
     report = metrics_report({key: value for key, value in metrics.items() if not isinstance(value, (list, dict))}, "hrad evaluate")
     report += "\nF1-max values use the best threshold chosen on the test set itself (oracle); AUROC/AP/AUPRO need no threshold.\n"
     if "image_auroc_ci95_low" in metrics:
@@ -268,7 +268,7 @@ def write_evaluation(
             "this one with replacement (good and defective images apart); two models whose intervals overlap may not differ "
             "on this data (`hrad compare` tests the difference on the same images).\n"
         )
-    report += "".join(f"\n{note}\n" for note in model_notes(model))
+    report += "".join(f"\n{note}\n" for note in [*undefined_notes(metrics), *model_notes(model)])
     report += decisions_markdown(metrics)
     report += "\n![best and worst cases](cases.png)\n"
     worst = sorted(rows, key=lambda r: (-r["score"] if r["label"] == 0 else r["score"]))[: 2 * count]
@@ -313,12 +313,24 @@ def decisions_text(metrics: dict[str, Any]) -> list[str]:
                if math.isfinite(defective_share) else "no defective test images.")
         )
     if "pixel_threshold" in metrics:
+        precision, recall, f1 = (metrics[f"pixel_{name}_at_threshold"] for name in ("precision", "recall", "f1"))
         lines.append(
-            f"Pixel threshold {metrics['pixel_threshold']:.6g}: pixel precision {metrics['pixel_precision_at_threshold']:.3f}, "
-            f"recall {metrics['pixel_recall_at_threshold']:.3f}, F1 {metrics['pixel_f1_at_threshold']:.3f} over every test pixel "
+            f"Pixel threshold {metrics['pixel_threshold']:.6g}: pixel precision {_share(precision, 'no pixel flagged')}, "
+            f"recall {_share(recall, 'no defect pixels')}, F1 {_share(f1, 'no pixel flagged, no defect pixels')} over every test pixel "
             "(the deployed decision; pixel_f1_max is the oracle's)."
         )
     return lines
+
+
+def _share(value: float, why: str) -> str:
+    """A share of pixels for the reports' sentences; ``n/a (why)`` where it has no denominator."""
+    return f"n/a ({why})" if undefined(value) else f"{value:.3f}"
+
+
+def undefined_notes(metrics: dict[str, Any]) -> list[str]:
+    """:data:`~hrad.comparison.UNDEFINED_NOTE` when a metric of the report's table is undefined
+    (a one-class test set), so its ``n/a`` is explained rather than read as a failure."""
+    return [UNDEFINED_NOTE] if any(isinstance(value, float) and undefined(value) for value in metrics.values()) else []
 
 
 #: the oracle operating points' note, in metrics.md and report.html
@@ -396,6 +408,7 @@ def write_html_report(
                 "given": "Thresholds (image score, pixel) were given on the command line.",
                 "calibrated": "Thresholds (image score, pixel) come from the good images given to hrad calibrate, never from this test set.",
             }.get(metrics.get("thresholds_from", ""), "Thresholds (image score, pixel) come from held-out normal training images, never from this test set."),
+            *undefined_notes(metrics),
             *model_notes(model),
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]

@@ -44,6 +44,7 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
+from hrad import strict_json
 from hrad.data.images import atomic_write_bytes, overlay_image, thumbnail, write_map_tiff, write_mask
 from hrad.errors import ConfigError, InputError
 from hrad.postprocess.regions import Region, defect_regions
@@ -410,7 +411,7 @@ def resumable_rows(out_dir: Path, images: Sequence[Path], description: dict[str,
     run = earlier.get("run") if isinstance(earlier, dict) else None
     # where the earlier run's relative paths start; not a setting (any folder may resume it)
     start = run.pop(RUN_FOLDER, None) if isinstance(run, dict) else None
-    expected = json.loads(json.dumps(description))
+    expected = json.loads(strict_json.dumps(description))  # as written: non-finite numbers null
     if earlier != expected:
         raise ConfigError(f"--resume: {_not_resumable(maps, earlier, expected)}; choose another --out, or drop --resume to predict every image again")
     base = Path(start) if isinstance(start, str) else Path.cwd()
@@ -492,7 +493,7 @@ class PredictionWriter:
         """``maps.json``; ``run``: what else decided the files (``hrad predict``: the model and
         the thresholds used), so a resumed run can tell it is the same (:func:`resumable_rows`)."""
         path = self.out_dir / "maps.json"
-        atomic_write_bytes(path, json.dumps(self.describe() | ({"run": run} if run else {}), indent=2).encode("utf-8"))
+        atomic_write_bytes(path, strict_json.dumps(self.describe() | ({"run": run} if run else {}), indent=2).encode("utf-8"))
         return path
 
     def write(self, path: str | os.PathLike[str], stem: str, image: np.ndarray, prediction: Prediction) -> OutputRow:
@@ -543,7 +544,7 @@ def listed_regions(regions: list[Region]) -> list[dict[str, Any]]:
 def regions_json(regions: list[Region], prediction: Prediction) -> str:
     """``<stem>_regions.json``: threshold, count and the strongest :data:`MAX_LISTED_REGIONS`."""
     content = {"pixel_threshold": prediction.pixel_threshold, "count": len(regions), "regions": listed_regions(regions)}
-    return json.dumps(content, indent=1)
+    return strict_json.dumps(content, indent=1)
 
 
 __all__ = [

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from hrad import strict_json
 from hrad.cli.progress import console
 from hrad.errors import ConfigError
 
@@ -42,5 +42,5 @@ def compare(
     if out is not None:
         prepare_output_dir(out, reports)
         atomic_write_bytes(out / "comparison.md", text.encode("utf-8"))
-        atomic_write_bytes(out / "comparison.json", json.dumps(result, indent=2).encode("utf-8"))
+        atomic_write_bytes(out / "comparison.json", strict_json.dumps(result, indent=2).encode("utf-8"))
         console.print(f"comparison written to {out}")

@@ -8,12 +8,12 @@ shows what full resolution gains on small defects.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.text import Text
 
+from hrad import strict_json
 from hrad.cli.progress import console, progress_bars
 from hrad.comparison import compare, differences_markdown, read_evaluation
 from hrad.config import load_config
@@ -62,7 +62,7 @@ def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") 
     report += "\n## Is the image AUROC difference real?\n\n" + difference
     report += "\nCase pictures: " + ", ".join(f"[{name}](report/{name}/cases.png)" for name in results) + "\n"
     (out / "README.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"environment": environment(), "results": results}, indent=2, default=str))
+    (out / "results.json").write_text(strict_json.dumps({"environment": environment(), "results": results}, indent=2, default=str))
     console.print(table(rows, COLUMNS))
     console.print(difference.rstrip())
     console.print(f"report: {out / 'README.md'}")

@@ -3,7 +3,6 @@ thresholds decide, and the report (:mod:`hrad.evaluation`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from enum import Enum
@@ -13,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from hrad import strict_json
 from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, tracking
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import InputError
@@ -92,7 +92,7 @@ def evaluate(
     finally:
         logging.getLogger("hrad.evaluation").removeHandler(warnings)
     # the command's result: stdout, like info, list and options (`hrad evaluate ... > metrics.txt` keeps it)
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    typer.echo(strict_json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))  # undefined: null
     console.print(f"report written to {out}")
     if metrics.get("skipped"):
         console.print(

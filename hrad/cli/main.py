@@ -426,6 +426,7 @@ def ad2_evaluate(
     category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
+    from hrad import strict_json
     from hrad.ad2 import evaluate_ad2
     from hrad.data.datasets import load_dataset
     from hrad.model import load
@@ -433,7 +434,7 @@ def ad2_evaluate(
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
         metrics = evaluate_ad2(load(model), dataset, progress=progress)
-    text = json.dumps(metrics, indent=1, default=str)
+    text = strict_json.dumps(metrics, indent=1, default=str)  # undefined metrics as null
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(text)
@@ -459,7 +460,9 @@ def info(
         atomic_write_bytes(page, model_page(facts, record, where).encode("utf-8"))
         console.print(f"page written to {page}")
     if as_json:  # the command's output: stdout, like list, options and schema
-        typer.echo(json.dumps(facts, indent=2))
+        from hrad import strict_json
+
+        typer.echo(strict_json.dumps(facts, indent=2))
         return
     for key, value in described_facts(facts).items():
         typer.echo(f"{key}: {'not recorded (saved before hrad kept it)' if value is None else value}")
