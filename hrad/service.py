@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -67,6 +68,9 @@ from hrad.outputs import (
 from hrad.prediction import Prediction, Thresholds
 from hrad.service_page import PAGE
 from hrad.version import __version__
+
+#: request lines (:func:`_log_request`); ``hrad serve`` shows them and writes them to its log file
+_requests = logging.getLogger(__name__)
 
 #: default bound on one request body (a 8K x 8K 16-bit RGB PNG is about 300 MB raw, far less compressed)
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
@@ -215,6 +219,18 @@ class _Metrics:
 
     def text(self) -> bytes:
         return self.prometheus.generate_latest(self.registry)  # type: ignore[no-any-return]
+
+
+def _log_request(scope: Scope, status: int, seconds: float) -> None:
+    """One INFO line per request, ``client "METHOD path?query" status seconds s``, for an operator's
+    log (``hrad serve`` shows it and writes it to its log file). The path as received, escaped to
+    printable ASCII, so a hostile one (``%0A``) cannot forge lines."""
+    client = scope.get("client")
+    target = scope.get("raw_path") or scope.get("path", "").encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    where = f"{client[0]}:{client[1]}" if client else "-"
+    _requests.info('%s "%s %s" %d %.3f s', where, scope.get("method"), ascii(target.decode("latin-1"))[1:-1], status, seconds)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -443,11 +459,16 @@ def create_app(
     @app.middleware("http")
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
+        status = 500  # what the client gets when the app raises
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+            metrics.requests.labels(route, str(response.status_code)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
+            return response
+        finally:
+            _log_request(request.scope, status, time.perf_counter() - start)
 
     @app.exception_handler(HradError)
     async def _hrad_error(request: Request, error: HradError) -> JSONResponse:

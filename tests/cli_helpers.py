@@ -1,8 +1,11 @@
-"""Helpers the CLI-level tests share: run ``hrad`` in-process, write 8-bit test images."""
+"""Helpers the CLI-level tests share: run ``hrad`` in-process, write 8-bit test images, wait for
+an ``hrad serve`` process."""
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -30,3 +33,24 @@ def write(path: Path, image: np.ndarray) -> None:
     """An RGB float image in [0, 1] as an 8-bit PNG (folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., ::-1])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for an ``hrad serve`` process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(base: str, seconds: float = 120) -> None:
+    """Until ``GET base/ready`` answers 200 (the server loaded its model and listens); fails the test after ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    pytest.fail(f"server did not become ready in {seconds:g} s")

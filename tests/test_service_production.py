@@ -10,6 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from cli_helpers import free_port, wait_ready
 from conftest import textured_image, with_spot
 from fastapi.testclient import TestClient
 
@@ -110,7 +111,6 @@ def test_metrics_count_requests_and_latencies(model_dir: Path, spot_png: bytes) 
 def test_two_worker_processes_serve_concurrent_requests(tmp_path: Path, spot_png: bytes) -> None:
     """hrad serve --workers 2 in a subprocess: two model processes behind one port, 8 concurrent requests."""
     import os
-    import socket
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -122,23 +122,13 @@ def test_two_worker_processes_serve_concurrent_requests(tmp_path: Path, spot_png
         None, {"backbone": {"name": "tiny-cnn"}, "detector": {"name": "patchcore"}, "strategy": {"name": "tiled", "tile": 64}}
     )
     model_path = AnomalyModel(config).fit([textured_image(rng, 96, 128) for _ in range(3)]).save(tmp_path / "model")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-c", "from hrad.cli.main import main; main()", "serve", "--model", str(model_path),
                "--port", str(port), "--workers", "2", "--timeout", "60"]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not become ready in 120 s")
+        wait_ready(base)
         children = [
             int(entry) for entry in os.listdir("/proc") if entry.isdigit()
             and Path(f"/proc/{entry}/stat").exists() and _parent(int(entry)) == server.pid

@@ -32,16 +32,18 @@ from hrad.version import __version__
 
 class LogFile:
     """An appended text file of lines, each ``<ISO time> <text>``, flushed one by one; opened with
-    a header line (time, hrad's version, the command line) that also separates runs."""
+    a header line (time, hrad's version, the command line) that also separates runs, except in a
+    worker process of ``hrad serve --workers N`` (``header=False``), which adds to its parent's."""
 
-    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
+    def __init__(self, path: Path, warn: Callable[[str], None], header: bool = True) -> None:
         self.path, self.warn = path, warn
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.file: IO[str] | None = None
         try:
             self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-            self._write(f"=== hrad {__version__}: {shlex.join(['hrad', *sys.argv[1:]])}")
+            if header:
+                self._write(f"=== hrad {__version__}: {shlex.join(['hrad', *sys.argv[1:]])}")
         except OSError as error:
             self._close()
             raise InputError(f"{path}: cannot write the log file ({error.strerror or error})") from None
@@ -109,11 +111,11 @@ class _Tee(RenderHook):
 _log: tuple[LogFile, Console] | None = None
 
 
-def start(path: Path, console: Console, warn: Callable[[str], None]) -> None:
+def start(path: Path, console: Console, warn: Callable[[str], None], header: bool = True) -> None:
     """Open ``path`` (InputError when it cannot be written) and copy ``console``'s output into it;
-    ``warn`` tells a later write failure."""
+    ``warn`` tells a later write failure; ``header``: as :class:`LogFile` takes it."""
     global _log
-    log = LogFile(path, warn)
+    log = LogFile(path, warn, header)
     console.push_render_hook(_Tee(log))
     _log = log, console
 

@@ -311,6 +311,9 @@ def serve(
     The pixel budget is hrad's (--max-pixels before the command, or HRAD_MAX_PIXELS). With
     --workers N, N processes share the port and each loads the model (N x its memory); the model
     is loaded once here first, so a broken artifact fails before anything listens.
+
+    Each request is one line on stderr (client, method, path, status, seconds), beside uvicorn's
+    startup and shutdown lines; hrad --log-file writes them to its file too, workers' included.
     """
     try:
         import uvicorn
@@ -338,8 +341,11 @@ def serve(
     console.print(f"serving {model} on http://{host}:{port}" + (f" with {workers} worker processes" if workers > 1 else ""))
     if not no_page:
         console.print(f"try it in a browser: http://{host}:{port}/")
+    from hrad.cli.progress import server_log_config
+
+    logs = server_log_config()  # uvicorn's lines and one per request (with its seconds) on the console and in a log file
     if workers == 1:
-        uvicorn.run(app_, host=host, port=port, workers=1)
+        uvicorn.run(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
         return
     import json
 
@@ -347,7 +353,7 @@ def serve(
 
     del app_
     os.environ[SETTINGS_ENV] = json.dumps(settings)
-    uvicorn.run("hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run("hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False)
 
 
 @app.command()

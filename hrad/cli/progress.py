@@ -10,6 +10,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -24,6 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from hrad.cli import log_file
+from hrad.errors import HradError
 from hrad.progress import ProgressCallback, progress_of
 from hrad.runners import WorkerJob, worker_job
 
@@ -111,6 +114,53 @@ class _ProgressRecords(logging.Handler):
             self.update(*step)
         elif record.levelno >= logging.WARNING:
             print_warning(record.getMessage())
+
+
+class ServerLines(logging.Handler):
+    """``hrad serve``'s log records as console lines, which an open log file gets like every other
+    line: uvicorn's startup, shutdown and errors, and the service's request lines (method, path,
+    status, seconds; uvicorn's own access lines, which have no time, are off). Built by
+    ``logging.config.dictConfig`` in each process uvicorn configures (:func:`server_log_config`);
+    in a worker process of ``hrad serve --workers N``, where no log file is open, ``log`` (the
+    parent's) is opened without a header and the console teed into it as in the parent."""
+
+    def __init__(self, log: str | None = None) -> None:
+        super().__init__(logging.INFO)
+        if log is not None and log_file.current() is None:
+            try:
+                log_file.start(Path(log), console, print_warning, header=False)
+            except HradError as error:  # the parent could write it; tell, and serve on
+                print_warning(str(error))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                level = ("hrad: error:", "red") if record.levelno >= logging.ERROR else ("hrad: warning:", "yellow")
+                console.print(Text.assemble(level, f" {' '.join(record.getMessage().split())}"))
+            else:
+                _print_line(record.getMessage())
+            if record.exc_info:
+                _print_line(logging.Formatter().formatException(record.exc_info))
+        except Exception:  # noqa: BLE001 (logging's rule: a handler never raises)
+            self.handleError(record)
+
+
+def server_log_config() -> dict[str, Any]:
+    """uvicorn's ``log_config`` for ``hrad serve``: uvicorn's and the service's records through
+    :class:`ServerLines` (uvicorn's access logger silenced: the service logs each request with
+    its duration), into the open log file too, worker processes included."""
+    log = log_file.current()
+    lines = {"()": f"{__name__}.ServerLines", "log": str(log.path.absolute()) if log is not None else None}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"hrad": lines},
+        "loggers": {
+            "uvicorn": {"handlers": ["hrad"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            "hrad.service": {"handlers": ["hrad"], "level": "INFO", "propagate": False},
+        },
+    }
 
 
 @contextmanager
