@@ -12,7 +12,8 @@ only when complete, so an interrupted ``hrad fit`` never leaves a half-written m
 Overwriting renames the old model to ``.MODEL.old`` for the instant between the two renames;
 a reader that finds no ``MODEL`` but a complete ``.MODEL.old`` loads that (the old model stays
 loadable until the new one is in place), and the next write removes it. Staging folders left
-by a killed process on this host are removed by the next write next to them.
+by a killed process on this host are removed by the next write next to them. Parent folders made
+for the model are removed again when the fit or the write fails (:func:`artifact_target`).
 
 Loading verifies the weights against the manifest: file size, every tensor's shape (a file
 from another model) and the sha256 digest (bit flips, truncation, a swapped file of the same
@@ -28,7 +29,8 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,21 +127,65 @@ def clean_stale_staging(path: Path) -> list[Path]:
     return removed
 
 
-def check_artifact_target(path: Path) -> None:
+def check_artifact_target(path: Path) -> list[Path]:
     """Refuse, before any work, an output that cannot become a model: an existing file or folder
-    that is not an hrad model, or a parent folder that cannot be written."""
+    that is not an hrad model, or a parent folder that cannot be written. The parent folders it
+    created to find out, outermost first (:func:`artifact_target` removes them after a failure)."""
     path = Path(path)
     foreign = path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir()))
     if foreign:
         raise ArtifactError(f"{path}: exists and is not an hrad model; refusing to overwrite it")
+    created: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(path.parent, created)
         probe = path.parent / f".{path.name}.{_STAGING}-probe-{uuid.uuid4().hex[:8]}"
         probe.mkdir()
         probe.rmdir()
     except OSError as error:
+        remove_created(created)
         reason = error.strerror or _one_line(error)
         raise ArtifactError(f"{path}: cannot write a model here ({reason})") from None
+    return created
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` that appends to ``created`` each folder its
+    own ``mkdir`` made, and only those: one that existed, or that another process made
+    meanwhile, is never counted (nor one reached through ``..`` or a link)."""
+    for ancestor in [*reversed(folder.parents), folder]:
+        if ancestor.is_dir():
+            continue
+        try:
+            ancestor.mkdir()
+        except FileExistsError:
+            if not ancestor.is_dir():
+                raise
+            continue
+        created.append(ancestor)
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders :func:`check_artifact_target` created, innermost first, as long as
+    they are empty: one that holds anything now (kept training checkpoints) stays, and so do
+    the folders above it."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def artifact_target(path: Path) -> Iterator[None]:
+    """:func:`check_artifact_target` around the work that ends in writing ``path`` (a fit): when
+    the work fails (an error, Ctrl-C, SIGTERM), the parent folders the check created go again,
+    so a failed fit leaves nothing that was not there before."""
+    created = check_artifact_target(path)
+    try:
+        yield
+    except BaseException:
+        remove_created(created)
+        raise
 
 
 def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tensor] | Callable[[Path], None]) -> None:
@@ -149,11 +195,11 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
     tiled ensemble can stream one tile model at a time instead of holding all of them).
     """
     path = Path(path)
-    check_artifact_target(path)
+    created = check_artifact_target(path)
     clean_stale_staging(path)
     staging = path.parent / f".{path.name}.{_STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # the umask's permissions, like any folder the user creates
     try:
+        staging.mkdir()  # the umask's permissions, like any folder the user creates
         if callable(tensors):
             tensors(staging / WEIGHTS)
         else:
@@ -176,6 +222,7 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
         shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)  # model.save("a/b/model") that failed leaves no a/b either
         raise
 
 

@@ -262,3 +262,50 @@ def test_images_at_the_budget_keep_their_zero_padding_under_a_tile(tmp_path: Pat
     args = ["--max-pixels", "6144", "fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY,
             "--strategy", "tiled", "--tile", "64", "--stride", "48", "--set", "strategy.tile_edge=zeros"]  # fmt: skip
     assert run(args, monkeypatch) == 0
+
+
+@pytest.mark.parametrize("failure", ["no data", "truncated image", "interrupted"])
+def test_a_failed_fit_leaves_no_folder_it_made(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hrad fit --out a/b/c/model that failed after --out was checked (a data folder not there, a
+    training image found truncated when read, Ctrl-C) left the a/b/c it made to check --out; it
+    removes them again, but never a folder that was there (``kept``) or that holds anything."""
+    folder = good_folder(tmp_path / "good")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    out = kept / "a" / "b" / "c" / "model"
+    data = tmp_path / "missing" if failure == "no data" else folder
+    if failure == "truncated image":
+        png = (folder / "004.png").read_bytes()
+        (folder / "004.png").write_bytes(png[: len(png) // 2])
+    if failure == "interrupted":
+        from hrad.model import AnomalyModel
+
+        def interrupted(*args: object, **kwargs: object) -> None:
+            (kept / "a" / "note.txt").write_text("written meanwhile\n")  # a/ now holds something else
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(AnomalyModel, "fit", interrupted)
+    code = run(["fit", "--data", str(data), "--out", str(out), *TINY], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == (130 if failure == "interrupted" else 2) and "Traceback" not in err
+    left = sorted(str(path.relative_to(kept)) for path in kept.rglob("*"))
+    assert left == (["a", "a/note.txt"] if failure == "interrupted" else [])
+
+
+def test_only_the_folders_the_check_made_are_removed_and_only_while_empty(tmp_path: Path) -> None:
+    """x/../there/model: x is made (and removed), there was there and stays though empty; a
+    folder made that holds a file afterwards stays, and so do the folders above it."""
+    from hrad.artifact import check_artifact_target, remove_created
+
+    (tmp_path / "there").mkdir()
+    created = check_artifact_target(tmp_path / "x" / ".." / "there" / "model")
+    assert created == [tmp_path / "x"]
+    remove_created(created)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["there"]
+    created = check_artifact_target(tmp_path / "a" / "b" / "c" / "model")
+    assert created == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"]
+    (tmp_path / "a" / "b" / "kept.txt").write_text("")
+    remove_created(created)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["a", "a/b", "a/b/kept.txt", "there"]

@@ -179,7 +179,7 @@ def fit(
     interrupted fit (Ctrl-C, kill, a crash) resumes where it stopped when the same command runs
     again; the folder is removed once the model is written.
     """
-    from hrad.artifact import MANIFEST, check_artifact_target
+    from hrad.artifact import MANIFEST, artifact_target
     from hrad.config import load_config
     from hrad.data.datasets import training_images
     from hrad.data.images import ImageList, check_pixel_budget
@@ -187,62 +187,62 @@ def fit(
     from hrad.model import AnomalyModel
     from hrad.postprocess.roi import read_roi
 
-    check_artifact_target(out)  # a foreign or unwritable --out is refused before the fit, not after
-    train_paths, validation_paths = training_images(data, category=category)
-    train = ImageList(train_paths)
-    validation = ImageList(validation_paths) if validation_paths else None
-    overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
-    model_config = load_config(config, merge_assignments(overrides, set_options or []))
-    region = read_roi(roi) if roi is not None else None  # a bad mask now, not after the backbone loaded
-    for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
-        check_pixel_budget(path)
-    images = f"{len(train)} image{'' if len(train) == 1 else 's'}"  # a folder holding one image: '1 image', not '1 images'
-    console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {images} of {data}")
-    if (out / MANIFEST).is_file():  # said while there is time to stop: the old model stays until the new one is written
-        console.print(f"{out} holds a model already: this fit replaces it when it ends")
-    checkpoints = out.parent / f"{out.name}.checkpoints"
-    this_fit = {
-        "config": model_config.model_dump(mode="json"),
-        "files": [_file_identity(path) for path in [*train_paths, *(validation_paths or [])]],
-        "roi": _file_identity(roi) if roi is not None else None,
-    }
-    _prepare_checkpoints(checkpoints, this_fit)
-    with tracking("fit", track, out.name) as run:
-        try:
-            with progress_bars() as progress, checkpoints_in(checkpoints):
-                model = AnomalyModel(model_config).fit(train, validation, progress, roi=region)
-        except BaseException:
-            if any(checkpoints.glob("*.pt")):
-                console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
-            else:
-                _clear_checkpoints(checkpoints)
-            raise
-        if model.bit_depth is not None:
-            found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"
-            console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth){found}")
-        if model.roi is not None:
-            height, width = model.roi.mask.shape
-            console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.inspected:.1%} inspected (stretched to each image)")
-        model.save(out)
-        _clear_checkpoints(checkpoints)  # the model holds what they were for
-        _print_thresholds(model.thresholds)
-        console.print(f"model written to {out}")
-        if model.thresholds is not None:
-            console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
-        if model.thresholds is None:
-            print_warning(
-                f"no held-out normal images ({images.replace('image', 'training image')}, threshold.validation_fraction "
-                f"{model_config.threshold.validation_fraction}), so the model has no thresholds: hrad predict gives "
-                "scores and maps but no decisions or masks unless given --threshold / --pixel-threshold; "
-                "fit on more good images to get them"
-            )
-        if run is not None:
-            run.log_config(model_config.model_dump(mode="json"))
-            run.log_history(model.training_history)
+    with artifact_target(out):  # a foreign or unwritable --out is refused before the fit; a failed fit leaves no folders it made
+        train_paths, validation_paths = training_images(data, category=category)
+        train = ImageList(train_paths)
+        validation = ImageList(validation_paths) if validation_paths else None
+        overrides = _overrides(backbone, weights, detector, strategy, image_size, tile, stride, device)
+        model_config = load_config(config, merge_assignments(overrides, set_options or []))
+        region = read_roi(roi) if roi is not None else None  # a bad mask now, not after the backbone loaded
+        for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
+            check_pixel_budget(path)
+        images = f"{len(train)} image{'' if len(train) == 1 else 's'}"  # a folder holding one image: '1 image', not '1 images'
+        console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {images} of {data}")
+        if (out / MANIFEST).is_file():  # said while there is time to stop: the old model stays until the new one is written
+            console.print(f"{out} holds a model already: this fit replaces it when it ends")
+        checkpoints = out.parent / f"{out.name}.checkpoints"
+        this_fit = {
+            "config": model_config.model_dump(mode="json"),
+            "files": [_file_identity(path) for path in [*train_paths, *(validation_paths or [])]],
+            "roi": _file_identity(roi) if roi is not None else None,
+        }
+        _prepare_checkpoints(checkpoints, this_fit)
+        with tracking("fit", track, out.name) as run:
+            try:
+                with progress_bars() as progress, checkpoints_in(checkpoints):
+                    model = AnomalyModel(model_config).fit(train, validation, progress, roi=region)
+            except BaseException:
+                if any(checkpoints.glob("*.pt")):
+                    console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
+                else:
+                    _clear_checkpoints(checkpoints)
+                raise
+            if model.bit_depth is not None:
+                found = f"; brightest training pixel {model.brightest[0]}, in {model.brightest[1]}" if model.brightest else "; set, not learned"
+                console.print(f"16-bit images: {model.bit_depth} significant bits, scaled to the full range (bit_depth){found}")
+            if model.roi is not None:
+                height, width = model.roi.mask.shape
+                console.print(f"region of interest: {roi}, {width}x{height} mask, {model.roi.inspected:.1%} inspected (stretched to each image)")
+            model.save(out)
+            _clear_checkpoints(checkpoints)  # the model holds what they were for
+            _print_thresholds(model.thresholds)
+            console.print(f"model written to {out}")
             if model.thresholds is not None:
-                run.log_metrics({"image_threshold": model.thresholds.image, "pixel_threshold": model.thresholds.pixel})
-            run.set_tags({"hrad.data": data, "hrad.model": out.resolve()})
-            run.log_artifacts(out, "model")
+                console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
+            if model.thresholds is None:
+                print_warning(
+                    f"no held-out normal images ({images.replace('image', 'training image')}, threshold.validation_fraction "
+                    f"{model_config.threshold.validation_fraction}), so the model has no thresholds: hrad predict gives "
+                    "scores and maps but no decisions or masks unless given --threshold / --pixel-threshold; "
+                    "fit on more good images to get them"
+                )
+            if run is not None:
+                run.log_config(model_config.model_dump(mode="json"))
+                run.log_history(model.training_history)
+                if model.thresholds is not None:
+                    run.log_metrics({"image_threshold": model.thresholds.image, "pixel_threshold": model.thresholds.pixel})
+                run.set_tags({"hrad.data": data, "hrad.model": out.resolve()})
+                run.log_artifacts(out, "model")
 
 
 # commands in modules of their own: hrad/cli/predict.py, evaluate.py, calibrate.py, compare.py
