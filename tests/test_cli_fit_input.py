@@ -309,3 +309,24 @@ def test_only_the_folders_the_check_made_are_removed_and_only_while_empty(tmp_pa
     (tmp_path / "a" / "b" / "kept.txt").write_text("")
     remove_created(created)
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["a", "a/b", "a/b/kept.txt", "there"]
+
+
+@pytest.mark.parametrize("link", ["loop", "dangling", "dangling category"])
+def test_a_data_folder_that_is_a_broken_link_is_called_what_it_is(
+    link: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--data a link loop or a link to a missing folder said 'dataset folder not found', though the
+    name is there; it now names the loop or the missing target, as for a link among the images."""
+    (tmp_path / "one").symlink_to("two")
+    (tmp_path / "two").symlink_to("one")
+    (tmp_path / "old").symlink_to("moved/good")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "bottle").symlink_to("../moved/bottle")
+    data, category, message = {
+        "loop": ("one", [], "one: symbolic link loop (it points to two, which leads back to it)"),
+        "dangling": ("old", [], "old: broken symbolic link (its target moved/good does not exist)"),
+        "dangling category": ("root", ["--category", "bottle"], "root/bottle: broken symbolic link (its target ../moved/bottle does not exist)"),
+    }[link]
+    code = run(["fit", "--data", str(tmp_path / data), *category, "--out", str(tmp_path / "m"), *TINY], monkeypatch)
+    assert code == 2
+    assert errors(capsys.readouterr().err) == [f"hrad: error: {tmp_path}/{message}"]

@@ -292,14 +292,16 @@ def load_dataset(
     root = Path(root)
     if layout not in LAYOUTS:
         raise InputError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    if not root.exists():
-        raise InputError(f"{root}: dataset folder not found")
+    if not root.exists():  # a link to nowhere or a loop says so, as an image's link does
+        raise InputError(missing_reason(root) if root.is_symlink() else f"{root}: dataset folder not found")
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     is_visa = layout == "visa" or (layout == "auto" and (root / VISA_SPLIT_CSV).is_file())
     if category is not None and not is_visa:
         if (root / category).is_dir():
             root = root / category
+        elif (root / category).is_symlink() and not (root / category).exists():
+            raise InputError(missing_reason(root / category))
         elif category != root.name:  # a category folder given together with its own name is fine
             known = _category_folders(root)
             listing = f"categories here: {', '.join(known)}" if known else "it holds no category folders"
