@@ -330,3 +330,34 @@ def test_a_data_folder_that_is_a_broken_link_is_called_what_it_is(
     code = run(["fit", "--data", str(tmp_path / data), *category, "--out", str(tmp_path / "m"), *TINY], monkeypatch)
     assert code == 2
     assert errors(capsys.readouterr().err) == [f"hrad: error: {tmp_path}/{message}"]
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff"])
+def test_a_truncated_image_is_one_line_without_the_decoder_s_own(kind: str, tmp_path: Path) -> None:
+    """A truncated TIFF printed tifffile's log line (``<tifffile.TiffPages @32728> invalid offset
+    to first page 32728``) beside hrad's one-line error (a PNG once libpng's). In a process of its
+    own: the test's log capture would otherwise take the library's record before stderr."""
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+
+    folder = good_folder(tmp_path / "good", count=3)
+    image = (textured_image(np.random.default_rng(7), 64, 96) * 255).astype(np.uint8)
+    whole = tmp_path / f"whole.{kind}"
+    cv2.imwrite(str(whole), image)  # OpenCV's TIFF has its header (IFD) at the end: the cut takes it
+    data = whole.read_bytes()
+    bad = folder / f"zz{whole.suffix}"
+    bad.write_bytes(data[: len(data) // 2])
+    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hrad", "fit", "--data", str(folder), "--out", str(tmp_path / "m"), "--backbone", "tiny-cnn",
+         "--detector", "patchcore", "--strategy", "downsample", "--image-size", "64"],  # fmt: skip
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    reason = "truncated or corrupt image" if kind == "png" else "not a readable image (broken TIFF header"
+    assert [line for line in done.stderr.splitlines() if "zz" in line or "tifffile" in line or "libpng" in line] == [
+        line for line in done.stderr.splitlines() if line.startswith(f"hrad: error: {bad}: {reason}")
+    ] != []

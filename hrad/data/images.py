@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import errno
 import io
+import logging
 import math
 import os
 import tempfile
@@ -153,7 +154,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
     if prefix[:4] in _TIFF_MAGIC:
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _TIFFFILE.reading(), tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 return int(page.imagelength), int(page.imagewidth)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001,S110 - PIL's TIFF parser below gives the verdict
@@ -233,6 +234,31 @@ def decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
     return array
 
 
+class _QuietTifffile(logging.Filter):
+    """tifffile's log records dropped on a thread while it reads a file for hrad: tifffile logs a
+    broken file (``<tifffile.TiffPages @32728> invalid offset to first page 32728``) to stderr
+    beside the one-line error hrad gives for it. Per thread, so loader threads reading at once
+    and other users of tifffile in the process keep theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "reading", 0)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self.local.reading = getattr(self.local, "reading", 0) + 1
+        try:
+            yield
+        finally:
+            self.local.reading -= 1
+
+
+_TIFFFILE = _QuietTifffile()
+logging.getLogger("tifffile").addFilter(_TIFFFILE)
+
 _OPENCV_LOG = threading.Lock()
 _OPENCV_QUIET = [0, 0]  # decodes in progress, the log level to restore when the last one ends
 
@@ -259,7 +285,7 @@ def _quiet_opencv() -> Iterator[None]:
 def _decode_checked(path: Path) -> np.ndarray:
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _TIFFFILE.reading(), tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 array = page.asarray()
                 planar = getattr(page, "planarconfig", 1) == 2 or (
