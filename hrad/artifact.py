@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ from torch import Tensor
 
 from hrad.data.images import default_file_mode
 from hrad.errors import ArtifactError
+from hrad.reports.folder import left_by_dead_process, staging_name
 from hrad.version import ARTIFACT_FORMAT, __version__
 
 MANIFEST = "hrad.json"
@@ -101,26 +100,14 @@ def _is_complete(path: Path) -> bool:
     return (path / MANIFEST).is_file() and (path / WEIGHTS).is_file()
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def clean_stale_staging(path: Path) -> list[Path]:
     """Remove staging folders of ``path`` left by dead processes of this host; the removed ones."""
     path = Path(path)
-    host = socket.gethostname()
     removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
     for sibling in path.parent.glob(f".{path.name}.{_STAGING}-*"):
-        owner_host, _, rest = sibling.name[len(f".{path.name}.{_STAGING}-") :].rpartition("-")[0].rpartition("-")
-        if not sibling.is_dir() or owner_host != host or not rest.isdigit() or _process_alive(int(rest)):
+        if not sibling.is_dir() or not left_by_dead_process(sibling.name, f".{path.name}.{_STAGING}-"):
             continue
         shutil.rmtree(sibling, ignore_errors=True)
         removed.append(sibling)
@@ -197,7 +184,7 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
     path = Path(path)
     created = check_artifact_target(path)
     clean_stale_staging(path)
-    staging = path.parent / f".{path.name}.{_STAGING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = path.parent / staging_name(f".{path.name}.{_STAGING}-")
     try:
         staging.mkdir()  # the umask's permissions, like any folder the user creates
         if callable(tensors):

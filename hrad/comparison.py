@@ -30,6 +30,7 @@ from hrad.data.images import atomic_write_bytes
 from hrad.errors import InputError
 from hrad.metrics import bootstrap_auroc, image_metrics, percentile_interval
 from hrad.metrics.image import BOOTSTRAP_RESAMPLES
+from hrad.reports.folder import ReportFolder, json_object_with
 from hrad.reports.markdown import format_value, table
 
 #: ``hrad evaluate``'s per-image file and its columns
@@ -37,6 +38,13 @@ EVALUATION_SCORES = "scores.csv"
 EVALUATION_COLUMNS = ("image", "defect_type", "label", "score")
 #: the report's metrics shown side by side (those a report lacks are left blank)
 SHOWN_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "seconds_per_image", "peak_rss_mb")
+#: ``hrad compare --out``: a previous comparison there is replaced whole, another folder refused
+COMPARISON_REPORT = ReportFolder(
+    "hrad compare",
+    frozenset({"comparison.md", "comparison.json"}),
+    "comparison.json",
+    lambda folder: json_object_with(folder / "comparison.json", ("models", "differences")),
+)
 #: what an ``n/a`` in a report's tables means (metrics.md, report.html, comparison.md)
 UNDEFINED_NOTE = (
     "n/a: undefined on this test set (null in the JSON files): the image AUROC needs good and defective test images, "
@@ -276,6 +284,7 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "COMPARISON_REPORT",
     "EVALUATION_COLUMNS",
     "EVALUATION_SCORES",
     "UNDEFINED_NOTE",

@@ -15,7 +15,9 @@ more bins (memory and time). ``benchmarks/metric_precision.py`` measures the def
 against that unbinned computation (``benchmarks/results/metric_precision.md``).
 
 Outputs in ``out_dir``: ``metrics.json``, ``metrics.md``, ``cases.png``, ``scores.csv`` and
-``report.html`` (self-contained: curves, AUPRO per defect size, training loss, cases, config).
+``report.html`` (self-contained: curves, AUPRO per defect size, training loss, cases, config),
+written together (:data:`EVALUATION_REPORT`): a previous report there is replaced whole, a folder
+holding anything else is refused before any image is predicted.
 
 A test image that cannot be used (unreadable or corrupt file, unreadable mask, an input the
 model refuses: any :class:`~hrad.errors.HradError`) is skipped: one warning line naming the file
@@ -41,7 +43,13 @@ from typing import Any, Literal
 import numpy as np
 
 from hrad import strict_json
-from hrad.comparison import EVALUATION_SCORES, UNDEFINED_NOTE, undefined, write_evaluation_scores
+from hrad.comparison import (
+    EVALUATION_COLUMNS,
+    EVALUATION_SCORES,
+    UNDEFINED_NOTE,
+    undefined,
+    write_evaluation_scores,
+)
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
@@ -59,12 +67,20 @@ from hrad.model import AnomalyModel, Prediction
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
 from hrad.reports.figures import Case, case_grid, select_cases
+from hrad.reports.folder import ReportFolder, first_line_is
 from hrad.reports.html import ReportData, render_html
 from hrad.reports.markdown import metrics_report, table
 
 Protocol = Literal["full", "hiad512"]
 #: the default precision of pixel metrics (see the module docstring)
 DEFAULT_SCORE_BITS = 24
+#: the files of a report folder (``out_dir``): a previous report there is replaced whole, another folder refused
+EVALUATION_REPORT = ReportFolder(
+    "hrad evaluate",
+    frozenset({"metrics.json", "metrics.md", EVALUATION_SCORES, "cases.png", "report.html"}),
+    EVALUATION_SCORES,
+    lambda folder: first_line_is(folder / EVALUATION_SCORES, ",".join(EVALUATION_COLUMNS)),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +111,8 @@ def evaluate(
     """
     from hrad.pipeline import overlapped_batches
 
+    if out_dir is not None:
+        EVALUATION_REPORT.check(out_dir)  # before any image: a folder that is not a report is refused
     given = decision_thresholds is not None
     calibrated = model.thresholds is not None and model.thresholds.calibrated  # hrad calibrate's good images
     image_threshold, pixel_threshold = decision_thresholds if decision_thresholds is not None else model.decision_thresholds()
@@ -167,10 +185,11 @@ def evaluate(
     metrics["protocol"] = protocol
     metrics["score_bits"] = score_bits
     if out_dir is not None:
-        write_evaluation(out_dir, metrics, rows, cases, cases_per_group, model, skipped)
-        write_html_report(
-            out_dir / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, skipped
-        )
+        with EVALUATION_REPORT.staged(out_dir) as staging:  # the folder holds this run's report, whole, or the previous one
+            write_evaluation(staging, metrics, rows, cases, cases_per_group, model, skipped)
+            write_html_report(
+                staging / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, skipped
+            )
     if skipped:
         metrics["skipped"] = skipped
     return metrics

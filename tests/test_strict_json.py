@@ -113,5 +113,13 @@ def test_ad2_evaluate_and_info_print_and_write_strict_json(tmp_path: Path, monke
     printed = strict_loads(capsys.readouterr().out)
     assert printed == strict_loads((tmp_path / "m" / "metrics.json").read_text())
     assert printed["image_auroc"] is None and printed["aupro_05"] is None and printed["images"] == 1
+    # --out holds one run (hrad.reports.folder): an earlier metrics.json of ad2-evaluate is replaced, another folder refused
+    assert run(["ad2-evaluate", "--model", str(model), "--data", str(root), "--out", str(tmp_path / "m")], monkeypatch) == 0
+    assert [entry.name for entry in (tmp_path / "m").iterdir()] == ["metrics.json"]
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run(["ad2-evaluate", "--model", str(model), "--data", str(root), "--out", str(tmp_path / "m")], monkeypatch) == 2
+    assert "not empty and not a report of hrad ad2-evaluate (it holds notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
     assert run(["info", str(model), "--json"], monkeypatch) == 0
     assert strict_loads(capsys.readouterr().out)["detector"] == "test-gaussian"

@@ -26,7 +26,12 @@ class MetricProtocol(str, Enum):
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
     data: Annotated[Path, typer.Option(help="Labelled dataset root (its test part: no train folder needed)")],
-    out: Annotated[Path, typer.Option(help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv)")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Report directory (report.html, metrics.json, metrics.md, cases.png, scores.csv): new, empty, or an earlier report, replaced whole"
+        ),
+    ],
     protocol: Annotated[MetricProtocol, typer.Option(help="full: exact at ground-truth resolution; hiad512: resized to 512")] = MetricProtocol.full,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
     limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Evaluate only the first N test images (quick looks)")] = None,
@@ -59,10 +64,14 @@ def evaluate(
     A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
     one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
     metrics.md / report.html list the skipped files, and the exit status is 3.
+
+    --out holds one report: an earlier report of hrad evaluate there is replaced whole once the
+    new one is written (a failed run leaves it as it was); a folder holding anything else is
+    refused before the model loads.
     """
 
     from hrad.data.datasets import load_dataset
-    from hrad.data.images import prepare_output_dir
+    from hrad.evaluation import EVALUATION_REPORT
     from hrad.evaluation import evaluate as run_evaluation
     from hrad.model import load
 
@@ -70,7 +79,7 @@ def evaluate(
     samples = [s for s in dataset.test if s.label >= 0][:limit]
     if not samples:
         raise InputError(f"{data}: no labelled test images")
-    prepare_output_dir(out)
+    EVALUATION_REPORT.check(out)  # before the model loads: new, empty or a previous report (replaced whole)
     fitted = load(model)
     given = (threshold, pixel_threshold, sigmas) != (None, None, None)
     decision = fitted.decision_thresholds(threshold, pixel_threshold, sigmas) if given else None  # a bad value fails here

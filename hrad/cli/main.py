@@ -428,22 +428,32 @@ def ad2_export(
 def ad2_evaluate(
     model: Annotated[Path, typer.Option(help="Model fitted on an MVTec AD 2 object")],
     data: Annotated[Path, typer.Option(help="MVTec AD 2 object folder")],
-    out: Annotated[Path | None, typer.Option(help="Write metrics.json here")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write metrics.json here: a new or empty folder, or an earlier one of ad2-evaluate (replaced)")
+    ] = None,
     category: Annotated[str | None, typer.Option(help="Object folder of an MVTec AD 2 root holding several")] = None,
 ) -> None:
     """MVTec AD 2 metrics on test_public: AU-PRO and AU-ROC to FPR 0.05, SegF1 at the validation threshold."""
     from hrad import strict_json
     from hrad.ad2 import evaluate_ad2
     from hrad.data.datasets import load_dataset
+    from hrad.data.images import atomic_write_bytes
     from hrad.model import load
+    from hrad.reports.folder import ReportFolder, json_object_with
 
+    # --out holds one run's metrics.json: an earlier one of this command is replaced, a folder of anything else refused
+    report = ReportFolder(
+        "hrad ad2-evaluate", frozenset({"metrics.json"}), "metrics.json", lambda folder: json_object_with(folder / "metrics.json", ("aupro_05", "seg_f1"))
+    )
+    if out is not None:
+        report.check(out)  # before the model loads
     dataset = load_dataset(data, layout="mvtec_ad2", category=category)
     with progress_bars() as progress:
         metrics = evaluate_ad2(load(model), dataset, progress=progress)
     text = strict_json.dumps(metrics, indent=1, default=str)  # undefined metrics as null
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(text)
+        with report.staged(out) as staging:
+            atomic_write_bytes(staging / "metrics.json", text.encode("utf-8"))
     typer.echo(text)  # the command's result: stdout, as hrad evaluate's metrics
 
 
