@@ -3,7 +3,8 @@
 It writes a synthetic 2048x2048 dataset (scikit-image textures with generated scratches,
 spots, cracks and stains, exact masks), fits the same detector twice — uniform downsampling
 to 256 and full-resolution tiles — evaluates both at full resolution and writes a report that
-shows what full resolution gains on small defects.
+shows what full resolution gains on small defects. The result table and the verdict on the
+difference go to stdout, progress and messages to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.text import Text
 
 from hrad import strict_json
@@ -63,7 +65,8 @@ def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") 
     report += "\nCase pictures: " + ", ".join(f"[{name}](report/{name}/cases.png)" for name in results) + "\n"
     (out / "README.md").write_text(report)
     (out / "results.json").write_text(strict_json.dumps({"environment": environment(), "results": results}, indent=2, default=str))
-    console.print(table(rows, COLUMNS))
-    console.print(difference.rstrip())
+    # the command's result on stdout (`hrad demo > demo.md` keeps it), as hrad evaluate's and compare's; messages on stderr
+    typer.echo(table(rows, COLUMNS))
+    typer.echo(difference.rstrip())
     console.print(f"report: {out / 'README.md'}")
     return results
