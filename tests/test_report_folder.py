@@ -58,8 +58,9 @@ def test_an_earlier_evaluate_report_is_replaced_whole(setup: tuple[Path, Path], 
     stale = report / f"{STAGING_PREFIX}{socket.gethostname()}-999999999-0badc0de"
     stale.mkdir()
     (stale / "metrics.json").write_text("{}")
+    (report / ".DS_Store").write_bytes(b"Finder was here")  # a file browser's: no reason to refuse, kept
     assert _evaluate(setup, report, monkeypatch, "--limit", "2") == 0
-    assert {entry.name for entry in report.iterdir()} == REPORT_FILES  # no staging left, nothing of the first run beside
+    assert {entry.name for entry in report.iterdir()} == REPORT_FILES | {".DS_Store"}  # no staging left, nothing of the first run beside
     assert len(_rows(report)) == 2 and json.loads((report / "metrics.json").read_text())["images"] == 2
     assert "| images | 2 |" in (report / "metrics.md").read_text()
 

@@ -34,6 +34,9 @@ from hrad.errors import InputError
 
 #: the staging folders' prefix (hidden; a killed run's is removed by the next run into the folder)
 STAGING_PREFIX = ".hrad-staging-"
+#: files a file browser leaves in a folder it showed (macOS Finder, Windows Explorer): no reason to
+#: refuse a report folder, and kept as they are
+BROWSER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class ReportFolder:
         ``inputs``); anything else is a one-line :class:`~hrad.errors.InputError`."""
         folder = Path(folder)
         if folder.is_dir():
-            entries = sorted(entry for entry in folder.iterdir() if not entry.name.startswith(STAGING_PREFIX))
+            entries = sorted(entry for entry in folder.iterdir() if not entry.name.startswith(STAGING_PREFIX) and entry.name not in BROWSER_FILES)
             foreign = next((entry for entry in entries if entry.name not in self.files or entry.is_symlink() or not entry.is_file()), None)
             if foreign is not None or (entries and not self.recognise(folder)):
                 what = f"it holds {foreign.name}" if foreign is not None else f"its {self.key_file} is not one"
