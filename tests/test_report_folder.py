@@ -69,8 +69,9 @@ def test_an_earlier_evaluate_report_is_replaced_whole(setup: tuple[Path, Path], 
     ("setup_folder", "held"),
     [
         (lambda folder: (folder / "notes.txt").write_text("mine"), "it holds notes.txt"),
-        (lambda folder: (folder / "scores.csv").write_text("path,score,is_anomalous\n"), "its scores.csv is not one"),  # hrad predict's
+        (lambda folder: (folder / "scores.csv").write_text("path,score,is_anomalous\n"), "its scores.csv is not hrad evaluate's"),  # hrad predict's
         (lambda folder: (folder / "sub").mkdir(), "it holds sub"),
+        (lambda folder: (folder / "metrics.json").write_text("{}"), "it has no scores.csv"),
     ],
 )
 def test_a_folder_holding_anything_else_is_refused_before_the_model_loads(

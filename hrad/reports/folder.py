@@ -59,7 +59,10 @@ class ReportFolder:
             entries = sorted(entry for entry in folder.iterdir() if not entry.name.startswith(STAGING_PREFIX) and entry.name not in BROWSER_FILES)
             foreign = next((entry for entry in entries if entry.name not in self.files or entry.is_symlink() or not entry.is_file()), None)
             if foreign is not None or (entries and not self.recognise(folder)):
-                what = f"it holds {foreign.name}" if foreign is not None else f"its {self.key_file} is not one"
+                if foreign is not None:
+                    what = f"it holds {foreign.name}"
+                else:
+                    what = f"its {self.key_file} is not {self.command}'s" if (folder / self.key_file).exists() else f"it has no {self.key_file}"
                 raise InputError(
                     f"{folder}: not empty and not a report of {self.command} ({what}); give a new or empty --out "
                     f"(a report of {self.command} there is replaced whole, nothing else is deleted)"
