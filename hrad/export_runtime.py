@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
-from hrad.data.images import as_image, model_input
+from hrad.data.images import as_image, default_file_mode, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
@@ -64,8 +63,11 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(temporary path)`` beside ``path``, then moved over it (nothing half-written is left)."""
+    """``write(temporary path)`` beside ``path``, then moved over it (nothing half-written is left),
+    with the umask's mode as ``open()`` gives (mkstemp's 0600 left an export unreadable to the
+    service account or container user that serves it)."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(handle, default_file_mode())
     os.close(handle)
     try:
         write(temporary)
@@ -77,7 +79,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 
 def write_sidecar(path: Path, content: dict[str, Any]) -> Path:
     """Write an export's sidecar ``content`` (JSON) atomically to ``path``; returns ``path``."""
-    atomic_write(path, lambda temporary: Path(temporary).write_text(strict_json.dumps(content, indent=2)))
+    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(content, indent=2)))
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -160,6 +161,20 @@ def test_cli_export(images: list[np.ndarray], tmp_path: Path, monkeypatch: pytes
     capsys.readouterr()
     assert run_cli(["export", "--model", str(tmp_path / "plain"), "--out", str(tmp_path / "p.onnx")], monkeypatch) == 2
     assert capsys.readouterr().err.strip().endswith("detector 'test-gaussian' cannot be exported to ONNX")
+
+
+def test_exported_files_get_the_umask(images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph and sidecar are read by whoever serves them (a container's user, a service
+    account): mkstemp's 0600 made them unreadable there, while the model directory beside them
+    followed the umask."""
+    make_model({"name": "tiled", "tile": 48}, EXPORTABLE).fit(images[:3]).save(tmp_path / "model")
+    previous = os.umask(0o027)
+    try:
+        assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "m.onnx")], monkeypatch) == 0
+    finally:
+        os.umask(previous)
+    for name in ("m.onnx", "m.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
 
 
 def brute_force_knn(embeddings: Tensor, bank: Tensor, k: int, reweight: int | None) -> tuple[np.ndarray, np.ndarray]:
