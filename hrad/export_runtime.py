@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
 from hrad.data.images import as_image, default_file_mode, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
@@ -79,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 
 def write_sidecar(path: Path, content: dict[str, Any]) -> Path:
     """Write an export's sidecar ``content`` (JSON) atomically to ``path``; returns ``path``."""
-    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(content, indent=2)))
+    atomic_write(path, lambda temporary: Path(temporary).write_text(strict_json.dumps(content, indent=2)))
     return path
 
 
