@@ -46,7 +46,13 @@ from hrad.hiad_math import (
 )
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask
 from hrad.postprocess.seams import smooth_seams
-from hrad.postprocess.smoothing import PostprocessConfig, gaussian_smooth, smooth_and_score, top_fraction_mean
+from hrad.postprocess.smoothing import (
+    MapScore,
+    PostprocessConfig,
+    gaussian_smooth,
+    smooth_and_score,
+    top_fraction_mean,
+)
 from hrad.prediction import (
     Prediction,
     Thresholds,
@@ -337,6 +343,9 @@ class ExportedPredictor:
     """What every exported model's predictor shares: its sidecar, session, thresholds and
     :meth:`predict` (smoothing, image score and decisions around the subclass's ``predict_raw``)."""
 
+    #: how ``predict_raw``'s score follows from its map, when it does (HiAD; :attr:`hrad.strategies.base.Strategy.map_score`)
+    map_score: MapScore | None = None
+
     def __init__(self, onnx_path: str | Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None) -> None:
         self.onnx_path = Path(onnx_path)
         self.sidecar = sidecar
@@ -382,7 +391,7 @@ class ExportedPredictor:
             raw = self.predict_raw(array)
         except HradError as error:
             raise named(name, error) from None
-        smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi)
+        smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi, self.map_score)
         return Prediction(
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision,
             inspected=inspected_mask(self.roi, smoothed.shape),
@@ -570,6 +579,8 @@ class HiADPredictor(ExportedPredictor):
         self.centroids = None if assignment["centroids"] is None else np.asarray(assignment["centroids"], dtype=np.float64)
         self.ranges: dict[str, tuple[float, float]] = {name: (float(v[0]), float(v[1])) for name, v in sidecar["calibration"].items()}
         self.weights = dict(zip((int(r) for r in self.geometry["rates"]), (float(w) for w in self.geometry["weights"]), strict=True))
+        if float(self.geometry["smoothing_sigma"]) == 0:  # as HiAD.map_score
+            self.map_score = MapScore(float(self.geometry["score_sigma"]), int(self.geometry["score_pool"]))
 
     def _embed(self, images: np.ndarray) -> np.ndarray:
         (embeddings,) = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})

@@ -431,7 +431,7 @@ class AnomalyModel:
                 raise named(name, error) from None
             if profile is not None:
                 profile.update(result.anomaly_map)  # the raw map, before smoothing works in place
-            anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border, self.roi)
+            anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border, self.roi, self.strategy.map_score)
             scores.append(score)
             values = (anomaly_map if self.roi is None else self.roi.inside(anomaly_map)).astype(np.float64)
             pixel_sum += values.sum()
@@ -479,13 +479,13 @@ class AnomalyModel:
     def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
             result = self.strategy.predict(image)
-        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi)
+        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi, self.strategy.map_score)
 
     def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         with torch.inference_mode():
             results = self.strategy.predict_batch(images)
         return [
-            smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi)
+            smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi, self.strategy.map_score)
             for result in results
         ]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hrad.hiad_math import pooled_max, pooled_max_of_bands
 from hrad.postprocess.border import calibrate_border
 from hrad.postprocess.roi import RegionOfInterest
 
@@ -105,12 +107,28 @@ def image_score(
     return float(strategy_score)
 
 
+@dataclass(frozen=True)
+class MapScore:
+    """A strategy's image score that is a function of its raw map (HiAD's reference rule): the
+    max of the ``pool x pool`` mean (stride 1) of the map blurred with ``sigma``. Such a score can
+    be taken again on the border-calibrated map instead of being scaled by the peak's ratio."""
+
+    sigma: float
+    pool: int
+
+    def of(self, anomaly_map: np.ndarray) -> float:
+        """The score of ``anomaly_map`` (not modified), blurred a band of rows at a time."""
+        height = len(anomaly_map)
+        return pooled_max_of_bands((rows for _, rows in blurred_bands(anomaly_map, self.sigma)), height, self.pool)
+
+
 def smooth_and_score(
     raw_map: np.ndarray,
     raw_score: float,
     config: PostprocessConfig,
     border_ratios: list[float] | None = None,
     roi: RegionOfInterest | None = None,
+    map_score: MapScore | None = None,
 ) -> tuple[np.ndarray, float]:
     """What every predictor (the model, each exported runtime) ends with: the raw map calibrated
     at the image border (:func:`~hrad.postprocess.border.calibrate_border`, with the model's
@@ -121,16 +139,28 @@ def smooth_and_score(
     lowest value inside and the score is taken inside it. The strategy's own score
     (``image_score="strategy"``, without a region) is scaled by what the border calibration
     took off the map's peak (``max after / max before``): 1 when the peak lies inside, the peak's
-    own ratio when it lay on the border frame. ``config.border_calibration`` off: no calibration.
+    own ratio when it lay on the border frame. A strategy whose score is a function of its map
+    (``map_score``: HiAD's pooled maximum) is scored again on the calibrated map instead: scaling
+    by the peak's ratio is right only when the pooled maximum lies where the map's peak does; a
+    good image whose peak sat on the border frame kept its frame's score (``benchmarks/hiad_image_score.py``).
+    ``config.border_calibration`` off: no calibration.
     """
+    pool: int | None = None  # the score's pooling, taken on the smoothed map (the score's own blur)
     if border_ratios and config.border_calibration:
         if raw_map.dtype != np.float32 or not raw_map.flags.writeable:
             raw_map = raw_map.astype(np.float32)
         peak = float(raw_map.max())
         calibrate_border(raw_map, border_ratios)
-        if peak > 0 and raw_score > 0:
-            raw_score *= float(raw_map.max()) / peak
+        if map_score is None:
+            if peak > 0 and raw_score > 0:
+                raw_score *= float(raw_map.max()) / peak
+        elif map_score.sigma == config.sigma:
+            pool = map_score.pool
+        else:  # its own blur, before the map is smoothed in place
+            raw_score = map_score.of(raw_map)
     smoothed = gaussian_smooth(raw_map, config.sigma, in_place=True)
+    if pool is not None:
+        raw_score = pooled_max(smoothed, pool)
     if roi is not None:  # outside the region: the lowest value inside (hrad.postprocess.roi)
         if smoothed.dtype != np.float32 or not smoothed.flags.writeable:
             smoothed = smoothed.astype(np.float32)

@@ -23,6 +23,7 @@ from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig, detector_class
 from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
+from hrad.postprocess.smoothing import MapScore
 from hrad.progress import ProgressCallback, no_progress
 from hrad.registry import Registry
 
@@ -126,6 +127,13 @@ class Strategy(ABC):
     @abstractmethod
     def fit(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Learn from good images (all of the same size for position-bound strategies)."""
+
+    @property
+    def map_score(self) -> MapScore | None:
+        """How :meth:`predict`'s image score follows from its map, when it does (HiAD's pooled
+        maximum): a border-calibrated map is then scored again rather than the score scaled
+        (:func:`~hrad.postprocess.smoothing.smooth_and_score`). None: the score is the detector's own."""
+        return None
 
     @property
     def needs_calibration(self) -> bool:

@@ -39,7 +39,7 @@ from hrad.hiad_math import (
 )
 from hrad.imaging import resize, shrinks
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
-from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
+from hrad.postprocess.smoothing import MapScore, blurred_bands, gaussian_smooth
 from hrad.prediction import check_pool_size
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
@@ -316,6 +316,13 @@ class HiAD(Strategy):
     @property
     def needs_calibration(self) -> bool:
         return True
+
+    @property
+    def map_score(self) -> MapScore | None:
+        """The score is the pooled maximum of the returned map blurred at ``score_sigma`` while that
+        map is unsmoothed (``smoothing_sigma`` 0, the default), so a border-calibrated map is scored
+        again by the same rule; a map smoothed here already keeps the scaled score."""
+        return MapScore(self.config.score_sigma, self.config.score_pool) if self.config.smoothing_sigma == 0 else None
 
     def calibrate(self, images: ImageSource, progress: ProgressCallback = no_progress) -> None:
         """Min-max statistics per detector and branch from held-out good images (+ pseudo-anomalies)."""
