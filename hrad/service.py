@@ -33,6 +33,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -76,6 +77,9 @@ _requests = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 #: default bound on one request: receiving its body, waiting for the model, predicting
 DEFAULT_REQUEST_TIMEOUT = 300.0
+#: a request body, and an upload on its way to the decoder, is held in memory up to this size and
+#: on disk beyond it, so requests waiting for the model cost disk, not memory
+SPOOL_BYTES = 2**20
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -240,8 +244,12 @@ def _error(status: int, message: str) -> JSONResponse:
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, before any parsing.
 
-    A declared ``Content-Length`` is checked first; a chunked body is buffered (at most
-    ``limit`` bytes) and replayed to the app, so the limit holds whatever the client sends.
+    A declared ``Content-Length`` is checked first; the body is then received whole (at most
+    ``limit`` bytes, spooled to disk past :data:`SPOOL_BYTES`, so concurrent large uploads cost
+    disk, not memory) and replayed to the app a chunk at a time, so the limit holds whatever the
+    client sends. A client that disconnects before its body is complete is answered 499 (nginx's
+    "client closed request"; it goes nowhere), so the request is counted and logged like any
+    other instead of failing the middleware stack with a traceback.
     """
 
     def __init__(self, app: ASGIApp, limit: int, timeout: float | None = None) -> None:
@@ -258,37 +266,41 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            try:
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                message = await asyncio.wait_for(receive(), timeout=remaining)
-            except asyncio.TimeoutError:
-                response = _error(408, f"request body not received within the {self.timeout:g} s request timeout")
-                await response(scope, receive, send)
-                return
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="hrad-body-") as body:
+            size = 0
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while True:
+                try:
+                    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    message = await asyncio.wait_for(receive(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    response = _error(408, f"request body not received within the {self.timeout:g} s request timeout")
+                    await response(scope, receive, send)
+                    return
+                if message["type"] == "http.disconnect":
+                    gone = _error(499, f"client disconnected after {size} bytes of the request body")
+                    await gone(scope, receive, send)
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    await self._refuse(scope, receive, send)
+                    return
+                body.write(chunk)
+                if not message.get("more_body", False):
+                    break
+            body.seek(0)
+            replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                chunk = body.read(SPOOL_BYTES)
+                replayed = body.tell() >= size
+                return {"type": "http.request", "body": chunk, "more_body": not replayed}
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         megabytes = f" ({self.limit / 2**20:.0f} MB)" if self.limit >= 2**20 else ""
@@ -305,29 +317,41 @@ def _suffix_for(filename: str, data: bytes) -> str:
     return ".tiff" if data[:4] in (b"II*\x00", b"MM\x00*") else ".png"
 
 
+async def save_upload(upload: UploadFile, folder: Path, name: str, index: int = 0) -> Path:
+    """Copy ``upload`` (named ``name`` in messages) into a file of ``folder`` a chunk at a time,
+    never whole in memory, so a request waiting for the model holds its image on disk. The
+    file's suffix is one :func:`read_pixels` understands (:func:`_suffix_for`)."""
+    chunk = await upload.read(SPOOL_BYTES)
+    path = folder / f"upload{index}{_suffix_for(name, chunk)}"
+    with path.open("wb") as file:
+        while chunk:
+            file.write(chunk)
+            chunk = await upload.read(SPOOL_BYTES)
+    await upload.close()
+    return path
+
+
 def decode_upload(
-    data: bytes, filename: str, budget: int | None = None, before_decode: Callable[[], None] | None = None
+    path: Path, filename: str, budget: int | None = None, before_decode: Callable[[], None] | None = None
 ) -> np.ndarray:
-    """Decode uploaded bytes with :func:`read_pixels` (all its formats, kept in their pixel type:
-    an 8-bit upload costs its bytes, not 12 a pixel); errors name the upload.
+    """Decode an upload saved at ``path`` (:func:`save_upload`) with :func:`read_pixels` (all its
+    formats, kept in their pixel type: an 8-bit upload costs its bytes, not 12 a pixel); errors
+    name the upload.
 
     The header is checked against the pixel budget (``budget``, default :func:`max_pixels`)
     first; ``before_decode`` runs between that check and the decode (the service takes its lock
     there, so an over-budget upload is refused at once, without waiting for the model).
     """
     name = filename or "upload"
-    if not data:
+    if path.stat().st_size == 0:
         raise InputError(f"{name}: not a readable image (empty upload)")
-    with tempfile.TemporaryDirectory(prefix="hrad-upload-") as folder:
-        path = Path(folder) / f"upload{_suffix_for(name, data)}"
-        path.write_bytes(data)
-        try:
-            check_pixel_budget(path, budget)
-            if before_decode is not None:
-                before_decode()
-            return read_pixels(path, budget)
-        except InputError as error:
-            raise type(error)(str(error).replace(str(path), name)) from None
+    try:
+        check_pixel_budget(path, budget)
+        if before_decode is not None:
+            before_decode()
+        return read_pixels(path, budget)
+    except InputError as error:
+        raise type(error)(str(error).replace(str(path), name)) from None
 
 
 def _encoded_map(kind: MapKind, image: np.ndarray, prediction: Prediction, thresholds: Thresholds | None) -> dict[str, Any]:
@@ -519,7 +543,7 @@ def create_app(
         return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _predict_upload(
-        data: bytes,
+        path: Path,
         name: str,
         kind: MapKind | None,
         deadline: float,
@@ -538,7 +562,7 @@ def create_app(
                 raise _Cancelled
 
         try:
-            array = decode_upload(data, name, budget, before_decode=take_lock)
+            array = decode_upload(path, name, budget, before_decode=take_lock)
             start = time.perf_counter()
             # this thread's own warnings (hrad.errors.warn), for this upload's response
             with collecting_warnings() as warned:
@@ -572,6 +596,11 @@ def create_app(
             if acquired:
                 lock.release()
 
+    def _upload_folder() -> Path:
+        """A private folder for one request's uploads, removed when its work is done (after a 504
+        too: the work that goes on in the background removes it)."""
+        return Path(tempfile.mkdtemp(prefix="hrad-upload-"))
+
     async def _bounded(name: str, deadline: float, cancelled: threading.Event, job: Callable[[], Any]) -> Any:
         """Run ``job`` in a thread; 504 past the deadline (the work is dropped or finishes unseen), 503 busy."""
         # a plain executor future: on timeout the response goes out at once (an anyio worker
@@ -599,13 +628,22 @@ def create_app(
         overrides = (threshold, pixel_threshold, sigmas)
         model.decision_thresholds(*overrides)  # a bad override is a 400 before the upload is decoded
         deadline = time.monotonic() + request_timeout
-        data = await image.read()
-        await image.close()
-        name = image.filename or "upload"
+        folder = _upload_folder()
+        try:
+            name = image.filename or "upload"
+            path = await save_upload(image, folder, name)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         cancelled = threading.Event()
-        return await _bounded(
-            name, deadline, cancelled, lambda: _predict_upload(data, name, map, deadline, cancelled, overrides)
-        )
+
+        def job() -> dict[str, Any]:
+            try:
+                return _predict_upload(path, name, map, deadline, cancelled, overrides)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        return await _bounded(name, deadline, cancelled, job)
 
     @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True, responses=errors)
     async def predict_batch(
@@ -621,20 +659,28 @@ def create_app(
         overrides = (threshold, pixel_threshold, sigmas)
         model.decision_thresholds(*overrides)
         deadline = time.monotonic() + request_timeout
-        uploads = []
-        for index, upload in enumerate(images):
-            uploads.append((await upload.read(), upload.filename or f"upload{index}"))
-            await upload.close()
+        folder = _upload_folder()
+        try:
+            uploads = []
+            for index, upload in enumerate(images):
+                name = upload.filename or f"upload{index}"
+                uploads.append((await save_upload(upload, folder, name, index), name))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         cancelled = threading.Event()
 
         def run_all() -> dict[str, Any]:
             results: list[dict[str, Any]] = []
-            for data, name in uploads:
-                try:
-                    results.append(_predict_upload(data, name, map, deadline, cancelled, overrides))
-                except HradError as error:
-                    status = 413 if isinstance(error, ImageTooLargeError) else 400
-                    results.append({"filename": name, "error": " ".join(str(error).split()), "status": status})
+            try:
+                for path, name in uploads:
+                    try:
+                        results.append(_predict_upload(path, name, map, deadline, cancelled, overrides))
+                    except HradError as error:
+                        status = 413 if isinstance(error, ImageTooLargeError) else 400
+                        results.append({"filename": name, "error": " ".join(str(error).split()), "status": status})
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
             return {"results": results}
 
         return await _bounded(f"batch of {len(uploads)}", deadline, cancelled, run_all)

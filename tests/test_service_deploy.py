@@ -1,0 +1,125 @@
+"""``hrad serve`` against what a broken client or an attacker sends in deployment: a client that
+leaves mid-upload, and many large uploads waiting for the model at once (their bodies must wait
+on disk, not in memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from export_helpers import make_model, spotted_image, training_images
+from fastapi.testclient import TestClient
+
+from hrad.service import create_app
+
+#: a request's scope as uvicorn hands it to the app
+SCOPE: dict[str, Any] = {
+    "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+    "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+    "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model({"name": "tiled", "tile": 64}).fit(training_images(0, 3)).save(tmp_path_factory.mktemp("deploy") / "model")
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., ::-1])
+    assert ok
+    return data.tobytes()
+
+
+def test_a_client_that_leaves_mid_upload_is_answered_499_and_counted(model_dir: Path) -> None:
+    """The body middleware returned without a response, and Starlette's middleware stack raised
+    'No response returned.' for it: a 40-line traceback in the server's log per such client, and
+    no count in /metrics."""
+    app = create_app(model_dir)
+    body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n" + b"\xff" * 1000
+    messages: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"100000")]
+    asyncio.run(app({**SCOPE, "headers": headers}, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert b"client disconnected after" in sent[1]["body"]
+    metrics = TestClient(app).get("/metrics").text
+    assert 'hrad_requests_total{route="unmatched",status="499"} 1.0' in metrics
+
+
+def test_uploads_waiting_for_the_model_wait_on_disk(model_dir: Path) -> None:
+    """Four 8 MB uploads queued behind a busy model: each was held twice in memory while it
+    waited (the body middleware's chunks and the endpoint's read of the upload), 64 MB for four,
+    so concurrent large uploads could exhaust a server's memory however the queue was bounded.
+    Now the bodies are spooled to disk and read by the decoder from there. The requests are fed
+    to the app as uvicorn does, a megabyte at a time, so no client holds a copy."""
+    app = create_app(model_dir)
+    model = app.state.model
+    original = model.predict
+    release = threading.Event()
+
+    def held_predict(image: np.ndarray, **options: Any) -> object:
+        release.wait(30)
+        return original(image, **options)
+
+    model.predict = held_predict
+    head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + jpeg(spotted_image(5, 96, 128))
+    tail = b"\r\n--b--\r\n"
+    padding = 8  # MB of zeros after the JPEG, which its decoder ignores
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", str(len(head) + padding * 2**20 + len(tail)).encode())]
+
+    async def post() -> int:
+        parts = itertools.chain([head], (bytes(2**20) for _ in range(padding)), [tail])  # made as sent
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            part = next(parts, None)
+            if part is None:
+                await asyncio.sleep(60)
+                return {"type": "http.disconnect"}
+            await asyncio.sleep(0)
+            return {"type": "http.request", "body": part, "more_body": part is not tail}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app({**SCOPE, "headers": headers}, receive, send)
+        return statuses[0]
+
+    async def held_while_queued() -> int:
+        deadline = time.monotonic() + 60
+        while app.state.metrics.queued._value.get() < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        held = tracemalloc.get_traced_memory()[0] - baseline
+        release.set()
+        return held
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(held_while_queued(), *(post() for _ in range(4))))
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        held, *statuses = asyncio.run(main())
+        queued = app.state.metrics.queued._value.get()
+    finally:
+        tracemalloc.stop()
+        release.set()
+    assert statuses == [200] * 4 and queued == 0
+    assert held < 8 * 2**20, f"{held / 2**20:.1f} MB held by four requests waiting for the model"
