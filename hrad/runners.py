@@ -135,6 +135,10 @@ def worker_job(record: logging.LogRecord) -> WorkerJob | None:
 
 #: the job this worker process is running (set around each job by :func:`_run_labelled`)
 _RUNNING: WorkerJob | None = None
+#: a process pool worker's queue of log records to the parent (set by :func:`_init_worker`)
+_RECORDS: Any = None
+#: first item of the marker a pool worker queues after a job's last record: ``(_JOB_END, index)``
+_JOB_END = "hrad-job-end"
 
 
 class _ForwardingHandler(QueueHandler):
@@ -168,6 +172,8 @@ def _apply_levels(levels: Mapping[str, int]) -> None:
 
 def _init_worker(threads: int, records: Any, levels: Mapping[str, int], disabled: int) -> None:
     """Pool initializer: torch's threads, and this worker's log records sent to the parent."""
+    global _RECORDS
+    _RECORDS = records
     _set_threads(threads)
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -187,6 +193,16 @@ def _run_labelled(fn: Callable[[Any], Any], job: Any, index: int, total: int) ->
         _RUNNING = None
 
 
+def _run_pooled(fn: Callable[[Any], Any], job: Any, index: int, total: int) -> Any:
+    """:func:`_run_labelled` in a pool worker, then the job's end marker on the records queue,
+    behind its last record (one worker's puts keep their order), so the parent can show that
+    record (a last epoch) before it counts the job done."""
+    try:
+        return _run_labelled(fn, job, index, total)
+    finally:
+        _RECORDS.put((_JOB_END, index))
+
+
 def _handle(record: logging.LogRecord) -> None:
     """A worker's record to this process's logger of its name, as if it had been logged here."""
     try:
@@ -202,8 +218,16 @@ class _RecordForwarder:
     def __init__(self, records: Any) -> None:
         self.records = records
         self.finish = threading.Event()
+        self.ended: set[int] = set()  # jobs whose every record was handed over
+        self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._forward, name="hrad-worker-logs", daemon=True)
         self.thread.start()
+
+    def wait_for(self, index: int, timeout: float = 10.0) -> None:
+        """Until job ``index``'s records were all handed over (its end marker arrived), at most
+        ``timeout`` seconds: what it logged last shows before the pool counts it done."""
+        with self.changed:
+            self.changed.wait_for(lambda: index in self.ended or not self.thread.is_alive(), timeout)
 
     def _forward(self) -> None:
         while True:
@@ -217,6 +241,11 @@ class _RecordForwarder:
                 return
             except Exception:  # a record that does not unpickle here is dropped, the rest go on
                 logging.getLogger(__name__).debug("a worker's log record did not arrive", exc_info=True)
+                continue
+            if isinstance(record, tuple):  # (_JOB_END, index)
+                with self.changed:
+                    self.ended.add(record[1])
+                    self.changed.notify_all()
                 continue
             _handle(record)
 
@@ -236,7 +265,8 @@ class ProcessPoolRunner:
 
     ``threads_per_worker`` defaults to the CPU count divided among the workers, so the pool
     never oversubscribes the machine. The workers log at this process's logger levels and their
-    records reach this process's loggers, marked with their job (:func:`worker_job`).
+    records reach this process's loggers, marked with their job (:func:`worker_job`), each job's
+    all before ``progress`` counts it done.
     """
 
     device: str | None = None
@@ -263,10 +293,11 @@ class ProcessPoolRunner:
         try:
             count = len(jobs)
             futures = {
-                pool.submit(_run_labelled, fn, job, index + 1, count): index for index, job in enumerate(jobs)
+                pool.submit(_run_pooled, fn, job, index + 1, count): index for index, job in enumerate(jobs)
             }
             for done, future in enumerate(as_completed(futures), start=1):
                 results[futures[future]] = future.result()
+                forwarder.wait_for(futures[future] + 1)  # the job's last lines before the pool's count
                 if progress is not None:
                     progress(done, len(jobs))
         except BaseException:

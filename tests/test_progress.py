@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,23 @@ def test_a_pool_fit_in_worker_processes_shows_each_jobs_epochs(
     tiles = [f"tile ({row}, {col})" for row in range(2) for col in range(2)]
     assert epochs == sorted(f"{tile}: fastflow: train epochs: {done}/3" for tile in tiles for done in (1, 3))
     assert not [line for line in lines if line.startswith("job ")]
+
+
+def test_a_pool_job_s_last_step_shows_before_the_pool_counts_it(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'fitting tile models: 1/6' came before the finished job's 'tile (0, 0): coreset selection:
+    39/39' (the result overtook the job's last log record): the first count follows one job's
+    last step, the last count every job's."""
+    args = ["fit", "--data", str(dataset), "--out", str(tmp_path / "pool"), "--backbone", "tiny-cnn",
+            "--strategy", "tiled-ensemble", "--set", "strategy.tile=16", "--set", "strategy.workers=2",
+            "--detector", "patchcore"]  # fmt: skip
+    assert run(args, monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    pool = [index for index, line in enumerate(lines) if line.startswith("fitting tile models: ")]
+    last = sorted(index for index, line in enumerate(lines) if re.match(r"tile \(\d+, \d+\): coreset selection: (\d+)/\1,", line))
+    assert [lines[index].split(",")[0] for index in pool] == ["fitting tile models: 1/24", "fitting tile models: 24/24"]
+    assert len(last) == 24 and last[0] < pool[0] and last[-1] < pool[-1], lines
 
 
 def test_a_hiad_pool_in_worker_processes_names_each_detector(

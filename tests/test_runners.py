@@ -94,6 +94,18 @@ def test_workers_log_records_reach_this_process_marked_with_their_job(records: R
     assert forwarding_threads() == []
 
 
+def test_a_jobs_last_record_is_handed_over_before_the_pool_counts_it(records: Records) -> None:
+    """The pool's progress(k, n) came on the result while the job's last record (its last epoch)
+    was still on the records queue: a job's records now all reach this process first."""
+    events: list[str] = []
+    records.emit = lambda record: events.append(record.getMessage())  # type: ignore[method-assign]
+    names = [f"j{index}" for index in range(8)]
+    ProcessPoolRunner(2, threads_per_worker=1).map(log_steps, names, lambda done, total: events.append(f"done {done}"))
+    for done in range(1, len(names) + 1):
+        before = events[: events.index(f"done {done}")]
+        assert sum(line.endswith(f"a warning of {name}") for name in names for line in before) >= done, events
+
+
 def test_workers_log_at_this_process_levels(records: Records) -> None:
     logging.getLogger("hrad.detectors").setLevel(logging.WARNING)  # the fixture restores it
     assert ProcessPoolRunner(2, threads_per_worker=1).map(log_steps, ["a", "b"]) == ["A", "B"]
