@@ -115,6 +115,12 @@ def saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> dic
     region of interest, thresholds and training losses. The one reading of both files that
     ``hrad info`` and ``hrad serve``'s ``/health`` show; here, torch-free, so both can import it.
     Fields are not checked one by one when the file is read: a damaged one is one line."""
+    return saved_model_reading(record, exported, where)[0]
+
+
+def saved_model_reading(record: dict[str, Any], exported: bool, where: str) -> tuple[dict[str, Any], RegionOfInterest | None]:
+    """:func:`saved_model_facts` and the region of interest they were read from, decoded once
+    (``hrad info --page`` draws its mask)."""
     try:
         return _saved_model_facts(record, exported, where)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
@@ -122,7 +128,7 @@ def saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> dic
         raise ArtifactError(f"{where}: {what} ({type(error).__name__}: {' '.join(str(error).split())})") from None
 
 
-def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> dict[str, Any]:
+def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> tuple[dict[str, Any], RegionOfInterest | None]:
     if exported:
         about = record.get("model", {})
         names = {part: about.get(part) for part in ("strategy", "detector", "backbone")}
@@ -135,7 +141,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> di
         weights, fitted, history = record.get("backbone_weights"), record.get("fitted_size"), record.get("training_history")
     roi = RegionOfInterest.from_json(record.get("roi"), where)
     thresholds = record.get("thresholds")
-    return {
+    facts = {
         "saved_by": record.get("hrad_version"),
         **names,
         "backbone_weights": weights,
@@ -167,6 +173,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> di
             if values
         },
     }
+    return facts, roi
 
 
 def onnxruntime_module() -> Any:

@@ -68,3 +68,23 @@ def test_a_page_that_cannot_be_written_there_is_one_line(
     assert run(["info", str(model_dir), "--page", str(tmp_path / where)], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "cannot write the page there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_region_of_interest_is_decoded_once_for_the_lines_and_the_page(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hrad info --page decoded the mask (a PNG in the manifest, full image size) for the facts
+    and again for the picture."""
+    from hrad.postprocess.roi import RegionOfInterest
+
+    decoded: list[str] = []
+    original = RegionOfInterest.from_json.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[RegionOfInterest], content: object, where: str) -> RegionOfInterest | None:
+        decoded.append(where)
+        return original(cls, content, where)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(RegionOfInterest, "from_json", classmethod(counted))
+    assert run(["info", str(model_dir), "--page", str(tmp_path / "p.html")], monkeypatch) == 0
+    assert decoded == [str(model_dir / MANIFEST)]
+    assert "data:image/png;base64," in (tmp_path / "p.html").read_text(encoding="utf-8")

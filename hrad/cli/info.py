@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hrad.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from hrad.postprocess.roi import RegionOfInterest
 
 #: what hrad predict / serve accept as an exported model instead of an artifact directory
 EXPORTED_SUFFIXES = (".onnx", ".xml")
@@ -30,25 +33,24 @@ def _saved_record(path: Path) -> tuple[dict[str, Any], bool, str, dict[str, Any]
         raise ArtifactError(f"{where}: corrupt model manifest ({type(error).__name__}: {' '.join(str(error).split())})") from None
 
 
-def read_model(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+def read_model(path: Path) -> tuple[dict[str, Any], RegionOfInterest | None]:
     """The facts ``hrad info`` shows, as values, from an artifact's manifest or an export's
     sidecar (the file's kind, then what :func:`~hrad.export_runtime.saved_model_facts` reads;
-    ``hrad serve``'s ``/health`` summarises the same reading), with the record they came from
-    and its file's name, which :func:`model_page` reads the region of interest from."""
-    from hrad.export_runtime import saved_model_facts
+    ``hrad serve``'s ``/health`` summarises the same reading), with the region of interest they
+    were read from (decoded once), which :func:`model_page` draws."""
+    from hrad.export_runtime import saved_model_reading
 
     record, exported, where, kind = _saved_record(path)
-    return {"path": str(path), "kind": kind, **saved_model_facts(record, exported, where)}, record, where
+    facts, roi = saved_model_reading(record, exported, where)
+    return {"path": str(path), "kind": kind, **facts}, roi
 
 
-def model_page(facts: dict[str, Any], record: dict[str, Any], where: str) -> str:
+def model_page(facts: dict[str, Any], roi: RegionOfInterest | None) -> str:
     """``hrad info --page``: the facts as ``hrad info`` prints them, and the pictures of its
     thresholds, training and region of interest (:mod:`hrad.reports.card`), from what
     :func:`read_model` read."""
-    from hrad.postprocess.roi import RegionOfInterest
     from hrad.reports.card import render_model_page
 
-    roi = RegionOfInterest.from_json(record.get("roi"), where)
     return render_model_page(described_facts(facts), facts, roi.mask if roi is not None else None)
 
 

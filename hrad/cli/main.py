@@ -467,13 +467,13 @@ def info(
 ) -> None:
     """What a model is, without loading it: strategy, detector, backbone, fitted size, bit depth,
     region of interest, thresholds and training losses (an export needs no torch for this)."""
-    facts, record, where = read_model(model)  # one reading of the manifest or sidecar for the lines and the page
+    facts, roi = read_model(model)  # one reading of the manifest or sidecar (and its region) for the lines and the page
     if page is not None:
         from hrad.data.images import atomic_write_bytes
 
         if page.is_dir() or not page.parent.is_dir():
             raise InputError(f"{page}: cannot write the page there ({'a folder' if page.is_dir() else 'its folder does not exist'})")
-        atomic_write_bytes(page, model_page(facts, record, where).encode("utf-8"))
+        atomic_write_bytes(page, model_page(facts, roi).encode("utf-8"))
         console.print(f"page written to {page}")
     if as_json:  # the command's output: stdout, like list, options and schema
         from hrad import strict_json
