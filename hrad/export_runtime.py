@@ -177,11 +177,12 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> tu
 
 
 def onnxruntime_module() -> Any:
-    """The onnxruntime module, or a one-line error naming the extra that installs it."""
+    """The onnxruntime module, or a one-line error naming what installs it (the package itself on a
+    torch-free runtime box, where the extra would pull torch)."""
     try:
         import onnxruntime
     except ImportError:
-        raise ConfigError("ONNX export and OnnxPredictor run the graph with onnxruntime: pip install 'hrad[export]'") from None
+        raise ConfigError("ONNX export and OnnxPredictor run the graph with onnxruntime: pip install onnxruntime (or 'hrad[export]' beside torch)") from None
     return onnxruntime
 
 
@@ -189,7 +190,7 @@ def openvino_module() -> Any:
     try:
         import openvino
     except ImportError:
-        raise ConfigError("OpenVINO export and runtime need the openvino package: pip install 'hrad[openvino]'") from None
+        raise ConfigError("OpenVINO export and runtime need the openvino package: pip install openvino (or 'hrad[openvino]' beside torch)") from None
     return openvino
 
 

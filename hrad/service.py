@@ -10,8 +10,10 @@ costs its upload, not its decoded size.
 
 Every error, whatever its source (a bad image, a bad request, an unknown route, a timeout, an
 internal failure), is JSON ``{"error": "<one line>"}`` with its status code: 400 bad image,
-404/405 route, 408 body not received in time, 413 upload or pixel budget, 422 bad request,
-503 busy past the timeout, 504 prediction past the timeout, 500 anything else.
+404/405 route, 408 body not received in time, 413 upload or pixel budget, 422 bad request
+(a request without the image file says how to send one), 503 busy past the timeout, 504
+prediction past the timeout, 500 anything else; 499 (nginx's "client closed request") to a client
+that left before its body was complete, which no one reads but the log and ``/metrics``.
 
 ``/health`` (liveness) says the process is up and which kind of model it serves; the model's
 path, its full config and its weights' sources are shown only with ``health_details=True``
@@ -308,6 +310,17 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _how_to_upload(request: Request, field: str, missing: bool) -> str:
+    """What a request without its image file did wrong, and how to send one: Pydantic's 'Field
+    required' told a client that posted JSON or the raw image bytes nothing of multipart, and its
+    'Expected UploadFile, received: <class 'str'>' spoke Python."""
+    how = f"the image file in multipart/form-data field '{field}' (curl -F {field}=@part.png)"
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        return f"{request.url.path} takes {how}, not {kind or 'a body without Content-Type'}"
+    return f"{request.url.path} takes {how}; this form has {'no such field' if missing else 'text there, not a file'}"
+
+
 def _suffix_for(filename: str, data: bytes) -> str:
     """A file suffix read_pixels understands: the upload's own, else TIFF by magic bytes, else PNG
     (OpenCV decodes PNG/JPEG/BMP by content whatever the suffix)."""
@@ -510,6 +523,8 @@ def create_app(
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()))
+        if where in ("body.image", "body.images"):
+            return _error(422, f"{where}: {_how_to_upload(request, where[5:], first.get('type') == 'missing')}")
         return _error(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")))
 
     if page:

@@ -19,7 +19,7 @@ from export_helpers import PATCHCORE, make_model, spotted_image, training_images
 from hrad.data.images import read_image
 from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
-from hrad.export_runtime import open_predictor, resize
+from hrad.export_runtime import onnxruntime_module, open_predictor, openvino_module, resize
 
 ROOT = Path(__file__).resolve().parents[1]
 #: relative to the map's magnitude; numpy/Pillow resizing vs torch's is within ~1e-6 of it
@@ -259,3 +259,14 @@ def test_exported_predictor_refuses_far_smaller_images_as_the_model_does(tmp_pat
     with pytest.raises(InputError) as from_export:
         open_predictor(tmp_path / "m.onnx").predict(tiny)
     assert str(from_export.value) == str(from_model.value)
+
+
+def test_a_missing_runtime_names_the_package_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a torch-free box (pip install --no-deps .) the extras would pull torch: the line said
+    pip install 'hrad[openvino]', which installs torch, scikit-learn and the rest."""
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ConfigError, match=r"pip install openvino \(or 'hrad\[openvino\]' beside torch\)$"):
+        openvino_module()
+    with pytest.raises(ConfigError, match=r"pip install onnxruntime \(or 'hrad\[export\]' beside torch\)$"):
+        onnxruntime_module()

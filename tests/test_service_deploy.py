@@ -123,3 +123,25 @@ def test_uploads_waiting_for_the_model_wait_on_disk(model_dir: Path) -> None:
         release.set()
     assert statuses == [200] * 4 and queued == 0
     assert held < 8 * 2**20, f"{held / 2**20:.1f} MB held by four requests waiting for the model"
+
+
+def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) -> None:
+    """A client posting JSON or the raw image got 'body.image: Field required', and a text field
+    'Expected UploadFile, received: <class 'str'>': nothing said multipart."""
+    client = TestClient(create_app(model_dir))
+    image = jpeg(spotted_image(5, 96, 128))
+    how = "takes the image file in multipart/form-data field 'image' (curl -F image=@part.png)"
+    answers = {
+        f"body.image: /predict {how}, not application/json": client.post("/predict", json={"image": "x"}),
+        f"body.image: /predict {how}, not image/jpeg": client.post("/predict", content=image, headers={"content-type": "image/jpeg"}),
+        f"body.image: /predict {how}, not a body without Content-Type": client.post("/predict"),
+        f"body.image: /predict {how}, not application/x-www-form-urlencoded": client.post("/predict", data={"image": "x"}),
+        f"body.image: /predict {how}; this form has no such field": client.post("/predict", files={"picture": ("p.jpg", image)}),
+        f"body.image: /predict {how}; this form has text there, not a file": client.post(
+            "/predict", data={"image": "x"}, files={"other": ("p.jpg", image)}
+        ),
+        "body.images: /predict/batch takes the image file in multipart/form-data field 'images' (curl -F images=@part.png);"
+        " this form has no such field": client.post("/predict/batch", files={"image": ("p.jpg", image)}),
+    }
+    for message, answer in answers.items():
+        assert (answer.status_code, answer.json()) == (422, {"error": message})
