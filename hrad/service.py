@@ -634,6 +634,7 @@ def create_app(
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True, responses=errors)
     async def predict(
+        request: Request,
         image: UploadFile = File(..., description="Image file: PNG, JPEG, BMP or TIFF (8/16-bit, float)"),  # noqa: B008
         map: MapKind | None = Query(None, description="Also return the map (png16), an overlay or the mask, base64 PNG"),  # noqa: A002, B008
         threshold: float | None = Query(None, description="Image-score threshold for this request (default: the model's)"),  # noqa: B008
@@ -642,6 +643,9 @@ def create_app(
     ) -> Any:
         overrides = (threshold, pixel_threshold, sigmas)
         model.decision_thresholds(*overrides)  # a bad override is a 400 before the upload is decoded
+        given = len((await request.form()).getlist("image"))  # the form FastAPI parsed (cached)
+        if given > 1:  # FastAPI keeps the last: the others would go unanswered without a word
+            return _error(422, f"body.image: /predict takes one image, this form has {given} in field 'image' (several: /predict/batch, field 'images')")
         deadline = time.monotonic() + request_timeout
         folder = _upload_folder()
         try:

@@ -145,3 +145,16 @@ def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) 
     }
     for message, answer in answers.items():
         assert (answer.status_code, answer.json()) == (422, {"error": message})
+
+
+def test_two_images_in_predicts_field_are_refused(model_dir: Path) -> None:
+    """FastAPI keeps the last file of a repeated field: a client that sent two images to /predict
+    got one result, for the last, and nothing said the first was dropped."""
+    client = TestClient(create_app(model_dir))
+    image = jpeg(spotted_image(5, 96, 128))
+    answer = client.post("/predict", files=[("image", ("a.jpg", image)), ("image", ("b.jpg", image))])
+    assert (answer.status_code, answer.json()) == (
+        422,
+        {"error": "body.image: /predict takes one image, this form has 2 in field 'image' (several: /predict/batch, field 'images')"},
+    )
+    assert client.post("/predict", files={"image": ("a.jpg", image)}).json()["filename"] == "a.jpg"
