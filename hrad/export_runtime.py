@@ -209,15 +209,30 @@ class OpenVINOSession:
         return [np.asarray(result[output]) for output in self.outputs]
 
 
+def _loaded(path: Path, load: Callable[[], Any]) -> Any:
+    """``load()`` the graph at ``path``, a missing or unreadable one (an export copied without all
+    its files, or cut short) as one line naming it instead of the runtime's traceback."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: graph of the export not found (hrad export writes it beside the sidecar: copy all of the export's files)")
+    try:
+        return load()
+    except HradError:
+        raise
+    except Exception as error:
+        reason = " ".join(str(error).split()).rsplit(f"{path} failed:", 1)[-1].strip()  # onnxruntime: "... Load model from PATH failed:WHY"
+        raise ArtifactError(f"{path}: the runtime cannot load this graph (cut short or damaged? copy or export it again): {reason[:300]}") from None
+
+
 def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
     """A session with ``run(None, feeds)`` for the export at ``onnx_path``: onnxruntime on the ONNX
     graph, or OpenVINO on the sidecar's IR (``hrad export --format openvino``), else on the ONNX."""
     if runtime == "onnxruntime":
-        return onnxruntime_module().InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
+        module = onnxruntime_module()
+        return _loaded(onnx_path, lambda: module.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"]))
     if runtime == "openvino":
         openvino_files = sidecar.get("openvino") or {}
         path = onnx_path.with_name(openvino_files["xml"]) if "xml" in openvino_files else onnx_path
-        return OpenVINOSession(path)
+        return _loaded(path, lambda: OpenVINOSession(path))
     raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
 
 
@@ -226,7 +241,8 @@ def graph_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, provid
     IR when the export converted it (``sidecar['openvino']['graphs']``), else the ONNX file."""
     if runtime == "openvino":
         converted = (sidecar.get("openvino") or {}).get("graphs", {})
-        return OpenVINOSession(onnx_path.with_name(converted[onnx_path.name]) if onnx_path.name in converted else onnx_path)
+        path = onnx_path.with_name(converted[onnx_path.name]) if onnx_path.name in converted else onnx_path
+        return _loaded(path, lambda: OpenVINOSession(path))
     return inference_session(onnx_path, sidecar, runtime, providers)
 
 

@@ -17,9 +17,9 @@ from cli_helpers import run, write
 from export_helpers import PATCHCORE, make_model, spotted_image, training_images
 
 from hrad.data.images import read_image
-from hrad.errors import ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
-from hrad.export_runtime import onnxruntime_module, open_predictor, openvino_module, resize
+from hrad.export_runtime import graph_session, onnxruntime_module, open_predictor, openvino_module, resize
 
 ROOT = Path(__file__).resolve().parents[1]
 #: relative to the map's magnitude; numpy/Pillow resizing vs torch's is within ~1e-6 of it
@@ -194,6 +194,24 @@ def test_runtime_option_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
     with pytest.raises(ConfigError):
         open_predictor(tmp_path / "m.onnx", runtime="tensorrt")
+
+
+def test_a_cut_short_or_missing_graph_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An export copied in part (an interrupted scp, a HiAD export without its pool's graphs) gave
+    onnxruntime's InvalidProtobuf / NoSuchFile traceback, exit 1, from hrad predict and hrad serve."""
+    model = make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    write(tmp_path / "a.png", spotted_image(2))
+    graph = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "m.onnx").write_bytes(graph[: len(graph) // 2])
+    capsys.readouterr()
+    assert run(["predict", "--model", str(tmp_path / "m.onnx"), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hrad: error: {tmp_path / 'm.onnx'}: the runtime cannot load this graph (cut short or damaged? copy or export it again): Protobuf parsing failed."
+    assert len(err.splitlines()) == 1
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    with pytest.raises(ArtifactError, match=r"m\.high0\.onnx: graph of the export not found \(.*copy all of the export's files\)$"):
+        graph_session(tmp_path / "m.high0.onnx", sidecar, "onnxruntime")
 
 
 @pytest.mark.parametrize(("source", "target"), [((37, 53), (256, 256)), ((512, 700), (128, 97)), ((300, 300), (300, 150))])
