@@ -29,7 +29,7 @@ def test_export_without_onnxruntime_is_one_line(monkeypatch: pytest.MonkeyPatch)
     from hrad.export_runtime import onnxruntime_module
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(ConfigError, match=r"pip install 'hrad\[export\]'"):
+    with pytest.raises(ConfigError, match=r"pip install onnxruntime \(or 'hrad\[export\]' beside torch\)"):
         onnxruntime_module()
 
 
