@@ -39,3 +39,17 @@ def test_tracking_without_mlflow_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ConfigError, match=r"pip install 'hrad\[track\]'"), tracked_run("fit"):
         pass
+
+
+@pytest.mark.parametrize("command", [["list"], ["fit", "--data", ".", "--out", "unused_model"]])
+def test_commands_of_the_full_install_on_a_runtime_install_are_one_line(command: list[str], tmp_path: Path) -> None:
+    """A torch-free box (requirements-runtime.txt) runs exports only; the rest says what is missing
+    in one line, status 2, instead of a ModuleNotFoundError traceback."""
+    import subprocess
+
+    script = "import sys; sys.modules['torch'] = None; from hrad.cli.main import main; sys.argv[0] = 'hrad'; main()"
+    done = subprocess.run([sys.executable, "-c", script, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs torch, which is not installed" in lines[0] and "exported models only" in lines[0]
+    assert not (tmp_path / "unused_model").exists()

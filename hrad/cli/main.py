@@ -322,7 +322,8 @@ def serve(
     except ImportError as error:
         from hrad.errors import ConfigError
 
-        raise ConfigError(f"hrad serve needs the serve extra ({error.name} is missing): pip install 'hrad[serve]'") from None
+        raise ConfigError(f"hrad serve needs {error.name}, which is not installed: pip install 'hrad[serve]' beside hrad, or on a "
+            "runtime install pip install fastapi uvicorn python-multipart prometheus-client") from None
 
     from hrad.data.images import max_pixels
 
@@ -597,6 +598,22 @@ def _options(
 #: click's own. Both are caught, so a dependency upgrade cannot turn them into tracebacks.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException, click.ClickException)
 _ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort, EOFError)
+#: modules of a full install that a torch-free runtime install (requirements-runtime.txt) lacks
+_FULL_INSTALL_ONLY = frozenset(
+    {"torch", "faiss", "sklearn", "skimage", "yaml", "safetensors", "psutil", "matplotlib", "transformers", "onnx", "numba"}
+)
+
+
+def _missing_full_install(error: ModuleNotFoundError) -> str | None:
+    """The one-line reason when a command needs a package only the full install has, else None."""
+    missing = (error.name or "").split(".")[0]
+    if missing not in _FULL_INSTALL_ONLY:
+        return None
+    return (
+        f"this command needs {missing}, which is not installed: a runtime install (requirements-runtime.txt) "
+        "runs exported models only (hrad predict, serve and info on an .onnx or .xml); install hrad itself "
+        "(pip install -e .) for the rest"
+    )
 
 
 def _usage_error(error: Exception) -> int:
@@ -638,6 +655,12 @@ def _run() -> None:
             result = app(standalone_mode=False)
     except HradError as error:
         print_error(str(error))
+        sys.exit(2)
+    except ModuleNotFoundError as error:
+        reason = _missing_full_install(error)
+        if reason is None:
+            raise
+        print_error(reason)
         sys.exit(2)
     except _ABORTS:
         console.print("aborted")
