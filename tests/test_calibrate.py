@@ -201,3 +201,13 @@ def test_hrad_calibrate_tells_sixteen_bit_files_for_a_model_fitted_on_eight_bit_
         "(0..65535), 8-bit ones as 0..255; the thresholds come from images read unlike the training ones; another "
         "camera, or converted files? Calibrate on 8-bit images, as the training ones"
     ]
+
+
+def test_a_failed_hrad_calibrate_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a failed fit: --out's parents made to check it go again when the run fails."""
+    good = tmp_path / "good"
+    good.mkdir()
+    cv2.imwrite(str(good / "a.png"), (textured_image(np.random.default_rng(1), 32, 32) * 255).astype(np.uint8))
+    out = tmp_path / "a" / "b" / "model"
+    assert run(["calibrate", "--model", str(tmp_path / "no_model"), str(good), "--out", str(out)], monkeypatch) == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["good"]

@@ -35,7 +35,7 @@ def calibrate(
     and the strategy's own calibration (a HiAD or ensemble pool's map ranges). The training, bit
     depth and region of interest stay. For exports: calibrate the model, export it again.
     """
-    from hrad.artifact import check_artifact_target
+    from hrad.artifact import artifact_target
     from hrad.data.images import ImageList, expand_image_paths
     from hrad.model import load
 
@@ -45,28 +45,28 @@ def calibrate(
             "(hrad calibrate) and export that again"
         )
     check_finite("sigmas", sigmas, minimum=0)  # before the model loads (minutes for a large one)
-    check_artifact_target(out)  # before any work, like fit
-    images = ImageList(expand_image_paths(paths))
-    fitted = load(model, device=device)
-    console.print(f"calibrating {model} on {len(images)} good images")
-    if len(images) < FEW_IMAGES:
-        print_warning(f"{len(images)} good images give rough thresholds (a mean and std of {len(images)} scores); give {FEW_IMAGES} or more")
-    with progress_bars() as progress:
-        previous = fitted.calibrate(images, progress, sigmas=sigmas)
-    thresholds = fitted.thresholds
-    assert thresholds is not None  # calibrate always sets them
-    was = (
-        f" (was {previous.image:.6g} / {previous.pixel:.6g}, from {len(previous.image_scores)} "
-        f"{'good images given to hrad calibrate' if previous.calibrated else 'held-out images'})"
-        if previous is not None
-        else " (the model had none)"
-    )
-    console.print(
-        f"thresholds from {len(images)} good images at {thresholds.sigmas:g} sigmas: image {thresholds.image:.6g}, "
-        f"pixel {thresholds.pixel:.6g}{was}"
-    )
-    if previous is not None and not fitted.strategy.needs_calibration:  # else the maps' scale changed too
-        above = sum(score > previous.image for score in thresholds.image_scores)
-        console.print(f"{above} of the {len(images)} good images scored above the old image threshold")
-    fitted.save(out)
+    with artifact_target(out):  # refused before any work, like fit; a failed run leaves no folders it made
+        images = ImageList(expand_image_paths(paths))
+        fitted = load(model, device=device)
+        console.print(f"calibrating {model} on {len(images)} good images")
+        if len(images) < FEW_IMAGES:
+            print_warning(f"{len(images)} good images give rough thresholds (a mean and std of {len(images)} scores); give {FEW_IMAGES} or more")
+        with progress_bars() as progress:
+            previous = fitted.calibrate(images, progress, sigmas=sigmas)
+        thresholds = fitted.thresholds
+        assert thresholds is not None  # calibrate always sets them
+        was = (
+            f" (was {previous.image:.6g} / {previous.pixel:.6g}, from {len(previous.image_scores)} "
+            f"{'good images given to hrad calibrate' if previous.calibrated else 'held-out images'})"
+            if previous is not None
+            else " (the model had none)"
+        )
+        console.print(
+            f"thresholds from {len(images)} good images at {thresholds.sigmas:g} sigmas: image {thresholds.image:.6g}, "
+            f"pixel {thresholds.pixel:.6g}{was}"
+        )
+        if previous is not None and not fitted.strategy.needs_calibration:  # else the maps' scale changed too
+            above = sum(score > previous.image for score in thresholds.image_scores)
+            console.print(f"{above} of the {len(images)} good images scored above the old image threshold")
+        fitted.save(out)
     console.print(f"model written to {out}")
