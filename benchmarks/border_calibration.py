@@ -85,7 +85,9 @@ def run(
         near, inner = (distance < 8) & ~mask, (distance >= 64) & ~mask
         labels.append(sample.label)
         for side, side_ratios in sides.items():
-            smoothed, score = smooth_and_score(result.anomaly_map.copy(), result.score, config.postprocess, side_ratios)
+            smoothed, score = smooth_and_score(
+                result.anomaly_map.copy(), result.score, config.postprocess, side_ratios, map_score=model.strategy.map_score
+            )
             pixel[side].add(smoothed, mask)
             if sample.label == 0 and len(example) < len(sides):
                 example[side] = smoothed
