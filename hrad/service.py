@@ -513,6 +513,8 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 400 and str(error.detail).startswith("Too many files"):  # Starlette's form parser stops at 1000
+            return _error(413, f"over 1000 files in one request; at most {max_batch} images in one batch")
         return _error(error.status_code, f"{request.url.path}: {error.detail}")
 
     @app.exception_handler(Exception)

@@ -161,3 +161,10 @@ def test_two_images_in_predicts_field_are_refused(model_dir: Path) -> None:
         {"error": "body.image: /predict takes one image, this form has 2 in field 'image' (several: /predict/batch, field 'images')"},
     )
     assert client.post("/predict", files={"image": ("a.jpg", image)}).json()["filename"] == "a.jpg"
+
+
+def test_a_batch_past_the_form_parsers_file_limit_is_refused_like_any_large_batch(model_dir: Path) -> None:
+    """Starlette's form parser stops at 1000 files with its own 400; the client is told hrad's limit, 413."""
+    client = TestClient(create_app(model_dir, max_batch=3))
+    answer = client.post("/predict/batch", files=[("images", (f"{i}.png", b"x")) for i in range(1001)])
+    assert (answer.status_code, answer.json()) == (413, {"error": "over 1000 files in one request; at most 3 images in one batch"})
