@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -54,3 +56,18 @@ def wait_ready(base: str, seconds: float = 120) -> None:
         except httpx.TransportError:
             time.sleep(0.3)
     pytest.fail(f"server did not become ready in {seconds:g} s")
+
+
+def hold_predictions(app: Any, seconds: float) -> threading.Event:
+    """Make ``hrad serve``'s model (``app.state.model``) wait before each prediction until the
+    returned event is set (or ``seconds`` pass): requests then queue behind a busy model."""
+    model = app.state.model
+    original = model.predict
+    release = threading.Event()
+
+    def held_predict(image: Any, **options: Any) -> object:
+        release.wait(seconds)
+        return original(image, **options)
+
+    model.predict = held_predict
+    return release

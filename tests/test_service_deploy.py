@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from cli_helpers import hold_predictions
 from export_helpers import make_model, spotted_image, training_images
 from fastapi.testclient import TestClient
 
@@ -69,15 +69,7 @@ def test_uploads_waiting_for_the_model_wait_on_disk(model_dir: Path) -> None:
     Now the bodies are spooled to disk and read by the decoder from there. The requests are fed
     to the app as uvicorn does, a megabyte at a time, so no client holds a copy."""
     app = create_app(model_dir)
-    model = app.state.model
-    original = model.predict
-    release = threading.Event()
-
-    def held_predict(image: np.ndarray, **options: Any) -> object:
-        release.wait(30)
-        return original(image, **options)
-
-    model.predict = held_predict
+    release = hold_predictions(app, 30)
     head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + jpeg(spotted_image(5, 96, 128))
     tail = b"\r\n--b--\r\n"
     padding = 8  # MB of zeros after the JPEG, which its decoder ignores

@@ -5,12 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from cli_helpers import free_port, wait_ready
+from cli_helpers import free_port, hold_predictions, wait_ready
 from conftest import textured_image, with_spot
 from fastapi.testclient import TestClient
 
@@ -51,15 +50,7 @@ def test_openapi_schema_is_typed(model_dir: Path) -> None:
 
 def test_ready_goes_503_while_the_queue_is_full_and_health_stays_200(model_dir: Path, spot_png: bytes) -> None:
     app = create_app(model_dir, max_queue=1)
-    model = app.state.model
-    original = model.predict
-    release = threading.Event()
-
-    def held_predict(image: np.ndarray, **options: Any) -> object:
-        release.wait(10)
-        return original(image, **options)
-
-    model.predict = held_predict
+    release = hold_predictions(app, 10)
     client = TestClient(app)
     assert client.get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 1}
     statuses: list[int] = []
