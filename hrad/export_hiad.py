@@ -214,6 +214,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "centroids": None if assignment.centroids is None else assignment.centroids.tolist(),
         },
         "calibration": ranges,
+        "low_border_ratios": strategy.low_border_ratios,
         "model": sidecar_model(model, detector=detector_name, strategy="hiad", fitted_size=[height, width]),
         "steps": [
             "read the image as float32 RGB in [0, 1], H x W x 3 (positional assignments: the fitted size only)",
@@ -229,7 +230,8 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "calibrate each patch map with its detector's range (calibration['high.<m>']: clip((x - min) / (max - min), 0, 1)), "
             "resize (bilinear) to patch x patch, average overlapping patches",
             "low branch: the image resized to low_size (long side ~low_res_size, multiples of multiple), embedded, "
-            "run graphs.low, calibrated with calibration['low'], resized to H x W; final = max(high, low)",
+            "run graphs.low, divided by low_border_ratios[d] at d cells from the low map's border (when not null; "
+            "hrad.postprocess.border.calibrate_border), calibrated with calibration['low'], resized to H x W; final = max(high, low)",
             "map = Gaussian(smoothing_sigma) of final; strategy score = max of the score_pool x score_pool mean of "
             "Gaussian(score_sigma) of final; then postprocess and thresholds as hrad.export's sidecar says",
         ],

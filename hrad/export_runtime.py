@@ -44,6 +44,7 @@ from hrad.hiad_math import (
     pooled_max,
     valid_cells,
 )
+from hrad.postprocess.border import calibrate_border
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import (
@@ -602,6 +603,9 @@ class HiADPredictor(ExportedPredictor):
         self.labels = None if assignment["position_labels"] is None else np.asarray(assignment["position_labels"], dtype=np.int64)
         self.centroids = None if assignment["centroids"] is None else np.asarray(assignment["centroids"], dtype=np.float64)
         self.ranges: dict[str, tuple[float, float]] = {name: (float(v[0]), float(v[1])) for name, v in sidecar["calibration"].items()}
+        # exports from before the low branch's border calibration have no key: maps as then
+        ratios = sidecar.get("low_border_ratios")
+        self.low_border: list[float] | None = None if ratios is None else [float(r) for r in ratios]
         self.weights = dict(zip((int(r) for r in self.geometry["rates"]), (float(w) for w in self.geometry["weights"]), strict=True))
         if float(self.geometry["smoothing_sigma"]) == 0:  # as HiAD.map_score
             self.map_score = MapScore(float(self.geometry["score_sigma"]), int(self.geometry["score_pool"]))
@@ -682,7 +686,7 @@ class HiADPredictor(ExportedPredictor):
         final = merger.result()
         if self.low is not None:
             embeddings = self._embed(resize(planes, low_size)[None])
-            low_map = np.asarray(self.low.run(None, {"embeddings": embeddings})[0], dtype=np.float32)[0]
+            low_map = calibrate_border(np.array(self.low.run(None, {"embeddings": embeddings})[0][0], dtype=np.float32), self.low_border)
             final = np.maximum(final, resize(normalize_range(low_map, *self.ranges["low"]), (height, width)))
         final = np.ascontiguousarray(final, dtype=np.float32)
         smoothing, score_sigma = float(geometry["smoothing_sigma"]), float(geometry["score_sigma"])

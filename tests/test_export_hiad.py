@@ -74,6 +74,20 @@ def test_hiad_export_matches_model_predict(strategy: dict, detector: str | dict,
         assert_same(predictor.predict(image), model.predict(image))
 
 
+def test_hiad_export_divides_the_low_branch_by_its_border_ratios(tmp_path: Path) -> None:
+    """Images large enough for the low map to have a border profile (16 x 24 cells): the sidecar
+    carries the low branch's ratios and the predictor divides by them as the model does."""
+    strategy = {**HIAD, "patch_size": 64, "low_res_size": 192, "assignment": "a2o"}
+    model = make_model(strategy, detector_options("patchcore")).fit(training_images(5, 4, 128, 192), training_images(9, 2, 128, 192))
+    ratios = model.strategy.low_border_ratios
+    assert ratios is not None
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    assert sidecar["low_border_ratios"] == pytest.approx(ratios)
+    predictor = open_predictor(tmp_path / "m.onnx")
+    for image in (spotted_image(6, 128, 192, 110, 170, 9), training_images(21, 1, 128, 192)[0]):
+        assert_same(predictor.predict(image), model.predict(image))
+
+
 def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2}).fit(training_images(5, 3), training_images(9, 1))
     with pytest.raises(ConfigError, match="--tile-size does not apply"):

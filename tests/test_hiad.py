@@ -20,6 +20,8 @@ from hrad.features import BackboneConfig, build_backbone
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 from hrad.hiad_math import maximum_upsampled, normalize_range, pooled_max, pooled_max_of_bands
 from hrad.imaging import resize
+from hrad.postprocess.border import BorderProfile, calibrate_border
+from hrad.postprocess.calibration import paste_pseudo_anomalies
 from hrad.postprocess.smoothing import blurred_bands, gaussian_smooth
 from hrad.strategies import build_strategy, strategy_config
 from hrad.strategies.base import DictStateReader
@@ -467,6 +469,58 @@ def test_smoothing_at_the_score_sigma_blurs_once_and_keeps_the_score(fitted: HiA
     expected = gaussian_smooth(plain.anomaly_map, fitted.config.score_sigma)
     np.testing.assert_allclose(smoothed.anomaly_map, expected, rtol=0, atol=1e-6)
     assert smoothed.score == pytest.approx(plain.score, abs=1e-6)
+
+
+def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    """calibrate learns the low branch's border ratios from the good held-out images' raw low maps
+    (not their pseudo-anomaly copies), takes the low range from the divided maps of both, and
+    predict divides before the min-max; the ratios travel in the state; an artifact without them
+    (saved before this calibration) and ``low_border_calibration=False`` divide nothing."""
+    size = (128, 192)  # a 16 x 24 low map: deep enough for a border profile
+    held = noise_images(2, *size, seed=5)
+    strategy = make(detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, return_branch_maps=True)
+    strategy.fit(noise_images(4, *size, seed=4))
+    strategy.calibrate(held)
+    profile = BorderProfile()
+    for image in held:
+        low_map = strategy.raw_outputs(image).low_map
+        assert low_map is not None
+        profile.update(low_map.numpy())
+    ratios = profile.ratios()
+    assert ratios is not None and max(ratios) > 1.0
+    assert strategy.low_border_ratios == pytest.approx(ratios)
+    divided = []
+    for index, image in enumerate(held):
+        rng = np.random.default_rng([strategy.config.seed, index])
+        for variant in (image, paste_pseudo_anomalies(image, rng)[0]):
+            low_map = strategy.raw_outputs(variant).low_map
+            assert low_map is not None
+            divided.append(calibrate_border(low_map.numpy(), ratios))
+    calibration = strategy.calibration
+    assert calibration is not None
+    assert calibration.range("low") == pytest.approx((min(m.min() for m in divided), max(m.max() for m in divided)))
+    image = noise_images(1, *size, seed=6)[0]
+    image[100:110, 170:180] = 0.0  # a defect near the corner
+    raw_low = strategy.raw_outputs(image).low_map
+    assert raw_low is not None
+    expected = resize(calibration.normalize("low", torch.from_numpy(calibrate_border(raw_low.numpy().copy(), ratios)))[None, None], size)[0, 0]
+    result = strategy.predict(image)
+    np.testing.assert_allclose(result.extras["low_map"], expected.numpy(), rtol=0, atol=1e-6)
+    # the state keeps the ratios; without them (an older artifact) the low map is not divided
+    state = strategy.state_dict()
+    restored = HiAD(strategy.config, strategy.detector_config, strategy.extractor)
+    restored.load_state(DictStateReader(state))
+    assert restored.low_border_ratios == pytest.approx(ratios)
+    np.testing.assert_array_equal(restored.predict(image).anomaly_map, result.anomaly_map)
+    older = HiAD(strategy.config, strategy.detector_config, strategy.extractor)
+    older.load_state(DictStateReader({key: value for key, value in state.items() if key != "border.low"}))
+    undivided = resize(calibration.normalize("low", raw_low)[None, None], size)[0, 0]
+    assert older.low_border_ratios is None
+    np.testing.assert_allclose(older.predict(image).extras["low_map"], undivided.numpy(), rtol=0, atol=1e-6)
+    off = make(detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, low_border_calibration=False)
+    off.fit(noise_images(4, *size, seed=4))
+    off.calibrate(held)
+    assert off.low_border_ratios is None and "border.low" not in off.state_dict()
 
 
 def test_prediction_never_depends_on_other_images(fitted: HiAD) -> None:

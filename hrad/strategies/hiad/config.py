@@ -44,6 +44,13 @@ class HiADConfig(ContextTilingConfig):
     #: calibration maximum of those one reached (False: its own, the paper's rule; with few
     #: held-out images that lifts its normal maps to anomaly level): MinMaxCalibration.complete_pool
     shared_anomaly_peak: bool = True
+    #: the low branch's map is divided by its own border ratios (hrad.postprocess.border), learned in
+    #: calibrate() from the held-out good images' low maps, before the branches' max. The whole
+    #: image at low_res_size sees padding over a band of full-resolution pixels several times
+    #: wider than a patch's, and its frame (good images' maps 2.5x their interior at the border on
+    #: hrad's textures) survives the max, where the returned map's own calibration cannot tell it
+    #: from the high branch's (benchmarks/hiad_branch_border.py). Not in the paper; False: off
+    low_border_calibration: bool = True
     #: Gaussian sigma (full-resolution pixels) applied to the returned map; 0 (default) leaves
     #: smoothing to the model's post-processing, whose default is the reference's sigma 4
     smoothing_sigma: float = 0.0

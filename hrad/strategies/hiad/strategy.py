@@ -6,7 +6,11 @@ picks one detector of the pool for it, and the per-patch maps are merged back (o
 averaged). Low branch: the whole image, resized so its long side is ``low_res_size``, goes
 through its own detector. Every detector and the low branch are min-max calibrated on held-out
 good images plus pseudo-anomaly copies (:mod:`hrad.postprocess.calibration`) before the
-element-wise max of the two branches is taken, so only like is compared with like.
+element-wise max of the two branches is taken, so only like is compared with like. Before its
+min-max, the low branch's map is divided by its own border ratios (``low_border_calibration``,
+:mod:`hrad.postprocess.border`), learned from the same held-out good images: not in the paper;
+the whole downsized image's frame is wider and stronger than the patches' and would otherwise
+decide good images' scores after the max (``benchmarks/hiad_branch_border.py``).
 
 Post-processing follows the reference: image score = max of the 16 x 16 (stride 1)
 average-pooled final map after a sigma-4 Gaussian blur (``score_sigma``). The returned map is
@@ -38,6 +42,7 @@ from hrad.hiad_math import (
     pooled_max_of_bands,
 )
 from hrad.imaging import resize, shrinks
+from hrad.postprocess.border import BorderProfile, calibrate_border
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import MapScore, blurred_bands, gaussian_smooth
 from hrad.prediction import check_pool_size
@@ -97,6 +102,7 @@ class HiAD(Strategy):
         self._detectors: dict[int, Detector] = {}
         self._low: Detector | None = None
         self._calibration: MinMaxCalibration | None = None
+        self._low_border: list[float] | None = None
         self._reader: StateReader | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -117,6 +123,12 @@ class HiAD(Strategy):
     def calibration(self) -> MinMaxCalibration | None:
         """Per-detector (``high.<m>``) and low-branch (``low``) raw score ranges, once calibrated."""
         return self._calibration
+
+    @property
+    def low_border_ratios(self) -> list[float] | None:
+        """The low branch's border ratios (per token from the low map's border, :mod:`hrad.postprocess.border`)
+        learned by :meth:`calibrate`; None when off, not learned, or its good maps have no frame."""
+        return self._low_border
 
     def fitted_image_size(self) -> tuple[int, int] | None:
         return self._image_size if self.positional else None
@@ -194,6 +206,7 @@ class HiAD(Strategy):
         self._detectors = {m: self._restore(states[m]) for m in range(assignment.count)}
         self._low = self._restore(states[-1]) if self.config.low_branch else None
         self._calibration = None
+        self._low_border = None
         self._reader = None
 
     def _with_anomalies(
@@ -334,6 +347,9 @@ class HiAD(Strategy):
         calibration = MinMaxCalibration()
         patch = self.config.patch_size
         reached: set[str] = set()  # detectors whose validation patches a pseudo-anomaly touched
+        # raw low maps (token resolution, small) kept until the good ones' border profile is known
+        low_maps: list[np.ndarray] = []
+        profile = BorderProfile()
         for index in range(count):
             image = images[index]
             variants: list[tuple[np.ndarray, np.ndarray | None]] = [(image, None)]
@@ -345,7 +361,9 @@ class HiAD(Strategy):
                 for m in np.unique(raw.labels):
                     calibration.update(f"high.{int(m)}", raw.patch_maps[torch.from_numpy(raw.labels == m)])
                 if raw.low_map is not None:
-                    calibration.update("low", raw.low_map)
+                    low_maps.append(raw.low_map.numpy())
+                    if pasted is None:
+                        profile.update(low_maps[-1])
                 if pasted is not None:  # positions are image coordinates (the grid pads bottom / right)
                     reached.update(
                         f"high.{int(label)}"
@@ -353,9 +371,18 @@ class HiAD(Strategy):
                         if pasted[p.y : p.y + patch, p.x : p.x + patch].any()
                     )
             progress(index + 1, count, "hiad: calibrating")
+        self._low_border = profile.ratios() if self.config.low_border_calibration and low_maps else None
+        for low_map in low_maps:  # the low branch's range is that of its border-calibrated maps
+            calibration.update("low", calibrate_border(low_map, self._low_border))
         names = [f"high.{m}" for m in range(self._assignment.count)]
         calibration.complete_pool(names, reached if self.config.shared_anomaly_peak else None)
         self._calibration = calibration
+
+    def _calibrated_low(self, low_map: Tensor) -> Tensor:
+        """The raw low map divided by the low branch's border ratios, then min-max calibrated."""
+        array = calibrate_border(low_map.numpy().copy(), self._low_border) if self._low_border else low_map
+        assert self._calibration is not None
+        return self._calibration.normalize("low", torch.as_tensor(array))
 
     # ------------------------------------------------------------------ predict
 
@@ -389,7 +416,7 @@ class HiAD(Strategy):
         final = high_map
         low_map: np.ndarray | None = None
         if raw.low_map is not None:
-            low_calibrated = self._calibration.normalize("low", raw.low_map)
+            low_calibrated = self._calibrated_low(raw.low_map)
             low_size = (int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1]))
             if self.config.return_branch_maps or shrinks(low_size, (height, width)):
                 # whole: the caller wants the low map, or (a few pixels past a tiny image's side)
@@ -448,6 +475,8 @@ class HiAD(Strategy):
         if self._calibration is not None:
             for key, value in self._calibration.state_dict().items():
                 state[f"calibration.{key}"] = value
+        if self._low_border:
+            state["border.low"] = torch.tensor(self._low_border, dtype=torch.float64)
         state["fusion.rates"] = torch.tensor(self._rates, dtype=torch.int64)
         state["fusion.weights"] = torch.tensor(self._weights, dtype=torch.float64)
         assert self._image_size is not None
@@ -472,6 +501,8 @@ class HiAD(Strategy):
         if calibration_state:
             self._calibration = MinMaxCalibration()
             self._calibration.load_state_dict(calibration_state)
+        # artifacts from before the low branch's border calibration have no ratios: maps as then
+        self._low_border = [float(r) for r in reader.get("border.low").tolist()] if "border.low" in keys else None
         if self.config.low_branch and not any(key.startswith("low.") for key in keys):
             raise ArtifactError("hiad artifact has no low-branch detector (low.*) although low_branch is on")
         self._detectors = {}
