@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hrad import strict_json
 from hrad.data.images import default_file_mode
 from hrad.errors import ArtifactError
 from hrad.reports.folder import left_by_dead_process, staging_name
@@ -197,7 +198,8 @@ def write_artifact(path: Path, manifest: dict[str, Any], tensors: dict[str, Tens
             **manifest,
             "weights": weights_record(staging / WEIGHTS),
         }
-        (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
+        # strict JSON: a diverged epoch's NaN loss is null (read_manifest makes it NaN again)
+        (staging / MANIFEST).write_text(strict_json.dumps(full_manifest, indent=2, default=str))
         mode = default_file_mode()  # safetensors writes 0600 whatever the umask
         for written in staging.iterdir():
             written.chmod(mode)
@@ -263,6 +265,14 @@ def _check_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
         raise fail("weights", "an object with sha256, bytes and tensors")
 
 
+def _losses_from_json(history: Any) -> Any:
+    """The training history with each ``null`` loss (how strict JSON writes a diverged epoch's
+    NaN) as NaN again, so readers get the numbers the fit recorded; anything else unchanged."""
+    if not isinstance(history, dict):
+        return history
+    return {stage: [math.nan if loss is None else loss for loss in losses] if isinstance(losses, list) else losses for stage, losses in history.items()}
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of an artifact, checked for completeness, types and version compatibility."""
     path = locate_artifact(Path(path))
@@ -289,6 +299,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path}: model was saved by hrad {version} (artifact format {found}); this is hrad {__version__} "
             f"(format {ARTIFACT_FORMAT}): {remedy}"
         )
+    if "training_history" in manifest:
+        manifest["training_history"] = _losses_from_json(manifest["training_history"])
     _check_manifest(manifest_path, manifest)
     if not (path / WEIGHTS).is_file():
         raise ArtifactError(f"{path}: incomplete model, {WEIGHTS} is missing")

@@ -26,7 +26,8 @@ from hrad.strategies.base import STRATEGIES, StrategyConfig, strategy_config
 class ThresholdConfig(BaseModel):
     """Thresholds from held-out normal images: mean + ``sigmas`` x std (never test data)."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: inf and NaN refused: no setting means them, and hrad.json (strict JSON) cannot hold them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     validation_fraction: float = Field(0.2, ge=0, lt=1)  # HiAD holds out 20%
     #: k of mean + k x std for the image and the pixel threshold (predict can override it)

@@ -16,7 +16,10 @@ from cli_helpers import run, write
 from conftest import textured_image
 from export_helpers import make_model
 
+import hrad
 from hrad.comparison import UNDEFINED_NOTE, read_evaluation
+from hrad.config import load_config
+from hrad.errors import ConfigError
 from hrad.strict_json import dumps, strict
 
 #: "nan" as a word, any case: what an undefined metric printed by Python looks like
@@ -123,3 +126,42 @@ def test_ad2_evaluate_and_info_print_and_write_strict_json(tmp_path: Path, monke
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
     assert run(["info", str(model), "--json"], monkeypatch) == 0
     assert strict_loads(capsys.readouterr().out)["detector"] == "test-gaussian"
+
+
+def test_a_model_with_a_diverged_epoch_writes_strict_json_and_loads(
+    one_class: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN training loss (a diverged epoch) is null in hrad.json, not a bare NaN that strict
+    readers refuse, and NaN again in the loaded model; ``hrad info`` reads it."""
+    model = hrad.load(one_class[0])
+    model.training_history = {"detector": [0.5, math.nan]}
+    saved = model.save(tmp_path / "model")
+    assert strict_loads((saved / "hrad.json").read_text())["training_history"] == {"detector": [0.5, None]}
+    losses = hrad.load(saved).training_history["detector"]
+    assert losses[0] == 0.5 and math.isnan(losses[1])
+    assert run(["info", str(saved), "--json"], monkeypatch) == 0
+    assert strict_loads(capsys.readouterr().out)["training"]["detector"]["losses"] == [0.5, None]
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [("strategy", {"name": "mrf", "max_bank_gib": math.inf}), ("detector", {"name": "varad", "lr": math.nan}), ("postprocess", {"sigma": math.inf})],
+)
+def test_a_config_number_that_strict_json_cannot_hold_is_refused(section: str, value: dict[str, Any]) -> None:
+    """inf or NaN in any section is refused when the config is read: hrad.json would hold it as
+    null, which the model's config refuses (or reads as another setting) when it is loaded."""
+    field = next(name for name in value if name != "name")
+    with pytest.raises(ConfigError, match=rf"^invalid config at {section}\.{field}: Input should be a finite number$"):
+        load_config(None, {section: value})
+
+
+def test_fit_with_an_infinite_setting_stops_before_the_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--set strategy.max_bank_gib=inf`` fitted a model whose hrad.json held a bare Infinity; now
+    one line and exit 2, before the fit ('null' is the setting for no limit)."""
+    rng = np.random.default_rng(2)
+    for index in range(3):
+        write(tmp_path / "data" / f"{index}.png", textured_image(rng, 64, 64))
+    args = ["fit", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out" / "model"), "--strategy", "mrf", "--set", "strategy.max_bank_gib=inf"]
+    assert run(args, monkeypatch) == 2
+    assert capsys.readouterr().err == "hrad: error: invalid config at strategy.max_bank_gib: Input should be a finite number\n"
+    assert not (tmp_path / "out").exists()

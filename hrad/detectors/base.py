@@ -26,7 +26,8 @@ from hrad.registry import Registry
 class DetectorConfig(BaseModel):
     """Base of every detector's typed config; ``name`` selects the registered detector."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: inf and NaN refused: no setting means them, and hrad.json (strict JSON) cannot hold them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: registered detector name; selects this config class
     name: str

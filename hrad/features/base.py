@@ -28,7 +28,8 @@ from hrad.registry import Registry
 class BackboneConfig(BaseModel):
     """Which backbone to use and where its weights come from."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: inf and NaN refused: no setting means them, and hrad.json (strict JSON) cannot hold them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: registered backbone (hrad options backbone lists them)
     name: str = "efficientnet-lite0"

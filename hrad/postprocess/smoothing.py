@@ -18,7 +18,8 @@ from hrad.postprocess.roi import RegionOfInterest
 class PostprocessConfig(BaseModel):
     """Applied by the model to every strategy's full-resolution map."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: inf and NaN refused: no setting means them, and hrad.json (strict JSON) cannot hold them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: Gaussian sigma in full-resolution pixels (0 = off); HiAD's reference uses 4
     sigma: float = Field(4.0, ge=0)

@@ -31,7 +31,8 @@ from hrad.registry import Registry
 class StrategyConfig(BaseModel):
     """Base of every strategy's typed config; ``name`` selects the registered strategy."""
 
-    model_config = ConfigDict(extra="forbid")
+    #: inf and NaN refused: no setting means them, and hrad.json (strict JSON) cannot hold them
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: registered strategy name; selects this config class
     name: str
