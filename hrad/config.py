@@ -105,10 +105,16 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         return ModelConfig.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
         source = f"{path}: " if path else ""
         hint = _unknown_option_hint(tuple(str(part) for part in first["loc"]), data) if first["type"] == "extra_forbidden" else ""
-        raise ConfigError(f"{source}invalid config at {where}: {first['msg']}{hint}") from None
+        raise ConfigError(f"{source}invalid config at {first_problem(error)}{hint}") from None
+
+
+def first_problem(error: ValidationError) -> str:
+    """``section.field: message`` of a config's first validation error (pydantic's own first line,
+    '1 validation error for ModelConfig', names neither)."""
+    first = error.errors()[0]
+    return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
 
 
 def _check_names(data: dict[str, Any], path: Path | None, overrides: dict[str, Any]) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from hrad.artifact import locate_artifact, open_weights, read_manifest, write_artifact
-from hrad.config import ModelConfig
+from hrad.config import ModelConfig, first_problem
 from hrad.data.bit_depth import (
     exceeds,
     is_wide,
@@ -579,6 +580,8 @@ class AnomalyModel:
         manifest = read_manifest(path)
         try:
             config = ModelConfig.model_validate(manifest["config"])
+        except ValidationError as error:
+            raise ArtifactError(f"{path}: model config does not validate ({first_problem(error)})") from None
         except Exception as error:
             raise ArtifactError(f"{path}: model config does not validate ({str(error).splitlines()[0]})") from None
         if device is not None:

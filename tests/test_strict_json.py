@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from export_helpers import make_model
 import hrad
 from hrad.comparison import UNDEFINED_NOTE, read_evaluation
 from hrad.config import load_config
-from hrad.errors import ConfigError
+from hrad.errors import ArtifactError, ConfigError
 from hrad.strict_json import dumps, strict
 
 #: "nan" as a word, any case: what an undefined metric printed by Python looks like
@@ -141,6 +142,17 @@ def test_a_model_with_a_diverged_epoch_writes_strict_json_and_loads(
     assert losses[0] == 0.5 and math.isnan(losses[1])
     assert run(["info", str(saved), "--json"], monkeypatch) == 0
     assert strict_loads(capsys.readouterr().out)["training"]["detector"]["losses"] == [0.5, None]
+
+
+def test_an_older_model_with_infinity_in_its_config_names_the_field(one_class: tuple[Path, Path], tmp_path: Path) -> None:
+    """hrad.json written before it was strict JSON may hold a bare Infinity in its config: loading
+    it names the field, not pydantic's '1 validation error for ModelConfig'."""
+    model = Path(shutil.copytree(one_class[0], tmp_path / "model"))
+    manifest = json.loads((model / "hrad.json").read_text())
+    manifest["config"]["postprocess"]["sigma"] = math.inf
+    (model / "hrad.json").write_text(json.dumps(manifest))  # as old hrad wrote it: "sigma": Infinity
+    with pytest.raises(ArtifactError, match=r"model config does not validate \(postprocess\.sigma: Input should be a finite number\)$"):
+        hrad.load(model)
 
 
 @pytest.mark.parametrize(
