@@ -39,7 +39,7 @@ from torch import Tensor
 from hrad import strict_json
 from hrad.data.images import default_file_mode
 from hrad.errors import ArtifactError
-from hrad.reports.folder import left_by_dead_process, staging_name
+from hrad.staging import left_by_dead_process, staging_name
 from hrad.version import ARTIFACT_FORMAT, __version__
 
 MANIFEST = "hrad.json"

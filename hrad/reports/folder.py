@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import Any
 
 from hrad.data.images import prepare_output_dir
 from hrad.errors import InputError
+from hrad.staging import left_by_dead_process, staging_name
 
 #: the staging folders' prefix (hidden; a killed run's is removed by the next run into the folder)
 STAGING_PREFIX = ".hrad-staging-"
@@ -91,27 +90,6 @@ class ReportFolder:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def staging_name(prefix: str) -> str:
-    """``PREFIXHOST-PID-RANDOM``: a staging folder's name that tells a later run whose it is
-    (:func:`left_by_dead_process`); report folders' and model artifacts' (:mod:`hrad.artifact`)."""
-    return f"{prefix}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def left_by_dead_process(name: str, prefix: str) -> bool:
-    """Whether the staging folder ``name`` (:func:`staging_name` of ``prefix``) is a process's of
-    this host that no longer lives (killed), so nothing will finish or remove it."""
-    owner, _, pid = name[len(prefix) :].rpartition("-")[0].rpartition("-")
-    if owner != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # someone else's process
-        return False
-    return False
-
-
 def json_object_with(path: Path, keys: Iterable[str]) -> bool:
     """Whether ``path`` is a JSON object holding every one of ``keys`` (how a report's JSON file is
     told from another's)."""
@@ -131,4 +109,4 @@ def first_line_is(path: Path, line: str) -> bool:
         return False
 
 
-__all__ = ["STAGING_PREFIX", "ReportFolder", "first_line_is", "json_object_with", "left_by_dead_process", "staging_name"]
+__all__ = ["STAGING_PREFIX", "ReportFolder", "first_line_is", "json_object_with"]
