@@ -1,4 +1,4 @@
-"""``hrad evaluate``: run a fitted model over a labelled test set and measure it honestly.
+"""``hrad evaluate``: run a fitted model (or its export) over a labelled test set and measure it honestly.
 
 Maps are scored one image at a time at full ground-truth resolution; the pixel metrics
 accumulate in bounded memory (see :mod:`hrad.metrics`). Nothing here chooses anything from
@@ -35,10 +35,11 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -53,6 +54,7 @@ from hrad.comparison import (
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
+from hrad.export_runtime import ExportedPredictor
 from hrad.metrics import (
     PixelMetrics,
     bootstrap_auroc,
@@ -64,6 +66,8 @@ from hrad.metrics import (
 )
 from hrad.metrics.image import BOOTSTRAP_RESAMPLES
 from hrad.model import AnomalyModel, Prediction
+from hrad.postprocess.roi import RegionOfInterest
+from hrad.prediction import Thresholds
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
 from hrad.reports.figures import Case, case_grid, select_cases
@@ -71,7 +75,7 @@ from hrad.reports.folder import ReportFolder, first_line_is
 from hrad.reports.html import ReportData, render_html
 from hrad.reports.markdown import metrics_report, table
 
-Protocol = Literal["full", "hiad512"]
+MetricProtocol = Literal["full", "hiad512"]
 #: the default precision of pixel metrics (see the module docstring)
 DEFAULT_SCORE_BITS = 24
 #: the files of a report folder (``out_dir``): a previous report there is replaced whole, another folder refused
@@ -85,11 +89,77 @@ EVALUATION_REPORT = ReportFolder(
 logger = logging.getLogger(__name__)
 
 
+class EvaluatedModel(Protocol):
+    """What :func:`evaluate` needs of a model: a fitted :class:`~hrad.model.AnomalyModel` or an
+    export's predictor (:func:`hrad.export_runtime.open_predictor`), so an export is measured by
+    the same code, on the same images, as the model it was exported from."""
+
+    @property
+    def thresholds(self) -> Thresholds | None: ...
+
+    @property
+    def bit_depth(self) -> int | None: ...
+
+    @property
+    def roi(self) -> RegionOfInterest | None: ...
+
+    def decision_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
+    ) -> tuple[float | None, float | None]: ...
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[Prediction]: ...
+
+
+@dataclass(frozen=True)
+class ReportedModel:
+    """What the reports say of the evaluated model: its parts (the title), its config, its
+    training losses, and a note for what an export does not keep (no fit config, no losses)."""
+
+    parts: str
+    config: dict[str, Any]
+    training_history: Mapping[str, list[float]]
+    notes: tuple[str, ...] = ()
+
+
+def reported_model(model: EvaluatedModel) -> ReportedModel:
+    """A model's :class:`ReportedModel`; an export's from its sidecar (model, geometry, postprocess)."""
+    if isinstance(model, ExportedPredictor):
+        about = model.sidecar.get("model") or {}
+        sidecar = model.onnx_path.with_suffix(".json")
+        return ReportedModel(
+            parts=" / ".join(str(about.get(part) or "?") for part in ("detector", "strategy", "backbone")),
+            config={
+                "export": {"sidecar": str(sidecar), "runtime": model.runtime},
+                **{key: model.sidecar.get(key) for key in ("model", "geometry", "postprocess")},
+            },
+            training_history={},
+            notes=(
+                f"Exported model ({sidecar.name}, run by {model.runtime}): its sidecar keeps no fit config and no "
+                "training losses, so the config shown is the sidecar's model, geometry and postprocess, without a training curve.",
+            ),
+        )
+    if not isinstance(model, AnomalyModel):
+        raise TypeError(f"cannot report on a {type(model).__name__}: an AnomalyModel or an exported model's predictor")
+    config = model.config
+    return ReportedModel(
+        parts=f"{config.detector.name} / {config.strategy.name} / {config.backbone.name}",
+        config=config.model_dump(mode="json"),
+        training_history=model.training_history,
+    )
+
+
 def evaluate(
-    model: AnomalyModel,
+    model: EvaluatedModel,
     samples: Sequence[Sample],
     out_dir: Path | None = None,
-    protocol: Protocol = "full",
+    protocol: MetricProtocol = "full",
     progress: ProgressCallback = no_progress,
     cases_per_group: int = 3,
     score_bits: int = DEFAULT_SCORE_BITS,
@@ -97,7 +167,8 @@ def evaluate(
     decision_thresholds: tuple[float | None, float | None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
-    metrics.md, cases.png, scores.csv and report.html. ``score_bits`` (12..32) is the pixel
+    metrics.md, cases.png, scores.csv and report.html. ``model``: a fitted model or an export's
+    predictor (:class:`EvaluatedModel`). ``score_bits`` (12..32) is the pixel
     metrics' precision: 32 = exact for float32 maps. Samples that fail with a
     :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``.
     ``decision_thresholds``: the ``(image, pixel)`` thresholds whose decisions are measured
@@ -248,7 +319,7 @@ def environment() -> dict[str, str]:
     }
 
 
-def model_notes(model: AnomalyModel) -> list[str]:
+def model_notes(model: EvaluatedModel) -> list[str]:
     """What the model does to images and maps that changes what its metrics mean: the notes of
     ``metrics.md`` and ``report.html`` alike (a reader of either, or of a CI log, sees them)."""
     return [
@@ -265,10 +336,11 @@ def write_evaluation(
     rows: list[dict[str, Any]],
     cases: list[Case],
     count: int,
-    model: AnomalyModel,
+    model: EvaluatedModel,
     skipped: Sequence[dict[str, str]] = (),
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    reported = reported_model(model)
     payload = {
         **metrics,
         "images_skipped": len(skipped),
@@ -276,7 +348,7 @@ def write_evaluation(
         "bit_depth": model.bit_depth,  # learned at fit (the config says only "auto"); null: 16-bit as stored
         "roi_inspected": model.roi.inspected if model.roi is not None else None,  # null: the whole image
         "environment": environment(),
-        "config": model.config.model_dump(mode="json"),
+        "config": reported.config,
     }
     (out_dir / "metrics.json").write_text(strict_json.dumps(payload, indent=2))  # undefined metrics as null
     report = metrics_report({key: value for key, value in metrics.items() if not isinstance(value, (list, dict))}, "hrad evaluate")
@@ -287,7 +359,7 @@ def write_evaluation(
             "this one with replacement (good and defective images apart); two models whose intervals overlap may not differ "
             "on this data (`hrad compare` tests the difference on the same images).\n"
         )
-    report += "".join(f"\n{note}\n" for note in [*undefined_notes(metrics), *model_notes(model)])
+    report += "".join(f"\n{note}\n" for note in [*undefined_notes(metrics), *model_notes(model), *reported.notes])
     report += decisions_markdown(metrics)
     report += "\n![best and worst cases](cases.png)\n"
     worst = sorted(rows, key=lambda r: (-r["score"] if r["label"] == 0 else r["score"]))[: 2 * count]
@@ -381,7 +453,7 @@ def write_html_report(
     pixel: PixelMetrics,
     cases: list[Case],
     count: int,
-    model: AnomalyModel,
+    model: EvaluatedModel,
     skipped: Sequence[dict[str, str]] = (),
 ) -> Path:
     """The self-contained ``report.html`` of one evaluation (see :mod:`hrad.reports.html`);
@@ -401,9 +473,9 @@ def write_html_report(
         if metrics.get("score_bits", DEFAULT_SCORE_BITS) >= 32
         else f"scores binned to {metrics.get('score_bits')} bits (relative bin width 2^-{int(metrics.get('score_bits', 24)) - 9})"
     )
-    config = model.config
+    reported = reported_model(model)
     data = ReportData(
-        title=f"hrad evaluate: {config.detector.name} / {config.strategy.name} / {config.backbone.name}, {len(scores)} images",
+        title=f"hrad evaluate: {reported.parts}, {len(scores)} images",
         metrics=metrics,
         image_scores=scores,
         image_labels=labels,
@@ -411,12 +483,12 @@ def write_html_report(
         pro=pixel.pro_curve(),
         quartile_aupro=quartile_aupro if areas.size else {},
         quartile_limits=[float(v) for v in np.percentile(areas, [25, 50, 75])] if areas.size else [],
-        training_history=model.training_history,
+        training_history=reported.training_history,
         image_threshold=metrics.get("image_threshold"),  # the thresholds whose decisions were measured
         overlay_range=(scale.vmin, scale.vmax) if scale else None,
         pixel_threshold=metrics.get("pixel_threshold"),
         cases=select_cases(cases, count),
-        config=config.model_dump(mode="json"),
+        config=reported.config,
         environment=environment(),
         decisions=decisions_text(metrics),
         operating_points_note=OPERATING_POINTS_NOTE,
@@ -429,6 +501,7 @@ def write_html_report(
             }.get(metrics.get("thresholds_from", ""), "Thresholds (image score, pixel) come from held-out normal training images, never from this test set."),
             *undefined_notes(metrics),
             *model_notes(model),
+            *reported.notes,
             *(
                 [f"{len(skipped)} test images were skipped and are not in the metrics:"]
                 + [f"skipped {entry['error']}" for entry in skipped]

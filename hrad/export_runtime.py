@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,6 +421,23 @@ class ExportedPredictor:
             anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision,
             inspected=inspected_mask(self.roi, smoothed.shape),
         )
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[Prediction]:
+        """:meth:`predict` of each image in order: the signature of
+        :meth:`hrad.model.AnomalyModel.predict_batch`, so ``hrad evaluate`` and ``hrad predict``
+        drive an export as they drive a model (the graph runs one image's tiles at a time)."""
+        given = names if names is not None else [None] * len(images)
+        return [
+            self.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
+            for image, name in zip(images, given, strict=True)
+        ]
 
 
 class OnnxPredictor(ExportedPredictor):

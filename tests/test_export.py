@@ -12,7 +12,8 @@ import onnxruntime
 import pytest
 import torch
 from cli_helpers import run as run_cli
-from conftest import GaussianTestConfig, GaussianTestDetector
+from cli_helpers import write
+from conftest import GaussianTestConfig, GaussianTestDetector, textured_image, with_spot
 from export_helpers import make_model, spotted_image, training_images
 from torch import Tensor, nn
 
@@ -272,3 +273,55 @@ def test_exported_models_apply_the_border_calibration(images: list[np.ndarray], 
     export_onnx(model, tmp_path / "off.onnx")
     off = OnnxPredictor(tmp_path / "off.onnx").predict(test_image)
     assert np.abs(off.anomaly_map - uncalibrated.anomaly_map).max() <= 1e-4 * float(np.abs(uncalibrated.anomaly_map).max())
+
+
+def labelled_folder(root: Path) -> Path:
+    """An MVTec-style test set of 90x130 images: 3 good, 3 with a spot and its mask."""
+    rng = np.random.default_rng(7)
+    for index in range(3):
+        write(root / "test" / "good" / f"{index:03d}.png", textured_image(rng, 90, 130))
+        image, mask = with_spot(textured_image(rng, 90, 130), 20 + 15 * index, 30 + 25 * index, 9)
+        write(root / "test" / "spot" / f"{index:03d}.png", image)
+        write(root / "ground_truth" / "spot" / f"{index:03d}_mask.png", np.repeat(mask[..., None], 3, axis=2).astype(np.float32))
+    return root
+
+
+def assert_close(got: object, expected: object, where: str) -> None:
+    """Numbers within 1e-4 (relative), anything else equal, through nested lists and dicts."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        assert set(got) == set(expected), where
+        for key in expected:
+            assert_close(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list) and isinstance(got, list):
+        assert len(got) == len(expected), where
+        for index, (one, other) in enumerate(zip(got, expected, strict=True)):
+            assert_close(one, other, f"{where}[{index}]")
+    elif isinstance(expected, float) and not isinstance(got, bool):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6, nan_ok=True), where
+    else:
+        assert got == expected, where
+
+
+def test_evaluate_measures_an_export_as_its_model(images: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hrad evaluate --model m.onnx`` was refused (the file was read as a model directory). It
+    now runs the export through the code that evaluates the model directory: same metrics to
+    float tolerance, same report files, and a note where the sidecar lacks the fit config and losses."""
+    for figure in ("roc_figure", "pro_figure", "quartile_figure", "loss_figure", "score_figure", "case_figure"):
+        monkeypatch.setattr(f"hrad.reports.html.{figure}", lambda *_: "")  # matplotlib: most of the time, drawn alike for both
+    monkeypatch.setattr("hrad.evaluation.case_grid", lambda cases, path, **_: path.touch())
+    data = labelled_folder(tmp_path / "data")
+    make_model({"name": "tiled", "tile": 48, "stride": 32}, EXPORTABLE).fit(images[:3]).save(tmp_path / "model")
+    assert run_cli(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "m.onnx")], monkeypatch) == 0
+    for model, report in ((tmp_path / "model", "native"), (tmp_path / "m.onnx", "exported")):
+        assert run_cli(["evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / report)], monkeypatch) == 0
+    native, exported = (json.loads((tmp_path / report / "metrics.json").read_text()) for report in ("native", "exported"))
+    timings = {"seconds_per_image", "peak_rss_mb", "peak_gpu_mb", "environment", "config"}
+    assert set(native) == set(exported) and native["images"] == exported["images"] == 6
+    for key in sorted(set(native) - timings):
+        assert_close(exported[key], native[key], key)
+    assert 0.5 < native["image_auroc"] <= 1 and native["thresholds_from"] == "model"  # the model's thresholds decided
+    assert exported["config"]["export"]["runtime"] == "onnxruntime" and exported["config"]["model"]["strategy"] == "tiled"
+    assert sorted(path.name for path in (tmp_path / "exported").iterdir()) == sorted(path.name for path in (tmp_path / "native").iterdir())
+    note = "Exported model (m.json, run by onnxruntime): its sidecar keeps no fit config and no training losses"
+    assert note in (tmp_path / "exported" / "metrics.md").read_text() and note in (tmp_path / "exported" / "report.html").read_text()
+    assert note not in (tmp_path / "native" / "metrics.md").read_text()

@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from hrad import strict_json
-from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, tracking
+from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, load_predictor, tracking
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import InputError
 
@@ -24,7 +24,9 @@ class MetricProtocol(str, Enum):
 
 
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Model directory written by hrad fit")],
+    model: Annotated[
+        Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, as hrad predict takes)")
+    ],
     data: Annotated[Path, typer.Option(help="Labelled dataset root (its test part: no train folder needed)")],
     out: Annotated[
         Path,
@@ -53,6 +55,9 @@ def evaluate(
     threshold: Annotated[float | None, typer.Option(help="Image-score threshold whose decisions are measured (default: the model's)")] = None,
     pixel_threshold: Annotated[float | None, typer.Option(help="Pixel threshold whose decisions are measured (default: the model's)")] = None,
     sigmas: Annotated[float | None, typer.Option(help="Both thresholds at mean + SIGMAS x std of the model's held-out normals")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
+    ] = None,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -60,6 +65,11 @@ def evaluate(
     --pixel-threshold, --sigmas) decide: good images flagged (false alarms), defective ones
     flagged (per defect type), pixel precision / recall / F1; and the oracle operating points
     to choose a threshold by.
+
+    An exported model (hrad export) is measured by the same code, through its runtime, so its
+    metrics can be set beside those of the model directory it came from; its report shows the
+    sidecar's model, geometry and postprocess in place of the fit config and has no training
+    curve (a note in the report says so).
 
     A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
     one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
@@ -71,16 +81,15 @@ def evaluate(
     """
 
     from hrad.data.datasets import load_dataset
-    from hrad.evaluation import EVALUATION_REPORT
+    from hrad.evaluation import EVALUATION_REPORT, reported_model
     from hrad.evaluation import evaluate as run_evaluation
-    from hrad.model import load
 
     dataset = load_dataset(data, category=category, training=False)  # the model was fitted: the test part is all it needs
     samples = [s for s in dataset.test if s.label >= 0][:limit]
     if not samples:
         raise InputError(f"{data}: no labelled test images")
     EVALUATION_REPORT.check(out)  # before the model loads: new, empty or a previous report (replaced whole)
-    fitted = load(model)
+    fitted = load_predictor(model, None, runtime)
     given = (threshold, pixel_threshold, sigmas) != (None, None, None)
     decision = fitted.decision_thresholds(threshold, pixel_threshold, sigmas) if given else None  # a bad value fails here
     warnings = _ConsoleWarnings()
@@ -93,9 +102,10 @@ def evaluate(
                     batch_images=batch_images, decision_thresholds=decision,
                 )
             if run is not None:
-                run.log_config(fitted.config.model_dump(mode="json"))
+                reported = reported_model(fitted)
+                run.log_config(reported.config)
                 run.log_metrics(metrics)
-                run.log_history(fitted.training_history)
+                run.log_history(reported.training_history)
                 run.set_tags({"hrad.data": data, "hrad.model": model.resolve(), "hrad.protocol": protocol.value})
                 run.log_artifacts(out, "report")
     finally:

@@ -16,8 +16,14 @@ from typing import Annotated, Any
 
 import typer
 
-from hrad.cli.common import DEFAULT_BATCH_IMAGES, MapFormat, Terminated, print_error, report_batch
-from hrad.cli.info import EXPORTED_SUFFIXES
+from hrad.cli.common import (
+    DEFAULT_BATCH_IMAGES,
+    MapFormat,
+    Terminated,
+    load_predictor,
+    print_error,
+    report_batch,
+)
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError
 
@@ -93,7 +99,7 @@ def predict(
     images, folders = watched_images(paths) if watch else (expand_image_paths(paths), [])
     prepare_output_dir(out, paths)
     watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
-    fitted = _load_predictor(model, device, runtime)
+    fitted = load_predictor(model, device, runtime)
     decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
     writer = PredictionWriter(
         out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions, thumbnails=summary
@@ -111,7 +117,7 @@ def predict(
 
     def compute(batch: list[tuple[Path, str]], batch_images: list[Any]) -> list[Any]:
         names = [str(path) for path, _ in batch]  # what warnings about a decoded image call it
-        if len(batch_images) > 1 and hasattr(fitted, "predict_batch"):  # exported predictors go one by one
+        if len(batch_images) > 1:  # an exported model's predictor runs them one by one
             return list(fitted.predict_batch(batch_images, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, names=names))
         return [
             fitted.predict(image, threshold=threshold, pixel_threshold=pixel_threshold, sigmas=sigmas, name=name)
@@ -216,25 +222,6 @@ class SummaryPage:
         self.stale = False
         if tell:
             console.print(f"summary page: {path}")
-
-
-def _load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
-    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
-    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
-    ``decision_thresholds`` and ``thresholds``."""
-    from hrad.errors import ConfigError
-
-    if model.suffix in EXPORTED_SUFFIXES:
-        from hrad.export_runtime import open_predictor
-
-        if device not in (None, "cpu"):
-            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
-        return open_predictor(model, runtime=runtime)
-    if runtime is not None:
-        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
-    from hrad.model import load
-
-    return load(model, device=device)
 
 
 def predict_distributed(
