@@ -11,18 +11,22 @@ costs its upload, not its decoded size.
 Every error, whatever its source (a bad image, a bad request, an unknown route, a timeout, an
 internal failure), is JSON ``{"error": "<one line>"}`` with its status code: 400 bad image,
 404/405 route, 408 body not received in time, 413 upload or pixel budget, 422 bad request
-(a request without the image file says how to send one), 503 busy past the timeout, 504
-prediction past the timeout, 500 anything else; 499 (nginx's "client closed request") to a client
-that left before its body was complete, which no one reads but the log and ``/metrics``.
+(a request without the image file says how to send one), 503 busy (the queue full, or the model
+busy past the timeout), 504 prediction past the timeout, 500 anything else; 499 (nginx's "client
+closed request") to a client that left before its body was complete, which no one reads but the
+log and ``/metrics``.
 
 ``/health`` (liveness) says the process is up and which kind of model it serves; the model's
 path, its full config and its weights' sources are shown only with ``health_details=True``
-(``hrad serve --health-details``). ``/ready`` (readiness) is 200 while a new request would wait
-behind fewer than ``max_queue`` others and 503 past that, so a load balancer stops routing to a
-saturated replica without restarting it. ``POST /predict/batch`` takes several images in one
-request (each answered or failed on its own). ``/metrics`` is Prometheus text: requests by
-route and status, request and prediction latencies, requests waiting. Responses are Pydantic
-models, so ``/openapi.json`` describes every field. What hrad warns of while predicting an upload
+(``hrad serve --health-details``). ``/ready`` (readiness) is 200 while fewer than ``max_queue``
+prediction requests are in flight (receiving their upload, waiting for or holding the model)
+and 503 past that, so a load balancer stops routing to a saturated replica without restarting
+it; a prediction request that arrives then is refused at once, 503 with ``Retry-After``, before
+its body is read (:class:`BodyLimit`), so a flood of uploads cannot fill the disk.
+``POST /predict/batch`` takes several images in one request (each answered or failed on its
+own). ``/metrics`` is Prometheus text: requests by route and status, request and prediction
+latencies, requests waiting. Responses are Pydantic models, so ``/openapi.json`` describes every
+field. What hrad warns of while predicting an upload
 (a 16-bit image brighter than the model's bit depth saturates) comes back with its result, in
 ``warnings``, gathered per thread (:func:`hrad.errors.collecting_warnings`), not only on the
 server's console.
@@ -36,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -72,7 +77,8 @@ from hrad.prediction import Prediction, Thresholds
 from hrad.service_page import PAGE
 from hrad.version import __version__
 
-#: request lines (:func:`_log_request`); ``hrad serve`` shows them and writes them to its log file
+#: request lines (:func:`_log_request`) and a worker's failure to start; ``hrad serve`` shows them
+#: and writes them to its log file
 _requests = logging.getLogger(__name__)
 
 #: default bound on one request body (a 8K x 8K 16-bit RGB PNG is about 300 MB raw, far less compressed)
@@ -82,6 +88,11 @@ DEFAULT_REQUEST_TIMEOUT = 300.0
 #: a request body, and an upload on its way to the decoder, is held in memory up to this size and
 #: on disk beyond it, so requests waiting for the model cost disk, not memory
 SPOOL_BYTES = 2**20
+#: the routes whose requests carry uploads: only these bodies are received (and spooled), and only
+#: while fewer than ``max_queue`` of them are in flight (:class:`BodyLimit`)
+PREDICTION_ROUTES = frozenset({"/predict", "/predict/batch"})
+#: ``Retry-After`` seconds of a prediction request refused because the queue was full
+QUEUE_FULL_RETRY_AFTER = 1
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -189,10 +200,11 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    """Readiness: ``ready`` false (status 503) while ``queued`` >= ``max_queue``."""
+    """Readiness: ``ready`` false (status 503) while ``queued`` >= ``max_queue``; a prediction
+    request that arrives then is refused with 503."""
 
     ready: bool
-    queued: int = Field(description="requests waiting for or holding the model now")
+    queued: int = Field(description="prediction requests in flight now: receiving their upload, waiting for or holding the model")
     max_queue: int
 
 
@@ -243,20 +255,46 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": " ".join(message.split())})
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, before any parsing.
+def _is_prediction(scope: Scope) -> bool:
+    """A request that carries an upload (``POST`` to one of :data:`PREDICTION_ROUTES`, below the
+    app's ``root_path`` when it is mounted under a prefix)."""
+    path, prefix = scope.get("path", ""), scope.get("root_path", "")
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :]
+    return scope["type"] == "http" and scope.get("method") == "POST" and path in PREDICTION_ROUTES
 
-    A declared ``Content-Length`` is checked first; the body is then received whole (at most
-    ``limit`` bytes, spooled to disk past :data:`SPOOL_BYTES`, so concurrent large uploads cost
-    disk, not memory) and replayed to the app a chunk at a time, so the limit holds whatever the
-    client sends. A client that disconnects before its body is complete is answered 499 (nginx's
-    "client closed request"; it goes nowhere), so the request is counted and logged like any
-    other instead of failing the middleware stack with a traceback.
+
+class InFlight:
+    """Prediction requests admitted and not yet answered, at most ``limit`` (changed only on the
+    event loop, by :class:`BodyLimit`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+
+class BodyLimit:
+    """ASGI middleware: bounds what request bodies cost before any parsing.
+
+    A declared ``Content-Length`` over ``limit`` bytes is 413 at once. Only a prediction
+    request's body is received (:func:`_is_prediction`; the other routes read none, so theirs is
+    never stored), and only while fewer than ``in_flight.limit`` prediction requests are in
+    flight: past that it is 503 at once, with ``Retry-After``, before any of its body is
+    received. Counting requests from their arrival, not from when they wait for the model, is
+    what bounds the disk, since each admitted one may spool up to ``limit`` bytes.
+
+    An admitted body is received whole (at most ``limit`` bytes, spooled to disk past
+    :data:`SPOOL_BYTES`, so concurrent large uploads cost disk, not memory) and replayed to the
+    app a chunk at a time, so the limit holds whatever the client sends. A client that
+    disconnects before its body is complete is answered 499 (nginx's "client closed request";
+    it goes nowhere), so the request is counted and logged like any other instead of failing
+    the middleware stack with a traceback.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, timeout: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, limit: int, in_flight: InFlight, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.in_flight = in_flight
         self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,6 +306,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
+        if not _is_prediction(scope):  # a route that reads no body: nothing to store
+            await self.app(scope, receive, send)
+            return
+        in_flight = self.in_flight
+        if in_flight.count >= in_flight.limit:
+            await self._refuse_busy(scope, receive, send)
+            return
+        in_flight.count += 1
+        try:
+            await self._receive_whole(scope, receive, send)
+        finally:
+            in_flight.count -= 1
+
+    async def _receive_whole(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Receive the body (spooled), then run the app on it."""
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="hrad-body-") as body:
             size = 0
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -303,6 +356,16 @@ class BodyLimit:
                 return {"type": "http.request", "body": chunk, "more_body": not replayed}
 
             await self.app(scope, replay, send)
+
+    async def _refuse_busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        in_flight = self.in_flight
+        response = _error(
+            503,
+            f"{scope['path']}: the queue is full ({in_flight.count} of at most {in_flight.limit} prediction requests "
+            f"in flight, max_queue); retry in {QUEUE_FULL_RETRY_AFTER} s",
+        )
+        response.headers["Retry-After"] = str(QUEUE_FULL_RETRY_AFTER)
+        await response(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         megabytes = f" ({self.limit / 2**20:.0f} MB)" if self.limit >= 2**20 else ""
@@ -488,7 +551,8 @@ def create_app(
     app = FastAPI(title="hrad", version=__version__, summary="High-resolution industrial anomaly detection")
     app.state.model = model
     app.state.metrics = metrics
-    app.add_middleware(BodyLimit, limit=max_upload_bytes, timeout=request_timeout)
+    in_flight = InFlight(max_queue)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes, timeout=request_timeout, in_flight=in_flight)
     errors: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse} for status in (400, 408, 413, 422, 500, 503, 504)
     }
@@ -552,7 +616,8 @@ def create_app(
 
     @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
     def ready() -> Any:
-        body = {"ready": queued < max_queue, "queued": queued, "max_queue": max_queue}
+        busy = in_flight.count
+        body = {"ready": busy < max_queue, "queued": busy, "max_queue": max_queue}
         return body if body["ready"] else JSONResponse(status_code=503, content=body)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -715,8 +780,20 @@ SETTINGS_ENV = "HRAD_SERVE_SETTINGS"
 
 def app_from_environment() -> FastAPI:
     """:func:`create_app` with the JSON keyword arguments in ``HRAD_SERVE_SETTINGS``: the factory
-    each worker process of ``hrad serve --workers N`` calls (every worker loads its own model)."""
+    each worker process of ``hrad serve --workers N`` calls (every worker loads its own model).
+
+    A worker that cannot build its app (its model fails to load here, though it loaded in the
+    parent: a file changed, memory ran out) says why in one error line and exits with uvicorn's
+    startup-failure status, which stops the server; any other exit made uvicorn start the worker
+    again, to fail again, with a traceback each time, forever."""
+    from uvicorn.config import STARTUP_FAILURE
+
     settings = os.environ.get(SETTINGS_ENV)
     if not settings:
         raise ConfigError(f"{SETTINGS_ENV} is not set (it is set by hrad serve --workers)")
-    return create_app(**json.loads(settings))
+    try:
+        return create_app(**json.loads(settings))
+    except Exception as error:  # noqa: BLE001 (whatever it is, the worker cannot serve)
+        reason = str(error) if isinstance(error, HradError) else f"{type(error).__name__}: {error}"
+        _requests.error("worker process %d cannot serve: %s", os.getpid(), " ".join(reason.split()))
+        sys.exit(STARTUP_FAILURE)

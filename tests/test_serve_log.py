@@ -1,14 +1,20 @@
 """``hrad serve`` with ``--log-file``: uvicorn's startup and shutdown lines and one line per request
 (client, method, path, status, seconds) on stderr once and in the log file, worker processes
-included; nothing on stdout."""
+included, and every other line on stderr too (libraries' warnings, Python warnings of a worker,
+a worker that cannot start) in hrad's form; nothing on stdout."""
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.config
 import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -18,6 +24,7 @@ from export_helpers import make_model, training_images
 from fastapi.testclient import TestClient
 from test_log_file import logged
 
+from hrad.cli.progress import server_log_config
 from hrad.service import create_app
 
 #: a request line: ``127.0.0.1:40312 "GET /health" 200 0.004 s``
@@ -27,6 +34,26 @@ REQUEST = re.compile(r'^[\d.]+:\d+ "(\w+) (\S+)" (\d{3}) (\d+\.\d{3}) s$')
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model({"name": "tiled", "tile": 64}).fit(training_images(0, 3)).save(tmp_path_factory.mktemp("serve_log") / "model")
+
+
+#: what loading :func:`warned_model_dir` warns, in every process that loads it
+WEIGHTS_WARNING = "fitted with backbone weights from another camera's weights"
+
+
+@pytest.fixture(scope="module")
+def warned_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model_dir`` with a manifest that names other backbone weights: each load warns."""
+    warned = tmp_path_factory.mktemp("serve_log_warned") / "model"
+    shutil.copytree(model_dir, warned)
+    manifest = json.loads((warned / "hrad.json").read_text())
+    manifest["backbone_weights"] = "another camera's weights"
+    (warned / "hrad.json").write_text(json.dumps(manifest))
+    return warned
+
+
+#: a multipart body python-multipart refuses with a warning of its own ("Found invalid character
+#: 32 in header at 9"): a header name with a space
+MALFORMED_UPLOAD = b"--XX\r\nBad Header: x\r\n\r\nabc\r\n--XX--\r\n"
 
 
 def test_each_request_is_logged_once_with_its_status_and_seconds_and_an_escaped_path(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -41,11 +68,14 @@ def test_each_request_is_logged_once_with_its_status_and_seconds_and_an_escaped_
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_serve_writes_startup_requests_and_shutdown_to_the_log_file(model_dir: Path, tmp_path: Path, workers: int) -> None:
+def test_serve_writes_startup_requests_and_shutdown_to_the_log_file(warned_model_dir: Path, tmp_path: Path, workers: int) -> None:
+    """Also: python-multipart's warning on a malformed upload, and a worker's Python warnings,
+    went to stderr as bare lines (Python's last-resort handler, Python's warning format) and
+    never reached the log file; now every line on stderr is in the file, as hrad's lines."""
     log = tmp_path / "serve.log"
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
-    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model_dir), "--port", str(port),
+    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(warned_model_dir), "--port", str(port),
                "--workers", str(workers)]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     base = f"http://127.0.0.1:{port}"
@@ -53,12 +83,22 @@ def test_serve_writes_startup_requests_and_shutdown_to_the_log_file(model_dir: P
         wait_ready(base)
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         assert httpx.get(f"{base}/nowhere", timeout=30).status_code == 404
+        malformed = httpx.post(
+            f"{base}/predict", content=MALFORMED_UPLOAD, headers={"content-type": "multipart/form-data; boundary=XX"}, timeout=30
+        )
+        assert malformed.status_code == 400
     finally:
         server.terminate()
         stdout, stderr = server.communicate(timeout=60)
     lines = logged(log)
     requests = [match.groups() for match in map(REQUEST.match, lines) if match]
-    assert [request[:3] for request in requests] == [("GET", "/ready", "200"), ("GET", "/health", "200"), ("GET", "/nowhere", "404")]
+    assert [request[:3] for request in requests] == [
+        ("GET", "/ready", "200"), ("GET", "/health", "200"), ("GET", "/nowhere", "404"), ("POST", "/predict", "400")
+    ]  # fmt: skip
+    assert Counter(stderr.splitlines()) == Counter(line for line in lines if not line.startswith("==="))  # all of stderr, and only it
+    assert sum(line.startswith("hrad: warning: ") and "in header" in line for line in lines) == 1  # python-multipart's
+    loads = 1 if workers == 1 else 1 + workers  # the model is loaded first in the parent, then in each worker
+    assert sum(line.startswith("hrad: warning: ") and WEIGHTS_WARNING in line for line in lines) == loads
     assert sum(line.startswith("Started server process") for line in lines) == workers
     assert sum(line == "Application startup complete." for line in lines) == workers
     assert sum(line.startswith("Finished server process") for line in lines) == workers
@@ -66,3 +106,60 @@ def test_serve_writes_startup_requests_and_shutdown_to_the_log_file(model_dir: P
     assert stdout == ""  # uvicorn's access lines, which went there, are off
     shown = [line for line in stderr.splitlines() if REQUEST.match(line)]
     assert shown == [line for line in lines if REQUEST.match(line)]  # each request once on the terminal too
+
+
+def test_other_libraries_records_are_hrad_lines_from_warning_up(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hrad serve's logging (as uvicorn applies it in each process): a library's warning, which went
+    to Python's last-resort handler as a bare line on stderr that the log file never got, is an
+    ``hrad: warning:`` line; its info and debug records stay out."""
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # the config sets it; put back after
+    root = logging.getLogger()
+    configured = [root, *(logging.getLogger(name) for name in ("uvicorn", "uvicorn.access", "hrad.service"))]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in configured]
+    try:
+        logging.config.dictConfig(server_log_config())
+        library = logging.getLogger("python_multipart.multipart")
+        library.debug("Calling on_part_data with data[0:3]")
+        library.info("Opening a file on disk")
+        library.warning("Found invalid character 32 in header at 9")
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+    assert capsys.readouterr().err.splitlines() == ["hrad: warning: Found invalid character 32 in header at 9"]
+
+
+#: a ``sitecustomize`` for the server's processes: in a worker of ``hrad serve --workers N`` (whose
+#: environment carries the settings), the model is at a path that does not exist
+FAILING_WORKERS = """
+import json, os
+if "HRAD_SERVE_SETTINGS" in os.environ:
+    settings = json.loads(os.environ["HRAD_SERVE_SETTINGS"])
+    os.environ["HRAD_SERVE_SETTINGS"] = json.dumps({**settings, "model_path": settings["model_path"] + "-gone"})
+"""
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_server_with_status_1(model_dir: Path, tmp_path: Path) -> None:
+    """A worker whose model failed to load (it loaded in the parent: a file changed since, memory
+    ran out) printed a traceback and was started again by uvicorn, forever; killing the server
+    then gave status 0. Now the worker says why in one line and the server stops, status 1."""
+    (tmp_path / "sitecustomize.py").write_text(FAILING_WORKERS)
+    log = tmp_path / "serve.log"
+    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [environment.get("PYTHONPATH")])])
+    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model_dir), "--port", str(free_port()),
+               "--workers", "2"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        stdout, stderr = server.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        stdout, stderr = server.communicate()
+        pytest.fail(f"hrad serve still runs with workers that cannot start: {stderr[-1500:]}")
+    lines = logged(log)
+    assert server.returncode == 1 and lines[-1].startswith("=== exit status 1 after"), stderr[-1500:]
+    assert "Traceback" not in stderr
+    failed = [line for line in lines if re.fullmatch(rf"hrad: error: worker process \d+ cannot serve: {re.escape(str(model_dir))}-gone: model not found", line)]
+    assert 1 <= len(failed) <= 2  # the first to fail stops the server (the other may have failed by then too)
+    assert lines[-2] == "hrad: error: a worker process could not start (its error is above); the server stopped"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -118,6 +119,57 @@ def test_uploads_waiting_for_the_model_wait_on_disk(model_dir: Path) -> None:
     # 8 MB in all here, where the bodies held in memory took 64.7 MB (twice the 32 MB sent)
     sent = 4 * padding * 2**20
     assert held < sent / 2, f"{held / 2**20:.1f} MB held by four requests waiting for the model ({sent / 2**20:.0f} MB sent)"
+
+
+def test_a_prediction_request_past_the_queue_is_refused_before_its_body_is_read(model_dir: Path) -> None:
+    """With --max-queue requests in flight, each further upload was received whole (spooled to
+    disk) and waited for the model until its timeout, however many came: a flood of uploads could
+    fill the disk. It is now 503 at once, with Retry-After, and none of its body is received; the
+    requests within the queue wait and are answered as before, and so is one after them."""
+    app = create_app(model_dir, max_queue=2)
+    release = hold_predictions(app, 30)
+    upload = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + jpeg(spotted_image(5, 96, 128)) + b"\r\n--b--\r\n"
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", str(len(upload)).encode())]
+    received: list[int] = []  # which requests' bodies the server asked for
+
+    async def post(number: int, path: str = "/predict") -> tuple[int, dict[bytes, bytes], bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if number in received:
+                await asyncio.sleep(60)
+                return {"type": "http.disconnect"}
+            received.append(number)
+            return {"type": "http.request", "body": upload, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app({**SCOPE, "path": path, "raw_path": path.encode(), "headers": headers}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(message.get("body", b"") for message in sent[1:])
+
+    async def main() -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        queued = [asyncio.ensure_future(post(number)) for number in (1, 2)]
+        deadline = time.monotonic() + 30
+        while app.state.metrics.queued._value.get() < 2 and time.monotonic() < deadline:  # both wait for the model
+            await asyncio.sleep(0.02)
+        try:
+            refused = [await asyncio.wait_for(post(3), 10), await asyncio.wait_for(post(4, "/predict/batch"), 10)]
+        finally:
+            release.set()
+        return [*refused, *await asyncio.gather(*queued), await post(5)]
+
+    try:
+        (status, headers_sent, body), (batch_status, _, batch_body), *answered = asyncio.run(main())
+    finally:
+        release.set()
+    assert (status, batch_status) == (503, 503) and headers_sent[b"retry-after"] == b"1"
+    error = json.loads(body)["error"]
+    assert error == "/predict: the queue is full (2 of at most 2 prediction requests in flight, max_queue); retry in 1 s"
+    assert json.loads(batch_body)["error"].startswith("/predict/batch: the queue is full (2 of at most 2")
+    assert sorted(received) == [1, 2, 5]  # the refused requests' bodies were never asked for
+    assert [answer[0] for answer in answered] == [200, 200, 200]
+    assert TestClient(app).get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 2}
 
 
 def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) -> None:

@@ -71,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, psut
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [str(SCRIPT), "--max-pixels", str(BUDGET), "serve", "--model", str(path), "--port", str(port),
-               "--max-upload-mb", "1", "--timeout", "60"]
+               "--max-upload-mb", "1", "--timeout", "60", "--max-queue", "8"]  # 8 clients at once: none refused as over the queue
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -115,7 +115,7 @@ def test_two_worker_processes_serve_concurrent_requests(tmp_path: Path, spot_png
     model_path = AnomalyModel(config).fit([textured_image(rng, 96, 128) for _ in range(3)]).save(tmp_path / "model")
     port = free_port()
     command = [sys.executable, "-c", "from hrad.cli.main import main; main()", "serve", "--model", str(model_path),
-               "--port", str(port), "--workers", "2", "--timeout", "60"]  # fmt: skip
+               "--port", str(port), "--workers", "2", "--timeout", "60", "--max-queue", "8"]  # fmt: skip (8 at once may meet one worker)
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,13 @@ def print_warning(message: str) -> None:
     console.print(Text.assemble(("hrad: warning:", "yellow"), f" {' '.join(message.split())}"))
 
 
+def warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for hrad's commands: a Python warning (a 16-bit image brighter
+    than the model's bit depth, other backbone weights than the fit's, a library's) as one
+    ``hrad: warning:`` line, not Python's ``file:line: Category: ...`` and the source line under it."""
+    print_warning(str(message))
+
+
 #: where the code without progress callbacks logs its steps (:func:`hrad.progress.log_progress`)
 STEP_LOGGER = "hrad.detectors"
 
@@ -118,14 +126,18 @@ class _ProgressRecords(logging.Handler):
 
 class ServerLines(logging.Handler):
     """``hrad serve``'s log records as console lines, which an open log file gets like every other
-    line: uvicorn's startup, shutdown and errors, and the service's request lines (method, path,
-    status, seconds; uvicorn's own access lines, which have no time, are off). Built by
-    ``logging.config.dictConfig`` in each process uvicorn configures (:func:`server_log_config`);
-    in a worker process of ``hrad serve --workers N``, where no log file is open, ``log`` (the
-    parent's) is opened without a header and the console teed into it as in the parent."""
+    line: uvicorn's startup, shutdown and errors, the service's request lines (method, path,
+    status, seconds; uvicorn's own access lines, which have no time, are off), and the warnings
+    and errors of any other library (python-multipart's on a malformed upload, asyncio's). Built
+    by ``logging.config.dictConfig`` in each process uvicorn configures (:func:`server_log_config`),
+    which also shows Python warnings there as hrad's lines (:func:`warning_line`; a worker process
+    is not started by hrad's ``main``, which does it in the parent). In a worker process of
+    ``hrad serve --workers N``, where no log file is open, ``log`` (the parent's) is opened
+    without a header and the console teed into it as in the parent."""
 
     def __init__(self, log: str | None = None) -> None:
         super().__init__(logging.INFO)
+        warnings.showwarning = warning_line
         if log is not None and log_file.current() is None:
             try:
                 log_file.start(Path(log), console, print_warning, header=False)
@@ -148,7 +160,9 @@ class ServerLines(logging.Handler):
 def server_log_config() -> dict[str, Any]:
     """uvicorn's ``log_config`` for ``hrad serve``: uvicorn's and the service's records through
     :class:`ServerLines` (uvicorn's access logger silenced: the service logs each request with
-    its duration), into the open log file too, worker processes included."""
+    its duration), into the open log file too, worker processes included. Every other logger's
+    warnings and errors go the same way (the root's handler), not as bare lines on stderr that
+    the log file never got; their info and debug records stay out."""
     log = log_file.current()
     lines = {"()": f"{__name__}.ServerLines", "log": str(log.path.absolute()) if log is not None else None}
     return {
@@ -160,6 +174,7 @@ def server_log_config() -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             "hrad.service": {"handlers": ["hrad"], "level": "INFO", "propagate": False},
         },
+        "root": {"handlers": ["hrad"], "level": "WARNING"},
     }
 
 
