@@ -53,3 +53,39 @@ def test_commands_of_the_full_install_on_a_runtime_install_are_one_line(command:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs torch, which is not installed" in lines[0] and "exported models only" in lines[0]
     assert not (tmp_path / "unused_model").exists()
+
+
+#: a runtime install as the interpreter sees it: importing torch fails (sys.modules['torch'] = None
+#: would also do that, but SciPy then takes the None for an imported torch and fails on it)
+WITHOUT_TORCH = (
+    "import importlib.abc, sys\n"
+    "class NoTorch(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+    "from hrad.cli.main import main; sys.argv[0] = 'hrad'; main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        (["info", "no/such/model"], "no/such/model: model not found"),
+        (["predict", "--model", "no/such/model", "images", "--out", "out"], "no/such/model: model not found"),
+        (["evaluate", "--model", "no/such/model.onnx", "--data", "images", "--out", "out"], "no/such/model.onnx: exported model not found"),
+        (["fit", "--data", "no/such/data", "--out", "model"], "no/such/data: dataset folder not found"),
+        (["serve", "--model", "no/such/model"], "no/such/model: model not found"),
+        (["--max-pixels", "1000", "calibrate", "--model", "no/such/model", "--out", "m", "images"], "no/such/model: model not found"),
+    ],
+)
+def test_a_missing_input_on_a_runtime_install_is_named_before_the_install(command: list[str], line: str, tmp_path: Path) -> None:
+    """On a torch-free box, a command of the full install given a path that does not exist names
+    the path, as the full install does, not the missing torch (the user's mistake comes first)."""
+    import subprocess
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")  # exists; never read
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f"hrad: error: {line}\n")
+    assert not (tmp_path / "model").exists()

@@ -31,7 +31,7 @@ from hrad.cli.compare import compare
 from hrad.cli.evaluate import evaluate
 from hrad.cli.info import described_facts, model_page, read_model
 from hrad.cli.predict import predict, predict_distributed
-from hrad.cli.progress import console, print_warning, progress_bars, warning_line
+from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError, InputError
 
 if TYPE_CHECKING:
@@ -294,13 +294,7 @@ def serve(
     ] = False,
     workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes, each with its own copy of the model")] = 1,
     max_queue: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            metavar="N",
-            help="Prediction requests in flight (uploading, waiting, running) per worker; past that /ready answers 503 "
-            "and a new one is refused at once with 503 and Retry-After, before its upload is read",
-        ),
+        int, typer.Option(min=1, metavar="N", help="/ready answers 503 while this many requests wait or run (per worker)")
     ] = 4,
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
@@ -356,23 +350,11 @@ def serve(
         return
     import json
 
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
-
     from hrad.service import SETTINGS_ENV
 
     del app_
     os.environ[SETTINGS_ENV] = json.dumps(settings)
-    # uvicorn.run(workers=N) itself, but with its supervisor at hand: a worker that failed to start
-    # stops uvicorn's parent as a SIGTERM does, and uvicorn.run returned normally, status 0
-    config = uvicorn.Config(
-        "hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False
-    )
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-    supervisor.run()
-    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
-        print_error("a worker process could not start (its error is above); the server stopped")
-        sys.exit(1)
+    uvicorn.run("hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False)
 
 
 @app.command()
@@ -634,6 +616,47 @@ def _missing_full_install(error: ModuleNotFoundError) -> str | None:
     )
 
 
+#: the parameters (of any command) that name an input, a file or folder that must exist, with what
+#: a missing one is called, as the commands' own checks call it ("model not found"); None: as a
+#: missing image (:func:`~hrad.data.images.missing_reason`)
+_INPUT_PATHS: dict[str, str | None] = {
+    "model": "model", "data": "dataset folder", "source": "dataset folder", "config": "config file", "weights": "weights file",
+    "reports": "report folder", "calibration_images": "folder", "paths": None, "roi": None,
+}  # fmt: skip
+
+
+def _missing_input(args: list[str]) -> str | None:
+    """The line naming the first input path of the command line ``args`` that does not exist, as
+    the full install names it (None: every one exists, or the line does not parse). A command
+    imports what needs torch before it checks its inputs, so on a runtime install a mistyped path
+    read 'this command needs torch', which hid the user's mistake behind an install it may not need."""
+    from hrad.cli.info import EXPORTED_SUFFIXES
+    from hrad.data.images import missing_reason
+
+    group = typer.main.get_command(app)
+    try:
+        with group.make_context("hrad", list(args), resilient_parsing=True) as context:
+            if len(context.args) >= len(args):  # no command
+                return None
+            name = args[len(args) - len(context.args) - 1]  # hrad's own options come before the command
+            command = group.get_command(context, name)  # type: ignore[attr-defined]  # a group (typer's own click)
+            if command is None:
+                return None
+            with command.make_context(name, list(context.args), parent=context, resilient_parsing=True) as given:
+                values = given.params
+    except _USAGE_ERRORS:
+        return None
+    for parameter, noun in _INPUT_PATHS.items():
+        value = values.get(parameter)
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, Path) and not path.exists():
+                if noun is None or path.is_symlink():  # a broken link says where it points
+                    return missing_reason(path)
+                exported = parameter == "model" and path.suffix in EXPORTED_SUFFIXES
+                return f"{path}: {'exported model' if exported else noun} not found"
+    return None
+
+
 def _usage_error(error: Exception) -> int:
     """Print a parser error as one line (with the command's --help hint); the exit status."""
     code = int(getattr(error, "exit_code", 2))
@@ -649,6 +672,13 @@ def _usage_error(error: Exception) -> int:
     return code
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A Python warning (a 16-bit image brighter than the model's bit depth, other backbone
+    weights than the fit's, a library's) as one ``hrad: warning:`` line, not Python's
+    ``file:line: Category: ...`` and the source line under it."""
+    print_warning(str(message))
+
+
 def main() -> None:
     """The console script: user mistakes are one line and status 2, never a traceback; warnings one
     line each; with --log-file, the log's last line is the exit status and wall time."""
@@ -662,7 +692,7 @@ def _run() -> None:
     previous = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = warning_line
+            warnings.showwarning = _warning_line
             result = app(standalone_mode=False)
     except HradError as error:
         print_error(str(error))
@@ -671,7 +701,7 @@ def _run() -> None:
         reason = _missing_full_install(error)
         if reason is None:
             raise
-        print_error(reason)
+        print_error(_missing_input(sys.argv[1:]) or reason)  # a mistyped path first: the user's mistake
         sys.exit(2)
     except _ABORTS:
         console.print("aborted")
