@@ -31,7 +31,7 @@ from hrad.cli.compare import compare
 from hrad.cli.evaluate import evaluate
 from hrad.cli.info import described_facts, model_page, read_model
 from hrad.cli.predict import predict, predict_distributed
-from hrad.cli.progress import console, print_warning, progress_bars
+from hrad.cli.progress import console, print_warning, progress_bars, warning_line
 from hrad.errors import HradError, InputError
 
 if TYPE_CHECKING:
@@ -294,7 +294,13 @@ def serve(
     ] = False,
     workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes, each with its own copy of the model")] = 1,
     max_queue: Annotated[
-        int, typer.Option(min=1, metavar="N", help="/ready answers 503 while this many requests wait or run (per worker)")
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Prediction requests in flight (uploading, waiting, running) per worker; past that /ready answers 503 "
+            "and a new one is refused at once with 503 and Retry-After, before its upload is read",
+        ),
     ] = 4,
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
@@ -350,11 +356,23 @@ def serve(
         return
     import json
 
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
     from hrad.service import SETTINGS_ENV
 
     del app_
     os.environ[SETTINGS_ENV] = json.dumps(settings)
-    uvicorn.run("hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False)
+    # uvicorn.run(workers=N) itself, but with its supervisor at hand: a worker that failed to start
+    # stops uvicorn's parent as a SIGTERM does, and uvicorn.run returned normally, status 0
+    config = uvicorn.Config(
+        "hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False
+    )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        print_error("a worker process could not start (its error is above); the server stopped")
+        sys.exit(1)
 
 
 @app.command()
@@ -672,13 +690,6 @@ def _usage_error(error: Exception) -> int:
     return code
 
 
-def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
-    """A Python warning (a 16-bit image brighter than the model's bit depth, other backbone
-    weights than the fit's, a library's) as one ``hrad: warning:`` line, not Python's
-    ``file:line: Category: ...`` and the source line under it."""
-    print_warning(str(message))
-
-
 def main() -> None:
     """The console script: user mistakes are one line and status 2, never a traceback; warnings one
     line each; with --log-file, the log's last line is the exit status and wall time."""
@@ -692,7 +703,7 @@ def _run() -> None:
     previous = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _warning_line
+            warnings.showwarning = warning_line
             result = app(standalone_mode=False)
     except HradError as error:
         print_error(str(error))
