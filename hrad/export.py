@@ -262,7 +262,7 @@ def export_openvino(
     The ``.onnx`` and the sidecar ``.json`` are written next to the IR; the sidecar names the IR
     and records how far it is from onnxruntime on random inputs (must be within
     :data:`OPENVINO_TOLERANCE`). ``precision`` fp16 stores the weights in half precision (OpenVINO
-    still computes in FP32 on CPUs without native FP16/BF16). ``precision`` int8 quantises the
+    computes in FP32 on every CPU, :class:`OpenVINOSession`). ``precision`` int8 quantises the
     backbone after training (NNCF), calibrated on the graph's inputs while the export predicts
     ``calibration_images`` (a folder or image paths: training images; at most
     ``calibration_samples`` inputs); the detector's scoring stays in FP32 (HiAD: the backbone

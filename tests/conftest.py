@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,3 +103,19 @@ def one_thread() -> Iterator[None]:
 def rng() -> np.random.Generator:
     torch.manual_seed(0)
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def openvino_compile_configs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The config of each ``openvino.Core.compile_model`` call the test makes, in order (the call
+    itself goes through): what hrad asks for, whatever this CPU would pick by itself."""
+    openvino = pytest.importorskip("openvino")
+    configs: list[dict[str, Any]] = []
+    compile_model = openvino.Core.compile_model
+
+    def recording(core: Any, model: Any, device_name: str | None = None, config: dict[str, Any] | None = None, **options: Any) -> Any:
+        configs.append(dict(config or {}))
+        return compile_model(core, model, device_name, config, **options)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", recording)
+    return configs

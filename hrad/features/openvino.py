@@ -37,6 +37,12 @@ from hrad.features.base import FeatureExtractor
 from hrad.features.weights import cache_dir
 from hrad.version import __version__
 
+#: ``backbone.precision`` as OpenVINO's CPU inference precision. Stated always: left unset, the CPU
+#: plugin computes an FP32 graph in bf16 on CPUs with AMX / AVX-512 BF16 (features up to 2e-2 off
+#: torch's in tests/test_backbone_speed.py, which asks for 1e-4); a bf16 / f16 hint the CPU lacks
+#: runs in f32
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
 
 class _Layers(nn.Module):
     """``extract`` as a module with a fixed layer tuple, for tracing."""
@@ -128,7 +134,11 @@ class OpenVINOExtractor(FeatureExtractor):
             import openvino as ov
 
             threads = self.threads or torch.get_num_threads()
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, threads)}
+            config = {
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": max(1, threads),
+                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.inner.precision],
+            }
             compiled = ov.Core().compile_model(self._convert(layers, example), "CPU", config)
             self._compiled[key] = compiled
         return compiled
