@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import textured_image, with_spot
 
 from hrad.config import load_config
 from hrad.model import AnomalyModel
 from hrad.strategies.tiled import TiledStrategy
-from tests.conftest import textured_image, with_spot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
