@@ -477,26 +477,19 @@ def health_summary(facts: dict[str, Any]) -> dict[str, Any]:
 def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Any, dict[str, dict[str, Any]]]:
     """The model (an :class:`~hrad.model.AnomalyModel`, or an exported model's predictor) and
     what ``/health`` says of it: ``summary`` always, ``details`` with ``--health-details``."""
-    from hrad.export_runtime import saved_model_facts
+    from hrad.export_runtime import ExportedPredictor, saved_model_facts
+    from hrad.loading import load_predictor
 
-    if model_path.suffix in (".onnx", ".xml"):
-        from hrad.export_runtime import open_predictor
-
-        if device not in (None, "cpu"):
-            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
-        predictor = open_predictor(model_path, runtime=runtime)
-        sidecar = predictor.sidecar
+    model = load_predictor(model_path, device, runtime)
+    if isinstance(model, ExportedPredictor):
+        sidecar = model.sidecar
         facts = saved_model_facts(sidecar, True, f"{model_path.with_suffix('.json')}")
         summary = health_summary(facts)
-        summary["device"] = f"cpu ({predictor.runtime})"
+        summary["device"] = f"cpu ({model.runtime})"
         details = {"backbone_weights": facts["backbone_weights"], "config": {"geometry": sidecar.get("geometry")}}
-        return predictor, {"summary": summary, "details": details}
-    if runtime is not None:
-        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model_path}")
+        return model, {"summary": summary, "details": details}
     from hrad.artifact import MANIFEST, read_manifest
-    from hrad.model import load
 
-    model = load(model_path, device=device)
     manifest = read_manifest(model_path)
     summary = health_summary(saved_model_facts(manifest, False, f"{model_path / MANIFEST}"))
     summary["device"] = str(model.device)

@@ -208,6 +208,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
     ("hrad.reports",),
     ("hrad.config", "hrad.artifact", "hrad.outputs", "hrad.export_runtime", "hrad.comparison"),
     ("hrad.model", "hrad.options", "hrad.export_graph"),
+    ("hrad.loading",),
     (
         "hrad.export_ensemble",
         "hrad.export_mrf",

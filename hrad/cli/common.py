@@ -1,6 +1,5 @@
 """What the ``hrad`` commands share: exit statuses, SIGTERM as an exception, the one-line error,
-a batch's summary, the map format and batch size options, loading a model or an export, and the
-optional MLflow run."""
+a batch's summary, the map format and batch size options, and the optional MLflow run."""
 
 from __future__ import annotations
 
@@ -67,27 +66,6 @@ def report_batch(total: int, failed: list[Any], out: Path, ended: HradError | No
         raise ended
     if failed:
         sys.exit(EXIT_SOME_FAILED)
-
-
-def load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
-    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
-    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
-    ``predict_batch``, ``decision_thresholds`` and ``thresholds`` (``hrad predict`` and ``hrad
-    evaluate`` take either)."""
-    from hrad.cli.info import EXPORTED_SUFFIXES
-    from hrad.errors import ConfigError
-
-    if model.suffix in EXPORTED_SUFFIXES:
-        from hrad.export_runtime import open_predictor
-
-        if device not in (None, "cpu"):
-            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
-        return open_predictor(model, runtime=runtime)
-    if runtime is not None:
-        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
-    from hrad.model import load
-
-    return load(model, device=device)
 
 
 @contextlib.contextmanager

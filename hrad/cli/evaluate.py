@@ -13,9 +13,10 @@ import typer
 from rich.text import Text
 
 from hrad import strict_json
-from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, load_predictor, tracking
+from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, tracking
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import InputError
+from hrad.loading import load_predictor
 
 
 class MetricProtocol(str, Enum):

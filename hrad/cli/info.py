@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hrad.errors import ArtifactError
+from hrad.loading import EXPORTED_SUFFIXES
 
 if TYPE_CHECKING:
     from hrad.postprocess.roi import RegionOfInterest
-
-#: what hrad predict / serve accept as an exported model instead of an artifact directory
-EXPORTED_SUFFIXES = (".onnx", ".xml")
-
 
 def _saved_record(path: Path) -> tuple[dict[str, Any], bool, str, dict[str, Any]]:
     """An artifact's manifest or an export's sidecar: the record, whether it is an export, the

@@ -20,12 +20,12 @@ from hrad.cli.common import (
     DEFAULT_BATCH_IMAGES,
     MapFormat,
     Terminated,
-    load_predictor,
     print_error,
     report_batch,
 )
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import HradError
+from hrad.loading import load_predictor
 
 
 def predict(

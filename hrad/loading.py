@@ -1,0 +1,30 @@
+"""A saved model loaded for prediction, whichever form it was saved in: an artifact directory or an
+export. One place for the ``--device`` / ``--runtime`` refusals, so ``hrad predict``, ``hrad
+evaluate`` and ``hrad serve`` accept and refuse the same models alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hrad.errors import ConfigError
+
+#: what hrad predict / evaluate / serve accept as an exported model instead of an artifact directory
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
+    """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
+    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
+    ``predict_batch``, ``decision_thresholds`` and ``thresholds``."""
+    if model.suffix in EXPORTED_SUFFIXES:
+        from hrad.export_runtime import open_predictor
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
+        return open_predictor(model, runtime=runtime)
+    if runtime is not None:
+        raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
+    from hrad.model import load
+
+    return load(model, device=device)
