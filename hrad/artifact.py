@@ -39,7 +39,7 @@ from torch import Tensor
 from hrad import strict_json
 from hrad.data.images import default_file_mode
 from hrad.errors import ArtifactError
-from hrad.staging import left_by_dead_process, staging_name
+from hrad.staging import left_by_dead_process, remove_created, staging_name
 from hrad.version import ARTIFACT_FORMAT, __version__
 
 MANIFEST = "hrad.json"
@@ -150,17 +150,6 @@ def _make_folders(folder: Path, created: list[Path]) -> None:
                 raise
             continue
         created.append(ancestor)
-
-
-def remove_created(created: list[Path]) -> None:
-    """Remove the folders :func:`check_artifact_target` created, innermost first, as long as
-    they are empty: one that holds anything now (kept training checkpoints) stays, and so do
-    the folders above it."""
-    for folder in reversed(created):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 @contextmanager

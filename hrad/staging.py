@@ -1,8 +1,9 @@
 """Names of the staging folders behind hrad's atomic writes, and whether one was left by a killed
 process: a model artifact (:mod:`hrad.artifact`) and a report folder (:mod:`hrad.reports.folder`)
 are each written into a hidden staging folder and moved into place only when complete; a folder
-whose process was killed (SIGKILL, a power cut) is removed by the next write beside it. Imports
-nothing of hrad, so every layer may use it.
+whose process was killed (SIGKILL, a power cut) is removed by the next write beside it. And the
+folders made for an output that a failed write or command removes again (:func:`remove_created`).
+Imports nothing of hrad, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 
 
 def staging_name(prefix: str) -> str:
@@ -33,4 +36,25 @@ def left_by_dead_process(name: str, prefix: str) -> bool:
     return False
 
 
-__all__ = ["left_by_dead_process", "staging_name"]
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and the folders above it that do not exist (not even as a link), outermost first:
+    what writing ``path`` may create, recorded before a command runs so that a failed one can
+    remove them again (:func:`remove_created`). ``..`` components are skipped: never a folder
+    of their own."""
+    return [folder for folder in [*reversed(path.parents), path] if folder.name != ".." and not os.path.lexists(folder)]
+
+
+def remove_created(created: Sequence[Path]) -> None:
+    """Remove the folders made for an output, innermost first, as long as they are empty: one that
+    holds anything now (a kept checkpoint, a file written) stays, and so do the folders above it;
+    one that was never made is skipped."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+__all__ = ["left_by_dead_process", "missing_folders", "remove_created", "staging_name"]

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -33,6 +34,7 @@ from hrad.cli.info import described_facts, model_page, read_model
 from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars, warning_line
 from hrad.errors import HradError, InputError
+from hrad.staging import missing_folders, remove_created
 
 if TYPE_CHECKING:
     from hrad.prediction import Thresholds
@@ -643,14 +645,9 @@ _INPUT_PATHS: dict[str, str | None] = {
 }  # fmt: skip
 
 
-def _missing_input(args: list[str]) -> str | None:
-    """The line naming the first input path of the command line ``args`` that does not exist, as
-    the full install names it (None: every one exists, or the line does not parse). A command
-    imports what needs torch before it checks its inputs, so on a runtime install a mistyped path
-    read 'this command needs torch', which hid the user's mistake behind an install it may not need."""
-    from hrad.cli.info import EXPORTED_SUFFIXES
-    from hrad.data.images import missing_reason
-
+def _command_values(args: list[str]) -> dict[str, Any] | None:
+    """The parameters of the command in the command line ``args`` as click reads them, defaults
+    included, without running anything (None: no command, or the line does not parse)."""
     group = typer.main.get_command(app)
     try:
         with group.make_context("hrad", list(args), resilient_parsing=True) as context:
@@ -661,8 +658,21 @@ def _missing_input(args: list[str]) -> str | None:
             if command is None:
                 return None
             with command.make_context(name, list(context.args), parent=context, resilient_parsing=True) as given:
-                values = given.params
+                return dict(given.params)
     except _USAGE_ERRORS:
+        return None
+
+
+def _missing_input(args: list[str]) -> str | None:
+    """The line naming the first input path of the command line ``args`` that does not exist, as
+    the full install names it (None: every one exists, or the line does not parse). A command
+    imports what needs torch before it checks its inputs, so on a runtime install a mistyped path
+    read 'this command needs torch', which hid the user's mistake behind an install it may not need."""
+    from hrad.cli.info import EXPORTED_SUFFIXES
+    from hrad.data.images import missing_reason
+
+    values = _command_values(args)
+    if values is None:
         return None
     for parameter, noun in _INPUT_PATHS.items():
         value = values.get(parameter)
@@ -690,12 +700,40 @@ def _usage_error(error: Exception) -> int:
     return code
 
 
+#: the parameters (of any command) that name what it writes: a folder, or a file in folders it makes
+_OUTPUT_PATHS = ("out", "page")
+
+
+def _new_output_folders(args: list[str]) -> list[Path]:
+    """The folders on the output paths of the command line ``args`` that do not exist yet (each
+    output's outermost first): what the command may create, for :func:`_removed_after_failure`."""
+    values = _command_values(args) or {}
+    return [folder for name in _OUTPUT_PATHS if isinstance(values.get(name), Path) for folder in missing_folders(values[name])]
+
+
+@contextlib.contextmanager
+def _removed_after_failure(folders: list[Path]) -> Iterator[None]:
+    """A command that fails (an error, a usage mistake, Ctrl-C, SIGTERM, a crash) removes the
+    ``folders`` it made that are still empty: ``hrad predict --model /missing --out OUT`` left an
+    empty OUT, made before the model was found missing."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            remove_created(folders)
+        raise
+    except BaseException:
+        remove_created(folders)
+        raise
+
+
 def main() -> None:
     """The console script: user mistakes are one line and status 2, never a traceback; warnings one
-    line each; with --log-file, the log's last line is the exit status and wall time."""
+    line each; with --log-file, the log's last line is the exit status and wall time. A failed
+    command leaves no folder it made for its output."""
     from hrad.cli.log_file import ended_with_status
 
-    with ended_with_status():
+    with ended_with_status(), _removed_after_failure(_new_output_folders(sys.argv[1:])):
         _run()
 
 
