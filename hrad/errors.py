@@ -20,6 +20,9 @@ _COLLECTED: ContextVar[list[str] | None] = ContextVar("hrad_collected_warnings",
 class HradError(Exception):
     """A user-facing error whose message is one self-explanatory line."""
 
+    #: the CLI's exit status for it: 2, the user's mistake (1: :class:`DivergedError`)
+    exit_status: int = 2
+
 
 class InputError(HradError):
     """Bad input data: missing, unreadable, empty or inconsistent files."""
@@ -35,6 +38,14 @@ class ConfigError(HradError):
 
 class ArtifactError(HradError):
     """A model artifact that is missing, incomplete or from an incompatible version."""
+
+
+class DivergedError(HradError):
+    """A model whose training loss, maps or thresholds came out NaN or inf on finite, varied
+    input (a diverged training, a backbone gone degenerate): not the user's data, so the CLI
+    exits 1; the model is never written, as it could not be loaded again."""
+
+    exit_status = 1
 
 
 class ExportCheckError(HradError):

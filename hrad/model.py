@@ -7,6 +7,7 @@ post-processing and the thresholds learned from held-out normal images.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from hrad.data.bit_depth import (
     warn_saturated,
 )
 from hrad.data.images import as_pixels, model_input
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named, warn
+from hrad.errors import ArtifactError, ConfigError, DivergedError, HradError, InputError, named, warn
 from hrad.features import build_backbone
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask, read_roi
@@ -433,13 +434,37 @@ class AnomalyModel:
             if profile is not None:
                 profile.update(result.anomaly_map)  # the raw map, before smoothing works in place
             anomaly_map, score = smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, border, self.roi, self.strategy.map_score)
-            scores.append(score)
             values = (anomaly_map if self.roi is None else self.roi.inside(anomaly_map)).astype(np.float64)
-            pixel_sum += values.sum()
-            pixel_sq += np.square(values).sum()
+            image_sum, image_sq = float(values.sum()), float(np.square(values).sum())  # NaN / inf when any value is
+            if not (math.isfinite(score) and math.isfinite(image_sum) and math.isfinite(image_sq)):
+                raise self._non_finite_map(name, image, kind)
+            scores.append(score)
+            pixel_sum += image_sum
+            pixel_sq += image_sq
             pixel_count += values.size
             progress(index + 1, len(images), description)
         return scores, (pixel_sum, pixel_sq, pixel_count)
+
+    def _non_finite_map(self, name: str, image: np.ndarray, kind: str) -> HradError:
+        """The error for a NaN / inf map or score of a threshold image, which would give NaN
+        thresholds (a model no load accepts): :class:`InputError` when the image is one flat value
+        (a detector dividing by its zero spread: the data's fault), else :class:`DivergedError`."""
+        where = f"{name}: the anomaly map of this {kind} image is NaN or inf, so no thresholds can come from it"
+        if image.size and float(np.min(image)) == float(np.max(image)):
+            return InputError(
+                f"{where}: the image is one flat value ({float(np.min(image)):g} everywhere), which "
+                f"{self.config.detector.name} cannot score; give images of the parts themselves"
+            )
+        last = {stage: losses[-1] for stage, losses in self.training_history.items() if losses}
+        if last:
+            stage, loss = next(reversed(last.items()))
+            cause = (
+                f"the training diverged (last {stage} epoch's mean loss {loss:.3g}); lower the detector's learning "
+                f"rate (hrad options detector {self.config.detector.name})"
+            )
+        else:
+            cause = "the backbone or detector gives NaN or inf on it (a float16 overflow, or degenerate backbone weights?)"
+        return DivergedError(f"{where}: {cause}")
 
     def calibrate(
         self,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hrad.detectors import build_detector, detector_config
 from hrad.detectors.neural import LAYOUT_KEY, EpochsConfig, NeuralDetector, Stage
-from hrad.errors import ArtifactError, InputError, NotFittedError
+from hrad.errors import ArtifactError, DivergedError, InputError, NotFittedError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 
 
@@ -79,6 +79,9 @@ def test_non_finite_loss_and_not_fitted_are_one_line_errors() -> None:
         Scale(ScaleConfig(epochs=2)).fit([broken])
     with pytest.raises(NotFittedError, match="test-scale has not been fitted"):
         Scale(ScaleConfig()).predict(broken)
+    # finite embeddings, a learning rate that makes w overflow: the training diverged (CLI status 1, not 2)
+    with pytest.raises(DivergedError, match=r"^test-scale: the training loss is not finite in epoch 2 of train: the training diverged;"):
+        Scale(ScaleConfig(epochs=2, lr=1e20)).fit([torch.ones(1, 3, 2, 2)])
     with pytest.raises(NotFittedError):
         Scale(ScaleConfig()).state_dict()
 

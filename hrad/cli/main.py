@@ -1,6 +1,7 @@
 """The ``hrad`` command line: fit, predict, evaluate, demo and data tools.
 
-User mistakes (HradError) print one line and exit with status 2, never a traceback.
+User mistakes (HradError) print one line and exit with status 2, never a traceback; a model that
+diverged (DivergedError) one line and status 1.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hrad.cli.evaluate import evaluate
 from hrad.cli.info import described_facts, model_page, read_model
 from hrad.cli.predict import predict, predict_distributed
 from hrad.cli.progress import console, print_warning, progress_bars, warning_line
-from hrad.errors import HradError, InputError
+from hrad.errors import DivergedError, HradError, InputError
 from hrad.staging import missing_folders, remove_created
 
 if TYPE_CHECKING:
@@ -213,8 +214,8 @@ def fit(
             try:
                 with progress_bars() as progress, checkpoints_in(checkpoints):
                     model = AnomalyModel(model_config).fit(train, validation, progress, roi=region)
-            except BaseException:
-                if any(checkpoints.glob("*.pt")):
+            except BaseException as error:
+                if any(checkpoints.glob("*.pt")) and not isinstance(error, DivergedError):  # a diverged training resumed diverges again
                     console.print(f"training checkpoints kept in {checkpoints}: the same command resumes from them")
                 else:
                     _clear_checkpoints(checkpoints)
@@ -745,7 +746,7 @@ def _run() -> None:
             result = app(standalone_mode=False)
     except HradError as error:
         print_error(str(error))
-        sys.exit(2)
+        sys.exit(error.exit_status)  # 2: the user's mistake; 1: a model that diverged
     except ModuleNotFoundError as error:
         reason = _missing_full_install(error)
         if reason is None:

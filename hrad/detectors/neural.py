@@ -20,7 +20,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NoReturn, TypeVar
 
 import torch
 from pydantic import Field
@@ -35,7 +35,7 @@ from hrad.detectors.scoring import (
     load_module_state,
     module_state,
 )
-from hrad.errors import ArtifactError, ConfigError, InputError, NotFittedError
+from hrad.errors import ArtifactError, ConfigError, DivergedError, InputError, NotFittedError
 from hrad.progress import log_progress
 
 logger = logging.getLogger(__name__)
@@ -412,6 +412,22 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
             "training_state": self.training_state(),
         }
 
+    def _non_finite_loss(self, stage: Stage, epoch: int, embeddings: Tensor) -> NoReturn:
+        """Raise for a NaN / inf training loss: :class:`InputError` when the embeddings it came
+        from hold NaN or inf (the input's fault), else :class:`DivergedError` (the training
+        diverged: the CLI exits 1, not 2)."""
+        where = f"{self.name}: the training loss is not finite in epoch {epoch + 1} of {stage.name}"
+        if not bool(torch.isfinite(embeddings).all()):
+            raise InputError(f"{where}; the embeddings contain NaN or inf")
+        overflow = (
+            f", or float16 overflowed (precision {self.config.precision}; try bfloat16)"
+            if self.compute_dtype == torch.float16
+            else ""
+        )
+        raise DivergedError(
+            f"{where}: the training diverged; lower its learning rate (hrad options detector {self.name}){overflow}"
+        )
+
     def _run_stage(
         self,
         stage: Stage,
@@ -455,15 +471,7 @@ class NeuralDetector(Detector[ConfigT], Generic[ConfigT, NetT]):
                 with self.autocast():
                     loss = stage.step(embeddings)
                 if not bool(torch.isfinite(loss)):
-                    hint = (
-                        f", or float16 overflowed (precision {self.config.precision}; try bfloat16)"
-                        if self.compute_dtype == torch.float16
-                        else ""
-                    )
-                    raise InputError(
-                        f"{self.name}: the training loss is not finite in epoch {epoch + 1} of {stage.name};"
-                        f" the embeddings contain NaN or inf, or the learning rate is too high{hint}"
-                    )
+                    self._non_finite_loss(stage, epoch, embeddings)
                 assert scaler is not None
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
