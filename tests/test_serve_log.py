@@ -163,3 +163,25 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_status_1(mode
     failed = [line for line in lines if re.fullmatch(rf"hrad: error: worker process \d+ cannot serve: {re.escape(str(model_dir))}-gone: model not found", line)]
     assert 1 <= len(failed) <= 2  # the first to fail stops the server (the other may have failed by then too)
     assert lines[-2] == "hrad: error: a worker process could not start (its error is above); the server stopped"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_the_server_gracefully_with_status_0_and_says_so(model_dir: Path, tmp_path: Path, workers: int) -> None:
+    """systemctl stop / a Kubernetes pod stop: one process exited 143 (uvicorn raised the SIGTERM
+    it had captured again after its graceful shutdown, into hrad's handler), --workers N 0. Both
+    exit 0 now, with one line saying SIGTERM stopped it, on stderr and in the log file."""
+    log = tmp_path / "serve.log"
+    port = free_port()
+    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
+    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model_dir), "--port", str(port),
+               "--workers", str(workers)]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        stdout, stderr = server.communicate(timeout=60)
+    lines = logged(log)
+    assert server.returncode == 0 and lines[-1].startswith("=== exit status 0 after"), stderr[-1500:]
+    assert [line for line in stderr.splitlines() if "SIGTERM" in line] == ["hrad serve stopped on SIGTERM"]
+    assert lines[-2] == "hrad serve stopped on SIGTERM" and "terminated" not in lines

@@ -282,6 +282,26 @@ def make_hd(
     console.print(f"high-resolution dataset written to {path}")
 
 
+#: what hrad serve says when SIGTERM (systemctl stop, a Kubernetes pod stop) stopped it; it then
+#: exits 0, a graceful stop, with or without --workers (one process exited 143, workers 0)
+STOPPED_ON_SIGTERM = "hrad serve stopped on SIGTERM"
+
+
+def _worker_supervisor(config: Any, sockets: list[Any]) -> Any:
+    """uvicorn's worker supervisor (``uvicorn.run(workers=N)``'s) that remembers a SIGTERM
+    (``terminated``) in place of logging uvicorn's own line for it."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        terminated = False
+
+        def handle_term(self) -> None:
+            self.terminated = True
+            self.should_exit.set()
+
+    return Supervisor(config, sockets=sockets)
+
+
 @app.command()
 def serve(
     model: Annotated[
@@ -355,12 +375,14 @@ def serve(
 
     logs = server_log_config()  # uvicorn's lines and one per request (with its seconds) on the console and in a log file
     if workers == 1:
-        uvicorn.run(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
+        try:
+            uvicorn.run(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
+        except Terminated:  # uvicorn shut down gracefully, then raised the SIGTERM it captured again, into hrad's handler
+            console.print(STOPPED_ON_SIGTERM)
         return
     import json
 
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     from hrad.service import SETTINGS_ENV
 
@@ -371,11 +393,13 @@ def serve(
     config = uvicorn.Config(
         "hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False
     )
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = _worker_supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
         print_error("a worker process could not start (its error is above); the server stopped")
         sys.exit(1)
+    if supervisor.terminated:
+        console.print(STOPPED_ON_SIGTERM)
 
 
 @app.command()
