@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,19 @@ def _rows(out: Path) -> dict[str, dict[str, str]]:
         return {Path(row["path"]).name + "@" + Path(row["path"]).parent.name: row for row in csv.DictReader(handle)}
 
 
-def _camera(folders: list[Path], out: Path, stop: bool) -> threading.Thread:
+def sigterm_to_main_thread() -> None:
+    """A SIGTERM as docker stop sends one, handled where Python handles it (the main thread): sent
+    to the process, the kernel may hand it to any thread of pytest's, a library's worker among them."""
+    main = threading.main_thread().ident
+    assert main is not None
+    signal.pthread_kill(main, signal.SIGTERM)
+
+
+def _camera(folders: list[Path], out: Path, terminate: Callable[[], None] | None) -> threading.Thread:
     """A camera: once the first image's row is written, two new images (one named like an
-    earlier one, in the other folder) and a broken one; then, if ``stop``, a SIGTERM once their
-    rows are written (as docker stop or a service manager ends a watch)."""
+    earlier one, in the other folder) and a broken one; then, with ``terminate``, a SIGTERM once
+    their rows are written (as docker stop or a service manager ends a watch)."""
+    stop = terminate is not None
 
     def work() -> None:
         deadline = time.monotonic() + 60
@@ -109,8 +119,8 @@ def _camera(folders: list[Path], out: Path, stop: bool) -> threading.Thread:
         (folders[1] / "c.png").write_bytes(b"not a png")
         while stop and time.monotonic() < deadline and len(_rows(out)) < 4:
             time.sleep(0.02)
-        if stop:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if terminate is not None:
+            terminate()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -126,7 +136,7 @@ def test_hrad_predict_watch_predicts_images_as_they_come(
     write(folders[0] / "a.png", textured_image(np.random.default_rng(4), 48, 64))
     folders[1].mkdir()
     out = tmp_path / "out"
-    camera = _camera(folders, out, stop == "sigterm")
+    camera = _camera(folders, out, sigterm_to_main_thread if stop == "sigterm" else None)
     idle = ["--watch-idle", "1"] if stop == "idle" else []
     code = run(["predict", "--model", str(model_dir), *map(str, folders), "--out", str(out), "--watch", *idle], monkeypatch)
     camera.join(5)
@@ -223,7 +233,7 @@ def test_a_watch_stopped_while_predicting_says_what_is_left(
     original = AnomalyModel.predict
 
     def stopped(self: AnomalyModel, *args: Any, **kwargs: Any) -> Any:
-        os.kill(os.getpid(), signal.SIGTERM)  # docker stop while the image computes
+        sigterm_to_main_thread()  # docker stop while the image computes
         time.sleep(0.5)
         return original(self, *args, **kwargs)
 
@@ -272,7 +282,7 @@ def test_a_watch_pages_what_it_found_and_each_new_image_while_it_waits(
         while time.monotonic() < deadline and "b.png" not in page.read_text(encoding="utf-8"):
             time.sleep(0.02)
         seen.append(page.read_text(encoding="utf-8"))
-        os.kill(os.getpid(), signal.SIGTERM)
+        sigterm_to_main_thread()
 
     thread = threading.Thread(target=camera, daemon=True)
     thread.start()
