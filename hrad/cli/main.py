@@ -592,8 +592,9 @@ def schema(
         console.print(f"schema written to {out}")
 
 
-def _version(value: bool) -> None:
-    if value:
+def _version(context: typer.Context, value: bool) -> None:
+    # not while main() reads the command line again to learn its paths (resilient parsing, as click's --help)
+    if value and not context.resilient_parsing:
         from hrad.version import __version__
 
         typer.echo(f"hrad {__version__}")
