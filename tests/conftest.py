@@ -119,3 +119,13 @@ def openvino_compile_configs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, 
 
     monkeypatch.setattr(openvino.Core, "compile_model", recording)
     return configs
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Python's fault handler again before each test: Ray's driver (tests/test_distributed.py runs
+    one in-process) replaces the SIGSEGV handler and leaves none after ray.shutdown(), so a crash
+    in a later test ended the run with status 139 and no traceback."""
+    import faulthandler
+    import sys
+
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
