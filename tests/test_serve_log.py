@@ -56,6 +56,17 @@ def warned_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 MALFORMED_UPLOAD = b"--XX\r\nBad Header: x\r\n\r\nabc\r\n--XX--\r\n"
 
 
+def start_server(model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None) -> subprocess.Popen[str]:
+    """``hrad --log-file LOG serve`` in a process of its own (the environment's HRAD_LOG_FILE left
+    out; ``pythonpath`` first on its path, for a ``sitecustomize``)."""
+    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
+    if pythonpath is not None:
+        environment["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [environment.get("PYTHONPATH")])])
+    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model), "--port", str(port),
+               "--workers", str(workers)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+
+
 def test_each_request_is_logged_once_with_its_status_and_seconds_and_an_escaped_path(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     client = TestClient(create_app(model_dir))
     with caplog.at_level(logging.INFO, logger="hrad.service"):
@@ -74,10 +85,7 @@ def test_serve_writes_startup_requests_and_shutdown_to_the_log_file(warned_model
     never reached the log file; now every line on stderr is in the file, as hrad's lines."""
     log = tmp_path / "serve.log"
     port = free_port()
-    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
-    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(warned_model_dir), "--port", str(port),
-               "--workers", str(workers)]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    server = start_server(warned_model_dir, log, port, workers)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base)
@@ -146,11 +154,7 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_status_1(mode
     then gave status 0. Now the worker says why in one line and the server stops, status 1."""
     (tmp_path / "sitecustomize.py").write_text(FAILING_WORKERS)
     log = tmp_path / "serve.log"
-    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
-    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [environment.get("PYTHONPATH")])])
-    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model_dir), "--port", str(free_port()),
-               "--workers", "2"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    server = start_server(model_dir, log, free_port(), 2, pythonpath=tmp_path)
     try:
         stdout, stderr = server.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -172,10 +176,7 @@ def test_sigterm_stops_the_server_gracefully_with_status_0_and_says_so(model_dir
     exit 0 now, with one line saying SIGTERM stopped it, on stderr and in the log file."""
     log = tmp_path / "serve.log"
     port = free_port()
-    environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
-    command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model_dir), "--port", str(port),
-               "--workers", str(workers)]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    server = start_server(model_dir, log, port, workers)
     try:
         wait_ready(f"http://127.0.0.1:{port}")
     finally:
