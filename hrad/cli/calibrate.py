@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from hrad.cli.info import EXPORTED_SUFFIXES
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import ConfigError
+from hrad.loading import EXPORTED_SUFFIXES
 from hrad.prediction import check_finite
 
 #: fewer new good images than this give thresholds from a rough mean and std: said, not refused

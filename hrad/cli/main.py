@@ -694,8 +694,8 @@ def _missing_input(args: list[str]) -> str | None:
     the full install names it (None: every one exists, or the line does not parse). A command
     imports what needs torch before it checks its inputs, so on a runtime install a mistyped path
     read 'this command needs torch', which hid the user's mistake behind an install it may not need."""
-    from hrad.cli.info import EXPORTED_SUFFIXES
     from hrad.data.images import missing_reason
+    from hrad.loading import EXPORTED_SUFFIXES
 
     values = _command_values(args)
     if values is None:
