@@ -286,7 +286,7 @@ def export_openvino(
     if extra is None:
         graphs = [(onnx_path, xml_path, _random_feeds(sidecar))]
     else:  # HiAD: the backbone graph (onnx_path), one per pool detector, the low branch's
-        listed = [extra["embedder"], *extra["high"], *([extra["low"]] if extra["low"] else [])]
+        listed = [extra["embedder"], *extra["high"], *(extra[key] for key in ("low", "low_embedder") if extra.get(key))]
         graphs = [
             (onnx_path.with_name(graph["onnx"]), xml_path.with_name(Path(graph["onnx"]).with_suffix(".xml").name), _shaped_feeds(graph["inputs"]))
             for graph in listed
@@ -295,7 +295,7 @@ def export_openvino(
     for index, (source, target, feeds) in enumerate(graphs):
         converted = openvino.convert_model(str(source))
         checks = [feeds]
-        if precision == "int8" and index == 0:  # the backbone's graph; HiAD's scoring graphs stay FP32
+        if precision == "int8" and index == 0:  # the window backbone graph; HiAD's scoring graphs and low-size backbone stay FP32
             assert calibration_images is not None
             samples = _calibration_feeds(onnx_path, [Path(path) for path in calibration_images], calibration_samples)
             converted = _quantize(converted, samples)

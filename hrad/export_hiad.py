@@ -136,13 +136,19 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     write_verified_onnx(embedder, {"images": examples}, (window_embeddings,), out_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes)
     low_image = torch.rand(1, 3, *low_size, generator=generator)
     other_image = torch.rand(1, 3, *other_low, generator=generator)
+    # the low branch's backbone: the window graph where it runs at the low size, else its own graph
+    # traced there (TensorFlow SAME padding traces as constants, right only for sizes of the same
+    # parity at every stride-2 stage: EfficientNet-Lite's window 448 against a low side of 168)
+    low_embedder_path = out_path
+    low_embedder_graph = None
     if config.low_branch and verify and not _check_at(out_path, embedder, {"images": low_image}):
-        out_path.unlink(missing_ok=True)
-        raise ConfigError(
-            f"hiad export: the {model.config.backbone.name} graph traced at {window[1]}x{window[0]} does not run at the low "
-            f"branch's {low_size[1]}x{low_size[0]} (a backbone traced with fixed sizes); not exported"
-        )
-    other_sizes = check_other and (not verify or _check_at(out_path, embedder, {"images": other_image}))
+        low_embedder_path = _graph_name(out_path, "low_embedder")
+        with torch.no_grad():
+            expected_low = embedder(low_image)
+        write_verified_onnx(embedder, {"images": low_image}, (expected_low,), low_embedder_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes)
+        low_embedder_graph = {"onnx": low_embedder_path.name, "inputs": {"images": list(low_image.shape)}}
+    # another image size's low branch, on the graph that embeds it
+    other_sizes = check_other and (not verify or _check_at(low_embedder_path, embedder, {"images": other_image}))
 
     # the pool: one scoring graph per detector, on the patches' (fused) embeddings
     c = tiles.crop_cells
@@ -185,6 +191,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "embedder": {"onnx": out_path.name, "inputs": {"images": [2, 3, *window]}},
             "high": [{"onnx": name, "inputs": {EMBEDDINGS: list(patch_embeddings.shape)}} for name in pool_files],
             "low": low_graph,
+            "low_embedder": low_embedder_graph,
         },
         "geometry": {
             "strategy": "hiad",
@@ -229,7 +236,8 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "to the patch's mean-pooled fused feature; run graphs.high[detector] on the fused features",
             "calibrate each patch map with its detector's range (calibration['high.<m>']: clip((x - min) / (max - min), 0, 1)), "
             "resize (bilinear) to patch x patch, average overlapping patches",
-            "low branch: the image resized to low_size (long side ~low_res_size, multiples of multiple), embedded, "
+            "low branch: the image resized to low_size (long side ~low_res_size, multiples of multiple), embedded "
+            "(by graphs.low_embedder when not null: the backbone traced at low_size, else graphs.embedder), "
             "run graphs.low, divided by low_border_ratios[d] at d cells from the low map's border (when not null; "
             "hrad.postprocess.border.calibrate_border), calibrated with calibration['low'], resized to H x W; final = max(high, low)",
             "map = Gaussian(smoothing_sigma) of final; strategy score = max of the score_pool x score_pool mean of "

@@ -621,6 +621,9 @@ class HiADPredictor(ExportedPredictor):
         self.pool = [graph_session(self.onnx_path.with_name(graph["onnx"]), sidecar, runtime, providers) for graph in graphs["high"]]
         low = graphs["low"]
         self.low = None if low is None else graph_session(self.onnx_path.with_name(low["onnx"]), sidecar, runtime, providers)
+        # the backbone traced at the low size when the window graph does not run there (older exports: no key)
+        low_embedder = graphs.get("low_embedder")
+        self.low_session = self.session if low_embedder is None else graph_session(self.onnx_path.with_name(low_embedder["onnx"]), sidecar, runtime, providers)
         self.window: tuple[int, int] = (int(sidecar["input"]["window"][0]), int(sidecar["input"]["window"][1]))
         assignment = sidecar["assignment"]
         self.kind: str = assignment["kind"]
@@ -634,8 +637,8 @@ class HiADPredictor(ExportedPredictor):
         if float(self.geometry["smoothing_sigma"]) == 0:  # as HiAD.map_score
             self.map_score = MapScore(float(self.geometry["score_sigma"]), int(self.geometry["score_pool"]))
 
-    def _embed(self, images: np.ndarray) -> np.ndarray:
-        (embeddings,) = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+    def _embed(self, images: np.ndarray, session: Any = None) -> np.ndarray:
+        (embeddings,) = (session or self.session).run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
         return np.asarray(embeddings, dtype=np.float32)
 
     def _embed_windows(self, windows: np.ndarray) -> np.ndarray:
@@ -709,7 +712,7 @@ class HiADPredictor(ExportedPredictor):
                 merger.add(p.y, p.x, tile_map)
         final = merger.result()
         if self.low is not None:
-            embeddings = self._embed(resize(planes, low_size)[None])
+            embeddings = self._embed(resize(planes, low_size)[None], self.low_session)
             low_map = calibrate_border(np.array(self.low.run(None, {"embeddings": embeddings})[0][0], dtype=np.float32), self.low_border)
             final = np.maximum(final, resize(normalize_range(low_map, *self.ranges["low"]), (height, width)))
         final = np.ascontiguousarray(final, dtype=np.float32)

@@ -14,6 +14,8 @@ from export_helpers import make_model, spotted_image, training_images
 from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
 from hrad.export_runtime import HiADPredictor, open_predictor
+from hrad.features.efficientnet import SameConv2d
+from hrad.features.tiny import TinyCNN
 from hrad.prediction import Prediction
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa" / "capsules"
@@ -60,6 +62,7 @@ def test_hiad_export_matches_model_predict(strategy: dict, detector: str | dict,
     pool = model.strategy.detector_count
     assert len(sidecar["graphs"]["high"]) == pool and sidecar["assignment"]["count"] == pool
     assert (sidecar["graphs"]["low"] is None) == (strategy.get("low_branch") is False)
+    assert sidecar["graphs"]["low_embedder"] is None  # the window graph runs at the low size
     assert sorted(sidecar["calibration"]) == sorted(model.strategy.calibration.names())
     for graph in sidecar["graphs"]["high"]:
         assert (tmp_path / graph["onnx"]).is_file()
@@ -86,6 +89,33 @@ def test_hiad_export_divides_the_low_branch_by_its_border_ratios(tmp_path: Path)
     predictor = open_predictor(tmp_path / "m.onnx")
     for image in (spotted_image(6, 128, 192, 110, 170, 9), training_images(21, 1, 128, 192)[0]):
         assert_same(predictor.predict(image), model.predict(image))
+
+
+def same_padding(extractor: TinyCNN) -> None:
+    """Its convolutions with TensorFlow SAME padding (as EfficientNet-Lite's), same weights: the
+    traced pads are constants, right only for sizes of the traced one's parity at each stage."""
+    for stage in extractor.stages:
+        conv = stage[0]
+        same = SameConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+        same.load_state_dict(conv.state_dict())
+        stage[0] = same
+
+
+def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) -> None:
+    """A backbone whose window graph does not run at the low branch's size (window 64: even at every
+    stage; low 40x56: odd at the third) gets a second backbone graph traced at that size."""
+    model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
+    same_padding(model.extractor)
+    model.fit(training_images(5, 3), training_images(9, 2))
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    low_embedder = sidecar["graphs"]["low_embedder"]
+    assert low_embedder["inputs"]["images"] == [1, 3, 40, 56] and (tmp_path / low_embedder["onnx"]).is_file()
+    assert sidecar["geometry"]["other_sizes_verified"] is False  # traced at one low size
+    predictor = open_predictor(tmp_path / "m.onnx")
+    for image in (spotted_image(6), training_images(21, 1)[0]):
+        assert_same(predictor.predict(image), model.predict(image))
+    with pytest.raises(InputError, match="not verified at other sizes"):  # a square image: low 56x56
+        predictor.predict(spotted_image(7, 90, 90, 20, 40, 8))
 
 
 def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
