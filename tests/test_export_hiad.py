@@ -3,6 +3,7 @@ torch-free predictor equals hrad predict (fusion, assignment, calibration, branc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -116,6 +117,10 @@ def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) 
         assert_same(predictor.predict(image), model.predict(image))
     with pytest.raises(InputError, match="not verified at other sizes"):  # a square image: low 56x56
         predictor.predict(spotted_image(7, 90, 90, 20, 40, 8))
+    if importlib.util.find_spec("openvino") is not None:  # the OpenVINO export converts that graph too
+        sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "fp32").read_text())
+        assert sidecar["openvino"]["graphs"]["v.low_embedder.onnx"] == "v.low_embedder.xml"
+        assert_same(open_predictor(tmp_path / "v.xml").predict(spotted_image(6)), model.predict(spotted_image(6)))
 
 
 def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
