@@ -54,7 +54,7 @@ from hrad.comparison import (
 from hrad.data.datasets import Sample
 from hrad.data.images import read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
-from hrad.export_runtime import ExportedPredictor
+from hrad.export_runtime import ExportedPredictor, onnxruntime_module, openvino_module
 from hrad.metrics import (
     PixelMetrics,
     bootstrap_auroc,
@@ -65,9 +65,8 @@ from hrad.metrics import (
     threshold_decisions,
 )
 from hrad.metrics.image import BOOTSTRAP_RESAMPLES
-from hrad.model import AnomalyModel, Prediction
 from hrad.postprocess.roi import RegionOfInterest
-from hrad.prediction import Thresholds
+from hrad.prediction import Prediction, Thresholds
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
 from hrad.reports.figures import Case, case_grid, select_cases
@@ -145,6 +144,8 @@ def reported_model(model: EvaluatedModel) -> ReportedModel:
                 "training losses, so the config shown is the sidecar's model, geometry and postprocess, without a training curve.",
             ),
         )
+    from hrad.model import AnomalyModel  # not an export: a torch model, so torch is there
+
     if not isinstance(model, AnomalyModel):
         raise TypeError(f"cannot report on a {type(model).__name__}: an AnomalyModel or an exported model's predictor")
     config = model.config
@@ -307,16 +308,20 @@ def image_thumbnail(image: np.ndarray) -> np.ndarray:
     return small
 
 
-def environment() -> dict[str, str]:
-    import torch
-
-    return {
+def environment(model: EvaluatedModel | None = None) -> dict[str, str]:
+    """Where the numbers were measured and what computed them: torch and its device, or for an
+    exported model its runtime and version, without importing torch (a runtime install has none)."""
+    machine = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": str(__import__("os").cpu_count()),
-        "torch": torch.__version__,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    if isinstance(model, ExportedPredictor):
+        runtime = openvino_module() if model.runtime == "openvino" else onnxruntime_module()
+        return {**machine, "runtime": f"{model.runtime} {getattr(runtime, '__version__', '?')}", "device": "cpu"}
+    import torch
+
+    return {**machine, "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def model_notes(model: EvaluatedModel) -> list[str]:
@@ -347,7 +352,7 @@ def write_evaluation(
         "skipped": list(skipped),
         "bit_depth": model.bit_depth,  # learned at fit (the config says only "auto"); null: 16-bit as stored
         "roi_inspected": model.roi.inspected if model.roi is not None else None,  # null: the whole image
-        "environment": environment(),
+        "environment": environment(model),
         "config": reported.config,
     }
     (out_dir / "metrics.json").write_text(strict_json.dumps(payload, indent=2))  # undefined metrics as null
@@ -489,7 +494,7 @@ def write_html_report(
         pixel_threshold=metrics.get("pixel_threshold"),
         cases=select_cases(cases, count),
         config=reported.config,
-        environment=environment(),
+        environment=environment(model),
         decisions=decisions_text(metrics),
         operating_points_note=OPERATING_POINTS_NOTE,
         notes=(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import psutil
-import torch
+
+
+def _loaded_torch() -> Any:
+    """torch if this process has imported it, else None: a process without torch (an exported
+    model's ``hrad evaluate`` on a runtime install) holds no GPU memory to measure, and
+    importing torch here would cost seconds there, or fail."""
+    return sys.modules.get("torch")
 
 
 class PeakMemory:
@@ -33,7 +41,8 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
-        if torch.cuda.is_available():
+        torch = _loaded_torch()
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._start = time.perf_counter()
         self.peak_rss_mb = self._process.memory_info().rss / 2**20
@@ -47,5 +56,6 @@ class PeakMemory:
             self._thread.join()
         self.peak_rss_mb = max(self.peak_rss_mb, self._process.memory_info().rss / 2**20)
         self.seconds = time.perf_counter() - self._start
-        if torch.cuda.is_available():
+        torch = _loaded_torch()  # imported inside the block: its peak since the process began is the block's
+        if torch is not None and torch.cuda.is_available():
             self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
