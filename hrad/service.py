@@ -22,7 +22,8 @@ path, its full config and its weights' sources are shown only with ``health_deta
 prediction requests are in flight (receiving their upload, waiting for or holding the model)
 and 503 past that, so a load balancer stops routing to a saturated replica without restarting
 it; a prediction request that arrives then is refused at once, 503 with ``Retry-After``, before
-its body is read (:class:`BodyLimit`), so a flood of uploads cannot fill the disk.
+its body is read (:class:`BodyLimit`), so a flood of uploads cannot fill the disk. ``Retry-After``
+is the queue's drain time as measured (:class:`ServiceTime`), which ``/ready`` shows too.
 ``POST /predict/batch`` takes several images in one request (each answered or failed on its
 own). ``/metrics`` is Prometheus text: requests by route and status, request and prediction
 latencies, requests waiting. Responses are Pydantic models, so ``/openapi.json`` describes every
@@ -38,6 +39,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -91,8 +93,15 @@ SPOOL_BYTES = 2**20
 #: the routes whose requests carry uploads: only these bodies are received (and spooled), and only
 #: while fewer than ``max_queue`` of them are in flight (:class:`BodyLimit`)
 PREDICTION_ROUTES = frozenset({"/predict", "/predict/batch"})
-#: ``Retry-After`` seconds of a prediction request refused because the queue was full
+#: ``Retry-After`` seconds of a prediction request refused because the queue was full, before any
+#: request's service time was measured, and the least it ever says (:class:`ServiceTime`)
 QUEUE_FULL_RETRY_AFTER = 1
+#: the most ``Retry-After`` says, however deep the queue and slow the model: a client told to wait
+#: longer is better served by another replica (``/ready`` already steers a load balancer there)
+RETRY_AFTER_CAP = 60
+#: weight of the newest request in the moving average of service time: about the last five requests
+#: count, so the estimate follows a change of image size or load within a few requests
+SERVICE_TIME_WEIGHT = 0.3
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -206,6 +215,13 @@ class ReadyResponse(BaseModel):
     ready: bool
     queued: int = Field(description="prediction requests in flight now: receiving their upload, waiting for or holding the model")
     max_queue: int
+    request_seconds: float | None = Field(
+        description="recent seconds one prediction request held the model (moving average, this worker); null before the first"
+    )
+    retry_after: int = Field(
+        description="the Retry-After a prediction request refused now would get: queued x request_seconds, rounded up, "
+        f"{QUEUE_FULL_RETRY_AFTER} to {RETRY_AFTER_CAP} s ({QUEUE_FULL_RETRY_AFTER} before any request was measured)"
+    )
 
 
 #: default readiness bound: requests waiting for or holding the model
@@ -264,13 +280,48 @@ def _is_prediction(scope: Scope) -> bool:
     return scope["type"] == "http" and scope.get("method") == "POST" and path in PREDICTION_ROUTES
 
 
+class ServiceTime:
+    """How long a prediction request holds the model, recently: an exponential moving average
+    (weight :data:`SERVICE_TIME_WEIGHT` on the newest request, the first taken as it is), and the
+    ``Retry-After`` it implies for a request refused because the queue is full.
+
+    The model serves one request at a time, so the ``depth`` requests in flight take about
+    ``depth x seconds`` to be served: that, rounded up to whole seconds, at least
+    :data:`QUEUE_FULL_RETRY_AFTER` and at most :data:`RETRY_AFTER_CAP`, is the ``Retry-After``;
+    before any request was measured it is :data:`QUEUE_FULL_RETRY_AFTER`. A fixed second made
+    clients that obey it retry many times into a queue that takes seconds per request (HiAD on a
+    4K image) to drain. Each worker process of ``hrad serve --workers N`` measures its own model
+    and queue, and the refusal comes from the worker whose queue is full."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self._lock = threading.Lock()  # requests end in executor threads
+
+    def observe(self, seconds: float) -> None:
+        """One request held the model ``seconds`` in all (a batch: over its images)."""
+        with self._lock:
+            previous = self.seconds
+            self.seconds = seconds if previous is None else previous + SERVICE_TIME_WEIGHT * (seconds - previous)
+
+    def retry_after(self, depth: int) -> int:
+        """Whole seconds for ``depth`` requests to be served, within the bounds above."""
+        if self.seconds is None:
+            return QUEUE_FULL_RETRY_AFTER
+        return min(max(math.ceil(depth * self.seconds), QUEUE_FULL_RETRY_AFTER), RETRY_AFTER_CAP)
+
+
 class InFlight:
     """Prediction requests admitted and not yet answered, at most ``limit`` (changed only on the
-    event loop, by :class:`BodyLimit`)."""
+    event loop, by :class:`BodyLimit`), and how long each recently took to serve."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
+        self.service_time = ServiceTime()
+
+    def retry_after(self) -> int:
+        """The ``Retry-After`` of a request refused now (:meth:`ServiceTime.retry_after`)."""
+        return self.service_time.retry_after(self.count)
 
 
 class BodyLimit:
@@ -279,8 +330,8 @@ class BodyLimit:
     A declared ``Content-Length`` over ``limit`` bytes is 413 at once. Only a prediction
     request's body is received (:func:`_is_prediction`; the other routes read none, so theirs is
     never stored), and only while fewer than ``in_flight.limit`` prediction requests are in
-    flight: past that it is 503 at once, with ``Retry-After``, before any of its body is
-    received. Counting requests from their arrival, not from when they wait for the model, is
+    flight: past that it is 503 at once, with ``Retry-After`` (:meth:`InFlight.retry_after`),
+    before any of its body is received. Counting requests from their arrival, not from when they wait for the model, is
     what bounds the disk, since each admitted one may spool up to ``limit`` bytes.
 
     An admitted body is received whole (at most ``limit`` bytes, spooled to disk past
@@ -359,12 +410,13 @@ class BodyLimit:
 
     async def _refuse_busy(self, scope: Scope, receive: Receive, send: Send) -> None:
         in_flight = self.in_flight
+        retry_after = in_flight.retry_after()
         response = _error(
             503,
             f"{scope['path']}: the queue is full ({in_flight.count} of at most {in_flight.limit} prediction requests "
-            f"in flight, max_queue); retry in {QUEUE_FULL_RETRY_AFTER} s",
+            f"in flight, max_queue); retry in {retry_after} s",
         )
-        response.headers["Retry-After"] = str(QUEUE_FULL_RETRY_AFTER)
+        response.headers["Retry-After"] = str(retry_after)
         await response(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -610,7 +662,13 @@ def create_app(
     @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
     def ready() -> Any:
         busy = in_flight.count
-        body = {"ready": busy < max_queue, "queued": busy, "max_queue": max_queue}
+        body = {
+            "ready": busy < max_queue,
+            "queued": busy,
+            "max_queue": max_queue,
+            "request_seconds": in_flight.service_time.seconds,
+            "retry_after": in_flight.retry_after(),
+        }
         return body if body["ready"] else JSONResponse(status_code=503, content=body)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -623,18 +681,23 @@ def create_app(
         kind: MapKind | None,
         deadline: float,
         cancelled: threading.Event,
+        held: list[float],
         overrides: tuple[float | None, float | None, float | None] = (None, None, None),
     ) -> dict[str, Any]:
+        """Predict one upload under the model's lock; the seconds it held the model (decoding,
+        predicting, encoding) are appended to ``held``, for its request's service time."""
         acquired = False
+        held_since: float | None = None
         count_queued(+1)
 
         def take_lock() -> None:
-            nonlocal acquired
+            nonlocal acquired, held_since
             acquired = lock.acquire(timeout=max(deadline - time.monotonic(), 0.0))
             if not acquired:
                 raise _Busy
             if cancelled.is_set():
                 raise _Cancelled
+            held_since = time.perf_counter()
 
         try:
             array = decode_upload(path, name, budget, before_decode=take_lock)
@@ -668,8 +731,15 @@ def create_app(
             return result
         finally:
             count_queued(-1)
+            if held_since is not None:
+                held.append(time.perf_counter() - held_since)
             if acquired:
                 lock.release()
+
+    def observe_service(held: list[float]) -> None:
+        """A request done: the seconds it held the model, if it got it, feed ``Retry-After``."""
+        if held:
+            in_flight.service_time.observe(sum(held))
 
     def _upload_folder() -> Path:
         """A private folder for one request's uploads, removed when its work is done (after a 504
@@ -717,9 +787,11 @@ def create_app(
         cancelled = threading.Event()
 
         def job() -> dict[str, Any]:
+            held: list[float] = []
             try:
-                return _predict_upload(path, name, map, deadline, cancelled, overrides)
+                return _predict_upload(path, name, map, deadline, cancelled, held, overrides)
             finally:
+                observe_service(held)
                 shutil.rmtree(folder, ignore_errors=True)
 
         return await _bounded(name, deadline, cancelled, job)
@@ -751,14 +823,16 @@ def create_app(
 
         def run_all() -> dict[str, Any]:
             results: list[dict[str, Any]] = []
+            held: list[float] = []
             try:
                 for path, name in uploads:
                     try:
-                        results.append(_predict_upload(path, name, map, deadline, cancelled, overrides))
+                        results.append(_predict_upload(path, name, map, deadline, cancelled, held, overrides))
                     except HradError as error:
                         status = 413 if isinstance(error, ImageTooLargeError) else 400
                         results.append({"filename": name, "error": " ".join(str(error).split()), "status": status})
             finally:
+                observe_service(held)
                 shutil.rmtree(folder, ignore_errors=True)
             return {"results": results}
 

@@ -11,6 +11,7 @@ import logging.config
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -56,15 +57,20 @@ def warned_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 MALFORMED_UPLOAD = b"--XX\r\nBad Header: x\r\n\r\nabc\r\n--XX--\r\n"
 
 
-def start_server(model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None) -> subprocess.Popen[str]:
+def start_server(
+    model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None, own_group: bool = False
+) -> subprocess.Popen[str]:
     """``hrad --log-file LOG serve`` in a process of its own (the environment's HRAD_LOG_FILE left
-    out; ``pythonpath`` first on its path, for a ``sitecustomize``)."""
+    out; ``pythonpath`` first on its path, for a ``sitecustomize``; ``own_group``: in a process
+    group of its own, as a terminal's foreground job, whose Ctrl-C reaches every process in it)."""
     environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [environment.get("PYTHONPATH")])])
     command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model), "--port", str(port),
                "--workers", str(workers)]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=own_group
+    )
 
 
 def test_each_request_is_logged_once_with_its_status_and_seconds_and_an_escaped_path(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -170,19 +176,28 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_status_1(mode
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_stops_the_server_gracefully_with_status_0_and_says_so(model_dir: Path, tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_stops_the_server_gracefully_with_status_0_and_says_so(
+    model_dir: Path, tmp_path: Path, workers: int, stop: str
+) -> None:
     """systemctl stop / a Kubernetes pod stop: one process exited 143 (uvicorn raised the SIGTERM
     it had captured again after its graceful shutdown, into hrad's handler), --workers N 0. Both
-    exit 0 now, with one line saying SIGTERM stopped it, on stderr and in the log file."""
+    exit 0 now, with one line saying SIGTERM stopped it, on stderr and in the log file. Ctrl-C
+    (SIGINT to the whole process group, as a terminal sends it) stops it the same way: it exited 0
+    without a word of it (one process) or with uvicorn's 'Received SIGINT, exiting.' (workers)."""
     log = tmp_path / "serve.log"
     port = free_port()
-    server = start_server(model_dir, log, port, workers)
+    server = start_server(model_dir, log, port, workers, own_group=stop == "SIGINT")
     try:
         wait_ready(f"http://127.0.0.1:{port}")
     finally:
-        server.terminate()
+        if stop == "SIGINT":
+            os.killpg(server.pid, signal.SIGINT)
+        else:
+            server.terminate()
         stdout, stderr = server.communicate(timeout=60)
     lines = logged(log)
     assert server.returncode == 0 and lines[-1].startswith("=== exit status 0 after"), stderr[-1500:]
-    assert [line for line in stderr.splitlines() if "SIGTERM" in line] == ["hrad serve stopped on SIGTERM"]
-    assert lines[-2] == "hrad serve stopped on SIGTERM" and "terminated" not in lines
+    assert [line for line in stderr.splitlines() if stop in line] == [f"hrad serve stopped on {stop}"]
+    assert lines[-2] == f"hrad serve stopped on {stop}" and "terminated" not in lines and "interrupted" not in lines
+    assert "Traceback" not in stderr

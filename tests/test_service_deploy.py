@@ -125,7 +125,8 @@ def test_a_prediction_request_past_the_queue_is_refused_before_its_body_is_read(
     """With --max-queue requests in flight, each further upload was received whole (spooled to
     disk) and waited for the model until its timeout, however many came: a flood of uploads could
     fill the disk. It is now 503 at once, with Retry-After, and none of its body is received; the
-    requests within the queue wait and are answered as before, and so is one after them."""
+    requests within the queue wait and are answered as before, and so is one after them. (Retry-After
+    is 1 s here, as nothing was measured yet: tests/test_service_production.py has it grow.)"""
     app = create_app(model_dir, max_queue=2)
     release = hold_predictions(app, 30)
     upload = b'--b\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + jpeg(spotted_image(5, 96, 128)) + b"\r\n--b--\r\n"
@@ -169,7 +170,7 @@ def test_a_prediction_request_past_the_queue_is_refused_before_its_body_is_read(
     assert json.loads(batch_body)["error"].startswith("/predict/batch: the queue is full (2 of at most 2")
     assert sorted(received) == [1, 2, 5]  # the refused requests' bodies were never asked for
     assert [answer[0] for answer in answered] == [200, 200, 200]
-    assert TestClient(app).get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 2}
+    assert TestClient(app).get("/ready").json()["queued"] == 0
 
 
 def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from hrad.config import load_config
 from hrad.model import AnomalyModel
-from hrad.service import create_app
+from hrad.service import RETRY_AFTER_CAP, ServiceTime, create_app
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_ready_goes_503_while_the_queue_is_full_and_health_stays_200(model_dir: 
     app = create_app(model_dir, max_queue=1)
     release = hold_predictions(app, 10)
     client = TestClient(app)
-    assert client.get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 1}
+    assert client.get("/ready").json() == {"ready": True, "queued": 0, "max_queue": 1, "request_seconds": None, "retry_after": 1}
     statuses: list[int] = []
     worker = threading.Thread(target=lambda: statuses.append(client.post("/predict", files={"image": ("a.png", spot_png)}).status_code))
     worker.start()
@@ -62,12 +64,94 @@ def test_ready_goes_503_while_the_queue_is_full_and_health_stays_200(model_dir: 
             if answer.status_code == 503:
                 break
             time.sleep(0.02)
-        assert answer.status_code == 503 and answer.json() == {"ready": False, "queued": 1, "max_queue": 1}
+        assert answer.status_code == 503
+        assert answer.json() == {"ready": False, "queued": 1, "max_queue": 1, "request_seconds": None, "retry_after": 1}
         assert client.get("/health").status_code == 200  # alive, only not ready
     finally:
         release.set()
         worker.join()
     assert statuses == [200] and client.get("/ready").status_code == 200
+
+
+def test_retry_after_is_the_queue_depth_times_the_moving_average_of_service_time() -> None:
+    """The estimator's arithmetic: 1 s before anything was measured, the first request taken as it
+    is, then each new one weighted 0.3; the depth times that, rounded up, within 1 and the cap."""
+    service = ServiceTime()
+    assert service.seconds is None and service.retry_after(4) == 1
+    service.observe(2.0)
+    assert service.seconds == 2.0 and service.retry_after(3) == 6 and service.retry_after(0) == 1
+    service.observe(4.0)
+    assert service.seconds == pytest.approx(2.6)  # 2 + 0.3 x (4 - 2)
+    assert service.retry_after(3) == 8  # 7.8 rounded up
+    service.observe(0.0)
+    assert service.seconds == pytest.approx(1.82)  # 2.6 + 0.3 x (0 - 2.6)
+    assert service.retry_after(1) == 2 and service.retry_after(100) == RETRY_AFTER_CAP == 60
+    service.observe(0.001)
+    assert service.retry_after(0) == 1  # never below 1
+
+
+def test_retry_after_grows_with_a_slow_model(model_dir: Path, spot_png: bytes) -> None:
+    """A request refused because the queue is full was told to retry in 1 s however slow the model:
+    a client that obeyed it hammered a queue that takes seconds to drain. Retry-After is now the
+    queue's depth times the measured time a request holds the model (1 s before any was measured),
+    and /ready shows both."""
+    slow = 1.0  # seconds each prediction takes, at least
+    app = create_app(model_dir, max_queue=2)
+    model = app.state.model
+    original = model.predict
+    gate = threading.Event()
+
+    def slow_predict(image: Any, **options: Any) -> object:
+        gate.wait(30)
+        time.sleep(slow)
+        return original(image, **options)
+
+    model.predict = slow_predict
+    client = TestClient(app)
+
+    def fill_the_queue() -> tuple[list[threading.Thread], list[int]]:
+        """Two requests in flight, held by the closed gate; then a third is refused."""
+        statuses: list[int] = []
+        posts = [
+            threading.Thread(target=lambda: statuses.append(client.post("/predict", files={"image": ("a.png", spot_png)}).status_code))
+            for _ in range(2)
+        ]
+        for post in posts:
+            post.start()
+        for _ in range(500):
+            if client.get("/ready").json()["queued"] == 2:
+                break
+            time.sleep(0.02)
+        return posts, statuses
+
+    def refused() -> tuple[int, dict[str, Any]]:
+        answer = client.post("/predict", files={"image": ("c.png", spot_png)})
+        assert answer.status_code == 503
+        ready = client.get("/ready").json()
+        assert ready["queued"] == 2 and ready["retry_after"] == int(answer.headers["retry-after"])
+        assert answer.json()["error"].endswith(f"retry in {answer.headers['retry-after']} s")
+        return int(answer.headers["retry-after"]), ready
+
+    posts, statuses = fill_the_queue()
+    try:
+        first, ready = refused()
+        assert (first, ready["request_seconds"]) == (1, None)  # nothing measured yet
+    finally:
+        gate.set()
+        for post in posts:
+            post.join()
+    assert statuses == [200, 200]
+    gate.clear()
+    posts, statuses = fill_the_queue()
+    try:
+        second, ready = refused()
+    finally:
+        gate.set()
+        for post in posts:
+            post.join()
+    assert statuses == [200, 200]
+    measured = ready["request_seconds"]
+    assert measured >= slow and second == math.ceil(2 * measured) >= 2 * slow > first
 
 
 def test_batch_answers_every_image_on_its_own(model_dir: Path, spot_png: bytes) -> None:

@@ -282,21 +282,52 @@ def make_hd(
     console.print(f"high-resolution dataset written to {path}")
 
 
-#: what hrad serve says when SIGTERM (systemctl stop, a Kubernetes pod stop) stopped it; it then
-#: exits 0, a graceful stop, with or without --workers (one process exited 143, workers 0)
-STOPPED_ON_SIGTERM = "hrad serve stopped on SIGTERM"
+#: what hrad serve says when SIGTERM (systemctl stop, a Kubernetes pod stop) or SIGINT (Ctrl-C)
+#: stopped it, after uvicorn's graceful shutdown; it then exits 0, with or without --workers (one
+#: process exited 143 on SIGTERM, and stopped on Ctrl-C without a word of it)
+STOPPED_ON = "hrad serve stopped on {}"
+
+
+def _serve_in_this_process(app_: Any, **options: Any) -> str | None:
+    """``uvicorn.run(app_, **options)`` in this process, and the signal that stopped it, SIGTERM or
+    SIGINT, None when it stopped on its own. uvicorn catches both while it serves, shuts down
+    gracefully, then raises the signal again into the handler it found: hrad's for SIGTERM
+    (:class:`Terminated`), and for SIGINT the one set here, which notes it and raises
+    KeyboardInterrupt as Python's own does (uvicorn.run swallows that one; older versions may not)."""
+    import uvicorn
+
+    interrupted: list[int] = []
+
+    def note_interrupt(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        uvicorn.run(app_, **options)
+    except Terminated:
+        return "SIGTERM"
+    except KeyboardInterrupt:
+        return "SIGINT"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return "SIGINT" if interrupted else None
 
 
 def _worker_supervisor(config: Any, sockets: list[Any]) -> Any:
-    """uvicorn's worker supervisor (``uvicorn.run(workers=N)``'s) that remembers a SIGTERM
-    (``terminated``) in place of logging uvicorn's own line for it."""
+    """uvicorn's worker supervisor (``uvicorn.run(workers=N)``'s) that remembers the SIGTERM or
+    SIGINT that stopped it (``stopped_by``) in place of logging uvicorn's own line for it."""
     from uvicorn.supervisors import Multiprocess
 
     class Supervisor(Multiprocess):
-        terminated = False
+        stopped_by: str | None = None
 
         def handle_term(self) -> None:
-            self.terminated = True
+            self.stopped_by = self.stopped_by or "SIGTERM"
+            self.should_exit.set()
+
+        def handle_int(self) -> None:
+            self.stopped_by = self.stopped_by or "SIGINT"
             self.should_exit.set()
 
     return Supervisor(config, sockets=sockets)
@@ -343,6 +374,7 @@ def serve(
 
     Each request is one line on stderr (client, method, path, status, seconds), beside uvicorn's
     startup and shutdown lines; hrad --log-file writes them to its file too, workers' included.
+    Ctrl-C or SIGTERM shuts down gracefully (requests in flight are answered) and exits 0.
     """
     try:
         import uvicorn
@@ -375,10 +407,9 @@ def serve(
 
     logs = server_log_config()  # uvicorn's lines and one per request (with its seconds) on the console and in a log file
     if workers == 1:
-        try:
-            uvicorn.run(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
-        except Terminated:  # uvicorn shut down gracefully, then raised the SIGTERM it captured again, into hrad's handler
-            console.print(STOPPED_ON_SIGTERM)
+        stopped_by = _serve_in_this_process(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
+        if stopped_by is not None:
+            console.print(STOPPED_ON.format(stopped_by))
         return
     import json
 
@@ -398,8 +429,8 @@ def serve(
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
         print_error("a worker process could not start (its error is above); the server stopped")
         sys.exit(1)
-    if supervisor.terminated:
-        console.print(STOPPED_ON_SIGTERM)
+    if supervisor.stopped_by is not None:
+        console.print(STOPPED_ON.format(supervisor.stopped_by))
 
 
 @app.command()
