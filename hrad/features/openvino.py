@@ -17,6 +17,15 @@ A cache that cannot be written or read only costs the conversion.
 
 ``openvino`` is an optional dependency (``pip install hrad[openvino]``); asking for this runtime
 without it is a one-line :class:`~hrad.errors.ConfigError`. CPU only: GPU runs keep torch.
+
+Every extractor compiles through one ``openvino.Core`` kept for the life of the process
+(:func:`openvino_core`): each Core loads its own CPU plugin, and each CPU plugin instance points
+the calling thread's alternate signal stack at a buffer of its own and frees that buffer when it
+is destroyed, restoring the stack it replaced only if its own is still the current one. Two
+plugins released in the order they were made (a Core per compile, models dropped first-made
+first) left the main thread's alternate stack on freed memory, and the next Python signal handler
+(all run on that stack: SIGTERM from ``docker stop``, Ctrl-C) killed the process with SIGSEGV and
+no traceback (the whole test suite died so at tests/test_watch.py's SIGTERM).
 """
 
 from __future__ import annotations
@@ -55,6 +64,22 @@ class _Layers(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         maps = self.extractor.extract(images, self.layers)
         return tuple(maps[name] for name in self.layers)
+
+
+#: ``openvino_core``'s one Core, under the key ``"core"``
+_CORE: dict[str, Any] = {}
+
+
+def openvino_core() -> Any:
+    """This process's one ``openvino.Core`` for extractors, made on first use and never released:
+    one CPU plugin, whose alternate signal stack stays valid (see the module's docstring).
+    ``setdefault`` keeps the first Core should two threads get here at once; the other compiled
+    nothing, so it loaded no plugin."""
+    if "core" not in _CORE:
+        import openvino as ov
+
+        _CORE.setdefault("core", ov.Core())
+    return _CORE["core"]
 
 
 def openvino_available() -> bool:
@@ -110,7 +135,7 @@ class OpenVINOExtractor(FeatureExtractor):
         path = self.cache_path(layers, (example.shape[-2], example.shape[-1]))
         if path.exists():
             try:
-                return ov.Core().read_model(str(path))
+                return openvino_core().read_model(str(path))
             except Exception:  # noqa: BLE001 - a damaged cache entry is converted again
                 pass
         module = _Layers(self.inner, layers).eval()
@@ -131,15 +156,13 @@ class OpenVINOExtractor(FeatureExtractor):
         key = (*layers, *map(str, example.shape[-2:]))
         compiled = self._compiled.get(key)
         if compiled is None:
-            import openvino as ov
-
             threads = self.threads or torch.get_num_threads()
             config = {
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": max(1, threads),
                 "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.inner.precision],
             }
-            compiled = ov.Core().compile_model(self._convert(layers, example), "CPU", config)
+            compiled = openvino_core().compile_model(self._convert(layers, example), "CPU", config)
             self._compiled[key] = compiled
         return compiled
 
