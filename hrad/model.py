@@ -284,7 +284,15 @@ class AnomalyModel:
         """Fit on good images; thresholds come from ``validation`` or a held-out fraction of them.
 
         ``roi``: the region of interest (:mod:`hrad.postprocess.roi`: a mask array or file,
-        non-zero = inspect), kept by the model and applied to every map, thresholds included."""
+        non-zero = inspect), kept by the model and applied to every map, thresholds included.
+
+        A model that could only mislead is refused, never returned: :class:`DivergedError`
+        when the threshold images' maps are NaN or inf, or all one value (a training collapsed
+        to a constant output: thresholds of zero spread flag everything or nothing; see
+        :meth:`_thresholds`). With no threshold images (``threshold.validation_fraction`` 0 and
+        no ``validation``) the model has no thresholds (:attr:`thresholds` None) and the fit
+        predicts the first training image once, so a model mapping it to NaN or inf is refused
+        too; that one prediction is the only cost, and only there."""
         source: ImageSource = ArrayImages(images) if isinstance(images, (list, tuple)) else images  # type: ignore[arg-type]
         if len(source) == 0:
             raise InputError("no normal training images")
@@ -320,6 +328,8 @@ class AnomalyModel:
         if validation_source is not None and len(validation_source) > 0:
             self.strategy.calibrate(validation_source, progress)
             self.thresholds = self._thresholds(validation_source, progress)
+        else:
+            self._held_out_statistics(Subset(train, [0]), progress, None, None, "training")  # NaN / inf: refused
         if not self._mix_told:  # every training image read by now
             self._tell_mix(observed, stacklevel=2)
         if validation is not None:  # every validation image read by now too
@@ -394,16 +404,20 @@ class AnomalyModel:
         The first pass also profiles the raw maps' excess along the image border
         (:mod:`hrad.postprocess.border`); only when it finds one are the images predicted again,
         their maps divided by it, for the thresholds (most of all when there is no frame, one pass).
+
+        Maps that are all one value, the same in every image, with all scores equal
+        (:func:`_one_value`, from the first pass's statistics, at no cost) are refused
+        (:meth:`_constant_maps`): thresholds of zero spread flag everything or nothing.
         """
         profile = BorderProfile() if self.config.postprocess.border_calibration else None
         scores, pixels = self._held_out_statistics(images, progress, None, profile, kind)
+        if _one_value(scores, pixels):
+            raise self._constant_maps(images, kind, _mean_and_std(pixels)[0], len(scores))
         border = profile.ratios() if profile is not None else None
         if border:
             scores, pixels = self._held_out_statistics(images, progress, border, None, kind)
         k = self.config.threshold.sigmas
-        pixel_sum, pixel_sq, pixel_count = pixels
-        mean = pixel_sum / pixel_count
-        std = max(pixel_sq / pixel_count - mean**2, 0.0) ** 0.5
+        mean, std = _mean_and_std(pixels)
         return Thresholds(
             image=float(np.mean(scores) + k * np.std(scores)),
             pixel=float(mean + k * std),
@@ -422,6 +436,8 @@ class AnomalyModel:
         scores: list[float] = []
         pixel_sum = pixel_sq = pixel_count = 0.0
         description = "thresholds on border-calibrated maps" if border else f"thresholds from {'held-out normal' if kind == 'held-out' else kind} images"
+        if kind == "training":
+            description = "a training image's map (no threshold images)"
         for index in range(len(images)):
             name = image_name(images, index, f"{kind} image")
             try:
@@ -449,7 +465,8 @@ class AnomalyModel:
         """The error for a NaN / inf map or score of a threshold image, which would give NaN
         thresholds (a model no load accepts): :class:`InputError` when the image is one flat value
         (a detector dividing by its zero spread: the data's fault), else :class:`DivergedError`."""
-        where = f"{name}: the anomaly map of this {kind} image is NaN or inf, so no thresholds can come from it"
+        consequence = "so the model would map and score images as NaN" if kind == "training" else "so no thresholds can come from it"
+        where = f"{name}: the anomaly map of this {kind} image is NaN or inf, {consequence}"
         if image.size and float(np.min(image)) == float(np.max(image)):
             return InputError(
                 f"{where}: the image is one flat value ({float(np.min(image)):g} everywhere), which "
@@ -465,6 +482,46 @@ class AnomalyModel:
         else:
             cause = "the backbone or detector gives NaN or inf on it (a float16 overflow, or degenerate backbone weights?)"
         return DivergedError(f"{where}: {cause}")
+
+    def _constant_maps(self, images: ImageSource, kind: str, value: float, count: int) -> HradError:
+        """The error for threshold images whose maps are all one ``value`` (:func:`_one_value`):
+        :class:`InputError` when every image is itself one flat value (nothing to score: the
+        data's fault, named by its first image), else :class:`DivergedError` saying what to do:
+        a trained detector collapsed to a constant output, a memory-bank one has features that
+        tell no part from another. Reads the images again until one is not flat (one read,
+        unless they are all flat), on this failure only."""
+        detector = self.config.detector.name
+        images_said = f"this {kind} image" if count == 1 else f"all {count} {kind} images"
+        where = (
+            f"every anomaly map of {images_said} is one value ({value:.6g} everywhere), so thresholds from "
+            f"{'it' if count == 1 else 'them'} would flag everything or nothing"
+        )
+        flat: tuple[str, float] | None = None
+        for index in range(len(images)):
+            image = images[index]
+            if not (image.size and float(np.min(image)) == float(np.max(image))):
+                break
+            flat = flat or (image_name(images, index, f"{kind} image"), float(np.min(image)))
+        else:
+            if flat is not None:
+                return InputError(
+                    f"{flat[0]}: {where}: the {kind} images are each one flat value ({flat[1]:g} everywhere in this "
+                    f"one), which {detector} cannot score; give images of the parts themselves"
+                )
+        last = {stage: losses[-1] for stage, losses in self.training_history.items() if losses}
+        if last:
+            stage, loss = next(reversed(last.items()))
+            refit = "refit it with" if kind == "good" else "fit again with"
+            cause = (
+                f"the training collapsed to a constant output (last {stage} epoch's mean loss {loss:.3g}); "
+                f"{refit} a lower learning rate or more epochs (hrad options detector {detector})"
+            )
+        else:
+            cause = (
+                f"the backbone's features tell no part of these images from another (degenerate backbone weights? "
+                f"check --weights), or the {kind} images are identical to the training ones; give varied {kind} images"
+            )
+        return DivergedError(f"{detector}: {where}: {cause}")
 
     def calibrate(
         self,
@@ -631,6 +688,34 @@ class AnomalyModel:
         history = manifest.get("training_history") or {}
         model.training_history = {str(k): [float(x) for x in v] for k, v in history.items()} if isinstance(history, dict) else {}
         return model
+
+
+#: threshold maps whose values lie within this share of their mean (a few float32 roundings:
+#: the border calibration, the blur and upsampling round a constant map by an ulp or two) are
+#: one value; a real model's spread is orders of magnitude above it
+_ONE_VALUE_SPREAD = 8 * float(np.finfo(np.float32).eps)
+
+
+def _mean_and_std(pixels: tuple[float, float, float]) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels whose sum, sum of squares and count are ``pixels``."""
+    pixel_sum, pixel_sq, pixel_count = pixels
+    mean = pixel_sum / pixel_count
+    return mean, max(pixel_sq / pixel_count - mean**2, 0.0) ** 0.5
+
+
+def _one_value(scores: Sequence[float], pixels: tuple[float, float, float]) -> bool:
+    """Whether every threshold map is one value, the same in all, and every image score equal:
+    maps of no information (a training collapsed to a constant output, an all-zero map). Up to
+    :data:`_ONE_VALUE_SPREAD` of the magnitude, not exactly: a constant map comes out of the
+    float32 post-processing a few roundings apart (a map of 1234.5678 everywhere: a std of 6e-8
+    of its mean), and the float64 sums' own cancellation error is about 2e-8 of the mean, so
+    only maps varying by less than about a millionth of their mean (a few float32 steps, below
+    what a float32 map resolves) are taken for one value."""
+    if pixels[2] < 2:
+        return False  # one value is no map
+    mean, std = _mean_and_std(pixels)
+    spread = max(scores) - min(scores)
+    return std <= _ONE_VALUE_SPREAD * abs(mean) and spread <= _ONE_VALUE_SPREAD * max(abs(score) for score in scores)
 
 
 def load(path: str | Path, device: str | None = None) -> AnomalyModel:
