@@ -44,7 +44,7 @@ def labelled_test_set(root: Path) -> Path:
 def evaluate_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
     """``hrad evaluate ARGS`` in a process where ``import torch`` fails; its stdout ends with the
     JSON list of the modules it loaded."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # openvino may be there
     return subprocess.run(
         [sys.executable, "-c", LOADED_MODULES + NO_TORCH, "evaluate", *args], capture_output=True, text=True, env=env, timeout=300, check=False
     )
