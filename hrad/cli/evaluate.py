@@ -70,7 +70,8 @@ def evaluate(
     An exported model (hrad export) is measured by the same code, through its runtime, so its
     metrics can be set beside those of the model directory it came from; its report shows the
     sidecar's model, geometry and postprocess in place of the fit config and has no training
-    curve (a note in the report says so).
+    curve (a note in the report says so). It needs no torch: a runtime install
+    (requirements-runtime.txt) evaluates an export on the machine that runs it.
 
     A test image that cannot be read or predicted (or whose mask cannot be read) is skipped with
     one warning line naming the file and the problem; the metrics cover the rest, metrics.json /
