@@ -5,7 +5,6 @@ the line PC; its metrics are those of the same export evaluated by a full instal
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -17,13 +16,9 @@ import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
 from export_helpers import PATCHCORE, make_model, training_images
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-from sklearn.metrics import roc_curve as sklearn_roc_curve
 from test_export_runtime import LOADED_MODULES, NO_TORCH, requirement_closure, third_party_imports
 
 from hrad.export import export_onnx, export_openvino
-from hrad.metrics import image_metrics
-from hrad.metrics.image import roc_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what differs between two runs of one evaluation: timings, memory, the date and what computed it
@@ -52,9 +47,9 @@ def evaluate_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_cli_evaluate_on_an_export_without_torch_equals_the_full_install(runtime: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """It imported torch (hrad.model for a type check, sklearn for the image metrics, torch for
-    the peak GPU memory and the report's environment): on a runtime install it stopped with
-    'this command needs sklearn'. Behind a torch blocker it now writes the same report, with the
+    """It imported torch (hrad.model for a type check, torch for the peak GPU memory and the
+    report's environment), and the runtime requirements lacked scikit-learn (the image metrics):
+    on a runtime install it stopped with 'this command needs sklearn'. Behind a torch blocker it now writes the same report, with the
     same metrics to the last bit, as the full install's evaluation of the same export; and every
     third-party package the hrad modules that ran import is installed by requirements-runtime.txt."""
     if runtime == "openvino":
@@ -80,11 +75,11 @@ def test_cli_evaluate_on_an_export_without_torch_equals_the_full_install(runtime
 
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     loaded = {name.split(".")[0] for name in modules}
-    assert "torch" not in loaded and {"sklearn", "skimage", "faiss", "safetensors"}.isdisjoint(loaded)
+    assert "torch" not in loaded and {"skimage", "faiss", "safetensors"}.isdisjoint(loaded)
     ran = [ROOT / Path(*name.split(".")).with_suffix(".py") for name in modules if name == "hrad" or name.startswith("hrad.")]
     ran += [path.with_suffix("") / "__init__.py" for path in ran]
     used = set().union(*(third_party_imports(path) for path in ran if path.is_file())) & loaded
-    assert {"numpy", "matplotlib", "psutil"} <= used
+    assert {"numpy", "sklearn", "matplotlib", "psutil"} <= used
     from importlib.metadata import packages_distributions
 
     distributions = packages_distributions()
@@ -101,26 +96,3 @@ def test_the_blocker_stops_evaluate_of_a_model_directory(tmp_path: Path) -> None
     data = labelled_test_set(tmp_path / "data")
     result = evaluate_without_torch(["--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "out")])
     assert result.returncode != 0 and "this command needs torch" in result.stderr
-
-
-def test_image_metrics_are_sklearns_to_the_last_bit() -> None:
-    """hrad.metrics.image computes in numpy what it took from scikit-learn (which a runtime install
-    lacks): AUROC, AP, F1-max and the report's ROC curve equal sklearn's exactly, with ties,
-    integer scores, tiny float32 scores and unbalanced classes."""
-    rng = np.random.default_rng(0)
-    for trial in range(400):
-        size = int(rng.integers(2, 60))
-        labels = rng.random(size) < rng.random()
-        labels[0], labels[-1] = True, False  # both classes
-        scores = rng.normal(size=size) + labels * rng.random()
-        scores = [scores, np.round(scores, 1), rng.integers(0, 4, size).astype(float), np.float32(scores).astype(np.float64) * 1e-3][trial % 4]
-        precision, recall, _ = precision_recall_curve(labels, scores)
-        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
-        expected = {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores), "image_f1_max": f1.max()}
-        assert image_metrics(scores, labels) == {key: float(value) for key, value in expected.items()}, trial
-        fpr, tpr, _ = sklearn_roc_curve(labels, scores)
-        got_fpr, got_tpr = roc_curve(scores, labels)
-        np.testing.assert_array_equal(got_fpr, fpr)
-        np.testing.assert_array_equal(got_tpr, tpr)
-    one_class = image_metrics([0.3, 0.4], [1, 1])
-    assert math.isnan(one_class["image_auroc"]) and one_class["image_ap"] == float(average_precision_score([1, 1], [0.3, 0.4]))

@@ -24,9 +24,16 @@ from hrad.export_runtime import graph_session, onnxruntime_module, open_predicto
 ROOT = Path(__file__).resolve().parents[1]
 #: relative to the map's magnitude; numpy/Pillow resizing vs torch's is within ~1e-6 of it
 TOLERANCE = 1e-4
-#: hrad's CLI with torch hidden: any `import torch` (hrad's or a dependency's) raises ImportError
+#: hrad's CLI with torch hidden, as on a machine without it: any `import torch` (hrad's or a
+#: dependency's) raises ModuleNotFoundError, and torch is not in sys.modules (scikit-learn looks
+#: there for array types; a None entry is not what a missing torch looks like)
 NO_TORCH = (
-    "import sys; sys.modules['torch'] = None\n"
+    "import sys\n"
+    "class NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
     "from hrad.cli.main import main\n"
     "sys.argv = ['hrad', *sys.argv[1:]]\n"
     "try:\n    main()\n"

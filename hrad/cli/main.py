@@ -675,7 +675,8 @@ def _options(
 #: click's own. Both are caught, so a dependency upgrade cannot turn them into tracebacks.
 _USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException, click.ClickException)
 _ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort, EOFError)
-#: modules of a full install that a torch-free runtime install (requirements-runtime.txt) lacks
+#: modules of a full install that a torch-free runtime install (requirements-runtime.txt) lacks, or
+#: lacked before its evaluate support (sklearn, psutil, matplotlib: an older runtime install)
 _FULL_INSTALL_ONLY = frozenset(
     {"torch", "faiss", "sklearn", "skimage", "yaml", "safetensors", "psutil", "matplotlib", "transformers", "onnx", "numba"}
 )
@@ -688,7 +689,7 @@ def _missing_full_install(error: ModuleNotFoundError) -> str | None:
         return None
     return (
         f"this command needs {missing}, which is not installed: a runtime install (requirements-runtime.txt) "
-        "runs exported models only (hrad predict, serve and info on an .onnx or .xml); install hrad itself "
+        "runs exported models only (hrad predict, evaluate, serve and info on an .onnx or .xml); install hrad itself "
         "(pip install -e .) for the rest"
     )
 

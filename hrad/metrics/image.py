@@ -1,10 +1,4 @@
-"""Image-level metrics: one score and one label per image.
-
-The ROC and precision-recall curves are scikit-learn's algorithm (``roc_curve`` with its
-collinear points dropped, ``auc``, ``precision_recall_curve``, ``average_precision_score``,
-as of 1.9) in numpy, so ``hrad evaluate`` on an exported model runs on a torch-free runtime
-install (requirements-runtime.txt), which has no scikit-learn; tests check they equal
-scikit-learn's to the last bit, ties included.
+"""Image-level metrics: one score and one label per image, so plain scikit-learn is enough.
 
 ``image_f1_max`` is an ORACLE number: it picks the best threshold with the test labels, so it
 is an upper bound on what a deployed threshold reaches, not a deployable result.
@@ -15,48 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from hrad.errors import InputError
-
-
-def _counts_at_thresholds(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False and true positives (float64) at each distinct score, highest first (flagged: score >=
-    it), and those scores: scikit-learn's ``confusion_matrix_at_thresholds``, unweighted."""
-    order = np.argsort(scores, kind="stable")[::-1]
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_each_score = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_labels.size - 1]
-    true_positives = np.cumsum(sorted_labels.astype(np.float64), dtype=np.float64)[last_of_each_score]
-    false_positives = 1 + last_of_each_score.astype(np.float64) - true_positives
-    return false_positives, true_positives, sorted_scores[last_of_each_score]
-
-
-def roc_curve(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates of the image ROC curve from (0, 0), collinear points
-    dropped (scikit-learn's ``roc_curve``); both classes must be present."""
-    score_array = np.asarray(scores, dtype=np.float64).ravel()
-    label_array = np.asarray(labels).ravel().astype(bool)
-    false_positives, true_positives, _ = _counts_at_thresholds(score_array, label_array)
-    if false_positives.size > 2:
-        corners = np.logical_or(np.diff(false_positives, 2), np.diff(true_positives, 2))
-        keep = np.nonzero(np.r_[True, corners, True])[0]
-        false_positives, true_positives = false_positives[keep], true_positives[keep]
-    false_positives, true_positives = np.r_[0.0, false_positives], np.r_[0.0, true_positives]
-    return false_positives / false_positives[-1], true_positives / true_positives[-1]
-
-
-def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under :func:`roc_curve` with trapezoids (scikit-learn's ``roc_auc_score``)."""
-    fpr, tpr = roc_curve(scores, labels)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-
-
-def _precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall from the highest threshold to the lowest, ending at (1, 0)
-    (scikit-learn's ``precision_recall_curve``); needs a defective image."""
-    false_positives, true_positives, _ = _counts_at_thresholds(scores, labels)
-    precision = true_positives / (true_positives + false_positives)  # at least one image is flagged at every threshold
-    recall = true_positives / true_positives[-1]
-    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
 
 
 def image_metrics(
@@ -78,15 +33,15 @@ def image_metrics(
     nan = float("nan")
     result = {"image_auroc": nan, "image_ap": nan, "image_f1_max": nan}
     if n_anomalous > 0:
-        precision, recall = _precision_recall(score_array, label_array)
-        result["image_ap"] = float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))  # the step integral; -0.0 clipped
+        result["image_ap"] = float(average_precision_score(label_array, score_array))
+        precision, recall, _ = precision_recall_curve(label_array, score_array)
         denominator = precision + recall
         f1 = np.divide(
             2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
         )
         result["image_f1_max"] = float(f1.max())
         if n_normal > 0:
-            result["image_auroc"] = _auroc(score_array, label_array)
+            result["image_auroc"] = float(roc_auc_score(label_array, score_array))
     return result
 
 

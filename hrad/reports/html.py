@@ -87,12 +87,12 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _image_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    # scikit-learn's curve in numpy: a runtime install (an exported model's hrad evaluate) has no sklearn
-    from hrad.metrics.image import roc_curve
+    from sklearn.metrics import roc_curve
 
     if len(set(labels.tolist())) < 2:
         return None
-    return roc_curve(scores, labels)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr
 
 
 def roc_figure(data: ReportData) -> str:
