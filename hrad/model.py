@@ -472,9 +472,9 @@ class AnomalyModel:
                 f"{where}: the image is one flat value ({float(np.min(image)):g} everywhere), which "
                 f"{self.config.detector.name} cannot score; give images of the parts themselves"
             )
-        last = {stage: losses[-1] for stage, losses in self.training_history.items() if losses}
-        if last:
-            stage, loss = next(reversed(last.items()))
+        last = self._last_epoch_loss()
+        if last is not None:
+            stage, loss = last
             cause = (
                 f"the training diverged (last {stage} epoch's mean loss {loss:.3g}); lower the detector's learning "
                 f"rate (hrad options detector {self.config.detector.name})"
@@ -482,6 +482,11 @@ class AnomalyModel:
         else:
             cause = "the backbone or detector gives NaN or inf on it (a float16 overflow, or degenerate backbone weights?)"
         return DivergedError(f"{where}: {cause}")
+
+    def _last_epoch_loss(self) -> tuple[str, float] | None:
+        """The last trained stage and its last epoch's mean loss (None: nothing was trained)."""
+        last = {stage: losses[-1] for stage, losses in self.training_history.items() if losses}
+        return next(reversed(last.items())) if last else None
 
     def _constant_maps(self, images: ImageSource, kind: str, value: float, count: int) -> HradError:
         """The error for threshold images whose maps are all one ``value`` (:func:`_one_value`):
@@ -508,9 +513,9 @@ class AnomalyModel:
                     f"{flat[0]}: {where}: the {kind} images are each one flat value ({flat[1]:g} everywhere in this "
                     f"one), which {detector} cannot score; give images of the parts themselves"
                 )
-        last = {stage: losses[-1] for stage, losses in self.training_history.items() if losses}
-        if last:
-            stage, loss = next(reversed(last.items()))
+        last = self._last_epoch_loss()
+        if last is not None:
+            stage, loss = last
             refit = "refit it with" if kind == "good" else "fit again with"
             cause = (
                 f"the training collapsed to a constant output (last {stage} epoch's mean loss {loss:.3g}); "

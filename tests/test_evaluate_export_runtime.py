@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cli_helpers import run, write
-from conftest import textured_image, with_spot
+from cli_helpers import run
 from export_helpers import PATCHCORE, make_model, training_images
+from test_export import labelled_folder
 from test_export_runtime import LOADED_MODULES, NO_TORCH, requirement_closure, third_party_imports
 
 from hrad.export import export_onnx, export_openvino
@@ -23,17 +22,6 @@ from hrad.export import export_onnx, export_openvino
 ROOT = Path(__file__).resolve().parents[1]
 #: what differs between two runs of one evaluation: timings, memory, the date and what computed it
 RUN_DEPENDENT = {"seconds_per_image", "peak_rss_mb", "peak_gpu_mb", "environment"}
-
-
-def labelled_test_set(root: Path) -> Path:
-    """An MVTec-style test set of 90x130 images: 3 good, 3 with a spot and its mask."""
-    rng = np.random.default_rng(7)
-    for index in range(3):
-        write(root / "test" / "good" / f"{index:03d}.png", textured_image(rng, 90, 130))
-        image, mask = with_spot(textured_image(rng, 90, 130), 20 + 15 * index, 30 + 25 * index, 9)
-        write(root / "test" / "spot" / f"{index:03d}.png", image)
-        write(root / "ground_truth" / "spot" / f"{index:03d}_mask.png", np.repeat(mask[..., None], 3, axis=2).astype(np.float32))
-    return root
 
 
 def evaluate_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -59,7 +47,7 @@ def test_cli_evaluate_on_an_export_without_torch_equals_the_full_install(runtime
     model.save(tmp_path / "model")
     exported = tmp_path / "export" / ("m.xml" if runtime == "openvino" else "m.onnx")
     (export_openvino if runtime == "openvino" else export_onnx)(model, exported)
-    data = labelled_test_set(tmp_path / "data")
+    data = labelled_folder(tmp_path / "data")
 
     common = ["--data", str(data)]
     assert run(["evaluate", "--model", str(exported), *common, "--out", str(tmp_path / "full")], monkeypatch) == 0
@@ -93,6 +81,6 @@ def test_cli_evaluate_on_an_export_without_torch_equals_the_full_install(runtime
 def test_the_blocker_stops_evaluate_of_a_model_directory(tmp_path: Path) -> None:
     """The check can fail: a model directory's evaluation needs torch, and behind the blocker it stops."""
     make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2)).save(tmp_path / "model")
-    data = labelled_test_set(tmp_path / "data")
+    data = labelled_folder(tmp_path / "data")
     result = evaluate_without_torch(["--model", str(tmp_path / "model"), "--data", str(data), "--out", str(tmp_path / "out")])
     assert result.returncode != 0 and "this command needs torch" in result.stderr
