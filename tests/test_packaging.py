@@ -73,7 +73,7 @@ WITHOUT_TORCH = (
     [
         (["info", "no/such/model"], "no/such/model: model not found"),
         (["predict", "--model", "no/such/model", "images", "--out", "out"], "no/such/model: model not found"),
-        (["evaluate", "--model", "no/such/model.onnx", "--data", "images", "--out", "out"], "no/such/model.onnx: exported model not found"),
+        (["evaluate", "--model", "no/such/model.onnx", "--data", "data", "--out", "out"], "no/such/model.onnx: exported model not found"),
         (["fit", "--data", "no/such/data", "--out", "model"], "no/such/data: dataset folder not found"),
         (["serve", "--model", "no/such/model"], "no/such/model: model not found"),
         (["--max-pixels", "1000", "calibrate", "--model", "no/such/model", "--out", "m", "images"], "no/such/model: model not found"),
@@ -86,6 +86,8 @@ def test_a_missing_input_on_a_runtime_install_is_named_before_the_install(comman
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"")  # exists; never read
+    (tmp_path / "data" / "test" / "good").mkdir(parents=True)  # a labelled test set, for evaluate
+    (tmp_path / "data" / "test" / "good" / "a.png").write_bytes(b"")
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (2, f"hrad: error: {line}\n")
     assert not (tmp_path / "model").exists()
