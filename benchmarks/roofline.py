@@ -136,6 +136,9 @@ def variants(name: str, device: str, include_openvino: bool, cpu_bf16: bool) -> 
         yield Variant(f"  bf16 autocast ({bf16_note})", extractor, autocast=torch.bfloat16, tiles_per_call=2)
     if include_openvino:
         yield Variant("+ OpenVINO CPU (backbone.runtime=openvino)", OpenVINOExtractor(extractor))
+        if flags_bf16 or cpu_bf16:  # OpenVINO's bf16 kernels: backbone.precision=bfloat16
+            lower = build_backbone(BackboneConfig(name=name, precision="bfloat16"))
+            yield Variant(f"  OpenVINO bf16 (backbone.precision=bfloat16, {bf16_note})", OpenVINOExtractor(lower))
 
 
 def measure_backbone(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
