@@ -44,6 +44,7 @@ from hrad.hiad_math import (
     pooled_max,
     valid_cells,
 )
+from hrad.openvino_core import openvino_core
 from hrad.postprocess.border import calibrate_border
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask
 from hrad.postprocess.seams import smooth_seams
@@ -201,34 +202,18 @@ class OpenVINOSession:
     Computed in FP32 on every CPU (an FP16 IR only stores its weights in half precision; an INT8
     one keeps its scoring in float): left to itself, OpenVINO's CPU plugin runs float graphs in
     bf16 on CPUs with AMX / AVX-512 BF16, 0.3-0.5% off onnxruntime, past what ``hrad export``
-    verified and records in the sidecar.
-
-    Every session compiles through one ``openvino.Core`` kept for the life of the process
-    (:meth:`core`): each Core loads its own CPU plugin, which points the calling thread's alternate
-    signal stack at a buffer of its own and frees it when destroyed, restoring the previous stack
-    only if its own is still current. A Core per session (HiAD holds several) released first-made
-    first left the main thread's alternate stack on freed memory: the next Python signal handler
-    (SIGTERM, Ctrl-C) killed the process with SIGSEGV and no traceback."""
-
-    #: :meth:`core`'s one Core, under the key ``"core"``
-    _cores: dict[str, Any] = {}
+    verified and records in the sidecar. Every session compiles through the process's one
+    ``openvino.Core`` (:func:`hrad.openvino_core.openvino_core`: a Core per session, HiAD holds
+    several, crashed the next signal handler)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        core = self.core()
+        openvino_module()  # installed, or one line saying how
+        core = openvino_core()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.outputs = list(self.compiled.outputs)
-
-    @classmethod
-    def core(cls) -> Any:
-        """This process's one ``openvino.Core`` for sessions, made on first use and never released
-        (one CPU plugin, its alternate signal stack valid). ``setdefault`` keeps the first Core
-        should two threads get here at once; the other compiled nothing, so it loaded no plugin."""
-        if "core" not in cls._cores:
-            cls._cores.setdefault("core", openvino_module().Core())
-        return cls._cores["core"]
 
     def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.compiled(feeds)

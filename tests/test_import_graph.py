@@ -198,6 +198,7 @@ LAYER_ORDER: list[tuple[str, ...]] = [
         "hrad.pipeline",
         "hrad.profiling",
         "hrad.service_page",
+        "hrad.openvino_core",
     ),
     ("hrad.data",),
     ("hrad.features",),

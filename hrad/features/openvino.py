@@ -18,14 +18,8 @@ A cache that cannot be written or read only costs the conversion.
 ``openvino`` is an optional dependency (``pip install hrad[openvino]``); asking for this runtime
 without it is a one-line :class:`~hrad.errors.ConfigError`. CPU only: GPU runs keep torch.
 
-Every extractor compiles through one ``openvino.Core`` kept for the life of the process
-(:func:`openvino_core`): each Core loads its own CPU plugin, and each CPU plugin instance points
-the calling thread's alternate signal stack at a buffer of its own and frees that buffer when it
-is destroyed, restoring the stack it replaced only if its own is still the current one. Two
-plugins released in the order they were made (a Core per compile, models dropped first-made
-first) left the main thread's alternate stack on freed memory, and the next Python signal handler
-(all run on that stack: SIGTERM from ``docker stop``, Ctrl-C) killed the process with SIGSEGV and
-no traceback (the whole test suite died so at tests/test_watch.py's SIGTERM).
+Every extractor compiles through the process's one ``openvino.Core``
+(:func:`hrad.openvino_core.openvino_core`: a Core per compile crashed the next signal handler).
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from torch import Tensor, nn
 from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
 from hrad.features.weights import cache_dir
+from hrad.openvino_core import openvino_core
 from hrad.version import __version__
 
 #: ``backbone.precision`` as OpenVINO's CPU inference precision. Stated always: left unset, the CPU
@@ -64,22 +59,6 @@ class _Layers(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         maps = self.extractor.extract(images, self.layers)
         return tuple(maps[name] for name in self.layers)
-
-
-#: ``openvino_core``'s one Core, under the key ``"core"``
-_CORE: dict[str, Any] = {}
-
-
-def openvino_core() -> Any:
-    """This process's one ``openvino.Core`` for extractors, made on first use and never released:
-    one CPU plugin, whose alternate signal stack stays valid (see the module's docstring).
-    ``setdefault`` keeps the first Core should two threads get here at once; the other compiled
-    nothing, so it loaded no plugin."""
-    if "core" not in _CORE:
-        import openvino as ov
-
-        _CORE.setdefault("core", ov.Core())
-    return _CORE["core"]
 
 
 def openvino_available() -> bool:
