@@ -270,4 +270,7 @@ def test_predicting_a_large_uint8_image_holds_no_float_copy_of_it() -> None:
         tracemalloc.stop()
     assert prediction.anomaly_map.shape == (height, width)
     assert traced_peak <= 5 * pixels + 16 * MB
-    assert (peak.peak_rss_mb - start_rss) * MB <= 5 * pixels + 96 * MB
+    # RSS adds torch's workspaces, thread stacks and the allocator's arenas to the numpy peak: 53 to
+    # 109 MB over 5 bytes a pixel in seven runs of this test (one of them failed a 96 MB slack in CI);
+    # the regression it guards against was ~50 bytes a pixel, 2.2 GB more here
+    assert (peak.peak_rss_mb - start_rss) * MB <= 5 * pixels + 160 * MB
