@@ -467,9 +467,10 @@ class AnomalyModel:
         (a detector dividing by its zero spread: the data's fault), else :class:`DivergedError`."""
         consequence = "so the model would map and score images as NaN" if kind == "training" else "so no thresholds can come from it"
         where = f"{name}: the anomaly map of this {kind} image is NaN or inf, {consequence}"
-        if image.size and float(np.min(image)) == float(np.max(image)):
+        value = _flat_value(image)
+        if value is not None:
             return InputError(
-                f"{where}: the image is one flat value ({float(np.min(image)):g} everywhere), which "
+                f"{where}: the image is one flat value ({value:g} everywhere), which "
                 f"{self.config.detector.name} cannot score; give images of the parts themselves"
             )
         last = self._last_epoch_loss()
@@ -504,9 +505,10 @@ class AnomalyModel:
         flat: tuple[str, float] | None = None
         for index in range(len(images)):
             image = images[index]
-            if not (image.size and float(np.min(image)) == float(np.max(image))):
+            flat_value = _flat_value(image)
+            if flat_value is None:
                 break
-            flat = flat or (image_name(images, index, f"{kind} image"), float(np.min(image)))
+            flat = flat or (image_name(images, index, f"{kind} image"), flat_value)
         else:
             if flat is not None:
                 return InputError(
@@ -699,6 +701,15 @@ class AnomalyModel:
 #: the border calibration, the blur and upsampling round a constant map by an ulp or two) are
 #: one value; a real model's spread is orders of magnitude above it
 _ONE_VALUE_SPREAD = 8 * float(np.finfo(np.float32).eps)
+
+
+def _flat_value(image: np.ndarray) -> float | None:
+    """The one value of an image that is one flat value everywhere (nothing a detector can
+    score), else None."""
+    if not image.size:
+        return None
+    low = float(np.min(image))
+    return low if low == float(np.max(image)) else None
 
 
 def _mean_and_std(pixels: tuple[float, float, float]) -> tuple[float, float]:
