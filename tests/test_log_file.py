@@ -61,7 +61,10 @@ def test_a_fit_logs_its_header_messages_progress_warnings_and_exit_status(datase
     assert re.fullmatch(r"=== exit status 0 after \d+\.\d s", lines[-1])
     # the file holds what stderr showed, line for line: messages, progress lines, the warning
     assert lines[1:-1] == [line for line in done.stderr.splitlines() if line.strip()]
-    assert "coreset selection: 32/32, 0 s" in lines and f"model written to {tmp_path / 'm'}" in lines
+    # the seconds are wall time from the embedding's last step: a process descheduled for half a second
+    # (a loaded CI box) writes "1 s", so they are not pinned here
+    assert [line for line in lines if re.fullmatch(r"coreset selection: 32/32, \d+ s", line)]
+    assert f"model written to {tmp_path / 'm'}" in lines
     assert [line for line in lines if line.startswith("hrad: warning: no held-out normal images")]
 
 
@@ -157,16 +160,18 @@ def test_in_a_terminal_the_bars_show_and_the_file_gets_plain_lines(tmp_path: Pat
         cli_progress.print_warning("careful")
         sys.exit(3)
     lines = logged(path)
+    # the stage lines' seconds are wall time ("1 s" when the process is descheduled): checked below
     assert lines == [
         "=== hrad " + __import__("hrad").__version__ + ": hrad --log-file x.log fit",
         "red words and",
         "second line",
-        "stage: 1/4, 0 s",
-        "stage: 4/4, 0 s",
+        lines[3],
+        lines[4],
         "tile (0, 1): train epochs: 2/2, 5 s",
         "hrad: warning: careful",
         lines[-1],
     ]
+    assert re.fullmatch(r"stage: 1/4, \d+ s", lines[3]) and re.fullmatch(r"stage: 4/4, \d+ s", lines[4])
     assert re.fullmatch(r"=== exit status 3 after \d+\.\d s", lines[-1])
     shown = screen.getvalue()
     assert "\x1b[" in shown and "━" in shown and "stage" in shown and "careful" in shown  # bars and colours on the terminal
