@@ -257,10 +257,11 @@ def evaluate(
     metrics["protocol"] = protocol
     metrics["score_bits"] = score_bits
     if out_dir is not None:
+        measured_on = environment(model)  # once: metrics.json and report.html name the same date
         with EVALUATION_REPORT.staged(out_dir) as staging:  # the folder holds this run's report, whole, or the previous one
-            write_evaluation(staging, metrics, rows, cases, cases_per_group, model, skipped)
+            write_evaluation(staging, metrics, rows, cases, cases_per_group, model, measured_on, skipped)
             write_html_report(
-                staging / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, skipped
+                staging / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, measured_on, skipped
             )
     if skipped:
         metrics["skipped"] = skipped
@@ -342,8 +343,11 @@ def write_evaluation(
     cases: list[Case],
     count: int,
     model: EvaluatedModel,
+    measured_on: dict[str, str],
     skipped: Sequence[dict[str, str]] = (),
 ) -> None:
+    """metrics.json, metrics.md, scores.csv and cases.png of one evaluation; ``measured_on``:
+    :func:`environment`, taken once for these and report.html, so both name the same date."""
     out_dir.mkdir(parents=True, exist_ok=True)
     reported = reported_model(model)
     payload = {
@@ -352,7 +356,7 @@ def write_evaluation(
         "skipped": list(skipped),
         "bit_depth": model.bit_depth,  # learned at fit (the config says only "auto"); null: 16-bit as stored
         "roi_inspected": model.roi.inspected if model.roi is not None else None,  # null: the whole image
-        "environment": environment(model),
+        "environment": measured_on,
         "config": reported.config,
     }
     (out_dir / "metrics.json").write_text(strict_json.dumps(payload, indent=2))  # undefined metrics as null
@@ -459,10 +463,12 @@ def write_html_report(
     cases: list[Case],
     count: int,
     model: EvaluatedModel,
+    measured_on: dict[str, str],
     skipped: Sequence[dict[str, str]] = (),
 ) -> Path:
     """The self-contained ``report.html`` of one evaluation (see :mod:`hrad.reports.html`);
-    skipped images are listed in its notes."""
+    skipped images are listed in its notes. ``measured_on``: :func:`environment`, taken once
+    for this report and its ``metrics.json``."""
     from hrad.outputs import overlay_scale
 
     areas = pixel.region_areas
@@ -494,7 +500,7 @@ def write_html_report(
         pixel_threshold=metrics.get("pixel_threshold"),
         cases=select_cases(cases, count),
         config=reported.config,
-        environment=environment(model),
+        environment=measured_on,
         decisions=decisions_text(metrics),
         operating_points_note=OPERATING_POINTS_NOTE,
         notes=(

@@ -101,6 +101,36 @@ def test_fit_keeps_loss_history_and_evaluate_writes_html(
     assert "report.html" in {Path(a.path).name for a in client.list_artifacts(evaluated.info.run_id, "report")}
 
 
+def test_metrics_json_and_report_html_record_one_environment(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment (its date above all) is taken once per evaluation: a clock that moves an hour
+    at each reading gave metrics.json and report.html two dates when each took its own."""
+    from datetime import datetime, timedelta, timezone
+
+    from export_helpers import make_model
+
+    import hrad.evaluation
+
+    class Clock(datetime):
+        readings = 0
+
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            cls.readings += 1
+            return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(hours=cls.readings)
+
+    rng = np.random.default_rng(0)
+    model = make_model({"name": "downsample", "image_size": 64}, "test-gaussian").fit([textured_image(rng, 64, 64) for _ in range(4)])
+    saved = model.save(tmp_path / "model")
+    monkeypatch.setattr(hrad.evaluation, "datetime", Clock)
+    report = tmp_path / "report"
+    assert run(["evaluate", "--model", str(saved), "--data", str(dataset), "--out", str(report)], monkeypatch) == 0
+    recorded = json.loads((report / "metrics.json").read_text())["environment"]
+    page = (report / "report.html").read_text()
+    shown = dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", page.split("<h2>Environment</h2>")[1]))
+    assert shown == recorded
+    assert Clock.readings == 1 and recorded["date"] == "2026-01-01T01:00:00+00:00"
+
+
 def test_report_renders_in_headless_chromium(tmp_path: Path, rng: np.random.Generator) -> None:
     """The page as a browser shows it: benchmarks/report_screenshot.py's screenshot of a rendered report."""
     import shutil
