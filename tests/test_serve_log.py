@@ -5,6 +5,7 @@ a worker that cannot start) in hrad's form; nothing on stdout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.config
@@ -14,11 +15,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from cli_helpers import free_port, wait_ready
 from export_helpers import make_model, training_images
@@ -58,16 +63,17 @@ MALFORMED_UPLOAD = b"--XX\r\nBad Header: x\r\n\r\nabc\r\n--XX--\r\n"
 
 
 def start_server(
-    model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None, own_group: bool = False
+    model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None, own_group: bool = False, extra: list[str] | None = None
 ) -> subprocess.Popen[str]:
     """``hrad --log-file LOG serve`` in a process of its own (the environment's HRAD_LOG_FILE left
     out; ``pythonpath`` first on its path, for a ``sitecustomize``; ``own_group``: in a process
-    group of its own, as a terminal's foreground job, whose Ctrl-C reaches every process in it)."""
+    group of its own, as a terminal's foreground job, whose Ctrl-C reaches every process in it;
+    ``extra``: more serve options)."""
     environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [environment.get("PYTHONPATH")])])
     command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model), "--port", str(port),
-               "--workers", str(workers)]  # fmt: skip
+               "--workers", str(workers), *(extra or [])]  # fmt: skip
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=own_group
     )
@@ -201,3 +207,71 @@ def test_sigterm_or_ctrl_c_stops_the_server_gracefully_with_status_0_and_says_so
     assert [line for line in stderr.splitlines() if stop in line] == [f"hrad serve stopped on {stop}"]
     assert lines[-2] == f"hrad serve stopped on {stop}" and "terminated" not in lines and "interrupted" not in lines
     assert "Traceback" not in stderr
+
+
+#: a ``sitecustomize`` for the server's processes: each prediction leaves a file ``predicting``
+#: beside it, then takes a minute, so a request stays in flight while the test stops the server
+SLOW_PREDICTIONS = """
+import pathlib, time
+import hrad.model
+_predict = hrad.model.AnomalyModel.predict
+def predict(self, *args, **kwargs):
+    pathlib.Path(__file__).with_name("predicting").touch()
+    time.sleep(60)
+    return _predict(self, *args, **kwargs)
+hrad.model.AnomalyModel.predict = predict
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("stop", ["second SIGINT", "SIGTERM past --graceful-timeout"])
+def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and_status_128_plus_the_signal(
+    model_dir: Path, tmp_path: Path, stop: str, workers: int
+) -> None:
+    """A second Ctrl-C while a request was in flight (uvicorn's force quit) printed asyncio's
+    tracebacks of the cancelled requests on stderr and in the log file, then still waited for the
+    prediction's thread to finish, and exited 0 saying it stopped on SIGINT. Now it stops at once,
+    says it left the request unfinished in one line, and exits 130; a first SIGTERM whose
+    graceful shutdown outlasts --graceful-timeout does the same, status 143. With --workers N the
+    worker that holds the request ends so, silently, and the parent says the one line."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_PREDICTIONS)
+    log = tmp_path / "serve.log"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(model_dir, log, port, workers, pythonpath=tmp_path, own_group=True, extra=["--graceful-timeout", "1"])
+    try:
+        wait_ready(base)
+        upload = {"image": ("part.png", cv2.imencode(".png", np.zeros((90, 130, 3), np.uint8))[1].tobytes())}
+
+        def send() -> None:
+            with contextlib.suppress(httpx.TransportError):  # the server stops without answering it
+                httpx.post(f"{base}/predict", files=upload, timeout=60)
+
+        threading.Thread(target=send, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "predicting").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the request is in flight (its prediction sleeps)
+        if stop == "second SIGINT":
+            os.killpg(server.pid, signal.SIGINT)
+            time.sleep(0.3)  # the first starts the graceful shutdown (its timeout, 1 s, is not reached)
+            os.killpg(server.pid, signal.SIGINT)
+        else:
+            server.terminate()
+        stdout, stderr = server.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        stdout, stderr = server.communicate()
+        pytest.fail(f"hrad serve still ran 20 s after {stop}: {stderr[-1500:]}")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    said = ("hrad serve stopped on a second SIGINT without finishing 1 in-flight request" if stop == "second SIGINT" else
+            "hrad serve stopped on SIGTERM without finishing 1 in-flight request within the 1 s graceful timeout")  # fmt: skip
+    status = 130 if stop == "second SIGINT" else 143
+    lines = logged(log)
+    assert server.returncode == status, stderr[-1500:]
+    assert [line for line in stderr.splitlines() if "stopped" in line] == [said]
+    assert lines[-2:] == [said, lines[-1]] and lines[-1].startswith(f"=== exit status {status} after")
+    assert "Traceback" not in stderr and not any("Traceback" in line or "Error" in line for line in lines), stderr[-1500:]
+    assert stdout == ""

@@ -183,17 +183,21 @@ def test_requests_are_served_one_at_a_time(model_dir: Path, spot_png: bytes) -> 
 
 
 def test_cli_serve_runs_uvicorn_on_the_app(model_dir: Path, spot_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
     from hrad.cli.main import main
+    from hrad.cli.serving import StoppingServer
 
-    calls: list[tuple[object, dict]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    configs: list[Any] = []
+
+    def run(server: StoppingServer, sockets: object = None) -> None:
+        configs.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr(StoppingServer, "run", run)
     monkeypatch.setattr(sys, "argv", ["hrad", "serve", "--model", str(model_dir), "--port", "8123", "--max-upload-mb", "1"])
     main()
-    (app, options), = calls
-    assert options["host"] == "127.0.0.1" and options["port"] == 8123
-    client = TestClient(app)  # type: ignore[arg-type]
+    (config,) = configs
+    assert config.host == "127.0.0.1" and config.port == 8123
+    client = TestClient(config.app)
     assert client.post("/predict", files={"image": ("p.png", spot_png)}).status_code == 200
     assert client.post("/predict", files={"image": ("p.png", b"0" * 2**20)}).status_code == 413
 

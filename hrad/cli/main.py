@@ -287,14 +287,21 @@ def make_hd(
 #: process exited 143 on SIGTERM, and stopped on Ctrl-C without a word of it)
 STOPPED_ON = "hrad serve stopped on {}"
 
+#: hrad serve's default --graceful-timeout: seconds a stop waits for the requests in flight
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
 
-def _serve_in_this_process(app_: Any, **options: Any) -> str | None:
-    """``uvicorn.run(app_, **options)`` in this process, and the signal that stopped it, SIGTERM or
-    SIGINT, None when it stopped on its own. uvicorn catches both while it serves, shuts down
-    gracefully, then raises the signal again into the handler it found: hrad's for SIGTERM
-    (:class:`Terminated`), and for SIGINT the one set here, which notes it and raises
-    KeyboardInterrupt as Python's own does (uvicorn.run swallows that one; older versions may not)."""
+
+def _serve_in_this_process(app_: Any, graceful_timeout: float | None = None, **options: Any) -> str | None:
+    """``uvicorn.run(app_, **options)`` in this process (its one-process path, with
+    :class:`hrad.cli.serving.StoppingServer`: a second Ctrl-C or ``graceful_timeout`` ends the
+    process at once), and the signal that stopped it, SIGTERM or SIGINT, None when it stopped on
+    its own. uvicorn catches both while it serves, shuts down gracefully, then raises the signal
+    again into the handler it found: hrad's for SIGTERM (:class:`Terminated`), and for SIGINT the
+    one set here, which notes it and raises KeyboardInterrupt as Python's own does."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from hrad.cli.serving import StoppingServer
 
     interrupted: list[int] = []
 
@@ -302,35 +309,21 @@ def _serve_in_this_process(app_: Any, **options: Any) -> str | None:
         interrupted.append(signum)
         raise KeyboardInterrupt
 
+    server = StoppingServer(uvicorn.Config(app_, **options), graceful_timeout)
     previous = signal.signal(signal.SIGINT, note_interrupt)
     try:
-        uvicorn.run(app_, **options)
+        server.run()
     except Terminated:
         return "SIGTERM"
     except KeyboardInterrupt:
         return "SIGINT"
     finally:
         signal.signal(signal.SIGINT, previous)
+        if server.timer is not None:
+            server.timer.cancel()
+    if not server.started:  # as uvicorn.run: the app's startup failed (it logged why)
+        sys.exit(STARTUP_FAILURE)
     return "SIGINT" if interrupted else None
-
-
-def _worker_supervisor(config: Any, sockets: list[Any]) -> Any:
-    """uvicorn's worker supervisor (``uvicorn.run(workers=N)``'s) that remembers the SIGTERM or
-    SIGINT that stopped it (``stopped_by``) in place of logging uvicorn's own line for it."""
-    from uvicorn.supervisors import Multiprocess
-
-    class Supervisor(Multiprocess):
-        stopped_by: str | None = None
-
-        def handle_term(self) -> None:
-            self.stopped_by = self.stopped_by or "SIGTERM"
-            self.should_exit.set()
-
-        def handle_int(self) -> None:
-            self.stopped_by = self.stopped_by or "SIGINT"
-            self.should_exit.set()
-
-    return Supervisor(config, sockets=sockets)
 
 
 @app.command()
@@ -362,6 +355,15 @@ def serve(
     no_page: Annotated[
         bool, typer.Option("--no-page", help="No page at GET / (by default it lets a browser drop images on the model)")
     ] = False,
+    graceful_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            metavar="SECONDS",
+            help="Seconds Ctrl-C or SIGTERM waits for the requests in flight; past that the server stops without them, "
+            "exit status 130 (Ctrl-C) or 143 (SIGTERM)",
+        ),
+    ] = DEFAULT_GRACEFUL_TIMEOUT,
 ) -> None:
     """Serve a model over HTTP: GET /health, /ready, /metrics; POST /predict (field 'image'), /predict/batch (field 'images').
 
@@ -374,7 +376,9 @@ def serve(
 
     Each request is one line on stderr (client, method, path, status, seconds), beside uvicorn's
     startup and shutdown lines; hrad --log-file writes them to its file too, workers' included.
-    Ctrl-C or SIGTERM shuts down gracefully (requests in flight are answered) and exits 0.
+    Ctrl-C or SIGTERM shuts down gracefully (requests in flight are answered) and exits 0. A
+    second Ctrl-C, or --graceful-timeout passing first, stops at once without the requests in
+    flight, says how many, and exits 130 (Ctrl-C) or 143 (SIGTERM).
     """
     try:
         import uvicorn
@@ -407,7 +411,9 @@ def serve(
 
     logs = server_log_config()  # uvicorn's lines and one per request (with its seconds) on the console and in a log file
     if workers == 1:
-        stopped_by = _serve_in_this_process(app_, host=host, port=port, workers=1, log_config=logs, access_log=False)
+        stopped_by = _serve_in_this_process(
+            app_, graceful_timeout, host=host, port=port, workers=1, log_config=logs, access_log=False
+        )
         if stopped_by is not None:
             console.print(STOPPED_ON.format(stopped_by))
         return
@@ -424,8 +430,11 @@ def serve(
     config = uvicorn.Config(
         "hrad.service:app_from_environment", factory=True, host=host, port=port, workers=workers, log_config=logs, access_log=False
     )
-    supervisor = _worker_supervisor(config, sockets=[config.bind_socket()])
+    from hrad.cli.serving import Supervisor
+
+    supervisor = Supervisor(config, [config.bind_socket()], graceful_timeout)
     supervisor.run()
+    supervisor.stop_unfinished()
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
         print_error("a worker process could not start (its error is above); the server stopped")
         sys.exit(1)

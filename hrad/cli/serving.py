@@ -1,0 +1,187 @@
+"""How ``hrad serve`` stops when it cannot wait: a second Ctrl-C while it shuts down (uvicorn's
+"force quit"), or a graceful shutdown that outlasts ``--graceful-timeout``.
+
+uvicorn's own force quit cancelled the requests in flight, printed asyncio's tracebacks of them on
+the terminal and in the log file, then still waited for the prediction's thread (nothing can
+interrupt it: asyncio's shutdown and Python's exit both join it) and exited 0. Here the process
+says in one line how many requests it leaves unanswered and ends at once (``os._exit``) with 128
++ the stop signal's number: 130 Ctrl-C, 143 SIGTERM. With ``--workers N`` each worker ends so
+silently, adding its count to a number the parent shares with it, and the parent says the line.
+Imported only by ``hrad serve`` (uvicorn is an optional dependency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from socket import socket
+from typing import Any
+
+import uvicorn
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from hrad.cli.progress import console
+
+
+def stopped_unfinished(stop: signal.Signals, unfinished: int, how: str = "{}", within: str = "") -> None:
+    """Say that the server stopped on ``stop`` without its ``unfinished`` requests in flight (one
+    line, console and log file; ``how``: the stop as said, ``{}`` its signal's name; ``within``:
+    said after the count), end the log with the exit status and exit 128 + ``stop`` at once."""
+    from hrad.cli import log_file
+
+    status = 128 + stop.value
+    requests = f"{unfinished} in-flight request{'' if unfinished == 1 else 's'}"
+    console.print(f"hrad serve stopped on {how.format(stop.name)} without finishing {requests}{within}")
+    log = log_file.current()
+    if log is not None:
+        log.close(status)
+    _exit_now(status)
+
+
+def _exit_now(status: int) -> None:
+    """``os._exit(status)`` with stdout and stderr flushed."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
+
+
+def graceful_timeout_said(seconds: float) -> str:
+    """What follows the count when ``--graceful-timeout`` ended the shutdown."""
+    return f" within the {seconds:g} s graceful timeout"
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, but a second SIGINT while it shuts down, or a shutdown still going
+    ``graceful_timeout`` seconds after the first stop signal, ends the process at once: saying so
+    in one line (:func:`stopped_unfinished`), or, in a worker (``unfinished`` given: the count
+    its parent reads), silently after adding its requests in flight to ``unfinished``."""
+
+    def __init__(self, config: uvicorn.Config, graceful_timeout: float | None, unfinished: Any = None) -> None:
+        super().__init__(config)
+        self.graceful_timeout, self.unfinished = graceful_timeout, unfinished
+        self.timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.stop_now(signal.SIGINT, "a second {}")
+        if not self.should_exit and self.graceful_timeout is not None and self.timer is None:
+            self.timer = threading.Timer(self.graceful_timeout, self.stop_now, [signal.Signals(sig), "{}", True])
+            self.timer.daemon = True
+            self.timer.start()
+        super().handle_exit(sig, frame)
+
+    def stop_now(self, stop: signal.Signals, how: str, timed_out: bool = False) -> None:
+        """End the process now, its requests in flight unanswered."""
+        count = len(self.server_state.tasks)
+        if self.unfinished is None:
+            within = graceful_timeout_said(self.graceful_timeout) if timed_out and self.graceful_timeout is not None else ""
+            stopped_unfinished(stop, count, how, within)
+        with self.unfinished.get_lock():
+            self.unfinished.value += count
+        _exit_now(128 + stop.value)
+
+
+class WorkerProcess(Process):
+    """uvicorn's worker process, serving with :class:`StoppingServer`; ``unfinished`` (shared
+    with the parent) counts the requests its workers stopped without."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None, unfinished: Any) -> None:
+        self.graceful_timeout, self.unfinished = graceful_timeout, unfinished
+        super().__init__(config, sockets)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = StoppingServer(self.config, self.graceful_timeout, self.unfinished)
+        return self._server
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's worker supervisor (``uvicorn.run(workers=N)``'s) with :class:`WorkerProcess`
+    workers, that remembers the SIGTERM or SIGINT that stopped it (``stopped_by``) in place of
+    logging uvicorn's own line for it, and after its workers ended, ends as a stop that could not
+    wait (:meth:`stop_unfinished`)."""
+
+    stopped_by: str | None = None
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None) -> None:
+        super().__init__(config, sockets)
+        self.graceful_timeout = graceful_timeout
+        self.unfinished = multiprocessing.get_context("spawn").Value("i", 0)
+        self.interrupts = 0
+
+    def new_process(self) -> WorkerProcess:
+        return WorkerProcess(self.config, self.sockets, self.graceful_timeout, self.unfinished)
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            process = self.new_process()
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's, with :meth:`new_process` for a worker that died (a hung one is killed)."""
+        if self.should_exit.is_set():
+            return
+        from uvicorn.config import STARTUP_FAILURE
+        from uvicorn.supervisors.multiprocess import logger
+
+        for index, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                logger.error(f"Child process [{process.pid}] failed to start, stopping the parent process.")
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            logger.info(f"Child process [{process.pid}] died")
+            self.processes[index] = self.new_process()
+            self.processes[index].start()
+
+    def restart_all(self) -> None:
+        """SIGHUP: uvicorn's replacement of each worker by a ready new one, with :meth:`new_process`."""
+        from uvicorn.supervisors.multiprocess import logger
+
+        for index, old_process in enumerate(self.processes):
+            if self.should_exit.is_set():
+                return
+            new_process = self.new_process()
+            new_process.start()
+            if not new_process.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
+                new_process.kill()
+                new_process.join()
+                if not self.should_exit.is_set():
+                    logger.error(f"New child process [{new_process.pid}] was not ready in time; keeping worker [{old_process.pid}] and aborting the restart.")
+                return
+            old_process.terminate()
+            old_process.join()
+            self.processes[index] = new_process
+
+    def handle_term(self) -> None:
+        self.stopped_by = self.stopped_by or "SIGTERM"
+        self.should_exit.set()
+
+    def handle_int(self) -> None:
+        self.stopped_by = self.stopped_by or "SIGINT"
+        self.interrupts += 1
+        self.should_exit.set()
+
+    def stop_unfinished(self) -> None:
+        """When a worker ended as a stop that could not wait (128 + a signal's number): say so in
+        one line for them all and exit likewise; else return."""
+        forced = {process.exitcode for process in self.processes} & {128 + signal.SIGINT, 128 + signal.SIGTERM}
+        if not forced or self.stopped_by is None:
+            return
+        interrupts = self.interrupts + self.signal_queue.count(signal.SIGINT)  # those after the first are left queued
+        if interrupts > 1:
+            stopped_unfinished(signal.SIGINT, self.unfinished.value, "a second {}")
+        assert self.graceful_timeout is not None
+        stopped_unfinished(signal.Signals[self.stopped_by], self.unfinished.value, within=graceful_timeout_said(self.graceful_timeout))
