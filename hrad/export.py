@@ -214,25 +214,36 @@ def _random_feeds(sidecar: dict[str, Any], batch: int = 2) -> dict[str, np.ndarr
     return feeds
 
 
-def _calibration_feeds(onnx_path: Path, images: Sequence[Path], limit: int) -> list[dict[str, np.ndarray]]:
-    """The exported graph's inputs (one sample each: tile windows, scales, backbone images) while
-    its onnxruntime predictor predicts ``images``: what INT8 calibrates its activation ranges on."""
+def _calibration_feeds(onnx_path: Path, images: Sequence[Path], limit: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The exported graphs' inputs (one sample each: tile windows, scales, backbone images) while
+    its onnxruntime predictor predicts ``images``: what INT8 calibrates its activation ranges on.
+
+    Keyed by the predictor's session attribute: ``session`` (the main graph; at most ``limit``
+    samples) and, for a HiAD export with a backbone graph traced at the low branch's size,
+    ``low_session`` (one low-size image per predicted image).
+    """
     predictor: Any = open_predictor(onnx_path)
-    session = predictor.session
-    recorded: list[dict[str, np.ndarray]] = []
+    roles = ["session"]
+    if getattr(predictor, "low_session", predictor.session) is not predictor.session:
+        roles.append("low_session")
+    recorded: dict[str, list[dict[str, np.ndarray]]] = {role: [] for role in roles}
 
     class Recorder:
+        def __init__(self, session: Any, samples: list[dict[str, np.ndarray]]) -> None:
+            self.session, self.samples = session, samples
+
         def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
             count = len(next(iter(feeds.values())))
-            recorded.extend({name: value[i : i + 1] for name, value in feeds.items()} for i in range(count))
-            return session.run(names, feeds)
+            self.samples.extend({name: value[i : i + 1] for name, value in feeds.items()} for i in range(count))
+            return self.session.run(names, feeds)
 
-    predictor.session = Recorder()
+    for role in roles:
+        setattr(predictor, role, Recorder(getattr(predictor, role), recorded[role]))
     for path in images:
         predictor.predict(path)
-        if len(recorded) >= limit:
+        if len(recorded["session"]) >= limit:
             break
-    return recorded[:limit]
+    return {role: samples[:limit] for role, samples in recorded.items()}
 
 
 def _quantize(converted: Any, feeds: list[dict[str, np.ndarray]]) -> Any:
@@ -266,7 +277,8 @@ def export_openvino(
     backbone after training (NNCF), calibrated on the graph's inputs while the export predicts
     ``calibration_images`` (a folder or image paths: training images; at most
     ``calibration_samples`` inputs); the detector's scoring stays in FP32 (HiAD: the backbone
-    graph is quantised, the pool's and low branch's graphs stay FP32). ``tolerance`` replaces
+    graph and the low-size backbone graph, calibrated on the low branch's images, are
+    quantised; the pool's and low branch's scoring graphs stay FP32). ``tolerance`` replaces
     :data:`OPENVINO_TOLERANCE` (benchmarks measure what a refused INT8 model would give). Returns
     the sidecar's path.
     """
@@ -283,23 +295,33 @@ def export_openvino(
     sidecar = json.loads(sidecar_path.read_text())
     # the graph, and a multi-graph export's other graphs (HiAD: pool and low branch) beside it
     extra = sidecar.get("graphs")
+    # (graph, IR, check inputs, the predictor's session that runs it when it is a backbone INT8 quantises)
+    graphs: list[tuple[Path, Path, dict[str, np.ndarray], str | None]]
     if extra is None:
-        graphs = [(onnx_path, xml_path, _random_feeds(sidecar))]
-    else:  # HiAD: the backbone graph (onnx_path), one per pool detector, the low branch's
+        graphs = [(onnx_path, xml_path, _random_feeds(sidecar), "session")]
+    else:  # HiAD: the backbone graph (onnx_path), one per pool detector, the low branch's, its backbone's
         listed = [extra["embedder"], *extra["high"], *(extra[key] for key in ("low", "low_embedder") if extra.get(key))]
+        roles: list[str | None] = ["session", *[None] * (len(listed) - 1)]
+        if extra.get("low_embedder"):
+            roles[-1] = "low_session"
         graphs = [
-            (onnx_path.with_name(graph["onnx"]), xml_path.with_name(Path(graph["onnx"]).with_suffix(".xml").name), _shaped_feeds(graph["inputs"]))
-            for graph in listed
+            (onnx_path.with_name(graph["onnx"]), xml_path.with_name(Path(graph["onnx"]).with_suffix(".xml").name), _shaped_feeds(graph["inputs"]), role)
+            for graph, role in zip(listed, roles, strict=True)
         ]
     difference = 0.0
-    for index, (source, target, feeds) in enumerate(graphs):
+    samples: dict[str, list[dict[str, np.ndarray]]] = {}
+    quantized: dict[str, int] = {}
+    if precision == "int8":
+        assert calibration_images is not None
+        samples = _calibration_feeds(onnx_path, [Path(path) for path in calibration_images], calibration_samples)
+    for source, target, feeds, role in graphs:
         converted = openvino.convert_model(str(source))
         checks = [feeds]
-        if precision == "int8" and index == 0:  # the window backbone graph; HiAD's scoring graphs and low-size backbone stay FP32
-            assert calibration_images is not None
-            samples = _calibration_feeds(onnx_path, [Path(path) for path in calibration_images], calibration_samples)
-            converted = _quantize(converted, samples)
-            checks = samples[:: max(1, len(samples) // 8)]
+        # the backbone graphs (HiAD's window graph and its low-size one); the scoring graphs stay FP32
+        if role is not None and role in samples:
+            converted = _quantize(converted, samples[role])
+            checks = samples[role][:: max(1, len(samples[role]) // 8)]
+            quantized[target.name] = len(samples[role])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             openvino.save_model(converted, str(target), compress_to_fp16=precision == "fp16")
@@ -310,7 +332,7 @@ def export_openvino(
             difference = max(difference, *(max_difference(a, b) for a, b in pairs))
         limit = OPENVINO_TOLERANCE[precision] if tolerance is None else tolerance
         if not difference <= limit:
-            for _, written, _ in graphs:
+            for _, written, _, _ in graphs:
                 written.unlink(missing_ok=True)
                 written.with_suffix(".bin").unlink(missing_ok=True)
             raise ExportCheckError(
@@ -327,9 +349,14 @@ def export_openvino(
         "max_difference_vs_onnx": difference,
     }
     if precision == "int8":
-        sidecar["openvino"]["quantized"] = {"graph": xml_path.name, "calibration_inputs": len(samples), "kept_fp32": SCORING_NODES}
+        sidecar["openvino"]["quantized"] = {
+            "graph": xml_path.name,
+            "calibration_inputs": quantized[xml_path.name],
+            "graphs": quantized,  # every quantised IR (HiAD: the low-size backbone too) and its calibration inputs
+            "kept_fp32": SCORING_NODES,
+        }
     if len(graphs) > 1:
-        sidecar["openvino"]["graphs"] = {source.name: target.name for source, target, _ in graphs[1:]}
+        sidecar["openvino"]["graphs"] = {source.name: target.name for source, target, _, _ in graphs[1:]}
     return write_sidecar(sidecar_path, sidecar)
 
 

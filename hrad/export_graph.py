@@ -73,10 +73,28 @@ def logsumexp_last(values: Tensor) -> Tensor:
     return peak.squeeze(-1) + torch.log(torch.exp(values - peak).sum(-1))
 
 
-def _squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
-    """Squared L2 ``... x Q x N`` by ``|q|^2 - 2 q.b + |b|^2`` (one matmul; what faiss's flat index does)."""
-    products = queries @ bank.transpose(0, 1)
-    return ((queries * queries).sum(-1, keepdim=True) - 2 * products + bank_norms).clamp_min(0)
+def _bank_offsets(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
+    """``|b|^2 - 2 q.b`` for ``Q x C`` queries against an ``N x C`` bank, ``Q x N``: the squared L2
+    distance less ``|q|^2``, which is the same for all of a query's bank vectors, so the nearest are
+    found on this and ``|q|^2`` is added to the ``k`` kept. One ``Gemm`` with the norms as its bias
+    (``alpha`` -2): the full ``|q|^2 - 2 q.b + |b|^2``, its clamp and a ``TopK`` were four more
+    passes over the ``Q x N`` matrix, which together took longer than the matmul in onnxruntime."""
+    return torch.addmm(bank_norms[None], queries, bank.transpose(0, 1), alpha=-2)
+
+
+def _nearest_distances(offsets: Tensor, queries: Tensor, k: int) -> Tensor:
+    """L2 distances (ascending, ``... x k``) to the ``k`` nearest from :func:`_bank_offsets`'
+    ``offsets``: the min for ``k`` = 1 (``ReduceMin``, one pass, no indices), else ``TopK``; the
+    query norm, clamp at 0 and sqrt run on the ``k`` kept only."""
+    low = offsets.amin(-1, keepdim=True) if k == 1 else torch.topk(offsets, k, dim=-1, largest=False).values
+    return ((queries * queries).sum(-1, keepdim=True) + low).clamp_min(0).sqrt()
+
+
+def _reweighted(best: Tensor, nearest: Tensor, worst_query: Tensor, support_vectors: Tensor) -> Tensor:
+    """PatchCore eq. 7 on the worst patch's nearest distance ``nearest`` (``B``) and the ``B x b x C``
+    bank vectors nearest its nearest bank vector (see :class:`NearestNeighbourScoring`)."""
+    distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
+    return (1 - torch.exp(nearest - logsumexp_last(distances))) * best
 
 
 class NearestNeighbourScoring(nn.Module):
@@ -87,6 +105,8 @@ class NearestNeighbourScoring(nn.Module):
     ``(1 - exp(|m_test* - m*|) / sum_{m in N_b(m*)} exp(|m_test* - m|)) * s*``, where ``m*`` is
     the bank vector nearest the worst patch ``m_test*`` and ``N_b(m*)`` its b nearest bank
     vectors, ``m*`` included (as :class:`~hrad.detectors.patchcore.PatchCore` computes it).
+    Only the worst patch needs its nearest bank vector's index, so it alone is searched again for
+    it (one row) instead of every patch's index being kept.
     """
 
     bank: Tensor
@@ -101,25 +121,20 @@ class NearestNeighbourScoring(nn.Module):
         self.reweight_neighbours = None if reweight_neighbours is None else max(1, min(reweight_neighbours, len(bank)))
 
     def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        batch, _, height, width = embeddings.shape
+        batch, channels, height, width = embeddings.shape
         queries = _vectors(embeddings)  # B x P x C
-        squared = _squared_distances(queries, self.bank, self.bank_norms)  # B x P x N
-        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
-        nearest = nearest_squared.sqrt()  # B x P x k, ascending
-        patch_scores = nearest.mean(-1)  # B x P
+        flat = queries.reshape(-1, channels)  # BP x C: one Gemm for the batch
+        nearest = _nearest_distances(_bank_offsets(flat, self.bank, self.bank_norms), flat, self.k)  # BP x k
+        patch_scores = nearest.mean(-1).reshape(batch, height * width)  # B x P
         maps = patch_scores.reshape(batch, height, width)
         best, best_patch = patch_scores.max(dim=1)  # B
         if self.reweight_neighbours is None:
             return maps, best
         rows = torch.arange(batch, device=embeddings.device)
         worst_query = queries[rows, best_patch]  # B x C
-        anchor = self.bank[nearest_index[rows, best_patch, 0]]  # B x C
-        anchor_squared = _squared_distances(anchor, self.bank, self.bank_norms)  # B x N
-        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
-        support_vectors = self.bank[support]  # B x b x C
-        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()  # B x b
-        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
-        return maps, (1 - torch.exp(log_ratio)) * best
+        anchor = self.bank[_bank_offsets(worst_query, self.bank, self.bank_norms).argmin(-1)]  # B x C
+        _, support = torch.topk(_bank_offsets(anchor, self.bank, self.bank_norms), self.reweight_neighbours, dim=-1, largest=False)  # B x b
+        return maps, _reweighted(best, nearest.reshape(batch, height * width, -1)[rows, best_patch, 0], worst_query, self.bank[support])
 
 
 class PositionedNearestNeighbourScoring(nn.Module):
@@ -146,11 +161,12 @@ class PositionedNearestNeighbourScoring(nn.Module):
         batch, _, height, width = embeddings.shape
         queries = _vectors(embeddings)  # B x P x C
         bank = self.banks[positions]  # B x N x C
-        norms = self.bank_norms[positions]  # B x N
-        products = queries @ bank.transpose(1, 2)  # B x P x N
-        squared = ((queries * queries).sum(-1, keepdim=True) - 2 * products + norms[:, None, :]).clamp_min(0)
-        nearest_squared, nearest_index = torch.topk(squared, self.k, dim=-1, largest=False)
-        nearest = nearest_squared.sqrt()
+        norms = self.bank_norms[positions][:, None, :]  # B x 1 x N
+
+        def offsets(vectors: Tensor) -> Tensor:  # B x Q x C -> B x Q x N, as _bank_offsets per sample's bank
+            return torch.baddbmm(norms, vectors, bank.transpose(1, 2), alpha=-2)
+
+        nearest = _nearest_distances(offsets(queries), queries, self.k)  # B x P x k
         patch_scores = nearest.mean(-1)  # B x P
         maps = patch_scores.reshape(batch, height, width)
         best, best_patch = patch_scores.max(dim=1)
@@ -158,14 +174,9 @@ class PositionedNearestNeighbourScoring(nn.Module):
             return maps, best
         rows = torch.arange(batch, device=embeddings.device)
         worst_query = queries[rows, best_patch]  # B x C
-        anchor = bank[rows, nearest_index[rows, best_patch, 0]]  # B x C
-        anchor_products = (anchor[:, None, :] @ bank.transpose(1, 2))[:, 0]  # B x N
-        anchor_squared = ((anchor * anchor).sum(-1, keepdim=True) - 2 * anchor_products + norms).clamp_min(0)
-        _, support = torch.topk(anchor_squared, self.reweight_neighbours, dim=-1, largest=False)  # B x b
-        support_vectors = bank[rows[:, None], support]  # B x b x C
-        distances = (worst_query[:, None, :] - support_vectors).pow(2).sum(-1).sqrt()
-        log_ratio = nearest[rows, best_patch, 0] - logsumexp_last(distances)
-        return maps, (1 - torch.exp(log_ratio)) * best
+        anchor = bank[rows, offsets(worst_query[:, None, :])[:, 0].argmin(-1)]  # B x C
+        _, support = torch.topk(offsets(anchor[:, None, :])[:, 0], self.reweight_neighbours, dim=-1, largest=False)  # B x b
+        return maps, _reweighted(best, nearest[rows, best_patch, 0], worst_query, bank[rows[:, None], support])
 
 
 class MahalanobisScoring(nn.Module):

@@ -227,6 +227,14 @@ def test_nearest_neighbour_scoring_is_exact(k: int, reweight: int | None, tmp_pa
     onnx_maps, onnx_scores = export_and_run(module, embeddings, tmp_path / "knn.onnx")
     np.testing.assert_allclose(onnx_maps, maps.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(onnx_scores, scores.numpy(), rtol=1e-4, atol=1e-4)
+    # the patches x bank matrix is one Gemm (norms as its bias) and one reduction: a ReduceMin for one
+    # neighbour; norms, clamp and sqrt on the k kept only (full-matrix passes made the graph slower than its matmul)
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "knn.onnx")).graph.node]
+    assert "Gemm" in ops and "MatMul" not in ops
+    if k == 1:
+        assert "ReduceMin" in ops and ("TopK" not in ops if reweight is None else ops.count("TopK") == 1)
 
 
 @pytest.mark.parametrize("subset", [False, True])

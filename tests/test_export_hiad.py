@@ -123,6 +123,33 @@ def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) 
         assert_same(open_predictor(tmp_path / "v.xml").predict(spotted_image(6)), model.predict(spotted_image(6)))
 
 
+def test_hiad_int8_quantises_the_low_size_backbone_graph_too(tmp_path: Path) -> None:
+    """``--precision int8``: the backbone traced at the low size is quantised like the window graph,
+    calibrated on the low branch's images (one per calibration image); the scoring graphs stay float."""
+    pytest.importorskip("nncf")
+    import openvino
+
+    model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
+    same_padding(model.extractor)
+    images = training_images(5, 3)
+    model.fit(images, training_images(9, 2))
+    for index, image in enumerate(images):
+        write(tmp_path / "train" / f"{index}.png", image)
+    sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "int8", calibration_images=tmp_path / "train", tolerance=1.0).read_text())
+
+    def fake_quantized(name: str) -> bool:
+        return any(op.get_type_name() == "FakeQuantize" for op in openvino.Core().read_model(str(tmp_path / name)).get_ordered_ops())
+
+    assert sidecar["graphs"]["low_embedder"] is not None
+    assert fake_quantized("v.xml") and fake_quantized("v.low_embedder.xml")
+    assert not fake_quantized("v.low.xml") and not fake_quantized("v.high0.xml")
+    quantized = sidecar["openvino"]["quantized"]["graphs"]
+    assert quantized["v.low_embedder.xml"] == len(images)
+    assert quantized["v.xml"] == sidecar["openvino"]["quantized"]["calibration_inputs"] > len(images)
+    got = open_predictor(tmp_path / "v.xml").predict(spotted_image(6))
+    assert got.anomaly_map.shape == (90, 130) and np.isfinite(got.anomaly_map).all()
+
+
 def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2}).fit(training_images(5, 3), training_images(9, 1))
     with pytest.raises(ConfigError, match="--tile-size does not apply"):
