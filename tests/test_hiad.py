@@ -478,7 +478,9 @@ def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, ex
     (saved before this calibration) and ``low_border_calibration=False`` divide nothing."""
     size = (128, 192)  # a 16 x 24 low map: deep enough for a border profile
     held = noise_images(2, *size, seed=5)
-    strategy = make(detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, return_branch_maps=True)
+    strategy = make(
+        detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, return_branch_maps=True, balance_branches=False
+    )  # the min-max range itself is checked below (the balance widens one branch's afterwards)
     strategy.fit(noise_images(4, *size, seed=4))
     strategy.calibrate(held)
     profile = BorderProfile()
@@ -521,6 +523,47 @@ def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, ex
     off.fit(noise_images(4, *size, seed=4))
     off.calibrate(held)
     assert off.low_border_ratios is None and "border.low" not in off.state_dict()
+
+
+def test_branches_are_balanced_on_their_good_images_peaks(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    """calibrate widens the min-max range of the branch whose held-out good images score higher
+    (mean of HiAD's score rule on each branch's calibrated map) until both branches' means agree;
+    the other branch keeps its min-max range, and ``balance_branches=False`` keeps both."""
+    size = (64, 96)
+    held = noise_images(3, *size, seed=5)
+    strategies = {}
+    for balance in (False, True):
+        strategy = make(detector, extractor, assignment="na", num_detectors=2, return_branch_maps=True, balance_branches=balance)
+        strategy.fit(noise_images(6, *size, seed=4))
+        strategy.calibrate(held)
+        strategies[balance] = strategy
+
+    def mean_peaks(strategy: HiAD) -> dict[str, float]:
+        peaks: dict[str, list[float]] = {"high": [], "low": []}
+        for image in held:
+            extras = strategy.predict(image).extras
+            for branch in peaks:
+                blurred = gaussian_smooth(extras[f"{branch}_map"], strategy.config.score_sigma)
+                pooled = F.avg_pool2d(torch.from_numpy(blurred)[None, None], strategy.config.score_pool, stride=1)
+                peaks[branch].append(float(pooled.max()))
+        return {branch: float(np.mean(values)) for branch, values in peaks.items()}
+
+    before, after = mean_peaks(strategies[False]), mean_peaks(strategies[True])
+    higher = max(before, key=lambda branch: before[branch])
+    lower = "low" if higher == "high" else "high"
+    assert before[higher] > 1.1 * before[lower]  # the two branches' good images peak apart
+    assert after[higher] == pytest.approx(after[lower], rel=1e-4)
+    assert after[lower] == pytest.approx(before[lower], rel=1e-5)
+    plain, balanced = strategies[False].calibration, strategies[True].calibration
+    assert plain is not None and balanced is not None
+    widened = ["low"] if higher == "low" else ["high.0", "high.1"]
+    for name in ["low", "high.0", "high.1"]:
+        (low, high), (low_b, high_b) = plain.range(name), balanced.range(name)
+        assert low_b == low
+        if name in widened:
+            assert high_b - low_b == pytest.approx((high - low) * before[higher] / before[lower], rel=1e-4)
+        else:
+            assert high_b == high
 
 
 def test_prediction_never_depends_on_other_images(fitted: HiAD) -> None:

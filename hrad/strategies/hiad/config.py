@@ -51,6 +51,13 @@ class HiADConfig(ContextTilingConfig):
     #: hrad's textures) survives the max, where the returned map's own calibration cannot tell it
     #: from the high branch's (benchmarks/hiad_branch_border.py). Not in the paper; False: off
     low_border_calibration: bool = True
+    #: after the min-max, the branch whose held-out good images peak higher (mean image score by
+    #: the score rule) has its range widened until both branches' normal peaks agree, so neither
+    #: branch's normal texture outranks the other's defects in the max. Min-max alone sets each
+    #: branch's pseudo-anomaly peak to 1, not their normal peaks level: on capsules the low
+    #: branch's good peaks decided the fused score (benchmarks/hiad_image_score.py). Not in the
+    #: paper; False: the min-max ranges as they are
+    balance_branches: bool = True
     #: Gaussian sigma (full-resolution pixels) applied to the returned map; 0 (default) leaves
     #: smoothing to the model's post-processing, whose default is the reference's sigma 4
     smoothing_sigma: float = 0.0

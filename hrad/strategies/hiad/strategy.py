@@ -10,7 +10,12 @@ element-wise max of the two branches is taken, so only like is compared with lik
 min-max, the low branch's map is divided by its own border ratios (``low_border_calibration``,
 :mod:`hrad.postprocess.border`), learned from the same held-out good images: not in the paper;
 the whole downsized image's frame is wider and stronger than the patches' and would otherwise
-decide good images' scores after the max (``benchmarks/hiad_branch_border.py``).
+decide good images' scores after the max (``benchmarks/hiad_branch_border.py``). Last, the
+branch whose held-out good images peak higher (their mean image score by the score rule below)
+has its min-max range widened until both branches' normal peaks agree (``balance_branches``):
+not in the paper either; min-max puts each branch's pseudo-anomaly peak at 1, not its normal
+peaks level with the other's, so a branch whose good images peak high decided good images'
+scores over the other's defects (``benchmarks/hiad_image_score.py``).
 
 Post-processing follows the reference: image score = max of the 16 x 16 (stride 1)
 average-pooled final map after a sigma-4 Gaussian blur (``score_sigma``). The returned map is
@@ -350,6 +355,9 @@ class HiAD(Strategy):
         # raw low maps (token resolution, small) kept until the good ones' border profile is known
         low_maps: list[np.ndarray] = []
         profile = BorderProfile()
+        # the good images' raw outputs (token resolution, small) for the branches' balance
+        balance = self.config.balance_branches and self.config.low_branch
+        good: list[RawOutput] = []
         for index in range(count):
             image = images[index]
             variants: list[tuple[np.ndarray, np.ndarray | None]] = [(image, None)]
@@ -358,6 +366,8 @@ class HiAD(Strategy):
                 variants.append(paste_pseudo_anomalies(image, rng))
             for variant, pasted in variants:
                 raw = self.raw_outputs(variant)
+                if pasted is None and balance:
+                    good.append(raw)
                 for m in np.unique(raw.labels):
                     calibration.update(f"high.{int(m)}", raw.patch_maps[torch.from_numpy(raw.labels == m)])
                 if raw.low_map is not None:
@@ -377,6 +387,43 @@ class HiAD(Strategy):
         names = [f"high.{m}" for m in range(self._assignment.count)]
         calibration.complete_pool(names, reached if self.config.shared_anomaly_peak else None)
         self._calibration = calibration
+        if balance and good:
+            self._balance_branches(calibration, names, good)
+
+    def _balance_branches(self, calibration: MinMaxCalibration, names: list[str], good: list[RawOutput]) -> None:
+        """Widen the min-max range of the branch whose good held-out images peak higher (mean of
+        their image scores, :meth:`_branch_score`) so that its peaks come down to the other's:
+        scaling a calibrated map by ``s`` is widening its range ``(lo, hi)`` to ``(lo, lo + (hi -
+        lo) / s)`` (equal below the clip at 1), so the ranges alone carry it (the state and the
+        exports need nothing new). The mean, not a spread, because it holds with the two or three
+        good images a small fit holds out."""
+        high_peaks, low_peaks = [], []
+        for raw in good:
+            assert raw.low_map is not None
+            high_map = self._merged_high_map(raw)
+            high_peaks.append(self._branch_score(high_map))
+            low_calibrated = self._calibrated_low(raw.low_map)
+            if shrinks((int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1])), high_map.shape):
+                low_map = resize(low_calibrated[None, None], high_map.shape)[0, 0].numpy()
+            else:  # as predict, a band of rows at a time, into the high map's buffer (calibrated maps are >= 0)
+                high_map.fill(0.0)
+                low_map = maximum_upsampled(high_map, low_calibrated.numpy())
+            low_peaks.append(self._branch_score(low_map))
+        peaks = {"high": float(np.mean(high_peaks)), "low": float(np.mean(low_peaks))}
+        level = min(peaks.values())
+        if level <= 0:  # a branch whose good images are all at its floor: nothing to scale by
+            return
+        for branch, peak in peaks.items():
+            if peak > level:
+                for name in names if branch == "high" else ["low"]:
+                    low, high = calibration.range(name)
+                    calibration.set_range(name, low, low + (high - low) * peak / level)
+
+    def _branch_score(self, calibrated_map: np.ndarray) -> float:
+        """A branch's calibrated map scored by HiAD's rule (blur at ``score_sigma``, pooled max),
+        a band of rows at a time as :meth:`predict` scores (no blurred copy of the map)."""
+        bands = blurred_bands(calibrated_map, self.config.score_sigma, hiad_math.BAND_VALUES)
+        return pooled_max_of_bands((rows for _, rows in bands), calibrated_map.shape[0], self.config.score_pool)
 
     def _calibrated_low(self, low_map: Tensor) -> Tensor:
         """The raw low map divided by the low branch's border ratios, then min-max calibrated."""
