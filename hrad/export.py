@@ -219,12 +219,13 @@ def _calibration_feeds(onnx_path: Path, images: Sequence[Path], limit: int) -> d
     its onnxruntime predictor predicts ``images``: what INT8 calibrates its activation ranges on.
 
     Keyed by the predictor's session attribute: ``session`` (the main graph; at most ``limit``
-    samples) and, for a HiAD export with a backbone graph traced at the low branch's size,
-    ``low_session`` (one low-size image per predicted image).
+    samples) and, for a HiAD export with a low branch, ``low_session`` (its whole downsampled
+    image, one per predicted image), recorded apart even where the window graph runs it (no
+    low-size backbone graph), so the low branch is calibrated however many windows come first.
     """
     predictor: Any = open_predictor(onnx_path)
     roles = ["session"]
-    if getattr(predictor, "low_session", predictor.session) is not predictor.session:
+    if getattr(predictor, "low", None) is not None:  # HiAD's low branch (low_session may be session itself)
         roles.append("low_session")
     recorded: dict[str, list[dict[str, np.ndarray]]] = {role: [] for role in roles}
 
@@ -277,8 +278,10 @@ def export_openvino(
     backbone after training (NNCF), calibrated on the graph's inputs while the export predicts
     ``calibration_images`` (a folder or image paths: training images; at most
     ``calibration_samples`` inputs); the detector's scoring stays in FP32 (HiAD: the backbone
-    graph and the low-size backbone graph, calibrated on the low branch's images, are
-    quantised; the pool's and low branch's scoring graphs stay FP32). ``tolerance`` replaces
+    graph and the low-size backbone graph are quantised, the pool's and low branch's scoring
+    graphs stay FP32; the low branch's whole downsampled images, one per calibration image and
+    beyond ``calibration_samples``, calibrate the graph that embeds them: the low-size one, else
+    the window graph). ``tolerance`` replaces
     :data:`OPENVINO_TOLERANCE` (benchmarks measure what a refused INT8 model would give). Returns
     the sidecar's path.
     """
@@ -311,17 +314,33 @@ def export_openvino(
     difference = 0.0
     samples: dict[str, list[dict[str, np.ndarray]]] = {}
     quantized: dict[str, int] = {}
+    low_size_inputs: dict[str, int] = {}  # per backbone role: how many of its samples are the low branch's images
     if precision == "int8":
         assert calibration_images is not None
         samples = _calibration_feeds(onnx_path, [Path(path) for path in calibration_images], calibration_samples)
+        low = samples.pop("low_session", [])
+        if low:
+            # HiAD's low branch runs its whole downsampled image through the low-size backbone graph
+            # where there is one, else through the window graph, whose activations on a whole image
+            # can exceed the windows' ranges: that graph is calibrated on both (nncf takes inputs of
+            # either size, the graph's H and W axes being dynamic)
+            low_role = "low_session" if extra is not None and extra.get("low_embedder") else "session"
+            samples[low_role] = samples.get(low_role, []) + low
+            low_size_inputs[low_role] = len(low)
+    low_recorded: dict[str, int] = {}
     for source, target, feeds, role in graphs:
         converted = openvino.convert_model(str(source))
         checks = [feeds]
         # the backbone graphs (HiAD's window graph and its low-size one); the scoring graphs stay FP32
         if role is not None and role in samples:
-            converted = _quantize(converted, samples[role])
-            checks = samples[role][:: max(1, len(samples[role]) // 8)]
-            quantized[target.name] = len(samples[role])
+            calibration = samples[role]
+            converted = _quantize(converted, calibration)
+            split = len(calibration) - low_size_inputs.get(role, 0)  # windows first, then low-size images
+            windows, lows = calibration[:split], calibration[split:]
+            checks = windows[:: max(1, len(windows) // 8)] + lows[:: max(1, len(lows) // 4)]
+            quantized[target.name] = len(calibration)
+            if lows:
+                low_recorded[target.name] = len(lows)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             openvino.save_model(converted, str(target), compress_to_fp16=precision == "fp16")
@@ -353,6 +372,7 @@ def export_openvino(
             "graph": xml_path.name,
             "calibration_inputs": quantized[xml_path.name],
             "graphs": quantized,  # every quantised IR (HiAD: the low-size backbone too) and its calibration inputs
+            "low_size_inputs": low_recorded,  # of those, HiAD's low-branch images (the window graph's where it runs them)
             "kept_fp32": SCORING_NODES,
         }
     if len(graphs) > 1:

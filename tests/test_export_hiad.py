@@ -146,6 +146,26 @@ def test_hiad_int8_quantises_the_low_size_backbone_graph_too(tmp_path: Path) -> 
     quantized = sidecar["openvino"]["quantized"]["graphs"]
     assert quantized["v.low_embedder.xml"] == len(images)
     assert quantized["v.xml"] == sidecar["openvino"]["quantized"]["calibration_inputs"] > len(images)
+    assert sidecar["openvino"]["quantized"]["low_size_inputs"] == {"v.low_embedder.xml": len(images)}
+    got = open_predictor(tmp_path / "v.xml").predict(spotted_image(6))
+    assert got.anomaly_map.shape == (90, 130) and np.isfinite(got.anomaly_map).all()
+
+
+def test_hiad_int8_calibrates_the_window_graph_on_the_low_branch_too(tmp_path: Path) -> None:
+    """Where the window graph runs the low branch too (no low-size graph: a plain-padded backbone),
+    INT8 calibrates it on the windows and on the low branch's whole downsampled image (32 x 48,
+    one per calibration image), whose activations are not a window's."""
+    pytest.importorskip("nncf")
+    model = make_model({**HIAD, "assignment": "a2o"})
+    images = training_images(5, 3)
+    model.fit(images, training_images(9, 2))
+    for index, image in enumerate(images):
+        write(tmp_path / "train" / f"{index}.png", image)
+    sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "int8", calibration_images=tmp_path / "train", tolerance=1.0).read_text())
+    assert sidecar["graphs"]["low_embedder"] is None and sidecar["geometry"]["low_size"] == [32, 48]
+    quantized = sidecar["openvino"]["quantized"]
+    assert quantized["low_size_inputs"] == {"v.xml": len(images)}  # the old code calibrated on windows only
+    assert quantized["graphs"] == {"v.xml": quantized["calibration_inputs"]} and quantized["calibration_inputs"] > len(images)
     got = open_predictor(tmp_path / "v.xml").predict(spotted_image(6))
     assert got.anomaly_map.shape == (90, 130) and np.isfinite(got.anomaly_map).all()
 
