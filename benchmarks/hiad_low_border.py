@@ -1,9 +1,11 @@
-"""HiAD's low branch divided by its own border ratios (``strategy.low_border_calibration``) or not.
+"""HiAD's low branch divided by its own border ratios (``strategy.low_border_calibration``) or not;
+with ``--toggle balance_branches``, the branches balanced on their good images' peaks or not.
 
 Per dataset and pool (A2O, SCA with 4 detectors) one HiAD model is fitted (PatchCore on
 efficientnet-lite0, the demo's bank; 512-pixel patches, low branch at 512), calibrated with
-the low branch's border calibration on (the default), and every test image predicted; then the
-same fitted detectors are calibrated again on the same held-out images with it off
+the low branch's border calibration on (the default; ``--toggle``: that HiAD option on), and every
+test image predicted; then the same fitted detectors are calibrated again on the same held-out
+images with it off
 (``AnomalyModel.calibrate``: strategy calibration, thresholds and the returned map's border
 ratios all learned again) and the test images predicted again. Image AUROC of the model's score,
 pixel AUROC and AUPRO@30 (hrad's exact streaming metrics) of its map, per setting; also the low
@@ -11,6 +13,7 @@ branch's ratio at the image border and how many low-map cells it corrects, and t
 map's own border ratio (the one learned after the branches' max) in each setting.
 
     PYTHONPATH=. python benchmarks/hiad_low_border.py --textures gravel brick grass --capsules-train 30 --capsules-test 30
+    PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle balance_branches --out hiad_branch_balance
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from hrad.strategies.hiad import HiAD
 
 DETECTOR = {"name": "patchcore", "max_fit_patches": 60000, "max_bank_size": 6000}
 POOLS = {"a2o": {"assignment": "a2o"}, "sca-4": {"assignment": "sca", "num_detectors": 4}}
-COLUMNS = ["dataset", "pool", "low_border", "image_auroc", "pixel_auroc", "aupro_30", "low_ratio0", "low_cells", "map_ratio0"]
+COLUMNS = ["dataset", "pool", "setting", "image_auroc", "pixel_auroc", "aupro_30", "low_ratio0", "low_cells", "map_ratio0"]
 
 
 def evaluate(model: AnomalyModel, test: list[Sample]) -> dict[str, float]:
@@ -69,23 +72,25 @@ def ratios_row(model: AnomalyModel) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_texture_and_capsules_arguments(parser)
+    parser.add_argument("--toggle", default="low_border_calibration", choices=["low_border_calibration", "balance_branches"])
+    parser.add_argument("--out", default="hiad_low_border")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         for name, train, test in texture_and_capsules(args, Path(work)):
             for pool, options in POOLS.items():
-                strategy = {"name": "hiad", "patch_size": 512, **options}
+                strategy = {"name": "hiad", "patch_size": 512, **options, args.toggle: True}
                 config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
                 print(f"[{name} {pool}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
                 model = AnomalyModel(config).fit(ImageList(train))
                 _, held = model._split(ImageList(train))  # the fit's own held-out images
                 assert held is not None and isinstance(model.strategy, HiAD)
-                for low_border in (True, False):
-                    if not low_border:  # same detectors, calibrated again without it
-                        hiad = model.strategy
-                        hiad.config = hiad.config.model_copy(update={"low_border_calibration": False})
+                for setting in (True, False):
+                    hiad = model.strategy
+                    if hiad.config.model_dump()[args.toggle] != setting:  # same detectors, calibrated again
+                        hiad.config = hiad.config.model_copy(update={args.toggle: setting})
                         model.calibrate(held)
-                    row = {"dataset": name, "pool": pool, "low_border": "on" if low_border else "off"}
+                    row = {"dataset": name, "pool": pool, "setting": f"{args.toggle} {'on' if setting else 'off'}"}
                     row.update(evaluate(model, test))
                     row.update(ratios_row(model))
                     rows.append(row)
@@ -93,14 +98,16 @@ def main() -> None:
     notes = (
         "HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; 512-pixel "
         "patches, low branch at 512 px), 20% of the training images held out for calibration and thresholds; one run, "
-        "seed 0. `low_border` on: the low branch's map divided by its own border ratios before the branches' max "
-        "(hrad's default); off: the same fitted detectors calibrated again on the same held-out images without it. "
+        f"seed 0. `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
+        "ratios before the branches' max; balance_branches: the branch whose held-out good images peak higher has its "
+        "min-max range widened until both branches' mean peaks agree), then off: the same fitted detectors calibrated "
+        "again on the same held-out images without it. "
         "`low_ratio0` / `low_cells`: the low branch's ratio at the image border and the low-map cells it corrects; "
         "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). Synthetic textures: "
         "make_demo_dataset at 1024x1024, seed 0, 10 training images, 10 good + 10 anomalous test images. Capsules: "
         "seeded, label-stratified subsets. See the script's docstring."
     )
-    write_results("hiad_low_border", rows, notes, COLUMNS)
+    write_results(args.out, rows, notes, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ class HiADConfig(ContextTilingConfig):
     low_border_calibration: bool = True
     #: after the min-max, the branch whose held-out good images peak higher (mean image score by
     #: the score rule) has its range widened until both branches' normal peaks agree, so neither
-    #: branch's normal texture outranks the other's defects in the max. Min-max alone sets each
-    #: branch's pseudo-anomaly peak to 1, not their normal peaks level: on capsules the low
-    #: branch's good peaks decided the fused score (benchmarks/hiad_image_score.py). Not in the
-    #: paper; False: the min-max ranges as they are
-    balance_branches: bool = True
+    #: branch's normal texture outranks the other's defects in the max (min-max alone sets each
+    #: branch's pseudo-anomaly peak to 1, not their normal peaks level). Not in the paper. Off by
+    #: default: measured, it helped SCA pools on textures and hurt A2O on some
+    #: (benchmarks/results/hiad_branch_balance.md)
+    balance_branches: bool = False
     #: Gaussian sigma (full-resolution pixels) applied to the returned map; 0 (default) leaves
     #: smoothing to the model's post-processing, whose default is the reference's sigma 4
     smoothing_sigma: float = 0.0

@@ -10,12 +10,14 @@ element-wise max of the two branches is taken, so only like is compared with lik
 min-max, the low branch's map is divided by its own border ratios (``low_border_calibration``,
 :mod:`hrad.postprocess.border`), learned from the same held-out good images: not in the paper;
 the whole downsized image's frame is wider and stronger than the patches' and would otherwise
-decide good images' scores after the max (``benchmarks/hiad_branch_border.py``). Last, the
-branch whose held-out good images peak higher (their mean image score by the score rule below)
-has its min-max range widened until both branches' normal peaks agree (``balance_branches``):
-not in the paper either; min-max puts each branch's pseudo-anomaly peak at 1, not its normal
-peaks level with the other's, so a branch whose good images peak high decided good images'
-scores over the other's defects (``benchmarks/hiad_image_score.py``).
+decide good images' scores after the max (``benchmarks/hiad_branch_border.py``). Optionally
+(``balance_branches``, off by default), the branch whose held-out good images peak higher
+(their mean image score by the score rule below) has its min-max range widened until both
+branches' normal peaks agree: not in the paper either; min-max puts each branch's
+pseudo-anomaly peak at 1, not its normal peaks level with the other's, so a branch whose good
+images peak high decided good images' scores over the other's defects
+(``benchmarks/hiad_image_score.py``); measured, it helped SCA pools on hrad's textures and hurt
+A2O on some (``benchmarks/results/hiad_branch_balance.md``).
 
 Post-processing follows the reference: image score = max of the 16 x 16 (stride 1)
 average-pooled final map after a sigma-4 Gaussian blur (``score_sigma``). The returned map is
