@@ -445,6 +445,41 @@ def _suffix_for(filename: str, data: bytes) -> str:
     return ".tiff" if data[:4] in (b"II*\x00", b"MM\x00*") else ".png"
 
 
+#: the upload folders of this process's requests in flight (:func:`upload_folder`), for a stop
+#: that cannot wait for them: ``hrad serve``'s forced stop ends with ``os._exit``, which skips the
+#: requests' own removal, so it removes these first (:func:`remove_live_upload_folders`)
+_live_upload_folders: set[Path] = set()
+_live_upload_folders_lock = threading.Lock()
+
+
+def upload_folder() -> Path:
+    """A private folder for one request's uploads, removed by :func:`remove_upload_folder` when its
+    work is done (after a 504 too: the work that goes on in the background removes it)."""
+    folder = Path(tempfile.mkdtemp(prefix="hrad-upload-"))
+    with _live_upload_folders_lock:
+        _live_upload_folders.add(folder)
+    return folder
+
+
+def remove_upload_folder(folder: Path) -> None:
+    """Remove a request's :func:`upload_folder`, its work done."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with _live_upload_folders_lock:
+        _live_upload_folders.discard(folder)
+
+
+def remove_live_upload_folders() -> int:
+    """Remove the upload folders of the requests still in flight, and say how many: for a stop that
+    abandons them (their own removal never runs), so a service restarted often leaves no
+    ``hrad-upload-*`` folders behind in the temp directory."""
+    with _live_upload_folders_lock:
+        folders = list(_live_upload_folders)
+        _live_upload_folders.clear()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(folders)
+
+
 async def save_upload(upload: UploadFile, folder: Path, name: str, index: int = 0) -> Path:
     """Copy ``upload`` (named ``name`` in messages) into a file of ``folder`` a chunk at a time,
     never whole in memory, so a request waiting for the model holds its image on disk. The
@@ -741,11 +776,6 @@ def create_app(
         if held:
             in_flight.service_time.observe(sum(held))
 
-    def _upload_folder() -> Path:
-        """A private folder for one request's uploads, removed when its work is done (after a 504
-        too: the work that goes on in the background removes it)."""
-        return Path(tempfile.mkdtemp(prefix="hrad-upload-"))
-
     async def _bounded(name: str, deadline: float, cancelled: threading.Event, job: Callable[[], Any]) -> Any:
         """Run ``job`` in a thread; 504 past the deadline (the work is dropped or finishes unseen), 503 busy."""
         # a plain executor future: on timeout the response goes out at once (an anyio worker
@@ -777,12 +807,12 @@ def create_app(
         if given > 1:  # FastAPI keeps the last: the others would go unanswered without a word
             return _error(422, f"body.image: /predict takes one image, this form has {given} in field 'image' (several: /predict/batch, field 'images')")
         deadline = time.monotonic() + request_timeout
-        folder = _upload_folder()
+        folder = upload_folder()
         try:
             name = image.filename or "upload"
             path = await save_upload(image, folder, name)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_upload_folder(folder)
             raise
         cancelled = threading.Event()
 
@@ -792,7 +822,7 @@ def create_app(
                 return _predict_upload(path, name, map, deadline, cancelled, held, overrides)
             finally:
                 observe_service(held)
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_upload_folder(folder)
 
         return await _bounded(name, deadline, cancelled, job)
 
@@ -810,14 +840,14 @@ def create_app(
         overrides = (threshold, pixel_threshold, sigmas)
         model.decision_thresholds(*overrides)
         deadline = time.monotonic() + request_timeout
-        folder = _upload_folder()
+        folder = upload_folder()
         try:
             uploads = []
             for index, upload in enumerate(images):
                 name = upload.filename or f"upload{index}"
                 uploads.append((await save_upload(upload, folder, name, index), name))
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_upload_folder(folder)
             raise
         cancelled = threading.Event()
 
@@ -833,7 +863,7 @@ def create_app(
                         results.append({"filename": name, "error": " ".join(str(error).split()), "status": status})
             finally:
                 observe_service(held)
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_upload_folder(folder)
             return {"results": results}
 
         return await _bounded(f"batch of {len(uploads)}", deadline, cancelled, run_all)

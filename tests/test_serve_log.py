@@ -63,13 +63,22 @@ MALFORMED_UPLOAD = b"--XX\r\nBad Header: x\r\n\r\nabc\r\n--XX--\r\n"
 
 
 def start_server(
-    model: Path, log: Path, port: int, workers: int, pythonpath: Path | None = None, own_group: bool = False, extra: list[str] | None = None
+    model: Path,
+    log: Path,
+    port: int,
+    workers: int,
+    pythonpath: Path | None = None,
+    own_group: bool = False,
+    extra: list[str] | None = None,
+    temp: Path | None = None,
 ) -> subprocess.Popen[str]:
     """``hrad --log-file LOG serve`` in a process of its own (the environment's HRAD_LOG_FILE left
     out; ``pythonpath`` first on its path, for a ``sitecustomize``; ``own_group``: in a process
     group of its own, as a terminal's foreground job, whose Ctrl-C reaches every process in it;
-    ``extra``: more serve options)."""
+    ``extra``: more serve options; ``temp``: its temp directory, TMPDIR)."""
     environment = {key: value for key, value in os.environ.items() if key != "HRAD_LOG_FILE"}
+    if temp is not None:
+        environment["TMPDIR"] = str(temp)
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [environment.get("PYTHONPATH")])])
     command = [sys.executable, "-m", "hrad", "--log-file", str(log), "serve", "--model", str(model), "--port", str(port),
@@ -210,16 +219,30 @@ def test_sigterm_or_ctrl_c_stops_the_server_gracefully_with_status_0_and_says_so
 
 
 #: a ``sitecustomize`` for the server's processes: each prediction leaves a file ``predicting``
-#: beside it, then takes a minute, so a request stays in flight while the test stops the server
+#: beside it, then takes a minute, so a request stays in flight while the test stops the server.
+#: It patches hrad.model when the process imports it: importing it here (torch and all) delayed a
+#: worker's answer to uvicorn's 5 s health check under load, and uvicorn killed and restarted it
 SLOW_PREDICTIONS = """
-import pathlib, time
-import hrad.model
-_predict = hrad.model.AnomalyModel.predict
-def predict(self, *args, **kwargs):
-    pathlib.Path(__file__).with_name("predicting").touch()
-    time.sleep(60)
-    return _predict(self, *args, **kwargs)
-hrad.model.AnomalyModel.predict = predict
+import importlib.abc, importlib.machinery, pathlib, sys, time
+
+def slow(module):
+    _predict = module.AnomalyModel.predict
+    def predict(self, *args, **kwargs):
+        pathlib.Path(__file__).with_name("predicting").touch()
+        time.sleep(60)
+        return _predict(self, *args, **kwargs)
+    module.AnomalyModel.predict = predict
+
+class SlowPredictions(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "hrad.model":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        spec.loader.exec_module = lambda module: (run(module), slow(module))
+        return spec
+
+sys.meta_path.insert(0, SlowPredictions())
 """
 
 
@@ -233,12 +256,19 @@ def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and
     prediction's thread to finish, and exited 0 saying it stopped on SIGINT. Now it stops at once,
     says it left the request unfinished in one line, and exits 130; a first SIGTERM whose
     graceful shutdown outlasts --graceful-timeout does the same, status 143. With --workers N the
-    worker that holds the request ends so, silently, and the parent says the one line."""
+    worker that holds the request ends so, silently, and the parent says the one line.
+
+    Also: os._exit skipped the removal of the request's upload folder, so each forced stop left an
+    ``hrad-upload-*`` folder in the temp directory; the stop removes it now."""
     (tmp_path / "sitecustomize.py").write_text(SLOW_PREDICTIONS)
     log = tmp_path / "serve.log"
+    temp = tmp_path / "temp"
+    temp.mkdir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(model_dir, log, port, workers, pythonpath=tmp_path, own_group=True, extra=["--graceful-timeout", "1"])
+    server = start_server(
+        model_dir, log, port, workers, pythonpath=tmp_path, own_group=True, extra=["--graceful-timeout", "1"], temp=temp
+    )
     try:
         wait_ready(base)
         upload = {"image": ("part.png", cv2.imencode(".png", np.zeros((90, 130, 3), np.uint8))[1].tobytes())}
@@ -251,6 +281,7 @@ def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and
         deadline = time.monotonic() + 30
         while not (tmp_path / "predicting").exists() and time.monotonic() < deadline:
             time.sleep(0.1)  # until the request is in flight (its prediction sleeps)
+        assert len(list(temp.glob("hrad-upload-*"))) == 1  # the request's upload, while it is predicted
         if stop == "second SIGINT":
             os.killpg(server.pid, signal.SIGINT)
             time.sleep(0.3)  # the first starts the graceful shutdown (its timeout, 1 s, is not reached)
@@ -259,12 +290,12 @@ def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and
             server.terminate()
         stdout, stderr = server.communicate(timeout=20)
     except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
         stdout, stderr = server.communicate()
         pytest.fail(f"hrad serve still ran 20 s after {stop}: {stderr[-1500:]}")
-    finally:
+    finally:  # its whole group: a worker left running holds the pipes, and communicate() waited for ever
         if server.poll() is None:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.communicate()
     said = ("hrad serve stopped on a second SIGINT without finishing 1 in-flight request" if stop == "second SIGINT" else
             "hrad serve stopped on SIGTERM without finishing 1 in-flight request within the 1 s graceful timeout")  # fmt: skip
@@ -275,3 +306,4 @@ def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and
     assert lines[-2:] == [said, lines[-1]] and lines[-1].startswith(f"=== exit status {status} after")
     assert "Traceback" not in stderr and not any("Traceback" in line or "Error" in line for line in lines), stderr[-1500:]
     assert stdout == ""
+    assert list(temp.glob("hrad-upload-*")) == []

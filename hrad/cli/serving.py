@@ -5,8 +5,9 @@ uvicorn's own force quit cancelled the requests in flight, printed asyncio's tra
 the terminal and in the log file, then still waited for the prediction's thread (nothing can
 interrupt it: asyncio's shutdown and Python's exit both join it) and exited 0. Here the process
 says in one line how many requests it leaves unanswered and ends at once (``os._exit``) with 128
-+ the stop signal's number: 130 Ctrl-C, 143 SIGTERM. With ``--workers N`` each worker ends so
-silently, adding its count to a number the parent shares with it, and the parent says the line.
++ the stop signal's number: 130 Ctrl-C, 143 SIGTERM, leaving none of their upload folders behind.
+With ``--workers N`` each worker ends so silently, adding its count to a number the parent shares
+with it, and the parent says the line.
 Imported only by ``hrad serve`` (uvicorn is an optional dependency).
 """
 
@@ -43,7 +44,14 @@ def stopped_unfinished(stop: signal.Signals, unfinished: int, how: str = "{}", w
 
 
 def _exit_now(status: int) -> None:
-    """``os._exit(status)`` with stdout and stderr flushed."""
+    """``os._exit(status)`` with stdout and stderr flushed, after removing the upload folders of
+    the requests it abandons (os._exit skips their own removal: a service restarted often would
+    fill its temp directory with ``hrad-upload-*`` folders). hrad.service is not imported here:
+    a worker unpickles this module before it answers uvicorn's health check, and a process that
+    has not imported the service holds no uploads."""
+    service = sys.modules.get("hrad.service")
+    if service is not None:
+        service.remove_live_upload_folders()
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()
         sys.stderr.flush()
