@@ -6,6 +6,12 @@
 #
 # Liveness probe: GET /health; readiness probe: GET /ready (503 while the queue is full);
 # Prometheus scrape: GET /metrics (per worker process when HRAD_WORKERS > 1).
+#
+# Stopping: docker stop sends SIGTERM and, 10 s later by default, SIGKILL, which would end hrad
+# serve (default --graceful-timeout 30 s) without its last line and exit status. So here the
+# graceful shutdown waits HRAD_GRACEFUL_TIMEOUT=8 s for the requests in flight, then stops with
+# status 143; to wait longer, raise both: -e HRAD_GRACEFUL_TIMEOUT=60 with docker run
+# --stop-timeout 65 (or docker stop -t 65).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -21,6 +27,6 @@ RUN pip install "torch>=2.6,<2.14" --index-url https://download.pytorch.org/whl/
 
 RUN useradd --create-home --uid 10001 hrad
 USER hrad
-ENV HRAD_WORKERS=1
+ENV HRAD_WORKERS=1 HRAD_GRACEFUL_TIMEOUT=8
 EXPOSE 8000
-CMD ["sh", "-c", "exec hrad serve --model /model --host 0.0.0.0 --port 8000 --workers ${HRAD_WORKERS}"]
+CMD ["sh", "-c", "exec hrad serve --model /model --host 0.0.0.0 --port 8000 --workers ${HRAD_WORKERS} --graceful-timeout ${HRAD_GRACEFUL_TIMEOUT}"]
