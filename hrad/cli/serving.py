@@ -66,12 +66,13 @@ def graceful_timeout_said(seconds: float) -> str:
 class StoppingServer(uvicorn.Server):
     """uvicorn's server, but a second SIGINT while it shuts down, or a shutdown still going
     ``graceful_timeout`` seconds after the first stop signal, ends the process at once: saying so
-    in one line (:func:`stopped_unfinished`), or, in a worker (``unfinished`` given: the count
-    its parent reads), silently after adding its requests in flight to ``unfinished``."""
+    in one line (:func:`stopped_unfinished`), or, in a worker (``unfinished`` given: the counts
+    its parent reads, one per worker slot), silently after adding its requests in flight to
+    ``unfinished[slot]``."""
 
-    def __init__(self, config: uvicorn.Config, graceful_timeout: float | None, unfinished: Any = None) -> None:
+    def __init__(self, config: uvicorn.Config, graceful_timeout: float | None, unfinished: Any = None, slot: int = 0) -> None:
         super().__init__(config)
-        self.graceful_timeout, self.unfinished = graceful_timeout, unfinished
+        self.graceful_timeout, self.unfinished, self.slot = graceful_timeout, unfinished, slot
         self.timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -89,23 +90,22 @@ class StoppingServer(uvicorn.Server):
         if self.unfinished is None:
             within = graceful_timeout_said(self.graceful_timeout) if timed_out and self.graceful_timeout is not None else ""
             stopped_unfinished(stop, count, how, within)
-        with self.unfinished.get_lock():
-            self.unfinished.value += count
+        self.unfinished[self.slot] += count  # this worker's own slot: no lock to share
         _exit_now(128 + stop.value)
 
 
 class WorkerProcess(Process):
-    """uvicorn's worker process, serving with :class:`StoppingServer`; ``unfinished`` (shared
-    with the parent) counts the requests its workers stopped without."""
+    """uvicorn's worker process, serving with :class:`StoppingServer`; ``unfinished[slot]``
+    (shared with the parent) counts the requests the worker in that slot stopped without."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None, unfinished: Any) -> None:
-        self.graceful_timeout, self.unfinished = graceful_timeout, unfinished
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None, unfinished: Any, slot: int) -> None:
+        self.graceful_timeout, self.unfinished, self.slot = graceful_timeout, unfinished, slot
         super().__init__(config, sockets)
 
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = StoppingServer(self.config, self.graceful_timeout, self.unfinished)
+            self._server = StoppingServer(self.config, self.graceful_timeout, self.unfinished, self.slot)
         return self._server
 
 
@@ -120,15 +120,17 @@ class Supervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None) -> None:
         super().__init__(config, sockets)
         self.graceful_timeout = graceful_timeout
-        self.unfinished = multiprocessing.get_context("spawn").Value("i", 0)
+        # one count per worker slot, lock-free: a Value's lock is a named semaphore that the
+        # parent's os._exit leaves for the resource tracker to warn about ("leaked semaphore")
+        self.unfinished = multiprocessing.get_context("spawn").RawArray("i", self.processes_num)
         self.interrupts = 0
 
-    def new_process(self) -> WorkerProcess:
-        return WorkerProcess(self.config, self.sockets, self.graceful_timeout, self.unfinished)
+    def new_process(self, slot: int) -> WorkerProcess:
+        return WorkerProcess(self.config, self.sockets, self.graceful_timeout, self.unfinished, slot)
 
     def init_processes(self) -> None:
-        for _ in range(self.processes_num):
-            process = self.new_process()
+        for slot in range(self.processes_num):
+            process = self.new_process(slot)
             process.start()
             self.processes.append(process)
 
@@ -151,7 +153,7 @@ class Supervisor(Multiprocess):
             if self.should_exit.is_set():
                 return
             logger.info(f"Child process [{process.pid}] died")
-            self.processes[index] = self.new_process()
+            self.processes[index] = self.new_process(index)
             self.processes[index].start()
 
     def restart_all(self) -> None:
@@ -161,7 +163,7 @@ class Supervisor(Multiprocess):
         for index, old_process in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
-            new_process = self.new_process()
+            new_process = self.new_process(index)
             new_process.start()
             if not new_process.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
                 new_process.kill()
@@ -190,6 +192,6 @@ class Supervisor(Multiprocess):
             return
         interrupts = self.interrupts + self.signal_queue.count(signal.SIGINT)  # those after the first are left queued
         if interrupts > 1:
-            stopped_unfinished(signal.SIGINT, self.unfinished.value, "a second {}")
+            stopped_unfinished(signal.SIGINT, sum(self.unfinished), "a second {}")
         assert self.graceful_timeout is not None
-        stopped_unfinished(signal.Signals[self.stopped_by], self.unfinished.value, within=graceful_timeout_said(self.graceful_timeout))
+        stopped_unfinished(signal.Signals[self.stopped_by], sum(self.unfinished), within=graceful_timeout_said(self.graceful_timeout))
