@@ -135,7 +135,9 @@ class Supervisor(Multiprocess):
             self.processes.append(process)
 
     def keep_subprocess_alive(self) -> None:
-        """uvicorn's, with :meth:`new_process` for a worker that died (a hung one is killed)."""
+        """uvicorn's, with :meth:`new_process` for a worker that died (a hung one is killed), but
+        none restarted while a stop signal waits in the queue: a worker that ended on a second
+        Ctrl-C before this process handled it was taken for dead and replaced, its status lost."""
         if self.should_exit.is_set():
             return
         from uvicorn.config import STARTUP_FAILURE
@@ -144,6 +146,8 @@ class Supervisor(Multiprocess):
         for index, process in enumerate(self.processes):
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
+            if any(sig in (signal.SIGINT, signal.SIGTERM) for sig in self.signal_queue):
+                return  # a stop came meanwhile (a worker may have ended on it): stop, not restart
             process.kill()
             process.join()
             if process.exitcode == STARTUP_FAILURE:
