@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+import psutil
 import pytest
 from cli_helpers import free_port, wait_ready
 from export_helpers import make_model, training_images
@@ -216,6 +217,29 @@ def test_sigterm_or_ctrl_c_stops_the_server_gracefully_with_status_0_and_says_so
     assert [line for line in stderr.splitlines() if stop in line] == [f"hrad serve stopped on {stop}"]
     assert lines[-2] == f"hrad serve stopped on {stop}" and "terminated" not in lines and "interrupted" not in lines
     assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+def test_the_workers_stop_when_the_server_process_is_killed(model_dir: Path, tmp_path: Path) -> None:
+    """A server process SIGKILLed (the OOM killer, ``kill -9``, a service manager's final kill)
+    left its --workers N processes serving on the port, an orphaned server nobody could stop by
+    stopping the service. Now each worker gets a SIGTERM when it dies, and stops."""
+    port = free_port()
+    server = start_server(model_dir, tmp_path / "serve.log", port, 2, own_group=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        workers = [child for child in psutil.Process(server.pid).children() if "spawn_main" in " ".join(child.cmdline())]
+        assert len(workers) == 2
+        server.kill()
+        server.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], f"workers {[worker.pid for worker in alive]} still run 10 s after their server process was killed"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+    finally:  # its whole group: no worker left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.communicate()
 
 
 #: a ``sitecustomize`` for the server's processes: each prediction leaves a file ``predicting``

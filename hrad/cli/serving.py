@@ -14,6 +14,7 @@ Imported only by ``hrad serve`` (uvicorn is an optional dependency).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -100,7 +101,21 @@ class WorkerProcess(Process):
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket], graceful_timeout: float | None, unfinished: Any, slot: int) -> None:
         self.graceful_timeout, self.unfinished, self.slot = graceful_timeout, unfinished, slot
+        self.parent_pid = os.getpid()  # the supervisor, recorded before the spawn
         super().__init__(config, sockets)
+
+    def target(self, sockets: list[socket] | None = None) -> None:
+        """uvicorn's, in the worker, after asking Linux for a SIGTERM when the supervisor dies: a
+        supervisor SIGKILLed (the OOM killer, ``kill -9``, a service manager's final kill) left its
+        workers serving on the port, an orphaned server that stopping the service did not stop.
+        The SIGTERM stops the worker like any (graceful, then ``--graceful-timeout``'s forced
+        stop); a supervisor that died before the request ends the worker before it serves."""
+        if sys.platform.startswith("linux"):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM.value, 0, 0, 0)
+            if os.getppid() != self.parent_pid:
+                return
+        super().target(sockets)
 
     @property
     def server(self) -> uvicorn.Server:
