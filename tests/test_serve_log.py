@@ -332,3 +332,28 @@ def test_a_second_ctrl_c_or_the_graceful_timeout_stops_at_once_with_one_line_and
     assert "leaked" not in stderr, stderr[-1500:]  # the resource tracker's warning of a semaphore os._exit left
     assert stdout == ""
     assert list(temp.glob("hrad-upload-*")) == []
+
+
+def test_a_worker_added_by_sigttin_is_hrads_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's SIGTTIN adds a worker; the supervisor's is an hrad WorkerProcess (forced stop, ends
+    with the server) in a slot of the shared counts, not uvicorn's plain one."""
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import SIGNALS, Process
+
+    from hrad.cli.serving import Supervisor, WorkerProcess
+
+    monkeypatch.setattr(Process, "start", lambda self: None)  # nothing spawned, old code or new
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}  # the supervisor takes them over
+    try:
+        with socket.socket() as sock:
+            supervisor = Supervisor(uvicorn.Config("hrad.service:create_app", workers=2), [sock], graceful_timeout=1.0)
+            supervisor.init_processes()
+            supervisor.handle_ttin()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert supervisor.processes_num == 3 and len(supervisor.processes) == 3
+    assert all(isinstance(process, WorkerProcess) for process in supervisor.processes)
+    assert [process.slot for process in supervisor.processes] == [0, 1, 0]  # type: ignore[attr-defined]

@@ -175,6 +175,19 @@ class Supervisor(Multiprocess):
             self.processes[index] = self.new_process(index)
             self.processes[index].start()
 
+    def handle_ttin(self) -> None:
+        """SIGTTIN: uvicorn's one more worker, but a :class:`WorkerProcess` (uvicorn's own plain
+        worker would have no forced stop and outlive a killed server). Its count shares a slot
+        with an earlier worker's, modulo the slots made at start: two adding at once could lose
+        one from the stop line's count, nothing else."""
+        from uvicorn.supervisors.multiprocess import logger
+
+        logger.info("Received SIGTTIN, increasing the number of processes.")
+        self.processes_num += 1
+        process = self.new_process(len(self.processes) % len(self.unfinished))
+        process.start()
+        self.processes.append(process)
+
     def restart_all(self) -> None:
         """SIGHUP: uvicorn's replacement of each worker by a ready new one, with :meth:`new_process`."""
         from uvicorn.supervisors.multiprocess import logger
