@@ -123,6 +123,24 @@ def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) 
         assert_same(open_predictor(tmp_path / "v.xml").predict(spotted_image(6)), model.predict(spotted_image(6)))
 
 
+def test_hiad_window_graph_pads_inside_its_convolutions(tmp_path: Path) -> None:
+    """SAME padding traces to a Pad whose amounts come from the input's shape (onnxruntime cannot
+    fuse it into the convolution: a third of EfficientNet-Lite0's window graph time); the export
+    folds it into the Conv's own asymmetric pads, and the graph still matches the model."""
+    onnx = pytest.importorskip("onnx")
+    model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
+    same_padding(model.extractor)
+    model.fit(training_images(5, 3), training_images(9, 2))
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    for name in ("m.onnx", sidecar["graphs"]["low_embedder"]["onnx"]):
+        graph = onnx.load(tmp_path / name).graph
+        assert not [node for node in graph.node if node.op_type == "Pad"], name
+        assert any(list(a.ints)[2:] == [1, 1] for node in graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "pads"), name
+    predictor = open_predictor(tmp_path / "m.onnx")
+    for image in (spotted_image(6), training_images(21, 1)[0]):
+        assert_same(predictor.predict(image), model.predict(image))
+
+
 def test_hiad_int8_quantises_the_low_size_backbone_graph_too(tmp_path: Path) -> None:
     """``--precision int8``: the backbone traced at the low size is quantised like the window graph,
     calibrated on the low branch's images (one per calibration image); the scoring graphs stay float."""
