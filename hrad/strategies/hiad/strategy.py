@@ -394,7 +394,7 @@ class HiAD(Strategy):
 
     def _balance_branches(self, calibration: MinMaxCalibration, names: list[str], good: list[RawOutput]) -> None:
         """Widen the min-max range of the branch whose good held-out images peak higher (mean of
-        their image scores, :meth:`_branch_score`) so that its peaks come down to the other's:
+        their image scores, :meth:`_pooled_score`) so that its peaks come down to the other's:
         scaling a calibrated map by ``s`` is widening its range ``(lo, hi)`` to ``(lo, lo + (hi -
         lo) / s)`` (equal below the clip at 1), so the ranges alone carry it (the state and the
         exports need nothing new). The mean, not a spread, because it holds with the two or three
@@ -403,14 +403,9 @@ class HiAD(Strategy):
         for raw in good:
             assert raw.low_map is not None
             high_map = self._merged_high_map(raw)
-            high_peaks.append(self._branch_score(high_map))
-            low_calibrated = self._calibrated_low(raw.low_map)
-            if shrinks((int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1])), high_map.shape):
-                low_map = resize(low_calibrated[None, None], high_map.shape)[0, 0].numpy()
-            else:  # as predict, a band of rows at a time, into the high map's buffer (calibrated maps are >= 0)
-                high_map.fill(0.0)
-                low_map = maximum_upsampled(high_map, low_calibrated.numpy())
-            low_peaks.append(self._branch_score(low_map))
+            high_peaks.append(self._pooled_score(high_map))
+            high_map.fill(0.0)  # its buffer takes the low map (calibrated maps are >= 0)
+            low_peaks.append(self._pooled_score(self._maximum_with_low(high_map, self._calibrated_low(raw.low_map))))
         peaks = {"high": float(np.mean(high_peaks)), "low": float(np.mean(low_peaks))}
         level = min(peaks.values())
         if level <= 0:  # a branch whose good images are all at its floor: nothing to scale by
@@ -421,9 +416,9 @@ class HiAD(Strategy):
                     low, high = calibration.range(name)
                     calibration.set_range(name, low, low + (high - low) * peak / level)
 
-    def _branch_score(self, calibrated_map: np.ndarray) -> float:
-        """A branch's calibrated map scored by HiAD's rule (blur at ``score_sigma``, pooled max),
-        a band of rows at a time as :meth:`predict` scores (no blurred copy of the map)."""
+    def _pooled_score(self, calibrated_map: np.ndarray) -> float:
+        """A calibrated map (a branch's, or both's maximum) scored by HiAD's rule (blur at
+        ``score_sigma``, pooled max), a band of rows at a time (no blurred copy of the map)."""
         bands = blurred_bands(calibrated_map, self.config.score_sigma, hiad_math.BAND_VALUES)
         return pooled_max_of_bands((rows for _, rows in bands), calibrated_map.shape[0], self.config.score_pool)
 
@@ -466,19 +461,14 @@ class HiAD(Strategy):
         low_map: np.ndarray | None = None
         if raw.low_map is not None:
             low_calibrated = self._calibrated_low(raw.low_map)
-            low_size = (int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1]))
-            if self.config.return_branch_maps or shrinks(low_size, (height, width)):
-                # whole: the caller wants the low map, or (a few pixels past a tiny image's side)
-                # the resize shrinks, which needs the antialiased kernel
+            if self.config.return_branch_maps:  # whole: the caller wants the low map
                 low_map = resize(low_calibrated[None, None], (height, width))[0, 0].numpy()
-                final = np.maximum(high_map, low_map) if self.config.return_branch_maps else np.maximum(high_map, low_map, out=high_map)
-                low_map = low_map if self.config.return_branch_maps else None
-            else:  # a band of rows at a time into the high map: no second full-size map
-                final = maximum_upsampled(high_map, low_calibrated.numpy())
+                final = np.maximum(high_map, low_map)
+            else:
+                final = self._maximum_with_low(high_map, low_calibrated)
         same_sigma = self.config.score_sigma == self.config.smoothing_sigma
         if not same_sigma:  # the score from bands of its own blur, before the map is smoothed in place
-            bands = blurred_bands(final, self.config.score_sigma, hiad_math.BAND_VALUES)
-            score = pooled_max_of_bands((rows for _, rows in bands), height, self.config.score_pool)
+            score = self._pooled_score(final)
         # smoothed in place unless it is the high branch's map the caller also gets
         keep = self.config.return_branch_maps and final is high_map
         returned = gaussian_smooth(final, self.config.smoothing_sigma, in_place=not keep)
@@ -489,6 +479,15 @@ class HiAD(Strategy):
             extras["high_map"] = high_map
             extras["low_map"] = low_map
         return AnomalyResult(returned, score, extras)
+
+    @staticmethod
+    def _maximum_with_low(target: np.ndarray, low_calibrated: Tensor) -> np.ndarray:
+        """``np.maximum(target, the calibrated low map upsampled to target's size)``, written into
+        ``target``: a band of rows at a time (no second full-size map), or whole where (a few
+        pixels past a tiny image's side) the resize shrinks, which needs the antialiased kernel."""
+        if shrinks((int(low_calibrated.shape[-2]), int(low_calibrated.shape[-1])), target.shape):
+            return np.maximum(target, resize(low_calibrated[None, None], target.shape)[0, 0].numpy(), out=target)
+        return maximum_upsampled(target, low_calibrated.numpy())
 
     def _merged_high_map(self, raw: RawOutput) -> np.ndarray:
         """The calibrated patch maps upsampled to patch size and merged (overlaps averaged) into one
