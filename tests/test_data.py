@@ -121,6 +121,38 @@ def test_float_and_planar_tiff(tmp_path: Path) -> None:
     np.testing.assert_allclose(read_image(tmp_path / "planar.tif"), np.moveaxis(values, 0, -1), atol=1e-7)
 
 
+def _two_colours() -> np.ndarray:
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :8], image[:, 8:] = (200, 30, 30), (20, 180, 60)
+    return image
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "YCbCr", "miniswhite"])
+def test_tiffs_of_other_colour_models_read_as_their_colours(mode: str, tmp_path: Path) -> None:
+    """A palette TIFF was read as its indices (a gray image), a CMYK one as its ink, a YCbCr one
+    as its raw samples and a MinIsWhite one inverted, each predicted without a word; they are now
+    their colours, as an image viewer (here PIL) shows them."""
+    from PIL import Image
+
+    path = tmp_path / f"{mode}.tif"
+    if mode == "miniswhite":
+        tifffile.imwrite(path, 255 - _two_colours()[..., 0], photometric="miniswhite")
+    else:
+        Image.fromarray(_two_colours()).convert(mode).save(path)
+    expected = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    pixels = read_pixels(path)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - expected).max() <= 2  # YCbCr -> RGB rounding differs by a level
+
+
+def test_a_tiff_colour_model_hrad_cannot_convert_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "ink16.tif"
+    tifffile.imwrite(path, np.full((8, 8, 4), (0, 60000, 60000, 0), np.uint16), photometric="separated")
+    with pytest.raises(InputError, match=r"ink16\.tif: not a readable image \(16-bit TIFF in the SEPARATED colour model") as info:
+        read_pixels(path)
+    assert "\n" not in str(info.value)
+
+
 def test_missing_and_corrupt_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"nope\.png: file not found"):
         read_image(tmp_path / "nope.png")

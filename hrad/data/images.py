@@ -6,8 +6,10 @@ sees a file format: :func:`read_pixels` / :func:`as_pixels` keep the file's pixe
 uint16; a decoded image costs its bytes) for prediction, whose strategies convert each tile
 window to float32 in [0, 1] as they cut it (:func:`pixels_to_unit`); :func:`read_image` /
 :func:`as_image` give the whole image as float32 in [0, 1] (12 bytes a pixel). Files are decoded from bytes (``cv2.imdecode``) so that
-paths with non-ASCII characters work everywhere; TIFF goes through tifffile, which reads float
-and multi-sample files that OpenCV rejects. Writes are atomic (temporary file + rename), so an
+paths with non-ASCII characters work everywhere; gray and RGB TIFFs go through tifffile, which reads
+float and multi-sample files that OpenCV rejects; TIFFs in another colour model (palette, CMYK,
+YCbCr, MinIsWhite) through OpenCV, whose libtiff turns them into RGB (at 8 bits; deeper ones are
+refused in one line). Writes are atomic (temporary file + rename), so an
 interrupted run never leaves a half-written map behind; written files get the process umask's
 permissions like any other file.
 
@@ -282,18 +284,45 @@ def _quiet_opencv() -> Iterator[None]:
                 cv2.utils.logging.setLogLevel(_OPENCV_QUIET[1])
 
 
+#: TIFF colour models whose samples tifffile returns as stored, which are the pixels: gray
+#: (MinIsBlack) and RGB; the others (MinIsWhite, palette, CMYK, YCbCr, CIELab, ...) are not
+_TIFF_AS_STORED = frozenset({tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB})
+
+
+def _tiff_colour_model(path: Path, page: tifffile.TiffPage) -> bool:
+    """Whether a TIFF page's samples are its pixels as they are (gray or RGB); False when they
+    need a colour conversion that libtiff does and OpenCV's reader applies (MinIsWhite, palette,
+    CMYK, YCbCr at 8 bits or fewer). A colour model neither reads right is refused in one line:
+    taken as stored, a palette image read as its indices, a MinIsWhite one inverted, CMYK ink
+    as RGB, and predicted without a word."""
+    photometric = page.photometric
+    if photometric in _TIFF_AS_STORED:
+        return True
+    if page.bitspersample <= 8 and page.sampleformat == tifffile.SAMPLEFORMAT.UINT:
+        return False
+    name = getattr(photometric, "name", str(photometric))
+    raise InputError(
+        f"{path}: not a readable image ({page.bitspersample}-bit TIFF in the {name} colour model; "
+        "hrad reads gray and RGB TIFFs of any depth and other colour models at 8 bits: save it as gray or RGB)"
+    )
+
+
 def _decode_checked(path: Path) -> np.ndarray:
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
             with _TIFFFILE.reading(), tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
-                array = page.asarray()
-                planar = getattr(page, "planarconfig", 1) == 2 or (
-                    array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 2, 3, 4)
+                as_stored = _tiff_colour_model(path, page)  # type: ignore[arg-type]
+                array = page.asarray() if as_stored else None
+                planar = array is not None and (
+                    getattr(page, "planarconfig", 1) == 2
+                    or (array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (1, 2, 3, 4))
                 )
-            if array.ndim == 3 and planar:
-                array = np.moveaxis(array, 0, -1)
-            return np.asarray(array)
+            if array is not None:
+                return np.moveaxis(array, 0, -1) if array.ndim == 3 and planar else np.asarray(array)
+            tiff_error: Exception | None = None  # another colour model: OpenCV (libtiff) converts it to RGB
+        except InputError:
+            raise
         except Exception as error:  # noqa: BLE001 - fall back to OpenCV, which reports its own failure
             tiff_error = error
     else:
