@@ -238,8 +238,10 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "resize (bilinear) to patch x patch, average overlapping patches",
             "low branch: the image resized to low_size (long side ~low_res_size, multiples of multiple), embedded "
             "(by graphs.low_embedder when not null: the backbone traced at low_size, else graphs.embedder), "
-            "run graphs.low, divided by low_border_ratios[d] at d cells from the low map's border (when not null; "
-            "hrad.postprocess.border.calibrate_border), calibrated with calibration['low'], resized to H x W; final = max(high, low)",
+            "run graphs.low, divided by low_border_ratios (when not null; hrad.postprocess.border.calibrate_border): "
+            "a list r: r[d] at d cells from the low map's nearest side; a square table T (k + 1 rows): T[i][j] at i "
+            "cells from the nearer of top / bottom and j from the nearer of left / right, each clipped to k; then "
+            "calibrated with calibration['low'], resized to H x W; final = max(high, low)",
             "map = Gaussian(smoothing_sigma) of final; strategy score = max of the score_pool x score_pool mean of "
             "Gaussian(score_sigma) of final; then postprocess and thresholds as hrad.export's sidecar says",
         ],

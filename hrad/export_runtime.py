@@ -45,7 +45,7 @@ from hrad.hiad_math import (
     valid_cells,
 )
 from hrad.openvino_core import openvino_core
-from hrad.postprocess.border import calibrate_border
+from hrad.postprocess.border import calibrate_border, ratio_table
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import (
@@ -634,8 +634,11 @@ class HiADPredictor(ExportedPredictor):
         self.centroids = None if assignment["centroids"] is None else np.asarray(assignment["centroids"], dtype=np.float64)
         self.ranges: dict[str, tuple[float, float]] = {name: (float(v[0]), float(v[1])) for name, v in sidecar["calibration"].items()}
         # exports from before the low branch's border calibration have no key: maps as then
-        ratios = sidecar.get("low_border_ratios")
-        self.low_border: list[float] | None = None if ratios is None else [float(r) for r in ratios]
+        ratios = sidecar.get("low_border_ratios")  # a list, or with corner ratios a square table
+        try:
+            self.low_border: np.ndarray | None = None if ratios is None else ratio_table(ratios)
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"{self.onnx_path.with_suffix('.json')}: corrupt ONNX sidecar (low_border_ratios: {error})") from None
         self.weights = dict(zip((int(r) for r in self.geometry["rates"]), (float(w) for w in self.geometry["weights"]), strict=True))
         if float(self.geometry["smoothing_sigma"]) == 0:  # as HiAD.map_score
             self.map_score = MapScore(float(self.geometry["score_sigma"]), int(self.geometry["score_pool"]))

@@ -13,7 +13,7 @@ import hrad
 from hrad.config import load_config
 from hrad.errors import ArtifactError
 from hrad.model import AnomalyModel
-from hrad.postprocess.border import BorderProfile, calibrate_border, profile_depth, rings
+from hrad.postprocess.border import BorderProfile, calibrate_border, profile_depth, ratio_table, rings
 from hrad.postprocess.smoothing import PostprocessConfig, smooth_and_score
 from hrad.prediction import Thresholds
 
@@ -72,6 +72,75 @@ def test_ratios_are_the_excess_over_the_inner_ring_brute_force() -> None:
     assert corrected_border == pytest.approx(1.0, abs=0.02)
 
 
+def axis_distances(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's distance to the nearer of top / bottom and to the nearer of left / right."""
+    rows = np.minimum(np.arange(height), height - 1 - np.arange(height))[:, None]
+    cols = np.minimum(np.arange(width), width - 1 - np.arange(width))[None, :]
+    return np.broadcast_to(rows, (height, width)), np.broadcast_to(cols, (height, width))
+
+
+def cornered(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A normal-looking map whose frame adds up: raised by 0.4 (falling linearly over 6 px) from
+    top / bottom plus 0.2 (over 5 px) from left / right, so corners get both."""
+    rows, cols = axis_distances(height, width)
+    excess = 1 + 0.4 * np.clip(1 - rows / 6, 0, None) + 0.2 * np.clip(1 - cols / 5, 0, None)
+    return (excess * (1 + 0.05 * rng.standard_normal((height, width)))).astype(np.float32)
+
+
+def test_corner_ratios_add_the_edge_profiles_excesses_brute_force() -> None:
+    """The table against means over distance arrays, and applied against a division by a whole
+    divisor array: a corner is divided by both profiles (the 1-D rule leaves it ~20% high)."""
+    rng = np.random.default_rng(3)
+    maps = [cornered(64, 96, rng) for _ in range(3)]
+    profile = BorderProfile()
+    for anomaly_map in maps:
+        profile.update(anomaly_map)
+    table = profile.corner_ratios()
+    assert table is not None
+    depth, half = profile_depth(64, 96), profile_depth(64, 96) // 2
+    rows, cols = axis_distances(64, 96)
+    stacked = np.stack(maps).astype(np.float64)
+    nearest = np.minimum(rows, cols)
+    reference = stacked[:, (nearest >= half) & (nearest < depth)].mean()
+    row = [max(1.0, stacked[:, (rows == d) & (cols >= half)].mean() / reference) for d in range(half)]
+    col = [max(1.0, stacked[:, (cols == d) & (rows >= half)].mean() / reference) for d in range(half)]
+    k = 1 + max(d for d in range(half) if row[d] > 1 or col[d] > 1)
+    row, col = [*row[:k], 1.0], [*col[:k], 1.0]
+    expected = [[r + c - 1 for c in col] for r in row]
+    np.testing.assert_allclose(table, expected, rtol=1e-9)
+    assert len(table) == k + 1 and table[0][k] == pytest.approx(1.4, abs=0.03) and table[k][0] == pytest.approx(1.2, abs=0.03)
+    divisor = np.asarray(table, dtype=np.float32)[np.minimum(rows, k), np.minimum(cols, k)]
+    for anomaly_map in maps:
+        np.testing.assert_array_equal(calibrate_border(anomaly_map.copy(), table), anomaly_map / divisor)
+    corrected = calibrate_border(maps[0].copy(), table)
+    nearest_only = calibrate_border(maps[0].copy(), profile.ratios())
+    corners = (rows < 2) & (cols < 2)
+    inside = corrected[nearest >= half].mean()
+    assert corrected[corners].mean() / inside == pytest.approx(1.0, abs=0.05)
+    assert nearest_only[corners].mean() / nearest_only[nearest >= half].mean() > 1.15
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (23, 40), (9, 12)])
+def test_a_1d_list_divides_exactly_as_by_the_nearest_side(shape: tuple[int, int]) -> None:
+    """Models saved before corner ratios: a 1-D list through the table divides each pixel by the
+    ratio at its distance to the nearest side, bit for bit; a map too small for the list only as
+    deep as its own profile's half (here (23, 40): 2 of 5 distances; (9, 12): none)."""
+    ratios = [1.9, 1.6, 1.3, 1.2, 1.1]
+    anomaly_map = np.random.default_rng(4).random(shape, dtype=np.float32) + 0.5
+    k = min(len(ratios), profile_depth(*shape) // 2)
+    divisor = np.ones(shape, dtype=np.float32)
+    distance = distance_to_border(*shape)
+    for d in range(k):
+        divisor[distance == d] = np.float32(ratios[d])
+    np.testing.assert_array_equal(calibrate_border(anomaly_map.copy(), ratios), anomaly_map / divisor)
+    table = ratio_table(ratios)
+    assert table.shape == (6, 6) and table[2, 4] == 1.3 and table[5, 0] == 1.9 and table[5, 5] == 1.0
+    np.testing.assert_array_equal(calibrate_border(anomaly_map.copy(), table.tolist()), anomaly_map / divisor)
+    for bad in ([[1.0, 1.2, 1.0]], [[[1.2]]], [[1.5]]):
+        with pytest.raises(ValueError, match="border ratios"):
+            ratio_table(bad)
+
+
 def test_no_ratios_without_an_excess_with_negative_maps_or_tiny_maps() -> None:
     rng = np.random.default_rng(1)
     quiet = BorderProfile()  # border quieter than the inner ring (an object in the middle)
@@ -83,6 +152,8 @@ def test_no_ratios_without_an_excess_with_negative_maps_or_tiny_maps() -> None:
     tiny = BorderProfile()
     tiny.update(framed(7, 40, 0.3, 2, rng))
     assert tiny.ratios() is None
+    for profile in (quiet, negative, tiny):
+        assert profile.corner_ratios() is None
     untouched = framed(7, 40, 0.3, 2, rng)
     np.testing.assert_array_equal(calibrate_border(untouched.copy(), [1.5, 1.2]), untouched)  # too small to correct
 

@@ -78,15 +78,18 @@ def test_hiad_export_matches_model_predict(strategy: dict, detector: str | dict,
         assert_same(predictor.predict(image), model.predict(image))
 
 
-def test_hiad_export_divides_the_low_branch_by_its_border_ratios(tmp_path: Path) -> None:
+@pytest.mark.parametrize("corners", [False, True])
+def test_hiad_export_divides_the_low_branch_by_its_border_ratios(tmp_path: Path, corners: bool) -> None:
     """Images large enough for the low map to have a border profile (16 x 24 cells): the sidecar
-    carries the low branch's ratios and the predictor divides by them as the model does."""
-    strategy = {**HIAD, "patch_size": 64, "low_res_size": 192, "assignment": "a2o"}
+    carries the low branch's ratios (a list, or with ``low_border_corners`` a square table) and
+    the predictor divides by them as the model does."""
+    strategy = {**HIAD, "patch_size": 64, "low_res_size": 192, "assignment": "a2o", "low_border_corners": corners}
     model = make_model(strategy, detector_options("patchcore")).fit(training_images(5, 4, 128, 192), training_images(9, 2, 128, 192))
     ratios = model.strategy.low_border_ratios
     assert ratios is not None
     sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
-    assert sidecar["low_border_ratios"] == pytest.approx(ratios)
+    np.testing.assert_allclose(sidecar["low_border_ratios"], ratios, rtol=1e-12)  # type: ignore[arg-type]
+    assert isinstance(sidecar["low_border_ratios"][0], list) is corners
     predictor = open_predictor(tmp_path / "m.onnx")
     for image in (spotted_image(6, 128, 192, 110, 170, 9), training_images(21, 1, 128, 192)[0]):
         assert_same(predictor.predict(image), model.predict(image))

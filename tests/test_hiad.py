@@ -15,7 +15,7 @@ from torch import Tensor
 import hrad.strategies.hiad.fusion as fusion_module
 import hrad.strategies.pixels as pixels_module
 from hrad.detectors.base import DETECTORS, Detector, DetectorConfig, DetectorOutput, register_detector
-from hrad.errors import ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError
 from hrad.features import BackboneConfig, build_backbone
 from hrad.features.base import EmbeddingSpec, FeatureExtractor
 from hrad.hiad_math import maximum_upsampled, normalize_range, pooled_max, pooled_max_of_bands
@@ -471,16 +471,13 @@ def test_smoothing_at_the_score_sigma_blurs_once_and_keeps_the_score(fitted: HiA
     assert smoothed.score == pytest.approx(plain.score, abs=1e-6)
 
 
-def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, extractor: FeatureExtractor) -> None:
-    """calibrate learns the low branch's border ratios from the good held-out images' raw low maps
-    (not their pseudo-anomaly copies), takes the low range from the divided maps of both, and
-    predict divides before the min-max; the ratios travel in the state; an artifact without them
-    (saved before this calibration) and ``low_border_calibration=False`` divide nothing."""
-    size = (128, 192)  # a 16 x 24 low map: deep enough for a border profile
+def calibrated_with_low_profile(
+    detector: BankConfig, extractor: FeatureExtractor, size: tuple[int, int], **options: object
+) -> tuple[HiAD, list[np.ndarray], BorderProfile]:
+    """An A2O HiAD with a low branch fitted and calibrated on noise images of ``size``, its
+    held-out images, and the border profile of their raw low maps (what calibrate learns from)."""
     held = noise_images(2, *size, seed=5)
-    strategy = make(
-        detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, return_branch_maps=True, balance_branches=False
-    )  # the min-max range itself is checked below (the balance widens one branch's afterwards)
+    strategy = make(detector, extractor, assignment="a2o", patch_size=64, low_res_size=192, return_branch_maps=True, **options)
     strategy.fit(noise_images(4, *size, seed=4))
     strategy.calibrate(held)
     profile = BorderProfile()
@@ -488,6 +485,17 @@ def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, ex
         low_map = strategy.raw_outputs(image).low_map
         assert low_map is not None
         profile.update(low_map.numpy())
+    return strategy, held, profile
+
+
+def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    """calibrate learns the low branch's border ratios from the good held-out images' raw low maps
+    (not their pseudo-anomaly copies), takes the low range from the divided maps of both, and
+    predict divides before the min-max; the ratios travel in the state; an artifact without them
+    (saved before this calibration) and ``low_border_calibration=False`` divide nothing."""
+    size = (128, 192)  # a 16 x 24 low map: deep enough for a border profile
+    # the min-max range itself is checked below (the balance widens one branch's afterwards)
+    strategy, held, profile = calibrated_with_low_profile(detector, extractor, size, balance_branches=False)
     ratios = profile.ratios()
     assert ratios is not None and max(ratios) > 1.0
     assert strategy.low_border_ratios == pytest.approx(ratios)
@@ -523,6 +531,41 @@ def test_low_branch_is_divided_by_its_own_border_ratios(detector: BankConfig, ex
     off.fit(noise_images(4, *size, seed=4))
     off.calibrate(held)
     assert off.low_border_ratios is None and "border.low" not in off.state_dict()
+
+
+def test_low_branch_corner_ratios_are_learned_saved_and_old_lists_still_load(detector: BankConfig, extractor: FeatureExtractor) -> None:
+    """``low_border_corners``: calibrate learns the low branch's ratios as the 2-D table of
+    :meth:`BorderProfile.corner_ratios` over the good held-out images' raw low maps, predict
+    divides by it, the state keeps the table; the stored ratios, not the option, decide how a
+    loaded model divides, so a 1-D list saved before still divides as then."""
+    size = (128, 192)  # a 16 x 24 low map
+    strategy, _, profile = calibrated_with_low_profile(detector, extractor, size, low_border_corners=True)
+    table, ratios = profile.corner_ratios(), profile.ratios()
+    assert table is not None and ratios is not None
+    np.testing.assert_allclose(strategy.low_border_ratios, table, rtol=1e-12)  # type: ignore[arg-type]
+    image = noise_images(1, *size, seed=6)[0]
+    raw_low = strategy.raw_outputs(image).low_map
+    assert raw_low is not None
+    calibration = strategy.calibration
+    assert calibration is not None
+
+    def low_divided_by(stored: object) -> np.ndarray:
+        divided = calibrate_border(raw_low.numpy().copy(), stored)  # type: ignore[arg-type]
+        return resize(calibration.normalize("low", torch.from_numpy(divided))[None, None], size)[0, 0].numpy()
+
+    result = strategy.predict(image)
+    np.testing.assert_allclose(result.extras["low_map"], low_divided_by(table), rtol=0, atol=1e-6)
+    state = strategy.state_dict()
+    assert state["border.low"].shape == (len(table), len(table))
+    restored = HiAD(strategy.config, strategy.detector_config, strategy.extractor)
+    restored.load_state(DictStateReader(state))
+    np.testing.assert_array_equal(restored.predict(image).anomaly_map, result.anomaly_map)
+    older = HiAD(strategy.config, strategy.detector_config, strategy.extractor)
+    older.load_state(DictStateReader({**state, "border.low": torch.tensor(ratios, dtype=torch.float64)}))
+    assert older.low_border_ratios == pytest.approx(ratios)
+    np.testing.assert_allclose(older.predict(image).extras["low_map"], low_divided_by(ratios), rtol=0, atol=1e-6)
+    with pytest.raises(ArtifactError, match="border.low"):
+        older.load_state(DictStateReader({**state, "border.low": torch.ones(2, 3, dtype=torch.float64)}))
 
 
 def test_branches_are_balanced_on_their_good_images_peaks(detector: BankConfig, extractor: FeatureExtractor) -> None:

@@ -51,6 +51,13 @@ class HiADConfig(ContextTilingConfig):
     #: hrad's textures) survives the max, where the returned map's own calibration cannot tell it
     #: from the high branch's (benchmarks/hiad_branch_border.py). Not in the paper; False: off
     low_border_calibration: bool = True
+    #: with low_border_calibration: the low branch's ratios are a table by (distance to the
+    #: nearer of top / bottom, distance to the nearer of left / right) that adds the two edge
+    #: profiles' excesses (hrad.postprocess.border.BorderProfile.corner_ratios), so a corner near
+    #: two sides is divided by both; False: by the distance to the nearest side only, which left
+    #: the low map's corner cell ~30% above the inside on hrad's gravel
+    #: (benchmarks/results/hiad_border_corners.md). Not in the paper
+    low_border_corners: bool = False
     #: after the min-max, the branch whose held-out good images peak higher (mean image score by
     #: the score rule) has its range widened until both branches' normal peaks agree, so neither
     #: branch's normal texture outranks the other's defects in the max (min-max alone sets each

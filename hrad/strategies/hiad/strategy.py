@@ -49,7 +49,7 @@ from hrad.hiad_math import (
     pooled_max_of_bands,
 )
 from hrad.imaging import resize, shrinks
-from hrad.postprocess.border import BorderProfile, calibrate_border
+from hrad.postprocess.border import BorderProfile, BorderRatios, calibrate_border, ratio_table
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import MapScore, blurred_bands, gaussian_smooth
 from hrad.prediction import check_pool_size
@@ -109,7 +109,7 @@ class HiAD(Strategy):
         self._detectors: dict[int, Detector] = {}
         self._low: Detector | None = None
         self._calibration: MinMaxCalibration | None = None
-        self._low_border: list[float] | None = None
+        self._low_border: BorderRatios | None = None
         self._reader: StateReader | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -132,9 +132,11 @@ class HiAD(Strategy):
         return self._calibration
 
     @property
-    def low_border_ratios(self) -> list[float] | None:
-        """The low branch's border ratios (per token from the low map's border, :mod:`hrad.postprocess.border`)
-        learned by :meth:`calibrate`; None when off, not learned, or its good maps have no frame."""
+    def low_border_ratios(self) -> BorderRatios | None:
+        """The low branch's border ratios (per token from the low map's border, :mod:`hrad.postprocess.border`:
+        a list by distance to the nearest side, or with ``low_border_corners`` a table by row and
+        column distance) learned by :meth:`calibrate`; None when off, not learned, or its good maps
+        have no frame."""
         return self._low_border
 
     def fitted_image_size(self) -> tuple[int, int] | None:
@@ -383,7 +385,9 @@ class HiAD(Strategy):
                         if pasted[p.y : p.y + patch, p.x : p.x + patch].any()
                     )
             progress(index + 1, count, "hiad: calibrating")
-        self._low_border = profile.ratios() if self.config.low_border_calibration and low_maps else None
+        self._low_border = None
+        if self.config.low_border_calibration and low_maps:
+            self._low_border = profile.corner_ratios() if self.config.low_border_corners else profile.ratios()
         for low_map in low_maps:  # the low branch's range is that of its border-calibrated maps
             calibration.update("low", calibrate_border(low_map, self._low_border))
         names = [f"high.{m}" for m in range(self._assignment.count)]
@@ -550,7 +554,13 @@ class HiAD(Strategy):
             self._calibration = MinMaxCalibration()
             self._calibration.load_state_dict(calibration_state)
         # artifacts from before the low branch's border calibration have no ratios: maps as then
-        self._low_border = [float(r) for r in reader.get("border.low").tolist()] if "border.low" in keys else None
+        self._low_border = None
+        if "border.low" in keys:  # 1-D (saved before corner ratios) or the 2-D table
+            self._low_border = reader.get("border.low").tolist()
+            try:
+                ratio_table(self._low_border)
+            except ValueError as error:
+                raise ArtifactError(f"hiad artifact: border.low: {error}") from None
         if self.config.low_branch and not any(key.startswith("low.") for key in keys):
             raise ArtifactError("hiad artifact has no low-branch detector (low.*) although low_branch is on")
         self._detectors = {}
