@@ -321,6 +321,40 @@ def test_on_cuda_a_pool_that_answers_on_the_cpu_predicts_as_on_the_cpu(detector:
     assert results[1].score == pytest.approx(results[0].score, abs=1e-2)
 
 
+@pytest.mark.gpu
+def test_on_cuda_predict_waits_for_the_device_only_for_its_result() -> None:
+    """On CUDA the whole predict is queued and the host waits at its end only: the image's copy
+    there, the finished map's copy back and the score are its only synchronising calls (torch's
+    sync debug mode warns at each; a plain ``.to(cuda)`` of a host array is one), and the map is
+    the host path's."""
+    import warnings
+
+    from hrad.detectors.destseg import DeSTSegConfig
+
+    torch.manual_seed(0)
+    extractor = build_backbone(BackboneConfig(name="tiny-cnn")).to("cuda")
+    config = strategy_config({"name": "hiad", "patch_size": 32, "low_res_size": 32, "assignment": "na", "num_detectors": 2, "fusion_rates": (0, 1)})
+    strategy = build_strategy(config, DeSTSegConfig(student_epochs=1, segmentation_epochs=1), extractor)
+    assert isinstance(strategy, HiAD)
+    strategy.fit(noise_images(4, 64, 96, seed=4))
+    strategy.calibrate(noise_images(2, 64, 96, seed=5))
+    image = noise_images(1, 64, 96, seed=8)[0]
+    strategy.predict(image)  # the first: the pool's networks move to the device, constants are copied once
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = strategy.predict(image)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message)]
+    assert len(waits) <= 3, waits
+    strategy.device_maps = False
+    expected = strategy.predict(image)
+    np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-4)
+    assert result.score == pytest.approx(expected.score, abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def fitted(detector: BankConfig, extractor: FeatureExtractor) -> HiAD:
     strategy = make(
@@ -447,11 +481,105 @@ def test_lean_predict_equals_the_whole_map_computation(fitted: HiAD, monkeypatch
     score = F.avg_pool2d(torch.from_numpy(blurred)[None, None], 16, stride=1).max()
     assert result.score == pytest.approx(float(score), abs=1e-6)
     # the level and low-branch images resized by rows: the raw outputs of the whole-image resize
-    monkeypatch.setattr(strategy_module, "resize_pixels_by_rows", resize_pixels)
-    monkeypatch.setattr(fusion_module, "resize_pixels_by_rows", resize_pixels)
+    monkeypatch.setattr(fusion_module, "resize_pixels_by_rows", resize_pixels)  # levels and the low branch
     whole = lean.raw_outputs(image)
     torch.testing.assert_close(raw.patch_maps, whole.patch_maps, rtol=0, atol=1e-5)
     torch.testing.assert_close(raw.low_map, whole.low_map, rtol=0, atol=1e-5)
+
+
+def _twins(strategy: HiAD, **update: object) -> tuple[HiAD, HiAD]:
+    """Two copies of a fitted strategy (``update`` applied to the config): the host map path and
+    the device path (forced on the CPU), from the same state."""
+    copies = []
+    for on_device in (False, True):
+        copy = HiAD(strategy.config.model_copy(update=update), strategy.detector_config, strategy.extractor)
+        copy.load_state(DictStateReader(strategy.state_dict()))
+        copy.device_maps = on_device
+        copies.append(copy)
+    return copies[0], copies[1]
+
+
+def _assert_same_result(host: HiAD, device: HiAD, image: np.ndarray) -> None:
+    expected, result = host.predict(image), device.predict(image)
+    np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=0, atol=2e-6)
+    assert result.anomaly_map.dtype == np.float32 and result.anomaly_map.shape == image.shape[:2]
+    assert result.score == pytest.approx(expected.score, abs=2e-6)
+    np.testing.assert_array_equal(result.extras["patch_detectors"], expected.extras["patch_detectors"])
+    for key in ("high_map", "low_map"):
+        if expected.extras.get(key) is None:
+            assert result.extras.get(key) is None
+        else:
+            np.testing.assert_allclose(result.extras[key], expected.extras[key], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {},  # branch maps kept, unsmoothed, score blurred at sigma 4
+        {"return_branch_maps": False, "smoothing_sigma": 4.0},  # one blur for map and score
+        {"return_branch_maps": False, "smoothing_sigma": 1.5, "score_sigma": 0.0},
+        {"low_branch": False},
+    ],
+)
+def test_device_map_path_equals_the_host_path(fitted: HiAD, update: dict) -> None:
+    """predict's map work in torch on the maps' device (what a GPU runs) against the host path it
+    replaces there: same map, score, branch maps and patch detectors to float32 rounding."""
+    image = noise_images(1, 64, 96, seed=8)[0]
+    image[40:50, 20:30] = 1.0
+    host, device = _twins(fitted, **update)
+    _assert_same_result(host, device, image)
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [
+        [1.8, 1.4, 1.1],  # nearest-side ratios
+        [[2.4, 1.9, 1.5, 1.3], [1.9, 1.5, 1.2, 1.1], [1.6, 1.3, 1.1, 1.0], [1.4, 1.2, 1.0, 1.0]],  # a corner table
+    ],
+)
+def test_device_map_path_divides_the_low_border_and_averages_overlaps(
+    detector: BankConfig, extractor: FeatureExtractor, ratios: list
+) -> None:
+    """Overlapping patches (averaged by the count of patches over each pixel), a retrieval pool
+    (labels from the features, patches out of grid order) and the low branch's border ratios
+    (applied on the device as a factor map, 1-D or a corner table) give the host path's results."""
+    size = (128, 192)  # a 16 x 24 low map: deep enough for border ratios
+    strategy = make(
+        detector, extractor, assignment="ra", num_detectors=2, patch_size=64, stride=32, low_res_size=192, return_branch_maps=True
+    )
+    strategy.fit(noise_images(4, *size, seed=4))
+    strategy.calibrate(noise_images(2, *size, seed=5))
+    strategy._low_border = ratios
+    image = noise_images(1, *size, seed=9)[0]
+    image[5:12, 3:9] = 0.0
+    host, device = _twins(strategy)
+    assert host.low_border_ratios == device.low_border_ratios == ratios
+    raw = device._device_outputs(image)
+    assert raw.low_map is not None and tuple(raw.low_map.shape) == (16, 24)
+    assert len(set(raw.labels)) == 2 and len(raw.positions) == 3 * 5
+    _assert_same_result(host, device, image)
+    # the raw outputs come back in grid order whatever order the pool scored the patches in
+    ordered = device.raw_outputs(image)
+    assert [p.index for p in ordered.positions] == list(range(len(ordered.positions)))
+    np.testing.assert_array_equal(ordered.labels.reshape(ordered.grid.rows, ordered.grid.cols), raw.grid_labels())
+
+
+def test_each_pool_detector_predicts_its_patches_together(fitted: HiAD, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A positional pool hands each detector its patches of the image in batches of batch_size,
+    not one call per detector per chunk of the grid (a GPU pays a launch sequence per call)."""
+    calls: list[int] = []
+    original = BankDetector.predict
+
+    def counted(self: BankDetector, embeddings: Tensor) -> DetectorOutput:
+        calls.append(len(embeddings))
+        return original(self, embeddings)
+
+    monkeypatch.setattr(BankDetector, "predict", counted)
+    raw = fitted._device_outputs(noise_images(1, 64, 96, seed=8)[0])
+    per_detector = np.bincount(raw.labels)
+    batch = fitted.config.batch_size
+    expected = [min(batch, n - start) for n in per_detector for start in range(0, n, batch)] + [1]  # + the low branch
+    assert calls == expected
 
 
 def test_smoothing_at_the_score_sigma_blurs_once_and_keeps_the_score(fitted: HiAD) -> None:

@@ -36,6 +36,12 @@ class PostprocessConfig(BaseModel):
 _BAND_VALUES = 2**22
 
 
+def blur_radius(sigma: float) -> int:
+    """Half the side of the Gaussian kernel of ``sigma`` (+-4 sigma): the host blur's and the
+    device blur's (:mod:`hrad.postprocess.device_maps`)."""
+    return int(4 * sigma + 0.5)
+
+
 def gaussian_smooth(anomaly_map: np.ndarray, sigma: float, in_place: bool = False) -> np.ndarray:
     """Gaussian blur with a kernel of +-4 sigma (OpenCV: fast at 8K), borders reflected.
 
@@ -57,7 +63,7 @@ def gaussian_smooth(anomaly_map: np.ndarray, sigma: float, in_place: bool = Fals
 
 
 def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
-    radius = int(4 * sigma + 0.5)
+    radius = blur_radius(sigma)
     return cv2.GaussianBlur(array, (2 * radius + 1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
@@ -70,7 +76,7 @@ def blurred_bands(anomaly_map: np.ndarray, sigma: float, band_values: int | None
     copied, before it is yielded, so the caller may write it back into ``anomaly_map``
     (:func:`gaussian_smooth` in place). ``sigma <= 0`` yields the map's own rows (views)."""
     array = np.asarray(anomaly_map, dtype=np.float32)
-    radius = int(4 * sigma + 0.5) if sigma > 0 else 0
+    radius = blur_radius(sigma) if sigma > 0 else 0
     band = max(4 * radius, 1, (_BAND_VALUES if band_values is None else band_values) // max(1, array.shape[-1]))
     if sigma <= 0 or len(array) <= band:
         for top in range(0, len(array), band):

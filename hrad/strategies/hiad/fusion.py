@@ -22,13 +22,14 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hrad.hiad_math import cell_centres, level_size, valid_cells
 from hrad.imaging import resize
-from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels_by_rows
+from hrad.strategies.pixels import PixelImage, TileSource, resize_pixels, resize_pixels_by_rows
 from hrad.strategies.tiling import Edge, TileGrid, TilePosition
 
 Embed = Callable[[Tensor], Tensor]
@@ -59,6 +60,32 @@ def resolve_fusion(
     return tuple(chosen[i] for i in order), tuple(float(weights[i]) for i in order)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A small host array on ``device`` without waiting for the device: a plain ``.to(cuda)`` of
+    pageable memory synchronises the stream (the host stops queueing work until every kernel
+    before it has run), so the per-patch coordinates and index lists of a predict, copied that
+    way, made the host wait dozens of times per image. Pinned, the copy is queued like a kernel."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def resize_level(image: Tensor | PixelImage, size: tuple[int, int]) -> Tensor:
+    """``image`` (``1 x 3 x H x W`` or a :class:`~hrad.strategies.pixels.PixelImage`) resized to
+    ``size`` as a float32 ``3 x h x w`` tensor (the fusion levels and the low branch). In host
+    memory a band of output rows at a time (:func:`~hrad.strategies.pixels.resize_pixels_by_rows`:
+    no ``C x H x w`` intermediate); on an accelerator the pixels are already there and memory is
+    not the limit, so :func:`~hrad.strategies.pixels.resize_pixels` runs two ``F.interpolate``
+    passes there instead of copying each band's resampling weights over (a host wait per band and
+    tap). Equal to float32 rounding (1e-6)."""
+    if not isinstance(image, PixelImage):
+        return resize(image, size)[0]
+    if image.device.type != "cpu":
+        return resize_pixels(image, size)
+    return resize_pixels_by_rows(image, size)
+
+
 @dataclass
 class LevelMap:
     """A level-k feature map over the zero-padded level-k image, and its scale to level 0."""
@@ -80,8 +107,7 @@ def embed_level(
     """
     height, width = image.shape[-2:]
     size = level_size(height, width, rate)
-    # a PixelImage is resized a band of output rows at a time: the level image, never a C x H x w intermediate
-    small = resize_pixels_by_rows(image, size) if isinstance(image, PixelImage) else resize(image, size)[0]
+    small = resize_level(image, size)
     grid = TileGrid.square(size[0], size[1], patch, patch, margin=margin, edge="reflect")
     features = torch.cat([embed(windows) for _, windows in grid.batches(grid.pad(small), batch_size)])
     grid_h = features.shape[-2]
@@ -102,14 +128,14 @@ def sample_patch_windows(
     """
     features = level.features
     _, map_h, map_w = features.shape
-    device = features.device
     rows = []
     for y, x in corners:
         # continuous map coordinate (cell edges at integers) -> grid_sample's [-1, 1]
-        gy = 2.0 * torch.from_numpy(cell_centres(y, grid_h, cell0, level.ratio_y, level.cell)).to(device) / map_h - 1.0
-        gx = 2.0 * torch.from_numpy(cell_centres(x, grid_w, cell0, level.ratio_x, level.cell)).to(device) / map_w - 1.0
-        rows.append(torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1))  # gh x gw x 2 (x, y)
-    grid = torch.cat(rows, dim=0)[None].to(features.dtype)  # 1 x (n*gh) x gw x 2
+        gy = 2.0 * cell_centres(y, grid_h, cell0, level.ratio_y, level.cell) / map_h - 1.0
+        gx = 2.0 * cell_centres(x, grid_w, cell0, level.ratio_x, level.cell) / map_w - 1.0
+        rows.append(np.stack(np.meshgrid(gx, gy, indexing="xy"), axis=-1))  # gh x gw x 2 (x, y)
+    # every patch's sampling grid in one copy to the features' device (float64 until there, as before)
+    grid = to_device(np.concatenate(rows), features.device)[None].to(features.dtype)  # 1 x (n*gh) x gw x 2
     sampled = F.grid_sample(features[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     channels = features.shape[0]
     return sampled[0].reshape(channels, len(corners), grid_h, grid_w).permute(1, 0, 2, 3)

@@ -49,6 +49,7 @@ from hrad.hiad_math import (
     pooled_max_of_bands,
 )
 from hrad.imaging import resize, shrinks
+from hrad.postprocess import device_maps
 from hrad.postprocess.border import BorderProfile, BorderRatios, calibrate_border, ratio_table
 from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomalies
 from hrad.postprocess.smoothing import MapScore, blurred_bands, gaussian_smooth
@@ -65,8 +66,14 @@ from hrad.strategies.base import (
 )
 from hrad.strategies.hiad.assignment import POSITIONAL, Assignment, fit_assignment
 from hrad.strategies.hiad.config import HiADConfig
-from hrad.strategies.hiad.fusion import MultiResolutionFusion, resolve_fusion
-from hrad.strategies.pixels import PixelImage, resize_pixels_by_rows
+from hrad.strategies.hiad.fusion import (
+    ImageLevels,
+    MultiResolutionFusion,
+    resize_level,
+    resolve_fusion,
+    to_device,
+)
+from hrad.strategies.pixels import PixelImage
 from hrad.strategies.spill import ChunkRef, FeatureSpill, FitJob, fit_detectors, job_devices
 from hrad.strategies.tiling import ContextEmbedder, TileGrid, TileMerger, TilePosition
 
@@ -76,7 +83,8 @@ MERGE_CHUNK = 16
 
 @dataclass
 class RawOutput:
-    """Uncalibrated branch outputs for one image."""
+    """Uncalibrated branch outputs for one image (patches in any order: ``positions``, ``labels``
+    and ``patch_maps`` agree; :meth:`HiAD.raw_outputs` gives them in grid order, on the CPU)."""
 
     grid: TileGrid
     positions: list[TilePosition]
@@ -84,9 +92,20 @@ class RawOutput:
     patch_maps: Tensor  # P x g x g raw detector maps
     low_map: Tensor | None  # h x w raw low-branch map
 
+    def grid_labels(self) -> np.ndarray:
+        """The detector of every patch, ``rows x cols`` in grid order."""
+        labels = np.empty(len(self.positions), dtype=np.int64)
+        labels[[p.index for p in self.positions]] = self.labels
+        return labels.reshape(self.grid.rows, self.grid.cols)
+
 
 class HiAD(Strategy):
     synthesises_anomalies = True
+    #: predict's map work (calibration, merge, the low branch's upsampling, blur and score) in torch
+    #: on the device the maps come from, one copy of the finished map to the host; None: where that
+    #: device is not the CPU. On the CPU the default is the numpy path, which holds one full-size map
+    #: (bands for the rest) where this one holds several (:meth:`_predict_on_device`)
+    device_maps: bool | None = None
 
     def __init__(self, config: HiADConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:  # type: ignore[override]
         super().__init__(config, detector, extractor)
@@ -110,6 +129,8 @@ class HiAD(Strategy):
         self._low: Detector | None = None
         self._calibration: MinMaxCalibration | None = None
         self._low_border: BorderRatios | None = None
+        #: the low branch's border factors on the device (:meth:`_calibrated_low_tensor`) and their key
+        self._border_factors: tuple[tuple, Tensor] | None = None
         self._reader: StateReader | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -157,7 +178,7 @@ class HiAD(Strategy):
 
     def _embed_low(self, image: Tensor | PixelImage) -> Tensor:
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
-        return self.embedder(resize_pixels_by_rows(image, size)[None] if isinstance(image, PixelImage) else resize(image, size))
+        return self.embedder(resize_level(image, size)[None])
 
     def check_input(self, image: np.ndarray) -> None:
         self._check_size(image, "image")
@@ -302,36 +323,82 @@ class HiAD(Strategy):
         return self._low
 
     def raw_outputs(self, image: np.ndarray) -> RawOutput:
-        """Uncalibrated per-patch maps, their detectors and the raw low-branch map."""
+        """Uncalibrated per-patch maps (grid order), their detectors and the raw low-branch map, on the CPU."""
+        raw = self._device_outputs(image)
+        order = np.argsort([p.index for p in raw.positions], kind="stable")
+        return RawOutput(
+            raw.grid,
+            [raw.positions[i] for i in order],
+            raw.labels[order],
+            raw.patch_maps.cpu()[torch.from_numpy(order)],
+            None if raw.low_map is None else raw.low_map.cpu(),
+        )
+
+    def _device_outputs(self, image: np.ndarray) -> RawOutput:
+        """:meth:`raw_outputs` left on the features' device, patches grouped by detector: each
+        detector of the pool predicts its patches of the image in batches of ``batch_size``
+        (not one call per detector per chunk of the grid), and nothing waits for the device."""
         if self._assignment is None:
             raise ConfigError("hiad: fit() or load_state() must run before predicting")
         self._check_size(image, "image")
         tensor = PixelImage(image, self.device)  # windows become float as they are cut
         fusion = self._fusion()
         prepared = fusion.prepare(tensor)
-        positions: list[TilePosition] = []
-        labels: list[np.ndarray] = []
-        maps: list[Tensor] = []
-        for chunk, features in fusion.batches(prepared):
-            descriptors = (
-                features.mean(dim=(2, 3)).double().cpu().numpy() if self.config.assignment == "ra" else None
-            )
-            chunk_labels = self._assignment.assign(np.array([p.index for p in chunk]), descriptors)
-            # on the features' device, read back once per chunk: one wait for all the pool's
-            # detectors, not one per detector, so a GPU runs them back to back
-            chunk_maps = torch.empty(features.shape[0], *features.shape[-2:], device=features.device)
-            for m in np.unique(chunk_labels):
-                selected = torch.from_numpy(np.flatnonzero(chunk_labels == m)).to(features.device)
-                output = self._detector(int(m)).predict(features[selected])
-                detector_maps = output.maps.detach().to(chunk_maps.device, torch.float32)  # a CPU index answers on the CPU
-                chunk_maps[selected] = detector_maps.reshape(len(selected), *features.shape[-2:])
-            positions.extend(chunk)
-            labels.append(chunk_labels)
-            maps.append(chunk_maps.cpu())
+        if self.config.assignment == "ra":
+            positions, labels, maps = self._retrieved_patch_maps(fusion, prepared)
+        else:
+            positions, labels, maps = self._positional_patch_maps(fusion, prepared)
         low_map = None
         if self.config.low_branch:
-            low_map = self._low_detector().predict(self._embed_low(tensor)).maps.detach().float().cpu()[0]
-        return RawOutput(prepared.grid, positions, np.concatenate(labels), torch.cat(maps), low_map)
+            low_map = self._low_detector().predict(self._embed_low(tensor)).maps.detach().float()[0]
+        return RawOutput(prepared.grid, positions, np.asarray(labels, dtype=np.int64), torch.cat(maps), low_map)
+
+    def _positional_patch_maps(
+        self, fusion: MultiResolutionFusion, prepared: ImageLevels
+    ) -> tuple[list[TilePosition], list[int], list[Tensor]]:
+        """Patches, labels and maps of a pool assigned by position: the labels are known before
+        any feature, so each detector takes all its patches of the image in turn."""
+        assert self._assignment is not None
+        grid_positions = list(prepared.grid.positions())
+        grid_labels = self._assignment.assign(np.array([p.index for p in grid_positions]), None)
+        positions: list[TilePosition] = []
+        labels: list[int] = []
+        maps: list[Tensor] = []
+        for m in np.unique(grid_labels):
+            chosen = [grid_positions[i] for i in np.flatnonzero(grid_labels == m)]
+            for start in range(0, len(chosen), fusion.batch_size):
+                chunk = chosen[start : start + fusion.batch_size]
+                features = fusion.fuse(prepared, chunk)
+                maps.append(self._patch_maps(int(m), features))
+                positions.extend(chunk)
+                labels.extend([int(m)] * len(chunk))
+        return positions, labels, maps
+
+    def _retrieved_patch_maps(
+        self, fusion: MultiResolutionFusion, prepared: ImageLevels
+    ) -> tuple[list[TilePosition], list[int], list[Tensor]]:
+        """Patches, labels and maps of a retrieval pool (``ra``): each chunk of the grid is fused,
+        its descriptors read back (the one wait per chunk: the labels depend on them) and its
+        patches scored by their nearest centroid's detector."""
+        assert self._assignment is not None
+        positions: list[TilePosition] = []
+        labels: list[int] = []
+        maps: list[Tensor] = []
+        for chunk, features in fusion.batches(prepared):
+            descriptors = features.mean(dim=(2, 3)).double().cpu().numpy()
+            chunk_labels = self._assignment.assign(np.array([p.index for p in chunk]), descriptors)
+            for m in np.unique(chunk_labels):
+                selected = np.flatnonzero(chunk_labels == m)
+                maps.append(self._patch_maps(int(m), features.index_select(0, to_device(selected, features.device))))
+                positions.extend(chunk[i] for i in selected)
+                labels.extend([int(m)] * len(selected))
+        return positions, labels, maps
+
+    def _patch_maps(self, index: int, features: Tensor) -> Tensor:
+        """Detector ``index``'s float32 maps of fused patch features, on the features' device (a
+        CPU index answers on the CPU)."""
+        output = self._detector(index).predict(features)
+        return output.maps.detach().to(features.device, torch.float32).reshape(len(features), *features.shape[-2:])
 
     # ------------------------------------------------------------------ calibration
 
@@ -458,6 +525,8 @@ class HiAD(Strategy):
         """
         if self._calibration is None:
             raise ConfigError("hiad: calibrate() must run on held-out good images before predict()")
+        if self.device.type != "cpu" if self.device_maps is None else self.device_maps:
+            return self._predict_on_device(image)
         raw = self.raw_outputs(image)
         height, width = image.shape[:2]
         high_map = self._merged_high_map(raw)
@@ -478,11 +547,74 @@ class HiAD(Strategy):
         returned = gaussian_smooth(final, self.config.smoothing_sigma, in_place=not keep)
         if same_sigma:  # one blur serves both (pooled_max is banded too)
             score = pooled_max(returned, self.config.score_pool)
-        extras: dict = {"patch_detectors": raw.labels.reshape(raw.grid.rows, raw.grid.cols)}
+        extras: dict = {"patch_detectors": raw.grid_labels()}
         if self.config.return_branch_maps:
             extras["high_map"] = high_map
             extras["low_map"] = low_map
         return AnomalyResult(returned, score, extras)
+
+    def _predict_on_device(self, image: np.ndarray) -> AnomalyResult:
+        """:meth:`predict` with every full-resolution step in torch on the maps' device: the patch
+        maps calibrated, upsampled and merged there, the low branch's calibrated map upsampled and
+        maxed in, the blur and the pooled score too; the host queues the work and waits once, for
+        the finished map (and the score). Same map and score as the host path to float32 rounding.
+
+        Device memory: several maps of the image's size (the merge's sum and count, the upsampled
+        low map, the maximum, the blur's padded passes), 16 MB each at 2K, 1 GB at 16K."""
+        assert self._calibration is not None
+        raw = self._device_outputs(image)
+        height, width = image.shape[:2]
+        high_map = self._merged_high_tensor(raw)
+        final, low_map = high_map, None
+        if raw.low_map is not None:
+            low_map = resize(self._calibrated_low_tensor(raw.low_map)[None, None], (height, width))[0, 0]
+            final = torch.maximum(high_map, low_map)
+        sigma, score_sigma = self.config.smoothing_sigma, self.config.score_sigma
+        returned = device_maps.gaussian_blur(final, sigma)
+        blurred = returned if score_sigma == sigma else device_maps.gaussian_blur(final, score_sigma)
+        score = device_maps.pooled_max(blurred, self.config.score_pool)
+        extras: dict = {"patch_detectors": raw.grid_labels()}
+        if self.config.return_branch_maps:
+            extras["high_map"] = high_map.cpu().numpy()
+            extras["low_map"] = None if low_map is None else low_map.cpu().numpy()
+        anomaly_map = returned.cpu().numpy()  # the one wait: everything above was queued
+        return AnomalyResult(anomaly_map, float(score), extras)
+
+    def _merged_high_tensor(self, raw: RawOutput) -> Tensor:
+        """:meth:`_merged_high_map` on the patch maps' device: each detector's patches calibrated,
+        :data:`MERGE_CHUNK` patches upsampled to patch size at a time and added into one map (the
+        overlaps averaged by a count of the patches over each pixel)."""
+        assert self._calibration is not None
+        maps = raw.patch_maps
+        calibrated = torch.empty_like(maps)
+        for m in np.unique(raw.labels):
+            rows = to_device(np.flatnonzero(raw.labels == m), maps.device)
+            low, high = self._calibration.range(f"high.{int(m)}")
+            calibrated.index_copy_(0, rows, normalize_range(maps.index_select(0, rows), low, high))
+        grid = raw.grid
+        total = maps.new_zeros((grid.padded_height, grid.padded_width))
+        count = torch.zeros_like(total)
+        for start in range(0, len(raw.positions), MERGE_CHUNK):
+            upsampled = resize(calibrated[start : start + MERGE_CHUNK, None], (grid.tile_h, grid.tile_w))[:, 0]
+            for position, tile_map in zip(raw.positions[start : start + MERGE_CHUNK], upsampled, strict=True):
+                ys, xs = slice(position.y, position.y + grid.tile_h), slice(position.x, position.x + grid.tile_w)
+                total[ys, xs] += tile_map
+                count[ys, xs] += 1
+        return (total / count)[: grid.height, : grid.width]  # the grid covers every pixel
+
+    def _calibrated_low_tensor(self, low_map: Tensor) -> Tensor:
+        """:meth:`_calibrated_low` on the low map's device: divided by the border ratios as a
+        factor map (``calibrate_border`` of ones, per map size and device, copied once), then min-max
+        calibrated."""
+        assert self._calibration is not None
+        if self._low_border:
+            ratios = np.asarray(self._low_border, dtype=np.float64)  # a 1-D list or a corner table
+            key = (tuple(low_map.shape), ratios.shape, ratios.tobytes(), low_map.device)
+            if self._border_factors is None or self._border_factors[0] != key:
+                ones = np.ones(low_map.shape, dtype=np.float32)
+                self._border_factors = (key, torch.from_numpy(calibrate_border(ones, self._low_border)).to(low_map.device))
+            low_map = low_map * self._border_factors[1]
+        return self._calibration.normalize("low", low_map)
 
     @staticmethod
     def _maximum_with_low(target: np.ndarray, low_calibrated: Tensor) -> np.ndarray:
