@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hrad.data.images import atomic_write_bytes
+from hrad.data.images import TEXT_ERRORS, atomic_write_bytes, text_bytes
 from hrad.errors import InputError
 from hrad.metrics import bootstrap_auroc, image_metrics, percentile_interval
 from hrad.metrics.image import BOOTSTRAP_RESAMPLES
@@ -63,7 +63,7 @@ def write_evaluation_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> No
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(EVALUATION_COLUMNS)
     writer.writerows([row["image"], row["defect_type"], row["label"], f"{row['score']:.9g}"] for row in rows)
-    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, text_bytes(buffer.getvalue()))
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def read_evaluation(folder: Path, name: str | None = None) -> Evaluation:
     labels: dict[str, int] = {}
     scores: dict[str, float] = {}
     try:
-        with scores_path.open(newline="", encoding="utf-8") as handle:
+        with scores_path.open(newline="", encoding="utf-8", errors=TEXT_ERRORS) as handle:
             reader = csv.reader(handle)
             if tuple(next(reader, ())) != EVALUATION_COLUMNS:
                 raise InputError(f"{scores_path}: not the scores.csv of hrad evaluate (columns {', '.join(EVALUATION_COLUMNS)})")

@@ -52,7 +52,7 @@ from hrad.comparison import (
     write_evaluation_scores,
 )
 from hrad.data.datasets import Sample
-from hrad.data.images import read_pixels, thumbnail
+from hrad.data.images import TEXT_ERRORS, read_pixels, thumbnail
 from hrad.errors import HradError, InputError, naming_file
 from hrad.export_runtime import ExportedPredictor, onnxruntime_module, openvino_module
 from hrad.metrics import (
@@ -376,7 +376,7 @@ def write_evaluation(
     if skipped:
         report += f"\n## Skipped images\n\n{len(skipped)} test images could not be evaluated and are not in the metrics:\n\n"
         report += table(list(skipped), ["image", "error"])
-    (out_dir / "metrics.md").write_text(report)
+    (out_dir / "metrics.md").write_text(report, encoding="utf-8", errors=TEXT_ERRORS)
     write_evaluation_scores(out_dir / EVALUATION_SCORES, rows)
     if cases:
         from hrad.outputs import overlay_scale
@@ -522,5 +522,5 @@ def write_html_report(
         ),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(data), encoding="utf-8")
+    path.write_text(render_html(data), encoding="utf-8", errors=TEXT_ERRORS)
     return path

@@ -45,7 +45,15 @@ import cv2
 import numpy as np
 
 from hrad import strict_json
-from hrad.data.images import atomic_write_bytes, overlay_image, thumbnail, write_map_tiff, write_mask
+from hrad.data.images import (
+    TEXT_ERRORS,
+    atomic_write_bytes,
+    overlay_image,
+    text_bytes,
+    thumbnail,
+    write_map_tiff,
+    write_mask,
+)
 from hrad.errors import ConfigError, InputError
 from hrad.postprocess.regions import Region, defect_regions
 
@@ -270,7 +278,7 @@ def _csv_bytes(rows: Iterable[Sequence[str]]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SCORES_COLUMNS)
     writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
+    return text_bytes(buffer.getvalue())
 
 
 class ScoresWriter:
@@ -283,7 +291,7 @@ class ScoresWriter:
     def __init__(self, path: str | os.PathLike[str], kept: Sequence[Sequence[str]] = ()) -> None:
         self.path = Path(path)
         atomic_write_bytes(self.path, _csv_bytes(kept))
-        self._handle = self.path.open("a", newline="", encoding="utf-8")
+        self._handle = self.path.open("a", newline="", encoding="utf-8", errors=TEXT_ERRORS)
         self._writer = csv.writer(self._handle, lineterminator="\n")
 
     def write(self, row: OutputRow) -> None:
@@ -314,7 +322,7 @@ THUMBNAIL_FOLDER = "thumbs"
 def scores_records(path: Path) -> Iterator[dict[str, str]]:
     """The rows of a ``scores.csv`` as written here, each as ``{column: text}``; ValueError when
     its header is not :data:`SCORES_COLUMNS` (I/O, decoding and CSV errors pass through)."""
-    with path.open(newline="", encoding="utf-8") as handle:  # as ScoresWriter writes it
+    with path.open(newline="", encoding="utf-8", errors=TEXT_ERRORS) as handle:  # as ScoresWriter writes it
         reader = csv.reader(handle)
         if tuple(next(reader, ())) != SCORES_COLUMNS:
             raise ValueError(f"{path}: not a scores.csv of this hrad (its columns differ)")
@@ -342,8 +350,8 @@ def summary_items(out_dir: Path) -> list[BatchItem]:
                 regions=int(record["regions"]) if record.get("regions") else None,
                 threshold=float(record["threshold"]) if record.get("threshold") else None,
                 error=(record.get("error") or "failed") if failed else None,
-                thumbnail=quote(thumb.as_posix()) if stem and not failed and (out_dir / thumb).is_file() else None,
-                link=quote(full.as_posix()) if not failed and full.name and (out_dir / full).is_file() else None,
+                thumbnail=quote(thumb.as_posix(), errors=TEXT_ERRORS) if stem and not failed and (out_dir / thumb).is_file() else None,
+                link=quote(full.as_posix(), errors=TEXT_ERRORS) if not failed and full.name and (out_dir / full).is_file() else None,
             )
         )
     return items
@@ -355,7 +363,7 @@ def write_summary_page(out_dir: Path, facts: Mapping[str, str] | None = None) ->
     from hrad.reports.batch import render_batch_page
 
     page = render_batch_page(summary_items(out_dir), f"Predictions in {out_dir.resolve().name}", dict(facts or {}))
-    atomic_write_bytes(out_dir / SUMMARY_PAGE, page.encode("utf-8"))
+    atomic_write_bytes(out_dir / SUMMARY_PAGE, text_bytes(page))
     return out_dir / SUMMARY_PAGE
 
 

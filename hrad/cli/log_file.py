@@ -26,6 +26,7 @@ from typing import IO
 from rich.console import Console, ConsoleRenderable, RenderableType, RenderHook
 from rich.control import Control
 
+from hrad.data.images import TEXT_ERRORS
 from hrad.errors import InputError
 from hrad.version import __version__
 
@@ -41,7 +42,7 @@ class LogFile:
         self.lock = threading.Lock()
         self.file: IO[str] | None = None
         try:
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            self.file = open(path, "a", encoding="utf-8", errors=TEXT_ERRORS)  # noqa: SIM115 (closed by close())
             if header:
                 self._write(f"=== hrad {__version__}: {shlex.join(['hrad', *sys.argv[1:]])}")
         except OSError as error:

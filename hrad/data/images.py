@@ -631,6 +631,19 @@ def prepare_output_dir(path: str | os.PathLike[str], inputs: Iterable[str | os.P
     return path
 
 
+#: the error handler of every text file hrad writes, and reads back, in UTF-8 (scores.csv, the
+#: summary page, reports, the log file): a file name that is not UTF-8 (a Latin-1 name from an
+#: old share, which Python holds as lone surrogates) is written as the bytes it is, so scores.csv
+#: names the file exactly and ``--resume`` finds it again; strict UTF-8 stopped predict, evaluate
+#: and the log file at such a name with a traceback
+TEXT_ERRORS = "surrogateescape"
+
+
+def text_bytes(text: str) -> bytes:
+    """``text`` as the bytes of one of hrad's text files (UTF-8, file names' own bytes kept: :data:`TEXT_ERRORS`)."""
+    return text.encode("utf-8", TEXT_ERRORS)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in its folder and a rename, so a
     reader or an interrupted run never sees half a file; the file gets the umask's mode, as

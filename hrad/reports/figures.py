@@ -38,6 +38,12 @@ def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
     }
 
 
+def shown(name: str) -> str:
+    """A file name as a picture can draw it: the bytes of a name that is not UTF-8 (held by Python
+    as lone surrogates, which matplotlib refuses with a TypeError) as U+FFFD, as a terminal shows them."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 #: image width / height above which a case's panels are stacked (a row of three would be slivers)
 STACK_ASPECT = 2.0
 #: figure widths (inches): three panels side by side; one stacked panel
@@ -114,7 +120,7 @@ def case_grid(
         image_axis.imshow(np.clip(case.image, 0, 1))
         if marked:
             image_axis.contour(case.mask, levels=[0.5], colors="lime", linewidths=0.8)
-        image_axis.set_title(f"{group}\n{case.name}", fontsize=7)
+        image_axis.set_title(f"{group}\n{shown(case.name)}", fontsize=7)
         show_inspected(image_axis, case, dim=False)
         map_axis.imshow(inspected_only(case), cmap="inferno", vmin=low, vmax=scale)
         map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
