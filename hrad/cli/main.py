@@ -555,11 +555,14 @@ def info(
     region of interest, thresholds and training losses (an export needs no torch for this)."""
     facts, roi = read_model(model)  # one reading of the manifest or sidecar (and its region) for the lines and the page
     if page is not None:
-        from hrad.data.images import atomic_write_bytes
+        from hrad.data.images import atomic_write_bytes, text_bytes
 
         if page.is_dir() or not page.parent.is_dir():
             raise InputError(f"{page}: cannot write the page there ({'a folder' if page.is_dir() else 'its folder does not exist'})")
-        atomic_write_bytes(page, model_page(facts, roi).encode("utf-8"))
+        try:
+            atomic_write_bytes(page, text_bytes(model_page(facts, roi)))
+        except OSError as error:  # a read-only or full file system, a folder that takes no files (/proc)
+            raise InputError(f"{page}: cannot write the page there ({error.strerror or error})") from None
         console.print(f"page written to {page}")
     if as_json:  # the command's output: stdout, like list, options and schema
         from hrad import strict_json
