@@ -53,8 +53,8 @@ class ModelConfig(BaseModel):
     bit_depth: Literal["auto"] | Annotated[int, Field(ge=9, le=16)] = "auto"
     #: "auto" = CUDA when available, else CPU
     device: str = "auto"
-    #: seed of the validation split and torch
-    seed: int = 0
+    #: seed of the validation split and torch (torch takes 64 bits; a larger one was a traceback)
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)
 
     @field_validator("detector", mode="before")
     @classmethod
@@ -85,7 +85,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+        except UnicodeDecodeError as error:  # a binary file or another encoding: it was a traceback
+            raise ConfigError(f"{path}: not a YAML or JSON text file (byte {error.start} is not UTF-8)") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(loaded, dict):

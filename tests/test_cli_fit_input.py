@@ -187,6 +187,24 @@ def test_an_unknown_option_says_which_section_it_is_not_in_and_the_likely_one(
 
 
 @pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfestrategy: tiled\n", "not a YAML or JSON text file (byte 0 is not UTF-8)"),  # UTF-16, a binary file
+        (b"strategy:\n  name: tiled\n  tile: 64\n# caf\xe9\n", "not a YAML or JSON text file (byte 40 is not UTF-8)"),  # Latin-1
+    ],
+)
+def test_a_config_file_that_is_not_utf8_text_is_one_line(
+    content: bytes, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config saved as UTF-16 (Windows Notepad) or Latin-1 was a UnicodeDecodeError traceback."""
+    config = tmp_path / "config.yaml"
+    config.write_bytes(content)
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(good_folder(tmp_path / "good")), "--out", str(model), "--config", str(config), *TINY], monkeypatch) == 2
+    assert errors(capsys.readouterr().err) == [f"hrad: error: {config}: {message}"] and not model.exists()
+
+
+@pytest.mark.parametrize(
     ("config", "options", "message"),
     [
         ("strategy: {name: tilled}\n", [], "{file}: unknown strategy 'tilled'; known: downsample, hiad, mrf, tiled, tiled-ensemble"),

@@ -131,7 +131,14 @@ def test_installed_script_without_arguments_shows_help_and_version_works(tmp_pat
 
 @pytest.mark.parametrize(
     ("assignment", "expected"),
-    [("strategy.image_size=[1,2", "not valid YAML"), ("strategy=5", "strategy"), ("detector=[1]", "detector")],
+    [
+        ("strategy.image_size=[1,2", "not valid YAML"),
+        ("strategy=5", "strategy"),
+        ("detector=[1]", "detector"),
+        # tracebacks once: torch's seed takes 64 bits; a batch of 0 images stacked nothing
+        ("seed=99999999999999999999", "invalid config at seed: Input should be less than or equal to 18446744073709551615"),
+        ("strategy.batch_size=0", "invalid config at strategy.batch_size: Input should be greater than or equal to 1"),
+    ],
 )
 def test_bad_set_values_are_one_line(
     assignment: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

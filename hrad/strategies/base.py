@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from hrad.data.images import pixels_to_unit
@@ -36,8 +36,8 @@ class StrategyConfig(BaseModel):
 
     #: registered strategy name; selects this config class
     name: str
-    #: images are processed this many at a time where the strategy batches
-    batch_size: int = 4
+    #: images are processed this many at a time where the strategy batches (0 or less was a traceback)
+    batch_size: int = Field(4, ge=1)
 
 
 @dataclass
