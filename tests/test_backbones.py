@@ -326,6 +326,29 @@ def test_dinov2_base_loads_local_files(name: str, naming: str, tmp_path: Path) -
         assert torch.allclose(maps[f"block{k}"], expected[k], atol=1e-5), k
 
 
+@pytest.mark.parametrize("name", sorted(DINOV2_SPECS))
+def test_dinov2_attention_runs_through_torch_fused_attention(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block's attention is one ``F.scaled_dot_product_attention`` call (flash or
+    memory-efficient kernels on a GPU; 5476 tokens at 1036 px), asked for by name, not left to
+    the ``transformers`` release's default for models built from a config."""
+    network = dinov2_network(DINOV2_SPECS[name])
+    assert network.config._attn_implementation == "sdpa"
+    calls: list[tuple[int, ...]] = []
+    fused = F.scaled_dot_product_attention
+
+    def counted(query: Tensor, *args: object, **kwargs: object) -> Tensor:
+        calls.append(tuple(query.shape))
+        return fused(query, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    randomise(network, seed=2)
+    with torch.no_grad():
+        DinoV2(name, network.eval()).extract(torch.rand(1, 3, 28, 42), ["block12"])
+    spec = DINOV2_SPECS[name]
+    tokens = 1 + spec.registers + 2 * 3
+    assert calls == [(1, spec.heads, tokens, spec.hidden // spec.heads)] * 12
+
+
 @pytest.mark.parametrize(
     ("name", "make", "channels", "parameters"),
     [

@@ -248,3 +248,22 @@ def test_batch_images_steps_on_whole_images_reshuffled_every_epoch(
 def test_batch_images_excludes_tokens_per_epoch() -> None:
     with pytest.raises(ValueError, match="tokens_per_epoch"):
         StudentsConfig(batch_images=4, tokens_per_epoch=100)
+
+
+@pytest.mark.gpu
+def test_on_cuda_predict_queues_the_students_without_waiting(vit_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """predict times the students with CUDA events read on demand: nothing in it synchronises
+    (torch's sync debug mode raises on any wait), in float32 and under bfloat16 autocast; the
+    time is there when asked."""
+    train, test = vit_embeddings
+    for precision in ("float32", "bfloat16"):
+        detector = _fit(train.cuda(), epochs=2, precision=precision)
+        queries = test.cuda()  # a copy to the device waits: before the check
+        detector.predict(queries)  # warm-up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            output = detector.predict(queries)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert output.maps.is_cuda and output.maps.dtype == torch.float32
+        assert detector.last_predict_seconds > 0

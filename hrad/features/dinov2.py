@@ -74,7 +74,9 @@ def dinov2_network(spec: VitSpec) -> AnyDinov2:
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+    model_class = Dinov2WithRegistersModel if spec.registers else Dinov2Model
     common: dict[str, Any] = dict(
+        attn_implementation=attention_implementation(model_class),
         hidden_size=spec.hidden,
         num_hidden_layers=DEPTH,
         num_attention_heads=spec.heads,
@@ -94,6 +96,15 @@ def dinov2_network(spec: VitSpec) -> AnyDinov2:
         return Dinov2Model(Dinov2Config(**common))
 
     return empty_module(make)
+
+
+def attention_implementation(model_class: type) -> str:
+    """``"sdpa"`` (torch's fused ``scaled_dot_product_attention``: flash or memory-efficient kernels
+    on a GPU, never the ``N x N`` score matrix in memory; 5476 tokens at 1036 px) wherever this
+    ``transformers`` has it for DINOv2, else ``"eager"``. Asked for by name: a model built from a
+    config (not ``from_pretrained``) got eager attention in the ``transformers`` 4.x releases that
+    pick the implementation only when loading a checkpoint."""
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 class DinoV2(FeatureExtractor):
