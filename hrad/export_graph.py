@@ -238,59 +238,127 @@ def scoring_module(detector: Detector, name: str) -> nn.Module | None:
     return module
 
 
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop every node and initializer that no graph output needs (what a rewrite left unused;
+    onnxruntime warns about each unused initializer)."""
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [value for value in graph.initializer if value.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _shape_dependent(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether the value ``name`` is computed from some tensor's shape (a ``Shape`` among its producers)."""
+    seen: set[int] = set()
+    pending = [name]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or id(node) in seen:
+            continue
+        if node.op_type in ("Shape", "Size"):
+            return True
+        seen.add(id(node))
+        pending.extend(value for value in node.input if value)
+    return False
+
+
+def same_upper_pads(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """ONNX ``auto_pad=SAME_UPPER``'s pads (begins, then ends) for spatial ``size``: output
+    ``ceil(size / stride)``, the odd pixel after, as TensorFlow's ``SAME``."""
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations, strict=True):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        begins.append(total // 2)
+        ends.append(total - total // 2)
+    return begins + ends
+
+
+def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == name), default)
+
+
 def fold_pads_into_convs(graph: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
     """Move every zero, spatial-only ``Pad`` whose one consumer is a ``Conv`` into that
-    convolution's ``pads`` (ONNX convolutions pad asymmetrically), at the pads the graph computes
-    on ``feeds``; return how many. Why: SAME padding traces to a ``Pad`` whose amounts come from
-    the input's shape, which onnxruntime cannot fuse, and that ``Pad`` (plus the NCHWc reorders
-    around it) was a third of the EfficientNet-Lite0 window graph's time. The amounts become
-    constants, right at sizes of the traced one's parity at each stride-2 stage (the traced ones
-    were right only at the traced size); the caller verifies the graph where it will run.
+    convolution; return how many. Why: SAME padding (EfficientNet-Lite's
+    :class:`~hrad.features.efficientnet.SameConv2d`) traces to a ``Pad`` whose amounts come from
+    the input's shape, which onnxruntime cannot fuse: that ``Pad`` and the NCHWc reorders around it
+    were a third of the EfficientNet-Lite0 window graph's time.
+
+    The amounts are read on ``feeds`` (the traced size). A ``Pad`` computed from a shape whose
+    amounts there are ``SAME_UPPER``'s becomes the convolution's ``auto_pad=SAME_UPPER``, right at
+    every input size (the traced amounts were not: constants crept into their arithmetic); one of
+    constant amounts becomes the convolution's own ``pads``; another shape-computed one does too
+    where the graph's inputs have fixed spatial sizes, and is left alone where they are dynamic.
+    The caller verifies the graph where it will run.
     """
+    nodes = graph.graph.node
     consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.graph.node:
+    producers = {name: node for node in nodes for name in node.output}
+    for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     pads = [
-        node for node in graph.graph.node
+        node for node in nodes
         if node.op_type == "Pad" and [c.op_type for c in consumers.get(node.output[0], [])] == ["Conv"]
-        and (len(node.input) < 3 or not node.input[2])  # no constant value: zeros
+        and (len(node.input) < 3 or not node.input[2]) and len(node.input) < 4  # no constant value (zeros), no axes
         and all(a.name != "mode" or a.s == b"constant" for a in node.attribute)
         and not any(node.output[0] == output.name for output in graph.graph.output)
     ]  # fmt: skip
     if not pads:
         return 0
+    # the amounts and the padded tensor's shape at the traced size, by a graph of only what computes them
     probe = onnx.ModelProto()
     probe.CopyFrom(graph)
-    names = [node.input[1] for node in pads]
+    del probe.graph.output[:]
+    for index, node in enumerate(pads):
+        probe.graph.node.append(onnx.helper.make_node("Shape", [node.input[0]], [f"fold_pads_shape_{index}"]))
+    names = list(dict.fromkeys(name for index, node in enumerate(pads) for name in (node.input[1], f"fold_pads_shape_{index}")))
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in names)
+    _prune(probe.graph)
     session = onnxruntime_module().InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    used = {value.name for value in session.get_inputs()}
+    values = dict(zip(names, session.run(names, {name: value for name, value in feeds.items() if name in used}), strict=True))
+    dynamic = any(
+        dim.dim_param or not dim.HasField("dim_value")
+        for value in graph.graph.input for dim in value.type.tensor_type.shape.dim[1:]
+    )  # fmt: skip
     folded = 0
-    for node, amounts in zip(pads, session.run(names, feeds), strict=True):
-        values = [int(v) for v in np.asarray(amounts).ravel()]
-        rank = len(values) // 2
+    for index, node in enumerate(pads):
+        amounts = [int(v) for v in np.asarray(values[node.input[1]]).ravel()]
+        shape = [int(v) for v in np.asarray(values[f"fold_pads_shape_{index}"]).ravel()]
+        rank = len(amounts) // 2
+        spatial = rank - 2
         conv = consumers[node.output[0]][0]
         attributes = {a.name: a for a in conv.attribute}
         auto_pad = attributes.get("auto_pad")
-        if min(values) < 0 or any(values[:2] + values[rank : rank + 2]) or (auto_pad is not None and auto_pad.s not in (b"", b"NOTSET")):
+        if min(amounts) < 0 or any(amounts[:2] + amounts[rank : rank + 2]) or (auto_pad is not None and auto_pad.s not in (b"", b"NOTSET")):
             continue
-        spatial = rank - 2
-        old = list(attributes["pads"].ints) if "pads" in attributes else [0] * (2 * spatial)
-        new = [old[i] + values[2 + i] for i in range(spatial)] + [old[spatial + i] + values[rank + 2 + i] for i in range(spatial)]
-        if "pads" in attributes:
-            conv.attribute.remove(attributes["pads"])
-        conv.attribute.append(onnx.helper.make_attribute("pads", new))
+        own = [amounts[2 + i] for i in range(spatial)] + [amounts[rank + 2 + i] for i in range(spatial)]
+        old = _ints(conv, "pads", [0] * (2 * spatial))
+        computed = _shape_dependent(node.input[1], producers)
+        kernel = _ints(conv, "kernel_shape", [])
+        same = computed and not any(old) and len(kernel) == spatial and own == same_upper_pads(
+            shape[2:], kernel, _ints(conv, "strides", [1] * spatial), _ints(conv, "dilations", [1] * spatial)
+        )
+        if computed and dynamic and not same:
+            continue
+        for name in ("pads", "auto_pad"):
+            if name in attributes:
+                conv.attribute.remove(attributes[name])
+        if same:
+            conv.attribute.append(onnx.helper.make_attribute("auto_pad", "SAME_UPPER"))
+        else:
+            conv.attribute.append(onnx.helper.make_attribute("pads", [a + b for a, b in zip(old, own, strict=True)]))
         conv.input[0] = node.input[0]
         folded += 1
-    # drop the Pads and the shape arithmetic that fed them: every node no output needs
-    needed = {output.name for output in graph.graph.output}
-    kept = []
-    for node in reversed(graph.graph.node):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    del graph.graph.node[:]
-    graph.graph.node.extend(reversed(kept))
+    _prune(graph.graph)  # the Pads and the shape arithmetic that fed them
     return folded
 
 
@@ -302,13 +370,12 @@ def write_verified_onnx(
     verify: bool = True,
     output_names: Sequence[str] = OUTPUT_NAMES,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
-    fold_pads: bool = False,
 ) -> None:
     """Export ``module`` (inputs named as ``inputs``' keys; ``dynamic_axes``, default: the batch
     dim of every input and output) to ``path`` atomically.
 
-    ``fold_pads`` (with ``verify``) moves each zero ``Pad`` before a ``Conv`` into the convolution's
-    own padding, at the values it takes on ``inputs`` (:func:`fold_pads_into_convs`).
+    With ``verify`` each zero ``Pad`` before a ``Conv`` (SAME padding) first moves into the
+    convolution (:func:`fold_pads_into_convs`, amounts read on ``inputs``' first sample).
 
     With ``verify`` onnxruntime runs the written graph on ``inputs`` (the first sample, then all)
     and must match ``expected`` (the module's own outputs on them) to :data:`TOLERANCE`, else
@@ -328,10 +395,9 @@ def write_verified_onnx(
             )  # fmt: skip
         if not verify:
             return
-        if fold_pads:
-            graph = onnx.load(temporary)
-            if fold_pads_into_convs(graph, {name: value[:1] for name, value in feeds.items()}):
-                onnx.save(graph, temporary)
+        graph = onnx.load(temporary)
+        if fold_pads_into_convs(graph, {name: value[:1] for name, value in feeds.items()}):
+            onnx.save(graph, temporary)
         session = onnxruntime_module().InferenceSession(temporary, providers=["CPUExecutionProvider"])
         batch = len(next(iter(feeds.values())))
         for count in sorted({1, batch}):

@@ -133,7 +133,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     with torch.no_grad():
         window_embeddings = embedder(examples)
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, EMBEDDINGS: {0: "batch", 2: "cells_h", 3: "cells_w"}}
-    write_verified_onnx(embedder, {"images": examples}, (window_embeddings,), out_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes, fold_pads=True)
+    write_verified_onnx(embedder, {"images": examples}, (window_embeddings,), out_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes)
     low_image = torch.rand(1, 3, *low_size, generator=generator)
     other_image = torch.rand(1, 3, *other_low, generator=generator)
     # the low branch's backbone: the window graph where it runs at the low size, else its own graph
@@ -145,7 +145,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
         low_embedder_path = _graph_name(out_path, "low_embedder")
         with torch.no_grad():
             expected_low = embedder(low_image)
-        write_verified_onnx(embedder, {"images": low_image}, (expected_low,), low_embedder_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes, fold_pads=True)
+        write_verified_onnx(embedder, {"images": low_image}, (expected_low,), low_embedder_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes)
         low_embedder_graph = {"onnx": low_embedder_path.name, "inputs": {"images": list(low_image.shape)}}
     # another image size's low branch, on the graph that embeds it
     other_sizes = check_other and (not verify or _check_at(low_embedder_path, embedder, {"images": other_image}))

@@ -8,6 +8,8 @@ import numpy as np
 from conftest import textured_image, with_spot
 
 from hrad.config import load_config
+from hrad.features.efficientnet import SameConv2d
+from hrad.features.tiny import TinyCNN
 from hrad.model import AnomalyModel
 
 PATCHCORE: dict[str, Any] = {"name": "patchcore", "coreset_ratio": 0.25}
@@ -28,3 +30,14 @@ def training_images(seed: int, count: int, height: int = 90, width: int = 130) -
 def spotted_image(seed: int, height: int = 90, width: int = 130, y: int = 30, x: int = 70, size: int = 9) -> np.ndarray:
     """A textured image with a red square defect at ``(y, x)``."""
     return with_spot(textured_image(np.random.default_rng(seed), height, width), y, x, size)[0]
+
+
+def same_padding(extractor: TinyCNN) -> None:
+    """Its convolutions with TensorFlow SAME padding (as EfficientNet-Lite's), same weights: traced,
+    each is a ``Pad`` computed from the input's shape before the ``Conv`` where the padding is
+    asymmetric (a stage's input even), else the ``Conv``'s own constant pads (input odd)."""
+    for stage in extractor.stages:
+        conv = stage[0]
+        same = SameConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+        same.load_state_dict(conv.state_dict())
+        stage[0] = same

@@ -14,7 +14,7 @@ import torch
 from cli_helpers import run as run_cli
 from cli_helpers import write
 from conftest import GaussianTestConfig, GaussianTestDetector, textured_image, with_spot
-from export_helpers import make_model, spotted_image, training_images
+from export_helpers import make_model, same_padding, spotted_image, training_images
 from torch import Tensor, nn
 
 from hrad.detectors.base import DETECTORS, register_detector
@@ -115,6 +115,21 @@ def test_onnx_predictor_matches_model_predict(
     assert got.score == pytest.approx(expected.score, rel=1e-4)
     assert (got.image_threshold, got.pixel_threshold) == (expected.image_threshold, expected.pixel_threshold)
     assert got.is_anomalous == expected.is_anomalous
+
+
+def test_tiled_graph_pads_inside_its_convolutions(images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path) -> None:
+    """SAME padding (EfficientNet-Lite's) traces to Pad nodes computed from the input's shape: the
+    export moves them into the Conv nodes (onnxruntime cannot fuse them), same predictions."""
+    onnx = pytest.importorskip("onnx")
+    model = make_model({"name": "tiled", "tile": 64, "stride": 48})
+    same_padding(model.extractor)
+    model.fit(images)
+    export_onnx(model, tmp_path / "model.onnx")
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert not [node for node in graph.node if node.op_type == "Pad"]
+    expected, got = model.predict(test_image), OnnxPredictor(tmp_path / "model.onnx").predict(test_image)
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+    assert got.score == pytest.approx(expected.score, rel=1e-4)
 
 
 def test_tile_size_override_equals_a_model_with_that_tile(images: list[np.ndarray], test_image: np.ndarray, tmp_path: Path) -> None:

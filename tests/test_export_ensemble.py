@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from export_helpers import PATCHCORE, make_model, spotted_image, training_images
+from export_helpers import PATCHCORE, make_model, same_padding, spotted_image, training_images
 
 from hrad.errors import ConfigError
 from hrad.export import export_onnx, open_predictor
@@ -65,6 +65,22 @@ def test_ensemble_export_matches_model_predict(strategy: dict, images: list[np.n
     if strategy.get("normalization") == "tile":
         with pytest.raises(ConfigError, match="--tile-size does not apply"):
             export_onnx(model, tmp_path / "other.onnx", tile_size=32)
+
+
+def test_ensemble_graph_pads_inside_its_convolutions(images: list[np.ndarray], tmp_path: Path) -> None:
+    """SAME padding (EfficientNet-Lite's) traces to Pad nodes computed from the input's shape,
+    which onnxruntime cannot fuse: the export moves them into the Conv nodes, same predictions."""
+    onnx = pytest.importorskip("onnx")
+    model = make_model({"name": "tiled-ensemble", "tile": 48, "stride": 40})
+    same_padding(model.extractor)
+    model.fit(images[:3])
+    export_onnx(model, tmp_path / "ens.onnx")
+    graph = onnx.load(tmp_path / "ens.onnx").graph
+    assert not [node for node in graph.node if node.op_type == "Pad"]
+    test_image = spotted_image(8, 96, 128, 40, 60, 8)
+    expected, got = model.predict(test_image), open_predictor(tmp_path / "ens.onnx").predict(test_image)
+    assert np.abs(got.anomaly_map - expected.anomaly_map).max() <= 1e-4 * float(np.abs(expected.anomaly_map).max())
+    assert got.score == pytest.approx(expected.score, rel=1e-4)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/visa/capsules")

@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run, write
-from export_helpers import make_model, spotted_image, training_images
+from export_helpers import make_model, same_padding, spotted_image, training_images
 
 from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
 from hrad.export_runtime import HiADPredictor, open_predictor
-from hrad.features.efficientnet import SameConv2d
-from hrad.features.tiny import TinyCNN
 from hrad.prediction import Prediction
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visa" / "capsules"
@@ -95,53 +93,49 @@ def test_hiad_export_divides_the_low_branch_by_its_border_ratios(tmp_path: Path,
         assert_same(predictor.predict(image), model.predict(image))
 
 
-def same_padding(extractor: TinyCNN) -> None:
-    """Its convolutions with TensorFlow SAME padding (as EfficientNet-Lite's), same weights: the
-    traced pads are constants, right only for sizes of the traced one's parity at each stage."""
-    for stage in extractor.stages:
-        conv = stage[0]
-        same = SameConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
-        same.load_state_dict(conv.state_dict())
-        stage[0] = same
+#: window 72 (layer3's convolution takes 9 x 9: odd, traced with constant pads) against the low
+#: branch's 48 x 64 (6 x 8 there: even): the window graph does not run at the low size
+ODD_WINDOW = {**HIAD, "patch_size": 40, "low_res_size": 64, "assignment": "a2o"}
 
 
-def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) -> None:
-    """A backbone whose window graph does not run at the low branch's size (window 64: even at every
-    stage; low 40x56: odd at the third) gets a second backbone graph traced at that size."""
-    model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
-    same_padding(model.extractor)
-    model.fit(training_images(5, 3), training_images(9, 2))
-    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
-    low_embedder = sidecar["graphs"]["low_embedder"]
-    assert low_embedder["inputs"]["images"] == [1, 3, 40, 56] and (tmp_path / low_embedder["onnx"]).is_file()
-    assert sidecar["geometry"]["other_sizes_verified"] is False  # traced at one low size
-    predictor = open_predictor(tmp_path / "m.onnx")
-    for image in (spotted_image(6), training_images(21, 1)[0]):
-        assert_same(predictor.predict(image), model.predict(image))
-    with pytest.raises(InputError, match="not verified at other sizes"):  # a square image: low 56x56
-        predictor.predict(spotted_image(7, 90, 90, 20, 40, 8))
-    if importlib.util.find_spec("openvino") is not None:  # the OpenVINO export converts that graph too
-        sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "fp32").read_text())
-        assert sidecar["openvino"]["graphs"]["v.low_embedder.onnx"] == "v.low_embedder.xml"
-        assert_same(open_predictor(tmp_path / "v.xml").predict(spotted_image(6)), model.predict(spotted_image(6)))
-
-
-def test_hiad_window_graph_pads_inside_its_convolutions(tmp_path: Path) -> None:
+def test_hiad_window_graph_pads_inside_its_convolutions_at_every_size(tmp_path: Path) -> None:
     """SAME padding traces to a Pad whose amounts come from the input's shape (onnxruntime cannot
     fuse it into the convolution: a third of EfficientNet-Lite0's window graph time); the export
-    folds it into the Conv's own asymmetric pads, and the graph still matches the model."""
+    makes it the Conv's auto_pad=SAME_UPPER, right at every size: the window graph (64: even at
+    every stage) runs the low branch at 40 x 56 (odd at layer3's input) itself, and other image
+    sizes are verified (the folded constants were right at the window's parity only: a second
+    backbone graph, other sizes refused)."""
     onnx = pytest.importorskip("onnx")
     model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
     same_padding(model.extractor)
     model.fit(training_images(5, 3), training_images(9, 2))
     sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
-    for name in ("m.onnx", sidecar["graphs"]["low_embedder"]["onnx"]):
-        graph = onnx.load(tmp_path / name).graph
-        assert not [node for node in graph.node if node.op_type == "Pad"], name
-        assert any(list(a.ints)[2:] == [1, 1] for node in graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "pads"), name
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert not [node for node in graph.node if node.op_type == "Pad"]
+    assert sum(a.s == b"SAME_UPPER" for node in graph.node if node.op_type == "Conv" for a in node.attribute if a.name == "auto_pad") == 3  # every stage
+    assert sidecar["graphs"]["low_embedder"] is None and sidecar["geometry"]["low_size"] == [40, 56]
+    assert sidecar["geometry"]["other_sizes_verified"] is True
+    predictor = open_predictor(tmp_path / "m.onnx")
+    for image in (spotted_image(6), training_images(21, 1)[0], spotted_image(7, 90, 90, 20, 40, 8)):  # the square one: low 56 x 56
+        assert_same(predictor.predict(image), model.predict(image))
+
+
+def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) -> None:
+    """A backbone whose window graph does not run at the low branch's size (:data:`ODD_WINDOW`)
+    gets a second backbone graph traced at that size."""
+    model = make_model(ODD_WINDOW)
+    same_padding(model.extractor)
+    model.fit(training_images(5, 3), training_images(9, 2))
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    low_embedder = sidecar["graphs"]["low_embedder"]
+    assert low_embedder["inputs"]["images"] == [1, 3, 48, 64] and (tmp_path / low_embedder["onnx"]).is_file()
     predictor = open_predictor(tmp_path / "m.onnx")
     for image in (spotted_image(6), training_images(21, 1)[0]):
         assert_same(predictor.predict(image), model.predict(image))
+    if importlib.util.find_spec("openvino") is not None:  # the OpenVINO export converts that graph too
+        sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "fp32").read_text())
+        assert sidecar["openvino"]["graphs"]["v.low_embedder.onnx"] == "v.low_embedder.xml"
+        assert_same(open_predictor(tmp_path / "v.xml").predict(spotted_image(6)), model.predict(spotted_image(6)))
 
 
 def test_hiad_int8_quantises_the_low_size_backbone_graph_too(tmp_path: Path) -> None:
@@ -150,7 +144,7 @@ def test_hiad_int8_quantises_the_low_size_backbone_graph_too(tmp_path: Path) -> 
     pytest.importorskip("nncf")
     import openvino
 
-    model = make_model({**HIAD, "low_res_size": 56, "assignment": "a2o"})
+    model = make_model(ODD_WINDOW)
     same_padding(model.extractor)
     images = training_images(5, 3)
     model.fit(images, training_images(9, 2))

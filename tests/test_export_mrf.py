@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from export_helpers import make_model, spotted_image, training_images
+from export_helpers import make_model, same_padding, spotted_image, training_images
 
 from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
@@ -51,6 +51,24 @@ def test_mrf_export_matches_model_predict(strategy: dict, backbone: str, tmp_pat
         expected, got = model.predict(image), predictor.predict(image)
         assert_same(got, expected)
         assert (got.image_threshold, got.is_anomalous) == (expected.image_threshold, expected.is_anomalous)
+
+
+def test_mrf_graph_pads_inside_its_convolutions_at_every_size(tmp_path: Path) -> None:
+    """SAME padding (EfficientNet-Lite's) traces to Pad nodes computed from each scale's shape,
+    which onnxruntime cannot fuse: the export makes them the Conv nodes' auto_pad=SAME_UPPER,
+    right at every size (traced at 48 x 64 and 96 x 128: even at every stage), so the graph stays
+    verified at other image sizes, odd ones too."""
+    onnx = pytest.importorskip("onnx")
+    model = make_model({"name": "mrf", "pixel_budget": None, "scales": [0.5, 1.0]})
+    same_padding(model.extractor)
+    model.fit(training_images(5, 3, 96, 128))
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert not [node for node in graph.node if node.op_type == "Pad"]
+    assert sidecar["geometry"]["other_sizes_verified"] is True
+    predictor = open_predictor(tmp_path / "m.onnx")
+    for image in (spotted_image(6, 96, 128), spotted_image(7, 72, 104, 20, 40, 8), spotted_image(8, 120, 90, 50, 40, 8)):
+        assert_same(predictor.predict(image), model.predict(image))
 
 
 def test_unverified_sizes_are_refused_in_one_line(tmp_path: Path) -> None:
