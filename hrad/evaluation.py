@@ -387,7 +387,11 @@ def write_evaluation(
         else:
             low = min(0.0, min(float(c.anomaly_map.min()) for c in cases))
             high = float(np.percentile([c.anomaly_map.max() for c in cases], 90))
-        case_grid(select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases")
+        threshold = metrics.get("image_threshold")
+        case_grid(
+            select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases",
+            threshold=threshold if isinstance(threshold, float) and math.isfinite(threshold) else None,
+        )
 
 
 #: where the thresholds of ``metrics["thresholds_from"]`` came from, as the reports say it

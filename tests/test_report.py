@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image, with_spot
+from export_helpers import make_model
 from PIL import Image
 
 import hrad
@@ -196,3 +197,35 @@ def test_the_html_case_figure_stacks_a_strip() -> None:
     square_width, square_height = size((100, 100))
     assert strip_width > 750 and strip_height > strip_width / 4  # two full-width panels, one above the other
     assert square_width < 700 and square_height < square_width / 2  # two panels side by side
+
+
+def _case(name: str, label: int, score: float) -> Case:
+    return Case(name, label, score, np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.float32), None)
+
+
+def test_cases_show_each_image_once_and_say_what_the_threshold_decided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 4 anomalous test images, 3 of them were shown twice in cases.png (worst and best), and
+    each map was titled 'score 2.21 (label 1)': neither the threshold nor the decision."""
+    from hrad.data import load_dataset
+    from hrad.evaluation import evaluate
+    from hrad.reports import figures
+
+    groups = figures.select_cases([_case(f"d{index}", 1, 2.0 + index) for index in range(4)] + [_case("g", 0, 0.5)], 3)
+    names = [case.name for members in groups.values() for case in members]
+    assert sorted(names) == ["d0", "d1", "d2", "d3", "g"] and [case.name for case in groups["best: highest-scored anomalous"]] == ["d3"]
+    assert figures.case_caption(_case("d", 1, 2.2123), 1.15) == "anomalous, score 2.212, above the threshold 1.15: flagged"
+    assert figures.case_caption(_case("g", 0, 1.15), 1.15) == "normal, score 1.15, at or below the threshold 1.15: passed"
+    assert figures.case_caption(_case("g", 0, 0.7), None) == "normal, score 0.7"
+
+    rng = np.random.default_rng(4)
+    root = tmp_path / "part"
+    for index in range(2):
+        write(root / "test" / "good" / f"{index}.png", textured_image(rng, 48, 64))
+        image, mask = with_spot(textured_image(rng, 48, 64), 20, 30, 6)
+        write(root / "test" / "spot" / f"{index}.png", image)
+        write(root / "ground_truth" / "spot" / f"{index}_mask.png", np.repeat(mask[..., None], 3, axis=2).astype(np.float32))
+    model = make_model({"name": "downsample", "image_size": 32}).fit([textured_image(rng, 48, 64) for _ in range(6)])
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr("hrad.evaluation.case_grid", lambda cases, path, **options: drawn.update(options) or path)
+    metrics = evaluate(model, load_dataset(root, training=False).test, tmp_path / "report")
+    assert drawn["threshold"] == metrics["image_threshold"] == model.thresholds.image  # type: ignore[union-attr]

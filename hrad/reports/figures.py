@@ -28,14 +28,28 @@ class Case:
 
 
 def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
-    """Worst cases (missed anomalies, highest-scored normals) and best (most confident hits)."""
+    """Worst cases (missed anomalies, highest-scored normals) and best (most confident hits). An
+    image is shown once: with few anomalous test images the best ones are those the worst group
+    left (3 of 4 were shown twice, as worst and as best)."""
     anomalous = sorted((c for c in cases if c.label == 1), key=lambda c: c.score)
-    normal = sorted((c for c in cases if c.label == 0), key=lambda c: -c.score)
+    worst = anomalous[:count]
     return {
-        "worst: lowest-scored anomalous": anomalous[:count],
-        "worst: highest-scored normal": normal[:count],
-        "best: highest-scored anomalous": anomalous[::-1][:count],
+        "worst: lowest-scored anomalous": worst,
+        "worst: highest-scored normal": sorted((c for c in cases if c.label == 0), key=lambda c: -c.score)[:count],
+        "best: highest-scored anomalous": anomalous[len(worst) :][::-1][:count],
     }
+
+
+def case_caption(case: Case, threshold: float | None) -> str:
+    """What a case is and what the image threshold decided of it, in words (cases.png's panels and
+    report.html's captions): 'anomalous, score 2.21, above the threshold 1.15: flagged'. The model's
+    rule: flagged when the score is above the threshold."""
+    label = {0: "normal", 1: "anomalous"}.get(case.label, "unlabelled")
+    caption = f"{label}, score {float(case.score):.4g}"
+    if threshold is None:
+        return caption
+    flagged = case.score > threshold
+    return caption + f", {'above' if flagged else 'at or below'} the threshold {threshold:.4g}: {'flagged' if flagged else 'passed'}"
 
 
 def shown(name: str) -> str:
@@ -92,11 +106,17 @@ def show_inspected(axis: plt.Axes, case: Case, dim: bool = True) -> bool:
 
 
 def case_grid(
-    groups: dict[str, list[Case]], path: Path, vmax: float | None = None, title: str = "", vmin: float | None = None
+    groups: dict[str, list[Case]],
+    path: Path,
+    vmax: float | None = None,
+    title: str = "",
+    vmin: float | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """One row per case: image with ground-truth contour, anomaly map, overlay; maps share ``vmin .. vmax``
     (default: 0, or the lowest map value when maps go negative, .. the highest). A case with a
-    region of interest has it outlined on every panel and the map and overlay dimmed outside."""
+    region of interest has it outlined on every panel and the map and overlay dimmed outside.
+    The map's title says what the image ``threshold`` decided (:func:`case_caption`)."""
     rows = [(group, case) for group, members in groups.items() for case in members]
     height = max(1, len(rows))
     # wide images (line-scan strips) get their three panels stacked, full width, instead of side
@@ -123,7 +143,7 @@ def case_grid(
         image_axis.set_title(f"{group}\n{shown(case.name)}", fontsize=7)
         show_inspected(image_axis, case, dim=False)
         map_axis.imshow(inspected_only(case), cmap="inferno", vmin=low, vmax=scale)
-        map_axis.set_title(f"score {case.score:.3g} (label {case.label})", fontsize=7)
+        map_axis.set_title(case_caption(case, threshold).replace(", above", "\nabove").replace(", at or", "\nat or"), fontsize=7)
         show_inspected(map_axis, case)
         overlay_axis.imshow(np.clip(case.image, 0, 1))
         overlay_axis.imshow(inspected_only(case), cmap="jet", alpha=0.45, vmin=low, vmax=scale)

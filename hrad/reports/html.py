@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from hrad.reports.figures import (  # noqa: E402
     PANEL_TITLE_HEIGHT,
     Case,
+    case_caption,
     image_aspect,
     inspected_only,
     is_wide,
@@ -287,10 +288,7 @@ def render_html(data: ReportData) -> str:
                 continue
             parts.append(f"<h3>{html.escape(group)}</h3><div class=cases>")
             for case in members:
-                label = {0: "normal", 1: "anomalous"}.get(case.label, str(case.label))
-                caption = f"{case.name}: {label}, score {float(case.score):.4g}"
-                if data.image_threshold is not None:
-                    caption += f" ({'above' if case.score > data.image_threshold else 'below'} the threshold)"
+                caption = f"{case.name}: {case_caption(case, data.image_threshold)}"
                 kind = "case wide" if is_wide(case) else "case"
                 parts.append(
                     f"<div class='{kind}'>{_img(case_figure(case, data.overlay_range, data.pixel_threshold), caption)}"
