@@ -194,6 +194,20 @@ def test_empty_arrays_are_input_errors(model_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ 1. pixel budget
+def test_a_bad_pixel_budget_in_the_environment_stops_the_command_once(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HRAD_MAX_PIXELS=abc failed each image of a predict in its own line (exit 3, a scores.csv of
+    failures), and each upload of a server; it is now the command's one error, before any work."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    monkeypatch.setenv("HRAD_MAX_PIXELS", "abc")
+    assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out)], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == "hrad: error: HRAD_MAX_PIXELS: pixel budget 'abc' is not a number"
+    assert not out.exists()
+
+
 def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("pixels were decoded")

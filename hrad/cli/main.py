@@ -680,6 +680,12 @@ def _options(
         from hrad.data.images import set_max_pixels
 
         set_max_pixels(max_pixels)
+    elif os.environ.get("HRAD_MAX_PIXELS"):
+        from hrad.data.images import max_pixels as budget_in_force
+
+        # HRAD_MAX_PIXELS=abc failed every image of a predict (exit 3) and every upload of a
+        # server, one line each, instead of the command once
+        budget_in_force()
 
 
 #: Usage errors of the command-line parser. Typer ships its own copy of click
