@@ -92,6 +92,27 @@ def _scoring(detector: Any, name: str) -> nn.Module:
     return module.eval()
 
 
+def _other_sizes_reason(strategy: HiAD, verified: bool, verify: bool, other_low: tuple[int, int]) -> str:
+    """Why the sidecar's ``other_sizes_verified`` is what it is, in words (the sidecar's ``other_sizes``):
+    a positional pool never feeds the graphs another low size, so it is not checked there."""
+    height, width = other_low
+    if strategy.positional:
+        assert strategy._assignment is not None and strategy._image_size is not None
+        fitted_h, fitted_w = strategy._image_size
+        return (
+            f"not needed: the {strategy._assignment.kind} pool binds detectors to patch positions, so only {fitted_w}x{fitted_h} "
+            "images are predicted: one patch grid, one low size"
+        )
+    if not verify:
+        return "not checked: exported without verification"
+    if verified:
+        return f"verified: the graphs that embed and score the low branch equal torch at a low size of {width}x{height} too"
+    return (
+        f"not verified: the graph that embeds or scores the low branch differs from torch at a low size of {width}x{height} "
+        "(a backbone traced with constant pads there); images whose low size differs from low_size are refused"
+    )
+
+
 def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = True) -> Path:
     """Write HiAD's graphs (``out_path`` = the backbone, ``.high<m>.onnx`` per pool detector,
     ``.low.onnx``) and the sidecar ``out_path.with_suffix('.json')``; returns the sidecar.
@@ -173,6 +194,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             with torch.no_grad():
                 other_embeddings = embedder(other_image)
             other_sizes = _check_at(path, low_scorer, {EMBEDDINGS: other_embeddings})
+    other_sizes_reason = _other_sizes_reason(strategy, other_sizes, verify, other_low)
 
     ranges = {name: list(calibration.range(name)) for name in calibration.names()}
     sidecar = {
@@ -210,6 +232,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
             "low_res_size": config.low_res_size,
             "low_size": list(low_size),
             "other_sizes_verified": other_sizes,
+            "other_sizes": other_sizes_reason,
             "smoothing_sigma": config.smoothing_sigma,
             "score_sigma": config.score_sigma,
             "score_pool": config.score_pool,

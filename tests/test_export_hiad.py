@@ -69,6 +69,8 @@ def test_hiad_export_matches_model_predict(strategy: dict, detector: str | dict,
     assert isinstance(predictor, HiADPredictor)
     # a defect, a normal image (its score is not saturated), and for ra another size
     images = [spotted_image(6), training_images(21, 1)[0]]
+    if model.strategy.positional:  # other sizes are refused by the pool itself: the graphs never see another low size
+        assert sidecar["geometry"]["other_sizes"].startswith(f"not needed: the {strategy['assignment']} pool binds detectors")
     if strategy["assignment"] == "ra":
         assert sidecar["geometry"]["other_sizes_verified"] is True
         images.append(spotted_image(7, 72, 104, 20, 40, 8))
@@ -122,15 +124,19 @@ def test_hiad_window_graph_pads_inside_its_convolutions_at_every_size(tmp_path: 
 
 def test_hiad_export_traces_the_low_branch_backbone_at_its_size(tmp_path: Path) -> None:
     """A backbone whose window graph does not run at the low branch's size (:data:`ODD_WINDOW`)
-    gets a second backbone graph traced at that size."""
+    gets a second backbone graph traced at that size, verified at other low sizes too (its SAME
+    pads are auto_pad: folded to constants at 48 x 64 they were wrong at the check's 56 x 64 and
+    the sidecar said other sizes were not verified)."""
     model = make_model(ODD_WINDOW)
     same_padding(model.extractor)
     model.fit(training_images(5, 3), training_images(9, 2))
     sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
     low_embedder = sidecar["graphs"]["low_embedder"]
     assert low_embedder["inputs"]["images"] == [1, 3, 48, 64] and (tmp_path / low_embedder["onnx"]).is_file()
+    assert sidecar["geometry"]["other_sizes_verified"] is True
+    assert sidecar["geometry"]["other_sizes"] == "verified: the graphs that embed and score the low branch equal torch at a low size of 64x56 too"
     predictor = open_predictor(tmp_path / "m.onnx")
-    for image in (spotted_image(6), training_images(21, 1)[0]):
+    for image in (spotted_image(6), training_images(21, 1)[0], spotted_image(7, 90, 110, 20, 40, 8)):  # the last: low 56 x 64
         assert_same(predictor.predict(image), model.predict(image))
     if importlib.util.find_spec("openvino") is not None:  # the OpenVINO export converts that graph too
         sidecar = json.loads(export_openvino(model, tmp_path / "v.xml", "fp32").read_text())
