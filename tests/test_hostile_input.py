@@ -194,6 +194,17 @@ def test_empty_arrays_are_input_errors(model_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ 1. pixel budget
+def test_a_tiff_whose_samples_per_pixel_overrun_the_budget_is_refused_before_decoding(tmp_path: Path) -> None:
+    """The pixel budget counted pixels only: a TIFF header may declare 65535 samples a pixel, and
+    a 4000x4000 one asked for a terabyte (200 samples of 100x100 here: 2 MB for 10000 pixels)."""
+    path = tmp_path / "samples.tif"
+    tifffile.imwrite(path, np.zeros((100, 100, 200), np.uint8), planarconfig="contig", photometric="minisblack")
+    with pixel_budget(20000), pytest.raises(ImageTooLargeError) as caught:
+        read_pixels(path)
+    assert str(caught.value).startswith(f"{path}: image decodes to 2000000 bytes (100x100, 200 samples of uint8 a pixel), over the 320000 bytes")
+    assert read_pixels(path).shape == (100, 100, 3)  # the default budget's bytes hold it
+
+
 def test_a_bad_pixel_budget_in_the_environment_stops_the_command_once(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

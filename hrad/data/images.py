@@ -17,7 +17,8 @@ Hostile files: before any pixel is decoded, the width and height are read from t
 header (PIL's header parsers for PNG/JPEG/BMP, tifffile for TIFF) and checked against the
 pixel budget (:func:`max_pixels`: :data:`DEFAULT_MAX_PIXELS`, the ``HRAD_MAX_PIXELS``
 environment variable, or :func:`pixel_budget`), so a decompression bomb costs a few bytes of
-header, never its decoded size. A file no header parser recognises as PNG, JPEG, BMP or TIFF
+header, never its decoded size; a TIFF page's decoded bytes (its samples per pixel, up to 65535,
+which the pixel count does not see) are held to :data:`MAX_PIXEL_BYTES` a pixel of that budget. A file no header parser recognises as PNG, JPEG, BMP or TIFF
 is refused, whatever OpenCV could decode. A file whose header reads but whose pixel data does
 not decode is "truncated or corrupt"; a PNG's chunks are walked (lengths, critical chunks'
 CRCs and order, IEND) and its pixel data inflated (one zlib stream, the header's rows, valid
@@ -227,7 +228,7 @@ def decode_raw(path: Path, budget: int | None = None) -> np.ndarray:
     header's size (a file whose pixel data disagrees with its header is refused).
     """
     height, width = check_pixel_budget(path, budget)
-    array = _decode_checked(path)
+    array = _decode_checked(path, max_pixels() if budget is None else _checked_budget(budget, "max_pixels"))
     if array.shape[:2] != (height, width):
         raise InputError(
             f"{path}: not a readable image (header says {width}x{height}, pixel data is "
@@ -289,12 +290,23 @@ def _quiet_opencv() -> Iterator[None]:
 _TIFF_AS_STORED = frozenset({tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB})
 
 
-def _tiff_colour_model(path: Path, page: tifffile.TiffPage) -> bool:
+#: bytes a decoded pixel may take at most (float32 RGBA): with the pixel budget, the bound on what a
+#: TIFF's page decodes to, whose samples per pixel (up to 65535) the pixel budget does not see
+MAX_PIXEL_BYTES = 16
+
+
+def _tiff_colour_model(path: Path, page: tifffile.TiffPage, budget: int) -> bool:
     """Whether a TIFF page's samples are its pixels as they are (gray or RGB); False when they
     need a colour conversion that libtiff does and OpenCV's reader applies (MinIsWhite, palette,
     CMYK, YCbCr at 8 bits or fewer). A colour model neither reads right is refused in one line:
     taken as stored, a palette image read as its indices, a MinIsWhite one inverted, CMYK ink
     as RGB, and predicted without a word."""
+    if page.nbytes > budget * MAX_PIXEL_BYTES:
+        raise ImageTooLargeError(
+            f"{path}: image decodes to {page.nbytes} bytes ({page.imagewidth}x{page.imagelength}, {page.samplesperpixel} samples "
+            f"of {page.dtype} a pixel), over the {budget * MAX_PIXEL_BYTES} bytes the pixel budget of {budget} allows "
+            f"({MAX_PIXEL_BYTES} a pixel; raise it with hrad --max-pixels or HRAD_MAX_PIXELS if this is intended)"
+        )
     photometric = page.photometric
     if photometric in _TIFF_AS_STORED:
         return True
@@ -307,12 +319,12 @@ def _tiff_colour_model(path: Path, page: tifffile.TiffPage) -> bool:
     )
 
 
-def _decode_checked(path: Path) -> np.ndarray:
+def _decode_checked(path: Path, budget: int) -> np.ndarray:
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
             with _TIFFFILE.reading(), tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
-                as_stored = _tiff_colour_model(path, page)  # type: ignore[arg-type]
+                as_stored = _tiff_colour_model(path, page, budget)  # type: ignore[arg-type]
                 array = page.asarray() if as_stored else None
                 planar = array is not None and (
                     getattr(page, "planarconfig", 1) == 2
