@@ -27,8 +27,8 @@ def test_blur_and_pooled_max_equal_the_host_functions(shape: tuple[int, int]) ->
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_blur_is_float32_not_tf32() -> None:
-    """cuDNN may run float32 convolutions in TF32 (1e-3 of the values); the blur asks it not to."""
+def test_on_cuda_the_blur_equals_opencv_in_float32() -> None:
+    """On the GPU too (no TF32 anywhere: a convolution there may run in TF32, 1e-3 of the values)."""
     values = np.random.default_rng(4).random((512, 768), dtype=np.float32)
     blurred = device_maps.gaussian_blur(torch.from_numpy(values).cuda(), 4.0).cpu().numpy()
     np.testing.assert_allclose(blurred, gaussian_smooth(values, 4.0), rtol=0, atol=1e-5)
