@@ -337,7 +337,8 @@ class HiAD(Strategy):
     def _device_outputs(self, image: np.ndarray) -> RawOutput:
         """:meth:`raw_outputs` left on the features' device, patches grouped by detector: each
         detector of the pool predicts its patches of the image in batches of ``batch_size``
-        (not one call per detector per chunk of the grid), and nothing waits for the device."""
+        (not one call per detector per chunk of the grid), and nothing waits for the device (but
+        ``ra``'s descriptors, read per chunk: its labels depend on them)."""
         if self._assignment is None:
             raise ConfigError("hiad: fit() or load_state() must run before predicting")
         self._check_size(image, "image")
@@ -350,7 +351,8 @@ class HiAD(Strategy):
             positions, labels, maps = self._positional_patch_maps(fusion, prepared)
         low_map = None
         if self.config.low_branch:
-            low_map = self._low_detector().predict(self._embed_low(tensor)).maps.detach().float()[0]
+            embedding = self._embed_low(tensor)  # a CPU index answers on the CPU: its map joins the others
+            low_map = self._low_detector().predict(embedding).maps.detach().to(embedding.device, torch.float32)[0]
         return RawOutput(prepared.grid, positions, np.asarray(labels, dtype=np.int64), torch.cat(maps), low_map)
 
     def _positional_patch_maps(
