@@ -1,5 +1,7 @@
 """HiAD's low branch divided by its own border ratios (``strategy.low_border_calibration``) or not;
-with ``--toggle balance_branches``, the branches balanced on their good images' peaks or not.
+with ``--toggle balance_branches``, the branches balanced on their good images' peaks or not; with
+``--toggle low_border_corners``, the low branch's ratios by (row, column) distance (corners divided
+by both sides' profiles) or by the distance to the nearest side.
 
 Per dataset and pool (A2O, SCA with 4 detectors) one HiAD model is fitted (PatchCore on
 efficientnet-lite0, the demo's bank; 512-pixel patches, low branch at 512), calibrated with
@@ -9,11 +11,14 @@ images with it off
 (``AnomalyModel.calibrate``: strategy calibration, thresholds and the returned map's border
 ratios all learned again) and the test images predicted again. Image AUROC of the model's score,
 pixel AUROC and AUPRO@30 (hrad's exact streaming metrics) of its map, per setting; also the low
-branch's ratio at the image border and how many low-map cells it corrects, and the returned
-map's own border ratio (the one learned after the branches' max) in each setting.
+branch's ratio at the image border (an edge middle's) and how many low-map cells it corrects,
+its ratio at the corner cell, and the returned map's own border ratio (the one learned after the
+branches' max) in each setting. ``--pools`` picks the pools; ``--set KEY=VALUE`` sets other HiAD
+fields (YAML values) in both settings.
 
     PYTHONPATH=. python benchmarks/hiad_low_border.py --textures gravel brick grass --capsules-train 30 --capsules-test 30
     PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle balance_branches --out hiad_branch_balance
+    PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle low_border_corners --pools sca-4 --out hiad_low_border_corners
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
 from hrad.metrics import PixelMetrics, image_metrics
 from hrad.model import AnomalyModel
+from hrad.postprocess.border import ratio_table
 from hrad.strategies.hiad import HiAD
 
 DETECTOR = {"name": "patchcore", "max_fit_patches": 60000, "max_bank_size": 6000}
 POOLS = {"a2o": {"assignment": "a2o"}, "sca-4": {"assignment": "sca", "num_detectors": 4}}
-COLUMNS = ["dataset", "pool", "setting", "image_auroc", "pixel_auroc", "aupro_30", "low_ratio0", "low_cells", "map_ratio0"]
+COLUMNS = ["dataset", "pool", "setting", "image_auroc", "pixel_auroc", "aupro_30", "low_ratio0", "low_corner0", "low_cells", "map_ratio0"]
 
 
 def evaluate(model: AnomalyModel, test: list[Sample]) -> dict[str, float]:
@@ -62,9 +68,11 @@ def ratios_row(model: AnomalyModel) -> dict[str, Any]:
     strategy = model.strategy
     assert isinstance(strategy, HiAD)
     low, fused = strategy.low_border_ratios, model.border_ratios
+    table = ratio_table(low) if low is not None and len(low) else None  # a 1-D list: its min-distance table
     return {
-        "low_ratio0": round(low[0], 3) if low else "none",
-        "low_cells": len(low) if low else 0,
+        "low_ratio0": round(float(table[0, -1]), 3) if table is not None else "none",
+        "low_corner0": round(float(table[0, 0]), 3) if table is not None else "none",
+        "low_cells": table.shape[0] - 1 if table is not None else 0,
         "map_ratio0": round(fused[0], 3) if fused else "none",
     }
 
@@ -72,14 +80,19 @@ def ratios_row(model: AnomalyModel) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_texture_and_capsules_arguments(parser)
-    parser.add_argument("--toggle", default="low_border_calibration", choices=["low_border_calibration", "balance_branches"])
+    parser.add_argument("--toggle", default="low_border_calibration", choices=["low_border_calibration", "balance_branches", "low_border_corners"])
+    parser.add_argument("--pools", nargs="+", default=list(POOLS), choices=list(POOLS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other hiad strategy fields (yaml values)")
     parser.add_argument("--out", default="hiad_low_border")
     args = parser.parse_args()
+    import yaml
+
+    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         for name, train, test in texture_and_capsules(args, Path(work)):
-            for pool, options in POOLS.items():
-                strategy = {"name": "hiad", "patch_size": 512, **options, args.toggle: True}
+            for pool in args.pools:
+                strategy = {"name": "hiad", "patch_size": 512, **POOLS[pool], **extra, args.toggle: True}
                 config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
                 print(f"[{name} {pool}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
                 model = AnomalyModel(config).fit(ImageList(train))
@@ -97,12 +110,15 @@ def main() -> None:
                     print(row, flush=True)
     notes = (
         "HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; 512-pixel "
-        "patches, low branch at 512 px), 20% of the training images held out for calibration and thresholds; one run, "
-        f"seed 0. `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
+        f"patches, low branch at 512 px{', ' + str(extra) if extra else ''}), 20% of the training images held out for "
+        f"calibration and thresholds; one run, seed 0. `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
         "ratios before the branches' max; balance_branches: the branch whose held-out good images peak higher has its "
-        "min-max range widened until both branches' mean peaks agree), then off: the same fitted detectors calibrated "
+        "min-max range widened until both branches' mean peaks agree; low_border_corners: the low branch's ratios a "
+        "table by (row, column) distance from the border, the two edge profiles' excesses added, instead of by the "
+        "distance to the nearest side), then off: the same fitted detectors calibrated "
         "again on the same held-out images without it. "
-        "`low_ratio0` / `low_cells`: the low branch's ratio at the image border and the low-map cells it corrects; "
+        "`low_ratio0` / `low_corner0` / `low_cells`: the low branch's ratio at the image border (an edge middle's), at "
+        "its corner cell, and the depth in low-map cells it corrects; "
         "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). Synthetic textures: "
         "make_demo_dataset at 1024x1024, seed 0, 10 training images, 10 good + 10 anomalous test images. Capsules: "
         "seeded, label-stratified subsets. See the script's docstring."
