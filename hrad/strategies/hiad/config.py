@@ -55,9 +55,11 @@ class HiADConfig(ContextTilingConfig):
     #: nearer of top / bottom, distance to the nearer of left / right) that adds the two edge
     #: profiles' excesses (hrad.postprocess.border.BorderProfile.corner_ratios), so a corner near
     #: two sides is divided by both; False: by the distance to the nearest side only, which left
-    #: the low map's corner cell ~30% above the inside on hrad's gravel
-    #: (benchmarks/results/hiad_border_corners.md). Not in the paper
-    low_border_corners: bool = False
+    #: the low map's corner cell ~1.3x the inside on hrad's textures
+    #: (benchmarks/results/hiad_border_corners.md). Measured (SCA-4, one run): with
+    #: balance_branches image AUROC gravel / brick / grass 0.82 / 0.98 / 0.88 -> 0.89 / 1.00 / 1.00,
+    #: without it unchanged, capsules learn no ratios (hiad_low_border_corners*.md). Not in the paper
+    low_border_corners: bool = True
     #: after the min-max, the branch whose held-out good images peak higher (mean image score by
     #: the score rule) has its range widened until both branches' normal peaks agree, so neither
     #: branch's normal texture outranks the other's defects in the max (min-max alone sets each
