@@ -2,9 +2,10 @@
 exported to ONNX and OpenVINO, and evaluated three ways on the same test images.
 
 At 1500x1000 the default low branch (long side 512) is 512x344, whose stride-8 side is odd: the
-window graph's traced SAME padding does not run there, so the export carries a second backbone
-graph traced at the low size (``graphs.low_embedder``; before 287c873 such a model could not be
-exported at all). Rows: the torch model, onnxruntime and OpenVINO (FP32), each evaluated with
+window graph's SAME padding traced (or folded, b12e2b4) as constants did not run there, so the
+export carried a second backbone graph traced at the low size (``graphs.low_embedder``; before
+287c873 such a model could not be exported at all); since 2914184 those pads are the convolutions'
+``auto_pad=SAME_UPPER`` and the window graph runs the low branch itself (the notes say which). Rows: the torch model, onnxruntime and OpenVINO (FP32), each evaluated with
 ``hrad.evaluation.evaluate`` (the code of ``hrad evaluate``), one after another in one process;
 max_map_difference compares each export's maps with the torch model's on the first test images,
 relative to the map's range.
