@@ -151,6 +151,22 @@ def test_bad_set_values_are_one_line(
     assert expected in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(("where", "reason"), [("folder", "a folder"), ("taken/m.onnx", "{tmp}/taken is a file"), ("/proc/m.onnx", "No such file or directory")])
+def test_an_export_that_cannot_be_written_there_is_one_line_before_the_model_loads(
+    where: str, reason: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hrad export --out /proc/m.onnx (or an existing folder) exported, then ended in a traceback
+    from the temporary file of the last write."""
+    if where.startswith("/proc") and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr("hrad.model.load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    out = tmp_path / where
+    assert run(["export", "--model", str(model_dir), "--out", str(out)], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == f"hrad: error: {out}: cannot write the ONNX model there ({reason.format(tmp=tmp_path)})"
+
+
 def test_out_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "taken"
     a_file.write_text("not a folder")

@@ -476,6 +476,9 @@ def export(
         raise ConfigError("--tolerance is for --format openvino")
     if calibration_images is not None and export_format != "openvino":
         raise ConfigError("--calibration-images is for --format openvino --precision int8")
+    from hrad.data.images import prepare_output_file
+
+    prepare_output_file(out, "OpenVINO model" if export_format == "openvino" else "ONNX model")
     fitted = load(model, device="cpu")
     if export_format == "openvino":
         sidecar = export_openvino(

@@ -643,6 +643,27 @@ def prepare_output_dir(path: str | os.PathLike[str], inputs: Iterable[str | os.P
     return path
 
 
+def prepare_output_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Check, before any work, that the file ``path`` (``what`` it is, for the message: 'ONNX
+    model') can be written: not a folder, and its folder (created with its parents) takes a file.
+    A command that found out only at its last write ended in a traceback from the temporary file
+    (``hrad export --out /proc/m.onnx``, ``--out`` an existing folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: cannot write the {what} there (a folder)")
+    folder = next((above for above in path.parents if above.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"{path}: cannot write the {what} there ({folder} is a file)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".hrad-write-check.", dir=path.parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"{path}: cannot write the {what} there ({error.strerror or _one_line(error)})") from None
+    return path
+
+
 #: the error handler of every text file hrad writes, and reads back, in UTF-8 (scores.csv, the
 #: summary page, reports, the log file): a file name that is not UTF-8 (a Latin-1 name from an
 #: old share, which Python holds as lone surrogates) is written as the bytes it is, so scores.csv
