@@ -103,6 +103,23 @@ def script(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=120, check=False)
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        # tracebacks from socket.bind (OverflowError) and int(nan) once; 0 MB started a server that refused every upload
+        (["--port", "99999"], "Invalid value for '--port': Input should be less than or equal to 65535"),
+        (["--port", "-1"], "Invalid value for '--port': Input should be greater than or equal to 0"),
+        (["--max-upload-mb", "nan"], "Invalid value for '--max-upload-mb'"),
+        (["--max-upload-mb", "0"], "Invalid value for '--max-upload-mb': Input should be greater than or equal to 0.001"),
+    ],
+)
+def test_serve_options_out_of_range_are_one_line(
+    option: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["serve", "--model", str(tmp_path / "m"), *option], monkeypatch) == 2
+    assert expected in one_line(capsys.readouterr().err)
+
+
 @needs_script
 @pytest.mark.parametrize(
     ("args", "expected"),

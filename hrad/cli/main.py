@@ -332,9 +332,9 @@ def serve(
         Path, typer.Option(help="Model directory written by hrad fit, or an exported model (.onnx / OpenVINO .xml, run without torch)")
     ],
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (default: the model's)")] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MB")] = 256.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted upload in MB")] = 256.0,
     timeout: Annotated[float, typer.Option(min=0.001, metavar="SECONDS", help="Seconds a request may take (body, queue, prediction)")] = 300.0,
     health_details: Annotated[
         bool, typer.Option("--health-details", help="Show the model's path, config and weight sources on /health")
