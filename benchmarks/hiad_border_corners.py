@@ -44,6 +44,7 @@ from hrad.config import load_config
 from hrad.data.images import ImageList, read_image
 from hrad.model import AnomalyModel
 from hrad.postprocess.border import BorderProfile, calibrate_border, profile_depth
+from hrad.strategies.base import ImageSource
 from hrad.strategies.hiad import HiAD
 from hrad.strategies.pixels import PixelImage
 
@@ -176,6 +177,18 @@ def analyse(name: str, model: AnomalyModel, held: list[np.ndarray], good: list[n
     return rows, tables
 
 
+def fit_sca4(name: str, train: list[Path], **options: Any) -> tuple[AnomalyModel, ImageSource]:
+    """HiAD with an SCA pool of 4 PatchCores (the demo's bank) fitted on ``train``, and the
+    fit's own held-out images."""
+    strategy = {"name": "hiad", "patch_size": 512, "assignment": "sca", "num_detectors": 4, **options}
+    config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
+    print(f"[{name}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
+    model = AnomalyModel(config).fit(ImageList(train))
+    _, held = model._split(ImageList(train))
+    assert held is not None and isinstance(model.strategy, HiAD)
+    return model, held
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_texture_and_capsules_arguments(parser)
@@ -186,12 +199,8 @@ def main() -> None:
     tables: list[str] = []
     with tempfile.TemporaryDirectory() as work:
         for name, train, test in texture_and_capsules(args, Path(work)):
-            strategy = {"name": "hiad", "patch_size": 512, "assignment": "sca", "num_detectors": 4, "return_branch_maps": True}
-            config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
-            print(f"[{name}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
-            model = AnomalyModel(config).fit(ImageList(train))
-            _, held_source = model._split(ImageList(train))
-            assert held_source is not None
+            # the low branch divided by its 1-D ratios, as when hiad_border_corners.md was measured
+            model, held_source = fit_sca4(name, train, return_branch_maps=True, low_border_corners=False)
             held = [held_source[i] for i in range(len(held_source))]
             good = [read_image(sample.path) for sample in test if sample.label == 0]
             new_rows, new_tables = analyse(f"{name} ({len(held)} held, {len(good)} test)", model, held, good, args.bin)

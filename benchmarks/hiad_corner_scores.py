@@ -19,7 +19,6 @@ have their pooled peak within ``--near`` pixels of two sides (a corner).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,9 @@ import cv2
 import numpy as np
 
 from benchmarks.common import add_texture_and_capsules_arguments, texture_and_capsules, write_results
-from hrad.config import load_config
-from hrad.data.images import ImageList, read_image
+from benchmarks.hiad_border_corners import fit_sca4
+from hrad.data.images import read_image
 from hrad.metrics import image_metrics
-from hrad.model import AnomalyModel
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.strategies.hiad import HiAD
@@ -58,13 +56,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         for name, train, test in texture_and_capsules(args, Path(work)):
-            strategy = {"name": "hiad", "patch_size": 512, "assignment": "sca", "num_detectors": 4}
-            config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
-            print(f"[{name}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
-            model = AnomalyModel(config).fit(ImageList(train))
-            _, held = model._split(ImageList(train))
+            model, held = fit_sca4(name, train)
             hiad = model.strategy
-            assert held is not None and isinstance(hiad, HiAD)
+            assert isinstance(hiad, HiAD)
             labels = np.asarray([sample.label for sample in test])
             for low in (False, True):
                 hiad.config = hiad.config.model_copy(update={"low_border_corners": low})
