@@ -20,6 +20,7 @@ from hrad.errors import ConfigError
 from hrad.features import BACKBONES
 from hrad.features.base import BackboneConfig
 from hrad.postprocess.smoothing import PostprocessConfig
+from hrad.seeds import Seed
 from hrad.strategies.base import STRATEGIES, StrategyConfig, strategy_config
 
 
@@ -54,7 +55,7 @@ class ModelConfig(BaseModel):
     #: "auto" = CUDA when available, else CPU
     device: str = "auto"
     #: seed of the validation split and torch (torch takes 64 bits; a larger one was a traceback)
-    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)
+    seed: Seed = 0
 
     @field_validator("detector", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from cli_helpers import run
+from cli_helpers import run, write
 from conftest import textured_image
 
 import hrad
@@ -155,6 +155,9 @@ def test_installed_script_without_arguments_shows_help_and_version_works(tmp_pat
         # tracebacks once: torch's seed takes 64 bits; a batch of 0 images stacked nothing
         ("seed=99999999999999999999", "invalid config at seed: Input should be less than or equal to 18446744073709551615"),
         ("strategy.batch_size=0", "invalid config at strategy.batch_size: Input should be greater than or equal to 1"),
+        # the detector's and HiAD's seeds hold to the same range (hrad.seeds); they were tracebacks
+        ("detector.seed=99999999999999999999", "invalid config at detector.seed: Input should be less than or equal to 18446744073709551615"),
+        ("strategy={name: hiad, seed: -99999999999999999999}", "invalid config at strategy.seed: Input should be greater than or equal to -9223372036854775808"),
     ],
 )
 def test_bad_set_values_are_one_line(
@@ -166,6 +169,27 @@ def test_bad_set_values_are_one_line(
     code = run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), "--set", assignment], monkeypatch)
     assert code == 2
     assert expected in one_line(capsys.readouterr().err)
+
+
+def test_seeds_anywhere_in_torchs_range_fit_and_a_negative_one_is_its_twos_complement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HiAD's seed -1 crashed in KMeans (random_state) and numpy's default_rng, a detector seed of
+    2**31 or more in faiss's IVF k-means: every seed torch takes now fits, and -1 fits the same
+    model as 2**64 - 1, as torch reads it."""
+    rng = np.random.default_rng(5)
+    for index in range(4):
+        write(tmp_path / "good" / f"{index}.png", textured_image(rng, 64, 96))
+    weights = []
+    for seed in (-1, 2**64 - 1):
+        out = tmp_path / f"m{seed}"
+        command = ["fit", "--data", str(tmp_path / "good"), "--out", str(out), "--backbone", "tiny-cnn", "--detector", "patchcore",
+                   "--strategy", "hiad", "--set", "strategy.patch_size=32", "--set", "strategy.num_detectors=2",
+                   "--set", "strategy.assignment=ra", "--set", f"strategy.seed={seed}", "--set", f"detector.seed={seed}",
+                   "--set", "detector.index=ivf", "--set", "detector.nlist=2"]  # fmt: skip
+        assert run(command, monkeypatch) == 0
+        weights.append((out / WEIGHTS).read_bytes())
+    assert weights[0] == weights[1]
 
 
 @pytest.mark.parametrize(("where", "reason"), [("folder", "a folder"), ("taken/m.onnx", "{tmp}/taken is a file"), ("/proc/m.onnx", "No such file or directory")])

@@ -21,6 +21,7 @@ from hrad.data.anomalies import AnomalyRule
 from hrad.errors import ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
 from hrad.registry import Registry
+from hrad.seeds import Seed
 
 
 class DetectorConfig(BaseModel):
@@ -33,8 +34,9 @@ class DetectorConfig(BaseModel):
     name: str
     #: backbone layers to embed; empty = the detector's default for the backbone
     layers: tuple[str, ...] = ()
-    #: seed of the detector's own randomness (sampling, initialisation, synthetic anomalies)
-    seed: int = 0
+    #: seed of the detector's own randomness (sampling, initialisation, synthetic anomalies);
+    #: torch's range (hrad.seeds), as the top-level seed
+    seed: Seed = 0
 
     @model_validator(mode="before")
     @classmethod

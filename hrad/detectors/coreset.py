@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from hrad.progress import log_progress
+from hrad.seeds import seed_bits
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def greedy_coreset(
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(total, (1,), generator=generator))
     if projection_dim and points.shape[1] > projection_dim:
-        points = random_projection(points, projection_dim, seed=seed + 1)
+        points = random_projection(points, projection_dim, seed=seed_bits(seed + 1))
     return farthest_point_indices(points.contiguous(), count, start)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hrad.errors import ArtifactError, ConfigError
+from hrad.seeds import seed_bits
 
 IndexChoice = Literal["auto", "exact", "ivf", "hnsw"]
 INDEX_CHOICES: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
@@ -146,7 +147,7 @@ class NearestNeighbours:
             nlist = max(1, min(self.nlist, rows // IVF_POINTS_PER_LIST))
             quantizer = faiss.IndexFlatL2(dim)
             ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
-            ivf.cp.seed = self.seed
+            ivf.cp.seed = seed_bits(self.seed, 31)
             if ivf_centroids is not None and tuple(ivf_centroids.shape) == (nlist, dim):
                 quantizer.add(as_float32_rows(ivf_centroids))
                 ivf.is_trained = True

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from hrad.errors import ArtifactError, ConfigError
 from hrad.hiad_math import nearest_centroid
+from hrad.seeds import seed_bits
 
 POSITIONAL = ("a2o", "o2o", "na", "sca")
 
@@ -71,7 +72,7 @@ def _kmeans(data: np.ndarray, count: int, seed: int) -> np.ndarray:
         warnings.simplefilter("ignore")  # "fewer distinct clusters" is handled by compaction
         from sklearn.cluster import KMeans  # fit-time only: sklearn costs ~1 s of every command's start
 
-        model = KMeans(n_clusters=count, n_init=10, random_state=seed).fit(np.asarray(data, dtype=np.float64))
+        model = KMeans(n_clusters=count, n_init=10, random_state=seed_bits(seed, 32)).fit(np.asarray(data, dtype=np.float64))
     return model.cluster_centers_
 
 

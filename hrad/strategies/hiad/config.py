@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from hrad.errors import ConfigError
+from hrad.seeds import Seed
 from hrad.strategies.tiling import ContextTilingConfig
 
 AssignmentKind = Literal["a2o", "o2o", "na", "sca", "ra"]
@@ -81,8 +82,9 @@ class HiADConfig(ContextTilingConfig):
     work_dir: str | None = None
     #: also return the calibrated high and low maps in AnomalyResult.extras
     return_branch_maps: bool = False
-    #: seed of the pool assignment (KMeans) and pseudo-anomalies
-    seed: int = 0
+    #: seed of the pool assignment (KMeans) and pseudo-anomalies; torch's range (hrad.seeds), as the
+    #: top-level seed (a negative one read as its 64-bit two's complement)
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self) -> HiADConfig:

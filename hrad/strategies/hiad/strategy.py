@@ -55,6 +55,7 @@ from hrad.postprocess.calibration import MinMaxCalibration, paste_pseudo_anomali
 from hrad.postprocess.smoothing import MapScore, blurred_bands, gaussian_smooth
 from hrad.prediction import check_pool_size
 from hrad.progress import ProgressCallback, no_progress
+from hrad.seeds import seed_bits
 from hrad.strategies.base import (
     AnomalyResult,
     ImageSource,
@@ -435,7 +436,7 @@ class HiAD(Strategy):
             image = images[index]
             variants: list[tuple[np.ndarray, np.ndarray | None]] = [(image, None)]
             if self.config.pseudo_anomalies:
-                rng = np.random.default_rng([self.config.seed, index])
+                rng = np.random.default_rng([seed_bits(self.config.seed), index])
                 variants.append(paste_pseudo_anomalies(image, rng))
             for variant, pasted in variants:
                 raw = self.raw_outputs(variant)
