@@ -208,6 +208,26 @@ def test_an_export_that_cannot_be_written_there_is_one_line_before_the_model_loa
     assert one_line(capsys.readouterr().err) == f"hrad: error: {out}: cannot write the ONNX model there ({reason.format(tmp=tmp_path)})"
 
 
+@pytest.mark.parametrize(
+    ("export_format", "taken", "what"),
+    [("onnx", "m.json", "ONNX model's sidecar"), ("openvino", "m.json", "OpenVINO model's sidecar"),
+     ("openvino", "m.bin", "OpenVINO model's .bin file")],
+)  # fmt: skip
+def test_an_export_whose_sidecar_cannot_be_written_is_one_line_before_the_model_loads(
+    export_format: str, taken: str, what: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An existing folder where the sidecar goes (m.json beside --out m.onnx) was found only after
+    the whole export, as a traceback."""
+    (tmp_path / taken).mkdir()
+    monkeypatch.setattr("hrad.model.load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    out = tmp_path / ("m.xml" if export_format == "openvino" else "m.onnx")
+    assert run(["export", "--model", str(model_dir), "--out", str(out), "--format", export_format], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == f"hrad: error: {tmp_path / taken}: cannot write the {what} there (a folder)"
+    assert run(["export", "--model", str(model_dir), "--out", str(tmp_path / "x.json")], monkeypatch) == 2
+    assert "the sidecar is written to the .json beside the model" in one_line(capsys.readouterr().err)
+
+
 def test_out_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "taken"
     a_file.write_text("not a folder")

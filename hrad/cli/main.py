@@ -478,7 +478,17 @@ def export(
         raise ConfigError("--calibration-images is for --format openvino --precision int8")
     from hrad.data.images import prepare_output_file
 
-    prepare_output_file(out, "OpenVINO model" if export_format == "openvino" else "ONNX model")
+    what = "OpenVINO model" if export_format == "openvino" else "ONNX model"
+    prepare_output_file(out, what)
+    # the files written beside --out are checked as it is, before the model loads: an existing
+    # folder at the sidecar's path was found only after the whole export, as a traceback
+    sidecar_path = out.with_suffix(".json")
+    if sidecar_path == out:
+        raise ConfigError(f"--out {out}: the sidecar is written to the .json beside the model; give the model another suffix")
+    prepare_output_file(sidecar_path, f"{what}'s sidecar")
+    for suffix in (".xml", ".onnx", ".bin") if export_format == "openvino" else ():
+        if out.with_suffix(suffix) != out:
+            prepare_output_file(out.with_suffix(suffix), f"{what}'s {suffix} file")
     fitted = load(model, device="cpu")
     if export_format == "openvino":
         sidecar = export_openvino(
