@@ -111,6 +111,9 @@ def script(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
         (["--port", "-1"], "Invalid value for '--port': Input should be greater than or equal to 0"),
         (["--max-upload-mb", "nan"], "Invalid value for '--max-upload-mb'"),
         (["--max-upload-mb", "0"], "Invalid value for '--max-upload-mb': Input should be greater than or equal to 0.001"),
+        # "[Errno -2] Name or service not known" from uvicorn's startup once, no host named, exit 3
+        (["--host", "no-such-host.invalid"], "hrad: error: --host no-such-host.invalid: cannot listen there ("),
+        (["--host", "192.0.2.1"], "hrad: error: --host 192.0.2.1: cannot listen there (Cannot assign requested address)"),
     ],
 )
 def test_serve_options_out_of_range_are_one_line(

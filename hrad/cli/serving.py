@@ -20,13 +20,28 @@ import os
 import signal
 import sys
 import threading
-from socket import socket
+from socket import AI_PASSIVE, SOCK_STREAM, getaddrinfo, socket
 from typing import Any
 
 import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from hrad.cli.progress import console
+from hrad.errors import ConfigError
+
+
+def check_host(host: str) -> None:
+    """Refuse a ``--host`` this machine cannot listen on before the model loads: uvicorn found it
+    only at startup and said "[Errno -2] Name or service not known", not which value, exit 3.
+    The host is resolved and a socket bound to it on a free port (the port's own errors stay
+    uvicorn's)."""
+    try:
+        family, kind, proto, _, address = getaddrinfo(host or None, 0, type=SOCK_STREAM, flags=AI_PASSIVE)[0]
+        with socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"--host {host}: cannot listen there ({reason})") from None
 
 
 def stopped_unfinished(stop: signal.Signals, unfinished: int, how: str = "{}", within: str = "") -> None:
