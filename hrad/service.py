@@ -374,6 +374,7 @@ class BodyLimit:
         """Receive the body (spooled), then run the app on it."""
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="hrad-body-") as body:
             size = 0
+            tail = b""
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             while True:
                 try:
@@ -393,8 +394,10 @@ class BodyLimit:
                     await self._refuse(scope, receive, send)
                     return
                 body.write(chunk)
+                tail = (tail + chunk)[-BODY_TAIL_BYTES:]
                 if not message.get("more_body", False):
                     break
+            scope[BODY_TAIL] = tail
             body.seek(0)
             replayed = False
 
@@ -425,6 +428,24 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+#: the scope key of a prediction request body's last bytes (a multipart form ends with its closing
+#: boundary there), and how many are kept: a boundary is at most 70 characters (RFC 2046)
+BODY_TAIL = "hrad.body_tail"
+BODY_TAIL_BYTES = 4096
+
+
+def _unterminated_form(request: Request) -> str | None:
+    """The closing delimiter a multipart body lacks (``--BOUNDARY--``), or None: a body cut short
+    parses as a form without the field, and 'this form has no such field' misled its client."""
+    tail = request.scope.get(BODY_TAIL)
+    options = request.headers.get("content-type", "").split(";")[1:]
+    boundaries = [value.strip().strip('"') for key, _, value in (option.partition("=") for option in options) if key.strip().lower() == "boundary"]
+    if tail is None or not boundaries:
+        return None
+    closing = f"--{boundaries[0]}--"
+    return None if closing.encode("latin-1", "replace") in tail else closing
+
+
 def _how_to_upload(request: Request, field: str, missing: bool) -> str:
     """What a request without its image file did wrong, and how to send one: Pydantic's 'Field
     required' told a client that posted JSON or the raw image bytes nothing of multipart, and its
@@ -433,6 +454,9 @@ def _how_to_upload(request: Request, field: str, missing: bool) -> str:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
         return f"{request.url.path} takes {how}, not {kind or 'a body without Content-Type'}"
+    closing = _unterminated_form(request) if missing else None
+    if closing is not None:
+        return f"{request.url.path} takes {how}; the body is not a complete multipart form (it lacks the closing {closing}; cut short?)"
     return f"{request.url.path} takes {how}; this form has {'no such field' if missing else 'text there, not a file'}"
 
 

@@ -179,6 +179,7 @@ def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) 
     client = TestClient(create_app(model_dir))
     image = jpeg(spotted_image(5, 96, 128))
     how = "takes the image file in multipart/form-data field 'image' (curl -F image=@part.png)"
+    cut_short = b'--B\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n\r\n' + image + b"\r\n--B"
     answers = {
         f"body.image: /predict {how}, not application/json": client.post("/predict", json={"image": "x"}),
         f"body.image: /predict {how}, not image/jpeg": client.post("/predict", content=image, headers={"content-type": "image/jpeg"}),
@@ -190,6 +191,10 @@ def test_a_request_without_the_image_file_says_how_to_send_one(model_dir: Path) 
         ),
         "body.images: /predict/batch takes the image file in multipart/form-data field 'images' (curl -F images=@part.png);"
         " this form has no such field": client.post("/predict/batch", files={"image": ("p.jpg", image)}),
+        # a form cut short (no closing boundary) parses as one without the field: said so, not 'no such field'
+        f"body.image: /predict {how}; the body is not a complete multipart form (it lacks the closing --B--; cut short?)": client.post(
+            "/predict", content=cut_short, headers={"content-type": 'multipart/form-data; boundary="B"'}
+        ),
     }
     for message, answer in answers.items():
         assert (answer.status_code, answer.json()) == (422, {"error": message})
