@@ -528,7 +528,7 @@ class HiAD(Strategy):
         """
         if self._calibration is None:
             raise ConfigError("hiad: calibrate() must run on held-out good images before predict()")
-        if self.device.type != "cpu" if self.device_maps is None else self.device_maps:
+        if self._maps_on_device():
             return self._predict_on_device(image)
         raw = self.raw_outputs(image)
         height, width = image.shape[:2]
@@ -555,6 +555,11 @@ class HiAD(Strategy):
             extras["high_map"] = high_map
             extras["low_map"] = low_map
         return AnomalyResult(returned, score, extras)
+
+    def _maps_on_device(self) -> bool:
+        """Whether predict's map work runs in torch on the maps' device (:attr:`device_maps`; by
+        default wherever that device is not the CPU)."""
+        return self.device.type != "cpu" if self.device_maps is None else self.device_maps
 
     def _predict_on_device(self, image: np.ndarray) -> AnomalyResult:
         """:meth:`predict` with every full-resolution step in torch on the maps' device: the patch
