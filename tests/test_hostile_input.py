@@ -123,6 +123,23 @@ def test_serve_options_out_of_range_are_one_line(
     assert expected in one_line(capsys.readouterr().err)
 
 
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn found it after the model loaded and the app started: "hrad: error: [Errno 98] error
+    while attempting to bind on address ('127.0.0.1', N): address already in use", exit 3 (with
+    --workers, "[Errno 98] Address already in use", exit 1), the host:port not said as the option."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):  # the model does not exist: refused before it is looked for
+            assert run(["serve", "--model", str(tmp_path / "m"), "--port", str(port), "--workers", workers], monkeypatch) == 2
+            assert one_line(capsys.readouterr().err) == (
+                f"hrad: error: --port {port}: 127.0.0.1:{port} is in use (another server listens there); stop it or choose another --port"
+            )
+
+
 @needs_script
 @pytest.mark.parametrize(
     ("args", "expected"),

@@ -390,10 +390,10 @@ def serve(
         raise ConfigError(f"hrad serve needs {error.name}, which is not installed: pip install 'hrad[serve]' beside hrad, or on a "
             "runtime install pip install fastapi uvicorn python-multipart prometheus-client") from None
 
-    from hrad.cli.serving import check_host
+    from hrad.cli.serving import check_address
     from hrad.data.images import max_pixels
 
-    check_host(host)
+    check_address(host, port)
     settings = {
         "model_path": str(model),
         "device": device,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import multiprocessing
 import os
 import signal
 import sys
 import threading
-from socket import AI_PASSIVE, SOCK_STREAM, getaddrinfo, socket
+from socket import AF_INET6, AI_PASSIVE, SO_REUSEADDR, SOCK_STREAM, SOL_SOCKET, getaddrinfo, socket
 from typing import Any
 
 import uvicorn
@@ -30,18 +31,35 @@ from hrad.cli.progress import console
 from hrad.errors import ConfigError
 
 
-def check_host(host: str) -> None:
-    """Refuse a ``--host`` this machine cannot listen on before the model loads: uvicorn found it
-    only at startup and said "[Errno -2] Name or service not known", not which value, exit 3.
-    The host is resolved and a socket bound to it on a free port (the port's own errors stay
-    uvicorn's)."""
+def check_address(host: str, port: int) -> None:
+    """Refuse a ``--host`` this machine cannot listen on, or a ``--port`` there it cannot have,
+    before the model loads: uvicorn found the host's only at startup and said "[Errno -2] Name or
+    service not known", not which value, exit 3; a port in use only after the model loaded and the
+    app started, as "hrad: error: [Errno 98] error while attempting to bind on address ...",
+    exit 3 (1 with ``--workers``). The host is resolved and a socket bound to it on a free port,
+    then on ``port`` (0: any free one, nothing to check) as uvicorn binds it (``SO_REUSEADDR``,
+    so a port left in TIME_WAIT by a server just stopped is not taken for one in use)."""
     try:
         family, kind, proto, _, address = getaddrinfo(host or None, 0, type=SOCK_STREAM, flags=AI_PASSIVE)[0]
         with socket(family, kind, proto) as probe:
             probe.bind(address)
     except (OSError, UnicodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise ConfigError(f"--host {host}: cannot listen there ({reason})") from None
+        raise ConfigError(f"--host {host}: cannot listen there ({_reason(error)})") from None
+    if port == 0:
+        return
+    where = f"[{address[0]}]:{port}" if family == AF_INET6 else f"{address[0]}:{port}"
+    try:
+        with socket(family, kind, proto) as probe:
+            probe.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
+            probe.bind((address[0], port, *address[2:]))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--port {port}: {where} is in use (another server listens there); stop it or choose another --port") from None
+        raise ConfigError(f"--port {port}: cannot listen on {where} ({_reason(error)})") from None
+
+
+def _reason(error: OSError | UnicodeError) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def stopped_unfinished(stop: signal.Signals, unfinished: int, how: str = "{}", within: str = "") -> None:
