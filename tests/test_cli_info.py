@@ -115,6 +115,21 @@ def test_fields_an_older_model_lacks_read_as_not_recorded(
     assert status == 0 and "bit_depth: 12 (16-bit images scaled to the full range)\n" in out and "fitted_size: 96x64\n" in out
 
 
+@pytest.mark.parametrize("kind", ["8-bit", "float"])
+def test_a_model_fitted_on_8_bit_or_float_images_learned_no_bit_depth_and_says_so(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its bit_depth line said "16-bit images as stored", as if it had been fitted on 16-bit ones."""
+    images = training_images(3, 6, 64, 96)
+    images = [np.rint(image * 255).astype(np.uint8) for image in images] if kind == "8-bit" else images
+    model = make_model({"name": "tiled", "tile": 48, "stride": 48}, {"name": "patchcore", "coreset_ratio": 0.25}).fit(images)
+    model.save(tmp_path / "model")
+    status, out, _ = info(tmp_path / "model", monkeypatch, capsys)
+    assert status == 0 and "as stored\n" not in out
+    assert f"bit_depth: none learned (fitted on {kind} images; a 16-bit image would be read as stored, 0..65535)\n" in out
+    assert f"pixel_type: {kind}, as the images" in out
+
+
 def test_the_manifest_given_for_the_model_is_named_as_a_file(
     saved: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -51,6 +51,16 @@ def model_page(facts: dict[str, Any], roi: RegionOfInterest | None) -> str:
     return render_model_page(described_facts(facts), facts, roi.mask if roi is not None else None)
 
 
+def _bit_depth_said(bit_depth: int | None, pixel_type: str | None) -> str:
+    """How the model reads 16-bit images, said from what it knows: a model fitted on 8-bit or
+    float images learned no depth, and "16-bit images as stored" read as if it had seen some."""
+    if bit_depth:
+        return f"{bit_depth} (16-bit images scaled to the full range)"
+    if pixel_type in ("8-bit", "float"):
+        return f"none learned (fitted on {pixel_type} images; a 16-bit image would be read as stored, 0..65535)"
+    return "16-bit images as stored"
+
+
 def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
     """:func:`read_model`'s facts as the lines ``hrad info`` prints (None: not recorded)."""
     kind = facts["kind"]
@@ -64,7 +74,7 @@ def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
         "saved_by": f"hrad {facts['saved_by'] or 'unknown'}",
         **{part: facts[part] for part in ("strategy", "detector", "backbone", "backbone_weights")},
         "fitted_size": f"{size['width']}x{size['height']}" if size else None,
-        "bit_depth": f"{facts['bit_depth']} (16-bit images scaled to the full range)" if facts["bit_depth"] else "16-bit images as stored",
+        "bit_depth": _bit_depth_said(facts["bit_depth"], facts.get("pixel_type")),
         "region_of_interest": (
             f"{roi['width']}x{roi['height']} mask, {roi['inspected']:.1%} inspected" if roi is not None else "the whole image"
         ),
