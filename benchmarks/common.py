@@ -36,6 +36,11 @@ CAPSULES = ROOT.parent.parent / "shared" / "data" / "visa" / "capsules"
 ATTRIBUTION = (
     "Data: VisA `capsules` (Zou et al., ECCV 2022), CC BY 4.0, official 1-class split, 1500x1000 images."
 )
+#: the datasets this run read that a results file must attribute (``"capsules"`` once VisA
+#: capsules were read: :func:`capsules`, or :func:`subset` / :func:`subset_test` of data under
+#: :data:`CAPSULES`); :func:`write_results` writes :data:`ATTRIBUTION` only then, not on runs of
+#: synthetic textures alone (``--capsules-train 0``)
+DATA_READ: set[str] = set()
 MAIN_COLUMNS = [
     "setup", "image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro_30", "aupro_05",
     "fit_seconds", "seconds_per_image", "fit_peak_rss_mb", "predict_peak_rss_mb",
@@ -45,6 +50,7 @@ SIZE_COLUMNS = ["setup", "aupro_30_q1", "aupro_30_q2", "aupro_30_q3", "aupro_30_
 
 def subset(dataset: Dataset, n_train: int | None, n_test: int | None, seed: int = 0) -> tuple[list[Path], list[Sample]]:
     """First ``n_train`` training images (sorted) and a seeded, label-stratified test subset."""
+    _note_capsules([dataset.root])
     train = sorted(dataset.train)[: n_train or None]
     labelled = [s for s in dataset.test if s.label >= 0]
     if not n_test or n_test >= len(labelled):
@@ -104,7 +110,15 @@ def tiled_strategy(model: AnomalyModel) -> TiledStrategy:
 
 
 def capsules(path: Path | None = None) -> Dataset:
+    DATA_READ.add("capsules")
     return load_dataset(path or CAPSULES)
+
+
+def _note_capsules(paths: Sequence[Path]) -> None:
+    """Note in :data:`DATA_READ` when any of ``paths`` lies in the VisA capsules folder."""
+    root = CAPSULES.resolve()
+    if any(Path(path).resolve().is_relative_to(root) for path in paths):
+        DATA_READ.add("capsules")
 
 
 def add_texture_and_capsules_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +152,8 @@ def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Se
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(ROOT.parent)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
     env = environment()
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "environment": env, "notes": notes, "rows": rows}, indent=2, default=str))
-    text = f"# {name}\n\n{notes}\n\n{ATTRIBUTION}\n\nCommand: `{command}`\n\nMachine: {env['machine']}, {env['cpus']} CPUs, torch {env['torch']} on {env['device']}; date {env['date']}.\n\n"
+    attribution = f"{ATTRIBUTION}\n\n" if "capsules" in DATA_READ else ""
+    text = f"# {name}\n\n{notes}\n\n{attribution}Command: `{command}`\n\nMachine: {env['machine']}, {env['cpus']} CPUs, torch {env['torch']} on {env['device']}; date {env['date']}.\n\n"
     text += table(rows, columns)
     for title, table_columns in (extra_tables or {}).items():
         text += f"\n## {title}\n\n" + table(rows, table_columns)
@@ -171,6 +186,7 @@ def plot_loss_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def subset_test(samples: Sequence[Sample], count: int | None) -> list[Sample]:
     """``count`` test samples, anomalous and good interleaved (deterministic; HiAD and ensemble benchmarks)."""
+    _note_capsules([sample.path for sample in samples])
     if count is None or count >= len(samples):
         return list(samples)
     good = [s for s in samples if s.label == 0]

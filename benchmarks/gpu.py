@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import CAPSULES, RESULTS, write_results
+from benchmarks.common import CAPSULES, RESULTS, capsules, write_results
 from hrad.config import load_config
 from hrad.data.datasets import Sample, load_dataset
 from hrad.data.hd_builder import build_hd_dataset
@@ -147,7 +147,7 @@ def small_source(root: Path, smoke: bool, source: str) -> tuple[Path, str]:
     """A small MVTec-layout source for make-hd and a line naming it."""
     use_capsules = source == "capsules" or (source == "auto" and CAPSULES.is_dir())
     if use_capsules:
-        dataset = load_dataset(CAPSULES)
+        dataset = capsules()
         out = root / "source"
         train = sorted(dataset.train)[: 4 if smoke else 10]
         bad = [s for s in dataset.test if s.label == 1 and s.mask_path is not None][: 2 if smoke else 4]
