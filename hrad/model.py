@@ -10,7 +10,7 @@ import dataclasses
 import math
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +212,41 @@ class TrainingImages:
             f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; {advice}"
         )
 
+    def size_problem(self, scale: Callable[[int, int], tuple[float, float]], strategy: str) -> str | None:
+        """A line when the images read so far come in sizes ``strategy`` scales unlike (``scale``:
+        its :meth:`~hrad.strategies.base.Strategy.input_scale`; a fixed working size over a folder
+        of mixed sizes): the detector learns features of several scales, a defect's size in them
+        set by its image's. Names the first image scaled unlike the first one; sizes scaled alike
+        (strips of several lengths tiled at native resolution) are fine and say nothing."""
+        if len(set(self.sizes.values())) < 2:
+            return None
+        first = min(self.sizes)
+        reference = scale(*self.sizes[first])
+        others = [index for index in sorted(self.sizes) if _scaled_apart(scale(*self.sizes[index]), reference)]
+        if not others:
+            return None
+        odd = others[0]
+        (height, width), (first_height, first_width) = self.sizes[odd], self.sizes[first]
+        return (
+            f"{self.name(odd)}: a {width}x{height} {self.role} image among {first_width}x{first_height} ones (the first, "
+            f"{self.name(first)}; {len(others)} of {len(self.sizes)} scaled unlike it, this the first): the {strategy} "
+            f"strategy resizes every image to its working size, this one by {_factor(scale(height, width))}, the first by "
+            f"{_factor(reference)}: the model learns features of several scales and a defect's apparent size depends on "
+            "its image's; fit on images of one size (crop or resize them alike)"
+        )
+
+
+def _scaled_apart(scale: tuple[float, float], reference: tuple[float, float]) -> bool:
+    """Whether two images' (rows, columns) scale factors differ by more than 2% (working-size
+    rounding stays below it)."""
+    return any(abs(math.log(factor / other)) > math.log(1.02) for factor, other in zip(scale, reference, strict=True))
+
+
+def _factor(scale: tuple[float, float]) -> str:
+    """``x0.5`` or, when the two axes differ (a stretch), ``x0.5 across, x0.67 down``."""
+    rows, columns = scale
+    return f"x{columns:.2g}" if not _scaled_apart((rows, rows), (columns, columns)) else f"x{columns:.2g} across, x{rows:.2g} down"
+
 
 class Subset:
     def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
@@ -332,6 +367,9 @@ class AnomalyModel:
             self._held_out_statistics(Subset(train, [0]), progress, None, None, "training")  # NaN / inf: refused
         if not self._mix_told:  # every training image read by now
             self._tell_mix(observed, stacklevel=2)
+        sizes = observed.size_problem(self.strategy.input_scale, self.config.strategy.name)
+        if sizes is not None:
+            warn(sizes, stacklevel=2)
         if validation is not None:  # every validation image read by now too
             self._tell_mix(observed_validation, stacklevel=2, training=observed)
         self.pixel_type = observed.first_kind()  # the reference the lines above compare with

@@ -379,3 +379,32 @@ def test_a_truncated_image_is_one_line_without_the_decoder_s_own(kind: str, tmp_
     assert [line for line in done.stderr.splitlines() if "zz" in line or "tifffile" in line or "libpng" in line] == [
         line for line in done.stderr.splitlines() if line.startswith(f"hrad: error: {bad}: {reason}")
     ] != []
+
+
+@pytest.mark.parametrize(
+    ("setting", "scales"),
+    [
+        (["--strategy", "downsample", "--image-size", "48"], "this one by x0.38 across, x0.5 down, the first by x0.5 across, x0.75 down"),
+        (["--strategy", "tiled", "--tile", "32", "--image-size", "48"], "this one by x0.38, the first by x0.5"),
+        (["--strategy", "tiled", "--tile", "32"], None),  # native resolution: each image tiled at its own size, as it should
+    ],
+)
+def test_a_folder_of_mixed_sizes_is_one_warning_where_the_strategy_scales_them_unlike(
+    setting: list[str], scales: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 128x96 image among 96x64 ones said nothing: downsample resized each to one square (the
+    detector learned features at several scales and stretches), and hrad info showed the first's size."""
+    folder = good_folder(tmp_path / "good")
+    write(folder / "001b.png", textured_image(np.random.default_rng(4), 96, 128))
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY, *setting], monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    if scales is None:
+        assert warnings == []
+        return
+    strategy = setting[1]
+    assert warnings == [
+        f"hrad: warning: {folder / '001b.png'}: a 128x96 training image among 96x64 ones (the first, {folder / '000.png'}; "
+        f"1 of 6 scaled unlike it, this the first): the {strategy} strategy resizes every image to its working size, {scales}: "
+        "the model learns features of several scales and a defect's apparent size depends on its image's; "
+        "fit on images of one size (crop or resize them alike)"
+    ]

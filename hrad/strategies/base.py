@@ -182,6 +182,13 @@ class Strategy(ABC):
         """``(H, W)`` the strategy was fitted on when it is bound to one size, else None."""
         return None
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """The factors (rows, columns) a ``height x width`` image is scaled by before its
+        features. Images of one folder scaled unlike (a fixed working size, mixed image sizes)
+        teach the detector features of several scales, which the fit warns of. Default: native
+        resolution, ``(1, 1)`` for every size."""
+        return 1.0, 1.0
+
     def check_input(self, image: np.ndarray) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Refuse, before any work, an image this fitted strategy cannot predict (another size
         than a size-bound strategy's); the model names the file. Default: every image is fine."""

@@ -195,6 +195,10 @@ class TiledEnsemble(Strategy):
         stride = self.config.tile_stride
         return self.tiles.grid(*geometry.work_size, stride, stride, self.config.tile_edge)
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        working_height, working_width = working_size(self.config, height, width)
+        return working_height / height, working_width / width
+
     def fitted_image_size(self) -> tuple[int, int] | None:
         """The training ``(H, W)`` when inputs must match it (``image_size`` None), else None."""
         if self._geometry is None or self.config.image_size is not None:

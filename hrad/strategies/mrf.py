@@ -214,6 +214,10 @@ class MRFStrategy(Strategy):
         """(layer, scale) whose features drive the foreground mask: deepest layer, coarsest scale."""
         return self.layers[-1], self.config.scales[0]
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        base_height, base_width = working_size(height, width, self.config.pixel_budget)
+        return base_height / height, base_width / width
+
     def scale_sizes(self, height: int, width: int) -> dict[float, tuple[int, int]]:
         """Input size of the backbone at each scale for an ``height x width`` image."""
         base = working_size(height, width, self.config.pixel_budget)

@@ -277,6 +277,12 @@ class TiledStrategy(Strategy):
         """Size the image is resized to before tiling."""
         raise NotImplementedError
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        if self._pad_to_square():  # padded to a square first, then resized
+            height = width = max(height, width)
+        working_height, working_width = self._working_size(height, width)
+        return working_height / height, working_width / width
+
     def _tiles(self, height: int, width: int) -> tuple[TileGrid, ContextEmbedder]:
         """The tile grid over a working-size image and the embedder of its windows."""
         raise NotImplementedError
