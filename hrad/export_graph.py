@@ -26,6 +26,7 @@ from hrad.export_runtime import (
     max_difference,
     onnxruntime_module,
 )
+from hrad.features.efficientnet import same_pads
 from hrad.version import __version__
 
 if TYPE_CHECKING:
@@ -269,17 +270,6 @@ def _shape_dependent(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     return False
 
 
-def same_upper_pads(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
-    """ONNX ``auto_pad=SAME_UPPER``'s pads (begins, then ends) for spatial ``size``: output
-    ``ceil(size / stride)``, the odd pixel after, as TensorFlow's ``SAME``."""
-    begins, ends = [], []
-    for n, k, s, d in zip(size, kernel, strides, dilations, strict=True):
-        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        begins.append(total // 2)
-        ends.append(total - total // 2)
-    return begins + ends
-
-
 def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
     return next((list(a.ints) for a in node.attribute if a.name == name), default)
 
@@ -344,9 +334,10 @@ def fold_pads_into_convs(graph: onnx.ModelProto, feeds: dict[str, np.ndarray]) -
         old = _ints(conv, "pads", [0] * (2 * spatial))
         computed = _shape_dependent(node.input[1], producers)
         kernel = _ints(conv, "kernel_shape", [])
-        same = computed and not any(old) and len(kernel) == spatial and own == same_upper_pads(
-            shape[2:], kernel, _ints(conv, "strides", [1] * spatial), _ints(conv, "dilations", [1] * spatial)
-        )
+        same = computed and not any(old) and len(kernel) == spatial
+        if same:  # SAME_UPPER's amounts at the traced size, in ONNX's order (every begin, then every end)
+            pairs = same_pads(shape[2:], kernel, _ints(conv, "strides", [1] * spatial), _ints(conv, "dilations", [1] * spatial))
+            same = own == [pad for side in zip(*pairs, strict=True) for pad in side]
         if computed and dynamic and not same:
             continue
         for name in ("pads", "auto_pad"):

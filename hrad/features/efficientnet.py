@@ -11,7 +11,6 @@ checkpoints were trained that way.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +37,19 @@ def relu6_(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 6.0)
 
 
+def same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """TensorFlow ``SAME``'s ``(before, after)`` padding of each spatial dim of ``size``: output
+    ``ceil(size / stride)``, the odd pixel after (ONNX's ``auto_pad=SAME_UPPER``). The one
+    formula for :class:`SameConv2d` and the exports that recognise its padding in a graph."""
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
+        # ceil(n / s) as (n + s - 1) // s: traced (ONNX export), a size is a tensor, whose `//`
+        # exports as a truncating Div, wrong for -(-n // s)
+        total = max(((n + s - 1) // s - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow ``SAME`` padding (output size ``ceil(input / stride)``).
 
@@ -51,11 +63,7 @@ class SameConv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        pads = []
-        for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
-            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
+        (top, bottom), (left, right) = same_pads(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
         if top == bottom and left == right:  # symmetric: let the convolution pad (no copy)
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
         if self.groups > 1 and self.dilation == (1, 1) and not tracing():
