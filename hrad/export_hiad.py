@@ -158,8 +158,8 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     low_image = torch.rand(1, 3, *low_size, generator=generator)
     other_image = torch.rand(1, 3, *other_low, generator=generator)
     # the low branch's backbone: the window graph where it runs at the low size, else its own graph
-    # traced there (TensorFlow SAME padding traces as constants, right only for sizes of the same
-    # parity at every stride-2 stage: EfficientNet-Lite's window 448 against a low side of 168)
+    # traced there (a backbone whose graph holds the traced size's constants; EfficientNet-Lite's
+    # SAME padding no longer does: it becomes auto_pad=SAME_UPPER, right at every size)
     low_embedder_path = out_path
     low_embedder_graph = None
     if config.low_branch and verify and not _check_at(out_path, embedder, {"images": low_image}):

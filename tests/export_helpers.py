@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch.nn.functional as F
 from conftest import textured_image, with_spot
+from torch import Tensor
 
 from hrad.config import load_config
-from hrad.features.efficientnet import SameConv2d
+from hrad.features.efficientnet import SameConv2d, same_pads
 from hrad.features.tiny import TinyCNN
 from hrad.model import AnomalyModel
 
@@ -32,12 +34,22 @@ def spotted_image(seed: int, height: int = 90, width: int = 130, y: int = 30, x:
     return with_spot(textured_image(np.random.default_rng(seed), height, width), y, x, size)[0]
 
 
-def same_padding(extractor: TinyCNN) -> None:
+class TracedSizeSameConv2d(SameConv2d):
+    """SAME padding whose traced graph holds the traced size's amounts as constants (as
+    :class:`SameConv2d`'s strided convolutions did at odd sizes): a backbone whose graph is right
+    only at sizes of the traced one's parity at every stage."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        (top, bottom), (left, right) = same_pads([int(n) for n in x.shape[-2:]], self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def same_padding(extractor: TinyCNN, conv_type: type[SameConv2d] = SameConv2d) -> None:
     """Its convolutions with TensorFlow SAME padding (as EfficientNet-Lite's), same weights: traced,
-    each is a ``Pad`` computed from the input's shape before the ``Conv`` where the padding is
-    asymmetric (a stage's input even), else the ``Conv``'s own constant pads (input odd)."""
+    each is a ``Pad`` computed from the input's shape before the ``Conv`` (:class:`SameConv2d`;
+    the export makes it the ``Conv``'s ``auto_pad=SAME_UPPER``)."""
     for stage in extractor.stages:
         conv = stage[0]
-        same = SameConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+        same = conv_type(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
         same.load_state_dict(conv.state_dict())
         stage[0] = same

@@ -53,21 +53,26 @@ def test_mrf_export_matches_model_predict(strategy: dict, backbone: str, tmp_pat
         assert (got.image_threshold, got.is_anomalous) == (expected.image_threshold, expected.is_anomalous)
 
 
-def test_mrf_graph_pads_inside_its_convolutions_at_every_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fitted", [(96, 128), (90, 130)], ids=["even", "odd"])
+def test_mrf_graph_pads_inside_its_convolutions_at_every_size(fitted: tuple[int, int], tmp_path: Path) -> None:
     """SAME padding (EfficientNet-Lite's) traces to Pad nodes computed from each scale's shape,
     which onnxruntime cannot fuse: the export makes them the Conv nodes' auto_pad=SAME_UPPER,
-    right at every size (traced at 48 x 64 and 96 x 128: even at every stage), so the graph stays
-    verified at other image sizes, odd ones too."""
+    right at every size, so the graph stays verified at other image sizes. Traced at 48 x 64 and
+    96 x 128 (even at every stage) it runs at odd sizes; traced at 45 x 65 and 90 x 130 (odd at
+    the first two stages of scale 0.5) at even ones (there a strided convolution's symmetric
+    padding was its own constant pads: other sizes not verified)."""
     onnx = pytest.importorskip("onnx")
     model = make_model({"name": "mrf", "pixel_budget": None, "scales": [0.5, 1.0]})
     same_padding(model.extractor)
-    model.fit(training_images(5, 3, 96, 128))
+    model.fit(training_images(5, 3, *fitted))
     sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
     graph = onnx.load(tmp_path / "m.onnx").graph
     assert not [node for node in graph.node if node.op_type == "Pad"]
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(convs) == 6 and all({a.name: a.s for a in node.attribute}.get("auto_pad") == b"SAME_UPPER" for node in convs)
     assert sidecar["geometry"]["other_sizes_verified"] is True
     predictor = open_predictor(tmp_path / "m.onnx")
-    for image in (spotted_image(6, 96, 128), spotted_image(7, 72, 104, 20, 40, 8), spotted_image(8, 120, 90, 50, 40, 8)):
+    for image in (spotted_image(6, *fitted), spotted_image(7, 72, 104, 20, 40, 8), spotted_image(8, 120, 90, 50, 40, 8)):
         assert_same(predictor.predict(image), model.predict(image))
 
 

@@ -64,9 +64,14 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         (top, bottom), (left, right) = same_pads(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
-        if top == bottom and left == right:  # symmetric: let the convolution pad (no copy)
+        exporting = tracing()
+        # symmetric: let the convolution pad (no copy). Not while exporting a strided one: its
+        # padding depends on the size's parity, and the convolution's own pads trace as the traced
+        # size's constants (an odd size's, wrong at an even one); a Pad computed from the shape
+        # becomes the Conv's auto_pad=SAME_UPPER (hrad.export_graph.fold_pads_into_convs)
+        if top == bottom and left == right and not (exporting and self.stride != (1, 1)):
             return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
-        if self.groups > 1 and self.dilation == (1, 1) and not tracing():
+        if self.groups > 1 and self.dilation == (1, 1) and not exporting:
             # one leading zero tap per extra row/column of padding after: symmetric padding
             # (not while exporting: ONNX cannot take a convolution whose kernel is computed)
             weight = F.pad(self.weight, (right - left, 0, bottom - top, 0))
