@@ -30,6 +30,7 @@ from hrad.data.bit_depth import (
 from hrad.data.images import as_pixels, model_input
 from hrad.errors import ArtifactError, ConfigError, DivergedError, HradError, InputError, named, warn
 from hrad.features import build_backbone
+from hrad.postprocess import device_maps
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.roi import RegionOfInterest, inspected_mask, read_roi
 from hrad.postprocess.smoothing import smooth_and_score
@@ -39,6 +40,8 @@ from hrad.prediction import Thresholds as Thresholds
 from hrad.prediction import check_finite, check_image_size, decision_thresholds
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
+    AnomalyResult,
+    DeviceResult,
     ImageSource,
     Strategy,
     build_strategy,
@@ -284,6 +287,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 class AnomalyModel:
+    #: finish a map the strategy leaves on its device (:attr:`~hrad.strategies.base.Strategy.maps_on_device`:
+    #: HiAD on a GPU) there: border calibration, blur, region and score in torch, one copy of the
+    #: finished map and score back (:func:`hrad.postprocess.device_maps.smooth_and_score`). False:
+    #: copy the strategy's map to the host and finish it there, as every CPU predict does (the
+    #: benchmarks compare the two on one model)
+    device_postprocess: bool = True
+
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config or ModelConfig()
         self.device = resolve_device(self.config.device)
@@ -604,18 +614,30 @@ class AnomalyModel:
         divided out of every map while ``postprocess.border_calibration`` is on."""
         return self.thresholds.border_ratios if self.thresholds is not None else None
 
+    def _on_device(self) -> bool:
+        """Whether predictions are finished on the strategy's device (:attr:`device_postprocess`)."""
+        return self.device_postprocess and self.strategy.maps_on_device
+
     def _predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         with torch.inference_mode():
-            result = self.strategy.predict(image)
-        return smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi, self.strategy.map_score)
+            result = self.strategy.predict_on_device(image) if self._on_device() else self.strategy.predict(image)
+            return self._finish(result)
 
     def _predict_raw_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        if self._on_device():  # one image at a time (HiAD's predict_batch is that loop too)
+            return [self._predict_raw(image) for image in images]
         with torch.inference_mode():
             results = self.strategy.predict_batch(images)
-        return [
-            smooth_and_score(result.anomaly_map, result.score, self.config.postprocess, self.border_ratios, self.roi, self.strategy.map_score)
-            for result in results
-        ]
+        return [self._finish(result) for result in results]
+
+    def _finish(self, result: AnomalyResult | DeviceResult) -> tuple[np.ndarray, float]:
+        """A strategy's map border-calibrated, smoothed, restricted to the region and scored: on
+        the host, or on the strategy's device for a :class:`DeviceResult` (same values to float32
+        rounding; the host then waits once, for the finished map and score)."""
+        settings = (self.config.postprocess, self.border_ratios, self.roi, self.strategy.map_score)
+        if isinstance(result, DeviceResult):
+            return device_maps.smooth_and_score(result.anomaly_map, result.score, *settings)
+        return smooth_and_score(result.anomaly_map, result.score, *settings)
 
     def _check_size(self, image: np.ndarray, name: str) -> None:
         """Refuse an image far smaller than the fitted ones (:data:`hrad.prediction.MIN_SIDE_FRACTION`),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -35,6 +37,8 @@ from hrad.strategies.hiad.fusion import (
     sample_patch_windows,
 )
 from hrad.strategies.pixels import PixelImage, resampling_weights, resize_pixels, resize_pixels_by_rows
+
+T = TypeVar("T")
 
 TEST_DETECTOR = "test-nn-bank"
 
@@ -321,14 +325,25 @@ def test_on_cuda_a_pool_that_answers_on_the_cpu_predicts_as_on_the_cpu(detector:
     assert results[1].score == pytest.approx(results[0].score, abs=1e-2)
 
 
+def _synchronising_calls(run: Callable[[], T]) -> tuple[T, list[str]]:
+    """``run()`` under torch's CUDA sync debug mode: its result and the warning of each call that
+    made the host wait for the device (a plain ``.to(cuda)`` of a host array is one)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return result, [str(warning.message) for warning in caught if "synchroniz" in str(warning.message)]
+
+
 @pytest.mark.gpu
 def test_on_cuda_predict_waits_for_the_device_only_for_its_result() -> None:
     """On CUDA the whole predict is queued and the host waits at its end only: the image's copy
     there, the finished map's copy back and the score are its only synchronising calls (torch's
     sync debug mode warns at each; a plain ``.to(cuda)`` of a host array is one), and the map is
     the host path's."""
-    import warnings
-
     from hrad.detectors.destseg import DeSTSegConfig
 
     torch.manual_seed(0)
@@ -340,17 +355,48 @@ def test_on_cuda_predict_waits_for_the_device_only_for_its_result() -> None:
     strategy.calibrate(noise_images(2, 64, 96, seed=5))
     image = noise_images(1, 64, 96, seed=8)[0]
     strategy.predict(image)  # the first: the pool's networks move to the device, constants are copied once
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = strategy.predict(image)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    waits = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message)]
+    result, waits = _synchronising_calls(lambda: strategy.predict(image))
     assert len(waits) <= 3, waits
     strategy.device_maps = False
     expected = strategy.predict(image)
+    np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-4)
+    assert result.score == pytest.approx(expected.score, abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_model_predict_waits_for_the_device_once_more_than_the_image_copy() -> None:
+    """AnomalyModel.predict of HiAD-DeSTSeg on CUDA, with border ratios, a region and the top-fraction
+    score: the strategy's map stays on the device and the model finishes it there
+    (hrad.postprocess.device_maps.smooth_and_score), so the image's copy there and the finished
+    map's and score's one copy back are its only synchronising calls; the map and score are the
+    host path's (the strategy's map copied back and finished on the host)."""
+    import dataclasses
+
+    from hrad.config import ModelConfig
+    from hrad.model import AnomalyModel
+    from hrad.postprocess.roi import RegionOfInterest
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        backbone=BackboneConfig(name="tiny-cnn"),
+        detector={"name": "destseg", "student_epochs": 1, "segmentation_epochs": 1},  # type: ignore[arg-type]
+        strategy=strategy_config({"name": "hiad", "patch_size": 32, "low_res_size": 32, "assignment": "na", "num_detectors": 2, "fusion_rates": (0, 1)}),
+        device="cuda",
+    )
+    config.postprocess = config.postprocess.model_copy(update={"image_score": "top-fraction", "top_fraction": 0.01})
+    model = AnomalyModel(config).fit(noise_images(6, 64, 96, seed=4))
+    assert model.thresholds is not None and model._on_device()
+    model.thresholds = dataclasses.replace(model.thresholds, border_ratios=[1.6, 1.3, 1.1])
+    mask = np.ones((64, 96), dtype=bool)
+    mask[:, 80:] = False
+    model.roi = RegionOfInterest(mask)
+    image = noise_images(1, 64, 96, seed=8)[0]
+    model.predict(image)  # the first: networks moved, border factors and the region copied once
+    result, waits = _synchronising_calls(lambda: model.predict(image))
+    assert len(waits) <= 2, waits
+    model.device_postprocess = False
+    model.strategy.device_maps = False  # type: ignore[attr-defined]
+    expected = model.predict(image)
     np.testing.assert_allclose(result.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-4)
     assert result.score == pytest.approx(expected.score, abs=1e-4)
 

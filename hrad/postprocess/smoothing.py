@@ -94,22 +94,36 @@ def blurred_bands(anomaly_map: np.ndarray, sigma: float, band_values: int | None
         yield top, _blur(block, sigma)[radius : radius + bottom - top]
 
 
+def top_count(size: int, fraction: float) -> int:
+    """How many of ``size`` pixels the top-fraction score averages (at least one); the host's and
+    the device's rule (:mod:`hrad.postprocess.device_maps`)."""
+    return max(1, int(round(size * fraction)))
+
+
 def top_fraction_mean(anomaly_map: np.ndarray, fraction: float) -> float:
     """Mean of the highest ``fraction`` of pixels (at least one)."""
     flat = anomaly_map.ravel()
-    count = max(1, int(round(flat.size * fraction)))
+    count = top_count(flat.size, fraction)
     return float(np.partition(flat, flat.size - count)[flat.size - count :].mean())
+
+
+def score_rule(config: PostprocessConfig, roi: RegionOfInterest | None) -> Literal["strategy", "max", "top-fraction"]:
+    """Which image score a finished map gets: the configured one, but ``max`` for ``strategy``
+    with a region of interest (a strategy's score may come from outside it). Decided here once
+    for the host's :func:`image_score` and the device's twin."""
+    return "max" if roi is not None and config.image_score == "strategy" else config.image_score
 
 
 def image_score(
     anomaly_map: np.ndarray, strategy_score: float, config: PostprocessConfig, roi: RegionOfInterest | None = None
 ) -> float:
     """The configured image score of a finished map; with a region of interest, of the map
-    inside it (``strategy`` then takes the maximum there: a strategy's score may come from outside)."""
+    inside it (:func:`score_rule`)."""
     values = anomaly_map if roi is None else roi.inside(anomaly_map)
-    if config.image_score == "max" or (roi is not None and config.image_score == "strategy"):
+    rule = score_rule(config, roi)
+    if rule == "max":
         return float(values.max())
-    if config.image_score == "top-fraction":
+    if rule == "top-fraction":
         return top_fraction_mean(values, config.top_fraction)
     return float(strategy_score)
 
@@ -127,6 +141,16 @@ class MapScore:
         """The score of ``anomaly_map`` (not modified), blurred a band of rows at a time."""
         height = len(anomaly_map)
         return pooled_max_of_bands((rows for _, rows in blurred_bands(anomaly_map, self.sigma)), height, self.pool)
+
+
+def score_after_border(map_score: MapScore | None, sigma: float) -> Literal["scaled", "smoothed", "own blur"]:
+    """How a strategy's score follows its border-calibrated map (:func:`smooth_and_score`):
+    ``scaled`` by what the calibration took off the map's peak (no ``map_score``), the pooled
+    maximum of the ``smoothed`` map (``map_score``'s blur is the model's ``sigma``), or of the
+    calibrated map under its ``own blur``. Decided here once for the host and the device path."""
+    if map_score is None:
+        return "scaled"
+    return "smoothed" if map_score.sigma == sigma else "own blur"
 
 
 def smooth_and_score(
@@ -158,12 +182,15 @@ def smooth_and_score(
             raw_map = raw_map.astype(np.float32)
         peak = float(raw_map.max())
         calibrate_border(raw_map, border_ratios)
-        if map_score is None:
+        rule = score_after_border(map_score, config.sigma)
+        if rule == "scaled":
             if peak > 0 and raw_score > 0:
                 raw_score *= float(raw_map.max()) / peak
-        elif map_score.sigma == config.sigma:
+        elif rule == "smoothed":
+            assert map_score is not None
             pool = map_score.pool
         else:  # its own blur, before the map is smoothed in place
+            assert map_score is not None
             raw_score = map_score.of(raw_map)
     smoothed = gaussian_smooth(raw_map, config.sigma, in_place=True)
     if pool is not None:

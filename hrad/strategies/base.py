@@ -49,6 +49,24 @@ class AnomalyResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class DeviceResult:
+    """:class:`AnomalyResult` before its copy to the host (:meth:`Strategy.predict_on_device`): the
+    ``H x W`` float32 map and the 0-d score as tensors on the strategy's device, so a caller that
+    finishes the map there (the model: :func:`hrad.postprocess.device_maps.smooth_and_score`)
+    copies it back once; ``extras`` may hold tensors too."""
+
+    anomaly_map: Tensor
+    score: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_host(self) -> AnomalyResult:
+        """The same result on the host, as :meth:`Strategy.predict` returns it (tensors in
+        ``extras`` copied as numpy arrays)."""
+        extras = {key: value.cpu().numpy() if isinstance(value, Tensor) else value for key, value in self.extras.items()}
+        return AnomalyResult(self.anomaly_map.cpu().numpy(), float(self.score), extras)
+
+
 class StateReader(Protocol):
     """Read access to saved tensors; artifacts back it lazily by a safetensors file so a
     strategy can load one sub-model at a time."""
@@ -152,6 +170,18 @@ class Strategy(ABC):
     @abstractmethod
     def predict(self, image: np.ndarray) -> AnomalyResult:
         """Map at the image's own resolution and its score. Never depends on other images."""
+
+    @property
+    def maps_on_device(self) -> bool:
+        """Whether :meth:`predict_on_device` is this strategy's predict: its maps come off a device
+        (HiAD's ``device_maps``, on by default where the device is not the CPU) and are better
+        finished there than copied to the host first. False (the default): call :meth:`predict`."""
+        return False
+
+    def predict_on_device(self, image: np.ndarray) -> DeviceResult:
+        """:meth:`predict` with the map and score left on the strategy's device (only where
+        :attr:`maps_on_device`); ``.to_host()`` of it equals :meth:`predict`'s result."""
+        raise NotImplementedError(f"the {self.config.name} strategy keeps no map on a device; call predict()")
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[AnomalyResult]:
         """:meth:`predict` for several images, in order, each result as if predicted alone.

@@ -29,7 +29,7 @@ the model's map and this score agree; set ``smoothing_sigma=4`` when using the s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +58,7 @@ from hrad.progress import ProgressCallback, no_progress
 from hrad.seeds import seed_bits
 from hrad.strategies.base import (
     AnomalyResult,
+    DeviceResult,
     ImageSource,
     StateReader,
     Strategy,
@@ -105,7 +106,7 @@ class HiAD(Strategy):
     #: predict's map work (calibration, merge, the low branch's upsampling, blur and score) in torch
     #: on the device the maps come from, one copy of the finished map to the host; None: where that
     #: device is not the CPU. On the CPU the default is the numpy path, which holds one full-size map
-    #: (bands for the rest) where this one holds several (:meth:`_predict_on_device`)
+    #: (bands for the rest) where this one holds several (:meth:`predict_on_device`)
     device_maps: bool | None = None
 
     def __init__(self, config: HiADConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> None:  # type: ignore[override]
@@ -130,8 +131,6 @@ class HiAD(Strategy):
         self._low: Detector | None = None
         self._calibration: MinMaxCalibration | None = None
         self._low_border: BorderRatios | None = None
-        #: the low branch's border factors on the device (:meth:`_calibrated_low_tensor`) and their key
-        self._border_factors: tuple[tuple, Tensor] | None = None
         self._reader: StateReader | None = None
 
     # ------------------------------------------------------------------ geometry
@@ -528,8 +527,8 @@ class HiAD(Strategy):
         """
         if self._calibration is None:
             raise ConfigError("hiad: calibrate() must run on held-out good images before predict()")
-        if self._maps_on_device():
-            return self._predict_on_device(image)
+        if self.maps_on_device:
+            return self.predict_on_device(image).to_host()
         raw = self.raw_outputs(image)
         height, width = image.shape[:2]
         high_map = self._merged_high_map(raw)
@@ -556,16 +555,19 @@ class HiAD(Strategy):
             extras["low_map"] = low_map
         return AnomalyResult(returned, score, extras)
 
-    def _maps_on_device(self) -> bool:
+    @property
+    def maps_on_device(self) -> bool:
         """Whether predict's map work runs in torch on the maps' device (:attr:`device_maps`; by
-        default wherever that device is not the CPU)."""
+        default wherever that device is not the CPU); the model then finishes the map there too."""
         return self.device.type != "cpu" if self.device_maps is None else self.device_maps
 
-    def _predict_on_device(self, image: np.ndarray) -> AnomalyResult:
+    def predict_on_device(self, image: np.ndarray) -> DeviceResult:
         """:meth:`predict` with every full-resolution step in torch on the maps' device: the patch
         maps calibrated, upsampled and merged there, the low branch's calibrated map upsampled and
-        maxed in, the blur and the pooled score too; the host queues the work and waits once, for
-        the finished map (and the score). Same map and score as the host path to float32 rounding.
+        maxed in, the blur and the pooled score too; nothing waits for the device (``ra``'s
+        descriptors aside, :meth:`_device_outputs`), the map, the score and the branch maps are
+        left there as tensors (:meth:`predict` copies them back: the host waits for the finished
+        map). Same map and score as the host path to float32 rounding.
 
         Device memory: several maps of the image's size (the merge's sum and count, the upsampled
         low map, the maximum, the blur's padded passes), 16 MB each at 2K, 1 GB at 16K."""
@@ -583,15 +585,15 @@ class HiAD(Strategy):
         score = device_maps.pooled_max(blurred, self.config.score_pool)
         extras: dict = {"patch_detectors": raw.grid_labels()}
         if self.config.return_branch_maps:
-            extras["high_map"] = high_map.cpu().numpy()
-            extras["low_map"] = None if low_map is None else low_map.cpu().numpy()
-        anomaly_map = returned.cpu().numpy()  # the one wait: everything above was queued
-        return AnomalyResult(anomaly_map, float(score), extras)
+            extras["high_map"] = high_map
+            extras["low_map"] = low_map
+        return DeviceResult(returned, score, extras)
 
-    def _merged_high_tensor(self, raw: RawOutput) -> Tensor:
-        """:meth:`_merged_high_map` on the patch maps' device: each detector's patches calibrated,
-        :data:`MERGE_CHUNK` patches upsampled to patch size at a time and added into one map (the
-        overlaps averaged by a count of the patches over each pixel)."""
+    def _calibrated_patch_chunks(self, raw: RawOutput) -> Iterator[tuple[list[TilePosition], Tensor]]:
+        """The merge rule both merges follow (:meth:`_merged_high_map` on the host,
+        :meth:`_merged_high_tensor` on the device): each detector's patch maps min-max calibrated
+        by its range, then :data:`MERGE_CHUNK` patches at a time upsampled to patch size, on the
+        patch maps' device; yields each chunk's positions and ``n x patch x patch`` maps."""
         assert self._calibration is not None
         maps = raw.patch_maps
         calibrated = torch.empty_like(maps)
@@ -600,11 +602,20 @@ class HiAD(Strategy):
             low, high = self._calibration.range(f"high.{int(m)}")
             calibrated.index_copy_(0, rows, normalize_range(maps.index_select(0, rows), low, high))
         grid = raw.grid
-        total = maps.new_zeros((grid.padded_height, grid.padded_width))
-        count = torch.zeros_like(total)
         for start in range(0, len(raw.positions), MERGE_CHUNK):
             upsampled = resize(calibrated[start : start + MERGE_CHUNK, None], (grid.tile_h, grid.tile_w))[:, 0]
-            for position, tile_map in zip(raw.positions[start : start + MERGE_CHUNK], upsampled, strict=True):
+            yield raw.positions[start : start + MERGE_CHUNK], upsampled
+
+    def _merged_high_tensor(self, raw: RawOutput) -> Tensor:
+        """:meth:`_merged_high_map` on the patch maps' device: the calibrated, upsampled patches
+        (:meth:`_calibrated_patch_chunks`) added into one map, the overlaps averaged by a count of
+        the patches over each pixel (a second map, where the host's :class:`TileMerger` keeps one
+        and divides by the tiles over each row times those over each column)."""
+        grid = raw.grid
+        total = raw.patch_maps.new_zeros((grid.padded_height, grid.padded_width))
+        count = torch.zeros_like(total)
+        for positions, upsampled in self._calibrated_patch_chunks(raw):
+            for position, tile_map in zip(positions, upsampled, strict=True):
                 ys, xs = slice(position.y, position.y + grid.tile_h), slice(position.x, position.x + grid.tile_w)
                 total[ys, xs] += tile_map
                 count[ys, xs] += 1
@@ -612,16 +623,12 @@ class HiAD(Strategy):
 
     def _calibrated_low_tensor(self, low_map: Tensor) -> Tensor:
         """:meth:`_calibrated_low` on the low map's device: divided by the border ratios as a
-        factor map (``calibrate_border`` of ones, per map size and device, copied once), then min-max
-        calibrated."""
+        factor map (:func:`~hrad.postprocess.device_maps.border_factors`, the model's own border
+        calibration on the device uses too: per map size, ratios and device, copied once), then
+        min-max calibrated."""
         assert self._calibration is not None
         if self._low_border:
-            ratios = np.asarray(self._low_border, dtype=np.float64)  # a 1-D list or a corner table
-            key = (tuple(low_map.shape), ratios.shape, ratios.tobytes(), low_map.device)
-            if self._border_factors is None or self._border_factors[0] != key:
-                ones = np.ones(low_map.shape, dtype=np.float32)
-                self._border_factors = (key, torch.from_numpy(calibrate_border(ones, self._low_border)).to(low_map.device))
-            low_map = low_map * self._border_factors[1]
+            low_map = low_map * device_maps.border_factors((low_map.shape[0], low_map.shape[1]), self._low_border, low_map.device)
         return self._calibration.normalize("low", low_map)
 
     @staticmethod
@@ -634,19 +641,12 @@ class HiAD(Strategy):
         return maximum_upsampled(target, low_calibrated.numpy())
 
     def _merged_high_map(self, raw: RawOutput) -> np.ndarray:
-        """The calibrated patch maps upsampled to patch size and merged (overlaps averaged) into one
-        float32 map, :data:`MERGE_CHUNK` patches upsampled at a time."""
-        assert self._calibration is not None
-        calibrated = torch.empty_like(raw.patch_maps)
-        for m in np.unique(raw.labels):
-            selected = torch.from_numpy(raw.labels == m)
-            low, high = self._calibration.range(f"high.{int(m)}")
-            calibrated[selected] = normalize_range(raw.patch_maps[selected], low, high)
-        patch = self.config.patch_size
+        """The calibrated patch maps upsampled to patch size (:meth:`_calibrated_patch_chunks`, on
+        the CPU here) merged into one float32 map on the host, overlaps averaged (:class:`TileMerger`:
+        one full-size map)."""
         merger = TileMerger(raw.grid)
-        for start in range(0, len(raw.positions), MERGE_CHUNK):
-            upsampled = resize(calibrated[start : start + MERGE_CHUNK, None], (patch, patch))[:, 0].numpy()
-            for position, tile_map in zip(raw.positions[start : start + MERGE_CHUNK], upsampled, strict=True):
+        for positions, upsampled in self._calibrated_patch_chunks(raw):
+            for position, tile_map in zip(positions, upsampled.numpy(), strict=True):
                 merger.add(position, tile_map)
         return np.ascontiguousarray(merger.result()[0], dtype=np.float32)
 
