@@ -30,10 +30,15 @@ run stopped by its time limit keeps what it measured, and no new setup starts pa
 
 Variants measured on the same fitted model, right after its row:
 
+- ``<HiAD setup> host post-processing``: HiAD's map made on the device, copied back and finished
+  by the model on the host (border calibration, blur sigma 4, score: ``AnomalyModel.device_postprocess``
+  off, what every predict did before the model finished device maps there); the setup's own row
+  finishes it on the device with one copy back (``hrad.postprocess.device_maps.smooth_and_score``):
+  ``latency_ms`` of the two is what that buys, ``strategy_ms`` is the same predict in both;
 - ``<HiAD setup> host maps``: HiAD's predict with its full-resolution map work (calibration,
   merge, the low branch's upsampling, blur, score) in numpy / OpenCV on the host after one copy of
-  the raw maps (``HiAD.device_maps`` off, the CPU's path): what keeping that work on the device buys,
-  in the same run;
+  the raw maps (``HiAD.device_maps`` off, the CPU's path), and the model's post-processing there
+  too: what keeping all that work on the device buys, in the same run;
 - ``students 1036 <precision>`` (``--students-precisions``): the teacher and the students under
   bfloat16 / float16 autocast (``backbone.precision`` and the detector's ``precision``), with what it
   costs: image AUROC, pixel AUROC and AUPRO@30 of the test images at each precision, and the largest
@@ -317,6 +322,9 @@ def variants(
     strategy = model.strategy
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if isinstance(strategy, HiAD):
+        model.device_postprocess = False
+        rows.append(({}, {"setup": f"{name} host post-processing", **timings(model, test, device)}))
+        model.device_postprocess = True
         strategy.device_maps = False
         rows.append(({}, {"setup": f"{name} host maps", **timings(model, test, device)}))
         strategy.device_maps = None
@@ -475,8 +483,9 @@ def notes(
         "median / mean after one warm-up; strategy_ms: the strategy's predict alone; device_ms (downsampling rows): the "
         "L2BT paper's protocol, the image on the device at the input size to its map there; throughput: "
         "Strategy.predict_batch over the test images; peak_device_mb: torch's CUDA allocator peak while predicting. "
-        "Rows named '... host maps' and 'students ... <precision>' are variants measured on the model fitted for the "
-        "row above them (HiAD's map work on the host; reduced-precision autocast of teacher and students, with "
+        "Rows named '... host post-processing', '... host maps' and 'students ... <precision>' are variants measured "
+        "on the model fitted for the row above them (HiAD's map made on the device but finished by the model on the "
+        "host; HiAD's map work and the model's on the host; reduced-precision autocast of teacher and students, with "
         "image AUROC / pixel AUROC / AUPRO@30 and the largest map and score differences from float32 over the test "
         "images). "
         + (

@@ -7,9 +7,15 @@ on ``make-hd`` images of ``--size`` (hrad's synthetic demo textures scaled up, a
 the host path runs it (numpy / OpenCV on the host, one map held) and as the device path runs it
 (torch on the maps' device, ``HiAD.device_maps``; here forced on the CPU), then the whole
 ``Strategy.predict`` both ways and the model's own post-processing (border calibration, blur,
-score) that follows either. Steps and whole predicts alternate between the paths, ``--repeats``
-times each; medians. The raw outputs (backbone, fusion, detectors) are the same for both paths
-and timed once per repeat.
+score) that follows either: on the host (numpy / OpenCV) or on the map's device
+(``hrad.postprocess.device_maps.smooth_and_score``, one copy back), then the whole
+``AnomalyModel.predict`` three ways: host maps and host post-processing (the CPU default), device
+maps finished on the host (``AnomalyModel.device_postprocess`` off: a GPU predict before the model
+finished device maps there), device maps finished on the device (a GPU's default now). Steps and
+whole predicts alternate between the paths, ``--repeats`` times each; medians. The raw outputs
+(backbone, fusion, detectors) are the same for both paths and timed once per repeat. On a CPU
+the device path is forced there (its blur is torch's, several times slower than OpenCV's), so
+its rows say what the device path costs where it runs, not what a GPU gains.
 
     PYTHONPATH=. python benchmarks/hiad_device_maps.py --size 2048 --repeats 5
 """
@@ -37,6 +43,7 @@ from hrad.imaging import resize
 from hrad.model import AnomalyModel
 from hrad.postprocess import device_maps
 from hrad.postprocess.smoothing import smooth_and_score
+from hrad.prediction import Prediction
 from hrad.strategies.hiad import HiAD
 
 COLUMNS = ["step", "path", "ms_median", "ms_min", "share_of_predict"]
@@ -103,6 +110,17 @@ def main() -> None:
         strategy.device_maps = flag
         return strategy.predict(image)
 
+    def model_predict(maps_on_device: bool, finish_on_device: bool) -> Prediction:
+        strategy.device_maps, model.device_postprocess = maps_on_device, finish_on_device
+        return model.predict(image)
+
+    model_paths = {  # AnomalyModel.predict's three paths: (HiAD.device_maps, AnomalyModel.device_postprocess)
+        "host maps, host post-processing": (False, True),
+        "device maps, host post-processing": (True, False),
+        "device maps, device post-processing": (True, True),
+    }
+    postprocess = model.config.postprocess
+
     cfg = strategy.config
     merge = "patch maps calibrated, upsampled to 512 and merged"
     calibrate_low = "low map: border ratios, min-max"
@@ -111,6 +129,8 @@ def main() -> None:
     with torch.inference_mode():
         for flag in (False, True):  # warm-up: lazy detectors, kernels, caches
             predict(flag)
+        for maps_on_device, finish_on_device in model_paths.values():
+            model_predict(maps_on_device, finish_on_device)
         for _ in range(repeats):
             raw = record("raw outputs (backbone, fusion, detectors), grid order, on the host", "both", strategy.raw_outputs, image)
             device_raw = record("raw outputs left on the device, grouped by detector", "device", strategy._device_outputs, image)
@@ -128,23 +148,25 @@ def main() -> None:
             # whole predicts, alternating
             results = {path: record("Strategy.predict, whole", path, predict, flag) for path, flag in (("host", False), ("device", True))}
             host = results["host"]
-            record(
-                "model post-processing after predict (border calibration, blur sigma 4, score; host)",
-                "both",
-                smooth_and_score,
-                host.anomaly_map.copy(),
-                host.score,
-                model.config.postprocess,
-                model.border_ratios,
-                model.roi,
-                strategy.map_score,
-            )
+            finish = f"model post-processing after predict (border calibration, blur sigma {postprocess.sigma:g}, {postprocess.image_score} score)"
+            settings = (postprocess, model.border_ratios, model.roi, strategy.map_score)
+            record(finish, "host", smooth_and_score, host.anomaly_map.copy(), host.score, *settings)
+            # the same map as a tensor (this script runs on the CPU: the device is the host; not written)
+            tensor_map, tensor_score = torch.from_numpy(host.anomaly_map.copy()), torch.tensor(host.score)
+            record(finish + ", one copy back", "device", device_maps.smooth_and_score, tensor_map, tensor_score, *settings)
+            predictions = {
+                path: record("AnomalyModel.predict, whole", path, model_predict, *flags) for path, flags in model_paths.items()
+            }
     difference = float(np.abs(results["host"].anomaly_map - results["device"].anomaly_map).max())
     score_difference = abs(results["host"].score - results["device"].score)
     whole = {path: statistics.median(samples[("Strategy.predict, whole", path)]) for path in ("host", "device")}
+    model_whole = {path: statistics.median(samples[("AnomalyModel.predict, whole", path)]) for path in model_paths}
+    reference = predictions["host maps, host post-processing"]
+    model_difference = max(float(np.abs(p.anomaly_map - reference.anomaly_map).max()) for p in predictions.values())
+    model_score_difference = max(abs(p.score - reference.score) for p in predictions.values())
     rows = []
     for (step, path), times in samples.items():
-        reference = whole.get(path, whole["host"])
+        reference = model_whole[path] if path in model_whole else whole.get(path, whole["host"])
         rows.append(
             {
                 "step": step,
@@ -164,7 +186,10 @@ def main() -> None:
         f"of its path. Whole-predict ratio host / device {whole['host'] / whole['device']:.2f} on this CPU; the two "
         f"paths' maps differ by at most {difference:.1e}, their scores by {score_difference:.1e}. On a GPU every device "
         "step runs there and the host waits once, for the finished map; on the CPU both run on the host, so this table "
-        "says what the host path costs a GPU machine's host per image, and what the device path costs where it runs."
+        "says what the host path costs a GPU machine's host per image, and what the device path costs where it runs. "
+        "AnomalyModel.predict rows: the whole model predict (share_of_predict against its own path's), medians "
+        + ", ".join(f"{path} {ms:.0f} ms" for path, ms in model_whole.items())
+        + f"; their maps differ by at most {model_difference:.1e}, their scores by {model_score_difference:.1e}."
     )
     write_results(args.out, rows, notes, columns=COLUMNS)
 
