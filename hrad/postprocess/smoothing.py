@@ -174,7 +174,9 @@ def smooth_and_score(
     (``map_score``: HiAD's pooled maximum) is scored again on the calibrated map instead: scaling
     by the peak's ratio is right only when the pooled maximum lies where the map's peak does; a
     good image whose peak sat on the border frame kept its frame's score (``benchmarks/hiad_image_score.py``).
-    ``config.border_calibration`` off: no calibration.
+    ``config.border_calibration`` off: no calibration. A map the strategy left on its device
+    (HiAD on a GPU) is finished there by the torch twin,
+    :func:`hrad.postprocess.device_maps.smooth_and_score` (same rules, one copy back).
     """
     pool: int | None = None  # the score's pooling, taken on the smoothed map (the score's own blur)
     if border_ratios and config.border_calibration:
