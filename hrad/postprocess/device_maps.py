@@ -164,8 +164,14 @@ def smooth_and_score(
     elif rule == "top-fraction":
         count = top_count(smoothed.numel() if region is None else region[1], config.top_fraction)
         score = torch.topk(smoothed.reshape(-1), count, sorted=False).values.mean()
-    packed = torch.cat([smoothed.reshape(-1), score.reshape(1)]).cpu().numpy()  # the one wait
-    return packed[:-1].reshape(smoothed.shape), float(packed[-1])
+    return to_host(smoothed, score)
 
 
-__all__ = ["border_factors", "gaussian_blur", "pooled_max", "smooth_and_score"]
+def to_host(anomaly_map: Tensor, score: Tensor) -> tuple[np.ndarray, float]:
+    """A device map (float32 numpy) and its 0-d score (a float) in ONE copy, the score appended
+    to the map's values: the host waits once, where ``.cpu()`` of each would wait twice."""
+    packed = torch.cat([anomaly_map.float().reshape(-1), score.to(anomaly_map.device, torch.float32).reshape(1)]).cpu().numpy()
+    return packed[:-1].reshape(anomaly_map.shape), float(packed[-1])
+
+
+__all__ = ["border_factors", "gaussian_blur", "pooled_max", "smooth_and_score", "to_host"]

@@ -23,6 +23,7 @@ from hrad.data.images import pixels_to_unit
 from hrad.detectors.base import DetectorConfig, detector_class
 from hrad.errors import ConfigError
 from hrad.features.base import FeatureExtractor
+from hrad.postprocess.device_maps import to_host
 from hrad.postprocess.smoothing import MapScore
 from hrad.progress import ProgressCallback, no_progress
 from hrad.registry import Registry
@@ -62,9 +63,9 @@ class DeviceResult:
 
     def to_host(self) -> AnomalyResult:
         """The same result on the host, as :meth:`Strategy.predict` returns it (tensors in
-        ``extras`` copied as numpy arrays)."""
+        ``extras`` copied as numpy arrays); map and score in one copy."""
         extras = {key: value.cpu().numpy() if isinstance(value, Tensor) else value for key, value in self.extras.items()}
-        return AnomalyResult(self.anomaly_map.cpu().numpy(), float(self.score), extras)
+        return AnomalyResult(*to_host(self.anomaly_map, self.score), extras)
 
 
 class StateReader(Protocol):
