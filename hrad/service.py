@@ -57,6 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.formparsers import parse_options_header
 
 from hrad.data.images import (
     IMAGE_EXTENSIONS,
@@ -436,14 +437,18 @@ BODY_TAIL_BYTES = 4096
 
 def _unterminated_form(request: Request) -> str | None:
     """The closing delimiter a multipart body lacks (``--BOUNDARY--``), or None: a body cut short
-    parses as a form without the field, and 'this form has no such field' misled its client."""
+    parses as a form without the field, and 'this form has no such field' misled its client.
+
+    The form parser does not say so itself: python-multipart's ``finalize`` does not check that
+    the closing delimiter came (a TODO there, 0.0.34), and Starlette's parser neither raises nor
+    keeps its state. So the body's last bytes are searched for it, with the boundary as
+    Starlette's parser reads it from the header."""
     tail = request.scope.get(BODY_TAIL)
-    options = request.headers.get("content-type", "").split(";")[1:]
-    boundaries = [value.strip().strip('"') for key, _, value in (option.partition("=") for option in options) if key.strip().lower() == "boundary"]
-    if tail is None or not boundaries:
+    boundary = parse_options_header(request.headers.get("content-type"))[1].get(b"boundary")
+    if tail is None or boundary is None:
         return None
-    closing = f"--{boundaries[0]}--"
-    return None if closing.encode("latin-1", "replace") in tail else closing
+    closing = b"--" + boundary + b"--"
+    return None if closing in tail else closing.decode("latin-1")
 
 
 def _how_to_upload(request: Request, field: str, missing: bool) -> str:
