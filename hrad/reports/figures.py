@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hrad.data.images import text_bytes  # noqa: E402
+
 
 @dataclass
 class Case:
@@ -55,7 +57,7 @@ def case_caption(case: Case, threshold: float | None) -> str:
 def shown(name: str) -> str:
     """A file name as a picture can draw it: the bytes of a name that is not UTF-8 (held by Python
     as lone surrogates, which matplotlib refuses with a TypeError) as U+FFFD, as a terminal shows them."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text_bytes(name).decode("utf-8", "replace")
 
 
 #: image width / height above which a case's panels are stacked (a row of three would be slivers)
