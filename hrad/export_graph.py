@@ -18,11 +18,11 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from hrad.data.images import atomic_write
 from hrad.detectors.base import Detector
 from hrad.export_runtime import (
     SIDECAR_FORMAT,
     SIDECAR_VERSION,
-    atomic_write,
     max_difference,
     onnxruntime_module,
 )

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from PIL import Image
 
 from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
-from hrad.data.images import as_image, default_file_mode, model_input
+from hrad.data.images import as_image, atomic_write, model_input
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
@@ -69,21 +67,6 @@ SIDECAR_FORMAT = "hrad-onnx"
 SIDECAR_VERSION = 2
 INPUT_NAME = "tiles"
 RUNTIMES = ("onnxruntime", "openvino")
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(temporary path)`` beside ``path``, then moved over it (nothing half-written is left),
-    with the umask's mode as ``open()`` gives (mkstemp's 0600 left an export unreadable to the
-    service account or container user that serves it)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(handle, default_file_mode())
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_sidecar(path: Path, content: dict[str, Any]) -> Path:

@@ -255,6 +255,22 @@ def test_write_map_png16_and_tiff_round_trip(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "m.tiff", "m32.tif"]  # no temp files left
 
 
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    """Every atomic file write of hrad (maps, CSVs, pages, exports) is :func:`atomic_write`: a
+    writer that fails midway leaves what was there, and nothing beside it."""
+    from hrad.data.images import atomic_write, atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "sub" / "a.bin", b"old")  # the folder is made
+
+    def half(temporary: str) -> None:
+        Path(temporary).write_bytes(b"ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "sub" / "a.bin", half)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.bin"] and (tmp_path / "sub" / "a.bin").read_bytes() == b"old"
+
+
 def test_write_overlay_draws_contours_of_the_threshold(tmp_path: Path) -> None:
     image = np.full((60, 80, 3), 0.5, np.float32)
     anomaly_map = np.zeros((60, 80), np.float32)

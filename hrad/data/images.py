@@ -48,7 +48,7 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
 
@@ -677,20 +677,27 @@ def text_bytes(text: str) -> bytes:
     return text.encode("utf-8", TEXT_ERRORS)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its folder and a rename, so a
-    reader or an interrupted run never sees half a file; the file gets the umask's mode, as
-    ``open()`` would give it (mkstemp alone gives 0600)."""
+def atomic_write(path: Path, write: Callable[[str], object], suffix: str = ".tmp") -> None:
+    """``write(temporary path)`` in ``path``'s folder (made if missing), then the file renamed over
+    ``path``, so a reader or an interrupted run never sees half a file; the file gets the umask's
+    mode, as ``open()`` would give it (mkstemp alone gives 0600: an export unreadable to the
+    service account that serves it). ``suffix``: the temporary's, for a writer that picks its
+    format by it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         os.fchmod(handle, default_file_mode())
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        os.close(handle)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def _encode(path: Path, array: np.ndarray) -> bytes:
@@ -743,17 +750,8 @@ def write_map_tiff(
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"a TIFF map is float32 or float16, not {dtype}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tiff", dir=path.parent)
-    os.fchmod(handle, default_file_mode())
-    os.close(handle)
-    try:
-        tifffile.imwrite(temporary, _as_map(anomaly_map).astype(dtype), photometric="minisblack")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    pixels = _as_map(anomaly_map).astype(dtype)
+    atomic_write(Path(path), lambda temporary: tifffile.imwrite(temporary, pixels, photometric="minisblack"), suffix=".tiff")
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
