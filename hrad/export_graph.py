@@ -400,6 +400,24 @@ def write_verified_onnx(
     atomic_write(path, write)
 
 
+def graph_matches(path: Path, module: nn.Module, inputs: dict[str, Tensor]) -> bool:
+    """Whether the written graph at ``path`` equals ``module`` on ``inputs`` (by name) to
+    :data:`TOLERANCE`: an export's check at sizes other than the traced one (a graph traced with
+    fixed sizes fails to run there, or differs)."""
+    with torch.no_grad():
+        expected = module(*inputs.values())
+    references = expected if isinstance(expected, tuple) else (expected,)
+    session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        outputs = session.run(None, {name: value.cpu().numpy() for name, value in inputs.items()})
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own error types for shape mismatches
+        return False
+    return all(
+        ours.shape == tuple(reference.shape) and max_difference(ours, reference.cpu().numpy()) <= TOLERANCE
+        for ours, reference in zip(outputs, references, strict=True)
+    )
+
+
 def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
     """What every export's sidecar starts with: format, versions, the graph's file name,
     postprocess, the 16-bit images' significant bits, the region of interest and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a

@@ -35,14 +35,14 @@ from torch import Tensor, nn
 
 from hrad.errors import ConfigError
 from hrad.export_graph import (
-    TOLERANCE,
+    graph_matches,
     random_tiles,
     scoring_module,
     sidecar_header,
     sidecar_model,
     write_verified_onnx,
 )
-from hrad.export_runtime import max_difference, onnxruntime_module, write_sidecar
+from hrad.export_runtime import write_sidecar
 from hrad.hiad_math import low_branch_size
 from hrad.strategies.hiad import HiAD
 
@@ -67,22 +67,6 @@ class EmbedderGraph(nn.Module):
 
 def _graph_name(out_path: Path, role: str) -> Path:
     return out_path.with_name(f"{out_path.stem}.{role}.onnx")
-
-
-def _check_at(path: Path, module: nn.Module, inputs: dict[str, Tensor]) -> bool:
-    """Whether the written graph equals ``module`` on ``inputs`` (a graph traced with fixed sizes fails)."""
-    with torch.no_grad():
-        expected = module(*inputs.values())
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    try:
-        outputs = session.run(None, {name: value.numpy() for name, value in inputs.items()})
-    except Exception:  # noqa: BLE001 - onnxruntime raises its own error types for shape mismatches
-        return False
-    return all(
-        ours.shape == tuple(reference.shape) and max_difference(ours, reference.numpy()) <= TOLERANCE
-        for ours, reference in zip(outputs, expected, strict=True)
-    )
 
 
 def _scoring(detector: Any, name: str) -> nn.Module:
@@ -162,14 +146,14 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
     # SAME padding no longer does: it becomes auto_pad=SAME_UPPER, right at every size)
     low_embedder_path = out_path
     low_embedder_graph = None
-    if config.low_branch and verify and not _check_at(out_path, embedder, {"images": low_image}):
+    if config.low_branch and verify and not graph_matches(out_path, embedder, {"images": low_image}):
         low_embedder_path = _graph_name(out_path, "low_embedder")
         with torch.no_grad():
             expected_low = embedder(low_image)
         write_verified_onnx(embedder, {"images": low_image}, (expected_low,), low_embedder_path, verify, output_names=(EMBEDDINGS,), dynamic_axes=axes)
         low_embedder_graph = {"onnx": low_embedder_path.name, "inputs": {"images": list(low_image.shape)}}
     # another image size's low branch, on the graph that embeds it
-    other_sizes = check_other and (not verify or _check_at(low_embedder_path, embedder, {"images": other_image}))
+    other_sizes = check_other and (not verify or graph_matches(low_embedder_path, embedder, {"images": other_image}))
 
     # the pool: one scoring graph per detector, on the patches' (fused) embeddings
     c = tiles.crop_cells
@@ -193,7 +177,7 @@ def export_hiad_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = T
         if check_other and other_sizes and verify:
             with torch.no_grad():
                 other_embeddings = embedder(other_image)
-            other_sizes = _check_at(path, low_scorer, {EMBEDDINGS: other_embeddings})
+            other_sizes = graph_matches(path, low_scorer, {EMBEDDINGS: other_embeddings})
     other_sizes_reason = _other_sizes_reason(strategy, other_sizes, verify, other_low)
 
     ranges = {name: list(calibration.range(name)) for name in calibration.names()}

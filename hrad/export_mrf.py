@@ -31,13 +31,13 @@ from torch import Tensor, nn
 
 from hrad.errors import ConfigError
 from hrad.export_graph import (
-    TOLERANCE,
     NearestNeighbourScoring,
+    graph_matches,
     sidecar_header,
     sidecar_model,
     write_verified_onnx,
 )
-from hrad.export_runtime import max_difference, onnxruntime_module, write_sidecar
+from hrad.export_runtime import write_sidecar
 from hrad.strategies.mrf import MRFStrategy
 
 if TYPE_CHECKING:
@@ -80,22 +80,6 @@ def _inputs(strategy: MRFStrategy, height: int, width: int) -> dict[str, Tensor]
     }
 
 
-def _check_other_size(path: Path, scorer: MultiScaleScorer, strategy: MRFStrategy, height: int, width: int) -> bool:
-    """Whether the written graph also equals the torch module at another image size."""
-    inputs = _inputs(strategy, max(1, round(height * OTHER_SIZE)), max(1, round(width * OTHER_SIZE)))
-    with torch.no_grad():
-        expected = [value.numpy() for value in scorer(*inputs.values())]
-    session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    try:
-        outputs = session.run(None, {name: value.numpy() for name, value in inputs.items()})
-    except Exception:  # noqa: BLE001 - a graph traced with fixed sizes fails at others: not verified
-        return False
-    return all(
-        ours.shape == reference.shape and max_difference(ours, reference) <= TOLERANCE
-        for ours, reference in zip(outputs, expected, strict=True)
-    )
-
-
 def export_mrf_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = True) -> Path:
     """Write the MRF graph to ``out_path`` and its sidecar next to it; returns the sidecar.
 
@@ -121,7 +105,9 @@ def export_mrf_onnx(model: AnomalyModel, out_path: str | Path, verify: bool = Tr
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_verified_onnx(scorer, inputs, expected, out_path, verify, output_names=names, dynamic_axes=axes)
-    other_sizes = _check_other_size(out_path, scorer, strategy, height, width) if verify else False
+    # the spatial axes are dynamic: the graph must also equal the module at another image size
+    other = _inputs(strategy, max(1, round(height * OTHER_SIZE)), max(1, round(width * OTHER_SIZE)))
+    other_sizes = verify and graph_matches(out_path, scorer, other)
     sizes = strategy.scale_sizes(height, width)
     sidecar = {
         **sidecar_header(model, out_path.name),
