@@ -170,3 +170,35 @@ def test_hd_builder_errors(tmp_path: Path) -> None:
     shutil.rmtree(normal_only / "test/hole")
     with pytest.raises(InputError, match="normal_only: no anomalous test images"):
         build_hd_dataset(normal_only, tmp_path / "y", target_size=128)
+
+
+def test_hd_builder_replaces_its_own_dataset_whole_and_leaves_nothing_half_built(tmp_path: Path) -> None:
+    """A second build into one folder mixed the two: seed 1's host images in test/good beside seed
+    0's in test/tiny (one image, two labels); a build that failed midway (here: no defect can be
+    shrunk, found after the good images were written) left a dataset that loads; an unwritable or
+    foreign --out was a traceback or files written among the user's."""
+    source = _small_mvtec(tmp_path / "src")
+    out = tmp_path / "hd"
+    build_hd_dataset(source, out, target_size=192, seed=0)
+    build_hd_dataset(source, out, target_size=192, seed=1)
+    fresh = build_hd_dataset(source, tmp_path / "fresh", target_size=192, seed=1)
+    assert _digest(out) == _digest(fresh)
+    stems = {label: {path.stem for path in (out / "test" / label).glob("*.png")} for label in ("good", "tiny")}
+    assert stems["tiny"] and stems["good"].isdisjoint(stems["tiny"])
+    for mask_path in (source / "ground_truth/hole").iterdir():  # only 1 px thin scratches left
+        mask = np.zeros((48, 64), np.uint8)
+        cv2.line(mask, (2, 45), (40, 45), 255, 1)
+        cv2.imwrite(str(mask_path), mask)
+    with pytest.raises(InputError, match="no defect region can be shrunk"):
+        build_hd_dataset(source, tmp_path / "failed", target_size=192)
+    with pytest.raises(InputError, match="no defect region can be shrunk"):
+        build_hd_dataset(source, out, target_size=192)
+    assert _digest(out) == _digest(fresh)  # the earlier dataset stays
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fresh", "hd", "src"]  # no staging folder left
+    with pytest.raises(InputError, match=r"src: not empty and not a dataset of hrad make-hd \(it has no hd_manifest.json\)"):
+        build_hd_dataset(tmp_path / "fresh", source, target_size=192)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="file: exists and is a file"):
+        build_hd_dataset(tmp_path / "fresh", tmp_path / "file", target_size=192)
+    with pytest.raises(InputError, match=r"file/hd: cannot write the dataset there \(\S+/file is a file\)"):
+        build_hd_dataset(tmp_path / "fresh", tmp_path / "file" / "hd", target_size=192)

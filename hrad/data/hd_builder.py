@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import numpy as np
 from hrad.data.datasets import ANOMALOUS, GOOD, load_dataset
 from hrad.data.images import read_image, read_mask, write_image, write_mask
 from hrad.errors import ConfigError, InputError
+from hrad.staging import left_by_dead_process, staging_name
 
 _BLEND_MARGIN = 3  # pixels of Poisson region around a defect, and free border around the crop
 
@@ -176,6 +178,51 @@ def _default_tiny_hosts(n_good: int) -> int:
     return n_good // 2 if n_good >= 2 else 0
 
 
+#: the file that marks a folder as a dataset of :func:`build_hd_dataset` (which a new one replaces whole)
+HD_MANIFEST = "hd_manifest.json"
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` to build the dataset in (:func:`_move_into_place` puts
+    it at ``out`` once complete), after refusing an ``out`` that is a file, or a folder holding
+    anything but an earlier dataset of this builder: a second build into one folder mixed the two
+    (a seed's host image in ``test/good`` and another's in ``test/tiny``: one image, two labels), and
+    a build stopped midway left a dataset that loads, with some images missing. Staging folders of
+    killed builds beside ``out`` are removed; one that cannot be made is a one-line InputError."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file; give a new or empty folder for the dataset")
+    if out.is_dir() and any(out.iterdir()) and not (out / HD_MANIFEST).is_file():
+        raise InputError(
+            f"{out}: not empty and not a dataset of hrad make-hd (it has no {HD_MANIFEST}); give a new or empty "
+            "folder (a make-hd dataset there is replaced whole)"
+        )
+    above = next((folder for folder in out.parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise InputError(f"{out}: cannot write the dataset there ({above} is a file)")
+    prefix = f".{out.name}.hrad-building-"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f"{prefix}*"):
+            if stale.is_dir() and left_by_dead_process(stale.name, prefix):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / staging_name(prefix)
+        staging.mkdir()
+    except OSError as error:
+        raise InputError(f"{out}: cannot write the dataset there ({error.strerror or error})") from None
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """The complete dataset ``staging`` becomes ``out``, replacing an earlier one (or an empty folder)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    replaced = out.parent / staging_name(f".{out.name}.hrad-replaced-")
+    out.rename(replaced)
+    staging.rename(out)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
 def build_hd_dataset(
     source_root: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -216,89 +263,95 @@ def build_hd_dataset(
         raise ConfigError(f"n_tiny={n_tiny} but {dataset.root} has {len(goods)} good test images")
 
     rng = np.random.default_rng(seed)
-    out = Path(out_dir)
-    for path in dataset.train:
-        write_image(
-            out / "train" / "good" / f"{path.stem}.png", _upscale_image(read_image(path), target_size)
-        )
-
-    host_indices = set(rng.permutation(len(goods))[:n_tiny].tolist())
-    for index, path in enumerate(goods):
-        if index not in host_indices:
+    final = Path(out_dir)
+    out = _staging_folder(final)  # a bad --out now, before the images are read
+    try:
+        for path in dataset.train:
             write_image(
-                out / "test" / "good" / f"{path.stem}.png", _upscale_image(read_image(path), target_size)
+                out / "train" / "good" / f"{path.stem}.png", _upscale_image(read_image(path), target_size)
             )
 
-    for path, mask_path in anomalous:
-        image = read_image(path)
-        mask = read_mask(mask_path, image.shape[:2], image_path=path)
-        stem = f"{path.parent.name}_{path.stem}"
-        write_image(out / "test" / "large" / f"{stem}.png", _upscale_image(image, target_size))
-        write_mask(out / "ground_truth" / "large" / f"{stem}_mask.png", _upscale_mask(mask, target_size))
-
-    sources = [
-        (source, size_range)
-        for source in _defect_sources(anomalous)
-        if (size_range := _size_range(source, min_side, tiny_max_side)) is not None
-    ]
-    if n_tiny and not sources:
-        raise InputError(
-            f"{dataset.root}: no defect region can be shrunk to a box with sides >= {min_side} px"
-        )
-    placements: list[TinyPlacement] = []
-    cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
-    for index in sorted(host_indices):
-        host_path = goods[index]
-        host = _upscale_image(read_image(host_path), target_size)
-        wanted = low if rng.random() < 0.6 else int(rng.integers(low, high + 1))
-        mask = np.zeros(host.shape[:2], dtype=bool)
-        occupied = np.zeros(host.shape[:2], dtype=bool)
-        output = f"{host_path.stem}.png"
-        placed_here = 0
-        for _ in range(wanted * 5):
-            if placed_here >= wanted:
-                break
-            source, (lowest, highest) = sources[int(rng.integers(len(sources)))]
-            crop, defect = _cut_defect(source, float(rng.uniform(lowest, highest)), cache)
-            defect = keep_components_at_least(defect, min_side)
-            if not defect.any():
-                continue
-            pasted = _paste(host, occupied, crop, defect, rng)
-            if pasted is None:
-                continue
-            host, placed, (x, y) = pasted
-            placed_here += 1
-            mask |= placed
-            pad = 2 * _BLEND_MARGIN
-            occupied[
-                max(0, y - pad) : y + defect.shape[0] + pad, max(0, x - pad) : x + defect.shape[1] + pad
-            ] = True
-            placements.append(
-                TinyPlacement(
-                    host=str(host_path),
-                    output=f"test/tiny/{output}",
-                    source_image=str(source.image),
-                    source_box_xywh=[source.x, source.y, source.width, source.height],
-                    placed_box_xywh=[x, y, defect.shape[1], defect.shape[0]],
+        host_indices = set(rng.permutation(len(goods))[:n_tiny].tolist())
+        for index, path in enumerate(goods):
+            if index not in host_indices:
+                write_image(
+                    out / "test" / "good" / f"{path.stem}.png", _upscale_image(read_image(path), target_size)
                 )
-            )
-        if not mask.any():
-            # the host stays normal rather than being dropped: keep the test set complete
-            write_image(out / "test" / "good" / output, host)
-            continue
-        write_image(out / "test" / "tiny" / output, host)
-        write_mask(out / "ground_truth" / "tiny" / f"{host_path.stem}_mask.png", mask)
 
-    manifest = {
-        "source_root": str(dataset.root),
-        "category": dataset.category,
-        "target_size": target_size,
-        "seed": seed,
-        "tiny_per_image": [low, high],
-        "min_side": min_side,
-        "tiny_max_side": tiny_max_side,
-        "upscaling": "bicubic (StableSR unavailable)",
-        "tiny": [asdict(placement) for placement in placements],
-    }
-    (out / "hd_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+        for path, mask_path in anomalous:
+            image = read_image(path)
+            mask = read_mask(mask_path, image.shape[:2], image_path=path)
+            stem = f"{path.parent.name}_{path.stem}"
+            write_image(out / "test" / "large" / f"{stem}.png", _upscale_image(image, target_size))
+            write_mask(out / "ground_truth" / "large" / f"{stem}_mask.png", _upscale_mask(mask, target_size))
+
+        sources = [
+            (source, size_range)
+            for source in _defect_sources(anomalous)
+            if (size_range := _size_range(source, min_side, tiny_max_side)) is not None
+        ]
+        if n_tiny and not sources:
+            raise InputError(
+                f"{dataset.root}: no defect region can be shrunk to a box with sides >= {min_side} px"
+            )
+        placements: list[TinyPlacement] = []
+        cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+        for index in sorted(host_indices):
+            host_path = goods[index]
+            host = _upscale_image(read_image(host_path), target_size)
+            wanted = low if rng.random() < 0.6 else int(rng.integers(low, high + 1))
+            mask = np.zeros(host.shape[:2], dtype=bool)
+            occupied = np.zeros(host.shape[:2], dtype=bool)
+            output = f"{host_path.stem}.png"
+            placed_here = 0
+            for _ in range(wanted * 5):
+                if placed_here >= wanted:
+                    break
+                source, (lowest, highest) = sources[int(rng.integers(len(sources)))]
+                crop, defect = _cut_defect(source, float(rng.uniform(lowest, highest)), cache)
+                defect = keep_components_at_least(defect, min_side)
+                if not defect.any():
+                    continue
+                pasted = _paste(host, occupied, crop, defect, rng)
+                if pasted is None:
+                    continue
+                host, placed, (x, y) = pasted
+                placed_here += 1
+                mask |= placed
+                pad = 2 * _BLEND_MARGIN
+                occupied[
+                    max(0, y - pad) : y + defect.shape[0] + pad, max(0, x - pad) : x + defect.shape[1] + pad
+                ] = True
+                placements.append(
+                    TinyPlacement(
+                        host=str(host_path),
+                        output=f"test/tiny/{output}",
+                        source_image=str(source.image),
+                        source_box_xywh=[source.x, source.y, source.width, source.height],
+                        placed_box_xywh=[x, y, defect.shape[1], defect.shape[0]],
+                    )
+                )
+            if not mask.any():
+                # the host stays normal rather than being dropped: keep the test set complete
+                write_image(out / "test" / "good" / output, host)
+                continue
+            write_image(out / "test" / "tiny" / output, host)
+            write_mask(out / "ground_truth" / "tiny" / f"{host_path.stem}_mask.png", mask)
+
+        manifest = {
+            "source_root": str(dataset.root),
+            "category": dataset.category,
+            "target_size": target_size,
+            "seed": seed,
+            "tiny_per_image": [low, high],
+            "min_side": min_side,
+            "tiny_max_side": tiny_max_side,
+            "upscaling": "bicubic (StableSR unavailable)",
+            "tiny": [asdict(placement) for placement in placements],
+        }
+        (out / HD_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(out, final)
+    except BaseException:  # an error, Ctrl-C, SIGTERM: nothing half-built is left for a fit to take for a dataset
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final
