@@ -79,10 +79,22 @@ def _section(value: Any, name: str) -> Any:
     raise ValueError(f"expected a mapping such as {{name: ...}}, got {type(value).__name__} {value!r}")
 
 
+def yaml_problem(error: yaml.YAMLError, where: bool = True) -> str:
+    """PyYAML's error in one line, as ``at line L, column C (problem)`` (without ``where``:
+    ``(problem)``). Its message's first line was often only the context ("while parsing a flow
+    node"), naming neither the problem nor where it is."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if not problem:
+        return f"({' '.join(str(error).split())})"
+    return f"at line {mark.line + 1}, column {mark.column + 1} ({problem})" if where and mark is not None else f"({problem})"
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """Read a YAML/JSON config file (optional) and apply nested ``overrides`` on top."""
     data: dict[str, Any] = {}
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file (give the YAML or JSON file)")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
@@ -92,7 +104,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         except UnicodeDecodeError as error:  # a binary file or another encoding: it was a traceback
             raise ConfigError(f"{path}: not a YAML or JSON text file (byte {error.start} is not UTF-8)") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML {yaml_problem(error)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping with backbone/detector/strategy sections")
         data = loaded

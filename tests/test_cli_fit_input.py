@@ -191,17 +191,27 @@ def test_an_unknown_option_says_which_section_it_is_not_in_and_the_likely_one(
     [
         (b"\xff\xfestrategy: tiled\n", "not a YAML or JSON text file (byte 0 is not UTF-8)"),  # UTF-16, a binary file
         (b"strategy:\n  name: tiled\n  tile: 64\n# caf\xe9\n", "not a YAML or JSON text file (byte 40 is not UTF-8)"),  # Latin-1
+        # PyYAML's first line only, its context: "not valid YAML (while parsing a block mapping)", no problem, no line
+        (b"strategy:\n  name: tiled\n tile: 64\n", "not valid YAML at line 3, column 2 (expected <block end>, but found '<block mapping start>')"),
+        (b"backbone: [\n", "not valid YAML at line 2, column 1 (expected the node content, but found '<stream end>')"),
     ],
 )
-def test_a_config_file_that_is_not_utf8_text_is_one_line(
+def test_a_config_file_that_is_not_utf8_text_or_not_yaml_is_one_line(
     content: bytes, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A config saved as UTF-16 (Windows Notepad) or Latin-1 was a UnicodeDecodeError traceback."""
+    """A config saved as UTF-16 (Windows Notepad) or Latin-1 was a UnicodeDecodeError traceback; bad YAML says what and where."""
     config = tmp_path / "config.yaml"
     config.write_bytes(content)
     model = tmp_path / "m"
     assert run(["fit", "--data", str(good_folder(tmp_path / "good")), "--out", str(model), "--config", str(config), *TINY], monkeypatch) == 2
     assert errors(capsys.readouterr().err) == [f"hrad: error: {config}: {message}"] and not model.exists()
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--config good/ said 'config file not found' of a folder that is there."""
+    folder = good_folder(tmp_path / "good")
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), "--config", str(folder), *TINY], monkeypatch) == 2
+    assert errors(capsys.readouterr().err) == [f"hrad: error: {folder}: a folder, not a config file (give the YAML or JSON file)"]
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,7 @@ def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
     """Apply ``section.field=value`` strings (values parsed as YAML) onto nested overrides."""
     import yaml
 
+    from hrad.config import yaml_problem
     from hrad.errors import ConfigError
 
     for assignment in assignments:
@@ -128,8 +129,7 @@ def merge_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
         try:
             target[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as error:
-            reason = " ".join(str(error).split())
-            raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({reason})") from None
+            raise ConfigError(f"--set {assignment!r}: value is not valid YAML {yaml_problem(error, where=False)}") from None
     return overrides
 
 
