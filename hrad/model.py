@@ -149,6 +149,12 @@ class TrainingImages:
         if self.fitted is not None:
             height, width, first = self.fitted
             check_image_size(image, (height, width), self.name(index), set_by=self.name(first))
+            if min(height, width) < MIN_SIDE_FRACTION * min(image.shape[:2]):  # the first is the thumbnail
+                raise InputError(
+                    f"{self.name(first)}: image is {width}x{height}, the first training image (it sets the size the model "
+                    f"is fitted on), its short side under 1/{round(1 / MIN_SIDE_FRACTION)} of {self.name(index)}'s "
+                    f"{image.shape[1]}x{image.shape[0]}; resize it to the others' scale or leave it out"
+                )
         return image
 
     def peek(self, index: int, sticky: bool = False) -> np.ndarray:

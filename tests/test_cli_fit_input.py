@@ -65,6 +65,23 @@ def test_a_training_image_far_smaller_than_the_others_is_refused_as_predict_refu
     assert "Traceback" not in err and not model.exists()
 
 
+def test_a_thumbnail_that_is_the_first_training_image_is_refused_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 1x1 image sorted first set the fitted size: every full image was larger, so none was
+    refused, and the model was fitted (and said fitted_size 1x1) without a word."""
+    folder = good_folder(tmp_path / "good")
+    write(folder / "0.png", np.zeros((1, 1, 3)))
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(folder), "--out", str(model), *TINY], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert errors(err) == [
+        f"hrad: error: {folder / '0.png'}: image is 1x1, the first training image (it sets the size the model is fitted on), "
+        f"its short side under 1/8 of {folder / '000.png'}'s 96x64; resize it to the others' scale or leave it out"
+    ]
+    assert "Traceback" not in err and not model.exists()
+
+
 def test_fit_ends_with_its_thresholds_how_many_images_set_them_and_what_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
