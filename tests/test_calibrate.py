@@ -87,6 +87,18 @@ def test_hrad_calibrate_writes_the_recalibrated_model_and_says_what_changed(
     assert "thresholds from 4 good images at 3 sigmas: image " in err and "from 2 held-out images)" in err
     assert "4 of the 4 good images scored above the old image threshold" in err
     assert f"model written to {calibrated}" in err
+    # one image: counted as one ('1 good images give ... of 1 scores' once)
+    one = tmp_path / "one"
+    write(one / "0.png", _drifted(rng, 1)[0])
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "c1"), str(one)], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "hrad: warning: 1 good image gives rough thresholds (a mean and std of 1 score); give 10 or more" in err
+    assert "thresholds from 1 good image at 3 sigmas" in err and "of the 1 good image scored above" in err
+    # a broken file is found from the headers before the model loads, as fit finds it, not after the others were read
+    (one / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "c2"), str(one)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hrad: error: {one / '1.png'}: ") and "calibrating" not in err and len(err.splitlines()) == 1
     assert (model / MANIFEST).read_bytes() == before  # the original stays as it was
     reloaded = load(calibrated)
     assert reloaded.thresholds is not None and len(reloaded.thresholds.image_scores) == 4

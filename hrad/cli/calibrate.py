@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from hrad.cli.common import counted
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import ConfigError
 from hrad.loading import EXPORTED_SUFFIXES
@@ -36,7 +37,7 @@ def calibrate(
     depth and region of interest stay. For exports: calibrate the model, export it again.
     """
     from hrad.artifact import artifact_target
-    from hrad.data.images import ImageList, expand_image_paths
+    from hrad.data.images import ImageList, check_pixel_budget, expand_image_paths
     from hrad.model import load
 
     if model.suffix in EXPORTED_SUFFIXES:
@@ -46,11 +47,15 @@ def calibrate(
         )
     check_finite("sigmas", sigmas, minimum=0)  # before the model loads (minutes for a large one)
     with artifact_target(out):  # refused before any work, like fit; a failed run leaves no folders it made
-        images = ImageList(expand_image_paths(paths))
+        files = expand_image_paths(paths)
+        for path in files:  # headers only, as fit's: a bad file now, not after the model loaded and the others were read
+            check_pixel_budget(path)
+        images = ImageList(files)
         fitted = load(model, device=device)
-        console.print(f"calibrating {model} on {len(images)} good images")
+        good = counted(len(images), "good image")
+        console.print(f"calibrating {model} on {good}")
         if len(images) < FEW_IMAGES:
-            print_warning(f"{len(images)} good images give rough thresholds (a mean and std of {len(images)} scores); give {FEW_IMAGES} or more")
+            print_warning(f"{good} give{'s' if len(images) == 1 else ''} rough thresholds (a mean and std of {counted(len(images), 'score')}); give {FEW_IMAGES} or more")
         with progress_bars() as progress:
             previous = fitted.calibrate(images, progress, sigmas=sigmas)
         thresholds = fitted.thresholds
@@ -62,11 +67,11 @@ def calibrate(
             else " (the model had none)"
         )
         console.print(
-            f"thresholds from {len(images)} good images at {thresholds.sigmas:g} sigmas: image {thresholds.image:.6g}, "
+            f"thresholds from {good} at {thresholds.sigmas:g} sigmas: image {thresholds.image:.6g}, "
             f"pixel {thresholds.pixel:.6g}{was}"
         )
         if previous is not None and not fitted.strategy.needs_calibration:  # else the maps' scale changed too
             above = sum(score > previous.image for score in thresholds.image_scores)
-            console.print(f"{above} of the {len(images)} good images scored above the old image threshold")
+            console.print(f"{above} of the {good} scored above the old image threshold")
         fitted.save(out)
     console.print(f"model written to {out}")

@@ -48,6 +48,11 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``: a count with its noun (``noun`` singular, plural by an s)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def print_error(message: str) -> None:
     """``hrad: error: ...`` on one line (whitespace in ``message`` folded)."""
     console.print(Text.assemble(("hrad: error:", "red"), f" {' '.join(message.split())}"), soft_wrap=True)

@@ -25,6 +25,7 @@ from hrad.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     Terminated,
+    counted,
     print_error,
     raise_terminated,
     tracking,
@@ -199,7 +200,7 @@ def fit(
         region = read_roi(roi) if roi is not None else None  # a bad mask now, not after the backbone loaded
         for path in [*train_paths, *validation_paths]:  # headers only, 4 ms an image: a bad file now, not after the others' embedding
             check_pixel_budget(path)
-        images = f"{len(train)} image{'' if len(train) == 1 else 's'}"  # a folder holding one image: '1 image', not '1 images'
+        images = counted(len(train), "image")  # a folder holding one image: '1 image', not '1 images'
         console.print(f"fitting {model_config.detector.name} / {model_config.strategy.name} on {images} of {data}")
         if (out / MANIFEST).is_file():  # said while there is time to stop: the old model stays until the new one is written
             console.print(f"{out} holds a model already: this fit replaces it when it ends")
