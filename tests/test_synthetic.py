@@ -110,6 +110,14 @@ def _small_mvtec(root: Path, n_good: int = 6) -> Path:
     return root
 
 
+def _only_thin_scratches(source: Path) -> None:
+    """Every defect mask of ``source`` becomes a 1 px scratch, which cannot reach 16 px sides."""
+    for mask_path in (source / "ground_truth/hole").iterdir():
+        mask = np.zeros((48, 64), np.uint8)
+        cv2.line(mask, (2, 45), (40, 45), 255, 1)
+        cv2.imwrite(str(mask_path), mask)
+
+
 def test_hd_builder_layout_sizes_masks_and_no_duplicates(tmp_path: Path) -> None:
     source = _small_mvtec(tmp_path / "src")
     out = build_hd_dataset(source, tmp_path / "hd", target_size=256, seed=1, tiny_per_image=(1, 3))
@@ -160,10 +168,7 @@ def test_hd_builder_errors(tmp_path: Path) -> None:
         build_hd_dataset(source, tmp_path / "x", target_size=128, n_tiny=5)
     with pytest.raises(ConfigError, match="tiny_per_image"):
         build_hd_dataset(source, tmp_path / "x", target_size=128, tiny_per_image=(3, 1))
-    for mask_path in (source / "ground_truth/hole").iterdir():  # only 1 px thin scratches left
-        mask = np.zeros((48, 64), np.uint8)
-        cv2.line(mask, (2, 45), (40, 45), 255, 1)
-        cv2.imwrite(str(mask_path), mask)
+    _only_thin_scratches(source)
     with pytest.raises(InputError, match="no defect region can be shrunk to a box with sides >= 16 px"):
         build_hd_dataset(source, tmp_path / "x", target_size=128)
     normal_only = _small_mvtec(tmp_path / "normal_only", n_good=2)
@@ -185,10 +190,7 @@ def test_hd_builder_replaces_its_own_dataset_whole_and_leaves_nothing_half_built
     assert _digest(out) == _digest(fresh)
     stems = {label: {path.stem for path in (out / "test" / label).glob("*.png")} for label in ("good", "tiny")}
     assert stems["tiny"] and stems["good"].isdisjoint(stems["tiny"])
-    for mask_path in (source / "ground_truth/hole").iterdir():  # only 1 px thin scratches left
-        mask = np.zeros((48, 64), np.uint8)
-        cv2.line(mask, (2, 45), (40, 45), 255, 1)
-        cv2.imwrite(str(mask_path), mask)
+    _only_thin_scratches(source)
     with pytest.raises(InputError, match="no defect region can be shrunk"):
         build_hd_dataset(source, tmp_path / "failed", target_size=192)
     with pytest.raises(InputError, match="no defect region can be shrunk"):
