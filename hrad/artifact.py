@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hrad import strict_json
-from hrad.data.images import default_file_mode
+from hrad.data.images import default_file_mode, missing_reason
 from hrad.errors import ArtifactError
 from hrad.staging import left_by_dead_process, remove_created, staging_name
 from hrad.version import ARTIFACT_FORMAT, __version__
@@ -265,8 +265,8 @@ def _losses_from_json(history: Any) -> Any:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of an artifact, checked for completeness, types and version compatibility."""
     path = locate_artifact(Path(path))
-    if not path.exists():
-        raise ArtifactError(f"{path}: model not found")
+    if not path.exists():  # a link that leads nowhere or to itself says so, as one to an image does
+        raise ArtifactError(missing_reason(path) if path.is_symlink() else f"{path}: model not found")
     manifest_path = path / MANIFEST
     if path.is_file():  # e.g. the manifest itself, or a weights file, given for the model
         raise ArtifactError(f"{path}: not an hrad model (a file; a model is the folder hrad fit writes, holding {MANIFEST})")

@@ -130,6 +130,21 @@ def test_a_model_fitted_on_8_bit_or_float_images_learned_no_bit_depth_and_says_s
     assert f"pixel_type: {kind}, as the images" in out
 
 
+def test_a_model_path_that_is_a_link_loop_or_a_dangling_link_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'model not found' of a link that is there, where an image's link says what is wrong with it."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "gone").symlink_to("nowhere")
+    status, out, err = info(tmp_path / "a", monkeypatch, capsys)
+    assert status == 2 and out == "" and err.strip() == f"hrad: error: {tmp_path / 'a'}: symbolic link loop (it points to b, which leads back to it)"
+    status, _, err = info(tmp_path / "gone", monkeypatch, capsys)
+    assert status == 2 and err.strip() == f"hrad: error: {tmp_path / 'gone'}: broken symbolic link (its target nowhere does not exist)"
+    with pytest.raises(ArtifactError, match="symbolic link loop"):
+        hrad.load(tmp_path / "a")
+
+
 def test_the_manifest_given_for_the_model_is_named_as_a_file(
     saved: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
