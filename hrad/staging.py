@@ -9,6 +9,7 @@ Imports nothing of hrad, so every layer may use it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Sequence
@@ -57,4 +58,30 @@ def remove_created(created: Sequence[Path]) -> None:
             return
 
 
-__all__ = ["left_by_dead_process", "missing_folders", "remove_created", "staging_name"]
+def staging_beside(path: Path) -> Path:
+    """A new hidden folder beside ``path`` to build its content in (:func:`move_into_place` puts
+    it at ``path`` once complete, so a build that fails or is stopped leaves no half-built folder
+    that reads as a whole one); the folders of killed builds of ``path`` are removed first.
+    OSError when it cannot be made."""
+    prefix = f".{path.name}.hrad-building-"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{prefix}*"):
+        if stale.is_dir() and left_by_dead_process(stale.name, prefix):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = path.parent / staging_name(prefix)
+    staging.mkdir()
+    return staging
+
+
+def move_into_place(staging: Path, path: Path) -> None:
+    """The complete folder ``staging`` becomes ``path``, replacing what is there whole."""
+    if not os.path.lexists(path):
+        staging.rename(path)
+        return
+    replaced = path.parent / staging_name(f".{path.name}.hrad-replaced-")
+    path.rename(replaced)
+    staging.rename(path)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+__all__ = ["left_by_dead_process", "missing_folders", "move_into_place", "remove_created", "staging_beside", "staging_name"]

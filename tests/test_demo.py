@@ -37,3 +37,24 @@ def test_demo_prints_its_results_to_stdout_and_progress_to_stderr(
     assert "fitting PatchCore" in captured.err  # messages stay on stderr
     results = json.loads((tmp_path / "demo" / "results.json").read_text(), parse_constant=_refuse)
     assert set(results["results"]) == {"downsample-32", "tiled-64"}
+
+
+def test_a_demo_stopped_while_writing_its_dataset_leaves_none_and_a_bad_out_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the demo wrote its 2048x2048 images left out/data/train with some of them,
+    which the next run took for the whole dataset; --out /sys/demo was a PermissionError traceback."""
+
+    def stopped(folder: Path, image_size: int) -> None:
+        make_demo_dataset(folder, image_size=64, n_train=1, n_test_good=0, n_test_bad=0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hrad.cli.demo.make_demo_dataset", stopped)
+    out = tmp_path / "demo"
+    assert run(["demo", "--out", str(out), "--size", "64"], monkeypatch) == 130
+    assert not out.exists()  # no half-built data/, nor the staging beside it, nor the --out it made
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    assert run(["demo", "--out", str(tmp_path / "file" / "demo"), "--size", "64"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hrad: error: {tmp_path / 'file' / 'demo'}: output folder is not writable (") and len(err.splitlines()) == 1

@@ -204,3 +204,13 @@ def test_hd_builder_replaces_its_own_dataset_whole_and_leaves_nothing_half_built
         build_hd_dataset(tmp_path / "fresh", tmp_path / "file", target_size=192)
     with pytest.raises(InputError, match=r"file/hd: cannot write the dataset there \(\S+/file is a file\)"):
         build_hd_dataset(tmp_path / "fresh", tmp_path / "file" / "hd", target_size=192)
+
+
+def test_make_hd_refuses_a_negative_seed_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--seed -1 was numpy's 'ValueError: expected non-negative integer' traceback, exit 1."""
+    from cli_helpers import run
+
+    source = _small_mvtec(tmp_path / "src", n_good=2)
+    assert run(["make-hd", "--source", str(source), "--out", str(tmp_path / "hd"), "--seed", "-1"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--seed'" in err and "Traceback" not in err and not (tmp_path / "hd").exists()

@@ -9,6 +9,7 @@ difference go to stdout, progress and messages to stderr.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ from hrad.cli.progress import console, progress_bars
 from hrad.comparison import compare, differences_markdown, read_evaluation
 from hrad.config import load_config
 from hrad.data.datasets import load_dataset
-from hrad.data.images import ImageList
-from hrad.data.synthetic import make_demo_dataset
+from hrad.data.images import ImageList, prepare_output_dir
+from hrad.data.synthetic import check_demo_size, make_demo_dataset
 from hrad.evaluation import environment, evaluate
 from hrad.model import AnomalyModel
 from hrad.profiling import PeakMemory
 from hrad.reports.markdown import table
+from hrad.staging import move_into_place, staging_beside
 
 SETUPS: dict[str, dict[str, Any]] = {
     "downsample-256": {"name": "downsample", "image_size": 256},
@@ -37,10 +39,21 @@ COLUMNS = ["setup", "image_auroc", "pixel_auroc", "pixel_ap", "aupro_30", "aupro
 
 
 def run_demo(out: Path, size: int = 2048, backbone: str = "efficientnet-lite0") -> dict[str, dict[str, Any]]:
+    """The demo into ``out``; its dataset (``out/data``) is made once, and used again by a later run."""
+    check_demo_size(size)  # before the line that says it writes one
+    prepare_output_dir(out)  # an unwritable --out is one line, not a traceback from the first image
     data_dir = out / "data"
     if not (data_dir / "train").is_dir():
         console.print(f"writing synthetic {size}x{size} dataset to {data_dir}")
-        make_demo_dataset(data_dir, image_size=size)
+        # built beside and moved into place: a run stopped while writing (minutes at 2048) left a
+        # data/ with some images, which the next run took for the whole dataset
+        staging = staging_beside(data_dir)
+        try:
+            make_demo_dataset(staging, image_size=size)
+            move_into_place(staging, data_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     dataset = load_dataset(data_dir)
     results: dict[str, dict[str, Any]] = {}
     for setup, strategy in SETUPS.items():

@@ -273,7 +273,7 @@ def make_hd(
     source: Annotated[Path, typer.Option(help="MVTec-layout dataset with anomalous test images and masks")],
     out: Annotated[Path, typer.Option(help="Where to write the high-resolution dataset")],
     size: Annotated[int, typer.Option(help="Target long side (2048 = 2K, 4096 = 4K)")] = 2048,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the defect hosts and placements")] = 0,
     category: Annotated[str | None, typer.Option(help="Category: a folder of a multi-category MVTec AD / MVTec AD 2 root, or a VisA object")] = None,
 ) -> None:
     """Build a HiAD-style high-resolution benchmark with tiny (transplanted) and large defects."""

@@ -40,7 +40,7 @@ import numpy as np
 from hrad.data.datasets import ANOMALOUS, GOOD, load_dataset
 from hrad.data.images import read_image, read_mask, write_image, write_mask
 from hrad.errors import ConfigError, InputError
-from hrad.staging import left_by_dead_process, staging_name
+from hrad.staging import move_into_place, staging_beside
 
 _BLEND_MARGIN = 3  # pixels of Poisson region around a defect, and free border around the crop
 
@@ -183,8 +183,8 @@ HD_MANIFEST = "hd_manifest.json"
 
 
 def _staging_folder(out: Path) -> Path:
-    """A new hidden folder beside ``out`` to build the dataset in (:func:`_move_into_place` puts
-    it at ``out`` once complete), after refusing an ``out`` that is a file, or a folder holding
+    """A new hidden folder beside ``out`` to build the dataset in (:func:`~hrad.staging.move_into_place`
+    puts it at ``out`` once complete), after refusing an ``out`` that is a file, or a folder holding
     anything but an earlier dataset of this builder: a second build into one folder mixed the two
     (a seed's host image in ``test/good`` and another's in ``test/tiny``: one image, two labels), and
     a build stopped midway left a dataset that loads, with some images missing. Staging folders of
@@ -199,28 +199,10 @@ def _staging_folder(out: Path) -> Path:
     above = next((folder for folder in out.parents if folder.exists()), None)
     if above is not None and not above.is_dir():
         raise InputError(f"{out}: cannot write the dataset there ({above} is a file)")
-    prefix = f".{out.name}.hrad-building-"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f"{prefix}*"):
-            if stale.is_dir() and left_by_dead_process(stale.name, prefix):
-                shutil.rmtree(stale, ignore_errors=True)
-        staging = out.parent / staging_name(prefix)
-        staging.mkdir()
+        return staging_beside(out)
     except OSError as error:
         raise InputError(f"{out}: cannot write the dataset there ({error.strerror or error})") from None
-    return staging
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """The complete dataset ``staging`` becomes ``out``, replacing an earlier one (or an empty folder)."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    replaced = out.parent / staging_name(f".{out.name}.hrad-replaced-")
-    out.rename(replaced)
-    staging.rename(out)
-    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def build_hd_dataset(
@@ -350,7 +332,7 @@ def build_hd_dataset(
             "tiny": [asdict(placement) for placement in placements],
         }
         (out / HD_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(out, final)
+        move_into_place(out, final)
     except BaseException:  # an error, Ctrl-C, SIGTERM: nothing half-built is left for a fit to take for a dataset
         shutil.rmtree(out, ignore_errors=True)
         raise

@@ -174,6 +174,12 @@ def add_defects(
     return result, mask.astype(bool)
 
 
+def check_demo_size(image_size: int) -> None:
+    """Refuse a demo image side under 64 pixels (one-line ConfigError)."""
+    if image_size < 64:
+        raise ConfigError(f"demo image_size must be at least 64 pixels, got {image_size}")
+
+
 def make_demo_dataset(
     out_dir: str | os.PathLike[str],
     image_size: int = 2048,
@@ -190,8 +196,7 @@ def make_demo_dataset(
     (0/255) for kinds scratch, spot, crack, stain, assigned in turn to the anomalous images.
     Everything is a PNG and a function of ``seed`` alone.
     """
-    if image_size < 64:
-        raise ConfigError(f"demo image_size must be at least 64 pixels, got {image_size}")
+    check_demo_size(image_size)
     if min(n_train, n_test_good, n_test_bad) < 0 or n_train == 0:
         raise ConfigError("demo dataset needs n_train >= 1 and non-negative test counts")
     if texture not in TEXTURES:
