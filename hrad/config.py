@@ -70,6 +70,8 @@ class ModelConfig(BaseModel):
 
 #: the sections with one config class (detector and strategy have one per registered name)
 _PLAIN_SECTIONS: dict[str, type[BaseModel]] = {"backbone": BackboneConfig, "postprocess": PostprocessConfig, "threshold": ThresholdConfig}
+#: every section of a config file
+_SECTIONS = ("detector", "strategy", *_PLAIN_SECTIONS)
 
 
 def _section(value: Any, name: str) -> Any:
@@ -90,7 +92,8 @@ def yaml_problem(error: yaml.YAMLError, where: bool = True) -> str:
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """Read a YAML/JSON config file (optional) and apply nested ``overrides`` on top."""
+    """Read a YAML/JSON config file (optional; an empty or comments-only one, or a section with
+    nothing under it, leaves those settings at their defaults) and apply nested ``overrides`` on top."""
     data: dict[str, Any] = {}
     if path is not None:
         if path.is_dir():
@@ -105,9 +108,12 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise ConfigError(f"{path}: not a YAML or JSON text file (byte {error.start} is not UTF-8)") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML {yaml_problem(error)}") from None
+        if loaded is None:  # an empty or comments-only file: every setting at its default
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping with backbone/detector/strategy sections")
-        data = loaded
+        # a section whose lines are all commented out ('strategy:' alone) is None to YAML: its defaults
+        data = {key: value for key, value in loaded.items() if not (value is None and key in _SECTIONS)}
     for section, values in (overrides or {}).items():
         if isinstance(values, dict):
             merged = dict(data.get(section) or {})

@@ -224,6 +224,29 @@ def test_a_config_file_that_is_not_utf8_text_or_not_yaml_is_one_line(
     assert errors(capsys.readouterr().err) == [f"hrad: error: {config}: {message}"] and not model.exists()
 
 
+@pytest.mark.parametrize(
+    "content",
+    ["", "# every line commented out\n# strategy: {name: tiled}\n", "---\n", "strategy:\n#  name: tiled\n#  tile: 64\n"],
+)
+def test_an_empty_or_comments_only_config_file_is_the_defaults(
+    content: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--config empty.yaml (or one with every line, or a section's every line, commented out) was
+    'expected a mapping with backbone/detector/strategy sections': YAML reads it as nothing, which a
+    user means as no settings; the flags still apply on top."""
+    from hrad.config import load_config
+
+    config = tmp_path / "model.yaml"
+    config.write_text(content)
+    assert load_config(config) == load_config(None)
+    assert load_config(config, {"strategy": {"name": "tiled", "tile": 64}}) == load_config(None, {"strategy": {"name": "tiled", "tile": 64}})
+    model = tmp_path / "m"
+    assert run(["fit", "--data", str(good_folder(tmp_path / "good")), "--out", str(model), "--config", str(config), *TINY], monkeypatch) == 0
+    assert errors(capsys.readouterr().err) == []
+    saved = json.loads((model / "hrad.json").read_text())["config"]
+    assert saved["strategy"] == load_config(None).strategy.model_dump(mode="json")
+
+
 def test_a_folder_given_as_the_config_file_is_named_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """--config good/ said 'config file not found' of a folder that is there."""
     folder = good_folder(tmp_path / "good")
