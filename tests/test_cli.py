@@ -71,6 +71,10 @@ def test_fit_predict_evaluate(dataset: Path, tmp_path: Path, monkeypatch: pytest
     [
         (["fit", "--data", "/no/such/folder", "--out", "m"], "/no/such/folder"),
         (["predict", "--model", "/no/model", "x.png", "--out", "o"], "x.png: file not found"),
+        # an input that may be an image or a folder: a missing folder is not 'file not found'
+        (["predict", "--model", "/no/model", "goood", "--out", "o"], "goood: folder not found"),
+        (["predict", "--model", "/no/model", "parts.v2", "--out", "o"], "parts.v2: file or folder not found"),
+        (["calibrate", "--model", "/no/model", "new_good", "--out", "o"], "new_good: folder not found"),
         (["evaluate", "--model", "/no/model", "--data", "/no/data", "--out", "o"], "/no/data"),
         (["schema", "--out", "/no/such/folder/schema.json"], "/no/such/folder/schema.json: cannot write the schema (No such file or directory)"),
         (["evaluate", "--model", "m", "--data", "d", "--out", "o", "--limit", "-1"], "--limit"),  # [:-1] dropped the last image

@@ -77,6 +77,7 @@ WITHOUT_TORCH = (
         (["fit", "--data", "no/such/data", "--out", "model"], "no/such/data: dataset folder not found"),
         (["serve", "--model", "no/such/model"], "no/such/model: model not found"),
         (["--max-pixels", "1000", "calibrate", "--model", "no/such/model", "--out", "m", "images"], "no/such/model: model not found"),
+        (["predict", "--model", "images", "goood", "--out", "out"], "goood: folder not found"),  # a mistyped input folder
     ],
 )
 def test_a_missing_input_on_a_runtime_install_is_named_before_the_install(command: list[str], line: str, tmp_path: Path) -> None:

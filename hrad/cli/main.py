@@ -771,7 +771,7 @@ def _missing_input(args: list[str]) -> str | None:
         for path in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(path, Path) and not path.exists():
                 if noun is None or path.is_symlink():  # a broken link says where it points
-                    return missing_reason(path)
+                    return missing_reason(path, or_folder=parameter == "paths")  # images or folders of them
                 exported = parameter == "model" and path.suffix in EXPORTED_SUFFIXES
                 return f"{path}: {'exported model' if exported else noun} not found"
     return None

@@ -187,9 +187,12 @@ def _one_line(error: BaseException) -> str:
     return text[:200]
 
 
-def missing_reason(path: Path) -> str:
+def missing_reason(path: Path, or_folder: bool = False) -> str:
     """Why ``path`` (which does not exist) is missing: a dangling symbolic link says where it
-    points; links that point at each other (a.png -> b.png -> a.png) are a loop, not a missing target."""
+    points; links that point at each other (a.png -> b.png -> a.png) are a loop, not a missing target.
+    ``or_folder``: the path may name an image or a folder of them (predict's inputs), so a name
+    without an image's extension is a missing folder (``good/``, a mistyped ``goood``), or with
+    another extension a missing file or folder, not a missing file."""
     if path.is_symlink():
         try:
             target = os.readlink(path)
@@ -201,6 +204,8 @@ def missing_reason(path: Path) -> str:
             if error.errno == errno.ELOOP:
                 return f"{path}: symbolic link loop (it points to {target}, which leads back to it)"
         return f"{path}: broken symbolic link (its target {target} does not exist)"
+    if or_folder and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"{path}: {'file or folder' if path.suffix else 'folder'} not found"
     return f"{path}: file not found"
 
 
@@ -897,7 +902,7 @@ def expand_image_paths(paths: Iterable[str | os.PathLike[str]], allow_empty: boo
         if path.is_dir():
             images.extend(list_images(path, allow_empty))
         elif not path.exists():
-            raise InputError(missing_reason(path))
+            raise InputError(missing_reason(path, or_folder=True))
         elif not is_image_file(path):
             raise InputError(f"{path}: not an image file (PNG, JPEG, BMP or TIFF)")
         else:
