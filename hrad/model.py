@@ -27,7 +27,7 @@ from hrad.data.bit_depth import (
     to_full_range,
     warn_saturated,
 )
-from hrad.data.images import as_pixels, model_input
+from hrad.data.images import as_pixels, is_gray, model_input
 from hrad.errors import ArtifactError, ConfigError, DivergedError, HradError, InputError, named, warn
 from hrad.features import build_backbone
 from hrad.postprocess import device_maps
@@ -111,7 +111,7 @@ def _stored_pixel_type(value: object, bit_depth: int | None, where: str) -> str 
 
 
 class TrainingImages:
-    """The training source as a fit reads it: notes each image's pixel type and size as it is
+    """The training source as a fit reads it: notes each image's pixel type, size and channels (gray or colour) as it is
     read (a folder mixing 8-bit and 16-bit files is flagged: :meth:`mix_problem`), and can hold one
     image for the next read of it (:meth:`peek`), so the images the fit looks at before training
     (the first, whose type decides whether a depth is learned and whose size is the fitted size)
@@ -125,6 +125,8 @@ class TrainingImages:
         self._unnamed = unnamed  # what an image without a name of its own (an array) is called: "<unnamed> <index>"
         self.kinds: dict[int, str] = {}
         self.sizes: dict[int, tuple[int, int]] = {}
+        #: whether each image read came as gray (one channel) rather than colour (:func:`~hrad.data.images.is_gray`)
+        self.gray: dict[int, bool] = {}
         #: ``(height, width, first image's index)`` once the fit knows its fitted size: every later
         #: read refuses an image far smaller, as predict would (a thumbnail among the training
         #: images was learned, silently, unless the split happened to hold it out)
@@ -146,6 +148,7 @@ class TrainingImages:
         image = self.source[index]
         self.kinds[index] = pixel_kind(image)
         self.sizes[index] = (int(image.shape[0]), int(image.shape[1]))
+        self.gray[index] = is_gray(image)
         if self.fitted is not None:
             height, width, first = self.fitted
             check_image_size(image, (height, width), self.name(index), set_by=self.name(first))
@@ -219,6 +222,25 @@ class TrainingImages:
             f"{self.role} image among {among} "
             f"({count} are not {first}, this the first; {first_said}): "
             f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; {advice}"
+        )
+
+    def colour_problem(self) -> str | None:
+        """A line when the images read so far mix gray and colour ones (two cameras, a converted
+        subset: the model reads a gray image as colour with its one channel in all three, so the
+        backbone sees those without colour and the detector learns two kinds of normal image),
+        naming the first of another kind than the first image; else None."""
+        if not self.gray:
+            return None
+        first = min(self.gray)
+        others = sorted(index for index, gray in self.gray.items() if gray != self.gray[first])
+        if not others:
+            return None
+        kind, other = ("gray", "colour") if self.gray[first] else ("colour", "gray")
+        return (
+            f"{self.name(others[0])}: a {other} {self.role} image among {kind} ones ({len(others)} of {len(self.gray)} "
+            f"are not {kind}, this the first; {self.name(first)} is {kind}): the model reads a gray image as colour, its "
+            "one channel in all three, so the backbone sees the gray ones without colour and the model learns two kinds of "
+            "normal image; two cameras, or a converted subset? Fit on images of one kind (convert them alike)"
         )
 
     def size_problem(self, scale: Callable[[int, int], tuple[float, float]], strategy: str) -> str | None:
@@ -386,6 +408,9 @@ class AnomalyModel:
         sizes = observed.size_problem(self.strategy.input_scale, self.config.strategy.name)
         if sizes is not None:
             warn(sizes, stacklevel=2)
+        colours = observed.colour_problem()
+        if colours is not None:
+            warn(colours, stacklevel=2)
         if validation is not None:  # every validation image read by now too
             self._tell_mix(observed_validation, stacklevel=2, training=observed)
         self.pixel_type = observed.first_kind()  # the reference the lines above compare with

@@ -458,3 +458,43 @@ def test_a_folder_of_mixed_sizes_is_one_warning_where_the_strategy_scales_them_u
         "the model learns features of several scales and a defect's apparent size depends on its image's; "
         "fit on images of one size (crop or resize them alike)"
     ]
+
+
+@pytest.mark.parametrize("first_gray", [False, True])
+def test_a_folder_mixing_gray_and_colour_images_is_one_warning_naming_the_first_odd_one(
+    first_gray: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Gray files among colour ones (or colour among gray: two cameras, a converted subset) were
+    read as colour, their one channel in all three, without a word."""
+    import cv2
+
+    folder = good_folder(tmp_path / "good")
+    rng = np.random.default_rng(5)
+    for name in ["002b.png", "004b.png"] if not first_gray else [path.name for path in folder.iterdir()]:
+        cv2.imwrite(str(folder / name), (textured_image(rng, 64, 96)[..., 0] * 255).astype(np.uint8))  # one channel
+    if first_gray:
+        write(folder / "002b.png", textured_image(rng, 64, 96) * [1.0, 0.8, 0.6])
+        write(folder / "004b.png", textured_image(rng, 64, 96) * [0.6, 0.8, 1.0])
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    kind, other = ("gray", "colour") if first_gray else ("colour", "gray")
+    assert warnings == [
+        f"hrad: warning: {folder / '002b.png'}: a {other} training image among {kind} ones (2 of 7 are not {kind}, this the "
+        f"first; {folder / '000.png'} is {kind}): the model reads a gray image as colour, its one channel in all three, so the "
+        "backbone sees the gray ones without colour and the model learns two kinds of normal image; two cameras, or a "
+        "converted subset? Fit on images of one kind (convert them alike)"
+    ]
+
+
+def test_a_folder_of_gray_images_alone_says_nothing_of_colour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cv2
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for index in range(5):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), (textured_image(rng, 64, 96)[..., 0] * 255).astype(np.uint8))
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY], monkeypatch) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")] == []

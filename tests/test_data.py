@@ -23,6 +23,7 @@ from hrad.data import (
     write_map_tiff,
     write_overlay,
 )
+from hrad.data.images import as_pixels, is_gray
 from hrad.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -97,7 +98,7 @@ def test_grayscale_replicated_to_three_channels(tmp_path: Path, extension: str, 
     else:
         cv2.imwrite(str(path), gray, [cv2.IMWRITE_JPEG_QUALITY, 100] if extension == ".jpg" else [])
     image = read_image(path)
-    assert image.shape == (8, 9, 3)
+    assert image.shape == (8, 9, 3) and is_gray(read_pixels(path))
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
     tolerance = 0.02 if extension == ".jpg" else 1e-6
     np.testing.assert_allclose(image[..., 1], gray / maximum, atol=tolerance)
@@ -113,6 +114,17 @@ def test_rgba_alpha_is_dropped(tmp_path: Path, extension: str) -> None:
         cv2.imwrite(str(path), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
     image = read_image(path)
     np.testing.assert_array_equal(np.round(image * 255).astype(np.uint8), rgba[..., :3])
+    assert not is_gray(read_pixels(path))
+
+
+def test_gray_is_told_by_the_file_s_channels_not_by_equal_values(tmp_path: Path) -> None:
+    """What a fit tells apart in a folder mixing cameras: a one-channel file (with alpha too) or
+    array is gray; a colour file whose three channels are equal is colour, as stored."""
+    plane = _rgb8()[..., 0]
+    tifffile.imwrite(tmp_path / "gray_alpha.tif", np.dstack([plane, np.full_like(plane, 255)]), photometric="minisblack", extrasamples=["unassalpha"])
+    cv2.imwrite(str(tmp_path / "equal.png"), np.dstack([plane, plane, plane]))
+    assert is_gray(read_pixels(tmp_path / "gray_alpha.tif")) and is_gray(as_pixels(plane)) and is_gray(as_pixels(plane[..., None]))
+    assert not is_gray(read_pixels(tmp_path / "equal.png")) and not is_gray(as_pixels(_rgb8()))
 
 
 def test_float_and_planar_tiff(tmp_path: Path) -> None:

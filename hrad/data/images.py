@@ -466,6 +466,15 @@ def _rgb_pixels(array: np.ndarray, name: str | os.PathLike[str]) -> np.ndarray:
     return array
 
 
+def is_gray(pixels: np.ndarray) -> bool:
+    """Whether an ``H x W x 3`` image of :func:`read_pixels` or :func:`as_pixels` came as gray (a
+    one-channel file or array, with or without alpha): its one plane is repeated as a broadcast
+    view, no stride between the channels, so this costs no pixel read. A colour file whose three
+    channels happen to be equal is colour: it is the decoded file's channels that are told (a gray
+    PNG with alpha, which OpenCV decodes as RGBA, is colour too)."""
+    return pixels.ndim == 3 and pixels.strides[2] == 0
+
+
 def read_pixels(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Read any supported image as ``H x W x 3`` RGB in the file's own pixel type.
 
