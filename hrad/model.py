@@ -243,9 +243,10 @@ class TrainingImages:
             "normal image; two cameras, or a converted subset? Fit on images of one kind (convert them alike)"
         )
 
-    def size_problem(self, scale: Callable[[int, int], tuple[float, float]], strategy: str) -> str | None:
-        """A line when the images read so far come in sizes ``strategy`` scales unlike (``scale``:
-        its :meth:`~hrad.strategies.base.Strategy.input_scale`; a fixed working size over a folder
+    def size_problem(self, scale: Callable[[int, int], tuple[float, float]], resizing: str) -> str | None:
+        """A line when the images read so far come in sizes the strategy scales unlike (``scale``:
+        its :meth:`~hrad.strategies.base.Strategy.input_scale`, ``resizing`` its
+        :meth:`~hrad.strategies.base.Strategy.resizing`; a fixed working size over a folder
         of mixed sizes): the detector learns features of several scales, a defect's size in them
         set by its image's. Names the first image scaled unlike the first one; sizes scaled alike
         (strips of several lengths tiled at native resolution) are fine and say nothing."""
@@ -260,8 +261,8 @@ class TrainingImages:
         (height, width), (first_height, first_width) = self.sizes[odd], self.sizes[first]
         return (
             f"{self.name(odd)}: a {width}x{height} {self.role} image among {first_width}x{first_height} ones (the first, "
-            f"{self.name(first)}; {len(others)} of {len(self.sizes)} scaled unlike it, this the first): the {strategy} "
-            f"strategy resizes every image to its working size, this one by {_factor(scale(height, width))}, the first by "
+            f"{self.name(first)}; {len(others)} of {len(self.sizes)} scaled unlike it, this the first): {resizing}, "
+            f"this one by {_factor(scale(height, width))}, the first by "
             f"{_factor(reference)}: the model learns features of several scales and a defect's apparent size depends on "
             "its image's; fit on images of one size (crop or resize them alike)"
         )
@@ -405,7 +406,7 @@ class AnomalyModel:
             self._held_out_statistics(Subset(train, [0]), progress, None, None, "training")  # NaN / inf: refused
         if not self._mix_told:  # every training image read by now
             self._tell_mix(observed, stacklevel=2)
-        sizes = observed.size_problem(self.strategy.input_scale, self.config.strategy.name)
+        sizes = observed.size_problem(self.strategy.input_scale, self.strategy.resizing())
         if sizes is not None:
             warn(sizes, stacklevel=2)
         colours = observed.colour_problem()

@@ -460,6 +460,31 @@ def test_a_folder_of_mixed_sizes_is_one_warning_where_the_strategy_scales_them_u
     ]
 
 
+@pytest.mark.parametrize("low_branch", [True, False])
+def test_hiad_s_low_branch_scaling_mixed_sizes_unlike_is_the_same_warning(
+    low_branch: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HiAD's high branch works at each image's own resolution, but its low branch resizes the
+    whole image to low_res_size: a 128x96 image among 96x64 ones reached the low branch's detector
+    at another scale, and the fit said nothing (HiAD's input_scale was the high branch's 1)."""
+    folder = good_folder(tmp_path / "good")
+    write(folder / "001b.png", textured_image(np.random.default_rng(4), 96, 128))
+    hiad = ["--strategy", "hiad", "--set", "strategy.patch_size=32", "--set", "strategy.low_res_size=48", "--set", "strategy.assignment=a2o"]
+    hiad += ["--set", f"strategy.low_branch={str(low_branch).lower()}"]
+    assert run(["fit", "--data", str(folder), "--out", str(tmp_path / "m"), *TINY, *hiad], monkeypatch) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert warnings == (
+        [
+            f"hrad: warning: {folder / '001b.png'}: a 128x96 training image among 96x64 ones (the first, {folder / '000.png'}; "
+            "1 of 6 scaled unlike it, this the first): the hiad strategy's low branch resizes every image to a long side of 48 "
+            "(low_res_size), this one by x0.38 across, x0.33 down, the first by x0.5: the model learns features of several "
+            "scales and a defect's apparent size depends on its image's; fit on images of one size (crop or resize them alike)"
+        ]
+        if low_branch
+        else []
+    )
+
+
 @pytest.mark.parametrize("first_gray", [False, True])
 def test_a_folder_mixing_gray_and_colour_images_is_one_warning_naming_the_first_odd_one(
     first_gray: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

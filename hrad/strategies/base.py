@@ -220,6 +220,10 @@ class Strategy(ABC):
         resolution, ``(1, 1)`` for every size."""
         return 1.0, 1.0
 
+    def resizing(self) -> str:
+        """What scales an image by :meth:`input_scale`, as the warnings about sizes say it."""
+        return f"the {self.config.name} strategy resizes every image to its working size"
+
     def check_input(self, image: np.ndarray) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Refuse, before any work, an image this fitted strategy cannot predict (another size
         than a size-bound strategy's); the model names the file. Default: every image is fine."""

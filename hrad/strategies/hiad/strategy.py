@@ -180,6 +180,18 @@ class HiAD(Strategy):
         size = low_branch_size(image.shape[-2], image.shape[-1], self.config.low_res_size, self.multiple)
         return self.embedder(resize_level(image, size)[None])
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """The low branch's factors: it resizes the whole image to ``low_res_size`` (images of
+        other sizes reach its detector at other scales); the high branch works at each image's
+        own resolution, so without the low branch ``(1, 1)``."""
+        if not self.config.low_branch:
+            return 1.0, 1.0
+        low_height, low_width = low_branch_size(height, width, self.config.low_res_size, self.multiple)
+        return low_height / height, low_width / width
+
+    def resizing(self) -> str:
+        return f"the hiad strategy's low branch resizes every image to a long side of {self.config.low_res_size} (low_res_size)"
+
     def check_input(self, image: np.ndarray) -> None:
         self._check_size(image, "image")
 
