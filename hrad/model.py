@@ -346,6 +346,7 @@ class AnomalyModel:
         #: model saved before hrad kept it (16-bit when it has a bit depth), or not fitted
         self.pixel_type: str | None = None
         self._mix_told = False  # the fit told a mix of training image types already (after the depth's pass)
+        self._scale_told = False  # predict told of an image the strategy scales unlike the training images already
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -393,6 +394,7 @@ class AnomalyModel:
             )
         first = train.indices[0] if isinstance(train, Subset) else 0
         self.fitted_size = observed.size(first)  # no read after the depth's
+        self._scale_told = False
         observed.fitted = (*self.fitted_size, first)
         problem = self.roi.stretch_problem(self.fitted_size) if self.roi is not None else None
         if problem is not None:
@@ -680,6 +682,29 @@ class AnomalyModel:
         except HradError as error:
             raise named(name, error) from None
 
+    def _tell_scale(self, image: np.ndarray, name: str) -> None:
+        """One warning, the first time only (a folder of them is one line, not one a file), when
+        the strategy scales an image unlike the images the model was fitted on (its
+        :meth:`~hrad.strategies.base.Strategy.input_scale` more than 2% apart: another size or
+        aspect under a fixed working size): its defects reach the detector at another apparent
+        size than the training images' parts did. Native-resolution strategies say nothing."""
+        if self._scale_told or self.fitted_size is None:
+            return
+        height, width = image.shape[:2]
+        scale, fitted = self.strategy.input_scale(height, width), self.strategy.input_scale(*self.fitted_size)
+        if not _scaled_apart(scale, fitted):
+            return
+        self._scale_told = True
+        fitted_height, fitted_width = self.fitted_size
+        warn(
+            f"{name}: a {width}x{height} image, the model was fitted on {fitted_width}x{fitted_height} ones: "
+            f"{self.strategy.resizing()}, this one by {_factor(scale)}, the training images by {_factor(fitted)}: its "
+            "defects reach the detector at another apparent size than the training parts did, and its scores may not "
+            "compare with the thresholds; predict images of the training size (crop or resize them alike). Said once, "
+            "for the first such image",
+            stacklevel=3,  # the caller of predict
+        )
+
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
     ) -> tuple[float | None, float | None]:
@@ -702,9 +727,12 @@ class AnomalyModel:
         is converted to float one tile window at a time; 16-bit data is first scaled by the
         model's :attr:`bit_depth`, so pass the path or the integer array, not a float conversion.
         ``name`` is what errors and warnings call the image (default: its path, or "image array").
+        The first image the strategy scales unlike the training images (another size or aspect
+        under a fixed working size) is one warning, once for the model (:meth:`_tell_scale`).
         """
         array, name = model_input(image, self.bit_depth, name)
         self._check_size(array, name)
+        self._tell_scale(array, name)
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
         return Prediction(
@@ -730,6 +758,8 @@ class AnomalyModel:
         ]
         for array, name in inputs:
             self._check_size(array, name)
+        for array, name in inputs:
+            self._tell_scale(array, name)
         arrays = [array for array, _ in inputs]
         image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         return [
