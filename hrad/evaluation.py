@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
@@ -65,8 +65,7 @@ from hrad.metrics import (
     threshold_decisions,
 )
 from hrad.metrics.image import BOOTSTRAP_RESAMPLES
-from hrad.postprocess.roi import RegionOfInterest
-from hrad.prediction import Prediction, Thresholds
+from hrad.prediction import Prediction, Predictor
 from hrad.profiling import PeakMemory
 from hrad.progress import ProgressCallback, no_progress
 from hrad.reports.figures import Case, case_grid, select_cases
@@ -88,34 +87,6 @@ EVALUATION_REPORT = ReportFolder(
 logger = logging.getLogger(__name__)
 
 
-class EvaluatedModel(Protocol):
-    """What :func:`evaluate` needs of a model: a fitted :class:`~hrad.model.AnomalyModel` or an
-    export's predictor (:func:`hrad.export_runtime.open_predictor`), so an export is measured by
-    the same code, on the same images, as the model it was exported from."""
-
-    @property
-    def thresholds(self) -> Thresholds | None: ...
-
-    @property
-    def bit_depth(self) -> int | None: ...
-
-    @property
-    def roi(self) -> RegionOfInterest | None: ...
-
-    def decision_thresholds(
-        self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
-    ) -> tuple[float | None, float | None]: ...
-
-    def predict_batch(
-        self,
-        images: Sequence[np.ndarray | str | Path],
-        threshold: float | None = None,
-        pixel_threshold: float | None = None,
-        sigmas: float | None = None,
-        names: Sequence[str] | None = None,
-    ) -> list[Prediction]: ...
-
-
 @dataclass(frozen=True)
 class ReportedModel:
     """What the reports say of the evaluated model: its parts (the title), its config, its
@@ -127,7 +98,7 @@ class ReportedModel:
     notes: tuple[str, ...] = ()
 
 
-def reported_model(model: EvaluatedModel) -> ReportedModel:
+def reported_model(model: Predictor) -> ReportedModel:
     """A model's :class:`ReportedModel`; an export's from its sidecar (model, geometry, postprocess)."""
     if isinstance(model, ExportedPredictor):
         about = model.sidecar.get("model") or {}
@@ -157,7 +128,7 @@ def reported_model(model: EvaluatedModel) -> ReportedModel:
 
 
 def evaluate(
-    model: EvaluatedModel,
+    model: Predictor,
     samples: Sequence[Sample],
     out_dir: Path | None = None,
     protocol: MetricProtocol = "full",
@@ -169,7 +140,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled ``samples``; with ``out_dir`` writes metrics.json,
     metrics.md, cases.png, scores.csv and report.html. ``model``: a fitted model or an export's
-    predictor (:class:`EvaluatedModel`). ``score_bits`` (12..32) is the pixel
+    predictor (:class:`~hrad.prediction.Predictor`). ``score_bits`` (12..32) is the pixel
     metrics' precision: 32 = exact for float32 maps. Samples that fail with a
     :class:`~hrad.errors.HradError` are skipped and listed under ``skipped``.
     ``decision_thresholds``: the ``(image, pixel)`` thresholds whose decisions are measured
@@ -309,7 +280,7 @@ def image_thumbnail(image: np.ndarray) -> np.ndarray:
     return small
 
 
-def environment(model: EvaluatedModel | None = None) -> dict[str, str]:
+def environment(model: Predictor | None = None) -> dict[str, str]:
     """Where the numbers were measured and what computed them: torch and its device, or for an
     exported model its runtime and version, without importing torch (a runtime install has none)."""
     machine = {
@@ -325,7 +296,7 @@ def environment(model: EvaluatedModel | None = None) -> dict[str, str]:
     return {**machine, "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def model_notes(model: EvaluatedModel) -> list[str]:
+def model_notes(model: Predictor) -> list[str]:
     """What the model does to images and maps that changes what its metrics mean: the notes of
     ``metrics.md`` and ``report.html`` alike (a reader of either, or of a CI log, sees them)."""
     return [
@@ -342,7 +313,7 @@ def write_evaluation(
     rows: list[dict[str, Any]],
     cases: list[Case],
     count: int,
-    model: EvaluatedModel,
+    model: Predictor,
     measured_on: dict[str, str],
     skipped: Sequence[dict[str, str]] = (),
 ) -> None:
@@ -466,7 +437,7 @@ def write_html_report(
     pixel: PixelMetrics,
     cases: list[Case],
     count: int,
-    model: EvaluatedModel,
+    model: Predictor,
     measured_on: dict[str, str],
     skipped: Sequence[dict[str, str]] = (),
 ) -> Path:

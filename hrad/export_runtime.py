@@ -423,8 +423,8 @@ class ExportedPredictor:
         sigmas: float | None = None,
         names: Sequence[str] | None = None,
     ) -> list[Prediction]:
-        """:meth:`predict` of each image in order: the signature of
-        :meth:`hrad.model.AnomalyModel.predict_batch`, so ``hrad evaluate`` and ``hrad predict``
+        """:meth:`predict` of each image in order: :class:`~hrad.prediction.Predictor`'s signature,
+        as :meth:`hrad.model.AnomalyModel.predict_batch`, so ``hrad evaluate`` and ``hrad predict``
         drive an export as they drive a model (the graph runs one image's tiles at a time)."""
         given = names if names is not None else [None] * len(images)
         return [

@@ -5,18 +5,18 @@ evaluate`` and ``hrad serve`` accept and refuse the same models alike."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from hrad.errors import ConfigError
+from hrad.prediction import Predictor
 
 #: what hrad predict / evaluate / serve accept as an exported model instead of an artifact directory
 EXPORTED_SUFFIXES = (".onnx", ".xml")
 
 
-def load_predictor(model: Path, device: str | None, runtime: str | None) -> Any:
+def load_predictor(model: Path, device: str | None, runtime: str | None) -> Predictor:
     """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
-    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both have ``predict``,
-    ``predict_batch``, ``decision_thresholds`` and ``thresholds``."""
+    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both are a
+    :class:`~hrad.prediction.Predictor`."""
     if model.suffix in EXPORTED_SUFFIXES:
         from hrad.export_runtime import open_predictor
 

@@ -1,19 +1,25 @@
 """What a prediction is and the thresholds that decide it (no torch: exported models use it too).
 
 :class:`Prediction` is what :meth:`hrad.model.AnomalyModel.predict` and the exported models'
-predictors (:mod:`hrad.export_runtime`) return; :class:`Thresholds` are the model's, learned
-from held-out normal images, stored in the artifact and in an export's sidecar.
+predictors (:mod:`hrad.export_runtime`) return, :class:`Predictor` what both of them are to the
+commands that run them; :class:`Thresholds` are the model's, learned from held-out normal images,
+stored in the artifact and in an export's sidecar.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from hrad.errors import ArtifactError, ConfigError, InputError
+
+if TYPE_CHECKING:
+    from hrad.postprocess.roi import RegionOfInterest
 
 
 @dataclass
@@ -35,6 +41,46 @@ class Prediction:
     @property
     def mask(self) -> np.ndarray | None:
         return None if self.pixel_threshold is None else self.anomaly_map > self.pixel_threshold
+
+
+class Predictor(Protocol):
+    """What ``hrad predict``, ``hrad evaluate`` and ``hrad serve`` use of a saved model, whichever
+    form it was saved in: a fitted :class:`~hrad.model.AnomalyModel` and an export's predictor
+    (:class:`hrad.export_runtime.ExportedPredictor`) both satisfy it, so one code drives both and
+    an export is measured on the same images as the model it came from. Their ``predict_batch``
+    loops differ (the model shares backbone batches across images, an export runs one image at a
+    time); this is the signature they keep alike."""
+
+    @property
+    def thresholds(self) -> Thresholds | None: ...
+
+    @property
+    def bit_depth(self) -> int | None: ...
+
+    @property
+    def roi(self) -> RegionOfInterest | None: ...
+
+    def decision_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
+    ) -> tuple[float | None, float | None]: ...
+
+    def predict(
+        self,
+        image: np.ndarray | str | Path,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+        name: str | None = None,
+    ) -> Prediction: ...
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        sigmas: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[Prediction]: ...
 
 
 @dataclass

@@ -76,7 +76,7 @@ from hrad.outputs import (
     own_scale,
     prediction_regions,
 )
-from hrad.prediction import Prediction, Thresholds
+from hrad.prediction import Prediction, Predictor, Thresholds
 from hrad.service_page import PAGE
 from hrad.version import __version__
 
@@ -590,7 +590,7 @@ def health_summary(facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Any, dict[str, dict[str, Any]]]:
+def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Predictor, dict[str, dict[str, Any]]]:
     """The model (an :class:`~hrad.model.AnomalyModel`, or an exported model's predictor) and
     what ``/health`` says of it: ``summary`` always, ``details`` with ``--health-details``."""
     from hrad.export_runtime import ExportedPredictor, saved_model_facts
@@ -605,6 +605,10 @@ def _load_served(model_path: Path, device: str | None, runtime: str | None) -> t
         details = {"backbone_weights": facts["backbone_weights"], "config": {"geometry": sidecar.get("geometry")}}
         return model, {"summary": summary, "details": details}
     from hrad.artifact import MANIFEST, read_manifest
+    from hrad.model import AnomalyModel  # not an export: an artifact directory's model, so torch is there
+
+    if not isinstance(model, AnomalyModel):
+        raise TypeError(f"cannot serve a {type(model).__name__}: an AnomalyModel or an exported model's predictor")
 
     manifest = read_manifest(model_path)
     summary = health_summary(saved_model_facts(manifest, False, f"{model_path / MANIFEST}"))
