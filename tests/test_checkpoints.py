@@ -152,3 +152,27 @@ def test_an_unreadable_checkpoint_is_a_warning_and_a_fresh_start(tmp_path: Path,
     with caplog.at_level("WARNING", logger="hrad.detectors.checkpoints"):
         assert TrainingCheckpoint(damaged).load() is None
     assert f"{damaged}: unreadable training checkpoint" in caplog.text and "training from the start" in caplog.text
+
+
+def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A save stopped mid-write keeps the previous checkpoint and leaves no temporary file beside
+    it; a folder that cannot be written is one warning, and the fit goes on."""
+    from hrad.detectors.checkpoints import TrainingCheckpoint
+
+    checkpoint = TrainingCheckpoint(tmp_path / "checkpoints" / "FastFlow-0123.pt")
+    checkpoint.save({"epoch": 1})  # the folder is made on the first save
+
+    class StopsThePickle:  # a Ctrl-C while torch.save writes
+        def __reduce__(self) -> Any:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"epoch": 2, "stop": StopsThePickle()})
+    assert checkpoint.load() == {"epoch": 1}
+    assert [path.name for path in checkpoint.path.parent.iterdir()] == ["FastFlow-0123.pt"]
+
+    (tmp_path / "a-file").write_text("")
+    blocked = TrainingCheckpoint(tmp_path / "a-file" / "FastFlow-0123.pt")
+    with caplog.at_level("WARNING", logger="hrad.detectors.checkpoints"):
+        blocked.save({"epoch": 1})
+    assert f"{blocked.path}: cannot write a training checkpoint" in caplog.text and "training goes on without" in caplog.text

