@@ -44,7 +44,7 @@ from hrad.hiad_math import (
 )
 from hrad.openvino_core import openvino_core
 from hrad.postprocess.border import calibrate_border, ratio_table
-from hrad.postprocess.roi import RegionOfInterest, inspected_mask
+from hrad.postprocess.roi import RegionOfInterest, finished_prediction
 from hrad.postprocess.seams import smooth_seams
 from hrad.postprocess.smoothing import (
     MapScore,
@@ -403,17 +403,14 @@ class ExportedPredictor:
         pixels, name = model_input(image, self.bit_depth, name)
         array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
-        image_threshold, pixel_decision = self.decision_thresholds(threshold, pixel_threshold, sigmas)
+        decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does
             raw = self.predict_raw(array)
         except HradError as error:
             raise named(name, error) from None
         smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi, self.map_score)
-        return Prediction(
-            anomaly_map=smoothed, score=score, image_threshold=image_threshold, pixel_threshold=pixel_decision,
-            inspected=inspected_mask(self.roi, smoothed.shape),
-        )
+        return finished_prediction(smoothed, score, decisions, self.roi)
 
     def predict_batch(
         self,

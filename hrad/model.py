@@ -32,7 +32,7 @@ from hrad.errors import ArtifactError, ConfigError, DivergedError, HradError, In
 from hrad.features import build_backbone
 from hrad.postprocess import device_maps
 from hrad.postprocess.border import BorderProfile
-from hrad.postprocess.roi import RegionOfInterest, inspected_mask, read_roi
+from hrad.postprocess.roi import RegionOfInterest, finished_prediction, read_roi
 from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
@@ -733,12 +733,9 @@ class AnomalyModel:
         array, name = model_input(image, self.bit_depth, name)
         self._check_size(array, name)
         self._tell_scale(array, name)
-        image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
+        decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
-        return Prediction(
-            anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-            inspected=inspected_mask(self.roi, anomaly_map.shape),
-        )
+        return finished_prediction(anomaly_map, score, decisions, self.roi)
 
     def predict_batch(
         self,
@@ -761,14 +758,8 @@ class AnomalyModel:
         for array, name in inputs:
             self._tell_scale(array, name)
         arrays = [array for array, _ in inputs]
-        image_threshold, pixel_threshold = self.decision_thresholds(threshold, pixel_threshold, sigmas)
-        return [
-            Prediction(
-                anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                inspected=inspected_mask(self.roi, anomaly_map.shape),
-            )
-            for anomaly_map, score in self._predict_raw_batch(arrays)
-        ]
+        decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
+        return [finished_prediction(anomaly_map, score, decisions, self.roi) for anomaly_map, score in self._predict_raw_batch(arrays)]
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 
 from hrad.data.images import decode_raw
 from hrad.errors import ArtifactError, InputError
+from hrad.prediction import Prediction
 
 #: largest PNG of a region of interest a manifest or sidecar carries (a drawn mask is a few KB)
 MAX_ROI_PNG_BYTES = 16 * 2**20
@@ -125,6 +126,19 @@ def inspected_mask(roi: RegionOfInterest | None, shape: tuple[int, ...]) -> np.n
         return None
     inside = roi.at((shape[0], shape[1]))
     return None if inside.all() or not inside.any() else inside
+
+
+def finished_prediction(
+    anomaly_map: np.ndarray, score: float, thresholds: tuple[float | None, float | None], roi: RegionOfInterest | None
+) -> Prediction:
+    """The :class:`~hrad.prediction.Prediction` of a finished map and its score: decided by the
+    ``(image, pixel)`` ``thresholds``, inspected where ``roi`` says (:func:`inspected_mask`); one
+    rule for the model's predictions and an export's."""
+    image_threshold, pixel_threshold = thresholds
+    return Prediction(
+        anomaly_map=anomaly_map, score=score, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+        inspected=inspected_mask(roi, anomaly_map.shape),
+    )
 
 
 def read_roi(path: str | Path) -> RegionOfInterest:
