@@ -6,12 +6,18 @@ is discovered by introspection, so ``grep register(`` lists everything that exis
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hrad.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 T = TypeVar("T")
+C = TypeVar("C", bound="BaseModel")
+B = TypeVar("B")
 
 
 class Registry(Generic[T]):
@@ -40,3 +46,19 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+@dataclass(frozen=True)
+class ConfiguredEntry(Generic[C, B]):
+    """A registered implementation (``build``) and the config class a config's ``name`` selects
+    (detectors and strategies each have their own config class)."""
+
+    config_type: type[C]
+    build: B
+
+
+def registered_config(registry: Registry[ConfiguredEntry[C, B]], data: Mapping[str, Any], default: str) -> C:
+    """``data`` validated into the config class registered for the ``name`` it gives (``default``
+    when it gives none); an unknown name is the registry's one-line :class:`ConfigError`."""
+    name = str(data.get("name", default))
+    return registry.get(name).config_type.model_validate({**data, "name": name})

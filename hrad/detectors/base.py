@@ -9,7 +9,7 @@ its inputs are whole images, tiles or HiAD patches: strategies own that.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from hrad.data.anomalies import AnomalyRule
 from hrad.errors import ConfigError, InputError
 from hrad.features.base import EmbeddingSpec, FeatureExtractor, mid_depth_blocks
-from hrad.registry import Registry
+from hrad.registry import ConfiguredEntry, Registry, registered_config
 from hrad.seeds import Seed
 
 
@@ -178,31 +178,19 @@ class PredictScoring(nn.Module):
         return output.maps, output.scores
 
 
-@dataclass(frozen=True)
-class DetectorEntry:
-    """A registered detector: its config class and its implementation."""
-
-    config_type: type[DetectorConfig]
-    build: Callable[[DetectorConfig], Detector]
-
-    @property
-    def detector_type(self) -> type[Detector]:
-        return self.build  # type: ignore[return-value]
-
-
-DETECTORS: Registry[DetectorEntry] = Registry("detector")
+#: each detector's config class and implementation, by name
+DETECTORS: Registry[ConfiguredEntry[DetectorConfig, type[Detector]]] = Registry("detector")
 
 
 def register_detector(name: str, config_type: type[DetectorConfig], detector_type: type[Detector]) -> None:
-    DETECTORS.register(name, DetectorEntry(config_type=config_type, build=detector_type))
+    DETECTORS.register(name, ConfiguredEntry(config_type=config_type, build=detector_type))
 
 
 def detector_config(data: dict | DetectorConfig) -> DetectorConfig:
-    """Validate ``data`` into the typed config of the detector it names."""
+    """Validate ``data`` into the typed config of the detector it names (default PatchCore)."""
     if isinstance(data, DetectorConfig):
         return data
-    entry = DETECTORS.get(str(data.get("name", "patchcore")))
-    return entry.config_type.model_validate({"name": data.get("name", "patchcore"), **data})
+    return registered_config(DETECTORS, data, "patchcore")
 
 
 def build_detector(config: DetectorConfig) -> Detector:
@@ -210,4 +198,4 @@ def build_detector(config: DetectorConfig) -> Detector:
 
 
 def detector_class(name: str) -> type[Detector]:
-    return DETECTORS.get(name).detector_type
+    return DETECTORS.get(name).build

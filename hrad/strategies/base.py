@@ -26,7 +26,7 @@ from hrad.features.base import FeatureExtractor
 from hrad.postprocess.device_maps import to_host
 from hrad.postprocess.smoothing import MapScore
 from hrad.progress import ProgressCallback, no_progress
-from hrad.registry import Registry
+from hrad.registry import ConfiguredEntry, Registry, registered_config
 
 
 class StrategyConfig(BaseModel):
@@ -240,24 +240,19 @@ class Strategy(ABC):
         return {"loss": [float(value) for value in losses]} if losses else {}
 
 
-@dataclass(frozen=True)
-class StrategyEntry:
-    config_type: type[StrategyConfig]
-    build: type[Strategy]
-
-
-STRATEGIES: Registry[StrategyEntry] = Registry("strategy")
+#: each strategy's config class and implementation, by name
+STRATEGIES: Registry[ConfiguredEntry[StrategyConfig, type[Strategy]]] = Registry("strategy")
 
 
 def register_strategy(name: str, config_type: type[StrategyConfig], strategy_type: type[Strategy]) -> None:
-    STRATEGIES.register(name, StrategyEntry(config_type=config_type, build=strategy_type))
+    STRATEGIES.register(name, ConfiguredEntry(config_type=config_type, build=strategy_type))
 
 
 def strategy_config(data: dict | StrategyConfig) -> StrategyConfig:
+    """Validate ``data`` into the typed config of the strategy it names (default downsample)."""
     if isinstance(data, StrategyConfig):
         return data
-    name = str(data.get("name", "downsample"))
-    return STRATEGIES.get(name).config_type.model_validate({**data, "name": name})
+    return registered_config(STRATEGIES, data, "downsample")
 
 
 def build_strategy(config: StrategyConfig, detector: DetectorConfig, extractor: FeatureExtractor) -> Strategy:
