@@ -50,7 +50,7 @@ from hrad.export_runtime import (
     OnnxPredictor,
     OpenVINOSession,
     max_difference,
-    onnxruntime_module,
+    onnxruntime_session,
     open_predictor,
     openvino_module,
     write_sidecar,
@@ -344,7 +344,7 @@ def export_openvino(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             openvino.save_model(converted, str(target), compress_to_fp16=precision == "fp16")
-        reference_session = onnxruntime_module().InferenceSession(str(source), providers=["CPUExecutionProvider"])
+        reference_session = onnxruntime_session(source)
         session = OpenVINOSession(target)
         for check in checks:
             pairs = zip(session.run(None, check), reference_session.run(None, check), strict=True)

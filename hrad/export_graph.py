@@ -24,7 +24,7 @@ from hrad.export_runtime import (
     SIDECAR_FORMAT,
     SIDECAR_VERSION,
     max_difference,
-    onnxruntime_module,
+    onnxruntime_session,
 )
 from hrad.features.efficientnet import same_pads
 from hrad.version import __version__
@@ -312,7 +312,7 @@ def fold_pads_into_convs(graph: onnx.ModelProto, feeds: dict[str, np.ndarray]) -
     names = list(dict.fromkeys(name for index, node in enumerate(pads) for name in (node.input[1], f"fold_pads_shape_{index}")))
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in names)
     _prune(probe.graph)
-    session = onnxruntime_module().InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(probe.SerializeToString())
     used = {value.name for value in session.get_inputs()}
     values = dict(zip(names, session.run(names, {name: value for name, value in feeds.items() if name in used}), strict=True))
     dynamic = any(
@@ -389,7 +389,7 @@ def write_verified_onnx(
         graph = onnx.load(temporary)
         if fold_pads_into_convs(graph, {name: value[:1] for name, value in feeds.items()}):
             onnx.save(graph, temporary)
-        session = onnxruntime_module().InferenceSession(temporary, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(temporary)
         batch = len(next(iter(feeds.values())))
         for count in sorted({1, batch}):
             outputs = session.run(None, {name: value[:count] for name, value in feeds.items()})
@@ -407,7 +407,7 @@ def graph_matches(path: Path, module: nn.Module, inputs: dict[str, Tensor]) -> b
     with torch.no_grad():
         expected = module(*inputs.values())
     references = expected if isinstance(expected, tuple) else (expected,)
-    session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path)
     try:
         outputs = session.run(None, {name: value.cpu().numpy() for name, value in inputs.items()})
     except Exception:  # noqa: BLE001 - onnxruntime raises its own error types for shape mismatches

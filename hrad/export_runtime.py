@@ -217,12 +217,32 @@ def _loaded(path: Path, load: Callable[[], Any]) -> Any:
         raise ArtifactError(f"{path}: the runtime cannot load this graph (cut short or damaged? copy or export it again): {reason[:300]}") from None
 
 
-def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
+#: onnxruntime's session config key for whether its intra-op worker threads busy-wait between ops
+SPINNING_KEY = "session.intra_op.allow_spinning"
+
+
+def onnxruntime_session(graph: str | Path | bytes, providers: list[str] | None = None, spinning: bool = False) -> Any:
+    """An onnxruntime ``InferenceSession`` of ``graph`` (a path or the serialized model) on
+    ``providers`` (default: the CPU), the one place hrad creates them (exports' checks included).
+
+    Its intra-op threads sleep between ops unless ``spinning``: onnxruntime lets them busy-wait by
+    default, which on a shared or loaded CPU (2-core CI, a line PC running other software) takes
+    the cores from the work itself."""
+    module = onnxruntime_module()
+    options = module.SessionOptions()
+    options.add_session_config_entry(SPINNING_KEY, "1" if spinning else "0")
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return module.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+
+
+def inference_session(
+    onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None, spinning: bool = False
+) -> Any:
     """A session with ``run(None, feeds)`` for the export at ``onnx_path``: onnxruntime on the ONNX
-    graph, or OpenVINO on the sidecar's IR (``hrad export --format openvino``), else on the ONNX."""
+    graph (its threads busy-waiting between ops only with ``spinning``: :func:`onnxruntime_session`),
+    or OpenVINO on the sidecar's IR (``hrad export --format openvino``), else on the ONNX."""
     if runtime == "onnxruntime":
-        module = onnxruntime_module()
-        return _loaded(onnx_path, lambda: module.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"]))
+        return _loaded(onnx_path, lambda: onnxruntime_session(onnx_path, providers, spinning))
     if runtime == "openvino":
         openvino_files = sidecar.get("openvino") or {}
         path = onnx_path.with_name(openvino_files["xml"]) if "xml" in openvino_files else onnx_path
@@ -230,14 +250,16 @@ def inference_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, pr
     raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
 
 
-def graph_session(onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None) -> Any:
+def graph_session(
+    onnx_path: Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None = None, spinning: bool = False
+) -> Any:
     """A session for one more graph of a multi-graph export (HiAD) beside the sidecar: its OpenVINO
     IR when the export converted it (``sidecar['openvino']['graphs']``), else the ONNX file."""
     if runtime == "openvino":
         converted = (sidecar.get("openvino") or {}).get("graphs", {})
         path = onnx_path.with_name(converted[onnx_path.name]) if onnx_path.name in converted else onnx_path
         return _loaded(path, lambda: OpenVINOSession(path))
-    return inference_session(onnx_path, sidecar, runtime, providers)
+    return inference_session(onnx_path, sidecar, runtime, providers, spinning)
 
 
 def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -364,7 +386,9 @@ class ExportedPredictor:
     #: how ``predict_raw``'s score follows from its map, when it does (HiAD; :attr:`hrad.strategies.base.Strategy.map_score`)
     map_score: MapScore | None = None
 
-    def __init__(self, onnx_path: str | Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None) -> None:
+    def __init__(
+        self, onnx_path: str | Path, sidecar: dict[str, Any], runtime: str, providers: list[str] | None, spinning: bool = False
+    ) -> None:
         self.onnx_path = Path(onnx_path)
         self.sidecar = sidecar
         self.postprocess = PostprocessConfig.model_validate(sidecar["postprocess"])
@@ -379,7 +403,7 @@ class ExportedPredictor:
         self.bit_depth = stored_bit_depth(sidecar.get("bit_depth"), f"{onnx_path} sidecar")
         #: the region of interest every map is finished with (:mod:`hrad.postprocess.roi`)
         self.roi = RegionOfInterest.from_json(sidecar.get("roi"), f"{onnx_path} sidecar")
-        self.session = inference_session(self.onnx_path, sidecar, runtime, providers)
+        self.session = inference_session(self.onnx_path, sidecar, runtime, providers, spinning)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         raise NotImplementedError
@@ -440,13 +464,14 @@ class OnnxPredictor(ExportedPredictor):
         sidecar_path: str | Path | None = None,
         providers: list[str] | None = None,
         runtime: str = "onnxruntime",
+        spinning: bool = False,
     ) -> None:
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise ArtifactError(f"{onnx_path}: ONNX model not found")
         sidecar = load_sidecar(sidecar_path if sidecar_path is not None else onnx_path)
         self.geometry = Geometry(**sidecar["geometry"])
-        super().__init__(onnx_path, sidecar, runtime, providers)
+        super().__init__(onnx_path, sidecar, runtime, providers, spinning)
 
     def score_windows(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tile windows ``N x 3 x h x w`` at image scale -> the graph's ``(maps, scores)``."""
@@ -485,9 +510,9 @@ class OnnxEnsemblePredictor(ExportedPredictor):
     """Runs an exported tiled ensemble (one graph, tile positions as input), equal to :meth:`AnomalyModel.predict`."""
 
     def __init__(
-        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime", spinning: bool = False
     ) -> None:
-        super().__init__(onnx_path, sidecar, runtime, providers)
+        super().__init__(onnx_path, sidecar, runtime, providers, spinning)
         geometry = sidecar["geometry"]
         self.config: dict[str, Any] = geometry["config"]
         self.fitted_size: tuple[int, int] = (int(geometry["fitted_size"][0]), int(geometry["fitted_size"][1]))
@@ -550,9 +575,9 @@ class MRFPredictor(ExportedPredictor):
     graph, its distance maps upsampled and fused, scored by max or top-fraction mean."""
 
     def __init__(
-        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime", spinning: bool = False
     ) -> None:
-        super().__init__(onnx_path, sidecar, runtime, providers)
+        super().__init__(onnx_path, sidecar, runtime, providers, spinning)
         self.geometry: dict[str, Any] = sidecar["geometry"]
         self.fitted_sizes = [tuple(size) for size in self.geometry["scale_sizes"]]
 
@@ -596,17 +621,17 @@ class HiADPredictor(ExportedPredictor):
     (its torch-free arithmetic is :mod:`hrad.hiad_math` and :class:`~hrad.tile_geometry.TileGeometry`)."""
 
     def __init__(
-        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime"
+        self, onnx_path: str | Path, sidecar: dict[str, Any], providers: list[str] | None = None, runtime: str = "onnxruntime", spinning: bool = False
     ) -> None:
-        super().__init__(onnx_path, sidecar, runtime, providers)
+        super().__init__(onnx_path, sidecar, runtime, providers, spinning)
         self.geometry: dict[str, Any] = sidecar["geometry"]
         graphs = sidecar["graphs"]
-        self.pool = [graph_session(self.onnx_path.with_name(graph["onnx"]), sidecar, runtime, providers) for graph in graphs["high"]]
+        self.pool = [graph_session(self.onnx_path.with_name(graph["onnx"]), sidecar, runtime, providers, spinning) for graph in graphs["high"]]
         low = graphs["low"]
-        self.low = None if low is None else graph_session(self.onnx_path.with_name(low["onnx"]), sidecar, runtime, providers)
+        self.low = None if low is None else graph_session(self.onnx_path.with_name(low["onnx"]), sidecar, runtime, providers, spinning)
         # the backbone traced at the low size when the window graph does not run there (older exports: no key)
         low_embedder = graphs.get("low_embedder")
-        self.low_session = self.session if low_embedder is None else graph_session(self.onnx_path.with_name(low_embedder["onnx"]), sidecar, runtime, providers)
+        self.low_session = self.session if low_embedder is None else graph_session(self.onnx_path.with_name(low_embedder["onnx"]), sidecar, runtime, providers, spinning)
         self.window: tuple[int, int] = (int(sidecar["input"]["window"][0]), int(sidecar["input"]["window"][1]))
         assignment = sidecar["assignment"]
         self.kind: str = assignment["kind"]
@@ -708,26 +733,32 @@ class HiADPredictor(ExportedPredictor):
         return returned, pooled_max(scored, int(geometry["score_pool"]))
 
 
-def open_predictor(model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None) -> ExportedPredictor:
+def open_predictor(
+    model_path: str | Path, runtime: str | None = None, providers: list[str] | None = None, spinning: bool = False
+) -> ExportedPredictor:
     """The predictor of any hrad export (tiled/downsample or tiled ensemble), by its sidecar.
 
     ``model_path`` is the ``.onnx`` or, for an OpenVINO export, the ``.xml`` (whose default
-    runtime is then ``openvino``); the sidecar is the ``.json`` next to it.
+    runtime is then ``openvino``); the sidecar is the ``.json`` next to it. ``spinning`` lets
+    onnxruntime's threads busy-wait between ops (faster only on a CPU nothing else uses:
+    :func:`onnxruntime_session`); OpenVINO has no such switch here.
     """
     model_path = Path(model_path)
     if runtime is None:
         runtime = "openvino" if model_path.suffix == ".xml" else "onnxruntime"
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
+    if spinning and runtime != "onnxruntime":
+        raise ConfigError(f"thread spinning (--ort-spinning) is onnxruntime's; runtime {runtime} has no such switch")
     onnx_path = model_path.with_suffix(".onnx")
     if not model_path.is_file():
         raise ArtifactError(f"{model_path}: exported model not found")
     sidecar = load_sidecar(onnx_path)
     strategy = sidecar.get("geometry", {}).get("strategy")
     if strategy == "tiled-ensemble":
-        return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime)
+        return OnnxEnsemblePredictor(onnx_path, sidecar, providers, runtime=runtime, spinning=spinning)
     if strategy == "mrf":
-        return MRFPredictor(onnx_path, sidecar, providers, runtime=runtime)
+        return MRFPredictor(onnx_path, sidecar, providers, runtime=runtime, spinning=spinning)
     if strategy == "hiad":
-        return HiADPredictor(onnx_path, sidecar, providers, runtime=runtime)
-    return OnnxPredictor(onnx_path, providers=providers, runtime=runtime)
+        return HiADPredictor(onnx_path, sidecar, providers, runtime=runtime, spinning=spinning)
+    return OnnxPredictor(onnx_path, providers=providers, runtime=runtime, spinning=spinning)

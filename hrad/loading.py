@@ -13,18 +13,20 @@ from hrad.prediction import Predictor
 EXPORTED_SUFFIXES = (".onnx", ".xml")
 
 
-def load_predictor(model: Path, device: str | None, runtime: str | None) -> Predictor:
+def load_predictor(model: Path, device: str | None, runtime: str | None, ort_spinning: bool = False) -> Predictor:
     """An artifact directory -> its :class:`~hrad.model.AnomalyModel`; an exported ``.onnx`` /
-    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch). Both are a
-    :class:`~hrad.prediction.Predictor`."""
+    ``.xml`` -> :func:`hrad.export_runtime.open_predictor` (no torch; ``ort_spinning``: its
+    onnxruntime threads busy-wait between ops). Both are a :class:`~hrad.prediction.Predictor`."""
     if model.suffix in EXPORTED_SUFFIXES:
         from hrad.export_runtime import open_predictor
 
         if device not in (None, "cpu"):
             raise ConfigError(f"--device {device}: an exported model runs on the CPU (its runtime's CPU provider)")
-        return open_predictor(model, runtime=runtime)
+        return open_predictor(model, runtime=runtime, spinning=ort_spinning)
     if runtime is not None:
         raise ConfigError(f"--runtime {runtime}: only for an exported model (.onnx / .xml written by hrad export), not {model}")
+    if ort_spinning:
+        raise ConfigError(f"--ort-spinning: only for an exported model run by onnxruntime (.onnx written by hrad export), not {model}")
     from hrad.model import load
 
     return load(model, device=device)

@@ -590,13 +590,15 @@ def health_summary(facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_served(model_path: Path, device: str | None, runtime: str | None) -> tuple[Predictor, dict[str, dict[str, Any]]]:
+def _load_served(
+    model_path: Path, device: str | None, runtime: str | None, ort_spinning: bool
+) -> tuple[Predictor, dict[str, dict[str, Any]]]:
     """The model (an :class:`~hrad.model.AnomalyModel`, or an exported model's predictor) and
     what ``/health`` says of it: ``summary`` always, ``details`` with ``--health-details``."""
     from hrad.export_runtime import ExportedPredictor, saved_model_facts
     from hrad.loading import load_predictor
 
-    model = load_predictor(model_path, device, runtime)
+    model = load_predictor(model_path, device, runtime, ort_spinning)
     if isinstance(model, ExportedPredictor):
         sidecar = model.sidecar
         facts = saved_model_facts(sidecar, True, f"{model_path.with_suffix('.json')}")
@@ -632,10 +634,12 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     runtime: str | None = None,
     page: bool = True,
+    ort_spinning: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving the model at ``model_path`` (loaded now, once): an artifact directory,
     or an exported ``.onnx`` / OpenVINO ``.xml`` run by ``runtime`` (onnxruntime or openvino; the
-    default follows the suffix) without torch.
+    default follows the suffix) without torch; ``ort_spinning``: onnxruntime's threads busy-wait
+    between ops (:func:`hrad.export_runtime.onnxruntime_session`).
 
     ``max_pixels`` is the pixel budget of uploads (default: :func:`hrad.data.images.max_pixels`
     when the app is created); ``request_timeout`` bounds each request (body, queue, prediction).
@@ -648,7 +652,7 @@ def create_app(
     if request_timeout <= 0:
         raise InputError(f"request timeout must be positive, got {request_timeout}")
     model_path = Path(model_path)
-    model, served = _load_served(model_path, device, runtime)
+    model, served = _load_served(model_path, device, runtime, ort_spinning)
     budget = current_budget() if max_pixels is None else int(max_pixels)
     lock = threading.Lock()
     metrics = _Metrics()

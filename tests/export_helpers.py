@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch.nn.functional as F
 from conftest import textured_image, with_spot
 from torch import Tensor
 
 from hrad.config import load_config
+from hrad.export_runtime import SPINNING_KEY, onnxruntime_module
 from hrad.features.efficientnet import SameConv2d, same_pads
 from hrad.features.tiny import TinyCNN
 from hrad.model import AnomalyModel
@@ -53,3 +55,22 @@ def same_padding(extractor: TinyCNN, conv_type: type[SameConv2d] = SameConv2d) -
         same = conv_type(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
         same.load_state_dict(conv.state_dict())
         stage[0] = same
+
+
+def recorded_sessions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every onnxruntime ``InferenceSession`` created from now on in this test, in order."""
+    onnxruntime = onnxruntime_module()
+    created: list[Any] = []
+
+    class Recorded(onnxruntime.InferenceSession):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Recorded)
+    return created
+
+
+def spinning(session: Any) -> str:
+    """The session's ``allow_spinning`` entry ("0" / "1"); onnxruntime raises for a session built without it."""
+    return str(session.get_session_options().get_session_config_entry(SPINNING_KEY))

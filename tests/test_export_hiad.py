@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run, write
-from export_helpers import TracedSizeSameConv2d, make_model, same_padding, spotted_image, training_images
+from export_helpers import (
+    TracedSizeSameConv2d,
+    make_model,
+    recorded_sessions,
+    same_padding,
+    spinning,
+    spotted_image,
+    training_images,
+)
 
 from hrad.errors import ConfigError, InputError
 from hrad.export import export_onnx, export_openvino
@@ -214,6 +222,30 @@ def test_what_hiad_export_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     export_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(InputError, match="binds detectors to patch positions"):
         open_predictor(tmp_path / "m.onnx").predict(spotted_image(7, 72, 104, 20, 40, 8))
+
+
+def test_every_onnxruntime_session_sleeps_between_ops_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's threads busy-wait between ops by default, taking a loaded CPU's cores from the
+    work: every session hrad creates (the export's pad folding and checks, the predictor's window,
+    pool and low-branch graphs) has spinning off; ``spinning=True`` turns it on for all the
+    predictor's graphs, same maps."""
+    model = make_model({**HIAD, "assignment": "sca", "num_detectors": 2, "fusion_rates": [0, 1]})
+    same_padding(model.extractor)  # the export's pad-folding probe runs a session too
+    model.fit(training_images(5, 3), training_images(9, 1))
+    sessions = recorded_sessions(monkeypatch)
+    sidecar = json.loads(export_onnx(model, tmp_path / "m.onnx").read_text())
+    exported = len(sessions)
+    assert exported >= 4  # pad probe, verification of each graph, other sizes
+    quiet = open_predictor(tmp_path / "m.onnx")
+    graphs = sidecar["graphs"]
+    assert len(sessions) - exported == 1 + len(graphs["high"]) + (graphs["low"] is not None) + (graphs["low_embedder"] is not None)
+    assert [spinning(session) for session in sessions] == ["0"] * len(sessions)
+    del sessions[:]
+    spinning_predictor = open_predictor(tmp_path / "m.onnx", spinning=True)
+    assert len(sessions) >= 4 and [spinning(session) for session in sessions] == ["1"] * len(sessions)
+    image = spotted_image(6)
+    expected, got = quiet.predict(image), spinning_predictor.predict(image)
+    assert np.array_equal(got.anomaly_map, expected.anomaly_map) and got.score == expected.score
 
 
 def test_cli_export_and_predict_hiad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

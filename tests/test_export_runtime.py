@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from cli_helpers import run, write
-from export_helpers import PATCHCORE, make_model, spotted_image, training_images
+from export_helpers import PATCHCORE, make_model, recorded_sessions, spinning, spotted_image, training_images
 
 from hrad.data.images import read_image
 from hrad.errors import ArtifactError, ConfigError, InputError
@@ -193,6 +193,8 @@ def test_runtime_option_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.
         (["--model", str(tmp_path / "m.onnx"), "--runtime", "tensorrt"], "runtime 'tensorrt' is unknown"),
         (["--model", str(tmp_path / "m.onnx"), "--device", "cuda"], "--device cuda: an exported model runs on the CPU"),
         (["--model", str(tmp_path / "missing.onnx")], "missing.onnx: exported model not found"),
+        (["--model", str(tmp_path / "model"), "--ort-spinning"], "--ort-spinning: only for an exported model run by onnxruntime"),
+        (["--model", str(tmp_path / "m.onnx"), "--runtime", "openvino", "--ort-spinning"], "runtime openvino has no such switch"),
     ]
     for args, message in cases:
         capsys.readouterr()
@@ -201,6 +203,23 @@ def test_runtime_option_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
     with pytest.raises(ConfigError):
         open_predictor(tmp_path / "m.onnx", runtime="tensorrt")
+
+
+def test_ort_spinning_lets_predicts_onnxruntime_threads_spin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hrad predict`` on an export: onnxruntime's threads sleep between ops, and with
+    ``--ort-spinning`` busy-wait (onnxruntime's own default), same scores."""
+    model = make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2))
+    export_onnx(model, tmp_path / "m.onnx")
+    write(tmp_path / "a.png", spotted_image(2))
+    sessions = recorded_sessions(monkeypatch)
+    scores = []
+    for flag, expected in (([], "0"), (["--ort-spinning"], "1")):
+        del sessions[:]
+        out = tmp_path / f"out{expected}"
+        assert run(["predict", "--model", str(tmp_path / "m.onnx"), *flag, str(tmp_path / "a.png"), "--out", str(out)], monkeypatch) == 0
+        assert [spinning(session) for session in sessions] == [expected]
+        scores.append(next(csv.DictReader((out / "scores.csv").open()))["score"])
+    assert scores[0] == scores[1]
 
 
 def test_a_cut_short_or_missing_graph_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,6 +292,8 @@ def test_serve_runtime_option_is_for_exports_only(tmp_path: Path) -> None:
     make_model({"name": "downsample", "image_size": 64}).fit(training_images(1, 2)).save(tmp_path / "model")
     with pytest.raises(ConfigError, match="--runtime openvino: only for an exported model"):
         create_app(tmp_path / "model", runtime="openvino")
+    with pytest.raises(ConfigError, match="--ort-spinning: only for an exported model"):
+        create_app(tmp_path / "model", ort_spinning=True)
 
 
 def test_exported_predictor_refuses_far_smaller_images_as_the_model_does(tmp_path: Path) -> None:

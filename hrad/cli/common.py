@@ -30,6 +30,12 @@ EXIT_TERMINATED = 143
 #: each image more in a batch holds two more decoded images (benchmarks/results/predict_pipeline.md)
 DEFAULT_BATCH_IMAGES = 1
 
+#: hrad predict / evaluate / serve: the switch of :func:`hrad.export_runtime.onnxruntime_session`
+ORT_SPINNING_HELP = (
+    "Exported models on onnxruntime: its threads busy-wait between ops (off by default: on a shared or "
+    "loaded CPU they take the cores from the work; export_spinning.md in benchmarks/results)"
+)
+
 
 class MapFormat(str, Enum):
     png16 = "png16"

@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from hrad import strict_json
-from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, tracking
+from hrad.cli.common import DEFAULT_BATCH_IMAGES, EXIT_SOME_FAILED, ORT_SPINNING_HELP, tracking
 from hrad.cli.progress import console, print_warning, progress_bars
 from hrad.errors import InputError
 from hrad.loading import load_predictor
@@ -59,6 +59,7 @@ def evaluate(
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
+    ort_spinning: Annotated[bool, typer.Option("--ort-spinning", help=ORT_SPINNING_HELP)] = False,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -91,7 +92,7 @@ def evaluate(
     if not samples:
         raise InputError(f"{data}: no labelled test images")
     EVALUATION_REPORT.check(out)  # before the model loads: new, empty or a previous report (replaced whole)
-    fitted = load_predictor(model, None, runtime)
+    fitted = load_predictor(model, None, runtime, ort_spinning)
     given = (threshold, pixel_threshold, sigmas) != (None, None, None)
     decision = fitted.decision_thresholds(threshold, pixel_threshold, sigmas) if given else None  # a bad value fails here
     warnings = _ConsoleWarnings()

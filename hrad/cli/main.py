@@ -24,6 +24,7 @@ from hrad.cli.calibrate import FEW_IMAGES, calibrate
 from hrad.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    ORT_SPINNING_HELP,
     Terminated,
     counted,
     print_error,
@@ -353,6 +354,7 @@ def serve(
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
+    ort_spinning: Annotated[bool, typer.Option("--ort-spinning", help=ORT_SPINNING_HELP)] = False,
     no_page: Annotated[
         bool, typer.Option("--no-page", help="No page at GET / (by default it lets a browser drop images on the model)")
     ] = False,
@@ -404,6 +406,7 @@ def serve(
         "health_details": health_details,
         "max_queue": max_queue,
         "runtime": runtime,
+        "ort_spinning": ort_spinning,
         "page": not no_page,
     }
     app_ = create_app(**settings)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import typer
 
 from hrad.cli.common import (
     DEFAULT_BATCH_IMAGES,
+    ORT_SPINNING_HELP,
     MapFormat,
     Terminated,
     print_error,
@@ -49,6 +50,7 @@ def predict(
     runtime: Annotated[
         str | None, typer.Option(help="Exported models: onnxruntime or openvino (default: openvino for .xml, else onnxruntime)")
     ] = None,
+    ort_spinning: Annotated[bool, typer.Option("--ort-spinning", help=ORT_SPINNING_HELP)] = False,
     batch_images: Annotated[
         int, typer.Option(min=1, metavar="N", help="Images predicted together (their tiles share backbone batches; up to 2N are decoded ahead); 1 = one at a time")
     ] = DEFAULT_BATCH_IMAGES,
@@ -99,7 +101,7 @@ def predict(
     images, folders = watched_images(paths) if watch else (expand_image_paths(paths), [])
     prepare_output_dir(out, paths)
     watcher = FolderWatch(folders, seen=images) if watch else None  # the files as listed, before any is predicted
-    fitted = load_predictor(model, device, runtime)
+    fitted = load_predictor(model, device, runtime, ort_spinning)
     decided = fitted.decision_thresholds(threshold, pixel_threshold, sigmas)  # a bad override fails before any image
     writer = PredictionWriter(
         out, fitted.thresholds, map_format=map_format.value, overlays=overlays, masks=masks, regions=regions, thumbnails=summary
