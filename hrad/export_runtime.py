@@ -227,7 +227,8 @@ def onnxruntime_session(graph: str | Path | bytes, providers: list[str] | None =
 
     Its intra-op threads sleep between ops unless ``spinning``: onnxruntime lets them busy-wait by
     default, which on a shared or loaded CPU (2-core CI, a line PC running other software) takes
-    the cores from the work itself."""
+    the cores from the work itself: on a loaded 2-core CPU, predict time off / on was 0.77 (HiAD),
+    0.85 (tiled ensemble) and 0.88 (MRF) (``benchmarks/results/export_spinning.md``)."""
     module = onnxruntime_module()
     options = module.SessionOptions()
     options.add_session_config_entry(SPINNING_KEY, "1" if spinning else "0")
