@@ -49,9 +49,17 @@ SIZE_COLUMNS = ["setup", "aupro_30_q1", "aupro_30_q2", "aupro_30_q3", "aupro_30_
 
 
 def subset(dataset: Dataset, n_train: int | None, n_test: int | None, seed: int = 0) -> tuple[list[Path], list[Sample]]:
-    """First ``n_train`` training images (sorted) and a seeded, label-stratified test subset."""
+    """``n_train`` training images (sorted) and a seeded, label-stratified test subset.
+
+    Seed 0 takes the first ``n_train`` training images by name, as every results file written
+    before other seeds drew their own; any other seed draws them at random (the few-shot draw of
+    benchmarks/students.py), so a second seed varies the training images too. ``n_train`` 0 or
+    None: all of them."""
     _note_capsules([dataset.root])
-    train = sorted(dataset.train)[: n_train or None]
+    train = sorted(dataset.train)
+    if seed != 0 and n_train and n_train < len(train):
+        train = sorted(random.Random(seed).sample(train, n_train))
+    train = train[: n_train or None]
     labelled = [s for s in dataset.test if s.label >= 0]
     if not n_test or n_test >= len(labelled):
         return train, labelled
@@ -131,19 +139,38 @@ def add_texture_and_capsules_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capsules-test", type=int, default=30)
 
 
-def texture_and_capsules(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, list[Path], list[Sample]]]:
+def texture_and_capsules(args: argparse.Namespace, work: Path, seed: int = 0) -> Iterator[tuple[str, list[Path], list[Sample]]]:
     """(name, training paths, test samples) per dataset of :func:`add_texture_and_capsules_arguments`:
-    each texture made with ``make_demo_dataset`` (seed 0) under ``work``, then capsules (seeded subset)."""
+    each texture made with ``make_demo_dataset`` (``seed``) under ``work``, then capsules (a
+    :func:`subset` drawn with ``seed``)."""
     for texture in args.textures:
         root = make_demo_dataset(
             work / texture, image_size=args.size, n_train=args.demo_train, n_test_good=args.demo_test,
-            n_test_bad=args.demo_test, texture=texture,
+            n_test_bad=args.demo_test, seed=seed, texture=texture,
         )  # fmt: skip
         dataset = load_dataset(root)
         yield f"demo {texture}", sorted(dataset.train), list(dataset.test)
     if args.capsules_train:
-        train, test = subset(capsules(), args.capsules_train, args.capsules_test)
+        train, test = subset(capsules(), args.capsules_train, args.capsules_test, seed=seed)
         yield "VisA capsules", list(train), test
+
+
+def texture_and_capsules_notes(args: argparse.Namespace, seed: int = 0) -> str:
+    """The results header's sentence on the datasets :func:`texture_and_capsules` gave for these
+    arguments and ``seed``: only those that ran, with their sizes."""
+    parts = []
+    if args.textures:
+        parts.append(
+            f"Synthetic textures ({', '.join(args.textures)}): make_demo_dataset at {args.size}x{args.size}, seed {seed}, "
+            f"{args.demo_train} training images, {args.demo_test} good + {args.demo_test} anomalous test images."
+        )
+    if args.capsules_train:
+        chosen = "the first by name" if seed == 0 else f"drawn with seed {seed}"
+        parts.append(
+            f"VisA capsules: {args.capsules_train} training images ({chosen}), {args.capsules_test or 'all'} test images "
+            f"(label-stratified subset, seed {seed})."
+        )
+    return " ".join(parts) or "No datasets."
 
 
 def write_results(name: str, rows: list[dict[str, Any]], notes: str, columns: Sequence[str] = MAIN_COLUMNS, extra_tables: dict[str, Sequence[str]] | None = None) -> Path:

@@ -14,11 +14,16 @@ pixel AUROC and AUPRO@30 (hrad's exact streaming metrics) of its map, per settin
 branch's ratio at the image border (an edge middle's) and how many low-map cells it corrects,
 its ratio at the corner cell, and the returned map's own border ratio (the one learned after the
 branches' max) in each setting. ``--pools`` picks the pools; ``--set KEY=VALUE`` sets other HiAD
-fields (YAML values) in both settings.
+fields (YAML values) in both settings. ``--seed`` (default 0, every results file before it) seeds the
+data and the fit: the demo textures' generation, capsules' training and test subsets
+(``benchmarks.common.subset``: seed 0 the first training images by name, others a seeded draw), and
+the model's, detector's and HiAD's seeds (held-out split, torch, PatchCore's patch sample and
+projection, the pool assignment's KMeans and the pseudo-anomalies).
 
     PYTHONPATH=. python benchmarks/hiad_low_border.py --textures gravel brick grass --capsules-train 30 --capsules-test 30
     PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle balance_branches --out hiad_branch_balance
     PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle low_border_corners --pools sca-4 --out hiad_low_border_corners
+    PYTHONPATH=. python benchmarks/hiad_low_border.py --toggle balance_branches --seed 1 --out hiad_branch_balance_corners_seed1
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from hrad.config import load_config
 from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
@@ -83,6 +93,7 @@ def main() -> None:
     parser.add_argument("--toggle", default="low_border_calibration", choices=["low_border_calibration", "balance_branches", "low_border_corners"])
     parser.add_argument("--pools", nargs="+", default=list(POOLS), choices=list(POOLS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other hiad strategy fields (yaml values)")
+    parser.add_argument("--seed", type=int, default=0, help="data subsets, demo textures and the fits' seeds")
     parser.add_argument("--out", default="hiad_low_border")
     args = parser.parse_args()
     import yaml
@@ -90,10 +101,11 @@ def main() -> None:
     extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
-        for name, train, test in texture_and_capsules(args, Path(work)):
+        for name, train, test in texture_and_capsules(args, Path(work), seed=args.seed):
             for pool in args.pools:
-                strategy = {"name": "hiad", "patch_size": 512, **POOLS[pool], **extra, args.toggle: True}
-                config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": DETECTOR, "strategy": strategy})
+                strategy = {"name": "hiad", "patch_size": 512, "seed": args.seed, **POOLS[pool], **extra, args.toggle: True}
+                detector = {**DETECTOR, "seed": args.seed}
+                config = load_config(None, {"backbone": {"name": "efficientnet-lite0"}, "detector": detector, "strategy": strategy, "seed": args.seed})
                 print(f"[{name} {pool}] fitting on {len(train)} images ...", file=sys.stderr, flush=True)
                 model = AnomalyModel(config).fit(ImageList(train))
                 _, held = model._split(ImageList(train))  # the fit's own held-out images
@@ -111,7 +123,7 @@ def main() -> None:
     notes = (
         "HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; 512-pixel "
         f"patches, low branch at 512 px{', ' + str(extra) if extra else ''}), 20% of the training images held out for "
-        f"calibration and thresholds; one run, seed 0. `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
+        f"calibration and thresholds; one run, seed {args.seed} (data, the model's, detector's and HiAD's seeds). `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
         "ratios before the branches' max; balance_branches: the branch whose held-out good images peak higher has its "
         "min-max range widened until both branches' mean peaks agree; low_border_corners: the low branch's ratios a "
         "table by (row, column) distance from the border, the two edge profiles' excesses added, instead of by the "
@@ -119,9 +131,8 @@ def main() -> None:
         "again on the same held-out images without it. "
         "`low_ratio0` / `low_corner0` / `low_cells`: the low branch's ratio at the image border (an edge middle's), at "
         "its corner cell, and the depth in low-map cells it corrects; "
-        "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). Synthetic textures: "
-        "make_demo_dataset at 1024x1024, seed 0, 10 training images, 10 good + 10 anomalous test images. Capsules: "
-        "seeded, label-stratified subsets. See the script's docstring."
+        "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). "
+        f"{texture_and_capsules_notes(args, args.seed)} See the script's docstring."
     )
     write_results(args.out, rows, notes, COLUMNS)
 
