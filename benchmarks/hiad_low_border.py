@@ -87,6 +87,33 @@ def ratios_row(model: AnomalyModel) -> dict[str, Any]:
     }
 
 
+def notes(args: argparse.Namespace, extra: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The results header: the setup, the datasets with rows so far, and whether every fit asked for ran."""
+    names = {row["dataset"] for row in rows}
+    ran = argparse.Namespace(**{
+        **vars(args),
+        "textures": [texture for texture in args.textures if f"demo {texture}" in names],
+        "capsules_train": args.capsules_train if "VisA capsules" in names else 0,
+    })  # fmt: skip
+    fits = len({(row["dataset"], row["pool"]) for row in rows})
+    wanted = (len(args.textures) + bool(args.capsules_train)) * len(args.pools)
+    progress = "" if fits == wanted else f"Incomplete: {fits} of the command's {wanted} (dataset, pool) fits ran. "
+    return (
+        f"{progress}HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; 512-pixel "
+        f"patches, low branch at 512 px{', ' + str(extra) if extra else ''}), 20% of the training images held out for "
+        f"calibration and thresholds; one run, seed {args.seed} (data, the model's, detector's and HiAD's seeds). `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
+        "ratios before the branches' max; balance_branches: the branch whose held-out good images peak higher has its "
+        "min-max range widened until both branches' mean peaks agree; low_border_corners: the low branch's ratios a "
+        "table by (row, column) distance from the border, the two edge profiles' excesses added, instead of by the "
+        "distance to the nearest side), then off: the same fitted detectors calibrated "
+        "again on the same held-out images without it. "
+        "`low_ratio0` / `low_corner0` / `low_cells`: the low branch's ratio at the image border (an edge middle's), at "
+        "its corner cell, and the depth in low-map cells it corrects; "
+        "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). "
+        f"{texture_and_capsules_notes(ran, args.seed)} See the script's docstring."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_texture_and_capsules_arguments(parser)
@@ -120,21 +147,7 @@ def main() -> None:
                     row.update(ratios_row(model))
                     rows.append(row)
                     print(row, flush=True)
-    notes = (
-        "HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; 512-pixel "
-        f"patches, low branch at 512 px{', ' + str(extra) if extra else ''}), 20% of the training images held out for "
-        f"calibration and thresholds; one run, seed {args.seed} (data, the model's, detector's and HiAD's seeds). `setting`: {args.toggle} on (low_border_calibration: the low branch's map divided by its own border "
-        "ratios before the branches' max; balance_branches: the branch whose held-out good images peak higher has its "
-        "min-max range widened until both branches' mean peaks agree; low_border_corners: the low branch's ratios a "
-        "table by (row, column) distance from the border, the two edge profiles' excesses added, instead of by the "
-        "distance to the nearest side), then off: the same fitted detectors calibrated "
-        "again on the same held-out images without it. "
-        "`low_ratio0` / `low_corner0` / `low_cells`: the low branch's ratio at the image border (an edge middle's), at "
-        "its corner cell, and the depth in low-map cells it corrects; "
-        "`map_ratio0`: the returned map's own border ratio at the border (learned after the max). "
-        f"{texture_and_capsules_notes(args, args.seed)} See the script's docstring."
-    )
-    write_results(args.out, rows, notes, COLUMNS)
+                write_results(args.out, rows, notes(args, extra, rows), COLUMNS)  # a stopped run keeps its rows
 
 
 if __name__ == "__main__":
