@@ -65,8 +65,9 @@ class HiADConfig(ContextTilingConfig):
     #: the score rule) has its range widened until both branches' normal peaks agree, so neither
     #: branch's normal texture outranks the other's defects in the max (min-max alone sets each
     #: branch's pseudo-anomaly peak to 1, not their normal peaks level). Not in the paper. Off by
-    #: default: measured, it helped SCA pools on textures and hurt A2O on some
-    #: (benchmarks/results/hiad_branch_balance.md)
+    #: default. At two seeds it helped SCA pools on textures both times, but at seed 1 it hurt A2O
+    #: on textures (gravel AUPRO@30 off 0.97, on 0.86) and on capsules SCA lost a little at both seeds
+    #: (benchmarks/results/hiad_branch_balance_corners.md, hiad_branch_balance_corners_seed1.md)
     balance_branches: bool = False
     #: Gaussian sigma (full-resolution pixels) applied to the returned map; 0 (default) leaves
     #: smoothing to the model's post-processing, whose default is the reference's sigma 4

@@ -16,8 +16,9 @@ decide good images' scores after the max (``benchmarks/hiad_branch_border.py``).
 branches' normal peaks agree: not in the paper either; min-max puts each branch's
 pseudo-anomaly peak at 1, not its normal peaks level with the other's, so a branch whose good
 images peak high decided good images' scores over the other's defects
-(``benchmarks/hiad_image_score.py``); measured, it helped SCA pools on hrad's textures and hurt
-A2O on some (``benchmarks/results/hiad_branch_balance.md``).
+(``benchmarks/hiad_image_score.py``). Measured at two seeds, it helped SCA pools on hrad's textures
+both times, but hurt A2O on some textures at one seed
+(``benchmarks/results/hiad_branch_balance_corners.md``, ``..._seed1.md``).
 
 Post-processing follows the reference: image score = max of the 16 x 16 (stride 1)
 average-pooled final map after a sigma-4 Gaussian blur (``score_sigma``). The returned map is
