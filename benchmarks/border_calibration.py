@@ -35,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    RESULTS,
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from hrad.config import load_config
 from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
@@ -158,9 +164,7 @@ def main() -> None:
         f"PatchCore on {args.backbone} (the demo's bank: max_fit_patches 60000, max_bank_size 6000), 20% of the training "
         "images held out for thresholds and the border ratios; one run. Each test image is predicted once; its raw map "
         "is finished without (off) and with (on) the model's border ratios, so the two rows of a setup differ only by the "
-        f"calibration. Synthetic textures: make_demo_dataset at {args.size}x{args.size}, seed 0, {args.demo_train} training "
-        f"images, {args.demo_test} good + {args.demo_test} anomalous test images. Capsules: {args.capsules_train} training "
-        f"images, {args.capsules_test} test images (seeded, label-stratified). ratio_at_border: the learned ratio at the "
+        f"calibration. {texture_and_capsules_notes(args)} ratio_at_border: the learned ratio at the "
         "outermost pixel ring; corrected_px: how deep the calibration reaches. border_over_inner and normal_max_on_border: "
         "see the script's docstring."
     )

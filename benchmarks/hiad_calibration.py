@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    RESULTS,
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from hrad.config import load_config
 from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
@@ -144,10 +150,8 @@ def main() -> None:
         "(the demo's bank: max_fit_patches 60000, max_bank_size 6000); 20% of the training images held out for the "
         "calibration (each also with pasted pseudo-anomalies) and thresholds; one run, seed 0. The two rows of a dataset "
         "come from two fits with the same seed whose detectors are equal (same_detectors) and differ only in "
-        "strategy.shared_anomaly_peak. Synthetic textures: make_demo_dataset at "
-        f"{args.size}x{args.size}, seed 0, {args.demo_train} training images, {args.demo_test} good + {args.demo_test} "
-        f"anomalous test images. Capsules: {args.capsules_train} training images, {args.capsules_test} test images "
-        "(seeded, label-stratified). See the script's docstring for the columns."
+        "strategy.shared_anomaly_peak. "
+        f"{texture_and_capsules_notes(args)} See the script's docstring for the columns."
     )
     columns = ["dataset", "rule", "image_auroc", "pixel_auroc", "pixel_ap", "aupro_30", "aupro_05", "lifted", "max_spread", "normal_max_high_over_low", "same_detectors", "n_train", "n_test"]
     with tempfile.TemporaryDirectory(prefix="hrad_hiad_calibration_") as work:

@@ -26,7 +26,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from benchmarks.common import add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from benchmarks.hiad_border_corners import fit_sca4
 from hrad.data.images import read_image
 from hrad.metrics import image_metrics
@@ -101,9 +106,8 @@ def main() -> None:
         "for calibration and thresholds; one run, seed 0. `low`: the low branch's border ratios by the nearest side or "
         "the 2-D corner table (same fitted detectors, calibrated again); `map`: the returned map's border ratios, learned "
         "on the same held-out images, by either rule. `map_corner0` / `map_edge0`: the returned map's ratio at the corner "
-        "pixel and at an edge middle's border pixel. Synthetic textures: make_demo_dataset at "
-        f"{args.size}x{args.size}, seed 0, {args.demo_train} training images, {args.demo_test} good + {args.demo_test} "
-        "anomalous test images. See the script's docstring."
+        "pixel and at an edge middle's border pixel. "
+        f"{texture_and_capsules_notes(args)} See the script's docstring."
     )
     write_results(args.out, rows, notes, COLUMNS)
 

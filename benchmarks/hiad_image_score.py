@@ -38,7 +38,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from benchmarks.common import RESULTS, add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    RESULTS,
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from hrad.config import load_config
 from hrad.data.datasets import Sample
 from hrad.data.images import ImageList, read_image
@@ -240,10 +246,8 @@ def main() -> None:
         f"PatchCore on {args.backbone} (the demo's bank: max_fit_patches 60000, max_bank_size 6000); tiled-512 and HiAD "
         f"({args.patch}-pixel patches, low branch on, SCA with {args.detectors} detectors or A2O{', ' + str(extra) if extra else ''}), "
         "20% of the training images held out for the calibration and thresholds; one run, seed 0. Each test image "
-        "is predicted once; its maps are finished without and with the border ratios. Synthetic textures: "
-        f"make_demo_dataset at {args.size}x{args.size}, seed 0, {args.demo_train} training images, {args.demo_test} good + "
-        f"{args.demo_test} anomalous test images. Capsules: {args.capsules_train} training images, {args.capsules_test} test "
-        "images (seeded, label-stratified). See the script's docstring for the columns."
+        "is predicted once; its maps are finished without and with the border ratios. "
+        f"{texture_and_capsules_notes(args)} See the script's docstring for the columns."
     )
     columns = [
         "dataset", "setup", "map", "border", "image_auroc_scaled", "image_auroc_pooled", "image_auroc_max",
