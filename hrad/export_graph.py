@@ -420,7 +420,7 @@ def graph_matches(path: Path, module: nn.Module, inputs: dict[str, Tensor]) -> b
 
 def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
     """What every export's sidecar starts with: format, versions, the graph's file name,
-    postprocess, the 16-bit images' significant bits, the region of interest and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a
+    postprocess, the 16-bit images' significant bits, the training images' pixel type, the region of interest and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a
     predictor can move them by sigmas and scale maps as ``hrad predict`` does)."""
     thresholds = model.thresholds
     return {
@@ -433,6 +433,8 @@ def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
         # 16-bit images of this many significant bits are scaled to the full 16-bit range first
         # (x 65535 / (2**bits - 1), rounded, saturating); null: as stored (hrad.data.bit_depth)
         "bit_depth": model.bit_depth,
+        # the training images' pixel type (8-bit, 16-bit or float: hrad info); older sidecars have none
+        "pixel_type": model.pixel_type,
         # the region of interest (hrad.postprocess.roi): a PNG mask, stretched to each image
         "roi": model.roi.to_json() if model.roi is not None else None,
     }

@@ -132,7 +132,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> tu
         "backbone_weights": weights,
         "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
         "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
-        "pixel_type": record.get("pixel_type"),  # of the training images (None: an export, or saved before it was kept)
+        "pixel_type": record.get("pixel_type"),  # of the training images (None: saved or exported before it was kept)
         "region_of_interest": (
             {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
         ),

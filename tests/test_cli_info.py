@@ -18,7 +18,7 @@ from export_helpers import make_model, training_images
 import hrad
 from hrad.artifact import MANIFEST
 from hrad.errors import ArtifactError
-from hrad.export import export_onnx
+from hrad.export import export_onnx, open_predictor
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +219,20 @@ def test_every_export_kind_records_its_backbone_weights(
 def test_info_names_the_training_images_pixel_type(saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = info(saved / "model", monkeypatch, capsys)
     assert status == 0 and "pixel_type: 16-bit, as the images it was fitted on (hrad calibrate warns of good images of another type)" in out
-    status, out, _ = info(saved / "model.onnx", monkeypatch, capsys)
-    assert status == 0 and "pixel_type" not in out  # an export's sidecar does not keep it
     older = copy_model(saved, tmp_path, lambda manifest: manifest.pop("pixel_type"))
     status, out, _ = info(older, monkeypatch, capsys)
     assert status == 0 and "pixel_type: not recorded (saved before hrad kept it)" in out
+
+
+def test_info_on_an_export_names_the_training_images_pixel_type(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar did not keep it: info on an export could not tell what the model was fitted on.
+    An older sidecar without it still loads, predicts and says it does not know."""
+    status, out, _ = info(saved / "model.onnx", monkeypatch, capsys)
+    assert status == 0 and "pixel_type: 16-bit, as the images it was fitted on\n" in out
+    older = copy_export(saved, tmp_path, lambda sidecar: sidecar.pop("pixel_type"))
+    status, out, _ = info(older, monkeypatch, capsys)
+    assert status == 0 and "pixel_type: not recorded (saved before hrad kept it)\n" in out
+    image = np.rint(training_images(9, 1, 64, 96)[0] * 4095).astype(np.uint16)
+    assert open_predictor(older).predict(image).score == pytest.approx(open_predictor(saved / "model.onnx").predict(image).score)

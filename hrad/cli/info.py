@@ -80,9 +80,9 @@ def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
         ),
         "thresholds": "none (no held-out normal images)",
     }  # fmt: skip
-    if "export" not in kind:  # an export's sidecar does not keep it (hrad calibrate takes model directories only)
-        pixel_type = facts.get("pixel_type")
-        lines["pixel_type"] = f"{pixel_type}, as the images it was fitted on (hrad calibrate warns of good images of another type)" if pixel_type else None
+    pixel_type = facts.get("pixel_type")
+    calibrate = "" if "export" in kind else " (hrad calibrate warns of good images of another type)"  # it takes model directories only
+    lines["pixel_type"] = f"{pixel_type}, as the images it was fitted on{calibrate}" if pixel_type else None
     if thresholds:
         text = f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}"
         if thresholds["sigmas"] is not None:
