@@ -31,7 +31,7 @@ from PIL import Image
 from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
 from hrad.data.images import as_image, atomic_write, model_input
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named, warn
 from hrad.hiad_math import (
     bilinear_weights,
     cell_centres,
@@ -60,6 +60,7 @@ from hrad.prediction import (
     check_image_size,
     check_pool_size,
     decision_thresholds,
+    scale_problem,
 )
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
@@ -373,6 +374,13 @@ class Geometry:
             return self.tile, self.tile
         return _long_side_size(height, width, self.long_side)
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """As :meth:`hrad.strategies.tiled.TiledStrategy.input_scale`: square-padded first, then resized."""
+        if self.pad_to_square:
+            height = width = max(height, width)
+        working_height, working_width = self.working_size(height, width)
+        return working_height / height, working_width / width
+
     def layout(self, height: int, width: int) -> TileLayout:
         if self.strategy == "downsample":
             side = max(height, width)
@@ -404,10 +412,32 @@ class ExportedPredictor:
         self.bit_depth = stored_bit_depth(sidecar.get("bit_depth"), f"{onnx_path} sidecar")
         #: the region of interest every map is finished with (:mod:`hrad.postprocess.roi`)
         self.roi = RegionOfInterest.from_json(sidecar.get("roi"), f"{onnx_path} sidecar")
+        #: what scales an image before its features, in the scale warning's words (None: an older
+        #: export, which does not warn)
+        self.resizing: str | None = sidecar.get("resizing")
+        self._scale_told = False  # told of an image scaled unlike the training images already
         self.session = inference_session(self.onnx_path, sidecar, runtime, providers, spinning)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         raise NotImplementedError
+
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """The factors (rows, columns) a ``height x width`` image is scaled by before its
+        features, as the strategy's :meth:`~hrad.strategies.base.Strategy.input_scale`.
+        Default: native resolution."""
+        return 1.0, 1.0
+
+    def _tell_scale(self, image: np.ndarray, name: str) -> None:
+        """As :meth:`hrad.model.AnomalyModel.predict`: one warning, the first time only, when the
+        export scales an image unlike the training images (same words: :func:`~hrad.prediction.scale_problem`)."""
+        if self._scale_told or self.resizing is None or self.fitted_size is None:
+            return
+        height, width = image.shape[:2]
+        scale, fitted = self.input_scale(height, width), self.input_scale(*self.fitted_size)
+        problem = scale_problem(name, (height, width), self.fitted_size, scale, fitted, self.resizing)
+        if problem is not None:
+            self._scale_told = True
+            warn(problem, stacklevel=3)  # the caller of predict
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
@@ -424,10 +454,12 @@ class ExportedPredictor:
         name: str | None = None,
     ) -> Prediction:
         """Smoothed full-resolution map, image score and threshold decisions, as the model gives
-        them (``name`` as for :meth:`hrad.model.AnomalyModel.predict`)."""
+        them (``name`` as for :meth:`hrad.model.AnomalyModel.predict`, which warns as this does
+        of the first image scaled unlike the training images: :meth:`_tell_scale`)."""
         pixels, name = model_input(image, self.bit_depth, name)
         array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
+        self._tell_scale(array, name)
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does
@@ -473,6 +505,9 @@ class OnnxPredictor(ExportedPredictor):
         sidecar = load_sidecar(sidecar_path if sidecar_path is not None else onnx_path)
         self.geometry = Geometry(**sidecar["geometry"])
         super().__init__(onnx_path, sidecar, runtime, providers, spinning)
+
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        return self.geometry.input_scale(height, width)
 
     def score_windows(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tile windows ``N x 3 x h x w`` at image scale -> the graph's ``(maps, scores)``."""
@@ -522,6 +557,12 @@ class OnnxEnsemblePredictor(ExportedPredictor):
         self.window: tuple[int, int] = (int(sidecar["input"]["tiles"][-2]), int(sidecar["input"]["tiles"][-1]))
         self.normalization = {key: np.asarray(value, dtype=np.float64) for key, value in sidecar["normalization"].items()}
 
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """Every image is resized to the fitted working size (without ``image_size`` it must be of the fitted size)."""
+        if self.config["image_size"] is None:
+            return 1.0, 1.0
+        return self.work_size[0] / height, self.work_size[1] / width
+
     def _normalize(self, values: np.ndarray, kind: str, index: int) -> np.ndarray:
         return (values - self.normalization[f"{kind}_shift"][index]) / self.normalization[f"{kind}_scale"][index]
 
@@ -558,12 +599,18 @@ class OnnxEnsemblePredictor(ExportedPredictor):
         return resize(merged.astype(np.float32), (height, width)).astype(np.float32), score
 
 
+def _mrf_working_size(height: int, width: int, pixel_budget: int | None) -> tuple[int, int]:
+    """As :func:`hrad.strategies.mrf.working_size`: about ``pixel_budget`` pixels, the input's aspect."""
+    if pixel_budget is None:
+        return height, width
+    factor = math.sqrt(pixel_budget / (height * width))
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def _mrf_scale_sizes(height: int, width: int, geometry: dict[str, Any]) -> list[tuple[int, int]]:
     """Backbone input size at each scale: :meth:`hrad.strategies.mrf.MRFStrategy.scale_sizes`' arithmetic."""
-    budget, multiple = geometry["pixel_budget"], int(geometry["input_multiple"])
-    if budget is not None:
-        factor = math.sqrt(budget / (height * width))
-        height, width = max(1, round(height * factor)), max(1, round(width * factor))
+    multiple = int(geometry["input_multiple"])
+    height, width = _mrf_working_size(height, width, geometry["pixel_budget"])
 
     def rounded(side: float) -> int:
         return max(multiple, int(round(round(side) / multiple)) * multiple)
@@ -581,6 +628,10 @@ class MRFPredictor(ExportedPredictor):
         super().__init__(onnx_path, sidecar, runtime, providers, spinning)
         self.geometry: dict[str, Any] = sidecar["geometry"]
         self.fitted_sizes = [tuple(size) for size in self.geometry["scale_sizes"]]
+
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        working_height, working_width = _mrf_working_size(height, width, self.geometry["pixel_budget"])
+        return working_height / height, working_width / width
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         geometry = self.geometry
@@ -648,6 +699,13 @@ class HiADPredictor(ExportedPredictor):
         self.weights = dict(zip((int(r) for r in self.geometry["rates"]), (float(w) for w in self.geometry["weights"]), strict=True))
         if float(self.geometry["smoothing_sigma"]) == 0:  # as HiAD.map_score
             self.map_score = MapScore(float(self.geometry["score_sigma"]), int(self.geometry["score_pool"]))
+
+    def input_scale(self, height: int, width: int) -> tuple[float, float]:
+        """As :meth:`hrad.strategies.hiad.HiAD.input_scale`: the low branch's factors, else native."""
+        if self.low is None:
+            return 1.0, 1.0
+        low_height, low_width = low_branch_size(height, width, int(self.geometry["low_res_size"]), int(self.geometry["multiple"]))
+        return low_height / height, low_width / width
 
     def _embed(self, images: np.ndarray, session: Any = None) -> np.ndarray:
         (embeddings,) = (session or self.session).run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})

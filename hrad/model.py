@@ -37,7 +37,14 @@ from hrad.postprocess.smoothing import smooth_and_score
 from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
 from hrad.prediction import Prediction as Prediction
 from hrad.prediction import Thresholds as Thresholds
-from hrad.prediction import check_finite, check_image_size, decision_thresholds
+from hrad.prediction import (
+    check_finite,
+    check_image_size,
+    decision_thresholds,
+    scale_factor,
+    scale_problem,
+    scaled_apart,
+)
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
@@ -254,7 +261,7 @@ class TrainingImages:
             return None
         first = min(self.sizes)
         reference = scale(*self.sizes[first])
-        others = [index for index in sorted(self.sizes) if _scaled_apart(scale(*self.sizes[index]), reference)]
+        others = [index for index in sorted(self.sizes) if scaled_apart(scale(*self.sizes[index]), reference)]
         if not others:
             return None
         odd = others[0]
@@ -262,22 +269,10 @@ class TrainingImages:
         return (
             f"{self.name(odd)}: a {width}x{height} {self.role} image among {first_width}x{first_height} ones (the first, "
             f"{self.name(first)}; {len(others)} of {len(self.sizes)} scaled unlike it, this the first): {resizing}, "
-            f"this one by {_factor(scale(height, width))}, the first by "
-            f"{_factor(reference)}: the model learns features of several scales and a defect's apparent size depends on "
+            f"this one by {scale_factor(scale(height, width))}, the first by "
+            f"{scale_factor(reference)}: the model learns features of several scales and a defect's apparent size depends on "
             "its image's; fit on images of one size (crop or resize them alike)"
         )
-
-
-def _scaled_apart(scale: tuple[float, float], reference: tuple[float, float]) -> bool:
-    """Whether two images' (rows, columns) scale factors differ by more than 2% (working-size
-    rounding stays below it)."""
-    return any(abs(math.log(factor / other)) > math.log(1.02) for factor, other in zip(scale, reference, strict=True))
-
-
-def _factor(scale: tuple[float, float]) -> str:
-    """``x0.5`` or, when the two axes differ (a stretch), ``x0.5 across, x0.67 down``."""
-    rows, columns = scale
-    return f"x{columns:.2g}" if not _scaled_apart((rows, rows), (columns, columns)) else f"x{columns:.2g} across, x{rows:.2g} down"
 
 
 class Subset:
@@ -691,19 +686,13 @@ class AnomalyModel:
         if self._scale_told or self.fitted_size is None:
             return
         height, width = image.shape[:2]
-        scale, fitted = self.strategy.input_scale(height, width), self.strategy.input_scale(*self.fitted_size)
-        if not _scaled_apart(scale, fitted):
-            return
-        self._scale_told = True
-        fitted_height, fitted_width = self.fitted_size
-        warn(
-            f"{name}: a {width}x{height} image, the model was fitted on {fitted_width}x{fitted_height} ones: "
-            f"{self.strategy.resizing()}, this one by {_factor(scale)}, the training images by {_factor(fitted)}: its "
-            "defects reach the detector at another apparent size than the training parts did, and its scores may not "
-            "compare with the thresholds; predict images of the training size (crop or resize them alike). Said once, "
-            "for the first such image",
-            stacklevel=3,  # the caller of predict
+        size, strategy = (height, width), self.strategy
+        problem = scale_problem(
+            name, size, self.fitted_size, strategy.input_scale(*size), strategy.input_scale(*self.fitted_size), strategy.resizing()
         )
+        if problem is not None:
+            self._scale_told = True
+            warn(problem, stacklevel=3)  # the caller of predict
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

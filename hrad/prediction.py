@@ -201,6 +201,42 @@ def check_pool_size(image: np.ndarray, fitted_size: tuple[int, int], assignment:
         )
 
 
+def scaled_apart(scale: tuple[float, float], reference: tuple[float, float]) -> bool:
+    """Whether two images' (rows, columns) scale factors differ by more than 2% (working-size
+    rounding stays below it)."""
+    return any(abs(math.log(factor / other)) > math.log(1.02) for factor, other in zip(scale, reference, strict=True))
+
+
+def scale_factor(scale: tuple[float, float]) -> str:
+    """``x0.5`` or, when the two axes differ (a stretch), ``x0.5 across, x0.67 down``."""
+    rows, columns = scale
+    return f"x{columns:.2g}" if not scaled_apart((rows, rows), (columns, columns)) else f"x{columns:.2g} across, x{rows:.2g} down"
+
+
+def scale_problem(
+    name: str,
+    size: tuple[int, int],
+    fitted_size: tuple[int, int],
+    scale: tuple[float, float],
+    fitted_scale: tuple[float, float],
+    resizing: str,
+) -> str | None:
+    """The warning, or None, for an image of ``size`` (H, W) that the model scales by ``scale``
+    (rows, columns) while it scaled its ``fitted_size`` training images by ``fitted_scale``
+    (``resizing`` says what scales them: :meth:`hrad.strategies.base.Strategy.resizing`): its
+    defects reach the detector at another apparent size. One wording for the model and its export."""
+    if not scaled_apart(scale, fitted_scale):
+        return None
+    (height, width), (fitted_height, fitted_width) = size, fitted_size
+    return (
+        f"{name}: a {width}x{height} image, the model was fitted on {fitted_width}x{fitted_height} ones: "
+        f"{resizing}, this one by {scale_factor(scale)}, the training images by {scale_factor(fitted_scale)}: its "
+        "defects reach the detector at another apparent size than the training parts did, and its scores may not "
+        "compare with the thresholds; predict images of the training size (crop or resize them alike). Said once, "
+        "for the first such image"
+    )
+
+
 def check_finite(name: str, value: float | None, minimum: float | None = None) -> None:
     """A threshold setting (``threshold``, ``pixel threshold``, ``sigmas``) must be a finite
     number when given: NaN compares false with every score and would decide nothing. ``minimum``:

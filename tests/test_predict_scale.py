@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cli_helpers import run, write
 from conftest import textured_image
-from export_helpers import make_model
+from export_helpers import PATCHCORE, make_model
+from test_export_runtime import predict_without_torch
 
 from hrad.artifact import MANIFEST
+from hrad.export import export_onnx
+from hrad.export_runtime import open_predictor
 from hrad.model import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,3 +78,57 @@ def test_the_python_api_warns_once_for_the_model_and_names_the_array() -> None:
     assert [str(warning.message).split(": the downsample")[0] for warning in record] == [
         "a.png: a 64x64 image, the model was fitted on 96x64 ones"
     ]
+
+
+#: a strategy of each exported kind that resizes images by their size (hiad: its low branch;
+#: a2o, whose pool is not bound to patch positions, so other sizes are predicted)
+RESIZING_EXPORTS = {
+    "downsample": DOWNSAMPLE,
+    "tiled": {"name": "tiled", "tile": 32, "image_size": 80},
+    "tiled-ensemble": {"name": "tiled-ensemble", "tile": 32, "image_size": 64},
+    "mrf": {"name": "mrf", "pixel_budget": 4_000, "scales": [0.5, 1.0]},
+    "hiad": {"name": "hiad", "patch_size": 32, "low_res_size": 48, "assignment": "a2o", "fusion_rates": [0]},
+}
+
+
+def _warnings(predict: Callable[[], object]) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        predict()
+    return [str(warning.message) for warning in record]
+
+
+@pytest.mark.parametrize("strategy", RESIZING_EXPORTS.values(), ids=RESIZING_EXPORTS.keys())
+def test_an_export_warns_once_as_the_model_does(strategy: dict[str, Any], tmp_path: Path) -> None:
+    """The exported predictor scaled an image unlike the training images and said nothing, where
+    the model warns: the same line, once for the predictor; an older export (no ``resizing`` in
+    its sidecar) predicts as before, silent."""
+    model = make_model(strategy, {**PATCHCORE, "num_neighbors": 3}).fit(_images(3, 4))
+    export_onnx(model, tmp_path / "m.onnx")
+    images = [*_images(4, 1), *_images(5, 2, 96, 128)]
+    names = ["same.png", "odd.png", "odd2.png"]
+    expected = _warnings(lambda: model.predict_batch(images, names=names))
+    assert len(expected) == 1 and expected[0].startswith("odd.png: a 128x96 image, the model was fitted on 96x64 ones: ")
+    predictor = open_predictor(tmp_path / "m.onnx")
+    assert _warnings(lambda: predictor.predict_batch(images, names=names)) == expected
+    assert _warnings(lambda: predictor.predict(images[1], name="again.png")) == []  # once for the predictor
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    del sidecar["resizing"]
+    (tmp_path / "m.json").write_text(json.dumps(sidecar))
+    assert _warnings(lambda: open_predictor(tmp_path / "m.onnx").predict_batch(images, names=names)) == []
+
+
+def test_a_torch_free_predict_of_an_export_warns_as_the_model_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``hrad predict --model m.onnx`` where torch cannot be imported: the model's warning line, once."""
+    model = make_model(DOWNSAMPLE, {**PATCHCORE, "num_neighbors": 3}).fit(_images(3, 4))
+    model.save(tmp_path / "m")
+    export_onnx(model, tmp_path / "m.onnx")
+    folder = tmp_path / "in"
+    write(folder / "0_same.png", _images(4, 1)[0])
+    for index, image in enumerate(_images(5, 2, 96, 128)):
+        write(folder / f"{index}_wide.png", image)
+    assert run(["predict", "--model", str(tmp_path / "m"), str(folder), "--out", str(tmp_path / "torch")], monkeypatch) == 0
+    expected = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    result = predict_without_torch(["--model", str(tmp_path / "m.onnx"), str(folder), "--out", str(tmp_path / "exported")])
+    assert result.returncode == 0, result.stderr
+    assert len(expected) == 1 and [line for line in result.stderr.splitlines() if line.startswith("hrad: warning:")] == expected
