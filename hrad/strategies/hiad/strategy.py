@@ -562,11 +562,17 @@ class HiAD(Strategy):
         returned = gaussian_smooth(final, self.config.smoothing_sigma, in_place=not keep)
         if same_sigma:  # one blur serves both (pooled_max is banded too)
             score = pooled_max(returned, self.config.score_pool)
+        return AnomalyResult(returned, score, self._extras(raw, high_map, low_map))
+
+    def _extras(self, raw: RawOutput, high_map: np.ndarray | Tensor, low_map: np.ndarray | Tensor | None) -> dict:
+        """A prediction's extras, on the host or the device alike: which pool detector scored
+        each patch and, with ``return_branch_maps``, the two branch maps (the low one None without
+        a low branch)."""
         extras: dict = {"patch_detectors": raw.grid_labels()}
         if self.config.return_branch_maps:
             extras["high_map"] = high_map
             extras["low_map"] = low_map
-        return AnomalyResult(returned, score, extras)
+        return extras
 
     @property
     def maps_on_device(self) -> bool:
@@ -596,11 +602,7 @@ class HiAD(Strategy):
         returned = device_maps.gaussian_blur(final, sigma)
         blurred = returned if score_sigma == sigma else device_maps.gaussian_blur(final, score_sigma)
         score = device_maps.pooled_max(blurred, self.config.score_pool)
-        extras: dict = {"patch_detectors": raw.grid_labels()}
-        if self.config.return_branch_maps:
-            extras["high_map"] = high_map
-            extras["low_map"] = low_map
-        return DeviceResult(returned, score, extras)
+        return DeviceResult(returned, score, self._extras(raw, high_map, low_map))
 
     def _calibrated_patch_chunks(self, raw: RawOutput) -> Iterator[tuple[list[TilePosition], Tensor]]:
         """The merge rule both merges follow (:meth:`_merged_high_map` on the host,
