@@ -86,6 +86,7 @@ RESIZING_EXPORTS = {
     "downsample": DOWNSAMPLE,
     "tiled": {"name": "tiled", "tile": 32, "image_size": 80},
     "tiled-ensemble": {"name": "tiled-ensemble", "tile": 32, "image_size": 64},
+    "tiled-ensemble-keep-aspect": {"name": "tiled-ensemble", "tile": 32, "image_size": 64, "keep_aspect": True},
     "mrf": {"name": "mrf", "pixel_budget": 4_000, "scales": [0.5, 1.0]},
     "hiad": {"name": "hiad", "patch_size": 32, "low_res_size": 48, "assignment": "a2o", "fusion_rates": [0]},
 }
@@ -132,3 +133,17 @@ def test_a_torch_free_predict_of_an_export_warns_as_the_model_does(tmp_path: Pat
     result = predict_without_torch(["--model", str(tmp_path / "m.onnx"), str(folder), "--out", str(tmp_path / "exported")])
     assert result.returncode == 0, result.stderr
     assert len(expected) == 1 and [line for line in result.stderr.splitlines() if line.startswith("hrad: warning:")] == expected
+
+
+def test_a_tiled_ensemble_keeping_its_aspect_warns_of_an_image_it_stretches() -> None:
+    """With keep_aspect the ensemble resizes every image to its fitted working size (96x64 -> 64x43),
+    so a 96x96 image is stretched (x0.67 across, x0.45 down); the warning took the working size a
+    96x96 image alone would get (64x64, x0.67 like the training images) and said nothing."""
+    model = make_model({"name": "tiled-ensemble", "tile": 32, "image_size": 64, "keep_aspect": True}, "test-gaussian").fit(_images(3, 6))
+    assert model.strategy.working_size == (43, 64)
+    with pytest.warns(UserWarning) as record:
+        model.predict(_images(4, 1, 96, 96)[0], name="square.png")
+    assert [str(warning.message).split(": its defects")[0] for warning in record] == [
+        "square.png: a 96x96 image, the model was fitted on 96x64 ones: the tiled-ensemble strategy resizes every image to "
+        "its working size, this one by x0.67 across, x0.45 down, the training images by x0.67"
+    ]

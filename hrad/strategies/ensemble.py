@@ -196,7 +196,11 @@ class TiledEnsemble(Strategy):
         return self.tiles.grid(*geometry.work_size, stride, stride, self.config.tile_edge)
 
     def input_scale(self, height: int, width: int) -> tuple[float, float]:
-        working_height, working_width = working_size(self.config, height, width)
+        """With ``image_size``, a fitted ensemble resizes every image to its fitted working size
+        (its tile models are bound to that grid), with ``keep_aspect`` too: an image of another
+        aspect is stretched to it, not resized to the working size its own aspect would give."""
+        fitted = self.working_size if self.config.image_size is not None else None
+        working_height, working_width = fitted or working_size(self.config, height, width)
         return working_height / height, working_width / width
 
     def fitted_image_size(self) -> tuple[int, int] | None:
