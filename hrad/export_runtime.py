@@ -459,13 +459,13 @@ class ExportedPredictor:
         pixels, name = model_input(image, self.bit_depth, name)
         array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
-        self._tell_scale(array, name)
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does
             raw = self.predict_raw(array)
         except HradError as error:
             raise named(name, error) from None
+        self._tell_scale(array, name)  # of an image predicted: one it refuses (another size for a positional pool) is only refused
         smoothed, score = smooth_and_score(*raw, self.postprocess, border, self.roi, self.map_score)
         return finished_prediction(smoothed, score, decisions, self.roi)
 
