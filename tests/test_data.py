@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import cv2
@@ -125,6 +126,38 @@ def test_gray_is_told_by_the_file_s_channels_not_by_equal_values(tmp_path: Path)
     cv2.imwrite(str(tmp_path / "equal.png"), np.dstack([plane, plane, plane]))
     assert is_gray(read_pixels(tmp_path / "gray_alpha.tif")) and is_gray(as_pixels(plane)) and is_gray(as_pixels(plane[..., None]))
     assert not is_gray(read_pixels(tmp_path / "equal.png")) and not is_gray(as_pixels(_rgb8()))
+
+
+def _gray_alpha_png(path: Path, gray: np.ndarray, alpha: np.ndarray) -> None:
+    """A PNG of colour type 4 (gray + alpha), 8- or 16-bit as ``gray``'s type, written by hand:
+    OpenCV writes no such file."""
+    samples = np.dstack([gray, alpha]).astype(gray.dtype.newbyteorder(">"))
+    rows = b"".join(b"\0" + row.tobytes() for row in samples)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    height, width = gray.shape
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([gray.dtype.itemsize * 8, 4, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_gray_png_with_alpha_is_gray(tmp_path: Path, dtype: type) -> None:
+    """libpng hands OpenCV a gray + alpha PNG as BGRA: it was read as a colour image (4 bytes a
+    pixel, and a false 'gray among colour' warning in a fit of gray files)."""
+    maximum = np.iinfo(dtype).max
+    gray = (np.linspace(0, 1, 5 * 7).reshape(5, 7) * maximum).astype(dtype)
+    path = tmp_path / "gray_alpha.png"
+    _gray_alpha_png(path, gray, np.full_like(gray, maximum))
+    pixels = read_pixels(path)
+    assert is_gray(pixels) and pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels[..., 1], gray)
+    from hrad.postprocess.roi import read_roi
+
+    _gray_alpha_png(path, gray, np.full_like(gray, maximum // 2))
+    with pytest.raises(InputError, match="transparency"):  # a region of interest on a transparent layer stays refused
+        read_roi(path)
 
 
 def test_float_and_planar_tiff(tmp_path: Path) -> None:

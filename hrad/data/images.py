@@ -348,7 +348,9 @@ def _decode_checked(path: Path, budget: int) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise InputError(f"{path}: not a readable image ({_one_line(error)})") from None
+    gray_alpha = False
     if data[: len(PNG_SIGNATURE)].tobytes() == PNG_SIGNATURE:
+        gray_alpha = len(data) > 25 and data[25] == 4  # IHDR's colour type: gray + alpha
         walk = png_damage(data.data)
         if walk.damage is not None:
             raise InputError(f"{path}: truncated or corrupt image ({walk.damage})")
@@ -365,6 +367,10 @@ def _decode_checked(path: Path, budget: int) -> np.ndarray:
     # in place: the decoded array is ours, and a second copy would double the peak of a large image
     if array.ndim == 3 and array.shape[2] == 3:
         array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB, dst=array)
+    elif array.ndim == 3 and array.shape[2] == 4 and gray_alpha:
+        # libpng expands a gray + alpha PNG to BGRA for OpenCV: back to gray + alpha, so the image
+        # is gray as the file is (is_gray) and holds 2 bytes a pixel, not 4
+        array = array[:, :, [0, 3]]
     elif array.ndim == 3 and array.shape[2] == 4:
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA, dst=array)
     return array
@@ -471,7 +477,7 @@ def is_gray(pixels: np.ndarray) -> bool:
     one-channel file or array, with or without alpha): its one plane is repeated as a broadcast
     view, no stride between the channels, so this costs no pixel read. A colour file whose three
     channels happen to be equal is colour: it is the decoded file's channels that are told (a gray
-    PNG with alpha, which OpenCV decodes as RGBA, is colour too)."""
+    PNG with alpha is gray: :func:`decode_raw` keeps it gray + alpha)."""
     return pixels.ndim == 3 and pixels.strides[2] == 0
 
 
