@@ -30,7 +30,7 @@ from PIL import Image
 
 from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
-from hrad.data.images import as_image, atomic_write, model_input
+from hrad.data.images import as_image, atomic_write, model_input, stored_gray
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named, warn
 from hrad.hiad_math import (
     bilinear_weights,
@@ -134,6 +134,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> tu
         "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
         "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
         "pixel_type": record.get("pixel_type"),  # of the training images (None: saved or exported before it was kept)
+        "gray": stored_gray(record.get("gray"), where),  # whether the training images were gray (None: not recorded; exports keep no such fact)
         "region_of_interest": (
             {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
         ),

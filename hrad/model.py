@@ -27,7 +27,7 @@ from hrad.data.bit_depth import (
     to_full_range,
     warn_saturated,
 )
-from hrad.data.images import as_pixels, is_gray, model_input
+from hrad.data.images import as_pixels, is_gray, model_input, stored_gray
 from hrad.errors import ArtifactError, ConfigError, DivergedError, HradError, InputError, named, warn
 from hrad.features import build_backbone
 from hrad.postprocess import device_maps
@@ -231,13 +231,30 @@ class TrainingImages:
             f"the model reads {', '.join(rules[kind] for kind in kinds)}{effect}; {advice}"
         )
 
-    def colour_problem(self) -> str | None:
+    def first_gray(self) -> bool | None:
+        """Whether the first image read was gray (the training images' kind a model records)."""
+        return self.gray[min(self.gray)] if self.gray else None
+
+    def colour_problem(self, training: bool | None = None) -> str | None:
         """A line when the images read so far mix gray and colour ones (two cameras, a converted
         subset: the model reads a gray image as colour with its one channel in all three, so the
         backbone sees those without colour and the detector learns two kinds of normal image),
-        naming the first of another kind than the first image; else None."""
+        naming the first of another kind than the first image; else None. With ``training``
+        (whether a loaded model's training images were gray: :attr:`AnomalyModel.gray`): a line
+        when any of these images (the good ones of :meth:`AnomalyModel.calibrate`) is of the other kind."""
         if not self.gray:
             return None
+        if training is not None:
+            others = sorted(index for index, gray in self.gray.items() if gray != training)
+            if not others:
+                return None
+            kind, other = ("gray", "colour") if training else ("colour", "gray")
+            return (
+                f"{self.name(others[0])}: a {other} {self.role} image, the model's training images are {kind} "
+                f"({len(others)} of {len(self.gray)} {self.role} images are not {kind}, this the first): the model reads a "
+                "gray image as colour, its one channel in all three, so the thresholds come from images the backbone sees "
+                f"unlike the training ones; another camera, or converted files? Calibrate on {kind} images, as the training ones"
+            )
         first = min(self.gray)
         others = sorted(index for index, gray in self.gray.items() if gray != self.gray[first])
         if not others:
@@ -340,6 +357,9 @@ class AnomalyModel:
         #: ``16-bit`` or ``float``; :meth:`calibrate` tells good images of another type. None: a
         #: model saved before hrad kept it (16-bit when it has a bit depth), or not fitted
         self.pixel_type: str | None = None
+        #: whether the training images were gray (of the first, when they mix); :meth:`calibrate`
+        #: tells good images of the other kind. None: a model saved before hrad kept it, or not fitted
+        self.gray: bool | None = None
         self._mix_told = False  # the fit told a mix of training image types already (after the depth's pass)
         self._scale_told = False  # predict told of an image the strategy scales unlike the training images already
 
@@ -412,6 +432,7 @@ class AnomalyModel:
         if validation is not None:  # every validation image read by now too
             self._tell_mix(observed_validation, stacklevel=2, training=observed)
         self.pixel_type = observed.first_kind()  # the reference the lines above compare with
+        self.gray = observed.first_gray()
         return self
 
     def _tell_mix(self, observed: TrainingImages, stacklevel: int, training: TrainingImages | str | None = None) -> None:
@@ -634,7 +655,30 @@ class AnomalyModel:
         self.thresholds = dataclasses.replace(self._thresholds(source, progress, "good"), calibrated=True)
         if self.pixel_type is not None:  # every good image read by now
             self._tell_mix(observed, stacklevel=2, training=self.pixel_type)
+        colours = observed.colour_problem(training=self.gray) if self.gray is not None else None
+        if colours is not None:
+            warn(colours, stacklevel=2)
+        scales = self._scale_problem(observed)
+        if scales is not None:
+            warn(scales, stacklevel=2)
         return previous
+
+    def _scale_problem(self, observed: TrainingImages) -> str | None:
+        """The line for the first of the good images ``observed`` by :meth:`calibrate` that the
+        strategy scales unlike the training images (:func:`~hrad.prediction.scale_problem`): the
+        thresholds would be learned from maps of another scale than the model's predictions; else None."""
+        if self.fitted_size is None:
+            return None
+        strategy = self.strategy
+        fitted = strategy.input_scale(*self.fitted_size)
+        for index in sorted(observed.sizes):
+            size = observed.sizes[index]
+            problem = scale_problem(
+                observed.name(index), size, self.fitted_size, strategy.input_scale(*size), fitted, strategy.resizing(), use="calibrate"
+            )
+            if problem is not None:
+                return problem
+        return None
 
     # -- inference --------------------------------------------------------------------------------
     @property
@@ -757,6 +801,7 @@ class AnomalyModel:
             "fitted_size": self.fitted_size,
             "bit_depth": self.bit_depth,
             "pixel_type": self.pixel_type,
+            "gray": self.gray,
             "roi": self.roi.to_json() if self.roi is not None else None,
             "backbone_weights": self.extractor.weights_source,
             "thresholds": self.thresholds.to_json() if self.thresholds else None,
@@ -791,6 +836,7 @@ class AnomalyModel:
         model.fitted_size = tuple(size) if size else None  # type: ignore[assignment]
         model.bit_depth = stored_bit_depth(manifest.get("bit_depth"), f"{path} manifest")
         model.pixel_type = _stored_pixel_type(manifest.get("pixel_type"), model.bit_depth, f"{path} manifest")
+        model.gray = stored_gray(manifest.get("gray"), f"{path} manifest")
         model.roi = RegionOfInterest.from_json(manifest.get("roi"), f"{path} manifest")
         thresholds = manifest.get("thresholds")
         model.thresholds = Thresholds.from_json(thresholds) if thresholds else None

@@ -220,20 +220,27 @@ def scale_problem(
     scale: tuple[float, float],
     fitted_scale: tuple[float, float],
     resizing: str,
+    use: str = "predict",
+    once: bool = True,
 ) -> str | None:
     """The warning, or None, for an image of ``size`` (H, W) that the model scales by ``scale``
     (rows, columns) while it scaled its ``fitted_size`` training images by ``fitted_scale``
     (``resizing`` says what scales them: :meth:`hrad.strategies.base.Strategy.resizing`): its
-    defects reach the detector at another apparent size. One wording for the model and its export."""
+    defects reach the detector at another apparent size. One wording for the model and its export.
+    ``use``: ``predict`` (an image predicted) or ``calibrate`` (a good image thresholds are learned
+    from); ``once``: the line says it is told for the first such image only."""
     if not scaled_apart(scale, fitted_scale):
         return None
     (height, width), (fitted_height, fitted_width) = size, fitted_size
+    effect = {
+        "predict": "its scores may not compare with the thresholds; predict images",
+        "calibrate": "thresholds learned from its scores may not fit the training-size images; calibrate on images",
+    }[use]
     return (
         f"{name}: a {width}x{height} image, the model was fitted on {fitted_width}x{fitted_height} ones: "
         f"{resizing}, this one by {scale_factor(scale)}, the training images by {scale_factor(fitted_scale)}: its "
-        "defects reach the detector at another apparent size than the training parts did, and its scores may not "
-        "compare with the thresholds; predict images of the training size (crop or resize them alike). Said once, "
-        "for the first such image"
+        f"defects reach the detector at another apparent size than the training parts did, and {effect} of the "
+        f"training size (crop or resize them alike){'. Said once, for the first such image' if once else ''}"
     )
 
 

@@ -215,6 +215,59 @@ def test_hrad_calibrate_tells_sixteen_bit_files_for_a_model_fitted_on_eight_bit_
     ]
 
 
+def test_hrad_calibrate_tells_gray_and_rescaled_good_images_once_each_naming_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The line drifted, and the new good images came from another camera: gray files, or larger
+    ones the downsample strategy resizes by another factor. The thresholds would be learned on
+    input unlike the training images': one line for each, naming the first such file; the model
+    keeps its training images' kind (gray) through a save, and one saved before it kept it says
+    nothing of gray but still of scale."""
+    rng = np.random.default_rng(7)
+    for index in range(8):
+        write(tmp_path / "good" / f"{index}.png", textured_image(rng, 64, 80))
+    new = tmp_path / "new"
+    write(new / "0_same.png", textured_image(rng, 64, 80))
+    cv2.imwrite(str(new / "1_gray.png"), np.rint(textured_image(rng, 64, 80)[..., 0] * 255).astype(np.uint8))
+    cv2.imwrite(str(new / "2_gray.png"), np.rint(textured_image(rng, 64, 80)[..., 0] * 255).astype(np.uint8))
+    write(new / "3_large.png", textured_image(rng, 128, 160))
+    model = tmp_path / "model"
+    fit = ["fit", "--data", str(tmp_path / "good"), "--out", str(model), "--backbone", "tiny-cnn", "--detector", "test-gaussian",
+           "--strategy", "downsample", "--image-size", "64"]
+    assert run(fit, monkeypatch) == 0
+    assert json.loads((model / MANIFEST).read_text())["gray"] is False
+    capfd.readouterr()
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "calibrated"), str(new)], monkeypatch) == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hrad: warning:") and "rough" not in line]
+    gray = (
+        f"hrad: warning: {new / '1_gray.png'}: a gray good image, the model's training images are colour (2 of 4 good "
+        "images are not colour, this the first): the model reads a gray image as colour, its one channel in all three, so "
+        "the thresholds come from images the backbone sees unlike the training ones; another camera, or converted files? "
+        "Calibrate on colour images, as the training ones"
+    )
+    scale = (
+        f"hrad: warning: {new / '3_large.png'}: a 160x128 image, the model was fitted on 80x64 ones: the downsample "
+        "strategy resizes every image to its working size, this one by x0.4 across, x0.5 down, the training images by x0.8 "
+        "across, x1 down: its defects "
+        "reach the detector at another apparent size than the training parts did, and thresholds learned from its scores "
+        "may not fit the training-size images; calibrate on images of the training size (crop or resize them alike). "
+        "Said once, for the first such image"
+    )
+    assert lines == [gray, scale]
+    assert json.loads((tmp_path / "calibrated" / MANIFEST).read_text())["gray"] is False
+    manifest = json.loads((model / MANIFEST).read_text())
+    del manifest["gray"]  # saved before hrad kept it
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "older"), str(new)], monkeypatch) == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hrad: warning:") and "rough" not in line]
+    assert lines == [scale]
+    assert json.loads((tmp_path / "older" / MANIFEST).read_text())["gray"] is None
+    manifest["gray"] = "yes"
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    assert run(["calibrate", "--model", str(model), "--out", str(tmp_path / "bad"), str(new)], monkeypatch) == 2
+    assert capfd.readouterr().err.strip().endswith("manifest: gray 'yes' is not true or false; the file is corrupt")
+
+
 def test_a_failed_hrad_calibrate_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a failed fit: --out's parents made to check it go again when the run fails."""
     good = tmp_path / "good"

@@ -127,7 +127,7 @@ def test_a_model_fitted_on_8_bit_or_float_images_learned_no_bit_depth_and_says_s
     status, out, _ = info(tmp_path / "model", monkeypatch, capsys)
     assert status == 0 and "as stored\n" not in out
     assert f"bit_depth: none learned (fitted on {kind} images; a 16-bit image would be read as stored, 0..65535)\n" in out
-    assert f"pixel_type: {kind}, as the images" in out
+    assert f"pixel_type: {kind} colour, as the images" in out
 
 
 def test_a_model_path_that_is_a_link_loop_or_a_dangling_link_says_so(
@@ -218,7 +218,11 @@ def test_every_export_kind_records_its_backbone_weights(
 
 def test_info_names_the_training_images_pixel_type(saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = info(saved / "model", monkeypatch, capsys)
-    assert status == 0 and "pixel_type: 16-bit, as the images it was fitted on (hrad calibrate warns of good images of another type)" in out
+    said = "as the images it was fitted on (hrad calibrate warns of good images of another type or kind)"
+    assert status == 0 and f"pixel_type: 16-bit colour, {said}" in out
+    without_kind = copy_model(saved, tmp_path / "without_kind", lambda manifest: manifest.pop("gray"))  # saved before hrad kept it
+    status, out, _ = info(without_kind, monkeypatch, capsys)
+    assert status == 0 and f"pixel_type: 16-bit, {said}" in out
     older = copy_model(saved, tmp_path, lambda manifest: manifest.pop("pixel_type"))
     status, out, _ = info(older, monkeypatch, capsys)
     assert status == 0 and "pixel_type: not recorded (saved before hrad kept it)" in out

@@ -81,8 +81,10 @@ def described_facts(facts: dict[str, Any]) -> dict[str, Any]:
         "thresholds": "none (no held-out normal images)",
     }  # fmt: skip
     pixel_type = facts.get("pixel_type")
-    calibrate = "" if "export" in kind else " (hrad calibrate warns of good images of another type)"  # it takes model directories only
-    lines["pixel_type"] = f"{pixel_type}, as the images it was fitted on{calibrate}" if pixel_type else None
+    calibrate = "" if "export" in kind else " (hrad calibrate warns of good images of another type or kind)"  # it takes model directories only
+    gray = facts.get("gray")
+    kind_said = "" if gray is None else " gray" if gray else " colour"
+    lines["pixel_type"] = f"{pixel_type}{kind_said}, as the images it was fitted on{calibrate}" if pixel_type else None
     if thresholds:
         text = f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}"
         if thresholds["sigmas"] is not None:

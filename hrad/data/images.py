@@ -58,7 +58,7 @@ import tifffile
 
 from hrad.data.bit_depth import display_bits, model_range, to_full_range
 from hrad.data.png_check import PNG_SIGNATURE, png_damage, png_for_libpng, png_head_without_bad_chunks
-from hrad.errors import ConfigError, ImageTooLargeError, InputError
+from hrad.errors import ArtifactError, ConfigError, ImageTooLargeError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 _TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
@@ -479,6 +479,14 @@ def is_gray(pixels: np.ndarray) -> bool:
     channels happen to be equal is colour: it is the decoded file's channels that are told (a gray
     PNG with alpha is gray: :func:`decode_raw` keeps it gray + alpha)."""
     return pixels.ndim == 3 and pixels.strides[2] == 0
+
+
+def stored_gray(value: object, where: str) -> bool | None:
+    """Whether a model's training images were gray (:func:`is_gray`), read back from its manifest
+    (``where`` names it); a model saved before hrad kept it has None."""
+    if value is not None and not isinstance(value, bool):
+        raise ArtifactError(f"{where}: gray {value!r} is not true or false; the file is corrupt")
+    return value
 
 
 def read_pixels(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
