@@ -73,14 +73,23 @@ class NotFittedError(RuntimeError):
     mistake, so it is no :class:`HradError` (models loaded from artifacts are always fitted)."""
 
 
-def warn(message: str, stacklevel: int = 1) -> None:
+def warn(message: str, stacklevel: int = 1, collect: bool = True) -> None:
     """A warning for the user (one ``hrad: warning:`` line in the CLI, Python's warning in the
     API) that :func:`collecting_warnings` also hands to the request it concerns (``hrad serve``
-    returns it with the result). ``stacklevel`` counts from the caller of this function."""
+    returns it with the result; not with ``collect`` False, when the caller tells the request
+    apart: :func:`tell_request`). ``stacklevel`` counts from the caller of this function."""
+    if collect:
+        tell_request(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def tell_request(message: str) -> None:
+    """Hand ``message`` to the request being served (:func:`collecting_warnings`) only, with no
+    warning: for a warning the model gives once (one console line per model) that every
+    response it concerns should still carry. Nothing outside a served request."""
     collected = _COLLECTED.get()
     if collected is not None:
         collected.append(message)
-    warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 @contextmanager

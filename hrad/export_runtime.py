@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from PIL import Image
 from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
 from hrad.data.images import as_image, atomic_write, model_input, stored_gray
-from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named, warn
+from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
     cell_centres,
@@ -61,6 +62,7 @@ from hrad.prediction import (
     check_pool_size,
     decision_thresholds,
     scale_problem,
+    tell_scale,
 )
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
 
@@ -430,15 +432,14 @@ class ExportedPredictor:
 
     def _tell_scale(self, image: np.ndarray, name: str) -> None:
         """As :meth:`hrad.model.AnomalyModel.predict`: one warning, the first time only, when the
-        export scales an image unlike the training images (same words: :func:`~hrad.prediction.scale_problem`)."""
-        if self._scale_told or self.resizing is None or self.fitted_size is None:
+        export scales an image unlike the training images (same words: :func:`~hrad.prediction.scale_problem`),
+        and a served request the line for each such image of its own (:func:`~hrad.prediction.tell_scale`)."""
+        if self.resizing is None or self.fitted_size is None:
             return
         height, width = image.shape[:2]
         scale, fitted = self.input_scale(height, width), self.input_scale(*self.fitted_size)
-        problem = scale_problem(name, (height, width), self.fitted_size, scale, fitted, self.resizing)
-        if problem is not None:
-            self._scale_told = True
-            warn(problem, stacklevel=3)  # the caller of predict
+        problem = partial(scale_problem, name, (height, width), self.fitted_size, scale, fitted, self.resizing)
+        self._scale_told = tell_scale(self._scale_told, problem, stacklevel=3)  # stacklevel: the caller of predict
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

@@ -11,6 +11,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from hrad.prediction import (
     scale_factor,
     scale_problem,
     scaled_apart,
+    tell_scale,
 )
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
@@ -726,17 +728,16 @@ class AnomalyModel:
         the strategy scales an image unlike the images the model was fitted on (its
         :meth:`~hrad.strategies.base.Strategy.input_scale` more than 2% apart: another size or
         aspect under a fixed working size): its defects reach the detector at another apparent
-        size than the training images' parts did. Native-resolution strategies say nothing."""
-        if self._scale_told or self.fitted_size is None:
+        size than the training images' parts did. Native-resolution strategies say nothing.
+        A served request (``hrad serve``) gets the line for each such image of its own
+        (:func:`~hrad.prediction.tell_scale`)."""
+        if self.fitted_size is None:
             return
         height, width = image.shape[:2]
         size, strategy = (height, width), self.strategy
-        problem = scale_problem(
-            name, size, self.fitted_size, strategy.input_scale(*size), strategy.input_scale(*self.fitted_size), strategy.resizing()
-        )
-        if problem is not None:
-            self._scale_told = True
-            warn(problem, stacklevel=3)  # the caller of predict
+        fitted = strategy.input_scale(*self.fitted_size)
+        problem = partial(scale_problem, name, size, self.fitted_size, strategy.input_scale(*size), fitted, strategy.resizing())
+        self._scale_told = tell_scale(self._scale_told, problem, stacklevel=3)  # stacklevel: the caller of predict
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

@@ -9,14 +9,14 @@ stored in the artifact and in an export's sidecar.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from hrad.errors import ArtifactError, ConfigError, InputError
+from hrad.errors import ArtifactError, ConfigError, InputError, tell_request, warn
 
 if TYPE_CHECKING:
     from hrad.postprocess.roi import RegionOfInterest
@@ -242,6 +242,21 @@ def scale_problem(
         f"defects reach the detector at another apparent size than the training parts did, and {effect} of the "
         f"training size (crop or resize them alike){'. Said once, for the first such image' if once else ''}"
     )
+
+
+def tell_scale(told: bool, problem: Callable[..., str | None], stacklevel: int = 1) -> bool:
+    """Tell of an image predicted that is scaled unlike the training images (``problem``:
+    :func:`scale_problem` with the image's arguments bound): one warning for the model
+    (``told``: given already), and for ``hrad serve`` the line in every response it concerns
+    (:func:`~hrad.errors.tell_request`), not only the first. Returns whether the model has told
+    it now. ``stacklevel`` counts from the caller."""
+    line = problem(once=False)
+    if line is None:
+        return told
+    tell_request(line)  # this request's own line: it is not "said once" there
+    if not told:
+        warn(problem() or line, stacklevel + 1, collect=False)
+    return True
 
 
 def check_finite(name: str, value: float | None, minimum: float | None = None) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from cli_helpers import run, write
@@ -147,3 +148,46 @@ def test_a_tiled_ensemble_keeping_its_aspect_warns_of_an_image_it_stretches() ->
         "square.png: a 96x96 image, the model was fitted on 96x64 ones: the tiled-ensemble strategy resizes every image to "
         "its working size, this one by x0.67 across, x0.45 down, the training images by x0.67"
     ]
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_served_predictions_each_carry_the_scale_warning_of_their_own_image(exported: bool, tmp_path: Path) -> None:
+    """hrad serve warned "once per model": only the first rescaled upload's response said so, and a
+    client sending another one later got [] for an image just as far from the training scale. Each
+    response now carries the line for its own image (without "said once"), in /predict and per batch
+    item; the server's console keeps its one line for the model; an upload of the training size gets []."""
+    from fastapi.testclient import TestClient
+
+    from hrad.service import create_app
+
+    model = make_model(DOWNSAMPLE, {**PATCHCORE, "num_neighbors": 3}).fit(_images(3, 4)).save(tmp_path / "m")
+    if exported:
+        export_onnx(load(model), tmp_path / "m.onnx")
+    client = TestClient(create_app(tmp_path / "m.onnx" if exported else model))
+    wide, same = _images(5, 1, 96, 128)[0], _images(4, 1)[0]
+
+    def expected(name: str) -> str:
+        return (
+            f"{name}: a 128x96 image, the model was fitted on 96x64 ones: the downsample strategy resizes every image to its "
+            "working size, this one by x0.38 across, x0.5 down, the training images by x0.5 across, x0.75 down: its defects "
+            "reach the detector at another apparent size than the training parts did, and its scores may not compare with the "
+            "thresholds; predict images of the training size (crop or resize them alike)"
+        )
+
+    with pytest.warns(UserWarning) as record:
+        for name in ("a.png", "b.png"):
+            body = client.post("/predict", files={"image": (name, png_bytes(wide), "image/png")}).json()
+            assert body["warnings"] == [expected(name)]
+        assert client.post("/predict", files={"image": ("same.png", png_bytes(same), "image/png")}).json()["warnings"] == []
+        files = [("images", ("same.png", png_bytes(same))), ("images", ("c.png", png_bytes(wide)))]
+        results = client.post("/predict/batch", files=files).json()["results"]
+    assert [result["warnings"] for result in results] == [[], [expected("c.png")]]
+    scale_lines = [str(warning.message) for warning in record if "apparent size" in str(warning.message)]
+    assert scale_lines == [f"{expected('a.png')}. Said once, for the first such image"]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An RGB float image in [0, 1] as 8-bit PNG bytes, an upload's."""
+    ok, buffer = cv2.imencode(".png", np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)[..., ::-1])
+    assert ok
+    return buffer.tobytes()
