@@ -22,7 +22,6 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,6 @@ from hrad.prediction import (
     check_image_size,
     check_pool_size,
     decision_thresholds,
-    scale_problem,
     tell_scale,
 )
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
@@ -436,10 +434,10 @@ class ExportedPredictor:
         and a served request the line for each such image of its own (:func:`~hrad.prediction.tell_scale`)."""
         if self.resizing is None or self.fitted_size is None:
             return
-        height, width = image.shape[:2]
-        scale, fitted = self.input_scale(height, width), self.input_scale(*self.fitted_size)
-        problem = partial(scale_problem, name, (height, width), self.fitted_size, scale, fitted, self.resizing)
-        self._scale_told = tell_scale(self._scale_told, problem, stacklevel=3)  # stacklevel: the caller of predict
+        self._scale_told = tell_scale(
+            self._scale_told, name, image.shape[:2], self.fitted_size, self.input_scale, self.resizing,
+            stacklevel=3,  # the caller of predict
+        )
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

@@ -11,7 +11,6 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -672,11 +671,9 @@ class AnomalyModel:
         if self.fitted_size is None:
             return None
         strategy = self.strategy
-        fitted = strategy.input_scale(*self.fitted_size)
         for index in sorted(observed.sizes):
-            size = observed.sizes[index]
             problem = scale_problem(
-                observed.name(index), size, self.fitted_size, strategy.input_scale(*size), fitted, strategy.resizing(), use="calibrate"
+                observed.name(index), observed.sizes[index], self.fitted_size, strategy.input_scale, strategy.resizing(), use="calibrate"
             )
             if problem is not None:
                 return problem
@@ -733,11 +730,10 @@ class AnomalyModel:
         (:func:`~hrad.prediction.tell_scale`)."""
         if self.fitted_size is None:
             return
-        height, width = image.shape[:2]
-        size, strategy = (height, width), self.strategy
-        fitted = strategy.input_scale(*self.fitted_size)
-        problem = partial(scale_problem, name, size, self.fitted_size, strategy.input_scale(*size), fitted, strategy.resizing())
-        self._scale_told = tell_scale(self._scale_told, problem, stacklevel=3)  # stacklevel: the caller of predict
+        self._scale_told = tell_scale(
+            self._scale_told, name, image.shape[:2], self.fitted_size, self.strategy.input_scale, self.strategy.resizing(),
+            stacklevel=3,  # the caller of predict
+        )
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

@@ -217,18 +217,19 @@ def scale_problem(
     name: str,
     size: tuple[int, int],
     fitted_size: tuple[int, int],
-    scale: tuple[float, float],
-    fitted_scale: tuple[float, float],
+    input_scale: Callable[[int, int], tuple[float, float]],
     resizing: str,
     use: str = "predict",
     once: bool = True,
 ) -> str | None:
-    """The warning, or None, for an image of ``size`` (H, W) that the model scales by ``scale``
-    (rows, columns) while it scaled its ``fitted_size`` training images by ``fitted_scale``
-    (``resizing`` says what scales them: :meth:`hrad.strategies.base.Strategy.resizing`): its
-    defects reach the detector at another apparent size. One wording for the model and its export.
+    """The warning, or None, for an image of ``size`` (H, W) that the model scales unlike its
+    ``fitted_size`` training images (``input_scale(height, width)``: the (rows, columns) factors,
+    :meth:`hrad.strategies.base.Strategy.input_scale`; ``resizing`` says what scales them:
+    :meth:`hrad.strategies.base.Strategy.resizing`): its defects reach the detector at another
+    apparent size. One wording for the model and its export.
     ``use``: ``predict`` (an image predicted) or ``calibrate`` (a good image thresholds are learned
     from); ``once``: the line says it is told for the first such image only."""
+    scale, fitted_scale = input_scale(*size), input_scale(*fitted_size)
     if not scaled_apart(scale, fitted_scale):
         return None
     (height, width), (fitted_height, fitted_width) = size, fitted_size
@@ -244,18 +245,26 @@ def scale_problem(
     )
 
 
-def tell_scale(told: bool, problem: Callable[..., str | None], stacklevel: int = 1) -> bool:
-    """Tell of an image predicted that is scaled unlike the training images (``problem``:
-    :func:`scale_problem` with the image's arguments bound): one warning for the model
-    (``told``: given already), and for ``hrad serve`` the line in every response it concerns
-    (:func:`~hrad.errors.tell_request`), not only the first. Returns whether the model has told
-    it now. ``stacklevel`` counts from the caller."""
-    line = problem(once=False)
+def tell_scale(
+    told: bool,
+    name: str,
+    size: tuple[int, int],
+    fitted_size: tuple[int, int],
+    input_scale: Callable[[int, int], tuple[float, float]],
+    resizing: str,
+    stacklevel: int = 1,
+) -> bool:
+    """Tell of an image predicted that is scaled unlike the training images (the arguments as
+    for :func:`scale_problem`): one warning for the model (``told``: given already), and for
+    ``hrad serve`` the line in every response it concerns (:func:`~hrad.errors.tell_request`),
+    not only the first. Returns whether the model has told it now. ``stacklevel`` counts from
+    the caller."""
+    line = scale_problem(name, size, fitted_size, input_scale, resizing, once=False)
     if line is None:
         return told
     tell_request(line)  # this request's own line: it is not "said once" there
     if not told:
-        warn(problem() or line, stacklevel + 1, collect=False)
+        warn(scale_problem(name, size, fitted_size, input_scale, resizing) or line, stacklevel + 1, collect=False)
     return True
 
 
