@@ -33,8 +33,8 @@ DEFAULT_BATCH_IMAGES = 1
 #: hrad predict / evaluate / serve: the switch of :func:`hrad.export_runtime.onnxruntime_session`
 ORT_SPINNING_HELP = (
     "Exported models on onnxruntime: its threads busy-wait between ops (off by default: on a shared or "
-    "loaded CPU they take the cores from the work; predict 1.1-1.3x slower with it on a loaded 2-core CPU, "
-    "export_spinning.md in benchmarks/results)"
+    "loaded CPU they take the cores from the work; predict time off / on measured 0.77-0.88 on a loaded 2-core "
+    "CPU, 0.94-1.02 in a shorter pilot: export_spinning.md in benchmarks/results)"
 )
 
 
