@@ -39,7 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_texture_and_capsules_arguments, texture_and_capsules, write_results
+from benchmarks.common import (
+    add_texture_and_capsules_arguments,
+    texture_and_capsules,
+    texture_and_capsules_notes,
+    write_results,
+)
 from hrad.config import load_config
 from hrad.data.images import ImageList, read_image
 from hrad.model import AnomalyModel
@@ -210,9 +215,8 @@ def main() -> None:
         "HiAD (PatchCore on efficientnet-lite0, the demo's bank: max_fit_patches 60000, max_bank_size 6000; SCA with 4 "
         "detectors, 512-pixel patches, low branch at 512 px), 20% of the training images held out (they learn the "
         f"three corrections); one run, seed 0. High and fused maps in {args.bin}-pixel bins, the low map per token cell. "
-        "Values: the good test images' bin mean over the 1-D profile's reference ring mean. Synthetic textures: "
-        f"make_demo_dataset at {args.size}x{args.size}, seed 0, {args.demo_train} training images, {args.demo_test} good "
-        "test images. See the script's docstring for the columns."
+        "Values: the good test images' bin mean over the 1-D profile's reference ring mean (anomalous test images are "
+        f"not used). {texture_and_capsules_notes(args)} See the script's docstring for the columns."
     )
     path = write_results(args.out, rows, notes, COLUMNS)
     path.write_text(path.read_text() + "\n## 2-D profiles (good test images; rows: dr, columns: dc, in bins)\n\n" + "\n".join(tables))
