@@ -420,7 +420,7 @@ def graph_matches(path: Path, module: nn.Module, inputs: dict[str, Tensor]) -> b
 
 def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
     """What every export's sidecar starts with: format, versions, the graph's file name,
-    postprocess, the 16-bit images' significant bits, the training images' pixel type, what resizes images (the scale warning's words), the region of interest and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a
+    postprocess, the 16-bit images' significant bits, the training images' pixel type and kind (gray or colour), what resizes images (the scale warning's words), the region of interest and the model's thresholds (all of :class:`~hrad.model.Thresholds`, so a
     predictor can move them by sigmas and scale maps as ``hrad predict`` does)."""
     thresholds = model.thresholds
     return {
@@ -435,6 +435,9 @@ def sidecar_header(model: AnomalyModel, onnx_name: str) -> dict[str, Any]:
         "bit_depth": model.bit_depth,
         # the training images' pixel type (8-bit, 16-bit or float: hrad info); older sidecars have none
         "pixel_type": model.pixel_type,
+        # whether the training images were gray (hrad.data.images.is_gray): the predictor warns of an
+        # image of the other kind; older sidecars have none: no warning
+        "gray": model.gray,
         # what scales an image before its features, as the predictor's warning of an image scaled
         # unlike the training images says it (Strategy.resizing); older sidecars have none: no warning
         "resizing": model.strategy.resizing(),

@@ -60,6 +60,7 @@ from hrad.prediction import (
     check_image_size,
     check_pool_size,
     decision_thresholds,
+    tell_colour,
     tell_scale,
 )
 from hrad.tile_geometry import Edge, TileGeometry, TilePosition
@@ -134,7 +135,7 @@ def _saved_model_facts(record: dict[str, Any], exported: bool, where: str) -> tu
         "fitted_size": {"width": int(fitted[1]), "height": int(fitted[0])} if fitted else None,
         "bit_depth": stored_bit_depth(record.get("bit_depth"), where),  # what loading the model would accept
         "pixel_type": record.get("pixel_type"),  # of the training images (None: saved or exported before it was kept)
-        "gray": stored_gray(record.get("gray"), where),  # whether the training images were gray (None: not recorded; exports keep no such fact)
+        "gray": stored_gray(record.get("gray"), where),  # whether the training images were gray (None: not recorded)
         "region_of_interest": (
             {"width": roi.mask.shape[1], "height": roi.mask.shape[0], "inspected": roi.inspected} if roi is not None else None
         ),
@@ -417,6 +418,10 @@ class ExportedPredictor:
         #: export, which does not warn)
         self.resizing: str | None = sidecar.get("resizing")
         self._scale_told = False  # told of an image scaled unlike the training images already
+        #: whether the training images were gray (None: an older export, which does not warn of a
+        #: gray image among colour ones or the reverse)
+        self.gray = stored_gray(sidecar.get("gray"), f"{onnx_path} sidecar")
+        self._colour_told = False  # told of an image of the other kind (gray, colour) already
         self.session = inference_session(self.onnx_path, sidecar, runtime, providers, spinning)
 
     def predict_raw(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -455,10 +460,13 @@ class ExportedPredictor:
     ) -> Prediction:
         """Smoothed full-resolution map, image score and threshold decisions, as the model gives
         them (``name`` as for :meth:`hrad.model.AnomalyModel.predict`, which warns as this does
-        of the first image scaled unlike the training images: :meth:`_tell_scale`)."""
+        of the first image scaled unlike the training images: :meth:`_tell_scale`, and of the first
+        gray one when the training images were colour, or the reverse)."""
         pixels, name = model_input(image, self.bit_depth, name)
         array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
+        # as the model's _tell_colour; of the pixels: the float copy no longer tells a gray image
+        self._colour_told = tell_colour(self._colour_told, name, pixels, self.gray, stacklevel=2)  # the caller of predict
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does

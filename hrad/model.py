@@ -34,18 +34,20 @@ from hrad.postprocess import device_maps
 from hrad.postprocess.border import BorderProfile
 from hrad.postprocess.roi import RegionOfInterest, finished_prediction, read_roi
 from hrad.postprocess.smoothing import smooth_and_score
-from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
-from hrad.prediction import Prediction as Prediction
-from hrad.prediction import Thresholds as Thresholds
 from hrad.prediction import (
+    GRAY_AS_COLOUR,
     check_finite,
     check_image_size,
     decision_thresholds,
     scale_factor,
     scale_problem,
     scaled_apart,
+    tell_colour,
     tell_scale,
 )
+from hrad.prediction import MIN_SIDE_FRACTION as MIN_SIDE_FRACTION
+from hrad.prediction import Prediction as Prediction
+from hrad.prediction import Thresholds as Thresholds
 from hrad.progress import ProgressCallback, no_progress
 from hrad.strategies.base import (
     AnomalyResult,
@@ -252,8 +254,8 @@ class TrainingImages:
             kind, other = ("gray", "colour") if training else ("colour", "gray")
             return (
                 f"{self.name(others[0])}: a {other} {self.role} image, the model's training images are {kind} "
-                f"({len(others)} of {len(self.gray)} {self.role} images are not {kind}, this the first): the model reads a "
-                "gray image as colour, its one channel in all three, so the thresholds come from images the backbone sees "
+                f"({len(others)} of {len(self.gray)} {self.role} images are not {kind}, this the first): {GRAY_AS_COLOUR}, "
+                "so the thresholds come from images the backbone sees "
                 f"unlike the training ones; another camera, or converted files? Calibrate on {kind} images, as the training ones"
             )
         first = min(self.gray)
@@ -263,8 +265,8 @@ class TrainingImages:
         kind, other = ("gray", "colour") if self.gray[first] else ("colour", "gray")
         return (
             f"{self.name(others[0])}: a {other} {self.role} image among {kind} ones ({len(others)} of {len(self.gray)} "
-            f"are not {kind}, this the first; {self.name(first)} is {kind}): the model reads a gray image as colour, its "
-            "one channel in all three, so the backbone sees the gray ones without colour and the model learns two kinds of "
+            f"are not {kind}, this the first; {self.name(first)} is {kind}): {GRAY_AS_COLOUR}, "
+            "so the backbone sees the gray ones without colour and the model learns two kinds of "
             "normal image; two cameras, or a converted subset? Fit on images of one kind (convert them alike)"
         )
 
@@ -363,6 +365,7 @@ class AnomalyModel:
         self.gray: bool | None = None
         self._mix_told = False  # the fit told a mix of training image types already (after the depth's pass)
         self._scale_told = False  # predict told of an image the strategy scales unlike the training images already
+        self._colour_told = False  # predict told of a gray image among colour training ones (or the reverse) already
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -410,7 +413,7 @@ class AnomalyModel:
             )
         first = train.indices[0] if isinstance(train, Subset) else 0
         self.fitted_size = observed.size(first)  # no read after the depth's
-        self._scale_told = False
+        self._scale_told = self._colour_told = False
         observed.fitted = (*self.fitted_size, first)
         problem = self.roi.stretch_problem(self.fitted_size) if self.roi is not None else None
         if problem is not None:
@@ -735,6 +738,13 @@ class AnomalyModel:
             stacklevel=3,  # the caller of predict
         )
 
+    def _tell_colour(self, image: np.ndarray, name: str) -> None:
+        """One warning, the first time only, when an image is gray and the training images were
+        colour, or the reverse (a camera set to another colour mode: :func:`~hrad.prediction.colour_problem`);
+        a served request gets the line for each such image of its own. A model saved before it kept
+        its training images' kind (:attr:`gray` None) says nothing."""
+        self._colour_told = tell_colour(self._colour_told, name, image, self.gray, stacklevel=3)  # the caller of predict
+
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None
     ) -> tuple[float | None, float | None]:
@@ -758,10 +768,12 @@ class AnomalyModel:
         model's :attr:`bit_depth`, so pass the path or the integer array, not a float conversion.
         ``name`` is what errors and warnings call the image (default: its path, or "image array").
         The first image the strategy scales unlike the training images (another size or aspect
-        under a fixed working size) is one warning, once for the model (:meth:`_tell_scale`).
+        under a fixed working size) is one warning, once for the model (:meth:`_tell_scale`), and so
+        is the first gray image when the training images were colour, or the reverse (:meth:`_tell_colour`).
         """
         array, name = model_input(image, self.bit_depth, name)
         self._check_size(array, name)
+        self._tell_colour(array, name)
         self._tell_scale(array, name)
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         anomaly_map, score = self._predict_raw(array)
@@ -786,6 +798,7 @@ class AnomalyModel:
         for array, name in inputs:
             self._check_size(array, name)
         for array, name in inputs:
+            self._tell_colour(array, name)
             self._tell_scale(array, name)
         arrays = [array for array, _ in inputs]
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from hrad.data.images import is_gray
 from hrad.errors import ArtifactError, ConfigError, InputError, tell_request, warn
 
 if TYPE_CHECKING:
@@ -255,16 +257,52 @@ def tell_scale(
     stacklevel: int = 1,
 ) -> bool:
     """Tell of an image predicted that is scaled unlike the training images (the arguments as
-    for :func:`scale_problem`): one warning for the model (``told``: given already), and for
-    ``hrad serve`` the line in every response it concerns (:func:`~hrad.errors.tell_request`),
-    not only the first. Returns whether the model has told it now. ``stacklevel`` counts from
-    the caller."""
-    line = scale_problem(name, size, fitted_size, input_scale, resizing, once=False)
+    for :func:`scale_problem`): :func:`tell_once`. Returns whether the model has told it now.
+    ``stacklevel`` counts from the caller."""
+    return tell_once(told, partial(scale_problem, name, size, fitted_size, input_scale, resizing), stacklevel + 1)
+
+
+#: why a gray image among colour ones (or a colour one among gray) is read unlike them: the
+#: reason every such warning gives (fit, calibrate, predict)
+GRAY_AS_COLOUR = "the model reads a gray image as colour, its one channel in all three"
+
+
+def colour_problem(name: str, gray: bool, training_gray: bool, once: bool = True) -> str | None:
+    """The warning, or None, for an image predicted that is gray (:func:`~hrad.data.images.is_gray`)
+    when the training images were colour, or colour when they were gray: usually a camera set to
+    another colour mode, or converted files. One wording for the model and its export; ``once``
+    as for :func:`scale_problem`."""
+    if gray == training_gray:
+        return None
+    kind, training = ("gray", "colour") if gray else ("colour", "gray")
+    return (
+        f"{name}: a {kind} image, the model's training images are {training}: {GRAY_AS_COLOUR}, so the backbone sees "
+        "it unlike the training ones and its score may not compare with the thresholds; another camera, or one set to "
+        f"another colour mode? Predict {training} images, as the training ones{'. Said once, for the first such image' if once else ''}"
+    )
+
+
+def tell_colour(told: bool, name: str, pixels: np.ndarray, training_gray: bool | None, stacklevel: int = 1) -> bool:
+    """Tell of an image predicted (``pixels``: as :func:`~hrad.data.images.as_pixels` gives it)
+    that is gray when the training images were colour, or the reverse (:func:`colour_problem`):
+    :func:`tell_once`. ``training_gray`` None (a model or export saved before hrad kept it):
+    nothing to compare with, no word. Returns whether the model has told it now."""
+    if training_gray is None:
+        return told
+    return tell_once(told, partial(colour_problem, name, is_gray(pixels), training_gray), stacklevel + 1)
+
+
+def tell_once(told: bool, problem: Callable[..., str | None], stacklevel: int = 1) -> bool:
+    """One warning for the model of a ``problem`` of the image predicted (``problem(once=...)``:
+    the line or None; ``told``: given already), and for ``hrad serve`` the line in every response
+    it concerns (:func:`~hrad.errors.tell_request`), not only the first. Returns whether the model
+    has told it now. ``stacklevel`` counts from the caller."""
+    line = problem(once=False)
     if line is None:
         return told
     tell_request(line)  # this request's own line: it is not "said once" there
     if not told:
-        warn(scale_problem(name, size, fitted_size, input_scale, resizing) or line, stacklevel + 1, collect=False)
+        warn(problem(once=True) or line, stacklevel + 1, collect=False)
     return True
 
 

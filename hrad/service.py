@@ -30,9 +30,9 @@ latencies, requests waiting. Responses are Pydantic models, so ``/openapi.json``
 field. What hrad warns of while predicting an upload
 (a 16-bit image brighter than the model's bit depth saturates) comes back with its result, in
 ``warnings``, gathered per thread (:func:`hrad.errors.collecting_warnings`), not only on the
-server's console. A warning the model gives once (an image scaled unlike the training images:
-one console line per model) still comes back with every response it concerns
-(:func:`hrad.prediction.tell_scale`).
+server's console. A warning the model gives once (an image scaled unlike the training images,
+a gray one among colour ones: one console line per model) still comes back with every response
+it concerns (:func:`hrad.prediction.tell_once`).
 """
 
 from __future__ import annotations

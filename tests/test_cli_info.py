@@ -232,8 +232,13 @@ def test_info_on_an_export_names_the_training_images_pixel_type(
     saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The sidecar did not keep it: info on an export could not tell what the model was fitted on.
-    An older sidecar without it still loads, predicts and says it does not know."""
+    An older sidecar without it still loads, predicts and says it does not know; one without the
+    kind (gray or colour) leaves it unsaid."""
     status, out, _ = info(saved / "model.onnx", monkeypatch, capsys)
+    assert status == 0 and "pixel_type: 16-bit colour, as the images it was fitted on\n" in out
+    (tmp_path / "without_kind").mkdir()
+    without_kind = copy_export(saved, tmp_path / "without_kind", lambda sidecar: sidecar.pop("gray"))
+    status, out, _ = info(without_kind, monkeypatch, capsys)
     assert status == 0 and "pixel_type: 16-bit, as the images it was fitted on\n" in out
     older = copy_export(saved, tmp_path, lambda sidecar: sidecar.pop("pixel_type"))
     status, out, _ = info(older, monkeypatch, capsys)
