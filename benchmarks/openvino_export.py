@@ -35,6 +35,7 @@ from hrad.config import load_config
 from hrad.data.images import read_image
 from hrad.export import OPENVINO_TOLERANCE, export_onnx, export_openvino, open_predictor
 from hrad.export_graph import OPSET, NearestNeighbourScoring, TileScorer, scoring_module
+from hrad.export_runtime import onnxruntime_session
 from hrad.model import AnomalyModel
 from hrad.reports.markdown import table
 
@@ -121,12 +122,10 @@ def tiled_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directo
 
 
 def ensemble_part(train: Sequence[Path], test: Sequence[Any], repeats: int, directory: Path) -> list[dict[str, Any]]:
-    import onnxruntime
-
     model = fitted({"name": "tiled-ensemble", "tile": 256, "image_size": 512}, train)
     strategy: Any = model.strategy
     export_onnx(model, directory / "ensemble.onnx")
-    stacked = onnxruntime.InferenceSession(str(directory / "ensemble.onnx"), providers=["CPUExecutionProvider"])
+    stacked = onnxruntime_session(directory / "ensemble.onnx")  # the session options users get (threads sleep between ops)
     count = len(strategy.grid)
     side = strategy.tiles.window_input_size[0]
     sessions = []
@@ -143,7 +142,7 @@ def ensemble_part(train: Sequence[Path], test: Sequence[Any], repeats: int, dire
                 scorer, (torch.rand(1, 3, side, side),), str(path), dynamo=False, opset_version=OPSET,
                 input_names=["tiles"], output_names=["maps", "scores"], dynamic_axes={"tiles": {0: "batch"}},
             )  # fmt: skip
-        sessions.append(onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+        sessions.append(onnxruntime_session(path))
     windows = np.random.default_rng(0).random((len(test), count, 3, side, side), dtype=np.float32)
     seconds = {"one graph, position input": 0.0, "one graph per position": 0.0}
     positions = np.arange(count, dtype=np.int64)
