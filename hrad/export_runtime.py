@@ -30,7 +30,7 @@ from PIL import Image
 
 from hrad import strict_json
 from hrad.data.bit_depth import stored_bit_depth
-from hrad.data.images import as_image, atomic_write, model_input, stored_gray
+from hrad.data.images import as_image, atomic_write, is_gray, model_input, stored_gray
 from hrad.errors import ArtifactError, ConfigError, HradError, InputError, named
 from hrad.hiad_math import (
     bilinear_weights,
@@ -466,7 +466,7 @@ class ExportedPredictor:
         array = as_image(pixels)
         check_image_size(array, self.fitted_size, name)
         # as the model's _tell_colour; of the pixels: the float copy no longer tells a gray image
-        self._colour_told = tell_colour(self._colour_told, name, pixels, self.gray, stacklevel=2)  # the caller of predict
+        self._colour_told = tell_colour(self._colour_told, name, is_gray(pixels), self.gray, stacklevel=2)  # the caller of predict
         decisions = self.decision_thresholds(threshold, pixel_threshold, sigmas)
         border = self.thresholds.border_ratios if self.thresholds is not None else None
         try:  # predict_raw's checks (a tiled ensemble's size) see only the array: name the file, as the model does

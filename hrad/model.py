@@ -743,7 +743,7 @@ class AnomalyModel:
         colour, or the reverse (a camera set to another colour mode: :func:`~hrad.prediction.colour_problem`);
         a served request gets the line for each such image of its own. A model saved before it kept
         its training images' kind (:attr:`gray` None) says nothing."""
-        self._colour_told = tell_colour(self._colour_told, name, image, self.gray, stacklevel=3)  # the caller of predict
+        self._colour_told = tell_colour(self._colour_told, name, is_gray(image), self.gray, stacklevel=3)  # the caller of predict
 
     def decision_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, sigmas: float | None = None

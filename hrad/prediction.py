@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from hrad.data.images import is_gray
 from hrad.errors import ArtifactError, ConfigError, InputError, tell_request, warn
 
 if TYPE_CHECKING:
@@ -282,14 +281,15 @@ def colour_problem(name: str, gray: bool, training_gray: bool, once: bool = True
     )
 
 
-def tell_colour(told: bool, name: str, pixels: np.ndarray, training_gray: bool | None, stacklevel: int = 1) -> bool:
-    """Tell of an image predicted (``pixels``: as :func:`~hrad.data.images.as_pixels` gives it)
-    that is gray when the training images were colour, or the reverse (:func:`colour_problem`):
+def tell_colour(told: bool, name: str, gray: bool, training_gray: bool | None, stacklevel: int = 1) -> bool:
+    """Tell of an image predicted that is gray (``gray``: :func:`~hrad.data.images.is_gray` of
+    its pixels, which the caller reads: this module sits below ``hrad.data``) when the training
+    images were colour, or the reverse (:func:`colour_problem`):
     :func:`tell_once`. ``training_gray`` None (a model or export saved before hrad kept it):
     nothing to compare with, no word. Returns whether the model has told it now."""
     if training_gray is None:
         return told
-    return tell_once(told, partial(colour_problem, name, is_gray(pixels), training_gray), stacklevel + 1)
+    return tell_once(told, partial(colour_problem, name, gray, training_gray), stacklevel + 1)
 
 
 def tell_once(told: bool, problem: Callable[..., str | None], stacklevel: int = 1) -> bool:
