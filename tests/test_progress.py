@@ -157,13 +157,39 @@ def test_each_worker_job_is_a_stage_of_its_own_timed_from_the_jobs_start(capsys:
     assert capsys.readouterr().err.splitlines() == [
         "job 1/2: stage: 1/3, 10 s",
         "job 2/2: stage: 1/3, 7 s",
-        "job 2/2: stage: 2/3, 45 s",
+        "job 2/2: stage: 2/3, 45 s (about 22 s left)",  # a line between a stage's first and last: its time left at its pace
         "job 1/2: stage: 3/3, 60 s",
     ]
     with progress_bars(interval=30) as update:  # a serial pool: the same stage again, job after job
         for done in (1, 2, 3, 1, 2):
             update(done, 3, "stage")
     assert capsys.readouterr().err.splitlines() == ["stage: 1/3, 0 s", "stage: 3/3, 0 s", "stage: 1/3, 0 s"]
+
+
+def test_a_long_stage_s_lines_say_how_long_is_left(capsys: pytest.CaptureFixture[str]) -> None:
+    """A two-hour fit under nohup: the 30 s lines between a stage's first and last step say the
+    time left at the stage's pace so far (a bar's ETA), in hours and minutes once it is long."""
+    from hrad.cli.progress import duration_words, progress_bars
+    from hrad.progress import PROGRESS
+    from hrad.runners import WORKER_JOB, WorkerJob
+
+    assert [duration_words(s) for s in (0, 45.4, 99, 100, 3540, 5900, 6000, 7530)] == [
+        "0 s", "45 s", "99 s", "2 min", "59 min", "98 min", "1 h 40 min", "2 h 06 min"
+    ]  # fmt: skip
+    logger = logging.getLogger("hrad.detectors.test_progress")
+    job = WorkerJob(1, 1, 0.0, "tile (0, 0)")
+    with progress_bars(interval=30):
+        for done, created in ((1, 8.0), (100, 1800.0), (300, 5400.0), (900, 16200.0)):
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "step", (), None,
+                                       extra={PROGRESS: (done, 900, "embedding"), WORKER_JOB: job})  # fmt: skip
+            record.created = created
+            logger.handle(record)
+    assert capsys.readouterr().err.splitlines() == [
+        "tile (0, 0): embedding: 1/900, 8 s",  # one step is no pace: the first carries the start-up
+        "tile (0, 0): embedding: 100/900, 1800 s (about 4 h 00 min left)",
+        "tile (0, 0): embedding: 300/900, 5400 s (about 3 h 00 min left)",
+        "tile (0, 0): embedding: 900/900, 16200 s",
+    ]
 
 
 def test_in_a_terminal_a_worker_jobs_bar_leaves_when_its_stage_is_done(monkeypatch: pytest.MonkeyPatch) -> None:

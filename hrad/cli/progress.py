@@ -42,9 +42,20 @@ console = Console(stderr=True, markup=False, soft_wrap=True)
 LOG_INTERVAL = 30.0
 
 
+def duration_words(seconds: float) -> str:
+    """A duration as a person reads it in a log line: '45 s', '12 min', '2 h 05 min'."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 100 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 class _LogLines:
     """A callback printing ``description: done/total, N s``: a stage's first update, then at most
-    one line per ``interval`` seconds, and its last step. A stage's seconds count from the
+    one line per ``interval`` seconds, and its last step. The lines in between, all a long stage
+    (a two-hour fit) shows for hours, add the time left at the stage's pace so far: ``(about 1 h
+    40 min left)``, as a terminal's bar shows it; the first step alone is too rough a pace (it
+    carries the stage's start-up). A stage's seconds count from the
     previous update of its lane: this process's stages run one after another (the first counts
     from the start; a stage whose steps start over, the next job of a serial pool, is a new
     one); each job in a worker process is a lane of its own, timed on the worker's clock from
@@ -73,7 +84,8 @@ class _LogLines:
         if first or done >= total or now - self.printed[description] >= self.interval:
             self.printed[description] = now
             seconds = now - self.started[description]
-            self.write(f"{description}: {done}/{total}, {seconds:.0f} s")
+            left = f" (about {duration_words(seconds / done * (total - done))} left)" if not first and 0 < done < total else ""
+            self.write(f"{description}: {done}/{total}, {seconds:.0f} s{left}")
 
 
 def _print_line(text: str) -> None:
