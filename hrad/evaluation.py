@@ -408,6 +408,21 @@ def undefined_notes(metrics: dict[str, Any]) -> list[str]:
     return [UNDEFINED_NOTE] if any(isinstance(value, float) and undefined(value) for value in metrics.values()) else []
 
 
+#: the threshold-free metrics ``hrad evaluate``'s closing lines name, with their names in words
+HEADLINE_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro_30": "AUPRO@30"}
+
+
+def result_lines(metrics: dict[str, Any]) -> list[str]:
+    """What ``hrad evaluate`` ends with, as messages: the headline metrics, what the image
+    threshold decided (:func:`decisions_text`) and why a metric is n/a. The metrics' JSON goes to
+    stdout, which a log file (``--log-file``, ``2> evaluate.log``) never sees: a long evaluation's
+    log said only that the report was written, not how the model did."""
+    shown = [
+        f"{label} {'n/a' if undefined(metrics[key]) else f'{metrics[key]:.3f}'}" for key, label in HEADLINE_METRICS.items() if key in metrics
+    ]
+    return [f"{', '.join(shown)} over {metrics['images']} test images", *decisions_text(metrics)[:1], *undefined_notes(metrics)]
+
+
 #: the oracle operating points' note, in metrics.md and report.html
 OPERATING_POINTS_NOTE = (
     "Chosen with this test set's labels (oracle): where a threshold could go, to choose one "

@@ -289,6 +289,17 @@ def test_evaluate_needs_only_a_labelled_test_set_and_prints_its_metrics_to_stdou
     saved = json.loads((report / "metrics.json").read_text())
     assert printed["images"] == 6 and all(printed[key] == saved[key] for key in REQUIRED_METRICS)
     assert "image_auroc" not in captured.err and f"report written to {report}" in captured.err
+    # and how the model did, in words, as messages: a log file (stderr, --log-file) never sees stdout
+    lines = captured.err.splitlines()
+    headline = f"image AUROC {printed['image_auroc']:.3f}, pixel AUROC {printed['pixel_auroc']:.3f}, AUPRO@30 {printed['aupro_30']:.3f} over 6 test images"
+    assert headline in lines and any(line.startswith(f"Image threshold {printed['image_threshold']:.6g} (the model's") for line in lines)
+    # a test set of good images only: the n/a metrics are said to be undefined there, and why
+    shutil.rmtree(test_only / "test" / "spot")
+    shutil.rmtree(test_only / "ground_truth")
+    assert run(["evaluate", "--model", str(model), "--data", str(test_only), "--out", str(tmp_path / "good_only")], monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert "image AUROC n/a, pixel AUROC n/a, AUPRO@30 n/a over 3 test images" in lines
+    assert any(line.endswith("no defective test images.") for line in lines) and any(line.startswith("n/a: undefined on this test set") for line in lines)
     # without the test part: one line naming what is missing
     (tmp_path / "train_only").mkdir()
     shutil.copytree(dataset / "train", tmp_path / "train_only" / "train")

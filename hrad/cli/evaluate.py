@@ -84,7 +84,7 @@ def evaluate(
     """
 
     from hrad.data.datasets import load_dataset
-    from hrad.evaluation import EVALUATION_REPORT, reported_model
+    from hrad.evaluation import EVALUATION_REPORT, reported_model, result_lines
     from hrad.evaluation import evaluate as run_evaluation
 
     dataset = load_dataset(data, category=category, training=False)  # the model was fitted: the test part is all it needs
@@ -115,6 +115,8 @@ def evaluate(
         logging.getLogger("hrad.evaluation").removeHandler(warnings)
     # the command's result: stdout, like info, list and options (`hrad evaluate ... > metrics.txt` keeps it)
     typer.echo(strict_json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))  # undefined: null
+    for line in result_lines(metrics):
+        console.print(line, highlight=False)
     console.print(f"report written to {out}")
     if metrics.get("skipped"):
         console.print(
