@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,12 @@ def test_fit_ends_with_its_thresholds_how_many_images_set_them_and_what_next(
         f"next: hrad predict --model {model} IMAGES --out FOLDER (hrad info {model}: what the model is)",
     ]
     big = good_folder(tmp_path / "big", count=50, height=32, width=32)  # 10 held out: no roughness said
-    assert run(["fit", "--data", str(big), "--out", str(tmp_path / "m2"), *TINY], monkeypatch) == 0
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thresholds from 10 held-out normal images at 3 sigmas: ")]
+    spaced = tmp_path / "line 2 modèle"  # the next command is quoted: pasted as printed, it names the model
+    assert run(["fit", "--data", str(big), "--out", str(spaced), *TINY], monkeypatch) == 0
+    lines = capsys.readouterr().err.splitlines()
+    said = [line for line in lines if line.startswith("thresholds from 10 held-out normal images at 3 sigmas: ")]
     assert len(said) == 1 and "rough" not in said[0]
+    assert shlex.split(lines[-1].removeprefix("next: ").split(" (")[0]) == ["hrad", "predict", "--model", str(spaced), "IMAGES", "--out", "FOLDER"]
 
 
 def test_images_in_subfolders_of_a_plain_folder_are_said_to_be_unused(

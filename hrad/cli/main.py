@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -233,7 +234,8 @@ def fit(
             _print_thresholds(model.thresholds)
             console.print(f"model written to {out}")
             if model.thresholds is not None:
-                console.print(f"next: hrad predict --model {out} IMAGES --out FOLDER (hrad info {out}: what the model is)")
+                # quoted as a shell needs it: a path with a space, pasted as printed, was two arguments
+                console.print(f"next: hrad predict --model {shlex.quote(str(out))} IMAGES --out FOLDER (hrad info {shlex.quote(str(out))}: what the model is)")
             if model.thresholds is None:
                 print_warning(
                     f"no held-out normal images ({images.replace('image', 'training image')}, threshold.validation_fraction "
