@@ -6,6 +6,7 @@ is discovered by introspection, so ``grep register(`` lists everything that exis
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -36,7 +37,17 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            close = self.close_names(name)
+            guess = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}{guess}") from None
+
+    def close_names(self, name: str) -> list[str]:
+        """The registered names a mistyped ``name`` most likely meant: near spellings ('tiled' for
+        'tilde', 'tiny-cnn' for 'tiny_cnn'), else the names holding it ('efficientnet-lite0' for
+        'lite0'); at most three. A config's misspelt option says as much (hrad.config)."""
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.65)  # the cutoff hrad.config's options use
+        return close or [known for known in names if name and name.lower() in known][:3]
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -261,10 +261,11 @@ def test_a_folder_given_as_the_config_file_is_named_as_one(tmp_path: Path, monke
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
-        ("strategy: {name: tilled}\n", [], "{file}: unknown strategy 'tilled'; known: downsample, hiad, mrf, tiled, tiled-ensemble"),
+        ("strategy: {name: tilled}\n", [], "{file}: unknown strategy 'tilled'; known: downsample, hiad, mrf, tiled, tiled-ensemble (did you mean tiled?)"),
         ("backbone: {name: lite0}\n", ["--detector", "test-gaussian"], "{file}: unknown backbone 'lite0'; known: dinov2-vitb14"),
         ("strategy: {name: tilled}\n", ["--strategy", "tiledd"], "unknown strategy 'tiledd'; known: "),  # the flag's, not the file's
         (None, ["--backbone", "tinycnn"], "unknown backbone 'tinycnn'; known: "),
+        (None, ["--detector", "patchcor"], "unknown detector 'patchcor'; known: "),
     ],
 )
 def test_an_unknown_name_is_refused_before_the_fit_naming_the_config_file_it_came_from(
@@ -280,6 +281,9 @@ def test_an_unknown_name_is_refused_before_the_fit_naming_the_config_file_it_cam
     assert run(args, monkeypatch) == 2
     err = capsys.readouterr().err
     assert errors(err)[0].startswith("hrad: error: " + message.format(file=tmp_path / "model.yaml")) and "fitting" not in err
+    meant = {"tilled": "tiled", "tiledd": "tiled", "lite0": "efficientnet-lite0", "tinycnn": "tiny-cnn", "patchcor": "patchcore"}
+    given = message.split("'")[1]
+    assert errors(err)[0].endswith(f"(did you mean {meant[given]}?)")  # a near miss: what was meant is said
 
 
 def test_a_weights_file_for_a_seeded_backbone_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
