@@ -248,6 +248,24 @@ def test_an_export_whose_sidecar_cannot_be_written_is_one_line_before_the_model_
     assert "the sidecar is written to the .json beside the model" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("name", ["notes.txt", "model", "m.ONNX"])
+def test_an_export_named_so_that_no_command_reads_it_is_refused_before_the_model_loads(
+    name: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hrad export --out notes.txt wrote the ONNX graph over the user's notes.txt, and hrad predict
+    --model notes.txt then said 'not an hrad model': predict, evaluate and serve know an export by
+    its .onnx / .xml suffix."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    monkeypatch.setattr("hrad.model.load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    out = tmp_path / name
+    assert run(["export", "--model", str(model_dir), "--out", str(out)], monkeypatch) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"hrad: error: --out {out}: an export's file name ends in .onnx (or .xml, OpenVINO), which hrad predict, evaluate "
+        f"and serve know it by; give {out.with_suffix('.onnx').name}"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_out_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "taken"
     a_file.write_text("not a folder")

@@ -485,6 +485,7 @@ def export(
     if calibration_images is not None and export_format != "openvino":
         raise ConfigError("--calibration-images is for --format openvino --precision int8")
     from hrad.data.images import prepare_output_file
+    from hrad.loading import EXPORTED_SUFFIXES
 
     what = "OpenVINO model" if export_format == "openvino" else "ONNX model"
     prepare_output_file(out, what)
@@ -493,6 +494,11 @@ def export(
     sidecar_path = out.with_suffix(".json")
     if sidecar_path == out:
         raise ConfigError(f"--out {out}: the sidecar is written to the .json beside the model; give the model another suffix")
+    if out.suffix not in EXPORTED_SUFFIXES:  # hrad predict, evaluate, serve and info tell an export by it
+        raise ConfigError(
+            f"--out {out}: an export's file name ends in .onnx (or .xml, OpenVINO), which hrad predict, evaluate and serve "
+            f"know it by; give {out.with_suffix('.onnx').name}"
+        )
     prepare_output_file(sidecar_path, f"{what}'s sidecar")
     for suffix in (".xml", ".onnx", ".bin") if export_format == "openvino" else ():
         if out.with_suffix(suffix) != out:
