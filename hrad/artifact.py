@@ -262,6 +262,29 @@ def _losses_from_json(history: Any) -> Any:
     return {stage: [math.nan if loss is None else loss for loss in losses] if isinstance(losses, list) else losses for stage, losses in history.items()}
 
 
+def _what_it_is(path: Path) -> str:
+    """What a path given for a model folder is instead, and what to give, for the refusal's line:
+    the manifest inside a model (its folder), an export or an export's sidecar (hrad export writes
+    the sidecar as the .json beside the graph), a folder holding an export or model folders. A
+    user who gave any of these read only 'not an hrad model'."""
+    if path.is_file():
+        if path.name == MANIFEST:
+            return f": give its folder, {path.parent}"
+        if path.suffix != ".json" and path.with_suffix(".json").is_file():
+            return f": an exported model (its sidecar {path.with_suffix('.json').name} beside it); this command takes the model folder it was exported from"
+        graphs = [path.with_suffix(suffix).name for suffix in (".onnx", ".xml") if path.with_suffix(suffix).is_file()]
+        return f": the sidecar of the exported model {graphs[0]}; give that" if path.suffix == ".json" and graphs else ""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError:
+        return ""
+    models = [entry.name for entry in entries if (entry / MANIFEST).is_file()]
+    if models:
+        return f": it holds model folders ({', '.join(models[:3])}{', ...' if len(models) > 3 else ''}); give one"
+    exports = [entry.name for entry in entries if entry.suffix in (".onnx", ".xml") and entry.with_suffix(".json").is_file()]
+    return f": it holds the exported model {exports[0]}; give that file" if exports else ""
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of an artifact, checked for completeness, types and version compatibility."""
     path = locate_artifact(Path(path))
@@ -269,9 +292,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(missing_reason(path) if path.is_symlink() else f"{path}: model not found")
     manifest_path = path / MANIFEST
     if path.is_file():  # e.g. the manifest itself, or a weights file, given for the model
-        raise ArtifactError(f"{path}: not an hrad model (a file; a model is the folder hrad fit writes, holding {MANIFEST})")
+        raise ArtifactError(f"{path}: not an hrad model (a file; a model is the folder hrad fit writes, holding {MANIFEST}){_what_it_is(path)}")
     if not manifest_path.is_file():
-        raise ArtifactError(f"{path}: not an hrad model (no {MANIFEST})")
+        raise ArtifactError(f"{path}: not an hrad model (no {MANIFEST}){_what_it_is(path)}")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):

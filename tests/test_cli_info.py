@@ -153,6 +153,30 @@ def test_the_manifest_given_for_the_model_is_named_as_a_file(
     assert status == 2 and out == ""
     assert err.strip() == (
         f"hrad: error: {saved / 'model' / MANIFEST}: not an hrad model (a file; a model is the folder hrad fit writes, holding hrad.json)"
+        f": give its folder, {saved / 'model'}"
+    )
+
+
+def test_what_was_given_for_a_model_folder_is_said_with_what_to_give(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export's sidecar, a folder of models or of an export, an export given to a command that
+    takes the model folder: each read only 'not an hrad model', leaving the user to guess."""
+    a_file = "not an hrad model (a file; a model is the folder hrad fit writes, holding hrad.json)"
+    status, _, err = info(saved / "model.json", monkeypatch, capsys)
+    assert status == 2 and err.strip() == f"hrad: error: {saved / 'model.json'}: {a_file}: the sidecar of the exported model model.onnx; give that"
+    status, _, err = info(saved, monkeypatch, capsys)
+    assert status == 2 and err.strip() == f"hrad: error: {saved}: not an hrad model (no hrad.json): it holds model folders (model); give one"
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    for name in ("model.onnx", "model.json"):
+        shutil.copy(saved / name, exports / name)
+    status, _, err = info(exports, monkeypatch, capsys)
+    assert status == 2 and err.strip() == f"hrad: error: {exports}: not an hrad model (no hrad.json): it holds the exported model model.onnx; give that file"
+    assert run_cli(["export", "--model", str(exports / "model.onnx"), "--out", str(tmp_path / "again.onnx")], monkeypatch) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hrad: error: {exports / 'model.onnx'}: {a_file}: an exported model (its sidecar model.json beside it); "
+        "this command takes the model folder it was exported from"
     )
 
 
