@@ -183,3 +183,27 @@ def test_rewriting_scores_csv_with_the_kept_rows_leaves_the_earlier_file_whole_u
         ScoresWriter(scores, kept=[rows[2], DyingRow(rows[0])])
     assert scores.read_bytes() == before  # the earlier rows are all there
     assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]  # no temporary file left
+
+
+def test_a_run_into_an_earlier_run_s_folder_without_resume_says_it_replaces_its_scores(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second hrad predict into the same --out dropped the first run's rows without a word (and
+    left the first run's maps beside the new ones, in no table); --resume, which keeps them, is
+    quiet about it, and so is a first run."""
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    rng = np.random.default_rng(10)
+    for index in range(2):
+        write(first / f"a{index}.png", textured_image(rng, 48, 64))
+    write(second / "b.png", textured_image(rng, 48, 64))
+    assert run(["predict", "--model", str(model_dir), str(first), "--out", str(out)], monkeypatch) == 0
+    assert "earlier run" not in capsys.readouterr().err
+    assert run(["predict", "--model", str(model_dir), str(second), "--out", str(out)], monkeypatch) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hrad: warning:")]
+    assert warned == [
+        f"hrad: warning: {out} holds an earlier run's scores.csv (2 rows): this run replaces it and index.html (the files of "
+        "images it does not predict again stay); --resume keeps its predictions and predicts only the rest"
+    ]
+    assert sorted(_rows(out)) == ["b.png"]
+    assert run(["predict", "--model", str(model_dir), str(second), "--out", str(out), "--resume"], monkeypatch) == 0
+    assert "hrad: warning:" not in capsys.readouterr().err

@@ -108,6 +108,8 @@ def predict(
     )
     run = {"model": str(model.resolve()), "thresholds": {"image": decided[0], "pixel": decided[1]}}
     kept = resumable_rows(out, images, writer.describe() | {"run": run}) if resume else {}
+    if not resume:
+        _tell_an_earlier_run_is_replaced(out)
     if kept:
         console.print(f"resuming: {len(kept)} of {len(images)} images already predicted into {out} (kept)")
     writer.write_description(run | {RUN_FOLDER: os.getcwd()})
@@ -191,6 +193,22 @@ def predict(
     if page is not None:
         page.write(tell=True)
     report_batch(len(done), list(failed.values()), out, ended, flagged=len(flagged))
+
+
+def _tell_an_earlier_run_is_replaced(out: Path) -> None:
+    """One warning when ``out`` holds an earlier run's scores.csv and this run (not --resume)
+    replaces it: a second predict into the same folder dropped the first run's rows without a
+    word, and the first run's maps and overlays stayed beside the new ones, in no table."""
+    from hrad.outputs import scores_records
+
+    try:
+        earlier = sum(1 for _ in scores_records(out / "scores.csv"))
+    except (OSError, ValueError, UnicodeDecodeError):  # none, or not one of hrad's: nothing to say of it
+        return
+    print_warning(
+        f"{out} holds an earlier run's scores.csv ({earlier} row{'' if earlier == 1 else 's'}): this run replaces it and "
+        "index.html (the files of images it does not predict again stay); --resume keeps its predictions and predicts only the rest"
+    )
 
 
 class SummaryPage:
