@@ -358,10 +358,11 @@ def write_evaluation(
         else:
             low = min(0.0, min(float(c.anomaly_map.min()) for c in cases))
             high = float(np.percentile([c.anomaly_map.max() for c in cases], 90))
-        threshold = metrics.get("image_threshold")
+        threshold, pixel_threshold = metrics.get("image_threshold"), metrics.get("pixel_threshold")
         case_grid(
             select_cases(cases, count), out_dir / "cases.png", vmin=low, vmax=high, title="hrad evaluate: worst and best cases",
             threshold=threshold if isinstance(threshold, float) and math.isfinite(threshold) else None,
+            pixel_threshold=pixel_threshold if isinstance(pixel_threshold, float) and math.isfinite(pixel_threshold) else None,
         )
 
 

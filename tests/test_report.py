@@ -185,6 +185,26 @@ def test_case_grid_stacks_the_panels_of_wide_images(
         assert size[1] < 2 * size[0]  # three rows of three square panels
 
 
+def test_case_grid_shows_its_shared_scale_with_the_pixel_threshold_on_it(tmp_path: Path) -> None:
+    """cases.png's maps share one scale, but nothing said which: no colour bar, so a colour meant
+    nothing and the rows' maps could not be compared in numbers. All maps are 0 here (black), the
+    images black: the bar's bright end (inferno's yellow) and the threshold's cyan mark are all
+    that can be bright, under the panels."""
+    case = Case("part.png", 1, 0.5, np.zeros((60, 80, 3), np.float32), np.zeros((60, 80), np.float32), None)
+
+    def bright(path: Path, colour: tuple[int, int, int]) -> np.ndarray:
+        with Image.open(path) as figure:
+            pixels = np.asarray(figure.convert("RGB")).astype(int)
+        near = (np.abs(pixels - np.array(colour)).sum(axis=2) < 40).nonzero()[0]
+        return near / pixels.shape[0]  # the heights where it is, as a share of the figure's
+
+    plain = case_grid({"cases": [case, case]}, tmp_path / "plain.png", vmin=0.0, vmax=2.0)
+    marked = case_grid({"cases": [case, case]}, tmp_path / "marked.png", vmin=0.0, vmax=2.0, pixel_threshold=1.0)
+    yellow, cyan = (252, 255, 164), (0, 255, 255)
+    assert len(bright(plain, yellow)) > 0 and bright(plain, yellow).min() > 0.75  # the bar, under the panels
+    assert len(bright(plain, cyan)) == 0 and len(bright(marked, cyan)) > 0 and bright(marked, cyan).min() > 0.75
+
+
 def test_the_html_case_figure_stacks_a_strip() -> None:
     from hrad.reports.html import case_figure
 

@@ -114,9 +114,12 @@ def case_grid(
     title: str = "",
     vmin: float | None = None,
     threshold: float | None = None,
+    pixel_threshold: float | None = None,
 ) -> Path:
     """One row per case: image with ground-truth contour, anomaly map, overlay; maps share ``vmin .. vmax``
-    (default: 0, or the lowest map value when maps go negative, .. the highest). A case with a
+    (default: 0, or the lowest map value when maps go negative, .. the highest), which a colour
+    bar under the maps and overlays shows, ``pixel_threshold`` marked on it: without it no one
+    could tell what a colour meant, nor that the rows compare. A case with a
     region of interest has it outlined on every panel and the map and overlay dimmed outside.
     The map's title says what the image ``threshold`` decided (:func:`case_caption`)."""
     rows = [(group, case) for group, members in groups.items() for case in members]
@@ -156,6 +159,17 @@ def case_grid(
         overlay_axis.set_title(f"overlay ({', '.join(notes)})" if notes else "overlay", fontsize=7)
         for axis in (image_axis, map_axis, overlay_axis):
             axis.axis("off")
+    if rows:
+        bar = figure.colorbar(
+            plt.cm.ScalarMappable(plt.Normalize(low, scale), "inferno"), ax=list(axes[:, 1:].ravel()), location="bottom",
+            shrink=0.8, aspect=40, pad=0.01, fraction=min(0.15, 0.25 / height),
+        )
+        bar.set_label("anomaly map value, one scale for every row (overlays: the same range in jet)", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+        if pixel_threshold is not None and low <= pixel_threshold <= scale:
+            bar.ax.axvline(pixel_threshold, color="cyan", linewidth=1.5)
+            bar.ax.text(pixel_threshold, 1.15, f"pixel threshold {pixel_threshold:.4g}", transform=bar.ax.get_xaxis_transform(),
+                        ha="center", va="bottom", fontsize=6)  # fmt: skip
     if not rows:
         axes[0][0].text(0.5, 0.5, "no cases", ha="center")
         for axis in axes[0]:
