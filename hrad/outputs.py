@@ -48,6 +48,7 @@ from hrad import strict_json
 from hrad.data.images import (
     TEXT_ERRORS,
     atomic_write_bytes,
+    image_size,
     overlay_image,
     text_bytes,
     thumbnail,
@@ -342,6 +343,7 @@ def summary_items(out_dir: Path) -> list[BatchItem]:
         thumb, overlay = Path(THUMBNAIL_FOLDER) / f"{stem}.jpg", Path(f"{stem}_overlay.png")
         full = overlay if stem and (out_dir / overlay).is_file() else Path(Path(record.get("map") or "").name)
         failed = record.get("status") != "ok"
+        shown = stem and not failed and (out_dir / thumb).is_file()
         items.append(
             BatchItem(
                 path,
@@ -350,11 +352,22 @@ def summary_items(out_dir: Path) -> list[BatchItem]:
                 regions=int(record["regions"]) if record.get("regions") else None,
                 threshold=float(record["threshold"]) if record.get("threshold") else None,
                 error=(record.get("error") or "failed") if failed else None,
-                thumbnail=quote(thumb.as_posix(), errors=TEXT_ERRORS) if stem and not failed and (out_dir / thumb).is_file() else None,
+                thumbnail=quote(thumb.as_posix(), errors=TEXT_ERRORS) if shown else None,
                 link=quote(full.as_posix(), errors=TEXT_ERRORS) if not failed and full.name and (out_dir / full).is_file() else None,
+                aspect=_aspect(out_dir / thumb) if shown else None,
             )
         )
     return items
+
+
+def _aspect(picture: Path) -> float | None:
+    """Width over height of a thumbnail from its header; None when it cannot be read (the page
+    still shows it, in the usual box)."""
+    try:
+        height, width = image_size(picture)
+    except InputError:
+        return None
+    return width / height if height else None
 
 
 def write_summary_page(out_dir: Path, facts: Mapping[str, str] | None = None) -> Path:

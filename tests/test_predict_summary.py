@@ -139,3 +139,19 @@ def test_a_file_named_like_the_thumbnail_folder_is_one_line(
     err = capsys.readouterr().err
     assert f"hrad: error: {out / THUMBNAIL_FOLDER}: a file where the summary page's thumbnails go" in err and "Traceback" not in err
     assert run(["predict", "--model", str(model_dir), str(folder), "--out", str(out), "--no-summary"], monkeypatch) == 3  # broken.png
+
+
+def test_a_strip_s_card_spans_the_page_and_other_cards_keep_their_box(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line-scan strip's thumbnail in the 240 x 180 box of every card was a sliver a few pixels
+    high (a 4800 x 400 strip: 240 x 20); its card now spans the page, the picture at its width."""
+    rng = np.random.default_rng(5)
+    images, out = tmp_path / "in", tmp_path / "out"
+    write(images / "part.png", textured_image(rng, 48, 64))
+    write(images / "strip.png", np.concatenate([textured_image(rng, 48, 64) for _ in range(8)], axis=1))  # 48 x 512
+    assert run(["predict", "--model", str(model_dir), str(images), "--out", str(out), "--threshold", "-1"], monkeypatch) == 0  # both flagged: cards
+    page = (out / SUMMARY_PAGE).read_text(encoding="utf-8")
+    cards = dict(re.findall(r"<div class='([^']*)'><a [^>]*><img [^>]*alt=\"[^\"]*?(\w+)\.png\"", page))
+    assert {name: kind for kind, name in cards.items()} == {"part": "card flagged", "strip": "card flagged wide"}
+    assert ".card.wide img { width: 100%; height: auto; }" in page

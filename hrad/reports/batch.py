@@ -30,6 +30,7 @@ table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid
 td.num { text-align: right; font-variant-numeric: tabular-nums; } .note { font-size: 12px; color: #555; }
 .grid { display: flex; flex-wrap: wrap; gap: 10px; } .card { border: 1px solid #ddd; padding: 6px; font-size: 12px; width: 240px; }
 .card img { width: 240px; height: 180px; object-fit: contain; background: #f3f3f3; display: block; }
+.card.wide { flex: 1 1 100%; box-sizing: border-box; width: auto; } .card.wide img { width: 100%; height: auto; }
 .card.flagged { border-color: #c33; } .card .name { overflow-wrap: anywhere; } .flag { color: #c33; font-weight: 600; }
 .summary { font-size: 15px; } .failed td { color: #a00; }
 """
@@ -49,6 +50,13 @@ class BatchItem:
     #: the thumbnail's and the full picture's (overlay, else map) relative URLs, when written
     thumbnail: str | None = None
     link: str | None = None
+    #: the thumbnail's width over its height, when known: a strip's card spans the page's width
+    aspect: float | None = None
+
+
+#: a thumbnail's width / height above which its card spans the page (a line-scan strip in the
+#: 240 x 180 box of the others was a sliver a few pixels high); cases.png stacks panels above 2 too
+WIDE_ASPECT = 2.0
 
 
 def score_histogram(scores: Sequence[float], threshold: float | None, width: int = 640, height: int = 190) -> str:
@@ -80,6 +88,8 @@ def _card(item: BatchItem) -> str:
     regions = "" if item.regions is None else f", {item.regions} region{'s' if item.regions != 1 else ''}"
     score = "" if item.score is None else f"score {item.score:.4g}"
     kind = "card flagged" if item.flagged else "card"
+    if item.aspect is not None and item.aspect > WIDE_ASPECT:
+        kind += " wide"
     return f"<div class='{kind}'>{picture}<div class=name>{name}</div><div>{verdict}: {score}{regions}</div></div>"
 
 
