@@ -211,6 +211,9 @@ def evaluate(
     if not scores:
         first = f"; first: {skipped[0]['error']}" if skipped else ""
         raise InputError(f"no test image could be evaluated ({len(samples)} given, {len(skipped)} skipped{first})")
+    # the curves and the report take a while on a large test set after the last image: a stage of
+    # its own, so a log that stopped at 'evaluating: N/N' does not look stuck
+    progress(0, 2, "metrics and report")
     metrics: dict[str, Any] = {}
     metrics.update(image_metrics(np.asarray(scores), np.asarray(labels)))
     if 0 < sum(labels) < len(labels):  # how far the image AUROC moves over resampled test sets
@@ -227,6 +230,7 @@ def evaluate(
         metrics["images_skipped"] = len(skipped)
     metrics["protocol"] = protocol
     metrics["score_bits"] = score_bits
+    progress(1, 2, "metrics and report")
     if out_dir is not None:
         measured_on = environment(model)  # once: metrics.json and report.html name the same date
         with EVALUATION_REPORT.staged(out_dir) as staging:  # the folder holds this run's report, whole, or the previous one
@@ -234,6 +238,7 @@ def evaluate(
             write_html_report(
                 staging / "report.html", metrics, np.asarray(scores), np.asarray(labels), pixel, cases, cases_per_group, model, measured_on, skipped
             )
+    progress(2, 2, "metrics and report")
     if skipped:
         metrics["skipped"] = skipped
     return metrics

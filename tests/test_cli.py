@@ -291,6 +291,9 @@ def test_evaluate_needs_only_a_labelled_test_set_and_prints_its_metrics_to_stdou
     assert "image_auroc" not in captured.err and f"report written to {report}" in captured.err
     # and how the model did, in words, as messages: a log file (stderr, --log-file) never sees stdout
     lines = captured.err.splitlines()
+    # after the last image, the curves and the report are a stage of their own: a log is not left at 'evaluating: 6/6'
+    stages = [line.rsplit(",", 1)[0] for line in lines if line.startswith(("evaluating: ", "metrics and report: "))]
+    assert stages == ["evaluating: 1/6", "evaluating: 6/6", "metrics and report: 0/2", "metrics and report: 2/2"]
     headline = f"image AUROC {printed['image_auroc']:.3f}, pixel AUROC {printed['pixel_auroc']:.3f}, AUPRO@30 {printed['aupro_30']:.3f} over 6 test images"
     assert headline in lines and any(line.startswith(f"Image threshold {printed['image_threshold']:.6g} (the model's") for line in lines)
     # a test set of good images only: the n/a metrics are said to be undefined there, and why
