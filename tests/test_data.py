@@ -383,6 +383,21 @@ def test_mvtec_errors_name_the_file(tmp_path: Path) -> None:
         str(info.value)
         == f"{root / 'test/crack/001.png'}: no mask at {root / 'ground_truth/crack/001_mask.png'}"
     )
+    # a mask named otherwise is pointed at: the line named only the first name looked for
+    _write_mask(root / "ground_truth" / "crack" / "001_gt.png")
+    with pytest.raises(InputError) as info:
+        load_dataset(root)
+    assert str(info.value) == (
+        f"{root / 'test/crack/001.png'}: no mask at {root / 'ground_truth/crack/001_mask.png'} "
+        "(that folder holds 001_gt.png: name masks 001_mask.png or 001.png)"
+    )
+    (root / "ground_truth" / "crack" / "001_gt.png").rename(root / "ground_truth" / "crack" / "001_mask.png")
+    shutil.move(root / "ground_truth" / "crack", tmp_path / "moved")
+    with pytest.raises(InputError) as info:
+        load_dataset(root)
+    assert str(info.value).endswith(f"no mask at {root / 'ground_truth/crack/000_mask.png'} ({root / 'ground_truth/crack'}: folder not found)")
+    shutil.move(tmp_path / "moved", root / "ground_truth" / "crack")
+    (root / "ground_truth" / "crack" / "001_mask.png").unlink()
     _write_mask(root / "ground_truth" / "crack" / "001_mask.png", shape=(10, 16))
     sample = load_dataset(root).test[1]
     with pytest.raises(InputError, match=r"001_mask\.png: mask is 16x10 but its image .*001\.png is 16x12"):

@@ -111,7 +111,20 @@ def _find_mask(ground_truth: Path, image: Path) -> Path:
     for candidate in candidates:
         if _is_mask_file(image, candidate):
             return candidate
-    raise InputError(f"{image}: no mask at {candidates[0]}")
+    raise InputError(f"{image}: no mask at {candidates[0]}{_masks_named_otherwise(ground_truth, image)}")
+
+
+def _masks_named_otherwise(ground_truth: Path, image: Path) -> str:
+    """The files of ``ground_truth`` named like ``image`` but not as a mask is looked for
+    ('000_gt.png'), for the 'no mask at' line: it named only the first name looked for, and a
+    user whose masks carry another suffix could not tell the mask was there all along."""
+    try:
+        near = sorted(entry.name for entry in ground_truth.iterdir() if entry.name.startswith(image.stem) and entry.suffix.lower() in _MASK_EXTENSIONS)
+    except OSError:
+        return "" if ground_truth.is_dir() else f" ({ground_truth}: {'not a folder' if ground_truth.exists() else 'folder not found'})"
+    if not near:
+        return ""
+    return f" (that folder holds {', '.join(near[:3])}{', ...' if len(near) > 3 else ''}: name masks {image.stem}_mask.png or {image.stem}.png)"
 
 
 def _mvtec_test(test_root: Path, ground_truth_root: Path) -> list[Sample]:
