@@ -233,6 +233,13 @@ def test_cases_show_each_image_once_and_say_what_the_threshold_decided(tmp_path:
     groups = figures.select_cases([_case(f"d{index}", 1, 2.0 + index) for index in range(4)] + [_case("g", 0, 0.5)], 3)
     names = [case.name for members in groups.values() for case in members]
     assert sorted(names) == ["d0", "d1", "d2", "d3", "g"] and [case.name for case in groups["best: highest-scored anomalous"]] == ["d3"]
+    # a group that takes its whole class is not titled 'worst': the one normal image here is every normal one
+    assert [name for name, members in groups.items() if members] == [
+        "worst: lowest-scored anomalous", "every normal, highest score first", "best: highest-scored anomalous"
+    ]
+    small = figures.select_cases([_case("d", 1, 2.0)] + [_case(f"g{index}", 0, index) for index in range(4)], 3)
+    assert [case.name for case in small["every anomalous, lowest score first"]] == ["d"]
+    assert [case.name for case in small["worst: highest-scored normal"]] == ["g3", "g2", "g1"]
     assert figures.case_caption(_case("d", 1, 2.2123), 1.15) == "anomalous, score 2.212, above the threshold 1.15: flagged"
     assert figures.case_caption(_case("g", 0, 1.15), 1.15) == "normal, score 1.15, at or below the threshold 1.15: passed"
     assert figures.case_caption(_case("g", 0, 0.7), None) == "normal, score 0.7"

@@ -32,12 +32,15 @@ class Case:
 def select_cases(cases: Sequence[Case], count: int) -> dict[str, list[Case]]:
     """Worst cases (missed anomalies, highest-scored normals) and best (most confident hits). An
     image is shown once: with few anomalous test images the best ones are those the worst group
-    left (3 of 4 were shown twice, as worst and as best)."""
+    left (3 of 4 were shown twice, as worst and as best). A group that takes its whole class is
+    titled so ('every anomalous, lowest score first'): on a small test set 'worst' headed every
+    row, the best-scored normal image among them."""
     anomalous = sorted((c for c in cases if c.label == 1), key=lambda c: c.score)
+    normal = sorted((c for c in cases if c.label == 0), key=lambda c: -c.score)
     worst = anomalous[:count]
     return {
-        "worst: lowest-scored anomalous": worst,
-        "worst: highest-scored normal": sorted((c for c in cases if c.label == 0), key=lambda c: -c.score)[:count],
+        "worst: lowest-scored anomalous" if len(anomalous) > count else "every anomalous, lowest score first": worst,
+        "worst: highest-scored normal" if len(normal) > count else "every normal, highest score first": normal[:count],
         "best: highest-scored anomalous": anomalous[len(worst) :][::-1][:count],
     }
 
