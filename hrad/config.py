@@ -167,7 +167,8 @@ def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str
     elif len(sections) == 1 and sections[0] in ("detector", "strategy"):
         section = sections[0]
         given = data.get(section)
-        name = str(given.get("name") if isinstance(given, dict) and given.get("name") else getattr(ModelConfig(), section).name)
+        named = isinstance(given, dict) and bool(given.get("name"))  # else the default: the option may be another's
+        name = str(given.get("name") if named and isinstance(given, dict) else getattr(ModelConfig(), section).name)
         registry = DETECTORS if section == "detector" else STRATEGIES
         known, where = list(registry.get(name).config_type.model_fields), f"{section} {name!r} has no option {field!r}"
         listing = f"hrad options {section} {name} lists its options"
@@ -177,4 +178,28 @@ def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str
     else:
         return ""
     close = difflib.get_close_matches(field, known, n=1, cutoff=0.65)  # 0.6 took image_size for HiAD's patch_size
-    return f" ({where}: did you mean {close[0]}? {listing})" if close else f" ({where}; {listing})"
+    if close:
+        return f" ({where}: did you mean {close[0]}? {listing})"
+    if len(sections) == 1 and sections[0] in ("detector", "strategy") and not named:
+        others = _options_elsewhere(field, sections[0], name)
+        if others:
+            return f" ({where}; {others})"
+    return f" ({where}; {listing})"
+
+
+def _options_elsewhere(field: str, section: str, name: str) -> str:
+    """Which other detectors or strategies than the default ``name`` take ``field`` (or a close
+    spelling of it): ``--set strategy.tile=64`` without ``--strategy`` is checked against the
+    default strategy, which has no tile, and the line named neither the strategies that have one
+    nor how to pick one. Not asked where the config names its own: that choice stands."""
+    registry = DETECTORS if section == "detector" else STRATEGIES
+    holders: dict[str, list[str]] = {}
+    for other in registry.names():
+        if other != name:
+            for option in difflib.get_close_matches(field, list(registry.get(other).config_type.model_fields), n=1, cutoff=0.65):
+                holders.setdefault(option, []).append(other)
+    if not holders:
+        return ""
+    option = field if field in holders else min(holders)
+    meant = "" if option == field else f"did you mean {option}? "
+    return f"{meant}{option} is an option of {', '.join(holders[option])}: choose one with --{section} or {section}.name"

@@ -177,7 +177,17 @@ def test_a_fit_into_a_model_says_it_replaces_it(tmp_path: Path, monkeypatch: pyt
         (
             None, ["--tile", "64"],  # no --strategy: the default, downsample, has no tile
             "invalid config at strategy.tile: Extra inputs are not permitted (strategy 'downsample' has no option 'tile'; "
-            "hrad options strategy downsample lists its options)",
+            "tile is an option of tiled, tiled-ensemble: choose one with --strategy or strategy.name)",
+        ),
+        (
+            None, ["--set", "strategy.tiel=64"],  # misspelt too: the strategies that have the likely option
+            "invalid config at strategy.tiel: Extra inputs are not permitted (strategy 'downsample' has no option 'tiel'; "
+            "did you mean tile? tile is an option of tiled, tiled-ensemble: choose one with --strategy or strategy.name)",
+        ),
+        (
+            None, ["--set", "detector.n_features=8"],  # --detector given (TINY): that choice stands, padim is not offered
+            "invalid config at detector.n_features: Extra inputs are not permitted (detector 'test-gaussian' has no option "
+            "'n_features'; hrad options detector test-gaussian lists its options)",
         ),
         (
             None, ["--strategy", "hiad", "--image-size", "512"],  # no resize in HiAD: patch_size is no likely meaning
