@@ -7,6 +7,8 @@ enough to reason about, real enough to find a bright spot.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def serve_logging_undone() -> Iterator[None]:
+    """Each test leaves logging as ``hrad serve`` found it: run in-process, serve configures logging
+    through uvicorn (``server_log_config``: its handler on the root logger, levels of uvicorn's and
+    the service's loggers, ``warnings.showwarning``), and the root handler then printed the progress
+    records of every later test (test_progress failed after test_service; alphabetical order hid it).
+    Only what that config sets is undone: pytest's own capture handlers come and go by phase."""
+    from hrad.cli.progress import ServerLines, server_log_config
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in server_log_config()["loggers"])]
+    saved = [(logger, logger.level, logger.propagate) for logger in loggers]
+    showwarning = warnings.showwarning
+    yield
+    warnings.showwarning = showwarning
+    for logger, level, propagate in saved:
+        for handler in [handler for handler in logger.handlers if isinstance(handler, ServerLines)]:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture
