@@ -1,5 +1,7 @@
 """``hrad --log-file PATH``: the command's messages, progress and exit status as timestamped lines
-in a file, in a real process (stderr not a terminal) and with a terminal's bars."""
+in a file, in a real process (stderr not a terminal) and with a terminal's bars. Errors and where
+the file comes from are checked in-process (``cli_helpers.run``: the same ``main()``, exit status
+and stderr) to spare a Python + torch start each."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import write
+from cli_helpers import run, write
 from conftest import textured_image
 
 #: ``2026-12-01T05:38:36+00:00 text``
@@ -68,32 +70,33 @@ def test_a_fit_logs_its_header_messages_progress_warnings_and_exit_status(datase
     assert [line for line in lines if line.startswith("hrad: warning: no held-out normal images")]
 
 
-def test_a_failing_command_logs_its_error_and_status_2(tmp_path: Path) -> None:
+def test_a_failing_command_logs_its_error_and_status_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "run.log"
-    done = hrad("--log-file", str(log), "info", str(tmp_path / "missing"))
-    assert done.returncode == 2
+    assert run(["--log-file", str(log), "info", str(tmp_path / "missing")], monkeypatch) == 2
     lines = logged(log)
-    assert lines[1] == f"hrad: error: {tmp_path / 'missing'}: model not found" == done.stderr.strip()
+    assert lines[1] == f"hrad: error: {tmp_path / 'missing'}: model not found" == capsys.readouterr().err.strip()
     assert lines[2].startswith("=== exit status 2 after ") and len(lines) == 3
 
 
 @pytest.mark.parametrize("where", ["missing folder", "a folder", "disk full"])
-def test_a_log_file_that_cannot_be_written_stops_the_command_before_any_work(dataset: Path, tmp_path: Path, where: str) -> None:
+def test_a_log_file_that_cannot_be_written_stops_the_command_before_any_work(
+    dataset: Path, tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     if where == "disk full" and not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
     path = {"missing folder": tmp_path / "nowhere" / "fit.log", "a folder": tmp_path, "disk full": Path("/dev/full")}[where]
-    done = hrad("--log-file", str(path), *fit_args(dataset, tmp_path / "m"))
-    assert done.returncode == 2
+    assert run(["--log-file", str(path), *fit_args(dataset, tmp_path / "m")], monkeypatch) == 2
     reason = {"missing folder": "No such file or directory", "a folder": "Is a directory", "disk full": "No space left on device"}[where]
-    assert done.stderr.splitlines() == [f"hrad: error: {path}: cannot write the log file ({reason})"]
+    assert capsys.readouterr().err.splitlines() == [f"hrad: error: {path}: cannot write the log file ({reason})"]
     assert not (tmp_path / "m").exists()
 
 
-def test_the_environment_names_the_log_file_and_the_option_wins_and_runs_append(tmp_path: Path) -> None:
+def test_the_environment_names_the_log_file_and_the_option_wins_and_runs_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from_env, from_option = tmp_path / "env.log", tmp_path / "option.log"
-    assert hrad("info", str(tmp_path / "a"), env={"HRAD_LOG_FILE": str(from_env)}).returncode == 2
-    assert hrad("--log-file", str(from_option), "info", str(tmp_path / "b"), env={"HRAD_LOG_FILE": str(from_env)}).returncode == 2
-    assert hrad("info", str(tmp_path / "c"), env={"HRAD_LOG_FILE": str(from_env)}).returncode == 2
+    monkeypatch.setenv("HRAD_LOG_FILE", str(from_env))
+    assert run(["info", str(tmp_path / "a")], monkeypatch) == 2
+    assert run(["--log-file", str(from_option), "info", str(tmp_path / "b")], monkeypatch) == 2
+    assert run(["info", str(tmp_path / "c")], monkeypatch) == 2
     errors = [line for line in logged(from_env) if not line.startswith("=== exit")]
     assert errors == [
         f"=== hrad {__import__('hrad').__version__}: hrad info {tmp_path / 'a'}",
