@@ -6,7 +6,6 @@ into the config class registered for their ``name``.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +19,7 @@ from hrad.errors import ConfigError
 from hrad.features import BACKBONES
 from hrad.features.base import BackboneConfig
 from hrad.postprocess.smoothing import PostprocessConfig
+from hrad.registry import close_matches
 from hrad.seeds import Seed
 from hrad.strategies.base import STRATEGIES, StrategyConfig, strategy_config
 
@@ -177,7 +177,7 @@ def _unknown_option_hint(location: tuple[str, ...], data: dict[str, Any]) -> str
         listing = f"hrad options {sections[0]} lists them"
     else:
         return ""
-    close = difflib.get_close_matches(field, known, n=1, cutoff=0.65)  # 0.6 took image_size for HiAD's patch_size
+    close = close_matches(field, known)
     if close:
         return f" ({where}: did you mean {close[0]}? {listing})"
     if len(sections) == 1 and sections[0] in ("detector", "strategy") and not named:
@@ -196,7 +196,7 @@ def _options_elsewhere(field: str, section: str, name: str) -> str:
     holders: dict[str, list[str]] = {}
     for other in registry.names():
         if other != name:
-            for option in difflib.get_close_matches(field, list(registry.get(other).config_type.model_fields), n=1, cutoff=0.65):
+            for option in close_matches(field, list(registry.get(other).config_type.model_fields)):
                 holders.setdefault(option, []).append(other)
     if not holders:
         return ""
